@@ -1,0 +1,1 @@
+"""Analyses: functions from (model, data, config) to result tables."""

@@ -1,0 +1,263 @@
+"""Counterfactual routing analysis (Yoon et al. 2026, "When Are Experts Misrouted?").
+
+For every scored token of a trajectory and every requested MoE layer: the standard route
+(route 0: the experts and weights the router itself produced) and S alternatives of the
+same k, sampled by Gumbel-top-k from the router's top-M candidates and weighted by the
+model's own gating rule. Every route is scored by log p(next token) with the route forced
+on that token at that layer (all else routing normally). Per token we keep p of the
+standard route, the route-averaged p, the best and worst alternative, the share of
+alternatives strictly better than the standard route, and the alignment (Spearman between
+the routes' router score and their log-probability). Tokens are binned by route-averaged
+p into Confident / Ambiguous / Fragile, and summarised per layer x bin with 95% bootstrap
+intervals resampled over trajectories.
+
+Tables (long format, see `ROUTE_COLUMNS` / `TOKEN_COLUMNS`) are written per trajectory to
+a resumable run folder.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import torch
+
+from routelens import stats
+from routelens.analyses.route_sampling import (check_route_settings, flag_duplicates,
+                                               gumbel_top_k_routes, route_rng)
+from routelens.data.trajectories import Trajectory
+from routelens.models.adapter import MoEAdapter
+from routelens.models.routing import capture_routes
+
+BINS = ("Confident", "Ambiguous", "Fragile")
+ALL_TOKENS = "All"
+
+ROUTES_SCHEMA = pa.schema([
+    ("trajectory_id", pa.string()), ("position", pa.int64()), ("layer", pa.int64()),
+    ("route", pa.int64()), ("experts", pa.list_(pa.int64())), ("weights", pa.list_(pa.float64())),
+    ("router_score", pa.float64()), ("duplicate", pa.bool_()), ("target_id", pa.int64()),
+    ("logprob", pa.float64()),
+])
+TOKENS_SCHEMA = pa.schema([
+    ("trajectory_id", pa.string()), ("position", pa.int64()), ("layer", pa.int64()),
+    ("target_id", pa.int64()), ("verified", pa.bool_()), ("p_standard", pa.float64()),
+    ("p_route_mean", pa.float64()), ("p_best_alt", pa.float64()), ("p_worst_alt", pa.float64()),
+    ("gain", pa.float64()), ("win_rate", pa.float64()), ("alignment", pa.float64()),
+    ("n_duplicates", pa.int64()), ("bin", pa.string()),
+])
+
+
+@dataclass
+class CounterfactualConfig:
+    layers: list[int] = field(default_factory=lambda: [-1])
+    num_routes: int = 32
+    num_candidates: int | None = None  # None: min(32, E)
+    temperature: float = 1.0
+    seed: int = 0
+    confident: float = 0.9
+    fragile: float = 0.5
+    engine: str = "reference"
+    route_batch_size: int = 33
+    bootstrap_resamples: int = 2000
+
+    def candidates_for(self, num_experts: int) -> int:
+        return self.num_candidates if self.num_candidates is not None else min(32, num_experts)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def bin_of(p_route_mean: float, confident: float, fragile: float) -> str:
+    if p_route_mean >= confident:
+        return "Confident"
+    if p_route_mean < fragile:
+        return "Fragile"
+    return "Ambiguous"
+
+
+@dataclass
+class LayerRoutes:
+    """Every route of every scored token of one trajectory at one layer.
+
+    positions [P]; experts [P, R, k] sorted ids; weights [P, R, k] exactly as applied;
+    router_score [P, R]; duplicate [P, R]. Route 0 is the standard route.
+    """
+
+    positions: np.ndarray
+    experts: np.ndarray
+    weights: np.ndarray
+    router_score: np.ndarray
+    duplicate: np.ndarray
+
+
+def build_routes(adapter: MoEAdapter, trajectory: Trajectory, layers: list[int],
+                 config: CounterfactualConfig) -> dict[int, LayerRoutes]:
+    """The standard route (read off the model's own forward) and S sampled alternatives
+    per scored token and layer."""
+    k, num_candidates = adapter.top_k, config.candidates_for(adapter.num_experts)
+    input_ids = torch.tensor([trajectory.input_ids], device=adapter.device)
+    with torch.no_grad(), capture_routes(adapter, layers) as captured:
+        adapter.model(input_ids, use_cache=False, logits_to_keep=1)
+    positions = np.asarray(trajectory.scored_positions)
+    index = torch.as_tensor(positions, device=adapter.device)
+    result = {}
+    for layer in layers:
+        out = captured[layer]
+        logits = out.logits[index].float()                                   # [P, E]
+        order = out.experts[index].argsort(dim=-1)
+        std_experts = out.experts[index].gather(-1, order)                   # [P, k] sorted
+        std_weights = out.weights[index].gather(-1, order)                   # as applied
+        scores = adapter.selection_scores(logits, layer)                     # [P, E]
+        alternatives = gumbel_top_k_routes(
+            scores.double().cpu().numpy(), k, config.num_routes, num_candidates, config.temperature,
+            route_rng(config.seed, layer, trajectory.id),
+        )                                                                    # [P, S, k]
+        alt_experts = torch.as_tensor(alternatives, device=adapter.device)
+        num_positions, num_routes = alt_experts.shape[:2]
+        alt_weights = adapter.weights_for(
+            logits.repeat_interleave(num_routes, dim=0), alt_experts.reshape(-1, k)
+        ).reshape(num_positions, num_routes, k).to(out.weights.dtype)       # dtype the model applies
+        experts = torch.cat([std_experts[:, None], alt_experts], dim=1)       # [P, R, k]
+        weights = torch.cat([std_weights[:, None], alt_weights], dim=1)
+        router_score = scores.gather(-1, experts.reshape(num_positions, -1)).reshape(experts.shape).sum(-1)
+        experts_np = experts.cpu().numpy()
+        result[layer] = LayerRoutes(
+            positions=positions,
+            experts=experts_np,
+            weights=weights,
+            router_score=router_score.double().cpu().numpy(),
+            duplicate=np.stack([flag_duplicates(routes) for routes in experts_np]),
+        )
+    return result
+
+
+def token_metrics(logprob: np.ndarray, router_score: np.ndarray, config: CounterfactualConfig) -> dict:
+    """Per-token quantities from the logprobs [R] and router scores [R] of its routes."""
+    p = np.exp(logprob)
+    alternatives = p[1:]
+    p_route_mean = float(p.mean())
+    return {
+        "p_standard": float(p[0]),
+        "p_route_mean": p_route_mean,
+        "p_best_alt": float(alternatives.max()),
+        "p_worst_alt": float(alternatives.min()),
+        "gain": float(alternatives.max() - p[0]),
+        "win_rate": float(np.mean(logprob[1:] > logprob[0])),
+        "alignment": stats.spearman(router_score, logprob),
+        "bin": bin_of(p_route_mean, config.confident, config.fragile),
+    }
+
+
+def analyse_trajectory(adapter: MoEAdapter, engine, trajectory: Trajectory, layers: list[int],
+                       config: CounterfactualConfig) -> tuple[pa.Table, pa.Table]:
+    """Sample and score every route of one trajectory; return its routes and tokens tables."""
+    input_ids = torch.tensor(trajectory.input_ids)
+    route_rows, token_rows = [], []
+    for layer, routes in build_routes(adapter, trajectory, layers, config).items():
+        logprobs = engine.score_positions(input_ids, layer, routes.positions, torch.as_tensor(routes.experts),
+                                          routes.weights)                  # [P, R]
+        weights = routes.weights.double().cpu().numpy()
+        for i, position in enumerate(routes.positions):
+            target = trajectory.input_ids[position + 1]
+            for route in range(routes.experts.shape[1]):
+                route_rows.append((trajectory.id, int(position), layer, route, routes.experts[i, route].tolist(),
+                                   weights[i, route].tolist(), float(routes.router_score[i, route]),
+                                   bool(routes.duplicate[i, route]), target, float(logprobs[i, route])))
+            metrics = token_metrics(logprobs[i], routes.router_score[i], config)
+            token_rows.append({"trajectory_id": trajectory.id, "position": int(position), "layer": layer,
+                               "target_id": target, "verified": trajectory.verified,
+                               "n_duplicates": int(routes.duplicate[i].sum()), **metrics})
+    routes_table = pa.Table.from_pylist(
+        [dict(zip(ROUTES_SCHEMA.names, row)) for row in route_rows], schema=ROUTES_SCHEMA
+    )
+    tokens_table = pa.Table.from_pylist(token_rows, schema=TOKENS_SCHEMA)
+    return routes_table, tokens_table
+
+
+def _interval(frame: pd.DataFrame, value: pd.Series, seed: int, resamples: int, transform=None) -> list[float | None]:
+    keep = value.notna()
+    clusters = pd.DataFrame({"tid": frame["trajectory_id"][keep], "v": value[keep]}).groupby("tid")["v"]
+    low, high = stats.cluster_bootstrap_ratio(clusters.sum().to_numpy(), clusters.count().to_numpy(),
+                                              seed=seed, transform=transform, n_resamples=resamples)
+    return [None if np.isnan(low) else low, None if np.isnan(high) else high]
+
+
+def summarise_group(frame: pd.DataFrame, config: CounterfactualConfig) -> dict:
+    """Token count, mean gain, win rate and Fisher-z mean alignment, each with a 95%
+    bootstrap interval over trajectories."""
+    z = pd.Series(stats.fisher_z(frame["alignment"].to_numpy()), index=frame.index)
+    seed, resamples = config.seed, config.bootstrap_resamples
+
+    def mean_or_none(value: float) -> float | None:
+        return None if np.isnan(value) else float(value)
+
+    return {
+        "tokens": int(len(frame)),
+        "trajectories": int(frame["trajectory_id"].nunique()),
+        "p_standard": mean_or_none(frame["p_standard"].mean()),
+        "p_best_alt": mean_or_none(frame["p_best_alt"].mean()),
+        "gain": mean_or_none(frame["gain"].mean()),
+        "gain_ci": _interval(frame, frame["gain"], seed, resamples),
+        "win_rate": mean_or_none(frame["win_rate"].mean()),
+        "win_rate_ci": _interval(frame, frame["win_rate"], seed, resamples),
+        "alignment": mean_or_none(stats.fisher_z_mean(frame["alignment"].to_numpy())),
+        "alignment_ci": _interval(frame, z, seed, resamples, transform=np.tanh),
+        "alignment_defined": int(frame["alignment"].notna().sum()),
+    }
+
+
+def summarise(tokens: pd.DataFrame, layers: list[int], config: CounterfactualConfig) -> dict:
+    """summary.json: per layer x bin (and all tokens of the layer)."""
+    per_layer = {}
+    for layer in layers:
+        at_layer = tokens[tokens["layer"] == layer]
+        groups = {name: at_layer[at_layer["bin"] == name] for name in BINS}
+        groups[ALL_TOKENS] = at_layer
+        per_layer[str(layer)] = {name: summarise_group(frame, config) for name, frame in groups.items()}
+    return {
+        "analysis": "counterfactual",
+        "bins": {"Confident": f"p_route_mean >= {config.confident}",
+                 "Ambiguous": f"{config.fragile} <= p_route_mean < {config.confident}",
+                 "Fragile": f"p_route_mean < {config.fragile}"},
+        "interval": f"95% percentile bootstrap over trajectories, {config.bootstrap_resamples} resamples",
+        "layers": per_layer,
+    }
+
+
+def run_counterfactual(loaded, trajectories: list[Trajectory], config: CounterfactualConfig, out: str,
+                       data_info: dict, overwrite: bool = False, show_progress: bool = True) -> dict:
+    """Run the analysis into the run folder `out` (resuming a cut-off run of the same
+    config) and return the summary."""
+    from routelens.engine import make_engine
+    from routelens.progress import progress_bar
+    from routelens.results.run_folder import RunFolder
+
+    adapter = loaded.adapter
+    layers = adapter.resolve_layers(config.layers)
+    check_route_settings(adapter.top_k, adapter.num_experts, config.candidates_for(adapter.num_experts),
+                         config.num_routes, config.temperature)
+    engine = make_engine(config.engine, adapter, route_batch_size=config.route_batch_size)
+    run_config = {"model": loaded.spec, "dtype": loaded.dtype, **data_info, **config.to_dict(),
+                  "resolved_layers": layers, "resolved_candidates": config.candidates_for(adapter.num_experts)}
+    folder = RunFolder(out, "counterfactual", run_config, ("routes", "tokens"), overwrite=overwrite,
+                       extra={"model": adapter.describe(), "device": loaded.device})
+    todo = [i for i in range(len(trajectories)) if not folder.is_done(i)]
+    total_tokens = sum(len(t.scored_positions) for t in trajectories) * len(layers)
+    done_tokens = total_tokens - sum(len(trajectories[i].scored_positions) for i in todo) * len(layers)
+    started = time.perf_counter()
+    with progress_bar("counterfactual", total_tokens, done_tokens, show_progress) as advance:
+        for i in todo:
+            routes_table, tokens_table = analyse_trajectory(adapter, engine, trajectories[i], layers, config)
+            folder.write_unit(i, {"routes": routes_table, "tokens": tokens_table})
+            advance(tokens_table.num_rows)
+    units = list(range(len(trajectories)))
+    paths = folder.concatenate(units)
+    summary = summarise(pd.read_parquet(paths["tokens"]), layers, config)
+    folder.complete(summary, extra={"timings": {
+        "seconds_this_session": round(time.perf_counter() - started, 3),
+        "tokens_scored_this_session": total_tokens - done_tokens,
+    }})
+    return summary

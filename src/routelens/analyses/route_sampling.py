@@ -1,0 +1,67 @@
+"""Alternative routes of equal compute, sampled by Gumbel-top-k.
+
+For each token, the M experts with the highest selection score are the candidates; S
+routes of exactly k distinct candidates are drawn without replacement with probability
+proportional to score^(1/temperature) (Gumbel-top-k: add Gumbel(0, 1) noise to
+log(score) / temperature and keep the k largest keys). Candidates are ranked with a fixed
+tie-break (lower expert id first). Returned expert ids are sorted ascending.
+"""
+
+from __future__ import annotations
+
+import hashlib
+
+import numpy as np
+
+from routelens.errors import RouteLensError
+
+
+def route_rng(seed: int, layer: int, trajectory_id: str) -> np.random.Generator:
+    """The generator for one (trajectory, layer): independent of processing order, so
+    resumed and uninterrupted runs draw identical routes."""
+    digest = int.from_bytes(hashlib.sha256(trajectory_id.encode()).digest()[:8], "little")
+    return np.random.default_rng([seed, layer, digest])
+
+
+def check_route_settings(k: int, num_experts: int, num_candidates: int, num_routes: int,
+                         temperature: float) -> None:
+    if num_candidates < k:
+        raise RouteLensError(
+            f"--candidates {num_candidates} is smaller than the model's top-k {k}; "
+            f"a route needs k distinct experts, so use --candidates >= {k}"
+        )
+    if num_candidates > num_experts:
+        raise RouteLensError(
+            f"--candidates {num_candidates} exceeds the model's {num_experts} experts; use --candidates <= {num_experts}"
+        )
+    if num_routes < 1:
+        raise RouteLensError(f"--routes must be at least 1, got {num_routes}")
+    if not temperature > 0:
+        raise RouteLensError(f"--temperature must be positive, got {temperature}")
+
+
+def top_candidates(scores: np.ndarray, num_candidates: int) -> np.ndarray:
+    """[N, E] -> [N, M] expert ids by descending score, ties to the lower id."""
+    return np.argsort(-scores, axis=-1, kind="stable")[:, :num_candidates]
+
+
+def gumbel_top_k_routes(scores: np.ndarray, k: int, num_routes: int, num_candidates: int,
+                        temperature: float, rng: np.random.Generator) -> np.ndarray:
+    """scores [N, E] (non-negative) -> experts [N, S, k], each route k distinct sorted ids."""
+    candidates = top_candidates(scores, num_candidates)                         # [N, M]
+    with np.errstate(divide="ignore"):
+        log_scores = np.log(np.take_along_axis(scores, candidates, axis=-1)) / temperature
+    log_scores = np.maximum(log_scores, -1e30)       # a zero score stays drawable last, not NaN
+    keys = log_scores[:, None, :] + rng.gumbel(size=(scores.shape[0], num_routes, num_candidates))
+    picked = np.argsort(-keys, axis=-1, kind="stable")[..., :k]                  # [N, S, k]
+    experts = np.take_along_axis(candidates[:, None, :].repeat(num_routes, axis=1), picked, axis=-1)
+    return np.sort(experts, axis=-1)
+
+
+def flag_duplicates(routes: np.ndarray) -> np.ndarray:
+    """routes [R, k] sorted, route 0 standard -> bool [R]: same expert set as an earlier route."""
+    seen, flags = set(), np.zeros(routes.shape[0], dtype=bool)
+    for index, route in enumerate(map(tuple, routes)):
+        flags[index] = route in seen
+        seen.add(route)
+    return flags

@@ -1,0 +1,143 @@
+"""Trajectories in: JSONL or Parquet, one record per trajectory.
+
+Two record forms:
+- text:   {"id", "prompt", "completion"}: tokenised with the model's tokenizer, prompt
+  (with the tokenizer's special tokens) and completion (without) separately, concatenated;
+- tokens: {"id", "input_ids", "completion_start"}.
+
+Scored tokens are the predictions of completion tokens: positions completion_start - 1
+.. len - 2, the target of position t being token t + 1. An optional boolean "verified"
+is carried through; other fields are ignored. Every problem is reported as a one-line
+`RouteLensError` naming the file, the record and the fix.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import dataclass
+
+from routelens.errors import RouteLensError
+
+
+@dataclass
+class Trajectory:
+    id: str
+    input_ids: list[int]
+    completion_start: int
+    verified: bool | None = None
+
+    @property
+    def scored_positions(self) -> range:
+        return range(self.completion_start - 1, len(self.input_ids) - 1)
+
+
+def file_sha256(path: str) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _read_records(path: str) -> list[dict]:
+    if not os.path.isfile(path):
+        raise RouteLensError(f"trajectory file {path!r} does not exist")
+    if path.endswith(".parquet"):
+        import pyarrow.parquet as pq
+
+        try:
+            return pq.read_table(path).to_pylist()
+        except Exception as error:  # pyarrow raises several types for a bad file
+            raise RouteLensError(f"{path}: not a readable Parquet file ({error})") from None
+    records = []
+    with open(path, encoding="utf-8") as handle:
+        for number, line in enumerate(handle, start=1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as error:
+                raise RouteLensError(
+                    f"{path} line {number}: malformed JSON ({error.msg} at column {error.colno}); "
+                    "each line must be one JSON object"
+                ) from None
+            if not isinstance(record, dict):
+                raise RouteLensError(f"{path} line {number}: expected a JSON object, got {type(record).__name__}")
+            record["_where"] = f"{path} line {number}"
+            records.append(record)
+    return records
+
+
+def _tokenize(tokenizer, text: str, special: bool) -> list[int]:
+    return list(tokenizer(text, add_special_tokens=special)["input_ids"])
+
+
+def _parse(record: dict, where: str, tokenizer, vocab_size: int | None) -> Trajectory:
+    if "id" not in record or record["id"] is None:
+        raise RouteLensError(f"{where}: missing field 'id'")
+    trajectory_id = str(record["id"])
+    verified = record.get("verified")
+    if verified is not None and not isinstance(verified, bool):
+        raise RouteLensError(f"{where}: 'verified' must be true, false or absent, got {verified!r}")
+    if "input_ids" in record and record["input_ids"] is not None:
+        input_ids, start = record["input_ids"], record.get("completion_start")
+        if start is None:
+            raise RouteLensError(f"{where}: token-id record has 'input_ids' but no 'completion_start'")
+        if not isinstance(input_ids, list) or not all(isinstance(t, int) and not isinstance(t, bool) for t in input_ids):
+            raise RouteLensError(f"{where}: 'input_ids' must be a list of integers")
+        if not isinstance(start, int) or isinstance(start, bool):
+            raise RouteLensError(f"{where}: 'completion_start' must be an integer")
+        if not 1 <= start < len(input_ids):
+            raise RouteLensError(
+                f"{where}: completion_start {start} must lie in 1..{len(input_ids) - 1} "
+                f"(at least one prompt token and one completion token in {len(input_ids)} ids)"
+            )
+        if vocab_size is not None and any(not 0 <= t < vocab_size for t in input_ids):
+            raise RouteLensError(f"{where}: token ids must lie in 0..{vocab_size - 1} (the model's vocabulary)")
+        return Trajectory(trajectory_id, list(input_ids), start, verified)
+    missing = [f for f in ("prompt", "completion") if not isinstance(record.get(f), str)]
+    if missing:
+        raise RouteLensError(
+            f"{where}: missing field(s) {', '.join(repr(m) for m in missing)}; a record needs "
+            "{'id', 'prompt', 'completion'} (text) or {'id', 'input_ids', 'completion_start'} (token ids)"
+        )
+    if tokenizer is None:
+        raise RouteLensError(
+            f"{where}: text trajectories need the model's tokenizer, and this model has none; "
+            "give token ids ({'id', 'input_ids', 'completion_start'})"
+        )
+    if not record["completion"]:
+        raise RouteLensError(f"{where}: empty completion; there is no completion token to score")
+    prompt = _tokenize(tokenizer, record["prompt"], special=True)
+    completion = _tokenize(tokenizer, record["completion"], special=False)
+    if not prompt:
+        raise RouteLensError(f"{where}: the prompt tokenises to nothing; the first completion token needs a prefix")
+    if not completion:
+        raise RouteLensError(f"{where}: the completion tokenises to nothing")
+    return Trajectory(trajectory_id, prompt + completion, len(prompt), verified)
+
+
+def load_trajectories(path: str, tokenizer=None, vocab_size: int | None = None,
+                      only_verified: bool = False, limit: int | None = None) -> list[Trajectory]:
+    """Read, validate and tokenise every record of `path` (file order is kept).
+
+    Every record is validated, even past `limit`, so that a bad file fails before work starts.
+    """
+    records = _read_records(path)
+    if not records:
+        raise RouteLensError(f"{path}: no trajectories in the file")
+    trajectories, seen = [], set()
+    for index, record in enumerate(records):
+        where = record.pop("_where", f"{path} record {index + 1}")
+        trajectory = _parse(record, where, tokenizer, vocab_size)
+        if trajectory.id in seen:
+            raise RouteLensError(f"{where}: duplicate trajectory id {trajectory.id!r}; ids must be unique")
+        seen.add(trajectory.id)
+        trajectories.append(trajectory)
+    if only_verified:
+        trajectories = [t for t in trajectories if t.verified is True]
+        if not trajectories:
+            raise RouteLensError(f"{path}: --only-verified kept no trajectory (none has \"verified\": true)")
+    return trajectories[:limit] if limit is not None else trajectories

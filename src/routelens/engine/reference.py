@@ -1,0 +1,57 @@
+"""The reference engine: score a route by running the model with it.
+
+For token position t (target: token t+1) and layer l, each route is scored by a plain
+forward of the prefix `input_ids[: t + 1]` with the route forced on position t at layer l,
+reading log p(token t+1) from the last position. Truncating to the prefix is exact
+(causal attention: nothing after t can reach position t) and saves the suffix. Routes of
+the same token are batched (identical rows, one override row each); nothing else is
+shared, which is what makes this engine obviously right and slow. The fast engine is
+checked against it.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from routelens.models.adapter import MoEAdapter
+from routelens.models.routing import RouteOverride, override_routes
+
+
+class ReferenceEngine:
+    name = "reference"
+
+    def __init__(self, adapter: MoEAdapter, route_batch_size: int = 33):
+        self.adapter = adapter
+        self.route_batch_size = max(1, int(route_batch_size))
+
+    @torch.no_grad()
+    def score(self, input_ids: torch.Tensor, position: int, layer: int,
+              experts: torch.Tensor, weights: torch.Tensor) -> np.ndarray:
+        """log p(input_ids[position + 1]) at `position` under each route forced at `layer`.
+
+        input_ids [L] token ids; experts [R, k]; weights [R, k] -> float64 array [R].
+        """
+        if not 0 <= position < input_ids.shape[0] - 1:
+            raise ValueError(f"position {position} has no next token in a sequence of {input_ids.shape[0]}")
+        device = self.adapter.device
+        prefix = input_ids[: position + 1].to(device)
+        target = int(input_ids[position + 1])
+        out = []
+        for start in range(0, experts.shape[0], self.route_batch_size):
+            chunk = slice(start, start + self.route_batch_size)
+            n = experts[chunk].shape[0]
+            rows = torch.arange(n, device=device) * (position + 1) + position
+            override = RouteOverride(rows, experts[chunk], weights[chunk])
+            with override_routes(self.adapter, {layer: override}):
+                logits = self.adapter.model(
+                    prefix.expand(n, -1), use_cache=False, logits_to_keep=1
+                ).logits[:, -1]
+            out.append(torch.log_softmax(logits.float(), dim=-1)[:, target].double().cpu())
+        return torch.cat(out).numpy()
+
+    def score_positions(self, input_ids: torch.Tensor, layer: int, positions, experts: torch.Tensor,
+                        weights: torch.Tensor) -> np.ndarray:
+        """All routes of several positions: positions [P], experts/weights [P, R, k] -> [P, R]."""
+        return np.stack([self.score(input_ids, int(t), layer, experts[i], weights[i])
+                         for i, t in enumerate(positions)])

@@ -1,0 +1,138 @@
+"""The adapter protocol: what routelens needs to know about one MoE family.
+
+Every supported family routes the same way in transformers 5.23 (see shared notes):
+
+    router_logits [T, E], topk_weights [T, k], topk_experts [T, k] = router(hidden)
+    out = experts(hidden, topk_experts, topk_weights)
+
+with T = batch x seq flattened row-major (row = b * S + s). An adapter therefore only has
+to say which modules are the routers (found through the model's own recorder registry,
+`_can_record_outputs["router_logits"]`), and state the family's gating rule as pure
+functions of the raw logits:
+
+- `weights_for(logits [N, E], experts [N, k]) -> weights [N, k]`: the weights the model
+  itself would apply if the router had chosen `experts`.
+- `selection_scores(logits [N, E], layer) -> scores [N, E]`: the non-negative score the
+  router of `layer` ranks experts by (probability-like; the standard route maximises its
+  sum among the routes the router may choose).
+
+The route override itself is family-independent and lives in `routelens.models.routing`.
+"""
+
+from __future__ import annotations
+
+from typing import ClassVar
+
+import torch
+from torch import nn
+from transformers import PreTrainedModel
+
+from routelens.errors import RouteLensError
+
+
+class MoEAdapter:
+    """Describes one loaded MoE causal LM. Subclasses set the class attributes and the
+    two gating functions; everything else is shared."""
+
+    #: Hugging Face `config.model_type` values this adapter serves.
+    model_types: ClassVar[tuple[str, ...]] = ()
+    #: One-line statement of the gating rule, shown by `routelens inspect`.
+    gating_rule: ClassVar[str] = ""
+
+    def __init__(self, model: PreTrainedModel):
+        self.model = model.eval()
+        self.config = model.config
+        self.routers: dict[int, nn.Module] = self._find_routers()
+        if not self.routers:
+            raise RouteLensError(
+                f"model {type(model).__name__} has no MoE layers (no router in any of its "
+                f"{self.num_layers} decoder layers); routelens needs a Mixture-of-Experts model"
+            )
+        router = next(iter(self.routers.values()))
+        self.num_experts: int = int(router.num_experts)
+        self.top_k: int = self._top_k(router)
+
+    # ----------------------------------------------------------------- structure
+    @property
+    def decoder_layers(self) -> nn.ModuleList:
+        return self.model.model.layers
+
+    @property
+    def num_layers(self) -> int:
+        return len(self.decoder_layers)
+
+    @property
+    def moe_layers(self) -> list[int]:
+        """Decoder-layer indices whose MLP is a routed MoE block (dense layers excluded)."""
+        return sorted(self.routers)
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    def _router_class(self) -> type[nn.Module]:
+        recorders = getattr(self.model.model, "_can_record_outputs", None) or {}
+        recorder = recorders.get("router_logits")
+        router_class = getattr(recorder, "target_class", None)
+        if router_class is None:
+            raise RouteLensError(
+                f"{type(self.model).__name__} declares no router class for router_logits; "
+                "this transformers version is not supported (pin the version in pyproject.toml)"
+            )
+        return router_class
+
+    def _find_routers(self) -> dict[int, nn.Module]:
+        router_class = self._router_class()
+        routers = {}
+        for index, layer in enumerate(self.decoder_layers):
+            found = [m for m in layer.modules() if isinstance(m, router_class)]
+            if len(found) > 1:
+                raise RouteLensError(f"decoder layer {index} has {len(found)} routers; expected one")
+            if found:
+                routers[index] = found[0]
+        return routers
+
+    def _top_k(self, router: nn.Module) -> int:
+        return int(router.top_k)
+
+    def resolve_layers(self, layers: list[int]) -> list[int]:
+        """Map user layer indices (negative counts from the end) to decoder-layer indices,
+        refusing out-of-range and dense layers with a message that lists the MoE layers."""
+        resolved = []
+        for layer in layers:
+            index = layer + self.num_layers if layer < 0 else layer
+            if not 0 <= index < self.num_layers:
+                raise RouteLensError(
+                    f"layer {layer} is out of range: the model has {self.num_layers} decoder layers "
+                    f"(MoE layers: {self.moe_layers})"
+                )
+            if index not in self.routers:
+                raise RouteLensError(
+                    f"layer {layer} is a dense layer; choose one of the MoE layers {self.moe_layers}"
+                )
+            if index not in resolved:
+                resolved.append(index)
+        return resolved
+
+    # ----------------------------------------------------------------- gating rule
+    def selection_scores(self, logits: torch.Tensor, layer: int) -> torch.Tensor:
+        """[N, E] -> [N, E] score the router of `layer` ranks experts by. Default: fp32 softmax."""
+        return torch.softmax(logits.float(), dim=-1)
+
+    def weights_for(self, logits: torch.Tensor, experts: torch.Tensor) -> torch.Tensor:
+        """[N, E], [N, k] -> [N, k] fp32 weights the model would apply to `experts`."""
+        raise NotImplementedError
+
+    def describe(self) -> dict:
+        """What `routelens inspect` prints and `run.json` records about the model."""
+        return {
+            "architecture": type(self.model).__name__,
+            "model_type": self.config.model_type,
+            "adapter": type(self).__name__,
+            "decoder_layers": self.num_layers,
+            "moe_layers": self.moe_layers,
+            "num_experts": self.num_experts,
+            "top_k": self.top_k,
+            "gating_rule": self.gating_rule,
+            "parameters": sum(p.numel() for p in self.model.parameters()),
+        }

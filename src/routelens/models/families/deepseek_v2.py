@@ -1,0 +1,22 @@
+"""DeepSeek-V2: fp32 softmax; greedy or group-limited greedy selection; the weights are
+the unnormalised softmax probabilities times routed_scaling_factor (norm_topk_prob is
+ignored by the model). Shared experts are added outside the route; the first
+first_k_dense_replace layers are dense."""
+
+from __future__ import annotations
+
+import torch
+
+from routelens.models.adapter import MoEAdapter
+
+
+class DeepseekV2Adapter(MoEAdapter):
+    model_types = ("deepseek_v2",)
+    gating_rule = (
+        "fp32 softmax over all experts, greedy or group-limited top-k; "
+        "weights = probabilities x routed_scaling_factor (not renormalised); shared experts added"
+    )
+
+    def weights_for(self, logits: torch.Tensor, experts: torch.Tensor) -> torch.Tensor:
+        probs = torch.softmax(logits.float(), dim=-1)
+        return probs.gather(-1, experts) * self.config.routed_scaling_factor

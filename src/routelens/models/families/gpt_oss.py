@@ -1,0 +1,17 @@
+"""GPT-OSS: the router has a bias; top-k on the raw logits, then softmax over the k chosen
+logits. The MegaBlocks hub kernel would bypass router hooks; the override's fire check
+catches that."""
+
+from __future__ import annotations
+
+import torch
+
+from routelens.models.adapter import MoEAdapter
+
+
+class GptOssAdapter(MoEAdapter):
+    model_types = ("gpt_oss",)
+    gating_rule = "top-k on raw logits (router has a bias), then softmax over the k chosen logits"
+
+    def weights_for(self, logits: torch.Tensor, experts: torch.Tensor) -> torch.Tensor:
+        return torch.softmax(logits.float().gather(-1, experts), dim=-1)

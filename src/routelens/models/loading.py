@@ -1,0 +1,88 @@
+"""Loading a MoE causal LM (hub id, local folder, or a built-in tiny model) with its adapter.
+
+Model specs:
+- a local folder written by `save_pretrained` (config.json + weights [+ tokenizer]);
+- a Hugging Face hub id (needs network or a populated cache);
+- `tiny:<model_type>`: a random-weight tiny model of that family (tests, quick tries).
+
+The architecture is checked from the config before any weights are read, so an
+unsupported model fails in a second. `trust_remote_code` is off unless asked for.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+from routelens.errors import RouteLensError
+from routelens.models.adapter import MoEAdapter
+from routelens.models.registry import adapter_class, adapter_for
+
+TINY_PREFIX = "tiny:"
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@dataclass
+class LoadedModel:
+    adapter: MoEAdapter
+    tokenizer: object | None
+    spec: str
+    device: str
+    dtype: str
+
+
+def resolve_device(device: str) -> str:
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise RouteLensError(f"--device {device} asked for but no CUDA device is available; use --device cpu")
+    return device
+
+
+def resolve_dtype(dtype: str, device: str) -> str:
+    if dtype == "auto":
+        return "float32" if device == "cpu" else "bfloat16"
+    if dtype not in DTYPES:
+        raise RouteLensError(f"unknown --dtype {dtype!r}; choose one of auto, {', '.join(DTYPES)}")
+    return dtype
+
+
+def load_model(spec: str, device: str = "auto", dtype: str = "auto",
+               trust_remote_code: bool = False, seed: int = 0) -> LoadedModel:
+    """Load `spec` in eval mode on `device` with `dtype` and wrap it in its adapter."""
+    device = resolve_device(device)
+    dtype = resolve_dtype(dtype, device)
+    if spec.startswith(TINY_PREFIX):
+        from routelens.models.tiny import TINY_CONFIGS, build_tiny_model
+
+        model_type = spec[len(TINY_PREFIX):]
+        adapter_class(model_type)  # unknown family -> the registry's error
+        if model_type not in TINY_CONFIGS:
+            raise RouteLensError(f"no tiny model for {model_type!r}; have {', '.join(TINY_CONFIGS)}")
+        model = build_tiny_model(model_type, seed=seed).to(device=device, dtype=DTYPES[dtype])
+        return LoadedModel(adapter_for(model), None, spec, device, dtype)
+
+    is_folder = os.path.isdir(spec)
+    if os.path.exists(spec) and not is_folder:
+        raise RouteLensError(f"model path {spec!r} is not a folder; give a folder written by save_pretrained or a hub id")
+    try:
+        config = AutoConfig.from_pretrained(spec, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError) as error:
+        hint = "" if is_folder else " (no network here? pass a local folder written by save_pretrained)"
+        raise RouteLensError(f"cannot read the model config of {spec!r}: {str(error).splitlines()[0]}{hint}") from None
+    adapter_class(config.model_type)  # fail fast, before reading weights
+    try:
+        model = AutoModelForCausalLM.from_pretrained(
+            spec, dtype=DTYPES[dtype], trust_remote_code=trust_remote_code
+        )
+    except (OSError, ValueError) as error:
+        raise RouteLensError(f"cannot load the weights of {spec!r}: {str(error).splitlines()[0]}") from None
+    model = model.to(device).eval()
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(spec, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError, TypeError):
+        tokenizer = None  # token-id trajectories still work
+    return LoadedModel(adapter_for(model), tokenizer, spec, device, dtype)

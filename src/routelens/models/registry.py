@@ -1,0 +1,39 @@
+"""Registry of supported MoE families: `model_type` -> adapter class ("module:Class").
+
+Lazy strings keep `routelens models` fast and let a new family be one file plus a line.
+"""
+
+from __future__ import annotations
+
+import importlib
+
+from routelens.errors import RouteLensError
+from routelens.models.adapter import MoEAdapter
+
+ADAPTERS: dict[str, str] = {
+    "olmoe": "routelens.models.families.olmoe:OlmoeAdapter",
+    "qwen3_moe": "routelens.models.families.qwen3_moe:Qwen3MoeAdapter",
+    "qwen2_moe": "routelens.models.families.qwen2_moe:Qwen2MoeAdapter",
+    "mixtral": "routelens.models.families.mixtral:MixtralAdapter",
+    "deepseek_v2": "routelens.models.families.deepseek_v2:DeepseekV2Adapter",
+    "deepseek_v3": "routelens.models.families.deepseek_v3:DeepseekV3Adapter",
+    "gpt_oss": "routelens.models.families.gpt_oss:GptOssAdapter",
+    "phimoe": "routelens.models.families.phimoe:PhimoeAdapter",
+}
+
+SUPPORTED = tuple(ADAPTERS)
+
+
+def adapter_class(model_type: str) -> type[MoEAdapter]:
+    """The adapter class for a Hugging Face `config.model_type`."""
+    if model_type not in ADAPTERS:
+        raise RouteLensError(
+            f"unsupported architecture {model_type!r}; supported model types: {', '.join(SUPPORTED)}"
+        )
+    module_name, class_name = ADAPTERS[model_type].split(":")
+    return getattr(importlib.import_module(module_name), class_name)
+
+
+def adapter_for(model) -> MoEAdapter:
+    """Wrap a loaded Hugging Face model in its family's adapter."""
+    return adapter_class(model.config.model_type)(model)

@@ -1,0 +1,119 @@
+"""Reading and overriding routes through forward hooks on the router modules.
+
+A forward hook on a router sees `(router_logits [T, E], topk_weights [T, k],
+topk_experts [T, k])` and may return a replacement tuple; the experts module then runs
+with that route. No block forward is patched. Rows are flat token indices
+`row = b * seq_len + s` (the routers flatten batch x seq row-major).
+
+Every override is verified: the hook must fire and replace exactly the requested rows,
+otherwise `OverrideNotApplied` is raised - a silent no-op would report the natural
+route's numbers as if they were the alternative's.
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Iterator
+
+import torch
+
+from routelens.errors import OverrideNotApplied, RouteLensError
+from routelens.models.adapter import MoEAdapter
+
+
+@dataclass
+class RouterOutput:
+    """What one router returned for one forward: logits [T, E], weights [T, k], experts [T, k]."""
+
+    logits: torch.Tensor
+    weights: torch.Tensor
+    experts: torch.Tensor
+
+
+def _unpack(output, layer: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    if not (isinstance(output, tuple) and len(output) == 3 and output[2].dim() == 2):
+        raise RouteLensError(
+            f"router at layer {layer} returned an unknown layout ({type(output).__name__}); "
+            "routelens is tested with the transformers version pinned in pyproject.toml"
+        )
+    return output
+
+
+@contextmanager
+def capture_routes(adapter: MoEAdapter, layers: list[int] | None = None) -> Iterator[dict[int, RouterOutput]]:
+    """Record each router's output during the forward(s) run inside the block.
+
+    Yields a dict filled in place: layer -> RouterOutput of the last forward.
+    """
+    captured: dict[int, RouterOutput] = {}
+    handles = []
+    for layer in adapter.moe_layers if layers is None else layers:
+        def hook(module, args, output, layer=layer):
+            logits, weights, experts = _unpack(output, layer)
+            captured[layer] = RouterOutput(logits.detach(), weights.detach(), experts.detach())
+        handles.append(adapter.routers[layer].register_forward_hook(hook))
+    try:
+        yield captured
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+@dataclass
+class RouteOverride:
+    """Force the route of some token rows at one layer.
+
+    rows [N] flat token indices (b * seq_len + s); experts [N, k] expert ids; weights
+    [N, k] the weights to apply (cast to the router's output dtype).
+    """
+
+    rows: torch.Tensor
+    experts: torch.Tensor
+    weights: torch.Tensor
+    fired: int = field(default=0, init=False)
+
+
+@contextmanager
+def override_routes(adapter: MoEAdapter, overrides: dict[int, RouteOverride],
+                    expected_calls: int = 1) -> Iterator[dict[int, RouteOverride]]:
+    """Run the block's forward(s) with the given rows routed as requested at each layer;
+    all other rows and layers route normally. On exit, each layer's hook must have fired
+    exactly `expected_calls` times, else `OverrideNotApplied`."""
+    handles = []
+    for layer, override in overrides.items():
+        if layer not in adapter.routers:
+            raise RouteLensError(f"layer {layer} is not an MoE layer; MoE layers: {adapter.moe_layers}")
+        if override.experts.shape != override.weights.shape or override.experts.shape[0] != override.rows.shape[0]:
+            raise ValueError("override rows, experts and weights must have matching shapes")
+
+        def hook(module, args, output, layer=layer, override=override):
+            logits, weights, experts = _unpack(output, layer)
+            if override.experts.shape[1] != experts.shape[1]:
+                raise RouteLensError(
+                    f"route has {override.experts.shape[1]} experts but layer {layer} routes "
+                    f"{experts.shape[1]} per token"
+                )
+            if override.rows.numel() and int(override.rows.max()) >= experts.shape[0]:
+                raise ValueError(f"override row {int(override.rows.max())} >= {experts.shape[0]} tokens")
+            rows = override.rows.to(experts.device)
+            new_experts = experts.clone()
+            new_weights = weights.clone()
+            new_experts[rows] = override.experts.to(experts.device, experts.dtype)
+            new_weights[rows] = override.weights.to(weights.device, weights.dtype)
+            override.fired += 1
+            return logits, new_weights, new_experts
+
+        handles.append(adapter.routers[layer].register_forward_hook(hook))
+    try:
+        yield overrides
+    finally:
+        for handle in handles:
+            handle.remove()
+    for layer, override in overrides.items():
+        if override.fired != expected_calls:
+            raise OverrideNotApplied(
+                f"route override at layer {layer} fired {override.fired} times, expected "
+                f"{expected_calls}: the router hook was bypassed (a hub kernel or a changed "
+                "block forward?); refusing to return natural-route numbers as overridden ones"
+            )
