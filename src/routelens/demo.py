@@ -17,6 +17,9 @@ from routelens.models.tiny import TINY_VOCAB, build_tiny_model
 from routelens.results.run_folder import read_json
 
 DEMO_SEED = 0
+# A larger weight scale than the config default gives peaked next-token distributions,
+# so that routes visibly matter even in a random model.
+DEMO_OVERRIDES = {"initializer_range": 0.3}
 
 
 def _prepare_inputs(folder: str, num_trajectories: int, seed: int) -> tuple[str, str]:
@@ -24,9 +27,9 @@ def _prepare_inputs(folder: str, num_trajectories: int, seed: int) -> tuple[str,
     model_dir = os.path.join(folder, "model")
     trajectories = os.path.join(folder, "trajectories.jsonl")
     if not os.path.exists(os.path.join(model_dir, "config.json")):
-        build_tiny_model("olmoe", seed=seed).save_pretrained(model_dir)
+        build_tiny_model("olmoe", seed=seed, **DEMO_OVERRIDES).save_pretrained(model_dir)
     if not os.path.exists(trajectories):
-        model = build_tiny_model("olmoe", seed=seed)
+        model = build_tiny_model("olmoe", seed=seed, **DEMO_OVERRIDES)
         generator = torch.Generator().manual_seed(seed)
         records = []
         for index in range(num_trajectories):

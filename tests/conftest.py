@@ -1,0 +1,53 @@
+import os
+import sys
+
+import pytest
+import torch
+
+from routelens.models import adapter_for
+from routelens.models.tiny import TINY_CONFIGS, build_tiny_model
+
+FAMILIES = tuple(TINY_CONFIGS)
+
+torch.set_num_threads(min(2, os.cpu_count() or 1))
+
+
+@pytest.fixture(scope="session")
+def tiny_adapters():
+    """One tiny random-weight model per family (fp32, eval), built once per session."""
+    return {family: adapter_for(build_tiny_model(family, seed=0)) for family in FAMILIES}
+
+
+@pytest.fixture
+def cli_env():
+    """Environment for running the CLI in a subprocess with this interpreter."""
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join([os.path.join(os.path.dirname(__file__), "..", "src"), env.get("PYTHONPATH", "")])
+    return env
+
+
+PYTHON = sys.executable
+
+
+ALPHABET = "0123456789+-*=:;#QA abcdefghijklmnopqrstuvwxyz<>/()'"
+
+
+@pytest.fixture(scope="session")
+def saved_model(tmp_path_factory):
+    """A tiny OLMoE saved with save_pretrained, with a character tokenizer beside it."""
+    from routelens.data.char_tokenizer import build_char_tokenizer
+
+    folder = tmp_path_factory.mktemp("tiny-olmoe")
+    tokenizer = build_char_tokenizer(ALPHABET)
+    build_tiny_model("olmoe", seed=0, vocab_size=len(tokenizer), initializer_range=0.2).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return str(folder)
+
+
+def write_jsonl(path, records):
+    import json
+
+    with open(path, "w") as handle:
+        for record in records:
+            handle.write((record if isinstance(record, str) else json.dumps(record)) + "\n")
+    return str(path)

@@ -1,0 +1,110 @@
+"""The counterfactual analysis on tiny models: routes as the contract says, per-token
+quantities and summaries consistent with the routes they come from."""
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from scipy import stats as sp
+
+from conftest import FAMILIES
+from routelens.analyses.counterfactual import (BINS, CounterfactualConfig, analyse_trajectory, bin_of,
+                                               summarise)
+from routelens.data.trajectories import Trajectory
+from routelens.engine.reference import ReferenceEngine
+from routelens.models import capture_routes
+
+
+def _trajectory(seed=0, length=12, start=5, tid="t0"):
+    ids = torch.randint(3, 64, (length,), generator=torch.Generator().manual_seed(seed)).tolist()
+    return Trajectory(tid, ids, start, verified=True)
+
+
+def _analyse(adapter, trajectory, layers, routes=6, seed=0):
+    config = CounterfactualConfig(layers=layers, num_routes=routes, seed=seed, bootstrap_resamples=200)
+    routes_t, tokens_t = analyse_trajectory(adapter, ReferenceEngine(adapter), trajectory, layers, config)
+    return routes_t.to_pandas(), tokens_t.to_pandas(), config
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_routes_follow_the_contract(tiny_adapters, family):
+    adapter = tiny_adapters[family]
+    layers = [adapter.moe_layers[0], adapter.moe_layers[-1]]
+    trajectory = _trajectory()
+    routes, tokens, config = _analyse(adapter, trajectory, layers)
+    positions = list(trajectory.scored_positions)
+    assert len(routes) == len(positions) * len(layers) * (config.num_routes + 1)
+    assert len(tokens) == len(positions) * len(layers)
+    ids = torch.tensor([trajectory.input_ids])
+    with torch.no_grad(), capture_routes(adapter) as captured:
+        natural = torch.log_softmax(adapter.model(ids).logits[0].double(), -1)
+    for (position, layer), group in routes.groupby(["position", "layer"]):
+        assert group["route"].tolist() == list(range(config.num_routes + 1))
+        assert (group["target_id"] == trajectory.input_ids[position + 1]).all()
+        standard = group.iloc[0]
+        out = captured[layer]
+        order = out.experts[position].argsort()
+        assert list(standard["experts"]) == out.experts[position][order].tolist()
+        np.testing.assert_allclose(standard["weights"], out.weights[position][order].double().numpy(), atol=1e-7)
+        # route 0 scored through the override equals the natural forward
+        assert standard["logprob"] == pytest.approx(natural[position, trajectory.input_ids[position + 1]].item(), abs=1e-5)
+        logits = out.logits[position][None].float()
+        scores = adapter.selection_scores(logits, layer)[0].double()
+        for _, row in group.iterrows():
+            experts = list(row["experts"])
+            assert experts == sorted(set(experts)) and len(experts) == adapter.top_k
+            expected_w = adapter.weights_for(logits, torch.tensor([experts]))[0].double().numpy()
+            np.testing.assert_allclose(row["weights"], expected_w, atol=1e-6)
+            assert row["router_score"] == pytest.approx(scores[experts].sum().item(), abs=1e-6)  # fp32 sum
+        seen = set()
+        for _, row in group.iterrows():
+            assert row["duplicate"] == (tuple(row["experts"]) in seen)
+            seen.add(tuple(row["experts"]))
+
+
+def test_token_quantities_recomputed_from_routes(tiny_adapters):
+    adapter = tiny_adapters["qwen3_moe"]
+    routes, tokens, config = _analyse(adapter, _trajectory(seed=2, length=16, start=4), adapter.moe_layers, routes=8)
+    for _, token in tokens.iterrows():
+        group = routes[(routes["position"] == token["position"]) & (routes["layer"] == token["layer"])]
+        logprob = group["logprob"].to_numpy()
+        p = np.exp(logprob)
+        assert token["p_standard"] == pytest.approx(p[0])
+        assert token["p_route_mean"] == pytest.approx(p.mean())
+        assert token["p_best_alt"] == pytest.approx(p[1:].max())
+        assert token["p_worst_alt"] == pytest.approx(p[1:].min())
+        assert token["gain"] == pytest.approx(p[1:].max() - p[0])
+        assert token["win_rate"] == pytest.approx(np.mean(logprob[1:] > logprob[0]))
+        constant = np.ptp(logprob) == 0 or np.ptp(group["router_score"]) == 0
+        expected_alignment = np.nan if constant else sp.spearmanr(group["router_score"], logprob).statistic
+        assert token["alignment"] == pytest.approx(expected_alignment, nan_ok=True)
+        assert token["n_duplicates"] == group["duplicate"].sum()
+        assert token["bin"] == bin_of(p.mean(), config.confident, config.fragile)
+
+
+def test_bins_and_summary_counts():
+    assert [bin_of(p, 0.9, 0.5) for p in (0.95, 0.9, 0.89, 0.5, 0.49)] == \
+        ["Confident", "Confident", "Ambiguous", "Ambiguous", "Fragile"]
+    rng = np.random.default_rng(0)
+    n = 300
+    p_mean = rng.uniform(size=n)
+    tokens = pd.DataFrame({
+        "trajectory_id": rng.integers(0, 12, n).astype(str), "layer": rng.choice([1, 3], n),
+        "p_route_mean": p_mean, "p_standard": rng.uniform(size=n), "p_best_alt": rng.uniform(size=n),
+        "gain": rng.normal(size=n), "win_rate": rng.uniform(size=n), "alignment": rng.uniform(-1, 1, n),
+        "bin": [bin_of(p, 0.9, 0.5) for p in p_mean],
+    })
+    config = CounterfactualConfig(bootstrap_resamples=300)
+    summary = summarise(tokens, [1, 3], config)
+    for layer in (1, 3):
+        at = tokens[tokens["layer"] == layer]
+        for name in BINS:
+            group = summary["layers"][str(layer)][name]
+            frame = at[at["bin"] == name]
+            assert group["tokens"] == len(frame)
+            assert group["gain"] == pytest.approx(frame["gain"].mean())
+            assert group["win_rate"] == pytest.approx(frame["win_rate"].mean())
+            assert group["alignment"] == pytest.approx(np.tanh(np.arctanh(frame["alignment"]).mean()))
+            low, high = group["gain_ci"]
+            assert low <= group["gain"] <= high
+        assert summary["layers"][str(layer)]["All"]["tokens"] == len(at)

@@ -1,0 +1,76 @@
+"""Gumbel-top-k alternatives: reproducible, exactly k distinct experts from the top-M,
+inclusion frequency rising with the router logit."""
+
+import numpy as np
+import pytest
+from scipy import stats
+
+from routelens.analyses.route_sampling import (check_route_settings, flag_duplicates, gumbel_top_k_routes,
+                                               route_rng, top_candidates)
+from routelens.errors import RouteLensError
+
+
+def _scores(n=5, e=16, seed=0):
+    logits = np.random.default_rng(seed).normal(size=(n, e)) * 2
+    return np.exp(logits) / np.exp(logits).sum(-1, keepdims=True), logits
+
+
+def test_same_seed_same_routes_and_order_independence():
+    scores, _ = _scores()
+    a = gumbel_top_k_routes(scores, 4, 32, 8, 1.0, route_rng(0, 3, "traj-a"))
+    b = gumbel_top_k_routes(scores, 4, 32, 8, 1.0, route_rng(0, 3, "traj-a"))
+    np.testing.assert_array_equal(a, b)
+    other_seed = gumbel_top_k_routes(scores, 4, 32, 8, 1.0, route_rng(1, 3, "traj-a"))
+    other_traj = gumbel_top_k_routes(scores, 4, 32, 8, 1.0, route_rng(0, 3, "traj-b"))
+    assert not np.array_equal(a, other_seed) and not np.array_equal(a, other_traj)
+
+
+def test_routes_have_k_distinct_experts_from_top_m():
+    scores, _ = _scores(n=20)
+    k, m = 3, 6
+    routes = gumbel_top_k_routes(scores, k, 64, m, 1.0, np.random.default_rng(0))
+    assert routes.shape == (20, 64, k)
+    candidates = top_candidates(scores, m)
+    for token in range(20):
+        allowed = set(candidates[token].tolist())
+        assert candidates[token].tolist() == np.argsort(-scores[token])[:m].tolist()
+        for route in routes[token]:
+            assert len(set(route.tolist())) == k
+            assert set(route.tolist()) <= allowed
+            assert list(route) == sorted(route)
+
+
+def test_inclusion_frequency_rises_with_logit():
+    _, logits = _scores(n=1, e=12, seed=4)
+    scores = np.exp(logits) / np.exp(logits).sum()
+    routes = gumbel_top_k_routes(scores, 2, 40000, 12, 1.0, np.random.default_rng(1))
+    frequency = np.bincount(routes[0].ravel(), minlength=12) / 40000
+    assert stats.spearmanr(logits[0], frequency).statistic > 0.95
+    order = np.argsort(logits[0])
+    top, bottom = order[-1], order[0]
+    assert frequency[top] > frequency[bottom]
+    # each route holds k = 2 of the experts, so inclusion frequencies sum to k
+    assert frequency.sum() == pytest.approx(2.0)
+
+
+def test_temperature_flattens_inclusion():
+    scores, _ = _scores(n=1, e=10, seed=2)
+    sharp = gumbel_top_k_routes(scores, 2, 20000, 10, 0.5, np.random.default_rng(0))
+    flat = gumbel_top_k_routes(scores, 2, 20000, 10, 5.0, np.random.default_rng(0))
+    spread = lambda r: np.bincount(r[0].ravel(), minlength=10).std()
+    assert spread(flat) < spread(sharp)
+
+
+def test_duplicates_flagged_against_earlier_routes():
+    routes = np.array([[0, 1], [2, 3], [0, 1], [2, 3], [1, 4]])
+    assert flag_duplicates(routes).tolist() == [False, False, True, True, False]
+
+
+def test_route_settings_errors():
+    check_route_settings(k=2, num_experts=8, num_candidates=8, num_routes=4, temperature=1.0)
+    with pytest.raises(RouteLensError, match="--candidates 1 is smaller than the model's top-k 2"):
+        check_route_settings(k=2, num_experts=8, num_candidates=1, num_routes=4, temperature=1.0)
+    with pytest.raises(RouteLensError, match="exceeds the model's 8 experts"):
+        check_route_settings(k=2, num_experts=8, num_candidates=9, num_routes=4, temperature=1.0)
+    with pytest.raises(RouteLensError, match="temperature"):
+        check_route_settings(k=2, num_experts=8, num_candidates=4, num_routes=4, temperature=0.0)
