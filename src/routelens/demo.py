@@ -22,29 +22,34 @@ DEMO_SEED = 0
 DEMO_OVERRIDES = {"initializer_range": 0.3}
 
 
+def _sample_trajectories(model, num_trajectories: int, seed: int) -> list[dict]:
+    """Ancestral sampling at temperature 0.7 from random prompts of the model's own vocabulary."""
+    generator = torch.Generator().manual_seed(seed)
+    records = []
+    for index in range(num_trajectories):
+        prompt_len = int(torch.randint(4, 9, (1,), generator=generator))
+        completion_len = int(torch.randint(12, 25, (1,), generator=generator))
+        ids = torch.randint(3, TINY_VOCAB, (1, prompt_len), generator=generator)
+        for _ in range(completion_len):
+            with torch.no_grad():
+                logits = model(ids, use_cache=False).logits[0, -1] / 0.7
+            next_id = torch.multinomial(torch.softmax(logits, -1), 1, generator=generator)
+            ids = torch.cat([ids, next_id[None]], dim=1)
+        records.append({"id": f"demo-{index:03d}", "input_ids": ids[0].tolist(), "completion_start": prompt_len})
+    return records
+
+
 def _prepare_inputs(folder: str, num_trajectories: int, seed: int) -> tuple[str, str]:
     """The saved tiny model and its sampled trajectories (made once, reused after)."""
     model_dir = os.path.join(folder, "model")
-    trajectories = os.path.join(folder, "trajectories.jsonl")
-    if not os.path.exists(os.path.join(model_dir, "config.json")):
-        build_tiny_model("olmoe", seed=seed, **DEMO_OVERRIDES).save_pretrained(model_dir)
-    if not os.path.exists(trajectories):
-        model = build_tiny_model("olmoe", seed=seed, **DEMO_OVERRIDES)
-        generator = torch.Generator().manual_seed(seed)
-        records = []
-        for index in range(num_trajectories):
-            prompt_len = int(torch.randint(4, 9, (1,), generator=generator))
-            completion_len = int(torch.randint(12, 25, (1,), generator=generator))
-            ids = torch.randint(3, TINY_VOCAB, (1, prompt_len), generator=generator)
-            for _ in range(completion_len):  # ancestral sampling at temperature 0.7
-                with torch.no_grad():
-                    logits = model(ids, use_cache=False).logits[0, -1] / 0.7
-                next_id = torch.multinomial(torch.softmax(logits, -1), 1, generator=generator)
-                ids = torch.cat([ids, next_id[None]], dim=1)
-            records.append({"id": f"demo-{index:03d}", "input_ids": ids[0].tolist(), "completion_start": prompt_len})
-        with open(trajectories + ".tmp", "w") as handle:
-            handle.writelines(json.dumps(record) + "\n" for record in records)
-        os.replace(trajectories + ".tmp", trajectories)
+    trajectories = os.path.join(folder, f"trajectories-{num_trajectories}.jsonl")
+    if os.path.exists(os.path.join(model_dir, "config.json")) and os.path.exists(trajectories):
+        return model_dir, trajectories
+    model = build_tiny_model("olmoe", seed=seed, **DEMO_OVERRIDES)
+    model.save_pretrained(model_dir)
+    with open(trajectories + ".tmp", "w") as handle:
+        handle.writelines(json.dumps(r) + "\n" for r in _sample_trajectories(model, num_trajectories, seed))
+    os.replace(trajectories + ".tmp", trajectories)
     return model_dir, trajectories
 
 

@@ -1,0 +1,213 @@
+"""The command line end to end on models saved with save_pretrained and loaded from a
+folder: the run folder contract, resume after SIGKILL, and one-line errors with exit 2."""
+
+import json
+import os
+import signal
+import subprocess
+import time
+
+import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from conftest import PYTHON, write_jsonl
+from routelens.cli import main
+from routelens.models.tiny import build_tiny_model
+
+TEXT_RECORDS = [
+    {"id": f"t{i}", "prompt": f"Q:{i}+{i + 3}*2=", "completion": f"A:{i + 3}*2={2 * i + 6};{i}+{2 * i + 6}={3 * i + 6}#{3 * i + 6}",
+     "verified": i % 3 != 0}
+    for i in range(6)
+]
+
+
+def _run_args(model, trajectories, out, *extra):
+    return ["counterfactual", "--model", model, "--trajectories", trajectories, "--layers", "0,-1",
+            "--routes", "5", "--candidates", "6", "--seed", "3", "--out", out, "--no-progress", *extra]
+
+
+def test_end_to_end_from_saved_folder(saved_model, tmp_path, capsys):
+    trajectories = write_jsonl(tmp_path / "traj.jsonl", TEXT_RECORDS)
+    out = str(tmp_path / "run")
+    assert main(_run_args(saved_model, trajectories, out, "--max-trajectories", "4")) == 0
+    printed = capsys.readouterr().out
+    assert "Fragile" in printed and "run folder" in printed
+
+    routes = pd.read_parquet(os.path.join(out, "routes.parquet"))
+    tokens = pd.read_parquet(os.path.join(out, "tokens.parquet"))
+    assert list(routes.columns) == ["trajectory_id", "position", "layer", "route", "experts", "weights",
+                                    "router_score", "duplicate", "target_id", "logprob"]
+    schema = pq.read_schema(os.path.join(out, "routes.parquet"))
+    assert schema.field("experts").type.value_type == pa.int64()
+    assert schema.field("weights").type.value_type == pa.float64()
+    assert schema.field("trajectory_id").type == pa.string() and schema.field("logprob").type == pa.float64()
+    assert sorted(routes["layer"].unique()) == [0, 2]
+    assert sorted(routes["trajectory_id"].unique()) == ["t0", "t1", "t2", "t3"]
+    assert set(routes["route"]) == set(range(6))
+    assert len(routes) == len(tokens) * 6
+    assert not routes.duplicated(["trajectory_id", "position", "layer", "route"]).any()
+    assert tokens["verified"].tolist().count(False) == (tokens["trajectory_id"].isin(["t0", "t3"])).sum()
+
+    summary = json.load(open(os.path.join(out, "summary.json")))
+    for layer in ("0", "2"):
+        counts = tokens[tokens["layer"] == int(layer)]["bin"].value_counts()
+        for name in ("Confident", "Ambiguous", "Fragile"):
+            assert summary["layers"][layer][name]["tokens"] == counts.get(name, 0)
+    run = json.load(open(os.path.join(out, "run.json")))
+    assert run["status"] == "complete"
+    assert run["config"]["seed"] == 3 and run["config"]["num_routes"] == 5 and run["config"]["resolved_layers"] == [0, 2]
+    assert run["provenance"]["versions"]["transformers"].startswith("5.23")
+    assert run["device"] == "cpu" and run["config"]["dtype"] == "float32"
+    assert run["timings"]["tokens_scored_this_session"] == len(tokens)
+
+    # the same command again: resumes a complete run, scores nothing, duplicates nothing
+    assert main(_run_args(saved_model, trajectories, out, "--max-trajectories", "4")) == 0
+    assert pd.read_parquet(os.path.join(out, "routes.parquet")).equals(routes)
+    assert json.load(open(os.path.join(out, "run.json")))["timings"]["tokens_scored_this_session"] == 0
+
+    # a different config on the same folder is refused, unless --overwrite
+    assert main(_run_args(saved_model, trajectories, out, "--max-trajectories", "4", "--routes", "4")) == 2
+    assert "different config (differs in: num_routes)" in capsys.readouterr().err
+    assert main(_run_args(saved_model, trajectories, out, "--only-verified", "--overwrite")) == 0
+    assert set(pd.read_parquet(os.path.join(out, "tokens.parquet"))["trajectory_id"]) == {"t1", "t2", "t4", "t5"}
+
+
+def test_inspect_and_models(saved_model, capsys):
+    assert main(["inspect", "--model", saved_model]) == 0
+    printed = capsys.readouterr().out
+    assert "OlmoeForCausalLM" in printed and "moe_layers      [0, 1, 2]" in printed
+    assert main(["models"]) == 0
+    assert len(capsys.readouterr().out.strip().splitlines()) == 8
+
+
+@pytest.fixture(scope="module")
+def odd_models(tmp_path_factory):
+    """A dense-only architecture and an MoE family whose every layer is dense."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    root = tmp_path_factory.mktemp("odd")
+    LlamaForCausalLM(LlamaConfig(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                                 num_attention_heads=2, num_key_value_heads=2)).save_pretrained(root / "llama")
+    build_tiny_model("qwen2_moe", mlp_only_layers=[0, 1, 2, 3]).save_pretrained(root / "dense-qwen2moe")
+    return {"llama": str(root / "llama"), "dense": str(root / "dense-qwen2moe")}
+
+
+@pytest.mark.parametrize("case, message", [
+    ("malformed", "line 2: malformed JSON"),
+    ("missing", "missing field(s) 'completion'"),
+    ("empty", "empty completion"),
+    ("dense_layer", "layer 1 is a dense layer; choose one of the MoE layers [0, 2, 3]"),
+    ("out_of_range", "layer 9 is out of range"),
+    ("k_gt_candidates", "--candidates 1 is smaller than the model's top-k 2"),
+    ("unknown_arch", "unsupported architecture 'llama'; supported model types: olmoe"),
+    ("no_moe", "has no MoE layers"),
+    ("bad_layers", "expected comma-separated integers"),
+])
+def test_bad_input_one_line_exit_2(case, message, saved_model, odd_models, tmp_path, capsys):
+    good = write_jsonl(tmp_path / "good.jsonl", TEXT_RECORDS[:1])
+    ids = write_jsonl(tmp_path / "ids.jsonl", [{"id": "a", "input_ids": [1, 5, 6, 7, 8], "completion_start": 2}])
+    args = {
+        "malformed": _run_args(saved_model, write_jsonl(tmp_path / "m1.jsonl", [json.dumps(TEXT_RECORDS[0]), "{oops"]), str(tmp_path / "r")),
+        "missing": _run_args(saved_model, write_jsonl(tmp_path / "m2.jsonl", [{"id": "a", "prompt": "Q"}]), str(tmp_path / "r")),
+        "empty": _run_args(saved_model, write_jsonl(tmp_path / "m3.jsonl", [{"id": "a", "prompt": "Q", "completion": ""}]), str(tmp_path / "r")),
+        "dense_layer": ["counterfactual", "--model", "tiny:qwen2_moe", "--trajectories", ids, "--layers", "1", "--out", str(tmp_path / "r")],
+        "out_of_range": _run_args(saved_model, good, str(tmp_path / "r"))[:6] + ["9", "--out", str(tmp_path / "r")],
+        "k_gt_candidates": _run_args(saved_model, good, str(tmp_path / "r")) + ["--candidates", "1"],
+        "unknown_arch": _run_args(odd_models["llama"], good, str(tmp_path / "r")),
+        "no_moe": ["inspect", "--model", odd_models["dense"]],
+        "bad_layers": _run_args(saved_model, good, str(tmp_path / "r"))[:6] + ["first", "--out", str(tmp_path / "r")],
+    }[case]
+    with pytest.raises(SystemExit) if case == "bad_layers" else _no_exit() as raised:
+        code = main(args)
+    if case == "bad_layers":
+        code = raised.value.code
+    err = capsys.readouterr().err.strip()
+    assert code == 2
+    assert message in err
+    assert "Traceback" not in err
+    if case != "bad_layers":  # argparse prints its usage line before the error
+        assert len(err.splitlines()) == 1 and err.startswith("routelens: error: ")
+    assert not os.path.exists(tmp_path / "r" / "routes.parquet")
+
+
+class _no_exit:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+
+def test_process_level_error_has_no_traceback(odd_models, tmp_path, cli_env):
+    good = write_jsonl(tmp_path / "good.jsonl", TEXT_RECORDS[:1])
+    result = subprocess.run([PYTHON, "-m", "routelens", "counterfactual", "--model", odd_models["llama"],
+                             "--trajectories", good, "--layers", "0", "--out", str(tmp_path / "r")],
+                            capture_output=True, text=True, env=cli_env, timeout=120)
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines() == [
+        "routelens: error: unsupported architecture 'llama'; supported model types: "
+        "olmoe, qwen3_moe, qwen2_moe, mixtral, deepseek_v2, deepseek_v3, gpt_oss, phimoe"
+    ]
+
+
+def test_sigkill_then_resume_equals_uninterrupted_run(saved_model, tmp_path, cli_env):
+    records = [{"id": f"k{i}", "prompt": f"Q:{i}*{i}+{i}=", "completion": f"A:{i}*{i}={i * i};{i * i}+{i}={i * i + i}#{i * i + i}"}
+               for i in range(10)]
+    trajectories = write_jsonl(tmp_path / "traj.jsonl", records)
+    command = [PYTHON, "-m", "routelens", *_run_args(saved_model, trajectories, "OUT")]
+    command[command.index("--routes") + 1] = "16"
+
+    def run(out, **kwargs):
+        return subprocess.Popen([out if part == "OUT" else part for part in command], env=cli_env,
+                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, **kwargs)
+
+    killed = str(tmp_path / "killed")
+    process = run(killed)
+    parts = os.path.join(killed, "parts")
+    deadline = time.time() + 120
+    while time.time() < deadline and process.poll() is None:
+        done = [p for p in os.listdir(parts) if p.startswith("routes-")] if os.path.isdir(parts) else []
+        if len(done) >= 2:
+            break
+        time.sleep(0.01)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    assert process.returncode == -signal.SIGKILL, "the run finished before it could be killed"
+    assert not os.path.exists(os.path.join(killed, "routes.parquet"))
+    assert json.load(open(os.path.join(killed, "run.json")))["status"] == "running"
+
+    resumed = run(killed)
+    assert resumed.wait(timeout=300) == 0, resumed.stderr.read()
+    uninterrupted = str(tmp_path / "whole")
+    assert run(uninterrupted).wait(timeout=300) == 0
+
+    a = pd.read_parquet(os.path.join(killed, "routes.parquet"))
+    b = pd.read_parquet(os.path.join(uninterrupted, "routes.parquet"))
+    assert len(a) == len(b) > 0
+    pd.testing.assert_frame_equal(a, b)
+    run_json = json.load(open(os.path.join(killed, "run.json")))
+    assert len(run_json["sessions"]) == 2 and run_json["status"] == "complete"
+
+
+def test_hub_id_that_cannot_be_reached_is_a_one_line_error(tmp_path, cli_env):
+    cli_env["HF_HUB_OFFLINE"] = "1"  # no network here either way; offline mode skips the retries
+    result = subprocess.run([PYTHON, "-m", "routelens", "inspect", "--model", "nobody/no-such-moe"],
+                            capture_output=True, text=True, env=cli_env, timeout=120)
+    assert result.returncode == 2
+    [line] = result.stderr.strip().splitlines()
+    assert line.startswith("routelens: error: cannot read the model config of 'nobody/no-such-moe'")
+
+
+def test_demo_runs_end_to_end_and_prints_its_run_folder(tmp_path, capsys):
+    out = str(tmp_path / "demo")
+    assert main(["demo", "--out", out, "--routes", "4", "--trajectories-count", "3", "--no-progress"]) == 0
+    printed = capsys.readouterr().out
+    tokens = pd.read_parquet(os.path.join(out, "counterfactual", "tokens.parquet"))
+    assert sorted(tokens["layer"].unique()) == [0, 1, 2]  # first, middle, last MoE layer
+    for layer in (0, 1, 2):
+        count = int((tokens["layer"] == layer).sum())
+        assert any(line.split("│")[1:4] == [f" {layer:>5} ", " All       ", f" {count:>6} "]
+                   for line in printed.splitlines() if "│" in line)
+    assert json.load(open(os.path.join(out, "counterfactual", "run.json")))["config"]["num_routes"] == 4
