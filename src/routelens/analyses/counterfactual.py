@@ -151,30 +151,47 @@ def token_metrics(logprob: np.ndarray, router_score: np.ndarray, config: Counter
     }
 
 
+def _list_column(values: np.ndarray, value_type: pa.DataType) -> pa.ListArray:
+    """[N, k] array -> a list<value_type> column of N lists of length k."""
+    n, k = values.shape
+    return pa.ListArray.from_arrays(pa.array(np.arange(0, n * k + 1, k, dtype=np.int32)),
+                                    pa.array(values.ravel(), type=value_type))
+
+
+def routes_table(trajectory: Trajectory, layer: int, routes: LayerRoutes, logprobs: np.ndarray) -> pa.Table:
+    """One row per (position, route) of one layer, in position then route order."""
+    num_positions, num_routes, k = routes.experts.shape
+    positions = np.repeat(routes.positions, num_routes)
+    targets = np.asarray(trajectory.input_ids)[positions + 1]
+    return pa.Table.from_arrays([
+        pa.array([trajectory.id] * positions.size, type=pa.string()),
+        pa.array(positions, type=pa.int64()),
+        pa.array(np.full(positions.size, layer), type=pa.int64()),
+        pa.array(np.tile(np.arange(num_routes), num_positions), type=pa.int64()),
+        _list_column(routes.experts.reshape(-1, k).astype(np.int64), pa.int64()),
+        _list_column(routes.weights.double().cpu().numpy().reshape(-1, k), pa.float64()),
+        pa.array(routes.router_score.ravel(), type=pa.float64()),
+        pa.array(routes.duplicate.ravel(), type=pa.bool_()),
+        pa.array(targets, type=pa.int64()),
+        pa.array(np.asarray(logprobs, dtype=np.float64).ravel(), type=pa.float64()),
+    ], schema=ROUTES_SCHEMA)
+
+
 def analyse_trajectory(adapter: MoEAdapter, engine, trajectory: Trajectory, layers: list[int],
                        config: CounterfactualConfig) -> tuple[pa.Table, pa.Table]:
     """Sample and score every route of one trajectory; return its routes and tokens tables."""
     input_ids = torch.tensor(trajectory.input_ids)
-    route_rows, token_rows = [], []
+    route_tables, token_rows = [], []
     for layer, routes in build_routes(adapter, trajectory, layers, config).items():
         logprobs = engine.score_positions(input_ids, layer, routes.positions, torch.as_tensor(routes.experts),
                                           routes.weights)                  # [P, R]
-        weights = routes.weights.double().cpu().numpy()
+        route_tables.append(routes_table(trajectory, layer, routes, logprobs))
         for i, position in enumerate(routes.positions):
-            target = trajectory.input_ids[position + 1]
-            for route in range(routes.experts.shape[1]):
-                route_rows.append((trajectory.id, int(position), layer, route, routes.experts[i, route].tolist(),
-                                   weights[i, route].tolist(), float(routes.router_score[i, route]),
-                                   bool(routes.duplicate[i, route]), target, float(logprobs[i, route])))
             metrics = token_metrics(logprobs[i], routes.router_score[i], config)
             token_rows.append({"trajectory_id": trajectory.id, "position": int(position), "layer": layer,
-                               "target_id": target, "verified": trajectory.verified,
+                               "target_id": trajectory.input_ids[position + 1], "verified": trajectory.verified,
                                "n_duplicates": int(routes.duplicate[i].sum()), **metrics})
-    routes_table = pa.Table.from_pylist(
-        [dict(zip(ROUTES_SCHEMA.names, row)) for row in route_rows], schema=ROUTES_SCHEMA
-    )
-    tokens_table = pa.Table.from_pylist(token_rows, schema=TOKENS_SCHEMA)
-    return routes_table, tokens_table
+    return pa.concat_tables(route_tables), pa.Table.from_pylist(token_rows, schema=TOKENS_SCHEMA)
 
 
 def _interval(frame: pd.DataFrame, value: pd.Series, seed: int, resamples: int, transform=None) -> list[float | None]:

@@ -66,6 +66,8 @@ def load_model(spec: str, device: str = "auto", dtype: str = "auto",
         return LoadedModel(adapter_for(model), None, spec, device, dtype)
 
     is_folder = os.path.isdir(spec)
+    if is_folder:
+        spec = os.path.abspath(spec)  # the same run resumes from any working directory
     if os.path.exists(spec) and not is_folder:
         raise RouteLensError(f"model path {spec!r} is not a folder; give a folder written by save_pretrained or a hub id")
     try:

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Iterator
+from typing import Callable, Iterator
 
 import torch
 
@@ -41,23 +41,31 @@ def _unpack(output, layer: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tenso
 
 
 @contextmanager
+def _router_hooks(adapter: MoEAdapter, hooks: dict[int, Callable]) -> Iterator[None]:
+    """Register one forward hook per layer's router for the duration of the block."""
+    handles = [adapter.routers[layer].register_forward_hook(hook) for layer, hook in hooks.items()]
+    try:
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+@contextmanager
 def capture_routes(adapter: MoEAdapter, layers: list[int] | None = None) -> Iterator[dict[int, RouterOutput]]:
     """Record each router's output during the forward(s) run inside the block.
 
     Yields a dict filled in place: layer -> RouterOutput of the last forward.
     """
     captured: dict[int, RouterOutput] = {}
-    handles = []
-    for layer in adapter.moe_layers if layers is None else layers:
-        def hook(module, args, output, layer=layer):
-            logits, weights, experts = _unpack(output, layer)
-            captured[layer] = RouterOutput(logits.detach(), weights.detach(), experts.detach())
-        handles.append(adapter.routers[layer].register_forward_hook(hook))
-    try:
+
+    def record(module, args, output, layer):
+        logits, weights, experts = _unpack(output, layer)
+        captured[layer] = RouterOutput(logits.detach(), weights.detach(), experts.detach())
+
+    layers = adapter.moe_layers if layers is None else layers
+    with _router_hooks(adapter, {layer: (lambda m, a, o, layer=layer: record(m, a, o, layer)) for layer in layers}):
         yield captured
-    finally:
-        for handle in handles:
-            handle.remove()
 
 
 @dataclass
@@ -73,6 +81,22 @@ class RouteOverride:
     weights: torch.Tensor
     fired: int = field(default=0, init=False)
 
+    def apply(self, output, layer: int):
+        """The router output with this override's rows replaced."""
+        logits, weights, experts = _unpack(output, layer)
+        if self.experts.shape[1] != experts.shape[1]:
+            raise RouteLensError(
+                f"route has {self.experts.shape[1]} experts but layer {layer} routes {experts.shape[1]} per token"
+            )
+        if self.rows.numel() and int(self.rows.max()) >= experts.shape[0]:
+            raise ValueError(f"override row {int(self.rows.max())} >= {experts.shape[0]} tokens")
+        rows = self.rows.to(experts.device)
+        new_experts, new_weights = experts.clone(), weights.clone()
+        new_experts[rows] = self.experts.to(experts.device, experts.dtype)
+        new_weights[rows] = self.weights.to(weights.device, weights.dtype)
+        self.fired += 1
+        return logits, new_weights, new_experts
+
 
 @contextmanager
 def override_routes(adapter: MoEAdapter, overrides: dict[int, RouteOverride],
@@ -80,36 +104,15 @@ def override_routes(adapter: MoEAdapter, overrides: dict[int, RouteOverride],
     """Run the block's forward(s) with the given rows routed as requested at each layer;
     all other rows and layers route normally. On exit, each layer's hook must have fired
     exactly `expected_calls` times, else `OverrideNotApplied`."""
-    handles = []
     for layer, override in overrides.items():
         if layer not in adapter.routers:
             raise RouteLensError(f"layer {layer} is not an MoE layer; MoE layers: {adapter.moe_layers}")
         if override.experts.shape != override.weights.shape or override.experts.shape[0] != override.rows.shape[0]:
             raise ValueError("override rows, experts and weights must have matching shapes")
-
-        def hook(module, args, output, layer=layer, override=override):
-            logits, weights, experts = _unpack(output, layer)
-            if override.experts.shape[1] != experts.shape[1]:
-                raise RouteLensError(
-                    f"route has {override.experts.shape[1]} experts but layer {layer} routes "
-                    f"{experts.shape[1]} per token"
-                )
-            if override.rows.numel() and int(override.rows.max()) >= experts.shape[0]:
-                raise ValueError(f"override row {int(override.rows.max())} >= {experts.shape[0]} tokens")
-            rows = override.rows.to(experts.device)
-            new_experts = experts.clone()
-            new_weights = weights.clone()
-            new_experts[rows] = override.experts.to(experts.device, experts.dtype)
-            new_weights[rows] = override.weights.to(weights.device, weights.dtype)
-            override.fired += 1
-            return logits, new_weights, new_experts
-
-        handles.append(adapter.routers[layer].register_forward_hook(hook))
-    try:
+    hooks = {layer: (lambda module, args, output, layer=layer, o=override: o.apply(output, layer))
+             for layer, override in overrides.items()}
+    with _router_hooks(adapter, hooks):
         yield overrides
-    finally:
-        for handle in handles:
-            handle.remove()
     for layer, override in overrides.items():
         if override.fired != expected_calls:
             raise OverrideNotApplied(
