@@ -200,14 +200,44 @@ def test_hub_id_that_cannot_be_reached_is_a_one_line_error(tmp_path, cli_env):
     assert line.startswith("routelens: error: cannot read the model config of 'nobody/no-such-moe'")
 
 
+@pytest.mark.skipif(not __import__("routelens.demo_model").demo_model.is_available(),
+                    reason="embedded weights not built in this checkout")
 def test_demo_runs_end_to_end_and_prints_its_run_folder(tmp_path, capsys):
     out = str(tmp_path / "demo")
-    assert main(["demo", "--out", out, "--routes", "4", "--trajectories-count", "3", "--no-progress"]) == 0
+    assert main(["demo", "--out", out, "--problems", "6", "--routes", "4", "--no-progress"]) == 0
     printed = capsys.readouterr().out
     tokens = pd.read_parquet(os.path.join(out, "counterfactual", "tokens.parquet"))
-    assert sorted(tokens["layer"].unique()) == [0, 1, 2]  # first, middle, last MoE layer
-    for layer in (0, 1, 2):
-        count = int((tokens["layer"] == layer).sum())
-        assert any(line.split("│")[1:4] == [f" {layer:>5} ", " All       ", f" {count:>6} "]
-                   for line in printed.splitlines() if "│" in line)
-    assert json.load(open(os.path.join(out, "counterfactual", "run.json")))["config"]["num_routes"] == 4
+    assert tokens["verified"].all()
+    layers = sorted(tokens["layer"].unique())
+    assert layers == [0, 2, 3]  # first, middle, last MoE layer of the 4-layer demo model
+    summary = json.load(open(os.path.join(out, "counterfactual", "summary.json")))
+    for layer in layers:  # the printed table is the run folder's summary
+        for name in ("Confident", "Ambiguous", "Fragile", "All"):
+            count = summary["layers"][str(layer)][name]["tokens"]
+            assert count == (int((tokens["layer"] == layer).sum()) if name == "All"
+                             else int(((tokens["layer"] == layer) & (tokens["bin"] == name)).sum()))
+            assert any(line.split("│")[1:4] == [f" {layer:>5} ", f" {name:<9} ", f" {count:>6} "]
+                       for line in printed.splitlines() if "│" in line)
+
+
+def test_trajectories_from_a_problem_file_are_verified_with_math_verify(saved_model, tmp_path, capsys):
+    from routelens.data.sampling import math_answer_correct
+
+    problems = write_jsonl(tmp_path / "problems.jsonl", [{"id": f"q{i}", "prompt": f"Q:{i}+1=A:", "answer": str(i + 1)}
+                                                         for i in range(3)])
+    args = ["trajectories", "--model", saved_model, "--problems", problems, "--samples-per-problem", "2",
+            "--temperature", "1.0", "--seed", "4", "--max-new-tokens", "12", "--no-progress"]
+    assert main(args + ["--out", str(tmp_path / "a.jsonl")]) == 0
+    assert main(args + ["--out", str(tmp_path / "b.jsonl"), "--batch-size", "5"]) == 0
+    a = [json.loads(line) for line in open(tmp_path / "a.jsonl")]
+    assert a == [json.loads(line) for line in open(tmp_path / "b.jsonl")]  # seeded; a completion per job
+    assert [r["id"] for r in a] == ["q0-s0", "q0-s1", "q1-s0", "q1-s1", "q2-s0", "q2-s1"]
+    for record in a:
+        assert record["input_ids"][: record["completion_start"]][0] == 1  # <bos>: no chat template, special tokens on
+        assert record["verified"] == math_answer_correct(record["completion"], record["answer"] if "answer" in record
+                                                         else str(int(record["problem_id"][1:]) + 1))
+        assert 1 <= len(record["input_ids"]) - record["completion_start"] <= 12
+    # the written file is a valid trajectory file for the analysis
+    from routelens.data.trajectories import load_trajectories
+
+    assert len(load_trajectories(str(tmp_path / "a.jsonl"))) == 6

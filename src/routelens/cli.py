@@ -6,6 +6,7 @@ User errors (`RouteLensError`) print one line and exit 2; argparse usage errors 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 
@@ -28,9 +29,23 @@ EXAMPLES_INSPECT = """examples:
   routelens inspect --model tiny:deepseek_v3
 """
 
+EXAMPLES_TRAJECTORIES = """examples:
+  routelens trajectories --model demo --task arithmetic --n 200 --samples-per-problem 8 \\
+      --temperature 0.8 --seed 0 --out traj.jsonl
+  routelens trajectories --model ./my-qwen3-moe --problems aime.jsonl --samples-per-problem 4 \\
+      --max-new-tokens 4096 --device cuda --out aime-traj.jsonl
+
+Each record: id, problem_id, input_ids, completion_start, prompt, completion, verified
+(final answer checked), finished (reached <eos>), and difficulty/domain/answer for arithmetic.
+"""
+
+EXAMPLES_EVALUATE = """examples:
+  routelens evaluate --model demo --n 500 --samples 8 --temperature 0.8 --seed 0 --out eval.json
+"""
+
 EXAMPLES_DEMO = """examples:
-  routelens demo                       # tiny model, synthetic trajectories, runs/demo
-  routelens demo --out /tmp/demo --routes 16
+  routelens demo                       # embedded model, 16 problems x 2 samples, runs/demo
+  routelens demo --out /tmp/demo --problems 32 --routes 16
 """
 
 
@@ -56,8 +71,9 @@ def _positive_int(text: str) -> int:
 
 def _add_model_options(parser: argparse.ArgumentParser, with_model: bool = True) -> None:
     if with_model:
-        parser.add_argument("--model", required=True,
-                            help="local folder (save_pretrained), hub id, or tiny:<model_type> (random tiny model)")
+        parser.add_argument("--model", default="demo",
+                            help="demo (the embedded model, default), a local folder (save_pretrained), "
+                                 "a hub id, or tiny:<model_type> (random tiny model)")
     parser.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda, cuda:N")
     parser.add_argument("--dtype", default="auto", help="auto (float32 on cpu, bfloat16 on cuda), float32, bfloat16, float16")
     parser.add_argument("--trust-remote-code", action="store_true", help="allow the model's own code (off by default)")
@@ -105,12 +121,106 @@ def build_parser() -> argparse.ArgumentParser:
 
     demo = commands.add_parser("demo", help="run the counterfactual analysis end to end on a built-in model",
                                epilog=EXAMPLES_DEMO, formatter_class=argparse.RawDescriptionHelpFormatter)
-    demo.add_argument("--out", default=os.path.join("runs", "demo"), help="run folder (default runs/demo)")
+    demo.add_argument("--out", default=os.path.join("runs", "demo"), help="demo folder (default runs/demo)")
     _add_model_options(demo, with_model=False)
-    demo.add_argument("--trajectories-count", type=_positive_int, default=12, help="synthetic trajectories (default 12)")
+    demo.add_argument("--problems", type=_positive_int, default=16, help="arithmetic problems to sample (default 16)")
+    demo.add_argument("--samples-per-problem", type=_positive_int, default=2, help="solutions per problem (default 2)")
+    demo.add_argument("--sample-temperature", type=float, default=0.8, help="sampling temperature (default 0.8)")
     _add_counterfactual_options(demo, layers_default="0")
     demo.set_defaults(layers=None)  # None: first, middle and last MoE layer
+    traj = commands.add_parser("trajectories", help="sample solutions, verify them, write trajectories",
+                               epilog=EXAMPLES_TRAJECTORIES, formatter_class=argparse.RawDescriptionHelpFormatter)
+    _add_model_options(traj)
+    source = traj.add_mutually_exclusive_group()
+    source.add_argument("--task", choices=["arithmetic"], default=None, help="the embedded arithmetic task")
+    source.add_argument("--problems", default=None, help='JSONL of {"id","prompt","answer"} (answers checked with math-verify)')
+    traj.add_argument("--n", type=_positive_int, default=200, help="problems (default 200; for --problems: the first N)")
+    traj.add_argument("--samples-per-problem", type=_positive_int, default=8, help="samples per problem (default 8)")
+    traj.add_argument("--temperature", type=float, default=0.8, help="sampling temperature (default 0.8)")
+    traj.add_argument("--seed", type=int, default=0, help="seed of the problems and the sampling (default 0)")
+    traj.add_argument("--max-new-tokens", type=_positive_int, default=None,
+                      help="generation limit (default 96 for arithmetic, 1024 for --problems)")
+    traj.add_argument("--batch-size", type=_positive_int, default=None, help="sequences per generate call")
+    traj.add_argument("--out", required=True, help="output JSONL")
+    traj.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+    evaluate = commands.add_parser("evaluate", help="accuracy on held-out arithmetic and router statistics",
+                                   epilog=EXAMPLES_EVALUATE, formatter_class=argparse.RawDescriptionHelpFormatter)
+    _add_model_options(evaluate)
+    evaluate.add_argument("--n", type=_positive_int, default=500, help="held-out problems (default 500, 1-4 operations)")
+    evaluate.add_argument("--samples", type=_positive_int, default=8, help="samples per problem for pass@k (default 8)")
+    evaluate.add_argument("--temperature", type=float, default=0.8, help="sampling temperature (default 0.8)")
+    evaluate.add_argument("--seed", type=int, default=0, help="sampling seed (default 0)")
+    evaluate.add_argument("--out", default=None, help="write the figures to this JSON file")
+    evaluate.add_argument("--record", action="store_true",
+                          help="also record the figures in the model folder's card.json (after train-demo)")
+    evaluate.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+    train = commands.add_parser("train-demo", help="train the embedded demo model from scratch",
+                                epilog="examples:\n  routelens train-demo --out runs/demo-model --seed 0",
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    train.add_argument("--out", required=True, help="folder for the trained model (save_pretrained layout)")
+    train.add_argument("--seed", type=int, default=0, help="seed of initialisation, data and order (default 0)")
+    train.add_argument("--steps", type=_positive_int, default=None, help="optimizer steps (default: the shipped model's)")
+    train.add_argument("--threads", type=_positive_int, default=None, help="torch CPU threads (default 2)")
+    train.add_argument("--no-progress", action="store_true", help="no progress bar")
     return parser
+
+
+def cmd_trajectories(args) -> int:
+    from routelens.data.sampling import arithmetic_trajectories, file_trajectories, write_trajectories
+    from routelens.models.loading import load_model
+
+    if args.problems is None and args.task is None:
+        args.task = "arithmetic"
+    loaded = load_model(args.model, args.device, args.dtype, args.trust_remote_code)
+    if loaded.tokenizer is None:
+        raise RouteLensError(f"model {args.model!r} has no tokenizer; trajectories are generated from text")
+    options = dict(samples_per_problem=args.samples_per_problem, temperature=args.temperature, seed=args.seed,
+                   show_progress=not args.no_progress)
+    if args.max_new_tokens:
+        options["max_new_tokens"] = args.max_new_tokens
+    if args.problems:
+        records = file_trajectories(loaded.adapter.model, loaded.tokenizer, args.problems, args.n,
+                                    batch_size=args.batch_size or 16, **options)
+    else:
+        records = arithmetic_trajectories(loaded.adapter.model, loaded.tokenizer, args.n, **options)
+    write_trajectories(records, args.out)
+    verified = sum(r["verified"] for r in records)
+    print(f"{len(records)} trajectories, {verified} verified ({verified / max(len(records), 1):.1%}); written to {args.out}")
+    return 0
+
+
+def cmd_evaluate(args) -> int:
+    from routelens.evaluation import evaluate_arithmetic
+    from routelens.models.loading import load_model
+
+    loaded = load_model(args.model, args.device, args.dtype, args.trust_remote_code)
+    if loaded.tokenizer is None:
+        raise RouteLensError(f"model {args.model!r} has no tokenizer; the arithmetic task is text")
+    report = evaluate_arithmetic(loaded, args.n, args.samples, args.temperature, args.seed,
+                                 show_progress=not args.no_progress)
+    print(json.dumps({k: v for k, v in report.items() if k != "greedy_correct"}, indent=2))
+    if args.out:
+        from routelens.results.run_folder import write_json_atomic
+
+        write_json_atomic(args.out, report)
+    if args.record:
+        from routelens.evaluation import record_in_card
+
+        record_in_card(loaded, report)
+    return 0
+
+
+def cmd_train_demo(args) -> int:
+    from routelens.demo_model.train import TrainConfig, train
+
+    config = TrainConfig(seed=args.seed)
+    config.steps = args.steps or config.steps
+    config.threads = args.threads or config.threads
+    card = train(args.out, config, show_progress=not args.no_progress)
+    print(f"trained in {card['train_seconds']} s, final loss {card['final_loss_mean_last_100']:.4f}; saved to {args.out}")
+    return 0
 
 
 def cmd_models(args) -> int:
@@ -147,13 +257,13 @@ def _config_from(args, layers: list[int]):
 
 
 def run_counterfactual_command(model: str, trajectories_path: str, out: str, args, layers: list[int],
-                               max_trajectories=None, only_verified=False) -> dict:
+                               max_trajectories=None, only_verified=False, preloaded=None) -> dict:
     from routelens.analyses.counterfactual import run_counterfactual
     from routelens.data.trajectories import file_sha256, load_trajectories
     from routelens.models.loading import load_model
 
     config = _config_from(args, layers)
-    loaded = load_model(model, args.device, args.dtype, args.trust_remote_code)
+    loaded = preloaded or load_model(model, args.device, args.dtype, args.trust_remote_code)
     trajectories = load_trajectories(trajectories_path, loaded.tokenizer, loaded.adapter.config.vocab_size,
                                      only_verified=only_verified, limit=max_trajectories)
     data_info = {"trajectories": os.path.abspath(trajectories_path), "trajectories_sha256": file_sha256(trajectories_path),
@@ -179,7 +289,7 @@ def cmd_demo(args) -> int:
     return run_demo(args)
 
 
-COMMANDS = {"models": cmd_models, "inspect": cmd_inspect, "counterfactual": cmd_counterfactual, "demo": cmd_demo}
+COMMANDS = {"trajectories": cmd_trajectories, "evaluate": cmd_evaluate, "train-demo": cmd_train_demo, "models": cmd_models, "inspect": cmd_inspect, "counterfactual": cmd_counterfactual, "demo": cmd_demo}
 
 
 def main(argv: list[str] | None = None) -> int:

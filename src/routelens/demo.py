@@ -1,56 +1,34 @@
-"""`routelens demo`: the counterfactual analysis end to end with nothing to download.
+"""`routelens demo`: the counterfactual analysis end to end, nothing to download.
 
-Until the project's trained demo model ships, the demo builds a tiny random-weight OLMoE,
-saves it with `save_pretrained`, samples trajectories from it, and runs the same code path
-as `routelens counterfactual --model <folder>` on its first, middle and last MoE layer.
-The printed table is read back from the run folder's summary.json.
+On the embedded demo model (a small OLMoE trained by this project on chain-of-thought
+arithmetic): sample solutions to arithmetic problems, verify their final answers, and run
+the counterfactual analysis on the verified trajectories at the first, a middle and the
+last MoE layer, through the same code path as `routelens counterfactual`. The printed
+table is read back from the run folder's summary.json.
 """
 
 from __future__ import annotations
 
-import json
 import os
 
-import torch
-
-from routelens.models.tiny import TINY_VOCAB, build_tiny_model
+from routelens.errors import RouteLensError
 from routelens.results.run_folder import read_json
 
-DEMO_SEED = 0
-# A larger weight scale than the config default gives peaked next-token distributions,
-# so that routes visibly matter even in a random model.
-DEMO_OVERRIDES = {"initializer_range": 0.3}
 
+def _demo_trajectories(loaded, folder: str, args) -> str:
+    """Sampled and verified once per setting; reused when the demo runs again."""
+    from routelens.data.sampling import arithmetic_trajectories, write_trajectories
 
-def _sample_trajectories(model, num_trajectories: int, seed: int) -> list[dict]:
-    """Ancestral sampling at temperature 0.7 from random prompts of the model's own vocabulary."""
-    generator = torch.Generator().manual_seed(seed)
-    records = []
-    for index in range(num_trajectories):
-        prompt_len = int(torch.randint(4, 9, (1,), generator=generator))
-        completion_len = int(torch.randint(12, 25, (1,), generator=generator))
-        ids = torch.randint(3, TINY_VOCAB, (1, prompt_len), generator=generator)
-        for _ in range(completion_len):
-            with torch.no_grad():
-                logits = model(ids, use_cache=False).logits[0, -1] / 0.7
-            next_id = torch.multinomial(torch.softmax(logits, -1), 1, generator=generator)
-            ids = torch.cat([ids, next_id[None]], dim=1)
-        records.append({"id": f"demo-{index:03d}", "input_ids": ids[0].tolist(), "completion_start": prompt_len})
-    return records
-
-
-def _prepare_inputs(folder: str, num_trajectories: int, seed: int) -> tuple[str, str]:
-    """The saved tiny model and its sampled trajectories (made once, reused after)."""
-    model_dir = os.path.join(folder, "model")
-    trajectories = os.path.join(folder, f"trajectories-{num_trajectories}.jsonl")
-    if os.path.exists(os.path.join(model_dir, "config.json")) and os.path.exists(trajectories):
-        return model_dir, trajectories
-    model = build_tiny_model("olmoe", seed=seed, **DEMO_OVERRIDES)
-    model.save_pretrained(model_dir)
-    with open(trajectories + ".tmp", "w") as handle:
-        handle.writelines(json.dumps(r) + "\n" for r in _sample_trajectories(model, num_trajectories, seed))
-    os.replace(trajectories + ".tmp", trajectories)
-    return model_dir, trajectories
+    path = os.path.join(folder, f"trajectories-n{args.problems}-s{args.samples_per_problem}"
+                                f"-t{args.sample_temperature}-seed{args.seed}.jsonl")
+    if not os.path.exists(path):
+        records = arithmetic_trajectories(loaded.adapter.model, loaded.tokenizer, args.problems,
+                                          args.samples_per_problem, args.sample_temperature, args.seed,
+                                          show_progress=not args.no_progress)
+        write_trajectories(records, path)
+        verified = sum(r["verified"] for r in records)
+        print(f"sampled {len(records)} solutions to {args.problems} problems, {verified} verified correct")
+    return path
 
 
 def run_demo(args) -> int:
@@ -58,16 +36,22 @@ def run_demo(args) -> int:
     from routelens.models.loading import load_model
     from routelens.summary_table import print_summary
 
+    loaded = load_model("demo", args.device, args.dtype)
     os.makedirs(args.out, exist_ok=True)
-    model_dir, trajectories = _prepare_inputs(args.out, args.trajectories_count, DEMO_SEED)
-    layers = args.layers
-    if layers is None:
-        moe = load_model(model_dir, "cpu", "float32").adapter.moe_layers
-        layers = sorted({moe[0], moe[len(moe) // 2], moe[-1]})
+    trajectories = _demo_trajectories(loaded, args.out, args)
+    moe = loaded.adapter.moe_layers
+    layers = args.layers or sorted({moe[0], moe[len(moe) // 2], moe[-1]})
     run_dir = os.path.join(args.out, "counterfactual")
-    print(f"demo: tiny random-weight OLMoE in {model_dir}, {args.trajectories_count} sampled trajectories, "
-          f"layers {layers}, {args.routes} alternative routes per token")
-    run_counterfactual_command(model_dir, trajectories, run_dir, args, layers)
+    print(f"demo: embedded OLMoE ({len(moe)} MoE layers, {loaded.adapter.num_experts} experts, "
+          f"top-{loaded.adapter.top_k}); verified trajectories; layers {layers}; {args.routes} alternative routes")
+    try:
+        run_counterfactual_command("demo", trajectories, run_dir, args, layers, only_verified=True,
+                                   preloaded=loaded)
+    except RouteLensError as error:
+        if "kept no trajectory" in str(error):
+            raise RouteLensError("the demo model solved none of the sampled problems; "
+                                 "raise --problems or --samples-per-problem") from None
+        raise
     print_summary(read_json(os.path.join(run_dir, "summary.json")))
     print(f"run folder: {run_dir} (routes.parquet, tokens.parquet, summary.json, run.json)")
     return 0

@@ -1,4 +1,4 @@
-"""Progress bars (rich) for long work: tokens done, tokens per second, time left."""
+"""Progress bars (rich) for long work: units done (tokens, steps, ...), units per second, time left."""
 
 from __future__ import annotations
 
@@ -13,15 +13,15 @@ from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TaskProgress
 
 @contextmanager
 def progress_bar(description: str, total: int, completed: int = 0,
-                 enabled: bool = True) -> Iterator[Callable[[int], None]]:
+                 enabled: bool = True, unit: str = "tokens") -> Iterator[Callable[[int], None]]:
     """Yields `advance(n)`. Drawn on stderr; a no-op when disabled."""
     if not enabled:
         yield lambda n: None
         return
     columns = (
         TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
-        TextColumn("tokens"), TaskProgressColumn(),
-        TextColumn("{task.fields[rate]} tok/s"), TimeElapsedColumn(), TextColumn("eta"), TimeRemainingColumn(),
+        TextColumn(unit), TaskProgressColumn(),
+        TextColumn("{task.fields[rate]} " + unit + "/s"), TimeElapsedColumn(), TextColumn("eta"), TimeRemainingColumn(),
     )
     with Progress(*columns, console=Console(file=sys.stderr)) as progress:
         task = progress.add_task(description, total=total, completed=completed, rate="-")

@@ -59,3 +59,13 @@ def cluster_bootstrap_ratio(numerators: np.ndarray, denominators: np.ndarray, *,
             rng=np.random.default_rng(seed),
         )
     return float(result.confidence_interval.low), float(result.confidence_interval.high)
+
+
+def pass_at_k(n: int, c: int, k: int) -> float:
+    """Unbiased pass@k from n samples of which c are correct: 1 - C(n - c, k) / C(n, k)
+    (Chen et al. 2021), with SciPy's exact binomial coefficients."""
+    if not 0 <= c <= n or not 1 <= k <= n:
+        raise ValueError(f"need 0 <= c <= n and 1 <= k <= n, got n={n}, c={c}, k={k}")
+    from scipy.special import comb
+
+    return 1.0 - float(comb(n - c, k, exact=True)) / float(comb(n, k, exact=True))

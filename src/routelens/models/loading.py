@@ -3,7 +3,8 @@
 Model specs:
 - a local folder written by `save_pretrained` (config.json + weights [+ tokenizer]);
 - a Hugging Face hub id (needs network or a populated cache);
-- `tiny:<model_type>`: a random-weight tiny model of that family (tests, quick tries).
+- `tiny:<model_type>`: a random-weight tiny model of that family (tests, quick tries);
+- `demo`: the embedded demo model shipped inside the package (`routelens.demo_model`).
 
 The architecture is checked from the config before any weights are read, so an
 unsupported model fails in a second. `trust_remote_code` is off unless asked for.
@@ -22,6 +23,7 @@ from routelens.models.adapter import MoEAdapter
 from routelens.models.registry import adapter_class, adapter_for
 
 TINY_PREFIX = "tiny:"
+DEMO = "demo"
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -32,6 +34,7 @@ class LoadedModel:
     spec: str
     device: str
     dtype: str
+    folder: str | None = None  # the local folder the weights came from, if any
 
 
 def resolve_device(device: str) -> str:
@@ -65,6 +68,16 @@ def load_model(spec: str, device: str = "auto", dtype: str = "auto",
         model = build_tiny_model(model_type, seed=seed).to(device=device, dtype=DTYPES[dtype])
         return LoadedModel(adapter_for(model), None, spec, device, dtype)
 
+    if spec == DEMO:
+        from routelens.demo_model import WEIGHTS_DIR, is_available
+
+        if not is_available():
+            raise RouteLensError(f"the embedded demo model is missing from {WEIGHTS_DIR}; "
+                                 "reinstall routelens or train one with `routelens train-demo`")
+        loaded = load_model(WEIGHTS_DIR, device, dtype, trust_remote_code=False)
+        loaded.spec = DEMO
+        return loaded
+
     is_folder = os.path.isdir(spec)
     if is_folder:
         spec = os.path.abspath(spec)  # the same run resumes from any working directory
@@ -87,4 +100,4 @@ def load_model(spec: str, device: str = "auto", dtype: str = "auto",
         tokenizer = AutoTokenizer.from_pretrained(spec, trust_remote_code=trust_remote_code)
     except (OSError, ValueError, TypeError):
         tokenizer = None  # token-id trajectories still work
-    return LoadedModel(adapter_for(model), tokenizer, spec, device, dtype)
+    return LoadedModel(adapter_for(model), tokenizer, spec, device, dtype, folder=spec if is_folder else None)

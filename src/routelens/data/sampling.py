@@ -1,0 +1,120 @@
+"""Verified trajectories: sample solutions, check each final answer, write the trajectory
+format of `routelens.data.trajectories` (token ids as generated, plus the text).
+
+Two sources of problems:
+- ``arithmetic``: the embedded task (seeded generator, never a held-out question),
+  checked with `routelens.data.arithmetic.verify`;
+- a JSONL file of ``{"id", "prompt", "answer"}``: any model; the prompt goes through the
+  tokenizer's chat template when it has one, and the answer in ``\\boxed{}`` (or the last
+  math expression) is checked against the reference with the math-verify package, so
+  equivalent forms (``\\frac{1}{2}`` and ``0.5``) count as equal.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+from routelens.data.arithmetic import HELDOUT_SEED, Problem, generate, heldout_questions, verify
+from routelens.errors import RouteLensError
+from routelens.generation import sample_completions
+
+TRAJECTORY_SEED_OFFSET = 7919  # keeps the trajectory stream apart from the training stream of the same seed
+
+
+def analysis_problems(seed: int, n: int) -> list[Problem]:
+    """Arithmetic problems for analyses: all four domains, no held-out question."""
+    if seed == HELDOUT_SEED:
+        raise RouteLensError(f"seed {HELDOUT_SEED} is reserved for the held-out set; choose another --seed")
+    return generate(seed + TRAJECTORY_SEED_OFFSET, n, prefix="arith-", exclude=heldout_questions())
+
+
+def math_answer_correct(completion: str, reference: str) -> bool:
+    """math-verify: the completion's final answer equals the reference (equivalent forms accepted)."""
+    from math_verify import parse, verify as math_verify
+
+    gold_text = reference if ("$" in reference or "\\boxed" in reference) else f"${reference}$"
+    gold, predicted = parse(gold_text), parse(completion)
+    return bool(gold) and bool(predicted) and bool(math_verify(gold, predicted))
+
+
+def read_problem_file(path: str) -> list[dict]:
+    if not os.path.isfile(path):
+        raise RouteLensError(f"problem file {path!r} does not exist")
+    problems = []
+    with open(path, encoding="utf-8") as handle:
+        for number, line in enumerate(handle, start=1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as error:
+                raise RouteLensError(f"{path} line {number}: malformed JSON ({error.msg})") from None
+            missing = [f for f in ("id", "prompt", "answer") if not isinstance(record, dict) or f not in record]
+            if missing:
+                raise RouteLensError(f"{path} line {number}: missing field(s) {', '.join(missing)}; "
+                                     "a problem needs {'id', 'prompt', 'answer'}")
+            problems.append({"id": str(record["id"]), "prompt": str(record["prompt"]), "answer": str(record["answer"])})
+    if not problems:
+        raise RouteLensError(f"{path}: no problems in the file")
+    return problems
+
+
+def _chat_prompt_ids(tokenizer, prompt: str) -> list[int]:
+    if getattr(tokenizer, "chat_template", None):
+        text = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True,
+                                             tokenize=False)
+        return tokenizer(text, add_special_tokens=False)["input_ids"]
+    return tokenizer(prompt)["input_ids"]
+
+
+def _records(samples, problems: list[dict], checker, tokenizer) -> list[dict]:
+    records = []
+    for sample in samples:
+        problem = problems[sample.prompt_index]
+        completion_ids = sample.completion_ids
+        if not completion_ids:  # nothing generated: no completion token to score
+            continue
+        records.append({
+            "id": f"{problem['id']}-s{sample.sample_index}",
+            "problem_id": problem["id"],
+            "input_ids": sample.prompt_ids + completion_ids,
+            "completion_start": len(sample.prompt_ids),
+            "prompt": tokenizer.decode(sample.prompt_ids, skip_special_tokens=True),
+            "completion": sample.completion,
+            "verified": checker(sample.completion, problem),
+            "finished": sample.finished,
+            **{key: problem[key] for key in ("difficulty", "domain", "answer") if key in problem},
+        })
+    return records
+
+
+def arithmetic_trajectories(model, tokenizer, n: int, samples_per_problem: int, temperature: float,
+                            seed: int, max_new_tokens: int = 96, show_progress: bool = True) -> list[dict]:
+    problems = analysis_problems(seed, n)
+    rows = [{"id": p.id, "difficulty": p.difficulty, "domain": p.domain, "answer": str(p.answer)} for p in problems]
+    samples = sample_completions(model, tokenizer, [tokenizer(p.question)["input_ids"] for p in problems],
+                                 num_samples=samples_per_problem, temperature=temperature, seed=seed,
+                                 max_new_tokens=max_new_tokens, show_progress=show_progress)
+    return _records(samples, rows, lambda text, row: verify(text, int(row["answer"])).correct, tokenizer)
+
+
+def file_trajectories(model, tokenizer, path: str, n: int | None, samples_per_problem: int, temperature: float,
+                      seed: int, max_new_tokens: int = 1024, batch_size: int = 16,
+                      show_progress: bool = True) -> list[dict]:
+    if tokenizer is None:
+        raise RouteLensError("this model has no tokenizer; problems in text need one")
+    problems = read_problem_file(path)[:n]
+    samples = sample_completions(model, tokenizer, [_chat_prompt_ids(tokenizer, p["prompt"]) for p in problems],
+                                 num_samples=samples_per_problem, temperature=temperature, seed=seed,
+                                 max_new_tokens=max_new_tokens, batch_size=batch_size, show_progress=show_progress)
+    return _records(samples, problems, lambda text, row: math_answer_correct(text, row["answer"]), tokenizer)
+
+
+def write_trajectories(records: list[dict], out: str) -> None:
+    directory = os.path.dirname(os.path.abspath(out))
+    os.makedirs(directory, exist_ok=True)
+    with open(out + ".tmp", "w", encoding="utf-8") as handle:
+        for record in records:
+            handle.write(json.dumps(record) + "\n")
+    os.replace(out + ".tmp", out)

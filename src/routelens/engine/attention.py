@@ -1,0 +1,100 @@
+"""Attention functions of the fast engine, registered with transformers' AttentionInterface.
+
+Two modes, switched by the engine through `AttentionState`:
+
+- **record** (the natural forward): call the model's own attention (sdpa, or the family's
+  eager function, with the mask transformers built for it) and keep each layer's keys and
+  values as the attention function sees them (after RoPE / q-k norm / MLA expansion,
+  before GQA repetition).
+- **patch** (the perturbed suffix): queries, keys and values come from perturbed states,
+  one route per batch row, every position perturbed at once. Position t attends to the
+  *standard* keys/values of positions s < t (recorded) and to its *own* perturbed key and
+  value on the diagonal:
+
+      scores = Q' K_std^T with the diagonal replaced by q'_t . k'_t, causal (and sliding
+      window) mask, softmax (with attention sinks where the layer has them), then
+      P_offdiag V_std + P_diag v'_t.
+
+  This equals re-running the prefix with only position t perturbed, for every t at once,
+  because no position < t depends on position t (causal attention).
+"""
+
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass, field
+
+import torch
+from transformers import AttentionInterface
+from transformers.masking_utils import AttentionMaskInterface, eager_mask, sdpa_mask
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+WRAPPED = {"sdpa": "routelens_sdpa", "eager": "routelens_eager"}
+
+
+@dataclass
+class AttentionState:
+    mode: str = "off"                      # "record" or "patch"
+    keys: dict[int, torch.Tensor] = field(default_factory=dict)     # layer -> [1, KV, T, Dk]
+    values: dict[int, torch.Tensor] = field(default_factory=dict)   # layer -> [1, KV, T, Dv]
+    calls: int = 0
+
+
+STATE = AttentionState()
+
+
+def _repeat_kv(states: torch.Tensor, groups: int) -> torch.Tensor:
+    return states if groups == 1 else states.repeat_interleave(groups, dim=1)
+
+
+def _original(module, name: str):
+    if name == "eager":  # the family's own eager function (GPT-OSS's has attention sinks)
+        return getattr(sys.modules[type(module).__module__], "eager_attention_forward")
+    return ALL_ATTENTION_FUNCTIONS[name]
+
+
+def patched_attention(module, query, key, value, scaling, sliding_window=None, s_aux=None):
+    """query [R, H, T, Dk], key [R, KV, T, Dk], value [R, KV, T, Dv] -> [R, T, H, Dv]."""
+    layer = module.layer_idx
+    k_std, v_std = STATE.keys[layer], STATE.values[layer]
+    groups = query.shape[1] // k_std.shape[1]
+    k_std, v_std = _repeat_kv(k_std, groups), _repeat_kv(v_std, groups)
+    k_own, v_own = _repeat_kv(key, groups), _repeat_kv(value, groups)
+    length = query.shape[-2]
+    scores = torch.matmul(query, k_std.transpose(-1, -2)) * scaling                 # [R, H, T, T]
+    diagonal = (query * k_own).sum(-1, keepdim=True) * scaling                      # [R, H, T, 1]
+    t = torch.arange(length, device=query.device)
+    allowed = t[None, :] < t[:, None]                                               # s < t, off-diagonal
+    if sliding_window is not None:
+        allowed &= t[None, :] > t[:, None] - sliding_window
+    scores = scores.masked_fill(~allowed, float("-inf"))
+    parts = [scores, diagonal]
+    if s_aux is not None:
+        parts.append(s_aux.reshape(1, -1, 1, 1).expand(query.shape[0], -1, length, 1).to(scores.dtype))
+    logits = torch.cat(parts, dim=-1)
+    logits = logits - logits.max(dim=-1, keepdim=True).values
+    probs = torch.softmax(logits.float(), dim=-1).to(value.dtype)
+    out = torch.matmul(probs[..., :length], v_std) + probs[..., length: length + 1] * v_own
+    return out.transpose(1, 2).contiguous(), None
+
+
+def _make(name: str):
+    def attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
+        STATE.calls += 1
+        if STATE.mode == "patch":
+            return patched_attention(module, query, key, value, scaling, kwargs.get("sliding_window"),
+                                     kwargs.get("s_aux"))
+        if STATE.mode == "record":
+            STATE.keys[module.layer_idx] = key.detach()
+            STATE.values[module.layer_idx] = value.detach()
+        return _original(module, name)(module, query, key, value, attention_mask, scaling=scaling,
+                                       dropout=dropout, **kwargs)
+    return attention
+
+
+def register() -> None:
+    """Register the wrapped implementations once (idempotent)."""
+    AttentionInterface.register(WRAPPED["sdpa"], _make("sdpa"))
+    AttentionInterface.register(WRAPPED["eager"], _make("eager"))
+    AttentionMaskInterface.register(WRAPPED["sdpa"], sdpa_mask)
+    AttentionMaskInterface.register(WRAPPED["eager"], eager_mask)
