@@ -69,6 +69,18 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _memory(text: str) -> int:
+    units = {"kib": 2**10, "mib": 2**20, "gib": 2**30, "kb": 10**3, "mb": 10**6, "gb": 10**9, "b": 1}
+    lowered = text.strip().lower()
+    for suffix, factor in units.items():
+        if lowered.endswith(suffix):
+            try:
+                return int(float(lowered[: -len(suffix)]) * factor)
+            except ValueError:
+                break
+    raise argparse.ArgumentTypeError(f"expected a size such as 512MiB or 8GiB, got {text!r}")
+
+
 def _add_model_options(parser: argparse.ArgumentParser, with_model: bool = True) -> None:
     if with_model:
         parser.add_argument("--model", default="demo",
@@ -90,7 +102,10 @@ def _add_counterfactual_options(parser: argparse.ArgumentParser, layers_default:
     parser.add_argument("--seed", type=int, default=0, help="seed of the route sampling and bootstrap (default 0)")
     parser.add_argument("--confident", type=float, default=0.9, help="Confident bin: route-averaged p >= this")
     parser.add_argument("--fragile", type=float, default=0.5, help="Fragile bin: route-averaged p < this")
-    parser.add_argument("--engine", default="reference", help="scoring engine (default reference)")
+    parser.add_argument("--engine", default="fast", choices=["fast", "reference"],
+                        help="scoring engine: fast (default; exact, batched) or reference (plain forwards)")
+    parser.add_argument("--memory-budget", type=_memory, default="2GiB",
+                        help="fast engine: memory for one chunk of perturbed sequences, e.g. 512MiB, 8GiB (default 2GiB)")
     parser.add_argument("--route-batch-size", type=_positive_int, default=33, help="routes per forward (reference engine)")
     parser.add_argument("--overwrite", action="store_true", help="replace a run with a different config in --out")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -252,7 +267,7 @@ def _config_from(args, layers: list[int]):
     return CounterfactualConfig(
         layers=layers, num_routes=args.routes, num_candidates=args.candidates, temperature=args.temperature,
         seed=args.seed, confident=args.confident, fragile=args.fragile, engine=args.engine,
-        route_batch_size=args.route_batch_size,
+        route_batch_size=args.route_batch_size, memory_budget=args.memory_budget,
     )
 
 

@@ -29,6 +29,7 @@ from routelens import stats
 from routelens.analyses.route_sampling import (check_route_settings, flag_duplicates,
                                                gumbel_top_k_routes, route_rng)
 from routelens.data.trajectories import Trajectory
+from routelens.engine.items import ScoreItem
 from routelens.models.adapter import MoEAdapter
 from routelens.models.routing import capture_routes
 
@@ -59,15 +60,24 @@ class CounterfactualConfig:
     seed: int = 0
     confident: float = 0.9
     fragile: float = 0.5
-    engine: str = "reference"
-    route_batch_size: int = 33
+    engine: str = "fast"
+    route_batch_size: int = 33          # reference engine: routes per forward
+    memory_budget: int = 2 * 2**30      # fast engine: bytes for one chunk of perturbed sequences
+    group_tokens: int = 2048            # fast engine: trajectories scored together up to this many tokens
     bootstrap_resamples: int = 2000
 
     def candidates_for(self, num_experts: int) -> int:
         return self.num_candidates if self.num_candidates is not None else min(32, num_experts)
 
+    # Knobs that change speed and memory but not results (tested): not part of a run's identity,
+    # so a run resumes under another memory budget.
+    PERFORMANCE = ("route_batch_size", "memory_budget", "group_tokens")
+
     def to_dict(self) -> dict:
-        return asdict(self)
+        return {k: v for k, v in asdict(self).items() if k not in self.PERFORMANCE}
+
+    def performance(self) -> dict:
+        return {k: getattr(self, k) for k in self.PERFORMANCE}
 
 
 def bin_of(p_route_mean: float, confident: float, fragile: float) -> str:
@@ -177,21 +187,47 @@ def routes_table(trajectory: Trajectory, layer: int, routes: LayerRoutes, logpro
     ], schema=ROUTES_SCHEMA)
 
 
+def analyse_trajectories(adapter: MoEAdapter, engine, trajectories: list[Trajectory], layers: list[int],
+                         config: CounterfactualConfig) -> list[tuple[pa.Table, pa.Table]]:
+    """Sample and score every route of a group of trajectories (scored together by the
+    engine, layer by layer); return each trajectory's routes and tokens tables."""
+    routes = [build_routes(adapter, trajectory, layers, config) for trajectory in trajectories]
+    results = []
+    scored = {layer: engine.score_batch(layer, [
+        ScoreItem(torch.tensor(t.input_ids), r[layer].positions, torch.as_tensor(r[layer].experts), r[layer].weights)
+        for t, r in zip(trajectories, routes)]) for layer in layers}
+    for i, trajectory in enumerate(trajectories):
+        route_tables, token_rows = [], []
+        for layer in layers:
+            layer_routes, logprobs = routes[i][layer], scored[layer][i]                # [P, R]
+            route_tables.append(routes_table(trajectory, layer, layer_routes, logprobs))
+            for p, position in enumerate(layer_routes.positions):
+                metrics = token_metrics(logprobs[p], layer_routes.router_score[p], config)
+                token_rows.append({"trajectory_id": trajectory.id, "position": int(position), "layer": layer,
+                                   "target_id": trajectory.input_ids[position + 1], "verified": trajectory.verified,
+                                   "n_duplicates": int(layer_routes.duplicate[p].sum()), **metrics})
+        results.append((pa.concat_tables(route_tables), pa.Table.from_pylist(token_rows, schema=TOKENS_SCHEMA)))
+    return results
+
+
 def analyse_trajectory(adapter: MoEAdapter, engine, trajectory: Trajectory, layers: list[int],
                        config: CounterfactualConfig) -> tuple[pa.Table, pa.Table]:
-    """Sample and score every route of one trajectory; return its routes and tokens tables."""
-    input_ids = torch.tensor(trajectory.input_ids)
-    route_tables, token_rows = [], []
-    for layer, routes in build_routes(adapter, trajectory, layers, config).items():
-        logprobs = engine.score_positions(input_ids, layer, routes.positions, torch.as_tensor(routes.experts),
-                                          routes.weights)                  # [P, R]
-        route_tables.append(routes_table(trajectory, layer, routes, logprobs))
-        for i, position in enumerate(routes.positions):
-            metrics = token_metrics(logprobs[i], routes.router_score[i], config)
-            token_rows.append({"trajectory_id": trajectory.id, "position": int(position), "layer": layer,
-                               "target_id": trajectory.input_ids[position + 1], "verified": trajectory.verified,
-                               "n_duplicates": int(routes.duplicate[i].sum()), **metrics})
-    return pa.concat_tables(route_tables), pa.Table.from_pylist(token_rows, schema=TOKENS_SCHEMA)
+    """One trajectory's routes and tokens tables."""
+    return analyse_trajectories(adapter, engine, [trajectory], layers, config)[0]
+
+
+def trajectory_groups(todo: list[int], trajectories: list[Trajectory], max_tokens: int,
+                      max_group: int) -> list[list[int]]:
+    """Consecutive undone trajectories batched together up to a token budget."""
+    groups, current, tokens = [], [], 0
+    for index in todo:
+        length = len(trajectories[index].input_ids)
+        if current and (tokens + length > max_tokens or len(current) >= max_group):
+            groups.append(current)
+            current, tokens = [], 0
+        current.append(index)
+        tokens += length
+    return groups + ([current] if current else [])
 
 
 def _interval(frame: pd.DataFrame, value: pd.Series, seed: int, resamples: int, transform=None) -> list[float | None]:
@@ -256,20 +292,23 @@ def run_counterfactual(loaded, trajectories: list[Trajectory], config: Counterfa
     layers = adapter.resolve_layers(config.layers)
     check_route_settings(adapter.top_k, adapter.num_experts, config.candidates_for(adapter.num_experts),
                          config.num_routes, config.temperature)
-    engine = make_engine(config.engine, adapter, route_batch_size=config.route_batch_size)
-    run_config = {"model": loaded.spec, "dtype": loaded.dtype, **data_info, **config.to_dict(),
+    engine = make_engine(config.engine, adapter, route_batch_size=config.route_batch_size,
+                         memory_budget=config.memory_budget)
+    run_config = {"model": loaded.spec, "engine_used": engine.name, "dtype": loaded.dtype, **data_info, **config.to_dict(),
                   "resolved_layers": layers, "resolved_candidates": config.candidates_for(adapter.num_experts)}
     folder = RunFolder(out, "counterfactual", run_config, ("routes", "tokens"), overwrite=overwrite,
-                       extra={"model": adapter.describe(), "device": loaded.device})
+                       extra={"model": adapter.describe(), "device": loaded.device,
+                              "performance": config.performance()})
     todo = [i for i in range(len(trajectories)) if not folder.is_done(i)]
     total_tokens = sum(len(t.scored_positions) for t in trajectories) * len(layers)
     done_tokens = total_tokens - sum(len(trajectories[i].scored_positions) for i in todo) * len(layers)
     started = time.perf_counter()
     with progress_bar("counterfactual", total_tokens, done_tokens, show_progress) as advance:
-        for i in todo:
-            routes_table, tokens_table = analyse_trajectory(adapter, engine, trajectories[i], layers, config)
-            folder.write_unit(i, {"routes": routes_table, "tokens": tokens_table})
-            advance(tokens_table.num_rows)
+        for group in trajectory_groups(todo, trajectories, config.group_tokens, max_group=64):
+            tables = analyse_trajectories(adapter, engine, [trajectories[i] for i in group], layers, config)
+            for i, (routes, tokens) in zip(group, tables):
+                folder.write_unit(i, {"routes": routes, "tokens": tokens})
+                advance(tokens.num_rows)
     units = list(range(len(trajectories)))
     paths = folder.concatenate(units)
     summary = summarise(pd.read_parquet(paths["tokens"]), layers, config)

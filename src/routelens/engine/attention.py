@@ -35,9 +35,10 @@ WRAPPED = {"sdpa": "routelens_sdpa", "eager": "routelens_eager"}
 @dataclass
 class AttentionState:
     mode: str = "off"                      # "record" or "patch"
-    keys: dict[int, torch.Tensor] = field(default_factory=dict)     # layer -> [1, KV, T, Dk]
-    values: dict[int, torch.Tensor] = field(default_factory=dict)   # layer -> [1, KV, T, Dv]
-    calls: int = 0
+    keys: dict[int, torch.Tensor] = field(default_factory=dict)     # layer -> [B, KV, T, Dk]
+    values: dict[int, torch.Tensor] = field(default_factory=dict)   # layer -> [B, KV, T, Dv]
+    row_source: torch.Tensor | None = None  # patch mode: batch row -> recorded sequence
+    patched_calls: int = 0
 
 
 STATE = AttentionState()
@@ -56,7 +57,7 @@ def _original(module, name: str):
 def patched_attention(module, query, key, value, scaling, sliding_window=None, s_aux=None):
     """query [R, H, T, Dk], key [R, KV, T, Dk], value [R, KV, T, Dv] -> [R, T, H, Dv]."""
     layer = module.layer_idx
-    k_std, v_std = STATE.keys[layer], STATE.values[layer]
+    k_std, v_std = STATE.keys[layer][STATE.row_source], STATE.values[layer][STATE.row_source]
     groups = query.shape[1] // k_std.shape[1]
     k_std, v_std = _repeat_kv(k_std, groups), _repeat_kv(v_std, groups)
     k_own, v_own = _repeat_kv(key, groups), _repeat_kv(value, groups)
@@ -80,8 +81,8 @@ def patched_attention(module, query, key, value, scaling, sliding_window=None, s
 
 def _make(name: str):
     def attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
-        STATE.calls += 1
         if STATE.mode == "patch":
+            STATE.patched_calls += 1
             return patched_attention(module, query, key, value, scaling, kwargs.get("sliding_window"),
                                      kwargs.get("s_aux"))
         if STATE.mode == "record":

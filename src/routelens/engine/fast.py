@@ -30,6 +30,7 @@ import numpy as np
 import torch
 
 from routelens.engine import attention
+from routelens.engine.items import ScoreItem
 from routelens.models.adapter import MoEAdapter
 from routelens.models.routing import capture_routes
 
@@ -79,9 +80,12 @@ class FastEngine:
         finally:
             config._attn_implementation = original
             attention.STATE.mode = "off"
+            attention.STATE.row_source = None
 
     def _natural_pass(self, input_ids: torch.Tensor, layer: int) -> dict:
-        """Record keys/values of every layer and the layer-l quantities the routes need."""
+        """Record keys/values of every layer and the layer-l quantities the routes need.
+
+        input_ids [B, T], right-padded: causal attention keeps padding out of real positions."""
         model, decoder = self.adapter.model, self.adapter.decoder_layers[layer]
         recorded: dict = {"layer_kwargs": {}}
         hooks = [
@@ -100,7 +104,7 @@ class FastEngine:
         attention.STATE.mode = "record"
         try:
             with capture_routes(self.adapter, [layer]) as captured:
-                logits = model(input_ids[None].to(self.adapter.device), use_cache=False).logits[0]
+                model(input_ids.to(self.adapter.device), use_cache=False, logits_to_keep=1)
         finally:
             attention.STATE.mode = "off"
             for hook in hooks:
@@ -108,59 +112,52 @@ class FastEngine:
         missing = [i for i in range(layer + 1, self.adapter.num_layers) if i not in attention.STATE.keys]
         if missing or "h_mid" not in recorded:
             raise FastEngineUnsupported(f"attention of layers {missing} was not recorded")
-        recorded["route"] = captured[layer]
-        recorded["logits"] = logits
+        hidden = recorded["h_mid"].shape[-1]
+        recorded["x"] = recorded["x"].reshape(-1, hidden)                               # [B*T, d]
+        recorded["block_out"] = recorded["block_out"].reshape(-1, hidden)               # [B*T, d]
+        recorded["natural_out"] = recorded["h_mid"] + recorded["block_out"].reshape(recorded["h_mid"].shape)
+        recorded["route"] = captured[layer]                                              # rows b * T + t
         return recorded
 
     # ------------------------------------------------------------------ layer l
-    def _expert_outputs(self, layer: int, x: torch.Tensor, positions: np.ndarray,
-                        experts: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """E_e(x_t) for every (t, e) the routes use, computed once.
+    def _layer_outputs(self, layer: int, recorded: dict, rows: torch.Tensor, experts: torch.Tensor,
+                       weights: torch.Tensor, is_standard: torch.Tensor) -> torch.Tensor:
+        """Layer-l output of flat token rows under one route each.
 
-        x [T, d]; experts [P, R, k] -> (table [N, d], index [P, R, k] into the table)."""
-        module = self.adapter.decoder_layers[layer].mlp.experts
-        num_experts = self.adapter.num_experts
-        keys = torch.as_tensor(positions, device=experts.device)[:, None, None] * num_experts + experts
-        unique, index = torch.unique(keys, return_inverse=True)
-        tokens, ids = unique // num_experts, unique % num_experts
-        weights = torch.ones(len(unique), 1, dtype=x.dtype, device=x.device)
-        table = module(x[tokens], ids[:, None], weights)                                  # [N, d]
-        return table, index
-
-    def _layer_outputs(self, layer: int, recorded: dict, positions: np.ndarray, experts: torch.Tensor,
-                       weights: torch.Tensor) -> torch.Tensor:
-        """Layer-l output of every scored token under every route: [R, P, d]."""
-        device = self.adapter.device
-        h_mid = recorded["h_mid"][0]                                                      # [T, d]
-        x = recorded["x"].reshape(-1, h_mid.shape[-1])
-        block_out = recorded["block_out"].reshape(-1, h_mid.shape[-1])
+        rows [N] (b * T + t); experts/weights [N, k]; is_standard [N] -> [N, d]. Each needed
+        expert output E_e(x_t) is computed once; a route's block output is the standard one
+        minus the standard experts' weighted outputs plus the route's."""
         route = recorded["route"]
-        index_t = torch.as_tensor(positions, device=device)
-        std_experts, std_weights = route.experts[index_t], route.weights[index_t]          # [P, k]
-        all_experts = torch.cat([experts.to(device), std_experts[:, None]], dim=1)        # [P, R+1, k]
-        table, index = self._expert_outputs(layer, x, positions, all_experts)
-        mixed = (table[index] * torch.cat([weights.to(device, table.dtype), std_weights[:, None].to(table.dtype)],
-                                          dim=1)[..., None]).sum(-2)                      # [P, R+1, d]
-        routed = block_out[index_t][:, None] - mixed[:, -1:] + mixed[:, :-1]              # [P, R, d]
-        routed[:, 0] = block_out[index_t]   # route 0 is the standard route: its output as the model made it
-        return (h_mid[index_t][:, None] + routed).transpose(0, 1)                          # [R, P, d]
+        x, block_out = recorded["x"], recorded["block_out"]
+        h_mid = recorded["h_mid"].reshape(-1, x.shape[-1])
+        std_experts, std_weights = route.experts[rows], route.weights[rows]
+        both = torch.stack([experts, std_experts], dim=1)                                # [N, 2, k]
+        keys = rows[:, None, None] * self.adapter.num_experts + both
+        unique, index = torch.unique(keys, return_inverse=True)
+        module = self.adapter.decoder_layers[layer].mlp.experts
+        ones = torch.ones(len(unique), 1, dtype=x.dtype, device=x.device)
+        table = module(x[unique // self.adapter.num_experts], (unique % self.adapter.num_experts)[:, None], ones)
+        mixed = (table[index] * torch.stack([weights.to(table.dtype), std_weights.to(table.dtype)], 1)[..., None]).sum(2)
+        routed = block_out[rows] - mixed[:, 1] + mixed[:, 0]
+        routed = torch.where(is_standard[:, None], block_out[rows], routed)  # route 0: the block's own output
+        return h_mid[rows] + routed
 
     # ------------------------------------------------------------------ suffix
-    def _route_chunk(self, length: int) -> int:
+    def _rows_per_chunk(self, length: int) -> int:
         if self.route_chunk:
             return self.route_chunk
         config = self.adapter.config
-        heads = config.num_attention_heads
-        hidden = config.hidden_size
+        heads, hidden = config.num_attention_heads, config.hidden_size
         intermediate = max(getattr(config, "moe_intermediate_size", 0) or 0, config.intermediate_size or 0)
-        k = self.adapter.top_k
-        per_route = 4 * (3 * heads * length * length + length * (12 * hidden + 3 * k * intermediate)
-                         + length * config.vocab_size // 4)
-        return max(1, self.memory_budget // max(per_route, 1))
+        per_row = 4 * (3 * heads * length * length + length * (12 * hidden + 3 * self.adapter.top_k * intermediate)
+                       + length * config.vocab_size // 4)
+        return max(1, self.memory_budget // max(per_row, 1))
 
-    def _suffix(self, layer: int, recorded: dict, states: torch.Tensor) -> torch.Tensor:
-        """Run decoder layers above `layer` on perturbed states [r, T, d]; returns final hidden."""
-        attention.STATE.mode = "patch"
+    def _suffix(self, layer: int, recorded: dict, states: torch.Tensor, sources: torch.Tensor) -> torch.Tensor:
+        """Run decoder layers above `layer` on perturbed states [rows, T, d] whose standard
+        keys/values are those of recorded sequence `sources[row]`; returns the final hidden."""
+        attention.STATE.mode, attention.STATE.row_source = "patch", sources
+        attention.STATE.patched_calls = 0
         try:
             for index in range(layer + 1, self.adapter.num_layers):
                 kwargs = dict(recorded["layer_kwargs"][index])
@@ -169,30 +166,58 @@ class FastEngine:
                 states = output[0] if isinstance(output, tuple) else output
         finally:
             attention.STATE.mode = "off"
+        expected = self.adapter.num_layers - layer - 1
+        if attention.STATE.patched_calls != expected:
+            raise RuntimeError(f"patched attention ran {attention.STATE.patched_calls} times, expected {expected}: "
+                               "the suffix did not go through the fast engine's attention")
         return self.adapter.model.model.norm(states)
 
     @torch.no_grad()
-    def score_positions(self, input_ids: torch.Tensor, layer: int, positions, experts: torch.Tensor,
-                        weights: torch.Tensor) -> np.ndarray:
-        """All routes of several positions: positions [P], experts/weights [P, R, k] -> [P, R]."""
-        positions = np.asarray(positions)
+    def score_batch(self, layer: int, items: list[ScoreItem]) -> list[np.ndarray]:
+        """Score every route of every item (trajectories of any lengths) at `layer`."""
         device = self.adapter.device
+        num_routes = items[0].experts.shape[1]
+        if any(item.experts.shape[1] != num_routes for item in items):
+            raise ValueError("all items of a batch need the same number of routes")
+        length = max(item.input_ids.shape[0] for item in items)
+        input_ids = torch.zeros(len(items), length, dtype=torch.long)
+        for b, item in enumerate(items):
+            input_ids[b, : item.input_ids.shape[0]] = item.input_ids
+        # every (item, route) pair is one perturbed sequence; its scored tokens are the item's positions
+        pairs = [(b, r) for r in range(num_routes) for b in range(len(items))]
+        results = [np.zeros((len(item.positions), num_routes)) for item in items]
         with self._wrapped_attention():
             recorded = self._natural_pass(input_ids, layer)
-            layer_out = self._layer_outputs(layer, recorded, positions, torch.as_tensor(experts, device=device),
-                                            torch.as_tensor(weights, device=device))   # [R, P, d]
-            natural_out = recorded["h_mid"] + recorded["block_out"].reshape(recorded["h_mid"].shape)  # [1, T, d]
-            targets = input_ids.to(device)[torch.as_tensor(positions + 1, device=device)]
-            index_t = torch.as_tensor(positions, device=device)
-            num_routes, length = layer_out.shape[0], input_ids.shape[0]
-            chunk = self._route_chunk(length)
-            out = []
-            for start in range(0, num_routes, chunk):
-                block = layer_out[start: start + chunk]
-                states = natural_out.expand(block.shape[0], -1, -1).clone()
-                states[:, index_t] = block
-                final = self._suffix(layer, recorded, states)[:, index_t]                  # [r, P, d]
+            chunk = self._rows_per_chunk(length)
+            for start in range(0, len(pairs), chunk):
+                block = pairs[start: start + chunk]
+                sources = torch.tensor([b for b, _ in block], device=device)
+                states = recorded["natural_out"][sources].clone()                          # [rows, T, d]
+                row_of, pos_of, flat_rows, experts, weights = [], [], [], [], []
+                for row, (b, r) in enumerate(block):
+                    item = items[b]
+                    positions = torch.as_tensor(np.asarray(item.positions), device=device)
+                    row_of.append(torch.full_like(positions, row))
+                    pos_of.append(positions)
+                    flat_rows.append(b * length + positions)
+                    experts.append(torch.as_tensor(item.experts[:, r], device=device))
+                    weights.append(torch.as_tensor(item.weights[:, r], device=device))
+                row_of, pos_of, flat_rows = torch.cat(row_of), torch.cat(pos_of), torch.cat(flat_rows)
+                is_standard = torch.tensor([r == 0 for b, r in block for _ in items[b].positions], device=device)
+                states[row_of, pos_of] = self._layer_outputs(layer, recorded, flat_rows, torch.cat(experts),
+                                                             torch.cat(weights), is_standard)
+                final = self._suffix(layer, recorded, states, sources)[row_of, pos_of]         # [N, d]
                 logits = self.adapter.model.lm_head(final).float()
-                out.append(torch.log_softmax(logits, -1).gather(-1, targets[None, :, None].expand(
-                    final.shape[0], -1, 1))[..., 0].double().cpu())
-        return torch.cat(out).T.numpy()                                                     # [P, R]
+                targets = input_ids.to(device)[sources[row_of], pos_of + 1]
+                logprobs = torch.log_softmax(logits, -1).gather(-1, targets[:, None])[:, 0].double().cpu().numpy()
+                offset = 0
+                for b, r in block:
+                    count = len(items[b].positions)
+                    results[b][:, r] = logprobs[offset: offset + count]
+                    offset += count
+        return results
+
+    def score_positions(self, input_ids: torch.Tensor, layer: int, positions, experts: torch.Tensor,
+                        weights: torch.Tensor) -> np.ndarray:
+        """All routes of several positions of one sequence: experts/weights [P, R, k] -> [P, R]."""
+        return self.score_batch(layer, [ScoreItem(input_ids, positions, experts, weights)])[0]

@@ -14,6 +14,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from routelens.engine.items import ScoreItem
 from routelens.models.adapter import MoEAdapter
 from routelens.models.routing import RouteOverride, override_routes
 
@@ -21,7 +22,7 @@ from routelens.models.routing import RouteOverride, override_routes
 class ReferenceEngine:
     name = "reference"
 
-    def __init__(self, adapter: MoEAdapter, route_batch_size: int = 33):
+    def __init__(self, adapter: MoEAdapter, route_batch_size: int = 33, **_):
         self.adapter = adapter
         self.route_batch_size = max(1, int(route_batch_size))
 
@@ -49,6 +50,11 @@ class ReferenceEngine:
                 ).logits[:, -1]
             out.append(torch.log_softmax(logits.float(), dim=-1)[:, target].double().cpu())
         return torch.cat(out).numpy()
+
+    def score_batch(self, layer: int, items: list[ScoreItem]) -> list[np.ndarray]:
+        """Each item's routes, one item after the other: [P, R] per item."""
+        return [self.score_positions(item.input_ids, layer, item.positions, item.experts, item.weights)
+                for item in items]
 
     def score_positions(self, input_ids: torch.Tensor, layer: int, positions, experts: torch.Tensor,
                         weights: torch.Tensor) -> np.ndarray:

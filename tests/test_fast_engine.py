@@ -1,0 +1,95 @@
+"""The fast engine against the reference engine, for all 8 families, and its invariance to
+chunking and batch composition."""
+
+import warnings
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import FAMILIES
+from routelens.analyses.counterfactual import CounterfactualConfig, build_routes
+from routelens.data.trajectories import Trajectory
+from routelens.engine import FastEngine, ReferenceEngine, ScoreItem, make_engine
+from routelens.engine.fast import FastEngineUnsupported
+
+LENGTHS = (13, 8, 17)
+
+
+def _items(adapter, layer, num_routes=4, seed=0):
+    items = []
+    for i, length in enumerate(LENGTHS):
+        ids = torch.randint(3, 64, (length,), generator=torch.Generator().manual_seed(seed + i)).tolist()
+        trajectory = Trajectory(f"t{i}", ids, completion_start=3 + i)
+        routes = build_routes(adapter, trajectory, [layer], CounterfactualConfig(num_routes=num_routes, seed=seed))[layer]
+        items.append(ScoreItem(torch.tensor(ids), routes.positions, torch.as_tensor(routes.experts), routes.weights))
+    return items
+
+
+def _layers(adapter):
+    moe = adapter.moe_layers
+    return sorted({moe[0], moe[len(moe) // 2], moe[-1]})
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_fast_equals_reference(tiny_adapters, family):
+    adapter = tiny_adapters[family]
+    for layer in _layers(adapter):
+        items = _items(adapter, layer)
+        fast = FastEngine(adapter).score_batch(layer, items)          # three lengths in one call
+        reference = ReferenceEngine(adapter).score_batch(layer, items)
+        for f, r, item in zip(fast, reference, items):
+            assert f.shape == (len(item.positions), item.experts.shape[1])
+            np.testing.assert_allclose(f, r, atol=1e-5, rtol=0)
+            assert np.ptp(r) > 1e-4  # the routes really differ
+
+
+@pytest.mark.parametrize("family", ["olmoe", "deepseek_v3", "gpt_oss"])
+def test_chunking_and_batch_composition_do_not_change_results(tiny_adapters, family):
+    adapter = tiny_adapters[family]
+    layer = adapter.moe_layers[0]
+    items = _items(adapter, layer, num_routes=6)
+    whole = FastEngine(adapter).score_batch(layer, items)
+    for engine in (FastEngine(adapter, route_chunk=1), FastEngine(adapter, route_chunk=5),
+                   FastEngine(adapter, memory_budget=1)):
+        for a, b in zip(whole, engine.score_batch(layer, items)):
+            np.testing.assert_allclose(a, b, atol=1e-6, rtol=0)
+    alone = [FastEngine(adapter).score_batch(layer, [item])[0] for item in items]
+    reordered = FastEngine(adapter).score_batch(layer, items[::-1])[::-1]
+    for a, b, c in zip(whole, alone, reordered):
+        np.testing.assert_allclose(a, b, atol=1e-6, rtol=0)
+        np.testing.assert_allclose(a, c, atol=1e-6, rtol=0)
+
+
+def test_perturbed_sequences_per_chunk_do_not_grow_with_routes(tiny_adapters, monkeypatch):
+    adapter = tiny_adapters["olmoe"]
+    layer = adapter.moe_layers[0]
+    engine = FastEngine(adapter, memory_budget=500_000)
+    limit = engine._rows_per_chunk(max(LENGTHS))
+    assert 1 <= limit < len(LENGTHS) * 5   # the budget forces several chunks even at 4 routes
+    sizes = []
+    original = engine._suffix
+    monkeypatch.setattr(engine, "_suffix", lambda *a: sizes.append(a[2].shape[0]) or original(*a))
+    peaks = {}
+    for routes in (4, 32):
+        sizes.clear()
+        engine.score_batch(layer, _items(adapter, layer, num_routes=routes))
+        peaks[routes] = max(sizes)
+        assert sum(sizes) == len(LENGTHS) * (routes + 1)   # every (sequence, route) pair once
+    assert peaks[4] == peaks[32] == limit
+
+
+def test_unsupported_attention_falls_back_to_reference_with_a_warning(tiny_adapters):
+    adapter = tiny_adapters["olmoe"]
+    original = adapter.config._attn_implementation
+    adapter.config._attn_implementation = "flex_attention"
+    try:
+        with pytest.raises(FastEngineUnsupported):
+            FastEngine(adapter)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            engine = make_engine("fast", adapter)
+        assert isinstance(engine, ReferenceEngine)
+        assert any("flex_attention" in str(w.message) and "reference engine" in str(w.message) for w in caught)
+    finally:
+        adapter.config._attn_implementation = original
