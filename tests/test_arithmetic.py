@@ -81,3 +81,15 @@ def test_math_verify_on_boxed_answers(completion, reference, correct):
 ])
 def test_pass_at_k_closed_form(n, c, k, expected):
     assert stats.pass_at_k(n, c, k) == pytest.approx(expected)
+
+
+def test_problem_file_errors_are_named(tmp_path):
+    from conftest import write_jsonl
+    from routelens.data.sampling import read_problem_file
+    from routelens.errors import RouteLensError
+
+    path = write_jsonl(tmp_path / "p.jsonl", [{"id": 1, "prompt": "What is 1+1?", "answer": "2"}, {"id": 2, "prompt": "x"}])
+    with pytest.raises(RouteLensError, match=r"p.jsonl line 2: missing field\(s\) answer"):
+        read_problem_file(path)
+    assert read_problem_file(write_jsonl(tmp_path / "q.jsonl", [{"id": 1, "prompt": "P", "answer": 3}])) == \
+        [{"id": "1", "prompt": "P", "answer": "3"}]

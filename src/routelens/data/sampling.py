@@ -16,6 +16,7 @@ import json
 import os
 
 from routelens.data.arithmetic import HELDOUT_SEED, Problem, generate, heldout_questions, verify
+from routelens.data.trajectories import read_jsonl
 from routelens.errors import RouteLensError
 from routelens.generation import sample_completions
 
@@ -39,22 +40,13 @@ def math_answer_correct(completion: str, reference: str) -> bool:
 
 
 def read_problem_file(path: str) -> list[dict]:
-    if not os.path.isfile(path):
-        raise RouteLensError(f"problem file {path!r} does not exist")
     problems = []
-    with open(path, encoding="utf-8") as handle:
-        for number, line in enumerate(handle, start=1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as error:
-                raise RouteLensError(f"{path} line {number}: malformed JSON ({error.msg})") from None
-            missing = [f for f in ("id", "prompt", "answer") if not isinstance(record, dict) or f not in record]
-            if missing:
-                raise RouteLensError(f"{path} line {number}: missing field(s) {', '.join(missing)}; "
-                                     "a problem needs {'id', 'prompt', 'answer'}")
-            problems.append({"id": str(record["id"]), "prompt": str(record["prompt"]), "answer": str(record["answer"])})
+    for record in read_jsonl(path, "problem file"):
+        missing = [f for f in ("id", "prompt", "answer") if f not in record]
+        if missing:
+            raise RouteLensError(f"{record['_where']}: missing field(s) {', '.join(missing)}; "
+                                 "a problem needs {'id', 'prompt', 'answer'}")
+        problems.append({"id": str(record["id"]), "prompt": str(record["prompt"]), "answer": str(record["answer"])})
     if not problems:
         raise RouteLensError(f"{path}: no problems in the file")
     return problems

@@ -41,16 +41,11 @@ def file_sha256(path: str) -> str:
     return digest.hexdigest()
 
 
-def _read_records(path: str) -> list[dict]:
+def read_jsonl(path: str, what: str = "file") -> list[dict]:
+    """Every non-empty line of a JSONL file as a dict, with "_where" = "<path> line <n>";
+    a line that is not a JSON object is a one-line `RouteLensError`."""
     if not os.path.isfile(path):
-        raise RouteLensError(f"trajectory file {path!r} does not exist")
-    if path.endswith(".parquet"):
-        import pyarrow.parquet as pq
-
-        try:
-            return pq.read_table(path).to_pylist()
-        except Exception as error:  # pyarrow raises several types for a bad file
-            raise RouteLensError(f"{path}: not a readable Parquet file ({error})") from None
+        raise RouteLensError(f"{what} {path!r} does not exist")
     records = []
     with open(path, encoding="utf-8") as handle:
         for number, line in enumerate(handle, start=1):
@@ -68,6 +63,17 @@ def _read_records(path: str) -> list[dict]:
             record["_where"] = f"{path} line {number}"
             records.append(record)
     return records
+
+
+def _read_records(path: str) -> list[dict]:
+    if path.endswith(".parquet") and os.path.isfile(path):
+        import pyarrow.parquet as pq
+
+        try:
+            return pq.read_table(path).to_pylist()
+        except Exception as error:  # pyarrow raises several types for a bad file
+            raise RouteLensError(f"{path}: not a readable Parquet file ({error})") from None
+    return read_jsonl(path, "trajectory file")
 
 
 def _tokenize(tokenizer, text: str, special: bool) -> list[int]:

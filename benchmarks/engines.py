@@ -1,0 +1,201 @@
+"""Time the counterfactual engines side by side on the same inputs.
+
+    .venv/bin/python benchmarks/engines.py                       # demo model + medium OLMoE, CPU
+    .venv/bin/python benchmarks/engines.py --models olmoe-1b-7b --device cuda --dtype bfloat16 --skip-reference
+
+For each model and layer (first / middle / last MoE layer), one trajectory of T tokens,
+every position scored with S alternatives + the standard route:
+
+- reference: the reference engine (a forward of the prefix per token, routes batched);
+- kv-decode: per token, the standard KV cache of the prefix (cropped, repeated S + 1 times)
+  and the routes batched as one decode step through the layers from l upward;
+- fast: the fast engine;
+- floor: S + 1 plain forward passes of the layers above l over the T tokens (batched),
+  plus the LM head: what any exact method must at least compute.
+
+Prints seconds, the ratios fast/reference, fast/kv-decode and fast/floor (as speed-ups,
+>1 means fast is faster; for the floor, slowdown = fast / floor time), and peak memory.
+The reference engine on large settings is timed on every `--reference-stride`-th position
+and scaled to all positions (said in the output).
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import os
+import resource
+import sys
+import time
+
+import numpy as np
+import torch
+from transformers import DynamicCache, OlmoeConfig, OlmoeForCausalLM
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "src"))
+
+from routelens.analyses.counterfactual import CounterfactualConfig, build_routes  # noqa: E402
+from routelens.data.trajectories import Trajectory  # noqa: E402
+from routelens.engine import FastEngine, ReferenceEngine, ScoreItem  # noqa: E402
+from routelens.models import adapter_for, capture_routes  # noqa: E402
+from routelens.models.loading import load_model  # noqa: E402
+
+MODELS = {
+    "medium-olmoe": dict(hidden_size=512, intermediate_size=256, num_hidden_layers=8, num_attention_heads=8,
+                         num_key_value_heads=8, num_experts=32, num_experts_per_tok=4),
+    "olmoe-1b-7b": dict(hidden_size=2048, intermediate_size=1024, num_hidden_layers=16, num_attention_heads=16,
+                        num_key_value_heads=16, num_experts=64, num_experts_per_tok=8),
+}
+
+
+def build(name: str, device: str, dtype: str):
+    if name == "demo":
+        return load_model("demo", device, dtype).adapter
+    # initializer_range 0.1: peaked enough that routes change the logprobs (checked below)
+    config = OlmoeConfig(vocab_size=50304, max_position_embeddings=4096, pad_token_id=1, bos_token_id=0, initializer_range=0.1,
+                         eos_token_id=1, **MODELS[name])
+    torch.manual_seed(0)
+    model = OlmoeForCausalLM(config).to(device=device, dtype=getattr(torch, dtype)).eval()
+    return adapter_for(model)
+
+
+def sync(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def peak_memory_mib(device: str) -> float:
+    if device.startswith("cuda"):
+        return torch.cuda.max_memory_allocated() / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**10
+
+
+def reset_peak(device: str) -> None:
+    gc.collect()
+    if device.startswith("cuda"):
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+
+
+@torch.no_grad()
+def kv_decode(adapter, item: ScoreItem, layer: int) -> np.ndarray:
+    """Per token: standard cache of the prefix, S + 1 routes as one batched decode step from layer l up."""
+    model, device = adapter.model, adapter.device
+    ids = item.input_ids[None].to(device)
+    states = {}
+    decoder = adapter.decoder_layers[layer]
+    hooks = [decoder.post_attention_layernorm.register_forward_pre_hook(lambda m, a: states.__setitem__("h_mid", a[0])),
+             decoder.mlp.register_forward_pre_hook(lambda m, a: states.__setitem__("x", a[0]))]
+    cache = DynamicCache(config=model.config)
+    with capture_routes(adapter, [layer]):
+        model(ids, past_key_values=cache, use_cache=True)
+    for hook in hooks:
+        hook.remove()
+    block = decoder.mlp
+    rotary = model.model.rotary_emb
+    out = np.zeros((len(item.positions), item.experts.shape[1]))
+    for p, t in enumerate(item.positions):
+        routes = item.experts.shape[1]
+        x = states["x"][0, t][None].expand(routes, -1)
+        experts = item.experts[p].to(device)
+        weights = item.weights[p].to(device, x.dtype)
+        moe = block.experts(x, experts, weights)                       # the routes' MoE outputs [R, d]
+        hidden = (states["h_mid"][0, t][None] + moe)[:, None]         # [R, 1, d]
+        prefix = DynamicCache(config=model.config)
+        for index in range(layer + 1, adapter.num_layers):
+            keys, values = cache.layers[index].keys, cache.layers[index].values
+            prefix.update(keys[:, :, :t].expand(routes, -1, -1, -1).contiguous(),
+                          values[:, :, :t].expand(routes, -1, -1, -1).contiguous(), index)
+        position = torch.tensor([[t]], device=device)
+        embeddings = rotary(hidden, position)
+        for index in range(layer + 1, adapter.num_layers):
+            hidden = adapter.decoder_layers[index](hidden, attention_mask=None, position_embeddings=embeddings,
+                                                   position_ids=position, past_key_values=prefix, use_cache=True,
+                                                   cache_position=torch.tensor([t], device=device))
+            hidden = hidden[0] if isinstance(hidden, tuple) else hidden
+        logits = model.lm_head(model.model.norm(hidden[:, 0])).float()
+        out[p] = torch.log_softmax(logits, -1)[:, item.input_ids[t + 1]].double().cpu().numpy()
+    return out
+
+
+@torch.no_grad()
+def floor(adapter, item: ScoreItem, layer: int) -> None:
+    """S + 1 plain forward passes of the layers above l over all T tokens, and the LM head."""
+    model, device = adapter.model, adapter.device
+    routes = item.experts.shape[1]
+    hidden = {}
+    hook = adapter.decoder_layers[layer].register_forward_hook(lambda m, a, o: hidden.__setitem__("h", o))
+    model(item.input_ids[None].to(device), use_cache=False, logits_to_keep=1)
+    hook.remove()
+    states = (hidden["h"][0] if isinstance(hidden["h"], tuple) else hidden["h"]).expand(routes, -1, -1).contiguous()
+    position = torch.arange(states.shape[1], device=device)[None]
+    embeddings = model.model.rotary_emb(states, position)
+    for index in range(layer + 1, adapter.num_layers):
+        states = adapter.decoder_layers[index](states, attention_mask=None, position_embeddings=embeddings,
+                                               position_ids=position, use_cache=False)
+        states = states[0] if isinstance(states, tuple) else states
+    model.lm_head(model.model.norm(states[:, item.positions])).float()
+
+
+def timed(device, fn):
+    reset_peak(device)
+    sync(device)
+    start = time.perf_counter()
+    result = fn()
+    sync(device)
+    return time.perf_counter() - start, peak_memory_mib(device), result
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--models", default="demo,medium-olmoe")
+    parser.add_argument("--tokens", type=int, default=256)
+    parser.add_argument("--routes", type=int, default=32)
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--dtype", default="float32")
+    parser.add_argument("--skip-reference", action="store_true")
+    parser.add_argument("--reference-stride", type=int, default=1,
+                        help="time the reference engine on every N-th position and scale up")
+    parser.add_argument("--memory-budget", type=float, default=2.0, help="fast engine budget, GiB")
+    parser.add_argument("--out", default=None, help="also write the rows as JSON")
+    args = parser.parse_args()
+    rows = []
+    for name in args.models.split(","):
+        adapter = build(name, args.device, args.dtype)
+        vocab = adapter.config.vocab_size
+        ids = torch.randint(4, min(vocab, 30), (args.tokens,), generator=torch.Generator().manual_seed(0))
+        moe = adapter.moe_layers
+        for layer in sorted({moe[0], moe[len(moe) // 2], moe[-1]}):
+            trajectory = Trajectory("bench", ids.tolist(), 1)
+            routes = build_routes(adapter, trajectory, [layer],
+                                  CounterfactualConfig(num_routes=args.routes, seed=0))[layer]
+            item = ScoreItem(ids, routes.positions, torch.as_tensor(routes.experts), routes.weights)
+            engine = FastEngine(adapter, memory_budget=int(args.memory_budget * 2**30))
+            engine.score_batch(layer, [item])  # warm-up
+            fast_s, fast_mem, fast_lp = timed(args.device, lambda: engine.score_batch(layer, [item])[0])
+            kv_s, kv_mem, kv_lp = timed(args.device, lambda: kv_decode(adapter, item, layer))
+            floor_s, floor_mem, _ = timed(args.device, lambda: floor(adapter, item, layer))
+            row = {"model": name, "layer": layer, "T": args.tokens, "S": args.routes, "device": args.device,
+                   "dtype": args.dtype, "fast_s": fast_s, "kv_decode_s": kv_s, "floor_s": floor_s,
+                   "fast_peak_mib": fast_mem, "kv_vs_fast_max_abs_diff": float(np.abs(kv_lp - fast_lp).max()),
+                   "token_routes_per_s": len(item.positions) * (args.routes + 1) / fast_s}
+            if not args.skip_reference:
+                stride = max(1, args.reference_stride)
+                sub = ScoreItem(ids, routes.positions[::stride], item.experts[::stride], item.weights[::stride])
+                ref_s, _, ref_lp = timed(args.device, lambda: ReferenceEngine(adapter).score_batch(layer, [sub])[0])
+                row["reference_s"] = ref_s * len(routes.positions) / len(sub.positions)
+                row["reference_scaled_from_positions"] = len(sub.positions)
+                row["reference_vs_fast_max_abs_diff"] = float(np.abs(ref_lp - fast_lp[::stride]).max())
+                row["fast_vs_reference_speedup"] = row["reference_s"] / fast_s
+            row["fast_vs_kv_decode_speedup"] = kv_s / fast_s
+            row["fast_over_floor"] = fast_s / floor_s
+            rows.append(row)
+            print(json.dumps({k: (round(v, 4) if isinstance(v, float) else v) for k, v in row.items()}), flush=True)
+    if args.out:
+        with open(args.out, "w") as handle:
+            json.dump(rows, handle, indent=2)
+
+
+if __name__ == "__main__":
+    main()
