@@ -51,7 +51,7 @@ def test_chunking_and_batch_composition_do_not_change_results(tiny_adapters, fam
     items = _items(adapter, layer, num_routes=6)
     whole = FastEngine(adapter).score_batch(layer, items)
     for engine in (FastEngine(adapter, route_chunk=1), FastEngine(adapter, route_chunk=5),
-                   FastEngine(adapter, memory_budget=1)):
+                   FastEngine(adapter, memory_budget=1)):   # budget 1 byte: one row, one query, one token per slice
         for a, b in zip(whole, engine.score_batch(layer, items)):
             np.testing.assert_allclose(a, b, atol=1e-6, rtol=0)
     alone = [FastEngine(adapter).score_batch(layer, [item])[0] for item in items]

@@ -38,6 +38,7 @@ class AttentionState:
     keys: dict[int, torch.Tensor] = field(default_factory=dict)     # layer -> [B, KV, T, Dk]
     values: dict[int, torch.Tensor] = field(default_factory=dict)   # layer -> [B, KV, T, Dv]
     row_source: torch.Tensor | None = None  # patch mode: batch row -> recorded sequence
+    query_block: int = 1 << 30              # patch mode: queries per block (bounds the [R, H, q, T] scores)
     patched_calls: int = 0
 
 
@@ -62,20 +63,25 @@ def patched_attention(module, query, key, value, scaling, sliding_window=None, s
     k_std, v_std = _repeat_kv(k_std, groups), _repeat_kv(v_std, groups)
     k_own, v_own = _repeat_kv(key, groups), _repeat_kv(value, groups)
     length = query.shape[-2]
-    scores = torch.matmul(query, k_std.transpose(-1, -2)) * scaling                 # [R, H, T, T]
-    diagonal = (query * k_own).sum(-1, keepdim=True) * scaling                      # [R, H, T, 1]
     t = torch.arange(length, device=query.device)
-    allowed = t[None, :] < t[:, None]                                               # s < t, off-diagonal
-    if sliding_window is not None:
-        allowed &= t[None, :] > t[:, None] - sliding_window
-    scores = scores.masked_fill(~allowed, float("-inf"))
-    parts = [scores, diagonal]
-    if s_aux is not None:
-        parts.append(s_aux.reshape(1, -1, 1, 1).expand(query.shape[0], -1, length, 1).to(scores.dtype))
-    logits = torch.cat(parts, dim=-1)
-    logits = logits - logits.max(dim=-1, keepdim=True).values
-    probs = torch.softmax(logits.float(), dim=-1).to(value.dtype)
-    out = torch.matmul(probs[..., :length], v_std) + probs[..., length: length + 1] * v_own
+    blocks = []
+    for start in range(0, length, STATE.query_block):   # query blocks bound the score memory
+        q = query[..., start: start + STATE.query_block, :]
+        rows = t[start: start + STATE.query_block]
+        scores = torch.matmul(q, k_std.transpose(-1, -2)) * scaling                  # [R, H, q, T]
+        diagonal = (q * k_own[..., start: start + STATE.query_block, :]).sum(-1, keepdim=True) * scaling
+        allowed = t[None, :] < rows[:, None]                                         # s < t: off-diagonal
+        if sliding_window is not None:
+            allowed &= t[None, :] > rows[:, None] - sliding_window
+        parts = [scores.masked_fill(~allowed, float("-inf")), diagonal]
+        if s_aux is not None:  # attention sinks: one extra logit per head, dropped after the softmax
+            parts.append(s_aux.reshape(1, -1, 1, 1).expand(q.shape[0], -1, q.shape[-2], 1).to(scores.dtype))
+        logits = torch.cat(parts, dim=-1)
+        logits = logits - logits.max(dim=-1, keepdim=True).values
+        probs = torch.softmax(logits.float(), dim=-1).to(value.dtype)
+        blocks.append(torch.matmul(probs[..., :length], v_std)
+                      + probs[..., length: length + 1] * v_own[..., start: start + STATE.query_block, :])
+    out = blocks[0] if len(blocks) == 1 else torch.cat(blocks, dim=-2)
     return out.transpose(1, 2).contiguous(), None
 
 

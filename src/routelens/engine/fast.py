@@ -144,19 +144,38 @@ class FastEngine:
 
     # ------------------------------------------------------------------ suffix
     def _rows_per_chunk(self, length: int) -> int:
+        """Perturbed sequences per chunk: activations of one decoder layer (residual, attention
+        projections, top-k expert intermediates) and one query block of attention scores."""
         if self.route_chunk:
             return self.route_chunk
         config = self.adapter.config
-        heads, hidden = config.num_attention_heads, config.hidden_size
+        hidden = config.hidden_size
         intermediate = max(getattr(config, "moe_intermediate_size", 0) or 0, config.intermediate_size or 0)
-        per_row = 4 * (3 * heads * length * length + length * (12 * hidden + 3 * self.adapter.top_k * intermediate)
-                       + length * config.vocab_size // 4)
-        return max(1, self.memory_budget // max(per_row, 1))
+        per_row = 4 * length * (12 * hidden + 3 * self.adapter.top_k * intermediate) + self._score_bytes(length)
+        return max(1, self.memory_budget // per_row)
+
+    def _query_block(self, length: int) -> int:
+        """Queries per attention block so one block's scores of one row fit a quarter budget."""
+        per_query = 3 * 4 * self.adapter.config.num_attention_heads * length
+        return max(1, min(length, self.memory_budget // 4 // per_query))
+
+    def _score_bytes(self, length: int) -> int:
+        return 3 * 4 * self.adapter.config.num_attention_heads * self._query_block(length) * length
+
+    def _log_probs(self, final: torch.Tensor, targets: torch.Tensor) -> np.ndarray:
+        """log p(target) from final hidden states [N, d], in slices so [slice, vocab] logits fit the budget."""
+        size = max(1, self.memory_budget // (8 * self.adapter.config.vocab_size))
+        out = []
+        for start in range(0, final.shape[0], size):
+            logits = self.adapter.model.lm_head(final[start: start + size]).float()
+            out.append(torch.log_softmax(logits, -1).gather(-1, targets[start: start + size, None])[:, 0])
+        return torch.cat(out).double().cpu().numpy()
 
     def _suffix(self, layer: int, recorded: dict, states: torch.Tensor, sources: torch.Tensor) -> torch.Tensor:
         """Run decoder layers above `layer` on perturbed states [rows, T, d] whose standard
         keys/values are those of recorded sequence `sources[row]`; returns the final hidden."""
         attention.STATE.mode, attention.STATE.row_source = "patch", sources
+        attention.STATE.query_block = self._query_block(states.shape[1])
         attention.STATE.patched_calls = 0
         try:
             for index in range(layer + 1, self.adapter.num_layers):
@@ -207,9 +226,7 @@ class FastEngine:
                 states[row_of, pos_of] = self._layer_outputs(layer, recorded, flat_rows, torch.cat(experts),
                                                              torch.cat(weights), is_standard)
                 final = self._suffix(layer, recorded, states, sources)[row_of, pos_of]         # [N, d]
-                logits = self.adapter.model.lm_head(final).float()
-                targets = input_ids.to(device)[sources[row_of], pos_of + 1]
-                logprobs = torch.log_softmax(logits, -1).gather(-1, targets[:, None])[:, 0].double().cpu().numpy()
+                logprobs = self._log_probs(final, input_ids.to(device)[sources[row_of], pos_of + 1])
                 offset = 0
                 for b, r in block:
                     count = len(items[b].positions)
