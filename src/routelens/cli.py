@@ -44,7 +44,7 @@ EXAMPLES_EVALUATE = """examples:
 """
 
 EXAMPLES_DEMO = """examples:
-  routelens demo                       # embedded model, 16 problems x 2 samples, runs/demo
+  routelens demo                       # embedded model, 120 problems x 2 samples, runs/demo
   routelens demo --out /tmp/demo --problems 32 --routes 16
 """
 
@@ -138,7 +138,7 @@ def build_parser() -> argparse.ArgumentParser:
                                epilog=EXAMPLES_DEMO, formatter_class=argparse.RawDescriptionHelpFormatter)
     demo.add_argument("--out", default=os.path.join("runs", "demo"), help="demo folder (default runs/demo)")
     _add_model_options(demo, with_model=False)
-    demo.add_argument("--problems", type=_positive_int, default=16, help="arithmetic problems to sample (default 16)")
+    demo.add_argument("--problems", type=_positive_int, default=120, help="arithmetic problems to sample (default 120)")
     demo.add_argument("--samples-per-problem", type=_positive_int, default=2, help="solutions per problem (default 2)")
     demo.add_argument("--sample-temperature", type=float, default=0.8, help="sampling temperature (default 0.8)")
     _add_counterfactual_options(demo, layers_default="0")

@@ -29,7 +29,7 @@ from routelens.progress import progress_bar
 @dataclass
 class TrainConfig:
     seed: int = 0
-    steps: int = 3000
+    steps: int = 1200
     batch_size: int = 64
     learning_rate: float = 3e-3
     warmup_steps: int = 100
