@@ -66,21 +66,28 @@ def patched_attention(module, query, key, value, scaling, sliding_window=None, s
     t = torch.arange(length, device=query.device)
     blocks = []
     for start in range(0, length, STATE.query_block):   # query blocks bound the score memory
-        q = query[..., start: start + STATE.query_block, :]
-        rows = t[start: start + STATE.query_block]
-        scores = torch.matmul(q, k_std.transpose(-1, -2)) * scaling                  # [R, H, q, T]
-        diagonal = (q * k_own[..., start: start + STATE.query_block, :]).sum(-1, keepdim=True) * scaling
-        allowed = t[None, :] < rows[:, None]                                         # s < t: off-diagonal
+        stop = min(length, start + STATE.query_block)
+        q, own_k, own_v = query[..., start:stop, :], k_own[..., start:stop, :], v_own[..., start:stop, :]
+        scores = torch.matmul(q, k_std.transpose(-1, -2)).float() * scaling               # [R, H, q, T]
+        # the diagonal (s = t) holds q'_t . k'_t instead of q'_t . k_std_t
+        diagonal = scores[..., start:stop].diagonal(dim1=-2, dim2=-1)
+        diagonal.copy_((q * own_k).sum(-1).float() * scaling)
+        rows = t[start:stop, None]
+        hidden = t[None, :] > rows                                                        # s > t: future
         if sliding_window is not None:
-            allowed &= t[None, :] > rows[:, None] - sliding_window
-        parts = [scores.masked_fill(~allowed, float("-inf")), diagonal]
-        if s_aux is not None:  # attention sinks: one extra logit per head, dropped after the softmax
-            parts.append(s_aux.reshape(1, -1, 1, 1).expand(q.shape[0], -1, q.shape[-2], 1).to(scores.dtype))
-        logits = torch.cat(parts, dim=-1)
-        logits = logits - logits.max(dim=-1, keepdim=True).values
-        probs = torch.softmax(logits.float(), dim=-1).to(value.dtype)
-        blocks.append(torch.matmul(probs[..., :length], v_std)
-                      + probs[..., length: length + 1] * v_own[..., start: start + STATE.query_block, :])
+            hidden |= t[None, :] <= rows - sliding_window
+        scores.masked_fill_(hidden, float("-inf"))
+        if s_aux is None:
+            probs = torch.softmax(scores, dim=-1)
+        else:  # attention sinks: one extra logit per head in the normaliser, no value
+            sink = s_aux.float().reshape(1, -1, 1, 1)
+            top = torch.maximum(scores.amax(dim=-1, keepdim=True), sink)
+            probs = torch.exp(scores - top)
+            probs = probs / (probs.sum(dim=-1, keepdim=True) + torch.exp(sink - top))
+        probs = probs.to(value.dtype)
+        p_diag = probs[..., start:stop].diagonal(dim1=-2, dim2=-1)[..., None]            # [R, H, q, 1]
+        # P @ V_std counts the diagonal with v_std_t; swap in the perturbed v'_t
+        blocks.append(torch.matmul(probs, v_std) + p_diag * (own_v - v_std[..., start:stop, :]))
     out = blocks[0] if len(blocks) == 1 else torch.cat(blocks, dim=-2)
     return out.transpose(1, 2).contiguous(), None
 

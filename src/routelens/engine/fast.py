@@ -137,9 +137,15 @@ class FastEngine:
         module = self.adapter.decoder_layers[layer].mlp.experts
         ones = torch.ones(len(unique), 1, dtype=x.dtype, device=x.device)
         table = module(x[unique // self.adapter.num_experts], (unique % self.adapter.num_experts)[:, None], ones)
-        mixed = (table[index] * torch.stack([weights.to(table.dtype), std_weights.to(table.dtype)], 1)[..., None]).sum(2)
-        routed = block_out[rows] - mixed[:, 1] + mixed[:, 0]
-        routed = torch.where(is_standard[:, None], block_out[rows], routed)  # route 0: the block's own output
+        # delta = sum_j w_j E_{e_j}(x) - sum_j w_std_j E_{std_j}(x), as one sparse [N, U] x [U, d]
+        # product in fp32 (no [N, 2k, d] gather is materialised)
+        count = rows.shape[0]
+        coefficients = torch.cat([weights.float(), -std_weights.float()], dim=1).reshape(-1)
+        row_ids = torch.arange(count, device=rows.device).repeat_interleave(2 * experts.shape[1])
+        matrix = torch.sparse_coo_tensor(torch.stack([row_ids, index.reshape(-1)]), coefficients,
+                                         (count, len(unique)), check_invariants=False)
+        delta = torch.sparse.mm(matrix, table.float()).to(block_out.dtype)
+        routed = torch.where(is_standard[:, None], block_out[rows], block_out[rows] + delta)  # route 0: as the model made it
         return h_mid[rows] + routed
 
     # ------------------------------------------------------------------ suffix
