@@ -93,3 +93,17 @@ def test_unsupported_attention_falls_back_to_reference_with_a_warning(tiny_adapt
         assert any("flex_attention" in str(w.message) and "reference engine" in str(w.message) for w in caught)
     finally:
         adapter.config._attn_implementation = original
+
+
+@pytest.mark.parametrize("family", ["qwen3_moe", "deepseek_v2", "phimoe"])
+def test_unfused_attention_path_equals_reference(tiny_adapters, family, monkeypatch):
+    """The fused CPU kernel serves most layers; the explicit path (sliding windows, other
+    devices) must be exact too."""
+    from routelens.engine import attention
+
+    monkeypatch.setattr(attention, "_flash_off_diagonal", lambda *a: None)
+    adapter = tiny_adapters[family]
+    layer = adapter.moe_layers[0]
+    items = _items(adapter, layer)
+    for f, r in zip(FastEngine(adapter).score_batch(layer, items), ReferenceEngine(adapter).score_batch(layer, items)):
+        np.testing.assert_allclose(f, r, atol=1e-5, rtol=0)

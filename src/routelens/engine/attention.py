@@ -55,6 +55,24 @@ def _original(module, name: str):
     return ALL_ATTENTION_FUNCTIONS[name]
 
 
+def _flash_off_diagonal(query, k_std, v_std, scaling):
+    """Attention of each position t over the standard keys s < t, with its log-normaliser,
+    from PyTorch's fused CPU kernel: queries 1..T-1 against keys 0..T-2 under a causal mask
+    is exactly "s < t". Returns (out [R, H, T, Dv], lse [R, H, T]); position 0 has no key
+    (lse = -inf, out = 0). None where the kernel is unavailable (not CPU, other torch)."""
+    kernel = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
+    if kernel is None or query.device.type != "cpu" or query.shape[-2] < 2:
+        return None
+    try:
+        out, lse = kernel(query[..., 1:, :], k_std[..., :-1, :].contiguous(), v_std[..., :-1, :].contiguous(),
+                          0.0, True, scale=scaling)[:2]
+    except RuntimeError:  # e.g. key and value head dims differ (MLA)
+        return None
+    out = torch.cat([torch.zeros_like(out[..., :1, :]), out], dim=-2)
+    lse = torch.cat([torch.full_like(lse[..., :1], float("-inf")), lse.float()], dim=-1)
+    return out, lse
+
+
 def patched_attention(module, query, key, value, scaling, sliding_window=None, s_aux=None):
     """query [R, H, T, Dk], key [R, KV, T, Dk], value [R, KV, T, Dv] -> [R, T, H, Dv]."""
     layer = module.layer_idx
@@ -62,6 +80,17 @@ def patched_attention(module, query, key, value, scaling, sliding_window=None, s
     groups = query.shape[1] // k_std.shape[1]
     k_std, v_std = _repeat_kv(k_std, groups), _repeat_kv(v_std, groups)
     k_own, v_own = _repeat_kv(key, groups), _repeat_kv(value, groups)
+    fused = _flash_off_diagonal(query, k_std, v_std, scaling) if sliding_window is None else None
+    if fused is not None:
+        # merge the off-diagonal part and the diagonal term q'_t . k'_t through their log-normalisers
+        out_off, lse_off = fused
+        diagonal = (query * k_own).sum(-1).float() * scaling                                 # [R, H, T]
+        lse = torch.logaddexp(lse_off, diagonal)
+        if s_aux is not None:  # attention sinks: one extra logit per head in the normaliser
+            lse = torch.logaddexp(lse, s_aux.float().reshape(1, -1, 1))
+        out = (torch.exp(lse_off - lse)[..., None] * out_off.float()
+               + torch.exp(diagonal - lse)[..., None] * v_own.float()).to(value.dtype)
+        return out.transpose(1, 2).contiguous(), None
     length = query.shape[-2]
     t = torch.arange(length, device=query.device)
     blocks = []
