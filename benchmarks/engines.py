@@ -191,10 +191,10 @@ def main() -> None:
             row["fast_vs_kv_decode_speedup"] = kv_s / fast_s
             row["fast_over_floor"] = fast_s / floor_s
             rows.append(row)
-            print(json.dumps({k: (round(v, 4) if isinstance(v, float) else v) for k, v in row.items()}), flush=True)
-    if args.out:
-        with open(args.out, "w") as handle:
-            json.dump(rows, handle, indent=2)
+            print(json.dumps(row), flush=True)
+            if args.out:  # after every row, so a long run keeps what it measured
+                with open(args.out, "w") as handle:
+                    json.dump(rows, handle, indent=2)
 
 
 if __name__ == "__main__":
