@@ -8,7 +8,7 @@ import torch
 from scipy import stats as sp
 
 from conftest import FAMILIES
-from routelens.analyses.counterfactual import (BINS, CounterfactualConfig, analyse_trajectory, bin_of,
+from routelens.analyses.counterfactual import (BINS, CounterfactualConfig, analyse_trajectory, bin_of, token_metrics,
                                                summarise)
 from routelens.data.trajectories import Trajectory
 from routelens.engine.reference import ReferenceEngine
@@ -74,7 +74,8 @@ def test_token_quantities_recomputed_from_routes(tiny_adapters):
         assert token["p_best_alt"] == pytest.approx(p[1:].max())
         assert token["p_worst_alt"] == pytest.approx(p[1:].min())
         assert token["gain"] == pytest.approx(p[1:].max() - p[0])
-        assert token["win_rate"] == pytest.approx(np.mean(logprob[1:] > logprob[0]))
+        standard_set = [tuple(e) == tuple(group["experts"].iloc[0]) for e in group["experts"].iloc[1:]]
+        assert token["win_rate"] == pytest.approx(np.mean((logprob[1:] > logprob[0]) & ~np.array(standard_set)))
         constant = np.ptp(logprob) == 0 or np.ptp(group["router_score"]) == 0
         expected_alignment = np.nan if constant else sp.spearmanr(group["router_score"], logprob).statistic
         assert token["alignment"] == pytest.approx(expected_alignment, nan_ok=True)
@@ -108,3 +109,12 @@ def test_bins_and_summary_counts():
             low, high = group["gain_ci"]
             assert low <= group["gain"] <= high
         assert summary["layers"][str(layer)]["All"]["tokens"] == len(at)
+
+
+def test_an_alternative_with_the_standard_experts_never_wins():
+    config = CounterfactualConfig()
+    experts = np.array([[0, 1], [0, 1], [2, 3], [4, 5]])
+    logprob = np.array([-1.0, -1.0 + 1e-9, -0.5, -2.0])   # route 1: the standard set, rounding above route 0
+    metrics = token_metrics(logprob, np.array([0.9, 0.9, 0.1, 0.05]), experts, config)
+    assert metrics["win_rate"] == pytest.approx(1 / 3)
+    assert metrics["p_best_alt"] == pytest.approx(np.exp(-0.5))

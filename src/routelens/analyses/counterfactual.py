@@ -6,7 +6,8 @@ same k, sampled by Gumbel-top-k from the router's top-M candidates and weighted 
 model's own gating rule. Every route is scored by log p(next token) with the route forced
 on that token at that layer (all else routing normally). Per token we keep p of the
 standard route, the route-averaged p, the best and worst alternative, the share of
-alternatives strictly better than the standard route, and the alignment (Spearman between
+alternatives strictly better than the standard route (an alternative with the standard
+expert set is the standard route, never better), and the alignment (Spearman between
 the routes' router score and their log-probability). Tokens are binned by route-averaged
 p into Confident / Ambiguous / Fragile, and summarised per layer x bin with 95% bootstrap
 intervals resampled over trajectories.
@@ -144,9 +145,17 @@ def build_routes(adapter: MoEAdapter, trajectory: Trajectory, layers: list[int],
     return result
 
 
-def token_metrics(logprob: np.ndarray, router_score: np.ndarray, config: CounterfactualConfig) -> dict:
-    """Per-token quantities from the logprobs [R] and router scores [R] of its routes."""
+def token_metrics(logprob: np.ndarray, router_score: np.ndarray, experts: np.ndarray,
+                  config: CounterfactualConfig) -> dict:
+    """Per-token quantities from the logprobs [R], router scores [R] and expert sets [R, k]
+    of its routes (route 0 standard).
+
+    An alternative that drew the standard expert set *is* the standard route (same experts,
+    same gating rule), so it never counts as strictly better: otherwise float rounding
+    between two computations of one route would decide the win rate of peaked routers.
+    """
     p = np.exp(logprob)
+    same_as_standard = (experts[1:] == experts[0]).all(axis=-1)
     alternatives = p[1:]
     p_route_mean = float(p.mean())
     return {
@@ -155,7 +164,7 @@ def token_metrics(logprob: np.ndarray, router_score: np.ndarray, config: Counter
         "p_best_alt": float(alternatives.max()),
         "p_worst_alt": float(alternatives.min()),
         "gain": float(alternatives.max() - p[0]),
-        "win_rate": float(np.mean(logprob[1:] > logprob[0])),
+        "win_rate": float(np.mean((logprob[1:] > logprob[0]) & ~same_as_standard)),
         "alignment": stats.spearman(router_score, logprob),
         "bin": bin_of(p_route_mean, config.confident, config.fragile),
     }
@@ -202,7 +211,7 @@ def analyse_trajectories(adapter: MoEAdapter, engine, trajectories: list[Traject
             layer_routes, logprobs = routes[i][layer], scored[layer][i]                # [P, R]
             route_tables.append(routes_table(trajectory, layer, layer_routes, logprobs))
             for p, position in enumerate(layer_routes.positions):
-                metrics = token_metrics(logprobs[p], layer_routes.router_score[p], config)
+                metrics = token_metrics(logprobs[p], layer_routes.router_score[p], layer_routes.experts[p], config)
                 token_rows.append({"trajectory_id": trajectory.id, "position": int(position), "layer": layer,
                                    "target_id": trajectory.input_ids[position + 1], "verified": trajectory.verified,
                                    "n_duplicates": int(layer_routes.duplicate[p].sum()), **metrics})
