@@ -177,7 +177,9 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--out", required=True, help="folder for the trained model (save_pretrained layout)")
     train.add_argument("--seed", type=int, default=0, help="seed of initialisation, data and order (default 0)")
     train.add_argument("--steps", type=_positive_int, default=None, help="optimizer steps (default: the shipped model's)")
-    train.add_argument("--threads", type=_positive_int, default=None, help="torch CPU threads (default 2)")
+    train.add_argument("--threads", type=_positive_int, default=None,
+                       help="torch CPU threads (default 1, as the shipped weights: thread counts change float "
+                            "summation order, so only the same count reproduces them bit for bit)")
     train.add_argument("--no-progress", action="store_true", help="no progress bar")
     return parser
 
@@ -199,7 +201,8 @@ def cmd_trajectories(args) -> int:
         records = file_trajectories(loaded.adapter.model, loaded.tokenizer, args.problems, args.n,
                                     batch_size=args.batch_size or 16, **options)
     else:
-        records = arithmetic_trajectories(loaded.adapter.model, loaded.tokenizer, args.n, **options)
+        records = arithmetic_trajectories(loaded.adapter.model, loaded.tokenizer, args.n,
+                                          batch_size=args.batch_size or 256, **options)
     write_trajectories(records, args.out)
     verified = sum(r["verified"] for r in records)
     print(f"{len(records)} trajectories, {verified} verified ({verified / max(len(records), 1):.1%}); written to {args.out}")

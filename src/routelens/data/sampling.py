@@ -82,12 +82,13 @@ def _records(samples, problems: list[dict], checker, tokenizer) -> list[dict]:
 
 
 def arithmetic_trajectories(model, tokenizer, n: int, samples_per_problem: int, temperature: float,
-                            seed: int, max_new_tokens: int = 96, show_progress: bool = True) -> list[dict]:
+                            seed: int, max_new_tokens: int = 96, batch_size: int = 256,
+                            show_progress: bool = True) -> list[dict]:
     problems = analysis_problems(seed, n)
     rows = [{"id": p.id, "difficulty": p.difficulty, "domain": p.domain, "answer": str(p.answer)} for p in problems]
     samples = sample_completions(model, tokenizer, [tokenizer(p.question)["input_ids"] for p in problems],
                                  num_samples=samples_per_problem, temperature=temperature, seed=seed,
-                                 max_new_tokens=max_new_tokens, show_progress=show_progress)
+                                 max_new_tokens=max_new_tokens, batch_size=batch_size, show_progress=show_progress)
     return _records(samples, rows, lambda text, row: verify(text, int(row["answer"])).correct, tokenizer)
 
 

@@ -34,7 +34,7 @@ class TrainConfig:
     learning_rate: float = 3e-3
     warmup_steps: int = 100
     weight_decay: float = 0.01
-    threads: int = 2
+    threads: int = 1
 
 
 def encode_batch(problems: list[Problem], tokenizer) -> dict[str, torch.Tensor]:
