@@ -156,7 +156,8 @@ def test_sigkill_then_resume_equals_uninterrupted_run(saved_model, tmp_path, cli
     records = [{"id": f"k{i}", "prompt": f"Q:{i}*{i}+{i}=", "completion": f"A:{i}*{i}={i * i};{i * i}+{i}={i * i + i}#{i * i + i}"}
                for i in range(10)]
     trajectories = write_jsonl(tmp_path / "traj.jsonl", records)
-    command = [PYTHON, "-m", "routelens", *_run_args(saved_model, trajectories, "OUT")]
+    # the reference engine writes one trajectory at a time: the kill lands between two of them
+    command = [PYTHON, "-m", "routelens", *_run_args(saved_model, trajectories, "OUT"), "--engine", "reference"]
     command[command.index("--routes") + 1] = "16"
 
     def run(out, **kwargs):

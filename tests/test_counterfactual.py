@@ -9,6 +9,7 @@ from scipy import stats as sp
 
 from conftest import FAMILIES
 from routelens.analyses.counterfactual import (BINS, CounterfactualConfig, analyse_trajectory, bin_of, token_metrics,
+                                               trajectory_groups,
                                                summarise)
 from routelens.data.trajectories import Trajectory
 from routelens.engine.reference import ReferenceEngine
@@ -118,3 +119,10 @@ def test_an_alternative_with_the_standard_experts_never_wins():
     metrics = token_metrics(logprob, np.array([0.9, 0.9, 0.1, 0.05]), experts, config)
     assert metrics["win_rate"] == pytest.approx(1 / 3)
     assert metrics["p_best_alt"] == pytest.approx(np.exp(-0.5))
+
+
+def test_trajectory_groups_respect_token_budget_and_size():
+    trajectories = [Trajectory(str(i), [1] * n, 1) for i, n in enumerate([10, 10, 30, 5, 5, 5])]
+    assert trajectory_groups([0, 1, 2, 3, 4, 5], trajectories, max_tokens=25, max_group=64) == [[0, 1], [2], [3, 4, 5]]
+    assert trajectory_groups([1, 3, 4], trajectories, max_tokens=100, max_group=2) == [[1, 3], [4]]
+    assert trajectory_groups([0, 1], trajectories, max_tokens=100, max_group=1) == [[0], [1]]
