@@ -110,7 +110,9 @@ def evaluate_arithmetic(loaded, n: int, samples: int, temperature: float, seed: 
 
 def read_training_card(folder: str | None) -> dict:
     """card.json beside a model trained by `routelens train-demo`, else {}."""
-    path = os.path.join(folder, "card.json") if folder else ""
+    from routelens.demo_model import CARD
+
+    path = os.path.join(folder, CARD) if folder else ""
     if not os.path.exists(path):
         return {}
     with open(path) as handle:
@@ -127,4 +129,6 @@ def record_in_card(loaded, report: dict) -> None:
         raise RouteLensError("--record needs a model folder written by `routelens train-demo` (with card.json)")
     card["evaluation"] = {k: v for k, v in report.items() if k != "greedy_correct"}
     card["evaluation"]["greedy_accuracy_first20"] = float(np.mean(report["greedy_correct"][:20]))
-    write_json_atomic(os.path.join(loaded.folder, "card.json"), card)
+    from routelens.demo_model import CARD
+
+    write_json_atomic(os.path.join(loaded.folder, CARD), card)

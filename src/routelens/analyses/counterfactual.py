@@ -313,10 +313,7 @@ def run_counterfactual(loaded, trajectories: list[Trajectory], config: Counterfa
     done_tokens = total_tokens - sum(len(trajectories[i].scored_positions) for i in todo) * len(layers)
     started = time.perf_counter()
     with progress_bar("counterfactual", total_tokens, done_tokens, show_progress) as advance:
-        # the fast engine gains from scoring trajectories together; the reference engine does not,
-        # and single-trajectory groups write results (and can resume) one trajectory at a time
-        max_group = 64 if engine.name == "fast" else 1
-        for group in trajectory_groups(todo, trajectories, config.group_tokens, max_group=max_group):
+        for group in trajectory_groups(todo, trajectories, config.group_tokens, max_group=engine.max_group):
             tables = analyse_trajectories(adapter, engine, [trajectories[i] for i in group], layers, config)
             for i, (routes, tokens) in zip(group, tables):
                 folder.write_unit(i, {"routes": routes, "tokens": tokens})

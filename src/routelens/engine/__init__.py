@@ -1,6 +1,7 @@
 """Route scoring engines.
 
-An engine scores routes forced at one layer: `score_batch(layer, items)` with one
+An engine scores routes forced at one layer (`max_group`: how many sequences it is worth
+handing it at once): `score_batch(layer, items)` with one
 `ScoreItem` per sequence (input_ids [L], positions [P], experts/weights [P, R, k]) returns
 log p(token t + 1) at each position t under each route, [P, R] per item.
 

@@ -47,6 +47,7 @@ def _block_output(output) -> torch.Tensor:
 
 class FastEngine:
     name = "fast"
+    max_group = 64  # sequences scored together in one call (within the analysis' token budget)
 
     def __init__(self, adapter: MoEAdapter, memory_budget: int = DEFAULT_MEMORY_BUDGET,
                  route_chunk: int | None = None, **_):

@@ -21,6 +21,8 @@ from routelens.models.routing import RouteOverride, override_routes
 
 class ReferenceEngine:
     name = "reference"
+    # scoring sequences together gains nothing here; one per group writes (and resumes) one at a time
+    max_group = 1
 
     def __init__(self, adapter: MoEAdapter, route_batch_size: int = 33, **_):
         self.adapter = adapter
