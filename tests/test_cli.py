@@ -205,7 +205,8 @@ def test_hub_id_that_cannot_be_reached_is_a_one_line_error(tmp_path, cli_env):
                     reason="embedded weights not built in this checkout")
 def test_demo_runs_end_to_end_and_prints_its_run_folder(tmp_path, capsys):
     out = str(tmp_path / "demo")
-    assert main(["demo", "--out", out, "--problems", "6", "--routes", "4", "--no-progress"]) == 0
+    assert main(["demo", "--out", out, "--problems", "6", "--routes", "4", "--isolation-per-domain", "6",
+                 "--no-progress"]) == 0
     printed = capsys.readouterr().out
     tokens = pd.read_parquet(os.path.join(out, "counterfactual", "tokens.parquet"))
     assert tokens["verified"].all()
@@ -219,6 +220,12 @@ def test_demo_runs_end_to_end_and_prints_its_run_folder(tmp_path, capsys):
                              else int(((tokens["layer"] == layer) & (tokens["bin"] == name)).sum()))
             assert any(line.split("│")[1:4] == [f" {layer:>5} ", f" {name:<9} ", f" {count:>6} "]
                        for line in printed.splitlines() if "│" in line)
+    # then the isolation study: 4 domains x every MoE layer x every expert, 6 items each
+    cells = pd.read_parquet(os.path.join(out, "isolation", "cells.parquet"))
+    assert len(cells) == 4 * 4 * 16 and (cells["n"] == 6).all()
+    isolation = json.load(open(os.path.join(out, "isolation", "summary.json")))
+    assert isolation["significant_cells"] == int(cells["significant"].sum())
+    assert f"{isolation['significant_cells']} of 256 cells significant" in " ".join(printed.split())
 
 
 def test_trajectories_from_a_problem_file_are_verified_with_math_verify(saved_model, tmp_path, capsys):

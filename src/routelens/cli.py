@@ -43,10 +43,33 @@ EXAMPLES_EVALUATE = """examples:
   routelens evaluate --model demo --n 500 --samples 8 --temperature 0.8 --seed 0 --out eval.json
 """
 
+EXAMPLES_ISOLATE = """examples:
+  routelens isolate --model demo --task arithmetic --per-domain 100 --layers all --out runs/isolation
+  routelens isolate --model ./my-qwen3-moe --items items.jsonl --layers 0,12,-1 --domains math,code \\
+      --floor-seeds 5 --alpha 0.05 --device cuda --dtype bfloat16 --out runs/qwen-iso
+
+Item records: {"id","domain","prompt","target"} (text; prompt and target tokenised separately)
+or {"id","domain","prompt_ids","target_ids"}, in JSONL or Parquet.
+Re-running the same command on the same --out resumes; --alpha, --score and
+--bootstrap-resamples only change the summary and may differ on a re-run.
+"""
+
 EXAMPLES_DEMO = """examples:
   routelens demo                       # embedded model, 120 problems x 2 samples, runs/demo
   routelens demo --out /tmp/demo --problems 32 --routes 16
 """
+
+
+def _layers(text: str) -> list[int] | None:
+    """'all' (None: every MoE layer) or comma-separated layer indices."""
+    return None if text.strip().lower() == "all" else _int_list(text)
+
+
+def _names(text: str) -> list[str]:
+    names = [part.strip() for part in text.split(",") if part.strip()]
+    if not names:
+        raise argparse.ArgumentTypeError("expected comma-separated names such as addsub,mul")
+    return names
 
 
 def _int_list(text: str) -> list[int]:
@@ -111,6 +134,25 @@ def _add_counterfactual_options(parser: argparse.ArgumentParser, layers_default:
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
+def _add_isolation_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--layers", type=_layers, default=None,
+                        help="'all' (default: every MoE layer) or decoder-layer indices, comma-separated")
+    parser.add_argument("--domains", type=_names, default=None,
+                        help="keep these domains, comma-separated (default: all in the items)")
+    parser.add_argument("--per-domain", type=_positive_int, default=None,
+                        help="first N items of each domain (default: all; the arithmetic task has 100 per domain)")
+    parser.add_argument("--floor-seeds", type=int, default=5,
+                        help="random-routing floor: uniformly random k-expert routes per token, one per seed (default 5)")
+    parser.add_argument("--alpha", type=float, default=0.05, help="FDR level of the BH step-up (default 0.05)")
+    parser.add_argument("--score", choices=["mean", "first"], default="mean",
+                        help="cell statistic: mean target-token log-prob (default) or the first target token's")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the floor routes and the bootstrap (default 0)")
+    parser.add_argument("--bootstrap-resamples", type=_positive_int, default=2000,
+                        help="bootstrap resamples of the calibration interval (default 2000)")
+    parser.add_argument("--memory-budget", type=_memory, default="2GiB",
+                        help="memory for one batch of conditions, e.g. 512MiB, 8GiB (default 2GiB)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="routelens", description="Audit the routers of Mixture-of-Experts language models.",
@@ -128,6 +170,18 @@ def build_parser() -> argparse.ArgumentParser:
     cf.add_argument("--only-verified", action="store_true", help='keep trajectories with "verified": true')
     _add_counterfactual_options(cf, layers_default=None)
 
+    isolate = commands.add_parser("isolate", help="force single experts layer by layer, with statistics and a random floor",
+                                  epilog=EXAMPLES_ISOLATE, formatter_class=argparse.RawDescriptionHelpFormatter)
+    _add_model_options(isolate)
+    items = isolate.add_mutually_exclusive_group()
+    items.add_argument("--items", default=None, help="JSONL or Parquet of items {id, domain, prompt, target}")
+    items.add_argument("--task", choices=["arithmetic"], default=None,
+                       help="the embedded arithmetic task's four domains (the default for --model demo)")
+    isolate.add_argument("--out", required=True, help="run folder (created; resumed if it holds the same run)")
+    _add_isolation_options(isolate)
+    isolate.add_argument("--overwrite", action="store_true", help="replace a run with a different config in --out")
+    isolate.add_argument("--no-progress", action="store_true", help="no progress bar")
+
     commands.add_parser("models", help="list the supported MoE families")
 
     inspect = commands.add_parser("inspect", help="show a model's MoE layers, experts, top-k and gating rule",
@@ -141,6 +195,8 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--problems", type=_positive_int, default=120, help="arithmetic problems to sample (default 120)")
     demo.add_argument("--samples-per-problem", type=_positive_int, default=2, help="solutions per problem (default 2)")
     demo.add_argument("--sample-temperature", type=float, default=0.8, help="sampling temperature (default 0.8)")
+    demo.add_argument("--isolation-per-domain", type=_positive_int, default=50,
+                      help="isolation study: items per arithmetic domain (default 50, at most 100)")
     _add_counterfactual_options(demo, layers_default="0")
     demo.set_defaults(layers=None)  # None: first, middle and last MoE layer
     traj = commands.add_parser("trajectories", help="sample solutions, verify them, write trajectories",
@@ -301,13 +357,47 @@ def cmd_counterfactual(args) -> int:
     return 0
 
 
+def cmd_isolate(args) -> int:
+    from routelens.analyses.isolation import IsolationConfig, run_isolation
+    from routelens.data.target_items import arithmetic_items, load_items
+    from routelens.models.loading import load_model
+    from routelens.summary_table import print_isolation_summary
+
+    config = IsolationConfig(layers=args.layers, floor_seeds=args.floor_seeds, seed=args.seed, alpha=args.alpha,
+                             score=args.score, bootstrap_resamples=args.bootstrap_resamples,
+                             memory_budget=args.memory_budget)
+    config.check()
+    if args.items is None and args.task is None and args.model != "demo":
+        raise RouteLensError("give --items FILE ({id, domain, prompt, target} records), or --task arithmetic")
+    loaded = load_model(args.model, args.device, args.dtype, args.trust_remote_code)
+    if args.layers:
+        loaded.adapter.resolve_layers(args.layers)  # a dense or out-of-range layer fails before any item is read
+    if args.items:
+        from routelens.data.trajectories import file_sha256
+
+        items = load_items(args.items, loaded.tokenizer, loaded.adapter.config.vocab_size, args.domains, args.per_domain)
+        data_info = {"items": os.path.abspath(args.items), "items_sha256": file_sha256(args.items)}
+    else:
+        if loaded.tokenizer is None:
+            raise RouteLensError(f"model {args.model!r} has no tokenizer; the arithmetic task is text")
+        items = arithmetic_items(loaded.tokenizer, args.per_domain or 100, args.domains)
+        data_info = {"items": "task:arithmetic"}
+    data_info.update(domains=args.domains, per_domain=args.per_domain, num_items=len(items))
+    summary = run_isolation(loaded, items, config, args.out, data_info, overwrite=args.overwrite,
+                            show_progress=not args.no_progress)
+    print_isolation_summary(summary)
+    print(f"run folder: {args.out} (isolation.parquet, cells.parquet, calibration.parquet, summary.json, run.json)")
+    return 0
+
+
 def cmd_demo(args) -> int:
     from routelens.demo import run_demo
 
     return run_demo(args)
 
 
-COMMANDS = {"trajectories": cmd_trajectories, "evaluate": cmd_evaluate, "train-demo": cmd_train_demo, "models": cmd_models, "inspect": cmd_inspect, "counterfactual": cmd_counterfactual, "demo": cmd_demo}
+COMMANDS = {"trajectories": cmd_trajectories, "evaluate": cmd_evaluate, "train-demo": cmd_train_demo, "models": cmd_models, "inspect": cmd_inspect, "counterfactual": cmd_counterfactual, "demo": cmd_demo,
+            "isolate": cmd_isolate}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,10 +1,12 @@
-"""`routelens demo`: the counterfactual analysis end to end, nothing to download.
+"""`routelens demo`: the counterfactual analysis and the isolation study end to end,
+nothing to download.
 
 On the embedded demo model (a small OLMoE trained by this project on chain-of-thought
 arithmetic): sample solutions to arithmetic problems, verify their final answers, and run
 the counterfactual analysis on the verified trajectories at the first, a middle and the
-last MoE layer, through the same code path as `routelens counterfactual`. The printed
-table is read back from the run folder's summary.json.
+last MoE layer, through the same code path as `routelens counterfactual`; then the
+expert-isolation study on the four arithmetic domains at every MoE layer (as `routelens
+isolate`). The printed tables are read back from the run folders' summary.json.
 """
 
 from __future__ import annotations
@@ -54,4 +56,23 @@ def run_demo(args) -> int:
         raise
     print_summary(read_json(os.path.join(run_dir, "summary.json")))
     print(f"run folder: {run_dir} (routes.parquet, tokens.parquet, summary.json, run.json)")
+    _demo_isolation(loaded, args)
     return 0
+
+
+def _demo_isolation(loaded, args) -> None:
+    """The expert-isolation study on the four arithmetic domains, every MoE layer."""
+    from routelens.analyses.isolation import IsolationConfig, run_isolation
+    from routelens.data.target_items import arithmetic_items
+    from routelens.summary_table import print_isolation_summary
+
+    run_dir = os.path.join(args.out, "isolation")
+    items = arithmetic_items(loaded.tokenizer, args.isolation_per_domain)
+    print(f"demo: expert isolation, {len(items)} items in 4 arithmetic domains, every MoE layer, "
+          f"{loaded.adapter.num_experts} forced experts and a 5-seed random floor per layer")
+    config = IsolationConfig(seed=args.seed, memory_budget=args.memory_budget)
+    run_isolation(loaded, items, config, run_dir, {"items": "task:arithmetic", "per_domain": args.isolation_per_domain,
+                                                   "num_items": len(items)},
+                  overwrite=args.overwrite, show_progress=not args.no_progress)
+    print_isolation_summary(read_json(os.path.join(run_dir, "summary.json")))
+    print(f"run folder: {run_dir} (isolation.parquet, cells.parquet, calibration.parquet, summary.json, run.json)")

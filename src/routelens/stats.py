@@ -19,6 +19,15 @@ def spearman(x: np.ndarray, y: np.ndarray) -> float:
     return float(stats.spearmanr(x, y).statistic)
 
 
+def spearman_test(x: np.ndarray, y: np.ndarray) -> tuple[float, float]:
+    """Spearman rank correlation and its two-sided p-value (SciPy); NaNs when either side is constant."""
+    x, y = np.asarray(x, dtype=float), np.asarray(y, dtype=float)
+    if x.size < 3 or np.ptp(x) == 0 or np.ptp(y) == 0:
+        return float("nan"), float("nan")
+    result = stats.spearmanr(x, y)
+    return float(result.statistic), float(result.pvalue)
+
+
 def fisher_z(r: np.ndarray) -> np.ndarray:
     """arctanh of correlations clipped to +-0.9999, so that |r| = 1 stays finite."""
     return np.arctanh(np.clip(np.asarray(r, dtype=float), -FISHER_CLIP, FISHER_CLIP))
@@ -69,3 +78,61 @@ def pass_at_k(n: int, c: int, k: int) -> float:
     from scipy.special import comb
 
     return 1.0 - float(comb(n - c, k, exact=True)) / float(comb(n, k, exact=True))
+
+
+# ---------------------------------------------------------------------------- isolation study
+def wilcoxon_p(deltas: np.ndarray) -> float:
+    """Two-sided Wilcoxon signed-rank p-value of paired deltas (SciPy; zero deltas dropped,
+    as in Wilcoxon's method). 1.0 when every delta is zero (no evidence of any difference),
+    NaN when there is no delta at all."""
+    deltas = np.asarray(deltas, dtype=float)
+    if deltas.size == 0:
+        return float("nan")
+    if not np.any(deltas != 0):
+        return 1.0
+    return float(stats.wilcoxon(deltas).pvalue)
+
+
+def median_interval(values: np.ndarray, confidence: float = 0.95) -> tuple[float, float]:
+    """Distribution-free interval for the median from order statistics
+    (`scipy.stats.quantile_test`); NaNs when there are too few values for the level."""
+    values = np.asarray(values, dtype=float)
+    if values.size == 0:
+        return float("nan"), float("nan")
+    interval = stats.quantile_test(values, q=0, p=0.5).confidence_interval(confidence)
+    return float(interval.low), float(interval.high)
+
+
+def bh_qvalues(p_values: np.ndarray) -> np.ndarray:
+    """Benjamini-Hochberg step-up adjusted p-values (q-values), SciPy's
+    `false_discovery_control`; a hypothesis is rejected at level alpha when q <= alpha."""
+    p_values = np.asarray(p_values, dtype=float)
+    if p_values.size == 0:
+        return p_values
+    return stats.false_discovery_control(p_values, method="bh")
+
+
+def spearman_rows(x: np.ndarray, y: np.ndarray) -> np.ndarray:
+    """Spearman correlation along the last axis for every leading index: Pearson of
+    SciPy's average ranks (`rankdata`, `pearsonr` with `axis`). NaN where a side is constant."""
+    x, y = np.asarray(x, dtype=float), np.asarray(y, dtype=float)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # constant rows: NaN is the answer
+        return np.asarray(stats.pearsonr(stats.rankdata(x, axis=-1), stats.rankdata(y, axis=-1), axis=-1).statistic)
+
+
+def bootstrap_over_units(statistic, n_units: int, *, seed: int, n_resamples: int = 2000,
+                         confidence: float = 0.95, batch: int = 100) -> tuple[float, float]:
+    """Percentile interval of `statistic(indices [B, n])` -> [B], resampling unit indices
+    with replacement (`scipy.stats.bootstrap`, vectorised, `batch` resamples at a time so
+    memory stays bounded). NaNs with fewer than two units or a statistic that is never finite."""
+    if n_units < 2:
+        return float("nan"), float("nan")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        result = stats.bootstrap(
+            (np.arange(n_units),), lambda idx, axis=-1: statistic(np.atleast_2d(idx)), vectorized=True,
+            n_resamples=n_resamples, confidence_level=confidence, method="percentile", batch=batch,
+            rng=np.random.default_rng(seed),
+        )
+    return float(result.confidence_interval.low), float(result.confidence_interval.high)

@@ -16,11 +16,16 @@ import numpy as np
 from routelens.errors import RouteLensError
 
 
-def route_rng(seed: int, layer: int, trajectory_id: str) -> np.random.Generator:
-    """The generator for one (trajectory, layer): independent of processing order, so
-    resumed and uninterrupted runs draw identical routes."""
-    digest = int.from_bytes(hashlib.sha256(trajectory_id.encode()).digest()[:8], "little")
-    return np.random.default_rng([seed, layer, digest])
+def route_rng(seed: int, layer: int, unit_id: str, *streams: int) -> np.random.Generator:
+    """The generator for one (trajectory or item, layer[, stream...]): independent of
+    processing order, so resumed and uninterrupted runs draw identical routes."""
+    digest = int.from_bytes(hashlib.sha256(unit_id.encode()).digest()[:8], "little")
+    return np.random.default_rng([seed, layer, digest, *streams])
+
+
+def uniform_routes(num_tokens: int, num_experts: int, k: int, rng: np.random.Generator) -> np.ndarray:
+    """[N, k] routes of k distinct experts drawn uniformly at random per token, sorted ids."""
+    return np.sort(np.argsort(rng.random((num_tokens, num_experts)), axis=-1)[:, :k], axis=-1)
 
 
 def check_route_settings(k: int, num_experts: int, num_candidates: int, num_routes: int,

@@ -26,6 +26,8 @@ import random
 import re
 from dataclasses import dataclass
 
+from routelens.errors import RouteLensError
+
 ALPHABET = "0123456789+-*=:;#QA"
 DOMAINS = ("addsub", "mul", "mixed", "long")
 HELDOUT_SEED = 20260511
@@ -135,10 +137,21 @@ def heldout_problems(n: int = 500) -> list[Problem]:
     return generate_by_difficulty(HELDOUT_SEED, n, prefix="heldout-")
 
 
+ISOLATION_PER_DOMAIN = 100  # reserved items per domain for the expert-isolation study
+
+
+def isolation_problems(per_domain: int = ISOLATION_PER_DOMAIN) -> list[Problem]:
+    """The reserved per-domain items (never in training): `per_domain` of each domain."""
+    if not 1 <= per_domain <= ISOLATION_PER_DOMAIN:
+        raise RouteLensError(f"the arithmetic task reserves {ISOLATION_PER_DOMAIN} items per domain; "
+                             f"ask for 1..{ISOLATION_PER_DOMAIN}, not {per_domain}")
+    return generate(HELDOUT_SEED + 1, per_domain * len(DOMAINS), prefix="domain-")
+
+
 def heldout_questions() -> frozenset[str]:
     """Questions reserved for evaluation: the held-out set and the per-domain isolation items."""
     questions = {p.question for p in heldout_problems()}
-    questions |= {p.question for p in generate(HELDOUT_SEED + 1, 400, prefix="domain-")}
+    questions |= {p.question for p in isolation_problems()}
     return frozenset(questions)
 
 

@@ -65,7 +65,8 @@ def read_jsonl(path: str, what: str = "file") -> list[dict]:
     return records
 
 
-def _read_records(path: str) -> list[dict]:
+def read_records(path: str, what: str = "trajectory file") -> list[dict]:
+    """The records of a JSONL or Parquet file (see `read_jsonl` for the JSONL errors)."""
     if path.endswith(".parquet") and os.path.isfile(path):
         import pyarrow.parquet as pq
 
@@ -73,7 +74,7 @@ def _read_records(path: str) -> list[dict]:
             return pq.read_table(path).to_pylist()
         except Exception as error:  # pyarrow raises several types for a bad file
             raise RouteLensError(f"{path}: not a readable Parquet file ({error})") from None
-    return read_jsonl(path, "trajectory file")
+    return read_jsonl(path, what)
 
 
 def _tokenize(tokenizer, text: str, special: bool) -> list[int]:
@@ -131,7 +132,7 @@ def load_trajectories(path: str, tokenizer=None, vocab_size: int | None = None,
 
     Every record is validated, even past `limit`, so that a bad file fails before work starts.
     """
-    records = _read_records(path)
+    records = read_records(path)
     if not records:
         raise RouteLensError(f"{path}: no trajectories in the file")
     trajectories, seen = [], set()

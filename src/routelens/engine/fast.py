@@ -31,6 +31,7 @@ import torch
 
 from routelens.engine import attention
 from routelens.engine.items import ScoreItem
+from routelens.engine.readout import activation_bytes, target_log_probs
 from routelens.models.adapter import MoEAdapter
 from routelens.models.routing import capture_routes
 
@@ -155,10 +156,7 @@ class FastEngine:
         projections, top-k expert intermediates) and one query block of attention scores."""
         if self.route_chunk:
             return self.route_chunk
-        config = self.adapter.config
-        hidden = config.hidden_size
-        intermediate = max(getattr(config, "moe_intermediate_size", 0) or 0, config.intermediate_size or 0)
-        per_row = 4 * length * (12 * hidden + 3 * self.adapter.top_k * intermediate) + self._score_bytes(length)
+        per_row = activation_bytes(self.adapter, length) + self._score_bytes(length)
         return max(1, self.memory_budget // per_row)
 
     def _query_block(self, length: int) -> int:
@@ -168,15 +166,6 @@ class FastEngine:
 
     def _score_bytes(self, length: int) -> int:
         return 3 * 4 * self.adapter.config.num_attention_heads * self._query_block(length) * length
-
-    def _log_probs(self, final: torch.Tensor, targets: torch.Tensor) -> np.ndarray:
-        """log p(target) from final hidden states [N, d], in slices so [slice, vocab] logits fit the budget."""
-        size = max(1, self.memory_budget // (8 * self.adapter.config.vocab_size))
-        out = []
-        for start in range(0, final.shape[0], size):
-            logits = self.adapter.model.lm_head(final[start: start + size]).float()
-            out.append(torch.log_softmax(logits, -1).gather(-1, targets[start: start + size, None])[:, 0])
-        return torch.cat(out).double().cpu().numpy()
 
     def _suffix(self, layer: int, recorded: dict, states: torch.Tensor, sources: torch.Tensor) -> torch.Tensor:
         """Run decoder layers above `layer` on perturbed states [rows, T, d] whose standard
@@ -233,7 +222,8 @@ class FastEngine:
                 states[row_of, pos_of] = self._layer_outputs(layer, recorded, flat_rows, torch.cat(experts),
                                                              torch.cat(weights), is_standard)
                 final = self._suffix(layer, recorded, states, sources)[row_of, pos_of]         # [N, d]
-                logprobs = self._log_probs(final, input_ids.to(device)[sources[row_of], pos_of + 1])
+                logprobs = target_log_probs(self.adapter, final, input_ids.to(device)[sources[row_of], pos_of + 1],
+                                            self.memory_budget)
                 offset = 0
                 for b, r in block:
                     count = len(items[b].positions)

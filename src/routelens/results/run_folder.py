@@ -148,6 +148,13 @@ class RunFolder:
             paths[table] = target
         return paths
 
+    def write_table(self, name: str, frame) -> str:
+        """A table derived from the concatenated ones (a pandas DataFrame), written atomically."""
+        target = os.path.join(self.path, f"{name}.parquet")
+        frame.to_parquet(target + ".tmp", index=False)
+        os.replace(target + ".tmp", target)
+        return target
+
     def complete(self, summary: dict, extra: dict | None = None) -> None:
         """Write summary.json and mark the run complete in run.json."""
         write_json_atomic(os.path.join(self.path, "summary.json"), summary)

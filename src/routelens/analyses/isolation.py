@@ -1,0 +1,369 @@
+"""Per-layer expert isolation (Young 2026, "Learned Routers Don't Learn"), with a floor.
+
+For every item (prompt + target) and every requested MoE layer l:
+
+- natural: the model as it is (shared by all layers of the item);
+- forced e, for every expert e: every token at layer l goes to expert e alone with
+  weight 1.0, all other layers routing normally (expressed through the route override as
+  k slots of e with weights 1, 0, ..., 0: a duplicated index with weight 0 is exact);
+- floor s, for `floor_seeds` seeds: every token at layer l gets k distinct experts drawn
+  uniformly at random, weighted by the model's own gating rule - what an arbitrary route
+  of equal compute does, the yardstick paper 2 lacked.
+
+Each condition is scored by the mean log-probability of the target tokens and by the
+first target token's log-probability. Layers below l are computed once per item and all
+conditions of a layer share one batched pass (`WholeSequenceScorer`).
+
+Statistics per (domain, layer, expert) over items, on paired deltas (forced - natural):
+Wilcoxon signed-rank p, median with a distribution-free 95% interval, the same against
+the floor (forced - mean over floor seeds), Benjamini-Hochberg step-up q-values over all
+cells; calibration (Spearman between an expert's natural share and its mean delta per
+layer, Fisher-z mean over layers with a bootstrap interval over items); dominance (each
+expert's natural share against uniform, and whether the most-activated expert is the
+best); and a layer table. All tests come from SciPy (`routelens.stats`).
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import torch
+
+from routelens import stats
+from routelens.analyses.route_sampling import route_rng, uniform_routes
+from routelens.data.target_items import TargetItem
+from routelens.engine.whole_sequence import WholeSequenceScorer
+from routelens.errors import RouteLensError
+from routelens.models.adapter import MoEAdapter
+
+SCORES = {"mean": "mean_logprob", "first": "first_logprob"}
+SHARES = {"router_share": "mean router probability", "selection_share": "top-k selection frequency / k"}
+
+ISOLATION_SCHEMA = pa.schema([
+    ("item_id", pa.string()), ("domain", pa.string()), ("layer", pa.int64()), ("condition", pa.string()),
+    ("expert", pa.int64()), ("floor_seed", pa.int64()), ("mean_logprob", pa.float64()),
+    ("first_logprob", pa.float64()),
+])
+ROUTING_SCHEMA = pa.schema([
+    ("item_id", pa.string()), ("domain", pa.string()), ("layer", pa.int64()), ("expert", pa.int64()),
+    ("tokens", pa.int64()), ("router_share_sum", pa.float64()), ("selected", pa.int64()),
+])
+
+
+@dataclass
+class IsolationConfig:
+    layers: list[int] | None = None     # None: every MoE layer
+    floor_seeds: int = 5
+    seed: int = 0
+    alpha: float = 0.05
+    score: str = "mean"                 # statistic of the cells: "mean" or "first" target-token log-prob
+    bootstrap_resamples: int = 2000
+    memory_budget: int = 2 * 2**30
+
+    # Settings that only change the summary (recomputed from the tables on every run) or the
+    # speed: a run folder resumes, or re-summarises, under other values of these.
+    SUMMARY = ("alpha", "score", "bootstrap_resamples")
+    PERFORMANCE = ("memory_budget",)
+
+    def check(self) -> None:
+        if self.floor_seeds < 0:
+            raise RouteLensError(f"--floor-seeds must be 0 or more, got {self.floor_seeds}")
+        if not 0 < self.alpha < 1:
+            raise RouteLensError(f"--alpha must lie strictly between 0 and 1, got {self.alpha}")
+        if self.score not in SCORES:
+            raise RouteLensError(f"--score must be one of {', '.join(SCORES)}, got {self.score!r}")
+
+    def identity(self) -> dict:
+        return {k: v for k, v in asdict(self).items() if k not in self.SUMMARY + self.PERFORMANCE}
+
+    def summary_settings(self) -> dict:
+        return {k: getattr(self, k) for k in self.SUMMARY}
+
+
+# ---------------------------------------------------------------------------- conditions
+def forced_conditions(num_experts: int, length: int, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Expert e alone at weight 1.0 on every token, for every e: experts/weights [E, T, k]
+    (k slots of e, weights 1, 0, ..., 0, since the router must return k per token)."""
+    experts = torch.arange(num_experts)[:, None, None].expand(num_experts, length, k).clone()
+    weights = torch.zeros(num_experts, length, k)
+    weights[..., 0] = 1.0
+    return experts, weights
+
+
+def floor_conditions(adapter: MoEAdapter, logits: torch.Tensor, layer: int, item_id: str, seed: int,
+                     floor_seeds: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Uniformly random k-expert routes weighted by the gating rule, one condition per floor
+    seed: logits [T, E] -> experts/weights [F, T, k]."""
+    experts, weights = [], []
+    for floor_seed in range(floor_seeds):
+        routes = torch.from_numpy(uniform_routes(logits.shape[0], adapter.num_experts, adapter.top_k,
+                                                 route_rng(seed, layer, item_id, floor_seed)))
+        experts.append(routes)
+        weights.append(adapter.weights_for(logits.cpu(), routes).float())
+    if not experts:
+        return torch.zeros(0, logits.shape[0], adapter.top_k, dtype=torch.long), torch.zeros(0, logits.shape[0], adapter.top_k)
+    return torch.stack(experts), torch.stack(weights)
+
+
+def _router_shares(adapter: MoEAdapter, logits: torch.Tensor, layer: int) -> np.ndarray:
+    """Per-token share of each expert in the router's selection scores (the softmax
+    probability for softmax routers; sigmoid scores normalised per token): [T, E]."""
+    scores = adapter.selection_scores(logits, layer).double()
+    return (scores / scores.sum(-1, keepdim=True).clamp_min(1e-30)).cpu().numpy()
+
+
+# ---------------------------------------------------------------------------- one item
+def analyse_item(adapter: MoEAdapter, scorer: WholeSequenceScorer, item: TargetItem, layers: list[int],
+                 config: IsolationConfig) -> tuple[pa.Table, pa.Table]:
+    """The isolation rows (natural, forced, floor) and natural routing counts of one item."""
+    natural = scorer.natural(torch.tensor(item.input_ids), layers, np.asarray(item.target_positions))
+    rows = [_row(item, None, "natural", None, None, natural.logprobs)]
+    routing = []
+    length = len(item.input_ids)
+    for layer in layers:
+        route = natural.routes[layer]
+        logits = route.logits.reshape(length, -1)
+        forced_e, forced_w = forced_conditions(adapter.num_experts, length, adapter.top_k)
+        floor_e, floor_w = floor_conditions(adapter, logits, layer, item.id, config.seed, config.floor_seeds)
+        logprobs = scorer.score(natural, layer, torch.cat([forced_e, floor_e]), torch.cat([forced_w, floor_w]))
+        rows += [_row(item, layer, "forced", e, None, logprobs[e]) for e in range(adapter.num_experts)]
+        rows += [_row(item, layer, "floor", None, s, logprobs[adapter.num_experts + s]) for s in range(config.floor_seeds)]
+        shares = _router_shares(adapter, logits, layer).sum(0)
+        selected = np.bincount(route.experts.reshape(-1).cpu().numpy(), minlength=adapter.num_experts)
+        routing += [{"item_id": item.id, "domain": item.domain, "layer": layer, "expert": e, "tokens": length,
+                     "router_share_sum": float(shares[e]), "selected": int(selected[e])}
+                    for e in range(adapter.num_experts)]
+    return (pa.Table.from_pylist(rows, schema=ISOLATION_SCHEMA), pa.Table.from_pylist(routing, schema=ROUTING_SCHEMA))
+
+
+def _row(item: TargetItem, layer, condition: str, expert, floor_seed, logprobs: np.ndarray) -> dict:
+    return {"item_id": item.id, "domain": item.domain, "layer": layer, "condition": condition, "expert": expert,
+            "floor_seed": floor_seed, "mean_logprob": float(np.mean(logprobs)), "first_logprob": float(logprobs[0])}
+
+
+# ---------------------------------------------------------------------------- statistics
+@dataclass
+class DomainArrays:
+    """One domain's items as arrays: deltas [n, L, E] (forced - natural), floor [n, L]
+    (floor mean - natural), router share sums [n, L, E], selections [n, L, E], tokens [n, L]."""
+
+    items: list[str]
+    deltas: np.ndarray
+    floor: np.ndarray
+    share_sums: np.ndarray
+    selected: np.ndarray
+    tokens: np.ndarray
+    natural: np.ndarray = field(default_factory=lambda: np.zeros(0))
+
+
+def domain_arrays(isolation: pd.DataFrame, routing: pd.DataFrame, domain: str, layers: list[int],
+                  num_experts: int, score: str) -> DomainArrays:
+    frame = isolation[isolation["domain"] == domain]
+    items = list(dict.fromkeys(frame["item_id"]))
+    natural = frame[frame["condition"] == "natural"].set_index("item_id")[score].reindex(items).to_numpy()
+    forced = frame[frame["condition"] == "forced"].pivot_table(index="item_id", columns=["layer", "expert"], values=score)
+    columns = pd.MultiIndex.from_product([layers, range(num_experts)], names=["layer", "expert"])
+    forced = forced.reindex(index=items, columns=columns).to_numpy().reshape(len(items), len(layers), num_experts)
+    floor_rows = frame[frame["condition"] == "floor"]
+    floor = (floor_rows.groupby(["item_id", "layer"])[score].mean().unstack("layer")
+             .reindex(index=items, columns=layers).to_numpy(dtype=float)
+             if len(floor_rows) else np.full((len(items), len(layers)), np.nan))
+    at = routing[routing["domain"] == domain]
+
+    def cube(column: str) -> np.ndarray:
+        table = at.pivot_table(index="item_id", columns=["layer", "expert"], values=column, aggfunc="sum")
+        return table.reindex(index=items, columns=columns).to_numpy(dtype=float).reshape(len(items), len(layers), num_experts)
+
+    tokens = at.groupby(["item_id", "layer"])["tokens"].first().unstack("layer").reindex(index=items, columns=layers)
+    return DomainArrays(items, forced - natural[:, None, None], floor - natural[:, None], cube("router_share_sum"),
+                        cube("selected"), tokens.to_numpy(dtype=float), natural)
+
+
+def _shares(arrays: DomainArrays, top_k: int, index=slice(None)) -> dict[str, np.ndarray]:
+    """Natural shares per (layer, expert) over the items at `index` (token-weighted)."""
+    tokens = arrays.tokens[index].sum(axis=-2)[..., None]
+    return {"router_share": arrays.share_sums[index].sum(axis=-3) / tokens,
+            "selection_share": arrays.selected[index].sum(axis=-3) / (tokens * top_k)}
+
+
+def cell_table(per_domain: dict[str, DomainArrays], layers: list[int], top_k: int, alpha: float) -> pd.DataFrame:
+    rows = []
+    for domain, arrays in per_domain.items():
+        shares = _shares(arrays, top_k)
+        for li, layer in enumerate(layers):
+            for expert in range(arrays.deltas.shape[2]):
+                deltas = arrays.deltas[:, li, expert]
+                versus_floor = deltas - arrays.floor[:, li] if arrays.floor.size and not np.isnan(arrays.floor).all() else None
+                low, high = stats.median_interval(deltas)
+                rows.append({
+                    "domain": domain, "layer": layer, "expert": expert, "n": int(deltas.size),
+                    "mean_delta": float(deltas.mean()), "median_delta": float(np.median(deltas)),
+                    "ci_low": low, "ci_high": high, "p_value": stats.wilcoxon_p(deltas),
+                    "median_delta_vs_floor": float(np.median(versus_floor)) if versus_floor is not None else np.nan,
+                    "p_value_vs_floor": stats.wilcoxon_p(versus_floor) if versus_floor is not None else np.nan,
+                    "natural_share": float(shares["router_share"][li, expert]),
+                    "selection_share": float(shares["selection_share"][li, expert]),
+                })
+    cells = pd.DataFrame(rows)
+    for suffix in ("", "_vs_floor"):
+        p = cells[f"p_value{suffix}"].to_numpy()
+        q = np.full(p.shape, np.nan)
+        defined = ~np.isnan(p)
+        q[defined] = stats.bh_qvalues(p[defined])
+        cells[f"q_value{suffix}"] = q
+        cells[f"significant{suffix}"] = q <= alpha
+    order = ["domain", "layer", "expert", "n", "mean_delta", "median_delta", "ci_low", "ci_high", "p_value",
+             "q_value", "significant", "median_delta_vs_floor", "p_value_vs_floor", "q_value_vs_floor",
+             "significant_vs_floor", "natural_share", "selection_share"]
+    return cells[order]
+
+
+def calibration(per_domain: dict[str, DomainArrays], layers: list[int], top_k: int, seed: int,
+                resamples: int) -> pd.DataFrame:
+    """Per domain and share measure: Spearman(share, mean delta) over experts per layer, and
+    the Fisher-z mean over layers (layer null) with a percentile bootstrap interval over items."""
+    rows = []
+    for domain, arrays in per_domain.items():
+        mean_delta = arrays.deltas.mean(axis=0)                                        # [L, E]
+        shares = _shares(arrays, top_k)
+        for measure in SHARES:
+            per_layer = []
+            for li, layer in enumerate(layers):
+                r, p = stats.spearman_test(shares[measure][li], mean_delta[li])
+                per_layer.append(r)
+                rows.append({"domain": domain, "share": measure, "layer": layer, "spearman": r, "p_value": p,
+                             "ci_low": np.nan, "ci_high": np.nan, "n_experts": mean_delta.shape[1],
+                             "n_items": len(arrays.items)})
+
+            def statistic(index: np.ndarray, measure=measure) -> np.ndarray:
+                r = stats.spearman_rows(_shares(arrays, top_k, index)[measure], arrays.deltas[index].mean(axis=1))
+                z = stats.fisher_z(r)
+                with np.errstate(invalid="ignore"):
+                    return np.tanh(np.nanmean(np.where(np.isfinite(z), z, np.nan), axis=-1))
+
+            low, high = stats.bootstrap_over_units(statistic, len(arrays.items), seed=seed, n_resamples=resamples)
+            rows.append({"domain": domain, "share": measure, "layer": None,
+                         "spearman": stats.fisher_z_mean(np.array(per_layer)), "p_value": np.nan,
+                         "ci_low": low, "ci_high": high, "n_experts": mean_delta.shape[1],
+                         "n_items": len(arrays.items)})
+    frame = pd.DataFrame(rows)
+    frame["layer"] = frame["layer"].astype("Int64")
+    return frame
+
+
+def layer_and_dominance(per_domain: dict[str, DomainArrays], cells: pd.DataFrame, layers: list[int],
+                        num_experts: int) -> tuple[list[dict], list[dict]]:
+    """The layer table (best expert per layer, the floor) and the dominance table (the
+    most-activated expert against uniform, and whether it is the best)."""
+    layer_rows, dominance_rows = [], []
+    for domain, arrays in per_domain.items():
+        for li, layer in enumerate(layers):
+            at = cells[(cells["domain"] == domain) & (cells["layer"] == layer)].set_index("expert")
+            best = int(at["median_delta"].idxmax())
+            most = int(at["selection_share"].idxmax())
+            floor = arrays.floor[:, li]
+            floor_defined = not np.isnan(floor).all()
+            layer_rows.append({
+                "domain": domain, "layer": layer, "best_expert": best,
+                "best_median_delta": float(at.loc[best, "median_delta"]),
+                "best_ci": [_finite(at.loc[best, "ci_low"]), _finite(at.loc[best, "ci_high"])],
+                "best_q_value": _finite(at.loc[best, "q_value"]),
+                "significant_cells": int(at["significant"].sum()),
+                "significant_better": int((at["significant"] & (at["median_delta"] > 0)).sum()),
+                "floor_median_delta": float(np.median(floor)) if floor_defined else None,
+                "floor_p_value": stats.wilcoxon_p(floor) if floor_defined else None,
+                "natural_mean_score": float(np.mean(arrays.natural)),
+            })
+            ranks = at["median_delta"].rank(ascending=False, method="min")
+            dominance_rows.append({
+                "domain": domain, "layer": layer, "most_activated": most,
+                "selection_share": float(at.loc[most, "selection_share"]),
+                "vs_uniform": float(at.loc[most, "selection_share"] * num_experts),
+                "router_share": float(at.loc[most, "natural_share"]),
+                "best_expert": best, "most_activated_is_best": most == best,
+                "rank_of_most_activated": int(ranks.loc[most]),
+            })
+    return layer_rows, dominance_rows
+
+
+def _finite(value) -> float | None:
+    return None if value is None or not np.isfinite(value) else float(value)
+
+
+def summarise(isolation: pd.DataFrame, routing: pd.DataFrame, layers: list[int], num_experts: int, top_k: int,
+              config: IsolationConfig) -> tuple[dict, pd.DataFrame, pd.DataFrame]:
+    """summary.json, cells.parquet and calibration.parquet from the per-item tables."""
+    score = SCORES[config.score]
+    domains = list(dict.fromkeys(isolation["domain"]))
+    per_domain = {d: domain_arrays(isolation, routing, d, layers, num_experts, score) for d in domains}
+    cells = cell_table(per_domain, layers, top_k, config.alpha)
+    calib = calibration(per_domain, layers, top_k, config.seed, config.bootstrap_resamples)
+    layer_rows, dominance_rows = layer_and_dominance(per_domain, cells, layers, num_experts)
+    fisher = calib[calib["layer"].isna()]
+    summary = {
+        "analysis": "isolation",
+        "score": score,
+        "alpha": config.alpha,
+        "layers": layers,
+        "num_experts": num_experts,
+        "items_per_domain": {d: len(a.items) for d, a in per_domain.items()},
+        "cells": int(len(cells)),
+        "significant_cells": int(cells["significant"].sum()),
+        "significant_better_than_natural": int((cells["significant"] & (cells["median_delta"] > 0)).sum()),
+        "significant_vs_floor": int(cells["significant_vs_floor"].sum()),
+        "significant_by_domain": {d: int(cells[cells["domain"] == d]["significant"].sum()) for d in domains},
+        "calibration": {d: {m: {"fisher_z_mean": _finite(row["spearman"]), "ci": [_finite(row["ci_low"]), _finite(row["ci_high"])],
+                                "per_layer": [_finite(v) for v in calib[(calib["domain"] == d) & (calib["share"] == m)
+                                                                         & calib["layer"].notna()]["spearman"]]}
+                            for m, row in ((r["share"], r) for _, r in fisher[fisher["domain"] == d].iterrows())}
+                        for d in domains},
+        "dominance": dominance_rows,
+        "layer_table": layer_rows,
+        "tests": {"cells": "two-sided Wilcoxon signed-rank on paired per-item deltas (SciPy)",
+                  "median_ci": "95% distribution-free interval of the median (scipy.stats.quantile_test)",
+                  "fdr": "Benjamini-Hochberg step-up over all cells (scipy.stats.false_discovery_control)",
+                  "calibration": f"Spearman per layer over experts; Fisher-z mean over layers (clip 0.9999); "
+                                 f"95% percentile bootstrap over items, {config.bootstrap_resamples} resamples",
+                  "floor": f"{config.floor_seeds} uniformly random k-expert routes per token, gating-rule weights"},
+    }
+    return summary, cells, calib
+
+
+# ---------------------------------------------------------------------------- the run
+def run_isolation(loaded, items: list[TargetItem], config: IsolationConfig, out: str, data_info: dict,
+                  overwrite: bool = False, show_progress: bool = True) -> dict:
+    """Run the study into the run folder `out` (resuming a cut-off run of the same config),
+    write cells.parquet, calibration.parquet and summary.json, and return the summary."""
+    from routelens.progress import progress_bar
+    from routelens.results.run_folder import RunFolder
+
+    config.check()
+    adapter = loaded.adapter
+    layers = adapter.resolve_layers(config.layers) if config.layers else adapter.moe_layers
+    if not items:
+        raise RouteLensError("no items to score; check --domains and the item file")
+    scorer = WholeSequenceScorer(adapter, memory_budget=config.memory_budget)
+    run_config = {"model": loaded.spec, "dtype": loaded.dtype, **data_info, **config.identity(), "resolved_layers": layers}
+    folder = RunFolder(out, "isolation", run_config, ("isolation", "routing"), overwrite=overwrite,
+                       extra={"model": adapter.describe(), "device": loaded.device,
+                              "summary_settings": config.summary_settings(),
+                              "performance": {k: getattr(config, k) for k in config.PERFORMANCE}})
+    todo = [i for i in range(len(items)) if not folder.is_done(i)]
+    started = time.perf_counter()
+    with progress_bar("isolation", len(items), len(items) - len(todo), show_progress, unit="items") as advance:
+        for index in todo:
+            isolation, routing = analyse_item(adapter, scorer, items[index], layers, config)
+            folder.write_unit(index, {"isolation": isolation, "routing": routing})
+            advance(1)
+    paths = folder.concatenate(list(range(len(items))))
+    summary, cells, calib = summarise(pd.read_parquet(paths["isolation"]), pd.read_parquet(paths["routing"]),
+                                      layers, adapter.num_experts, adapter.top_k, config)
+    folder.write_table("cells", cells)
+    folder.write_table("calibration", calib)
+    folder.complete(summary, extra={"timings": {"seconds_this_session": round(time.perf_counter() - started, 3),
+                                                "items_scored_this_session": len(todo)}})
+    return summary

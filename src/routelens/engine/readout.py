@@ -1,0 +1,28 @@
+"""What the engines share: the read-out of log-probabilities and the memory estimate of
+one perturbed sequence."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from routelens.models.adapter import MoEAdapter
+
+
+def target_log_probs(adapter: MoEAdapter, final: torch.Tensor, targets: torch.Tensor, memory_budget: int) -> np.ndarray:
+    """log p(target) from final-norm hidden states [N, d] and target ids [N], through the LM
+    head in slices so one slice's [slice, vocab] fp32 logits fit the budget -> float64 [N]."""
+    size = max(1, memory_budget // (8 * adapter.config.vocab_size))
+    out = []
+    for start in range(0, final.shape[0], size):
+        logits = adapter.model.lm_head(final[start: start + size]).float()
+        out.append(torch.log_softmax(logits, -1).gather(-1, targets[start: start + size, None])[:, 0])
+    return torch.cat(out).double().cpu().numpy() if out else np.zeros(0)
+
+
+def activation_bytes(adapter: MoEAdapter, length: int) -> int:
+    """Bytes of one decoder layer's activations for one sequence of `length` tokens (fp32
+    residual, attention projections and the top-k expert intermediates): an estimate."""
+    config = adapter.config
+    intermediate = max(getattr(config, "moe_intermediate_size", 0) or 0, getattr(config, "intermediate_size", 0) or 0)
+    return 4 * length * (12 * config.hidden_size + 3 * adapter.top_k * intermediate)

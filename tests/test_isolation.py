@@ -1,0 +1,302 @@
+"""The expert-isolation study: statistics against SciPy/statsmodels, forcing against plain
+forwards with the adapter override, prefix reuse and batching against one forward per
+condition, and the `isolate` command end to end (run folder, resume, bad input)."""
+
+import json
+import os
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from scipy import stats as sps
+from statsmodels.stats.multitest import multipletests
+
+from conftest import FAMILIES, write_jsonl
+from routelens import stats
+from routelens.analyses import isolation
+from routelens.analyses.isolation import IsolationConfig, analyse_item, floor_conditions, forced_conditions
+from routelens.cli import main
+from routelens.data.target_items import TargetItem
+from routelens.engine.whole_sequence import WholeSequenceScorer
+from routelens.models.routing import RouteOverride, capture_routes, override_routes
+
+
+# ---------------------------------------------------------------------------- statistics
+def _step_down_rejections(p: np.ndarray, alpha: float) -> int:
+    """BH applied step-down (stop at the first failure from the smallest p): the wrong
+    procedure, kept here only to show the case where it and step-up disagree."""
+    ranked = np.sort(p)
+    for i, value in enumerate(ranked, start=1):
+        if value > i / len(p) * alpha:
+            return i - 1
+    return len(p)
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_bh_step_up_equals_statsmodels_on_random_p_values_with_ties(seed):
+    rng = np.random.default_rng(seed)
+    p = np.concatenate([rng.uniform(0, 0.08, 30), rng.uniform(0, 1, 40)])
+    p[rng.integers(0, 70, 15)] = p[rng.integers(0, 70, 15)]          # ties
+    p = np.round(p, 3)                                                 # more ties
+    for alpha in (0.01, 0.05, 0.1):
+        reject, q_ref, _, _ = multipletests(p, alpha=alpha, method="fdr_bh")
+        q = stats.bh_qvalues(p)
+        np.testing.assert_allclose(q, q_ref, rtol=1e-12)
+        assert np.array_equal(q <= alpha, reject)
+
+
+def test_bh_step_up_rejects_where_step_down_rejects_nothing():
+    p = np.array([0.011, 0.02, 0.03, 0.04, 0.05, 0.045, 0.035, 0.025])
+    alpha = 0.05
+    assert _step_down_rejections(p, alpha) == 0        # paper 2's procedure: nothing survives
+    reject, _, _, _ = multipletests(p, alpha=alpha, method="fdr_bh")
+    assert reject.all()
+    assert np.array_equal(stats.bh_qvalues(p) <= alpha, reject)
+
+
+def test_wilcoxon_spearman_fisher_and_bootstrap_equal_scipy():
+    rng = np.random.default_rng(1)
+    deltas = rng.normal(0.1, 1, 40)
+    assert stats.wilcoxon_p(deltas) == pytest.approx(sps.wilcoxon(deltas).pvalue, rel=1e-12)
+    assert stats.wilcoxon_p(np.zeros(5)) == 1.0
+    x, y = rng.normal(size=16), rng.normal(size=16)
+    r, p = stats.spearman_test(x, y)
+    reference = sps.spearmanr(x, y)
+    assert (r, p) == pytest.approx((reference.statistic, reference.pvalue), rel=1e-12)
+    xs, ys = rng.normal(size=(5, 16)), rng.normal(size=(5, 16))
+    xs[2, 3] = xs[2, 4]                                                  # a tie
+    np.testing.assert_allclose(stats.spearman_rows(xs, ys), [sps.spearmanr(a, b).statistic for a, b in zip(xs, ys)],
+                               rtol=1e-12)
+    rs = np.array([0.3, -0.2, 1.0, 0.99999, np.nan])
+    expected = np.tanh(np.mean(np.arctanh(np.clip(rs[:4], -0.9999, 0.9999))))
+    assert stats.fisher_z_mean(rs) == pytest.approx(expected, rel=1e-12)
+    low, high = stats.median_interval(deltas)
+    interval = sps.quantile_test(deltas, q=0, p=0.5).confidence_interval(0.95)
+    assert (low, high) == (interval.low, interval.high) and low < np.median(deltas) < high
+    # resampling unit indices is resampling the data: equal to scipy.stats.bootstrap of the mean
+    values = rng.normal(size=30)
+    ours = stats.bootstrap_over_units(lambda idx: values[idx].mean(axis=-1), 30, seed=5, n_resamples=500)
+    theirs = sps.bootstrap((values,), np.mean, n_resamples=500, method="percentile", batch=100,
+                           rng=np.random.default_rng(5)).confidence_interval
+    assert ours == pytest.approx((theirs.low, theirs.high), rel=1e-12)
+
+
+# ---------------------------------------------------------------------------- forcing
+@pytest.mark.parametrize("family", FAMILIES)
+@torch.no_grad()
+def test_padded_single_expert_route_equals_the_expert_alone(family, tiny_adapters):
+    """(e, 1.0) is given to the router as k slots of e with weights 1, 0, ...: the same
+    output up to float summation order (the grouped GEMM sees other shapes)."""
+    adapter = tiny_adapters[family]
+    layer = adapter.moe_layers[-1]
+    experts_module = adapter.decoder_layers[layer].mlp.experts
+    x = torch.randn(7, adapter.config.hidden_size)
+    for expert in (0, adapter.num_experts - 1):
+        alone = experts_module(x, torch.full((7, 1), expert), torch.ones(7, 1))
+        padded_e, padded_w = forced_conditions(adapter.num_experts, 7, adapter.top_k)
+        padded = experts_module(x, padded_e[expert], padded_w[expert])
+        torch.testing.assert_close(padded, alone, rtol=1e-5, atol=1e-7)
+
+
+def _plain_forward(adapter, ids: torch.Tensor, layer: int, experts: torch.Tensor, weights: torch.Tensor,
+                   positions) -> np.ndarray:
+    """log p(token t + 1) at positions, one full forward with every token's route at `layer` overridden."""
+    override = RouteOverride(torch.arange(len(ids)), experts, weights)
+    with torch.no_grad(), override_routes(adapter, {layer: override}):
+        logits = adapter.model(ids[None], use_cache=False).logits[0]
+    return torch.log_softmax(logits.float(), -1)[positions, ids[positions + 1]].double().numpy()
+
+
+def _item(adapter, seed: int, length: int = 11, prompt: int = 4) -> TargetItem:
+    ids = torch.randint(4, adapter.config.vocab_size, (length,), generator=torch.Generator().manual_seed(seed)).tolist()
+    return TargetItem(f"item{seed}", "d", ids[:prompt], ids[prompt:])
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_prefix_reuse_and_batching_equal_one_forward_per_condition(family, tiny_adapters):
+    """Every row of an item (forced experts, floor routes, every MoE layer) equals a plain
+    forward of the whole model with that condition's override, to 1e-5."""
+    adapter = tiny_adapters[family]
+    item = _item(adapter, seed=3)
+    ids, positions = torch.tensor(item.input_ids), np.asarray(item.target_positions)
+    config = IsolationConfig(floor_seeds=2, seed=4)
+    table = analyse_item(adapter, WholeSequenceScorer(adapter, rows_per_chunk=3), item, adapter.moe_layers,
+                         config)[0].to_pandas()
+    with torch.no_grad(), capture_routes(adapter) as captured:
+        logits = adapter.model(ids[None], use_cache=False).logits[0]
+    natural = torch.log_softmax(logits.float(), -1)[positions, ids[positions + 1]].double().numpy()
+    row = table[table["condition"] == "natural"].iloc[0]
+    assert row["mean_logprob"] == pytest.approx(natural.mean(), abs=1e-5)
+    forced_e, forced_w = forced_conditions(adapter.num_experts, len(ids), adapter.top_k)
+    for layer in adapter.moe_layers:
+        for expert in sorted({0, 1, adapter.num_experts - 1}):
+            expected = _plain_forward(adapter, ids, layer, forced_e[expert], forced_w[expert], positions)
+            got = table[(table["layer"] == layer) & (table["expert"] == expert)].iloc[0]
+            assert got["mean_logprob"] == pytest.approx(expected.mean(), abs=1e-5)
+            assert got["first_logprob"] == pytest.approx(expected[0], abs=1e-5)
+        floor_e, floor_w = floor_conditions(adapter, captured[layer].logits, layer, item.id, 4, 2)
+        for seed in range(2):
+            expected = _plain_forward(adapter, ids, layer, floor_e[seed], floor_w[seed], positions)
+            got = table[(table["layer"] == layer) & (table["floor_seed"] == seed)].iloc[0]
+            assert got["mean_logprob"] == pytest.approx(expected.mean(), abs=1e-5)
+    assert len(table) == 1 + len(adapter.moe_layers) * (adapter.num_experts + 2)
+
+
+def test_chunking_does_not_change_results(tiny_adapters):
+    adapter = tiny_adapters["qwen3_moe"]
+    item = _item(adapter, seed=9, length=15)
+    config = IsolationConfig(floor_seeds=3)
+    one = analyse_item(adapter, WholeSequenceScorer(adapter, rows_per_chunk=1), item, [0, 2], config)[0].to_pandas()
+    many = analyse_item(adapter, WholeSequenceScorer(adapter), item, [0, 2], config)[0].to_pandas()
+    np.testing.assert_allclose(one["mean_logprob"], many["mean_logprob"], atol=1e-6)
+    assert one.drop(columns=["mean_logprob", "first_logprob"]).equals(many.drop(columns=["mean_logprob", "first_logprob"]))
+
+
+def test_floor_routes_are_uniform_distinct_and_weighted_by_the_gating_rule(tiny_adapters):
+    adapter = tiny_adapters["mixtral"]
+    logits = torch.randn(4000, adapter.num_experts)
+    experts, weights = floor_conditions(adapter, logits, 0, "x", seed=1, floor_seeds=2)
+    assert experts.shape == (2, 4000, adapter.top_k)
+    assert all(len(set(route.tolist())) == adapter.top_k for route in experts[0, :50])
+    counts = np.bincount(experts[0].reshape(-1).numpy(), minlength=adapter.num_experts)
+    expected = 4000 * adapter.top_k / adapter.num_experts
+    assert sps.chisquare(counts).pvalue > 1e-3 and abs(counts.mean() - expected) < 1e-9
+    torch.testing.assert_close(weights[1], adapter.weights_for(logits, experts[1]))
+    again, _ = floor_conditions(adapter, logits, 0, "x", seed=1, floor_seeds=2)
+    assert torch.equal(again, experts) and not torch.equal(experts[0], experts[1])
+
+
+# ---------------------------------------------------------------------------- the command
+DOMAIN_ITEMS = [{"id": f"{d}{i}", "domain": d, "prompt": f"Q:{i}{op}{i + 2}=A:", "target": f"{i}{op}{i + 2}#{i}"}
+                for d, op in (("add", "+"), ("mul", "*")) for i in range(8)]
+
+
+def _isolate_args(model, items, out, *extra):
+    return ["isolate", "--model", model, "--items", items, "--layers", "all", "--floor-seeds", "2",
+            "--bootstrap-resamples", "200", "--out", out, "--no-progress", *extra]
+
+
+def test_isolate_command_tables_agree_with_scipy_and_statsmodels(saved_model, tmp_path, capsys):
+    items = write_jsonl(tmp_path / "items.jsonl", DOMAIN_ITEMS)
+    out = str(tmp_path / "iso")
+    assert main(_isolate_args(saved_model, items, out)) == 0
+    assert "cells significant" in capsys.readouterr().out
+    rows = pd.read_parquet(os.path.join(out, "isolation.parquet"))
+    cells = pd.read_parquet(os.path.join(out, "cells.parquet"))
+    calibration = pd.read_parquet(os.path.join(out, "calibration.parquet"))
+    summary = json.load(open(os.path.join(out, "summary.json")))
+    run = json.load(open(os.path.join(out, "run.json")))
+    num_experts, layers = 8, [0, 1, 2]
+    assert run["status"] == "complete" and run["config"]["resolved_layers"] == layers
+    assert run["config"]["floor_seeds"] == 2 and run["summary_settings"]["alpha"] == 0.05
+    assert len(rows) == 16 * (1 + len(layers) * (num_experts + 2))
+    assert rows[rows["condition"] == "natural"]["layer"].isna().all()
+    assert rows[rows["condition"] == "forced"]["floor_seed"].isna().all()
+    assert not rows.duplicated(["item_id", "layer", "condition", "expert", "floor_seed"]).any()
+    assert len(cells) == 2 * len(layers) * num_experts and (cells["n"] == 8).all()
+
+    # every cell's statistics, recomputed from isolation.parquet with SciPy and statsmodels
+    natural = rows[rows["condition"] == "natural"].set_index("item_id")["mean_logprob"]
+    for _, cell in cells.sample(10, random_state=0).iterrows():
+        forced = rows[(rows["condition"] == "forced") & (rows["layer"] == cell["layer"])
+                      & (rows["expert"] == cell["expert"]) & (rows["domain"] == cell["domain"])].set_index("item_id")
+        deltas = forced["mean_logprob"] - natural.reindex(forced.index)
+        assert cell["p_value"] == pytest.approx(sps.wilcoxon(deltas).pvalue, rel=1e-9)
+        assert cell["median_delta"] == pytest.approx(np.median(deltas), rel=1e-12)
+        floor_mean = rows[(rows["condition"] == "floor") & (rows["layer"] == cell["layer"])].groupby("item_id")[
+            "mean_logprob"].mean().reindex(forced.index)
+        assert cell["p_value_vs_floor"] == pytest.approx(sps.wilcoxon(forced["mean_logprob"] - floor_mean).pvalue, rel=1e-9)
+    reject, q, _, _ = multipletests(cells["p_value"], alpha=0.05, method="fdr_bh")
+    np.testing.assert_allclose(cells["q_value"], q, rtol=1e-12)
+    assert np.array_equal(cells["significant"], reject) and summary["significant_cells"] == int(reject.sum())
+
+    # calibration: Spearman over experts per (domain, layer), Fisher-z mean over layers
+    for domain in ("add", "mul"):
+        at = cells[(cells["domain"] == domain)]
+        per_layer = []
+        for layer in layers:
+            layer_cells = at[at["layer"] == layer]
+            r = sps.spearmanr(layer_cells["natural_share"], layer_cells["mean_delta"]).statistic
+            row = calibration[(calibration["domain"] == domain) & (calibration["share"] == "router_share")
+                              & (calibration["layer"] == layer)].iloc[0]
+            assert row["spearman"] == pytest.approx(r, rel=1e-9)
+            per_layer.append(r)
+        mean_row = calibration[(calibration["domain"] == domain) & (calibration["share"] == "router_share")
+                               & calibration["layer"].isna()].iloc[0]
+        expected = np.tanh(np.mean(np.arctanh(np.clip(per_layer, -0.9999, 0.9999))))
+        assert mean_row["spearman"] == pytest.approx(expected, rel=1e-9)
+        assert mean_row["ci_low"] <= mean_row["ci_high"]
+        assert summary["calibration"][domain]["router_share"]["fisher_z_mean"] == pytest.approx(expected, rel=1e-9)
+        # natural shares are shares: they sum to 1 over experts at each layer
+        assert at.groupby("layer")["natural_share"].sum().to_numpy() == pytest.approx(1.0)
+        assert at.groupby("layer")["selection_share"].sum().to_numpy() == pytest.approx(1.0)
+    for row in summary["dominance"]:
+        layer_cells = cells[(cells["domain"] == row["domain"]) & (cells["layer"] == row["layer"])]
+        assert row["most_activated"] == int(layer_cells.loc[layer_cells["selection_share"].idxmax(), "expert"])
+        assert row["vs_uniform"] == pytest.approx(layer_cells["selection_share"].max() * num_experts)
+
+    # a different alpha re-summarises the same tables (no recomputation); another seed is another run
+    assert main(_isolate_args(saved_model, items, out, "--alpha", "0.2")) == 0
+    assert json.load(open(os.path.join(out, "summary.json")))["alpha"] == 0.2
+    assert pd.read_parquet(os.path.join(out, "isolation.parquet")).equals(rows)
+    assert json.load(open(os.path.join(out, "run.json")))["timings"]["items_scored_this_session"] == 0
+    assert main(_isolate_args(saved_model, items, out, "--seed", "1")) == 2
+    assert "differs in: seed" in capsys.readouterr().err
+
+
+def test_isolate_resumes_after_an_interruption_without_loss_or_duplicates(saved_model, tmp_path, monkeypatch):
+    items = write_jsonl(tmp_path / "items.jsonl", DOMAIN_ITEMS[:6])
+    whole, cut = str(tmp_path / "whole"), str(tmp_path / "cut")
+    assert main(_isolate_args(saved_model, items, whole, "--layers", "0,-1")) == 0
+    real, calls = isolation.analyse_item, {"n": 0}
+
+    def interrupted(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 4:
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(isolation, "analyse_item", interrupted)
+    assert main(_isolate_args(saved_model, items, cut, "--layers", "0,-1")) == 130
+    assert json.load(open(os.path.join(cut, "run.json")))["status"] == "running"
+    assert not os.path.exists(os.path.join(cut, "cells.parquet"))
+    monkeypatch.setattr(isolation, "analyse_item", real)
+    assert main(_isolate_args(saved_model, items, cut, "--layers", "0,-1")) == 0
+    assert json.load(open(os.path.join(cut, "run.json")))["timings"]["items_scored_this_session"] == 3
+    for table in ("isolation", "cells"):
+        pd.testing.assert_frame_equal(pd.read_parquet(os.path.join(cut, f"{table}.parquet")),
+                                      pd.read_parquet(os.path.join(whole, f"{table}.parquet")))
+
+
+@pytest.mark.parametrize("case, message", [
+    ("malformed", "line 2: malformed JSON"),
+    ("no_domain", "missing field 'domain'"),
+    ("no_target", "missing field(s) 'target'"),
+    ("unknown_domain", "domain(s) geo not in"),
+    ("duplicate", "duplicate item id"),
+    ("dense_layer", "layer 1 is a dense layer"),
+    ("alpha", "--alpha must lie strictly between 0 and 1"),
+    ("no_items", "give --items FILE"),
+    ("too_many", "reserves 100 items per domain"),
+])
+def test_isolate_bad_input_one_line_exit_2(case, message, saved_model, tmp_path, capsys):
+    good = write_jsonl(tmp_path / "good.jsonl", DOMAIN_ITEMS[:2])
+    bad = {
+        "malformed": [json.dumps(DOMAIN_ITEMS[0]), "{oops"],
+        "no_domain": [{"id": "a", "prompt": "Q", "target": "1"}],
+        "no_target": [{"id": "a", "domain": "d", "prompt": "Q"}],
+        "duplicate": [DOMAIN_ITEMS[0], DOMAIN_ITEMS[0]],
+    }
+    out = str(tmp_path / "r")
+    args = {
+        "unknown_domain": _isolate_args(saved_model, good, out, "--domains", "geo"),
+        "dense_layer": ["isolate", "--model", "tiny:qwen2_moe", "--items", good, "--layers", "1", "--out", out],
+        "alpha": _isolate_args(saved_model, good, out, "--alpha", "2"),
+        "no_items": ["isolate", "--model", saved_model, "--out", out],
+        "too_many": ["isolate", "--model", "demo", "--per-domain", "101", "--out", out],
+    }.get(case) or _isolate_args(saved_model, write_jsonl(tmp_path / "bad.jsonl", bad[case]), out)
+    assert main(args) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and message in err, err
+    assert not os.path.exists(os.path.join(out, "cells.parquet"))
