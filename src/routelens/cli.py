@@ -55,7 +55,8 @@ Re-running the same command on the same --out resumes; --alpha, --score and
 """
 
 EXAMPLES_DEMO = """examples:
-  routelens demo                       # embedded model, 120 problems x 2 samples, runs/demo
+  routelens demo                       # embedded model: counterfactual (120 problems x 2 samples)
+                                       # and isolation (50 items x 4 domains), into runs/demo
   routelens demo --out /tmp/demo --problems 32 --routes 16
 """
 
@@ -188,7 +189,7 @@ def build_parser() -> argparse.ArgumentParser:
                                   epilog=EXAMPLES_INSPECT, formatter_class=argparse.RawDescriptionHelpFormatter)
     _add_model_options(inspect)
 
-    demo = commands.add_parser("demo", help="run the counterfactual analysis end to end on a built-in model",
+    demo = commands.add_parser("demo", help="counterfactual analysis and expert isolation end to end on the built-in model",
                                epilog=EXAMPLES_DEMO, formatter_class=argparse.RawDescriptionHelpFormatter)
     demo.add_argument("--out", default=os.path.join("runs", "demo"), help="demo folder (default runs/demo)")
     _add_model_options(demo, with_model=False)

@@ -47,7 +47,8 @@ def isolation_tables(summary: dict) -> list[Table]:
     score = summary["score"]
     counts = Table(title=f"expert isolation: {summary['significant_cells']} of {summary['cells']} cells significant "
                          f"(BH step-up, alpha {summary['alpha']}); {summary['significant_better_than_natural']} "
-                         f"better than natural; {summary['significant_vs_floor']} differ from the random floor")
+                         f"better than natural; {summary['significant_vs_floor']} differ from the random floor "
+                         f"({summary['significant_better_than_floor']} better)")
     for column in ("domain", "items", "significant", "calibration: router share", "calibration: top-k share"):
         counts.add_column(column, justify="left" if column == "domain" else "right")
     for domain, n in summary["items_per_domain"].items():

@@ -315,6 +315,7 @@ def summarise(isolation: pd.DataFrame, routing: pd.DataFrame, layers: list[int],
         "significant_cells": int(cells["significant"].sum()),
         "significant_better_than_natural": int((cells["significant"] & (cells["median_delta"] > 0)).sum()),
         "significant_vs_floor": int(cells["significant_vs_floor"].sum()),
+        "significant_better_than_floor": int((cells["significant_vs_floor"] & (cells["median_delta_vs_floor"] > 0)).sum()),
         "significant_by_domain": {d: int(cells[cells["domain"] == d]["significant"].sum()) for d in domains},
         "calibration": {d: {m: {"fisher_z_mean": _finite(row["spearman"]), "ci": [_finite(row["ci_low"]), _finite(row["ci_high"])],
                                 "per_layer": [_finite(v) for v in calib[(calib["domain"] == d) & (calib["share"] == m)
