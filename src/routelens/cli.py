@@ -54,6 +54,26 @@ Re-running the same command on the same --out resumes; --alpha, --score and
 --bootstrap-resamples only change the summary and may differ on a re-run.
 """
 
+EXAMPLES_ROUTER_UPDATE = """examples:
+  routelens router-update --model demo --counterfactual runs/cf-last --out runs/update
+  routelens router-update --model ./my-olmoe --counterfactual runs/cf-last --heldout-counterfactual runs/cf-heldout \\
+      --margin 0.05 --bins Fragile,Ambiguous --beta 0.1 --lr 1e-3 --steps 300 --seed 0 --out runs/update
+
+The counterfactual run must include the last MoE layer and come from the same model. Writes
+router_delta.safetensors (apply with --router-delta FILE to any command), pairs.parquet,
+training_log.jsonl, summary.json and run.json.
+"""
+
+EXAMPLES_PASSK = """examples:
+  routelens passk --model demo --task arithmetic --n 500 --samples 16 --k 1,4,16 --out runs/passk
+  routelens passk --model demo --router-delta runs/update/router_delta.safetensors --compare \\
+      --task arithmetic --n 500 --samples 16 --k 1,2,4,8,16 --temperature 0.8 --seed 0 --out runs/passk-compare
+  routelens passk --model ./my-qwen3-moe --problems aime.jsonl --samples 16 --max-new-tokens 8192 --out runs/aime
+
+--compare evaluates the base model and the model with --router-delta on the same problems
+with the same sampling seeds, and reports the paired difference.
+"""
+
 EXAMPLES_DEMO = """examples:
   routelens demo                       # embedded model: counterfactual (120 problems x 2 samples)
                                        # and isolation (50 items x 4 domains), into runs/demo
@@ -113,6 +133,8 @@ def _add_model_options(parser: argparse.ArgumentParser, with_model: bool = True)
     parser.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda, cuda:N")
     parser.add_argument("--dtype", default="auto", help="auto (float32 on cpu, bfloat16 on cuda), float32, bfloat16, float16")
     parser.add_argument("--trust-remote-code", action="store_true", help="allow the model's own code (off by default)")
+    parser.add_argument("--router-delta", default=None, metavar="FILE",
+                        help="apply a router update (a `routelens router-update` delta file) to the model first")
 
 
 def _add_counterfactual_options(parser: argparse.ArgumentParser, layers_default: str | None) -> None:
@@ -183,6 +205,43 @@ def build_parser() -> argparse.ArgumentParser:
     isolate.add_argument("--overwrite", action="store_true", help="replace a run with a different config in --out")
     isolate.add_argument("--no-progress", action="store_true", help="no progress bar")
 
+    update = commands.add_parser("router-update", help="retrain the last MoE layer's router alone from counterfactual preferences",
+                                 epilog=EXAMPLES_ROUTER_UPDATE, formatter_class=argparse.RawDescriptionHelpFormatter)
+    _add_model_options(update)
+    update.add_argument("--counterfactual", required=True, help="counterfactual run folder with the last MoE layer")
+    update.add_argument("--heldout-counterfactual", default=None,
+                        help="another counterfactual run: report the share of its tokens whose standard route changed")
+    update.add_argument("--out", required=True, help="output folder")
+    update.add_argument("--margin", type=float, default=0.05, help="preferred route beats the standard by >= this probability (default 0.05)")
+    update.add_argument("--bins", type=_names, default=["Fragile", "Ambiguous"], help="token bins to learn from (default Fragile,Ambiguous)")
+    update.add_argument("--beta", type=float, default=0.1, help="DPO beta (default 0.1)")
+    update.add_argument("--lr", type=float, default=1e-3, help="Adam learning rate (default 1e-3)")
+    update.add_argument("--steps", type=_positive_int, default=300, help="optimizer steps (default 300)")
+    update.add_argument("--batch-size", type=_positive_int, default=256, help="pairs per step (default 256)")
+    update.add_argument("--seed", type=int, default=0, help="seed of the minibatch order (default 0)")
+    update.add_argument("--overwrite", action="store_true", help="replace an update with a different config in --out")
+    update.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+    passk = commands.add_parser("passk", help="pass@k with bootstrap intervals; --compare base vs router-updated model",
+                                epilog=EXAMPLES_PASSK, formatter_class=argparse.RawDescriptionHelpFormatter)
+    _add_model_options(passk)
+    problems = passk.add_mutually_exclusive_group()
+    problems.add_argument("--task", choices=["arithmetic"], default=None, help="the embedded task's held-out problems")
+    problems.add_argument("--problems", default=None, help='JSONL of {"id","prompt","answer"} (checked with math-verify)')
+    passk.add_argument("--n", type=_positive_int, default=None, help="first N problems (arithmetic default 500)")
+    passk.add_argument("--samples", type=_positive_int, default=16, help="samples per problem (default 16)")
+    passk.add_argument("--k", type=_int_list, default=[1, 2, 4, 8, 16], help="k values, comma-separated (default 1,2,4,8,16)")
+    passk.add_argument("--temperature", type=float, default=0.8, help="sampling temperature (default 0.8)")
+    passk.add_argument("--seed", type=int, default=0, help="sampling and bootstrap seed (default 0)")
+    passk.add_argument("--max-new-tokens", type=_positive_int, default=None,
+                       help="generation limit (default 96 for arithmetic, 1024 for --problems)")
+    passk.add_argument("--batch-size", type=_positive_int, default=None, help="sequences per generate call")
+    passk.add_argument("--compare", action="store_true", help="evaluate the base model and the --router-delta model")
+    passk.add_argument("--bootstrap-resamples", type=_positive_int, default=2000, help="bootstrap resamples (default 2000)")
+    passk.add_argument("--out", required=True, help="run folder (created; resumed if it holds the same run)")
+    passk.add_argument("--overwrite", action="store_true", help="replace a run with a different config in --out")
+    passk.add_argument("--no-progress", action="store_true", help="no progress bar")
+
     commands.add_parser("models", help="list the supported MoE families")
 
     inspect = commands.add_parser("inspect", help="show a model's MoE layers, experts, top-k and gating rule",
@@ -206,6 +265,8 @@ def build_parser() -> argparse.ArgumentParser:
     source = traj.add_mutually_exclusive_group()
     source.add_argument("--task", choices=["arithmetic"], default=None, help="the embedded arithmetic task")
     source.add_argument("--problems", default=None, help='JSONL of {"id","prompt","answer"} (answers checked with math-verify)')
+    traj.add_argument("--heldout", action="store_true",
+                      help="arithmetic: take the problems from the held-out evaluation set instead of the analysis stream")
     traj.add_argument("--n", type=_positive_int, default=200, help="problems (default 200; for --problems: the first N)")
     traj.add_argument("--samples-per-problem", type=_positive_int, default=8, help="samples per problem (default 8)")
     traj.add_argument("--temperature", type=float, default=0.8, help="sampling temperature (default 0.8)")
@@ -241,13 +302,21 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def load_from_args(args, model: str | None = None):
+    """The model named by --model (or `model`), with --device, --dtype and --router-delta."""
+    from routelens.models.loading import load_model
+
+
+    return load_model(model or args.model, args.device, args.dtype, args.trust_remote_code,
+                      router_delta=getattr(args, "router_delta", None))
+
+
 def cmd_trajectories(args) -> int:
     from routelens.data.sampling import arithmetic_trajectories, file_trajectories, write_trajectories
-    from routelens.models.loading import load_model
 
     if args.problems is None and args.task is None:
         args.task = "arithmetic"
-    loaded = load_model(args.model, args.device, args.dtype, args.trust_remote_code)
+    loaded = load_from_args(args)
     if loaded.tokenizer is None:
         raise RouteLensError(f"model {args.model!r} has no tokenizer; trajectories are generated from text")
     options = dict(samples_per_problem=args.samples_per_problem, temperature=args.temperature, seed=args.seed,
@@ -259,7 +328,7 @@ def cmd_trajectories(args) -> int:
                                     batch_size=args.batch_size or 16, **options)
     else:
         records = arithmetic_trajectories(loaded.adapter.model, loaded.tokenizer, args.n,
-                                          batch_size=args.batch_size or 256, **options)
+                                          batch_size=args.batch_size or 256, heldout=args.heldout, **options)
     write_trajectories(records, args.out)
     verified = sum(r["verified"] for r in records)
     print(f"{len(records)} trajectories, {verified} verified ({verified / max(len(records), 1):.1%}); written to {args.out}")
@@ -268,9 +337,8 @@ def cmd_trajectories(args) -> int:
 
 def cmd_evaluate(args) -> int:
     from routelens.evaluation import evaluate_arithmetic
-    from routelens.models.loading import load_model
 
-    loaded = load_model(args.model, args.device, args.dtype, args.trust_remote_code)
+    loaded = load_from_args(args)
     if loaded.tokenizer is None:
         raise RouteLensError(f"model {args.model!r} has no tokenizer; the arithmetic task is text")
     report = evaluate_arithmetic(loaded, args.n, args.samples, args.temperature, args.seed,
@@ -308,9 +376,8 @@ def cmd_models(args) -> int:
 
 
 def cmd_inspect(args) -> int:
-    from routelens.models.loading import load_model
 
-    loaded = load_model(args.model, args.device, args.dtype, args.trust_remote_code)
+    loaded = load_from_args(args)
     info = loaded.adapter.describe()
     info.update(device=loaded.device, dtype=loaded.dtype, tokenizer=type(loaded.tokenizer).__name__ if loaded.tokenizer else None)
     width = max(map(len, info))
@@ -335,10 +402,9 @@ def run_counterfactual_command(model: str, trajectories_path: str, out: str, arg
                                max_trajectories=None, only_verified=False, preloaded=None) -> dict:
     from routelens.analyses.counterfactual import run_counterfactual
     from routelens.data.trajectories import file_sha256, load_trajectories
-    from routelens.models.loading import load_model
 
     config = _config_from(args, layers)
-    loaded = preloaded or load_model(model, args.device, args.dtype, args.trust_remote_code)
+    loaded = preloaded or load_from_args(args, model)
     trajectories = load_trajectories(trajectories_path, loaded.tokenizer, loaded.adapter.config.vocab_size,
                                      only_verified=only_verified, limit=max_trajectories)
     data_info = {"trajectories": os.path.abspath(trajectories_path), "trajectories_sha256": file_sha256(trajectories_path),
@@ -361,7 +427,6 @@ def cmd_counterfactual(args) -> int:
 def cmd_isolate(args) -> int:
     from routelens.analyses.isolation import IsolationConfig, run_isolation
     from routelens.data.target_items import arithmetic_items, load_items
-    from routelens.models.loading import load_model
     from routelens.summary_table import print_isolation_summary
 
     config = IsolationConfig(layers=args.layers, floor_seeds=args.floor_seeds, seed=args.seed, alpha=args.alpha,
@@ -370,7 +435,7 @@ def cmd_isolate(args) -> int:
     config.check()
     if args.items is None and args.task is None and args.model != "demo":
         raise RouteLensError("give --items FILE ({id, domain, prompt, target} records), or --task arithmetic")
-    loaded = load_model(args.model, args.device, args.dtype, args.trust_remote_code)
+    loaded = load_from_args(args)
     if args.layers:
         loaded.adapter.resolve_layers(args.layers)  # a dense or out-of-range layer fails before any item is read
     if args.items:
@@ -391,6 +456,65 @@ def cmd_isolate(args) -> int:
     return 0
 
 
+def cmd_router_update(args) -> int:
+    from routelens.analyses.router_update import RouterUpdateConfig, run_router_update
+
+    config = RouterUpdateConfig(margin=args.margin, bins=args.bins, beta=args.beta, learning_rate=args.lr,
+                                steps=args.steps, batch_size=args.batch_size, seed=args.seed)
+    config.check()
+    loaded = load_from_args(args)
+    summary = run_router_update(loaded, args.counterfactual, config, args.out, args.heldout_counterfactual,
+                                overwrite=args.overwrite, show_progress=not args.no_progress)
+    print(f"{summary['pairs']} preference pairs on {summary['pair_tokens']} tokens at layer {summary['layer']}; "
+          f"loss {summary['loss_first_step']:.4f} -> {summary['loss_last_step']:.4f}; preferred route ranked higher "
+          f"{summary['preference_accuracy_before']:.1%} -> {summary['preference_accuracy_after']:.1%}")
+    print(f"{summary['parameters_checked']} parameters and buffers hashed; changed: {', '.join(summary['parameters_changed']) or 'none'}")
+    changes = summary.get("heldout_route_changes")
+    if changes:
+        print("held-out tokens whose standard route changed: " + "; ".join(
+            f"{b} {changes[b]['route_changed']}/{changes[b]['tokens']}" for b in ("Fragile", "Ambiguous", "Confident", "All")))
+    print(f"router delta: {summary['router_delta']} (apply with --router-delta)")
+    return 0
+
+
+def cmd_passk(args) -> int:
+    from routelens.analyses.passk import PassKConfig, arithmetic_problems, file_problems, run_passk
+    from routelens.models.loading import load_model
+
+    if args.compare and not args.router_delta:
+        raise RouteLensError("--compare needs --router-delta FILE (the updated model to compare with the base)")
+    is_file = args.problems is not None
+    config = PassKConfig(samples=args.samples, ks=args.k, temperature=args.temperature, seed=args.seed,
+                         max_new_tokens=args.max_new_tokens or (1024 if is_file else 96),
+                         checker="math-verify" if is_file else "arithmetic",
+                         bootstrap_resamples=args.bootstrap_resamples, batch_size=args.batch_size or (16 if is_file else 256))
+    config.check()
+    if args.compare:  # the base first, then the delta applied in place: one load, same problems, same seeds
+        loaded = load_model(args.model, args.device, args.dtype, args.trust_remote_code)
+        arms = [("base", None), ("updated", args.router_delta)]
+    else:
+        loaded = load_from_args(args)
+        arms = [("model", None)]
+    if loaded.tokenizer is None:
+        raise RouteLensError(f"model {args.model!r} has no tokenizer; pass@k samples text")
+    if is_file:
+        from routelens.data.trajectories import file_sha256
+
+        problems = file_problems(loaded.tokenizer, args.problems, args.n)
+        data_info = {"problems": os.path.abspath(args.problems), "problems_sha256": file_sha256(args.problems)}
+    else:
+        problems = arithmetic_problems(loaded.tokenizer, args.n or 500)
+        data_info = {"problems": "task:arithmetic (held-out set)"}
+    data_info["num_problems"] = len(problems)
+    summary = run_passk(loaded, problems, config, args.out, data_info, arms, overwrite=args.overwrite,
+                        show_progress=not args.no_progress)
+    from routelens.summary_table import print_passk_summary
+
+    print_passk_summary(summary)
+    print(f"run folder: {args.out} (samples.parquet, problems.parquet, summary.json, run.json)")
+    return 0
+
+
 def cmd_demo(args) -> int:
     from routelens.demo import run_demo
 
@@ -398,7 +522,7 @@ def cmd_demo(args) -> int:
 
 
 COMMANDS = {"trajectories": cmd_trajectories, "evaluate": cmd_evaluate, "train-demo": cmd_train_demo, "models": cmd_models, "inspect": cmd_inspect, "counterfactual": cmd_counterfactual, "demo": cmd_demo,
-            "isolate": cmd_isolate}
+            "isolate": cmd_isolate, "router-update": cmd_router_update, "passk": cmd_passk}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -44,8 +44,10 @@ class _PerSequenceGumbel(LogitsProcessor):
 def sample_completions(model, tokenizer, prompt_ids: list[list[int]], num_samples: int = 1,
                        temperature: float = 1.0, greedy: bool = False, max_new_tokens: int = 96,
                        seed: int = 0, batch_size: int = 256, show_progress: bool = True,
-                       description: str = "generate") -> list[Sample]:
-    """`num_samples` completions of every prompt (token ids, special tokens included)."""
+                       description: str = "generate", index_offset: int = 0) -> list[Sample]:
+    """`num_samples` completions of every prompt (token ids, special tokens included).
+    Prompt p draws from the generator of (seed, index_offset + p, sample), so a long list
+    sampled in pieces (with offsets) gives the same completions as in one call."""
     device = next(model.parameters()).device
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     eos = tokenizer.eos_token_id
@@ -63,7 +65,7 @@ def sample_completions(model, tokenizer, prompt_ids: list[list[int]], num_sample
                 attention[row, width - len(ids):] = 1
             processors = LogitsProcessorList()
             if not greedy:
-                generators = [torch.Generator().manual_seed(int(np.random.SeedSequence([seed, p, s]).generate_state(1)[0]))
+                generators = [torch.Generator().manual_seed(int(np.random.SeedSequence([seed, index_offset + p, s]).generate_state(1)[0]))
                               for p, s in batch]
                 processors.append(_PerSequenceGumbel(generators, temperature))
             output = model.generate(input_ids=input_ids.to(device), attention_mask=attention.to(device),

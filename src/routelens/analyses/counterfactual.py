@@ -303,7 +303,7 @@ def run_counterfactual(loaded, trajectories: list[Trajectory], config: Counterfa
                          config.num_routes, config.temperature)
     engine = make_engine(config.engine, adapter, route_batch_size=config.route_batch_size,
                          memory_budget=config.memory_budget)
-    run_config = {"model": loaded.spec, "engine_used": engine.name, "dtype": loaded.dtype, **data_info, **config.to_dict(),
+    run_config = {**loaded.identity(), "engine_used": engine.name, "dtype": loaded.dtype, **data_info, **config.to_dict(),
                   "resolved_layers": layers, "resolved_candidates": config.candidates_for(adapter.num_experts)}
     folder = RunFolder(out, "counterfactual", run_config, ("routes", "tokens"), overwrite=overwrite,
                        extra={"model": adapter.describe(), "device": loaded.device,

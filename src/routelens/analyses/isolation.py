@@ -348,7 +348,7 @@ def run_isolation(loaded, items: list[TargetItem], config: IsolationConfig, out:
     if not items:
         raise RouteLensError("no items to score; check --domains and the item file")
     scorer = WholeSequenceScorer(adapter, memory_budget=config.memory_budget)
-    run_config = {"model": loaded.spec, "dtype": loaded.dtype, **data_info, **config.identity(), "resolved_layers": layers}
+    run_config = {**loaded.identity(), "dtype": loaded.dtype, **data_info, **config.identity(), "resolved_layers": layers}
     folder = RunFolder(out, "isolation", run_config, ("isolation", "routing"), overwrite=overwrite,
                        extra={"model": adapter.describe(), "device": loaded.device,
                               "summary_settings": config.summary_settings(),

@@ -52,7 +52,7 @@ def read_problem_file(path: str) -> list[dict]:
     return problems
 
 
-def _chat_prompt_ids(tokenizer, prompt: str) -> list[int]:
+def chat_prompt_ids(tokenizer, prompt: str) -> list[int]:
     if getattr(tokenizer, "chat_template", None):
         text = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True,
                                              tokenize=False)
@@ -83,8 +83,11 @@ def _records(samples, problems: list[dict], checker, tokenizer) -> list[dict]:
 
 def arithmetic_trajectories(model, tokenizer, n: int, samples_per_problem: int, temperature: float,
                             seed: int, max_new_tokens: int = 96, batch_size: int = 256,
-                            show_progress: bool = True) -> list[dict]:
-    problems = analysis_problems(seed, n)
+                            show_progress: bool = True, heldout: bool = False) -> list[dict]:
+    """Trajectories on n analysis problems (the seed's stream), or on the first n held-out ones."""
+    from routelens.data.arithmetic import heldout_problems
+
+    problems = heldout_problems(n) if heldout else analysis_problems(seed, n)
     rows = [{"id": p.id, "difficulty": p.difficulty, "domain": p.domain, "answer": str(p.answer)} for p in problems]
     samples = sample_completions(model, tokenizer, [tokenizer(p.question)["input_ids"] for p in problems],
                                  num_samples=samples_per_problem, temperature=temperature, seed=seed,
@@ -98,7 +101,7 @@ def file_trajectories(model, tokenizer, path: str, n: int | None, samples_per_pr
     if tokenizer is None:
         raise RouteLensError("this model has no tokenizer; problems in text need one")
     problems = read_problem_file(path)[:n]
-    samples = sample_completions(model, tokenizer, [_chat_prompt_ids(tokenizer, p["prompt"]) for p in problems],
+    samples = sample_completions(model, tokenizer, [chat_prompt_ids(tokenizer, p["prompt"]) for p in problems],
                                  num_samples=samples_per_problem, temperature=temperature, seed=seed,
                                  max_new_tokens=max_new_tokens, batch_size=batch_size, show_progress=show_progress)
     return _records(samples, problems, lambda text, row: math_answer_correct(text, row["answer"]), tokenizer)

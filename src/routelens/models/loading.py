@@ -35,6 +35,12 @@ class LoadedModel:
     device: str
     dtype: str
     folder: str | None = None  # the local folder the weights came from, if any
+    router_delta: dict | None = None  # the router delta applied on top, if any (path, sha256, layer)
+
+    def identity(self) -> dict:
+        """What identifies the model in a run's config."""
+        return {"model": self.spec, "router_delta": self.router_delta and {
+            k: self.router_delta[k] for k in ("path", "sha256")}}
 
 
 def resolve_device(device: str) -> str:
@@ -54,8 +60,19 @@ def resolve_dtype(dtype: str, device: str) -> str:
 
 
 def load_model(spec: str, device: str = "auto", dtype: str = "auto",
-               trust_remote_code: bool = False, seed: int = 0) -> LoadedModel:
-    """Load `spec` in eval mode on `device` with `dtype` and wrap it in its adapter."""
+               trust_remote_code: bool = False, seed: int = 0, router_delta: str | None = None) -> LoadedModel:
+    """Load `spec` in eval mode on `device` with `dtype` and wrap it in its adapter; with
+    `router_delta`, replace one router's weights by those of a `routelens router-update`
+    file (checked to be made for this base model)."""
+    loaded = _load(spec, device, dtype, trust_remote_code, seed)
+    if router_delta:
+        from routelens.models.router_delta import apply_router_delta
+
+        loaded.router_delta = apply_router_delta(loaded.adapter, os.path.abspath(router_delta))
+    return loaded
+
+
+def _load(spec: str, device: str, dtype: str, trust_remote_code: bool, seed: int) -> LoadedModel:
     device = resolve_device(device)
     dtype = resolve_dtype(dtype, device)
     if spec.startswith(TINY_PREFIX):
@@ -74,7 +91,7 @@ def load_model(spec: str, device: str = "auto", dtype: str = "auto",
         if not is_available():
             raise RouteLensError(f"the embedded demo model is missing from {WEIGHTS_DIR}; "
                                  "reinstall routelens or train one with `routelens train-demo`")
-        loaded = load_model(WEIGHTS_DIR, device, dtype, trust_remote_code=False)
+        loaded = _load(WEIGHTS_DIR, device, dtype, False, seed)
         loaded.spec = DEMO
         return loaded
 

@@ -1,0 +1,199 @@
+"""pass@k with intervals, and base against updated model on the same problems.
+
+Each problem gets n samples at a temperature; the unbiased estimator (Chen et al. 2021)
+1 - C(n - c, k) / C(n, k) gives pass@k per problem from its c correct samples, and the
+mean over problems carries a 95% percentile bootstrap interval resampling problems. With
+two arms (the base model and the model with a router delta), both sample the same problems
+with the same per-sequence generators (common random numbers), and the difference
+(updated - base) gets a paired bootstrap interval: problems are resampled together.
+
+Samples are written per arm and chunk of problems to a resumable run folder.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+
+from routelens import stats
+from routelens.errors import RouteLensError
+
+SAMPLES_SCHEMA = pa.schema([
+    ("arm", pa.string()), ("problem_id", pa.string()), ("group", pa.string()), ("sample", pa.int64()),
+    ("correct", pa.bool_()), ("finished", pa.bool_()), ("completion", pa.string()),
+])
+
+
+@dataclass
+class EvalProblem:
+    id: str
+    prompt_ids: list[int]
+    answer: str
+    group: str | None = None   # e.g. the number of operations, for per-group tables
+
+
+def _arithmetic_correct(text: str, answer: str) -> bool:
+    from routelens.data.arithmetic import verify
+
+    return verify(text, int(answer)).correct
+
+
+def _math_correct(text: str, answer: str) -> bool:
+    from routelens.data.sampling import math_answer_correct
+
+    return math_answer_correct(text, answer)
+
+
+CHECKERS = {"arithmetic": _arithmetic_correct, "math-verify": _math_correct}
+
+
+def arithmetic_problems(tokenizer, n: int) -> list[EvalProblem]:
+    """The held-out arithmetic set (never in training, nor in trajectory problems)."""
+    from routelens.data.arithmetic import heldout_problems
+
+    return [EvalProblem(p.id, list(tokenizer(p.question)["input_ids"]), str(p.answer), f"{p.difficulty} ops")
+            for p in heldout_problems(n)]
+
+
+def file_problems(tokenizer, path: str, n: int | None) -> list[EvalProblem]:
+    from routelens.data.sampling import chat_prompt_ids, read_problem_file
+
+    if tokenizer is None:
+        raise RouteLensError("this model has no tokenizer; problems in text need one")
+    return [EvalProblem(p["id"], chat_prompt_ids(tokenizer, p["prompt"]), p["answer"], p.get("group"))
+            for p in read_problem_file(path)[:n]]
+
+
+@dataclass
+class PassKConfig:
+    samples: int = 16
+    ks: list[int] = field(default_factory=lambda: [1, 2, 4, 8, 16])
+    temperature: float = 0.8
+    seed: int = 0
+    max_new_tokens: int = 96
+    checker: str = "arithmetic"
+    bootstrap_resamples: int = 2000
+    problems_per_unit: int = 50
+    batch_size: int = 256
+
+    SUMMARY = ("bootstrap_resamples",)
+    PERFORMANCE = ("problems_per_unit", "batch_size")
+
+    def check(self) -> None:
+        bad = [k for k in self.ks if not 1 <= k <= self.samples]
+        if bad:
+            raise RouteLensError(f"--k {','.join(map(str, bad))} must lie in 1..--samples ({self.samples}): "
+                                 "pass@k needs at least k samples per problem")
+        if not self.temperature > 0:
+            raise RouteLensError(f"--temperature must be positive, got {self.temperature}")
+
+    def identity(self) -> dict:
+        return {k: v for k, v in asdict(self).items() if k not in self.SUMMARY + self.PERFORMANCE}
+
+
+def _interval(values: np.ndarray, seed: int, resamples: int) -> list[float | None]:
+    low, high = stats.bootstrap_over_units(lambda idx: values[idx].mean(axis=-1), len(values), seed=seed,
+                                           n_resamples=resamples)
+    return [None if np.isnan(low) else low, None if np.isnan(high) else high]
+
+
+def per_problem(samples: pd.DataFrame, ks: list[int]) -> pd.DataFrame:
+    """One row per (arm, problem): n, c and pass@k for each k (unbiased estimator)."""
+    counts = (samples.groupby(["arm", "problem_id"], sort=False)
+              .agg(group=("group", "first"), n=("correct", "size"), c=("correct", "sum")).reset_index())
+    for k in ks:
+        counts[f"pass@{k}"] = [stats.pass_at_k(int(n), int(c), k) for n, c in zip(counts["n"], counts["c"])]
+    return counts
+
+
+def summarise(problems: pd.DataFrame, arms: list[str], config: PassKConfig) -> dict:
+    def block(frame: pd.DataFrame) -> dict:
+        out = {}
+        for arm in arms:
+            at = frame[frame["arm"] == arm]
+            out[arm] = {f"pass@{k}": {"mean": float(at[f"pass@{k}"].mean()),
+                                      "ci": _interval(at[f"pass@{k}"].to_numpy(), config.seed, config.bootstrap_resamples)}
+                        for k in config.ks}
+            out[arm]["problems"] = int(len(at))
+        if len(arms) == 2:
+            base = frame[frame["arm"] == arms[0]].set_index("problem_id")
+            updated = frame[frame["arm"] == arms[1]].set_index("problem_id").reindex(base.index)
+            out["difference"] = {}
+            for k in config.ks:
+                diff = (updated[f"pass@{k}"] - base[f"pass@{k}"]).to_numpy()
+                out["difference"][f"pass@{k}"] = {"mean": float(diff.mean()),
+                                                  "ci": _interval(diff, config.seed, config.bootstrap_resamples),
+                                                  "problems_better": int((diff > 0).sum()),
+                                                  "problems_worse": int((diff < 0).sum())}
+        return out
+
+    summary = {"analysis": "passk", "arms": arms, "samples_per_problem": config.samples, "ks": config.ks,
+               "temperature": config.temperature, "estimator": "unbiased pass@k, 1 - C(n-c,k)/C(n,k)",
+               "interval": f"95% percentile bootstrap over problems ({config.bootstrap_resamples} resamples)"
+                           + ("; the difference is paired (problems resampled together)" if len(arms) == 2 else ""),
+               "all": block(problems)}
+    groups = [g for g in dict.fromkeys(problems["group"]) if g is not None]
+    if groups:
+        summary["by_group"] = {g: block(problems[problems["group"] == g]) for g in sorted(groups)}
+    return summary
+
+
+def run_passk(loaded, problems: list[EvalProblem], config: PassKConfig, out: str, data_info: dict,
+              arms: list[tuple[str, str | None]], overwrite: bool = False, show_progress: bool = True) -> dict:
+    """Sample every problem in every arm (name, router delta to apply first or None) into the
+    run folder `out`, resumably, and summarise. Arms run in order on the same loaded model."""
+    from routelens.generation import sample_completions
+    from routelens.models.router_delta import apply_router_delta
+    from routelens.progress import progress_bar
+    from routelens.results.run_folder import RunFolder
+
+    config.check()
+    if loaded.tokenizer is None:
+        raise RouteLensError(f"model {loaded.spec!r} has no tokenizer; pass@k samples text")
+    checker = CHECKERS[config.checker]
+    chunks = [problems[i: i + config.problems_per_unit] for i in range(0, len(problems), config.problems_per_unit)]
+    run_config = {**loaded.identity(), "dtype": loaded.dtype, **data_info, **config.identity(),
+                  "arms": [[name, delta and os.path.abspath(delta)] for name, delta in arms]}
+    folder = RunFolder(out, "passk", run_config, ("samples",), overwrite=overwrite,
+                       extra={"model": loaded.adapter.describe(), "device": loaded.device,
+                              "summary_settings": {k: getattr(config, k) for k in config.SUMMARY},
+                              "performance": {k: getattr(config, k) for k in config.PERFORMANCE}})
+    units = [(a, c) for a in range(len(arms)) for c in range(len(chunks))]
+    unit_id = {pair: i for i, pair in enumerate(units)}
+    todo = [pair for pair in units if not folder.is_done(unit_id[pair])]
+    total = sum(len(chunks[c]) for _, c in units) * config.samples
+    done = total - sum(len(chunks[c]) for _, c in todo) * config.samples
+    started = time.perf_counter()
+    applied = {}
+    with progress_bar("pass@k samples", total, done, show_progress, unit="samples") as advance:
+        for arm_index, (name, delta) in enumerate(arms):
+            if delta:
+                applied[name] = apply_router_delta(loaded.adapter, delta)
+            for a, c in todo:
+                if a != arm_index:
+                    continue
+                offset = c * config.problems_per_unit
+                samples = sample_completions(loaded.adapter.model, loaded.tokenizer, [p.prompt_ids for p in chunks[c]],
+                                             num_samples=config.samples, temperature=config.temperature,
+                                             seed=config.seed, max_new_tokens=config.max_new_tokens,
+                                             batch_size=config.batch_size, show_progress=False,
+                                             index_offset=offset)
+                rows = [{"arm": name, "problem_id": chunks[c][s.prompt_index].id,
+                         "group": chunks[c][s.prompt_index].group, "sample": s.sample_index,
+                         "correct": bool(checker(s.completion, chunks[c][s.prompt_index].answer)),
+                         "finished": s.finished, "completion": s.completion} for s in samples]
+                folder.write_unit(unit_id[(a, c)], {"samples": pa.Table.from_pylist(rows, schema=SAMPLES_SCHEMA)})
+                advance(len(rows))
+    paths = folder.concatenate(list(range(len(units))))
+    problem_table = per_problem(pd.read_parquet(paths["samples"]), config.ks)
+    folder.write_table("problems", problem_table)
+    summary = summarise(problem_table, [name for name, _ in arms], config)
+    summary["router_deltas"] = applied
+    folder.complete(summary, extra={"timings": {"seconds_this_session": round(time.perf_counter() - started, 3),
+                                                "units_this_session": len(todo)}})
+    return summary

@@ -1,0 +1,206 @@
+"""Router-only update and pass@k: Plackett-Luce against brute force, only the router
+changes (hashes), the delta round-trips and refuses another base model, sampling in pieces
+equals one call, and the commands end to end on the embedded model."""
+
+import itertools
+import json
+import os
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from scipy import stats as sps
+
+from conftest import write_jsonl
+from routelens import stats
+from routelens.analyses.router_update import (parameter_hashes, plackett_luce_brute_force,
+                                              plackett_luce_set_log_prob, route_log_weights)
+from routelens.cli import main
+from routelens.demo_model import is_available
+from routelens.errors import RouteLensError
+from routelens.models.loading import load_model
+from routelens.models.router_delta import apply_router_delta, router_parameter_names, save_router_delta
+
+
+@pytest.mark.parametrize("k", [1, 2, 3, 4, 5])
+def test_plackett_luce_set_probability_equals_the_sum_over_orderings(k):
+    generator = torch.Generator().manual_seed(k)
+    log_weights = torch.log_softmax(3 * torch.randn(6, 10, generator=generator, dtype=torch.float64), -1)
+    experts = torch.stack([torch.randperm(10, generator=generator)[:k] for _ in range(6)])
+    got = plackett_luce_set_log_prob(log_weights, experts).exp()
+    expected = [plackett_luce_brute_force(log_weights[i].exp().numpy(), experts[i].tolist()) for i in range(6)]
+    np.testing.assert_allclose(got.numpy(), expected, rtol=1e-10, atol=0)
+    # a probability over sets: the k-subsets of 10 experts sum to 1; the order inside a set is irrelevant
+    subsets = torch.tensor(list(itertools.combinations(range(10), k)))
+    total = plackett_luce_set_log_prob(log_weights[:1].expand(len(subsets), -1), subsets).exp().sum()
+    assert float(total) == pytest.approx(1.0, abs=1e-12)
+    assert torch.allclose(plackett_luce_set_log_prob(log_weights, experts.flip(-1)), got.log())
+
+
+def test_plackett_luce_is_differentiable_and_stable_for_tiny_probabilities():
+    logits = torch.tensor([[30.0, 0.0, -30.0, -30.0, 5.0]], dtype=torch.float64, requires_grad=True)
+    value = plackett_luce_set_log_prob(torch.log_softmax(logits, -1), torch.tensor([[2, 3]]))
+    assert torch.isfinite(value).all() and float(value.detach()) < -100      # exp underflows; the log does not
+    value.sum().backward()
+    assert torch.isfinite(logits.grad).all() and float(logits.grad[0, 2]) > 0
+
+
+def test_sigmoid_router_draws_from_its_normalised_selection_scores(tiny_adapters):
+    adapter = tiny_adapters["deepseek_v3"]
+    layer = adapter.moe_layers[-1]
+    logits = torch.randn(4, adapter.num_experts)
+    log_weights = route_log_weights(adapter, logits, layer)
+    scores = adapter.selection_scores(logits, layer).double()
+    torch.testing.assert_close(log_weights.exp(), scores / scores.sum(-1, keepdim=True))
+
+
+def test_router_delta_round_trips_and_refuses_another_base(tmp_path):
+    from routelens.models import adapter_for
+    from routelens.models.tiny import build_tiny_model
+
+    adapter = adapter_for(build_tiny_model("gpt_oss", seed=0))          # a router with a bias
+    layer = adapter.moe_layers[-1]
+    names = router_parameter_names(adapter, layer)
+    assert sorted(n.rsplit(".", 1)[1] for n in names) == ["bias", "weight"]
+    base = {n: p.detach().clone() for n, p in names.items()}
+    before = parameter_hashes(adapter.model)
+    with torch.no_grad():
+        for p in names.values():
+            p.add_(0.25)
+    path = str(tmp_path / "delta.safetensors")
+    save_router_delta(path, adapter, layer, base, "tiny:gpt_oss")
+    updated = {n: p.detach().clone() for n, p in names.items()}
+
+    fresh = adapter_for(build_tiny_model("gpt_oss", seed=0))
+    record = apply_router_delta(fresh, path)
+    assert record["layer"] == layer and len(record["sha256"]) == 64
+    for name, parameter in router_parameter_names(fresh, layer).items():
+        assert torch.equal(parameter, updated[name])
+    after = parameter_hashes(fresh.model)
+    assert sorted(n for n in before if before[n] != after[n]) == sorted(names)
+
+    with pytest.raises(RouteLensError, match="made for another base model"):
+        apply_router_delta(adapter_for(build_tiny_model("gpt_oss", seed=1)), path)   # same config, other weights
+    with pytest.raises(RouteLensError, match="made for another model"):
+        apply_router_delta(adapter_for(build_tiny_model("olmoe", seed=0)), path)
+    bad = tmp_path / "bad.safetensors"
+    bad.write_bytes(b"not a safetensors file")
+    with pytest.raises(RouteLensError, match="not a safetensors router delta"):
+        apply_router_delta(fresh, str(bad))
+
+
+def test_sampling_in_pieces_with_offsets_equals_one_call():
+    from routelens.generation import sample_completions
+
+    loaded = load_model("tiny:olmoe", "cpu", "float32")
+    from conftest import ALPHABET
+    from routelens.data.char_tokenizer import build_char_tokenizer
+
+    tokenizer = build_char_tokenizer(ALPHABET)
+    prompts = [[1, 5 + i, 6] for i in range(5)]
+    whole = sample_completions(loaded.adapter.model, tokenizer, prompts, 3, 1.0, max_new_tokens=6, seed=4,
+                               show_progress=False)
+    pieces = (sample_completions(loaded.adapter.model, tokenizer, prompts[:2], 3, 1.0, max_new_tokens=6, seed=4,
+                                 show_progress=False)
+              + sample_completions(loaded.adapter.model, tokenizer, prompts[2:], 3, 1.0, max_new_tokens=6, seed=4,
+                                   show_progress=False, index_offset=2))
+    assert [s.completion_ids for s in whole] == [s.completion_ids for s in pieces]
+
+
+# ---------------------------------------------------------------------------- end to end
+pytestmark_demo = pytest.mark.skipif(not is_available(), reason="embedded weights not built in this checkout")
+
+
+@pytest.fixture(scope="module")
+def demo_update(tmp_path_factory):
+    """A counterfactual run at the last layer, and a router update from it, on the demo model."""
+    root = tmp_path_factory.mktemp("update")
+    trajectories = str(root / "traj.jsonl")
+    assert main(["trajectories", "--model", "demo", "--n", "24", "--samples-per-problem", "2", "--seed", "1",
+                 "--out", trajectories, "--no-progress"]) == 0
+    assert main(["counterfactual", "--model", "demo", "--trajectories", trajectories, "--only-verified",
+                 "--layers", "-1", "--routes", "8", "--out", str(root / "cf"), "--no-progress"]) == 0
+    assert main(["router-update", "--model", "demo", "--counterfactual", str(root / "cf"),
+                 "--heldout-counterfactual", str(root / "cf"), "--margin", "0.0",
+                 "--bins", "Fragile,Ambiguous,Confident", "--steps", "30", "--lr", "0.01",
+                 "--out", str(root / "update"), "--no-progress"]) == 0
+    return root
+
+
+@pytestmark_demo
+def test_router_update_changes_only_the_last_router(demo_update):
+    summary = json.load(open(demo_update / "update" / "summary.json"))
+    assert summary["only_router_changed"] and summary["parameters_changed"] == ["model.layers.3.mlp.gate.weight"]
+    assert summary["preference_accuracy_after"] > summary["preference_accuracy_before"]
+    assert summary["loss_last_step"] < summary["loss_first_step"]
+    pairs = pd.read_parquet(demo_update / "update" / "pairs.parquet")
+    tokens = pd.read_parquet(demo_update / "cf" / "tokens.parquet")
+    assert len(pairs) == summary["pairs"] > 0
+    assert (pairs["p_preferred"] - pairs["p_rejected"] >= 0).all()
+    assert set(zip(pairs["trajectory_id"], pairs["position"])) <= set(zip(tokens["trajectory_id"], tokens["position"]))
+    changes = summary["heldout_route_changes"]
+    assert changes["All"]["tokens"] == len(tokens)
+    steps = [json.loads(line) for line in open(demo_update / "update" / "training_log.jsonl")]
+    assert len(steps) == 30 and steps[-1]["loss"] == summary["loss_last_step"]
+
+    # the delta on a fresh load: every tensor but that router equals the base model's, bit for bit
+    base = load_model("demo", "cpu", "float32")
+    updated = load_model("demo", "cpu", "float32", router_delta=str(demo_update / "update" / "router_delta.safetensors"))
+    before, after = parameter_hashes(base.adapter.model), parameter_hashes(updated.adapter.model)
+    assert [n for n in before if before[n] != after[n]] == ["model.layers.3.mlp.gate.weight"]
+    assert updated.identity()["router_delta"]["sha256"] == updated.router_delta["sha256"]
+
+
+@pytestmark_demo
+def test_passk_compare_base_and_updated(demo_update, tmp_path, capsys):
+    delta = str(demo_update / "update" / "router_delta.safetensors")
+    out = str(tmp_path / "passk")
+    args = ["passk", "--model", "demo", "--router-delta", delta, "--compare", "--task", "arithmetic", "--n", "12",
+            "--samples", "4", "--k", "1,2,4", "--bootstrap-resamples", "300", "--out", out, "--no-progress"]
+    assert main(args) == 0
+    assert "updated - base" in capsys.readouterr().out
+    samples = pd.read_parquet(os.path.join(out, "samples.parquet"))
+    problems = pd.read_parquet(os.path.join(out, "problems.parquet"))
+    summary = json.load(open(os.path.join(out, "summary.json")))
+    assert len(samples) == 2 * 12 * 4 and not samples.duplicated(["arm", "problem_id", "sample"]).any()
+    for _, row in problems.iterrows():
+        assert row["pass@2"] == pytest.approx(stats.pass_at_k(4, int(row["c"]), 2))
+    for arm in ("base", "updated"):
+        at = problems[problems["arm"] == arm]
+        assert summary["all"][arm]["pass@1"]["mean"] == pytest.approx(at["pass@1"].mean())
+        assert summary["all"][arm]["pass@1"]["mean"] == pytest.approx(samples[samples["arm"] == arm]["correct"].mean())
+    base = problems[problems["arm"] == "base"].set_index("problem_id")
+    updated = problems[problems["arm"] == "updated"].set_index("problem_id").reindex(base.index)
+    diff = (updated["pass@4"] - base["pass@4"]).to_numpy()
+    d = summary["all"]["difference"]["pass@4"]
+    assert d["mean"] == pytest.approx(diff.mean())
+    ci = sps.bootstrap((diff,), np.mean, n_resamples=300, method="percentile", batch=100,
+                       rng=np.random.default_rng(0)).confidence_interval
+    if np.ptp(diff) > 0:
+        assert d["ci"] == pytest.approx([ci.low, ci.high])
+    # the base arm is the plain model: the same samples as a run without any delta
+    plain = str(tmp_path / "plain")
+    assert main(["passk", "--model", "demo", "--task", "arithmetic", "--n", "12", "--samples", "4", "--k", "1,2,4",
+                 "--bootstrap-resamples", "300", "--out", plain, "--no-progress"]) == 0
+    plain_samples = pd.read_parquet(os.path.join(plain, "samples.parquet"))
+    assert plain_samples["completion"].tolist() == samples[samples["arm"] == "base"]["completion"].tolist()
+
+
+@pytest.mark.parametrize("case, message", [
+    ("k_gt_samples", "--k 8 must lie in 1..--samples (4)"),
+    ("compare_without_delta", "--compare needs --router-delta"),
+    ("not_a_run", "is not a run folder"),
+    ("bad_delta", "router delta"),
+])
+def test_router_update_and_passk_bad_input_one_line_exit_2(case, message, tmp_path, capsys):
+    delta = write_jsonl(tmp_path / "delta.safetensors", [{"x": 1}])
+    args = {
+        "k_gt_samples": ["passk", "--model", "tiny:olmoe", "--n", "2", "--samples", "4", "--k", "1,8", "--out", str(tmp_path / "p")],
+        "compare_without_delta": ["passk", "--model", "tiny:olmoe", "--compare", "--out", str(tmp_path / "p")],
+        "not_a_run": ["router-update", "--model", "tiny:olmoe", "--counterfactual", str(tmp_path), "--out", str(tmp_path / "u")],
+        "bad_delta": ["inspect", "--model", "tiny:olmoe", "--router-delta", delta],
+    }[case]
+    assert main(args) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and message in err, err
