@@ -226,6 +226,10 @@ def test_demo_runs_end_to_end_and_prints_its_run_folder(tmp_path, capsys):
     isolation = json.load(open(os.path.join(out, "isolation", "summary.json")))
     assert isolation["significant_cells"] == int(cells["significant"].sum())
     assert f"{isolation['significant_cells']} of 256 cells significant" in " ".join(printed.split())
+    # and the report of both runs, whose path it prints
+    report = os.path.join(out, "report.html")
+    assert f"report: {report}" in printed and os.path.getsize(report) > 10_000
+    assert os.path.exists(os.path.join(out, "isolation", "figures", "iso_delta_heatmap.svg"))
 
 
 def test_trajectories_from_a_problem_file_are_verified_with_math_verify(saved_model, tmp_path, capsys):

@@ -57,7 +57,7 @@ Re-running the same command on the same --out resumes; --alpha, --score and
 EXAMPLES_ROUTER_UPDATE = """examples:
   routelens router-update --model demo --counterfactual runs/cf-last --out runs/update
   routelens router-update --model ./my-olmoe --counterfactual runs/cf-last --heldout-counterfactual runs/cf-heldout \\
-      --margin 0.05 --bins Fragile,Ambiguous --beta 0.1 --lr 1e-3 --steps 300 --seed 0 --out runs/update
+      --margin 0.05 --bins Fragile,Ambiguous --beta 0.1 --lr 1e-5 --steps 300 --seed 0 --out runs/update
 
 The counterfactual run must include the last MoE layer and come from the same model. Writes
 router_delta.safetensors (apply with --router-delta FILE to any command), pairs.parquet,
@@ -215,7 +215,8 @@ def build_parser() -> argparse.ArgumentParser:
     update.add_argument("--margin", type=float, default=0.05, help="preferred route beats the standard by >= this probability (default 0.05)")
     update.add_argument("--bins", type=_names, default=["Fragile", "Ambiguous"], help="token bins to learn from (default Fragile,Ambiguous)")
     update.add_argument("--beta", type=float, default=0.1, help="DPO beta (default 0.1)")
-    update.add_argument("--lr", type=float, default=1e-3, help="Adam learning rate (default 1e-3)")
+    update.add_argument("--lr", type=float, default=1e-5,
+                        help="Adam learning rate (default 1e-5: a minimal update; 1e-4 and up moved most routes on the demo model)")
     update.add_argument("--steps", type=_positive_int, default=300, help="optimizer steps (default 300)")
     update.add_argument("--batch-size", type=_positive_int, default=256, help="pairs per step (default 256)")
     update.add_argument("--seed", type=int, default=0, help="seed of the minibatch order (default 0)")
@@ -241,6 +242,14 @@ def build_parser() -> argparse.ArgumentParser:
     passk.add_argument("--out", required=True, help="run folder (created; resumed if it holds the same run)")
     passk.add_argument("--overwrite", action="store_true", help="replace a run with a different config in --out")
     passk.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+    report = commands.add_parser("report", help="figures and a self-contained HTML report of run folders",
+                                 epilog="examples:\n  routelens report runs/demo/counterfactual\n"
+                                        "  routelens report runs/cf runs/isolation runs/passk --out report.html",
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    report.add_argument("runs", nargs="+", metavar="RUN_DIR", help="counterfactual, isolation or passk run folders")
+    report.add_argument("--out", default=None,
+                        help="HTML file (default RUN_DIR/report.html for one folder, routelens-report.html for several)")
 
     commands.add_parser("models", help="list the supported MoE families")
 
@@ -515,6 +524,14 @@ def cmd_passk(args) -> int:
     return 0
 
 
+def cmd_report(args) -> int:
+    from routelens.report.build import build_report
+
+    path = build_report(args.runs, args.out)
+    print(f"report: {path} (figures as PNG and SVG in each run folder's figures/)")
+    return 0
+
+
 def cmd_demo(args) -> int:
     from routelens.demo import run_demo
 
@@ -522,7 +539,8 @@ def cmd_demo(args) -> int:
 
 
 COMMANDS = {"trajectories": cmd_trajectories, "evaluate": cmd_evaluate, "train-demo": cmd_train_demo, "models": cmd_models, "inspect": cmd_inspect, "counterfactual": cmd_counterfactual, "demo": cmd_demo,
-            "isolate": cmd_isolate, "router-update": cmd_router_update, "passk": cmd_passk}
+            "isolate": cmd_isolate, "router-update": cmd_router_update, "passk": cmd_passk,
+            "report": cmd_report}
 
 
 def main(argv: list[str] | None = None) -> int:

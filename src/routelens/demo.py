@@ -6,7 +6,8 @@ arithmetic): sample solutions to arithmetic problems, verify their final answers
 the counterfactual analysis on the verified trajectories at the first, a middle and the
 last MoE layer, through the same code path as `routelens counterfactual`; then the
 expert-isolation study on the four arithmetic domains at every MoE layer (as `routelens
-isolate`). The printed tables are read back from the run folders' summary.json.
+isolate`). The printed tables are read back from the run folders' summary.json, and the
+report of both runs is written to <out>/report.html.
 """
 
 from __future__ import annotations
@@ -56,11 +57,15 @@ def run_demo(args) -> int:
         raise
     print_summary(read_json(os.path.join(run_dir, "summary.json")))
     print(f"run folder: {run_dir} (routes.parquet, tokens.parquet, summary.json, run.json)")
-    _demo_isolation(loaded, args)
+    isolation_dir = _demo_isolation(loaded, args)
+    from routelens.report.build import build_report
+
+    report = build_report([run_dir, isolation_dir], os.path.join(args.out, "report.html"))
+    print(f"report: {report} (open it in a browser; figures in each run folder's figures/)")
     return 0
 
 
-def _demo_isolation(loaded, args) -> None:
+def _demo_isolation(loaded, args) -> str:
     """The expert-isolation study on the four arithmetic domains, every MoE layer."""
     from routelens.analyses.isolation import IsolationConfig, run_isolation
     from routelens.data.target_items import arithmetic_items
@@ -76,3 +81,4 @@ def _demo_isolation(loaded, args) -> None:
                   overwrite=args.overwrite, show_progress=not args.no_progress)
     print_isolation_summary(read_json(os.path.join(run_dir, "summary.json")))
     print(f"run folder: {run_dir} (isolation.parquet, cells.parquet, calibration.parquet, summary.json, run.json)")
+    return run_dir

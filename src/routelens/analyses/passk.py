@@ -137,7 +137,7 @@ def summarise(problems: pd.DataFrame, arms: list[str], config: PassKConfig) -> d
                "interval": f"95% percentile bootstrap over problems ({config.bootstrap_resamples} resamples)"
                            + ("; the difference is paired (problems resampled together)" if len(arms) == 2 else ""),
                "all": block(problems)}
-    groups = [g for g in dict.fromkeys(problems["group"]) if g is not None]
+    groups = [g for g in dict.fromkeys(problems["group"]) if pd.notna(g)]
     if groups:
         summary["by_group"] = {g: block(problems[problems["group"] == g]) for g in sorted(groups)}
     return summary

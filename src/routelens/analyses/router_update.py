@@ -156,7 +156,7 @@ class RouterUpdateConfig:
     margin: float = 0.05
     bins: list[str] = field(default_factory=lambda: ["Fragile", "Ambiguous"])
     beta: float = 0.1
-    learning_rate: float = 1e-3
+    learning_rate: float = 1e-5   # minimal: see the README for 1e-3 and 1e-4
     steps: int = 300
     batch_size: int = 256
     seed: int = 0

@@ -74,6 +74,12 @@ def write_json_atomic(path: str, payload: dict) -> None:
     os.replace(tmp, path)
 
 
+def write_text_atomic(path: str, text: str) -> None:
+    with open(path + ".tmp", "w", encoding="utf-8") as handle:
+        handle.write(text)
+    os.replace(path + ".tmp", path)
+
+
 def read_json(path: str) -> dict:
     with open(path, encoding="utf-8") as handle:
         return json.load(handle)

@@ -1,0 +1,1 @@
+"""Figures and a self-contained HTML report from run folders (`routelens report`)."""

@@ -1,0 +1,204 @@
+"""`routelens report`: run folders -> figures (PNG and SVG in RUN_DIR/figures/) and one
+self-contained HTML page. Everything shown is read from the run folders' own Parquet
+tables, summary.json and run.json; nothing is recomputed but the figures."""
+
+from __future__ import annotations
+
+import os
+
+import matplotlib.pyplot as plt
+import pandas as pd
+
+from routelens.errors import RouteLensError
+from routelens.report import figures as figs
+from routelens.report.page import (document, esc, figure_html, fmt, interval, key_values, render_png, table)
+from routelens.results.run_folder import read_json, write_text_atomic
+
+KINDS = ("counterfactual", "isolation", "passk")
+CONTEXT_BEFORE, CONTEXT_AFTER, WORST_TOKENS = 40, 10, 20
+
+
+def _run(run_dir: str) -> dict:
+    path = os.path.join(run_dir, "run.json")
+    if not os.path.exists(path):
+        raise RouteLensError(f"{run_dir} is not a run folder (no run.json)")
+    run = read_json(path)
+    if run.get("kind") not in KINDS:
+        raise RouteLensError(f"{run_dir} holds a {run.get('kind')!r} run; reports are made of {', '.join(KINDS)} runs")
+    if run.get("status") != "complete":
+        raise RouteLensError(f"{run_dir} holds an unfinished {run['kind']} run; re-run its command to complete it first")
+    return run
+
+
+def _figures_html(run_dir: str, figures: list) -> str:
+    folder = os.path.join(run_dir, "figures")
+    os.makedirs(folder, exist_ok=True)
+    parts = []
+    for figure in figures:
+        png = render_png(figure)
+        with open(os.path.join(folder, figure.name + ".png"), "wb") as handle:
+            handle.write(png)
+        figure.figure.savefig(os.path.join(folder, figure.name + ".svg"), format="svg")
+        plt.close(figure.figure)
+        parts.append(figure_html(figure, png))
+    return "\n".join(parts)
+
+
+def _provenance(run: dict) -> str:
+    return ("<details><summary>Config and provenance (run.json)</summary>" + key_values(run["config"])
+            + key_values({k: v for k, v in run.items() if k not in ("config",)}) + "</details>")
+
+
+# ---------------------------------------------------------------------------- token text
+def _tokenizer(spec: str):
+    from transformers import AutoTokenizer
+
+    if spec == "demo":
+        from routelens.demo_model import WEIGHTS_DIR
+
+        spec = WEIGHTS_DIR
+    if spec.startswith("tiny:"):
+        return None
+    try:
+        return AutoTokenizer.from_pretrained(spec, local_files_only=True)
+    except Exception:  # no local tokenizer: the table shows token ids instead
+        return None
+
+
+def token_contexts(config: dict, wanted: pd.DataFrame) -> dict[tuple[str, int], tuple[str, str, str]]:
+    """(text before and including position t, the next token, a little after) per wanted token,
+    decoded with the model's tokenizer when it is available locally, else token ids."""
+    from routelens.data.trajectories import load_trajectories
+
+    tokenizer = _tokenizer(config.get("model", ""))
+    try:
+        trajectories = load_trajectories(config["trajectories"], tokenizer, None, only_verified=config["only_verified"],
+                                         limit=config["max_trajectories"])
+    except (RouteLensError, KeyError, OSError):
+        return {}
+    by_id = {t.id: t.input_ids for t in trajectories}
+
+    def text(ids: list[int], special: bool) -> str:
+        if tokenizer is None:
+            return " ".join(map(str, ids))
+        return tokenizer.decode(ids, skip_special_tokens=not special)
+
+    out = {}
+    for tid, position in zip(wanted["trajectory_id"], wanted["position"]):
+        ids = by_id.get(tid)
+        if ids is None or position + 1 >= len(ids):
+            continue
+        out[(tid, int(position))] = (text(ids[max(0, position - CONTEXT_BEFORE): position + 1], False),
+                                     text([ids[position + 1]], True),
+                                     text(ids[position + 2: position + 2 + CONTEXT_AFTER], False))
+    return out
+
+
+# ---------------------------------------------------------------------------- sections
+def counterfactual_section(run_dir: str, run: dict) -> str:
+    from routelens.analyses.counterfactual import ALL_TOKENS, BINS
+
+    tokens = pd.read_parquet(os.path.join(run_dir, "tokens.parquet"))
+    routes = pd.read_parquet(os.path.join(run_dir, "routes.parquet"))
+    summary = read_json(os.path.join(run_dir, "summary.json"))
+    rows, attributes = [], []
+    for layer, groups in summary["layers"].items():
+        for name in (*BINS, ALL_TOKENS):
+            g = groups[name]
+            rows.append([layer, name, g["tokens"], g["trajectories"], fmt(g["p_standard"]), fmt(g["p_best_alt"]),
+                         interval(g["gain"], g["gain_ci"]), interval(g["win_rate"], g["win_rate_ci"]),
+                         interval(g["alignment"], g["alignment_ci"])])
+            attributes.append(f' data-layer="{esc(layer)}" data-bin="{esc(name)}"')
+    bins = table(["layer", "bin", "tokens", "trajectories", "p standard", "p best alt", "gain [95% CI]",
+                  "win rate [95% CI]", "alignment [95% CI]"], rows, "cf-bins",
+                 cell_attributes=lambda r, c: attributes[r] + ' class="count"' if c == 2 else "")
+    worst = figs.worst_tokens(tokens, WORST_TOKENS)
+    contexts = token_contexts(run["config"], worst)
+    worst_rows = []
+    for _, token in worst.iterrows():
+        before, target, after = contexts.get((token["trajectory_id"], int(token["position"])), ("", "", ""))
+        context = ("raw", f"{esc(before)}<mark>{esc(target)}</mark>{esc(after)}")
+        worst_rows.append([token["trajectory_id"], token["layer"], token["position"], fmt(token["p_standard"]),
+                           fmt(token["p_best_alt"]), fmt(token["gain"]), context])
+    worst_table = table(["trajectory", "layer", "position", "p standard", "p best alt", "gain",
+                         "text (next token marked)"], worst_rows, "cf-worst",
+                        cell_attributes=lambda r, c: ' class="text"' if c == 6 else "")
+    figures = figs.counterfactual_figures(tokens, routes, summary, run["config"])
+    return (f"<h2>Counterfactual routing: {esc(run_dir)}</h2>"
+            f"<p>{len(tokens)} scored tokens in {tokens['trajectory_id'].nunique()} trajectories, layers "
+            f"{esc(run['config']['resolved_layers'])}, {esc(run['config']['num_routes'])} alternative routes per token. "
+            f"Intervals: {esc(summary['interval'])}. Bins: "
+            f"{esc('; '.join(f'{name}: {rule}' for name, rule in summary['bins'].items()))}.</p>"
+            f"<h3>Per layer and bin</h3>{bins}{_figures_html(run_dir, figures)}"
+            f"<h3>Worst-routed tokens: the Fragile tokens with the largest gain</h3>{worst_table}{_provenance(run)}")
+
+
+def isolation_section(run_dir: str, run: dict) -> str:
+    cells = pd.read_parquet(os.path.join(run_dir, "cells.parquet"))
+    calibration = pd.read_parquet(os.path.join(run_dir, "calibration.parquet"))
+    summary = read_json(os.path.join(run_dir, "summary.json"))
+    domains = list(summary["items_per_domain"])
+    rows = []
+    for domain in domains:
+        c = summary["calibration"][domain]
+        rows.append([domain, summary["items_per_domain"][domain], summary["significant_by_domain"][domain],
+                     interval(c["router_share"]["fisher_z_mean"], c["router_share"]["ci"]),
+                     interval(c["selection_share"]["fisher_z_mean"], c["selection_share"]["ci"])])
+    counts = table(["domain", "items", "significant cells", "calibration: router share (Fisher-z mean, 95% CI)",
+                    "calibration: top-k share"], rows, "iso-domains")
+    dominance = {(d["domain"], d["layer"]): d for d in summary["dominance"]}
+    layer_rows = []
+    for row in summary["layer_table"]:
+        d = dominance[(row["domain"], row["layer"])]
+        layer_rows.append([row["domain"], row["layer"], row["best_expert"], interval(row["best_median_delta"], row["best_ci"]),
+                           fmt(row["floor_median_delta"]), row["significant_cells"], d["most_activated"],
+                           fmt(d["vs_uniform"], 2), d["rank_of_most_activated"], "yes" if d["most_activated_is_best"] else "no"])
+    layers = table(["domain", "layer", "best expert", "its median delta [95% CI]", "floor delta", "significant cells",
+                    "most activated", "share x E", "its rank", "most activated is best"], layer_rows, "iso-layers")
+    top = cells.sort_values(["q_value", "median_delta"], ascending=[True, False]).head(20)
+    top_table = table(["domain", "layer", "expert", "n", "median delta [95% CI]", "p", "q", "vs floor: median", "q vs floor",
+                       "natural share"],
+                      [[r["domain"], r["layer"], r["expert"], r["n"], interval(r["median_delta"], [r["ci_low"], r["ci_high"]]),
+                        f"{r['p_value']:.2e}", f"{r['q_value']:.2e}", fmt(r["median_delta_vs_floor"]),
+                        f"{r['q_value_vs_floor']:.2e}", fmt(r["natural_share"])] for _, r in top.iterrows()], "iso-cells")
+    figures = figs.isolation_figures(cells, calibration, summary)
+    return (f"<h2>Expert isolation: {esc(run_dir)}</h2>"
+            f"<p>{summary['significant_cells']} of {summary['cells']} (domain, layer, expert) cells significant at FDR "
+            f"{summary['alpha']} (Benjamini-Hochberg step-up); {summary['significant_better_than_natural']} better than "
+            f"natural routing; {summary['significant_vs_floor']} differ from the random floor "
+            f"({summary.get('significant_better_than_floor', '?')} better). Score: {esc(summary['score'])}.</p>"
+            f"{counts}<h3>Layer table and dominance</h3>{layers}{_figures_html(run_dir, figures)}"
+            f"<h3>The 20 cells with the smallest q-values</h3>{top_table}{_provenance(run)}")
+
+
+def passk_section(run_dir: str, run: dict) -> str:
+    summary = read_json(os.path.join(run_dir, "summary.json"))
+    arms = summary["arms"]
+    rows = []
+    blocks = [("all", summary["all"])] + sorted((summary.get("by_group") or {}).items())
+    for name, block in blocks:
+        for k in summary["ks"]:
+            key = f"pass@{k}"
+            row = [name, k] + [interval(block[a][key]["mean"], block[a][key]["ci"]) for a in arms]
+            if len(arms) == 2:
+                row.append(interval(block["difference"][key]["mean"], block["difference"][key]["ci"]))
+            rows.append(row)
+    headers = ["problems", "k"] + arms + ([f"{arms[1]} - {arms[0]} (paired)"] if len(arms) == 2 else [])
+    figures = figs.passk_figures(summary)
+    return (f"<h2>pass@k: {esc(run_dir)}</h2><p>{esc(summary['estimator'])}; {esc(summary['interval'])}.</p>"
+            f"{table(headers, rows, 'passk')}{_figures_html(run_dir, figures)}{_provenance(run)}")
+
+
+SECTIONS = {"counterfactual": counterfactual_section, "isolation": isolation_section, "passk": passk_section}
+
+
+def build_report(run_dirs: list[str], out: str | None = None) -> str:
+    """Write the report of one or several run folders; returns the HTML file's path."""
+    runs = [(run_dir, _run(run_dir)) for run_dir in run_dirs]   # every folder checked before any work
+    if out is None:
+        out = os.path.join(run_dirs[0], "report.html") if len(run_dirs) == 1 else "routelens-report.html"
+    body = "\n".join(SECTIONS[run["kind"]](run_dir, run) for run_dir, run in runs)
+    kinds = ", ".join(dict.fromkeys(run["kind"] for _, run in runs))
+    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+    write_text_atomic(out, document(f"routelens report: {kinds}", body))
+    return out

@@ -1,0 +1,268 @@
+"""The report's figures (matplotlib, Agg), one function per figure, each from a run
+folder's own tables. Every figure has a title, and every axis a label with its unit."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import matplotlib
+
+matplotlib.use("Agg")  # headless: figures are files, never windows
+
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+import pandas as pd  # noqa: E402
+
+BIN_COLOURS = {"Confident": "#1b9e77", "Ambiguous": "#d95f02", "Fragile": "#7570b3"}
+ARM_COLOURS = ["#1f77b4", "#d62728", "#2ca02c"]
+
+
+def colour(i: int):
+    """The i-th colour of matplotlib's tab10 cycle (domains, groups)."""
+    return plt.get_cmap("tab10")(i % 10)
+
+
+@dataclass
+class Figure:
+    name: str          # file stem under figures/
+    title: str
+    caption: str
+    figure: plt.Figure
+
+
+def _grid(count: int, width: float = 4.2, height: float = 3.4, columns: int = 4):
+    columns = min(columns, count)
+    rows = int(np.ceil(count / columns))
+    fig, axes = plt.subplots(rows, columns, figsize=(width * columns, height * rows), squeeze=False)
+    for ax in axes.ravel()[count:]:
+        ax.set_visible(False)
+    return fig, list(axes.ravel()[:count])
+
+
+def _interval_errors(values, intervals) -> np.ndarray:
+    """matplotlib yerr [2, n] from means and [low, high] pairs (missing ends -> 0)."""
+    low = [v - i[0] if v is not None and i[0] is not None else 0 for v, i in zip(values, intervals)]
+    high = [i[1] - v if v is not None and i[1] is not None else 0 for v, i in zip(values, intervals)]
+    return np.array([low, high], dtype=float)
+
+
+# ---------------------------------------------------------------------------- counterfactual
+def counterfactual_figures(tokens: pd.DataFrame, routes: pd.DataFrame, summary: dict, config: dict) -> list[Figure]:
+    layers = [int(layer) for layer in summary["layers"]]
+    bins = list(BIN_COLOURS)
+    figures = []
+
+    fig, axes = _grid(len(layers))
+    for ax, layer in zip(axes, layers):
+        at = tokens[tokens["layer"] == layer]
+        ax.hist(at["p_route_mean"], bins=40, range=(0, 1), color="#555555")
+        ax.set_yscale("log")
+        for edge, name in ((config["fragile"], "Fragile | Ambiguous"), (config["confident"], "Ambiguous | Confident")):
+            ax.axvline(edge, color="#d62728", linestyle="--", linewidth=1)
+            ax.text(edge, ax.get_ylim()[1], f" {edge}", color="#d62728", va="top", fontsize=8)
+        ax.set(title=f"layer {layer} ({len(at)} tokens)", xlabel="route-averaged p(next token) [probability]",
+               ylabel="tokens (log scale)")
+    fig.suptitle("Route-averaged probability of the next token, with the bin edges")
+    fig.tight_layout()
+    figures.append(Figure("cf_route_mean_p", "Distribution of route-averaged p by layer",
+                          "Histogram of the probability of the realised next token averaged over the standard and "
+                          "alternative routes; dashed lines are the Fragile / Confident edges.", fig))
+
+    fig, axes = _grid(len(layers))
+    for ax, layer in zip(axes, layers):
+        at = tokens[tokens["layer"] == layer]
+        for name in bins:
+            part = at[at["bin"] == name]
+            if len(part) > 3000:
+                part = part.sample(3000, random_state=0)
+            ax.scatter(part["p_standard"], part["p_best_alt"], s=6, alpha=0.5, color=BIN_COLOURS[name], label=name)
+        ax.plot([0, 1], [0, 1], color="black", linewidth=0.8)
+        ax.set(title=f"layer {layer}", xlabel="p(next token), standard route [probability]",
+               ylabel="p(next token), best alternative [probability]",
+               xlim=(0, 1), ylim=(0, 1))
+        ax.legend(fontsize=7, loc="lower right")
+    fig.suptitle("Standard route against the best equal-compute alternative (above the diagonal: an alternative wins)")
+    fig.tight_layout()
+    figures.append(Figure("cf_standard_vs_best", "Standard vs best alternative",
+                          "Each point is a token; at most 3,000 per bin are drawn.", fig))
+
+    fig, (ax_gain, ax_win) = plt.subplots(1, 2, figsize=(11, 3.8))
+    width = 0.8 / max(len(layers), 1)
+    for i, layer in enumerate(layers):
+        groups = summary["layers"][str(layer)]
+        x = np.arange(len(bins)) + (i - (len(layers) - 1) / 2) * width
+        for ax, key in ((ax_gain, "gain"), (ax_win, "win_rate")):
+            values = [groups[b][key] for b in bins]
+            plotted = [np.nan if v is None else v for v in values]
+            ax.bar(x, plotted, width, label=f"layer {layer}",
+                   yerr=_interval_errors(values, [groups[b][f"{key}_ci"] for b in bins]), capsize=3)
+    for ax, label in ((ax_gain, "gain: p(best alt) - p(standard) [probability]"),
+                      (ax_win, "win rate [share of alternatives]")):
+        ax.set_xticks(range(len(bins)), bins)
+        ax.set(xlabel="bin (route-averaged p)", ylabel=label)
+        ax.legend(fontsize=8)
+    ax_gain.set_title("Mean gain by bin (95% CI)")
+    ax_win.set_title("Win rate by bin (95% CI)")
+    fig.suptitle("What better routes were there? (intervals: bootstrap over trajectories)")
+    fig.tight_layout()
+    figures.append(Figure("cf_gain_winrate", "Gain and win rate by bin", "Bars are means; error bars 95% "
+                          "percentile bootstrap intervals resampled over trajectories.", fig))
+
+    fig, ax = plt.subplots(figsize=(6.5, 3.8))
+    for i, layer in enumerate(layers):
+        groups = summary["layers"][str(layer)]
+        x = np.arange(len(bins)) + (i - (len(layers) - 1) / 2) * width
+        values = [groups[b]["alignment"] for b in bins]
+        ax.bar(x, [np.nan if v is None else v for v in values], width, label=f"layer {layer}",
+               yerr=_interval_errors(values, [groups[b]["alignment_ci"] for b in bins]), capsize=3)
+    ax.axhline(0, color="black", linewidth=0.8)
+    ax.set_xticks(range(len(bins)), bins)
+    ax.set(title="Router-utility alignment by bin (Fisher-z mean Spearman, 95% CI)", xlabel="bin (route-averaged p)",
+           ylabel="alignment [Spearman rho]")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    figures.append(Figure("cf_alignment", "Alignment by bin", "Spearman correlation between the routes' router "
+                          "score and their log-probability, averaged through Fisher's z.", fig))
+
+    examples = worst_tokens(tokens, 4)
+    if len(examples):
+        fig, axes = _grid(len(examples), columns=4)
+        for ax, (_, token) in zip(axes, examples.iterrows()):
+            at = routes[(routes["trajectory_id"] == token["trajectory_id"]) & (routes["position"] == token["position"])
+                        & (routes["layer"] == token["layer"])]
+            alternatives = at[at["route"] > 0]
+            ax.scatter(alternatives["router_score"], alternatives["logprob"], s=14, color="#555555", label="alternatives")
+            standard = at[at["route"] == 0]
+            ax.scatter(standard["router_score"], standard["logprob"], s=60, marker="*", color="#d62728",
+                       label="standard route")
+            ax.set(title=f"{token['trajectory_id']} pos {token['position']} (layer {token['layer']})",
+                   xlabel="router score [sum of selection scores]", ylabel="log p(next token) [nats]")
+            ax.legend(fontsize=7)
+        fig.suptitle("Router score against route utility for the Fragile tokens with the largest gain")
+        fig.tight_layout()
+        figures.append(Figure("cf_router_score_examples", "Router score vs route log-probability",
+                              "Each point is one route of the token; the star is the router's own route.", fig))
+    return figures
+
+
+def worst_tokens(tokens: pd.DataFrame, count: int) -> pd.DataFrame:
+    """The Fragile tokens with the largest gain (ties: earlier trajectory and position first)."""
+    fragile = tokens[tokens["bin"] == "Fragile"]
+    return fragile.sort_values(["gain", "trajectory_id", "position"], ascending=[False, True, True]).head(count)
+
+
+# ---------------------------------------------------------------------------- isolation
+def isolation_figures(cells: pd.DataFrame, calibration: pd.DataFrame, summary: dict) -> list[Figure]:
+    domains = list(summary["items_per_domain"])
+    layers = summary["layers"]
+    experts = summary["num_experts"]
+    figures = []
+
+    fig, axes = _grid(len(domains), width=min(0.32 * experts + 2.5, 9), height=0.45 * len(layers) + 2.2, columns=2)
+    limit = float(np.nanmax(np.abs(cells["median_delta"]))) or 1.0
+    for ax, domain in zip(axes, domains):
+        at = cells[cells["domain"] == domain]
+        grid = at.pivot(index="layer", columns="expert", values="median_delta").reindex(index=layers, columns=range(experts))
+        image = ax.imshow(grid.to_numpy(), cmap="RdBu", vmin=-limit, vmax=limit, aspect="auto")
+        significant = at[at["significant"]]
+        ax.scatter(significant["expert"], [layers.index(layer) for layer in significant["layer"]], marker=".", s=12,
+                   color="black", label="significant (BH)")
+        ax.set_yticks(range(len(layers)), layers)
+        ax.set(title=f"{domain} ({summary['items_per_domain'][domain]} items)", xlabel="forced expert [expert id]",
+               ylabel="layer [decoder-layer index]")
+        fig.colorbar(image, ax=ax, label="median delta vs natural [nats]")
+    fig.suptitle(f"Forcing one expert per layer: median change of the {summary['score']} "
+                 f"(dot: significant at FDR {summary['alpha']})")
+    fig.tight_layout()
+    figures.append(Figure("iso_delta_heatmap", "Delta per (layer, expert)", "Blue: forcing the expert helps; red: it "
+                          "hurts. Dots mark cells that survive the Benjamini-Hochberg step-up procedure.", fig))
+
+    fig, axes = _grid(len(layers))
+    for ax, layer in zip(axes, layers):
+        for i, domain in enumerate(domains):
+            at = cells[(cells["domain"] == domain) & (cells["layer"] == layer)]
+            row = calibration[(calibration["domain"] == domain) & (calibration["share"] == "router_share")
+                              & (calibration["layer"] == layer)]
+            rho = row["spearman"].iloc[0] if len(row) else np.nan
+            ax.scatter(at["natural_share"], at["mean_delta"], s=14, color=colour(i), label=f"{domain} (rho {rho:+.2f})")
+        ax.set(title=f"layer {layer}", xlabel="natural share [mean router probability]", ylabel="mean delta [nats]")
+        ax.legend(fontsize=7)
+    fig.suptitle("Calibration: does the router prefer the experts that hurt least when forced alone?")
+    fig.tight_layout()
+    figures.append(Figure("iso_calibration", "Calibration per layer", "One point per expert; rho is Spearman's "
+                          "correlation between share and mean delta in that domain and layer.", fig))
+
+    dominance = pd.DataFrame(summary["dominance"])
+    fig, ax = plt.subplots(figsize=(7, 3.8))
+    width = 0.8 / max(len(domains), 1)
+    for i, domain in enumerate(domains):
+        at = dominance[dominance["domain"] == domain].set_index("layer").reindex(layers)
+        ax.bar(np.arange(len(layers)) + (i - (len(domains) - 1) / 2) * width, at["vs_uniform"], width, label=domain,
+               color=colour(i))
+    ax.axhline(1, color="black", linestyle="--", linewidth=1, label="uniform (1/E)")
+    ax.set_xticks(range(len(layers)), layers)
+    ax.set(title="Dominance: the most-activated expert's top-k share against uniform", xlabel="layer [decoder-layer index]",
+           ylabel="share x E [ratio to uniform]")
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))
+    fig.tight_layout()
+    figures.append(Figure("iso_dominance", "Dominance", "Top-k selection share of each layer's most-activated "
+                          "expert, divided by the uniform share 1/E.", fig))
+
+    table = pd.DataFrame(summary["layer_table"])
+    fig, ax = plt.subplots(figsize=(7, 3.8))
+    for i, domain in enumerate(domains):
+        at = table[table["domain"] == domain].set_index("layer").reindex(layers)
+        values = at["best_median_delta"].tolist()
+        ax.errorbar(layers, values, yerr=_interval_errors(values, at["best_ci"].tolist()), marker="o", capsize=3,
+                    color=colour(i), label=f"{domain}: best expert")
+        ax.plot(layers, at["floor_median_delta"], linestyle=":", marker="x", color=colour(i), label=f"{domain}: random floor")
+    ax.axhline(0, color="black", linewidth=0.8)
+    ax.set_xticks(layers)
+    ax.set(title="Effect by layer: the best single expert and the random-routing floor", xlabel="layer [decoder-layer index]",
+           ylabel="median delta vs natural [nats]")
+    ax.legend(fontsize=7, ncol=2)
+    fig.tight_layout()
+    figures.append(Figure("iso_layers", "Layer table", "Best single expert per layer (95% CI of the median) "
+                          "against random equal-compute routes.", fig))
+    return figures
+
+
+# ---------------------------------------------------------------------------- pass@k
+def passk_figures(summary: dict) -> list[Figure]:
+    arms, ks = summary["arms"], summary["ks"]
+    blocks = [("all problems", summary["all"])] + sorted((summary.get("by_group") or {}).items())
+    fig, axes = _grid(len(blocks), width=4.0, height=3.4)
+    for ax, (name, block) in zip(axes, blocks):
+        for i, arm in enumerate(arms):
+            means = [block[arm][f"pass@{k}"]["mean"] for k in ks]
+            low = [block[arm][f"pass@{k}"]["ci"][0] for k in ks]
+            high = [block[arm][f"pass@{k}"]["ci"][1] for k in ks]
+            ax.plot(ks, means, marker="o", color=ARM_COLOURS[i], label=arm)
+            ax.fill_between(ks, [np.nan if v is None else v for v in low], [np.nan if v is None else v for v in high],
+                            color=ARM_COLOURS[i], alpha=0.2)
+        ax.set_xscale("log", base=2)
+        ax.set_xticks(ks, [str(k) for k in ks])
+        ax.set(title=name, xlabel="k [samples]", ylabel="pass@k [share of problems]", ylim=(0, 1.02))
+        ax.legend(fontsize=8)
+    fig.suptitle(f"pass@k with 95% bootstrap intervals ({summary['samples_per_problem']} samples per problem, "
+                 f"T={summary['temperature']})")
+    fig.tight_layout()
+    figures = [Figure("passk_curves", "pass@k curves", "Unbiased pass@k; bands are 95% percentile bootstrap "
+                      "intervals over problems.", fig)]
+    if len(arms) == 2:
+        fig, ax = plt.subplots(figsize=(6.5, 3.8))
+        for i, (name, block) in enumerate(blocks):
+            means = [block["difference"][f"pass@{k}"]["mean"] for k in ks]
+            intervals = [block["difference"][f"pass@{k}"]["ci"] for k in ks]
+            ax.errorbar(np.array(ks) * (1 + 0.04 * i), means, yerr=_interval_errors(means, intervals), marker="o",
+                        capsize=3, label=name)
+        ax.axhline(0, color="black", linewidth=0.8)
+        ax.set_xscale("log", base=2)
+        ax.set_xticks(ks, [str(k) for k in ks])
+        ax.set(title=f"{arms[1]} - {arms[0]}: paired difference of pass@k (95% CI)", xlabel="k [samples]",
+               ylabel="difference of pass@k [share of problems]")
+        ax.legend(fontsize=7)
+        fig.tight_layout()
+        figures.append(Figure("passk_difference", "Paired difference", "Problems resampled together for both "
+                              "arms (the same problems and sampling seeds).", fig))
+    return figures
