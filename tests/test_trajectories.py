@@ -48,7 +48,7 @@ def test_token_records_and_parquet_and_only_verified(tmp_path):
     (['{"id": "a", "prompt": "Q", "completion": "A", "verified": "yes"}'], r"'verified' must be true, false"),
     (['{"id": "a", "prompt": "Q", "completion": "A"}', '{"id": "a", "prompt": "Q", "completion": "B"}'],
      r"line 2: duplicate trajectory id 'a'"),
-    ([], r"no trajectories"),
+    ([], r"no trajectory records"),
 ])
 def test_bad_records_are_named(tmp_path, lines, message):
     path = write_jsonl(tmp_path / "bad.jsonl", lines)

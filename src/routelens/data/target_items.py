@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from routelens.data.trajectories import read_records
+from routelens.data.trajectories import parse_unique_records
 from routelens.errors import RouteLensError
 
 
@@ -76,17 +76,7 @@ def load_items(path: str, tokenizer=None, vocab_size: int | None = None,
                domains: list[str] | None = None, per_domain: int | None = None) -> list[TargetItem]:
     """Read, validate and tokenise every item of `path` (file order kept); keep `domains`
     (all when None) and the first `per_domain` items of each."""
-    records = read_records(path, "item file")
-    if not records:
-        raise RouteLensError(f"{path}: no items in the file")
-    items, seen = [], set()
-    for index, record in enumerate(records):
-        where = record.pop("_where", f"{path} record {index + 1}")
-        item = _parse(record, where, tokenizer, vocab_size)
-        if item.id in seen:
-            raise RouteLensError(f"{where}: duplicate item id {item.id!r}; ids must be unique")
-        seen.add(item.id)
-        items.append(item)
+    items = parse_unique_records(path, "item", lambda record, where: _parse(record, where, tokenizer, vocab_size))
     return select(items, domains, per_domain, source=path)
 
 

@@ -77,6 +77,23 @@ def read_records(path: str, what: str = "trajectory file") -> list[dict]:
     return read_jsonl(path, what)
 
 
+def parse_unique_records(path: str, what: str, parse) -> list:
+    """Every record of a JSONL or Parquet file through `parse(record, where)`, in file order;
+    an empty file or a repeated `id` is a one-line error naming the record."""
+    records = read_records(path, f"{what} file")
+    if not records:
+        raise RouteLensError(f"{path}: no {what} records in the file")
+    parsed, seen = [], set()
+    for index, record in enumerate(records):
+        where = record.pop("_where", f"{path} record {index + 1}")
+        value = parse(record, where)
+        if value.id in seen:
+            raise RouteLensError(f"{where}: duplicate {what} id {value.id!r}; ids must be unique")
+        seen.add(value.id)
+        parsed.append(value)
+    return parsed
+
+
 def _tokenize(tokenizer, text: str, special: bool) -> list[int]:
     return list(tokenizer(text, add_special_tokens=special)["input_ids"])
 
@@ -132,17 +149,7 @@ def load_trajectories(path: str, tokenizer=None, vocab_size: int | None = None,
 
     Every record is validated, even past `limit`, so that a bad file fails before work starts.
     """
-    records = read_records(path)
-    if not records:
-        raise RouteLensError(f"{path}: no trajectories in the file")
-    trajectories, seen = [], set()
-    for index, record in enumerate(records):
-        where = record.pop("_where", f"{path} record {index + 1}")
-        trajectory = _parse(record, where, tokenizer, vocab_size)
-        if trajectory.id in seen:
-            raise RouteLensError(f"{where}: duplicate trajectory id {trajectory.id!r}; ids must be unique")
-        seen.add(trajectory.id)
-        trajectories.append(trajectory)
+    trajectories = parse_unique_records(path, "trajectory", lambda record, where: _parse(record, where, tokenizer, vocab_size))
     if only_verified:
         trajectories = [t for t in trajectories if t.verified is True]
         if not trajectories:
