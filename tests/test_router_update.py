@@ -204,3 +204,32 @@ def test_router_update_and_passk_bad_input_one_line_exit_2(case, message, tmp_pa
     assert main(args) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and message in err, err
+
+
+@pytestmark_demo
+def test_passk_resumes_after_an_interruption_without_loss_or_duplicates(demo_update, tmp_path, monkeypatch):
+    from routelens import generation
+
+    delta = str(demo_update / "update" / "router_delta.safetensors")
+    args = lambda out: ["passk", "--model", "demo", "--router-delta", delta, "--compare", "--task", "arithmetic",  # noqa: E731
+                        "--n", "6", "--samples", "3", "--k", "1,3", "--bootstrap-resamples", "100",
+                        "--out", out, "--no-progress"]
+    whole, cut = str(tmp_path / "whole"), str(tmp_path / "cut")
+    assert main(args(whole)) == 0
+    real, calls = generation.sample_completions, {"n": 0}
+
+    def interrupted(*a, **k):
+        calls["n"] += 1
+        if calls["n"] == 2:          # the base arm is written; the updated arm is cut off
+            raise KeyboardInterrupt
+        return real(*a, **k)
+
+    monkeypatch.setattr(generation, "sample_completions", interrupted)
+    assert main(args(cut)) == 130
+    assert json.load(open(os.path.join(cut, "run.json")))["status"] == "running"
+    monkeypatch.setattr(generation, "sample_completions", real)
+    assert main(args(cut)) == 0
+    assert json.load(open(os.path.join(cut, "run.json")))["timings"]["units_this_session"] == 1
+    pd.testing.assert_frame_equal(pd.read_parquet(os.path.join(cut, "samples.parquet")),
+                                  pd.read_parquet(os.path.join(whole, "samples.parquet")))
+    assert json.load(open(os.path.join(cut, "summary.json")))["all"] == json.load(open(os.path.join(whole, "summary.json")))["all"]
