@@ -195,6 +195,7 @@ def test_isolate_command_tables_agree_with_scipy_and_statsmodels(saved_model, tm
     assert rows[rows["condition"] == "forced"]["floor_seed"].isna().all()
     assert not rows.duplicated(["item_id", "layer", "condition", "expert", "floor_seed"]).any()
     assert len(cells) == 2 * len(layers) * num_experts and (cells["n"] == 8).all()
+    assert summary["smallest_possible_p"] == pytest.approx(sps.wilcoxon(np.arange(1, 9)).pvalue)
 
     # every cell's statistics, recomputed from isolation.parquet with SciPy and statsmodels
     natural = rows[rows["condition"] == "natural"].set_index("item_id")["mean_logprob"]

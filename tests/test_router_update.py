@@ -233,3 +233,18 @@ def test_passk_resumes_after_an_interruption_without_loss_or_duplicates(demo_upd
     pd.testing.assert_frame_equal(pd.read_parquet(os.path.join(cut, "samples.parquet")),
                                   pd.read_parquet(os.path.join(whole, "samples.parquet")))
     assert json.load(open(os.path.join(cut, "summary.json")))["all"] == json.load(open(os.path.join(whole, "summary.json")))["all"]
+
+
+@pytestmark_demo
+def test_report_of_a_router_update(demo_update, capsys):
+    import re
+
+    assert main(["report", str(demo_update / "update")]) == 0
+    page = open(demo_update / "update" / "report.html", encoding="utf-8").read()
+    summary = json.load(open(demo_update / "update" / "summary.json"))
+    rows = dict((b, (int(t), int(c))) for b, t, c in
+                re.findall(r"<tr><td>(\w+)</td><td>(\d+)</td><td>(\d+)</td>", page.split('id="update-changes"')[1]))
+    for name in ("Fragile", "Ambiguous", "Confident", "All"):
+        expected = summary["heldout_route_changes"][name]
+        assert rows[name] == (expected["tokens"], expected["route_changed"])
+    assert (demo_update / "update" / "figures" / "update_training.svg").exists()

@@ -247,7 +247,8 @@ def build_parser() -> argparse.ArgumentParser:
                                  epilog="examples:\n  routelens report runs/demo/counterfactual\n"
                                         "  routelens report runs/cf runs/isolation runs/passk --out report.html",
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
-    report.add_argument("runs", nargs="+", metavar="RUN_DIR", help="counterfactual, isolation or passk run folders")
+    report.add_argument("runs", nargs="+", metavar="RUN_DIR",
+                        help="counterfactual, isolation, router-update or passk run folders")
     report.add_argument("--out", default=None,
                         help="HTML file (default RUN_DIR/report.html for one folder, routelens-report.html for several)")
 

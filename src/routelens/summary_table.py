@@ -74,6 +74,10 @@ def print_isolation_summary(summary: dict, console: Console | None = None) -> No
     console = console or Console(width=140)
     for table in isolation_tables(summary):
         console.print(table)
+    smallest = summary.get("smallest_possible_p")
+    if smallest is not None and smallest > summary["alpha"]:
+        console.print(f"note: with {min(summary['items_per_domain'].values())} items in a domain the Wilcoxon test "
+                      f"cannot give p below {smallest:.3g} > alpha {summary['alpha']}: use more items per domain")
 
 
 def passk_table(summary: dict) -> Table:

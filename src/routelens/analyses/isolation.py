@@ -311,6 +311,8 @@ def summarise(isolation: pd.DataFrame, routing: pd.DataFrame, layers: list[int],
         "layers": layers,
         "num_experts": num_experts,
         "items_per_domain": {d: len(a.items) for d, a in per_domain.items()},
+        # the exact two-sided signed-rank test cannot go below 2 / 2^n: with few items no cell can pass
+        "smallest_possible_p": float(2 * 0.5 ** min(len(a.items) for a in per_domain.values())),
         "cells": int(len(cells)),
         "significant_cells": int(cells["significant"].sum()),
         "significant_better_than_natural": int((cells["significant"] & (cells["median_delta"] > 0)).sum()),

@@ -14,7 +14,7 @@ from routelens.report import figures as figs
 from routelens.report.page import (document, esc, figure_html, fmt, interval, key_values, render_png, table)
 from routelens.results.run_folder import read_json, write_text_atomic
 
-KINDS = ("counterfactual", "isolation", "passk")
+KINDS = ("counterfactual", "isolation", "passk", "router-update")
 CONTEXT_BEFORE, CONTEXT_AFTER, WORST_TOKENS = 40, 10, 20
 
 
@@ -189,7 +189,34 @@ def passk_section(run_dir: str, run: dict) -> str:
             f"{table(headers, rows, 'passk')}{_figures_html(run_dir, figures)}{_provenance(run)}")
 
 
-SECTIONS = {"counterfactual": counterfactual_section, "isolation": isolation_section, "passk": passk_section}
+def router_update_section(run_dir: str, run: dict) -> str:
+    import json
+
+    summary = read_json(os.path.join(run_dir, "summary.json"))
+    with open(os.path.join(run_dir, "training_log.jsonl"), encoding="utf-8") as handle:
+        steps = pd.DataFrame([json.loads(line) for line in handle])
+    facts = {"layer": summary["layer"], "preference pairs": summary["pairs"], "tokens with pairs": summary["pair_tokens"],
+             "pairs by bin": summary["pairs_by_bin"],
+             "preferred route ranked higher, before -> after": f"{summary['preference_accuracy_before']:.3f} -> "
+                                                                f"{summary['preference_accuracy_after']:.3f}",
+             "loss, first -> last step": f"{summary['loss_first_step']:.4f} -> {summary['loss_last_step']:.4f}",
+             "parameters and buffers hashed": summary["parameters_checked"],
+             "changed (everything else bit-identical)": summary["parameters_changed"],
+             "router delta": summary["router_delta"]}
+    changes = summary.get("heldout_route_changes")
+    change_table = ""
+    if changes:
+        change_table = ("<h3>Held-out tokens whose standard route changed</h3>" + table(
+            ["bin", "tokens", "route changed", "share"],
+            [[b, changes[b]["tokens"], changes[b]["route_changed"], fmt(changes[b]["share"])]
+             for b in ("Fragile", "Ambiguous", "Confident", "All")], "update-changes"))
+    figures = figs.router_update_figures(steps, summary)
+    return (f"<h2>Router-only update: {esc(run_dir)}</h2>{key_values(facts)}{change_table}"
+            f"{_figures_html(run_dir, figures)}{_provenance(run)}")
+
+
+SECTIONS = {"counterfactual": counterfactual_section, "isolation": isolation_section, "passk": passk_section,
+            "router-update": router_update_section}
 
 
 def build_report(run_dirs: list[str], out: str | None = None) -> str:

@@ -266,3 +266,17 @@ def passk_figures(summary: dict) -> list[Figure]:
         figures.append(Figure("passk_difference", "Paired difference", "Problems resampled together for both "
                               "arms (the same problems and sampling seeds).", fig))
     return figures
+
+
+# ---------------------------------------------------------------------------- router update
+def router_update_figures(steps: pd.DataFrame, summary: dict) -> list[Figure]:
+    fig, (ax_loss, ax_margin) = plt.subplots(1, 2, figsize=(11, 3.6))
+    ax_loss.plot(steps["step"], steps["loss"], color=ARM_COLOURS[0])
+    ax_loss.set(title="DPO loss per step", xlabel="optimizer step [count]", ylabel="loss [nats]")
+    ax_margin.plot(steps["step"], steps["reward_margin"], color=ARM_COLOURS[1])
+    ax_margin.set(title="Implicit reward margin per step", xlabel="optimizer step [count]",
+                  ylabel="margin [nats of log-probability ratio]")
+    fig.suptitle(f"Router-only update of layer {summary['layer']}: {summary['pairs']} preference pairs")
+    fig.tight_layout()
+    return [Figure("update_training", "Training curve", "Minibatch loss and mean margin (log pi - log pi_ref of the "
+                   "preferred minus the rejected route).", fig)]
