@@ -92,7 +92,7 @@ def evaluate_arithmetic(loaded, n: int, samples: int, temperature: float, seed: 
     greedy = greedy_accuracy(model, tokenizer, problems, show_progress)
     ks = tuple(k for k in (1, samples) if k <= samples)
     report = {
-        "model": loaded.spec, "heldout_problems": n,
+        "model": loaded.spec, "router_delta": loaded.router_delta, "heldout_problems": n,
         "greedy_accuracy": greedy["accuracy"], "greedy_by_operations": greedy["by_operations"],
         **sampled_pass_at_k(model, tokenizer, problems, samples, ks, temperature, seed, show_progress),
         "routers": router_statistics(loaded.adapter, tokenizer, problems[:100]),
