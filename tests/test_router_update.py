@@ -248,3 +248,41 @@ def test_report_of_a_router_update(demo_update, capsys):
         expected = summary["heldout_route_changes"][name]
         assert rows[name] == (expected["tokens"], expected["route_changed"])
     assert (demo_update / "update" / "figures" / "update_training.svg").exists()
+
+
+@pytest.mark.parametrize("family", ["olmoe", "qwen2_moe", "mixtral", "deepseek_v2", "deepseek_v3", "gpt_oss", "phimoe",
+                                    "qwen3_moe"])
+def test_dpo_on_routes_trains_every_family_router(family, tiny_adapters, tmp_path):
+    from routelens.analyses.router_update import RouterUpdateConfig, preference_accuracy, router_inputs, train_router
+    from routelens.models.routing import capture_routes
+
+    adapter = tiny_adapters[family]
+    layer = adapter.moe_layers[-1]
+    ids = torch.randint(4, adapter.config.vocab_size, (24,), generator=torch.Generator().manual_seed(0)).tolist()
+    inputs, rank = router_inputs(adapter, layer, {"s": ids}, {"s": list(range(24))})
+    x = torch.stack([inputs[("s", p)] for p in range(24)])
+    with torch.no_grad(), capture_routes(adapter, [layer]) as captured:
+        adapter.model(torch.tensor([ids]), use_cache=False)
+    rejected = captured[layer].experts.reshape(24, -1).sort(-1).values               # the standard routes
+    generator = torch.Generator().manual_seed(1)
+    preferred = torch.stack([torch.randperm(adapter.num_experts, generator=generator)[: adapter.top_k].sort().values
+                             for _ in range(24)])
+    keep = (preferred != rejected).any(-1)
+    before = {n: p.detach().clone() for n, p in adapter.routers[layer].named_parameters()}
+    log = str(tmp_path / "log.jsonl")
+    new = train_router(adapter, layer, x[keep], rank, preferred[keep], rejected[keep],
+                       RouterUpdateConfig(learning_rate=0.05, steps=20, beta=1.0), log, show_progress=False)
+    steps = [json.loads(line) for line in open(log)]
+    assert steps[-1]["loss"] < steps[0]["loss"]
+    assert set(new) == set(before) and any(not torch.equal(new[n], before[n].float()) for n in new)
+    for name, parameter in adapter.routers[layer].named_parameters():   # training leaves the model itself alone
+        assert torch.equal(parameter, before[name])
+    with torch.no_grad():
+        for name, parameter in adapter.routers[layer].named_parameters():
+            parameter.copy_(new[name])
+    try:
+        assert preference_accuracy(adapter, layer, x[keep], rank, preferred[keep], rejected[keep]) > 0
+    finally:
+        with torch.no_grad():
+            for name, parameter in adapter.routers[layer].named_parameters():
+                parameter.copy_(before[name])
