@@ -493,6 +493,8 @@ def cmd_passk(args) -> int:
 
     if args.compare and not args.router_delta:
         raise RouteLensError("--compare needs --router-delta FILE (the updated model to compare with the base)")
+    if args.problems is None and args.task is None and args.model != "demo":
+        raise RouteLensError("give --problems FILE ({id, prompt, answer} records), or --task arithmetic")
     is_file = args.problems is not None
     config = PassKConfig(samples=args.samples, ks=args.k, temperature=args.temperature, seed=args.seed,
                          max_new_tokens=args.max_new_tokens or (1024 if is_file else 96),
