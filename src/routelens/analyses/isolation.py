@@ -26,7 +26,7 @@ best); and a layer table. All tests come from SciPy (`routelens.stats`).
 from __future__ import annotations
 
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 
 import numpy as np
 import pandas as pd
@@ -109,13 +109,6 @@ def floor_conditions(adapter: MoEAdapter, logits: torch.Tensor, layer: int, item
     return torch.stack(experts), torch.stack(weights)
 
 
-def _router_shares(adapter: MoEAdapter, logits: torch.Tensor, layer: int) -> np.ndarray:
-    """Per-token share of each expert in the router's selection scores (the softmax
-    probability for softmax routers; sigmoid scores normalised per token): [T, E]."""
-    scores = adapter.selection_scores(logits, layer).double()
-    return (scores / scores.sum(-1, keepdim=True).clamp_min(1e-30)).cpu().numpy()
-
-
 # ---------------------------------------------------------------------------- one item
 def analyse_item(adapter: MoEAdapter, scorer: WholeSequenceScorer, item: TargetItem, layers: list[int],
                  config: IsolationConfig) -> tuple[pa.Table, pa.Table]:
@@ -124,15 +117,15 @@ def analyse_item(adapter: MoEAdapter, scorer: WholeSequenceScorer, item: TargetI
     rows = [_row(item, None, "natural", None, None, natural.logprobs)]
     routing = []
     length = len(item.input_ids)
+    forced_e, forced_w = forced_conditions(adapter.num_experts, length, adapter.top_k)
     for layer in layers:
         route = natural.routes[layer]
         logits = route.logits.reshape(length, -1)
-        forced_e, forced_w = forced_conditions(adapter.num_experts, length, adapter.top_k)
         floor_e, floor_w = floor_conditions(adapter, logits, layer, item.id, config.seed, config.floor_seeds)
         logprobs = scorer.score(natural, layer, torch.cat([forced_e, floor_e]), torch.cat([forced_w, floor_w]))
         rows += [_row(item, layer, "forced", e, None, logprobs[e]) for e in range(adapter.num_experts)]
         rows += [_row(item, layer, "floor", None, s, logprobs[adapter.num_experts + s]) for s in range(config.floor_seeds)]
-        shares = _router_shares(adapter, logits, layer).sum(0)
+        shares = adapter.selection_distribution(logits, layer).sum(0).cpu().numpy()
         selected = np.bincount(route.experts.reshape(-1).cpu().numpy(), minlength=adapter.num_experts)
         routing += [{"item_id": item.id, "domain": item.domain, "layer": layer, "expert": e, "tokens": length,
                      "router_share_sum": float(shares[e]), "selected": int(selected[e])}
@@ -149,7 +142,8 @@ def _row(item: TargetItem, layer, condition: str, expert, floor_seed, logprobs: 
 @dataclass
 class DomainArrays:
     """One domain's items as arrays: deltas [n, L, E] (forced - natural), floor [n, L]
-    (floor mean - natural), router share sums [n, L, E], selections [n, L, E], tokens [n, L]."""
+    (floor mean - natural), router share sums [n, L, E], selections [n, L, E], tokens [n, L],
+    natural scores [n]."""
 
     items: list[str]
     deltas: np.ndarray
@@ -157,7 +151,7 @@ class DomainArrays:
     share_sums: np.ndarray
     selected: np.ndarray
     tokens: np.ndarray
-    natural: np.ndarray = field(default_factory=lambda: np.zeros(0))
+    natural: np.ndarray
 
 
 def domain_arrays(isolation: pd.DataFrame, routing: pd.DataFrame, domain: str, layers: list[int],

@@ -89,8 +89,7 @@ def plackett_luce_brute_force(weights: np.ndarray, experts: list[int]) -> float:
 def route_log_weights(adapter: MoEAdapter, logits: torch.Tensor, layer: int) -> torch.Tensor:
     """log of the router's distribution over experts that routes are drawn from: the
     family's selection scores, normalised (the softmax for softmax routers), float64."""
-    scores = adapter.selection_scores(logits, layer).double().clamp_min(1e-300)
-    return torch.log(scores / scores.sum(-1, keepdim=True))
+    return torch.log(adapter.selection_distribution(logits, layer).clamp_min(1e-300))
 
 
 # ---------------------------------------------------------------------------- preferences

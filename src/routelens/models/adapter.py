@@ -119,6 +119,12 @@ class MoEAdapter:
         """[N, E] -> [N, E] score the router of `layer` ranks experts by. Default: fp32 softmax."""
         return torch.softmax(logits.float(), dim=-1)
 
+    def selection_distribution(self, logits: torch.Tensor, layer: int) -> torch.Tensor:
+        """[N, E] -> [N, E] float64: the selection scores normalised per token (the softmax
+        for softmax routers, sigmoid affinities over their sum for sigmoid routers)."""
+        scores = self.selection_scores(logits, layer).double()
+        return scores / scores.sum(-1, keepdim=True).clamp_min(1e-30)
+
     def weights_for(self, logits: torch.Tensor, experts: torch.Tensor) -> torch.Tensor:
         """[N, E], [N, k] -> [N, k] fp32 weights the model would apply to `experts`."""
         raise NotImplementedError
