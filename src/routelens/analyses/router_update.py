@@ -19,6 +19,7 @@ taken before: anything but the router changing is an error.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import itertools
 import json
@@ -36,18 +37,22 @@ from routelens.models.adapter import MoEAdapter
 
 
 # ---------------------------------------------------------------------------- Plackett-Luce
-def _subsets_by_size(k: int) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
-    """For each size j = 1..k: the bitmasks of that size [M], their members [M, j] and, per
-    member, the position of the subset without it in the size-ordered table [M, j]."""
+@functools.lru_cache(maxsize=None)
+def _subset_tables(k: int) -> tuple[torch.Tensor, list[tuple[torch.Tensor, torch.Tensor]]]:
+    """The 2^k subsets of k slots ordered by size: which slots each has drawn [2^k, k], and
+    for each size j = 1..k the members of the subsets of that size [M, j] with, per member,
+    the position of the subset without it [M, j]. Built once per k (training calls this
+    every step)."""
     order = sorted(range(2 ** k), key=lambda m: (bin(m).count("1"), m))
     position = {mask: i for i, mask in enumerate(order)}
+    drawn = torch.tensor([[m >> i & 1 for i in range(k)] for m in order], dtype=torch.bool)
     levels = []
     for size in range(1, k + 1):
         masks = [m for m in order if bin(m).count("1") == size]
         members = [[i for i in range(k) if m >> i & 1] for m in masks]
         parents = [[position[m ^ (1 << i)] for i in row] for m, row in zip(masks, members)]
-        levels.append((torch.tensor(masks), torch.tensor(members), torch.tensor(parents)))
-    return levels
+        levels.append((torch.tensor(members), torch.tensor(parents)))
+    return drawn, levels
 
 
 def plackett_luce_set_log_prob(log_weights: torch.Tensor, experts: torch.Tensor) -> torch.Tensor:
@@ -60,14 +65,14 @@ def plackett_luce_set_log_prob(log_weights: torch.Tensor, experts: torch.Tensor)
     n, k = experts.shape
     chosen = log_weights.gather(-1, experts)                                            # [N, k]
     outside = log_weights.scatter(-1, experts, float("-inf")).logsumexp(-1)             # [N]
-    order = sorted(range(2 ** k), key=lambda m: (bin(m).count("1"), m))
-    drawn = torch.tensor([[m >> i & 1 for i in range(k)] for m in order], dtype=torch.bool, device=experts.device)
+    drawn, levels = _subset_tables(k)
+    drawn = drawn.to(experts.device)
     # log of the probability mass still undrawn after subset U: outside mass + members not in U
-    remaining = torch.cat([outside[:, None, None].expand(n, len(order), 1),
-                           chosen[:, None, :].expand(n, len(order), k).masked_fill(drawn[None], float("-inf"))],
+    remaining = torch.cat([outside[:, None, None].expand(n, len(drawn), 1),
+                           chosen[:, None, :].expand(n, len(drawn), k).masked_fill(drawn[None], float("-inf"))],
                           dim=-1).logsumexp(-1)                                        # [N, 2^k]
     table = torch.zeros(n, 1, dtype=log_weights.dtype, device=log_weights.device)     # f(empty set) = 1
-    for masks, members, parents in _subsets_by_size(k):
+    for members, parents in levels:
         members, parents = members.to(experts.device), parents.to(experts.device)
         terms = table[:, parents] + chosen[:, members] - remaining[:, parents]          # [N, M, j]
         table = torch.cat([table, terms.logsumexp(-1)], dim=-1)
@@ -142,11 +147,16 @@ def router_inputs(adapter: MoEAdapter, layer: int, sequences: dict[str, list[int
     return out, rank.get("dims", 2)
 
 
+def _router_output(router: torch.nn.Module, x: torch.Tensor, rank: int, parameters=None) -> tuple:
+    """(logits, weights, experts) of the router for inputs x [N, d], given as the router takes
+    them (rank 3: one batch row), with `parameters` in place of its own if given."""
+    inputs = (x[None] if rank == 3 else x,)
+    return functional_call(router, parameters, inputs) if parameters is not None else router(*inputs)
+
+
 def router_logits(router: torch.nn.Module, x: torch.Tensor, rank: int, parameters=None) -> torch.Tensor:
     """The router's raw logits [N, E] for inputs x [N, d] (with `parameters` in place of its own)."""
-    inputs = (x[None] if rank == 3 else x,)
-    output = functional_call(router, parameters, inputs) if parameters is not None else router(*inputs)
-    return output[0].reshape(x.shape[0], -1)
+    return _router_output(router, x, rank, parameters)[0].reshape(x.shape[0], -1)
 
 
 # ---------------------------------------------------------------------------- training
@@ -282,9 +292,8 @@ def route_changes(loaded, run_dir: str, base: dict[str, torch.Tensor], new: dict
     router = loaded.adapter.routers[layer]
 
     def routes(parameters) -> torch.Tensor:
-        inputs = (x[None] if rank == 3 else x,)
         parameters = {k: v.to(x.device, x.dtype) for k, v in parameters.items()}
-        return functional_call(router, parameters, inputs)[2].reshape(len(x), -1).sort(-1).values
+        return _router_output(router, x, rank, parameters)[2].reshape(len(x), -1).sort(-1).values
 
     with torch.no_grad():
         before, after = routes(base), routes(new)
