@@ -31,7 +31,7 @@ import torch
 
 from routelens.engine import attention
 from routelens.engine.items import ScoreItem
-from routelens.engine.readout import activation_bytes, target_log_probs
+from routelens.engine.readout import activation_bytes, attention_score_bytes, target_log_probs
 from routelens.models.adapter import MoEAdapter
 from routelens.models.routing import capture_routes
 
@@ -161,11 +161,10 @@ class FastEngine:
 
     def _query_block(self, length: int) -> int:
         """Queries per attention block so one block's scores of one row fit a quarter budget."""
-        per_query = 3 * 4 * self.adapter.config.num_attention_heads * length
-        return max(1, min(length, self.memory_budget // 4 // per_query))
+        return max(1, min(length, self.memory_budget // 4 // attention_score_bytes(self.adapter, 1, length)))
 
     def _score_bytes(self, length: int) -> int:
-        return 3 * 4 * self.adapter.config.num_attention_heads * self._query_block(length) * length
+        return attention_score_bytes(self.adapter, self._query_block(length), length)
 
     def _suffix(self, layer: int, recorded: dict, states: torch.Tensor, sources: torch.Tensor) -> torch.Tensor:
         """Run decoder layers above `layer` on perturbed states [rows, T, d] whose standard

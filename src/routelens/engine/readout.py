@@ -20,6 +20,12 @@ def target_log_probs(adapter: MoEAdapter, final: torch.Tensor, targets: torch.Te
     return torch.cat(out).double().cpu().numpy() if out else np.zeros(0)
 
 
+def attention_score_bytes(adapter: MoEAdapter, queries: int, length: int) -> int:
+    """Bytes of fp32 attention scores (with softmax and mask temporaries, x3) of one sequence
+    for `queries` query positions against `length` keys, over all heads."""
+    return 3 * 4 * adapter.config.num_attention_heads * queries * length
+
+
 def activation_bytes(adapter: MoEAdapter, length: int) -> int:
     """Bytes of one decoder layer's activations for one sequence of `length` tokens (fp32
     residual, attention projections and the top-k expert intermediates): an estimate."""

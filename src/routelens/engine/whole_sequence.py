@@ -25,7 +25,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from routelens.engine.readout import activation_bytes, target_log_probs
+from routelens.engine.readout import activation_bytes, attention_score_bytes, target_log_probs
 from routelens.models.adapter import MoEAdapter
 from routelens.models.routing import RouteOverride, RouterOutput, capture_routes, override_routes
 
@@ -91,8 +91,8 @@ class WholeSequenceScorer:
         """Conditions per pass: one decoder layer's activations and its full attention scores per row."""
         if self.fixed_rows:
             return self.fixed_rows
-        scores = 3 * 4 * self.adapter.config.num_attention_heads * length * length
-        return max(1, self.memory_budget // (activation_bytes(self.adapter, length) + scores))
+        per_row = activation_bytes(self.adapter, length) + attention_score_bytes(self.adapter, length, length)
+        return max(1, self.memory_budget // per_row)
 
     @torch.no_grad()
     def score(self, natural: NaturalPass, layer: int, experts: torch.Tensor, weights: torch.Tensor) -> np.ndarray:

@@ -113,8 +113,20 @@ def _load(spec: str, device: str, dtype: str, trust_remote_code: bool, seed: int
     except (OSError, ValueError) as error:
         raise RouteLensError(f"cannot load the weights of {spec!r}: {str(error).splitlines()[0]}") from None
     model = model.to(device).eval()
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(spec, trust_remote_code=trust_remote_code)
-    except (OSError, ValueError, TypeError):
-        tokenizer = None  # token-id trajectories still work
+    tokenizer = load_tokenizer(spec, trust_remote_code)
     return LoadedModel(adapter_for(model), tokenizer, spec, device, dtype, folder=spec if is_folder else None)
+
+
+def load_tokenizer(spec: str, trust_remote_code: bool = False, local_files_only: bool = False):
+    """The tokenizer of a model spec, or None if it has none (token-id inputs still work);
+    `demo` is the embedded model's, `tiny:` models have none."""
+    if spec.startswith(TINY_PREFIX):
+        return None
+    if spec == DEMO:
+        from routelens.demo_model import WEIGHTS_DIR
+
+        spec = WEIGHTS_DIR
+    try:
+        return AutoTokenizer.from_pretrained(spec, trust_remote_code=trust_remote_code, local_files_only=local_files_only)
+    except (OSError, ValueError, TypeError):
+        return None

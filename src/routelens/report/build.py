@@ -51,17 +51,11 @@ def _provenance(run: dict) -> str:
 
 # ---------------------------------------------------------------------------- token text
 def _tokenizer(spec: str):
-    from transformers import AutoTokenizer
+    from routelens.models.loading import load_tokenizer
 
-    if spec == "demo":
-        from routelens.demo_model import WEIGHTS_DIR
-
-        spec = WEIGHTS_DIR
-    if spec.startswith("tiny:"):
-        return None
     try:
-        return AutoTokenizer.from_pretrained(spec, local_files_only=True)
-    except Exception:  # no local tokenizer: the table shows token ids instead
+        return load_tokenizer(spec, local_files_only=True)
+    except Exception:  # no usable local tokenizer: the table shows token ids instead
         return None
 
 

@@ -66,18 +66,15 @@ def provenance() -> dict:
     }
 
 
-def write_json_atomic(path: str, payload: dict) -> None:
-    tmp = path + ".tmp"
-    with open(tmp, "w", encoding="utf-8") as handle:
-        json.dump(payload, handle, indent=2, default=str)
-        handle.write("\n")
-    os.replace(tmp, path)
-
-
 def write_text_atomic(path: str, text: str) -> None:
+    """Write through a temporary file and a rename: a kill leaves the old file or the new one."""
     with open(path + ".tmp", "w", encoding="utf-8") as handle:
         handle.write(text)
     os.replace(path + ".tmp", path)
+
+
+def write_json_atomic(path: str, payload: dict) -> None:
+    write_text_atomic(path, json.dumps(payload, indent=2, default=str) + "\n")
 
 
 def read_json(path: str) -> dict:
