@@ -125,7 +125,7 @@ def analyse_item(adapter: MoEAdapter, scorer: WholeSequenceScorer, item: TargetI
         logprobs = scorer.score(natural, layer, torch.cat([forced_e, floor_e]), torch.cat([forced_w, floor_w]))
         rows += [_row(item, layer, "forced", e, None, logprobs[e]) for e in range(adapter.num_experts)]
         rows += [_row(item, layer, "floor", None, s, logprobs[adapter.num_experts + s]) for s in range(config.floor_seeds)]
-        shares = adapter.selection_distribution(logits, layer).sum(0).cpu().numpy()
+        shares = adapter.selection_distribution(logits, layer).cpu().numpy().sum(0)
         selected = np.bincount(route.experts.reshape(-1).cpu().numpy(), minlength=adapter.num_experts)
         routing += [{"item_id": item.id, "domain": item.domain, "layer": layer, "expert": e, "tokens": length,
                      "router_share_sum": float(shares[e]), "selected": int(selected[e])}
