@@ -30,6 +30,7 @@ from routelens import stats
 from routelens.analyses.route_sampling import (check_route_settings, flag_duplicates,
                                                gumbel_top_k_routes, route_rng)
 from routelens.data.trajectories import Trajectory
+from routelens.engine.checks import check_gating_rule
 from routelens.engine.items import ScoreItem
 from routelens.models.adapter import MoEAdapter
 from routelens.models.routing import capture_routes
@@ -107,7 +108,9 @@ class LayerRoutes:
 def build_routes(adapter: MoEAdapter, trajectory: Trajectory, layers: list[int],
                  config: CounterfactualConfig) -> dict[int, LayerRoutes]:
     """The standard route (read off the model's own forward) and S sampled alternatives
-    per scored token and layer."""
+    per scored token and layer. The adapter's gating rule must reproduce the router's own
+    weights on its own choice (checked here, on every trajectory), since it weights the
+    alternatives."""
     k, num_candidates = adapter.top_k, config.candidates_for(adapter.num_experts)
     input_ids = torch.tensor([trajectory.input_ids], device=adapter.device)
     with torch.no_grad(), capture_routes(adapter, layers) as captured:
@@ -117,6 +120,8 @@ def build_routes(adapter: MoEAdapter, trajectory: Trajectory, layers: list[int],
     result = {}
     for layer in layers:
         out = captured[layer]
+        check_gating_rule(adapter, layer, out.logits, out.experts, out.weights)
+        index = index.to(out.logits.device)
         logits = out.logits[index].float()                                   # [P, E]
         order = out.experts[index].argsort(dim=-1)
         std_experts = out.experts[index].gather(-1, order)                   # [P, k] sorted
@@ -324,5 +329,14 @@ def run_counterfactual(loaded, trajectories: list[Trajectory], config: Counterfa
     folder.complete(summary, extra={"timings": {
         "seconds_this_session": round(time.perf_counter() - started, 3),
         "tokens_scored_this_session": total_tokens - done_tokens,
-    }})
+    }, "checks": engine_checks(engine)})
     return summary
+
+
+def engine_checks(engine) -> dict:
+    """What run.json records of the run-time checks: the largest standard-route deviation
+    from the natural forward (nats) and whether the fast engine fell back, and why."""
+    largest, mean = engine.standard_route_error
+    return {"gating_rule": "reproduced the router's weights on every trajectory",
+            "standard_route_max_abs_logprob_diff": largest, "standard_route_mean_abs_logprob_diff": mean,
+            "engine_fallback": engine.fallback_reason}

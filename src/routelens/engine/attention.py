@@ -17,6 +17,12 @@ Two modes, switched by the engine through `AttentionState`:
 
   This equals re-running the prefix with only position t perturbed, for every t at once,
   because no position < t depends on position t (causal attention).
+
+Each layer's window comes from the adapter (`STATE.windows`), never from the kwargs the
+attention function happens to receive: Qwen2-MoE and PhiMoE apply their window only
+through the mask, OLMoE passes a `sliding_window` kwarg its mask ignores. In record mode
+the mask the model built is compared with the adapter's window, so a family whose mask
+says otherwise is caught before any route is scored (`STATE.mask_mismatch`).
 """
 
 from __future__ import annotations
@@ -40,6 +46,9 @@ class AttentionState:
     row_source: torch.Tensor | None = None  # patch mode: batch row -> recorded sequence
     query_block: int = 1 << 30              # patch mode: queries per block (bounds the [R, H, q, T] scores)
     patched_calls: int = 0
+    windows: dict[int, int | None] = field(default_factory=dict)  # layer -> window (adapter's), None = causal
+    mask_mismatch: str | None = None         # record mode: first layer whose mask disagrees with its window
+    _checked_masks: set = field(default_factory=set)
 
 
 STATE = AttentionState()
@@ -73,10 +82,41 @@ def _flash_off_diagonal(query, k_std, v_std, scaling):
     return out, lse
 
 
+def _allowed(mask: torch.Tensor) -> torch.Tensor:
+    """A transformers attention mask -> bool "may attend" (sdpa: bool; eager: 0 where allowed)."""
+    return mask if mask.dtype == torch.bool else mask == 0
+
+
+def check_mask(layer: int, mask, length: int) -> None:
+    """Record mode: the mask the model built for `layer` must be causal within the adapter's
+    window for that layer; note the first disagreement in `STATE.mask_mismatch`."""
+    window = STATE.windows.get(layer)
+    if STATE.mask_mismatch is not None or (id(mask), window) in STATE._checked_masks:
+        return
+    if mask is None:   # sdpa skipped the mask: plain causal (or a window covering the sequence)
+        agrees = window is None or window >= length
+    elif not isinstance(mask, torch.Tensor) or mask.dim() != 4:
+        agrees = False
+    else:
+        t = torch.arange(mask.shape[-2], device=mask.device)[:, None]
+        s = torch.arange(mask.shape[-1], device=mask.device)[None, :]
+        expected = s <= t
+        if window is not None:
+            expected &= s > t - window
+        agrees = bool((_allowed(mask) == expected).all())
+        STATE._checked_masks.add((id(mask), window))
+    if not agrees:
+        said = "full causal" if window is None else f"a sliding window of {window}"
+        STATE.mask_mismatch = (f"the attention mask the model builds for layer {layer} is not the {said} "
+                               "attention the adapter declares for it")
+
+
 def patched_attention(module, query, key, value, scaling, sliding_window=None, s_aux=None):
-    """query [R, H, T, Dk], key [R, KV, T, Dk], value [R, KV, T, Dv] -> [R, T, H, Dv]."""
+    """query [R, H, T, Dk], key [R, KV, T, Dk], value [R, KV, T, Dv] -> [R, T, H, Dv];
+    `sliding_window`: keys a query may see (itself included), None for full causal."""
     layer = module.layer_idx
-    k_std, v_std = STATE.keys[layer][STATE.row_source], STATE.values[layer][STATE.row_source]
+    source = STATE.row_source.to(STATE.keys[layer].device)
+    k_std, v_std = STATE.keys[layer][source], STATE.values[layer][source]
     groups = query.shape[1] // k_std.shape[1]
     k_std, v_std = _repeat_kv(k_std, groups), _repeat_kv(v_std, groups)
     k_own, v_own = _repeat_kv(key, groups), _repeat_kv(value, groups)
@@ -125,11 +165,12 @@ def _make(name: str):
     def attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
         if STATE.mode == "patch":
             STATE.patched_calls += 1
-            return patched_attention(module, query, key, value, scaling, kwargs.get("sliding_window"),
+            return patched_attention(module, query, key, value, scaling, STATE.windows.get(module.layer_idx),
                                      kwargs.get("s_aux"))
         if STATE.mode == "record":
             STATE.keys[module.layer_idx] = key.detach()
             STATE.values[module.layer_idx] = value.detach()
+            check_mask(module.layer_idx, attention_mask, query.shape[-2])
         return _original(module, name)(module, query, key, value, attention_mask, scaling=scaling,
                                        dropout=dropout, **kwargs)
     return attention

@@ -20,6 +20,13 @@ Routes are processed in chunks sized to `memory_budget` bytes; results do not de
 the chunking (tested). Anything this engine cannot serve exactly raises
 `FastEngineUnsupported`, and `make_engine` falls back to the reference engine with a
 warning that says why.
+
+Every call checks itself on the checkpoint at hand, at no extra forward: the natural pass
+confirms the layer's residual layout (decoder output = MLP-norm input + MoE block output)
+and each layer's attention mask against the adapter's window, and the standard route's
+scores (route 0, run through the patched suffix like every other route) must equal the
+natural pass's log-probabilities. Any failure switches this engine to the reference engine
+for the rest of the run, with a warning giving the reason (`fallback_reason`).
 """
 
 from __future__ import annotations
@@ -29,9 +36,13 @@ from contextlib import contextmanager
 import numpy as np
 import torch
 
+import warnings
+
 from routelens.engine import attention
+from routelens.engine.checks import model_dtype, standard_route_error, standard_route_mismatch
 from routelens.engine.items import ScoreItem
 from routelens.engine.readout import activation_bytes, attention_score_bytes, target_log_probs
+from routelens.engine.reference import ReferenceEngine
 from routelens.models.adapter import MoEAdapter
 from routelens.models.routing import capture_routes
 
@@ -51,22 +62,29 @@ class FastEngine:
     max_group = 64  # sequences scored together in one call (within the analysis' token budget)
 
     def __init__(self, adapter: MoEAdapter, memory_budget: int = DEFAULT_MEMORY_BUDGET,
-                 route_chunk: int | None = None, **_):
+                 route_chunk: int | None = None, route_batch_size: int = 33):
         self.adapter = adapter
         self.memory_budget = int(memory_budget)
         self.route_chunk = route_chunk
         self.check_supported(adapter)
         attention.register()
+        self.reference = ReferenceEngine(adapter, route_batch_size=route_batch_size, memory_budget=memory_budget)
+        self.fallback_reason: str | None = None
+        self.standard_route_error = (0.0, 0.0)   # (max, mean) |route 0 - natural| seen so far, nats
 
     @staticmethod
     def check_supported(adapter: MoEAdapter) -> None:
         implementation = adapter.config._attn_implementation
         if implementation not in attention.WRAPPED and implementation not in attention.WRAPPED.values():
             raise FastEngineUnsupported(f"attention implementation {implementation!r} (supported: sdpa, eager)")
+        if adapter.norm_order != "pre":
+            raise FastEngineUnsupported(f"{adapter.config.model_type} normalises after attention/MLP "
+                                        f"({adapter.norm_order}-norm); the fast engine needs the residual stream")
         for index in adapter.moe_layers:
-            layer = adapter.decoder_layers[index]
-            if not hasattr(layer, "post_attention_layernorm") or not hasattr(layer.mlp, "experts"):
-                raise FastEngineUnsupported(f"decoder layer {index} has an unexpected layout")
+            try:
+                adapter.mlp_input_norm(index), adapter.experts(index)
+            except AttributeError as error:
+                raise FastEngineUnsupported(f"decoder layer {index} has an unexpected layout ({error})") from None
         if getattr(adapter.config, "layer_types", None) and any(
                 t not in ("full_attention", "sliding_attention") for t in adapter.config.layer_types):
             raise FastEngineUnsupported(f"layer types {sorted(set(adapter.config.layer_types))}")
@@ -88,36 +106,53 @@ class FastEngine:
         """Record keys/values of every layer and the layer-l quantities the routes need.
 
         input_ids [B, T], right-padded: causal attention keeps padding out of real positions."""
-        model, decoder = self.adapter.model, self.adapter.decoder_layers[layer]
+        adapter = self.adapter
+        block = adapter.moe_block(layer)
         recorded: dict = {"layer_kwargs": {}}
+
+        def keep(name):
+            return lambda module, args, *out: recorded.__setitem__(name, (_block_output(out[0]) if out else args[0]).detach())
+
         hooks = [
-            decoder.post_attention_layernorm.register_forward_pre_hook(
-                lambda m, args: recorded.__setitem__("h_mid", args[0].detach())),
-            decoder.mlp.register_forward_pre_hook(lambda m, args: recorded.__setitem__("x", args[0].detach())),
-            decoder.mlp.register_forward_hook(
-                lambda m, args, out: recorded.__setitem__("block_out", _block_output(out).detach())),
+            adapter.mlp_input_norm(layer).register_forward_pre_hook(keep("h_mid")),
+            block.register_forward_pre_hook(keep("x")),
+            block.register_forward_hook(keep("block_out")),
+            adapter.decoder_layers[layer].register_forward_hook(keep("layer_out")),
+            adapter.final_norm.register_forward_hook(keep("final")),
         ]
-        for index in range(layer + 1, self.adapter.num_layers):
-            hooks.append(self.adapter.decoder_layers[index].register_forward_pre_hook(
+        for index in range(layer + 1, adapter.num_layers):
+            hooks.append(adapter.decoder_layers[index].register_forward_pre_hook(
                 lambda m, args, kwargs, index=index: recorded["layer_kwargs"].__setitem__(index, kwargs),
                 with_kwargs=True))
         attention.STATE.keys.clear()
         attention.STATE.values.clear()
+        attention.STATE._checked_masks.clear()
+        attention.STATE.mask_mismatch = None
+        attention.STATE.windows = {i: adapter.attention_window(i) for i in range(adapter.num_layers)}
         attention.STATE.mode = "record"
         try:
-            with capture_routes(self.adapter, [layer]) as captured:
-                model(input_ids.to(self.adapter.device), use_cache=False, logits_to_keep=1)
+            with capture_routes(adapter, [layer]) as captured:
+                adapter.model(input_ids.to(adapter.device), use_cache=False, logits_to_keep=1)
         finally:
             attention.STATE.mode = "off"
             for hook in hooks:
                 hook.remove()
-        missing = [i for i in range(layer + 1, self.adapter.num_layers) if i not in attention.STATE.keys]
+        missing = [i for i in range(layer + 1, adapter.num_layers) if i not in attention.STATE.keys]
         if missing or "h_mid" not in recorded:
             raise FastEngineUnsupported(f"attention of layers {missing} was not recorded")
+        if attention.STATE.mask_mismatch:
+            raise FastEngineUnsupported(attention.STATE.mask_mismatch)
         hidden = recorded["h_mid"].shape[-1]
         recorded["x"] = recorded["x"].reshape(-1, hidden)                               # [B*T, d]
         recorded["block_out"] = recorded["block_out"].reshape(-1, hidden)               # [B*T, d]
         recorded["natural_out"] = recorded["h_mid"] + recorded["block_out"].reshape(recorded["h_mid"].shape)
+        layer_out = _block_output(recorded.pop("layer_out"))
+        if not torch.allclose(recorded["natural_out"], layer_out.to(recorded["natural_out"].device), rtol=1e-5, atol=1e-6):
+            # a post-norm or scaled-residual layout: h_mid is not the residual stream
+            difference = float((recorded["natural_out"] - layer_out).abs().max())
+            raise FastEngineUnsupported(
+                f"decoder layer {layer}'s output is not its MLP-norm input plus its MoE block output "
+                f"(off by {difference:.3g}): a post-norm or scaled residual layout")
         recorded["route"] = captured[layer]                                              # rows b * T + t
         return recorded
 
@@ -136,7 +171,7 @@ class FastEngine:
         both = torch.stack([experts, std_experts], dim=1)                                # [N, 2, k]
         keys = rows[:, None, None] * self.adapter.num_experts + both
         unique, index = torch.unique(keys, return_inverse=True)
-        module = self.adapter.decoder_layers[layer].mlp.experts
+        module = self.adapter.experts(layer)
         ones = torch.ones(len(unique), 1, dtype=x.dtype, device=x.device)
         table = module(x[unique // self.adapter.num_experts], (unique % self.adapter.num_experts)[:, None], ones)
         # delta = sum_j w_j E_{e_j}(x) - sum_j w_std_j E_{std_j}(x), as one sparse [N, U] x [U, d]
@@ -184,12 +219,41 @@ class FastEngine:
         if attention.STATE.patched_calls != expected:
             raise RuntimeError(f"patched attention ran {attention.STATE.patched_calls} times, expected {expected}: "
                                "the suffix did not go through the fast engine's attention")
-        return self.adapter.model.model.norm(states)
+        return self.adapter.final_norm(states)
 
     @torch.no_grad()
     def score_batch(self, layer: int, items: list[ScoreItem]) -> list[np.ndarray]:
-        """Score every route of every item (trajectories of any lengths) at `layer`."""
-        device = self.adapter.device
+        """Score every route of every item (trajectories of any lengths) at `layer`; after a
+        failed check, and for the rest of the run, through the reference engine."""
+        if self.fallback_reason is None:
+            try:
+                return self._score_batch(layer, items)
+            except FastEngineUnsupported as reason:
+                self.fallback_reason = f"layer {layer} ({self.adapter.config.model_type}): {reason}"
+                warnings.warn(f"fast engine check failed at {self.fallback_reason}; "
+                              "scoring with the reference engine from here on", stacklevel=2)
+        return self.reference.score_batch(layer, items)
+
+    def _check_standard_route(self, layer: int, items: list[ScoreItem], results: list[np.ndarray],
+                              recorded: dict, input_ids: torch.Tensor) -> None:
+        """Route 0 went through the patched suffix like every route: it must reproduce the
+        natural pass's log-probabilities (recorded at the final norm, no extra forward)."""
+        final = recorded["final"]
+        batch = torch.cat([torch.full((len(item.positions),), b) for b, item in enumerate(items)])
+        positions = torch.cat([torch.as_tensor(np.asarray(item.positions)) for item in items])
+        targets = input_ids[batch, positions + 1].to(final.device)
+        natural = target_log_probs(self.adapter, final[batch.to(final.device), positions.to(final.device)],
+                                   targets, self.memory_budget)
+        scored = np.concatenate([result[:, 0] for result in results])
+        largest, mean = standard_route_error(scored, natural)
+        self.standard_route_error = (max(self.standard_route_error[0], largest),
+                                     max(self.standard_route_error[1], mean))
+        mismatch = standard_route_mismatch(scored, natural, model_dtype(self.adapter))
+        if mismatch:
+            raise FastEngineUnsupported(mismatch)
+
+    def _score_batch(self, layer: int, items: list[ScoreItem]) -> list[np.ndarray]:
+        device = self.adapter.device_of(self.adapter.decoder_layers[layer])
         num_routes = items[0].experts.shape[1]
         if any(item.experts.shape[1] != num_routes for item in items):
             raise ValueError("all items of a batch need the same number of routes")
@@ -220,14 +284,17 @@ class FastEngine:
                 is_standard = torch.tensor([r == 0 for b, r in block for _ in items[b].positions], device=device)
                 states[row_of, pos_of] = self._layer_outputs(layer, recorded, flat_rows, torch.cat(experts),
                                                              torch.cat(weights), is_standard)
-                final = self._suffix(layer, recorded, states, sources)[row_of, pos_of]         # [N, d]
-                logprobs = target_log_probs(self.adapter, final, input_ids.to(device)[sources[row_of], pos_of + 1],
-                                            self.memory_budget)
+                final = self._suffix(layer, recorded, states, sources)                          # [rows, T, d]
+                final = final[row_of.to(final.device), pos_of.to(final.device)]                # [N, d]
+                targets = input_ids[sources[row_of].cpu(), pos_of.cpu() + 1]
+                logprobs = target_log_probs(self.adapter, final, targets, self.memory_budget)
                 offset = 0
                 for b, r in block:
                     count = len(items[b].positions)
                     results[b][:, r] = logprobs[offset: offset + count]
                     offset += count
+        if 0 in {r for _, r in pairs}:
+            self._check_standard_route(layer, items, results, recorded, input_ids)
         return results
 
     def score_positions(self, input_ids: torch.Tensor, layer: int, positions, experts: torch.Tensor,

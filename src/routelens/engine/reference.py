@@ -7,6 +7,9 @@ reading log p(token t+1) from the last position. Truncating to the prefix is exa
 the same token are batched (identical rows, one override row each); nothing else is
 shared, which is what makes this engine obviously right and slow. The fast engine is
 checked against it.
+
+Each sequence's standard route (route 0) is also checked against one natural forward of
+the whole sequence: a mismatch is a `RuntimeCheckFailed` error, never a result.
 """
 
 from __future__ import annotations
@@ -14,7 +17,9 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from routelens.engine.checks import RuntimeCheckFailed, model_dtype, standard_route_error, standard_route_mismatch
 from routelens.engine.items import ScoreItem
+from routelens.engine.readout import target_log_probs
 from routelens.models.adapter import MoEAdapter
 from routelens.models.routing import RouteOverride, override_routes
 
@@ -24,9 +29,32 @@ class ReferenceEngine:
     # scoring sequences together gains nothing here; one per group writes (and resumes) one at a time
     max_group = 1
 
-    def __init__(self, adapter: MoEAdapter, route_batch_size: int = 33, **_):
+    fallback_reason = None
+
+    def __init__(self, adapter: MoEAdapter, route_batch_size: int = 33, memory_budget: int = 2 * 2**30,
+                 check: bool = True):
         self.adapter = adapter
         self.route_batch_size = max(1, int(route_batch_size))
+        self.memory_budget = int(memory_budget)
+        self.check = check
+        self.standard_route_error = (0.0, 0.0)   # (max, mean) |route 0 - natural| seen so far, nats
+
+    @torch.no_grad()
+    def natural_log_probs(self, input_ids: torch.Tensor, positions) -> np.ndarray:
+        """log p(token t + 1) at each position t under natural routing: one forward."""
+        positions = torch.as_tensor(np.asarray(positions), dtype=torch.long)
+        hidden = self.adapter.base_model(input_ids[None].to(self.adapter.device), use_cache=False).last_hidden_state[0]
+        return target_log_probs(self.adapter, hidden[positions.to(hidden.device)], input_ids[positions + 1],
+                                self.memory_budget)
+
+    def _check_standard_route(self, layer: int, item: ScoreItem, scored: np.ndarray) -> None:
+        natural = self.natural_log_probs(item.input_ids, item.positions)
+        largest, mean = standard_route_error(scored[:, 0], natural)
+        self.standard_route_error = (max(self.standard_route_error[0], largest), max(self.standard_route_error[1], mean))
+        mismatch = standard_route_mismatch(scored[:, 0], natural, model_dtype(self.adapter))
+        if mismatch:
+            raise RuntimeCheckFailed(f"standard-route check failed at layer {layer} "
+                                     f"({self.adapter.config.model_type}, reference engine): {mismatch}")
 
     @torch.no_grad()
     def score(self, input_ids: torch.Tensor, position: int, layer: int,
@@ -54,9 +82,14 @@ class ReferenceEngine:
         return torch.cat(out).numpy()
 
     def score_batch(self, layer: int, items: list[ScoreItem]) -> list[np.ndarray]:
-        """Each item's routes, one item after the other: [P, R] per item."""
-        return [self.score_positions(item.input_ids, layer, item.positions, item.experts, item.weights)
-                for item in items]
+        """Each item's routes, one item after the other: [P, R] per item (route 0 checked)."""
+        results = []
+        for item in items:
+            scored = self.score_positions(item.input_ids, layer, item.positions, item.experts, item.weights)
+            if self.check and len(item.positions):
+                self._check_standard_route(layer, item, scored)
+            results.append(scored)
+        return results
 
     def score_positions(self, input_ids: torch.Tensor, layer: int, positions, experts: torch.Tensor,
                         weights: torch.Tensor) -> np.ndarray:

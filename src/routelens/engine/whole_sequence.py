@@ -15,6 +15,10 @@ not apply and the saving is the prefix:
 
 Conditions are batched in chunks sized to a memory budget; results do not depend on the
 chunking, and equal a plain forward of the model under the same override (both tested).
+
+Checked on every item: the gating rule reproduces the router's weights in the natural
+pass, and one extra row per layer forces the natural route on every token through the
+same scorer; it must reproduce the natural log-probabilities (`RuntimeCheckFailed`).
 """
 
 from __future__ import annotations
@@ -25,6 +29,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from routelens.engine.checks import (RuntimeCheckFailed, check_gating_rule, model_dtype, standard_route_error,
+                                     standard_route_mismatch)
 from routelens.engine.readout import activation_bytes, attention_score_bytes, target_log_probs
 from routelens.models.adapter import MoEAdapter
 from routelens.models.routing import RouteOverride, RouterOutput, capture_routes, override_routes
@@ -48,10 +54,12 @@ class NaturalPass:
 
 class WholeSequenceScorer:
     def __init__(self, adapter: MoEAdapter, memory_budget: int = DEFAULT_MEMORY_BUDGET,
-                 rows_per_chunk: int | None = None):
+                 rows_per_chunk: int | None = None, check: bool = True):
         self.adapter = adapter
         self.memory_budget = int(memory_budget)
         self.fixed_rows = rows_per_chunk
+        self.check = check
+        self.standard_route_error = (0.0, 0.0)   # (max, mean) |natural route forced - natural| seen, nats
 
     @contextmanager
     def _recording(self, first_layer: int, layers: list[int]):
@@ -84,7 +92,11 @@ class WholeSequenceScorer:
                 capture_routes(self.adapter, layers) as routes:
             logits = self.adapter.model(input_ids[None].to(device), use_cache=False,
                                         logits_to_keep=positions).logits[0]
-        logprobs = torch.log_softmax(logits.float(), -1).gather(-1, input_ids.to(device)[positions + 1, None])[:, 0]
+        logprobs = torch.log_softmax(logits.float(), -1).gather(
+            -1, input_ids.to(logits.device)[positions.to(logits.device) + 1, None])[:, 0]
+        for layer in layers:
+            route = routes[layer]
+            check_gating_rule(self.adapter, layer, route.logits, route.experts, route.weights)
         return NaturalPass(input_ids, positions, inputs, kwargs_of, dict(routes), logprobs.double().cpu().numpy())
 
     def rows_per_chunk(self, length: int) -> int:
@@ -102,14 +114,31 @@ class WholeSequenceScorer:
         if experts.shape[:2] != (experts.shape[0], length) or experts.shape != weights.shape:
             raise ValueError(f"conditions need experts and weights [C, {length}, k], got "
                              f"{tuple(experts.shape)} and {tuple(weights.shape)}")
+        first = 0
+        if self.check:   # row 0: the natural route, which must reproduce the natural forward
+            route = natural.routes[layer]
+            experts = torch.cat([route.experts.cpu()[None].to(experts.dtype), experts.cpu()])
+            weights = torch.cat([route.weights.cpu()[None].to(weights.dtype), weights.cpu()])
+            first = 1
         out = []
         chunk = self.rows_per_chunk(length)
         for start in range(0, experts.shape[0], chunk):
             out.append(self._score_chunk(natural, layer, experts[start: start + chunk], weights[start: start + chunk]))
-        return np.concatenate(out) if out else np.zeros((0, len(natural.positions)))
+        scored = np.concatenate(out) if out else np.zeros((0, len(natural.positions)))
+        if self.check:
+            self._check_natural_route(layer, natural, scored[0])
+        return scored[first:]
+
+    def _check_natural_route(self, layer: int, natural: NaturalPass, scored: np.ndarray) -> None:
+        largest, mean = standard_route_error(scored, natural.logprobs)
+        self.standard_route_error = (max(self.standard_route_error[0], largest), max(self.standard_route_error[1], mean))
+        mismatch = standard_route_mismatch(scored, natural.logprobs, model_dtype(self.adapter))
+        if mismatch:
+            raise RuntimeCheckFailed(f"natural-route check failed at layer {layer} "
+                                     f"({self.adapter.config.model_type}, isolation scorer): {mismatch}")
 
     def _score_chunk(self, natural: NaturalPass, layer: int, experts: torch.Tensor, weights: torch.Tensor) -> np.ndarray:
-        device = self.adapter.device
+        device = self.adapter.device_of(self.adapter.decoder_layers[layer])
         rows, length, k = experts.shape
         states = natural.layer_inputs[layer].expand(rows, -1, -1).contiguous()
         override = RouteOverride(torch.arange(rows * length, device=device),
@@ -120,8 +149,8 @@ class WholeSequenceScorer:
                 kwargs.update(past_key_values=None, use_cache=False)
                 output = self.adapter.decoder_layers[index](states, **kwargs)
                 states = output[0] if isinstance(output, tuple) else output
-        final = self.adapter.model.model.norm(states[:, natural.positions])                  # [C, P, d]
-        targets = natural.input_ids.to(device)[natural.positions + 1].expand(rows, -1)
+        final = self.adapter.final_norm(states[:, natural.positions.to(states.device)])     # [C, P, d]
+        targets = natural.input_ids[natural.positions.cpu() + 1].expand(rows, -1)
         logprobs = target_log_probs(self.adapter, final.reshape(-1, final.shape[-1]), targets.reshape(-1),
                                     self.memory_budget)
         return logprobs.reshape(rows, -1)

@@ -16,6 +16,11 @@ functions of the raw logits:
   router of `layer` ranks experts by (probability-like; the standard route maximises its
   sum among the routes the router may choose).
 
+The adapter is also the one structure map the engines read: where a layer's MoE block,
+experts and MLP-input norm are, the final norm and LM head, the norm order, and the
+attention window of each layer (`attention_window`). Engines never reach into a model by
+attribute name; a family with another layout overrides these accessors.
+
 The route override itself is family-independent and lives in `routelens.models.routing`.
 """
 
@@ -38,6 +43,14 @@ class MoEAdapter:
     model_types: ClassVar[tuple[str, ...]] = ()
     #: One-line statement of the gating rule, shown by `routelens inspect`.
     gating_rule: ClassVar[str] = ""
+    #: "pre": each sub-block reads norm(residual) and adds its output to the residual, so the
+    #: input of the MLP-input norm is the residual stream (what the fast engine needs);
+    #: "post" (norm after the sub-block, e.g. FlexOlmo) is refused by the fast engine.
+    norm_order: ClassVar[str] = "pre"
+    #: Where attention windows come from: "config" (`config.layer_types` marks sliding layers,
+    #: else `config.sliding_window` applies to every layer, as the families' mask builders do),
+    #: or "none" (the family always builds a plain causal mask, whatever the config says).
+    window_source: ClassVar[str] = "config"
 
     def __init__(self, model: PreTrainedModel):
         self.model = model.eval()
@@ -67,8 +80,54 @@ class MoEAdapter:
         return sorted(self.routers)
 
     @property
+    def base_model(self) -> nn.Module:
+        """The decoder stack without the LM head (its output is the final-normed hidden state)."""
+        return self.model.model
+
+    @property
+    def final_norm(self) -> nn.Module:
+        return self.model.model.norm
+
+    @property
+    def lm_head(self) -> nn.Module:
+        return self.model.lm_head
+
+    def moe_block(self, layer: int) -> nn.Module:
+        """The routed MoE block of decoder layer `layer` (router, experts, shared experts)."""
+        return self.decoder_layers[layer].mlp
+
+    def experts(self, layer: int) -> nn.Module:
+        """The fused experts module: experts(x [N, d], indices [N, k], weights [N, k]) -> [N, d]."""
+        return self.moe_block(layer).experts
+
+    def mlp_input_norm(self, layer: int) -> nn.Module:
+        """The norm whose input is the residual stream after attention (pre-norm layout)."""
+        return self.decoder_layers[layer].post_attention_layernorm
+
+    def attention_window(self, layer: int) -> int | None:
+        """Keys a query of decoder layer `layer` may see (itself included), or None for full
+        causal attention: what the family's mask builder applies, read from the config as the
+        modeling code reads it. The fast engine checks this against the mask the model builds."""
+        if self.window_source == "none":
+            return None
+        window = getattr(self.config, "sliding_window", None) or None
+        layer_types = getattr(self.config, "layer_types", None)
+        if layer_types is not None:
+            return window if layer_types[layer] == "sliding_attention" else None
+        return window
+
+    @property
     def device(self) -> torch.device:
-        return next(self.model.parameters()).device
+        """The device of the input embeddings (where input ids go under a device map too)."""
+        return self.model.get_input_embeddings().weight.device
+
+    def device_of(self, module: nn.Module) -> torch.device:
+        """Where a module computes (its first parameter; under a device map layers differ)."""
+        for tensor in module.parameters():
+            if tensor.device.type != "meta":
+                return tensor.device
+        hook = getattr(module, "_hf_hook", None)   # accelerate offload: weights arrive at execution
+        return torch.device(getattr(hook, "execution_device", None) or "cpu")
 
     def _router_class(self) -> type[nn.Module]:
         recorders = getattr(self.model.model, "_can_record_outputs", None) or {}

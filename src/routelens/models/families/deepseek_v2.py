@@ -12,6 +12,7 @@ from routelens.models.adapter import MoEAdapter
 
 class DeepseekV2Adapter(MoEAdapter):
     model_types = ("deepseek_v2",)
+    window_source = "none"  # the model builds a plain causal mask whatever config.sliding_window says
     gating_rule = (
         "fp32 softmax over all experts, greedy or group-limited top-k; "
         "weights = probabilities x routed_scaling_factor (not renormalised); shared experts added"

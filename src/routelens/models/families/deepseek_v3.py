@@ -11,6 +11,7 @@ from routelens.models.adapter import MoEAdapter
 
 class DeepseekV3Adapter(MoEAdapter):
     model_types = ("deepseek_v3",)
+    window_source = "none"  # the model builds a plain causal mask whatever config.sliding_window says
     gating_rule = (
         "sigmoid affinities; chosen by affinity + correction bias within top groups; "
         "weights = affinity / (sum + 1e-20) if norm_topk_prob, x routed_scaling_factor"

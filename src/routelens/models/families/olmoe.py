@@ -5,3 +5,4 @@ from routelens.models.families.softmax_topk import SoftmaxTopKAdapter
 
 class OlmoeAdapter(SoftmaxTopKAdapter):
     model_types = ("olmoe",)
+    window_source = "none"  # the model builds a plain causal mask whatever config.sliding_window says

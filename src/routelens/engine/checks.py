@@ -1,0 +1,95 @@
+"""Run-time checks every run makes on the user's own checkpoint (not only in tests).
+
+- The gating rule: `weights_for` applied to the experts the router chose must reproduce the
+  weights the router returned. A wrong rule would weight every alternative route wrongly.
+- The standard route: an engine's score of the standard route (route 0) must equal the
+  natural forward's log-probability of the same token. A broken attention patch, a wrong
+  attention window or a layout the engine misreads shows up here first.
+
+Tolerances depend on the dtype the model computes in: fp32 noise between two orderings of
+the same sums is ~1e-6 nats, far below the errors these checks exist to catch (0.06-0.3
+nats for a wrong window); bf16/fp16 compare means as well as maxima, since a single token
+of a long bf16 sequence can drift by more than a systematic error moves the mean.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from routelens.errors import RouteLensError
+
+
+class RuntimeCheckFailed(RouteLensError):
+    """A run-time check failed on this checkpoint: the numbers would be wrong, so none are given."""
+
+
+@dataclass(frozen=True)
+class Tolerance:
+    weight: float          # max |weights_for - router weights| (in the router's output dtype)
+    logprob_max: float     # max |standard route - natural| in nats
+    logprob_mean: float    # mean |standard route - natural| in nats
+
+
+TOLERANCES = {
+    torch.float32: Tolerance(weight=1e-5, logprob_max=2e-3, logprob_mean=2e-3),
+    torch.float64: Tolerance(weight=1e-9, logprob_max=1e-6, logprob_mean=1e-6),
+    torch.bfloat16: Tolerance(weight=2e-2, logprob_max=0.5, logprob_mean=0.05),
+    torch.float16: Tolerance(weight=4e-3, logprob_max=0.1, logprob_mean=0.01),
+}
+
+
+def tolerance_for(dtype: torch.dtype) -> Tolerance:
+    return TOLERANCES.get(dtype, TOLERANCES[torch.bfloat16])
+
+
+def gating_rule_error(adapter, logits: torch.Tensor, experts: torch.Tensor, weights: torch.Tensor) -> float:
+    """max |weights_for(logits, experts) - weights| over tokens: logits [N, E], experts/weights [N, k]."""
+    if experts.numel() == 0:
+        return 0.0
+    rule = adapter.weights_for(logits.float(), experts.long()).to(weights.dtype).float()
+    return float((rule - weights.float()).abs().max())
+
+
+def check_gating_rule(adapter, layer: int, logits: torch.Tensor, experts: torch.Tensor,
+                      weights: torch.Tensor) -> float:
+    """Raise `RuntimeCheckFailed` unless the adapter's gating rule reproduces the router's own
+    weights for the experts it chose; returns the largest difference."""
+    error = gating_rule_error(adapter, logits, experts, weights)
+    limit = tolerance_for(weights.dtype).weight
+    if not error <= limit:
+        raise RuntimeCheckFailed(
+            f"gating rule check failed at layer {layer} ({adapter.config.model_type}, {type(adapter).__name__}): "
+            f"weights_for on the router's own experts differs from the router's weights by {error:.3g} "
+            f"(tolerance {limit:g} in {str(weights.dtype).removeprefix('torch.')}); the adapter's gating rule "
+            "does not describe this checkpoint, so alternative routes would be weighted wrongly"
+        )
+    return error
+
+
+def standard_route_error(scored: np.ndarray, natural: np.ndarray) -> tuple[float, float]:
+    """(max, mean) |scored - natural| in nats over tokens."""
+    difference = np.abs(np.asarray(scored, dtype=np.float64) - np.asarray(natural, dtype=np.float64))
+    if difference.size == 0:
+        return 0.0, 0.0
+    if not np.isfinite(difference).all():
+        return float("inf"), float("inf")
+    return float(difference.max()), float(difference.mean())
+
+
+def standard_route_mismatch(scored: np.ndarray, natural: np.ndarray, dtype: torch.dtype) -> str | None:
+    """None when the standard route's scores equal the natural forward's log-probs within the
+    dtype's tolerance, else a clause saying by how much they differ."""
+    largest, mean = standard_route_error(scored, natural)
+    tolerance = tolerance_for(dtype)
+    if largest <= tolerance.logprob_max and mean <= tolerance.logprob_mean:
+        return None
+    return (f"the standard route's log-prob differs from the natural forward's by up to {largest:.3g} nats "
+            f"(mean {mean:.3g}; tolerance {tolerance.logprob_max:g} max, {tolerance.logprob_mean:g} mean "
+            f"in {str(dtype).removeprefix('torch.')})")
+
+
+def model_dtype(adapter) -> torch.dtype:
+    return adapter.lm_head.weight.dtype
