@@ -91,5 +91,5 @@ def test_problem_file_errors_are_named(tmp_path):
     path = write_jsonl(tmp_path / "p.jsonl", [{"id": 1, "prompt": "What is 1+1?", "answer": "2"}, {"id": 2, "prompt": "x"}])
     with pytest.raises(RouteLensError, match=r"p.jsonl line 2: missing field\(s\) answer"):
         read_problem_file(path)
-    assert read_problem_file(write_jsonl(tmp_path / "q.jsonl", [{"id": 1, "prompt": "P", "answer": 3}])) == \
-        [{"id": "1", "prompt": "P", "answer": "3"}]
+    q = write_jsonl(tmp_path / "q.jsonl", [{"id": 1, "prompt": "P", "answer": 3}])
+    assert read_problem_file(q) == [{"id": "1", "prompt": "P", "answer": "3", "where": f"{q} line 1"}]

@@ -46,7 +46,7 @@ def test_token_records_and_parquet_and_only_verified(tmp_path):
     (['{"id": "a", "input_ids": [1, 2, 99], "completion_start": 1}'], r"token ids must lie in 0..63"),
     (['{"id": "a", "input_ids": [1, "x"], "completion_start": 1}'], r"list of integers"),
     (['{"id": "a", "prompt": "Q", "completion": "A", "verified": "yes"}'], r"'verified' must be true, false"),
-    (['{"id": "a", "prompt": "Q", "completion": "A"}', '{"id": "a", "prompt": "Q", "completion": "B"}'],
+    (['{"id": "a", "prompt": "Q", "completion": "A"}', '{"id": "a", "prompt": "Q", "completion": "A:1"}'],
      r"line 2: duplicate trajectory id 'a'"),
     ([], r"no trajectory records"),
 ])

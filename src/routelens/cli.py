@@ -1,6 +1,7 @@
 """The `routelens` command. `main(argv)` returns the exit code, so tests can call it.
 
-User errors (`RouteLensError`) print one line and exit 2; argparse usage errors also exit 2.
+User errors (`RouteLensError`) and usage errors print one line and exit 2; a run-time
+check that fails on the checkpoint (`RuntimeCheckFailed`) prints one line and exits 1.
 """
 
 from __future__ import annotations
@@ -12,6 +13,13 @@ import sys
 
 from routelens import __version__
 from routelens.errors import RouteLensError
+
+
+class OneLineParser(argparse.ArgumentParser):
+    """argparse, but a usage error is one line (what is wrong and where to look), exit 2."""
+
+    def error(self, message):
+        self.exit(2, f"routelens: error: {message} (see `{self.prog} --help`)\n")
 
 EXAMPLES_COUNTERFACTUAL = """examples:
   routelens counterfactual --model ./my-olmoe --trajectories traj.jsonl --layers 0,-1 --out runs/cf
@@ -119,9 +127,12 @@ def _memory(text: str) -> int:
     for suffix, factor in units.items():
         if lowered.endswith(suffix):
             try:
-                return int(float(lowered[: -len(suffix)]) * factor)
+                size = int(float(lowered[: -len(suffix)]) * factor)
             except ValueError:
                 break
+            if size <= 0:
+                raise argparse.ArgumentTypeError(f"a memory budget must be positive, got {text!r}")
+            return size
     raise argparse.ArgumentTypeError(f"expected a size such as 512MiB or 8GiB, got {text!r}")
 
 
@@ -135,6 +146,11 @@ def _add_model_options(parser: argparse.ArgumentParser, with_model: bool = True)
     parser.add_argument("--trust-remote-code", action="store_true", help="allow the model's own code (off by default)")
     parser.add_argument("--router-delta", default=None, metavar="FILE",
                         help="apply a router update (a `routelens router-update` delta file) to the model first")
+    parser.add_argument("--device-map", default=None, metavar="MAP",
+                        help="spread a model too large for one device (accelerate): auto, balanced, or JSON "
+                             "{module: device} with devices cpu, cuda:N, N or disk; replaces --device")
+    parser.add_argument("--experts-implementation", default=None, choices=["eager", "grouped_mm", "batched_mm"],
+                        help="transformers' expert kernels (default: transformers' choice; results do not depend on it)")
 
 
 def _add_counterfactual_options(parser: argparse.ArgumentParser, layers_default: str | None) -> None:
@@ -177,7 +193,7 @@ def _add_isolation_options(parser: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = OneLineParser(
         prog="routelens", description="Audit the routers of Mixture-of-Experts language models.",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
@@ -318,14 +334,22 @@ def load_from_args(args, model: str | None = None):
 
 
     return load_model(model or args.model, args.device, args.dtype, args.trust_remote_code,
-                      router_delta=getattr(args, "router_delta", None))
+                      router_delta=getattr(args, "router_delta", None), device_map=args.device_map,
+                      experts_implementation=args.experts_implementation)
 
 
 def cmd_trajectories(args) -> int:
     from routelens.data.sampling import arithmetic_trajectories, file_trajectories, write_trajectories
 
+    from routelens.results.run_folder import check_out_file
+
     if args.problems is None and args.task is None:
         args.task = "arithmetic"
+    check_out_file(args.out)
+    if args.heldout:
+        from routelens.data.arithmetic import heldout_problems
+
+        heldout_problems(args.n)   # --n beyond the held-out set fails before any sampling
     loaded = load_from_args(args)
     if loaded.tokenizer is None:
         raise RouteLensError(f"model {args.model!r} has no tokenizer; trajectories are generated from text")
@@ -416,7 +440,8 @@ def run_counterfactual_command(model: str, trajectories_path: str, out: str, arg
     config = _config_from(args, layers)
     loaded = preloaded or load_from_args(args, model)
     trajectories = load_trajectories(trajectories_path, loaded.tokenizer, loaded.adapter.config.vocab_size,
-                                     only_verified=only_verified, limit=max_trajectories)
+                                     only_verified=only_verified, limit=max_trajectories,
+                                     max_length=loaded.adapter.context_length)
     data_info = {"trajectories": os.path.abspath(trajectories_path), "trajectories_sha256": file_sha256(trajectories_path),
                  "max_trajectories": max_trajectories, "only_verified": only_verified,
                  "num_trajectories": len(trajectories)}
@@ -451,7 +476,8 @@ def cmd_isolate(args) -> int:
     if args.items:
         from routelens.data.trajectories import file_sha256
 
-        items = load_items(args.items, loaded.tokenizer, loaded.adapter.config.vocab_size, args.domains, args.per_domain)
+        items = load_items(args.items, loaded.tokenizer, loaded.adapter.config.vocab_size, args.domains, args.per_domain,
+                           max_length=loaded.adapter.context_length)
         data_info = {"items": os.path.abspath(args.items), "items_sha256": file_sha256(args.items)}
     else:
         if loaded.tokenizer is None:
@@ -502,7 +528,8 @@ def cmd_passk(args) -> int:
                          bootstrap_resamples=args.bootstrap_resamples, batch_size=args.batch_size or (16 if is_file else 256))
     config.check()
     if args.compare:  # the base first, then the delta applied in place: one load, same problems, same seeds
-        loaded = load_model(args.model, args.device, args.dtype, args.trust_remote_code)
+        loaded = load_model(args.model, args.device, args.dtype, args.trust_remote_code, device_map=args.device_map,
+                            experts_implementation=args.experts_implementation)
         arms = [("base", None), ("updated", args.router_delta)]
     else:
         loaded = load_from_args(args)
@@ -529,7 +556,10 @@ def cmd_passk(args) -> int:
 
 def cmd_report(args) -> int:
     from routelens.report.build import build_report
+    from routelens.results.run_folder import check_out_file
 
+    if args.out:
+        check_out_file(args.out)
     path = build_report(args.runs, args.out)
     print(f"report: {path} (figures as PNG and SVG in each run folder's figures/)")
     return 0
@@ -546,18 +576,39 @@ COMMANDS = {"trajectories": cmd_trajectories, "evaluate": cmd_evaluate, "train-d
             "report": cmd_report}
 
 
+# commands whose output is written as they go and picked up again by the same command
+RESUMABLE = {"counterfactual", "isolate", "passk", "demo"}
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     from transformers.utils import logging as hf_logging
 
+    from routelens.engine.checks import RuntimeCheckFailed
+    from routelens.models.loading import experts_kernel_error
+
     hf_logging.disable_progress_bar()  # our own progress bars say what is going on
     try:
         return COMMANDS[args.command](args)
+    except RuntimeCheckFailed as error:
+        print(f"routelens: check failed: {error}", file=sys.stderr)
+        return 1
     except RouteLensError as error:
         print(f"routelens: error: {error}", file=sys.stderr)
         return 2
+    except RuntimeError as error:
+        translated = experts_kernel_error(error)
+        if translated is None:
+            raise
+        print(f"routelens: error: {translated}", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
-        print("routelens: interrupted; re-run the same command to resume", file=sys.stderr)
+        if args.command in RESUMABLE:
+            print("routelens: interrupted; the units done are kept (run.json shows how many): "
+                  "re-run the same command to resume", file=sys.stderr)
+        else:
+            print(f"routelens: interrupted; `{args.command}` does not resume: nothing was written, "
+                  "re-running starts again from the beginning", file=sys.stderr)
         return 130
 
 

@@ -39,7 +39,8 @@ def run_demo(args) -> int:
     from routelens.models.loading import load_model
     from routelens.summary_table import print_summary
 
-    loaded = load_model("demo", args.device, args.dtype)
+    loaded = load_model("demo", args.device, args.dtype, device_map=args.device_map,
+                        experts_implementation=args.experts_implementation)
     os.makedirs(args.out, exist_ok=True)
     trajectories = _demo_trajectories(loaded, args.out, args)
     moe = loaded.adapter.moe_layers

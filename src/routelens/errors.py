@@ -10,6 +10,11 @@ class RouteLensError(Exception):
     """Bad input or an unsupported setting, explained in one line."""
 
 
-class OverrideNotApplied(RuntimeError):
+class OverrideNotApplied(RouteLensError):
     """A route override was requested but the router hook never fired or replaced fewer
     rows than asked: the result would silently be the natural route, so we refuse."""
+
+
+class RouterBypassed(RouteLensError):
+    """A forward ran but a router's hook never fired (a quantized or hub-kernel MLP that
+    computes routing inline): its routes cannot be observed or forced."""

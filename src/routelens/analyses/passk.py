@@ -65,7 +65,7 @@ def file_problems(tokenizer, path: str, n: int | None) -> list[EvalProblem]:
 
     if tokenizer is None:
         raise RouteLensError("this model has no tokenizer; problems in text need one")
-    return [EvalProblem(p["id"], chat_prompt_ids(tokenizer, p["prompt"]), p["answer"]) for p in read_problem_file(path)[:n]]
+    return [EvalProblem(p["id"], chat_prompt_ids(tokenizer, p["prompt"], p["where"]), p["answer"]) for p in read_problem_file(path)[:n]]
 
 
 @dataclass

@@ -35,6 +35,12 @@ def check_route_settings(k: int, num_experts: int, num_candidates: int, num_rout
             f"--candidates {num_candidates} is smaller than the model's top-k {k}; "
             f"a route needs k distinct experts, so use --candidates >= {k}"
         )
+    if num_candidates == k:
+        raise RouteLensError(
+            f"--candidates {num_candidates} equals the model's top-k {k}: the only route of k distinct candidates "
+            f"is the standard one, so every alternative would be the standard route; use --candidates > {k}"
+            + ("" if num_experts > k else f" (this model has only {num_experts} experts: there is no alternative)")
+        )
     if num_candidates > num_experts:
         raise RouteLensError(
             f"--candidates {num_candidates} exceeds the model's {num_experts} experts; use --candidates <= {num_experts}"

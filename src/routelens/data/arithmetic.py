@@ -132,8 +132,14 @@ def generate_by_difficulty(seed: int, n: int, difficulties=(1, 2, 3, 4), prefix:
     return problems
 
 
-def heldout_problems(n: int = 500) -> list[Problem]:
-    """The fixed held-out evaluation set: n problems, 1-4 operations in equal shares."""
+HELDOUT_SIZE = 500  # training excludes exactly these questions: more would overlap training
+
+
+def heldout_problems(n: int = HELDOUT_SIZE) -> list[Problem]:
+    """The fixed held-out evaluation set: the first n of its 500 problems, 1-4 operations in equal shares."""
+    if not 1 <= n <= HELDOUT_SIZE:
+        raise RouteLensError(f"the arithmetic held-out set has {HELDOUT_SIZE} problems (the only ones kept out of "
+                             f"training); ask for 1..{HELDOUT_SIZE}, not {n}")
     return generate_by_difficulty(HELDOUT_SEED, n, prefix="heldout-")
 
 

@@ -46,13 +46,19 @@ def read_problem_file(path: str) -> list[dict]:
         if missing:
             raise RouteLensError(f"{record['_where']}: missing field(s) {', '.join(missing)}; "
                                  "a problem needs {'id', 'prompt', 'answer'}")
-        problems.append({"id": str(record["id"]), "prompt": str(record["prompt"]), "answer": str(record["answer"])})
+        problems.append({"id": str(record["id"]), "prompt": str(record["prompt"]), "answer": str(record["answer"]),
+                         "where": record["_where"]})
     if not problems:
         raise RouteLensError(f"{path}: no problems in the file")
     return problems
 
 
-def chat_prompt_ids(tokenizer, prompt: str) -> list[int]:
+def chat_prompt_ids(tokenizer, prompt: str, where: str = "problem") -> list[int]:
+    """The prompt as the model's chat template frames it (plain text without one); characters
+    the tokenizer maps to <unk> are a one-line error naming `where`."""
+    from routelens.data.trajectories import tokenize_text
+
+    tokenize_text(tokenizer, prompt, False, where, "prompt")
     if getattr(tokenizer, "chat_template", None):
         text = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True,
                                              tokenize=False)
@@ -101,7 +107,7 @@ def file_trajectories(model, tokenizer, path: str, n: int | None, samples_per_pr
     if tokenizer is None:
         raise RouteLensError("this model has no tokenizer; problems in text need one")
     problems = read_problem_file(path)[:n]
-    samples = sample_completions(model, tokenizer, [chat_prompt_ids(tokenizer, p["prompt"]) for p in problems],
+    samples = sample_completions(model, tokenizer, [chat_prompt_ids(tokenizer, p["prompt"], p["where"]) for p in problems],
                                  num_samples=samples_per_problem, temperature=temperature, seed=seed,
                                  max_new_tokens=max_new_tokens, batch_size=batch_size, show_progress=show_progress)
     return _records(samples, problems, lambda text, row: math_answer_correct(text, row["answer"]), tokenizer)

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from routelens.data.trajectories import parse_unique_records
+from routelens.data.trajectories import check_context, parse_unique_records, tokenize_text
 from routelens.errors import RouteLensError
 
 
@@ -63,8 +63,8 @@ def _parse(record: dict, where: str, tokenizer, vocab_size: int | None) -> Targe
     if tokenizer is None:
         raise RouteLensError(f"{where}: text items need the model's tokenizer, and this model has none; "
                              "give token ids ('prompt_ids', 'target_ids')")
-    prompt = list(tokenizer(record["prompt"], add_special_tokens=True)["input_ids"])
-    target = list(tokenizer(record["target"], add_special_tokens=False)["input_ids"])
+    prompt = tokenize_text(tokenizer, record["prompt"], True, where, "prompt")
+    target = tokenize_text(tokenizer, record["target"], False, where, "target")
     if not prompt:
         raise RouteLensError(f"{where}: the prompt tokenises to nothing; the first target token needs a prefix")
     if not target:
@@ -73,10 +73,12 @@ def _parse(record: dict, where: str, tokenizer, vocab_size: int | None) -> Targe
 
 
 def load_items(path: str, tokenizer=None, vocab_size: int | None = None,
-               domains: list[str] | None = None, per_domain: int | None = None) -> list[TargetItem]:
+               domains: list[str] | None = None, per_domain: int | None = None,
+               max_length: int | None = None) -> list[TargetItem]:
     """Read, validate and tokenise every item of `path` (file order kept); keep `domains`
-    (all when None) and the first `per_domain` items of each."""
+    (all when None) and the first `per_domain` items of each; each must fit `max_length`."""
     items = parse_unique_records(path, "item", lambda record, where: _parse(record, where, tokenizer, vocab_size))
+    check_context(((i.id, len(i.input_ids)) for i in items), max_length, path, "item")
     return select(items, domains, per_domain, source=path)
 
 

@@ -46,22 +46,32 @@ def read_jsonl(path: str, what: str = "file") -> list[dict]:
     a line that is not a JSON object is a one-line `RouteLensError`."""
     if not os.path.isfile(path):
         raise RouteLensError(f"{what} {path!r} does not exist")
+    with open(path, "rb") as handle:
+        raw = handle.read()
+    if b"\x00" in raw[:1 << 16]:
+        raise RouteLensError(f"{path}: a binary file, not JSONL text; give a JSONL file (one JSON object per line) "
+                             "or a Parquet file ending in .parquet")
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as error:
+        line = raw[: error.start].count(b"\n") + 1
+        raise RouteLensError(f"{path} line {line}: not UTF-8 text (byte {raw[error.start]:#04x}); "
+                             "save the file as UTF-8") from None
     records = []
-    with open(path, encoding="utf-8") as handle:
-        for number, line in enumerate(handle, start=1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as error:
-                raise RouteLensError(
-                    f"{path} line {number}: malformed JSON ({error.msg} at column {error.colno}); "
-                    "each line must be one JSON object"
-                ) from None
-            if not isinstance(record, dict):
-                raise RouteLensError(f"{path} line {number}: expected a JSON object, got {type(record).__name__}")
-            record["_where"] = f"{path} line {number}"
-            records.append(record)
+    for number, line in enumerate(text.split("\n"), start=1):   # not splitlines: JSON strings may hold U+2028
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as error:
+            raise RouteLensError(
+                f"{path} line {number}: malformed JSON ({error.msg} at column {error.colno}); "
+                "each line must be one JSON object"
+            ) from None
+        if not isinstance(record, dict):
+            raise RouteLensError(f"{path} line {number}: expected a JSON object, got {type(record).__name__}")
+        record["_where"] = f"{path} line {number}"
+        records.append(record)
     return records
 
 
@@ -94,8 +104,27 @@ def parse_unique_records(path: str, what: str, parse) -> list:
     return parsed
 
 
-def _tokenize(tokenizer, text: str, special: bool) -> list[int]:
-    return list(tokenizer(text, add_special_tokens=special)["input_ids"])
+def tokenize_text(tokenizer, text: str, special: bool, where: str, field: str) -> list[int]:
+    """Token ids of `text`; characters the tokenizer can only map to its unknown token are a
+    one-line error (the model would be scored on <unk>, not on the text)."""
+    ids = list(tokenizer(text, add_special_tokens=special)["input_ids"])
+    unknown = getattr(tokenizer, "unk_token_id", None)
+    if unknown is not None and unknown in ids:
+        bad = sorted({c for c in text if unknown in tokenizer(c, add_special_tokens=False)["input_ids"]})
+        shown = ", ".join(repr(c) for c in bad[:8]) or "some characters"
+        raise RouteLensError(f"{where}: the {field} has characters the model's tokenizer does not know ({shown}): "
+                             "they would become <unk>; remove or replace them")
+    return ids
+
+
+def check_context(sequences, max_length: int | None, path: str, what: str) -> None:
+    """Every (id, length) must fit the model's context (max_position_embeddings)."""
+    if not max_length:
+        return
+    for sequence_id, length in sequences:
+        if length > max_length:
+            raise RouteLensError(f"{path}: {what} {sequence_id!r} has {length} tokens, more than the model's context "
+                                 f"of {max_length} (max_position_embeddings); shorten or drop it")
 
 
 def _parse(record: dict, where: str, tokenizer, vocab_size: int | None) -> Trajectory:
@@ -134,8 +163,8 @@ def _parse(record: dict, where: str, tokenizer, vocab_size: int | None) -> Traje
         )
     if not record["completion"]:
         raise RouteLensError(f"{where}: empty completion; there is no completion token to score")
-    prompt = _tokenize(tokenizer, record["prompt"], special=True)
-    completion = _tokenize(tokenizer, record["completion"], special=False)
+    prompt = tokenize_text(tokenizer, record["prompt"], True, where, "prompt")
+    completion = tokenize_text(tokenizer, record["completion"], False, where, "completion")
     if not prompt:
         raise RouteLensError(f"{where}: the prompt tokenises to nothing; the first completion token needs a prefix")
     if not completion:
@@ -144,12 +173,15 @@ def _parse(record: dict, where: str, tokenizer, vocab_size: int | None) -> Traje
 
 
 def load_trajectories(path: str, tokenizer=None, vocab_size: int | None = None,
-                      only_verified: bool = False, limit: int | None = None) -> list[Trajectory]:
-    """Read, validate and tokenise every record of `path` (file order is kept).
+                      only_verified: bool = False, limit: int | None = None,
+                      max_length: int | None = None) -> list[Trajectory]:
+    """Read, validate and tokenise every record of `path` (file order is kept); each must
+    fit `max_length` tokens (the model's context).
 
     Every record is validated, even past `limit`, so that a bad file fails before work starts.
     """
     trajectories = parse_unique_records(path, "trajectory", lambda record, where: _parse(record, where, tokenizer, vocab_size))
+    check_context(((t.id, len(t.input_ids)) for t in trajectories), max_length, path, "trajectory")
     if only_verified:
         trajectories = [t for t in trajectories if t.verified is True]
         if not trajectories:

@@ -80,6 +80,11 @@ class MoEAdapter:
         return sorted(self.routers)
 
     @property
+    def context_length(self) -> int | None:
+        """The longest sequence the model is made for (max_position_embeddings), if it says."""
+        return getattr(self.config, "max_position_embeddings", None)
+
+    @property
     def base_model(self) -> nn.Module:
         """The decoder stack without the LM head (its output is the final-normed hidden state)."""
         return self.model.model
@@ -119,7 +124,7 @@ class MoEAdapter:
     @property
     def device(self) -> torch.device:
         """The device of the input embeddings (where input ids go under a device map too)."""
-        return self.model.get_input_embeddings().weight.device
+        return self.device_of(self.model.get_input_embeddings())
 
     def device_of(self, module: nn.Module) -> torch.device:
         """Where a module computes (its first parameter; under a device map layers differ)."""
@@ -199,5 +204,7 @@ class MoEAdapter:
             "num_experts": self.num_experts,
             "top_k": self.top_k,
             "gating_rule": self.gating_rule,
+            "experts_implementation": getattr(self.config, "_experts_implementation", None),
+            "attention_windows": {i: w for i in range(self.num_layers) if (w := self.attention_window(i))},
             "parameters": sum(p.numel() for p in self.model.parameters()),
         }

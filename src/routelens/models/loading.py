@@ -8,12 +8,28 @@ Model specs:
 
 The architecture is checked from the config before any weights are read, so an
 unsupported model fails in a second. `trust_remote_code` is off unless asked for.
+
+What users really hold:
+- `device_map` ("auto", "balanced" or a JSON map of module -> device, "disk" offload
+  included) spreads a model too large for one device through accelerate; the engines keep
+  each tensor on the device of the layer that uses it.
+- GPT-OSS checkpoints quantized in MXFP4 compute router logits inline in their quantized
+  MLP, bypassing the router module; they are loaded dequantized so routing is observable.
+- `experts_implementation` picks transformers' expert kernels (results do not depend on it).
+- Only safetensors weights are read: pickle files can run code when loaded.
+A local-looking spec that is not a folder is "no such folder", and a hub id that is not
+cached fails at once when the hub cannot be reached (no minute of retries).
 """
 
 from __future__ import annotations
 
+import json
 import os
+import socket
+import sys
+import tempfile
 from dataclasses import dataclass
+from urllib.parse import urlparse
 
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
@@ -25,6 +41,8 @@ from routelens.models.registry import adapter_class, adapter_for
 TINY_PREFIX = "tiny:"
 DEMO = "demo"
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+EXPERTS_IMPLEMENTATIONS = ("eager", "grouped_mm", "batched_mm")
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 
 
 @dataclass
@@ -44,11 +62,102 @@ class LoadedModel:
 
 
 def resolve_device(device: str) -> str:
+    """'auto' -> cuda if available else cpu; any other name must be a torch device that exists here."""
     if device == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise RouteLensError(f"--device {device} asked for but no CUDA device is available; use --device cpu")
+    try:
+        parsed = torch.device(device)
+    except (RuntimeError, ValueError):
+        raise RouteLensError(f"--device {device!r} is not a device torch knows; use auto, cpu, cuda or cuda:N") from None
+    if parsed.type == "meta":
+        raise RouteLensError("--device meta holds no data; use auto, cpu, cuda or cuda:N")
+    if parsed.type != "cpu":
+        backend = getattr(torch, parsed.type, None)
+        available = bool(backend and getattr(backend, "is_available", lambda: False)())
+        if not available:
+            raise RouteLensError(f"--device {device} asked for but no {parsed.type} device is available here; use --device cpu")
+        count = getattr(backend, "device_count", lambda: 1)()
+        if parsed.index is not None and parsed.index >= count:
+            raise RouteLensError(f"--device {device}: this machine has {count} {parsed.type} device(s) "
+                                 f"(indices 0..{count - 1})")
     return device
+
+
+def parse_device_map(text: str | None):
+    """--device-map: None, "auto", "balanced", "sequential", or a JSON object module -> device."""
+    if text is None or text in ("auto", "balanced", "balanced_low_0", "sequential"):
+        return text
+    try:
+        mapping = json.loads(text)
+    except json.JSONDecodeError:
+        raise RouteLensError(f"--device-map {text!r} is neither auto, balanced, sequential nor a JSON object "
+                             'such as \'{"model.embed_tokens": "cpu", "model.layers": "cpu", ...}\'') from None
+    if not isinstance(mapping, dict) or not mapping:
+        raise RouteLensError("--device-map JSON must be a non-empty object mapping module names to devices")
+    for device in mapping.values():
+        if device != "disk":
+            resolve_device(f"cuda:{device}" if isinstance(device, int) else str(device))
+    return mapping
+
+
+def looks_local(spec: str) -> bool:
+    """A spec written as a path (./x, ../x, /x, ~/x, x/ or Windows-style), not a hub id 'org/name'."""
+    return (spec.startswith((".", "/", "~", os.sep)) or spec.endswith(("/", os.sep)) or spec.count("/") > 1
+            or (os.altsep is not None and os.altsep in spec) or (len(spec) > 1 and spec[1] == ":"))
+
+
+def hub_reachable(timeout: float = 3.0) -> bool:
+    """Whether the Hugging Face hub answers a TCP connection within `timeout` seconds."""
+    if os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes"):
+        return False
+    endpoint = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co"))
+    try:
+        with socket.create_connection((endpoint.hostname, endpoint.port or 443), timeout=timeout):
+            return True
+    except OSError:
+        return False
+
+
+def check_weight_files(folder: str) -> None:
+    """A folder must hold safetensors weights; pickle-only weights are refused."""
+    names = os.listdir(folder)
+    if any(name.endswith(".safetensors") for name in names):
+        return
+    pickles = sorted(name for name in names if name.endswith(PICKLE_SUFFIXES))
+    if pickles:
+        raise RouteLensError(f"{folder} holds only pickle weights ({', '.join(pickles[:3])}); routelens reads "
+                             "safetensors only, since unpickling can run code: in a session you trust, load it and "
+                             "save_pretrained(folder) to write model.safetensors")
+    raise RouteLensError(f"{folder} has a config.json but no weights (*.safetensors); "
+                         "give a folder written by save_pretrained")
+
+
+GROUPED_MM_STRIDES = "strides should be multiple of 16 bytes"
+
+
+def experts_kernel_error(error: Exception) -> RouteLensError | None:
+    """transformers' default grouped_mm experts fail on CPU for widths that are not 16-byte
+    aligned: answer with the option that avoids it."""
+    if GROUPED_MM_STRIDES in str(error):
+        return RouteLensError("the grouped_mm experts kernel cannot run this model's expert width on this device "
+                              f"({GROUPED_MM_STRIDES}); pass --experts-implementation eager")
+    return None
+
+
+def _probe_forward(model) -> None:
+    """Two tokens through the model: a kernel that cannot run fails here, in one line."""
+    embeddings = model.get_input_embeddings()
+    device = embeddings.weight.device
+    if device.type == "meta":
+        device = torch.device(getattr(getattr(embeddings, "_hf_hook", None), "execution_device", None) or "cpu")
+    try:
+        with torch.no_grad():
+            model(torch.tensor([[1, 2]], device=device) % model.config.vocab_size, use_cache=False, logits_to_keep=1)
+    except RuntimeError as error:
+        translated = experts_kernel_error(error)
+        if translated:
+            raise translated from None
+        raise
 
 
 def resolve_dtype(dtype: str, device: str) -> str:
@@ -60,11 +169,20 @@ def resolve_dtype(dtype: str, device: str) -> str:
 
 
 def load_model(spec: str, device: str = "auto", dtype: str = "auto",
-               trust_remote_code: bool = False, seed: int = 0, router_delta: str | None = None) -> LoadedModel:
-    """Load `spec` in eval mode on `device` with `dtype` and wrap it in its adapter; with
-    `router_delta`, replace one router's weights by those of a `routelens router-update`
-    file (checked to be made for this base model)."""
-    loaded = _load(spec, device, dtype, trust_remote_code, seed)
+               trust_remote_code: bool = False, seed: int = 0, router_delta: str | None = None,
+               device_map=None, experts_implementation: str | None = None) -> LoadedModel:
+    """Load `spec` in eval mode on `device` (or spread by `device_map`) with `dtype` and wrap
+    it in its adapter; with `router_delta`, replace one router's weights by those of a
+    `routelens router-update` file (checked to be made for this base model)."""
+    if experts_implementation is not None and experts_implementation not in EXPERTS_IMPLEMENTATIONS:
+        raise RouteLensError(f"unknown --experts-implementation {experts_implementation!r}; "
+                             f"choose one of {', '.join(EXPERTS_IMPLEMENTATIONS)}")
+    device_map = parse_device_map(device_map) if isinstance(device_map, str) or device_map is None else device_map
+    loaded = _load(spec, device, dtype, trust_remote_code, seed, device_map)
+    model = loaded.adapter.model
+    if experts_implementation is not None:
+        model.set_experts_implementation(experts_implementation)
+    _probe_forward(model)
     if router_delta:
         from routelens.models.router_delta import apply_router_delta
 
@@ -72,9 +190,20 @@ def load_model(spec: str, device: str = "auto", dtype: str = "auto",
     return loaded
 
 
-def _load(spec: str, device: str, dtype: str, trust_remote_code: bool, seed: int) -> LoadedModel:
+def _dispatch(model, device_map, dtype: torch.dtype):
+    """Spread an in-memory model over devices as accelerate does for from_pretrained."""
+    from accelerate import dispatch_model, infer_auto_device_map
+
+    if isinstance(device_map, str):
+        device_map = infer_auto_device_map(model, dtype=dtype)
+    offload = tempfile.mkdtemp(prefix="routelens-offload-") if "disk" in device_map.values() else None
+    return dispatch_model(model, device_map=device_map, offload_dir=offload)
+
+
+def _load(spec: str, device: str, dtype: str, trust_remote_code: bool, seed: int, device_map=None) -> LoadedModel:
     device = resolve_device(device)
     dtype = resolve_dtype(dtype, device)
+    placed = "device_map" if device_map is not None else device
     if spec.startswith(TINY_PREFIX):
         from routelens.models.tiny import TINY_CONFIGS, build_tiny_model
 
@@ -82,8 +211,9 @@ def _load(spec: str, device: str, dtype: str, trust_remote_code: bool, seed: int
         adapter_class(model_type)  # unknown family -> the registry's error
         if model_type not in TINY_CONFIGS:
             raise RouteLensError(f"no tiny model for {model_type!r}; have {', '.join(TINY_CONFIGS)}")
-        model = build_tiny_model(model_type, seed=seed).to(device=device, dtype=DTYPES[dtype])
-        return LoadedModel(adapter_for(model), None, spec, device, dtype)
+        model = build_tiny_model(model_type, seed=seed).to(dtype=DTYPES[dtype])
+        model = _dispatch(model, device_map, DTYPES[dtype]) if device_map is not None else model.to(device)
+        return LoadedModel(adapter_for(model), None, spec, placed, dtype)
 
     if spec == DEMO:
         from routelens.demo_model import WEIGHTS_DIR, is_available
@@ -91,30 +221,64 @@ def _load(spec: str, device: str, dtype: str, trust_remote_code: bool, seed: int
         if not is_available():
             raise RouteLensError(f"the embedded demo model is missing from {WEIGHTS_DIR}; "
                                  "reinstall routelens or train one with `routelens train-demo`")
-        loaded = _load(WEIGHTS_DIR, device, dtype, False, seed)
+        loaded = _load(WEIGHTS_DIR, device, dtype, False, seed, device_map)
         loaded.spec = DEMO
         return loaded
 
     is_folder = os.path.isdir(spec)
     if is_folder:
         spec = os.path.abspath(spec)  # the same run resumes from any working directory
-    if os.path.exists(spec) and not is_folder:
+    elif os.path.exists(spec):
         raise RouteLensError(f"model path {spec!r} is not a folder; give a folder written by save_pretrained or a hub id")
+    elif looks_local(spec):
+        raise RouteLensError(f"--model {spec}: no such folder (a local model is a folder written by save_pretrained)")
+    if is_folder and not os.path.isfile(os.path.join(spec, "config.json")):
+        raise RouteLensError(f"{spec} has no config.json; give a folder written by save_pretrained")
+    local_only = not is_folder and not _in_hub_cache(spec, trust_remote_code) and not hub_reachable()
+    if local_only:
+        raise RouteLensError(f"cannot read the model config of {spec!r}: it is not in the local Hugging Face cache "
+                             "and the hub cannot be reached (offline?); pass a local folder written by save_pretrained")
     try:
         config = AutoConfig.from_pretrained(spec, trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as error:
         hint = "" if is_folder else " (no network here? pass a local folder written by save_pretrained)"
         raise RouteLensError(f"cannot read the model config of {spec!r}: {str(error).splitlines()[0]}{hint}") from None
     adapter_class(config.model_type)  # fail fast, before reading weights
+    if is_folder:
+        check_weight_files(spec)
+    options = dict(dtype=DTYPES[dtype], trust_remote_code=trust_remote_code)
+    if _is_mxfp4(config):
+        from transformers import Mxfp4Config
+
+        print(f"routelens: {spec} is MXFP4-quantized; loading it dequantized to {dtype} so that its routers "
+              "are observable (the quantized MLP computes router logits inline)", file=sys.stderr)
+        options["quantization_config"] = Mxfp4Config(dequantize=True)
+    if device_map is not None:
+        options["device_map"] = device_map
+        if isinstance(device_map, str) or "disk" in device_map.values():
+            options["offload_folder"] = tempfile.mkdtemp(prefix="routelens-offload-")
     try:
-        model = AutoModelForCausalLM.from_pretrained(
-            spec, dtype=DTYPES[dtype], trust_remote_code=trust_remote_code
-        )
-    except (OSError, ValueError) as error:
-        raise RouteLensError(f"cannot load the weights of {spec!r}: {str(error).splitlines()[0]}") from None
-    model = model.to(device).eval()
+        model = AutoModelForCausalLM.from_pretrained(spec, **options)
+    except Exception as error:   # safetensors, accelerate and torch each raise their own types
+        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise RouteLensError(f"cannot load the weights of {spec!r}: {reason}") from None
+    model = (model if device_map is not None else model.to(device)).eval()
     tokenizer = load_tokenizer(spec, trust_remote_code)
-    return LoadedModel(adapter_for(model), tokenizer, spec, device, dtype, folder=spec if is_folder else None)
+    return LoadedModel(adapter_for(model), tokenizer, spec, placed, dtype, folder=spec if is_folder else None)
+
+
+def _is_mxfp4(config) -> bool:
+    quantization = getattr(config, "quantization_config", None) or {}
+    method = quantization.get("quant_method") if isinstance(quantization, dict) else getattr(quantization, "quant_method", None)
+    return str(method).lower().endswith("mxfp4")
+
+
+def _in_hub_cache(spec: str, trust_remote_code: bool) -> bool:
+    try:
+        AutoConfig.from_pretrained(spec, trust_remote_code=trust_remote_code, local_files_only=True)
+        return True
+    except (OSError, ValueError):
+        return False
 
 
 def load_tokenizer(spec: str, trust_remote_code: bool = False, local_files_only: bool = False):

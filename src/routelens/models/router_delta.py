@@ -3,7 +3,8 @@
 The file is a small safetensors file holding, for every parameter of the router module
 (weight, and bias where the family has one), the new tensor under its full parameter name
 and the base model's tensor under `base.<name>`. Its metadata names the base model (spec,
-architecture, model type, a hash of the config) and the layer. Applying it checks that the
+architecture, model type, a hash of the config) and the layer, and holds a sha256 of the
+tensors, checked on reading (a file altered or damaged after saving is refused). Applying it checks that the
 model is that base: same architecture and config hash, and its router tensors equal the
 stored base tensors (exactly in the same dtype; to the coarser dtype's rounding when the
 model was loaded in another). Anything else is a one-line error.
@@ -30,6 +31,16 @@ def config_sha256(config) -> str:
     return hashlib.sha256(json.dumps(fields, sort_keys=True, default=str).encode()).hexdigest()
 
 
+def tensors_sha256(tensors: dict[str, torch.Tensor]) -> str:
+    """Hash of names, dtypes, shapes and bytes of every tensor, in name order."""
+    digest = hashlib.sha256()
+    for name in sorted(tensors):
+        tensor = tensors[name].detach().cpu().contiguous()
+        digest.update(f"{name}|{tensor.dtype}|{tuple(tensor.shape)}|".encode())
+        digest.update(tensor.view(torch.uint8).numpy().tobytes() if tensor.numel() else b"")
+    return digest.hexdigest()
+
+
 def router_parameter_names(adapter: MoEAdapter, layer: int) -> dict[str, torch.nn.Parameter]:
     """Full names (as in `model.named_parameters()`) of the router's parameters at `layer`."""
     router = adapter.routers[layer]
@@ -48,7 +59,7 @@ def save_router_delta(path: str, adapter: MoEAdapter, layer: int, base: dict[str
         tensors[BASE_PREFIX + name] = base[name].detach().cpu().contiguous()
     metadata = {"format": FORMAT, "layer": str(layer), "base_model": spec,
                 "architecture": type(adapter.model).__name__, "model_type": adapter.config.model_type,
-                "config_sha256": config_sha256(adapter.config)}
+                "config_sha256": config_sha256(adapter.config), "tensors_sha256": tensors_sha256(tensors)}
     metadata.update({k: json.dumps(v) for k, v in (extra or {}).items()})
     save_file(tensors, path, metadata=metadata)
 
@@ -67,6 +78,13 @@ def read_router_delta(path: str) -> tuple[dict[str, torch.Tensor], dict[str, str
     if metadata.get("format") != FORMAT:
         raise RouteLensError(f"{path}: not a routelens router delta (format {metadata.get('format')!r}, "
                              f"expected {FORMAT!r}); make one with `routelens router-update`")
+    stored = metadata.get("tensors_sha256")
+    if stored is None:
+        raise RouteLensError(f"{path}: the router delta has no tensors_sha256 in its metadata, so its tensors cannot "
+                             "be checked; make it again with `routelens router-update`")
+    if tensors_sha256(tensors) != stored:
+        raise RouteLensError(f"{path}: the router delta's tensors do not match the checksum in its metadata "
+                             "(altered or damaged after saving); make it again with `routelens router-update`")
     return tensors, metadata
 
 

@@ -18,7 +18,7 @@ from typing import Callable, Iterator
 
 import torch
 
-from routelens.errors import OverrideNotApplied, RouteLensError
+from routelens.errors import OverrideNotApplied, RouteLensError, RouterBypassed
 from routelens.models.adapter import MoEAdapter
 
 
@@ -55,7 +55,9 @@ def _router_hooks(adapter: MoEAdapter, hooks: dict[int, Callable]) -> Iterator[N
 def capture_routes(adapter: MoEAdapter, layers: list[int] | None = None) -> Iterator[dict[int, RouterOutput]]:
     """Record each router's output during the forward(s) run inside the block.
 
-    Yields a dict filled in place: layer -> RouterOutput of the last forward.
+    Yields a dict filled in place: layer -> RouterOutput of the last forward. If a forward
+    ran (some hook fired) but a requested router's hook did not, that router was bypassed:
+    `RouterBypassed`, naming the module, instead of a missing entry.
     """
     captured: dict[int, RouterOutput] = {}
 
@@ -64,8 +66,28 @@ def capture_routes(adapter: MoEAdapter, layers: list[int] | None = None) -> Iter
         captured[layer] = RouterOutput(logits.detach(), weights.detach(), experts.detach())
 
     layers = adapter.moe_layers if layers is None else layers
-    with _router_hooks(adapter, {layer: (lambda m, a, o, layer=layer: record(m, a, o, layer)) for layer in layers}):
-        yield captured
+    blocks_ran: list[int] = []   # MoE blocks entered, whether or not their router then ran
+    block_hooks = [adapter.moe_block(layer).register_forward_pre_hook(lambda m, a, layer=layer: blocks_ran.append(layer))
+                   for layer in layers]
+    try:
+        with _router_hooks(adapter, {layer: (lambda m, a, o, layer=layer: record(m, a, o, layer)) for layer in layers}):
+            yield captured
+    finally:
+        for hook in block_hooks:
+            hook.remove()
+    silent = sorted({layer for layer in blocks_ran if layer not in captured})
+    if silent:
+        raise router_bypassed(adapter, silent)
+
+
+def router_bypassed(adapter: MoEAdapter, layers: list[int]) -> RouterBypassed:
+    names = {module: name for name, module in adapter.model.named_modules()}
+    router = adapter.routers[layers[0]]
+    return RouterBypassed(
+        f"the router {names.get(router, type(router).__name__)} ({type(router).__name__}) never ran in the forward "
+        f"(layers {layers}): this MoE block computes its routing inline (a quantized MLP such as MXFP4, or a hub "
+        "kernel), so routes can be neither observed nor forced; load the model dequantized or without the kernel"
+    )
 
 
 @dataclass
@@ -115,8 +137,9 @@ def override_routes(adapter: MoEAdapter, overrides: dict[int, RouteOverride],
         yield overrides
     for layer, override in overrides.items():
         if override.fired != expected_calls:
+            names = {module: name for name, module in adapter.model.named_modules()}
             raise OverrideNotApplied(
-                f"route override at layer {layer} fired {override.fired} times, expected "
-                f"{expected_calls}: the router hook was bypassed (a hub kernel or a changed "
-                "block forward?); refusing to return natural-route numbers as overridden ones"
+                f"route override at layer {layer} fired {override.fired} times, expected {expected_calls}: "
+                f"the router {names.get(adapter.routers[layer], '?')} was bypassed (a quantized MLP, a hub kernel "
+                "or a changed block forward); refusing to return natural-route numbers as overridden ones"
             )

@@ -12,9 +12,14 @@ import pandas as pd
 from routelens.errors import RouteLensError
 from routelens.report import figures as figs
 from routelens.report.page import (document, esc, figure_html, fmt, interval, key_values, render_png, table)
-from routelens.results.run_folder import read_json, write_text_atomic
+from routelens.results.run_folder import read_json, read_run_json, write_text_atomic
 
 KINDS = ("counterfactual", "isolation", "passk", "router-update")
+# what each kind's section reads: all checked before any work
+NEEDS = {"counterfactual": ("tokens.parquet", "routes.parquet", "summary.json"),
+         "isolation": ("cells.parquet", "calibration.parquet", "summary.json"),
+         "passk": ("summary.json",),
+         "router-update": ("summary.json", "training_log.jsonl")}
 CONTEXT_BEFORE, CONTEXT_AFTER, WORST_TOKENS = 40, 10, 20
 
 
@@ -22,11 +27,15 @@ def _run(run_dir: str) -> dict:
     path = os.path.join(run_dir, "run.json")
     if not os.path.exists(path):
         raise RouteLensError(f"{run_dir} is not a run folder (no run.json)")
-    run = read_json(path)
+    run = read_run_json(run_dir)
     if run.get("kind") not in KINDS:
         raise RouteLensError(f"{run_dir} holds a {run.get('kind')!r} run; reports are made of {', '.join(KINDS)} runs")
     if run.get("status") != "complete":
         raise RouteLensError(f"{run_dir} holds an unfinished {run['kind']} run; re-run its command to complete it first")
+    missing = [name for name in NEEDS[run["kind"]] if not os.path.isfile(os.path.join(run_dir, name))]
+    if missing:
+        raise RouteLensError(f"{run_dir} is a complete {run['kind']} run but lacks {', '.join(missing)}; "
+                             "re-run its command with the same settings to rebuild it from the run's parts")
     return run
 
 

@@ -8,8 +8,13 @@ Layout:
     summary.json        written when the run completes
 
 A unit is done when all its part files exist; a re-run of the same config skips done
-units and redoes a unit that was cut off half-way, so nothing is lost or duplicated. A
-different config on an existing folder is refused unless `overwrite`.
+units and redoes a unit that was cut off half-way, so nothing is lost or duplicated.
+`run.json` is rewritten after every unit, so an interrupted run shows the units done.
+
+A different config on an existing folder is refused unless `overwrite`, and `overwrite`
+never deletes what is not ours: only a folder whose `run.json` names a routelens run of the
+same kind is replaced, only routelens's own outputs in it are removed, and never when an
+input of the current command (any existing path in its config) lies inside it.
 """
 
 from __future__ import annotations
@@ -82,36 +87,131 @@ def read_json(path: str) -> dict:
         return json.load(handle)
 
 
+# What a run writes at the top of its folder: the only entries `overwrite` removes.
+OUTPUT_FILES = (RUN_JSON, "summary.json", "report.html", "router_delta.safetensors", "training_log.jsonl")
+OUTPUT_FOLDERS = (PARTS, "figures")
+OUTPUT_SUFFIXES = (".parquet", ".tmp")
+
+
+def read_run_json(path: str) -> dict:
+    """A folder's run.json, refused in one line when it is not a routelens run record."""
+    run_json = os.path.join(path, RUN_JSON)
+    try:
+        stored = read_json(run_json)
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise RouteLensError(f"{run_json} is not valid JSON ({error}); it is not a routelens run, so it is "
+                             "neither resumed nor replaced: choose another --out") from None
+    if not (isinstance(stored, dict) and isinstance(stored.get("kind"), str) and isinstance(stored.get("config"), dict)
+            and isinstance(stored.get("sessions"), list)):
+        raise RouteLensError(f"{run_json} is not a routelens run record (no kind, config and sessions); "
+                             "choose another --out")
+    return stored
+
+
+def _paths_in(value) -> list[str]:
+    """Existing absolute paths named anywhere in a config (the command's inputs)."""
+    if isinstance(value, dict):
+        return [p for v in value.values() for p in _paths_in(v)]
+    if isinstance(value, (list, tuple)):
+        return [p for v in value for p in _paths_in(v)]
+    return [value] if isinstance(value, str) and os.path.isabs(value) and os.path.exists(value) else []
+
+
+def _inside(path: str, folder: str) -> bool:
+    path, folder = os.path.realpath(path), os.path.realpath(folder)
+    return path == folder or path.startswith(folder.rstrip(os.sep) + os.sep)
+
+
+def remove_outputs(path: str) -> None:
+    """Remove what a routelens run wrote in `path`; anything else stays."""
+    for name in os.listdir(path):
+        entry = os.path.join(path, name)
+        if name in OUTPUT_FOLDERS and os.path.isdir(entry) and not os.path.islink(entry):
+            shutil.rmtree(entry)
+        elif os.path.isfile(entry) and (name in OUTPUT_FILES or name.endswith(OUTPUT_SUFFIXES)):
+            os.remove(entry)
+
+
+def prepare_out(path: str, kind: str, config: dict, overwrite: bool) -> dict | None:
+    """Check that `path` may hold this run; return the stored run.json to resume, or None
+    for a fresh run (after removing a replaced run's outputs)."""
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise RouteLensError(f"--out {path} is an existing file, not a folder; choose a folder path")
+    if not os.path.isdir(path):
+        parent = os.path.dirname(os.path.abspath(path))
+        while not os.path.exists(parent):
+            parent = os.path.dirname(parent)
+        if not os.access(parent, os.W_OK | os.X_OK):
+            raise RouteLensError(f"cannot create --out {path}: {parent} is not writable; choose another --out")
+        return None
+    if not os.access(path, os.W_OK | os.X_OK):
+        raise RouteLensError(f"--out {path} is not writable; choose another --out")
+    if not os.path.exists(os.path.join(path, RUN_JSON)):
+        if os.listdir(path):
+            raise RouteLensError(f"{path} exists, is not empty and holds no run.json: it is not a routelens run, "
+                                 "so it is neither resumed nor replaced (not even with --overwrite); choose another --out")
+        return None
+    stored = read_run_json(path)
+    if stored["config"] == config and stored["kind"] == kind:
+        return stored
+    if stored["kind"] != kind:
+        raise RouteLensError(f"{path} holds a routelens {stored['kind']} run, not a {kind} run; "
+                             f"--overwrite replaces only a {kind} run: choose another --out")
+    if not overwrite:
+        changed = sorted(k for k in set(config) | set(stored["config"]) if config.get(k) != stored["config"].get(k))
+        raise RouteLensError(
+            f"{path} holds a run with a different config (differs in: {', '.join(changed)}); "
+            "re-run with the same settings to resume, or pass --overwrite, or choose another --out")
+    inside = [p for p in _paths_in(config) if _inside(p, path)]
+    if inside:
+        raise RouteLensError(f"--overwrite would replace {path}, which holds this command's input {inside[0]}; "
+                             "move the input out of the run folder or choose another --out")
+    remove_outputs(path)
+    return None
+
+
+def check_out_file(path: str, option: str = "--out") -> None:
+    """An output *file* path: not an existing folder, and its folder writable (checked before
+    any work, so hours of sampling are not lost to a bad path)."""
+    if os.path.isdir(path):
+        raise RouteLensError(f"{option} {path} is a folder; give a file path such as {os.path.join(path, 'out.jsonl')}")
+    parent = os.path.dirname(os.path.abspath(path))
+    while not os.path.exists(parent):
+        parent = os.path.dirname(parent)
+    if not os.path.isdir(parent):
+        raise RouteLensError(f"{option} {path}: {parent} is a file, not a folder")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise RouteLensError(f"{option} {path}: {parent} is not writable; choose another path")
+    if os.path.exists(path) and not os.access(path, os.W_OK):
+        raise RouteLensError(f"{option} {path} is read-only; choose another path")
+
+
 class RunFolder:
     def __init__(self, path: str, kind: str, config: dict, tables: tuple[str, ...],
                  overwrite: bool = False, extra: dict | None = None):
         self.path, self.kind, self.config, self.tables = path, kind, config, tables
-        run_json = os.path.join(path, RUN_JSON)
-        if os.path.exists(run_json):
-            stored = read_json(run_json)
-            if stored.get("config") != config or stored.get("kind") != kind:
-                if not overwrite:
-                    changed = sorted(k for k in set(config) | set(stored.get("config", {}))
-                                     if config.get(k) != stored.get("config", {}).get(k))
-                    raise RouteLensError(
-                        f"{path} holds a run with a different config (differs in: {', '.join(changed) or 'kind'}); "
-                        "re-run with the same settings to resume, or pass --overwrite, or choose another --out"
-                    )
-                shutil.rmtree(path)
-        elif os.path.isdir(path) and os.listdir(path) and not overwrite:
-            raise RouteLensError(f"{path} exists, is not empty and holds no run.json; choose another --out or pass --overwrite")
-        elif os.path.isdir(path) and overwrite:
-            shutil.rmtree(path)
-        os.makedirs(os.path.join(path, PARTS), exist_ok=True)
-        self.state = read_json(run_json) if os.path.exists(run_json) else {
+        stored = prepare_out(path, kind, config, overwrite)
+        try:
+            os.makedirs(os.path.join(path, PARTS), exist_ok=True)
+        except OSError as error:
+            raise RouteLensError(f"cannot create --out {path}: {error.strerror}; choose another --out") from None
+        self.state = stored or {
             "kind": kind, "config": config, "status": "running", "created": _now(), "sessions": [],
         }
         self.resumed = bool(self.state["sessions"])
         self.state["status"] = "running"
         self.state["provenance"] = provenance()
         self.state.update(extra or {})
+        self.state["units_done"] = self._count_done()
         self.state["sessions"].append({"started": _now(), "finished": None, "units_done": 0})
         self._save()
+
+    def _count_done(self) -> int:
+        if not self.tables:
+            return 0
+        prefix = f"{self.tables[-1]}-"   # the last table of a unit lands last
+        return sum(name.startswith(prefix) and name.endswith(".parquet")
+                   for name in os.listdir(os.path.join(self.path, PARTS)))
 
     # ------------------------------------------------------------------ parts
     def _part(self, table: str, unit: int) -> str:
@@ -127,6 +227,8 @@ class RunFolder:
             pq.write_table(tables[table], target + ".tmp")
             os.replace(target + ".tmp", target)
         self.state["sessions"][-1]["units_done"] += 1
+        self.state["units_done"] += 1
+        self._save()   # after Ctrl-C or a kill, run.json says how far the run got
 
     # ------------------------------------------------------------------ finish
     def concatenate(self, units: list[int]) -> dict[str, str]:
