@@ -82,6 +82,14 @@ EXAMPLES_PASSK = """examples:
 with the same sampling seeds, and reports the paired difference.
 """
 
+EXAMPLES_VERIFY = """examples:
+  routelens verify --model demo
+  routelens verify --model ./my-qwen3-moe --device cuda --dtype bfloat16 --json verify.json
+  routelens verify --model tiny:deepseek_v3
+
+Exit 0 when every check passes, 1 when one fails (the table names it), 2 on bad input.
+"""
+
 EXAMPLES_DEMO = """examples:
   routelens demo                       # embedded model: counterfactual (120 problems x 2 samples)
                                        # and isolation (50 items x 4 domains), into runs/demo
@@ -270,6 +278,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     commands.add_parser("models", help="list the supported MoE families")
 
+    verify = commands.add_parser("verify", help="check routing, overrides, engines and scorer on a checkpoint",
+                                 epilog=EXAMPLES_VERIFY, formatter_class=argparse.RawDescriptionHelpFormatter)
+    _add_model_options(verify)
+    verify.add_argument("--length", type=_positive_int, default=32, help="tokens of the random test sequence (default 32)")
+    verify.add_argument("--seed", type=int, default=0, help="seed of the test sequence and routes (default 0)")
+    verify.add_argument("--json", default=None, metavar="FILE", help="also write the table (and the model) to this JSON file")
+
     inspect = commands.add_parser("inspect", help="show a model's MoE layers, experts, top-k and gating rule",
                                   epilog=EXAMPLES_INSPECT, formatter_class=argparse.RawDescriptionHelpFormatter)
     _add_model_options(inspect)
@@ -407,6 +422,28 @@ def cmd_models(args) -> int:
         cls = adapter_class(model_type)
         print(f"{model_type:<12} {cls.__name__:<20} {cls.gating_rule}")
     return 0
+
+
+def cmd_verify(args) -> int:
+    from routelens.results.run_folder import check_out_file, write_json_atomic
+    from routelens.verify import format_table, verify_model
+
+    if args.json:
+        check_out_file(args.json, "--json")
+    loaded = load_from_args(args)
+    table = verify_model(loaded, length=args.length, seed=args.seed)
+    print(format_table(table))
+    failed = table[table["status"] == "fail"]
+    if args.json:
+        write_json_atomic(args.json, {"model": loaded.adapter.describe(), "device": loaded.device, "dtype": loaded.dtype,
+                                      "length": args.length, "seed": args.seed, "passed": failed.empty,
+                                      "checks": table.astype(object).where(table.notna(), None).to_dict("records")})
+    if failed.empty:
+        print(f"all {len(table)} checks passed on {len(loaded.adapter.moe_layers)} MoE layers")
+        return 0
+    names = ", ".join(f"{r.check} (layer {r.layer})" for r in failed.itertuples())
+    print(f"routelens: verify: {len(failed)} of {len(table)} checks failed: {names}", file=sys.stderr)
+    return 1
 
 
 def cmd_inspect(args) -> int:
@@ -573,7 +610,7 @@ def cmd_demo(args) -> int:
 
 COMMANDS = {"trajectories": cmd_trajectories, "evaluate": cmd_evaluate, "train-demo": cmd_train_demo, "models": cmd_models, "inspect": cmd_inspect, "counterfactual": cmd_counterfactual, "demo": cmd_demo,
             "isolate": cmd_isolate, "router-update": cmd_router_update, "passk": cmd_passk,
-            "report": cmd_report}
+            "report": cmd_report, "verify": cmd_verify}
 
 
 # commands whose output is written as they go and picked up again by the same command

@@ -1,0 +1,200 @@
+"""`routelens verify`: check, on any checkpoint, everything routelens's numbers rest on.
+
+In the spirit of TransformerLens's `verify_models`: one random sequence (seeded), and per
+MoE layer
+
+- `router_hook`: the layer's router is found and its hook fires in a natural forward;
+- `gating_rule`: the adapter's `weights_for` on the router's own experts reproduces the
+  router's own weights;
+- `force_standard`: forcing the standard route on every token reproduces the natural logits;
+- `force_other`: forcing another route at one position changes the MoE block output at
+  exactly that position, and no logit before it;
+- `fast_vs_reference` (first, a middle and the last MoE layer): the fast engine equals the
+  reference engine on a few positions and routes, without falling back;
+- `isolation_scorer`: the isolation scorer's forced single expert equals a plain forward
+  under the same override.
+
+`verify_model` returns the table as a DataFrame (status "pass" or "fail", the measured
+difference and the tolerance); the command prints it, writes it with `--json`, and exits
+0 when every check passes, 1 when one fails.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import numpy as np
+import pandas as pd
+import torch
+
+from routelens.engine.checks import gating_rule_error, model_dtype, tolerance_for
+from routelens.errors import RouteLensError
+from routelens.models.routing import RouteOverride, capture_routes, override_routes
+
+COLUMNS = ["layer", "check", "status", "difference", "tolerance", "detail"]
+
+
+def _row(layer, check, passed, difference=None, tolerance=None, detail=""):
+    return {"layer": layer, "check": check, "status": "pass" if passed else "fail",
+            "difference": None if difference is None else float(difference),
+            "tolerance": None if tolerance is None else float(tolerance), "detail": detail}
+
+
+def _block_output(output) -> torch.Tensor:
+    return output[0] if isinstance(output, tuple) else output
+
+
+@torch.no_grad()
+def _forward(adapter, input_ids, overrides=None, record_block=None):
+    """Logits [T, V] of one sequence (with route overrides) and, if asked, one layer's MoE block output."""
+    recorded = {}
+    hook = None
+    if record_block is not None:
+        def keep(module, args, output):
+            block = _block_output(output).detach()
+            recorded["block"] = block.reshape(-1, block.shape[-1])
+
+        hook = adapter.moe_block(record_block).register_forward_hook(keep)
+    try:
+        if overrides:
+            with override_routes(adapter, overrides):
+                logits = adapter.model(input_ids[None].to(adapter.device), use_cache=False).logits[0]
+        else:
+            logits = adapter.model(input_ids[None].to(adapter.device), use_cache=False).logits[0]
+    finally:
+        if hook is not None:
+            hook.remove()
+    return logits.float(), recorded.get("block")
+
+
+def _other_route(adapter, logits_row: torch.Tensor, standard: torch.Tensor) -> torch.Tensor:
+    """k experts that are not the standard set: the router's lowest-scored ones."""
+    order = torch.argsort(logits_row.float())
+    other = order[: adapter.top_k].sort().values
+    if set(other.tolist()) == set(standard.tolist()):
+        raise RouteLensError("this model has only k experts: no route other than the standard one exists")
+    return other
+
+
+def verify_model(loaded, length: int = 32, seed: int = 0, routes: int = 4, scored_positions: int = 4,
+                 show_progress: bool = False) -> pd.DataFrame:
+    """Run every check on `loaded` (a `LoadedModel`) and return the table (see module doc)."""
+    adapter = loaded.adapter
+    if adapter.context_length:
+        length = min(length, adapter.context_length)
+    if length < scored_positions + 2:
+        raise RouteLensError(f"--length {length} is too short: it needs at least {scored_positions + 2} tokens")
+    tolerance = tolerance_for(model_dtype(adapter))
+    exact = tolerance.logprob_max          # two computations of the same numbers
+    generator = torch.Generator().manual_seed(seed)
+    input_ids = torch.randint(0, adapter.config.vocab_size, (length,), generator=generator)
+    rows = []
+
+    with torch.no_grad(), capture_routes(adapter) as captured:
+        natural_logits, _ = _forward(adapter, input_ids)
+    moe = adapter.moe_layers
+    engine_layers = sorted({moe[0], moe[len(moe) // 2], moe[-1]})
+    position = length // 2
+    for layer in moe:
+        route = captured.get(layer)
+        rows.append(_row(layer, "router_hook", route is not None, detail=type(adapter.routers[layer]).__name__))
+        if route is None:
+            continue
+        limit = tolerance_for(route.weights.dtype).weight
+        error = gating_rule_error(adapter, route.logits, route.experts, route.weights)
+        rows.append(_row(layer, "gating_rule", error <= limit, error, limit, "weights_for on the router's experts vs its weights"))
+
+        everything = RouteOverride(torch.arange(length), route.experts, route.weights)
+        forced, _ = _forward(adapter, input_ids, {layer: everything})
+        difference = float((forced - natural_logits).abs().max())
+        rows.append(_row(layer, "force_standard", difference <= exact, difference, exact,
+                         "standard route forced on every token vs natural logits"))
+
+        other = _other_route(adapter, route.logits[position], route.experts[position])
+        weights = adapter.weights_for(route.logits[position][None].float(), other[None].to(route.logits.device))
+        one = RouteOverride(torch.tensor([position]), other[None], weights)
+        changed_logits, changed_block = _forward(adapter, input_ids, {layer: one}, record_block=layer)
+        _, natural_block = _forward(adapter, input_ids, record_block=layer)
+        block_delta = (changed_block - natural_block).abs().amax(dim=-1).float()          # [T]
+        elsewhere = float(torch.cat([block_delta[:position], block_delta[position + 1:]]).max())
+        before = float((changed_logits[:position] - natural_logits[:position]).abs().max())
+        moved = float(block_delta[position])
+        # block outputs are compared relative to their own scale (tiny random experts move little)
+        relative = tolerance_for(model_dtype(adapter)).weight * float(natural_block.abs().max())
+        passed = elsewhere <= relative and before <= exact and moved > relative
+        rows.append(_row(layer, "force_other", passed, max(elsewhere, before), max(relative, exact),
+                         f"position {position}: block output moved {moved:.3g}; elsewhere {elsewhere:.3g}, "
+                         f"logits before it {before:.3g}"))
+
+        if layer in engine_layers:
+            rows.append(_guarded(layer, "fast_vs_reference", lambda: _fast_vs_reference(
+                adapter, input_ids, layer, routes, seed, scored_positions, exact)))
+        rows.append(_guarded(layer, "isolation_scorer", lambda: _isolation_scorer(
+            adapter, input_ids, layer, int(route.experts[position, 0]), scored_positions, exact)))
+    return pd.DataFrame(rows, columns=COLUMNS)
+
+
+def _guarded(layer, check, run) -> dict:
+    """One check's row; a run-time check that refuses inside it is that check failing."""
+    try:
+        return run()
+    except RouteLensError as error:
+        return _row(layer, check, False, detail=f"{type(error).__name__}: {error}")
+
+
+def _fast_vs_reference(adapter, input_ids, layer, routes, seed, scored_positions, exact) -> dict:
+    from routelens.analyses.counterfactual import CounterfactualConfig, build_routes
+    from routelens.data.trajectories import Trajectory
+    from routelens.engine import FastEngine, ReferenceEngine, ScoreItem
+    from routelens.engine.fast import FastEngineUnsupported
+
+    length = input_ids.shape[0]
+    trajectory = Trajectory("verify", input_ids.tolist(), completion_start=length - scored_positions)
+    layer_routes = build_routes(adapter, trajectory, [layer], CounterfactualConfig(num_routes=routes, seed=seed))[layer]
+    item = ScoreItem(input_ids, layer_routes.positions, torch.as_tensor(layer_routes.experts), layer_routes.weights)
+    reference = ReferenceEngine(adapter).score_batch(layer, [item])[0]
+    try:
+        fast_engine = FastEngine(adapter)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            fast = fast_engine.score_batch(layer, [item])[0]
+        reason = fast_engine.fallback_reason
+    except FastEngineUnsupported as unsupported:
+        fast, reason = reference, str(unsupported)
+    difference = float(np.abs(fast - reference).max())
+    return _row(layer, "fast_vs_reference", reason is None and difference <= exact, difference, exact,
+                f"{len(item.positions)} positions x {reference.shape[1]} routes" if reason is None
+                else f"fast engine fell back to reference: {reason}")
+
+
+def _isolation_scorer(adapter, input_ids, layer, expert, scored_positions, exact) -> dict:
+    from routelens.analyses.isolation import forced_conditions
+    from routelens.engine.whole_sequence import WholeSequenceScorer
+
+    length = input_ids.shape[0]
+    scorer = WholeSequenceScorer(adapter, check=False)
+    positions = np.arange(length - scored_positions - 1, length - 1)
+    natural = scorer.natural(input_ids, [layer], positions)
+    experts, weights = forced_conditions(adapter.num_experts, length, adapter.top_k)
+    scored = scorer.score(natural, layer, experts[expert: expert + 1], weights[expert: expert + 1])[0]
+    override = RouteOverride(torch.arange(length), experts[expert], weights[expert])
+    plain_logits, _ = _forward(adapter, input_ids, {layer: override})
+    plain = torch.log_softmax(plain_logits[positions], -1).gather(
+        -1, input_ids[positions + 1, None].to(plain_logits.device))[:, 0].double().cpu().numpy()
+    difference = float(np.abs(scored - plain).max())
+    return _row(layer, "isolation_scorer", difference <= exact, difference, exact,
+                f"expert {expert} forced on every token vs a plain forward")
+
+
+def format_table(table: pd.DataFrame) -> str:
+    """The table as aligned text, failures marked."""
+    def number(value):
+        return "" if value is None or pd.isna(value) else f"{value:.2e}"
+
+    header = ["layer", "check", "status", "difference", "tolerance", "detail"]
+    body = [[str(r.layer), r.check, r.status.upper() if r.status == "fail" else r.status, number(r.difference),
+             number(r.tolerance), r.detail] for r in table.itertuples()]
+    widths = [max(len(header[i]), *(len(row[i]) for row in body)) for i in range(5)]
+    lines = ["  ".join(h.ljust(w) for h, w in zip(header[:5], widths)) + "  detail"]
+    lines += ["  ".join(c.ljust(w) for c, w in zip(row[:5], widths)) + "  " + row[5] for row in body]
+    return "\n".join(lines)

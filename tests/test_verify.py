@@ -1,0 +1,61 @@
+"""`routelens verify` passes on every supported family (windowed configurations included),
+exits 1 naming the failing check when one fails, and 2 on bad input."""
+
+import json
+
+import pytest
+
+from conftest import FAMILIES
+from routelens.cli import main
+from routelens.models import LoadedModel, adapter_for
+from routelens.models.families.softmax_topk import SoftmaxTopKAdapter
+from routelens.models.tiny import build_tiny_model
+from routelens.verify import verify_model
+
+CHECKS = {"router_hook", "gating_rule", "force_standard", "force_other", "fast_vs_reference", "isolation_scorer"}
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_verify_passes_on_every_family(tiny_adapters, family):
+    adapter = tiny_adapters[family]
+    table = verify_model(LoadedModel(adapter, None, f"tiny:{family}", "cpu", "float32"), length=20)
+    assert set(table["check"]) == CHECKS
+    assert set(table["layer"]) == set(adapter.moe_layers)
+    assert (table.groupby("layer")["check"].count() >= 5).all()
+    assert (table["check"] == "fast_vs_reference").sum() == len({adapter.moe_layers[0], adapter.moe_layers[-1],
+                                                                 adapter.moe_layers[len(adapter.moe_layers) // 2]})
+    assert (table["status"] == "pass").all(), table[table["status"] != "pass"].to_string()
+
+
+@pytest.mark.parametrize("family, overrides", [
+    ("qwen2_moe", dict(use_sliding_window=True, sliding_window=4, max_window_layers=4)),
+    ("phimoe", dict(sliding_window=4)),
+])
+def test_verify_passes_with_mask_only_windows(family, overrides):
+    adapter = adapter_for(build_tiny_model(family, seed=0, **overrides))
+    table = verify_model(LoadedModel(adapter, None, f"tiny:{family}", "cpu", "float32"), length=16)
+    assert (table["status"] == "pass").all(), table[table["status"] != "pass"].to_string()
+
+
+def test_verify_cli_exit_codes_and_json(tmp_path, capsys, monkeypatch):
+    out = tmp_path / "verify.json"
+    assert main(["verify", "--model", "demo", "--json", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "all 23 checks passed on 4 MoE layers" in printed
+    stored = json.loads(out.read_text())
+    assert stored["passed"] is True and len(stored["checks"]) == 23
+    assert {row["check"] for row in stored["checks"]} == CHECKS
+
+    # a gating rule that no longer describes the model: the check fails, named, exit 1
+    original = SoftmaxTopKAdapter.weights_for
+    monkeypatch.setattr(SoftmaxTopKAdapter, "weights_for", lambda self, logits, experts: original(self, logits, experts) * 0.9)
+    assert main(["verify", "--model", "tiny:olmoe", "--json", str(out)]) == 1
+    captured = capsys.readouterr()
+    assert "gating_rule (layer 0)" in captured.err and "FAIL" in captured.out
+    assert json.loads(out.read_text())["passed"] is False
+    monkeypatch.undo()
+
+    assert main(["verify", "--model", "./no/such/model"]) == 2
+    assert capsys.readouterr().err.strip() == (
+        "routelens: error: --model ./no/such/model: no such folder (a local model is a folder written by save_pretrained)")
+    assert main(["verify", "--model", "tiny:olmoe", "--json", str(tmp_path)]) == 2
