@@ -619,6 +619,19 @@ RESUMABLE = {"counterfactual", "isolate", "passk", "demo"}
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    try:
+        return _run(args)
+    except KeyboardInterrupt:   # also during the imports below, which take seconds
+        if args.command in RESUMABLE:
+            print("routelens: interrupted; the units done are kept (run.json shows how many): "
+                  "re-run the same command to resume", file=sys.stderr)
+        else:
+            print(f"routelens: interrupted; `{args.command}` does not resume: nothing was written, "
+                  "re-running starts again from the beginning", file=sys.stderr)
+        return 130
+
+
+def _run(args) -> int:
     from transformers.utils import logging as hf_logging
 
     from routelens.engine.checks import RuntimeCheckFailed
@@ -639,14 +652,6 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print(f"routelens: error: {translated}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        if args.command in RESUMABLE:
-            print("routelens: interrupted; the units done are kept (run.json shows how many): "
-                  "re-run the same command to resume", file=sys.stderr)
-        else:
-            print(f"routelens: interrupted; `{args.command}` does not resume: nothing was written, "
-                  "re-running starts again from the beginning", file=sys.stderr)
-        return 130
 
 
 if __name__ == "__main__":

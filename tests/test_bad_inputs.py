@@ -1,0 +1,323 @@
+"""The catalogue of bad input: every case, across every command, is answered with one line
+that says what is wrong (exit 2, no traceback), leaves nothing that looks complete, and
+never deletes what the user owns."""
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import time
+from types import SimpleNamespace
+
+import pytest
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from conftest import PYTHON, write_jsonl
+from routelens.cli import main
+from routelens.models.tiny import build_tiny_model
+
+GOOD = {"id": "a", "prompt": "Q:1+2=", "completion": "A:1+2=3#3"}
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory, saved_model):
+    """Files the cases point at (built once): good inputs, broken ones, odd models and runs."""
+    root = tmp_path_factory.mktemp("bad")
+    w = SimpleNamespace(root=root, model=saved_model)
+    w.good = write_jsonl(root / "good.jsonl", [GOOD, {**GOOD, "id": "b"}])
+    w.ids = write_jsonl(root / "ids.jsonl", [{"id": "a", "input_ids": [1, 5, 6, 7, 8, 9], "completion_start": 2}])
+    w.items = write_jsonl(root / "items.jsonl", [{"id": "i", "domain": "d", "prompt": "Q:1+2=", "target": "3"}])
+    (root / "binary.jsonl").write_bytes(b"\x00\x01\x02PK\x03\x04" * 20)
+    w.binary = str(root / "binary.jsonl")
+    (root / "latin1.jsonl").write_bytes(json.dumps(GOOD).encode() + b"\n" + '{"id": "c", "prompt": "Qé"}'.encode("latin-1"))
+    w.latin1 = str(root / "latin1.jsonl")
+    w.long = write_jsonl(root / "long.jsonl", [{"id": "long", "input_ids": [5] * 300, "completion_start": 2}])
+    w.unk = write_jsonl(root / "unk.jsonl", [{"id": "u", "prompt": "Q:1+2=", "completion": "A:3 ✓ Ü"}])
+    w.unk_items = write_jsonl(root / "unk-items.jsonl", [{"id": "i", "domain": "d", "prompt": "Q:€", "target": "3"}])
+    w.outside_vocab = write_jsonl(root / "vocab.jsonl", [{"id": "a", "input_ids": [1, 5, 999], "completion_start": 1}])
+    w.problems_bad = write_jsonl(root / "problems.jsonl", [{"id": 1, "prompt": "Q:1+2="}])
+    w.afile = str(root / "a-file.txt")
+    open(w.afile, "w").write("not a folder")
+    w.bad_run_json = root / "bad-run-json"
+    w.bad_run_json.mkdir()
+    (w.bad_run_json / "run.json").write_text("{not json")
+    # model folders
+    for name in ("truncated", "pickle", "noconfig"):
+        shutil.copytree(saved_model, root / name)
+    weights = root / "truncated" / "model.safetensors"
+    with open(weights, "r+b") as handle:
+        handle.truncate(os.path.getsize(weights) // 2)
+    model = build_tiny_model("olmoe", seed=0)
+    os.remove(root / "pickle" / "model.safetensors")
+    torch.save(model.state_dict(), root / "pickle" / "pytorch_model.bin")
+    os.remove(root / "noconfig" / "config.json")
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    LlamaForCausalLM(LlamaConfig(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                                 num_attention_heads=2, num_key_value_heads=2)).save_pretrained(root / "llama")
+    build_tiny_model("qwen2_moe", mlp_only_layers=[0, 1, 2, 3]).save_pretrained(root / "dense")
+    # a router delta, then the same file with one tensor altered and the old checksum kept
+    from routelens.models.loading import load_model
+    from routelens.models.router_delta import router_parameter_names, save_router_delta
+
+    loaded = load_model(saved_model, device="cpu")
+    layer = loaded.adapter.moe_layers[-1]
+    base = {k: v.detach().clone() for k, v in router_parameter_names(loaded.adapter, layer).items()}
+    w.delta = str(root / "delta.safetensors")
+    save_router_delta(w.delta, loaded.adapter, layer, base, saved_model)
+    with safe_open(w.delta, framework="pt") as handle:
+        metadata, tensors = handle.metadata(), {k: handle.get_tensor(k) for k in handle.keys()}
+    first = sorted(k for k in tensors if not k.startswith("base."))[0]
+    tensors[first] = tensors[first] + 0.01
+    w.tampered = str(root / "tampered.safetensors")
+    save_file(tensors, w.tampered, metadata=metadata)
+    # a complete small counterfactual run, to be broken in copies
+    w.run = str(root / "run")
+    assert main(["counterfactual", "--model", saved_model, "--trajectories", w.good, "--layers", "0", "--routes", "2",
+                 "--out", w.run, "--no-progress"]) == 0
+    return w
+
+
+def _copy_run(w, name, drop=None, status=None):
+    target = w.root / name
+    if not target.exists():
+        shutil.copytree(w.run, target)
+        if drop:
+            os.remove(target / drop)
+        if status:
+            state = json.loads((target / "run.json").read_text())
+            state["status"] = status
+            (target / "run.json").write_text(json.dumps(state))
+    return str(target)
+
+
+def _cf(w, *extra, model=None, trajectories=None, out=None):
+    return ["counterfactual", "--model", model or w.model, "--trajectories", trajectories or w.good, "--layers", "0",
+            "--routes", "2", "--out", out or str(w.root / "out-new"), "--no-progress", *extra]
+
+
+def _iso(w, *extra, items=None):
+    return ["isolate", "--model", w.model, "--items", items or w.items, "--layers", "0", "--floor-seeds", "1",
+            "--out", str(w.root / "iso-new"), "--no-progress", *extra]
+
+
+CASES = {
+    # ---- counterfactual: the trajectory file
+    "malformed_json": (lambda w: _cf(w, trajectories=write_jsonl(w.root / "m.jsonl", [json.dumps(GOOD), "{oops"])),
+                       "line 2: malformed JSON"),
+    "binary_file": (lambda w: _cf(w, trajectories=w.binary), "a binary file, not JSONL text"),
+    "not_utf8": (lambda w: _cf(w, trajectories=w.latin1), "line 2: not UTF-8 text"),
+    "not_parquet": (lambda w: _cf(w, trajectories=str(shutil.copy(w.binary, w.root / "x.parquet"))), "not a readable Parquet file"),
+    "missing_file": (lambda w: _cf(w, trajectories=str(w.root / "nope.jsonl")), "does not exist"),
+    "missing_field": (lambda w: _cf(w, trajectories=write_jsonl(w.root / "mf.jsonl", [{"id": "a", "prompt": "Q"}])),
+                      "missing field(s) 'completion'"),
+    "empty_completion": (lambda w: _cf(w, trajectories=write_jsonl(w.root / "ec.jsonl", [{**GOOD, "completion": ""}])),
+                         "empty completion"),
+    "duplicate_id": (lambda w: _cf(w, trajectories=write_jsonl(w.root / "dup.jsonl", [GOOD, GOOD])), "duplicate trajectory id"),
+    "ids_outside_vocab": (lambda w: _cf(w, trajectories=w.outside_vocab), "must lie in 0..")
+    ,
+    "longer_than_context": (lambda w: _cf(w, trajectories=w.long), "has 300 tokens, more than the model's context of 256"),
+    "unknown_characters": (lambda w: _cf(w, trajectories=w.unk), "characters the model's tokenizer does not know ('Ü', '✓')"),
+    "no_verified": (lambda w: _cf(w, "--only-verified"), "--only-verified kept no trajectory"),
+    # ---- counterfactual: settings
+    "dense_layer": (lambda w: _cf(w, model="tiny:qwen2_moe", trajectories=w.ids)[:6] + ["1", "--out", str(w.root / "o")],
+                    "layer 1 is a dense layer; choose one of the MoE layers [0, 2, 3]"),
+    "layer_out_of_range": (lambda w: _cf(w)[:6] + ["9", "--out", str(w.root / "o")], "layer 9 is out of range"),
+    "layers_not_integers": (lambda w: _cf(w)[:6] + ["first", "--out", str(w.root / "o")], "expected comma-separated integers"),
+    "candidates_below_k": (lambda w: _cf(w, "--candidates", "1"), "--candidates 1 is smaller than the model's top-k 2"),
+    "candidates_equal_k": (lambda w: _cf(w, "--candidates", "2"), "--candidates 2 equals the model's top-k 2"),
+    "candidates_above_e": (lambda w: _cf(w, "--candidates", "99"), "--candidates 99 exceeds the model's 8 experts"),
+    "zero_routes": (lambda w: _cf(w, "--routes", "0"), "expected a positive integer, got 0"),
+    "zero_memory_budget": (lambda w: _cf(w, "--memory-budget", "0GiB"), "a memory budget must be positive"),
+    "negative_memory_budget": (lambda w: _cf(w, "--memory-budget=-1GiB"), "a memory budget must be positive"),
+    "memory_budget_not_a_size": (lambda w: _cf(w, "--memory-budget", "lots"), "expected a size such as 512MiB"),
+    "bins_out_of_order": (lambda w: _cf(w, "--fragile", "0.95"), "need 0 <= --fragile (0.95) <= --confident (0.9)"),
+    "unknown_engine": (lambda w: _cf(w, "--engine", "turbo"), "invalid choice: 'turbo'"),
+    # ---- devices and models
+    "device_unknown": (lambda w: _cf(w, "--device", "gpu0"), "--device 'gpu0' is not a device torch knows"),
+    "device_unavailable": (lambda w: _cf(w, "--device", "cuda:1"), "no cuda device is available here"),
+    "device_map_not_json": (lambda w: _cf(w, "--device-map", "{oops"), "--device-map '{oops' is neither auto"),
+    "experts_implementation_unknown": (lambda w: _cf(w, "--experts-implementation", "fastest"), "invalid choice: 'fastest'"),
+    "model_no_such_folder": (lambda w: _cf(w, model="./models/my-olmoe"), "--model ./models/my-olmoe: no such folder"),
+    "model_is_a_file": (lambda w: _cf(w, model=w.afile), "is not a folder; give a folder written by save_pretrained"),
+    "model_without_config": (lambda w: _cf(w, model=str(w.root / "noconfig")), "has no config.json"),
+    "model_truncated_weights": (lambda w: _cf(w, model=str(w.root / "truncated")), "cannot load the weights of"),
+    "model_pickle_only": (lambda w: _cf(w, model=str(w.root / "pickle")), "holds only pickle weights (pytorch_model.bin)"),
+    "model_unknown_architecture": (lambda w: _cf(w, model=str(w.root / "llama")), "unsupported architecture 'llama'"),
+    "model_without_moe_layers": (lambda w: ["inspect", "--model", str(w.root / "dense")], "has no MoE layers"),
+    "router_delta_missing": (lambda w: _cf(w, "--router-delta", str(w.root / "none.safetensors")), "does not exist"),
+    "router_delta_tampered": (lambda w: _cf(w, "--router-delta", w.tampered),
+                              "tensors do not match the checksum in its metadata"),
+    "router_delta_not_safetensors": (lambda w: _cf(w, "--router-delta", w.binary), "not a safetensors router delta"),
+    # ---- the output folder
+    "out_is_a_file": (lambda w: _cf(w, out=w.afile), "is an existing file, not a folder"),
+    "out_run_json_invalid": (lambda w: _cf(w, out=str(w.bad_run_json)), "run.json is not valid JSON"),
+    "out_foreign_folder_overwrite": (lambda w: _cf(w, "--overwrite", out=str(_foreign(w))),
+                                     "not a routelens run, so it is neither resumed nor replaced (not even with --overwrite)"),
+    "out_other_kind_overwrite": (lambda w: _cf(w, "--overwrite", out=_set_kind(w, "iso-kind")),
+                                 "holds a routelens isolation run, not a counterfactual run"),
+    "out_holds_the_inputs": (lambda w: _inputs_inside(w), "which holds this command's input"),
+    # ---- isolate
+    "items_not_utf8": (lambda w: _iso(w, items=w.latin1), "not UTF-8 text"),
+    "items_missing_domain": (lambda w: _iso(w, items=write_jsonl(w.root / "nd.jsonl", [{"id": "i", "prompt": "Q", "target": "3"}])),
+                             "missing field 'domain'"),
+    "items_unknown_characters": (lambda w: _iso(w, items=w.unk_items), "the prompt has characters the model's tokenizer does not know ('€')"),
+    "items_unknown_domain": (lambda w: _iso(w, "--domains", "poetry"), "domain(s) poetry not in"),
+    "isolate_alpha": (lambda w: _iso(w, "--alpha", "1.5"), "--alpha must lie strictly between 0 and 1"),
+    "isolate_floor_seeds": (lambda w: _iso(w, "--floor-seeds", "-1"), "--floor-seeds must be 0 or more"),
+    "isolate_per_domain_beyond_task": (lambda w: ["isolate", "--model", "demo", "--task", "arithmetic", "--per-domain", "101",
+                                                  "--out", str(w.root / "iso-demo"), "--no-progress"],
+                                       "reserves 100 items per domain; ask for 1..100, not 101"),
+    # ---- trajectories, evaluate, passk
+    "trajectories_out_is_a_folder": (lambda w: ["trajectories", "--model", "demo", "--n", "2", "--out", str(w.root)],
+                                     "is a folder; give a file path"),
+    "trajectories_heldout_beyond_set": (lambda w: ["trajectories", "--model", "demo", "--heldout", "--n", "501",
+                                                   "--out", str(w.root / "t.jsonl")],
+                                        "the arithmetic held-out set has 500 problems"),
+    "problems_missing_answer": (lambda w: ["trajectories", "--model", w.model, "--problems", w.problems_bad,
+                                           "--out", str(w.root / "t2.jsonl")], "missing field(s) answer"),
+    "evaluate_beyond_heldout": (lambda w: ["evaluate", "--model", "demo", "--n", "600"], "has 500 problems"),
+    "passk_beyond_heldout": (lambda w: ["passk", "--model", "demo", "--n", "501", "--samples", "2", "--k", "1",
+                                        "--out", str(w.root / "pk")], "has 500 problems"),
+    "passk_k_above_samples": (lambda w: ["passk", "--model", "demo", "--samples", "4", "--k", "8",
+                                         "--out", str(w.root / "pk2")], "--k 8 must lie in 1..--samples (4)"),
+    "passk_compare_without_delta": (lambda w: ["passk", "--model", "demo", "--compare", "--out", str(w.root / "pk3")],
+                                    "--compare needs --router-delta FILE"),
+    # ---- report, verify, router-update
+    "report_missing_table": (lambda w: ["report", _copy_run(w, "no-tokens", drop="tokens.parquet")],
+                             "lacks tokens.parquet"),
+    "report_unfinished_run": (lambda w: ["report", _copy_run(w, "unfinished", status="running")], "unfinished counterfactual run"),
+    "report_invalid_run_json": (lambda w: ["report", str(w.bad_run_json)], "run.json is not valid JSON"),
+    "report_out_is_a_folder": (lambda w: ["report", w.run, "--out", str(w.root)], "is a folder; give a file path"),
+    "verify_json_is_a_folder": (lambda w: ["verify", "--model", w.model, "--json", str(w.root)], "is a folder; give a file path"),
+    "verify_too_short": (lambda w: ["verify", "--model", w.model, "--length", "3"], "--length 3 is too short"),
+    "router_update_not_a_run": (lambda w: ["router-update", "--model", w.model, "--counterfactual", str(w.root / "nope"),
+                                           "--out", str(w.root / "ru")], "nope"),
+    "router_update_bad_bins": (lambda w: ["router-update", "--model", w.model, "--counterfactual", w.run, "--bins", "Weird",
+                                          "--out", str(w.root / "ru2")], "unknown bin(s) Weird"),
+}
+
+
+def _foreign(w):
+    """A user's folder with files in it (no run.json)."""
+    folder = w.root / "my-notes"
+    folder.mkdir(exist_ok=True)
+    (folder / "notes.txt").write_text("keep me")
+    return folder
+
+
+def _set_kind(w, name):
+    folder = _copy_run(w, name)
+    state = json.loads((w.root / name / "run.json").read_text())
+    state["kind"] = "isolation"
+    (w.root / name / "run.json").write_text(json.dumps(state))
+    return folder
+
+
+def _inputs_inside(w):
+    """A counterfactual run folder that also holds the trajectory file the command reads,
+    re-run with another config and --overwrite (the `--out .` accident)."""
+    folder = w.root / "with-inputs"
+    if not folder.exists():
+        shutil.copytree(w.run, folder)
+        shutil.copy(w.good, folder / "mine.jsonl")
+    return _cf(w, "--overwrite", "--routes", "3", trajectories=str(folder / "mine.jsonl"), out=str(folder))
+
+
+def test_the_catalogue_has_at_least_40_cases():
+    assert len(CASES) >= 40
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_bad_input_is_one_line_exit_2(case, world, capsys, monkeypatch):
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    build, message = CASES[case]
+    argv = build(world)
+    before = {p: os.path.getmtime(p) for p in _user_files(world)}
+    code = None
+    with _catch_exit() as caught:
+        code = main(argv)
+    code = caught.code if code is None else code
+    err = capsys.readouterr().err.strip()
+    assert code == 2, err
+    assert "Traceback" not in err
+    assert len(err.splitlines()) == 1, err
+    assert err.startswith("routelens: error: ")
+    assert message in err, err
+    for path, mtime in before.items():    # the user's files are all still there, untouched
+        assert os.path.exists(path) and os.path.getmtime(path) == mtime
+    for out in ("out-new", "iso-new", "pk", "pk2", "pk3", "ru", "ru2"):
+        assert not os.path.exists(world.root / out / "summary.json")   # nothing passed off as complete
+
+
+def _user_files(w):
+    names = ["good.jsonl", "my-notes/notes.txt", "with-inputs/mine.jsonl", "a-file.txt", "bad-run-json/run.json"]
+    return [str(w.root / n) for n in names if (w.root / n).exists()]
+
+
+class _catch_exit:
+    code = None
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, kind, value, traceback):
+        if kind is SystemExit:   # argparse usage errors exit through SystemExit
+            self.code = value.code
+            return True
+        return False
+
+
+def test_unreachable_hub_id_fails_at_once(world, capsys, monkeypatch):
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    started = time.perf_counter()
+    assert main(["inspect", "--model", "nobody/no-such-moe"]) == 2
+    assert time.perf_counter() - started < 8          # no minute of retries
+    err = capsys.readouterr().err.strip()
+    assert err.splitlines() == [err] and "not in the local Hugging Face cache and the hub cannot be reached" in err
+
+
+def test_overwrite_replaces_only_routelens_outputs(world, capsys):
+    """--overwrite of the same kind with another config: the run's own outputs go, the user's files stay."""
+    folder = world.root / "replace-me"
+    shutil.copytree(world.run, folder)
+    (folder / "my-analysis.ipynb").write_text("{}")
+    assert main(_cf(world, "--overwrite", "--routes", "3", out=str(folder))) == 0
+    assert (folder / "my-analysis.ipynb").read_text() == "{}"
+    state = json.loads((folder / "run.json").read_text())
+    assert state["config"]["num_routes"] == 3 and state["status"] == "complete" and len(state["sessions"]) == 1
+
+
+def test_ctrl_c_leaves_run_json_with_the_units_done(world, cli_env, tmp_path):
+    records = [{"id": f"k{i}", "prompt": f"Q:{i}*{i}=", "completion": f"A:{i}*{i}={i * i}#{i * i}"} for i in range(30)]
+    trajectories = write_jsonl(tmp_path / "many.jsonl", records)
+    out = tmp_path / "interrupted"
+    process = subprocess.Popen([PYTHON, "-m", "routelens", *_cf(world, "--engine", "reference", "--routes", "8",
+                                                                 trajectories=trajectories, out=str(out))],
+                               env=cli_env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while time.time() < deadline and len(list((out / "parts").glob("tokens-*.parquet"))) < 2:
+        time.sleep(0.05)
+    process.send_signal(signal.SIGINT)
+    _, err = process.communicate(timeout=60)
+    assert process.returncode == 130
+    assert "re-run the same command to resume" in err and "Traceback" not in err
+    state = json.loads((out / "run.json").read_text())
+    done = len(list((out / "parts").glob("tokens-*.parquet")))
+    assert state["status"] == "running" and 2 <= state["units_done"] == done < 30
+    assert state["sessions"][-1]["units_done"] == done
+
+
+def test_ctrl_c_in_trajectories_says_it_does_not_resume(cli_env, tmp_path):
+    process = subprocess.Popen([PYTHON, "-m", "routelens", "trajectories", "--model", "demo", "--n", "400",
+                                "--samples-per-problem", "8", "--out", str(tmp_path / "t.jsonl")],
+                               env=cli_env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    time.sleep(6)
+    process.send_signal(signal.SIGINT)
+    _, err = process.communicate(timeout=60)
+    assert process.returncode == 130, err
+    assert "`trajectories` does not resume" in err and "Traceback" not in err
+    assert not (tmp_path / "t.jsonl").exists()
