@@ -151,7 +151,7 @@ def test_isolation_scorer_checks_the_natural_route(monkeypatch):
     scored = scorer.score(natural, 0, experts, weights)                  # the natural route twice
     assert scored.shape == (2, 3)
     np.testing.assert_allclose(scored, np.tile(natural.logprobs, (2, 1)), atol=1e-5)
-    assert scorer.standard_route_error[0] <= 1e-5
+    assert scorer.deviation.largest[0] <= 1e-5
     natural.logprobs = natural.logprobs + 0.1                            # a natural pass that disagrees
     with pytest.raises(RuntimeCheckFailed, match="natural-route check failed at layer 0 .*isolation scorer"):
         scorer.score(natural, 0, experts, weights)

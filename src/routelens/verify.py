@@ -40,10 +40,6 @@ def _row(layer, check, passed, difference=None, tolerance=None, detail=""):
             "tolerance": None if tolerance is None else float(tolerance), "detail": detail}
 
 
-def _block_output(output) -> torch.Tensor:
-    return output[0] if isinstance(output, tuple) else output
-
-
 @torch.no_grad()
 def _forward(adapter, input_ids, overrides=None, record_block=None):
     """Logits [T, V] of one sequence (with route overrides) and, if asked, one layer's MoE block output."""
@@ -51,7 +47,7 @@ def _forward(adapter, input_ids, overrides=None, record_block=None):
     hook = None
     if record_block is not None:
         def keep(module, args, output):
-            block = _block_output(output).detach()
+            block = adapter.block_output(output).detach()
             recorded["block"] = block.reshape(-1, block.shape[-1])
 
         hook = adapter.moe_block(record_block).register_forward_hook(keep)

@@ -336,7 +336,7 @@ def run_counterfactual(loaded, trajectories: list[Trajectory], config: Counterfa
 def engine_checks(engine) -> dict:
     """What run.json records of the run-time checks: the largest standard-route deviation
     from the natural forward (nats) and whether the fast engine fell back, and why."""
-    largest, mean = engine.standard_route_error
+    largest, mean = engine.deviation.largest
     return {"gating_rule": "reproduced the router's weights on every trajectory",
             "standard_route_max_abs_logprob_diff": largest, "standard_route_mean_abs_logprob_diff": mean,
             "engine_fallback": engine.fallback_reason}

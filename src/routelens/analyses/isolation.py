@@ -361,7 +361,7 @@ def run_isolation(loaded, items: list[TargetItem], config: IsolationConfig, out:
                                       layers, adapter.num_experts, adapter.top_k, config)
     folder.write_table("cells", cells)
     folder.write_table("calibration", calib)
-    largest, mean = scorer.standard_route_error
+    largest, mean = scorer.deviation.largest
     folder.complete(summary, extra={"timings": {"seconds_this_session": round(time.perf_counter() - started, 3),
                                                 "items_scored_this_session": len(todo)},
                                     "checks": {"gating_rule": "reproduced the router's weights on every item",

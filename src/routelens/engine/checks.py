@@ -93,3 +93,17 @@ def standard_route_mismatch(scored: np.ndarray, natural: np.ndarray, dtype: torc
 
 def model_dtype(adapter) -> torch.dtype:
     return adapter.lm_head.weight.dtype
+
+
+class DeviationRecord:
+    """The largest (max, mean) |standard route - natural| seen over a run, and the check itself."""
+
+    def __init__(self, adapter):
+        self.dtype = model_dtype(adapter)
+        self.largest = (0.0, 0.0)
+
+    def check(self, scored: np.ndarray, natural: np.ndarray) -> str | None:
+        """Record one batch's deviation; the mismatch clause if it is beyond tolerance, else None."""
+        largest, mean = standard_route_error(scored, natural)
+        self.largest = (max(self.largest[0], largest), max(self.largest[1], mean))
+        return standard_route_mismatch(scored, natural, self.dtype)

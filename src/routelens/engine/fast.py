@@ -39,7 +39,7 @@ import torch
 import warnings
 
 from routelens.engine import attention
-from routelens.engine.checks import model_dtype, standard_route_error, standard_route_mismatch
+from routelens.engine.checks import DeviationRecord
 from routelens.engine.items import ScoreItem
 from routelens.engine.readout import activation_bytes, attention_score_bytes, target_log_probs
 from routelens.engine.reference import ReferenceEngine
@@ -51,10 +51,6 @@ DEFAULT_MEMORY_BUDGET = 2 * 2**30
 
 class FastEngineUnsupported(Exception):
     """The model or setting cannot be served exactly by the fast engine."""
-
-
-def _block_output(output) -> torch.Tensor:
-    return output[0] if isinstance(output, tuple) else output   # GPT-OSS returns (out, scores)
 
 
 class FastEngine:
@@ -70,7 +66,7 @@ class FastEngine:
         attention.register()
         self.reference = ReferenceEngine(adapter, route_batch_size=route_batch_size, memory_budget=memory_budget)
         self.fallback_reason: str | None = None
-        self.standard_route_error = (0.0, 0.0)   # (max, mean) |route 0 - natural| seen so far, nats
+        self.deviation = DeviationRecord(adapter)   # |route 0 - natural| seen so far, nats
 
     @staticmethod
     def check_supported(adapter: MoEAdapter) -> None:
@@ -111,7 +107,7 @@ class FastEngine:
         recorded: dict = {"layer_kwargs": {}}
 
         def keep(name):
-            return lambda module, args, *out: recorded.__setitem__(name, (_block_output(out[0]) if out else args[0]).detach())
+            return lambda module, args, *out: recorded.__setitem__(name, (adapter.block_output(out[0]) if out else args[0]).detach())
 
         hooks = [
             adapter.mlp_input_norm(layer).register_forward_pre_hook(keep("h_mid")),
@@ -146,7 +142,7 @@ class FastEngine:
         recorded["x"] = recorded["x"].reshape(-1, hidden)                               # [B*T, d]
         recorded["block_out"] = recorded["block_out"].reshape(-1, hidden)               # [B*T, d]
         recorded["natural_out"] = recorded["h_mid"] + recorded["block_out"].reshape(recorded["h_mid"].shape)
-        layer_out = _block_output(recorded.pop("layer_out"))
+        layer_out = adapter.block_output(recorded.pop("layer_out"))
         if not torch.allclose(recorded["natural_out"], layer_out.to(recorded["natural_out"].device), rtol=1e-5, atol=1e-6):
             # a post-norm or scaled-residual layout: h_mid is not the residual stream
             difference = float((recorded["natural_out"] - layer_out).abs().max())
@@ -244,11 +240,7 @@ class FastEngine:
         targets = input_ids[batch, positions + 1].to(final.device)
         natural = target_log_probs(self.adapter, final[batch.to(final.device), positions.to(final.device)],
                                    targets, self.memory_budget)
-        scored = np.concatenate([result[:, 0] for result in results])
-        largest, mean = standard_route_error(scored, natural)
-        self.standard_route_error = (max(self.standard_route_error[0], largest),
-                                     max(self.standard_route_error[1], mean))
-        mismatch = standard_route_mismatch(scored, natural, model_dtype(self.adapter))
+        mismatch = self.deviation.check(np.concatenate([result[:, 0] for result in results]), natural)
         if mismatch:
             raise FastEngineUnsupported(mismatch)
 

@@ -17,7 +17,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from routelens.engine.checks import RuntimeCheckFailed, model_dtype, standard_route_error, standard_route_mismatch
+from routelens.engine.checks import DeviationRecord, RuntimeCheckFailed
 from routelens.engine.items import ScoreItem
 from routelens.engine.readout import target_log_probs
 from routelens.models.adapter import MoEAdapter
@@ -37,7 +37,7 @@ class ReferenceEngine:
         self.route_batch_size = max(1, int(route_batch_size))
         self.memory_budget = int(memory_budget)
         self.check = check
-        self.standard_route_error = (0.0, 0.0)   # (max, mean) |route 0 - natural| seen so far, nats
+        self.deviation = DeviationRecord(adapter)   # |route 0 - natural| seen so far, nats
 
     @torch.no_grad()
     def natural_log_probs(self, input_ids: torch.Tensor, positions) -> np.ndarray:
@@ -48,10 +48,7 @@ class ReferenceEngine:
                                 self.memory_budget)
 
     def _check_standard_route(self, layer: int, item: ScoreItem, scored: np.ndarray) -> None:
-        natural = self.natural_log_probs(item.input_ids, item.positions)
-        largest, mean = standard_route_error(scored[:, 0], natural)
-        self.standard_route_error = (max(self.standard_route_error[0], largest), max(self.standard_route_error[1], mean))
-        mismatch = standard_route_mismatch(scored[:, 0], natural, model_dtype(self.adapter))
+        mismatch = self.deviation.check(scored[:, 0], self.natural_log_probs(item.input_ids, item.positions))
         if mismatch:
             raise RuntimeCheckFailed(f"standard-route check failed at layer {layer} "
                                      f"({self.adapter.config.model_type}, reference engine): {mismatch}")

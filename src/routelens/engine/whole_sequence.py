@@ -29,8 +29,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from routelens.engine.checks import (RuntimeCheckFailed, check_gating_rule, model_dtype, standard_route_error,
-                                     standard_route_mismatch)
+from routelens.engine.checks import DeviationRecord, RuntimeCheckFailed, check_gating_rule
 from routelens.engine.readout import activation_bytes, attention_score_bytes, target_log_probs
 from routelens.models.adapter import MoEAdapter
 from routelens.models.routing import RouteOverride, RouterOutput, capture_routes, override_routes
@@ -59,7 +58,7 @@ class WholeSequenceScorer:
         self.memory_budget = int(memory_budget)
         self.fixed_rows = rows_per_chunk
         self.check = check
-        self.standard_route_error = (0.0, 0.0)   # (max, mean) |natural route forced - natural| seen, nats
+        self.deviation = DeviationRecord(adapter)   # |natural route forced - natural| seen so far, nats
 
     @contextmanager
     def _recording(self, first_layer: int, layers: list[int]):
@@ -130,9 +129,7 @@ class WholeSequenceScorer:
         return scored[first:]
 
     def _check_natural_route(self, layer: int, natural: NaturalPass, scored: np.ndarray) -> None:
-        largest, mean = standard_route_error(scored, natural.logprobs)
-        self.standard_route_error = (max(self.standard_route_error[0], largest), max(self.standard_route_error[1], mean))
-        mismatch = standard_route_mismatch(scored, natural.logprobs, model_dtype(self.adapter))
+        mismatch = self.deviation.check(scored, natural.logprobs)
         if mismatch:
             raise RuntimeCheckFailed(f"natural-route check failed at layer {layer} "
                                      f"({self.adapter.config.model_type}, isolation scorer): {mismatch}")

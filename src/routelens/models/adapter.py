@@ -101,6 +101,11 @@ class MoEAdapter:
         """The routed MoE block of decoder layer `layer` (router, experts, shared experts)."""
         return self.decoder_layers[layer].mlp
 
+    @staticmethod
+    def block_output(output) -> torch.Tensor:
+        """The hidden states an MoE block returned (GPT-OSS returns (out, router scores))."""
+        return output[0] if isinstance(output, tuple) else output
+
     def experts(self, layer: int) -> nn.Module:
         """The fused experts module: experts(x [N, d], indices [N, k], weights [N, k]) -> [N, d]."""
         return self.moe_block(layer).experts

@@ -132,15 +132,21 @@ def remove_outputs(path: str) -> None:
             os.remove(entry)
 
 
+def _existing_parent(path: str) -> str:
+    """The nearest existing folder above `path` (where creating it starts)."""
+    parent = os.path.dirname(os.path.abspath(path))
+    while not os.path.exists(parent):
+        parent = os.path.dirname(parent)
+    return parent
+
+
 def prepare_out(path: str, kind: str, config: dict, overwrite: bool) -> dict | None:
     """Check that `path` may hold this run; return the stored run.json to resume, or None
     for a fresh run (after removing a replaced run's outputs)."""
     if os.path.exists(path) and not os.path.isdir(path):
         raise RouteLensError(f"--out {path} is an existing file, not a folder; choose a folder path")
     if not os.path.isdir(path):
-        parent = os.path.dirname(os.path.abspath(path))
-        while not os.path.exists(parent):
-            parent = os.path.dirname(parent)
+        parent = _existing_parent(path)
         if not os.access(parent, os.W_OK | os.X_OK):
             raise RouteLensError(f"cannot create --out {path}: {parent} is not writable; choose another --out")
         return None
@@ -175,9 +181,7 @@ def check_out_file(path: str, option: str = "--out") -> None:
     any work, so hours of sampling are not lost to a bad path)."""
     if os.path.isdir(path):
         raise RouteLensError(f"{option} {path} is a folder; give a file path such as {os.path.join(path, 'out.jsonl')}")
-    parent = os.path.dirname(os.path.abspath(path))
-    while not os.path.exists(parent):
-        parent = os.path.dirname(parent)
+    parent = _existing_parent(path)
     if not os.path.isdir(parent):
         raise RouteLensError(f"{option} {path}: {parent} is a file, not a folder")
     if not os.access(parent, os.W_OK | os.X_OK):
