@@ -280,6 +280,22 @@ def test_unreachable_hub_id_fails_at_once(world, capsys, monkeypatch):
     assert err.splitlines() == [err] and "not in the local Hugging Face cache and the hub cannot be reached" in err
 
 
+def test_read_only_out_is_refused(world, capsys, monkeypatch):
+    """Root ignores permissions, so the refusal is exercised by denying write access in os.access."""
+    existing, fresh = str(world.root / "read-only-run"), str(world.root / "read-only-parent" / "run")
+    os.makedirs(existing, exist_ok=True)
+    os.makedirs(os.path.dirname(fresh), exist_ok=True)
+    real_access = os.access
+    monkeypatch.setattr(os, "access", lambda path, mode: False if "read-only" in str(path) and mode & os.W_OK
+                        else real_access(path, mode))
+    assert main(_cf(world, out=existing)) == 2
+    assert f"--out {existing} is not writable" in capsys.readouterr().err
+    assert main(_cf(world, out=fresh)) == 2
+    assert "read-only-parent is not writable" in capsys.readouterr().err
+    assert main(["trajectories", "--model", "demo", "--out", os.path.join(existing, "t.jsonl")]) == 2
+    assert "is not writable; choose another path" in capsys.readouterr().err
+
+
 def test_overwrite_replaces_only_routelens_outputs(world, capsys):
     """--overwrite of the same kind with another config: the run's own outputs go, the user's files stay."""
     folder = world.root / "replace-me"

@@ -143,7 +143,8 @@ class FastEngine:
         recorded["block_out"] = recorded["block_out"].reshape(-1, hidden)               # [B*T, d]
         recorded["natural_out"] = recorded["h_mid"] + recorded["block_out"].reshape(recorded["h_mid"].shape)
         layer_out = adapter.block_output(recorded.pop("layer_out"))
-        if not torch.allclose(recorded["natural_out"], layer_out.to(recorded["natural_out"].device), rtol=1e-5, atol=1e-6):
+        close = 1e-5 if layer_out.dtype in (torch.float32, torch.float64) else 1e-2   # one add, rounded once
+        if not torch.allclose(recorded["natural_out"], layer_out.to(recorded["natural_out"].device), rtol=close, atol=close):
             # a post-norm or scaled-residual layout: h_mid is not the residual stream
             difference = float((recorded["natural_out"] - layer_out).abs().max())
             raise FastEngineUnsupported(
