@@ -331,7 +331,13 @@ def test_ctrl_c_in_trajectories_says_it_does_not_resume(cli_env, tmp_path):
     process = subprocess.Popen([PYTHON, "-m", "routelens", "trajectories", "--model", "demo", "--n", "400",
                                 "--samples-per-problem", "8", "--out", str(tmp_path / "t.jsonl")],
                                env=cli_env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    time.sleep(6)
+    announced = ""                               # said up front, before any sampling
+    for _ in range(50):
+        announced = process.stderr.readline()
+        if "this command does not resume" in announced or not announced:
+            break
+    assert "this command does not resume" in announced
+    time.sleep(1)
     process.send_signal(signal.SIGINT)
     _, err = process.communicate(timeout=60)
     assert process.returncode == 130, err

@@ -370,6 +370,8 @@ def cmd_trajectories(args) -> int:
         raise RouteLensError(f"model {args.model!r} has no tokenizer; trajectories are generated from text")
     options = dict(samples_per_problem=args.samples_per_problem, temperature=args.temperature, seed=args.seed,
                    show_progress=not args.no_progress)
+    print(f"routelens: sampling {args.samples_per_problem} solution(s) per problem into {args.out}; this command does "
+          "not resume (the file is written at the end), so an interrupted run samples again", file=sys.stderr, flush=True)
     if args.max_new_tokens:
         options["max_new_tokens"] = args.max_new_tokens
     if args.problems:
