@@ -29,6 +29,16 @@ def _different_route(adapter, standard: torch.Tensor, logits_row: torch.Tensor):
     return experts, adapter.weights_for(logits_row[None], experts)
 
 
+def test_every_registered_family_has_a_tiny_model_and_its_own_config_class():
+    from transformers import CONFIG_MAPPING
+
+    from routelens.models.tiny import TINY_CONFIGS, tiny_config
+
+    assert set(TINY_CONFIGS) == set(FAMILIES)
+    for family in FAMILIES:
+        assert type(tiny_config(family)) is CONFIG_MAPPING[family]
+
+
 @pytest.mark.parametrize("family", FAMILIES)
 def test_weights_for_reproduces_router_weights(tiny_adapters, family):
     adapter = tiny_adapters[family]
@@ -94,8 +104,8 @@ class _ForcedRouter(torch.nn.Module):
         super().__init__()
         self.router, self.row, self.experts, self.weights = router, row, experts, weights
 
-    def forward(self, hidden):
-        logits, weights, experts = self.router(hidden)
+    def forward(self, hidden, *args):   # MiniMax-M2's block passes its correction bias in
+        logits, weights, experts = self.router(hidden, *args)
         weights, experts = weights.clone(), experts.clone()
         weights[self.row], experts[self.row] = self.weights.to(weights.dtype), self.experts
         return logits, weights, experts
@@ -112,7 +122,7 @@ def test_reference_engine_matches_module_replacement(family):
     routes_weights = torch.cat([captured[layer].weights[position][None].float(), weights])
     engine_logprobs = ReferenceEngine(adapter).score(ids, position, layer, routes_experts, routes_weights)
 
-    block = adapter.decoder_layers[layer].mlp
+    block = adapter.moe_block(layer)
     name = "router" if hasattr(block, "router") else "gate"
     original = getattr(block, name)
     for r in range(2):

@@ -79,8 +79,11 @@ def test_inspect_and_models(saved_model, capsys):
     assert main(["inspect", "--model", saved_model]) == 0
     printed = capsys.readouterr().out
     assert "OlmoeForCausalLM" in printed and re.search(r"^moe_layers +\[0, 1, 2\]$", printed, re.M)
+    from routelens.models import SUPPORTED
+
     assert main(["models"]) == 0
-    assert len(capsys.readouterr().out.strip().splitlines()) == 8
+    listed = [line.split()[0] for line in capsys.readouterr().out.strip().splitlines()]
+    assert listed == list(SUPPORTED)
 
 
 @pytest.fixture(scope="module")
@@ -147,9 +150,10 @@ def test_process_level_error_has_no_traceback(odd_models, tmp_path, cli_env):
                              "--trajectories", good, "--layers", "0", "--out", str(tmp_path / "r")],
                             capture_output=True, text=True, env=cli_env, timeout=120)
     assert result.returncode == 2
+    from routelens.models import SUPPORTED
+
     assert result.stderr.strip().splitlines() == [
-        "routelens: error: unsupported architecture 'llama'; supported model types: "
-        "olmoe, qwen3_moe, qwen2_moe, mixtral, deepseek_v2, deepseek_v3, gpt_oss, phimoe"
+        f"routelens: error: unsupported architecture 'llama'; supported model types: {', '.join(SUPPORTED)}"
     ]
 
 

@@ -90,7 +90,7 @@ def test_padded_single_expert_route_equals_the_expert_alone(family, tiny_adapter
     output up to float summation order (the grouped GEMM sees other shapes)."""
     adapter = tiny_adapters[family]
     layer = adapter.moe_layers[-1]
-    experts_module = adapter.decoder_layers[layer].mlp.experts
+    experts_module = adapter.experts(layer)
     x = torch.randn(7, adapter.config.hidden_size)
     for expert in (0, adapter.num_experts - 1):
         alone = experts_module(x, torch.full((7, 1), expert), torch.ones(7, 1))

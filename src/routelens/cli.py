@@ -370,10 +370,14 @@ def cmd_trajectories(args) -> int:
         raise RouteLensError(f"model {args.model!r} has no tokenizer; trajectories are generated from text")
     options = dict(samples_per_problem=args.samples_per_problem, temperature=args.temperature, seed=args.seed,
                    show_progress=not args.no_progress)
-    print(f"routelens: sampling {args.samples_per_problem} solution(s) per problem into {args.out}; this command does "
-          "not resume (the file is written at the end), so an interrupted run samples again", file=sys.stderr, flush=True)
     if args.max_new_tokens:
         options["max_new_tokens"] = args.max_new_tokens
+    if args.problems:
+        from routelens.data.sampling import read_problem_file
+
+        read_problem_file(args.problems)   # a bad problem file fails before the announcement below
+    print(f"routelens: sampling {args.samples_per_problem} solution(s) per problem into {args.out}; this command does "
+          "not resume (the file is written at the end), so an interrupted run samples again", file=sys.stderr, flush=True)
     if args.problems:
         records = file_trajectories(loaded.adapter.model, loaded.tokenizer, args.problems, args.n,
                                     batch_size=args.batch_size or 16, **options)
@@ -422,7 +426,7 @@ def cmd_models(args) -> int:
 
     for model_type in ADAPTERS:
         cls = adapter_class(model_type)
-        print(f"{model_type:<12} {cls.__name__:<20} {cls.gating_rule}")
+        print(f"{model_type:<18} {cls.__name__:<20} {cls.gating_rule}")
     return 0
 
 

@@ -147,16 +147,18 @@ def router_inputs(adapter: MoEAdapter, layer: int, sequences: dict[str, list[int
     return out, rank.get("dims", 2)
 
 
-def _router_output(router: torch.nn.Module, x: torch.Tensor, rank: int, parameters=None) -> tuple:
-    """(logits, weights, experts) of the router for inputs x [N, d], given as the router takes
-    them (rank 3: one batch row), with `parameters` in place of its own if given."""
-    inputs = (x[None] if rank == 3 else x,)
+def _router_output(adapter: MoEAdapter, layer: int, x: torch.Tensor, rank: int, parameters=None) -> tuple:
+    """(logits, weights, experts) of the router at `layer` for inputs x [N, d], given as the
+    router takes them (rank 3: one batch row; plus what its block passes in, e.g. MiniMax-M2's
+    bias), with `parameters` in place of its own if given."""
+    router = adapter.routers[layer]
+    inputs = (x[None] if rank == 3 else x, *adapter.router_extra_args(layer))
     return functional_call(router, parameters, inputs) if parameters is not None else router(*inputs)
 
 
-def router_logits(router: torch.nn.Module, x: torch.Tensor, rank: int, parameters=None) -> torch.Tensor:
-    """The router's raw logits [N, E] for inputs x [N, d] (with `parameters` in place of its own)."""
-    return _router_output(router, x, rank, parameters)[0].reshape(x.shape[0], -1)
+def router_logits(adapter: MoEAdapter, layer: int, x: torch.Tensor, rank: int, parameters=None) -> torch.Tensor:
+    """The raw logits [N, E] of the router at `layer` for inputs x [N, d] (with `parameters` in place of its own)."""
+    return _router_output(adapter, layer, x, rank, parameters)[0].reshape(x.shape[0], -1)
 
 
 # ---------------------------------------------------------------------------- training
@@ -202,7 +204,7 @@ def train_router(adapter: MoEAdapter, layer: int, inputs: torch.Tensor, rank: in
     x = inputs.float()
 
     def log_probs(parameters) -> tuple[torch.Tensor, torch.Tensor]:
-        log_weights = route_log_weights(adapter, router_logits(router, x, rank, parameters), layer)
+        log_weights = route_log_weights(adapter, router_logits(adapter, layer, x, rank, parameters), layer)
         return (plackett_luce_set_log_prob(log_weights, preferred), plackett_luce_set_log_prob(log_weights, rejected))
 
     with torch.no_grad():
@@ -214,7 +216,7 @@ def train_router(adapter: MoEAdapter, layer: int, inputs: torch.Tensor, rank: in
         with progress_bar("router update", config.steps, 0, show_progress, unit="steps") as advance:
             for step in range(config.steps):
                 batch = torch.randperm(len(x), generator=generator)[: config.batch_size].to(x.device)
-                log_weights = route_log_weights(adapter, router_logits(router, x[batch], rank, master), layer)
+                log_weights = route_log_weights(adapter, router_logits(adapter, layer, x[batch], rank, master), layer)
                 margin = ((plackett_luce_set_log_prob(log_weights, preferred[batch]) - reference_w[batch])
                           - (plackett_luce_set_log_prob(log_weights, rejected[batch]) - reference_l[batch]))
                 loss = -torch.nn.functional.logsigmoid(config.beta * margin).mean()
@@ -235,7 +237,7 @@ def preference_accuracy(adapter: MoEAdapter, layer: int, inputs: torch.Tensor, r
                         rejected: torch.Tensor) -> float:
     """Share of pairs where the current router gives the preferred route the higher PL probability."""
     with torch.no_grad():
-        log_weights = route_log_weights(adapter, router_logits(adapter.routers[layer], inputs, rank), layer)
+        log_weights = route_log_weights(adapter, router_logits(adapter, layer, inputs, rank), layer)
         return float((plackett_luce_set_log_prob(log_weights, preferred)
                       > plackett_luce_set_log_prob(log_weights, rejected)).double().mean())
 
@@ -289,11 +291,10 @@ def route_changes(loaded, run_dir: str, base: dict[str, torch.Tensor], new: dict
     wanted = tokens.groupby("trajectory_id")["position"].apply(list).to_dict()
     inputs, rank = router_inputs(loaded.adapter, layer, sequences, wanted)
     x = torch.stack([inputs[(t, p)] for t, p in zip(tokens["trajectory_id"], tokens["position"])])
-    router = loaded.adapter.routers[layer]
 
     def routes(parameters) -> torch.Tensor:
         parameters = {k: v.to(x.device, x.dtype) for k, v in parameters.items()}
-        return _router_output(router, x, rank, parameters)[2].reshape(len(x), -1).sort(-1).values
+        return _router_output(loaded.adapter, layer, x, rank, parameters)[2].reshape(len(x), -1).sort(-1).values
 
     with torch.no_grad():
         before, after = routes(base), routes(new)

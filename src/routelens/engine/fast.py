@@ -116,6 +116,9 @@ class FastEngine:
             adapter.decoder_layers[layer].register_forward_hook(keep("layer_out")),
             adapter.final_norm.register_forward_hook(keep("final")),
         ]
+        parallel = adapter.parallel_mlp(layer)
+        if parallel is not None:
+            hooks.append(parallel.register_forward_hook(keep("parallel_out")))
         for index in range(layer + 1, adapter.num_layers):
             hooks.append(adapter.decoder_layers[index].register_forward_pre_hook(
                 lambda m, args, kwargs, index=index: recorded["layer_kwargs"].__setitem__(index, kwargs),
@@ -141,15 +144,19 @@ class FastEngine:
         hidden = recorded["h_mid"].shape[-1]
         recorded["x"] = recorded["x"].reshape(-1, hidden)                               # [B*T, d]
         recorded["block_out"] = recorded["block_out"].reshape(-1, hidden)               # [B*T, d]
-        recorded["natural_out"] = recorded["h_mid"] + recorded["block_out"].reshape(recorded["h_mid"].shape)
+        # beside the routed block: a parallel MLP's output, scaled with it into the residual
+        recorded["beside"] = recorded.pop("parallel_out").reshape(-1, hidden) if parallel is not None else 0.0
+        recorded["scale"] = adapter.mlp_residual_scale(layer)
+        recorded["natural_out"] = recorded["h_mid"] + recorded["scale"] * (
+            recorded["block_out"] + recorded["beside"]).reshape(recorded["h_mid"].shape)
         layer_out = adapter.block_output(recorded.pop("layer_out"))
         close = 1e-5 if layer_out.dtype in (torch.float32, torch.float64) else 1e-2   # one add, rounded once
         if not torch.allclose(recorded["natural_out"], layer_out.to(recorded["natural_out"].device), rtol=close, atol=close):
             # a post-norm or scaled-residual layout: h_mid is not the residual stream
             difference = float((recorded["natural_out"] - layer_out).abs().max())
             raise FastEngineUnsupported(
-                f"decoder layer {layer}'s output is not its MLP-norm input plus its MoE block output "
-                f"(off by {difference:.3g}): a post-norm or scaled residual layout")
+                f"decoder layer {layer}'s output is not its MLP-norm input plus {recorded['scale']:g} x its MoE block "
+                f"output (off by {difference:.3g}): a post-norm or scaled residual layout")
         recorded["route"] = captured[layer]                                              # rows b * T + t
         return recorded
 
@@ -180,7 +187,8 @@ class FastEngine:
                                          (count, len(unique)), check_invariants=False)
         delta = torch.sparse.mm(matrix, table.float()).to(block_out.dtype)
         routed = torch.where(is_standard[:, None], block_out[rows], block_out[rows] + delta)  # route 0: as the model made it
-        return h_mid[rows] + routed
+        beside = recorded["beside"][rows] if torch.is_tensor(recorded["beside"]) else recorded["beside"]
+        return h_mid[rows] + recorded["scale"] * (routed + beside)
 
     # ------------------------------------------------------------------ suffix
     def _rows_per_chunk(self, length: int) -> int:

@@ -15,7 +15,7 @@ def target_log_probs(adapter: MoEAdapter, final: torch.Tensor, targets: torch.Te
     size = max(1, memory_budget // (8 * adapter.config.vocab_size))
     out = []
     for start in range(0, final.shape[0], size):
-        logits = adapter.lm_head(final[start: start + size]).float()
+        logits = adapter.logits(final[start: start + size]).float()
         chunk_targets = targets[start: start + size, None].to(logits.device)
         out.append(torch.log_softmax(logits, -1).gather(-1, chunk_targets)[:, 0].cpu())
     return torch.cat(out).double().cpu().numpy() if out else np.zeros(0)

@@ -110,6 +110,20 @@ class MoEAdapter:
         """The fused experts module: experts(x [N, d], indices [N, k], weights [N, k]) -> [N, d]."""
         return self.moe_block(layer).experts
 
+    def parallel_mlp(self, layer: int) -> nn.Module | None:
+        """A dense MLP beside the MoE block whose output is added to the block's before the
+        residual (GraniteMoeShared's shared_mlp); None when the block holds everything."""
+        return None
+
+    def mlp_residual_scale(self, layer: int) -> float:
+        """residual + scale * (MoE block + parallel MLP) is the layer's output (Granite scales by
+        residual_multiplier); checked against the model on every fast-engine pass."""
+        return 1.0
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """LM-head logits of final-normed hidden states (Granite divides by logits_scaling)."""
+        return self.lm_head(hidden)
+
     def mlp_input_norm(self, layer: int) -> nn.Module:
         """The norm whose input is the residual stream after attention (pre-norm layout)."""
         return self.decoder_layers[layer].post_attention_layernorm
@@ -183,15 +197,23 @@ class MoEAdapter:
                 resolved.append(index)
         return resolved
 
+    def router_extra_args(self, layer: int) -> tuple:
+        """What the MoE block passes to its router besides the hidden states (MiniMax-M2: its
+        correction bias), for calling the router directly."""
+        return ()
+
     # ----------------------------------------------------------------- gating rule
-    def selection_scores(self, logits: torch.Tensor, layer: int) -> torch.Tensor:
-        """[N, E] -> [N, E] score the router of `layer` ranks experts by. Default: fp32 softmax."""
+    def selection_scores(self, logits: torch.Tensor, layer: int, admitted_only: bool = True) -> torch.Tensor:
+        """[N, E] -> [N, E] score the router of `layer` ranks experts by. Default: fp32 softmax.
+        `admitted_only`: zero outside the experts the router may choose for each token (the
+        groups a group-limited router keeps), so sampled alternatives are routes it could produce."""
         return torch.softmax(logits.float(), dim=-1)
 
     def selection_distribution(self, logits: torch.Tensor, layer: int) -> torch.Tensor:
         """[N, E] -> [N, E] float64: the selection scores normalised per token (the softmax
-        for softmax routers, sigmoid affinities over their sum for sigmoid routers)."""
-        scores = self.selection_scores(logits, layer).double()
+        for softmax routers, sigmoid affinities over their sum for sigmoid routers), over all
+        experts: smooth in the logits (router training, routing shares), unlike a group mask."""
+        scores = self.selection_scores(logits, layer, admitted_only=False).double()
         return scores / scores.sum(-1, keepdim=True).clamp_min(1e-30)
 
     def weights_for(self, logits: torch.Tensor, experts: torch.Tensor) -> torch.Tensor:

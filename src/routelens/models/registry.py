@@ -19,6 +19,12 @@ ADAPTERS: dict[str, str] = {
     "deepseek_v3": "routelens.models.families.deepseek_v3:DeepseekV3Adapter",
     "gpt_oss": "routelens.models.families.gpt_oss:GptOssAdapter",
     "phimoe": "routelens.models.families.phimoe:PhimoeAdapter",
+    "glm4_moe": "routelens.models.families.glm4_moe:Glm4MoeAdapter",
+    "exaone_moe": "routelens.models.families.exaone_moe:ExaoneMoeAdapter",
+    "granitemoe": "routelens.models.families.granitemoe:GraniteMoeAdapter",
+    "granitemoeshared": "routelens.models.families.granitemoe:GraniteMoeAdapter",
+    "minimax_m2": "routelens.models.families.minimax_m2:MiniMaxM2Adapter",
+    "ernie4_5_moe": "routelens.models.families.ernie4_5_moe:Ernie45MoeAdapter",
 }
 
 SUPPORTED = tuple(ADAPTERS)

@@ -6,6 +6,7 @@ milliseconds on one CPU core, yet exercises what makes its family different: den
 mixed with MoE layers (Qwen2-MoE, DeepSeek), group-limited routing (DeepSeek), a sigmoid
 router with a correction bias (DeepSeek-V3), sliding-window layers and attention sinks
 (GPT-OSS), MLA (DeepSeek), q/k norm (Qwen3), shared experts (Qwen2-MoE, DeepSeek).
+Every family in the registry has one here (a test checks it).
 """
 
 from __future__ import annotations
@@ -58,6 +59,32 @@ TINY_CONFIGS: dict[str, dict] = {
         head_dim=8, sliding_window=4, max_position_embeddings=131072,
     ),
     "phimoe": dict(num_hidden_layers=3, intermediate_size=48, num_local_experts=6, num_experts_per_tok=2),
+    "glm4_moe": dict(
+        num_hidden_layers=4, intermediate_size=48, moe_intermediate_size=24, n_routed_experts=8,
+        num_experts_per_tok=2, n_shared_experts=1, first_k_dense_replace=1, n_group=4, topk_group=2,
+        routed_scaling_factor=2.5, norm_topk_prob=True, head_dim=8,
+    ),
+    "exaone_moe": dict(
+        num_hidden_layers=4, intermediate_size=48, moe_intermediate_size=24, num_experts=8, num_experts_per_tok=2,
+        num_shared_experts=1, first_k_dense_replace=1, n_group=4, topk_group=2, routed_scaling_factor=2.5,
+        norm_topk_prob=True, head_dim=8, sliding_window=4,
+        layer_types=["sliding_attention", "sliding_attention", "full_attention", "sliding_attention"],
+        mlp_layer_types=["dense", "sparse", "sparse", "sparse"],
+    ),
+    "granitemoe": dict(
+        num_hidden_layers=3, intermediate_size=24, num_local_experts=8, num_experts_per_tok=2,
+        residual_multiplier=0.5, logits_scaling=2.0, embedding_multiplier=1.5, attention_multiplier=0.3,
+    ),
+    "granitemoeshared": dict(
+        num_hidden_layers=3, intermediate_size=24, num_local_experts=8, num_experts_per_tok=2,
+        shared_intermediate_size=32, residual_multiplier=0.5, logits_scaling=2.0, embedding_multiplier=1.5,
+        attention_multiplier=0.3,
+    ),
+    "minimax_m2": dict(num_hidden_layers=3, intermediate_size=24, num_local_experts=8, num_experts_per_tok=2, head_dim=8),
+    "ernie4_5_moe": dict(
+        num_hidden_layers=4, intermediate_size=48, moe_intermediate_size=24, moe_num_experts=8, moe_k=2,
+        moe_num_shared_experts=1, moe_layer_start_index=1, moe_layer_end_index=3, moe_layer_interval=1,
+    ),
 }
 
 
@@ -82,9 +109,9 @@ def build_tiny_model(model_type: str, seed: int = 0, **overrides) -> PreTrainedM
     generator = torch.Generator().manual_seed(seed + 1)
     with torch.no_grad():
         for name, param in model.named_parameters():
-            if name.endswith(("mlp.gate.weight", "mlp.router.weight")):
+            if name.endswith((".gate.weight", ".router.weight")):
                 param.copy_(torch.randn(param.shape, generator=generator) * 0.5)
-        for name, buffer in model.named_buffers():
-            if name.endswith("e_score_correction_bias"):
-                buffer.copy_(torch.randn(buffer.shape, generator=generator) * 0.1)
+        for name, tensor in [*model.named_buffers(), *model.named_parameters()]:
+            if name.endswith("e_score_correction_bias"):   # a buffer, or a frozen parameter (ERNIE)
+                tensor.copy_(torch.randn(tensor.shape, generator=generator) * 0.1)
     return model.eval()
