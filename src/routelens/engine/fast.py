@@ -78,7 +78,7 @@ class FastEngine:
                                         f"({adapter.norm_order}-norm); the fast engine needs the residual stream")
         for index in adapter.moe_layers:
             try:
-                adapter.mlp_input_norm(index), adapter.experts(index)
+                adapter.mlp_residual_input(index), adapter.experts(index)
             except AttributeError as error:
                 raise FastEngineUnsupported(f"decoder layer {index} has an unexpected layout ({error})") from None
         if getattr(adapter.config, "layer_types", None) and any(
@@ -110,7 +110,7 @@ class FastEngine:
             return lambda module, args, *out: recorded.__setitem__(name, (adapter.block_output(out[0]) if out else args[0]).detach())
 
         hooks = [
-            adapter.mlp_input_norm(layer).register_forward_pre_hook(keep("h_mid")),
+            adapter.mlp_residual_input(layer).register_forward_pre_hook(keep("h_mid")),
             block.register_forward_pre_hook(keep("x")),
             block.register_forward_hook(keep("block_out")),
             adapter.decoder_layers[layer].register_forward_hook(keep("layer_out")),
@@ -147,8 +147,9 @@ class FastEngine:
         # beside the routed block: a parallel MLP's output, scaled with it into the residual
         recorded["beside"] = recorded.pop("parallel_out").reshape(-1, hidden) if parallel is not None else 0.0
         recorded["scale"] = adapter.mlp_residual_scale(layer)
-        recorded["natural_out"] = recorded["h_mid"] + recorded["scale"] * (
-            recorded["block_out"] + recorded["beside"]).reshape(recorded["h_mid"].shape)
+        recorded["out_norm"] = adapter.mlp_output_norm(layer)
+        recorded["natural_out"] = recorded["h_mid"] + recorded["scale"] * self._mlp_output(
+            recorded, recorded["block_out"] + recorded["beside"]).reshape(recorded["h_mid"].shape)
         layer_out = adapter.block_output(recorded.pop("layer_out"))
         close = 1e-5 if layer_out.dtype in (torch.float32, torch.float64) else 1e-2   # one add, rounded once
         if not torch.allclose(recorded["natural_out"], layer_out.to(recorded["natural_out"].device), rtol=close, atol=close):
@@ -188,7 +189,13 @@ class FastEngine:
         delta = torch.sparse.mm(matrix, table.float()).to(block_out.dtype)
         routed = torch.where(is_standard[:, None], block_out[rows], block_out[rows] + delta)  # route 0: as the model made it
         beside = recorded["beside"][rows] if torch.is_tensor(recorded["beside"]) else recorded["beside"]
-        return h_mid[rows] + recorded["scale"] * (routed + beside)
+        return h_mid[rows] + recorded["scale"] * self._mlp_output(recorded, routed + beside)
+
+    @staticmethod
+    def _mlp_output(recorded: dict, mixed: torch.Tensor) -> torch.Tensor:
+        """The MLP sub-block's contribution to the residual: its output, through the layer's
+        output norm where it has one (a per-token norm, so rows stay independent)."""
+        return mixed if recorded["out_norm"] is None else recorded["out_norm"](mixed)
 
     # ------------------------------------------------------------------ suffix
     def _rows_per_chunk(self, length: int) -> int:

@@ -43,9 +43,9 @@ class MoEAdapter:
     model_types: ClassVar[tuple[str, ...]] = ()
     #: One-line statement of the gating rule, shown by `routelens inspect`.
     gating_rule: ClassVar[str] = ""
-    #: "pre": each sub-block reads norm(residual) and adds its output to the residual, so the
-    #: input of the MLP-input norm is the residual stream (what the fast engine needs);
-    #: "post" (norm after the sub-block, e.g. FlexOlmo) is refused by the fast engine.
+    #: "pre": the MLP sub-block adds (optionally `mlp_output_norm`-ed) output to the residual
+    #: it read (`mlp_residual_input`), which the fast engine needs; any other layout is
+    #: refused by the fast engine (the reference engine serves it).
     norm_order: ClassVar[str] = "pre"
     #: Where attention windows come from: "config" (`config.layer_types` marks sliding layers,
     #: else `config.sliding_window` applies to every layer, as the families' mask builders do),
@@ -124,9 +124,15 @@ class MoEAdapter:
         """LM-head logits of final-normed hidden states (Granite divides by logits_scaling)."""
         return self.lm_head(hidden)
 
-    def mlp_input_norm(self, layer: int) -> nn.Module:
-        """The norm whose input is the residual stream after attention (pre-norm layout)."""
+    def mlp_residual_input(self, layer: int) -> nn.Module:
+        """The module whose input is the residual stream entering the MLP sub-block: the
+        MLP-input norm (pre-norm layout), or the MoE block itself where none precedes it."""
         return self.decoder_layers[layer].post_attention_layernorm
+
+    def mlp_output_norm(self, layer: int) -> nn.Module | None:
+        """A per-token norm applied to the MLP sub-block's output before the residual add
+        (sandwich norms: AFMoE; post-norm: FlexOlmo), or None."""
+        return None
 
     def attention_window(self, layer: int) -> int | None:
         """Keys a query of decoder layer `layer` may see (itself included), or None for full

@@ -25,6 +25,10 @@ ADAPTERS: dict[str, str] = {
     "granitemoeshared": "routelens.models.families.granitemoe:GraniteMoeAdapter",
     "minimax_m2": "routelens.models.families.minimax_m2:MiniMaxM2Adapter",
     "ernie4_5_moe": "routelens.models.families.ernie4_5_moe:Ernie45MoeAdapter",
+    "dots1": "routelens.models.families.dots1:Dots1Adapter",
+    "glm4_moe_lite": "routelens.models.families.glm4_moe_lite:Glm4MoeLiteAdapter",
+    "afmoe": "routelens.models.families.afmoe:AfmoeAdapter",
+    "flex_olmo": "routelens.models.families.flex_olmo:FlexOlmoAdapter",
 }
 
 SUPPORTED = tuple(ADAPTERS)

@@ -85,6 +85,24 @@ TINY_CONFIGS: dict[str, dict] = {
         num_hidden_layers=4, intermediate_size=48, moe_intermediate_size=24, moe_num_experts=8, moe_k=2,
         moe_num_shared_experts=1, moe_layer_start_index=1, moe_layer_end_index=3, moe_layer_interval=1,
     ),
+    "dots1": dict(
+        num_hidden_layers=4, intermediate_size=48, moe_intermediate_size=24, n_routed_experts=8,
+        num_experts_per_tok=2, n_shared_experts=1, first_k_dense_replace=1, n_group=4, topk_group=2,
+        norm_topk_prob=True, routed_scaling_factor=2.5, head_dim=8, sliding_window=4,
+        layer_types=["sliding_attention", "sliding_attention", "full_attention", "sliding_attention"],
+    ),
+    "glm4_moe_lite": dict(
+        num_hidden_layers=4, intermediate_size=48, moe_intermediate_size=24, n_routed_experts=8,
+        num_experts_per_tok=2, n_shared_experts=1, n_group=4, topk_group=2, routed_scaling_factor=1.8,
+        kv_lora_rank=16, q_lora_rank=24, qk_rope_head_dim=8, qk_nope_head_dim=8, v_head_dim=12,
+        num_key_value_heads=4, mlp_layer_types=["dense", "sparse", "sparse", "sparse"],
+    ),
+    "afmoe": dict(
+        num_hidden_layers=4, intermediate_size=48, moe_intermediate_size=24, num_dense_layers=1, num_experts=8,
+        num_experts_per_tok=2, num_shared_experts=1, route_scale=2.0, head_dim=8, global_attn_every_n_layers=2,
+        sliding_window=4,
+    ),
+    "flex_olmo": dict(num_hidden_layers=3, intermediate_size=48, num_experts=6, num_experts_per_tok=2),
 }
 
 
@@ -112,6 +130,6 @@ def build_tiny_model(model_type: str, seed: int = 0, **overrides) -> PreTrainedM
             if name.endswith((".gate.weight", ".router.weight")):
                 param.copy_(torch.randn(param.shape, generator=generator) * 0.5)
         for name, tensor in [*model.named_buffers(), *model.named_parameters()]:
-            if name.endswith("e_score_correction_bias"):   # a buffer, or a frozen parameter (ERNIE)
+            if name.endswith(("e_score_correction_bias", "expert_bias")):   # a buffer, or a frozen parameter
                 tensor.copy_(torch.randn(tensor.shape, generator=generator) * 0.1)
     return model.eval()

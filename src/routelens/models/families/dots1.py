@@ -1,0 +1,9 @@
+"""dots.llm1: DeepSeek-V3's router (sigmoid, correction bias for choosing only, top-2-sum
+groups, routed_scaling_factor); sliding-window layers from config.layer_types."""
+
+from routelens.models.families.deepseek_v3 import DeepseekV3Adapter
+
+
+class Dots1Adapter(DeepseekV3Adapter):
+    model_types = ("dots1",)
+    window_source = "config"   # its mask builder applies sliding windows to `sliding_attention` layers
