@@ -23,6 +23,7 @@ ADAPTERS: dict[str, str] = {
     "exaone_moe": "routelens.models.families.exaone_moe:ExaoneMoeAdapter",
     "granitemoe": "routelens.models.families.granitemoe:GraniteMoeAdapter",
     "granitemoeshared": "routelens.models.families.granitemoe:GraniteMoeAdapter",
+    "granitemoe_swa": "routelens.models.families.granitemoe:GraniteMoeSwaAdapter",
     "minimax_m2": "routelens.models.families.minimax_m2:MiniMaxM2Adapter",
     "ernie4_5_moe": "routelens.models.families.ernie4_5_moe:Ernie45MoeAdapter",
     "dots1": "routelens.models.families.dots1:Dots1Adapter",

@@ -80,6 +80,11 @@ TINY_CONFIGS: dict[str, dict] = {
         shared_intermediate_size=32, residual_multiplier=0.5, logits_scaling=2.0, embedding_multiplier=1.5,
         attention_multiplier=0.3,
     ),
+    "granitemoe_swa": dict(
+        num_hidden_layers=4, intermediate_size=24, num_local_experts=8, num_experts_per_tok=2, sliding_window=4,
+        layer_types=["sliding_attention", "sliding_attention", "full_attention", "sliding_attention"],
+        residual_multiplier=0.5, logits_scaling=2.0, embedding_multiplier=1.5, attention_multiplier=0.3,
+    ),
     "minimax_m2": dict(num_hidden_layers=3, intermediate_size=24, num_local_experts=8, num_experts_per_tok=2, head_dim=8),
     "ernie4_5_moe": dict(
         num_hidden_layers=4, intermediate_size=48, moe_intermediate_size=24, moe_num_experts=8, moe_k=2,

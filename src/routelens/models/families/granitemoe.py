@@ -29,3 +29,11 @@ class GraniteMoeAdapter(MoEAdapter):
 
     def weights_for(self, logits: torch.Tensor, experts: torch.Tensor) -> torch.Tensor:
         return torch.softmax(logits.float().gather(-1, experts), dim=-1)
+
+
+class GraniteMoeSwaAdapter(GraniteMoeAdapter):
+    """GraniteMoeSWA: Granite MoE with sliding-window layers (config.layer_types) and a
+    learnable per-head attention sink."""
+
+    model_types = ("granitemoe_swa",)
+    window_source = "config"   # its mask builder applies sliding windows to `sliding_attention` layers
