@@ -34,6 +34,21 @@ def test_alternatives_of_group_limited_routers_stay_in_the_admitted_groups(famil
     assert np.array_equal(np.sort(masked.topk(adapter.top_k).indices.numpy(), -1), routes.experts[:, 0])
 
 
+def test_alternatives_of_deepseek_v2_group_limited_greedy_stay_in_its_groups():
+    adapter = adapter_for(build_tiny_model("deepseek_v2", seed=0))
+    assert adapter.config.topk_method == "group_limited_greedy"
+    ids = list(range(3, 30))
+    layer = adapter.moe_layers[-1]
+    routes = build_routes(adapter, Trajectory("t", ids, completion_start=2), [layer],
+                          CounterfactualConfig(num_routes=16, seed=0))[layer]
+    with torch.no_grad(), capture_routes(adapter, [layer]) as captured:
+        adapter.model(torch.tensor([ids]))
+    probs = torch.softmax(captured[layer].logits[torch.as_tensor(routes.positions)].float(), -1)
+    admitted = admitted_groups(probs, adapter.config.n_group, adapter.config.topk_group, group_score="max")
+    inside = np.take_along_axis(admitted.numpy()[:, None, :].repeat(routes.experts.shape[1], 1), routes.experts, -1)
+    assert inside.all() and not admitted.all()
+
+
 def test_granite_layout_is_declared_and_checked():
     adapter = adapter_for(build_tiny_model("granitemoeshared", seed=0))
     assert adapter.mlp_residual_scale(0) == 0.5 and adapter.parallel_mlp(0) is not None

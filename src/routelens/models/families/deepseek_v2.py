@@ -1,13 +1,15 @@
 """DeepSeek-V2: fp32 softmax; greedy or group-limited greedy selection; the weights are
 the unnormalised softmax probabilities times routed_scaling_factor (norm_topk_prob is
 ignored by the model). Shared experts are added outside the route; the first
-first_k_dense_replace layers are dense."""
+first_k_dense_replace layers are dense. Under group_limited_greedy the router keeps the
+topk_group groups with the largest maximum probability; alternatives are drawn inside them."""
 
 from __future__ import annotations
 
 import torch
 
 from routelens.models.adapter import MoEAdapter
+from routelens.models.families.deepseek_v3 import admitted_groups
 
 
 class DeepseekV2Adapter(MoEAdapter):
@@ -17,6 +19,12 @@ class DeepseekV2Adapter(MoEAdapter):
         "fp32 softmax over all experts, greedy or group-limited top-k; "
         "weights = probabilities x routed_scaling_factor (not renormalised); shared experts added"
     )
+
+    def selection_scores(self, logits: torch.Tensor, layer: int, admitted_only: bool = True) -> torch.Tensor:
+        probs = torch.softmax(logits.float(), dim=-1)
+        if not admitted_only or self.config.topk_method != "group_limited_greedy":
+            return probs
+        return probs * admitted_groups(probs, self.config.n_group, self.config.topk_group, group_score="max")
 
     def weights_for(self, logits: torch.Tensor, experts: torch.Tensor) -> torch.Tensor:
         probs = torch.softmax(logits.float(), dim=-1)
