@@ -30,6 +30,9 @@ ADAPTERS: dict[str, str] = {
     "glm4_moe_lite": "routelens.models.families.glm4_moe_lite:Glm4MoeLiteAdapter",
     "afmoe": "routelens.models.families.afmoe:AfmoeAdapter",
     "flex_olmo": "routelens.models.families.flex_olmo:FlexOlmoAdapter",
+    "mellum": "routelens.models.families.mellum:MellumAdapter",
+    "mimo_v2_flash": "routelens.models.families.mimo_v2_flash:MimoV2FlashAdapter",
+    "solar_open": "routelens.models.families.solar_open:SolarOpenAdapter",
 }
 
 SUPPORTED = tuple(ADAPTERS)

@@ -108,6 +108,24 @@ TINY_CONFIGS: dict[str, dict] = {
         sliding_window=4,
     ),
     "flex_olmo": dict(num_hidden_layers=3, intermediate_size=48, num_experts=6, num_experts_per_tok=2),
+    "mellum": dict(
+        num_hidden_layers=4, intermediate_size=48, moe_intermediate_size=24, num_local_experts=8,
+        num_experts_per_tok=2, norm_topk_prob=True, head_dim=8, sliding_window=4,
+        layer_types=["sliding_attention", "full_attention", "sliding_attention", "sliding_attention"],
+        mlp_layer_types=["sparse"] * 4,
+    ),
+    "mimo_v2_flash": dict(
+        num_hidden_layers=4, intermediate_size=48, moe_intermediate_size=24, n_routed_experts=8,
+        num_experts_per_tok=2, n_group=4, topk_group=2, norm_topk_prob=True, routed_scaling_factor=2.5,
+        head_dim=8, v_head_dim=12, sliding_window=4,
+        layer_types=["full_attention", "sliding_attention", "sliding_attention", "sliding_attention"],
+        mlp_layer_types=["dense", "sparse", "sparse", "sparse"],
+    ),
+    "solar_open": dict(
+        num_hidden_layers=4, intermediate_size=48, moe_intermediate_size=24, n_routed_experts=8,
+        num_experts_per_tok=2, n_shared_experts=1, n_group=4, topk_group=2, norm_topk_prob=True,
+        routed_scaling_factor=2.5, head_dim=8, first_k_dense_replace=1,
+    ),
 }
 
 
