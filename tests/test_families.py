@@ -14,8 +14,8 @@ from routelens.models.routing import capture_routes
 from routelens.models.tiny import build_tiny_model
 
 
-@pytest.mark.parametrize("family", ["deepseek_v3", "glm4_moe", "exaone_moe"])
-def test_alternatives_of_group_limited_routers_stay_in_the_admitted_groups(family):
+def _routes_and_logits(family):
+    """A tiny model's sampled routes (16 alternatives per token) at its last MoE layer, and the router logits."""
     adapter = adapter_for(build_tiny_model(family, seed=0))
     ids = list(range(3, 30))
     layer = adapter.moe_layers[-1]
@@ -23,7 +23,12 @@ def test_alternatives_of_group_limited_routers_stay_in_the_admitted_groups(famil
                           CounterfactualConfig(num_routes=16, seed=0))[layer]
     with torch.no_grad(), capture_routes(adapter, [layer]) as captured:
         adapter.model(torch.tensor([ids]))
-    logits = captured[layer].logits[torch.as_tensor(routes.positions)].float()
+    return adapter, layer, routes, captured[layer].logits[torch.as_tensor(routes.positions)].float()
+
+
+@pytest.mark.parametrize("family", ["deepseek_v3", "glm4_moe", "exaone_moe", "mimo_v2_flash", "solar_open"])
+def test_alternatives_of_group_limited_routers_stay_in_the_admitted_groups(family):
+    adapter, layer, routes, logits = _routes_and_logits(family)
     choice = torch.sigmoid(logits) + adapter.routers[layer].e_score_correction_bias
     admitted = admitted_groups(choice, adapter.config.n_group, adapter.config.topk_group)     # the router's own mask
     assert admitted.sum(-1).eq(adapter.num_experts * adapter.config.topk_group // adapter.config.n_group).all()
@@ -35,15 +40,9 @@ def test_alternatives_of_group_limited_routers_stay_in_the_admitted_groups(famil
 
 
 def test_alternatives_of_deepseek_v2_group_limited_greedy_stay_in_its_groups():
-    adapter = adapter_for(build_tiny_model("deepseek_v2", seed=0))
+    adapter, layer, routes, logits = _routes_and_logits("deepseek_v2")
     assert adapter.config.topk_method == "group_limited_greedy"
-    ids = list(range(3, 30))
-    layer = adapter.moe_layers[-1]
-    routes = build_routes(adapter, Trajectory("t", ids, completion_start=2), [layer],
-                          CounterfactualConfig(num_routes=16, seed=0))[layer]
-    with torch.no_grad(), capture_routes(adapter, [layer]) as captured:
-        adapter.model(torch.tensor([ids]))
-    probs = torch.softmax(captured[layer].logits[torch.as_tensor(routes.positions)].float(), -1)
+    probs = torch.softmax(logits, -1)
     admitted = admitted_groups(probs, adapter.config.n_group, adapter.config.topk_group, group_score="max")
     inside = np.take_along_axis(admitted.numpy()[:, None, :].repeat(routes.experts.shape[1], 1), routes.experts, -1)
     assert inside.all() and not admitted.all()
