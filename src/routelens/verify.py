@@ -22,6 +22,7 @@ difference and the tolerance); the command prints it, writes it with `--json`, a
 from __future__ import annotations
 
 import warnings
+from contextlib import nullcontext
 
 import numpy as np
 import pandas as pd
@@ -41,26 +42,24 @@ def _row(layer, check, passed, difference=None, tolerance=None, detail=""):
 
 
 @torch.no_grad()
-def _forward(adapter, input_ids, overrides=None, record_block=None):
-    """Logits [T, V] of one sequence (with route overrides) and, if asked, one layer's MoE block output."""
+def _forward(adapter, input_ids, overrides=None, record_blocks=()):
+    """Logits [T, V] of one sequence (with route overrides) and the MoE block outputs [T, d]
+    of the layers in `record_blocks`."""
     recorded = {}
-    hook = None
-    if record_block is not None:
-        def keep(module, args, output):
-            block = adapter.block_output(output).detach()
-            recorded["block"] = block.reshape(-1, block.shape[-1])
 
-        hook = adapter.moe_block(record_block).register_forward_hook(keep)
+    def keep(module, args, output, layer):
+        block = adapter.block_output(output).detach()
+        recorded[layer] = block.reshape(-1, block.shape[-1])
+
+    hooks = [adapter.moe_block(layer).register_forward_hook(lambda m, a, o, layer=layer: keep(m, a, o, layer))
+             for layer in record_blocks]
     try:
-        if overrides:
-            with override_routes(adapter, overrides):
-                logits = adapter.model(input_ids[None].to(adapter.device), use_cache=False).logits[0]
-        else:
+        with override_routes(adapter, overrides) if overrides else nullcontext():
             logits = adapter.model(input_ids[None].to(adapter.device), use_cache=False).logits[0]
     finally:
-        if hook is not None:
+        for hook in hooks:
             hook.remove()
-    return logits.float(), recorded.get("block")
+    return logits.float(), recorded
 
 
 def _other_route(adapter, logits_row: torch.Tensor, standard: torch.Tensor) -> torch.Tensor:
@@ -72,8 +71,7 @@ def _other_route(adapter, logits_row: torch.Tensor, standard: torch.Tensor) -> t
     return other
 
 
-def verify_model(loaded, length: int = 32, seed: int = 0, routes: int = 4, scored_positions: int = 4,
-                 show_progress: bool = False) -> pd.DataFrame:
+def verify_model(loaded, length: int = 32, seed: int = 0, routes: int = 4, scored_positions: int = 4) -> pd.DataFrame:
     """Run every check on `loaded` (a `LoadedModel`) and return the table (see module doc)."""
     adapter = loaded.adapter
     if adapter.context_length:
@@ -87,7 +85,7 @@ def verify_model(loaded, length: int = 32, seed: int = 0, routes: int = 4, score
     rows = []
 
     with torch.no_grad(), capture_routes(adapter) as captured:
-        natural_logits, _ = _forward(adapter, input_ids)
+        natural_logits, natural_blocks = _forward(adapter, input_ids, record_blocks=adapter.moe_layers)
     moe = adapter.moe_layers
     engine_layers = sorted({moe[0], moe[len(moe) // 2], moe[-1]})
     position = length // 2
@@ -109,8 +107,8 @@ def verify_model(loaded, length: int = 32, seed: int = 0, routes: int = 4, score
         other = _other_route(adapter, route.logits[position], route.experts[position])
         weights = adapter.weights_for(route.logits[position][None].float(), other[None].to(route.logits.device))
         one = RouteOverride(torch.tensor([position]), other[None], weights)
-        changed_logits, changed_block = _forward(adapter, input_ids, {layer: one}, record_block=layer)
-        _, natural_block = _forward(adapter, input_ids, record_block=layer)
+        changed_logits, changed_blocks = _forward(adapter, input_ids, {layer: one}, record_blocks=[layer])
+        changed_block, natural_block = changed_blocks[layer], natural_blocks[layer]
         block_delta = (changed_block - natural_block).abs().amax(dim=-1).float()          # [T]
         elsewhere = float(torch.cat([block_delta[:position], block_delta[position + 1:]]).max())
         before = float((changed_logits[:position] - natural_logits[:position]).abs().max())

@@ -22,7 +22,8 @@ the chunking (tested). Anything this engine cannot serve exactly raises
 warning that says why.
 
 Every call checks itself on the checkpoint at hand, at no extra forward: the natural pass
-confirms the layer's residual layout (decoder output = MLP-norm input + MoE block output)
+confirms the layer's residual layout as the adapter declares it (decoder output = residual
++ scale x output-norm(MoE block + parallel MLP))
 and each layer's attention mask against the adapter's window, and the standard route's
 scores (route 0, run through the patched suffix like every other route) must equal the
 natural pass's log-probabilities. Any failure switches this engine to the reference engine
@@ -31,12 +32,11 @@ for the rest of the run, with a warning giving the reason (`fallback_reason`).
 
 from __future__ import annotations
 
+import warnings
 from contextlib import contextmanager
 
 import numpy as np
 import torch
-
-import warnings
 
 from routelens.engine import attention
 from routelens.engine.checks import DeviationRecord
@@ -153,11 +153,11 @@ class FastEngine:
         layer_out = adapter.block_output(recorded.pop("layer_out"))
         close = 1e-5 if layer_out.dtype in (torch.float32, torch.float64) else 1e-2   # one add, rounded once
         if not torch.allclose(recorded["natural_out"], layer_out.to(recorded["natural_out"].device), rtol=close, atol=close):
-            # a post-norm or scaled-residual layout: h_mid is not the residual stream
+            # a norm, scale or parallel MLP the adapter does not declare
             difference = float((recorded["natural_out"] - layer_out).abs().max())
             raise FastEngineUnsupported(
-                f"decoder layer {layer}'s output is not its MLP-norm input plus {recorded['scale']:g} x its MoE block "
-                f"output (off by {difference:.3g}): a post-norm or scaled residual layout")
+                f"decoder layer {layer}'s output is not its residual plus {recorded['scale']:g} x its MoE block "
+                f"output as the adapter declares it (off by {difference:.3g}): a post-norm or scaled residual layout")
         recorded["route"] = captured[layer]                                              # rows b * T + t
         return recorded
 
@@ -301,8 +301,7 @@ class FastEngine:
                     count = len(items[b].positions)
                     results[b][:, r] = logprobs[offset: offset + count]
                     offset += count
-        if 0 in {r for _, r in pairs}:
-            self._check_standard_route(layer, items, results, recorded, input_ids)
+        self._check_standard_route(layer, items, results, recorded, input_ids)   # route 0 is in every batch
         return results
 
     def score_positions(self, input_ids: torch.Tensor, layer: int, positions, experts: torch.Tensor,

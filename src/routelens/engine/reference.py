@@ -31,12 +31,10 @@ class ReferenceEngine:
 
     fallback_reason = None
 
-    def __init__(self, adapter: MoEAdapter, route_batch_size: int = 33, memory_budget: int = 2 * 2**30,
-                 check: bool = True):
+    def __init__(self, adapter: MoEAdapter, route_batch_size: int = 33, memory_budget: int = 2 * 2**30):
         self.adapter = adapter
         self.route_batch_size = max(1, int(route_batch_size))
         self.memory_budget = int(memory_budget)
-        self.check = check
         self.deviation = DeviationRecord(adapter)   # |route 0 - natural| seen so far, nats
 
     @torch.no_grad()
@@ -83,7 +81,7 @@ class ReferenceEngine:
         results = []
         for item in items:
             scored = self.score_positions(item.input_ids, layer, item.positions, item.experts, item.weights)
-            if self.check and len(item.positions):
+            if len(item.positions):
                 self._check_standard_route(layer, item, scored)
             results.append(scored)
         return results

@@ -151,6 +151,11 @@ class MoEAdapter:
         """The device of the input embeddings (where input ids go under a device map too)."""
         return self.device_of(self.model.get_input_embeddings())
 
+    def module_name(self, module: nn.Module) -> str:
+        """The module's full name in the model (as in `named_modules()`), or its class name."""
+        return next((name for name, candidate in self.model.named_modules() if candidate is module),
+                    type(module).__name__)
+
     def device_of(self, module: nn.Module) -> torch.device:
         """Where a module computes (its first parameter; under a device map layers differ)."""
         for tensor in module.parameters():

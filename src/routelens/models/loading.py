@@ -144,15 +144,13 @@ def experts_kernel_error(error: Exception) -> RouteLensError | None:
     return None
 
 
-def _probe_forward(model) -> None:
+def _probe_forward(adapter: MoEAdapter) -> None:
     """Two tokens through the model: a kernel that cannot run fails here, in one line."""
-    embeddings = model.get_input_embeddings()
-    device = embeddings.weight.device
-    if device.type == "meta":
-        device = torch.device(getattr(getattr(embeddings, "_hf_hook", None), "execution_device", None) or "cpu")
+    model = adapter.model
     try:
         with torch.no_grad():
-            model(torch.tensor([[1, 2]], device=device) % model.config.vocab_size, use_cache=False, logits_to_keep=1)
+            model(torch.tensor([[1, 2]], device=adapter.device) % model.config.vocab_size, use_cache=False,
+                  logits_to_keep=1)
     except RuntimeError as error:
         translated = experts_kernel_error(error)
         if translated:
@@ -179,15 +177,20 @@ def load_model(spec: str, device: str = "auto", dtype: str = "auto",
                              f"choose one of {', '.join(EXPERTS_IMPLEMENTATIONS)}")
     device_map = parse_device_map(device_map) if isinstance(device_map, str) or device_map is None else device_map
     loaded = _load(spec, device, dtype, trust_remote_code, seed, device_map)
-    model = loaded.adapter.model
     if experts_implementation is not None:
-        model.set_experts_implementation(experts_implementation)
-    _probe_forward(model)
+        loaded.adapter.model.set_experts_implementation(experts_implementation)
+    _probe_forward(loaded.adapter)
     if router_delta:
         from routelens.models.router_delta import apply_router_delta
 
         loaded.router_delta = apply_router_delta(loaded.adapter, os.path.abspath(router_delta))
     return loaded
+
+
+def _offload_folder(device_map) -> str | None:
+    """A fresh folder for weights a device map sends to disk ("auto" may send some), or None."""
+    may_offload = isinstance(device_map, str) or "disk" in device_map.values()
+    return tempfile.mkdtemp(prefix="routelens-offload-") if may_offload else None
 
 
 def _dispatch(model, device_map, dtype: torch.dtype):
@@ -196,8 +199,7 @@ def _dispatch(model, device_map, dtype: torch.dtype):
 
     if isinstance(device_map, str):
         device_map = infer_auto_device_map(model, dtype=dtype)
-    offload = tempfile.mkdtemp(prefix="routelens-offload-") if "disk" in device_map.values() else None
-    return dispatch_model(model, device_map=device_map, offload_dir=offload)
+    return dispatch_model(model, device_map=device_map, offload_dir=_offload_folder(device_map))
 
 
 def _load(spec: str, device: str, dtype: str, trust_remote_code: bool, seed: int, device_map=None) -> LoadedModel:
@@ -254,9 +256,7 @@ def _load(spec: str, device: str, dtype: str, trust_remote_code: bool, seed: int
               "are observable (the quantized MLP computes router logits inline)", file=sys.stderr)
         options["quantization_config"] = Mxfp4Config(dequantize=True)
     if device_map is not None:
-        options["device_map"] = device_map
-        if isinstance(device_map, str) or "disk" in device_map.values():
-            options["offload_folder"] = tempfile.mkdtemp(prefix="routelens-offload-")
+        options.update(device_map=device_map, offload_folder=_offload_folder(device_map))
     try:
         model = AutoModelForCausalLM.from_pretrained(spec, **options)
     except Exception as error:   # safetensors, accelerate and torch each raise their own types

@@ -44,7 +44,7 @@ def tensors_sha256(tensors: dict[str, torch.Tensor]) -> str:
 def router_parameter_names(adapter: MoEAdapter, layer: int) -> dict[str, torch.nn.Parameter]:
     """Full names (as in `model.named_parameters()`) of the router's parameters at `layer`."""
     router = adapter.routers[layer]
-    prefix = next(name for name, module in adapter.model.named_modules() if module is router)
+    prefix = adapter.module_name(router)
     return {f"{prefix}.{name}": parameter for name, parameter in router.named_parameters()}
 
 

@@ -81,10 +81,9 @@ def capture_routes(adapter: MoEAdapter, layers: list[int] | None = None) -> Iter
 
 
 def router_bypassed(adapter: MoEAdapter, layers: list[int]) -> RouterBypassed:
-    names = {module: name for name, module in adapter.model.named_modules()}
     router = adapter.routers[layers[0]]
     return RouterBypassed(
-        f"the router {names.get(router, type(router).__name__)} ({type(router).__name__}) never ran in the forward "
+        f"the router {adapter.module_name(router)} ({type(router).__name__}) never ran in the forward "
         f"(layers {layers}): this MoE block computes its routing inline (a quantized MLP such as MXFP4, or a hub "
         "kernel), so routes can be neither observed nor forced; load the model dequantized or without the kernel"
     )
@@ -137,9 +136,8 @@ def override_routes(adapter: MoEAdapter, overrides: dict[int, RouteOverride],
         yield overrides
     for layer, override in overrides.items():
         if override.fired != expected_calls:
-            names = {module: name for name, module in adapter.model.named_modules()}
             raise OverrideNotApplied(
                 f"route override at layer {layer} fired {override.fired} times, expected {expected_calls}: "
-                f"the router {names.get(adapter.routers[layer], '?')} was bypassed (a quantized MLP, a hub kernel "
+                f"the router {adapter.module_name(adapter.routers[layer])} was bypassed (a quantized MLP, a hub kernel "
                 "or a changed block forward); refusing to return natural-route numbers as overridden ones"
             )
