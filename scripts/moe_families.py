@@ -3,10 +3,11 @@ block, and say whether routelens serves it and, if not, why (as far as the sourc
 
     .venv/bin/python scripts/moe_families.py > docs/moe-families.md
 
-The "why" is read off the source: no causal-LM class (encoder-decoder, vision-language
-models whose text model is not a registered causal LM), hybrid layers whose state runs
-across positions (linear attention, Mamba, short convolutions: they need the cache-based
-engine of issue 12), or simply not adapted yet.
+The "why" is read off the source (no causal-LM class: encoder-decoder or vision-language
+models whose text model is not a registered causal LM), or was found by building a tiny
+model of the type and running `routelens verify` on it with the nearest existing adapter
+(`REASONS`); hybrids (linear attention, Mamba, short convolutions) are served through the
+cache engine like any other family.
 """
 
 from __future__ import annotations
@@ -19,10 +20,33 @@ import transformers
 from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "src"))
-from routelens.models.registry import ADAPTERS  # noqa: E402
+from routelens.models.registry import ADAPTERS, adapter_class  # noqa: E402
+
+# what probing the unserved causal-LM types showed (tiny model + verify with the nearest adapter)
+REASONS = {
+    "llama4": "router returns dense sigmoid scores that scale the experts' *inputs* (2-tuple): another override",
+    "dbrx": "routes inside its FFN module with its own router output layout: another override",
+    "jetmoe": "mixture of attention heads: attention itself is routed, outside the MoE-block model",
+    "longcat_flash": "zero-computation experts (identity routes) and two MLPs per layer: not adapted yet",
+    "deepseek_v32": "DSA indexer attention and its router in one module: tiny model not built yet",
+    "glm_moe_dsa": "DSA indexer attention (as deepseek_v32): tiny model not built yet",
+    "cohere2_moe": "parallel attention + MLP block and another router output: not adapted yet",
+    "zaya": "top-1 routing with its own router output: not adapted yet",
+    "doge": "no MoE layer in its default configuration (dynamic mask attention + CDMoE): not adapted yet",
+    "gemma4": "its causal-LM class is the multimodal wrapper; the text model needs its own adapter",
+    "flint": "router output layout differs from (logits, weights, experts): not adapted yet",
+    "hy_v3": "router output layout differs from (logits, weights, experts): not adapted yet",
+    "hy_v4": "tiny configuration not built yet",
+    "kolibri1": "router output layout differs from (logits, weights, experts): not adapted yet",
+    "laguna": "router output layout differs from (logits, weights, experts): not adapted yet",
+    "axk1": "tiny configuration not built yet",
+    "axk2": "tiny configuration not built yet",
+    "deepseek_v4": "not adapted yet (new in 5.23)",
+    "dots3_note": "not adapted yet (new in 5.23)",
+    "qwen4_exp": "multimodal config (no text-only causal LM built yet); hybrid layers",
+}
 
 ROUTED = re.compile(r'"router_logits"|route_tokens_to_experts|class \w+Top[Kk]Router|class \w+Router\(nn\.Module\)')
-HYBRID = re.compile(r"GatedDeltaNet|LinearAttention|LightningAttention|linear_attention|MambaMixer|Mamba2Mixer|ShortConv|class \w+Mamba")
 
 
 def moe_model_types() -> list[tuple[str, str]]:
@@ -39,12 +63,12 @@ def moe_model_types() -> list[tuple[str, str]]:
 
 def status(model_type: str, source: str) -> tuple[str, str]:
     if model_type in ADAPTERS:
-        return "served", "tiny model passes `routelens verify` (tests/test_verify.py)"
+        mixers = adapter_class(model_type).layer_mixers
+        hybrid = f"; hybrid ({mixers}): the cache engine scores layers below a recurrent one" if mixers != "attention" else ""
+        return "served", "tiny model passes `routelens verify` (tests/test_verify.py)" + hybrid
     if model_type not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
         return "not served", "no causal-LM class for this model type (encoder-decoder or multimodal wrapper)"
-    if HYBRID.search(source):
-        return "not served", "hybrid layers (linear attention / Mamba / convolution): needs the cache-based engine"
-    return "not served", "not adapted yet"
+    return "not served", REASONS.get(model_type, "not adapted yet")
 
 
 def main() -> None:

@@ -9,6 +9,7 @@ from routelens.models.tiny import build_tiny_model
 
 FAMILIES = SUPPORTED   # every family the registry serves runs every per-family test
 
+
 torch.set_num_threads(min(2, os.cpu_count() or 1))
 
 

@@ -82,8 +82,9 @@ def test_inspect_and_models(saved_model, capsys):
     from routelens.models import SUPPORTED
 
     assert main(["models"]) == 0
-    listed = [line.split()[0] for line in capsys.readouterr().out.strip().splitlines()]
-    assert listed == list(SUPPORTED)
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert lines[0].split()[:2] == ["model", "type"] and lines[-1].startswith(f"{len(SUPPORTED)} model types")
+    assert [line.split()[0] for line in lines[1:-1]] == list(SUPPORTED)
 
 
 @pytest.fixture(scope="module")

@@ -1,5 +1,5 @@
-"""The fast engine against the reference engine, for all 8 families, and its invariance to
-chunking and batch composition."""
+"""The fast engine against the reference engine, for every registered family (layers it
+cannot patch through its cache engine), and its invariance to chunking and batch composition."""
 
 import warnings
 
@@ -10,7 +10,7 @@ import torch
 from conftest import FAMILIES
 from routelens.analyses.counterfactual import CounterfactualConfig, build_routes
 from routelens.data.trajectories import Trajectory
-from routelens.engine import FastEngine, ReferenceEngine, ScoreItem, make_engine
+from routelens.engine import CacheEngine, FastEngine, ReferenceEngine, ScoreItem, make_engine
 from routelens.engine.fast import FastEngineUnsupported
 
 LENGTHS = (13, 8, 17)
@@ -37,13 +37,17 @@ def test_fast_equals_reference(tiny_adapters, family):
     for layer in _layers(adapter):
         items = _items(adapter, layer)
         engine = FastEngine(adapter)
-        fast = engine.score_batch(layer, items)          # three lengths in one call
-        assert engine.fallback_reason is None            # served by the fast path, checks passed
-        assert engine.deviation.largest[0] <= 1e-5
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")              # "scoring layer l with the cache engine" (hybrids)
+            fast = engine.score_batch(layer, items)      # three lengths in one call
+        assert engine.fallback_reason is None            # no check failed
+        assert (layer in engine.cache_layers) == bool(engine.unpatchable(layer))
+        exact = 1e-5
+        assert engine.deviation.largest[0] <= exact
         reference = ReferenceEngine(adapter).score_batch(layer, items)
         for f, r, item in zip(fast, reference, items):
             assert f.shape == (len(item.positions), item.experts.shape[1])
-            np.testing.assert_allclose(f, r, atol=1e-5, rtol=0)
+            np.testing.assert_allclose(f, r, atol=exact, rtol=0)
             assert np.ptp(r) > 1e-4  # the routes really differ
 
 
@@ -82,7 +86,7 @@ def test_perturbed_sequences_per_chunk_do_not_grow_with_routes(tiny_adapters, mo
     assert peaks[4] == peaks[32] == limit
 
 
-def test_unsupported_attention_falls_back_to_reference_with_a_warning(tiny_adapters):
+def test_unsupported_attention_falls_back_to_the_cache_engine_with_a_warning(tiny_adapters):
     adapter = tiny_adapters["olmoe"]
     original = adapter.config._attn_implementation
     adapter.config._attn_implementation = "flex_attention"
@@ -92,8 +96,8 @@ def test_unsupported_attention_falls_back_to_reference_with_a_warning(tiny_adapt
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
             engine = make_engine("fast", adapter)
-        assert isinstance(engine, ReferenceEngine)
-        assert any("flex_attention" in str(w.message) and "reference engine" in str(w.message) for w in caught)
+        assert isinstance(engine, CacheEngine)
+        assert any("flex_attention" in str(w.message) and "cache engine" in str(w.message) for w in caught)
     finally:
         adapter.config._attn_implementation = original
 

@@ -82,7 +82,7 @@ def test_windowed_attention_fast_equals_reference_and_plain_forward(family):
 
 def test_a_window_the_adapter_does_not_know_falls_back_with_the_reason(monkeypatch):
     """If the adapter says "no window" but the model masks one, the record-mode mask check
-    catches it before any route is scored, and the results come from the reference engine."""
+    catches it before any route is scored, and the results come from the cache engine."""
     adapter = adapter_for(build_tiny_model("phimoe", seed=0, sliding_window=WINDOW))
     monkeypatch.setattr(type(adapter), "window_source", "none")
     layer = adapter.moe_layers[0]
@@ -182,5 +182,32 @@ def test_post_norm_layout_is_detected_from_the_model_not_from_names():
     declared = type("PostNorm", (PostNormMisdeclared,), {"norm_order": "post"})(adapter.model)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        assert make_engine("fast", declared).name == "reference"
+        assert make_engine("fast", declared).name == "cache"   # exact for any layout
     assert any("post-norm" in str(w.message) for w in caught)
+
+
+def test_an_undeclared_expert_scale_is_caught_by_the_block_check(monkeypatch):
+    """The fast engine's block algebra runs the adapter's experts module; if the block scales
+    its experts' sum in a way the adapter does not declare (Beam applies routed_scaling_factor
+    after aggregation), route 0 still matches, so a run of the block itself on a few tokens
+    under their alternative routes must catch it: a fallback, with the reason, and exact results."""
+    adapter = adapter_for(build_tiny_model("olmoe", seed=0))
+    experts = {layer: adapter.experts(layer) for layer in adapter.moe_layers}
+
+    class Doubled(torch.nn.Module):
+        def __init__(self, inner):
+            super().__init__()
+            self.inner = inner
+
+        def forward(self, x, indices, weights):
+            return 2 * self.inner(x, indices, weights)
+
+    monkeypatch.setattr(adapter, "experts", lambda layer: Doubled(experts[layer]))
+    layer = adapter.moe_layers[0]
+    items = _items(adapter, layer)
+    engine = FastEngine(adapter)
+    with pytest.warns(UserWarning, match="combines its experts in a way the adapter does not declare"):
+        fast = engine.score_batch(layer, items)
+    assert "MoE block of layer 0" in engine.fallback_reason
+    for f, r in zip(fast, ReferenceEngine(adapter).score_batch(layer, items)):
+        np.testing.assert_allclose(f, r, atol=1e-5, rtol=0)

@@ -12,7 +12,8 @@ from routelens.models.families.softmax_topk import SoftmaxTopKAdapter
 from routelens.models.tiny import build_tiny_model
 from routelens.verify import verify_model
 
-CHECKS = {"router_hook", "gating_rule", "force_standard", "force_other", "fast_vs_reference", "isolation_scorer"}
+CHECKS = {"router_hook", "gating_rule", "force_standard", "force_other", "fast_vs_reference", "cache_vs_reference",
+          "isolation_scorer"}
 
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -22,9 +23,13 @@ def test_verify_passes_on_every_family(tiny_adapters, family):
     assert set(table["check"]) == CHECKS
     assert set(table["layer"]) == set(adapter.moe_layers)
     assert (table.groupby("layer")["check"].count() >= 5).all()
-    assert (table["check"] == "fast_vs_reference").sum() == len({adapter.moe_layers[0], adapter.moe_layers[-1],
-                                                                 adapter.moe_layers[len(adapter.moe_layers) // 2]})
-    assert (table["status"] == "pass").all(), table[table["status"] != "pass"].to_string()
+    engine_layers = len({adapter.moe_layers[0], adapter.moe_layers[-1], adapter.moe_layers[len(adapter.moe_layers) // 2]})
+    assert (table["check"] == "fast_vs_reference").sum() == (table["check"] == "cache_vs_reference").sum() == engine_layers
+    skipped = table[table["status"] == "skipped"]
+    assert (table["status"] != "fail").all(), table[table["status"] == "fail"].to_string()
+    # only an engine the adapter declares unusable on its family is skipped, with the reason
+    assert set(skipped["check"]) <= {"cache_vs_reference"}
+    assert skipped.empty or (adapter.cache_engine_defect and skipped["detail"].str.contains("not used").all())
 
 
 @pytest.mark.parametrize("family, overrides", [
@@ -34,16 +39,20 @@ def test_verify_passes_on_every_family(tiny_adapters, family):
 def test_verify_passes_with_mask_only_windows(family, overrides):
     adapter = adapter_for(build_tiny_model(family, seed=0, **overrides))
     table = verify_model(LoadedModel(adapter, None, f"tiny:{family}", "cpu", "float32"), length=16)
-    assert (table["status"] == "pass").all(), table[table["status"] != "pass"].to_string()
+    skipped = table[table["status"] == "skipped"]
+    assert (table["status"] != "fail").all(), table[table["status"] == "fail"].to_string()
+    # only an engine the adapter declares unusable on its family is skipped, with the reason
+    assert set(skipped["check"]) <= {"cache_vs_reference"}
+    assert skipped.empty or (adapter.cache_engine_defect and skipped["detail"].str.contains("not used").all())
 
 
 def test_verify_cli_exit_codes_and_json(tmp_path, capsys, monkeypatch):
     out = tmp_path / "verify.json"
     assert main(["verify", "--model", "demo", "--json", str(out)]) == 0
     printed = capsys.readouterr().out
-    assert "all 23 checks passed on 4 MoE layers" in printed
+    assert "all 26 checks passed on 4 MoE layers" in printed
     stored = json.loads(out.read_text())
-    assert stored["passed"] is True and len(stored["checks"]) == 23
+    assert stored["passed"] is True and len(stored["checks"]) == 26
     assert {row["check"] for row in stored["checks"]} == CHECKS
 
     # a gating rule that no longer describes the model: the check fails, named, exit 1

@@ -172,8 +172,10 @@ def _add_counterfactual_options(parser: argparse.ArgumentParser, layers_default:
     parser.add_argument("--seed", type=int, default=0, help="seed of the route sampling and bootstrap (default 0)")
     parser.add_argument("--confident", type=float, default=0.9, help="Confident bin: route-averaged p >= this")
     parser.add_argument("--fragile", type=float, default=0.5, help="Fragile bin: route-averaged p < this")
-    parser.add_argument("--engine", default="fast", choices=["fast", "reference"],
-                        help="scoring engine: fast (default; exact, batched) or reference (plain forwards)")
+    parser.add_argument("--engine", default="fast", choices=["fast", "cache", "reference"],
+                        help="scoring engine: fast (default; exact, batched; the cache engine for layers it cannot "
+                             "patch), cache (the model's own cache, one decode step per token) or reference "
+                             "(plain forwards)")
     parser.add_argument("--memory-budget", type=_memory, default="2GiB",
                         help="fast engine: memory for one chunk of perturbed sequences, e.g. 512MiB, 8GiB (default 2GiB)")
     parser.add_argument("--route-batch-size", type=_positive_int, default=33, help="routes per forward (reference engine)")
@@ -424,9 +426,14 @@ def cmd_train_demo(args) -> int:
 def cmd_models(args) -> int:
     from routelens.models.registry import ADAPTERS, adapter_class
 
-    for model_type in ADAPTERS:
-        cls = adapter_class(model_type)
-        print(f"{model_type:<18} {cls.__name__:<20} {cls.gating_rule}")
+    rows = [(model_type, adapter_class(model_type)) for model_type in ADAPTERS]
+    width = max(len(cls.__name__) for _, cls in rows)
+    mixers = max(len(cls.layer_mixers) for _, cls in rows)
+    print(f"{'model type':<18} {'adapter':<{width}} {'layers':<{mixers}} gating rule")
+    for model_type, cls in rows:
+        print(f"{model_type:<18} {cls.__name__:<{width}} {cls.layer_mixers:<{mixers}} {cls.gating_rule}")
+    hybrids = sum(cls.layer_mixers != "attention" for _, cls in rows)
+    print(f"{len(rows)} model types ({hybrids} hybrids: the cache engine scores the layers the fast engine cannot patch)")
     return 0
 
 
@@ -445,7 +452,9 @@ def cmd_verify(args) -> int:
                                       "length": args.length, "seed": args.seed, "passed": failed.empty,
                                       "checks": table.astype(object).where(table.notna(), None).to_dict("records")})
     if failed.empty:
-        print(f"all {len(table)} checks passed on {len(loaded.adapter.moe_layers)} MoE layers")
+        skipped = int((table["status"] == "skipped").sum())
+        print(f"all {len(table) - skipped} checks passed on {len(loaded.adapter.moe_layers)} MoE layers"
+              + (f" ({skipped} skipped, reason in the table)" if skipped else ""))
         return 0
     names = ", ".join(f"{r.check} (layer {r.layer})" for r in failed.itertuples())
     print(f"routelens: verify: {len(failed)} of {len(table)} checks failed: {names}", file=sys.stderr)

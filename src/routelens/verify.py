@@ -9,12 +9,15 @@ MoE layer
 - `force_standard`: forcing the standard route on every token reproduces the natural logits;
 - `force_other`: forcing another route at one position changes the MoE block output at
   exactly that position, and no logit before it;
-- `fast_vs_reference` (first, a middle and the last MoE layer): the fast engine equals the
-  reference engine on a few positions and routes, without falling back;
+- `fast_vs_reference` and `cache_vs_reference` (first, a middle and the last MoE layer):
+  the fast engine (which hands layers it cannot patch to the cache engine, as in a run)
+  and the cache engine equal the reference engine on a few positions and routes, without
+  falling back;
 - `isolation_scorer`: the isolation scorer's forced single expert equals a plain forward
   under the same override.
 
-`verify_model` returns the table as a DataFrame (status "pass" or "fail", the measured
+`verify_model` returns the table as a DataFrame (status "pass", "fail", or "skipped" for an
+engine the adapter declares unusable on its family with the reason, the measured
 difference and the tolerance); the command prints it, writes it with `--json`, and exits
 0 when every check passes, 1 when one fails.
 """
@@ -121,25 +124,27 @@ def verify_model(loaded, length: int = 32, seed: int = 0, routes: int = 4, score
                          f"logits before it {before:.3g}"))
 
         if layer in engine_layers:
-            rows.append(_guarded(layer, "fast_vs_reference", lambda: _fast_vs_reference(
+            rows.extend(_guarded(layer, "fast_vs_reference", lambda: _engines_vs_reference(
                 adapter, input_ids, layer, routes, seed, scored_positions, exact)))
-        rows.append(_guarded(layer, "isolation_scorer", lambda: _isolation_scorer(
+        rows.extend(_guarded(layer, "isolation_scorer", lambda: _isolation_scorer(
             adapter, input_ids, layer, int(route.experts[position, 0]), scored_positions, exact)))
     return pd.DataFrame(rows, columns=COLUMNS)
 
 
-def _guarded(layer, check, run) -> dict:
-    """One check's row; a run-time check that refuses inside it is that check failing."""
+def _guarded(layer, check, run) -> list[dict]:
+    """One check's rows; a run-time check that refuses inside it is that check failing."""
     try:
-        return run()
+        result = run()
     except RouteLensError as error:
-        return _row(layer, check, False, detail=f"{type(error).__name__}: {error}")
+        return [_row(layer, check, False, detail=f"{type(error).__name__}: {error}")]
+    return result if isinstance(result, list) else [result]
 
 
-def _fast_vs_reference(adapter, input_ids, layer, routes, seed, scored_positions, exact) -> dict:
+def _engines_vs_reference(adapter, input_ids, layer, routes, seed, scored_positions, exact) -> list[dict]:
+    """`fast_vs_reference` and `cache_vs_reference` rows: each engine on the same routes."""
     from routelens.analyses.counterfactual import CounterfactualConfig, build_routes
     from routelens.data.trajectories import Trajectory
-    from routelens.engine import FastEngine, ReferenceEngine, ScoreItem
+    from routelens.engine import CacheEngine, FastEngine, ReferenceEngine, ScoreItem
     from routelens.engine.fast import FastEngineUnsupported
 
     length = input_ids.shape[0]
@@ -147,18 +152,32 @@ def _fast_vs_reference(adapter, input_ids, layer, routes, seed, scored_positions
     layer_routes = build_routes(adapter, trajectory, [layer], CounterfactualConfig(num_routes=routes, seed=seed))[layer]
     item = ScoreItem(input_ids, layer_routes.positions, torch.as_tensor(layer_routes.experts), layer_routes.weights)
     reference = ReferenceEngine(adapter).score_batch(layer, [item])[0]
-    try:
-        fast_engine = FastEngine(adapter)
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
+    size = f"{len(item.positions)} positions x {reference.shape[1]} routes"
+    rows = []
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        try:
+            fast_engine = FastEngine(adapter)
             fast = fast_engine.score_batch(layer, [item])[0]
-        reason = fast_engine.fallback_reason
-    except FastEngineUnsupported as unsupported:
-        fast, reason = reference, str(unsupported)
-    difference = float(np.abs(fast - reference).max())
-    return _row(layer, "fast_vs_reference", reason is None and difference <= exact, difference, exact,
-                f"{len(item.positions)} positions x {reference.shape[1]} routes" if reason is None
-                else f"fast engine fell back to reference: {reason}")
+            declared = adapter.cache_engine_defect
+            reason = fast_engine.fallback_reason or (None if declared else fast_engine.cache.fallback_reason)
+            served = (f"; served by the {'reference' if declared else 'cache'} engine "
+                      f"({fast_engine.cache_layers[layer]})" if layer in fast_engine.cache_layers else "")
+        except FastEngineUnsupported as unsupported:
+            fast, reason, served = reference, str(unsupported), ""
+        difference = float(np.abs(fast - reference).max())
+        rows.append(_row(layer, "fast_vs_reference", reason is None and difference <= exact, difference, exact,
+                         size + served if reason is None else f"fast engine fell back: {reason}"))
+        cache_engine = CacheEngine(adapter)
+        cached = cache_engine.score_batch(layer, [item])[0]
+    difference = float(np.abs(cached - reference).max())
+    reason = cache_engine.fallback_reason
+    if adapter.cache_engine_defect:   # declared: runs never use it, and say so
+        rows.append({**_row(layer, "cache_vs_reference", True, detail=f"not used: {reason}"), "status": "skipped"})
+    else:
+        rows.append(_row(layer, "cache_vs_reference", reason is None and difference <= exact, difference, exact,
+                         size if reason is None else f"cache engine fell back to reference: {reason}"))
+    return rows
 
 
 def _isolation_scorer(adapter, input_ids, layer, expert, scored_positions, exact) -> dict:

@@ -337,6 +337,9 @@ def engine_checks(engine) -> dict:
     """What run.json records of the run-time checks: the largest standard-route deviation
     from the natural forward (nats) and whether the fast engine fell back, and why."""
     largest, mean = engine.deviation.largest
+    cache = getattr(engine, "cache", None)   # the fast engine's cache engine, for layers it cannot patch
     return {"gating_rule": "reproduced the router's weights on every trajectory",
             "standard_route_max_abs_logprob_diff": largest, "standard_route_mean_abs_logprob_diff": mean,
-            "engine_fallback": engine.fallback_reason}
+            "engine_fallback": engine.fallback_reason,
+            "cache_engine_layers": {str(k): v for k, v in getattr(engine, "cache_layers", {}).items()},
+            "cache_engine_fallback": cache.fallback_reason if cache is not None else None}

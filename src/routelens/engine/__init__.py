@@ -6,32 +6,37 @@ handing it at once): `score_batch(layer, items)` with one
 log p(token t + 1) at each position t under each route, [P, R] per item.
 
 - `reference`: plain forwards of the prefix with the route override; obviously right, slow.
+- `cache`: the model's own cache of each prefix, the routes of a token decoded as one
+  batch from the perturbed layer up; exact for every layout, recurrent layers included.
 - `fast` (default): prefix reuse, expert outputs computed once, diagonal-patched attention
   above the layer; exact (checked against `reference`), batched over tokens and sequences.
+  Layers it cannot patch (a recurrent layer above) go to `cache`, said once.
 """
 
 from __future__ import annotations
 
 import warnings
 
+from routelens.engine.cache import CacheEngine
 from routelens.engine.fast import FastEngine, FastEngineUnsupported
 from routelens.engine.items import ScoreItem
 from routelens.engine.reference import ReferenceEngine
 from routelens.errors import RouteLensError
 
-ENGINES = {"fast": FastEngine, "reference": ReferenceEngine}
+ENGINES = {"fast": FastEngine, "cache": CacheEngine, "reference": ReferenceEngine}
 
 
 def make_engine(name: str, adapter, **options):
-    """The named engine; `fast` falls back to `reference` with a warning that says why."""
+    """The named engine; `fast` falls back to `cache` with a warning that says why."""
     if name not in ENGINES:
         raise RouteLensError(f"unknown --engine {name!r}; available: {', '.join(ENGINES)}")
     try:
         return ENGINES[name](adapter, **options)
     except FastEngineUnsupported as reason:
-        warnings.warn(f"fast engine cannot serve this model exactly ({reason}); using the reference engine",
+        warnings.warn(f"fast engine cannot serve this model exactly ({reason}); using the cache engine",
                       stacklevel=2)
-        return ReferenceEngine(adapter, **options)
+        options.pop("route_chunk", None)
+        return CacheEngine(adapter, **options)
 
 
-__all__ = ["ENGINES", "FastEngine", "ReferenceEngine", "ScoreItem", "make_engine"]
+__all__ = ["ENGINES", "CacheEngine", "FastEngine", "ReferenceEngine", "ScoreItem", "make_engine"]

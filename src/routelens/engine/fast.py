@@ -18,15 +18,16 @@ for token t. So, for all scored tokens at once (see ../shared/DESIGN.md):
 
 Routes are processed in chunks sized to `memory_budget` bytes; results do not depend on
 the chunking (tested). Anything this engine cannot serve exactly raises
-`FastEngineUnsupported`, and `make_engine` falls back to the reference engine with a
-warning that says why.
+`FastEngineUnsupported`, and `make_engine` falls back to the cache engine with a
+warning that says why. A layer with a recurrent layer (linear attention, Mamba, short
+convolution) above it cannot be patched: the cache engine scores it, said once per layer.
 
 Every call checks itself on the checkpoint at hand, at no extra forward: the natural pass
 confirms the layer's residual layout as the adapter declares it (decoder output = residual
 + scale x output-norm(MoE block + parallel MLP))
 and each layer's attention mask against the adapter's window, and the standard route's
 scores (route 0, run through the patched suffix like every other route) must equal the
-natural pass's log-probabilities. Any failure switches this engine to the reference engine
+natural pass's log-probabilities. Any failure switches this engine to the cache engine
 for the rest of the run, with a warning giving the reason (`fallback_reason`).
 """
 
@@ -42,11 +43,31 @@ from routelens.engine import attention
 from routelens.engine.checks import DeviationRecord
 from routelens.engine.items import ScoreItem
 from routelens.engine.readout import activation_bytes, attention_score_bytes, target_log_probs
-from routelens.engine.reference import ReferenceEngine
-from routelens.models.adapter import MoEAdapter
-from routelens.models.routing import capture_routes
+from routelens.engine.cache import CacheEngine
+from routelens.models.adapter import SOFTMAX_ATTENTION, MoEAdapter
+from routelens.models.routing import RouteOverride, capture_routes, override_routes
 
 DEFAULT_MEMORY_BUDGET = 2 * 2**30
+
+
+def per_row_arguments(kwargs: dict, sources: torch.Tensor, batch: int) -> dict:
+    """A decoder layer's recorded arguments for the perturbed rows: the per-sequence ones
+    (position embeddings [B, T, d], position ids [B, T] or multimodal [3, B, T]) picked by
+    each row's source sequence; a batch of one broadcasts as it is."""
+    if batch == 1:
+        return dict(kwargs)
+
+    def pick(value, dim):
+        if torch.is_tensor(value) and value.dim() > dim and value.shape[dim] == batch:
+            return value.index_select(dim, sources.to(value.device))
+        return value
+
+    out = dict(kwargs)
+    if isinstance(out.get("position_embeddings"), tuple):
+        out["position_embeddings"] = tuple(pick(value, 0) for value in out["position_embeddings"])
+    if torch.is_tensor(out.get("position_ids")):
+        out["position_ids"] = pick(out["position_ids"], 1 if out["position_ids"].dim() == 3 else 0)
+    return out
 
 
 class FastEngineUnsupported(Exception):
@@ -64,9 +85,13 @@ class FastEngine:
         self.route_chunk = route_chunk
         self.check_supported(adapter)
         attention.register()
-        self.reference = ReferenceEngine(adapter, route_batch_size=route_batch_size, memory_budget=memory_budget)
+        # layers the patch cannot serve, and any failed check, go to the cache engine (exact for
+        # every layout, checked itself, and falling back to the reference engine in turn)
+        self.cache = CacheEngine(adapter, memory_budget=memory_budget, route_batch_size=route_batch_size)
         self.fallback_reason: str | None = None
         self.deviation = DeviationRecord(adapter)   # |route 0 - natural| seen so far, nats
+        self.cache.deviation = self.cache.reference.deviation = self.deviation
+        self.cache_layers: dict[int, str] = {}     # layer -> why the cache engine scores it
 
     @staticmethod
     def check_supported(adapter: MoEAdapter) -> None:
@@ -81,9 +106,18 @@ class FastEngine:
                 adapter.mlp_residual_input(index), adapter.experts(index)
             except AttributeError as error:
                 raise FastEngineUnsupported(f"decoder layer {index} has an unexpected layout ({error})") from None
-        if getattr(adapter.config, "layer_types", None) and any(
-                t not in ("full_attention", "sliding_attention") for t in adapter.config.layer_types):
-            raise FastEngineUnsupported(f"layer types {sorted(set(adapter.config.layer_types))}")
+        reason = adapter.fast_engine_unsupported()
+        if reason:
+            raise FastEngineUnsupported(reason)
+
+    def unpatchable(self, layer: int) -> str | None:
+        """Why the diagonal patch cannot carry a perturbation at `layer` to the output (a layer
+        above it mixes positions other than by softmax attention), or None."""
+        kinds = {self.adapter.layer_kind(i) for i in range(layer + 1, self.adapter.num_layers)} - set(SOFTMAX_ATTENTION)
+        if kinds:
+            return (f"layers above {layer} include {', '.join(sorted(kinds))} layers, which the fast engine's "
+                    "attention patch does not cover")
+        return None
 
     # ------------------------------------------------------------------ natural pass
     @contextmanager
@@ -147,8 +181,9 @@ class FastEngine:
         # beside the routed block: a parallel MLP's output, scaled with it into the residual
         recorded["beside"] = recorded.pop("parallel_out").reshape(-1, hidden) if parallel is not None else 0.0
         recorded["scale"] = adapter.mlp_residual_scale(layer)
+        recorded["keep"] = adapter.residual_weight(layer)
         recorded["out_norm"] = adapter.mlp_output_norm(layer)
-        recorded["natural_out"] = recorded["h_mid"] + recorded["scale"] * self._mlp_output(
+        recorded["natural_out"] = recorded["keep"] * recorded["h_mid"] + recorded["scale"] * self._mlp_output(
             recorded, recorded["block_out"] + recorded["beside"]).reshape(recorded["h_mid"].shape)
         layer_out = adapter.block_output(recorded.pop("layer_out"))
         close = 1e-5 if layer_out.dtype in (torch.float32, torch.float64) else 1e-2   # one add, rounded once
@@ -156,9 +191,10 @@ class FastEngine:
             # a norm, scale or parallel MLP the adapter does not declare
             difference = float((recorded["natural_out"] - layer_out).abs().max())
             raise FastEngineUnsupported(
-                f"decoder layer {layer}'s output is not its residual plus {recorded['scale']:g} x its MoE block "
+                f"decoder layer {layer}'s output is not {recorded['keep']:g} x its residual plus {recorded['scale']:g} x its MoE block "
                 f"output as the adapter declares it (off by {difference:.3g}): a post-norm or scaled residual layout")
         recorded["route"] = captured[layer]                                              # rows b * T + t
+        recorded["batch"] = input_ids.shape[0]
         return recorded
 
     # ------------------------------------------------------------------ layer l
@@ -186,10 +222,33 @@ class FastEngine:
         row_ids = torch.arange(count, device=rows.device).repeat_interleave(2 * experts.shape[1])
         matrix = torch.sparse_coo_tensor(torch.stack([row_ids, index.reshape(-1)]), coefficients,
                                          (count, len(unique)), check_invariants=False)
-        delta = torch.sparse.mm(matrix, table.float()).to(block_out.dtype)
+        delta = (self.adapter.routed_scale(layer) * torch.sparse.mm(matrix, table.float())).to(block_out.dtype)
         routed = torch.where(is_standard[:, None], block_out[rows], block_out[rows] + delta)  # route 0: as the model made it
+        self._check_block_algebra(layer, x[rows], experts, weights, routed, is_standard)
         beside = recorded["beside"][rows] if torch.is_tensor(recorded["beside"]) else recorded["beside"]
-        return h_mid[rows] + recorded["scale"] * self._mlp_output(recorded, routed + beside)
+        return recorded["keep"] * h_mid[rows] + recorded["scale"] * self._mlp_output(recorded, routed + beside)
+
+    CHECKED_ROWS = 8
+
+    def _check_block_algebra(self, layer: int, x: torch.Tensor, experts: torch.Tensor, weights: torch.Tensor,
+                             routed: torch.Tensor, is_standard: torch.Tensor) -> None:
+        """The MoE block itself, run on a few tokens under their alternative routes, must give
+        what the algebra gave: an expert scale applied outside the router, a latent projection
+        or a gate on the experts' input would break the algebra without touching route 0."""
+        sample = torch.nonzero(~is_standard).flatten()[: self.CHECKED_ROWS]
+        if not len(sample):
+            return
+        override = RouteOverride(torch.arange(len(sample)), experts[sample], weights[sample])
+        with override_routes(self.adapter, {layer: override}):
+            actual = self.adapter.block_output(self.adapter.moe_block(layer)(x[sample][None]))
+        actual, expected = actual.reshape(len(sample), -1).float(), routed[sample].float()
+        close = 1e-4 if routed.dtype in (torch.float32, torch.float64) else 5e-2   # bf16: ~6x its rounding
+        difference = float((actual - expected).abs().max())
+        if difference > close * max(1.0, float(expected.abs().max())):
+            raise FastEngineUnsupported(
+                f"the MoE block of layer {layer} under an alternative route is not its standard output plus the "
+                f"experts' weighted difference (off by {difference:.3g}): the block combines its experts in a way the "
+                "adapter does not declare")
 
     @staticmethod
     def _mlp_output(recorded: dict, mixed: torch.Tensor) -> torch.Tensor:
@@ -221,7 +280,7 @@ class FastEngine:
         attention.STATE.patched_calls = 0
         try:
             for index in range(layer + 1, self.adapter.num_layers):
-                kwargs = dict(recorded["layer_kwargs"][index])
+                kwargs = per_row_arguments(recorded["layer_kwargs"][index], sources, recorded["batch"])
                 kwargs.update(attention_mask=None, past_key_values=None, use_cache=False)
                 output = self.adapter.decoder_layers[index](states, **kwargs)
                 states = output[0] if isinstance(output, tuple) else output
@@ -236,15 +295,19 @@ class FastEngine:
     @torch.no_grad()
     def score_batch(self, layer: int, items: list[ScoreItem]) -> list[np.ndarray]:
         """Score every route of every item (trajectories of any lengths) at `layer`; after a
-        failed check, and for the rest of the run, through the reference engine."""
-        if self.fallback_reason is None:
+        failed check, and for the rest of the run, through the cache engine (as are layers the
+        patch cannot serve)."""
+        if layer not in self.cache_layers and (reason := self.unpatchable(layer)):
+            self.cache_layers[layer] = reason
+            warnings.warn(f"{reason}: scoring layer {layer} with the cache engine", stacklevel=2)
+        if self.fallback_reason is None and layer not in self.cache_layers:
             try:
                 return self._score_batch(layer, items)
             except FastEngineUnsupported as reason:
                 self.fallback_reason = f"layer {layer} ({self.adapter.config.model_type}): {reason}"
                 warnings.warn(f"fast engine check failed at {self.fallback_reason}; "
-                              "scoring with the reference engine from here on", stacklevel=2)
-        return self.reference.score_batch(layer, items)
+                              "scoring with the cache engine from here on", stacklevel=2)
+        return self.cache.score_batch(layer, items)
 
     def _check_standard_route(self, layer: int, items: list[ScoreItem], results: list[np.ndarray],
                               recorded: dict, input_ids: torch.Tensor) -> None:

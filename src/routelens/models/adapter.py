@@ -26,13 +26,40 @@ The route override itself is family-independent and lives in `routelens.models.r
 
 from __future__ import annotations
 
+import copy
+from dataclasses import dataclass
 from typing import ClassVar
 
 import torch
 from torch import nn
-from transformers import PreTrainedModel
+from transformers import DynamicCache, PreTrainedModel
 
 from routelens.errors import RouteLensError
+
+
+#: `config.layer_types` values of softmax-attention layers (the fast engine's patch covers these).
+SOFTMAX_ATTENTION = ("full_attention", "sliding_attention")
+
+
+@dataclass
+class CacheSnapshot:
+    """A cache as it stood before a decode step: `source` is the live cache object the model
+    passes to its layers, `cache` an independent batch-1 copy of it."""
+
+    source: object
+    cache: object
+
+
+def copy_cache_layer(layer, index: torch.Tensor):
+    """A copy of one cache layer with its batch rows picked by `index` (new tensors, so the
+    copy's in-place updates never reach the original); through the layer's own
+    `reorder_cache`, which every cache layer kind implements for beam search."""
+    clone = copy.copy(layer)
+    for name, value in vars(layer).items():
+        if isinstance(value, (dict, list)):   # per-state tables (linear attention) are updated in place
+            setattr(clone, name, copy.copy(value))
+    clone.reorder_cache(index)
+    return clone
 
 
 class MoEAdapter:
@@ -47,12 +74,23 @@ class MoEAdapter:
     #: it read (`mlp_residual_input`), which the fast engine needs; any other layout is
     #: refused by the fast engine (the reference engine serves it).
     norm_order: ClassVar[str] = "pre"
+    #: What mixes positions across the decoder layers ("attention", or a hybrid's kinds), for
+    #: `routelens models`; the engines read `layer_kind` per layer instead.
+    layer_mixers: ClassVar[str] = "attention"
+    #: Why decoding with the model's own cache does not reproduce its full forward (a defect of
+    #: the family's cached path, measured), or None; the cache engine then hands its work to
+    #: the reference engine from the start, saying why.
+    cache_engine_defect: ClassVar[str | None] = None
     #: Where attention windows come from: "config" (`config.layer_types` marks sliding layers,
     #: else `config.sliding_window` applies to every layer, as the families' mask builders do),
     #: or "none" (the family always builds a plain causal mask, whatever the config says).
     window_source: ClassVar[str] = "config"
 
     def __init__(self, model: PreTrainedModel):
+        if getattr(model, "use_kernels", False):
+            raise RouteLensError(
+                f"{type(model).__name__} was loaded with use_kernels=True: hub kernels replace whole MoE blocks, so "
+                "routes can be neither observed nor forced (and transformers cannot undo it); load it without use_kernels")
         self.model = model.eval()
         self.config = model.config
         self.routers: dict[int, nn.Module] = self._find_routers()
@@ -120,6 +158,15 @@ class MoEAdapter:
         residual_multiplier); checked against the model on every fast-engine pass."""
         return 1.0
 
+    def routed_scale(self, layer: int) -> float:
+        """A factor the MoE block applies to its experts' weighted sum after the router (Beam:
+        routed_scaling_factor); 1 where the router's weights carry every factor."""
+        return 1.0
+
+    def residual_weight(self, layer: int) -> float:
+        """The weight of the residual itself in that sum (MiniMax: mlp_alpha_factor); 1 elsewhere."""
+        return 1.0
+
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """LM-head logits of final-normed hidden states (Granite divides by logits_scaling)."""
         return self.lm_head(hidden)
@@ -145,6 +192,39 @@ class MoEAdapter:
         if layer_types is not None:
             return window if layer_types[layer] == "sliding_attention" else None
         return window
+
+    def layer_kind(self, layer: int) -> str:
+        """What mixes positions in decoder layer `layer`, as `config.layer_types` names it
+        ("full_attention", "sliding_attention", "linear_attention", "conv", "moe", ...);
+        "full_attention" where the config gives no layer types."""
+        layer_types = getattr(self.config, "layer_types", None)
+        return layer_types[layer] if layer_types else "full_attention"
+
+    def fast_engine_unsupported(self) -> str | None:
+        """Why the fast engine's expert-output algebra does not hold for this checkpoint (a
+        structure the family allows but this checkpoint uses), or None."""
+        return None
+
+    # ----------------------------------------------------------------- cache (the cache engine)
+    def new_cache(self):
+        """An empty cache of the kind the model's forward builds for itself."""
+        return DynamicCache(config=self.config)
+
+    def copy_cache(self, cache, first_layer: int, rows: int):
+        """A copy of a batch-1 cache whose layers from `first_layer` up hold `rows` copies of
+        their state; the layers below are shared with `cache` (the engine never runs them)."""
+        index = torch.zeros(rows, dtype=torch.long)
+        clone = copy.copy(cache)
+        clone.layers = list(cache.layers)
+        for i in range(first_layer, len(cache.layers)):
+            clone.layers[i] = copy_cache_layer(cache.layers[i], index)
+        return clone
+
+    def snapshot_cache(self, cache) -> CacheSnapshot:
+        return CacheSnapshot(cache, self.copy_cache(cache, 0, 1))
+
+    def expand_cache(self, snapshot: CacheSnapshot, first_layer: int, rows: int):
+        return self.copy_cache(snapshot.cache, first_layer, rows)
 
     @property
     def device(self) -> torch.device:
@@ -244,5 +324,7 @@ class MoEAdapter:
             "gating_rule": self.gating_rule,
             "experts_implementation": getattr(self.config, "_experts_implementation", None),
             "attention_windows": {i: w for i in range(self.num_layers) if (w := self.attention_window(i))},
+            "other_layer_kinds": {i: kind for i in range(self.num_layers)
+                                  if (kind := self.layer_kind(i)) not in SOFTMAX_ATTENTION},
             "parameters": sum(p.numel() for p in self.model.parameters()),
         }

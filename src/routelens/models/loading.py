@@ -248,7 +248,8 @@ def _load(spec: str, device: str, dtype: str, trust_remote_code: bool, seed: int
     adapter_class(config.model_type)  # fail fast, before reading weights
     if is_folder:
         check_weight_files(spec)
-    options = dict(dtype=DTYPES[dtype], trust_remote_code=trust_remote_code)
+    # use_kernels=False: hub kernels replace whole MoE blocks (routes neither observable nor forceable)
+    options = dict(dtype=DTYPES[dtype], trust_remote_code=trust_remote_code, use_kernels=False)
     if _is_mxfp4(config):
         from transformers import Mxfp4Config
 

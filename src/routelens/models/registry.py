@@ -33,6 +33,19 @@ ADAPTERS: dict[str, str] = {
     "mellum": "routelens.models.families.mellum:MellumAdapter",
     "mimo_v2_flash": "routelens.models.families.mimo_v2_flash:MimoV2FlashAdapter",
     "solar_open": "routelens.models.families.solar_open:SolarOpenAdapter",
+    "hunyuan_v1_moe": "routelens.models.families.hunyuan_v1_moe:HunYuanMoEV1Adapter",
+    "beam": "routelens.models.families.beam:BeamAdapter",
+    # hybrids (recurrent layers: the cache engine serves what the fast engine cannot patch)
+    "qwen3_next": "routelens.models.families.qwen3_next:Qwen3NextAdapter",
+    "qwen3_5_moe": "routelens.models.families.qwen3_5_moe:Qwen35MoeAdapter",
+    "qwen3_5_moe_text": "routelens.models.families.qwen3_5_moe:Qwen35MoeAdapter",
+    "kimi_linear": "routelens.models.families.kimi_linear:KimiLinearAdapter",
+    "minimax": "routelens.models.families.minimax:MiniMaxAdapter",
+    "jamba": "routelens.models.families.jamba:JambaAdapter",
+    "lfm2_moe": "routelens.models.families.lfm2_moe:Lfm2MoeAdapter",
+    "granitemoehybrid": "routelens.models.families.granitemoehybrid:GraniteMoeHybridAdapter",
+    "nemotron_h": "routelens.models.families.nemotron_h:NemotronHAdapter",
+    "bailing_hybrid": "routelens.models.families.bailing_hybrid:BailingHybridAdapter",
 }
 
 SUPPORTED = tuple(ADAPTERS)

@@ -126,14 +126,92 @@ TINY_CONFIGS: dict[str, dict] = {
         num_experts_per_tok=2, n_shared_experts=1, n_group=4, topk_group=2, norm_topk_prob=True,
         routed_scaling_factor=2.5, head_dim=8, first_k_dense_replace=1,
     ),
+    "hunyuan_v1_moe": dict(num_hidden_layers=3, intermediate_size=48, num_experts=8, moe_topk=2, head_dim=8),
+    "beam": dict(
+        num_hidden_layers=4, intermediate_size=48, moe_intermediate_size=24, num_experts=8, num_experts_per_tok=2,
+        n_group=4, topk_group=2, norm_topk_prob=True, routed_scaling_factor=2.5, head_dim=8, sliding_window=4,
+        final_logit_softcapping=3.0,
+        layer_types=["sliding_attention", "sliding_attention", "full_attention", "sliding_attention"],
+        mlp_layer_types=["dense", "sparse", "sparse", "sparse"],
+    ),
+    # hybrids: linear attention / Mamba / short convolutions between softmax-attention layers
+    "qwen3_next": dict(
+        num_hidden_layers=4, intermediate_size=48, moe_intermediate_size=24, num_experts=8, num_experts_per_tok=2,
+        shared_expert_intermediate_size=32, norm_topk_prob=True, head_dim=8, linear_num_key_heads=2,
+        linear_num_value_heads=4, linear_key_head_dim=8, linear_value_head_dim=8, linear_conv_kernel_dim=3,
+        layer_types=["linear_attention", "full_attention", "linear_attention", "full_attention"],
+    ),
+    "qwen3_5_moe_text": dict(
+        num_hidden_layers=4, moe_intermediate_size=24, num_experts=8, num_experts_per_tok=2,
+        shared_expert_intermediate_size=32, head_dim=8, linear_num_key_heads=2, linear_num_value_heads=4,
+        linear_key_head_dim=8, linear_value_head_dim=8, linear_conv_kernel_dim=3,
+        layer_types=["linear_attention", "full_attention", "linear_attention", "full_attention"],
+    ),
+    "kimi_linear": dict(
+        num_hidden_layers=4, intermediate_size=48, moe_intermediate_size=24, num_experts=8, num_experts_per_token=2,
+        num_shared_experts=1, num_expert_group=4, topk_group=2, moe_renormalize=True, routed_scaling_factor=2.5,
+        kv_lora_rank=16, q_lora_rank=None, qk_rope_head_dim=8, qk_nope_head_dim=8, v_head_dim=12, head_dim=8,
+        num_key_value_heads=4, linear_head_dim=8, linear_num_heads=4, linear_conv_kernel_dim=3,
+        layer_types=["linear_attention", "full_attention", "linear_attention", "linear_attention"],
+        mlp_layer_types=["dense", "sparse", "sparse", "sparse"],
+    ),
+    "minimax": dict(
+        num_hidden_layers=4, intermediate_size=24, num_local_experts=6, num_experts_per_tok=2, head_dim=8,
+        block_size=4, layer_types=["linear_attention", "full_attention", "linear_attention", "full_attention"],
+        full_attn_alpha_factor=0.9, full_attn_beta_factor=1.1, linear_attn_alpha_factor=0.8,
+        linear_attn_beta_factor=1.2, mlp_alpha_factor=0.7, mlp_beta_factor=1.3, initializer_range=0.1,
+    ),
+    "jamba": dict(
+        num_hidden_layers=4, intermediate_size=48, num_experts=8, num_experts_per_tok=2, expert_layer_period=1,
+        expert_layer_offset=0, attn_layer_period=2, attn_layer_offset=1, mamba_d_state=4, mamba_d_conv=3,
+        mamba_expand=2, mamba_dt_rank=4,
+    ),
+    "lfm2_moe": dict(
+        num_hidden_layers=4, intermediate_size=48, moe_intermediate_size=24, num_experts=8, num_experts_per_tok=2,
+        num_dense_layers=1, conv_L_cache=3, norm_topk_prob=True, routed_scaling_factor=1.5,
+        layer_types=["conv", "full_attention", "conv", "conv"],
+    ),
+    "granitemoehybrid": dict(
+        num_hidden_layers=4, intermediate_size=24, num_local_experts=8, num_experts_per_tok=2,
+        shared_intermediate_size=32, residual_multiplier=0.5, logits_scaling=2.0, embedding_multiplier=1.5,
+        attention_multiplier=0.3, mamba_n_heads=4, mamba_n_groups=1, mamba_d_state=8, mamba_d_head=16,
+        mamba_d_conv=3, mamba_chunk_size=4,
+        layer_types=["mamba", "attention", "mamba", "mamba"],
+    ),
+    "nemotron_h": dict(
+        layers_block_type=["linear_attention", "moe", "full_attention", "moe", "linear_attention", "moe"],
+        num_hidden_layers=6, intermediate_size=48, moe_intermediate_size=24, moe_shared_expert_intermediate_size=32,
+        n_routed_experts=8, num_experts_per_tok=2, n_shared_experts=1, n_group=4, topk_group=2,
+        routed_scaling_factor=2.5, head_dim=8, ssm_state_size=8, mamba_num_heads=4, mamba_head_dim=16, n_groups=1,
+        conv_kernel=3, chunk_size=4,
+    ),
+    "bailing_hybrid": dict(
+        num_hidden_layers=4, intermediate_size=48, moe_intermediate_size=24, num_experts=8, num_experts_per_token=2,
+        num_shared_experts=1, num_expert_group=4, topk_group=2, moe_renormalize=True, routed_scaling_factor=2.5,
+        first_k_dense_replace=1, kv_lora_rank=16, qk_rope_head_dim=8, qk_nope_head_dim=8, v_head_dim=12,
+        head_dim=8, num_key_value_heads=4, linear_head_dim=8, linear_num_heads=4, linear_conv_kernel_dim=3,
+        short_conv_kernel_size=3, layer_group_size=2, num_nextn_predict_layers=0,
+        layer_types=["linear_attention", "full_attention", "linear_attention", "full_attention"],
+        mlp_layer_types=["dense", "sparse", "sparse", "sparse"],
+    ),
 }
 
 
+# multimodal checkpoints whose causal-LM class is their text model: the composite config, as
+# the checkpoint's config.json has it (model_type -> its text model's tiny config)
+TINY_COMPOSITE = {"qwen3_5_moe": "qwen3_5_moe_text"}
+TINY_CONFIGS.update({composite: TINY_CONFIGS[text] for composite, text in TINY_COMPOSITE.items()})
+_TINY_VISION = dict(depth=1, hidden_size=16, num_heads=2, intermediate_size=16, out_hidden_size=32)
+
+
 def tiny_config(model_type: str, **overrides) -> PretrainedConfig:
-    """The tiny config of one family, with `overrides` applied on top."""
+    """The tiny config of one family, with `overrides` applied on top (to the text config of
+    a composite one)."""
     if model_type not in TINY_CONFIGS:
         raise KeyError(f"no tiny config for {model_type!r}; have {sorted(TINY_CONFIGS)}")
     kwargs = {**_COMMON, **TINY_CONFIGS[model_type], **overrides}
+    if model_type in TINY_COMPOSITE:
+        return AutoConfig.for_model(model_type, text_config=kwargs, vision_config=_TINY_VISION)
     return AutoConfig.for_model(model_type, **kwargs)
 
 

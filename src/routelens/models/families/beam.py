@@ -1,0 +1,49 @@
+"""Beam: DeepSeek-V3's router (sigmoid, correction bias for choosing only, top-2-sum groups,
+renormalised), but routed_scaling_factor is applied by the block to the experts' sum, after
+the router; sandwich norms around the MLP and a depth-scaled residual add (the n-th add of
+the network weighs the residual sqrt((n-1)/n) and the new part 1/sqrt(n)); final logits
+soft-capped (tanh) at final_logit_softcapping; sliding layers."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from routelens.models.families.deepseek_v3 import DeepseekV3Adapter
+
+
+class BeamAdapter(DeepseekV3Adapter):
+    model_types = ("beam",)
+    window_source = "config"
+    gating_rule = ("sigmoid affinities; chosen by affinity + correction bias within top groups; weights = affinity / "
+                   "(sum + 1e-20) if norm_topk_prob; the block scales the experts' sum by routed_scaling_factor")
+
+    def weights_for(self, logits: torch.Tensor, experts: torch.Tensor) -> torch.Tensor:
+        weights = torch.sigmoid(logits.float()).gather(-1, experts)
+        if self.config.norm_topk_prob:
+            weights = weights / (weights.sum(dim=-1, keepdim=True) + 1e-20)
+        return weights
+
+    def mlp_residual_input(self, layer: int):
+        return self.decoder_layers[layer].pre_feedforward_layernorm
+
+    def mlp_output_norm(self, layer: int):
+        return self.decoder_layers[layer].post_feedforward_layernorm
+
+    def _mlp_add(self, layer: int) -> int:
+        return self.decoder_layers[layer].mlp_residual_add_idx
+
+    def residual_weight(self, layer: int) -> float:
+        return math.sqrt((self._mlp_add(layer) - 1) / self._mlp_add(layer))
+
+    def mlp_residual_scale(self, layer: int) -> float:
+        return 1.0 / math.sqrt(self._mlp_add(layer))
+
+    def routed_scale(self, layer: int) -> float:
+        return float(self.config.routed_scaling_factor)
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        cap = self.config.final_logit_softcapping
+        logits = self.lm_head(hidden)
+        return logits if not cap else torch.tanh(logits / cap) * cap

@@ -1,0 +1,10 @@
+"""IBM Granite 4 (GraniteMoeHybrid): Mamba-2 and attention layers; Granite MoE's router
+(top-k on logits, softmax over the k), a dense shared MLP beside the MoE block, residual x
+residual_multiplier, logits / logits_scaling."""
+
+from routelens.models.families.granitemoe import GraniteMoeAdapter
+
+
+class GraniteMoeHybridAdapter(GraniteMoeAdapter):
+    model_types = ("granitemoehybrid",)
+    layer_mixers = "attention + Mamba-2"

@@ -1,0 +1,27 @@
+"""NVIDIA Nemotron-H (Nemotron 3): every decoder block holds one mixer (Mamba-2, attention,
+a dense MLP or a MoE) behind one pre-norm; the MoE uses DeepSeek-V3's router (sigmoid,
+correction bias for choosing only, groups, x routed_scaling_factor) plus shared experts."""
+
+from __future__ import annotations
+
+from routelens.models.families.deepseek_v3 import DeepseekV3Adapter
+
+
+class NemotronHAdapter(DeepseekV3Adapter):
+    model_types = ("nemotron_h",)
+    layer_mixers = "attention + Mamba-2"
+
+    @property
+    def final_norm(self):
+        return self.model.model.norm_f
+
+    def moe_block(self, layer: int):
+        return self.decoder_layers[layer].mixer
+
+    def mlp_residual_input(self, layer: int):
+        return self.decoder_layers[layer].norm
+
+    def fast_engine_unsupported(self) -> str | None:
+        if getattr(self.config, "moe_latent_size", None):
+            return "its experts run in a latent space (moe_latent_size) between two projections"
+        return None

@@ -1,0 +1,11 @@
+"""Qwen3-Next: softmax top-k (renormalised over the k) plus a sigmoid-gated shared expert;
+Gated DeltaNet linear-attention layers between full-attention layers (a hybrid: the cache
+engine serves the layers the fast engine cannot patch)."""
+
+from routelens.models.families.softmax_topk import SoftmaxTopKAdapter
+
+
+class Qwen3NextAdapter(SoftmaxTopKAdapter):
+    model_types = ("qwen3_next",)
+    layer_mixers = "attention + Gated DeltaNet"
+    gating_rule = SoftmaxTopKAdapter.gating_rule + "; plus sigmoid-gated shared expert (not routed)"
