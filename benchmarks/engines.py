@@ -209,8 +209,16 @@ def main() -> None:
                    "fast_s": fast_s, "cache_s": cache_s, "floor_s": floor_s,
                    "fast_peak_mib": fast_mem, "cache_peak_mib": cache_mem,
                    "cache_vs_fast_max_abs_diff": float(np.abs(cache_lp - fast_lp).max()),
+                   "cache_vs_fast_over_1e-3": int((np.abs(cache_lp - fast_lp) > 1e-3).sum()),
                    "fallbacks": [engine.fallback_reason, engine.cache.fallback_reason, cache.fallback_reason],
                    "token_routes_per_s": len(item.positions) * (args.routes + 1) / fast_s}
+            worst = np.unravel_index(np.abs(cache_lp - fast_lp).argmax(), fast_lp.shape)
+            if abs(cache_lp[worst] - fast_lp[worst]) > 1e-3:   # which engine is off there: ask the reference
+                sub = ScoreItem(ids, routes.positions[worst[0]: worst[0] + 1], item.experts[worst[0]: worst[0] + 1],
+                                item.weights[worst[0]: worst[0] + 1])
+                row["worst_cache_vs_fast"] = {
+                    "position": int(routes.positions[worst[0]]), "route": int(worst[1]), "fast": fast_lp[worst],
+                    "cache": cache_lp[worst], "reference": ReferenceEngine(adapter).score_batch(layer, [sub])[0][0, worst[1]]}
             if MODELS.get(name, ("olmoe",))[0] == "olmoe":   # the hand-written baseline knows OLMoE's layout only
                 kv_s, _, kv_lp = timed(args.device, lambda: kv_decode(adapter, item, layer))
                 row.update(kv_decode_s=kv_s, kv_vs_fast_max_abs_diff=float(np.abs(kv_lp - fast_lp).max()),

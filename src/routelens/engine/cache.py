@@ -67,8 +67,9 @@ class CacheEngine:
 
     # ------------------------------------------------------------------ one natural step
     def _natural_step(self, token: torch.Tensor, cache, layer: int) -> dict:
-        """Decode one token naturally (cache advanced in place); record layer `layer`'s input
-        and the arguments of every layer from `layer` up."""
+        """Decode one token naturally through the decoder stack (no LM head: the cache is what
+        it is for), advancing the cache in place; record layer `layer`'s input and the
+        arguments of every layer from `layer` up."""
         adapter = self.adapter
         recorded: dict = {"args": {}}
 
@@ -80,7 +81,7 @@ class CacheEngine:
         hooks = [adapter.decoder_layers[i].register_forward_pre_hook(
             lambda m, a, k, i=i: keep(m, a, k, i), with_kwargs=True) for i in range(layer, adapter.num_layers)]
         try:
-            adapter.model(token.view(1, 1).to(adapter.device), past_key_values=cache, use_cache=True, logits_to_keep=1)
+            adapter.base_model(token.view(1, 1).to(adapter.device), past_key_values=cache, use_cache=True)
         finally:
             for hook in hooks:
                 hook.remove()
@@ -121,6 +122,8 @@ class CacheEngine:
         positions = [int(t) for t in np.asarray(positions)]
         if any(not 0 <= t < input_ids.shape[0] - 1 for t in positions):
             raise ValueError(f"positions must have a next token in a sequence of {input_ids.shape[0]}")
+        if len(set(positions)) != len(positions):
+            raise ValueError("positions must be distinct")
         out = np.zeros((len(positions), experts.shape[1]))
         if not positions:
             return out
@@ -128,12 +131,10 @@ class CacheEngine:
         first = min(positions)
         cache = adapter.new_cache()
         if first > 0:   # the prefix before the first scored token: one forward
-            adapter.model(input_ids[None, :first].to(adapter.device), past_key_values=cache, use_cache=True,
-                          logits_to_keep=1)
+            adapter.base_model(input_ids[None, :first].to(adapter.device), past_key_values=cache, use_cache=True)
         for t in range(first, max(positions) + 1):
             if t not in order:
-                adapter.model(input_ids[t].view(1, 1).to(adapter.device), past_key_values=cache, use_cache=True,
-                              logits_to_keep=1)
+                adapter.base_model(input_ids[t].view(1, 1).to(adapter.device), past_key_values=cache, use_cache=True)
                 continue
             i = order[t]
             snapshot = adapter.snapshot_cache(cache)            # tokens < t, before the natural step
