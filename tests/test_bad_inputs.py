@@ -307,13 +307,21 @@ def test_overwrite_replaces_only_routelens_outputs(world, capsys):
     assert state["config"]["num_routes"] == 3 and state["status"] == "complete" and len(state["sessions"]) == 1
 
 
+def interruptible():
+    """In the child: Ctrl-C as a terminal delivers it. A test run started in the background
+    by a non-interactive shell passes SIGINT on as ignored, and Python then never raises
+    KeyboardInterrupt."""
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+
+
 def test_ctrl_c_leaves_run_json_with_the_units_done(world, cli_env, tmp_path):
     records = [{"id": f"k{i}", "prompt": f"Q:{i}*{i}=", "completion": f"A:{i}*{i}={i * i}#{i * i}"} for i in range(30)]
     trajectories = write_jsonl(tmp_path / "many.jsonl", records)
     out = tmp_path / "interrupted"
     process = subprocess.Popen([PYTHON, "-m", "routelens", *_cf(world, "--engine", "reference", "--routes", "8",
                                                                  trajectories=trajectories, out=str(out))],
-                               env=cli_env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+                               env=cli_env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                               preexec_fn=interruptible)
     deadline = time.time() + 120
     while time.time() < deadline and len(list((out / "parts").glob("tokens-*.parquet"))) < 2:
         time.sleep(0.05)
@@ -330,7 +338,8 @@ def test_ctrl_c_leaves_run_json_with_the_units_done(world, cli_env, tmp_path):
 def test_ctrl_c_in_trajectories_says_it_does_not_resume(cli_env, tmp_path):
     process = subprocess.Popen([PYTHON, "-m", "routelens", "trajectories", "--model", "demo", "--n", "400",
                                 "--samples-per-problem", "8", "--out", str(tmp_path / "t.jsonl")],
-                               env=cli_env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+                               env=cli_env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                               preexec_fn=interruptible)
     announced = ""                               # said up front, before any sampling
     for _ in range(50):
         announced = process.stderr.readline()
