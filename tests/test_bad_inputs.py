@@ -126,6 +126,8 @@ CASES = {
     "dense_layer": (lambda w: _cf(w, model="tiny:qwen2_moe", trajectories=w.ids)[:6] + ["1", "--out", str(w.root / "o")],
                     "layer 1 is a dense layer; choose one of the MoE layers [0, 2, 3]"),
     "layer_out_of_range": (lambda w: _cf(w)[:6] + ["9", "--out", str(w.root / "o")], "layer 9 is out of range"),
+    "layers_space_separated": (lambda w: _cf(w)[:6] + ["0", "-1", "--out", str(w.root / "o")],
+                               "unrecognized arguments: -1; lists are comma-separated, e.g. --layers 0,-1"),
     "layers_not_integers": (lambda w: _cf(w)[:6] + ["first", "--out", str(w.root / "o")], "expected comma-separated integers"),
     "candidates_below_k": (lambda w: _cf(w, "--candidates", "1"), "--candidates 1 is smaller than the model's top-k 2"),
     "candidates_equal_k": (lambda w: _cf(w, "--candidates", "2"), "--candidates 2 equals the model's top-k 2"),

@@ -19,6 +19,9 @@ class OneLineParser(argparse.ArgumentParser):
     """argparse, but a usage error is one line (what is wrong and where to look), exit 2."""
 
     def error(self, message):
+        extra = message.split("unrecognized arguments: ")[-1].split() if "unrecognized arguments" in message else []
+        if extra and all(word.lstrip("-").isdigit() for word in extra):   # `--layers 0 -1`
+            message += "; lists are comma-separated, e.g. --layers 0,-1"
         self.exit(2, f"routelens: error: {message} (see `{self.prog} --help`)\n")
 
 EXAMPLES_COUNTERFACTUAL = """examples:
