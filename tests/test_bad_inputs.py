@@ -126,6 +126,7 @@ CASES = {
     "dense_layer": (lambda w: _cf(w, model="tiny:qwen2_moe", trajectories=w.ids)[:6] + ["1", "--out", str(w.root / "o")],
                     "layer 1 is a dense layer; choose one of the MoE layers [0, 2, 3]"),
     "layer_out_of_range": (lambda w: _cf(w)[:6] + ["9", "--out", str(w.root / "o")], "layer 9 is out of range"),
+    "abbreviated_option": (lambda w: _cf(w, "--route", "3"), "unrecognized arguments: --route 3"),
     "layers_space_separated": (lambda w: _cf(w)[:6] + ["0", "-1", "--out", str(w.root / "o")],
                                "unrecognized arguments: -1; lists are comma-separated, e.g. --layers 0,-1"),
     "layers_not_integers": (lambda w: _cf(w)[:6] + ["first", "--out", str(w.root / "o")], "expected comma-separated integers"),

@@ -120,7 +120,7 @@ def _chromium():
 @pytest.mark.skipif(_chromium() is None or shutil.which("chromedriver") is None,
                     reason="Chromium / chromedriver not installed (scripts/setup.sh installs Debian's chromium)")
 def test_report_loads_in_headless_chromium_without_errors_and_shows_script_as_text(runs, tmp_path):
-    from selenium import webdriver
+    webdriver = pytest.importorskip("selenium.webdriver", reason="selenium not installed (pip install -e .[test])")
     from selenium.common.exceptions import NoAlertPresentException
     from selenium.webdriver.chrome.service import Service
     from selenium.webdriver.common.by import By

@@ -16,7 +16,12 @@ from routelens.errors import RouteLensError
 
 
 class OneLineParser(argparse.ArgumentParser):
-    """argparse, but a usage error is one line (what is wrong and where to look), exit 2."""
+    """argparse, but a usage error is one line (what is wrong and where to look), exit 2, and
+    no option is taken for an abbreviation of another (`--layer` is not `--layers`)."""
+
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault("allow_abbrev", False)
+        super().__init__(*args, **kwargs)
 
     def error(self, message):
         extra = message.split("unrecognized arguments: ")[-1].split() if "unrecognized arguments" in message else []
