@@ -147,3 +147,22 @@ def test_report_loads_in_headless_chromium_without_errors_and_shows_script_as_te
         assert errors == []
     finally:
         driver.quit()
+
+
+def test_importing_routelens_leaves_matplotlib_as_the_notebook_set_it(cli_env):
+    """The report builds standalone figures: no backend switch, no pyplot state, at import or
+    while rendering."""
+    code = ("import sys, matplotlib; matplotlib.use('svg'); "
+            "import routelens, routelens.cli, routelens.report.build, routelens.report.figures as f; "
+            "fig, ax = f.subplots(figsize=(2, 2)); ax.plot([0, 1]); fig.savefig(sys.argv[1]); "
+            "assert matplotlib.get_backend() == 'svg', matplotlib.get_backend(); "
+            "assert 'matplotlib.pyplot' not in sys.modules")
+    import subprocess
+    import sys
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as folder:
+        png = os.path.join(folder, "f.png")
+        result = subprocess.run([sys.executable, "-c", code, png], env=cli_env, capture_output=True, text=True)
+        assert result.returncode == 0, result.stderr
+        assert open(png, "rb").read(8) == b"\x89PNG\r\n\x1a\n"   # rendered through Agg all the same

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import os
 
-import matplotlib.pyplot as plt
 import pandas as pd
 
 from routelens.errors import RouteLensError
@@ -48,7 +47,6 @@ def _figures_html(run_dir: str, figures: list) -> str:
         with open(os.path.join(folder, figure.name + ".png"), "wb") as handle:
             handle.write(png)
         figure.figure.savefig(os.path.join(folder, figure.name + ".svg"), format="svg")
-        plt.close(figure.figure)
         parts.append(figure_html(figure, png))
     return "\n".join(parts)
 

@@ -1,17 +1,18 @@
-"""The report's figures (matplotlib, Agg), one function per figure, each from a run
-folder's own tables. Every figure has a title, and every axis a label with its unit."""
+"""The report's figures (matplotlib), one function per figure, each from a run folder's own
+tables. Every figure has a title, and every axis a label with its unit.
+
+Figures are built as `matplotlib.figure.Figure` objects, never through pyplot: no backend
+is chosen, no window opens, and importing routelens leaves a notebook's matplotlib as it
+was (savefig renders through Agg by itself)."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
 import matplotlib
-
-matplotlib.use("Agg")  # headless: figures are files, never windows
-
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-import pandas as pd  # noqa: E402
+import numpy as np
+import pandas as pd
+from matplotlib.figure import Figure as MplFigure
 
 BIN_COLOURS = {"Confident": "#1b9e77", "Ambiguous": "#d95f02", "Fragile": "#7570b3"}
 ARM_COLOURS = ["#1f77b4", "#d62728", "#2ca02c"]
@@ -19,7 +20,13 @@ ARM_COLOURS = ["#1f77b4", "#d62728", "#2ca02c"]
 
 def colour(i: int):
     """The i-th colour of matplotlib's tab10 cycle (domains, groups)."""
-    return plt.get_cmap("tab10")(i % 10)
+    return matplotlib.colormaps["tab10"](i % 10)
+
+
+def subplots(*grid, squeeze=True, **figure_options):
+    """A standalone figure and its axes, as pyplot's subplots gives them, without pyplot."""
+    fig = MplFigure(**figure_options)
+    return fig, fig.subplots(*grid, squeeze=squeeze)
 
 
 @dataclass
@@ -27,13 +34,13 @@ class Figure:
     name: str          # file stem under figures/
     title: str
     caption: str
-    figure: plt.Figure
+    figure: MplFigure
 
 
 def _grid(count: int, width: float = 4.2, height: float = 3.4, columns: int = 4):
     columns = min(columns, count)
     rows = int(np.ceil(count / columns))
-    fig, axes = plt.subplots(rows, columns, figsize=(width * columns, height * rows), squeeze=False)
+    fig, axes = subplots(rows, columns, figsize=(width * columns, height * rows), squeeze=False)
     for ax in axes.ravel()[count:]:
         ax.set_visible(False)
     return fig, list(axes.ravel()[:count])
@@ -86,7 +93,7 @@ def counterfactual_figures(tokens: pd.DataFrame, routes: pd.DataFrame, summary: 
     figures.append(Figure("cf_standard_vs_best", "Standard vs best alternative",
                           "Each point is a token; at most 3,000 per bin are drawn.", fig))
 
-    fig, (ax_gain, ax_win) = plt.subplots(1, 2, figsize=(11, 3.8))
+    fig, (ax_gain, ax_win) = subplots(1, 2, figsize=(11, 3.8))
     width = 0.8 / max(len(layers), 1)
     for i, layer in enumerate(layers):
         groups = summary["layers"][str(layer)]
@@ -108,7 +115,7 @@ def counterfactual_figures(tokens: pd.DataFrame, routes: pd.DataFrame, summary: 
     figures.append(Figure("cf_gain_winrate", "Gain and win rate by bin", "Bars are means; error bars 95% "
                           "percentile bootstrap intervals resampled over trajectories.", fig))
 
-    fig, ax = plt.subplots(figsize=(6.5, 3.8))
+    fig, ax = subplots(figsize=(6.5, 3.8))
     for i, layer in enumerate(layers):
         groups = summary["layers"][str(layer)]
         x = np.arange(len(bins)) + (i - (len(layers) - 1) / 2) * width
@@ -193,7 +200,7 @@ def isolation_figures(cells: pd.DataFrame, calibration: pd.DataFrame, summary: d
                           "correlation between share and mean delta in that domain and layer.", fig))
 
     dominance = pd.DataFrame(summary["dominance"])
-    fig, ax = plt.subplots(figsize=(7, 3.8))
+    fig, ax = subplots(figsize=(7, 3.8))
     width = 0.8 / max(len(domains), 1)
     for i, domain in enumerate(domains):
         at = dominance[dominance["domain"] == domain].set_index("layer").reindex(layers)
@@ -209,7 +216,7 @@ def isolation_figures(cells: pd.DataFrame, calibration: pd.DataFrame, summary: d
                           "expert, divided by the uniform share 1/E.", fig))
 
     table = pd.DataFrame(summary["layer_table"])
-    fig, ax = plt.subplots(figsize=(7, 3.8))
+    fig, ax = subplots(figsize=(7, 3.8))
     for i, domain in enumerate(domains):
         at = table[table["domain"] == domain].set_index("layer").reindex(layers)
         values = at["best_median_delta"].tolist()
@@ -250,7 +257,7 @@ def passk_figures(summary: dict) -> list[Figure]:
     figures = [Figure("passk_curves", "pass@k curves", "Unbiased pass@k; bands are 95% percentile bootstrap "
                       "intervals over problems.", fig)]
     if len(arms) == 2:
-        fig, ax = plt.subplots(figsize=(6.5, 3.8))
+        fig, ax = subplots(figsize=(6.5, 3.8))
         for i, (name, block) in enumerate(blocks):
             means = [block["difference"][f"pass@{k}"]["mean"] for k in ks]
             intervals = [block["difference"][f"pass@{k}"]["ci"] for k in ks]
@@ -270,7 +277,7 @@ def passk_figures(summary: dict) -> list[Figure]:
 
 # ---------------------------------------------------------------------------- router update
 def router_update_figures(steps: pd.DataFrame, summary: dict) -> list[Figure]:
-    fig, (ax_loss, ax_margin) = plt.subplots(1, 2, figsize=(11, 3.6))
+    fig, (ax_loss, ax_margin) = subplots(1, 2, figsize=(11, 3.6))
     ax_loss.plot(steps["step"], steps["loss"], color=ARM_COLOURS[0])
     ax_loss.set(title="DPO loss per step", xlabel="optimizer step [count]", ylabel="loss [nats]")
     ax_margin.plot(steps["step"], steps["reward_margin"], color=ARM_COLOURS[1])
