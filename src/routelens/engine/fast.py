@@ -224,14 +224,14 @@ class FastEngine:
                                          (count, len(unique)), check_invariants=False)
         delta = (self.adapter.routed_scale(layer) * torch.sparse.mm(matrix, table.float())).to(block_out.dtype)
         routed = torch.where(is_standard[:, None], block_out[rows], block_out[rows] + delta)  # route 0: as the model made it
-        self._check_block_algebra(layer, x[rows], experts, weights, routed, is_standard)
+        self._check_block_algebra(layer, x, rows, experts, weights, routed, is_standard)
         beside = recorded["beside"][rows] if torch.is_tensor(recorded["beside"]) else recorded["beside"]
         return recorded["keep"] * h_mid[rows] + recorded["scale"] * self._mlp_output(recorded, routed + beside)
 
     CHECKED_ROWS = 8
 
-    def _check_block_algebra(self, layer: int, x: torch.Tensor, experts: torch.Tensor, weights: torch.Tensor,
-                             routed: torch.Tensor, is_standard: torch.Tensor) -> None:
+    def _check_block_algebra(self, layer: int, x: torch.Tensor, rows: torch.Tensor, experts: torch.Tensor,
+                             weights: torch.Tensor, routed: torch.Tensor, is_standard: torch.Tensor) -> None:
         """The MoE block itself, run on a few tokens under their alternative routes, must give
         what the algebra gave: an expert scale applied outside the router, a latent projection
         or a gate on the experts' input would break the algebra without touching route 0."""
@@ -240,7 +240,7 @@ class FastEngine:
             return
         override = RouteOverride(torch.arange(len(sample)), experts[sample], weights[sample])
         with override_routes(self.adapter, {layer: override}):
-            actual = self.adapter.block_output(self.adapter.moe_block(layer)(x[sample][None]))
+            actual = self.adapter.block_output(self.adapter.moe_block(layer)(x[rows[sample]][None]))
         actual, expected = actual.reshape(len(sample), -1).float(), routed[sample].float()
         close = 1e-4 if routed.dtype in (torch.float32, torch.float64) else 5e-2   # bf16: ~6x its rounding
         difference = float((actual - expected).abs().max())
