@@ -44,7 +44,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "src"))
 from routelens.analyses.counterfactual import CounterfactualConfig, build_routes  # noqa: E402
 from routelens.data.trajectories import Trajectory  # noqa: E402
 from routelens.engine import CacheEngine, FastEngine, ReferenceEngine, ScoreItem  # noqa: E402
-from routelens.engine.fast import per_row_arguments  # noqa: E402
+from routelens.engine.readout import record_layer_arguments  # noqa: E402
 from routelens.models import adapter_for, capture_routes  # noqa: E402
 from routelens.models.loading import load_model  # noqa: E402
 
@@ -149,17 +149,14 @@ def floor(adapter, item: ScoreItem, layer: int) -> None:
     """S + 1 plain forward passes of the layers above l over all T tokens, and the LM head
     (each layer called with the arguments the model passed it in a natural forward)."""
     routes = item.experts.shape[1]
-    recorded = {}
-    hooks = [adapter.decoder_layers[layer].register_forward_hook(lambda m, a, o: recorded.__setitem__("h", o))]
-    hooks += [adapter.decoder_layers[i].register_forward_pre_hook(
-        lambda m, a, k, i=i: recorded.__setitem__(i, k), with_kwargs=True) for i in range(layer + 1, adapter.num_layers)]
+    recorded, hooks = record_layer_arguments(adapter, range(layer + 1, adapter.num_layers))
+    hooks.append(adapter.decoder_layers[layer].register_forward_hook(lambda m, a, o: recorded.__setitem__("h", o)))
     adapter.model(item.input_ids[None].to(adapter.device), use_cache=False, logits_to_keep=1)
     for hook in hooks:
         hook.remove()
     states = adapter.block_output(recorded["h"]).expand(routes, -1, -1).contiguous()
     for index in range(layer + 1, adapter.num_layers):
-        kwargs = per_row_arguments(recorded[index], torch.zeros(routes, dtype=torch.long), 1)
-        states = adapter.block_output(adapter.decoder_layers[index](states, **kwargs))
+        states = adapter.block_output(adapter.decoder_layers[index](states, **recorded[index][2]))
     adapter.logits(adapter.final_norm(states[:, item.positions])).float()
 
 

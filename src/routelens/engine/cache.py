@@ -30,7 +30,7 @@ import torch
 
 from routelens.engine.checks import DeviationRecord
 from routelens.engine.items import ScoreItem
-from routelens.engine.readout import activation_bytes, target_log_probs
+from routelens.engine.readout import activation_bytes, record_layer_arguments, target_log_probs
 from routelens.engine.reference import ReferenceEngine
 from routelens.models.adapter import MoEAdapter
 from routelens.models.routing import RouteOverride, override_routes
@@ -68,25 +68,17 @@ class CacheEngine:
     # ------------------------------------------------------------------ one natural step
     def _natural_step(self, token: torch.Tensor, cache, layer: int) -> dict:
         """Decode one token naturally through the decoder stack (no LM head: the cache is what
-        it is for), advancing the cache in place; record layer `layer`'s input and the
-        arguments of every layer from `layer` up."""
+        it is for), advancing the cache in place; returns what every layer from `layer` up
+        was passed (`record_layer_arguments`), layer `layer`'s input included."""
         adapter = self.adapter
-        recorded: dict = {"args": {}}
-
-        def keep(module, args, kwargs, index):
-            recorded["args"][index] = (args[1:], dict(kwargs))
-            if index == layer:
-                recorded["hidden"] = (args[0] if args else kwargs["hidden_states"]).detach()
-
-        hooks = [adapter.decoder_layers[i].register_forward_pre_hook(
-            lambda m, a, k, i=i: keep(m, a, k, i), with_kwargs=True) for i in range(layer, adapter.num_layers)]
+        recorded, hooks = record_layer_arguments(adapter, range(layer, adapter.num_layers))
         try:
             adapter.base_model(token.view(1, 1).to(adapter.device), past_key_values=cache, use_cache=True)
         finally:
             for hook in hooks:
                 hook.remove()
-        if len(recorded["args"]) != adapter.num_layers - layer:
-            raise CacheStepMismatch(f"decoder layers {sorted(set(range(layer, adapter.num_layers)) - set(recorded['args']))} "
+        if len(recorded) != adapter.num_layers - layer:
+            raise CacheStepMismatch(f"decoder layers {sorted(set(range(layer, adapter.num_layers)) - set(recorded))} "
                                     "did not run in a decode step")
         return recorded
 
@@ -97,13 +89,13 @@ class CacheEngine:
         adapter = self.adapter
         rows = experts.shape[0]
         cache = adapter.expand_cache(snapshot, layer, rows)
-        hidden = recorded["hidden"].expand(rows, *recorded["hidden"].shape[1:]).contiguous()
+        hidden = recorded[layer][0]
+        hidden = hidden.expand(rows, *hidden.shape[1:]).contiguous()
         override = RouteOverride(torch.arange(rows), experts, weights)
         with override_routes(adapter, {layer: override}):
             for index in range(layer, adapter.num_layers):
-                args, kwargs = recorded["args"][index]
+                _, args, kwargs = recorded[index]
                 kwargs = {name: (cache if value is snapshot.source else value) for name, value in kwargs.items()}
-                kwargs.pop("hidden_states", None)
                 hidden = adapter.block_output(adapter.decoder_layers[index](hidden, *args, **kwargs))
         return adapter.final_norm(hidden[:, -1])
 

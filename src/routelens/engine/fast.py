@@ -42,7 +42,7 @@ import torch
 from routelens.engine import attention
 from routelens.engine.checks import DeviationRecord
 from routelens.engine.items import ScoreItem
-from routelens.engine.readout import activation_bytes, attention_score_bytes, target_log_probs
+from routelens.engine.readout import activation_bytes, attention_score_bytes, record_layer_arguments, target_log_probs
 from routelens.engine.cache import CacheEngine
 from routelens.models.adapter import SOFTMAX_ATTENTION, MoEAdapter
 from routelens.models.routing import RouteOverride, capture_routes, override_routes
@@ -138,7 +138,7 @@ class FastEngine:
         input_ids [B, T], right-padded: causal attention keeps padding out of real positions."""
         adapter = self.adapter
         block = adapter.moe_block(layer)
-        recorded: dict = {"layer_kwargs": {}}
+        recorded: dict = {}
 
         def keep(name):
             return lambda module, args, *out: recorded.__setitem__(name, (adapter.block_output(out[0]) if out else args[0]).detach())
@@ -153,10 +153,8 @@ class FastEngine:
         parallel = adapter.parallel_mlp(layer)
         if parallel is not None:
             hooks.append(parallel.register_forward_hook(keep("parallel_out")))
-        for index in range(layer + 1, adapter.num_layers):
-            hooks.append(adapter.decoder_layers[index].register_forward_pre_hook(
-                lambda m, args, kwargs, index=index: recorded["layer_kwargs"].__setitem__(index, kwargs),
-                with_kwargs=True))
+        recorded["layer_arguments"], argument_hooks = record_layer_arguments(adapter, range(layer + 1, adapter.num_layers))
+        hooks += argument_hooks
         attention.STATE.keys.clear()
         attention.STATE.values.clear()
         attention.STATE._checked_masks.clear()
@@ -280,7 +278,7 @@ class FastEngine:
         attention.STATE.patched_calls = 0
         try:
             for index in range(layer + 1, self.adapter.num_layers):
-                kwargs = per_row_arguments(recorded["layer_kwargs"][index], sources, recorded["batch"])
+                kwargs = per_row_arguments(recorded["layer_arguments"][index][2], sources, recorded["batch"])
                 kwargs.update(attention_mask=None, past_key_values=None, use_cache=False)
                 output = self.adapter.decoder_layers[index](states, **kwargs)
                 states = output[0] if isinstance(output, tuple) else output

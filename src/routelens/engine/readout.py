@@ -1,5 +1,5 @@
-"""What the engines share: the read-out of log-probabilities and the memory estimate of
-one perturbed sequence."""
+"""What the engines share: the read-out of log-probabilities, the memory estimate of one
+perturbed sequence, and the record of what the model passes its decoder layers."""
 
 from __future__ import annotations
 
@@ -33,3 +33,19 @@ def activation_bytes(adapter: MoEAdapter, length: int) -> int:
     config = adapter.config
     intermediate = max(getattr(config, "moe_intermediate_size", 0) or 0, getattr(config, "intermediate_size", 0) or 0)
     return 4 * length * (12 * config.hidden_size + 3 * adapter.top_k * intermediate)
+
+
+def record_layer_arguments(adapter: MoEAdapter, layers) -> tuple[dict, list]:
+    """Forward pre-hooks that record, for each decoder layer in `layers`, what the model
+    passes it in the next forward: (hidden states, other positional arguments, keyword
+    arguments), so the layer can be re-run on other states. Returns the dict (filled in
+    place) and the hook handles, to remove when done."""
+    recorded: dict = {}
+
+    def keep(index, args, kwargs):
+        hidden = args[0] if args else kwargs["hidden_states"]
+        recorded[index] = (hidden.detach(), args[1:], {k: v for k, v in kwargs.items() if k != "hidden_states"})
+
+    hooks = [adapter.decoder_layers[index].register_forward_pre_hook(
+        lambda module, args, kwargs, index=index: keep(index, args, kwargs), with_kwargs=True) for index in layers]
+    return recorded, hooks
