@@ -74,6 +74,12 @@ class MoEAdapter:
     #: it read (`mlp_residual_input`), which the fast engine needs; any other layout is
     #: refused by the fast engine (the reference engine serves it).
     norm_order: ClassVar[str] = "pre"
+    #: Where a decoder layer keeps its routed MoE block and the module whose input is the
+    #: residual entering the MLP sub-block, and where the base model keeps its final norm
+    #: (attribute names; a family with a computed answer overrides the accessor instead).
+    moe_block_attribute: ClassVar[str] = "mlp"
+    mlp_residual_input_attribute: ClassVar[str] = "post_attention_layernorm"
+    final_norm_attribute: ClassVar[str] = "norm"
     #: What mixes positions across the decoder layers ("attention", or a hybrid's kinds), for
     #: `routelens models`; the engines read `layer_kind` per layer instead.
     layer_mixers: ClassVar[str] = "attention"
@@ -129,7 +135,7 @@ class MoEAdapter:
 
     @property
     def final_norm(self) -> nn.Module:
-        return self.model.model.norm
+        return getattr(self.base_model, self.final_norm_attribute)
 
     @property
     def lm_head(self) -> nn.Module:
@@ -137,7 +143,7 @@ class MoEAdapter:
 
     def moe_block(self, layer: int) -> nn.Module:
         """The routed MoE block of decoder layer `layer` (router, experts, shared experts)."""
-        return self.decoder_layers[layer].mlp
+        return getattr(self.decoder_layers[layer], self.moe_block_attribute)
 
     @staticmethod
     def block_output(output) -> torch.Tensor:
@@ -174,7 +180,7 @@ class MoEAdapter:
     def mlp_residual_input(self, layer: int) -> nn.Module:
         """The module whose input is the residual stream entering the MLP sub-block: the
         MLP-input norm (pre-norm layout), or the MoE block itself where none precedes it."""
-        return self.decoder_layers[layer].post_attention_layernorm
+        return getattr(self.decoder_layers[layer], self.mlp_residual_input_attribute)
 
     def mlp_output_norm(self, layer: int) -> nn.Module | None:
         """A per-token norm applied to the MLP sub-block's output before the residual add

@@ -15,6 +15,7 @@ from routelens.models.families.deepseek_v3 import DeepseekV3Adapter
 
 class BeamAdapter(DeepseekV3Adapter):
     model_types = ("beam",)
+    mlp_residual_input_attribute = "pre_feedforward_layernorm"
     window_source = "config"
     gating_rule = ("sigmoid affinities; chosen by affinity + correction bias within top groups; weights = affinity / "
                    "(sum + 1e-20) if norm_topk_prob; the block scales the experts' sum by routed_scaling_factor")
@@ -24,9 +25,6 @@ class BeamAdapter(DeepseekV3Adapter):
         if self.config.norm_topk_prob:
             weights = weights / (weights.sum(dim=-1, keepdim=True) + 1e-20)
         return weights
-
-    def mlp_residual_input(self, layer: int):
-        return self.decoder_layers[layer].pre_feedforward_layernorm
 
     def mlp_output_norm(self, layer: int):
         return self.decoder_layers[layer].post_feedforward_layernorm

@@ -12,11 +12,9 @@ from routelens.models.adapter import MoEAdapter
 
 class GraniteMoeAdapter(MoEAdapter):
     model_types = ("granitemoe", "granitemoeshared")
+    moe_block_attribute = "block_sparse_moe"
     window_source = "none"   # plain causal mask
     gating_rule = "top-k on logits, softmax over the k; residual x residual_multiplier, logits / logits_scaling"
-
-    def moe_block(self, layer: int):
-        return self.decoder_layers[layer].block_sparse_moe
 
     def parallel_mlp(self, layer: int):
         return getattr(self.decoder_layers[layer], "shared_mlp", None)

@@ -10,16 +10,9 @@ from routelens.models.families.deepseek_v3 import DeepseekV3Adapter
 class NemotronHAdapter(DeepseekV3Adapter):
     model_types = ("nemotron_h",)
     layer_mixers = "attention + Mamba-2"
-
-    @property
-    def final_norm(self):
-        return self.model.model.norm_f
-
-    def moe_block(self, layer: int):
-        return self.decoder_layers[layer].mixer
-
-    def mlp_residual_input(self, layer: int):
-        return self.decoder_layers[layer].norm
+    moe_block_attribute = "mixer"
+    mlp_residual_input_attribute = "norm"
+    final_norm_attribute = "norm_f"
 
     def fast_engine_unsupported(self) -> str | None:
         if getattr(self.config, "moe_latent_size", None):
