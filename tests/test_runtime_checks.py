@@ -50,6 +50,19 @@ def _items(adapter, layer, num_routes=4, seed=0):
 
 
 @torch.no_grad()
+def _falls_back_and_stays_exact(adapter, warning: str, atol: float) -> FastEngine:
+    """Score the first MoE layer with the fast engine: it must warn (`warning`, a regex) that a
+    check failed, and its results, from the engine it falls back to, equal the reference's."""
+    layer = adapter.moe_layers[0]
+    items = _items(adapter, layer)
+    engine = FastEngine(adapter)
+    with pytest.warns(UserWarning, match=warning):
+        fast = engine.score_batch(layer, items)
+    for f, r in zip(fast, ReferenceEngine(adapter).score_batch(layer, items)):
+        np.testing.assert_allclose(f, r, atol=atol, rtol=0)
+    return engine
+
+
 def _plain_forward(adapter, layer, item, p, r):
     """log p(token t+1) from one forward of the whole sequence with route r forced at t."""
     t = int(item.positions[p])
@@ -85,14 +98,8 @@ def test_a_window_the_adapter_does_not_know_falls_back_with_the_reason(monkeypat
     catches it before any route is scored, and the results come from the cache engine."""
     adapter = adapter_for(build_tiny_model("phimoe", seed=0, sliding_window=WINDOW))
     monkeypatch.setattr(type(adapter), "window_source", "none")
-    layer = adapter.moe_layers[0]
-    items = _items(adapter, layer)
-    engine = FastEngine(adapter)
-    with pytest.warns(UserWarning, match="attention mask the model builds for layer 0 is not the full causal"):
-        fast = engine.score_batch(layer, items)
+    engine = _falls_back_and_stays_exact(adapter, "attention mask the model builds for layer 0 is not the full causal", 1e-6)
     assert "phimoe" in engine.fallback_reason
-    for f, r in zip(fast, ReferenceEngine(adapter).score_batch(layer, items)):
-        np.testing.assert_allclose(f, r, atol=1e-6, rtol=0)
 
 
 def test_broken_attention_patch_is_caught_by_the_standard_route_check(monkeypatch):
@@ -106,14 +113,9 @@ def test_broken_attention_patch_is_caught_by_the_standard_route_check(monkeypatc
         return out * 0.9, None
 
     monkeypatch.setattr(attention, "patched_attention", broken)
-    layer = adapter.moe_layers[0]
-    items = _items(adapter, layer)
-    engine = FastEngine(adapter)
-    with pytest.warns(UserWarning, match=r"layer 0 \(olmoe\): the standard route's log-prob differs .* by up to"):
-        fast = engine.score_batch(layer, items)
+    engine = _falls_back_and_stays_exact(adapter, r"layer 0 \(olmoe\): the standard route's log-prob differs .* by up to",
+                                         1e-6)
     assert engine.fallback_reason.startswith("layer 0 (olmoe)")
-    for f, r in zip(fast, ReferenceEngine(adapter).score_batch(layer, items)):
-        np.testing.assert_allclose(f, r, atol=1e-6, rtol=0)
 
 
 class WrongGatingAdapter(OlmoeAdapter):
@@ -172,13 +174,7 @@ class PostNormMisdeclared(OlmoeAdapter):
 
 def test_post_norm_layout_is_detected_from_the_model_not_from_names():
     adapter = PostNormMisdeclared(_tiny_flex_olmo())
-    layer = adapter.moe_layers[0]
-    items = _items(adapter, layer)
-    engine = FastEngine(adapter)
-    with pytest.warns(UserWarning, match="post-norm or scaled residual layout"):
-        fast = engine.score_batch(layer, items)
-    for f, r in zip(fast, ReferenceEngine(adapter).score_batch(layer, items)):
-        np.testing.assert_allclose(f, r, atol=1e-6, rtol=0)
+    _falls_back_and_stays_exact(adapter, "post-norm or scaled residual layout", 1e-6)
     declared = type("PostNorm", (PostNormMisdeclared,), {"norm_order": "post"})(adapter.model)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
@@ -203,11 +199,5 @@ def test_an_undeclared_expert_scale_is_caught_by_the_block_check(monkeypatch):
             return 2 * self.inner(x, indices, weights)
 
     monkeypatch.setattr(adapter, "experts", lambda layer: Doubled(experts[layer]))
-    layer = adapter.moe_layers[0]
-    items = _items(adapter, layer)
-    engine = FastEngine(adapter)
-    with pytest.warns(UserWarning, match="combines its experts in a way the adapter does not declare"):
-        fast = engine.score_batch(layer, items)
+    engine = _falls_back_and_stays_exact(adapter, "combines its experts in a way the adapter does not declare", 1e-5)
     assert "MoE block of layer 0" in engine.fallback_reason
-    for f, r in zip(fast, ReferenceEngine(adapter).score_batch(layer, items)):
-        np.testing.assert_allclose(f, r, atol=1e-5, rtol=0)
