@@ -49,7 +49,6 @@ def _items(adapter, layer, num_routes=4, seed=0):
     return items
 
 
-@torch.no_grad()
 def _falls_back_and_stays_exact(adapter, warning: str, atol: float) -> FastEngine:
     """Score the first MoE layer with the fast engine: it must warn (`warning`, a regex) that a
     check failed, and its results, from the engine it falls back to, equal the reference's."""
@@ -63,6 +62,7 @@ def _falls_back_and_stays_exact(adapter, warning: str, atol: float) -> FastEngin
     return engine
 
 
+@torch.no_grad()
 def _plain_forward(adapter, layer, item, p, r):
     """log p(token t+1) from one forward of the whole sequence with route r forced at t."""
     t = int(item.positions[p])
