@@ -52,3 +52,13 @@ def write_jsonl(path, records):
         for record in records:
             handle.write((record if isinstance(record, str) else json.dumps(record)) + "\n")
     return str(path)
+
+
+def pytest_collection_modifyitems(config, items):
+    """The `gpu` tier runs only where CUDA is available, and says so when skipped."""
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="gpu tier: no CUDA device here")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)

@@ -3,9 +3,19 @@
 import pytest
 
 from routelens import stats
-from routelens.data.arithmetic import (DOMAINS, OPS_RANGE, Problem, generate, heldout_problems, heldout_questions,
-                                       training_problems, verify)
+from routelens.data.arithmetic import (
+    DOMAINS,
+    OPS_RANGE,
+    Problem,
+    generate,
+    heldout_problems,
+    heldout_questions,
+    training_problems,
+    verify,
+)
 from routelens.data.sampling import math_answer_correct
+
+pytestmark = pytest.mark.quick   # the quick tier: pure functions, run first
 
 
 def test_worked_solution_multiplications_first_then_left_to_right():
@@ -85,6 +95,7 @@ def test_pass_at_k_closed_form(n, c, k, expected):
 
 def test_problem_file_errors_are_named(tmp_path):
     from conftest import write_jsonl
+
     from routelens.data.sampling import read_problem_file
     from routelens.errors import RouteLensError
 

@@ -12,10 +12,10 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+from conftest import PYTHON, write_jsonl
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from conftest import PYTHON, write_jsonl
 from routelens.cli import main
 from routelens.models.tiny import build_tiny_model
 
@@ -167,7 +167,8 @@ CASES = {
     "items_not_utf8": (lambda w: _iso(w, items=w.latin1), "not UTF-8 text"),
     "items_missing_domain": (lambda w: _iso(w, items=write_jsonl(w.root / "nd.jsonl", [{"id": "i", "prompt": "Q", "target": "3"}])),
                              "missing field 'domain'"),
-    "items_unknown_characters": (lambda w: _iso(w, items=w.unk_items), "the prompt has characters the model's tokenizer does not know ('€')"),
+    "items_unknown_characters": (lambda w: _iso(w, items=w.unk_items),
+                                 "the prompt has characters the model's tokenizer does not know ('€')"),
     "items_unknown_domain": (lambda w: _iso(w, "--domains", "poetry"), "domain(s) poetry not in"),
     "isolate_alpha": (lambda w: _iso(w, "--alpha", "1.5"), "--alpha must lie strictly between 0 and 1"),
     "isolate_floor_seeds": (lambda w: _iso(w, "--floor-seeds", "-1"), "--floor-seeds must be 0 or more"),

@@ -7,6 +7,7 @@ import warnings
 import numpy as np
 import pytest
 import torch
+from conftest import FAMILIES
 
 from routelens.engine import CacheEngine, FastEngine, ReferenceEngine, ScoreItem, make_engine
 from routelens.errors import RouteLensError
@@ -14,8 +15,6 @@ from routelens.models import adapter_for
 from routelens.models.registry import adapter_class
 from routelens.models.routing import capture_routes
 from routelens.models.tiny import build_tiny_model
-
-from conftest import FAMILIES
 
 HYBRIDS = [family for family in FAMILIES if adapter_class(family).layer_mixers != "attention"]
 EXACT = 1e-5

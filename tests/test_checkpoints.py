@@ -7,9 +7,9 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+from conftest import write_jsonl
 from safetensors.torch import load_file, save_file
 
-from conftest import write_jsonl
 from routelens.analyses.counterfactual import CounterfactualConfig, build_routes
 from routelens.cli import main
 from routelens.data.trajectories import Trajectory

@@ -2,8 +2,8 @@
 folder: the run folder contract, resume after SIGKILL, and one-line errors with exit 2."""
 
 import json
-import re
 import os
+import re
 import signal
 import subprocess
 import time
@@ -12,8 +12,8 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-
 from conftest import PYTHON, write_jsonl
+
 from routelens.cli import main
 from routelens.models.tiny import build_tiny_model
 
@@ -113,11 +113,15 @@ def odd_models(tmp_path_factory):
 def test_bad_input_one_line_exit_2(case, message, saved_model, odd_models, tmp_path, capsys):
     good = write_jsonl(tmp_path / "good.jsonl", TEXT_RECORDS[:1])
     ids = write_jsonl(tmp_path / "ids.jsonl", [{"id": "a", "input_ids": [1, 5, 6, 7, 8], "completion_start": 2}])
+    def jsonl(name, records):
+        return write_jsonl(tmp_path / name, records)
+
     args = {
-        "malformed": _run_args(saved_model, write_jsonl(tmp_path / "m1.jsonl", [json.dumps(TEXT_RECORDS[0]), "{oops"]), str(tmp_path / "r")),
-        "missing": _run_args(saved_model, write_jsonl(tmp_path / "m2.jsonl", [{"id": "a", "prompt": "Q"}]), str(tmp_path / "r")),
-        "empty": _run_args(saved_model, write_jsonl(tmp_path / "m3.jsonl", [{"id": "a", "prompt": "Q", "completion": ""}]), str(tmp_path / "r")),
-        "dense_layer": ["counterfactual", "--model", "tiny:qwen2_moe", "--trajectories", ids, "--layers", "1", "--out", str(tmp_path / "r")],
+        "malformed": _run_args(saved_model, jsonl("m1.jsonl", [json.dumps(TEXT_RECORDS[0]), "{oops"]), str(tmp_path / "r")),
+        "missing": _run_args(saved_model, jsonl("m2.jsonl", [{"id": "a", "prompt": "Q"}]), str(tmp_path / "r")),
+        "empty": _run_args(saved_model, jsonl("m3.jsonl", [{"id": "a", "prompt": "Q", "completion": ""}]), str(tmp_path / "r")),
+        "dense_layer": ["counterfactual", "--model", "tiny:qwen2_moe", "--trajectories", ids, "--layers", "1",
+                        "--out", str(tmp_path / "r")],
         "out_of_range": _run_args(saved_model, good, str(tmp_path / "r"))[:6] + ["9", "--out", str(tmp_path / "r")],
         "k_gt_candidates": _run_args(saved_model, good, str(tmp_path / "r")) + ["--candidates", "1"],
         "unknown_arch": _run_args(odd_models["llama"], good, str(tmp_path / "r")),

@@ -5,12 +5,18 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+from conftest import FAMILIES
 from scipy import stats as sp
 
-from conftest import FAMILIES
-from routelens.analyses.counterfactual import (BINS, CounterfactualConfig, analyse_trajectory, bin_of, token_metrics,
-                                               trajectory_groups,
-                                               summarise)
+from routelens.analyses.counterfactual import (
+    BINS,
+    CounterfactualConfig,
+    analyse_trajectory,
+    bin_of,
+    summarise,
+    token_metrics,
+    trajectory_groups,
+)
 from routelens.data.trajectories import Trajectory
 from routelens.engine.reference import ReferenceEngine
 from routelens.models import capture_routes

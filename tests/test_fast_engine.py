@@ -6,8 +6,8 @@ import warnings
 import numpy as np
 import pytest
 import torch
-
 from conftest import FAMILIES
+
 from routelens.analyses.counterfactual import CounterfactualConfig, build_routes
 from routelens.data.trajectories import Trajectory
 from routelens.engine import CacheEngine, FastEngine, ReferenceEngine, ScoreItem, make_engine

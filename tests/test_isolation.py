@@ -9,10 +9,10 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+from conftest import FAMILIES, write_jsonl
 from scipy import stats as sps
 from statsmodels.stats.multitest import multipletests
 
-from conftest import FAMILIES, write_jsonl
 from routelens import stats
 from routelens.analyses import isolation
 from routelens.analyses.isolation import IsolationConfig, analyse_item, floor_conditions, forced_conditions

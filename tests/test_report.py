@@ -10,8 +10,8 @@ import shutil
 
 import pandas as pd
 import pytest
-
 from conftest import write_jsonl
+
 from routelens.cli import main
 from routelens.report import figures as figs
 from routelens.results.run_folder import read_json
@@ -69,7 +69,7 @@ def test_report_figures_and_tables_agree_with_the_run(runs):
     worst = re.search(r'<table id="cf-worst">(.*?)</table>', page, re.S).group(1)
     rows = re.findall(r"<tr><td>([^<]*)</td><td>(\d+)</td><td>(\d+)</td>", worst)
     fragile = figs.worst_tokens(tokens, 20)
-    assert [(t, int(l), int(p)) for t, l, p in rows] == list(zip(fragile["trajectory_id"], fragile["layer"], fragile["position"]))
+    assert [(t, int(layer), int(p)) for t, layer, p in rows] == list(zip(fragile["trajectory_id"], fragile["layer"], fragile["position"]))
     assert "&lt;script&gt;alert(1)&lt;/script&gt;" in page and "<script" not in page.lower()
 
     # isolation and pass@k tables are the summaries'
@@ -85,7 +85,8 @@ def test_every_figure_has_a_title_and_labelled_axes(runs):
     root, _ = runs
     tokens = pd.read_parquet(root / "cf" / "tokens.parquet")
     routes = pd.read_parquet(root / "cf" / "routes.parquet")
-    made = (figs.counterfactual_figures(tokens, routes, read_json(root / "cf" / "summary.json"), read_json(root / "cf" / "run.json")["config"])
+    made = (figs.counterfactual_figures(tokens, routes, read_json(root / "cf" / "summary.json"),
+                                        read_json(root / "cf" / "run.json")["config"])
             + figs.isolation_figures(pd.read_parquet(root / "iso" / "cells.parquet"),
                                      pd.read_parquet(root / "iso" / "calibration.parquet"), read_json(root / "iso" / "summary.json"))
             + figs.passk_figures(read_json(root / "passk" / "summary.json")))
@@ -137,7 +138,7 @@ def test_report_loads_in_headless_chromium_without_errors_and_shows_script_as_te
     try:
         driver.get("file://" + os.path.abspath(out))
         with pytest.raises(NoAlertPresentException):
-            driver.switch_to.alert                        # alert(1) never ran
+            driver.switch_to.alert  # noqa: B018 (reading it raises when no alert is open: alert(1) never ran)
         assert driver.execute_script("return document.scripts.length") == 0
         text = driver.find_element(By.ID, "cf-worst").text
         assert SCRIPT in text                             # shown, as text

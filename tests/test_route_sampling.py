@@ -5,9 +5,16 @@ import numpy as np
 import pytest
 from scipy import stats
 
-from routelens.analyses.route_sampling import (check_route_settings, flag_duplicates, gumbel_top_k_routes,
-                                               route_rng, top_candidates)
+from routelens.analyses.route_sampling import (
+    check_route_settings,
+    flag_duplicates,
+    gumbel_top_k_routes,
+    route_rng,
+    top_candidates,
+)
 from routelens.errors import RouteLensError
+
+pytestmark = pytest.mark.quick   # the quick tier: pure functions, run first
 
 
 def _scores(n=5, e=16, seed=0):
@@ -57,7 +64,10 @@ def test_temperature_flattens_inclusion():
     scores, _ = _scores(n=1, e=10, seed=2)
     sharp = gumbel_top_k_routes(scores, 2, 20000, 10, 0.5, np.random.default_rng(0))
     flat = gumbel_top_k_routes(scores, 2, 20000, 10, 5.0, np.random.default_rng(0))
-    spread = lambda r: np.bincount(r[0].ravel(), minlength=10).std()
+
+    def spread(routes):
+        return np.bincount(routes[0].ravel(), minlength=10).std()
+
     assert spread(flat) < spread(sharp)
 
 

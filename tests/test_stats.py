@@ -6,6 +6,8 @@ from scipy import stats as sp
 
 from routelens import stats
 
+pytestmark = pytest.mark.quick   # the quick tier: pure functions, run first
+
 
 def test_spearman_matches_scipy_and_handles_constant_input():
     rng = np.random.default_rng(0)

@@ -2,8 +2,8 @@
 
 import pandas as pd
 import pytest
-
 from conftest import ALPHABET, write_jsonl
+
 from routelens.data.char_tokenizer import build_char_tokenizer
 from routelens.data.trajectories import load_trajectories
 from routelens.errors import RouteLensError

@@ -4,8 +4,8 @@ exits 1 naming the failing check when one fails, and 2 on bad input."""
 import json
 
 import pytest
-
 from conftest import FAMILIES
+
 from routelens.cli import main
 from routelens.models import LoadedModel, adapter_for
 from routelens.models.families.softmax_topk import SoftmaxTopKAdapter

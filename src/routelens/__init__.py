@@ -1,3 +1,49 @@
-"""routelens: audit the routers of Mixture-of-Experts language models."""
+"""routelens: audit the routers of Mixture-of-Experts language models.
+
+    import routelens as rl
+    lens = rl.load("demo")
+    trajs = rl.trajectories_from_text(lens.tokenizer, [("Q:3+4=A:", "3+4=7#7")])
+    res = rl.counterfactual(lens, trajs, layers=[-1], routes=32, seed=0)
+    res.summary
+
+Importing routelens loads nothing heavy and changes no global state (no matplotlib
+backend, no torch settings): the names below are imported on first use.
+"""
+
+from __future__ import annotations
+
+import importlib
 
 __version__ = "0.1.0"
+
+# name -> module that defines it (imported lazily: `routelens --help` stays fast)
+_EXPORTS = {
+    "Lens": "routelens.lens", "load": "routelens.lens", "wrap": "routelens.lens", "Routes": "routelens.lens",
+    "counterfactual": "routelens.api", "run_counterfactual": "routelens.api",
+    "isolate": "routelens.api", "run_isolate": "routelens.api",
+    "passk": "routelens.api", "run_passk": "routelens.api", "router_update": "routelens.api",
+    "trajectories_from_ids": "routelens.api", "trajectories_from_text": "routelens.api",
+    "read_trajectories": "routelens.api", "arithmetic_items": "routelens.api", "read_items": "routelens.api",
+    "read_run": "routelens.results.objects",
+    "CounterfactualResult": "routelens.results.objects", "IsolationResult": "routelens.results.objects",
+    "PassKResult": "routelens.results.objects", "RouterUpdateResult": "routelens.results.objects",
+    "CounterfactualConfig": "routelens.config", "IsolationConfig": "routelens.config",
+    "PassKConfig": "routelens.config", "RouterUpdateConfig": "routelens.config",
+    "EvalProblem": "routelens.analyses.passk", "Trajectory": "routelens.data.trajectories",
+    "TargetItem": "routelens.data.target_items",
+    "RouteLensError": "routelens.errors", "OverrideNotApplied": "routelens.errors",
+}
+
+__all__ = ["__version__", *_EXPORTS]
+
+
+def __getattr__(name: str):
+    if name not in _EXPORTS:
+        raise AttributeError(f"module 'routelens' has no attribute {name!r}")
+    value = getattr(importlib.import_module(_EXPORTS[name]), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(__all__)

@@ -7,12 +7,27 @@ escapes is a bug and keeps its traceback.
 
 
 class RouteLensError(Exception):
-    """Bad input or an unsupported setting, explained in one line."""
+    """Bad input or an unsupported setting, explained in one line.
+
+    Example:
+        >>> import routelens as rl
+        >>> try:
+        ...     rl.load("tiny:no_such_family")
+        ... except rl.RouteLensError as error:
+        ...     print(str(error).split(";")[0])
+        unsupported architecture 'no_such_family'
+    """
 
 
 class OverrideNotApplied(RouteLensError):
     """A route override was requested but the router hook never fired or replaced fewer
-    rows than asked: the result would silently be the natural route, so we refuse."""
+    rows than asked: the result would silently be the natural route, so we refuse.
+
+    Example:
+        >>> import routelens as rl
+        >>> issubclass(rl.OverrideNotApplied, rl.RouteLensError)
+        True
+    """
 
 
 class RouterBypassed(RouteLensError):

@@ -54,7 +54,7 @@ def sample_completions(model, tokenizer, prompt_ids: list[list[int]], num_sample
     jobs = [(p, s) for p in range(len(prompt_ids)) for s in range(1 if greedy else num_samples)]
     samples = []
     with progress_bar(description, len(jobs), 0, show_progress, unit="samples") as advance:
-        for batch_index, start in enumerate(range(0, len(jobs), batch_size)):
+        for start in range(0, len(jobs), batch_size):
             batch = jobs[start: start + batch_size]
             prompts = [prompt_ids[p] for p, _ in batch]
             width = max(map(len, prompts))

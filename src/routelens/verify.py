@@ -124,9 +124,9 @@ def verify_model(loaded, length: int = 32, seed: int = 0, routes: int = 4, score
                          f"logits before it {before:.3g}"))
 
         if layer in engine_layers:
-            rows.extend(_guarded(layer, "fast_vs_reference", lambda: _engines_vs_reference(
+            rows.extend(_guarded(layer, "fast_vs_reference", lambda layer=layer: _engines_vs_reference(
                 adapter, input_ids, layer, routes, seed, scored_positions, exact)))
-        rows.extend(_guarded(layer, "isolation_scorer", lambda: _isolation_scorer(
+        rows.extend(_guarded(layer, "isolation_scorer", lambda layer=layer, route=route: _isolation_scorer(
             adapter, input_ids, layer, int(route.experts[position, 0]), scored_positions, exact)))
     return pd.DataFrame(rows, columns=COLUMNS)
 

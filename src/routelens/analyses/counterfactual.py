@@ -19,7 +19,7 @@ a resumable run folder.
 from __future__ import annotations
 
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 import pandas as pd
@@ -27,15 +27,15 @@ import pyarrow as pa
 import torch
 
 from routelens import stats
-from routelens.analyses.route_sampling import (check_route_settings, flag_duplicates,
-                                               gumbel_top_k_routes, route_rng)
+from routelens.analyses.route_sampling import check_route_settings, flag_duplicates, gumbel_top_k_routes, route_rng
+from routelens.config import BINS, ENGINE_NAMES, CounterfactualConfig  # noqa: F401 (re-exported)
 from routelens.data.trajectories import Trajectory
 from routelens.engine.checks import check_gating_rule
 from routelens.engine.items import ScoreItem
+from routelens.errors import RouteLensError
 from routelens.models.adapter import MoEAdapter
 from routelens.models.routing import capture_routes
 
-BINS = ("Confident", "Ambiguous", "Fragile")
 ALL_TOKENS = "All"
 
 ROUTES_SCHEMA = pa.schema([
@@ -51,35 +51,6 @@ TOKENS_SCHEMA = pa.schema([
     ("gain", pa.float64()), ("win_rate", pa.float64()), ("alignment", pa.float64()),
     ("n_duplicates", pa.int64()), ("bin", pa.string()),
 ])
-
-
-@dataclass
-class CounterfactualConfig:
-    layers: list[int] = field(default_factory=lambda: [-1])
-    num_routes: int = 32
-    num_candidates: int | None = None  # None: min(32, E)
-    temperature: float = 1.0
-    seed: int = 0
-    confident: float = 0.9
-    fragile: float = 0.5
-    engine: str = "fast"
-    route_batch_size: int = 33          # reference engine: routes per forward
-    memory_budget: int = 2 * 2**30      # fast engine: bytes for one chunk of perturbed sequences
-    group_tokens: int = 2048            # fast engine: trajectories scored together up to this many tokens
-    bootstrap_resamples: int = 2000
-
-    def candidates_for(self, num_experts: int) -> int:
-        return self.num_candidates if self.num_candidates is not None else min(32, num_experts)
-
-    # Knobs that change speed and memory but not results (tested): not part of a run's identity,
-    # so a run resumes under another memory budget.
-    PERFORMANCE = ("route_batch_size", "memory_budget", "group_tokens")
-
-    def to_dict(self) -> dict:
-        return {k: v for k, v in asdict(self).items() if k not in self.PERFORMANCE}
-
-    def performance(self) -> dict:
-        return {k: getattr(self, k) for k in self.PERFORMANCE}
 
 
 def bin_of(p_route_mean: float, confident: float, fragile: float) -> str:
@@ -128,7 +99,7 @@ def build_routes(adapter: MoEAdapter, trajectory: Trajectory, layers: list[int],
         std_weights = out.weights[index].gather(-1, order)                   # as applied
         scores = adapter.selection_scores(logits, layer)                     # [P, E]
         alternatives = gumbel_top_k_routes(
-            scores.double().cpu().numpy(), k, config.num_routes, num_candidates, config.temperature,
+            scores.double().cpu().numpy(), k, config.num_routes, num_candidates, config.gumbel_temperature,
             route_rng(config.seed, layer, trajectory.id),
         )                                                                    # [P, S, k]
         alt_experts = torch.as_tensor(alternatives, device=adapter.device)
@@ -294,25 +265,28 @@ def summarise(tokens: pd.DataFrame, layers: list[int], config: CounterfactualCon
     }
 
 
-def run_counterfactual(loaded, trajectories: list[Trajectory], config: CounterfactualConfig, out: str,
-                       data_info: dict, overwrite: bool = False, show_progress: bool = True) -> dict:
+def run_counterfactual(loaded, trajectories: list[Trajectory], config: CounterfactualConfig, out: str | None,
+                       data_info: dict, overwrite: bool = False, show_progress: bool = True):
     """Run the analysis into the run folder `out` (resuming a cut-off run of the same
-    config) and return the summary."""
+    config), or in memory when `out` is None; return the completed run (`RunFolder` or
+    `MemoryRun`: its `summary` and `read(table)`)."""
     from routelens.engine import make_engine
     from routelens.progress import progress_bar
-    from routelens.results.run_folder import RunFolder
+    from routelens.results.run_folder import open_run
 
     adapter = loaded.adapter
     layers = adapter.resolve_layers(config.layers)
     check_route_settings(adapter.top_k, adapter.num_experts, config.candidates_for(adapter.num_experts),
-                         config.num_routes, config.temperature)
+                         config.num_routes, config.gumbel_temperature)
+    if not trajectories:
+        raise RouteLensError("no trajectory to score; give at least one")
     engine = make_engine(config.engine, adapter, route_batch_size=config.route_batch_size,
                          memory_budget=config.memory_budget)
     run_config = {**loaded.identity(), "engine_used": engine.name, "dtype": loaded.dtype, **data_info, **config.to_dict(),
                   "resolved_layers": layers, "resolved_candidates": config.candidates_for(adapter.num_experts)}
-    folder = RunFolder(out, "counterfactual", run_config, ("routes", "tokens"), overwrite=overwrite,
-                       extra={"model": adapter.describe(), "device": loaded.device,
-                              "performance": config.performance()})
+    folder = open_run(out, "counterfactual", run_config, ("routes", "tokens"), overwrite=overwrite,
+                      extra={"model": adapter.describe(), "device": loaded.device,
+                             "performance": config.performance()})
     todo = [i for i in range(len(trajectories)) if not folder.is_done(i)]
     total_tokens = sum(len(t.scored_positions) for t in trajectories) * len(layers)
     done_tokens = total_tokens - sum(len(trajectories[i].scored_positions) for i in todo) * len(layers)
@@ -323,14 +297,13 @@ def run_counterfactual(loaded, trajectories: list[Trajectory], config: Counterfa
             for i, (routes, tokens) in zip(group, tables):
                 folder.write_unit(i, {"routes": routes, "tokens": tokens})
                 advance(tokens.num_rows)
-    units = list(range(len(trajectories)))
-    paths = folder.concatenate(units)
-    summary = summarise(pd.read_parquet(paths["tokens"]), layers, config)
+    folder.concatenate(list(range(len(trajectories))))
+    summary = summarise(folder.read("tokens"), layers, config)
     folder.complete(summary, extra={"timings": {
         "seconds_this_session": round(time.perf_counter() - started, 3),
         "tokens_scored_this_session": total_tokens - done_tokens,
     }, "checks": engine_checks(engine)})
-    return summary
+    return folder
 
 
 def engine_checks(engine) -> dict:

@@ -26,7 +26,7 @@ best); and a layer table. All tests come from SciPy (`routelens.stats`).
 from __future__ import annotations
 
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
 import numpy as np
 import pandas as pd
@@ -35,12 +35,12 @@ import torch
 
 from routelens import stats
 from routelens.analyses.route_sampling import route_rng, uniform_routes
+from routelens.config import SCORES, IsolationConfig  # noqa: F401 (re-exported)
 from routelens.data.target_items import TargetItem
 from routelens.engine.whole_sequence import WholeSequenceScorer
 from routelens.errors import RouteLensError
 from routelens.models.adapter import MoEAdapter
 
-SCORES = {"mean": "mean_logprob", "first": "first_logprob"}
 SHARES = {"router_share": "mean router probability", "selection_share": "top-k selection frequency / k"}
 
 ISOLATION_SCHEMA = pa.schema([
@@ -52,36 +52,6 @@ ROUTING_SCHEMA = pa.schema([
     ("item_id", pa.string()), ("domain", pa.string()), ("layer", pa.int64()), ("expert", pa.int64()),
     ("tokens", pa.int64()), ("router_share_sum", pa.float64()), ("selected", pa.int64()),
 ])
-
-
-@dataclass
-class IsolationConfig:
-    layers: list[int] | None = None     # None: every MoE layer
-    floor_seeds: int = 5
-    seed: int = 0
-    alpha: float = 0.05
-    score: str = "mean"                 # statistic of the cells: "mean" or "first" target-token log-prob
-    bootstrap_resamples: int = 2000
-    memory_budget: int = 2 * 2**30
-
-    # Settings that only change the summary (recomputed from the tables on every run) or the
-    # speed: a run folder resumes, or re-summarises, under other values of these.
-    SUMMARY = ("alpha", "score", "bootstrap_resamples")
-    PERFORMANCE = ("memory_budget",)
-
-    def check(self) -> None:
-        if self.floor_seeds < 0:
-            raise RouteLensError(f"--floor-seeds must be 0 or more, got {self.floor_seeds}")
-        if not 0 < self.alpha < 1:
-            raise RouteLensError(f"--alpha must lie strictly between 0 and 1, got {self.alpha}")
-        if self.score not in SCORES:
-            raise RouteLensError(f"--score must be one of {', '.join(SCORES)}, got {self.score!r}")
-
-    def identity(self) -> dict:
-        return {k: v for k, v in asdict(self).items() if k not in self.SUMMARY + self.PERFORMANCE}
-
-    def summary_settings(self) -> dict:
-        return {k: getattr(self, k) for k in self.SUMMARY}
 
 
 # ---------------------------------------------------------------------------- conditions
@@ -233,7 +203,7 @@ def calibration(per_domain: dict[str, DomainArrays], layers: list[int], top_k: i
                              "ci_low": np.nan, "ci_high": np.nan, "n_experts": mean_delta.shape[1],
                              "n_items": len(arrays.items)})
 
-            def statistic(index: np.ndarray, measure=measure) -> np.ndarray:
+            def statistic(index: np.ndarray, measure=measure, arrays=arrays) -> np.ndarray:
                 r = stats.spearman_rows(_shares(arrays, top_k, index)[measure], arrays.deltas[index].mean(axis=1))
                 z = stats.fisher_z(r)
                 with np.errstate(invalid="ignore"):
@@ -331,12 +301,13 @@ def summarise(isolation: pd.DataFrame, routing: pd.DataFrame, layers: list[int],
 
 
 # ---------------------------------------------------------------------------- the run
-def run_isolation(loaded, items: list[TargetItem], config: IsolationConfig, out: str, data_info: dict,
-                  overwrite: bool = False, show_progress: bool = True) -> dict:
+def run_isolation(loaded, items: list[TargetItem], config: IsolationConfig, out: str | None, data_info: dict,
+                  overwrite: bool = False, show_progress: bool = True):
     """Run the study into the run folder `out` (resuming a cut-off run of the same config),
-    write cells.parquet, calibration.parquet and summary.json, and return the summary."""
+    or in memory when `out` is None; write cells, calibration and the summary, and return
+    the completed run (`RunFolder` or `MemoryRun`)."""
     from routelens.progress import progress_bar
-    from routelens.results.run_folder import RunFolder
+    from routelens.results.run_folder import open_run
 
     config.check()
     adapter = loaded.adapter
@@ -345,10 +316,10 @@ def run_isolation(loaded, items: list[TargetItem], config: IsolationConfig, out:
         raise RouteLensError("no items to score; check --domains and the item file")
     scorer = WholeSequenceScorer(adapter, memory_budget=config.memory_budget)
     run_config = {**loaded.identity(), "dtype": loaded.dtype, **data_info, **config.identity(), "resolved_layers": layers}
-    folder = RunFolder(out, "isolation", run_config, ("isolation", "routing"), overwrite=overwrite,
-                       extra={"model": adapter.describe(), "device": loaded.device,
-                              "summary_settings": config.summary_settings(),
-                              "performance": {k: getattr(config, k) for k in config.PERFORMANCE}})
+    folder = open_run(out, "isolation", run_config, ("isolation", "routing"), overwrite=overwrite,
+                      extra={"model": adapter.describe(), "device": loaded.device,
+                             "summary_settings": config.summary_settings(),
+                             "performance": {k: getattr(config, k) for k in config.PERFORMANCE}})
     todo = [i for i in range(len(items)) if not folder.is_done(i)]
     started = time.perf_counter()
     with progress_bar("isolation", len(items), len(items) - len(todo), show_progress, unit="items") as advance:
@@ -356,8 +327,8 @@ def run_isolation(loaded, items: list[TargetItem], config: IsolationConfig, out:
             isolation, routing = analyse_item(adapter, scorer, items[index], layers, config)
             folder.write_unit(index, {"isolation": isolation, "routing": routing})
             advance(1)
-    paths = folder.concatenate(list(range(len(items))))
-    summary, cells, calib = summarise(pd.read_parquet(paths["isolation"]), pd.read_parquet(paths["routing"]),
+    folder.concatenate(list(range(len(items))))
+    summary, cells, calib = summarise(folder.read("isolation"), folder.read("routing"),
                                       layers, adapter.num_experts, adapter.top_k, config)
     folder.write_table("cells", cells)
     folder.write_table("calibration", calib)
@@ -367,4 +338,4 @@ def run_isolation(loaded, items: list[TargetItem], config: IsolationConfig, out:
                                     "checks": {"gating_rule": "reproduced the router's weights on every item",
                                                "natural_route_max_abs_logprob_diff": largest,
                                                "natural_route_mean_abs_logprob_diff": mean}})
-    return summary
+    return folder

@@ -14,13 +14,16 @@ from __future__ import annotations
 
 import os
 import time
-from dataclasses import asdict, dataclass, field
+from contextlib import contextmanager
+from dataclasses import dataclass
 
 import numpy as np
 import pandas as pd
 import pyarrow as pa
+import torch
 
 from routelens import stats
+from routelens.config import PassKConfig  # noqa: F401 (re-exported)
 from routelens.errors import RouteLensError
 
 SAMPLES_SCHEMA = pa.schema([
@@ -31,6 +34,17 @@ SAMPLES_SCHEMA = pa.schema([
 
 @dataclass
 class EvalProblem:
+    """A problem to sample: prompt token ids and the answer a sample is checked against.
+
+    Example:
+        >>> import routelens as rl
+        >>> lens = rl.load("demo")
+        >>> problem = rl.EvalProblem("p1", lens.tokenizer("Q:2+2=A:")["input_ids"], answer="4")
+        >>> res = rl.passk(lens, [problem], samples=2, k=[1], checker="arithmetic")
+        >>> res.problems["n"].tolist()
+        [2]
+    """
+
     id: str
     prompt_ids: list[int]
     answer: str
@@ -66,33 +80,6 @@ def file_problems(tokenizer, path: str, n: int | None) -> list[EvalProblem]:
     if tokenizer is None:
         raise RouteLensError("this model has no tokenizer; problems in text need one")
     return [EvalProblem(p["id"], chat_prompt_ids(tokenizer, p["prompt"], p["where"]), p["answer"]) for p in read_problem_file(path)[:n]]
-
-
-@dataclass
-class PassKConfig:
-    samples: int = 16
-    ks: list[int] = field(default_factory=lambda: [1, 2, 4, 8, 16])
-    temperature: float = 0.8
-    seed: int = 0
-    max_new_tokens: int = 96
-    checker: str = "arithmetic"
-    bootstrap_resamples: int = 2000
-    problems_per_unit: int = 50
-    batch_size: int = 256
-
-    SUMMARY = ("bootstrap_resamples",)
-    PERFORMANCE = ("problems_per_unit", "batch_size")
-
-    def check(self) -> None:
-        bad = [k for k in self.ks if not 1 <= k <= self.samples]
-        if bad:
-            raise RouteLensError(f"--k {','.join(map(str, bad))} must lie in 1..--samples ({self.samples}): "
-                                 "pass@k needs at least k samples per problem")
-        if not self.temperature > 0:
-            raise RouteLensError(f"--temperature must be positive, got {self.temperature}")
-
-    def identity(self) -> dict:
-        return {k: v for k, v in asdict(self).items() if k not in self.SUMMARY + self.PERFORMANCE}
 
 
 def _interval(values: np.ndarray, seed: int, resamples: int) -> list[float | None]:
@@ -142,14 +129,31 @@ def summarise(problems: pd.DataFrame, arms: list[str], config: PassKConfig) -> d
     return summary
 
 
-def run_passk(loaded, problems: list[EvalProblem], config: PassKConfig, out: str, data_info: dict,
-              arms: list[tuple[str, str | None]], overwrite: bool = False, show_progress: bool = True) -> dict:
+@contextmanager
+def routers_restored(adapter, active: bool = True):
+    """Every router's parameters as they were on entry, put back on exit (after arms that
+    applied a router delta in place)."""
+    saved = {layer: [p.detach().clone() for p in router.parameters()] for layer, router in adapter.routers.items()} \
+        if active else {}
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            for layer, tensors in saved.items():
+                for parameter, tensor in zip(adapter.routers[layer].parameters(), tensors, strict=True):
+                    parameter.copy_(tensor)
+
+
+def run_passk(loaded, problems: list[EvalProblem], config: PassKConfig, out: str | None, data_info: dict,
+              arms: list[tuple[str, str | None]], overwrite: bool = False, show_progress: bool = True):
     """Sample every problem in every arm (name, router delta to apply first or None) into the
-    run folder `out`, resumably, and summarise. Arms run in order on the same loaded model."""
+    run folder `out` (resumably; in memory when `out` is None), summarise, and return the
+    completed run. Arms run in order on the same loaded model; a delta applied for an arm is
+    taken off again at the end, so the model is left as it came."""
     from routelens.generation import sample_completions
     from routelens.models.router_delta import apply_router_delta
     from routelens.progress import progress_bar
-    from routelens.results.run_folder import RunFolder
+    from routelens.results.run_folder import open_run
 
     config.check()
     if loaded.tokenizer is None:
@@ -158,10 +162,10 @@ def run_passk(loaded, problems: list[EvalProblem], config: PassKConfig, out: str
     chunks = [problems[i: i + config.problems_per_unit] for i in range(0, len(problems), config.problems_per_unit)]
     run_config = {**loaded.identity(), "dtype": loaded.dtype, **data_info, **config.identity(),
                   "arms": [[name, delta and os.path.abspath(delta)] for name, delta in arms]}
-    folder = RunFolder(out, "passk", run_config, ("samples",), overwrite=overwrite,
-                       extra={"model": loaded.adapter.describe(), "device": loaded.device,
-                              "summary_settings": {k: getattr(config, k) for k in config.SUMMARY},
-                              "performance": {k: getattr(config, k) for k in config.PERFORMANCE}})
+    folder = open_run(out, "passk", run_config, ("samples",), overwrite=overwrite,
+                      extra={"model": loaded.adapter.describe(), "device": loaded.device,
+                             "summary_settings": {k: getattr(config, k) for k in config.SUMMARY},
+                             "performance": {k: getattr(config, k) for k in config.PERFORMANCE}})
     units = [(a, c) for a in range(len(arms)) for c in range(len(chunks))]
     unit_id = {pair: i for i, pair in enumerate(units)}
     todo = [pair for pair in units if not folder.is_done(unit_id[pair])]
@@ -169,7 +173,8 @@ def run_passk(loaded, problems: list[EvalProblem], config: PassKConfig, out: str
     done = total - sum(len(chunks[c]) for _, c in todo) * config.samples
     started = time.perf_counter()
     applied = {}
-    with progress_bar("pass@k samples", total, done, show_progress, unit="samples") as advance:
+    with progress_bar("pass@k samples", total, done, show_progress, unit="samples") as advance, \
+            routers_restored(loaded.adapter, any(delta for _, delta in arms)):
         for arm_index, (name, delta) in enumerate(arms):
             if delta:
                 applied[name] = apply_router_delta(loaded.adapter, delta)
@@ -188,11 +193,11 @@ def run_passk(loaded, problems: list[EvalProblem], config: PassKConfig, out: str
                          "finished": s.finished, "completion": s.completion} for s in samples]
                 folder.write_unit(unit_id[(a, c)], {"samples": pa.Table.from_pylist(rows, schema=SAMPLES_SCHEMA)})
                 advance(len(rows))
-    paths = folder.concatenate(list(range(len(units))))
-    problem_table = per_problem(pd.read_parquet(paths["samples"]), config.ks)
+    folder.concatenate(list(range(len(units))))
+    problem_table = per_problem(folder.read("samples"), config.ks)
     folder.write_table("problems", problem_table)
     summary = summarise(problem_table, [name for name, _ in arms], config)
     summary["router_deltas"] = applied
     folder.complete(summary, extra={"timings": {"seconds_this_session": round(time.perf_counter() - started, 3),
                                                 "units_this_session": len(todo)}})
-    return summary
+    return folder

@@ -48,7 +48,7 @@ def check_route_settings(k: int, num_experts: int, num_candidates: int, num_rout
     if num_routes < 1:
         raise RouteLensError(f"--routes must be at least 1, got {num_routes}")
     if not temperature > 0:
-        raise RouteLensError(f"--temperature must be positive, got {temperature}")
+        raise RouteLensError(f"--gumbel-temperature must be positive, got {temperature}")
 
 
 def top_candidates(scores: np.ndarray, num_candidates: int) -> np.ndarray:

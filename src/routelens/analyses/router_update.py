@@ -25,19 +25,20 @@ import itertools
 import json
 import os
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 
 import numpy as np
 import pandas as pd
 import torch
 from torch.func import functional_call
 
+from routelens.config import RouterUpdateConfig  # noqa: F401 (re-exported)
 from routelens.errors import RouteLensError
 from routelens.models.adapter import MoEAdapter
 
 
 # ---------------------------------------------------------------------------- Plackett-Luce
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _subset_tables(k: int) -> tuple[torch.Tensor, list[tuple[torch.Tensor, torch.Tensor]]]:
     """The 2^k subsets of k slots ordered by size: which slots each has drawn [2^k, k], and
     for each size j = 1..k the members of the subsets of that size [M, j] with, per member,
@@ -162,29 +163,6 @@ def router_logits(adapter: MoEAdapter, layer: int, x: torch.Tensor, rank: int, p
 
 
 # ---------------------------------------------------------------------------- training
-@dataclass
-class RouterUpdateConfig:
-    margin: float = 0.05
-    bins: list[str] = field(default_factory=lambda: ["Fragile", "Ambiguous"])
-    beta: float = 0.1
-    learning_rate: float = 1e-5   # minimal: see the README for 1e-3 and 1e-4
-    steps: int = 300
-    batch_size: int = 256
-    seed: int = 0
-
-    def check(self) -> None:
-        from routelens.analyses.counterfactual import BINS
-
-        unknown = [b for b in self.bins if b not in BINS]
-        if unknown:
-            raise RouteLensError(f"unknown bin(s) {', '.join(unknown)}; bins are {', '.join(BINS)}")
-        for name in ("beta", "learning_rate"):
-            if not getattr(self, name) > 0:
-                raise RouteLensError(f"--{name.replace('_', '-')} must be positive, got {getattr(self, name)}")
-        if not 0 <= self.margin < 1:
-            raise RouteLensError(f"--margin is a probability difference in [0, 1), got {self.margin}")
-
-
 def parameter_hashes(model: torch.nn.Module) -> dict[str, str]:
     """sha256 of every parameter and buffer's bytes."""
     return {name: hashlib.sha256(tensor.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes()).hexdigest()
@@ -257,10 +235,12 @@ def _counterfactual_run(run_dir: str) -> dict:
 
 
 def _trajectories_of(run: dict, run_dir: str, loaded) -> dict[str, list[int]]:
-    from routelens.data.trajectories import file_sha256, load_trajectories
+    from routelens.data.trajectories import IN_MEMORY, file_sha256, load_trajectories
+    from routelens.results.run_folder import TRAJECTORIES_FILE
 
     config = run["config"]
-    path = config["trajectories"]
+    # trajectories given in memory (the Python API) are kept in the run folder itself
+    path = os.path.join(run_dir, TRAJECTORIES_FILE) if config["trajectories"] == IN_MEMORY else config["trajectories"]
     if not os.path.exists(path) or file_sha256(path) != config["trajectories_sha256"]:
         raise RouteLensError(f"the trajectories of {run_dir} ({path}) are missing or changed since the run; "
                              "router-update reads the same file back to compute the router's inputs")
@@ -308,10 +288,17 @@ def route_changes(loaded, run_dir: str, base: dict[str, torch.Tensor], new: dict
     return result
 
 
+def _set_router(adapter: MoEAdapter, layer: int, parameters: dict[str, torch.Tensor]) -> None:
+    with torch.no_grad():
+        for name, parameter in adapter.routers[layer].named_parameters():
+            parameter.copy_(parameters[name].to(parameter.dtype))
+
+
 def run_router_update(loaded, counterfactual_dir: str, config: RouterUpdateConfig, out: str,
                       heldout_dir: str | None = None, overwrite: bool = False, show_progress: bool = True) -> dict:
     """Preferences -> DPO on the final router -> `router_delta.safetensors`, `pairs.parquet`,
-    `training_log.jsonl`, `summary.json` and `run.json` in `out`."""
+    `training_log.jsonl`, `summary.json` and `run.json` in `out`; returns the completed
+    `RunFolder`. The loaded model's router is left unchanged."""
     from routelens.models.router_delta import router_parameter_names, save_router_delta
     from routelens.results.run_folder import RunFolder
 
@@ -343,18 +330,19 @@ def run_router_update(loaded, counterfactual_dir: str, config: RouterUpdateConfi
     torch.manual_seed(config.seed)
     new = train_router(adapter, layer, x, rank, preferred, rejected, config,
                        os.path.join(out, "training_log.jsonl"), show_progress)
-    with torch.no_grad():
-        for name, parameter in adapter.routers[layer].named_parameters():
-            parameter.copy_(new[name].to(parameter.dtype))
-    hashes_after = parameter_hashes(adapter.model)
-    changed = sorted(n for n in hashes_before if hashes_before[n] != hashes_after[n])
-    outside = [n for n in changed if n not in names]
-    if outside:
-        raise RuntimeError(f"the router update changed parameters outside the router: {outside[:5]}")
-    accuracy_after = preference_accuracy(adapter, layer, x, rank, preferred, rejected)
-    delta_path = os.path.join(out, "router_delta.safetensors")
-    save_router_delta(delta_path, adapter, layer, dict(zip(names, base.values())), loaded.spec,
-                      extra={"counterfactual": os.path.abspath(counterfactual_dir), "config": asdict(config)})
+    _set_router(adapter, layer, new)
+    try:
+        hashes_after = parameter_hashes(adapter.model)
+        changed = sorted(n for n in hashes_before if hashes_before[n] != hashes_after[n])
+        outside = [n for n in changed if n not in names]
+        if outside:
+            raise RuntimeError(f"the router update changed parameters outside the router: {outside[:5]}")
+        accuracy_after = preference_accuracy(adapter, layer, x, rank, preferred, rejected)
+        delta_path = os.path.join(out, "router_delta.safetensors")   # the router's current (updated) parameters
+        save_router_delta(delta_path, adapter, layer, dict(zip(names, base.values())), loaded.spec,
+                          extra={"counterfactual": os.path.abspath(counterfactual_dir), "config": asdict(config)})
+    finally:   # the model is left as it came: the update lives in the delta file (apply it with --router-delta)
+        _set_router(adapter, layer, base)
     steps = [json.loads(line) for line in open(os.path.join(out, "training_log.jsonl"), encoding="utf-8")]
     summary = {
         "analysis": "router-update", "layer": layer, "pairs": int(len(pairs)),
@@ -369,4 +357,4 @@ def run_router_update(loaded, counterfactual_dir: str, config: RouterUpdateConfi
     if heldout_dir:
         summary["heldout_route_changes"] = route_changes(loaded, heldout_dir, base, new)
     folder.complete(summary, extra={"timings": {"seconds": round(time.perf_counter() - started, 3)}})
-    return summary
+    return folder

@@ -32,7 +32,8 @@ def analysis_problems(seed: int, n: int) -> list[Problem]:
 
 def math_answer_correct(completion: str, reference: str) -> bool:
     """math-verify: the completion's final answer equals the reference (equivalent forms accepted)."""
-    from math_verify import parse, verify as math_verify
+    from math_verify import parse
+    from math_verify import verify as math_verify
 
     gold_text = reference if ("$" in reference or "\\boxed" in reference) else f"${reference}$"
     gold, predicted = parse(gold_text), parse(completion)

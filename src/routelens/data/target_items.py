@@ -21,6 +21,15 @@ from routelens.errors import RouteLensError
 
 @dataclass
 class TargetItem:
+    """An isolation item: a prompt and a target whose log-probability is scored.
+
+    Example:
+        >>> from routelens import TargetItem
+        >>> item = TargetItem("q1", "math", prompt_ids=[1, 5, 6], target_ids=[7, 8])
+        >>> item.input_ids, list(item.target_positions)
+        ([1, 5, 6, 7, 8], [2, 3])
+    """
+
     id: str
     domain: str
     prompt_ids: list[int]

@@ -23,6 +23,16 @@ from routelens.errors import RouteLensError
 
 @dataclass
 class Trajectory:
+    """A token sequence whose completion is scored: the tokens from `completion_start` on
+    are predicted (from position completion_start - 1); `verified` says whether its final
+    answer was checked correct (None: unknown).
+
+    Example:
+        >>> from routelens import Trajectory
+        >>> list(Trajectory("a", [1, 5, 6, 2], completion_start=2).scored_positions)
+        [1, 2]
+    """
+
     id: str
     input_ids: list[int]
     completion_start: int
@@ -31,6 +41,16 @@ class Trajectory:
     @property
     def scored_positions(self) -> range:
         return range(self.completion_start - 1, len(self.input_ids) - 1)
+
+
+IN_MEMORY = "in-memory"   # what a run's config says of trajectories handed over in memory (the API)
+
+
+def trajectories_jsonl(trajectories: list[Trajectory]) -> bytes:
+    """Token-id records, one JSON line per trajectory, as `load_trajectories` reads them back."""
+    lines = [json.dumps({"id": t.id, "input_ids": list(t.input_ids), "completion_start": t.completion_start,
+                         **({"verified": t.verified} if t.verified is not None else {})}) for t in trajectories]
+    return ("\n".join(lines) + "\n").encode("utf-8")
 
 
 def file_sha256(path: str) -> str:
@@ -127,7 +147,8 @@ def check_context(sequences, max_length: int | None, path: str, what: str) -> No
                                  f"of {max_length} (max_position_embeddings); shorten or drop it")
 
 
-def _parse(record: dict, where: str, tokenizer, vocab_size: int | None) -> Trajectory:
+def parse_trajectory(record: dict, where: str, tokenizer, vocab_size: int | None) -> Trajectory:
+    """One trajectory record, validated (`where` names it in errors)."""
     if "id" not in record or record["id"] is None:
         raise RouteLensError(f"{where}: missing field 'id'")
     trajectory_id = str(record["id"])
@@ -180,7 +201,7 @@ def load_trajectories(path: str, tokenizer=None, vocab_size: int | None = None,
 
     Every record is validated, even past `limit`, so that a bad file fails before work starts.
     """
-    trajectories = parse_unique_records(path, "trajectory", lambda record, where: _parse(record, where, tokenizer, vocab_size))
+    trajectories = parse_unique_records(path, "trajectory", lambda record, where: parse_trajectory(record, where, tokenizer, vocab_size))
     check_context(((t.id, len(t.input_ids)) for t in trajectories), max_length, path, "trajectory")
     if only_verified:
         trajectories = [t for t in trajectories if t.verified is True]

@@ -18,7 +18,7 @@ from __future__ import annotations
 import warnings
 
 from routelens.engine.cache import CacheEngine
-from routelens.engine.fast import FastEngine, FastEngineUnsupported
+from routelens.engine.fast import DEFAULT_MEMORY_BUDGET, FastEngine, FastEngineUnsupported
 from routelens.engine.items import ScoreItem
 from routelens.engine.reference import ReferenceEngine
 from routelens.errors import RouteLensError
@@ -26,16 +26,24 @@ from routelens.errors import RouteLensError
 ENGINES = {"fast": FastEngine, "cache": CacheEngine, "reference": ReferenceEngine}
 
 
-def make_engine(name: str, adapter, **options):
-    """The named engine; `fast` falls back to `cache` with a warning that says why."""
+def make_engine(name: str, adapter, *, memory_budget: int = DEFAULT_MEMORY_BUDGET, route_batch_size: int = 33,
+                route_chunk: int | None = None):
+    """The named engine; `fast` falls back to `cache` with a warning that says why.
+
+    Options are explicit (a misspelt one is a TypeError, never silently dropped):
+    `memory_budget` bytes for one chunk of perturbed sequences, `route_batch_size` routes
+    per forward of the reference engine, `route_chunk` routes per chunk (fast and cache
+    engines; None: from the memory budget)."""
     if name not in ENGINES:
         raise RouteLensError(f"unknown --engine {name!r}; available: {', '.join(ENGINES)}")
+    if name == "reference":
+        return ReferenceEngine(adapter, route_batch_size=route_batch_size, memory_budget=memory_budget)
+    options = dict(memory_budget=memory_budget, route_batch_size=route_batch_size, route_chunk=route_chunk)
     try:
         return ENGINES[name](adapter, **options)
     except FastEngineUnsupported as reason:
         warnings.warn(f"fast engine cannot serve this model exactly ({reason}); using the cache engine",
                       stacklevel=2)
-        options.pop("route_chunk", None)
         return CacheEngine(adapter, **options)
 
 

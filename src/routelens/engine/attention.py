@@ -60,7 +60,7 @@ def _repeat_kv(states: torch.Tensor, groups: int) -> torch.Tensor:
 
 def _original(module, name: str):
     if name == "eager":  # the family's own eager function (GPT-OSS's has attention sinks)
-        return getattr(sys.modules[type(module).__module__], "eager_attention_forward")
+        return sys.modules[type(module).__module__].eager_attention_forward
     return ALL_ATTENTION_FUNCTIONS[name]
 
 

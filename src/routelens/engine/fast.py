@@ -40,10 +40,10 @@ import numpy as np
 import torch
 
 from routelens.engine import attention
+from routelens.engine.cache import CacheEngine
 from routelens.engine.checks import DeviationRecord
 from routelens.engine.items import ScoreItem
 from routelens.engine.readout import activation_bytes, attention_score_bytes, record_layer_arguments, target_log_probs
-from routelens.engine.cache import CacheEngine
 from routelens.models.adapter import SOFTMAX_ATTENTION, MoEAdapter
 from routelens.models.routing import RouteOverride, capture_routes, override_routes
 

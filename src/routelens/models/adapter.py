@@ -36,7 +36,6 @@ from transformers import DynamicCache, PreTrainedModel
 
 from routelens.errors import RouteLensError
 
-
 #: `config.layer_types` values of softmax-attention layers (the fast engine's patch covers these).
 SOFTMAX_ATTENTION = ("full_attention", "sliding_attention")
 

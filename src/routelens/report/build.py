@@ -10,7 +10,7 @@ import pandas as pd
 
 from routelens.errors import RouteLensError
 from routelens.report import figures as figs
-from routelens.report.page import (document, esc, figure_html, fmt, interval, key_values, render_png, table)
+from routelens.report.page import document, esc, figure_html, fmt, interval, key_values, render_png, table
 from routelens.results.run_folder import read_json, read_run_json, write_text_atomic
 
 KINDS = ("counterfactual", "isolation", "passk", "router-update")

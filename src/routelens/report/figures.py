@@ -64,7 +64,7 @@ def counterfactual_figures(tokens: pd.DataFrame, routes: pd.DataFrame, summary: 
         at = tokens[tokens["layer"] == layer]
         ax.hist(at["p_route_mean"], bins=40, range=(0, 1), color="#555555")
         ax.set_yscale("log")
-        for edge, name in ((config["fragile"], "Fragile | Ambiguous"), (config["confident"], "Ambiguous | Confident")):
+        for edge in (config["fragile"], config["confident"]):
             ax.axvline(edge, color="#d62728", linestyle="--", linewidth=1)
             ax.text(edge, ax.get_ylim()[1], f" {edge}", color="#d62728", va="top", fontsize=8)
         ax.set(title=f"layer {layer} ({len(at)} tokens)", xlabel="route-averaged p(next token) [probability]",

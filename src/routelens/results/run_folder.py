@@ -28,6 +28,7 @@ import subprocess
 import sys
 from importlib import metadata
 
+import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
@@ -35,6 +36,7 @@ from routelens.errors import RouteLensError
 
 RUN_JSON = "run.json"
 PARTS = "parts"
+TRAJECTORIES_FILE = "trajectories.jsonl"   # trajectories given in memory (the API), kept with the run
 PACKAGES = ("routelens", "torch", "transformers", "numpy", "scipy", "pandas", "pyarrow")
 
 
@@ -88,7 +90,8 @@ def read_json(path: str) -> dict:
 
 
 # What a run writes at the top of its folder: the only entries `overwrite` removes.
-OUTPUT_FILES = (RUN_JSON, "summary.json", "report.html", "router_delta.safetensors", "training_log.jsonl")
+OUTPUT_FILES = (RUN_JSON, "summary.json", "report.html", "router_delta.safetensors", "training_log.jsonl",
+                TRAJECTORIES_FILE)
 OUTPUT_FOLDERS = (PARTS, "figures")
 OUTPUT_SUFFIXES = (".parquet", ".tmp")
 
@@ -191,6 +194,8 @@ def check_out_file(path: str, option: str = "--out") -> None:
 
 
 class RunFolder:
+    """A run on disk (see the module docstring). `MemoryRun` is the same interface in memory."""
+
     def __init__(self, path: str, kind: str, config: dict, tables: tuple[str, ...],
                  overwrite: bool = False, extra: dict | None = None):
         self.path, self.kind, self.config, self.tables = path, kind, config, tables
@@ -257,6 +262,10 @@ class RunFolder:
             paths[table] = target
         return paths
 
+    def read(self, table: str) -> pd.DataFrame:
+        """A concatenated or derived table."""
+        return pd.read_parquet(os.path.join(self.path, f"{table}.parquet"))
+
     def write_table(self, name: str, frame) -> str:
         """A table derived from the concatenated ones (a pandas DataFrame), written atomically."""
         target = os.path.join(self.path, f"{name}.parquet")
@@ -267,6 +276,7 @@ class RunFolder:
     def complete(self, summary: dict, extra: dict | None = None) -> None:
         """Write summary.json and mark the run complete in run.json."""
         write_json_atomic(os.path.join(self.path, "summary.json"), summary)
+        self.summary = summary
         self.state["status"] = "complete"
         self.state.update(extra or {})
         self._finish_session()
@@ -277,3 +287,71 @@ class RunFolder:
 
     def _save(self) -> None:
         write_json_atomic(os.path.join(self.path, RUN_JSON), self.state)
+
+
+class MemoryRun:
+    """A run kept in memory (the Python API without `out`): the interface of `RunFolder`,
+    nothing written; `save(path)` writes it as the run folder the same run would have made."""
+
+    path = None
+    resumed = False
+
+    def __init__(self, kind: str, config: dict, tables: tuple[str, ...], extra: dict | None = None):
+        self.kind, self.config, self.tables = kind, config, tables
+        self.state = {"kind": kind, "config": config, "status": "running", "created": _now(), "sessions": [],
+                      **(extra or {})}
+        self.parts: dict[int, dict[str, pa.Table]] = {}
+        self.derived: dict[str, pd.DataFrame] = {}
+        self.files: dict[str, bytes] = {}     # other files of the run (name -> bytes), written by save
+        self.summary: dict | None = None
+
+    def is_done(self, unit: int) -> bool:
+        return unit in self.parts
+
+    def write_unit(self, unit: int, tables: dict[str, pa.Table]) -> None:
+        self.parts[unit] = {table: tables[table] for table in self.tables}
+
+    def concatenate(self, units: list[int]) -> None:
+        missing = [u for u in units if u not in self.parts]
+        if missing:
+            raise RuntimeError(f"cannot concatenate: units {missing[:5]} have no results")
+        self.units = list(units)
+
+    def read(self, table: str) -> pd.DataFrame:
+        if table in self.derived:
+            return self.derived[table]
+        parts = [self.parts[unit][table] for unit in self.units]
+        return pa.concat_tables(parts, promote_options="permissive").to_pandas() if parts else pd.DataFrame()
+
+    def write_table(self, name: str, frame: pd.DataFrame) -> None:
+        self.derived[name] = frame
+
+    def complete(self, summary: dict, extra: dict | None = None) -> None:
+        self.summary = summary
+        self.state.update(extra or {}, status="complete")
+
+    def save(self, path: str, overwrite: bool = False) -> str:
+        """Write this run as a run folder at `path` (refused where the folder holds another
+        run, unless `overwrite`); `routelens report` and `read_run` read it."""
+        if self.summary is None:
+            raise RouteLensError("this run is not complete; nothing to save")
+        extra = {k: v for k, v in self.state.items() if k not in ("kind", "config", "status", "created", "sessions")}
+        folder = RunFolder(path, self.kind, self.config, self.tables, overwrite=overwrite, extra=extra)
+        for name, content in self.files.items():
+            with open(os.path.join(path, name), "wb") as handle:
+                handle.write(content)
+        for unit in self.units:
+            folder.write_unit(unit, self.parts[unit])
+        folder.concatenate(self.units)
+        for name, frame in self.derived.items():
+            folder.write_table(name, frame)
+        folder.complete(self.summary)
+        return path
+
+
+def open_run(out: str | None, kind: str, config: dict, tables: tuple[str, ...], overwrite: bool = False,
+             extra: dict | None = None) -> RunFolder | MemoryRun:
+    """The run folder `out` (created or resumed), or a `MemoryRun` when `out` is None."""
+    if out is None:
+        return MemoryRun(kind, config, tables, extra)
+    return RunFolder(out, kind, config, tables, overwrite=overwrite, extra=extra)

@@ -1,0 +1,390 @@
+"""The analyses as Python functions: in memory, or into a resumable run folder.
+
+Each analysis has two entry points: `counterfactual(...)` (nothing written; `.save(path)`
+writes the run folder afterwards) and `run_counterfactual(..., out=...)` (written as it
+goes, resumed on a re-run: what the `routelens` command calls). Both return a result
+object (`routelens.results.objects`) whose tables are pandas DataFrames. Settings are the
+fields of the analysis' config dataclass (`CounterfactualConfig`, ...), given as keyword
+arguments and validated there: a misspelt one is an error, never ignored.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import fields
+
+from routelens.analyses.passk import EvalProblem
+from routelens.config import CounterfactualConfig, IsolationConfig, PassKConfig, RouterUpdateConfig
+from routelens.data.target_items import TargetItem
+from routelens.data.trajectories import Trajectory
+from routelens.errors import RouteLensError
+from routelens.lens import Lens
+from routelens.results.objects import CounterfactualResult, IsolationResult, PassKResult, RouterUpdateResult, read_run
+
+# Short names the command line uses for config fields (`routes=32` is `num_routes=32`).
+ALIASES = {"routes": "num_routes", "candidates": "num_candidates", "lr": "learning_rate", "k": "ks"}
+
+
+def make_config(config_class, config=None, **options):
+    """`config_class(**options)` (or `config` with `options` replaced), aliases resolved and
+    an unknown option refused in one line with the available ones."""
+    names = [f.name for f in fields(config_class)]
+    resolved = {ALIASES.get(key, key): value for key, value in options.items()}
+    unknown = sorted(key for key, name in zip(options, resolved) if name not in names)
+    if unknown:
+        raise RouteLensError(f"unknown option(s) {', '.join(unknown)} for {config_class.__name__}; "
+                             f"options: {', '.join(names)}")
+    if config is not None:
+        resolved = {**{name: getattr(config, name) for name in names}, **resolved}
+    return config_class(**resolved)
+
+
+def _lens(lens) -> Lens:
+    if not isinstance(lens, Lens):
+        raise RouteLensError(f"expected a Lens (routelens.load(...) or routelens.wrap(...)), got {type(lens).__name__}")
+    return lens
+
+
+# ---------------------------------------------------------------------------- trajectories
+def trajectories_from_ids(sequences: list[list[int]], completion_start: int | list[int], ids: list[str] | None = None,
+                          verified: list[bool] | None = None, vocab_size: int | None = None) -> list[Trajectory]:
+    """Trajectories from token ids: `completion_start` (one for all, or one per sequence) is
+    the index of the first completion token; the tokens scored are the completion's.
+
+    Example:
+        >>> import routelens as rl
+        >>> trajs = rl.trajectories_from_ids([[1, 5, 6, 7, 2]], completion_start=2)
+        >>> trajs[0].id, list(trajs[0].scored_positions)
+        ('0', [1, 2, 3])
+    """
+    from routelens.data.trajectories import parse_trajectory
+
+    starts = completion_start if isinstance(completion_start, (list, tuple)) else [completion_start] * len(sequences)
+    ids = [str(i) for i in range(len(sequences))] if ids is None else [str(i) for i in ids]
+    if not (len(starts) == len(ids) == len(sequences)) or (verified is not None and len(verified) != len(sequences)):
+        raise RouteLensError("sequences, completion_start, ids and verified must have one entry per sequence")
+    if len(set(ids)) != len(ids):
+        raise RouteLensError("trajectory ids must be unique")
+    return [parse_trajectory({"id": i, "input_ids": list(map(int, seq)), "completion_start": start,
+                              "verified": None if verified is None else bool(verified[n])},
+                             f"sequence {n}", None, vocab_size)
+            for n, (i, seq, start) in enumerate(zip(ids, sequences, starts))]
+
+
+def trajectories_from_text(tokenizer, pairs: list[tuple[str, str]], ids: list[str] | None = None) -> list[Trajectory]:
+    """Trajectories from (prompt, completion) texts, tokenised separately (the prompt with
+    the tokenizer's special tokens, the completion without) and concatenated.
+
+    Example:
+        >>> import routelens as rl
+        >>> lens = rl.load("demo")
+        >>> trajs = rl.trajectories_from_text(lens.tokenizer, [("Q:3+4=A:", "3+4=7#7")])
+        >>> len(trajs[0].scored_positions) > 0
+        True
+    """
+    from routelens.data.trajectories import parse_trajectory
+
+    ids = [str(i) for i in range(len(pairs))] if ids is None else [str(i) for i in ids]
+    return [parse_trajectory({"id": i, "prompt": prompt, "completion": completion}, f"pair {n}", tokenizer, None)
+            for n, (i, (prompt, completion)) in enumerate(zip(ids, pairs))]
+
+
+def read_trajectories(path: str, lens: Lens | None = None, only_verified: bool = False,
+                      limit: int | None = None) -> list[Trajectory]:
+    """Trajectories from a JSONL or Parquet file (text records need `lens`'s tokenizer),
+    validated as the command line validates them.
+
+    Example:
+        >>> import routelens as rl
+        >>> trajs = rl.read_trajectories(trajectory_file)   # {"id", "input_ids", "completion_start"} records
+        >>> len(trajs) > 0
+        True
+    """
+    from routelens.data.trajectories import load_trajectories
+
+    adapter = lens.adapter if lens is not None else None
+    return load_trajectories(path, lens.tokenizer if lens is not None else None,
+                             adapter.config.vocab_size if adapter else None, only_verified=only_verified, limit=limit,
+                             max_length=adapter.context_length if adapter else None)
+
+
+def _trajectory_data(lens: Lens, trajectories, only_verified: bool, max_trajectories: int | None):
+    """The trajectories and what the run's config records of them: a file (path, sha256) or
+    trajectories given in memory (kept in the run folder as trajectories.jsonl)."""
+    from routelens.data.trajectories import IN_MEMORY, file_sha256, trajectories_jsonl
+
+    if isinstance(trajectories, (str, os.PathLike)):
+        path = os.fspath(trajectories)
+        loaded = read_trajectories(path, lens, only_verified=only_verified, limit=max_trajectories)
+        info = {"trajectories": os.path.abspath(path), "trajectories_sha256": file_sha256(path)}
+        return loaded, info, None
+    trajectories = list(trajectories)
+    if not all(isinstance(t, Trajectory) for t in trajectories):
+        raise RouteLensError("trajectories must be a file path or a list of Trajectory "
+                             "(rl.trajectories_from_ids / _from_text / read_trajectories)")
+    if only_verified:
+        trajectories = [t for t in trajectories if t.verified is True]
+    trajectories = trajectories[:max_trajectories] if max_trajectories is not None else trajectories
+    content = trajectories_jsonl(trajectories)
+    import hashlib
+
+    info = {"trajectories": IN_MEMORY, "trajectories_sha256": hashlib.sha256(content).hexdigest()}
+    return trajectories, info, content
+
+
+# ---------------------------------------------------------------------------- counterfactual
+def run_counterfactual(lens: Lens, trajectories, out: str | None, *, config: CounterfactualConfig | None = None,
+                       only_verified: bool = False, max_trajectories: int | None = None, overwrite: bool = False,
+                       show_progress: bool = True, **options) -> CounterfactualResult:
+    """The counterfactual analysis into the run folder `out`, written per trajectory and
+    resumed by a re-run with the same settings (in memory when `out` is None).
+
+    `trajectories`: a file path or a list of `Trajectory`. `options`: fields of
+    `CounterfactualConfig` (`layers`, `routes`, `candidates`, `gumbel_temperature`, `seed`,
+    `confident`, `fragile`, `engine`, `memory_budget`, ...).
+
+    Example:
+        >>> import routelens as rl
+        >>> lens = rl.load("demo")
+        >>> trajs = rl.trajectories_from_text(lens.tokenizer, [("Q:3+4=A:", "3+4=7#7")])
+        >>> res = rl.run_counterfactual(lens, trajs, out=str(tmp / "cf"), layers=[-1], routes=4, show_progress=False)
+        >>> res.path.endswith("cf"), len(res.tokens) == len(trajs[0].scored_positions)
+        (True, True)
+    """
+    from routelens.analyses.counterfactual import run_counterfactual as run
+    from routelens.data.trajectories import IN_MEMORY
+    from routelens.results.run_folder import TRAJECTORIES_FILE, write_text_atomic
+
+    lens = _lens(lens)
+    settings = make_config(CounterfactualConfig, config, **options)
+    kept, info, content = _trajectory_data(lens, trajectories, only_verified, max_trajectories)
+    info.update(max_trajectories=max_trajectories, only_verified=only_verified, num_trajectories=len(kept))
+    folder = run(lens.loaded, kept, settings, out, info, overwrite=overwrite, show_progress=show_progress)
+    if info["trajectories"] == IN_MEMORY:   # router_update reads the trajectories back from the run
+        if out is None:
+            folder.files[TRAJECTORIES_FILE] = content
+        else:
+            write_text_atomic(os.path.join(out, TRAJECTORIES_FILE), content.decode("utf-8"))
+    return CounterfactualResult(folder)
+
+
+def counterfactual(lens: Lens, trajectories, *, config: CounterfactualConfig | None = None,
+                   only_verified: bool = False, max_trajectories: int | None = None, show_progress: bool = False,
+                   **options) -> CounterfactualResult:
+    """The counterfactual analysis in memory: for every scored token and layer, the standard
+    route against `routes` sampled equal-compute alternatives; nothing is written
+    (`result.save(path)` writes the run folder).
+
+    Example:
+        >>> import routelens as rl
+        >>> lens = rl.load("demo")
+        >>> trajs = rl.trajectories_from_text(lens.tokenizer, [("Q:3+4=A:", "3+4=7#7"), ("Q:9*2=A:", "9*2=18#18")])
+        >>> res = rl.counterfactual(lens, trajs, layers=[-1], routes=8, seed=0)
+        >>> sorted(res.tokens.columns)[:3], len(res.routes) == len(res.tokens) * 9
+        (['alignment', 'bin', 'gain'], True)
+        >>> list(res.summary.columns[:4])
+        ['layer', 'bin', 'tokens', 'trajectories']
+    """
+    return run_counterfactual(lens, trajectories, None, config=config, only_verified=only_verified,
+                              max_trajectories=max_trajectories, show_progress=show_progress, **options)
+
+
+# ---------------------------------------------------------------------------- isolation
+def arithmetic_items(lens: Lens, per_domain: int = 100, domains: list[str] | None = None) -> list[TargetItem]:
+    """Items of the embedded arithmetic task (addsub, mul, long, mixed): question as prompt,
+    worked solution as target.
+
+    Example:
+        >>> import routelens as rl
+        >>> items = rl.arithmetic_items(rl.load("demo"), per_domain=2)
+        >>> sorted({item.domain for item in items})
+        ['addsub', 'long', 'mixed', 'mul']
+    """
+    from routelens.data.target_items import arithmetic_items as build
+
+    if lens.tokenizer is None:
+        raise RouteLensError(f"model {lens.loaded.spec!r} has no tokenizer; the arithmetic task is text")
+    return build(lens.tokenizer, per_domain, domains)
+
+
+def read_items(path: str, lens: Lens | None = None, domains: list[str] | None = None,
+               per_domain: int | None = None) -> list[TargetItem]:
+    """Items {id, domain, prompt, target} (text) or {id, domain, prompt_ids, target_ids}
+    from JSONL or Parquet, validated as the command line validates them.
+
+    Example:
+        >>> import routelens as rl
+        >>> items = rl.read_items(item_file, rl.load("demo"))     # text items need the model's tokenizer
+        >>> items[0].domain
+        'math'
+    """
+    from routelens.data.target_items import load_items
+
+    adapter = lens.adapter if lens is not None else None
+    return load_items(path, lens.tokenizer if lens is not None else None, adapter.config.vocab_size if adapter else None,
+                      domains, per_domain, max_length=adapter.context_length if adapter else None)
+
+
+def run_isolate(lens: Lens, items, out: str | None, *, config: IsolationConfig | None = None,
+                domains: list[str] | None = None, per_domain: int | None = None, overwrite: bool = False,
+                show_progress: bool = True, **options) -> IsolationResult:
+    """Expert isolation into the run folder `out` (resumable; in memory when None).
+
+    `items`: a list of `TargetItem`, a file path, or "arithmetic" (the embedded task).
+    `options`: fields of `IsolationConfig` (`layers`, `floor_seeds`, `seed`, `alpha`,
+    `score`, `bootstrap_resamples`, `memory_budget`).
+
+    Example:
+        >>> import routelens as rl
+        >>> lens = rl.load("demo")
+        >>> res = rl.run_isolate(lens, "arithmetic", out=str(tmp / "iso"), per_domain=3, layers=[0], floor_seeds=1,
+        ...                      show_progress=False)
+        >>> sorted(res.cells["domain"].unique())
+        ['addsub', 'long', 'mixed', 'mul']
+    """
+    from routelens.analyses.isolation import run_isolation
+    from routelens.data.target_items import select
+    from routelens.data.trajectories import file_sha256
+
+    lens = _lens(lens)
+    settings = make_config(IsolationConfig, config, **options)
+    if settings.layers:
+        lens.adapter.resolve_layers(settings.layers)   # a dense or out-of-range layer fails before any item is read
+    if isinstance(items, str) and items == "arithmetic":
+        kept = arithmetic_items(lens, per_domain or 100, domains)
+        info = {"items": "task:arithmetic"}
+    elif isinstance(items, (str, os.PathLike)):
+        kept = read_items(os.fspath(items), lens, domains, per_domain)
+        info = {"items": os.path.abspath(items), "items_sha256": file_sha256(items)}
+    else:
+        kept = select(list(items), domains, per_domain, source="the items given")
+        if not all(isinstance(i, TargetItem) for i in kept):
+            raise RouteLensError("items must be \"arithmetic\", a file path or a list of TargetItem")
+        info = {"items": "in-memory", "items_ids": [i.id for i in kept]}
+    info.update(domains=domains, per_domain=per_domain, num_items=len(kept))
+    return IsolationResult(run_isolation(lens.loaded, kept, settings, out, info, overwrite=overwrite,
+                                         show_progress=show_progress))
+
+
+def isolate(lens: Lens, items, *, config: IsolationConfig | None = None, domains: list[str] | None = None,
+            per_domain: int | None = None, show_progress: bool = False, **options) -> IsolationResult:
+    """Expert isolation in memory: every expert forced alone at each layer, against the
+    natural route and a random-routing floor, with Wilcoxon/BH statistics per cell.
+
+    Example:
+        >>> import routelens as rl
+        >>> lens = rl.load("demo")
+        >>> res = rl.isolate(lens, "arithmetic", per_domain=3, layers=[-1], floor_seeds=1)
+        >>> set(res.isolation["condition"]) == {"natural", "forced", "floor"}
+        True
+    """
+    return run_isolate(lens, items, None, config=config, domains=domains, per_domain=per_domain,
+                       show_progress=show_progress, **options)
+
+
+# ---------------------------------------------------------------------------- pass@k
+def _problems(lens: Lens, problems, n: int | None) -> tuple[list[EvalProblem], dict, bool]:
+    from routelens.analyses.passk import arithmetic_problems, file_problems
+    from routelens.data.trajectories import file_sha256
+
+    if isinstance(problems, str) and problems == "arithmetic":
+        return arithmetic_problems(lens.tokenizer, n or 500), {"problems": "task:arithmetic (held-out set)"}, False
+    if isinstance(problems, (str, os.PathLike)):
+        path = os.fspath(problems)
+        return (file_problems(lens.tokenizer, path, n),
+                {"problems": os.path.abspath(path), "problems_sha256": file_sha256(path)}, True)
+    kept = list(problems)[:n] if n else list(problems)
+    if not all(isinstance(p, EvalProblem) for p in kept):
+        raise RouteLensError('problems must be "arithmetic", a JSONL path or a list of EvalProblem')
+    return kept, {"problems": "in-memory", "problem_ids": [p.id for p in kept]}, False
+
+
+def run_passk(lens: Lens, problems, out: str | None, *, compare_delta: str | None = None, n: int | None = None,
+              config: PassKConfig | None = None, overwrite: bool = False, show_progress: bool = True,
+              **options) -> PassKResult:
+    """pass@k into the run folder `out` (resumable; in memory when None). With
+    `compare_delta` (a router-update delta file), the base model and the model with the
+    delta sample the same problems with the same seeds, and the paired difference is
+    reported; the model is left as it came.
+
+    `problems`: "arithmetic" (the held-out set), a JSONL of {id, prompt, answer} (checked
+    with math-verify), or a list of `EvalProblem`. `options`: fields of `PassKConfig`
+    (`samples`, `ks` or `k`, `temperature` (of sampling), `seed`, `max_new_tokens`, ...).
+
+    Example:
+        >>> import routelens as rl
+        >>> res = rl.run_passk(rl.load("demo"), "arithmetic", out=str(tmp / "pk"), n=4, samples=2, k=[1, 2],
+        ...                    show_progress=False)
+        >>> res.summary[res.summary["group"] == "all"][["arm", "k"]].values.tolist()
+        [['model', 1], ['model', 2]]
+    """
+    from routelens.analyses.passk import run_passk as run
+
+    lens = _lens(lens)
+    if lens.tokenizer is None:
+        raise RouteLensError(f"model {lens.loaded.spec!r} has no tokenizer; pass@k samples text")
+    kept, info, is_file = _problems(lens, problems, n)
+    defaults = {"max_new_tokens": 1024, "checker": "math-verify", "batch_size": 16} if is_file else {}
+    settings = make_config(PassKConfig, config, **{**defaults, **options})
+    info["num_problems"] = len(kept)
+    arms = [("base", None), ("updated", os.path.abspath(compare_delta))] if compare_delta else [("model", None)]
+    return PassKResult(run(lens.loaded, kept, settings, out, info, arms, overwrite=overwrite,
+                           show_progress=show_progress))
+
+
+def passk(lens: Lens, problems, *, compare_delta: str | None = None, n: int | None = None,
+          config: PassKConfig | None = None, show_progress: bool = False, **options) -> PassKResult:
+    """pass@k in memory (see `run_passk`).
+
+    Example:
+        >>> import routelens as rl
+        >>> res = rl.passk(rl.load("demo"), "arithmetic", n=4, samples=2, k=[1, 2])
+        >>> set(res.samples["arm"])
+        {'model'}
+    """
+    return run_passk(lens, problems, None, compare_delta=compare_delta, n=n, config=config,
+                     show_progress=show_progress, **options)
+
+
+# ---------------------------------------------------------------------------- router update
+def router_update(lens: Lens, counterfactual, out: str, *, heldout=None, config: RouterUpdateConfig | None = None,
+                  overwrite: bool = False, show_progress: bool = False, **options) -> RouterUpdateResult:
+    """Retrain the last MoE layer's router alone (DPO on routes) from the preferences of a
+    counterfactual run that includes the last MoE layer; writes the router delta and the
+    training log into `out` (its product is the delta file) and leaves the model unchanged.
+
+    `counterfactual`, `heldout`: a run folder or a saved `CounterfactualResult`. `options`:
+    fields of `RouterUpdateConfig` (`margin`, `bins`, `beta`, `learning_rate` or `lr`,
+    `steps`, `batch_size`, `seed`).
+
+    Example:
+        >>> import routelens as rl
+        >>> lens = rl.load("demo")
+        >>> trajs = rl.trajectories_from_text(lens.tokenizer, [("Q:3+4=A:", "3+4=7#7"), ("Q:9*2=A:", "9*2=18#18")])
+        >>> cf = rl.counterfactual(lens, trajs, layers=[-1], routes=8).save(str(tmp / "cf-update"))
+        >>> upd = rl.router_update(lens, cf, out=str(tmp / "update"), margin=0.0, steps=3)
+        >>> upd.summary_dict["only_router_changed"]
+        True
+    """
+    from routelens.analyses.router_update import run_router_update
+
+    lens = _lens(lens)
+
+    def folder_of(run, what: str) -> str | None:
+        if run is None or isinstance(run, (str, os.PathLike)):
+            return run and os.fspath(run)
+        if isinstance(run, CounterfactualResult):
+            if run.path is None:
+                raise RouteLensError(f"the {what} result lives in memory; save it first (result.save(path))")
+            return run.path
+        raise RouteLensError(f"{what} must be a run folder or a CounterfactualResult, got {type(run).__name__}")
+
+    settings = make_config(RouterUpdateConfig, config, **options)
+    run = run_router_update(lens.loaded, folder_of(counterfactual, "counterfactual"), settings, out,
+                            folder_of(heldout, "heldout"), overwrite=overwrite, show_progress=show_progress)
+    return RouterUpdateResult(run)
+
+
+__all__ = ["ALIASES", "arithmetic_items", "counterfactual", "isolate", "make_config", "passk", "read_items", "read_run",
+           "read_trajectories", "router_update", "run_counterfactual", "run_isolate", "run_passk",
+           "trajectories_from_ids", "trajectories_from_text"]

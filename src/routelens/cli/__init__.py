@@ -1,0 +1,86 @@
+"""The `routelens` command: one module per command, each a thin call of the Python API.
+
+`main(argv)` returns the exit code, so tests can call it. User errors (`RouteLensError`)
+and usage errors print one line and exit 2; a run-time check that fails on the checkpoint
+(`RuntimeCheckFailed`) prints one line and exits 1.
+
+A command module has NAME, HELP, EPILOG, RESUMABLE, `parents()` (shared option groups from
+`routelens.cli.parsing`), `add_arguments(parser)` and `run(args) -> int`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+from routelens import __version__
+from routelens.cli.parsing import OneLineParser
+from routelens.errors import RouteLensError
+
+# In the order `routelens --help` lists them.
+COMMAND_MODULES = ("demo", "counterfactual", "isolate", "router_update", "passk", "report", "export", "trajectories",
+                   "verify", "inspect_model", "models", "evaluate", "train_demo")
+
+
+def commands() -> dict:
+    """command name -> its module."""
+    modules = [importlib.import_module(f"routelens.cli.{name}") for name in COMMAND_MODULES]
+    return {module.NAME: module for module in modules}
+
+
+def build_parser() -> OneLineParser:
+    parser = OneLineParser(prog="routelens", description="Audit the routers of Mixture-of-Experts language models.")
+    parser.add_argument("--version", action="version", version=f"routelens {__version__}")
+    subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for name, module in commands().items():
+        command = subparsers.add_parser(name, help=module.HELP, description=module.HELP, epilog=module.EPILOG,
+                                        parents=module.parents())
+        module.add_arguments(command)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args, unknown = parser.parse_known_args(argv)
+    if unknown:   # reported by the command's own parser: its help, and the option meant
+        subparsers = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+        subparsers.choices[args.command].unrecognized(unknown)
+    module = commands()[args.command]
+    try:
+        return _run(module, args)
+    except KeyboardInterrupt:   # also during the imports below, which take seconds
+        if module.RESUMABLE:
+            print("routelens: interrupted; the units done are kept (run.json shows how many): "
+                  "re-run the same command to resume", file=sys.stderr)
+        else:
+            print(f"routelens: interrupted; `{args.command}` does not resume: nothing was written, "
+                  "re-running starts again from the beginning", file=sys.stderr)
+        return 130
+
+
+def _run(module, args) -> int:
+    from transformers.utils import logging as hf_logging
+
+    from routelens.engine.checks import RuntimeCheckFailed
+    from routelens.models.loading import experts_kernel_error
+
+    hf_logging.disable_progress_bar()  # our own progress bars say what is going on
+    try:
+        return module.run(args)
+    except RuntimeCheckFailed as error:
+        print(f"routelens: check failed: {error}", file=sys.stderr)
+        return 1
+    except RouteLensError as error:
+        print(f"routelens: error: {error}", file=sys.stderr)
+        return 2
+    except RuntimeError as error:
+        translated = experts_kernel_error(error)
+        if translated is None:
+            raise
+        print(f"routelens: error: {translated}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,52 @@
+"""`routelens counterfactual`: the standard route against sampled equal-compute routes."""
+
+from __future__ import annotations
+
+from routelens.cli.parsing import (
+    counterfactual_options,
+    counterfactual_settings,
+    load_lens,
+    model_options,
+    positive_int,
+    run_options,
+)
+
+NAME = "counterfactual"
+HELP = "score the standard route against sampled equal-compute routes"
+RESUMABLE = True
+EPILOG = """examples:
+  routelens counterfactual --model ./my-olmoe --trajectories traj.jsonl --layers 0,-1 --out runs/cf
+  routelens counterfactual --model allenai/OLMoE-1B-7B-0924 --trajectories traj.parquet \\
+      --layers -1 --routes 32 --candidates 32 --seed 0 --device cuda --dtype bfloat16 --out runs/olmoe
+  routelens counterfactual --model tiny:qwen3_moe --trajectories ids.jsonl --layers 0 --routes 8 --out runs/t
+
+Re-running the same command on the same --out resumes where it stopped.
+Trajectory records: {"id","prompt","completion"} (text) or {"id","input_ids","completion_start"};
+an optional "verified" boolean is carried through (--only-verified keeps the true ones).
+Python: routelens.run_counterfactual(lens, "traj.jsonl", out="runs/cf", layers=[0, -1]).
+"""
+
+
+def parents():
+    return [model_options(), counterfactual_options(), run_options()]
+
+
+def add_arguments(parser) -> None:
+    parser.add_argument("--trajectories", required=True, help="JSONL or Parquet file of trajectories")
+    parser.add_argument("--out", required=True, help="run folder (created; resumed if it holds the same run)")
+    parser.add_argument("--max-trajectories", type=positive_int, default=None, help="use the first N trajectories")
+    parser.add_argument("--only-verified", action="store_true", help='keep trajectories with "verified": true')
+
+
+def run(args) -> int:
+    from routelens.api import run_counterfactual
+    from routelens.config import CounterfactualConfig
+    from routelens.summary_table import print_summary
+
+    config = CounterfactualConfig(**counterfactual_settings(args))   # bad settings fail before the model loads
+    result = run_counterfactual(load_lens(args), args.trajectories, args.out, config=config,
+                                only_verified=args.only_verified, max_trajectories=args.max_trajectories,
+                                overwrite=args.overwrite, show_progress=not args.no_progress)
+    print_summary(result.summary_dict)
+    print(f"run folder: {args.out}")
+    return 0

@@ -1,0 +1,56 @@
+"""`routelens export`: a run's summary table as CSV, LaTeX or Markdown (for papers)."""
+
+from __future__ import annotations
+
+NAME = "export"
+HELP = "a run's summary table as CSV, LaTeX or Markdown"
+RESUMABLE = False
+EPILOG = """examples:
+  routelens export runs/demo/counterfactual --format latex > table.tex
+  routelens export runs/isolation --format markdown
+  routelens export runs/passk --format csv --out passk.csv
+
+The table is the run's `summary` DataFrame in Python (routelens.read_run(RUN).summary):
+counterfactual: one row per layer and bin; isolation: per domain and layer; passk: per arm
+and k; router-update: one row. Numbers are rounded to --digits for LaTeX and Markdown.
+"""
+
+FORMATS = ("csv", "latex", "markdown")
+
+
+def parents():
+    return []
+
+
+def add_arguments(parser) -> None:
+    parser.add_argument("run", metavar="RUN_DIR", help="a complete run folder")
+    parser.add_argument("--format", choices=FORMATS, default="markdown", help="output format (default markdown)")
+    parser.add_argument("--digits", type=int, default=4, help="decimals in LaTeX and Markdown (default 4)")
+    parser.add_argument("--out", default=None, help="write to this file (default: print)")
+
+
+def render(frame, fmt: str, digits: int, caption: str) -> str:
+    """The table in `fmt`: CSV at full precision, LaTeX (booktabs) and Markdown rounded."""
+    if fmt == "csv":
+        return frame.to_csv(index=False)
+    rounded = frame.round(digits)
+    if fmt == "latex":
+        return rounded.to_latex(index=False, na_rep="--", caption=caption, float_format=f"%.{digits}f")
+    return rounded.to_markdown(index=False, floatfmt=f".{digits}f") + "\n"
+
+
+def run(args) -> int:
+    from routelens.results.objects import read_run
+    from routelens.results.run_folder import check_out_file, write_text_atomic
+
+    if args.out:
+        check_out_file(args.out)
+    result = read_run(args.run)
+    caption = f"routelens {result.kind} summary of {result.config.get('model')}"
+    text = render(result.summary, args.format, args.digits, caption)
+    if args.out:
+        write_text_atomic(args.out, text)
+        print(f"{result.kind} summary ({len(result.summary)} rows) written to {args.out}")
+    else:
+        print(text, end="")
+    return 0

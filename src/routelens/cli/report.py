@@ -1,0 +1,33 @@
+"""`routelens report`: figures and a self-contained HTML report of run folders."""
+
+from __future__ import annotations
+
+NAME = "report"
+HELP = "figures and a self-contained HTML report of run folders"
+RESUMABLE = False
+EPILOG = """examples:
+  routelens report runs/demo/counterfactual
+  routelens report runs/cf runs/isolation runs/passk --out report.html
+"""
+
+
+def parents():
+    return []
+
+
+def add_arguments(parser) -> None:
+    parser.add_argument("runs", nargs="+", metavar="RUN_DIR",
+                        help="counterfactual, isolation, router-update or passk run folders")
+    parser.add_argument("--out", default=None,
+                        help="HTML file (default RUN_DIR/report.html for one folder, routelens-report.html for several)")
+
+
+def run(args) -> int:
+    from routelens.report.build import build_report
+    from routelens.results.run_folder import check_out_file
+
+    if args.out:
+        check_out_file(args.out)
+    path = build_report(args.runs, args.out)
+    print(f"report: {path} (figures as PNG and SVG in each run folder's figures/)")
+    return 0

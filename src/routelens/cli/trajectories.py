@@ -1,0 +1,75 @@
+"""`routelens trajectories`: sample solutions, verify their final answers, write trajectories."""
+
+from __future__ import annotations
+
+import sys
+
+from routelens.cli.parsing import load_lens, model_options, positive_int, run_options
+from routelens.errors import RouteLensError
+
+NAME = "trajectories"
+HELP = "sample solutions, verify them, write trajectories"
+RESUMABLE = False
+EPILOG = """examples:
+  routelens trajectories --model demo --task arithmetic --n 200 --samples-per-problem 8 \\
+      --temperature 0.8 --seed 0 --out traj.jsonl
+  routelens trajectories --model ./my-qwen3-moe --problems aime.jsonl --samples-per-problem 4 \\
+      --max-new-tokens 4096 --device cuda --out aime-traj.jsonl
+
+Each record: id, problem_id, input_ids, completion_start, prompt, completion, verified
+(final answer checked), finished (reached <eos>), and difficulty/domain/answer for arithmetic.
+"""
+
+
+def parents():
+    return [model_options(), run_options(resumable=False)]
+
+
+def add_arguments(parser) -> None:
+    source = parser.add_mutually_exclusive_group()
+    source.add_argument("--task", choices=["arithmetic"], default=None, help="the embedded arithmetic task")
+    source.add_argument("--problems", default=None, help='JSONL of {"id","prompt","answer"} (answers checked with math-verify)')
+    parser.add_argument("--heldout", action="store_true",
+                        help="arithmetic: take the problems from the held-out evaluation set instead of the analysis stream")
+    parser.add_argument("--n", type=positive_int, default=200, help="problems (default 200; for --problems: the first N)")
+    parser.add_argument("--samples-per-problem", type=positive_int, default=8, help="samples per problem (default 8)")
+    parser.add_argument("--temperature", type=float, default=0.8, help="sampling temperature (default 0.8)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the problems and the sampling (default 0)")
+    parser.add_argument("--max-new-tokens", type=positive_int, default=None,
+                        help="generation limit (default 96 for arithmetic, 1024 for --problems)")
+    parser.add_argument("--batch-size", type=positive_int, default=None, help="sequences per generate call")
+    parser.add_argument("--out", required=True, help="output JSONL")
+
+
+def run(args) -> int:
+    from routelens.data.sampling import arithmetic_trajectories, file_trajectories, write_trajectories
+    from routelens.results.run_folder import check_out_file
+
+    check_out_file(args.out)
+    if args.heldout:
+        from routelens.data.arithmetic import heldout_problems
+
+        heldout_problems(args.n)   # --n beyond the held-out set fails before any sampling
+    if args.problems:
+        from routelens.data.sampling import read_problem_file
+
+        read_problem_file(args.problems)   # a bad problem file fails before the model loads
+    lens = load_lens(args)
+    if lens.tokenizer is None:
+        raise RouteLensError(f"model {args.model!r} has no tokenizer; trajectories are generated from text")
+    options = dict(samples_per_problem=args.samples_per_problem, temperature=args.temperature, seed=args.seed,
+                   show_progress=not args.no_progress)
+    if args.max_new_tokens:
+        options["max_new_tokens"] = args.max_new_tokens
+    print(f"routelens: sampling {args.samples_per_problem} solution(s) per problem into {args.out}; this command does "
+          "not resume (the file is written at the end), so an interrupted run samples again", file=sys.stderr, flush=True)
+    if args.problems:
+        records = file_trajectories(lens.model, lens.tokenizer, args.problems, args.n,
+                                    batch_size=args.batch_size or 16, **options)
+    else:
+        records = arithmetic_trajectories(lens.model, lens.tokenizer, args.n,
+                                          batch_size=args.batch_size or 256, heldout=args.heldout, **options)
+    write_trajectories(records, args.out)
+    verified = sum(r["verified"] for r in records)
+    print(f"{len(records)} trajectories, {verified} verified ({verified / max(len(records), 1):.1%}); written to {args.out}")
+    return 0

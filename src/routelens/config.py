@@ -1,0 +1,228 @@
+"""The settings of each analysis, as typed dataclasses that validate themselves.
+
+A bad value raises `RouteLensError` on construction, with the one-line message the
+command line prints (it builds these same objects). This module imports nothing heavy,
+so the command line reads its defaults from here without loading torch.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+
+from routelens.errors import RouteLensError
+
+ENGINE_NAMES = ("fast", "cache", "reference")
+BINS = ("Confident", "Ambiguous", "Fragile")
+SCORES = {"mean": "mean_logprob", "first": "first_logprob"}   # isolation cell statistic -> column
+CHECKERS = ("arithmetic", "math-verify")                      # how a pass@k sample is checked
+
+
+def _at_least(option: str, value, low: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < low:
+        raise RouteLensError(f"{option} must be an integer >= {low}, got {value!r}")
+
+
+@dataclass
+class CounterfactualConfig:
+    """Settings of a counterfactual run, validated on construction (a bad value raises
+    `RouteLensError` with the message the command line prints).
+
+    Example:
+        >>> from routelens import CounterfactualConfig
+        >>> CounterfactualConfig(layers=[-1], num_routes=8).num_routes
+        8
+        >>> CounterfactualConfig(fragile=0.95, confident=0.9)
+        Traceback (most recent call last):
+        ...
+        routelens.errors.RouteLensError: need 0 <= --fragile (0.95) <= --confident (0.9) <= 1
+    """
+
+    layers: list[int] = field(default_factory=lambda: [-1])
+    num_routes: int = 32
+    num_candidates: int | None = None  # None: min(32, E)
+    gumbel_temperature: float = 1.0     # of the Gumbel-top-k route sampler (not a sampling temperature of text)
+    seed: int = 0
+    confident: float = 0.9
+    fragile: float = 0.5
+    engine: str = "fast"
+    route_batch_size: int = 33          # reference engine: routes per forward
+    memory_budget: int = 2 * 2**30      # fast engine: bytes for one chunk of perturbed sequences
+    group_tokens: int = 2048            # fast engine: trajectories scored together up to this many tokens
+    bootstrap_resamples: int = 2000
+
+    def __post_init__(self) -> None:
+        if not (isinstance(self.layers, (list, tuple)) and self.layers
+                and all(isinstance(x, int) and not isinstance(x, bool) for x in self.layers)):
+            raise RouteLensError(f"--layers must be a non-empty list of layer indices such as [0, -1], got {self.layers!r}")
+        self.layers = list(self.layers)
+        _at_least("--routes", self.num_routes, 1)
+        if self.num_candidates is not None:
+            _at_least("--candidates", self.num_candidates, 1)
+        if not self.gumbel_temperature > 0:
+            raise RouteLensError(f"--gumbel-temperature must be positive, got {self.gumbel_temperature}")
+        if not 0 <= self.fragile <= self.confident <= 1:
+            raise RouteLensError(f"need 0 <= --fragile ({self.fragile}) <= --confident ({self.confident}) <= 1")
+        if self.engine not in ENGINE_NAMES:
+            raise RouteLensError(f"unknown --engine {self.engine!r}; available: {', '.join(ENGINE_NAMES)}")
+        _at_least("--route-batch-size", self.route_batch_size, 1)
+        _at_least("--memory-budget", self.memory_budget, 1)
+        _at_least("group_tokens", self.group_tokens, 1)
+        _at_least("--bootstrap-resamples", self.bootstrap_resamples, 1)
+
+    def candidates_for(self, num_experts: int) -> int:
+        return self.num_candidates if self.num_candidates is not None else min(32, num_experts)
+
+    # Knobs that change speed and memory but not results (tested): not part of a run's identity,
+    # so a run resumes under another memory budget.
+    PERFORMANCE = ("route_batch_size", "memory_budget", "group_tokens")
+
+    def to_dict(self) -> dict:
+        return {k: v for k, v in asdict(self).items() if k not in self.PERFORMANCE}
+
+    def performance(self) -> dict:
+        return {k: getattr(self, k) for k in self.PERFORMANCE}
+
+
+def _at_least(option: str, value, low: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < low:
+        raise RouteLensError(f"{option} must be an integer >= {low}, got {value!r}")
+
+
+@dataclass
+class IsolationConfig:
+    """Settings of an isolation run, validated on construction (`RouteLensError`, the
+    command line's message).
+
+    Example:
+        >>> from routelens import IsolationConfig
+        >>> IsolationConfig(layers=[0, -1], floor_seeds=3).floor_seeds
+        3
+        >>> IsolationConfig(alpha=1.5)
+        Traceback (most recent call last):
+        ...
+        routelens.errors.RouteLensError: --alpha must lie strictly between 0 and 1, got 1.5
+    """
+
+    layers: list[int] | None = None     # None: every MoE layer
+    floor_seeds: int = 5
+    seed: int = 0
+    alpha: float = 0.05
+    score: str = "mean"                 # statistic of the cells: "mean" or "first" target-token log-prob
+    bootstrap_resamples: int = 2000
+    memory_budget: int = 2 * 2**30
+
+    # Settings that only change the summary (recomputed from the tables on every run) or the
+    # speed: a run folder resumes, or re-summarises, under other values of these.
+    SUMMARY = ("alpha", "score", "bootstrap_resamples")
+    PERFORMANCE = ("memory_budget",)
+
+    def __post_init__(self) -> None:
+        self.check()
+
+    def check(self) -> None:
+        if self.layers is not None and not (isinstance(self.layers, (list, tuple)) and self.layers and all(
+                isinstance(x, int) and not isinstance(x, bool) for x in self.layers)):
+            raise RouteLensError(f"--layers must be None (every MoE layer) or a non-empty list of layer indices, "
+                                 f"got {self.layers!r}")
+        if self.bootstrap_resamples < 1:
+            raise RouteLensError(f"--bootstrap-resamples must be at least 1, got {self.bootstrap_resamples}")
+        if self.floor_seeds < 0:
+            raise RouteLensError(f"--floor-seeds must be 0 or more, got {self.floor_seeds}")
+        if not 0 < self.alpha < 1:
+            raise RouteLensError(f"--alpha must lie strictly between 0 and 1, got {self.alpha}")
+        if self.score not in SCORES:
+            raise RouteLensError(f"--score must be one of {', '.join(SCORES)}, got {self.score!r}")
+
+    def identity(self) -> dict:
+        return {k: v for k, v in asdict(self).items() if k not in self.SUMMARY + self.PERFORMANCE}
+
+    def summary_settings(self) -> dict:
+        return {k: getattr(self, k) for k in self.SUMMARY}
+
+
+@dataclass
+class PassKConfig:
+    """Settings of a pass@k run, validated on construction (`RouteLensError`, the command
+    line's message).
+
+    Example:
+        >>> from routelens import PassKConfig
+        >>> PassKConfig(samples=8, ks=[1, 4, 8]).ks
+        [1, 4, 8]
+        >>> PassKConfig(samples=4, ks=[1, 8])
+        Traceback (most recent call last):
+        ...
+        routelens.errors.RouteLensError: --k 8 must lie in 1..--samples (4): pass@k needs at least k samples per problem
+    """
+
+    samples: int = 16
+    ks: list[int] = field(default_factory=lambda: [1, 2, 4, 8, 16])
+    temperature: float = 0.8
+    seed: int = 0
+    max_new_tokens: int = 96
+    checker: str = "arithmetic"
+    bootstrap_resamples: int = 2000
+    problems_per_unit: int = 50
+    batch_size: int = 256
+
+    SUMMARY = ("bootstrap_resamples",)
+    PERFORMANCE = ("problems_per_unit", "batch_size")
+
+    def __post_init__(self) -> None:
+        self.check()
+
+    def check(self) -> None:
+        if self.checker not in CHECKERS:
+            raise RouteLensError(f"unknown checker {self.checker!r}; available: {', '.join(CHECKERS)}")
+        for name in ("samples", "max_new_tokens", "bootstrap_resamples", "problems_per_unit", "batch_size"):
+            if getattr(self, name) < 1:
+                raise RouteLensError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
+        bad = [k for k in self.ks if not 1 <= k <= self.samples]
+        if bad:
+            raise RouteLensError(f"--k {','.join(map(str, bad))} must lie in 1..--samples ({self.samples}): "
+                                 "pass@k needs at least k samples per problem")
+        if not self.temperature > 0:
+            raise RouteLensError(f"--temperature must be positive, got {self.temperature}")
+
+    def identity(self) -> dict:
+        return {k: v for k, v in asdict(self).items() if k not in self.SUMMARY + self.PERFORMANCE}
+
+
+@dataclass
+class RouterUpdateConfig:
+    """Settings of a router update, validated on construction (`RouteLensError`, the
+    command line's message).
+
+    Example:
+        >>> from routelens import RouterUpdateConfig
+        >>> RouterUpdateConfig(steps=100).steps
+        100
+        >>> RouterUpdateConfig(bins=["Fragile", "Hard"])
+        Traceback (most recent call last):
+        ...
+        routelens.errors.RouteLensError: unknown bin(s) Hard; bins are Confident, Ambiguous, Fragile
+    """
+
+    margin: float = 0.05
+    bins: list[str] = field(default_factory=lambda: ["Fragile", "Ambiguous"])
+    beta: float = 0.1
+    learning_rate: float = 1e-5   # minimal: see the README for 1e-3 and 1e-4
+    steps: int = 300
+    batch_size: int = 256
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        self.check()
+
+    def check(self) -> None:
+        for name in ("steps", "batch_size"):
+            if getattr(self, name) < 1:
+                raise RouteLensError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
+        unknown = [b for b in self.bins if b not in BINS]
+        if unknown:
+            raise RouteLensError(f"unknown bin(s) {', '.join(unknown)}; bins are {', '.join(BINS)}")
+        for name, option in (("beta", "--beta"), ("learning_rate", "--lr")):
+            if not getattr(self, name) > 0:
+                raise RouteLensError(f"{option} must be positive, got {getattr(self, name)}")
+        if not 0 <= self.margin < 1:
+            raise RouteLensError(f"--margin is a probability difference in [0, 1), got {self.margin}")

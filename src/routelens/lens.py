@@ -1,0 +1,272 @@
+"""`Lens`: a loaded MoE model with its adapter, for notebooks and scripts.
+
+`routelens.load(...)` or `routelens.wrap(model, tokenizer)` gives a Lens. It tells the
+model's MoE structure (`moe_layers`, `num_experts`, `top_k`, `family`), records routes
+(`capture`) and forces them (`force`) around any forward of `lens.model`, and is what every
+analysis function takes.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+import torch
+
+from routelens.errors import OverrideNotApplied, RouteLensError
+from routelens.models.loading import DTYPES, LoadedModel, load_model
+
+
+@dataclass
+class Routes:
+    """One router's output in the last forward: `experts` and `weights` [B, T, k] (weights
+    as the model applied them), `logits` [B, T, E].
+
+    Example:
+        >>> import routelens as rl
+        >>> lens = rl.load("demo")
+        >>> with lens.capture() as routes:
+        ...     _ = lens.model(lens.encode("Q:1+2=A:"))
+        >>> r = routes[0]
+        >>> tuple(r.logits.shape[-1:]), bool((r.weights >= 0).all())
+        ((16,), True)
+    """
+
+    experts: torch.Tensor
+    weights: torch.Tensor
+    logits: torch.Tensor
+
+
+class CapturedRoutes(dict):
+    """layer -> `Routes`, filled when the forward runs; `routes[-1]` counts from the end."""
+
+    def __init__(self, adapter):
+        super().__init__()
+        self._adapter = adapter
+
+    def __getitem__(self, layer: int) -> Routes:
+        resolved = self._adapter.resolve_layers([layer])[0]
+        if not super().__contains__(resolved):
+            raise KeyError(f"no routes captured at layer {layer}: run a forward inside the `capture` block "
+                           f"(captured layers: {sorted(self.keys())})")
+        return super().__getitem__(resolved)
+
+
+class Lens:
+    """A MoE causal LM with its routelens adapter.
+
+    Example:
+        >>> import routelens as rl
+        >>> lens = rl.load("demo")
+        >>> lens.family, lens.num_experts, lens.top_k, lens.moe_layers
+        ('olmoe', 16, 4, [0, 1, 2, 3])
+    """
+
+    def __init__(self, loaded: LoadedModel):
+        self.loaded = loaded
+
+    def __repr__(self) -> str:
+        return (f"<Lens {self.loaded.spec!r}: {self.family}, {len(self.moe_layers)} MoE layers {self.moe_layers}, "
+                f"{self.num_experts} experts, top-{self.top_k}, {self.loaded.device}, {self.loaded.dtype}>")
+
+    # ------------------------------------------------------------------ what the model is
+    @property
+    def model(self) -> torch.nn.Module:
+        """The Hugging Face model (call it as usual; `capture` and `force` act on its forwards)."""
+        return self.adapter.model
+
+    @property
+    def tokenizer(self):
+        """The model's tokenizer, or None (tiny random models have none)."""
+        return self.loaded.tokenizer
+
+    @property
+    def adapter(self):
+        """The family adapter: where the routers are, the gating rule, the block layout."""
+        return self.loaded.adapter
+
+    @property
+    def moe_layers(self) -> list[int]:
+        """Decoder-layer indices that have a router."""
+        return list(self.adapter.moe_layers)
+
+    @property
+    def num_experts(self) -> int:
+        return self.adapter.num_experts
+
+    @property
+    def top_k(self) -> int:
+        return self.adapter.top_k
+
+    @property
+    def family(self) -> str:
+        """The transformers model type (olmoe, qwen3_moe, deepseek_v3, ...)."""
+        return self.adapter.config.model_type
+
+    @property
+    def gating_rule(self) -> str:
+        return self.adapter.gating_rule
+
+    def describe(self) -> dict:
+        """What `routelens inspect` prints: layers, experts, gating rule, parameters, device."""
+        return {**self.adapter.describe(), "device": self.loaded.device, "dtype": self.loaded.dtype}
+
+    def encode(self, text: str) -> torch.Tensor:
+        """`text` as input ids [1, T] on the model's device (needs a tokenizer)."""
+        if self.tokenizer is None:
+            raise RouteLensError(f"model {self.loaded.spec!r} has no tokenizer; pass token ids")
+        return torch.tensor([self.tokenizer(text)["input_ids"]], device=self.adapter.device)
+
+    # ------------------------------------------------------------------ routes
+    @contextmanager
+    def capture(self, layers: list[int] | None = None) -> Iterator[CapturedRoutes]:
+        """Record the routes of the forward run inside the block (the last one, if several).
+
+        Example:
+            >>> import routelens as rl
+            >>> lens = rl.load("demo")
+            >>> ids = lens.encode("Q:12+7=A:")
+            >>> with lens.capture(layers=[-1]) as routes:
+            ...     _ = lens.model(ids)
+            >>> routes[-1].experts.shape == (1, ids.shape[1], lens.top_k)
+            True
+        """
+        from routelens.models.routing import capture_routes
+
+        resolved = self.adapter.resolve_layers(layers) if layers is not None else self.moe_layers
+        shapes = _BlockShapes(self.adapter, resolved)
+        routes = CapturedRoutes(self.adapter)
+        with shapes, capture_routes(self.adapter, resolved) as captured:
+            yield routes
+        for layer, output in captured.items():
+            batch, length = shapes.last[layer]
+            routes[layer] = Routes(output.experts.reshape(batch, length, -1), output.weights.reshape(batch, length, -1),
+                                   output.logits.reshape(batch, length, -1))
+
+    @contextmanager
+    def force(self, layer: int, positions: list[tuple[int, int]], experts: list[list[int]],
+              weights: list[list[float]] | None = None) -> Iterator[None]:
+        """Route the tokens at `positions` ((batch row, position) pairs) through `experts` (k
+        distinct experts each) at `layer` in every forward inside the block; all other
+        tokens and layers route normally. Weights follow the model's own gating rule for
+        those experts unless given. Raises `OverrideNotApplied` if no forward was routed.
+
+        Example:
+            >>> import routelens as rl
+            >>> lens = rl.load("demo")
+            >>> ids = lens.encode("Q:12+7=A:")
+            >>> with lens.force(layer=-1, positions=[(0, 3)], experts=[[0, 1, 2, 3]]), lens.capture([-1]) as routes:
+            ...     _ = lens.model(ids)
+            >>> sorted(routes[-1].experts[0, 3].tolist())
+            [0, 1, 2, 3]
+        """
+        resolved = self.adapter.resolve_layers([layer])[0]
+        experts_t = torch.as_tensor(experts, dtype=torch.long)
+        if experts_t.dim() != 2 or experts_t.shape[0] != len(positions) or experts_t.shape[1] != self.top_k:
+            raise RouteLensError(f"experts must be one list of {self.top_k} expert ids (the model's top-k) per "
+                                 f"position; got shape {list(experts_t.shape)} for {len(positions)} position(s)")
+        if ((experts_t < 0) | (experts_t >= self.num_experts)).any():
+            raise RouteLensError(f"expert ids must lie in 0..{self.num_experts - 1}")
+        if any(len(set(row)) != len(row) for row in experts_t.tolist()):
+            raise RouteLensError("the experts of a route must be distinct (a route is k different experts)")
+        weights_t = None if weights is None else torch.as_tensor(weights, dtype=torch.float32)
+        if weights_t is not None and weights_t.shape != experts_t.shape:
+            raise RouteLensError(f"weights must have the shape of experts {list(experts_t.shape)}, "
+                                 f"got {list(weights_t.shape)}")
+        shapes = _BlockShapes(self.adapter, [resolved])
+        fired = []
+
+        def hook(module, args, output):
+            logits, applied, chosen = output
+            batch, length = shapes.last[resolved]
+            outside = [(b, s) for b, s in positions if not (0 <= b < batch and 0 <= s < length)]
+            if outside:
+                raise RouteLensError(f"position {outside[0]} lies outside this forward's batch x length "
+                                     f"{batch} x {length}")
+            rows = torch.tensor([b * length + s for b, s in positions], device=chosen.device)
+            new_experts = experts_t.to(chosen.device, chosen.dtype)
+            new_weights = (self.adapter.weights_for(logits[rows], new_experts) if weights_t is None else weights_t)
+            chosen, applied = chosen.clone(), applied.clone()
+            chosen[rows] = new_experts
+            applied[rows] = new_weights.to(applied.device, applied.dtype)
+            fired.append(len(rows))
+            return logits, applied, chosen
+
+        handle = self.adapter.routers[resolved].register_forward_hook(hook)
+        try:
+            with shapes:
+                yield
+        finally:
+            handle.remove()
+        if shapes.last and not fired:
+            raise OverrideNotApplied(f"the route override at layer {layer} never fired although the model ran: "
+                                     "this MoE block computes its routing inline; refusing to pass off natural routes")
+
+
+class _BlockShapes:
+    """Batch and length of the hidden states entering each MoE block (routers flatten them)."""
+
+    def __init__(self, adapter, layers: list[int]):
+        self.adapter, self.layers = adapter, layers
+        self.last: dict[int, tuple[int, int]] = {}
+        self.handles = []
+
+    def __enter__(self):
+        for layer in self.layers:
+            def record(module, args, kwargs, layer=layer):
+                hidden = args[0] if args else next(iter(kwargs.values()))
+                self.last[layer] = (hidden.shape[0], hidden.shape[1]) if hidden.dim() == 3 else (1, hidden.shape[0])
+            self.handles.append(self.adapter.moe_block(layer).register_forward_pre_hook(record, with_kwargs=True))
+        return self
+
+    def __exit__(self, *exc):
+        for handle in self.handles:
+            handle.remove()
+        self.handles.clear()
+
+
+def load(model: str = "demo", device: str = "auto", dtype: str = "auto", *, device_map=None,
+         trust_remote_code: bool = False, router_delta: str | None = None,
+         experts_implementation: str | None = None) -> Lens:
+    """Load a MoE causal LM: "demo" (the embedded model), a folder written by
+    `save_pretrained`, a Hugging Face hub id, or "tiny:<model_type>" (random tiny model).
+
+    `device` auto, cpu, cuda, cuda:N; `dtype` auto (float32 on CPU, bfloat16 on CUDA),
+    float32, bfloat16, float16; `device_map` auto, balanced or {module: device} (accelerate)
+    for a model larger than one device; `router_delta` a `router_update` delta to apply.
+
+    Example:
+        >>> import routelens as rl
+        >>> rl.load("tiny:qwen3_moe").family
+        'qwen3_moe'
+    """
+    return Lens(load_model(model, device, dtype, trust_remote_code, router_delta=router_delta, device_map=device_map,
+                           experts_implementation=experts_implementation))
+
+
+def wrap(model: torch.nn.Module, tokenizer=None, name: str | None = None) -> Lens:
+    """A Lens around a Hugging Face MoE model you already hold (put in eval mode).
+
+    `name` identifies the model in run records (default: the config's `_name_or_path`).
+
+    Example:
+        >>> import routelens as rl
+        >>> from transformers import AutoModelForCausalLM
+        >>> hf = AutoModelForCausalLM.from_pretrained(rl.load("demo").loaded.folder)
+        >>> rl.wrap(hf).moe_layers
+        [0, 1, 2, 3]
+    """
+    from routelens.models.registry import adapter_for
+
+    if not isinstance(model, torch.nn.Module) or not hasattr(model, "config"):
+        raise RouteLensError(f"wrap() takes a Hugging Face model (a torch.nn.Module with a config), "
+                             f"got {type(model).__name__}")
+    model.eval()
+    adapter = adapter_for(model)
+    parameter = next(model.parameters())
+    dtype = next((name for name, value in DTYPES.items() if value == parameter.dtype), str(parameter.dtype))
+    devices = {p.device for p in model.parameters()}
+    device = "device_map" if len(devices) > 1 else str(parameter.device)
+    spec = name or getattr(model.config, "_name_or_path", "") or f"in-memory:{type(model).__name__}"
+    return Lens(LoadedModel(adapter, tokenizer, spec, device, dtype))

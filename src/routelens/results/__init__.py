@@ -1,0 +1,1 @@
+"""Run folders, result objects and summary tables."""

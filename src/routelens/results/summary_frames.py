@@ -1,0 +1,69 @@
+"""Summary tables as pandas DataFrames, read off a run's summary.json.
+
+One function per analysis; the result objects' `.summary` and `routelens export` both use
+them, so a paper's table and a notebook's frame are the same numbers. Intervals are split
+into `<metric>_ci_low` / `<metric>_ci_high` columns.
+"""
+
+from __future__ import annotations
+
+import pandas as pd
+
+
+def _split_intervals(row: dict) -> dict:
+    """{"gain_ci": [a, b]} -> {"gain_ci_low": a, "gain_ci_high": b}, other keys kept in order."""
+    out = {}
+    for key, value in row.items():
+        if key.endswith("_ci") or key == "ci":
+            low, high = value if value is not None else (None, None)
+            out[f"{key}_low"], out[f"{key}_high"] = low, high
+        else:
+            out[key] = value
+    return out
+
+
+def counterfactual_frame(summary: dict) -> pd.DataFrame:
+    """One row per (layer, bin): tokens, mean gain, win rate and alignment with 95% intervals."""
+    rows = [{"layer": int(layer), "bin": name, **_split_intervals(values)}
+            for layer, bins in summary["layers"].items() for name, values in bins.items()]
+    return pd.DataFrame(rows)
+
+
+def isolation_frame(summary: dict) -> pd.DataFrame:
+    """One row per (domain, layer): the best forced expert with its median delta, interval
+    and q-value, significant cells, and the random floor."""
+    return pd.DataFrame([_split_intervals(row) for row in summary["layer_table"]])
+
+
+def passk_frame(summary: dict) -> pd.DataFrame:
+    """One row per (group, arm, k): pass@k with its interval; with two arms, also the paired
+    difference (arm "difference")."""
+    blocks = {"all": summary["all"], **summary.get("by_group", {})}
+    rows = []
+    for group, block in blocks.items():
+        for arm, values in block.items():
+            for metric, value in values.items():
+                if not isinstance(value, dict):
+                    continue
+                rows.append({"group": group, "arm": arm, "k": int(metric.split("@")[1]),
+                             **_split_intervals({"pass_at_k": value["mean"], "ci": value["ci"]}),
+                             **{extra: value[extra] for extra in ("problems_better", "problems_worse") if extra in value}})
+    return pd.DataFrame(rows)
+
+
+def router_update_frame(summary: dict) -> pd.DataFrame:
+    """One row: pairs, preference accuracy before and after, loss, parameters changed."""
+    keys = ("layer", "pairs", "pair_tokens", "preference_accuracy_before", "preference_accuracy_after",
+            "loss_first_step", "loss_last_step", "parameters_checked", "only_router_changed")
+    row = {key: summary[key] for key in keys}
+    row["parameters_changed"] = len(summary["parameters_changed"])
+    return pd.DataFrame([row])
+
+
+FRAMES = {"counterfactual": counterfactual_frame, "isolation": isolation_frame, "passk": passk_frame,
+          "router-update": router_update_frame}
+
+
+def summary_frame(kind: str, summary: dict) -> pd.DataFrame:
+    """The summary table of a run of `kind` (counterfactual, isolation, passk, router-update)."""
+    return FRAMES[kind](summary)

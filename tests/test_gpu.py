@@ -1,0 +1,32 @@
+"""The gpu tier: the API and the engines on CUDA (skipped without a CUDA device)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+import routelens as rl
+
+pytestmark = pytest.mark.gpu
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_fast_and_cache_engines_equal_the_reference_on_cuda(dtype):
+    lens = rl.load("demo", device="cuda", dtype=dtype)
+    pairs = [("Q:12+7=A:", "12+7=19#19"), ("Q:3*4+5=A:", "3*4=12;12+5=17#17")]
+    trajs = rl.trajectories_from_text(lens.tokenizer, pairs)
+    results = {engine: rl.counterfactual(lens, trajs, layers=[0, -1], routes=8, engine=engine).routes["logprob"]
+               for engine in ("reference", "fast", "cache")}
+    tolerance = 1e-4 if dtype == "float32" else 0.1
+    for engine in ("fast", "cache"):
+        np.testing.assert_allclose(results[engine], results["reference"], atol=tolerance, rtol=0)
+
+
+def test_capture_and_force_on_cuda():
+    lens = rl.load("demo", device="cuda")
+    ids = lens.encode("Q:3*4+5=A:")
+    assert ids.device.type == "cuda"
+    with torch.no_grad(), lens.force(-1, [(0, 4)], [[0, 1, 2, 3]]), lens.capture([-1]) as routes:
+        lens.model(ids)
+    assert sorted(routes[-1].experts[0, 4].tolist()) == [0, 1, 2, 3] and routes[-1].logits.is_cuda
