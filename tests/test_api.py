@@ -290,6 +290,7 @@ def test_export_writes_the_summary_table(fmt, demo, demo_trajectories, tmp_path,
         np.testing.assert_allclose(back["gain"].to_numpy(float), frame["gain"].to_numpy(float), equal_nan=True)
     elif fmt == "latex":
         assert "\\begin{tabular}" in text and "\\toprule" in text and text.count("\\\\") >= len(frame) + 1
+        assert "gain\\_ci\\_low" in text and "gain_ci_low" not in text      # escaped: the table compiles
         assert f"{frame['gain'].dropna().iloc[0]:.4f}" in text
     else:
         lines = text.strip().splitlines()

@@ -34,8 +34,9 @@ def render(frame, fmt: str, digits: int, caption: str) -> str:
     if fmt == "csv":
         return frame.to_csv(index=False)
     rounded = frame.round(digits)
-    if fmt == "latex":
-        return rounded.to_latex(index=False, na_rep="--", caption=caption, float_format=f"%.{digits}f")
+    if fmt == "latex":   # escaped: column names such as gain_ci_low must compile
+        caption = "".join("\\" + c if c in "_%&#$" else c for c in caption)
+        return rounded.to_latex(index=False, na_rep="--", caption=caption, float_format=f"%.{digits}f", escape=True)
     return rounded.to_markdown(index=False, floatfmt=f".{digits}f") + "\n"
 
 
