@@ -82,7 +82,7 @@ def test_token_quantities_recomputed_from_routes(tiny_adapters):
         assert token["p_worst_alt"] == pytest.approx(p[1:].min())
         assert token["gain"] == pytest.approx(p[1:].max() - p[0])
         standard_set = [tuple(e) == tuple(group["experts"].iloc[0]) for e in group["experts"].iloc[1:]]
-        assert token["win_rate"] == pytest.approx(np.mean((logprob[1:] > logprob[0]) & ~np.array(standard_set)))
+        assert token["win_rate"] == pytest.approx(np.mean((p[1:] - p[0] > config.win_tolerance) & ~np.array(standard_set)))
         constant = np.ptp(logprob) == 0 or np.ptp(group["router_score"]) == 0
         expected_alignment = np.nan if constant else sp.spearmanr(group["router_score"], logprob).statistic
         assert token["alignment"] == pytest.approx(expected_alignment, nan_ok=True)
@@ -100,7 +100,8 @@ def test_bins_and_summary_counts():
         "trajectory_id": rng.integers(0, 12, n).astype(str), "layer": rng.choice([1, 3], n),
         "p_route_mean": p_mean, "p_standard": rng.uniform(size=n), "p_best_alt": rng.uniform(size=n),
         "gain": rng.normal(size=n), "win_rate": rng.uniform(size=n), "alignment": rng.uniform(-1, 1, n),
-        "bin": [bin_of(p, 0.9, 0.5) for p in p_mean],
+        "tie_rate": rng.uniform(size=n), "null_gain": rng.normal(size=n), "standard_percentile": rng.uniform(size=n),
+        "gain_by_routes": list(rng.normal(size=(n, 6))), "bin": [bin_of(p, 0.9, 0.5) for p in p_mean],
     })
     config = CounterfactualConfig(bootstrap_resamples=300)
     summary = summarise(tokens, [1, 3], config)
@@ -113,6 +114,10 @@ def test_bins_and_summary_counts():
             assert group["gain"] == pytest.approx(frame["gain"].mean())
             assert group["win_rate"] == pytest.approx(frame["win_rate"].mean())
             assert group["alignment"] == pytest.approx(np.tanh(np.arctanh(frame["alignment"]).mean()))
+            assert group["gain_minus_null"] == pytest.approx((frame["gain"] - frame["null_gain"]).mean())
+            assert group["standard_percentile"] == pytest.approx(frame["standard_percentile"].mean())
+            assert group["gain_by_routes"]["32"] == pytest.approx(np.stack(frame["gain_by_routes"])[:, -1].mean())
+            assert group["few_clusters"] == (frame["trajectory_id"].nunique() < 10)
             low, high = group["gain_ci"]
             assert low <= group["gain"] <= high
         assert summary["layers"][str(layer)]["All"]["tokens"] == len(at)
@@ -123,7 +128,7 @@ def test_an_alternative_with_the_standard_experts_never_wins():
     experts = np.array([[0, 1], [0, 1], [2, 3], [4, 5]])
     logprob = np.array([-1.0, -1.0 + 1e-9, -0.5, -2.0])   # route 1: the standard set, rounding above route 0
     metrics = token_metrics(logprob, np.array([0.9, 0.9, 0.1, 0.05]), experts, config)
-    assert metrics["win_rate"] == pytest.approx(1 / 3)
+    assert metrics["win_rate"] == pytest.approx(1 / 3) and metrics["tie_rate"] == pytest.approx(1 / 3)
     assert metrics["p_best_alt"] == pytest.approx(np.exp(-0.5))
 
 
@@ -132,3 +137,42 @@ def test_trajectory_groups_respect_token_budget_and_size():
     assert trajectory_groups([0, 1, 2, 3, 4, 5], trajectories, max_tokens=25, max_group=64) == [[0, 1], [2], [3, 4, 5]]
     assert trajectory_groups([1, 3, 4], trajectories, max_tokens=100, max_group=2) == [[1, 3], [4]]
     assert trajectory_groups([0, 1], trajectories, max_tokens=100, max_group=1) == [[0], [1]]
+
+
+def test_tolerance_null_and_percentile_equal_a_second_implementation_from_routes():
+    """win_rate/tie_rate with a tolerance, null_gain, standard_percentile and the gain as a
+    function of S, recomputed from routes.parquet's rows by plain loops."""
+    import itertools
+
+    import routelens as rl
+
+    lens = rl.load("demo")
+    pairs = [("Q:12+7=A:", "12+7=19#19"), ("Q:3*4+5=A:", "3*4=12;12+5=17#17"), ("Q:50-17=A:", "50-17=33#33")]
+    trajs = rl.trajectories_from_text(lens.tokenizer, pairs)
+    eps = 0.002
+    res = rl.counterfactual(lens, trajs, layers=[0, -1], routes=6, seed=1, win_tolerance=eps)
+    tokens = res.tokens.set_index(["trajectory_id", "position", "layer"])
+    checked = 0
+    for key, rows in res.routes.groupby(["trajectory_id", "position", "layer"]):
+        rows = rows.sort_values("route")
+        p = np.exp(rows["logprob"].to_numpy())
+        sets = [tuple(e) for e in rows["experts"]]
+        standard, alternatives = p[0], p[1:]
+        diffs = [0.0 if s == sets[0] else a - standard for s, a in zip(sets[1:], alternatives)]
+        row = tokens.loc[key]
+        assert row["win_rate"] == pytest.approx(sum(d > eps for d in diffs) / len(diffs))
+        assert row["tie_rate"] == pytest.approx(sum(abs(d) <= eps for d in diffs) / len(diffs))
+        assert row["standard_percentile"] == pytest.approx(
+            sum(1.0 if d < 0 else 0.5 if d == 0 else 0.0 for d in diffs) / len(diffs))
+        loo = [max(alternatives[:i].tolist() + alternatives[i + 1:].tolist()) - a for i, a in enumerate(alternatives)]
+        assert row["null_gain"] == pytest.approx(np.mean(loo), abs=1e-12)
+        for m, gain in zip((1, 2, 4, 6), row["gain_by_routes"]):
+            best = np.mean([max(c) for c in itertools.combinations(alternatives, m)])
+            assert gain == pytest.approx(best - standard, abs=1e-12)
+        checked += 1
+    assert checked == len(res.tokens) > 20
+    summary = res.summary_dict["layers"][str(lens.moe_layers[-1])]["All"]
+    at = res.tokens[res.tokens["layer"] == lens.moe_layers[-1]]
+    assert summary["gain_minus_null"] == pytest.approx((at["gain"] - at["null_gain"]).mean())
+    assert summary["few_clusters"] is True and summary["trajectories"] == 3
+    assert res.summary_dict["win_tolerance"] == eps and res.config["win_tolerance"] == eps

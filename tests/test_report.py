@@ -8,6 +8,7 @@ import os
 import re
 import shutil
 
+import numpy as np
 import pandas as pd
 import pytest
 from conftest import write_jsonl
@@ -46,7 +47,8 @@ def test_report_figures_and_tables_agree_with_the_run(runs):
     root, out = runs
     page = open(out, encoding="utf-8").read()
     # every figure: embedded in the page, and written as PNG and SVG beside the run
-    expected = {"cf": ["cf_route_mean_p", "cf_standard_vs_best", "cf_gain_winrate", "cf_alignment", "cf_router_score_examples"],
+    expected = {"cf": ["cf_route_mean_p", "cf_standard_vs_best", "cf_gain_winrate", "cf_null", "cf_gain_by_routes",
+                       "cf_alignment", "cf_router_score_examples"],
                 "iso": ["iso_delta_heatmap", "iso_calibration", "iso_dominance", "iso_layers"],
                 "passk": ["passk_curves"]}
     for run, names in expected.items():
@@ -143,7 +145,7 @@ def test_report_loads_in_headless_chromium_without_errors_and_shows_script_as_te
         text = driver.find_element(By.ID, "cf-worst").text
         assert SCRIPT in text                             # shown, as text
         images = driver.find_elements(By.TAG_NAME, "img")
-        assert len(images) == 10 and all(driver.execute_script("return arguments[0].naturalWidth", i) > 100 for i in images)
+        assert len(images) == 12 and all(driver.execute_script("return arguments[0].naturalWidth", i) > 100 for i in images)
         errors = [entry for entry in driver.get_log("browser") if entry["level"] in ("SEVERE", "ERROR")]
         assert errors == []
     finally:
@@ -167,3 +169,17 @@ def test_importing_routelens_leaves_matplotlib_as_the_notebook_set_it(cli_env):
         result = subprocess.run([sys.executable, "-c", code, png], env=cli_env, capture_output=True, text=True)
         assert result.returncode == 0, result.stderr
         assert open(png, "rb").read(8) == b"\x89PNG\r\n\x1a\n"   # rendered through Agg all the same
+
+
+def test_p_values_at_the_signed_rank_floor_are_marked():
+    """The smallest-q table says when p sits at the exact test's smallest value for n items
+    (SciPy's exact two-sided Wilcoxon with n same-signed differences)."""
+    import scipy.stats as sps
+
+    from routelens.report.build import _p_at_floor
+
+    for n in (5, 8, 12):
+        smallest = sps.wilcoxon(np.arange(1, n + 1), method="exact").pvalue
+        assert _p_at_floor(smallest, n).endswith("(floor)")
+        mixed = sps.wilcoxon(np.r_[np.arange(1, n), -0.5], method="exact").pvalue
+        assert not _p_at_floor(mixed, n).endswith("(floor)")

@@ -44,6 +44,7 @@ class CounterfactualConfig:
     seed: int = 0
     confident: float = 0.9
     fragile: float = 0.5
+    win_tolerance: float = 1e-3         # an alternative wins only if p_alt - p_std > this (probability)
     engine: str = "fast"
     route_batch_size: int = 33          # reference engine: routes per forward
     memory_budget: int = 2 * 2**30      # fast engine: bytes for one chunk of perturbed sequences
@@ -60,6 +61,8 @@ class CounterfactualConfig:
             _at_least("--candidates", self.num_candidates, 1)
         if not self.gumbel_temperature > 0:
             raise RouteLensError(f"--gumbel-temperature must be positive, got {self.gumbel_temperature}")
+        if not 0 <= self.win_tolerance < 1:
+            raise RouteLensError(f"--win-tolerance is a probability difference in [0, 1), got {self.win_tolerance}")
         if not 0 <= self.fragile <= self.confident <= 1:
             raise RouteLensError(f"need 0 <= --fragile ({self.fragile}) <= --confident ({self.confident}) <= 1")
         if self.engine not in ENGINE_NAMES:

@@ -17,17 +17,25 @@ def _with_interval(value, interval, digits: int = 3) -> str:
 
 
 def summary_table(summary: dict) -> Table:
-    table = Table(title="counterfactual routing: per layer x bin (95% bootstrap CI over trajectories)")
-    for column in ("layer", "bin", "tokens", "p std", "gain", "win rate", "alignment"):
+    tolerance = summary.get("win_tolerance")
+    table = Table(title="counterfactual routing: per layer x bin (95% bootstrap CI over trajectories; "
+                        "* fewer than 10 trajectories)",
+                  caption=None if tolerance is None else
+                  f"win: p_alt - p_std > {tolerance}; null: the gain of a random draw of the sampler; "
+                  "std pct: share of alternatives below the standard route (0.5 = chance)")
+    for column in ("layer", "bin", "tokens", "traj", "p std", "gain", "null gain", "win rate", "std pct", "alignment"):
         table.add_column(column, justify="right" if column not in ("bin",) else "left")
     for layer, groups in summary["layers"].items():
         for name in (*BINS, ALL_TOKENS):
             group = groups[name]
             table.add_row(
-                layer, name, str(group["tokens"]),
+                layer, name + ("*" if group.get("few_clusters") else ""), str(group["tokens"]),
+                str(group["trajectories"]),
                 "-" if group["p_standard"] is None else f"{group['p_standard']:.3f}",
                 _with_interval(group["gain"], group["gain_ci"]),
+                _with_interval(group.get("null_gain"), group.get("null_gain_ci", (None, None))),
                 _with_interval(group["win_rate"], group["win_rate_ci"]),
+                _with_interval(group.get("standard_percentile"), group.get("standard_percentile_ci", (None, None)), 2),
                 _with_interval(group["alignment"], group["alignment_ci"]),
             )
         table.add_section()
@@ -35,7 +43,7 @@ def summary_table(summary: dict) -> Table:
 
 
 def print_summary(summary: dict, console: Console | None = None) -> None:
-    (console or Console(width=140)).print(summary_table(summary))
+    (console or Console(width=190)).print(summary_table(summary))
 
 
 def _ci(interval) -> str:

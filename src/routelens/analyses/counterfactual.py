@@ -48,7 +48,8 @@ TOKENS_SCHEMA = pa.schema([
     ("trajectory_id", pa.string()), ("position", pa.int64()), ("layer", pa.int64()),
     ("target_id", pa.int64()), ("verified", pa.bool_()), ("p_standard", pa.float64()),
     ("p_route_mean", pa.float64()), ("p_best_alt", pa.float64()), ("p_worst_alt", pa.float64()),
-    ("gain", pa.float64()), ("win_rate", pa.float64()), ("alignment", pa.float64()),
+    ("gain", pa.float64()), ("win_rate", pa.float64()), ("tie_rate", pa.float64()), ("null_gain", pa.float64()),
+    ("standard_percentile", pa.float64()), ("gain_by_routes", pa.list_(pa.float64())), ("alignment", pa.float64()),
     ("n_duplicates", pa.int64()), ("bin", pa.string()),
 ])
 
@@ -126,13 +127,18 @@ def token_metrics(logprob: np.ndarray, router_score: np.ndarray, experts: np.nda
     """Per-token quantities from the logprobs [R], router scores [R] and expert sets [R, k]
     of its routes (route 0 standard).
 
-    An alternative that drew the standard expert set *is* the standard route (same experts,
-    same gating rule), so it never counts as strictly better: otherwise float rounding
-    between two computations of one route would decide the win rate of peaked routers.
+    An alternative wins when its p exceeds the standard route's by more than
+    `win_tolerance`, and ties when within it; one that drew the standard expert set *is*
+    the standard route and always ties (float rounding between two computations of one
+    route must not decide the win rate of peaked routers). `null_gain` is the gain a
+    router would show if its route were a random draw from the same sampler: the mean over
+    alternatives a of (best other alternative - a). `standard_percentile` is the share of
+    alternatives below the standard route (ties half): 1 = best route seen, 0.5 = chance.
     """
     p = np.exp(logprob)
     same_as_standard = (experts[1:] == experts[0]).all(axis=-1)
     alternatives = p[1:]
+    difference = np.where(same_as_standard, 0.0, alternatives - p[0])
     p_route_mean = float(p.mean())
     return {
         "p_standard": float(p[0]),
@@ -140,10 +146,42 @@ def token_metrics(logprob: np.ndarray, router_score: np.ndarray, experts: np.nda
         "p_best_alt": float(alternatives.max()),
         "p_worst_alt": float(alternatives.min()),
         "gain": float(alternatives.max() - p[0]),
-        "win_rate": float(np.mean((logprob[1:] > logprob[0]) & ~same_as_standard)),
+        "win_rate": float(np.mean(difference > config.win_tolerance)),
+        "tie_rate": float(np.mean(np.abs(difference) <= config.win_tolerance)),
+        "null_gain": null_gain(alternatives),
+        "standard_percentile": float(np.mean((difference < 0) + 0.5 * (difference == 0))),
+        "gain_by_routes": [best - float(p[0]) for best in expected_best_of(alternatives, route_counts(alternatives.size)).values()],
         "alignment": stats.spearman(router_score, logprob),
         "bin": bin_of(p_route_mean, config.confident, config.fragile),
     }
+
+
+def null_gain(alternatives: np.ndarray) -> float:
+    """Mean over alternatives a of (max over the other alternatives of p) - p_a: the gain of
+    a "standard" route drawn at random from the sampler (NaN with one alternative)."""
+    if alternatives.size < 2:
+        return float("nan")
+    order = np.sort(alternatives)
+    best, second = order[-1], order[-2]
+    others_best = np.where(alternatives == best, second, best)   # leave-one-out max (a tie at the top: second == best)
+    return float(np.mean(others_best - alternatives))
+
+
+def expected_best_of(alternatives: np.ndarray, sizes: list[int]) -> dict[int, float]:
+    """E[max p over m alternatives drawn without replacement from the S scored], for each m:
+    exact order statistics (sorted x_(i) weighted by C(i-1, m-1) / C(S, m)), no resampling."""
+    from scipy.special import comb
+
+    ordered = np.sort(alternatives)
+    count = ordered.size
+    ranks = np.arange(1, count + 1)
+    return {m: float(np.sum(ordered * comb(ranks - 1, m - 1) / comb(count, m))) for m in sizes if m <= count}
+
+
+def route_counts(num_routes: int) -> list[int]:
+    """1, 2, 4, ... up to S, and S itself."""
+    sizes = [1 << i for i in range(num_routes.bit_length()) if (1 << i) <= num_routes]
+    return sizes + ([num_routes] if sizes[-1] != num_routes else [])
 
 
 def _list_column(values: np.ndarray, value_type: pa.DataType) -> pa.ListArray:
@@ -223,9 +261,14 @@ def _interval(frame: pd.DataFrame, value: pd.Series, seed: int, resamples: int, 
     return [None if np.isnan(low) else low, None if np.isnan(high) else high]
 
 
+MIN_CLUSTERS = 10   # fewer trajectories than this: the bootstrap interval is marked unreliable
+
+
 def summarise_group(frame: pd.DataFrame, config: CounterfactualConfig) -> dict:
-    """Token count, mean gain, win rate and Fisher-z mean alignment, each with a 95%
-    bootstrap interval over trajectories."""
+    """Token count, mean gain against its null, win and tie rates, the standard route's
+    percentile and Fisher-z mean alignment, each with a 95% bootstrap interval over
+    trajectories (marked `few_clusters` below MIN_CLUSTERS trajectories), and the mean
+    gain as a function of the number of alternatives S."""
     z = pd.Series(stats.fisher_z(frame["alignment"].to_numpy()), index=frame.index)
     seed, resamples = config.seed, config.bootstrap_resamples
 
@@ -239,12 +282,30 @@ def summarise_group(frame: pd.DataFrame, config: CounterfactualConfig) -> dict:
         "p_best_alt": mean_or_none(frame["p_best_alt"].mean()),
         "gain": mean_or_none(frame["gain"].mean()),
         "gain_ci": _interval(frame, frame["gain"], seed, resamples),
+        "null_gain": mean_or_none(frame["null_gain"].mean()),
+        "null_gain_ci": _interval(frame, frame["null_gain"], seed, resamples),
+        # paired per token: below 0, the router's route beats a random draw of the same sampler
+        "gain_minus_null": mean_or_none((frame["gain"] - frame["null_gain"]).mean()),
+        "gain_minus_null_ci": _interval(frame, frame["gain"] - frame["null_gain"], seed, resamples),
         "win_rate": mean_or_none(frame["win_rate"].mean()),
         "win_rate_ci": _interval(frame, frame["win_rate"], seed, resamples),
+        "tie_rate": mean_or_none(frame["tie_rate"].mean()),
+        "standard_percentile": mean_or_none(frame["standard_percentile"].mean()),
+        "standard_percentile_ci": _interval(frame, frame["standard_percentile"], seed, resamples),
         "alignment": mean_or_none(stats.fisher_z_mean(frame["alignment"].to_numpy())),
         "alignment_ci": _interval(frame, z, seed, resamples, transform=np.tanh),
         "alignment_defined": int(frame["alignment"].notna().sum()),
+        "few_clusters": int(frame["trajectory_id"].nunique()) < MIN_CLUSTERS,
+        "gain_by_routes": _gain_by_routes(frame, config.num_routes),
     }
+
+
+def _gain_by_routes(frame: pd.DataFrame, num_routes: int) -> dict[str, float]:
+    """Mean expected gain of the best of m alternatives, m = 1, 2, 4, ..., S (from the same rows)."""
+    if frame.empty:
+        return {}
+    curves = np.array(frame["gain_by_routes"].tolist(), dtype=float)   # [tokens, len(route_counts(S))]
+    return {str(m): float(curves[:, i].mean()) for i, m in enumerate(route_counts(num_routes))}
 
 
 def summarise(tokens: pd.DataFrame, layers: list[int], config: CounterfactualConfig) -> dict:
@@ -260,7 +321,16 @@ def summarise(tokens: pd.DataFrame, layers: list[int], config: CounterfactualCon
         "bins": {"Confident": f"p_route_mean >= {config.confident}",
                  "Ambiguous": f"{config.fragile} <= p_route_mean < {config.confident}",
                  "Fragile": f"p_route_mean < {config.fragile}"},
-        "interval": f"95% percentile bootstrap over trajectories, {config.bootstrap_resamples} resamples",
+        "interval": f"95% percentile bootstrap over trajectories, {config.bootstrap_resamples} resamples; "
+                    f"few_clusters marks intervals over fewer than {MIN_CLUSTERS} trajectories",
+        "win_tolerance": config.win_tolerance,
+        "definitions": {
+            "win_rate": f"share of alternatives with p_alt - p_standard > {config.win_tolerance}",
+            "tie_rate": f"share of alternatives within {config.win_tolerance} of p_standard (the standard set included)",
+            "null_gain": "mean over alternatives a of (best other alternative's p - p_a): the gain of a random draw",
+            "standard_percentile": "share of alternatives below the standard route (ties half); 0.5 = chance",
+            "gain_by_routes": "mean expected p(best of m alternatives) - p_standard, m drawn from the S scored",
+        },
         "layers": per_layer,
     }
 

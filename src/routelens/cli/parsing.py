@@ -157,6 +157,9 @@ def counterfactual_options(layers_required: bool = True) -> argparse.ArgumentPar
                        help="Confident bin: route-averaged p >= this (default %(default)s)")
     group.add_argument("--fragile", type=float, default=default_of(C, "fragile"),
                        help="Fragile bin: route-averaged p < this (default %(default)s)")
+    group.add_argument("--win-tolerance", type=float, default=default_of(C, "win_tolerance"),
+                       help="an alternative wins only if its p beats the standard route's by more than this "
+                            "(probability; within it: a tie; default %(default)s)")
     group.add_argument("--engine", default=default_of(C, "engine"), choices=list(ENGINE_NAMES),
                        help="scoring engine: fast (default; exact, batched; the cache engine for layers it cannot "
                             "patch), cache (the model's own cache, one decode step per token) or reference "
@@ -173,7 +176,7 @@ def counterfactual_settings(args) -> dict:
     """The CounterfactualConfig fields from parsed options (validated by the config)."""
     return {"layers": args.layers, "num_routes": args.routes, "num_candidates": args.candidates,
             "gumbel_temperature": args.gumbel_temperature, "seed": args.seed, "confident": args.confident,
-            "fragile": args.fragile, "engine": args.engine, "route_batch_size": args.route_batch_size,
+            "fragile": args.fragile, "win_tolerance": args.win_tolerance, "engine": args.engine, "route_batch_size": args.route_batch_size,
             "memory_budget": args.memory_budget}
 
 

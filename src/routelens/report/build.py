@@ -38,6 +38,12 @@ def _run(run_dir: str) -> dict:
     return run
 
 
+def _p_at_floor(p_value: float, n: int) -> str:
+    """The p-value, marked where it sits at the exact signed-rank test's smallest value for n."""
+    floor = 2 * 0.5 ** int(n)
+    return f"{p_value:.2e}" + (" (floor)" if n <= 50 and abs(p_value - floor) <= floor * 1e-6 else "")
+
+
 def _figures_html(run_dir: str, figures: list) -> str:
     folder = os.path.join(run_dir, "figures")
     os.makedirs(folder, exist_ok=True)
@@ -160,7 +166,7 @@ def isolation_section(run_dir: str, run: dict) -> str:
     top_table = table(["domain", "layer", "expert", "n", "median delta [95% CI]", "p", "q", "vs floor: median", "q vs floor",
                        "natural share"],
                       [[r["domain"], r["layer"], r["expert"], r["n"], interval(r["median_delta"], [r["ci_low"], r["ci_high"]]),
-                        f"{r['p_value']:.2e}", f"{r['q_value']:.2e}", fmt(r["median_delta_vs_floor"]),
+                        _p_at_floor(r["p_value"], r["n"]), f"{r['q_value']:.2e}", fmt(r["median_delta_vs_floor"]),
                         f"{r['q_value_vs_floor']:.2e}", fmt(r["natural_share"])] for _, r in top.iterrows()], "iso-cells")
     figures = figs.isolation_figures(cells, calibration, summary)
     return (f"<h2>Expert isolation: {esc(run_dir)}</h2>"
@@ -169,7 +175,10 @@ def isolation_section(run_dir: str, run: dict) -> str:
             f"natural routing; {summary['significant_vs_floor']} differ from the random floor "
             f"({summary.get('significant_better_than_floor', '?')} better). Score: {esc(summary['score'])}.</p>"
             f"{counts}<h3>Layer table and dominance</h3>{layers}{_figures_html(run_dir, figures)}"
-            f"<h3>The 20 cells with the smallest q-values</h3>{top_table}{_provenance(run)}")
+            f"<h3>The 20 cells with the smallest q-values</h3>"
+            f"<p>A p marked <em>(floor)</em> is the smallest the exact signed-rank test allows with n items "
+            f"(2 / 2<sup>n</sup>): every item moved the same way, and only more items could lower it.</p>"
+            f"{top_table}{_provenance(run)}")
 
 
 def passk_section(run_dir: str, run: dict) -> str:

@@ -114,6 +114,8 @@ def counterfactual_figures(tokens: pd.DataFrame, routes: pd.DataFrame, summary: 
     fig.tight_layout()
     figures.append(Figure("cf_gain_winrate", "Gain and win rate by bin", "Bars are means; error bars 95% "
                           "percentile bootstrap intervals resampled over trajectories.", fig))
+    if "null_gain" in summary["layers"][str(layers[0])]["All"]:   # runs made before the null have none
+        figures += _null_figures(summary, layers, bins)
 
     fig, ax = subplots(figsize=(6.5, 3.8))
     for i, layer in enumerate(layers):
@@ -149,6 +151,48 @@ def counterfactual_figures(tokens: pd.DataFrame, routes: pd.DataFrame, summary: 
         fig.tight_layout()
         figures.append(Figure("cf_router_score_examples", "Router score vs route log-probability",
                               "Each point is one route of the token; the star is the router's own route.", fig))
+    return figures
+
+
+def _null_figures(summary: dict, layers: list[int], bins: list[str]) -> list[Figure]:
+    """The router against chance: gain minus its null and the standard route's percentile by
+    bin; and the gain as a function of the number of alternatives S."""
+    fig, (ax_null, ax_pct) = subplots(1, 2, figsize=(11, 3.8))
+    width = 0.8 / max(len(layers), 1)
+    for i, layer in enumerate(layers):
+        groups = summary["layers"][str(layer)]
+        x = np.arange(len(bins)) + (i - (len(layers) - 1) / 2) * width
+        for ax, key in ((ax_null, "gain_minus_null"), (ax_pct, "standard_percentile")):
+            values = [groups[b][key] for b in bins]
+            ax.bar(x, [np.nan if v is None else v for v in values], width, label=f"layer {layer}",
+                   yerr=_interval_errors(values, [groups[b][f"{key}_ci"] for b in bins]), capsize=3)
+    ax_null.axhline(0, color="black", linewidth=0.8)
+    ax_pct.axhline(0.5, color="black", linewidth=0.8, linestyle="--")
+    for ax, label, title in ((ax_null, "gain - null gain [probability]", "Gain minus the null (below 0: better than chance)"),
+                             (ax_pct, "standard route's percentile [share]", "Standard route's percentile (0.5 = chance)")):
+        ax.set_xticks(range(len(bins)), bins)
+        ax.set(xlabel="bin (route-averaged p)", ylabel=label, title=title)
+        ax.legend(fontsize=8)
+    fig.suptitle("The router against a random equal-compute route (intervals: bootstrap over trajectories)")
+    fig.tight_layout()
+    figures = [Figure("cf_null", "Gain against the null", "The null gain is the gain a route drawn from the "
+                      "same sampler would show; the percentile is the share of alternatives below the standard "
+                      "route, ties half.", fig)]
+
+    fig, axes = subplots(1, len(bins), figsize=(4.2 * len(bins), 3.6), squeeze=False)
+    for ax, name in zip(axes[0], bins):
+        for layer in layers:
+            curve = summary["layers"][str(layer)][name]["gain_by_routes"]
+            if curve:
+                ax.plot([int(m) for m in curve], list(curve.values()), marker="o", label=f"layer {layer}")
+        ax.set_xscale("log", base=2)
+        ax.set(title=f"{name}", xlabel="alternatives S [routes, log2]", ylabel="expected gain [probability]")
+        if ax.get_legend_handles_labels()[0]:   # a bin without tokens has no curve
+            ax.legend(fontsize=8)
+    fig.suptitle("Gain grows with the number of alternatives scored (exact subsampling of the same rows)")
+    fig.tight_layout()
+    figures.append(Figure("cf_gain_by_routes", "Gain against S", "Mean over tokens of E[p(best of m alternatives)] "
+                          "- p(standard), m drawn without replacement from the S scored (order statistics).", fig))
     return figures
 
 

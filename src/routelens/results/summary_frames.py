@@ -23,8 +23,11 @@ def _split_intervals(row: dict) -> dict:
 
 
 def counterfactual_frame(summary: dict) -> pd.DataFrame:
-    """One row per (layer, bin): tokens, mean gain, win rate and alignment with 95% intervals."""
-    rows = [{"layer": int(layer), "bin": name, **_split_intervals(values)}
+    """One row per (layer, bin): tokens, trajectories, mean gain and its null, win and tie
+    rates, the standard route's percentile and alignment, with 95% intervals (`few_clusters`:
+    over fewer than 10 trajectories). The gain as a function of S is in summary.json."""
+    rows = [{"layer": int(layer), "bin": name,
+             **_split_intervals({k: v for k, v in values.items() if k != "gain_by_routes"})}
             for layer, bins in summary["layers"].items() for name, values in bins.items()]
     return pd.DataFrame(rows)
 
