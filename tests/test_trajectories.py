@@ -1,5 +1,7 @@
 """Trajectory files: both record forms, JSONL and Parquet, and every bad input named."""
 
+import json
+
 import pandas as pd
 import pytest
 from conftest import ALPHABET, write_jsonl
@@ -71,3 +73,67 @@ def test_only_verified_keeping_nothing_is_an_error(tmp_path):
 def test_missing_file(tmp_path):
     with pytest.raises(RouteLensError, match="does not exist"):
         load_trajectories(str(tmp_path / "nope.jsonl"))
+
+
+# ---------------------------------------------------------------------------- step checks
+@pytest.mark.quick
+@pytest.mark.parametrize("completion,expected", [
+    ("62*2=124;124*2=248;98-16=82;82+248=330#330", "T" * 42),                   # all right, answer repeats
+    ("83+83=176;176*2=352#352", "F" * 10 + "T" * 13),                           # 83+83 is 166
+    ("2+2=4#5", "T" * 5 + "F" * 2),                                             # the answer is not the result
+    ("12+7=19;19*3=5", "T" * 8 + "F" * 6),                                      # a finished wrong last step
+    ("12+7=19;19*3=", "T" * 8 + "." * 5),                                       # cut off before its result
+    ("12+x=19#19", "F" * 7 + "." * 3),                                          # not `a op b=c`
+])
+def test_step_checks_on_hand_made_solutions(completion, expected):
+    from routelens.data.arithmetic import step_checks
+
+    assert "".join({True: "T", False: "F", None: "."}[f] for f in step_checks(completion)) == expected
+
+
+def test_token_step_checks_follow_the_characters_of_each_token():
+    from routelens.data.sampling import token_step_checks
+    from routelens.models.loading import load_tokenizer
+
+    tokenizer = load_tokenizer("demo")
+    ids = tokenizer("83+83=176;2+2=4#4", add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+    flags = token_step_checks(tokenizer, ids)
+    assert flags == [False] * 10 + [True] * 7 + [None]   # <eos> adds no character   # the char tokenizer: one token per character
+
+
+def test_counterfactual_scores_only_tokens_of_right_steps(tmp_path):
+    """Auto on when every trajectory carries step checks: the wrong step's tokens are not
+    scored, the summary says how many were excluded, and --no-only-step-ok scores them all."""
+    import routelens as rl
+    from routelens.cli import main
+    from routelens.data.sampling import token_step_checks
+
+    lens = rl.load("demo")
+    records = []
+    for i, (prompt, completion) in enumerate([("Q:83+83*2=A:", "83*2=166;83+166=259#259"),
+                                              ("Q:83+83=A:", "83+83=176#176")]):
+        prompt_ids = lens.tokenizer(prompt)["input_ids"]
+        completion_ids = lens.tokenizer(completion, add_special_tokens=False)["input_ids"]
+        records.append({"id": f"t{i}", "input_ids": prompt_ids + completion_ids, "completion_start": len(prompt_ids),
+                        "step_ok": token_step_checks(lens.tokenizer, completion_ids)})
+    path = tmp_path / "traj.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    assert main(["counterfactual", "--trajectories", str(path), "--layers", "-1", "--routes", "4",
+                 "--out", str(tmp_path / "on"), "--no-progress"]) == 0
+    on = rl.read_run(str(tmp_path / "on"))
+    right = {(r["id"], r["completion_start"] - 1 + i) for r in records for i, ok in enumerate(r["step_ok"]) if ok}
+    assert set(zip(on.tokens["trajectory_id"], on.tokens["position"])) == right
+    check = on.summary_dict["step_check"]
+    total = sum(len(r["input_ids"]) - r["completion_start"] for r in records)
+    assert check["only_step_ok"] and check["tokens_scored"] == len(right) == len(on.tokens)
+    assert check["tokens_excluded"] == total - len(right) and check["trajectories_excluded"] == 1   # t1 has no right step
+    assert main(["counterfactual", "--trajectories", str(path), "--layers", "-1", "--routes", "4", "--no-only-step-ok",
+                 "--out", str(tmp_path / "off"), "--no-progress"]) == 0
+    off = rl.read_run(str(tmp_path / "off"))
+    assert len(off.tokens) == total and off.summary_dict["step_check"]["only_step_ok"] is False
+    # a file without step checks: off by default, and asking for them is a one-line error
+    plain = tmp_path / "plain.jsonl"
+    plain.write_text("".join(json.dumps({k: v for k, v in r.items() if k != "step_ok"}) + "\n" for r in records))
+    with pytest.raises(rl.RouteLensError, match="needs step checks on every trajectory"):
+        rl.counterfactual(lens, str(plain), layers=[-1], routes=4, only_step_ok=True)
+    assert rl.counterfactual(lens, str(plain), layers=[-1], routes=4).summary_dict["step_check"]["steps_checked"] is False

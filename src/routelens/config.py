@@ -45,6 +45,7 @@ class CounterfactualConfig:
     confident: float = 0.9
     fragile: float = 0.5
     win_tolerance: float = 1e-3         # an alternative wins only if p_alt - p_std > this (probability)
+    only_step_ok: bool | None = None    # score only tokens of right steps; None: when every trajectory has step checks
     engine: str = "fast"
     route_batch_size: int = 33          # reference engine: routes per forward
     memory_budget: int = 2 * 2**30      # fast engine: bytes for one chunk of perturbed sequences
@@ -61,6 +62,9 @@ class CounterfactualConfig:
             _at_least("--candidates", self.num_candidates, 1)
         if not self.gumbel_temperature > 0:
             raise RouteLensError(f"--gumbel-temperature must be positive, got {self.gumbel_temperature}")
+        if self.only_step_ok not in (None, True, False):
+            raise RouteLensError(f"only_step_ok must be True, False or None (when every trajectory has step checks), "
+                                 f"got {self.only_step_ok!r}")
         if not 0 <= self.win_tolerance < 1:
             raise RouteLensError(f"--win-tolerance is a probability difference in [0, 1), got {self.win_tolerance}")
         if not 0 <= self.fragile <= self.confident <= 1:

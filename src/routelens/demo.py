@@ -22,7 +22,8 @@ def _demo_trajectories(lens, folder: str, problems: int, samples_per_problem: in
     """Sampled and verified once per setting; reused when the demo runs again."""
     from routelens.data.sampling import arithmetic_trajectories, write_trajectories
 
-    path = os.path.join(folder, f"trajectories-n{problems}-s{samples_per_problem}-t{temperature}-seed{seed}.jsonl")
+    # "-steps": the records carry step checks (a file sampled before them would silently turn them off)
+    path = os.path.join(folder, f"trajectories-n{problems}-s{samples_per_problem}-t{temperature}-seed{seed}-steps.jsonl")
     if not os.path.exists(path):
         records = arithmetic_trajectories(lens.model, lens.tokenizer, problems, samples_per_problem, temperature, seed,
                                           show_progress=show_progress)

@@ -42,8 +42,24 @@ def summary_table(summary: dict) -> Table:
     return table
 
 
+def step_check_line(summary: dict) -> str:
+    """What was scored: tokens of right steps only, or every token with steps unchecked."""
+    check = summary.get("step_check")
+    if check is None:
+        return ""
+    if check["only_step_ok"]:
+        return (f"step checks: {check['tokens_scored']} tokens of right intermediate steps scored; "
+                f"{check['tokens_excluded']} tokens of wrong or uncheckable steps excluded"
+                + (f" ({check['trajectories_excluded']} trajectories left with none)" if check["trajectories_excluded"] else ""))
+    return ("intermediate steps not checked: every completion token scored (only final answers are verified)"
+            if not check["steps_checked"] else "step checks present but off (--no-only-step-ok): every token scored")
+
+
 def print_summary(summary: dict, console: Console | None = None) -> None:
-    (console or Console(width=190)).print(summary_table(summary))
+    console = console or Console(width=190)
+    console.print(summary_table(summary))
+    if step_check_line(summary):
+        console.print(step_check_line(summary))
 
 
 def _ci(interval) -> str:

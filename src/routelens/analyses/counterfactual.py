@@ -335,6 +335,32 @@ def summarise(tokens: pd.DataFrame, layers: list[int], config: CounterfactualCon
     }
 
 
+def keep_step_ok_tokens(trajectories: list[Trajectory], only_step_ok: bool | None) -> tuple[list[Trajectory], dict]:
+    """With step checks on (None: when every trajectory carries them), score only the tokens
+    of right intermediate steps: a "verified" trajectory can hold a wrong step, and a route
+    that makes a wrong digit likelier must not count as better. Trajectories left without a
+    token to score are dropped. Returns them and what the summary reports."""
+    from dataclasses import replace
+
+    checked = all(t.step_ok is not None for t in trajectories)
+    if only_step_ok and not checked:
+        missing = next(t.id for t in trajectories if t.step_ok is None)
+        raise RouteLensError(f"--only-step-ok needs step checks on every trajectory; {missing!r} has no 'step_ok' "
+                             "(the arithmetic task's trajectories carry them; other tasks: --no-only-step-ok)")
+    active = checked if only_step_ok is None else only_step_ok
+    total = sum(len(t.scored_positions) for t in trajectories)
+    if not active:
+        return trajectories, {"only_step_ok": False, "steps_checked": checked, "tokens_scored": total,
+                              "tokens_excluded": 0, "trajectories_excluded": 0}
+    kept = [replace(t, only_positions=t.step_ok_positions()) for t in trajectories]
+    kept = [t for t in kept if t.only_positions]
+    if not kept:
+        raise RouteLensError("no token lies in a right step; nothing to score (pass --no-only-step-ok to score them all)")
+    scored = sum(len(t.scored_positions) for t in kept)
+    return kept, {"only_step_ok": True, "steps_checked": True, "tokens_scored": scored,
+                  "tokens_excluded": total - scored, "trajectories_excluded": len(trajectories) - len(kept)}
+
+
 def run_counterfactual(loaded, trajectories: list[Trajectory], config: CounterfactualConfig, out: str | None,
                        data_info: dict, overwrite: bool = False, show_progress: bool = True):
     """Run the analysis into the run folder `out` (resuming a cut-off run of the same
@@ -350,10 +376,12 @@ def run_counterfactual(loaded, trajectories: list[Trajectory], config: Counterfa
                          config.num_routes, config.gumbel_temperature)
     if not trajectories:
         raise RouteLensError("no trajectory to score; give at least one")
+    trajectories, step_check = keep_step_ok_tokens(trajectories, config.only_step_ok)
     engine = make_engine(config.engine, adapter, route_batch_size=config.route_batch_size,
                          memory_budget=config.memory_budget)
     run_config = {**loaded.identity(), "engine_used": engine.name, "dtype": loaded.dtype, **data_info, **config.to_dict(),
-                  "resolved_layers": layers, "resolved_candidates": config.candidates_for(adapter.num_experts)}
+                  "resolved_layers": layers, "resolved_candidates": config.candidates_for(adapter.num_experts),
+                  "resolved_only_step_ok": step_check["only_step_ok"]}
     folder = open_run(out, "counterfactual", run_config, ("routes", "tokens"), overwrite=overwrite,
                       extra={"model": adapter.describe(), "device": loaded.device,
                              "performance": config.performance()})
@@ -369,6 +397,7 @@ def run_counterfactual(loaded, trajectories: list[Trajectory], config: Counterfa
                 advance(tokens.num_rows)
     folder.concatenate(list(range(len(trajectories))))
     summary = summarise(folder.read("tokens"), layers, config)
+    summary["step_check"] = step_check
     folder.complete(summary, extra={"timings": {
         "seconds_this_session": round(time.perf_counter() - started, 3),
         "tokens_scored_this_session": total_tokens - done_tokens,

@@ -160,6 +160,9 @@ def counterfactual_options(layers_required: bool = True) -> argparse.ArgumentPar
     group.add_argument("--win-tolerance", type=float, default=default_of(C, "win_tolerance"),
                        help="an alternative wins only if its p beats the standard route's by more than this "
                             "(probability; within it: a tie; default %(default)s)")
+    group.add_argument("--only-step-ok", action=argparse.BooleanOptionalAction, default=default_of(C, "only_step_ok"),
+                       help="score only tokens of right intermediate steps (default: on when every trajectory "
+                            "carries step checks, as the arithmetic task's do)")
     group.add_argument("--engine", default=default_of(C, "engine"), choices=list(ENGINE_NAMES),
                        help="scoring engine: fast (default; exact, batched; the cache engine for layers it cannot "
                             "patch), cache (the model's own cache, one decode step per token) or reference "
@@ -176,7 +179,8 @@ def counterfactual_settings(args) -> dict:
     """The CounterfactualConfig fields from parsed options (validated by the config)."""
     return {"layers": args.layers, "num_routes": args.routes, "num_candidates": args.candidates,
             "gumbel_temperature": args.gumbel_temperature, "seed": args.seed, "confident": args.confident,
-            "fragile": args.fragile, "win_tolerance": args.win_tolerance, "engine": args.engine, "route_batch_size": args.route_batch_size,
+            "fragile": args.fragile, "win_tolerance": args.win_tolerance, "only_step_ok": args.only_step_ok,
+            "engine": args.engine, "route_batch_size": args.route_batch_size,
             "memory_budget": args.memory_budget}
 
 

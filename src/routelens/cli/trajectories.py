@@ -17,7 +17,8 @@ EPILOG = """examples:
       --max-new-tokens 4096 --device cuda --out aime-traj.jsonl
 
 Each record: id, problem_id, input_ids, completion_start, prompt, completion, verified
-(final answer checked), finished (reached <eos>), and difficulty/domain/answer for arithmetic.
+(final answer checked), finished (reached <eos>), and for arithmetic difficulty/domain/answer,
+step_ok (per completion token: its step `a op b=c` right, wrong, or null) and steps_ok.
 """
 
 

@@ -193,3 +193,42 @@ def verify(completion: str, expected: int) -> Verdict:
         return Verdict(False, "malformed")
     predicted = int(match.group(1))
     return Verdict(predicted == expected, "correct" if predicted == expected else "wrong answer", predicted)
+
+
+# ---------------------------------------------------------------------------- step checks
+_STEP = re.compile(r"^(\d+)([+\-*])(\d+)=(\d+)$")
+_OPS = {"+": lambda a, b: a + b, "-": lambda a, b: a - b, "*": lambda a, b: a * b}
+
+
+def step_checks(completion: str) -> list[bool | None]:
+    """Per character of `completion`: is the step `a op b=c` it belongs to right (True),
+    wrong (False), or not checkable (None: a step cut off before its result)? A step's
+    separator ';' belongs to it. The final answer ('#' and its digits) is right when it
+    repeats the last step's result and that step is right; None when no step precedes it.
+
+    >>> flags = step_checks("2+3=5;5*2=11#11")
+    >>> flags[:6], flags[6:12], flags[12:]
+    ([True, True, True, True, True, True], [False, False, False, False, False, False], [False, False, False])
+    """
+    flags: list[bool | None] = []
+    body, hash_, tail = completion.partition("#")
+    segments = body.split(";")
+    last_result: tuple[bool, int] | None = None   # (last step right?, its result)
+    for index, segment in enumerate(segments):
+        match = _STEP.match(segment)
+        last = index == len(segments) - 1
+        if match:
+            a, op, b, c = match.groups()
+            ok: bool | None = _OPS[op](int(a), int(b)) == int(c)
+            last_result = (ok, int(c))
+        elif last and not hash_:
+            ok = None        # cut off mid-step (length limit): nothing to check yet
+        else:
+            ok, last_result = False, None   # a finished step that is not `a op b=c`
+        flags += [ok] * (len(segment) + (0 if last else 1))
+    if not hash_:
+        return flags
+    answer: bool | None = None
+    if last_result is not None:
+        answer = last_result[0] and tail.isdigit() and int(tail) == last_result[1]
+    return flags + [answer] * (len(hash_) + len(tail))

@@ -67,7 +67,23 @@ def chat_prompt_ids(tokenizer, prompt: str, where: str = "problem") -> list[int]
     return tokenizer(prompt)["input_ids"]
 
 
-def _records(samples, problems: list[dict], checker, tokenizer) -> list[dict]:
+def token_step_checks(tokenizer, completion_ids: list[int]) -> list[bool | None]:
+    """`step_checks` per completion token: a token is right when every character it adds to
+    the decoded text lies in a right step, wrong when one lies in a wrong step, None when
+    none is checkable (special tokens add no character)."""
+    from routelens.data.arithmetic import step_checks
+
+    texts = [tokenizer.decode(completion_ids[: i + 1], skip_special_tokens=True) for i in range(len(completion_ids))]
+    flags = step_checks(texts[-1]) if texts else []
+    result, start = [], 0
+    for text in texts:
+        span = [f for f in flags[start: len(text)] if f is not None]
+        result.append(None if not span else all(span))
+        start = len(text)
+    return result
+
+
+def _records(samples, problems: list[dict], checker, tokenizer, step_checked: bool = False) -> list[dict]:
     records = []
     for sample in samples:
         problem = problems[sample.prompt_index]
@@ -85,6 +101,10 @@ def _records(samples, problems: list[dict], checker, tokenizer) -> list[dict]:
             "finished": sample.finished,
             **{key: problem[key] for key in ("difficulty", "domain", "answer") if key in problem},
         })
+        if step_checked:   # every intermediate `a op b=c` checked, per completion token
+            step_ok = token_step_checks(tokenizer, completion_ids)
+            checked = [ok for ok in step_ok if ok is not None]
+            records[-1].update(step_ok=step_ok, steps_ok=all(checked) if checked else None)
     return records
 
 
@@ -99,7 +119,8 @@ def arithmetic_trajectories(model, tokenizer, n: int, samples_per_problem: int, 
     samples = sample_completions(model, tokenizer, [tokenizer(p.question)["input_ids"] for p in problems],
                                  num_samples=samples_per_problem, temperature=temperature, seed=seed,
                                  max_new_tokens=max_new_tokens, batch_size=batch_size, show_progress=show_progress)
-    return _records(samples, rows, lambda text, row: verify(text, int(row["answer"])).correct, tokenizer)
+    return _records(samples, rows, lambda text, row: verify(text, int(row["answer"])).correct, tokenizer,
+                    step_checked=True)
 
 
 def file_trajectories(model, tokenizer, path: str, n: int | None, samples_per_problem: int, temperature: float,

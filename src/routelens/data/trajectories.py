@@ -37,10 +37,18 @@ class Trajectory:
     input_ids: list[int]
     completion_start: int
     verified: bool | None = None
+    step_ok: list[bool | None] | None = None   # per completion token: its step right / wrong / not checkable
+    only_positions: tuple[int, ...] | None = None   # score only these positions (e.g. tokens of right steps)
 
     @property
-    def scored_positions(self) -> range:
+    def scored_positions(self) -> range | tuple[int, ...]:
+        if self.only_positions is not None:
+            return self.only_positions
         return range(self.completion_start - 1, len(self.input_ids) - 1)
+
+    def step_ok_positions(self) -> tuple[int, ...]:
+        """The positions whose target token (position + 1) lies in a right step."""
+        return tuple(self.completion_start - 1 + i for i, ok in enumerate(self.step_ok or []) if ok is True)
 
 
 IN_MEMORY = "in-memory"   # what a run's config says of trajectories handed over in memory (the API)
@@ -49,7 +57,8 @@ IN_MEMORY = "in-memory"   # what a run's config says of trajectories handed over
 def trajectories_jsonl(trajectories: list[Trajectory]) -> bytes:
     """Token-id records, one JSON line per trajectory, as `load_trajectories` reads them back."""
     lines = [json.dumps({"id": t.id, "input_ids": list(t.input_ids), "completion_start": t.completion_start,
-                         **({"verified": t.verified} if t.verified is not None else {})}) for t in trajectories]
+                         **({"verified": t.verified} if t.verified is not None else {}),
+                         **({"step_ok": t.step_ok} if t.step_ok is not None else {})}) for t in trajectories]
     return ("\n".join(lines) + "\n").encode("utf-8")
 
 
@@ -147,6 +156,18 @@ def check_context(sequences, max_length: int | None, path: str, what: str) -> No
                                  f"of {max_length} (max_position_embeddings); shorten or drop it")
 
 
+def _step_ok(record: dict, where: str, completion_length: int) -> list[bool | None] | None:
+    """The optional per-completion-token step checks of a token-id record, validated."""
+    step_ok = record.get("step_ok")
+    if step_ok is None:
+        return None
+    if not isinstance(step_ok, list) or len(step_ok) != completion_length or \
+            not all(v is None or isinstance(v, bool) for v in step_ok):
+        raise RouteLensError(f"{where}: 'step_ok' must be a list of true/false/null, one per completion token "
+                             f"({completion_length}), or absent")
+    return list(step_ok)
+
+
 def parse_trajectory(record: dict, where: str, tokenizer, vocab_size: int | None) -> Trajectory:
     """One trajectory record, validated (`where` names it in errors)."""
     if "id" not in record or record["id"] is None:
@@ -170,7 +191,8 @@ def parse_trajectory(record: dict, where: str, tokenizer, vocab_size: int | None
             )
         if vocab_size is not None and any(not 0 <= t < vocab_size for t in input_ids):
             raise RouteLensError(f"{where}: token ids must lie in 0..{vocab_size - 1} (the model's vocabulary)")
-        return Trajectory(trajectory_id, list(input_ids), start, verified)
+        return Trajectory(trajectory_id, list(input_ids), start, verified,
+                          _step_ok(record, where, len(input_ids) - start))
     missing = [f for f in ("prompt", "completion") if not isinstance(record.get(f), str)]
     if missing:
         raise RouteLensError(

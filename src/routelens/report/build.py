@@ -12,6 +12,7 @@ from routelens.errors import RouteLensError
 from routelens.report import figures as figs
 from routelens.report.page import document, esc, figure_html, fmt, interval, key_values, render_png, table
 from routelens.results.run_folder import read_json, read_run_json, write_text_atomic
+from routelens.summary_table import step_check_line
 
 KINDS = ("counterfactual", "isolation", "passk", "router-update")
 # what each kind's section reads: all checked before any work
@@ -135,7 +136,8 @@ def counterfactual_section(run_dir: str, run: dict) -> str:
             f"<p>{len(tokens)} scored tokens in {tokens['trajectory_id'].nunique()} trajectories, layers "
             f"{esc(run['config']['resolved_layers'])}, {esc(run['config']['num_routes'])} alternative routes per token. "
             f"Intervals: {esc(summary['interval'])}. Bins: "
-            f"{esc('; '.join(f'{name}: {rule}' for name, rule in summary['bins'].items()))}.</p>"
+            f"{esc('; '.join(f'{name}: {rule}' for name, rule in summary['bins'].items()))}. "
+            f"{esc(step_check_line(summary) or 'Intermediate steps not checked (a run made before step checks).')}</p>"
             f"<h3>Per layer and bin</h3>{bins}{_figures_html(run_dir, figures)}"
             f"<h3>Worst-routed tokens: the Fragile tokens with the largest gain</h3>{worst_table}{_provenance(run)}")
 
