@@ -10,6 +10,7 @@ arguments and validated there: a misspelt one is an error, never ignored.
 
 from __future__ import annotations
 
+import hashlib
 import os
 from dataclasses import fields
 
@@ -102,10 +103,16 @@ def read_trajectories(path: str, lens: Lens | None = None, only_verified: bool =
     """
     from routelens.data.trajectories import load_trajectories
 
-    adapter = lens.adapter if lens is not None else None
-    return load_trajectories(path, lens.tokenizer if lens is not None else None,
-                             adapter.config.vocab_size if adapter else None, only_verified=only_verified, limit=limit,
-                             max_length=adapter.context_length if adapter else None)
+    tokenizer, vocab_size, context = _reading_context(lens)
+    return load_trajectories(path, tokenizer, vocab_size, only_verified=only_verified, limit=limit, max_length=context)
+
+
+def _reading_context(lens: Lens | None) -> tuple:
+    """What validating an input file needs of the model: tokenizer, vocabulary size, context
+    length (all None without a model)."""
+    if lens is None:
+        return None, None, None
+    return lens.tokenizer, lens.adapter.config.vocab_size, lens.adapter.context_length
 
 
 def _trajectory_data(lens: Lens, trajectories, only_verified: bool, max_trajectories: int | None):
@@ -126,8 +133,6 @@ def _trajectory_data(lens: Lens, trajectories, only_verified: bool, max_trajecto
         trajectories = [t for t in trajectories if t.verified is True]
     trajectories = trajectories[:max_trajectories] if max_trajectories is not None else trajectories
     content = trajectories_jsonl(trajectories)
-    import hashlib
-
     info = {"trajectories": IN_MEMORY, "trajectories_sha256": hashlib.sha256(content).hexdigest()}
     return trajectories, info, content
 
@@ -220,9 +225,8 @@ def read_items(path: str, lens: Lens | None = None, domains: list[str] | None = 
     """
     from routelens.data.target_items import load_items
 
-    adapter = lens.adapter if lens is not None else None
-    return load_items(path, lens.tokenizer if lens is not None else None, adapter.config.vocab_size if adapter else None,
-                      domains, per_domain, max_length=adapter.context_length if adapter else None)
+    tokenizer, vocab_size, context = _reading_context(lens)
+    return load_items(path, tokenizer, vocab_size, domains, per_domain, max_length=context)
 
 
 def run_isolate(lens: Lens, items, out: str | None, *, config: IsolationConfig | None = None,
@@ -257,9 +261,10 @@ def run_isolate(lens: Lens, items, out: str | None, *, config: IsolationConfig |
         kept = read_items(os.fspath(items), lens, domains, per_domain)
         info = {"items": os.path.abspath(items), "items_sha256": file_sha256(items)}
     else:
-        kept = select(list(items), domains, per_domain, source="the items given")
-        if not all(isinstance(i, TargetItem) for i in kept):
+        items = list(items)
+        if not all(isinstance(i, TargetItem) for i in items):   # before select reads their domains
             raise RouteLensError("items must be \"arithmetic\", a file path or a list of TargetItem")
+        kept = select(items, domains, per_domain, source="the items given")
         info = {"items": "in-memory", "items_ids": [i.id for i in kept]}
     info.update(domains=domains, per_domain=per_domain, num_items=len(kept))
     return IsolationResult(run_isolation(lens.loaded, kept, settings, out, info, overwrite=overwrite,

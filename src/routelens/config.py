@@ -13,6 +13,7 @@ from routelens.errors import RouteLensError
 
 ENGINE_NAMES = ("fast", "cache", "reference")
 BINS = ("Confident", "Ambiguous", "Fragile")
+ALL_TOKENS = "All"                                            # the summary's row over every bin
 SCORES = {"mean": "mean_logprob", "first": "first_logprob"}   # isolation cell statistic -> column
 CHECKERS = ("arithmetic", "math-verify")                      # how a pass@k sample is checked
 
@@ -20,6 +21,12 @@ CHECKERS = ("arithmetic", "math-verify")                      # how a pass@k sam
 def _at_least(option: str, value, low: int) -> None:
     if isinstance(value, bool) or not isinstance(value, int) or value < low:
         raise RouteLensError(f"{option} must be an integer >= {low}, got {value!r}")
+
+
+def _is_layer_list(value) -> bool:
+    """A non-empty list (or tuple) of layer indices."""
+    return isinstance(value, (list, tuple)) and bool(value) and all(
+        isinstance(x, int) and not isinstance(x, bool) for x in value)
 
 
 @dataclass
@@ -53,8 +60,7 @@ class CounterfactualConfig:
     bootstrap_resamples: int = 2000
 
     def __post_init__(self) -> None:
-        if not (isinstance(self.layers, (list, tuple)) and self.layers
-                and all(isinstance(x, int) and not isinstance(x, bool) for x in self.layers)):
+        if not _is_layer_list(self.layers):
             raise RouteLensError(f"--layers must be a non-empty list of layer indices such as [0, -1], got {self.layers!r}")
         self.layers = list(self.layers)
         _at_least("--routes", self.num_routes, 1)
@@ -90,11 +96,6 @@ class CounterfactualConfig:
         return {k: getattr(self, k) for k in self.PERFORMANCE}
 
 
-def _at_least(option: str, value, low: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < low:
-        raise RouteLensError(f"{option} must be an integer >= {low}, got {value!r}")
-
-
 @dataclass
 class IsolationConfig:
     """Settings of an isolation run, validated on construction (`RouteLensError`, the
@@ -127,12 +128,10 @@ class IsolationConfig:
         self.check()
 
     def check(self) -> None:
-        if self.layers is not None and not (isinstance(self.layers, (list, tuple)) and self.layers and all(
-                isinstance(x, int) and not isinstance(x, bool) for x in self.layers)):
+        if self.layers is not None and not _is_layer_list(self.layers):
             raise RouteLensError(f"--layers must be None (every MoE layer) or a non-empty list of layer indices, "
                                  f"got {self.layers!r}")
-        if self.bootstrap_resamples < 1:
-            raise RouteLensError(f"--bootstrap-resamples must be at least 1, got {self.bootstrap_resamples}")
+        _at_least("--bootstrap-resamples", self.bootstrap_resamples, 1)
         if self.floor_seeds < 0:
             raise RouteLensError(f"--floor-seeds must be 0 or more, got {self.floor_seeds}")
         if not 0 < self.alpha < 1:
@@ -182,8 +181,7 @@ class PassKConfig:
         if self.checker not in CHECKERS:
             raise RouteLensError(f"unknown checker {self.checker!r}; available: {', '.join(CHECKERS)}")
         for name in ("samples", "max_new_tokens", "bootstrap_resamples", "problems_per_unit", "batch_size"):
-            if getattr(self, name) < 1:
-                raise RouteLensError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
+            _at_least(f"--{name.replace('_', '-')}", getattr(self, name), 1)
         bad = [k for k in self.ks if not 1 <= k <= self.samples]
         if bad:
             raise RouteLensError(f"--k {','.join(map(str, bad))} must lie in 1..--samples ({self.samples}): "
@@ -223,8 +221,7 @@ class RouterUpdateConfig:
 
     def check(self) -> None:
         for name in ("steps", "batch_size"):
-            if getattr(self, name) < 1:
-                raise RouteLensError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
+            _at_least(f"--{name.replace('_', '-')}", getattr(self, name), 1)
         unknown = [b for b in self.bins if b not in BINS]
         if unknown:
             raise RouteLensError(f"unknown bin(s) {', '.join(unknown)}; bins are {', '.join(BINS)}")

@@ -161,6 +161,8 @@ class Lens:
             >>> sorted(routes[-1].experts[0, 3].tolist())
             [0, 1, 2, 3]
         """
+        from routelens.models.routing import RouteOverride
+
         resolved = self.adapter.resolve_layers([layer])[0]
         experts_t = torch.as_tensor(experts, dtype=torch.long)
         if experts_t.dim() != 2 or experts_t.shape[0] != len(positions) or experts_t.shape[1] != self.top_k:
@@ -178,20 +180,19 @@ class Lens:
         fired = []
 
         def hook(module, args, output):
-            logits, applied, chosen = output
+            # rows are known only now (routers flatten batch x length); the replacement itself is
+            # the shared RouteOverride's
+            logits = output[0]
             batch, length = shapes.last[resolved]
             outside = [(b, s) for b, s in positions if not (0 <= b < batch and 0 <= s < length)]
             if outside:
                 raise RouteLensError(f"position {outside[0]} lies outside this forward's batch x length "
                                      f"{batch} x {length}")
-            rows = torch.tensor([b * length + s for b, s in positions], device=chosen.device)
-            new_experts = experts_t.to(chosen.device, chosen.dtype)
-            new_weights = (self.adapter.weights_for(logits[rows], new_experts) if weights_t is None else weights_t)
-            chosen, applied = chosen.clone(), applied.clone()
-            chosen[rows] = new_experts
-            applied[rows] = new_weights.to(applied.device, applied.dtype)
+            rows = torch.tensor([b * length + s for b, s in positions], device=logits.device)
+            new_experts = experts_t.to(logits.device)
+            new_weights = self.adapter.weights_for(logits[rows], new_experts) if weights_t is None else weights_t
             fired.append(len(rows))
-            return logits, applied, chosen
+            return RouteOverride(rows, new_experts, new_weights).apply(output, resolved)
 
         handle = self.adapter.routers[resolved].register_forward_hook(hook)
         try:

@@ -5,7 +5,7 @@ from __future__ import annotations
 from rich.console import Console
 from rich.table import Table
 
-from routelens.analyses.counterfactual import ALL_TOKENS, BINS
+from routelens.config import ALL_TOKENS, BINS
 
 
 def _with_interval(value, interval, digits: int = 3) -> str:
@@ -58,8 +58,9 @@ def step_check_line(summary: dict) -> str:
 def print_summary(summary: dict, console: Console | None = None) -> None:
     console = console or Console(width=190)
     console.print(summary_table(summary))
-    if step_check_line(summary):
-        console.print(step_check_line(summary))
+    line = step_check_line(summary)
+    if line:
+        console.print(line)
 
 
 def _ci(interval) -> str:

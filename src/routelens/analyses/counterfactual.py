@@ -18,6 +18,7 @@ a resumable run folder.
 
 from __future__ import annotations
 
+import functools
 import time
 from dataclasses import dataclass
 
@@ -28,15 +29,13 @@ import torch
 
 from routelens import stats
 from routelens.analyses.route_sampling import check_route_settings, flag_duplicates, gumbel_top_k_routes, route_rng
-from routelens.config import BINS, ENGINE_NAMES, CounterfactualConfig  # noqa: F401 (re-exported)
+from routelens.config import ALL_TOKENS, BINS, CounterfactualConfig
 from routelens.data.trajectories import Trajectory
 from routelens.engine.checks import check_gating_rule
 from routelens.engine.items import ScoreItem
 from routelens.errors import RouteLensError
 from routelens.models.adapter import MoEAdapter
 from routelens.models.routing import capture_routes
-
-ALL_TOKENS = "All"
 
 ROUTES_SCHEMA = pa.schema([
     ("trajectory_id", pa.string()), ("position", pa.int64()), ("layer", pa.int64()),
@@ -170,12 +169,18 @@ def null_gain(alternatives: np.ndarray) -> float:
 def expected_best_of(alternatives: np.ndarray, sizes: list[int]) -> dict[int, float]:
     """E[max p over m alternatives drawn without replacement from the S scored], for each m:
     exact order statistics (sorted x_(i) weighted by C(i-1, m-1) / C(S, m)), no resampling."""
+    ordered = np.sort(alternatives)
+    sizes = tuple(m for m in sizes if m <= ordered.size)
+    return dict(zip(sizes, (_best_of_weights(ordered.size, sizes) @ ordered).tolist()))
+
+
+@functools.lru_cache(maxsize=64)
+def _best_of_weights(count: int, sizes: tuple[int, ...]) -> np.ndarray:
+    """[len(sizes), count]: C(i-1, m-1) / C(count, m), the same for every token of a run."""
     from scipy.special import comb
 
-    ordered = np.sort(alternatives)
-    count = ordered.size
     ranks = np.arange(1, count + 1)
-    return {m: float(np.sum(ordered * comb(ranks - 1, m - 1) / comb(count, m))) for m in sizes if m <= count}
+    return np.stack([comb(ranks - 1, m - 1) / comb(count, m) for m in sizes])
 
 
 def route_counts(num_routes: int) -> list[int]:

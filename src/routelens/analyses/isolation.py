@@ -35,7 +35,7 @@ import torch
 
 from routelens import stats
 from routelens.analyses.route_sampling import route_rng, uniform_routes
-from routelens.config import SCORES, IsolationConfig  # noqa: F401 (re-exported)
+from routelens.config import SCORES, IsolationConfig
 from routelens.data.target_items import TargetItem
 from routelens.engine.whole_sequence import WholeSequenceScorer
 from routelens.errors import RouteLensError

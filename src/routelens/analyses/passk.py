@@ -23,7 +23,7 @@ import pyarrow as pa
 import torch
 
 from routelens import stats
-from routelens.config import PassKConfig  # noqa: F401 (re-exported)
+from routelens.config import PassKConfig
 from routelens.errors import RouteLensError
 
 SAMPLES_SCHEMA = pa.schema([

@@ -32,7 +32,7 @@ import pandas as pd
 import torch
 from torch.func import functional_call
 
-from routelens.config import RouterUpdateConfig  # noqa: F401 (re-exported)
+from routelens.config import RouterUpdateConfig
 from routelens.errors import RouteLensError
 from routelens.models.adapter import MoEAdapter
 

@@ -18,8 +18,9 @@ from __future__ import annotations
 import warnings
 
 from routelens.engine.cache import CacheEngine
-from routelens.engine.fast import DEFAULT_MEMORY_BUDGET, FastEngine, FastEngineUnsupported
+from routelens.engine.fast import FastEngine, FastEngineUnsupported
 from routelens.engine.items import ScoreItem
+from routelens.engine.readout import DEFAULT_MEMORY_BUDGET
 from routelens.engine.reference import ReferenceEngine
 from routelens.errors import RouteLensError
 

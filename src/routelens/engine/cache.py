@@ -30,12 +30,10 @@ import torch
 
 from routelens.engine.checks import DeviationRecord
 from routelens.engine.items import ScoreItem
-from routelens.engine.readout import activation_bytes, record_layer_arguments, target_log_probs
+from routelens.engine.readout import DEFAULT_MEMORY_BUDGET, activation_bytes, record_layer_arguments, target_log_probs
 from routelens.engine.reference import ReferenceEngine
 from routelens.models.adapter import MoEAdapter
 from routelens.models.routing import RouteOverride, override_routes
-
-DEFAULT_MEMORY_BUDGET = 2 * 2**30
 
 
 class CacheStepMismatch(Exception):

@@ -43,11 +43,15 @@ from routelens.engine import attention
 from routelens.engine.cache import CacheEngine
 from routelens.engine.checks import DeviationRecord
 from routelens.engine.items import ScoreItem
-from routelens.engine.readout import activation_bytes, attention_score_bytes, record_layer_arguments, target_log_probs
+from routelens.engine.readout import (
+    DEFAULT_MEMORY_BUDGET,
+    activation_bytes,
+    attention_score_bytes,
+    record_layer_arguments,
+    target_log_probs,
+)
 from routelens.models.adapter import SOFTMAX_ATTENTION, MoEAdapter
 from routelens.models.routing import RouteOverride, capture_routes, override_routes
-
-DEFAULT_MEMORY_BUDGET = 2 * 2**30
 
 
 def per_row_arguments(kwargs: dict, sources: torch.Tensor, batch: int) -> dict:

@@ -8,6 +8,8 @@ import torch
 
 from routelens.models.adapter import MoEAdapter
 
+DEFAULT_MEMORY_BUDGET = 2 * 2**30   # bytes for one chunk of perturbed sequences, every engine
+
 
 def target_log_probs(adapter: MoEAdapter, final: torch.Tensor, targets: torch.Tensor, memory_budget: int) -> np.ndarray:
     """log p(target) from final-norm hidden states [N, d] and target ids [N], through the LM

@@ -19,7 +19,7 @@ import torch
 
 from routelens.engine.checks import DeviationRecord, RuntimeCheckFailed
 from routelens.engine.items import ScoreItem
-from routelens.engine.readout import target_log_probs
+from routelens.engine.readout import DEFAULT_MEMORY_BUDGET, target_log_probs
 from routelens.models.adapter import MoEAdapter
 from routelens.models.routing import RouteOverride, override_routes
 
@@ -31,7 +31,7 @@ class ReferenceEngine:
 
     fallback_reason = None
 
-    def __init__(self, adapter: MoEAdapter, route_batch_size: int = 33, memory_budget: int = 2 * 2**30):
+    def __init__(self, adapter: MoEAdapter, route_batch_size: int = 33, memory_budget: int = DEFAULT_MEMORY_BUDGET):
         self.adapter = adapter
         self.route_batch_size = max(1, int(route_batch_size))
         self.memory_budget = int(memory_budget)

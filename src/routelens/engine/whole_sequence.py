@@ -30,11 +30,9 @@ import numpy as np
 import torch
 
 from routelens.engine.checks import DeviationRecord, RuntimeCheckFailed, check_gating_rule
-from routelens.engine.readout import activation_bytes, attention_score_bytes, target_log_probs
+from routelens.engine.readout import DEFAULT_MEMORY_BUDGET, activation_bytes, attention_score_bytes, target_log_probs
 from routelens.models.adapter import MoEAdapter
 from routelens.models.routing import RouteOverride, RouterOutput, capture_routes, override_routes
-
-DEFAULT_MEMORY_BUDGET = 2 * 2**30
 
 
 @dataclass

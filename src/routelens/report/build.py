@@ -104,7 +104,7 @@ def token_contexts(config: dict, wanted: pd.DataFrame) -> dict[tuple[str, int], 
 
 # ---------------------------------------------------------------------------- sections
 def counterfactual_section(run_dir: str, run: dict) -> str:
-    from routelens.analyses.counterfactual import ALL_TOKENS, BINS
+    from routelens.config import ALL_TOKENS, BINS
 
     tokens = pd.read_parquet(os.path.join(run_dir, "tokens.parquet"))
     routes = pd.read_parquet(os.path.join(run_dir, "routes.parquet"))

@@ -94,15 +94,7 @@ def counterfactual_figures(tokens: pd.DataFrame, routes: pd.DataFrame, summary: 
                           "Each point is a token; at most 3,000 per bin are drawn.", fig))
 
     fig, (ax_gain, ax_win) = subplots(1, 2, figsize=(11, 3.8))
-    width = 0.8 / max(len(layers), 1)
-    for i, layer in enumerate(layers):
-        groups = summary["layers"][str(layer)]
-        x = np.arange(len(bins)) + (i - (len(layers) - 1) / 2) * width
-        for ax, key in ((ax_gain, "gain"), (ax_win, "win_rate")):
-            values = [groups[b][key] for b in bins]
-            plotted = [np.nan if v is None else v for v in values]
-            ax.bar(x, plotted, width, label=f"layer {layer}",
-                   yerr=_interval_errors(values, [groups[b][f"{key}_ci"] for b in bins]), capsize=3)
+    _bars_by_bin(summary, layers, bins, ((ax_gain, "gain"), (ax_win, "win_rate")))
     for ax, label in ((ax_gain, "gain: p(best alt) - p(standard) [probability]"),
                       (ax_win, "win rate [share of alternatives]")):
         ax.set_xticks(range(len(bins)), bins)
@@ -118,12 +110,7 @@ def counterfactual_figures(tokens: pd.DataFrame, routes: pd.DataFrame, summary: 
         figures += _null_figures(summary, layers, bins)
 
     fig, ax = subplots(figsize=(6.5, 3.8))
-    for i, layer in enumerate(layers):
-        groups = summary["layers"][str(layer)]
-        x = np.arange(len(bins)) + (i - (len(layers) - 1) / 2) * width
-        values = [groups[b]["alignment"] for b in bins]
-        ax.bar(x, [np.nan if v is None else v for v in values], width, label=f"layer {layer}",
-               yerr=_interval_errors(values, [groups[b]["alignment_ci"] for b in bins]), capsize=3)
+    _bars_by_bin(summary, layers, bins, ((ax, "alignment"),))
     ax.axhline(0, color="black", linewidth=0.8)
     ax.set_xticks(range(len(bins)), bins)
     ax.set(title="Router-utility alignment by bin (Fisher-z mean Spearman, 95% CI)", xlabel="bin (route-averaged p)",
@@ -154,18 +141,23 @@ def counterfactual_figures(tokens: pd.DataFrame, routes: pd.DataFrame, summary: 
     return figures
 
 
-def _null_figures(summary: dict, layers: list[int], bins: list[str]) -> list[Figure]:
-    """The router against chance: gain minus its null and the standard route's percentile by
-    bin; and the gain as a function of the number of alternatives S."""
-    fig, (ax_null, ax_pct) = subplots(1, 2, figsize=(11, 3.8))
+def _bars_by_bin(summary: dict, layers: list[int], bins: list[str], panels) -> None:
+    """On each (axes, summary key) panel: one bar per bin and layer, error bars its 95% interval."""
     width = 0.8 / max(len(layers), 1)
     for i, layer in enumerate(layers):
         groups = summary["layers"][str(layer)]
         x = np.arange(len(bins)) + (i - (len(layers) - 1) / 2) * width
-        for ax, key in ((ax_null, "gain_minus_null"), (ax_pct, "standard_percentile")):
+        for ax, key in panels:
             values = [groups[b][key] for b in bins]
             ax.bar(x, [np.nan if v is None else v for v in values], width, label=f"layer {layer}",
                    yerr=_interval_errors(values, [groups[b][f"{key}_ci"] for b in bins]), capsize=3)
+
+
+def _null_figures(summary: dict, layers: list[int], bins: list[str]) -> list[Figure]:
+    """The router against chance: gain minus its null and the standard route's percentile by
+    bin; and the gain as a function of the number of alternatives S."""
+    fig, (ax_null, ax_pct) = subplots(1, 2, figsize=(11, 3.8))
+    _bars_by_bin(summary, layers, bins, ((ax_null, "gain_minus_null"), (ax_pct, "standard_percentile")))
     ax_null.axhline(0, color="black", linewidth=0.8)
     ax_pct.axhline(0.5, color="black", linewidth=0.8, linestyle="--")
     for ax, label, title in ((ax_null, "gain - null gain [probability]", "Gain minus the null (below 0: better than chance)"),
