@@ -138,6 +138,11 @@ CASES = {
     "negative_memory_budget": (lambda w: _cf(w, "--memory-budget=-1GiB"), "a memory budget must be positive"),
     "memory_budget_not_a_size": (lambda w: _cf(w, "--memory-budget", "lots"), "expected a size such as 512MiB"),
     "bins_out_of_order": (lambda w: _cf(w, "--fragile", "0.95"), "need 0 <= --fragile (0.95) <= --confident (0.9)"),
+    "joint_and_layers": (lambda w: _cf(w, "--joint-layers", "0,1"), "argument --joint-layers: not allowed with argument --layers"),
+    "joint_one_layer": (lambda w: _cf(w)[:5] + ["--joint-layers", "1", "--out", str(w.root / "o")],
+                        "--joint-layers must list two or more distinct layers"),
+    "joint_same_layer_twice": (lambda w: _cf(w)[:5] + ["--joint-layers", "1,-2", "--out", str(w.root / "o")],
+                               "--joint-layers [1, -2] name 1 distinct layer of this model"),
     "unknown_engine": (lambda w: _cf(w, "--engine", "turbo"), "invalid choice: 'turbo'"),
     # ---- devices and models
     "device_unknown": (lambda w: _cf(w, "--device", "gpu0"), "--device 'gpu0' is not a device torch knows"),
@@ -202,7 +207,22 @@ CASES = {
                                            "--out", str(w.root / "ru")], "nope"),
     "router_update_bad_bins": (lambda w: ["router-update", "--model", w.model, "--counterfactual", w.run, "--bins", "Weird",
                                           "--out", str(w.root / "ru2")], "unknown bin(s) Weird"),
+    # ---- rollout
+    "rollout_no_answer": (lambda w: _rollout(w, "--tokens", "all"), "has no reference 'answer'; rollouts check final answers"),
+    "rollout_not_a_run": (lambda w: _rollout(w, run=str(w.root / "nope")), "is not a run folder (no run.json)"),
+    "rollout_unfinished_run": (lambda w: _rollout(w, run=_copy_run(w, "unfinished-ro", status="running")),
+                               "rollout needs a complete counterfactual run"),
+    "rollout_other_model": (lambda w: _rollout(w, model="demo"), "rollout must use the model the counterfactual run scored"),
+    "rollout_negative_temperature": (lambda w: _rollout(w, "--temperature", "-1"), "--temperature must be 0 (greedy) or positive"),
+    "rollout_tokens_neither": (lambda w: _rollout(w, "--tokens", "some"), "--tokens must be fragile, all or a file"),
+    "rollout_tokens_file_unknown": (lambda w: _rollout(w, "--tokens", write_jsonl(
+        w.root / "chosen.jsonl", [{"trajectory_id": "a", "position": 99, "layer": 0}])), "was not scored by the counterfactual run"),
 }
+
+
+def _rollout(w, *extra, run=None, model=None):
+    return ["rollout", "--model", model or w.model, "--counterfactual", run or w.run, "--out", str(w.root / "ro"),
+            "--no-progress", *extra]
 
 
 def _foreign(w):

@@ -216,7 +216,7 @@ def test_hub_id_that_cannot_be_reached_is_a_one_line_error(tmp_path, cli_env):
 def test_demo_runs_end_to_end_and_prints_its_run_folder(tmp_path, capsys):
     out = str(tmp_path / "demo")
     assert main(["demo", "--out", out, "--problems", "6", "--routes", "4", "--isolation-per-domain", "6",
-                 "--no-progress"]) == 0
+                 "--rollout-samples", "2", "--no-progress"]) == 0
     printed = capsys.readouterr().out
     tokens = pd.read_parquet(os.path.join(out, "counterfactual", "tokens.parquet"))
     assert tokens["verified"].all()
@@ -238,7 +238,14 @@ def test_demo_runs_end_to_end_and_prints_its_run_folder(tmp_path, capsys):
     isolation = json.load(open(os.path.join(out, "isolation", "summary.json")))
     assert isolation["significant_cells"] == int(cells["significant"].sum())
     assert f"{isolation['significant_cells']} of 256 cells significant" in " ".join(printed.split())
-    # and the report of both runs, whose path it prints
+    # rollouts of the Fragile tokens whose best alternative wins, or why there are none
+    wins = tokens[(tokens["bin"] == "Fragile") & (tokens["gain"] > summary["win_tolerance"])]
+    if wins.empty:
+        assert "demo: rollouts skipped: no token of" in printed
+    else:
+        rollouts = pd.read_parquet(os.path.join(out, "rollout", "rollouts.parquet"))
+        assert len(rollouts) == len(wins) * 3 * 2
+    # and the report of the runs, whose path it prints
     report = os.path.join(out, "report.html")
     assert f"report: {report}" in printed and os.path.getsize(report) > 10_000
     assert os.path.exists(os.path.join(out, "isolation", "figures", "iso_delta_heatmap.svg"))

@@ -15,15 +15,23 @@ import os
 from dataclasses import fields
 
 from routelens.analyses.passk import EvalProblem
-from routelens.config import CounterfactualConfig, IsolationConfig, PassKConfig, RouterUpdateConfig
+from routelens.config import CounterfactualConfig, IsolationConfig, PassKConfig, RolloutConfig, RouterUpdateConfig
 from routelens.data.target_items import TargetItem
 from routelens.data.trajectories import Trajectory
 from routelens.errors import RouteLensError
 from routelens.lens import Lens
-from routelens.results.objects import CounterfactualResult, IsolationResult, PassKResult, RouterUpdateResult, read_run
+from routelens.results.objects import (
+    CounterfactualResult,
+    IsolationResult,
+    PassKResult,
+    RolloutResult,
+    RouterUpdateResult,
+    read_run,
+)
 
 # Short names the command line uses for config fields (`routes=32` is `num_routes=32`).
-ALIASES = {"routes": "num_routes", "candidates": "num_candidates", "lr": "learning_rate", "k": "ks"}
+ALIASES = {"routes": "num_routes", "candidates": "num_candidates", "lr": "learning_rate", "k": "ks",
+           "max_tokens": "max_new_tokens"}
 
 
 def make_config(config_class, config=None, **options):
@@ -48,9 +56,11 @@ def _lens(lens) -> Lens:
 
 # ---------------------------------------------------------------------------- trajectories
 def trajectories_from_ids(sequences: list[list[int]], completion_start: int | list[int], ids: list[str] | None = None,
-                          verified: list[bool] | None = None, vocab_size: int | None = None) -> list[Trajectory]:
+                          verified: list[bool] | None = None, vocab_size: int | None = None,
+                          answers: list[str] | None = None) -> list[Trajectory]:
     """Trajectories from token ids: `completion_start` (one for all, or one per sequence) is
     the index of the first completion token; the tokens scored are the completion's.
+    `answers`: the reference final answers (what `rollout` checks continuations against).
 
     Example:
         >>> import routelens as rl
@@ -62,19 +72,23 @@ def trajectories_from_ids(sequences: list[list[int]], completion_start: int | li
 
     starts = completion_start if isinstance(completion_start, (list, tuple)) else [completion_start] * len(sequences)
     ids = [str(i) for i in range(len(sequences))] if ids is None else [str(i) for i in ids]
-    if not (len(starts) == len(ids) == len(sequences)) or (verified is not None and len(verified) != len(sequences)):
-        raise RouteLensError("sequences, completion_start, ids and verified must have one entry per sequence")
+    if not (len(starts) == len(ids) == len(sequences)) or any(
+            extra is not None and len(extra) != len(sequences) for extra in (verified, answers)):
+        raise RouteLensError("sequences, completion_start, ids, verified and answers must have one entry per sequence")
     if len(set(ids)) != len(ids):
         raise RouteLensError("trajectory ids must be unique")
     return [parse_trajectory({"id": i, "input_ids": list(map(int, seq)), "completion_start": start,
-                              "verified": None if verified is None else bool(verified[n])},
+                              "verified": None if verified is None else bool(verified[n]),
+                              "answer": None if answers is None else answers[n]},
                              f"sequence {n}", None, vocab_size)
             for n, (i, seq, start) in enumerate(zip(ids, sequences, starts))]
 
 
-def trajectories_from_text(tokenizer, pairs: list[tuple[str, str]], ids: list[str] | None = None) -> list[Trajectory]:
+def trajectories_from_text(tokenizer, pairs: list[tuple[str, str]], ids: list[str] | None = None,
+                           answers: list[str] | None = None) -> list[Trajectory]:
     """Trajectories from (prompt, completion) texts, tokenised separately (the prompt with
-    the tokenizer's special tokens, the completion without) and concatenated.
+    the tokenizer's special tokens, the completion without) and concatenated. `answers`:
+    the reference final answers (what `rollout` checks continuations against).
 
     Example:
         >>> import routelens as rl
@@ -86,7 +100,10 @@ def trajectories_from_text(tokenizer, pairs: list[tuple[str, str]], ids: list[st
     from routelens.data.trajectories import parse_trajectory
 
     ids = [str(i) for i in range(len(pairs))] if ids is None else [str(i) for i in ids]
-    return [parse_trajectory({"id": i, "prompt": prompt, "completion": completion}, f"pair {n}", tokenizer, None)
+    if answers is not None and len(answers) != len(pairs):
+        raise RouteLensError("answers must have one entry per (prompt, completion) pair")
+    return [parse_trajectory({"id": i, "prompt": prompt, "completion": completion,
+                              "answer": None if answers is None else answers[n]}, f"pair {n}", tokenizer, None)
             for n, (i, (prompt, completion)) in enumerate(zip(ids, pairs))]
 
 
@@ -146,7 +163,9 @@ def run_counterfactual(lens: Lens, trajectories, out: str | None, *, config: Cou
 
     `trajectories`: a file path or a list of `Trajectory`. `options`: fields of
     `CounterfactualConfig` (`layers`, `routes`, `candidates`, `gumbel_temperature`, `seed`,
-    `confident`, `fragile`, `engine`, `memory_budget`, ...).
+    `confident`, `fragile`, `engine`, `memory_budget`, ...). With `joint_layers=[l1, l2, ...]`
+    the run also scores routes forced at all those layers at once (`joint_tokens`,
+    `joint_routes`, `joint_summary` against the single-layer gains of the same tokens).
 
     Example:
         >>> import routelens as rl
@@ -374,22 +393,71 @@ def router_update(lens: Lens, counterfactual, out: str, *, heldout=None, config:
     from routelens.analyses.router_update import run_router_update
 
     lens = _lens(lens)
-
-    def folder_of(run, what: str) -> str | None:
-        if run is None or isinstance(run, (str, os.PathLike)):
-            return run and os.fspath(run)
-        if isinstance(run, CounterfactualResult):
-            if run.path is None:
-                raise RouteLensError(f"the {what} result lives in memory; save it first (result.save(path))")
-            return run.path
-        raise RouteLensError(f"{what} must be a run folder or a CounterfactualResult, got {type(run).__name__}")
-
     settings = make_config(RouterUpdateConfig, config, **options)
-    run = run_router_update(lens.loaded, folder_of(counterfactual, "counterfactual"), settings, out,
-                            folder_of(heldout, "heldout"), overwrite=overwrite, show_progress=show_progress)
+    run = run_router_update(lens.loaded, _counterfactual_folder(counterfactual, "counterfactual"), settings, out,
+                            _counterfactual_folder(heldout, "heldout"), overwrite=overwrite, show_progress=show_progress)
     return RouterUpdateResult(run)
 
 
+def _counterfactual_folder(run, what: str) -> str | None:
+    """The folder of a counterfactual run given as a path or a saved `CounterfactualResult`."""
+    if run is None or isinstance(run, (str, os.PathLike)):
+        return run and os.fspath(run)
+    if isinstance(run, CounterfactualResult):
+        if run.path is None:
+            raise RouteLensError(f"the {what} result lives in memory; save it first (result.save(path))")
+        return run.path
+    raise RouteLensError(f"{what} must be a run folder or a CounterfactualResult, got {type(run).__name__}")
+
+
+# ---------------------------------------------------------------------------- rollouts
+def run_rollout(lens: Lens, counterfactual, out: str | None, *, config: RolloutConfig | None = None,
+                overwrite: bool = False, show_progress: bool = True, **options) -> RolloutResult:
+    """Continue chosen tokens of a counterfactual run under three routes (standard, best
+    alternative, random alternative) forced at that token and layer only, check each final
+    answer, and compare the arms' accuracy; into the run folder `out` (resumable), in memory
+    when `out` is None.
+
+    `counterfactual`: a run folder or a saved `CounterfactualResult` whose trajectories carry
+    reference answers. `options`: fields of `RolloutConfig` (`tokens` "fragile", "all" or a
+    file, `samples`, `max_new_tokens`, `temperature` (0: greedy), `seed`, `checker`, `limit`).
+
+    Example:
+        >>> import routelens as rl
+        >>> lens = rl.load("demo")
+        >>> trajs = rl.trajectories_from_text(lens.tokenizer, [("Q:3+4=A:", "3+4=7#7")], answers=["7"])
+        >>> cf = rl.counterfactual(lens, trajs, layers=[-1], routes=4).save(str(tmp / "cf-rollout"))
+        >>> res = rl.run_rollout(lens, cf, str(tmp / "rollout"), tokens="all", limit=2, samples=2,
+        ...                      max_new_tokens=8, show_progress=False)
+        >>> len(res.rollouts) == 2 * 3 * 2         # tokens x arms x samples
+        True
+    """
+    from routelens.analyses.rollout import run_rollout as run
+
+    lens = _lens(lens)
+    settings = make_config(RolloutConfig, config, **options)
+    folder = run(lens.loaded, _counterfactual_folder(counterfactual, "counterfactual"), settings, out,
+                 overwrite=overwrite, show_progress=show_progress)
+    return RolloutResult(folder)
+
+
+def rollout(lens: Lens, counterfactual, *, config: RolloutConfig | None = None, show_progress: bool = False,
+            **options) -> RolloutResult:
+    """Rollouts in memory (see `run_rollout`); `result.save(path)` writes the run folder.
+
+    Example:
+        >>> import routelens as rl
+        >>> lens = rl.load("demo")
+        >>> trajs = rl.trajectories_from_text(lens.tokenizer, [("Q:6+2=A:", "6+2=8#8")], answers=["8"])
+        >>> cf = rl.counterfactual(lens, trajs, layers=[0], routes=4).save(str(tmp / "cf-rollout-mem"))
+        >>> res = rl.rollout(lens, cf, tokens="all", limit=1, temperature=0, max_new_tokens=8)
+        >>> sorted(res.rollouts["arm"])
+        ['best_alt', 'random_alt', 'standard']
+    """
+    return run_rollout(lens, counterfactual, None, config=config, show_progress=show_progress, **options)
+
+
 __all__ = ["ALIASES", "arithmetic_items", "counterfactual", "isolate", "make_config", "passk", "read_items", "read_run",
-           "read_trajectories", "router_update", "run_counterfactual", "run_isolate", "run_passk",
+           "read_trajectories", "rollout", "router_update", "run_counterfactual", "run_isolate", "run_passk",
+           "run_rollout",
            "trajectories_from_ids", "trajectories_from_text"]

@@ -45,6 +45,7 @@ class CounterfactualConfig:
     """
 
     layers: list[int] = field(default_factory=lambda: [-1])
+    joint_layers: list[int] | None = None  # also score routes forced at all these layers at once (layers = these)
     num_routes: int = 32
     num_candidates: int | None = None  # None: min(32, E)
     gumbel_temperature: float = 1.0     # of the Gumbel-top-k route sampler (not a sampling temperature of text)
@@ -63,6 +64,15 @@ class CounterfactualConfig:
         if not _is_layer_list(self.layers):
             raise RouteLensError(f"--layers must be a non-empty list of layer indices such as [0, -1], got {self.layers!r}")
         self.layers = list(self.layers)
+        if self.joint_layers is not None:
+            if not _is_layer_list(self.joint_layers) or len(set(self.joint_layers)) < 2:
+                raise RouteLensError(f"--joint-layers must list two or more distinct layers such as 0,1,2, "
+                                     f"got {self.joint_layers!r}")
+            if self.layers not in ([-1], list(self.joint_layers)):
+                raise RouteLensError("--joint-layers scores each of its layers alone as well (the comparison needs "
+                                     "them); give --joint-layers without --layers")
+            self.joint_layers = list(self.joint_layers)
+            self.layers = list(self.joint_layers)
         _at_least("--routes", self.num_routes, 1)
         if self.num_candidates is not None:
             _at_least("--candidates", self.num_candidates, 1)
@@ -90,7 +100,9 @@ class CounterfactualConfig:
     PERFORMANCE = ("route_batch_size", "memory_budget", "group_tokens")
 
     def to_dict(self) -> dict:
-        return {k: v for k, v in asdict(self).items() if k not in self.PERFORMANCE}
+        # joint_layers only where set: run folders made before it existed resume unchanged
+        return {k: v for k, v in asdict(self).items()
+                if k not in self.PERFORMANCE and not (k == "joint_layers" and v is None)}
 
     def performance(self) -> dict:
         return {k: getattr(self, k) for k in self.PERFORMANCE}
@@ -230,3 +242,56 @@ class RouterUpdateConfig:
                 raise RouteLensError(f"{option} must be positive, got {getattr(self, name)}")
         if not 0 <= self.margin < 1:
             raise RouteLensError(f"--margin is a probability difference in [0, 1), got {self.margin}")
+
+
+TOKEN_CHOICES = ("fragile", "all")   # rollout --tokens: these, or a file of (trajectory_id, position, layer)
+
+
+@dataclass
+class RolloutConfig:
+    """Settings of a rollout run (continuations under three routes of a scored token),
+    validated on construction (`RouteLensError`, the command line's message).
+
+    Example:
+        >>> from routelens import RolloutConfig
+        >>> RolloutConfig(samples=4, temperature=0).temperature
+        0
+        >>> RolloutConfig(tokens="some")
+        Traceback (most recent call last):
+        ...
+        routelens.errors.RouteLensError: --tokens must be fragile, all or a file of ... rows; 'some' is neither ...
+    """
+
+    tokens: str = "fragile"       # fragile: Fragile tokens whose best alternative beats the standard by > tolerance
+    samples: int = 8              # continuations per arm and token
+    max_new_tokens: int = 64
+    temperature: float = 0.8      # 0: greedy (then one continuation per arm)
+    seed: int = 0
+    checker: str = "arithmetic"
+    limit: int | None = None      # keep the chosen tokens with the largest gains, at most this many
+    bootstrap_resamples: int = 2000
+
+    SUMMARY = ("bootstrap_resamples",)
+
+    def __post_init__(self) -> None:
+        import os
+
+        if self.tokens not in TOKEN_CHOICES and not os.path.isfile(str(self.tokens)):
+            raise RouteLensError(f"--tokens must be fragile, all or a file of (trajectory_id, position, layer) rows; "
+                                 f"{self.tokens!r} is neither and no such file exists")
+        for name, option in (("samples", "--samples"), ("max_new_tokens", "--max-tokens"),
+                             ("bootstrap_resamples", "--bootstrap-resamples")):
+            _at_least(option, getattr(self, name), 1)
+        if self.limit is not None:
+            _at_least("--limit", self.limit, 1)
+        if isinstance(self.temperature, bool) or not isinstance(self.temperature, (int, float)) or self.temperature < 0:
+            raise RouteLensError(f"--temperature must be 0 (greedy) or positive, got {self.temperature!r}")
+        if self.checker not in CHECKERS:
+            raise RouteLensError(f"unknown checker {self.checker!r}; available: {', '.join(CHECKERS)}")
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0
+
+    def identity(self) -> dict:
+        return {k: v for k, v in asdict(self).items() if k not in self.SUMMARY}

@@ -6,8 +6,10 @@ arithmetic): sample solutions to arithmetic problems, verify their final answers
 the counterfactual analysis on the verified trajectories at the first, a middle and the
 last MoE layer, through the same API as `routelens counterfactual`; then the
 expert-isolation study on the four arithmetic domains at every MoE layer (as `routelens
-isolate`). The printed tables are read back from the run folders' summary.json, and the
-report of both runs is written to <out>/report.html.
+isolate`), and rollouts of the Fragile tokens whose best alternative route wins (as
+`routelens rollout`: does the better next-token route also end in a better answer?).
+The printed tables are read back from the run folders' summary.json, and the report of
+all runs is written to <out>/report.html.
 """
 
 from __future__ import annotations
@@ -36,10 +38,12 @@ def _demo_trajectories(lens, folder: str, problems: int, samples_per_problem: in
 def run_demo(out: str = os.path.join("runs", "demo"), *, device: str = "auto", dtype: str = "auto", device_map=None,
              experts_implementation: str | None = None, problems: int = 120, samples_per_problem: int = 2,
              temperature: float = 0.8, isolation_per_domain: int = 50, layers: list[int] | None = None,
-             seed: int = 0, overwrite: bool = False, show_progress: bool = True, **counterfactual_options) -> str:
+             rollout_samples: int = 8, seed: int = 0, overwrite: bool = False, show_progress: bool = True,
+             **counterfactual_options) -> str:
     """Sample and verify trajectories, run the counterfactual analysis (first, middle and
-    last MoE layer unless `layers`) and the isolation study into `out`, and write the
-    report; returns the report's path. `counterfactual_options`: CounterfactualConfig fields."""
+    last MoE layer unless `layers`), the isolation study and the rollouts (`rollout_samples`
+    continuations per arm; 0: none) into `out`, and write the report; returns the report's
+    path. `counterfactual_options`: CounterfactualConfig fields."""
     from routelens.api import run_counterfactual
     from routelens.lens import load
     from routelens.report.build import build_report
@@ -64,11 +68,37 @@ def run_demo(out: str = os.path.join("runs", "demo"), *, device: str = "auto", d
         raise
     print_summary(result.summary_dict)
     print(f"run folder: {run_dir} (routes.parquet, tokens.parquet, summary.json, run.json)")
+    rollout_dir = _demo_rollout(lens, out, run_dir, rollout_samples, temperature, seed, overwrite, show_progress)
     isolation_dir = _demo_isolation(lens, out, isolation_per_domain, seed, overwrite, show_progress,
                                     counterfactual_options.get("memory_budget"))
-    report = build_report([run_dir, isolation_dir], os.path.join(out, "report.html"))
+    report = build_report([run_dir] + ([rollout_dir] if rollout_dir else []) + [isolation_dir],
+                          os.path.join(out, "report.html"))
     print(f"report: {report} (open it in a browser; figures in each run folder's figures/)")
     return report
+
+
+def _demo_rollout(lens, out: str, counterfactual_dir: str, samples: int, temperature: float, seed: int,
+                  overwrite: bool, show_progress: bool) -> str | None:
+    """Rollouts of the Fragile tokens whose best alternative beats the standard route; None
+    when asked for none or when no token qualifies (a small demo run)."""
+    from routelens.analyses.rollout import NothingToRollOut
+    from routelens.api import run_rollout
+    from routelens.summary_table import print_rollout_summary
+
+    if not samples:
+        return None
+    run_dir = os.path.join(out, "rollout")
+    print(f"demo: rollouts of the Fragile tokens whose best alternative wins, {samples} continuations per arm "
+          f"(standard, best alternative, random alternative) at T={temperature}")
+    try:
+        result = run_rollout(lens, counterfactual_dir, run_dir, samples=samples, temperature=temperature, seed=seed,
+                             overwrite=overwrite, show_progress=show_progress)
+    except NothingToRollOut as reason:
+        print(f"demo: rollouts skipped: {reason}")
+        return None
+    print_rollout_summary(result.summary_dict)
+    print(f"run folder: {run_dir} (rollouts.parquet, summary.json, run.json)")
+    return run_dir
 
 
 def _demo_isolation(lens, out: str, per_domain: int, seed: int, overwrite: bool, show_progress: bool,

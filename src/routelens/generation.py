@@ -34,10 +34,55 @@ class _PerSequenceGumbel(LogitsProcessor):
         self.generators, self.temperature = generators, temperature
 
     def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
-        uniform = torch.stack([torch.rand(scores.shape[-1], generator=g, dtype=torch.float64)
-                               for g in self.generators]).to(scores.device)
-        gumbel = -torch.log(-torch.log(uniform.clamp(1e-300, 1.0)))
-        return (scores.double() / self.temperature + gumbel).to(scores.dtype)
+        return gumbel_scores(scores, self.generators, self.temperature).to(scores.dtype)
+
+
+def gumbel_scores(scores: torch.Tensor, generators: list[torch.Generator], temperature: float) -> torch.Tensor:
+    """scores [rows, V] / T plus Gumbel noise from each row's own generator (float64): the
+    argmax is an exact draw from softmax(scores / T)."""
+    uniform = torch.stack([torch.rand(scores.shape[-1], generator=g, dtype=torch.float64)
+                           for g in generators]).to(scores.device)
+    return scores.double() / temperature - torch.log(-torch.log(uniform.clamp(1e-300, 1.0)))
+
+
+def row_generator(*seeds: int) -> torch.Generator:
+    """A generator seeded by a tuple of integers (through numpy's SeedSequence)."""
+    return torch.Generator().manual_seed(int(np.random.SeedSequence(list(seeds)).generate_state(1)[0]))
+
+
+@torch.no_grad()
+def continue_under_routes(adapter, prefix: list[int], layer: int, experts: torch.Tensor, weights: torch.Tensor,
+                          generators: list[torch.Generator] | None, temperature: float, max_new_tokens: int,
+                          eos_token_id: int | None) -> list[list[int]]:
+    """Continue `prefix` once per route: row r forces route r (experts/weights [rows, k]) on
+    the prefix's last token at `layer` only; every generated token routes naturally. The
+    tokens before the last run once and their cache is shared by every row. Sampling at
+    `temperature` with row r drawing from `generators[r]` (greedy when None). Returns each
+    row's generated tokens, up to and including <eos>."""
+    from routelens.models.routing import RouteOverride, override_routes
+
+    rows, device, model = experts.shape[0], adapter.device, adapter.model
+    cache = adapter.new_cache()
+    if len(prefix) > 1:   # the shared part: once, batch 1, then one copy per row
+        model(torch.tensor([prefix[:-1]], device=device), past_key_values=cache, use_cache=True, logits_to_keep=1)
+        cache = adapter.copy_cache(cache, 0, rows)
+    last = torch.full((rows, 1), prefix[-1], dtype=torch.long, device=device)
+    with override_routes(adapter, {layer: RouteOverride(torch.arange(rows), experts, weights)}):
+        logits = model(last, past_key_values=cache, use_cache=True).logits[:, -1]
+    generated: list[list[int]] = [[] for _ in range(rows)]
+    finished = [False] * rows
+    for step in range(max_new_tokens):
+        scores = logits.float() if generators is None else gumbel_scores(logits.float(), generators, temperature)
+        chosen = scores.argmax(-1).tolist()
+        for row, token in enumerate(chosen):
+            if not finished[row]:
+                generated[row].append(token)
+                finished[row] = token == eos_token_id
+        if all(finished) or step == max_new_tokens - 1:
+            break
+        # a finished row keeps decoding (its tokens are dropped): the batch stays rectangular
+        logits = model(torch.tensor(chosen, device=device)[:, None], past_key_values=cache, use_cache=True).logits[:, -1]
+    return generated
 
 
 @torch.no_grad()
@@ -65,8 +110,7 @@ def sample_completions(model, tokenizer, prompt_ids: list[list[int]], num_sample
                 attention[row, width - len(ids):] = 1
             processors = LogitsProcessorList()
             if not greedy:
-                generators = [torch.Generator().manual_seed(int(np.random.SeedSequence([seed, index_offset + p, s]).generate_state(1)[0]))
-                              for p, s in batch]
+                generators = [row_generator(seed, index_offset + p, s) for p, s in batch]
                 processors.append(_PerSequenceGumbel(generators, temperature))
             output = model.generate(input_ids=input_ids.to(device), attention_mask=attention.to(device),
                                     max_new_tokens=max_new_tokens, eos_token_id=eos, pad_token_id=pad,

@@ -42,6 +42,29 @@ def summary_table(summary: dict) -> Table:
     return table
 
 
+def joint_table(summary: dict) -> Table | None:
+    """A joint-layers run: the joint gain against the single-layer gains of the same tokens."""
+    joint = summary.get("joint")
+    if not joint:
+        return None
+    layers = "+".join(map(str, joint["layers"]))
+    table = Table(title=f"joint routes at layers {layers} against the same tokens' single-layer gains "
+                        "(95% bootstrap CI over trajectories; * fewer than 10 trajectories)")
+    for column in ("bin", "tokens", "joint gain", "sum of single", "best single", "joint - sum", "joint - best single",
+                   "verdict"):
+        table.add_column(column, justify="left" if column in ("bin", "verdict") else "right")
+    for name in (*BINS, ALL_TOKENS):
+        group = joint["bins"][name]
+        table.add_row(name + ("*" if group.get("few_clusters") else ""), str(group["tokens"]),
+                      _with_interval(group["gain"], group["gain_ci"], 4),
+                      _with_interval(group["sum_single_gain"], group["sum_single_gain_ci"], 4),
+                      _with_interval(group["max_single_gain"], group["max_single_gain_ci"], 4),
+                      _with_interval(group["joint_minus_sum"], group["joint_minus_sum_ci"], 4),
+                      _with_interval(group["joint_minus_best_single"], group["joint_minus_best_single_ci"], 4),
+                      group["verdict"] or "-")
+    return table
+
+
 def step_check_line(summary: dict) -> str:
     """What was scored: tokens of right steps only, or every token with steps unchecked."""
     check = summary.get("step_check")
@@ -58,6 +81,9 @@ def step_check_line(summary: dict) -> str:
 def print_summary(summary: dict, console: Console | None = None) -> None:
     console = console or Console(width=190)
     console.print(summary_table(summary))
+    joint = joint_table(summary)
+    if joint is not None:
+        console.print(joint)
     line = step_check_line(summary)
     if line:
         console.print(line)
@@ -130,3 +156,34 @@ def passk_table(summary: dict) -> Table:
 
 def print_passk_summary(summary: dict, console: Console | None = None) -> None:
     (console or Console(width=140)).print(passk_table(summary))
+
+
+def rollout_table(summary: dict) -> Table:
+    """Accuracy per arm and the paired differences against the standard route, per bin."""
+    table = Table(title=f"rollouts: {summary['samples_per_arm']} continuation(s) per arm and token at "
+                        f"T={summary['temperature']}, answers checked by {summary['checker']} "
+                        "(95% bootstrap CI over trajectories; * fewer than 10 trajectories)")
+    for column in ("bin", "tokens", "standard", "best alt", "random alt", "best - standard", "random - standard",
+                   "proxy agrees"):
+        table.add_column(column, justify="left" if column == "bin" else "right")
+    for name, group in summary["bins"].items():
+        outcome = group["outcome"]
+        agreement = outcome["proxy_agreement"]
+        table.add_row(name + ("*" if group["few_clusters"] else ""), str(group["tokens"]),
+                      *[_with_interval(group[f"accuracy_{arm}"], group[f"accuracy_{arm}_ci"])
+                        for arm in ("standard", "best_alt", "random_alt")],
+                      _with_interval(group["best_alt_minus_standard"], group["best_alt_minus_standard_ci"]),
+                      _with_interval(group["random_alt_minus_standard"], group["random_alt_minus_standard_ci"]),
+                      "-" if agreement is None else
+                      f"{agreement:.2f} ({outcome['best_alt_better']} of {outcome['best_alt_better'] + outcome['best_alt_worse']})")
+    return table
+
+
+def print_rollout_summary(summary: dict, console: Console | None = None) -> None:
+    console = console or Console(width=190)
+    console.print(rollout_table(summary))
+    selection = summary["selection"]
+    console.print(f"tokens: {selection['chosen']} chosen by --tokens {selection['tokens']}"
+                  + (f", {selection['skipped_without_alternative']} skipped (no alternative expert set)"
+                     if selection["skipped_without_alternative"] else "")
+                  + "; proxy agrees: share of tokens whose outcome differs where the best alternative wins")

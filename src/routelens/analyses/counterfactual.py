@@ -51,6 +51,15 @@ TOKENS_SCHEMA = pa.schema([
     ("standard_percentile", pa.float64()), ("gain_by_routes", pa.list_(pa.float64())), ("alignment", pa.float64()),
     ("n_duplicates", pa.int64()), ("bin", pa.string()),
 ])
+# joint runs (--joint-layers): one route per listed layer, forced together
+JOINT_ROUTES_SCHEMA = pa.schema([
+    ("trajectory_id", pa.string()), ("position", pa.int64()), ("layers", pa.list_(pa.int64())),
+    ("route", pa.int64()), ("experts", pa.list_(pa.list_(pa.int64()))), ("weights", pa.list_(pa.list_(pa.float64()))),
+    ("router_score", pa.float64()), ("duplicate", pa.bool_()), ("target_id", pa.int64()), ("logprob", pa.float64()),
+])
+JOINT_TOKENS_SCHEMA = pa.schema(
+    [("layers", pa.list_(pa.int64())) if f.name == "layer" else f for f in TOKENS_SCHEMA]
+    + [("sum_single_gain", pa.float64()), ("max_single_gain", pa.float64()), ("interaction", pa.float64())])
 
 
 def bin_of(p_route_mean: float, confident: float, fragile: float) -> str:
@@ -215,15 +224,75 @@ def routes_table(trajectory: Trajectory, layer: int, routes: LayerRoutes, logpro
     ], schema=ROUTES_SCHEMA)
 
 
+def joint_routes(routes: dict[int, LayerRoutes], joint: list[int]) -> LayerRoutes:
+    """One trajectory's joint routes: route r is route r of every listed layer (sampled
+    independently per layer, route 0 standard everywhere), experts/weights [P, R, J, k];
+    its router score is the sum of the layers' scores."""
+    parts = [routes[layer] for layer in joint]
+    experts = np.stack([part.experts for part in parts], axis=2)
+    return LayerRoutes(positions=parts[0].positions, experts=experts,
+                       weights=torch.stack([part.weights for part in parts], dim=2),
+                       router_score=np.sum([part.router_score for part in parts], axis=0),
+                       duplicate=np.stack([flag_duplicates(token.reshape(token.shape[0], -1)) for token in experts]))
+
+
+def _nested_list_column(values: np.ndarray, value_type: pa.DataType) -> pa.ListArray:
+    """[N, J, k] array -> a list<list<value_type>> column: N lists of J lists of length k."""
+    n, j, k = values.shape
+    return pa.ListArray.from_arrays(pa.array(np.arange(0, n * j + 1, j, dtype=np.int32)),
+                                    _list_column(values.reshape(n * j, k), value_type))
+
+
+def joint_tables(trajectory: Trajectory, joint: list[int], routes: LayerRoutes, logprobs: np.ndarray,
+                 single: dict[int, np.ndarray], config: CounterfactualConfig) -> dict[str, pa.Table]:
+    """The joint routes and tokens tables of one trajectory. Beside each token's metrics:
+    the sum and the largest of its single-layer gains at the listed layers (same tokens,
+    same routes), and the mean interaction over alternatives r of
+    (p_joint(r) - p_std) - sum_l (p_l(r) - p_std): 0 when the layers' effects add up."""
+    num_positions, num_routes, num_layers, k = routes.experts.shape
+    positions = np.repeat(routes.positions, num_routes)
+    table = pa.Table.from_arrays([
+        pa.array([trajectory.id] * positions.size, type=pa.string()),
+        pa.array(positions, type=pa.int64()),
+        pa.array([list(joint)] * positions.size, type=pa.list_(pa.int64())),
+        pa.array(np.tile(np.arange(num_routes), num_positions), type=pa.int64()),
+        _nested_list_column(routes.experts.reshape(-1, num_layers, k).astype(np.int64), pa.int64()),
+        _nested_list_column(routes.weights.double().cpu().numpy().reshape(-1, num_layers, k), pa.float64()),
+        pa.array(routes.router_score.ravel(), type=pa.float64()),
+        pa.array(routes.duplicate.ravel(), type=pa.bool_()),
+        pa.array(np.asarray(trajectory.input_ids)[positions + 1], type=pa.int64()),
+        pa.array(np.asarray(logprobs, dtype=np.float64).ravel(), type=pa.float64()),
+    ], schema=JOINT_ROUTES_SCHEMA)
+    rows = []
+    for p, position in enumerate(routes.positions):
+        metrics = token_metrics(logprobs[p], routes.router_score[p], routes.experts[p].reshape(num_routes, -1), config)
+        p_joint = np.exp(logprobs[p])
+        p_single = np.exp(np.stack([single[layer][p] for layer in joint]))                  # [J, R]
+        single_gains = p_single[:, 1:].max(axis=1) - p_single[:, 0]
+        interaction = (p_joint[1:] - p_joint[0]) - (p_single[:, 1:] - p_single[:, :1]).sum(axis=0)
+        rows.append({"trajectory_id": trajectory.id, "position": int(position), "layers": list(joint),
+                     "target_id": trajectory.input_ids[position + 1], "verified": trajectory.verified,
+                     "n_duplicates": int(routes.duplicate[p].sum()), **metrics,
+                     "sum_single_gain": float(single_gains.sum()), "max_single_gain": float(single_gains.max()),
+                     "interaction": float(interaction.mean())})
+    return {"joint_routes": table, "joint_tokens": pa.Table.from_pylist(rows, schema=JOINT_TOKENS_SCHEMA)}
+
+
 def analyse_trajectories(adapter: MoEAdapter, engine, trajectories: list[Trajectory], layers: list[int],
-                         config: CounterfactualConfig) -> list[tuple[pa.Table, pa.Table]]:
+                         config: CounterfactualConfig, joint: list[int] | None = None) -> list[dict[str, pa.Table]]:
     """Sample and score every route of a group of trajectories (scored together by the
-    engine, layer by layer); return each trajectory's routes and tokens tables."""
+    engine, layer by layer, then the joint routes at the `joint` layers when given); return
+    each trajectory's tables: routes and tokens (and joint_routes, joint_tokens)."""
     routes = [build_routes(adapter, trajectory, layers, config) for trajectory in trajectories]
     results = []
     scored = {layer: engine.score_batch(layer, [
         ScoreItem(torch.tensor(t.input_ids), r[layer].positions, torch.as_tensor(r[layer].experts), r[layer].weights)
         for t, r in zip(trajectories, routes)]) for layer in layers}
+    if joint:
+        joint_sets = [joint_routes(r, joint) for r in routes]
+        joint_scored = engine.score_batch(joint, [
+            ScoreItem(torch.tensor(t.input_ids), j.positions, torch.as_tensor(j.experts), j.weights)
+            for t, j in zip(trajectories, joint_sets)])
     for i, trajectory in enumerate(trajectories):
         route_tables, token_rows = [], []
         for layer in layers:
@@ -234,14 +303,19 @@ def analyse_trajectories(adapter: MoEAdapter, engine, trajectories: list[Traject
                 token_rows.append({"trajectory_id": trajectory.id, "position": int(position), "layer": layer,
                                    "target_id": trajectory.input_ids[position + 1], "verified": trajectory.verified,
                                    "n_duplicates": int(layer_routes.duplicate[p].sum()), **metrics})
-        results.append((pa.concat_tables(route_tables), pa.Table.from_pylist(token_rows, schema=TOKENS_SCHEMA)))
+        tables = {"routes": pa.concat_tables(route_tables), "tokens": pa.Table.from_pylist(token_rows, schema=TOKENS_SCHEMA)}
+        if joint:
+            tables.update(joint_tables(trajectory, joint, joint_sets[i], joint_scored[i],
+                                       {layer: scored[layer][i] for layer in joint}, config))
+        results.append(tables)
     return results
 
 
 def analyse_trajectory(adapter: MoEAdapter, engine, trajectory: Trajectory, layers: list[int],
                        config: CounterfactualConfig) -> tuple[pa.Table, pa.Table]:
     """One trajectory's routes and tokens tables."""
-    return analyse_trajectories(adapter, engine, [trajectory], layers, config)[0]
+    tables = analyse_trajectories(adapter, engine, [trajectory], layers, config)[0]
+    return tables["routes"], tables["tokens"]
 
 
 def trajectory_groups(todo: list[int], trajectories: list[Trajectory], max_tokens: int,
@@ -258,7 +332,10 @@ def trajectory_groups(todo: list[int], trajectories: list[Trajectory], max_token
     return groups + ([current] if current else [])
 
 
-def _interval(frame: pd.DataFrame, value: pd.Series, seed: int, resamples: int, transform=None) -> list[float | None]:
+def trajectory_interval(frame: pd.DataFrame, value: pd.Series, seed: int, resamples: int,
+                        transform=None) -> list[float | None]:
+    """95% percentile bootstrap interval of the mean of `value` over the rows of `frame`,
+    resampling trajectories (`trajectory_id`): rows of one trajectory stay together."""
     keep = value.notna()
     clusters = pd.DataFrame({"tid": frame["trajectory_id"][keep], "v": value[keep]}).groupby("tid")["v"]
     low, high = stats.cluster_bootstrap_ratio(clusters.sum().to_numpy(), clusters.count().to_numpy(),
@@ -286,19 +363,19 @@ def summarise_group(frame: pd.DataFrame, config: CounterfactualConfig) -> dict:
         "p_standard": mean_or_none(frame["p_standard"].mean()),
         "p_best_alt": mean_or_none(frame["p_best_alt"].mean()),
         "gain": mean_or_none(frame["gain"].mean()),
-        "gain_ci": _interval(frame, frame["gain"], seed, resamples),
+        "gain_ci": trajectory_interval(frame, frame["gain"], seed, resamples),
         "null_gain": mean_or_none(frame["null_gain"].mean()),
-        "null_gain_ci": _interval(frame, frame["null_gain"], seed, resamples),
+        "null_gain_ci": trajectory_interval(frame, frame["null_gain"], seed, resamples),
         # paired per token: below 0, the router's route beats a random draw of the same sampler
         "gain_minus_null": mean_or_none((frame["gain"] - frame["null_gain"]).mean()),
-        "gain_minus_null_ci": _interval(frame, frame["gain"] - frame["null_gain"], seed, resamples),
+        "gain_minus_null_ci": trajectory_interval(frame, frame["gain"] - frame["null_gain"], seed, resamples),
         "win_rate": mean_or_none(frame["win_rate"].mean()),
-        "win_rate_ci": _interval(frame, frame["win_rate"], seed, resamples),
+        "win_rate_ci": trajectory_interval(frame, frame["win_rate"], seed, resamples),
         "tie_rate": mean_or_none(frame["tie_rate"].mean()),
         "standard_percentile": mean_or_none(frame["standard_percentile"].mean()),
-        "standard_percentile_ci": _interval(frame, frame["standard_percentile"], seed, resamples),
+        "standard_percentile_ci": trajectory_interval(frame, frame["standard_percentile"], seed, resamples),
         "alignment": mean_or_none(stats.fisher_z_mean(frame["alignment"].to_numpy())),
-        "alignment_ci": _interval(frame, z, seed, resamples, transform=np.tanh),
+        "alignment_ci": trajectory_interval(frame, z, seed, resamples, transform=np.tanh),
         "alignment_defined": int(frame["alignment"].notna().sum()),
         "few_clusters": int(frame["trajectory_id"].nunique()) < MIN_CLUSTERS,
         "gain_by_routes": _gain_by_routes(frame, config.num_routes),
@@ -340,6 +417,51 @@ def summarise(tokens: pd.DataFrame, layers: list[int], config: CounterfactualCon
     }
 
 
+def joint_verdict(joint_minus_sum_ci: list, joint_minus_best_ci: list) -> str | None:
+    """How the listed layers' effects combine, from the paired intervals of (joint gain -
+    sum of single-layer gains) and (joint gain - best single-layer gain): additive (the
+    first holds 0), super-additive (above 0), cancelling (the joint is below the best
+    single layer alone) or saturating (in between)."""
+    if None in joint_minus_sum_ci or None in joint_minus_best_ci:
+        return None
+    if joint_minus_sum_ci[0] <= 0 <= joint_minus_sum_ci[1]:
+        return "additive"
+    if joint_minus_sum_ci[0] > 0:
+        return "super-additive"
+    return "cancelling" if joint_minus_best_ci[1] < 0 else "saturating"
+
+
+def summarise_joint(tokens: pd.DataFrame, joint: list[int], config: CounterfactualConfig) -> dict:
+    """summary.json's `joint` block: per bin of the joint route-averaged p, the usual
+    metrics of the joint routes and how the joint gain compares with the single-layer
+    gains of the same tokens, each paired difference with its interval over trajectories."""
+    seed, resamples = config.seed, config.bootstrap_resamples
+    groups = {name: tokens[tokens["bin"] == name] for name in BINS}
+    groups[ALL_TOKENS] = tokens
+    out = {}
+    for name, frame in groups.items():
+        group = summarise_group(frame, config)
+        for column in ("sum_single_gain", "max_single_gain", "interaction"):
+            group[column] = None if frame.empty else float(frame[column].mean())
+            group[f"{column}_ci"] = trajectory_interval(frame, frame[column], seed, resamples)
+        for label, other in (("joint_minus_sum", "sum_single_gain"), ("joint_minus_best_single", "max_single_gain")):
+            difference = frame["gain"] - frame[other]
+            group[label] = None if frame.empty else float(difference.mean())
+            group[f"{label}_ci"] = trajectory_interval(frame, difference, seed, resamples)
+        group["verdict"] = joint_verdict(group["joint_minus_sum_ci"], group["joint_minus_best_single_ci"])
+        out[name] = group
+    return {"layers": list(joint), "bins": out,
+            "definitions": {
+                "joint route": "route r forced at every listed layer at once (route r of each layer, sampled "
+                               "independently per layer, weights by the gating rule on the natural router logits)",
+                "sum_single_gain": "sum over the listed layers of the token's single-layer gain",
+                "max_single_gain": "the token's largest single-layer gain",
+                "interaction": "mean over alternatives r of (p_joint(r) - p_std) - sum_l (p_l(r) - p_std)",
+                "verdict": "additive: joint - sum interval holds 0; super-additive: above 0; cancelling: joint gain "
+                           "below the best single layer's; saturating: between the best single layer and the sum",
+            }}
+
+
 def keep_step_ok_tokens(trajectories: list[Trajectory], only_step_ok: bool | None) -> tuple[list[Trajectory], dict]:
     """With step checks on (None: when every trajectory carries them), score only the tokens
     of right intermediate steps: a "verified" trajectory can hold a wrong step, and a route
@@ -377,6 +499,10 @@ def run_counterfactual(loaded, trajectories: list[Trajectory], config: Counterfa
 
     adapter = loaded.adapter
     layers = adapter.resolve_layers(config.layers)
+    joint = sorted(layers) if config.joint_layers else None
+    if joint is not None and len(joint) < 2:
+        raise RouteLensError(f"--joint-layers {config.joint_layers} name {len(joint)} distinct layer of this model; "
+                             f"list two or more of its MoE layers {adapter.moe_layers}")
     check_route_settings(adapter.top_k, adapter.num_experts, config.candidates_for(adapter.num_experts),
                          config.num_routes, config.gumbel_temperature)
     if not trajectories:
@@ -386,23 +512,27 @@ def run_counterfactual(loaded, trajectories: list[Trajectory], config: Counterfa
                          memory_budget=config.memory_budget)
     run_config = {**loaded.identity(), "engine_used": engine.name, "dtype": loaded.dtype, **data_info, **config.to_dict(),
                   "resolved_layers": layers, "resolved_candidates": config.candidates_for(adapter.num_experts),
-                  "resolved_only_step_ok": step_check["only_step_ok"]}
-    folder = open_run(out, "counterfactual", run_config, ("routes", "tokens"), overwrite=overwrite,
+                  "resolved_only_step_ok": step_check["only_step_ok"], **({"resolved_joint_layers": joint} if joint else {})}
+    tables = ("routes", "tokens") + (("joint_routes", "joint_tokens") if joint else ())
+    folder = open_run(out, "counterfactual", run_config, tables, overwrite=overwrite,
                       extra={"model": adapter.describe(), "device": loaded.device,
                              "performance": config.performance()})
     todo = [i for i in range(len(trajectories)) if not folder.is_done(i)]
-    total_tokens = sum(len(t.scored_positions) for t in trajectories) * len(layers)
-    done_tokens = total_tokens - sum(len(trajectories[i].scored_positions) for i in todo) * len(layers)
+    passes = len(layers) + (1 if joint else 0)   # scored (token, layer) pairs per token; the joint routes count once
+    total_tokens = sum(len(t.scored_positions) for t in trajectories) * passes
+    done_tokens = total_tokens - sum(len(trajectories[i].scored_positions) for i in todo) * passes
     started = time.perf_counter()
     with progress_bar("counterfactual", total_tokens, done_tokens, show_progress) as advance:
         for group in trajectory_groups(todo, trajectories, config.group_tokens, max_group=engine.max_group):
-            tables = analyse_trajectories(adapter, engine, [trajectories[i] for i in group], layers, config)
-            for i, (routes, tokens) in zip(group, tables):
-                folder.write_unit(i, {"routes": routes, "tokens": tokens})
-                advance(tokens.num_rows)
+            scored = analyse_trajectories(adapter, engine, [trajectories[i] for i in group], layers, config, joint)
+            for i, unit in zip(group, scored):
+                folder.write_unit(i, unit)
+                advance(sum(unit[name].num_rows for name in ("tokens", "joint_tokens") if name in unit))
     folder.concatenate(list(range(len(trajectories))))
     summary = summarise(folder.read("tokens"), layers, config)
     summary["step_check"] = step_check
+    if joint:
+        summary["joint"] = summarise_joint(folder.read("joint_tokens"), joint, config)
     folder.complete(summary, extra={"timings": {
         "seconds_this_session": round(time.perf_counter() - started, 3),
         "tokens_scored_this_session": total_tokens - done_tokens,

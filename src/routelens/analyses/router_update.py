@@ -32,6 +32,7 @@ import pandas as pd
 import torch
 from torch.func import functional_call
 
+from routelens.analyses.counterfactual_input import check_same_model, counterfactual_run, run_trajectories
 from routelens.config import RouterUpdateConfig
 from routelens.errors import RouteLensError
 from routelens.models.adapter import MoEAdapter
@@ -221,53 +222,27 @@ def preference_accuracy(adapter: MoEAdapter, layer: int, inputs: torch.Tensor, r
 
 
 # ---------------------------------------------------------------------------- the command
-def _counterfactual_run(run_dir: str) -> dict:
-    from routelens.results.run_folder import read_json
-
-    path = os.path.join(run_dir, "run.json")
-    if not os.path.exists(path):
-        raise RouteLensError(f"{run_dir} is not a run folder (no run.json); give a `routelens counterfactual` --out folder")
-    run = read_json(path)
-    if run.get("kind") != "counterfactual" or run.get("status") != "complete":
-        raise RouteLensError(f"{run_dir} holds a {run.get('status')} {run.get('kind')} run; "
-                             "router-update needs a complete counterfactual run")
-    return run
-
-
-def _trajectories_of(run: dict, run_dir: str, loaded) -> dict[str, list[int]]:
-    from routelens.data.trajectories import IN_MEMORY, file_sha256, load_trajectories
-    from routelens.results.run_folder import TRAJECTORIES_FILE
-
-    config = run["config"]
-    # trajectories given in memory (the Python API) are kept in the run folder itself
-    path = os.path.join(run_dir, TRAJECTORIES_FILE) if config["trajectories"] == IN_MEMORY else config["trajectories"]
-    if not os.path.exists(path) or file_sha256(path) != config["trajectories_sha256"]:
-        raise RouteLensError(f"the trajectories of {run_dir} ({path}) are missing or changed since the run; "
-                             "router-update reads the same file back to compute the router's inputs")
-    trajectories = load_trajectories(path, loaded.tokenizer, loaded.adapter.config.vocab_size,
-                                     only_verified=config["only_verified"], limit=config["max_trajectories"])
-    return {t.id: t.input_ids for t in trajectories}
-
-
 def _check_same_model(run: dict, run_dir: str, loaded) -> int:
     layer = loaded.adapter.moe_layers[-1]
-    if run["config"].get("model") != loaded.spec or run["config"].get("router_delta") != loaded.identity()["router_delta"]:
-        raise RouteLensError(f"{run_dir} was run on model {run['config'].get('model')!r}, not {loaded.spec!r}; "
-                             "the preferences must come from the model being updated")
+    check_same_model(run, run_dir, loaded, "router-update")
     if layer not in run["config"]["resolved_layers"]:
         raise RouteLensError(f"{run_dir} has layers {run['config']['resolved_layers']}, not the last MoE layer {layer}; "
                              "re-run counterfactual with --layers -1")
     return layer
 
 
+def _sequences_of(run: dict, run_dir: str, loaded) -> dict[str, list[int]]:
+    return {tid: t.input_ids for tid, t in run_trajectories(run, run_dir, loaded, "router-update").items()}
+
+
 def route_changes(loaded, run_dir: str, base: dict[str, torch.Tensor], new: dict[str, torch.Tensor]) -> dict:
     """Share of tokens (per bin) of another counterfactual run whose standard route at the
     last MoE layer changes from the `base` to the `new` router parameters (short names)."""
-    run = _counterfactual_run(run_dir)
+    run = counterfactual_run(run_dir, "router-update")
     layer = _check_same_model(run, run_dir, loaded)
     tokens = pd.read_parquet(os.path.join(run_dir, "tokens.parquet"))
     tokens = tokens[tokens["layer"] == layer]
-    sequences = _trajectories_of(run, run_dir, loaded)
+    sequences = _sequences_of(run, run_dir, loaded)
     wanted = tokens.groupby("trajectory_id")["position"].apply(list).to_dict()
     inputs, rank = router_inputs(loaded.adapter, layer, sequences, wanted)
     x = torch.stack([inputs[(t, p)] for t, p in zip(tokens["trajectory_id"], tokens["position"])])
@@ -304,7 +279,7 @@ def run_router_update(loaded, counterfactual_dir: str, config: RouterUpdateConfi
 
     config.check()
     adapter = loaded.adapter
-    run = _counterfactual_run(counterfactual_dir)
+    run = counterfactual_run(counterfactual_dir, "router-update")
     layer = _check_same_model(run, counterfactual_dir, loaded)
     pairs = preference_pairs(counterfactual_dir, layer, config.margin, config.bins)
     if pairs.empty:
@@ -316,7 +291,7 @@ def run_router_update(loaded, counterfactual_dir: str, config: RouterUpdateConfi
                        extra={"model": adapter.describe(), "device": loaded.device})
     started = time.perf_counter()
     pairs.to_parquet(os.path.join(out, "pairs.parquet"), index=False)
-    sequences = _trajectories_of(run, counterfactual_dir, loaded)
+    sequences = _sequences_of(run, counterfactual_dir, loaded)
     wanted = pairs.groupby("trajectory_id")["position"].apply(lambda p: sorted(set(p))).to_dict()
     inputs, rank = router_inputs(adapter, layer, sequences, wanted)
     x = torch.stack([inputs[(t, p)] for t, p in zip(pairs["trajectory_id"], pairs["position"])])

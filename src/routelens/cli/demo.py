@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from routelens.cli.parsing import (
+    count,
     counterfactual_options,
     counterfactual_settings,
     default_of,
@@ -12,11 +13,12 @@ from routelens.cli.parsing import (
 )
 
 NAME = "demo"
-HELP = "counterfactual analysis and expert isolation end to end on the built-in model"
+HELP = "counterfactual analysis, rollouts and expert isolation end to end on the built-in model"
 RESUMABLE = True
 EPILOG = """examples:
-  routelens demo                       # embedded model: counterfactual (120 problems x 2 samples)
-                                       # and isolation (50 items x 4 domains), into runs/demo
+  routelens demo                       # embedded model: counterfactual (120 problems x 2 samples),
+                                       # rollouts of its Fragile tokens and isolation (50 items x 4
+                                       # domains), into runs/demo
   routelens demo --out /tmp/demo --problems 32 --routes 16
 """
 
@@ -35,6 +37,9 @@ def add_arguments(parser) -> None:
                         help="solutions per problem (default %(default)s)")
     parser.add_argument("--temperature", type=float, default=default_of(run_demo, "temperature"),
                         help="sampling temperature of the solutions (default %(default)s)")
+    parser.add_argument("--rollout-samples", type=count, default=default_of(run_demo, "rollout_samples"),
+                        help="rollouts: continuations per arm of each Fragile token whose best alternative wins "
+                             "(default %(default)s; 0: no rollouts)")
     parser.add_argument("--isolation-per-domain", type=positive_int, default=default_of(run_demo, "isolation_per_domain"),
                         help="isolation study: items per arithmetic domain (default %(default)s, at most 100)")
 
@@ -47,6 +52,7 @@ def run(args) -> int:
     run_demo(args.out, device=args.device, dtype=args.dtype, device_map=args.device_map,
              experts_implementation=args.experts_implementation, problems=args.problems,
              samples_per_problem=args.samples_per_problem, temperature=args.temperature,
-             isolation_per_domain=args.isolation_per_domain, layers=layers, seed=seed, overwrite=args.overwrite,
+             isolation_per_domain=args.isolation_per_domain, layers=layers, rollout_samples=args.rollout_samples,
+             seed=seed, overwrite=args.overwrite,
              show_progress=not args.no_progress, **settings)
     return 0

@@ -71,14 +71,19 @@ def int_list(text: str) -> list[int]:
     return values
 
 
-def positive_int(text: str) -> int:
+def positive_int(text: str, low: int = 1, what: str = "a positive integer") -> int:
     try:
         value = int(text)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
+        raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}") from None
+    if value < low:
+        raise argparse.ArgumentTypeError(f"expected {what}, got {value}")
     return value
+
+
+def count(text: str) -> int:
+    """An integer >= 0 (0: none)."""
+    return positive_int(text, 0, "an integer >= 0")
 
 
 MEMORY_UNITS = {"kib": 2**10, "mib": 2**20, "gib": 2**30, "kb": 10**3, "mb": 10**6, "gb": 10**9, "b": 1}
@@ -143,8 +148,12 @@ def counterfactual_options(layers_required: bool = True) -> argparse.ArgumentPar
 
     parser = argparse.ArgumentParser(add_help=False)
     group = parser.add_argument_group("counterfactual analysis")
-    group.add_argument("--layers", type=int_list, default=None, required=layers_required,
+    which = group.add_mutually_exclusive_group(required=layers_required)
+    which.add_argument("--layers", type=int_list, default=None,
                        help="decoder-layer indices, comma-separated; negative counts from the end")
+    which.add_argument("--joint-layers", type=int_list, default=None,
+                       help="score each of these layers alone and, in the same run, routes forced at all of them "
+                            "at once (one independently sampled alternative per layer), e.g. 0,1,2")
     group.add_argument("--routes", type=positive_int, default=default_of(C, "num_routes"),
                        help="alternative routes S per token (default %(default)s)")
     group.add_argument("--candidates", type=positive_int, default=default_of(C, "num_candidates"),
@@ -177,7 +186,8 @@ def counterfactual_options(layers_required: bool = True) -> argparse.ArgumentPar
 
 def counterfactual_settings(args) -> dict:
     """The CounterfactualConfig fields from parsed options (validated by the config)."""
-    return {"layers": args.layers, "num_routes": args.routes, "num_candidates": args.candidates,
+    return {"layers": args.joint_layers or args.layers, "joint_layers": args.joint_layers,
+            "num_routes": args.routes, "num_candidates": args.candidates,
             "gumbel_temperature": args.gumbel_temperature, "seed": args.seed, "confident": args.confident,
             "fragile": args.fragile, "win_tolerance": args.win_tolerance, "only_step_ok": args.only_step_ok,
             "engine": args.engine, "route_batch_size": args.route_batch_size,

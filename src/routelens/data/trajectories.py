@@ -39,6 +39,7 @@ class Trajectory:
     verified: bool | None = None
     step_ok: list[bool | None] | None = None   # per completion token: its step right / wrong / not checkable
     only_positions: tuple[int, ...] | None = None   # score only these positions (e.g. tokens of right steps)
+    answer: str | None = None                  # the reference final answer, where the record gives one (rollouts)
 
     @property
     def scored_positions(self) -> range | tuple[int, ...]:
@@ -58,7 +59,8 @@ def trajectories_jsonl(trajectories: list[Trajectory]) -> bytes:
     """Token-id records, one JSON line per trajectory, as `load_trajectories` reads them back."""
     lines = [json.dumps({"id": t.id, "input_ids": list(t.input_ids), "completion_start": t.completion_start,
                          **({"verified": t.verified} if t.verified is not None else {}),
-                         **({"step_ok": t.step_ok} if t.step_ok is not None else {})}) for t in trajectories]
+                         **({"step_ok": t.step_ok} if t.step_ok is not None else {}),
+                         **({"answer": t.answer} if t.answer is not None else {})}) for t in trajectories]
     return ("\n".join(lines) + "\n").encode("utf-8")
 
 
@@ -168,6 +170,16 @@ def _step_ok(record: dict, where: str, completion_length: int) -> list[bool | No
     return list(step_ok)
 
 
+def _answer(record: dict, where: str) -> str | None:
+    """The optional reference answer: a string or a number, kept as text."""
+    answer = record.get("answer")
+    if answer is None:
+        return None
+    if isinstance(answer, bool) or not isinstance(answer, (str, int, float)):
+        raise RouteLensError(f"{where}: 'answer' must be a string or a number, got {type(answer).__name__}")
+    return str(answer)
+
+
 def parse_trajectory(record: dict, where: str, tokenizer, vocab_size: int | None) -> Trajectory:
     """One trajectory record, validated (`where` names it in errors)."""
     if "id" not in record or record["id"] is None:
@@ -192,7 +204,7 @@ def parse_trajectory(record: dict, where: str, tokenizer, vocab_size: int | None
         if vocab_size is not None and any(not 0 <= t < vocab_size for t in input_ids):
             raise RouteLensError(f"{where}: token ids must lie in 0..{vocab_size - 1} (the model's vocabulary)")
         return Trajectory(trajectory_id, list(input_ids), start, verified,
-                          _step_ok(record, where, len(input_ids) - start))
+                          _step_ok(record, where, len(input_ids) - start), answer=_answer(record, where))
     missing = [f for f in ("prompt", "completion") if not isinstance(record.get(f), str)]
     if missing:
         raise RouteLensError(
@@ -212,7 +224,7 @@ def parse_trajectory(record: dict, where: str, tokenizer, vocab_size: int | None
         raise RouteLensError(f"{where}: the prompt tokenises to nothing; the first completion token needs a prefix")
     if not completion:
         raise RouteLensError(f"{where}: the completion tokenises to nothing")
-    return Trajectory(trajectory_id, prompt + completion, len(prompt), verified)
+    return Trajectory(trajectory_id, prompt + completion, len(prompt), verified, answer=_answer(record, where))
 
 
 def load_trajectories(path: str, tokenizer=None, vocab_size: int | None = None,

@@ -14,6 +14,7 @@ states as transformers builds them):
 3. The routes of token t then run as one batch, from layer l up only: layer l with the
    route override, the layers above with the copied cache (one row per route), then the
    final norm and the LM head. Layers below l are never recomputed for the routes.
+   Joint routes start at their lowest layer and are forced at each of their layers.
 
 Cost per scored token: one batch-1 decode step plus (L - l) layers of a batch of routes,
 against a prefix forward per route for the reference engine. The standard route (route 0)
@@ -29,7 +30,7 @@ import numpy as np
 import torch
 
 from routelens.engine.checks import DeviationRecord
-from routelens.engine.items import ScoreItem
+from routelens.engine.items import ScoreItem, joint_layers, layer_label, per_layer
 from routelens.engine.readout import DEFAULT_MEMORY_BUDGET, activation_bytes, record_layer_arguments, target_log_probs
 from routelens.engine.reference import ReferenceEngine
 from routelens.models.adapter import MoEAdapter
@@ -80,17 +81,18 @@ class CacheEngine:
                                     "did not run in a decode step")
         return recorded
 
-    def _routes_from_layer(self, layer: int, recorded: dict, snapshot, experts: torch.Tensor,
+    def _routes_from_layer(self, layers: tuple[int, ...], recorded: dict, snapshot, experts: torch.Tensor,
                            weights: torch.Tensor) -> torch.Tensor:
-        """Final-normed hidden states [R, d] of token t under each route [R, k] forced at
-        `layer`, running only layers `layer`.. with `snapshot` (the cache before t) per row."""
+        """Final-normed hidden states [R, d] of token t under each route [R, J, k] forced at
+        `layers` (one route per layer), running only layers `layers[0]`.. with `snapshot`
+        (the cache before t) per row."""
         adapter = self.adapter
-        rows = experts.shape[0]
+        layer, rows = layers[0], experts.shape[0]
         cache = adapter.expand_cache(snapshot, layer, rows)
         hidden = recorded[layer][0]
         hidden = hidden.expand(rows, *hidden.shape[1:]).contiguous()
-        override = RouteOverride(torch.arange(rows), experts, weights)
-        with override_routes(adapter, {layer: override}):
+        overrides = {at: RouteOverride(torch.arange(rows), experts[:, j], weights[:, j]) for j, at in enumerate(layers)}
+        with override_routes(adapter, overrides):
             for index in range(layer, adapter.num_layers):
                 _, args, kwargs = recorded[index]
                 kwargs = {name: (cache if value is snapshot.source else value) for name, value in kwargs.items()}
@@ -105,10 +107,13 @@ class CacheEngine:
 
     # ------------------------------------------------------------------ scoring
     @torch.no_grad()
-    def score_positions(self, input_ids: torch.Tensor, layer: int, positions, experts: torch.Tensor,
+    def score_positions(self, input_ids: torch.Tensor, layer: int | list[int], positions, experts: torch.Tensor,
                         weights: torch.Tensor) -> np.ndarray:
-        """All routes of several positions of one sequence: experts/weights [P, R, k] -> [P, R]."""
+        """All routes of several positions of one sequence: experts/weights [P, R, k] (or
+        [P, R, J, k] at a list of J layers, forced together) -> [P, R]."""
         adapter = self.adapter
+        layers = joint_layers(layer)
+        experts, weights = per_layer(experts, layer), per_layer(weights, layer)
         positions = [int(t) for t in np.asarray(positions)]
         if any(not 0 <= t < input_ids.shape[0] - 1 for t in positions):
             raise ValueError(f"positions must have a next token in a sequence of {input_ids.shape[0]}")
@@ -128,16 +133,16 @@ class CacheEngine:
                 continue
             i = order[t]
             snapshot = adapter.snapshot_cache(cache)            # tokens < t, before the natural step
-            recorded = self._natural_step(input_ids[t], cache, layer)
-            chunk = self._rows_per_chunk(snapshot, layer)
+            recorded = self._natural_step(input_ids[t], cache, layers[0])
+            chunk = self._rows_per_chunk(snapshot, layers[0])
             target = input_ids[t + 1].repeat(experts.shape[1])
-            final = torch.cat([self._routes_from_layer(layer, recorded, snapshot, experts[i, s: s + chunk],
+            final = torch.cat([self._routes_from_layer(layers, recorded, snapshot, experts[i, s: s + chunk],
                                                        weights[i, s: s + chunk])
                                for s in range(0, experts.shape[1], chunk)])
             out[i] = target_log_probs(adapter, final, target, self.memory_budget)
         return out
 
-    def score_batch(self, layer: int, items: list[ScoreItem]) -> list[np.ndarray]:
+    def score_batch(self, layer: int | list[int], items: list[ScoreItem]) -> list[np.ndarray]:
         """Each item's routes, [P, R] per item (route 0 checked against the natural forward);
         after a failed check, and for the rest of the run, through the reference engine."""
         if self.fallback_reason is None and (declared := self.adapter.cache_engine_defect):
@@ -148,12 +153,12 @@ class CacheEngine:
             try:
                 return [self._score_item(layer, item) for item in items]
             except CacheStepMismatch as reason:
-                self.fallback_reason = f"layer {layer} ({self.adapter.config.model_type}): {reason}"
+                self.fallback_reason = f"{layer_label(layer)} ({self.adapter.config.model_type}): {reason}"
                 warnings.warn(f"cache engine check failed at {self.fallback_reason}; "
                               "scoring with the reference engine from here on", stacklevel=2)
         return self.reference.score_batch(layer, items)
 
-    def _score_item(self, layer: int, item: ScoreItem) -> np.ndarray:
+    def _score_item(self, layer: int | list[int], item: ScoreItem) -> np.ndarray:
         scored = self.score_positions(item.input_ids, layer, item.positions, item.experts, item.weights)
         if len(item.positions):
             natural = self.reference.natural_log_probs(item.input_ids, item.positions)

@@ -16,6 +16,11 @@ for token t. So, for all scored tokens at once (see ../shared/DESIGN.md):
    perturbed key/value on the diagonal.
 4. The final norm and LM head give log p(token t + 1) at each scored position t.
 
+Joint routes (one route per listed layer, applied together) are served the same way from
+the lowest listed layer: above it, each perturbed position's route at the other listed
+layers is forced on its own row in the suffix, the diagonal patch having carried the
+perturbed position up to them.
+
 Routes are processed in chunks sized to `memory_budget` bytes; results do not depend on
 the chunking (tested). Anything this engine cannot serve exactly raises
 `FastEngineUnsupported`, and `make_engine` falls back to the cache engine with a
@@ -34,7 +39,7 @@ for the rest of the run, with a warning giving the reason (`fallback_reason`).
 from __future__ import annotations
 
 import warnings
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 
 import numpy as np
 import torch
@@ -42,7 +47,7 @@ import torch
 from routelens.engine import attention
 from routelens.engine.cache import CacheEngine
 from routelens.engine.checks import DeviationRecord
-from routelens.engine.items import ScoreItem
+from routelens.engine.items import ScoreItem, joint_layers, layer_label, per_layer
 from routelens.engine.readout import (
     DEFAULT_MEMORY_BUDGET,
     activation_bytes,
@@ -274,18 +279,17 @@ class FastEngine:
     def _score_bytes(self, length: int) -> int:
         return attention_score_bytes(self.adapter, self._query_block(length), length)
 
-    def _suffix(self, layer: int, recorded: dict, states: torch.Tensor, sources: torch.Tensor) -> torch.Tensor:
+    def _suffix(self, layer: int, recorded: dict, states: torch.Tensor, sources: torch.Tensor,
+                overrides: dict[int, RouteOverride] | None = None) -> torch.Tensor:
         """Run decoder layers above `layer` on perturbed states [rows, T, d] whose standard
-        keys/values are those of recorded sequence `sources[row]`; returns the final hidden."""
+        keys/values are those of recorded sequence `sources[row]` (with the routes of joint
+        `overrides` forced at their layers); returns the final hidden."""
         attention.STATE.mode, attention.STATE.row_source = "patch", sources
         attention.STATE.query_block = self._query_block(states.shape[1])
         attention.STATE.patched_calls = 0
         try:
-            for index in range(layer + 1, self.adapter.num_layers):
-                kwargs = per_row_arguments(recorded["layer_arguments"][index][2], sources, recorded["batch"])
-                kwargs.update(attention_mask=None, past_key_values=None, use_cache=False)
-                output = self.adapter.decoder_layers[index](states, **kwargs)
-                states = output[0] if isinstance(output, tuple) else output
+            with override_routes(self.adapter, overrides) if overrides else nullcontext():
+                states = self._decoder_layers_above(layer, recorded, states, sources)
         finally:
             attention.STATE.mode = "off"
         expected = self.adapter.num_layers - layer - 1
@@ -294,24 +298,33 @@ class FastEngine:
                                "the suffix did not go through the fast engine's attention")
         return self.adapter.final_norm(states)
 
+    def _decoder_layers_above(self, layer: int, recorded: dict, states: torch.Tensor, sources: torch.Tensor) -> torch.Tensor:
+        for index in range(layer + 1, self.adapter.num_layers):
+            kwargs = per_row_arguments(recorded["layer_arguments"][index][2], sources, recorded["batch"])
+            kwargs.update(attention_mask=None, past_key_values=None, use_cache=False)
+            output = self.adapter.decoder_layers[index](states, **kwargs)
+            states = output[0] if isinstance(output, tuple) else output
+        return states
+
     @torch.no_grad()
-    def score_batch(self, layer: int, items: list[ScoreItem]) -> list[np.ndarray]:
-        """Score every route of every item (trajectories of any lengths) at `layer`; after a
-        failed check, and for the rest of the run, through the cache engine (as are layers the
-        patch cannot serve)."""
-        if layer not in self.cache_layers and (reason := self.unpatchable(layer)):
-            self.cache_layers[layer] = reason
-            warnings.warn(f"{reason}: scoring layer {layer} with the cache engine", stacklevel=2)
-        if self.fallback_reason is None and layer not in self.cache_layers:
+    def score_batch(self, layer: int | list[int], items: list[ScoreItem]) -> list[np.ndarray]:
+        """Score every route of every item (trajectories of any lengths) at `layer` (or joint
+        routes at a list of layers); after a failed check, and for the rest of the run, through
+        the cache engine (as are layers the patch cannot serve)."""
+        first = joint_layers(layer)[0]
+        if first not in self.cache_layers and (reason := self.unpatchable(first)):
+            self.cache_layers[first] = reason
+            warnings.warn(f"{reason}: scoring layer {first} with the cache engine", stacklevel=2)
+        if self.fallback_reason is None and first not in self.cache_layers:
             try:
                 return self._score_batch(layer, items)
             except FastEngineUnsupported as reason:
-                self.fallback_reason = f"layer {layer} ({self.adapter.config.model_type}): {reason}"
+                self.fallback_reason = f"{layer_label(layer)} ({self.adapter.config.model_type}): {reason}"
                 warnings.warn(f"fast engine check failed at {self.fallback_reason}; "
                               "scoring with the cache engine from here on", stacklevel=2)
         return self.cache.score_batch(layer, items)
 
-    def _check_standard_route(self, layer: int, items: list[ScoreItem], results: list[np.ndarray],
+    def _check_standard_route(self, items: list[ScoreItem], results: list[np.ndarray],
                               recorded: dict, input_ids: torch.Tensor) -> None:
         """Route 0 went through the patched suffix like every route: it must reproduce the
         natural pass's log-probabilities (recorded at the final norm, no extra forward)."""
@@ -325,11 +338,14 @@ class FastEngine:
         if mismatch:
             raise FastEngineUnsupported(mismatch)
 
-    def _score_batch(self, layer: int, items: list[ScoreItem]) -> list[np.ndarray]:
-        device = self.adapter.device_of(self.adapter.decoder_layers[layer])
+    def _score_batch(self, layer: int | list[int], items: list[ScoreItem]) -> list[np.ndarray]:
+        layers = joint_layers(layer)
+        first = layers[0]
+        device = self.adapter.device_of(self.adapter.decoder_layers[first])
         num_routes = items[0].experts.shape[1]
         if any(item.experts.shape[1] != num_routes for item in items):
             raise ValueError("all items of a batch need the same number of routes")
+        routes = [(per_layer(item.experts, layer), per_layer(item.weights, layer)) for item in items]   # [P, R, J, k]
         length = max(item.input_ids.shape[0] for item in items)
         input_ids = torch.zeros(len(items), length, dtype=torch.long)
         for b, item in enumerate(items):
@@ -338,7 +354,7 @@ class FastEngine:
         pairs = [(b, r) for r in range(num_routes) for b in range(len(items))]
         results = [np.zeros((len(item.positions), num_routes)) for item in items]
         with self._wrapped_attention():
-            recorded = self._natural_pass(input_ids, layer)
+            recorded = self._natural_pass(input_ids, first)
             chunk = self._rows_per_chunk(length)
             for start in range(0, len(pairs), chunk):
                 block = pairs[start: start + chunk]
@@ -346,18 +362,19 @@ class FastEngine:
                 states = recorded["natural_out"][sources].clone()                          # [rows, T, d]
                 row_of, pos_of, flat_rows, experts, weights = [], [], [], [], []
                 for row, (b, r) in enumerate(block):
-                    item = items[b]
-                    positions = torch.as_tensor(np.asarray(item.positions), device=device)
+                    positions = torch.as_tensor(np.asarray(items[b].positions), device=device)
                     row_of.append(torch.full_like(positions, row))
                     pos_of.append(positions)
                     flat_rows.append(b * length + positions)
-                    experts.append(torch.as_tensor(item.experts[:, r], device=device))
-                    weights.append(torch.as_tensor(item.weights[:, r], device=device))
+                    experts.append(torch.as_tensor(routes[b][0][:, r], device=device))     # [P, J, k]
+                    weights.append(torch.as_tensor(routes[b][1][:, r], device=device))
                 row_of, pos_of, flat_rows = torch.cat(row_of), torch.cat(pos_of), torch.cat(flat_rows)
+                experts, weights = torch.cat(experts), torch.cat(weights)
                 is_standard = torch.tensor([r == 0 for b, r in block for _ in items[b].positions], device=device)
-                states[row_of, pos_of] = self._layer_outputs(layer, recorded, flat_rows, torch.cat(experts),
-                                                             torch.cat(weights), is_standard)
-                final = self._suffix(layer, recorded, states, sources)                          # [rows, T, d]
+                states[row_of, pos_of] = self._layer_outputs(first, recorded, flat_rows, experts[:, 0],
+                                                             weights[:, 0], is_standard)
+                final = self._suffix(first, recorded, states, sources,
+                                     self._upper_overrides(layers, row_of * length + pos_of, experts, weights, is_standard))
                 final = final[row_of.to(final.device), pos_of.to(final.device)]                # [N, d]
                 targets = input_ids[sources[row_of].cpu(), pos_of.cpu() + 1]
                 logprobs = target_log_probs(self.adapter, final, targets, self.memory_budget)
@@ -366,10 +383,21 @@ class FastEngine:
                     count = len(items[b].positions)
                     results[b][:, r] = logprobs[offset: offset + count]
                     offset += count
-        self._check_standard_route(layer, items, results, recorded, input_ids)   # route 0 is in every batch
+        self._check_standard_route(items, results, recorded, input_ids)   # route 0 is in every batch
         return results
 
-    def score_positions(self, input_ids: torch.Tensor, layer: int, positions, experts: torch.Tensor,
+    @staticmethod
+    def _upper_overrides(layers: tuple[int, ...], token_rows: torch.Tensor, experts: torch.Tensor,
+                         weights: torch.Tensor, is_standard: torch.Tensor) -> dict[int, RouteOverride]:
+        """Joint routes: each perturbed position's route at the listed layers above the first,
+        forced in the suffix on its own row (rows of flat tokens row * T + t); the diagonal
+        patch already carries the perturbed position up to them. Route 0 routes naturally."""
+        keep = ~is_standard
+        return {at: RouteOverride(token_rows[keep], experts[keep, j], weights[keep, j])
+                for j, at in enumerate(layers) if j > 0}
+
+    def score_positions(self, input_ids: torch.Tensor, layer: int | list[int], positions, experts: torch.Tensor,
                         weights: torch.Tensor) -> np.ndarray:
-        """All routes of several positions of one sequence: experts/weights [P, R, k] -> [P, R]."""
+        """All routes of several positions of one sequence: experts/weights [P, R, k] (or
+        [P, R, J, k] at a list of J layers) -> [P, R]."""
         return self.score_batch(layer, [ScoreItem(input_ids, positions, experts, weights)])[0]

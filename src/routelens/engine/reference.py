@@ -1,7 +1,8 @@
 """The reference engine: score a route by running the model with it.
 
 For token position t (target: token t+1) and layer l, each route is scored by a plain
-forward of the prefix `input_ids[: t + 1]` with the route forced on position t at layer l,
+forward of the prefix `input_ids[: t + 1]` with the route forced on position t at layer l
+(joint routes: at each of their layers in the same forward),
 reading log p(token t+1) from the last position. Truncating to the prefix is exact
 (causal attention: nothing after t can reach position t) and saves the suffix. Routes of
 the same token are batched (identical rows, one override row each); nothing else is
@@ -18,7 +19,7 @@ import numpy as np
 import torch
 
 from routelens.engine.checks import DeviationRecord, RuntimeCheckFailed
-from routelens.engine.items import ScoreItem
+from routelens.engine.items import ScoreItem, joint_layers, layer_label, per_layer
 from routelens.engine.readout import DEFAULT_MEMORY_BUDGET, target_log_probs
 from routelens.models.adapter import MoEAdapter
 from routelens.models.routing import RouteOverride, override_routes
@@ -45,19 +46,22 @@ class ReferenceEngine:
         return target_log_probs(self.adapter, hidden[positions.to(hidden.device)], input_ids[positions + 1],
                                 self.memory_budget)
 
-    def _check_standard_route(self, layer: int, item: ScoreItem, scored: np.ndarray) -> None:
+    def _check_standard_route(self, layer, item: ScoreItem, scored: np.ndarray) -> None:
         mismatch = self.deviation.check(scored[:, 0], self.natural_log_probs(item.input_ids, item.positions))
         if mismatch:
-            raise RuntimeCheckFailed(f"standard-route check failed at layer {layer} "
+            raise RuntimeCheckFailed(f"standard-route check failed at {layer_label(layer)} "
                                      f"({self.adapter.config.model_type}, reference engine): {mismatch}")
 
     @torch.no_grad()
-    def score(self, input_ids: torch.Tensor, position: int, layer: int,
+    def score(self, input_ids: torch.Tensor, position: int, layer: int | list[int],
               experts: torch.Tensor, weights: torch.Tensor) -> np.ndarray:
         """log p(input_ids[position + 1]) at `position` under each route forced at `layer`.
 
-        input_ids [L] token ids; experts [R, k]; weights [R, k] -> float64 array [R].
+        input_ids [L] token ids; experts/weights [R, k], or [R, J, k] with `layer` a list of
+        J layers (each route forced at all of them at once) -> float64 array [R].
         """
+        layers = joint_layers(layer)
+        experts, weights = per_layer(experts, layer), per_layer(weights, layer)
         if not 0 <= position < input_ids.shape[0] - 1:
             raise ValueError(f"position {position} has no next token in a sequence of {input_ids.shape[0]}")
         device = self.adapter.device
@@ -68,15 +72,15 @@ class ReferenceEngine:
             chunk = slice(start, start + self.route_batch_size)
             n = experts[chunk].shape[0]
             rows = torch.arange(n, device=device) * (position + 1) + position
-            override = RouteOverride(rows, experts[chunk], weights[chunk])
-            with override_routes(self.adapter, {layer: override}):
+            overrides = {at: RouteOverride(rows, experts[chunk, j], weights[chunk, j]) for j, at in enumerate(layers)}
+            with override_routes(self.adapter, overrides):
                 logits = self.adapter.model(
                     prefix.expand(n, -1), use_cache=False, logits_to_keep=1
                 ).logits[:, -1]
             out.append(torch.log_softmax(logits.float(), dim=-1)[:, target].double().cpu())
         return torch.cat(out).numpy()
 
-    def score_batch(self, layer: int, items: list[ScoreItem]) -> list[np.ndarray]:
+    def score_batch(self, layer: int | list[int], items: list[ScoreItem]) -> list[np.ndarray]:
         """Each item's routes, one item after the other: [P, R] per item (route 0 checked)."""
         results = []
         for item in items:
@@ -86,8 +90,9 @@ class ReferenceEngine:
             results.append(scored)
         return results
 
-    def score_positions(self, input_ids: torch.Tensor, layer: int, positions, experts: torch.Tensor,
+    def score_positions(self, input_ids: torch.Tensor, layer: int | list[int], positions, experts: torch.Tensor,
                         weights: torch.Tensor) -> np.ndarray:
-        """All routes of several positions: positions [P], experts/weights [P, R, k] -> [P, R]."""
+        """All routes of several positions: positions [P], experts/weights [P, R, k] (or
+        [P, R, J, k] at a list of J layers) -> [P, R]."""
         return np.stack([self.score(input_ids, int(t), layer, experts[i], weights[i])
                          for i, t in enumerate(positions)])

@@ -14,12 +14,13 @@ from routelens.report.page import document, esc, figure_html, fmt, interval, key
 from routelens.results.run_folder import read_json, read_run_json, write_text_atomic
 from routelens.summary_table import step_check_line
 
-KINDS = ("counterfactual", "isolation", "passk", "router-update")
+KINDS = ("counterfactual", "rollout", "isolation", "passk", "router-update")
 # what each kind's section reads: all checked before any work
 NEEDS = {"counterfactual": ("tokens.parquet", "routes.parquet", "summary.json"),
          "isolation": ("cells.parquet", "calibration.parquet", "summary.json"),
          "passk": ("summary.json",),
-         "router-update": ("summary.json", "training_log.jsonl")}
+         "router-update": ("summary.json", "training_log.jsonl"),
+         "rollout": ("rollouts.parquet", "summary.json")}
 CONTEXT_BEFORE, CONTEXT_AFTER, WORST_TOKENS = 40, 10, 20
 
 
@@ -139,7 +140,38 @@ def counterfactual_section(run_dir: str, run: dict) -> str:
             f"{esc('; '.join(f'{name}: {rule}' for name, rule in summary['bins'].items()))}. "
             f"{esc(step_check_line(summary) or 'Intermediate steps not checked (a run made before step checks).')}</p>"
             f"<h3>Per layer and bin</h3>{bins}{_figures_html(run_dir, figures)}"
-            f"<h3>Worst-routed tokens: the Fragile tokens with the largest gain</h3>{worst_table}{_provenance(run)}")
+            f"<h3>Worst-routed tokens: the Fragile tokens with the largest gain</h3>{worst_table}"
+            f"{_joint_section(run_dir, summary)}{_provenance(run)}")
+
+
+def _joint_section(run_dir: str, summary: dict) -> str:
+    """A joint-layers run: the joint gain against the single-layer gains of the same tokens."""
+    from routelens.config import ALL_TOKENS, BINS
+
+    joint = summary.get("joint")
+    if not joint:
+        return ""
+    path = os.path.join(run_dir, "joint_tokens.parquet")
+    if not os.path.isfile(path):
+        raise RouteLensError(f"{run_dir} is a joint-layers run but lacks joint_tokens.parquet; "
+                             "re-run its command with the same settings to rebuild it from the run's parts")
+    rows = []
+    for name in (*BINS, ALL_TOKENS):
+        g = joint["bins"][name]
+        rows.append([name + (" *" if g["few_clusters"] else ""), g["tokens"]]
+                    + [interval(g[key], g[f"{key}_ci"], 4) for key in ("gain", "sum_single_gain", "max_single_gain",
+                                                                    "joint_minus_sum", "joint_minus_best_single",
+                                                                    "interaction")]
+                    + [g["verdict"] or "-"])
+    layers = "+".join(map(str, joint["layers"]))
+    comparison = table(["bin (joint)", "tokens", "joint gain", "sum of single gains", "best single gain", "joint - sum",
+                        "joint - best single", "interaction per route", "verdict"], rows, "cf-joint")
+    figure = figs.joint_figure(pd.read_parquet(path), summary)
+    return (f"<h3>Joint routes: layers {esc(layers)} at once</h3>"
+            f"<p>Each joint route forces one alternative at every listed layer together (route r of each layer, "
+            f"the same routes scored one layer at a time above), on the same tokens. "
+            f"{esc(joint['definitions']['verdict'])}. * fewer than 10 trajectories.</p>"
+            f"{comparison}{_figures_html(run_dir, [figure])}")
 
 
 def isolation_section(run_dir: str, run: dict) -> str:
@@ -227,7 +259,34 @@ def router_update_section(run_dir: str, run: dict) -> str:
             f"{_figures_html(run_dir, figures)}{_provenance(run)}")
 
 
-SECTIONS = {"counterfactual": counterfactual_section, "isolation": isolation_section, "passk": passk_section,
+def rollout_section(run_dir: str, run: dict) -> str:
+    from routelens.analyses.rollout import per_token
+
+    summary = read_json(os.path.join(run_dir, "summary.json"))
+    tokens = per_token(pd.read_parquet(os.path.join(run_dir, "rollouts.parquet")))
+    rows = []
+    for name, g in summary["bins"].items():
+        outcome = g["outcome"]
+        rows.append([name + (" *" if g["few_clusters"] else ""), g["tokens"], g["trajectories"],
+                     *[interval(g[f"accuracy_{arm}"], g[f"accuracy_{arm}_ci"]) for arm in ("standard", "best_alt", "random_alt")],
+                     interval(g["best_alt_minus_standard"], g["best_alt_minus_standard_ci"]),
+                     interval(g["random_alt_minus_standard"], g["random_alt_minus_standard_ci"]),
+                     f"{outcome['best_alt_better']} / {outcome['best_alt_worse']} / {outcome['tied']}",
+                     fmt(outcome["proxy_agreement"], 2)])
+    comparison = table(["bin", "tokens", "trajectories", "standard", "best alt", "random alt", "best - standard",
+                        "random - standard", "best alt better / worse / tied", "proxy agrees"], rows, "rollout-bins")
+    selection = summary["selection"]
+    return (f"<h2>Rollouts: {esc(run_dir)}</h2>"
+            f"<p>Does the next-token proxy's better route also end in a better answer? {selection['chosen']} tokens of "
+            f"{esc(run['config']['counterfactual'])} (--tokens {esc(selection['tokens'])}), each continued "
+            f"{summary['samples_per_arm']} time(s) per arm at T={summary['temperature']}, the route forced at that token "
+            f"and layer only; answers checked by {esc(summary['checker'])}. Sample s of every arm shares one random "
+            f"stream, so arms are paired. Intervals: {esc(summary['interval'])}. <em>Proxy agrees</em>: among tokens "
+            f"whose best-alternative and standard accuracies differ, the share where the best alternative wins.</p>"
+            f"{comparison}{_figures_html(run_dir, figs.rollout_figures(tokens, summary))}{_provenance(run)}")
+
+
+SECTIONS = {"rollout": rollout_section, "counterfactual": counterfactual_section, "isolation": isolation_section, "passk": passk_section,
             "router-update": router_update_section}
 
 

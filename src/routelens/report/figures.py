@@ -188,6 +188,60 @@ def _null_figures(summary: dict, layers: list[int], bins: list[str]) -> list[Fig
     return figures
 
 
+def joint_figure(joint_tokens: pd.DataFrame, summary: dict) -> Figure:
+    """Per token: the joint routes' gain against the sum (left) and the best (right) of the
+    same token's single-layer gains, coloured by bin; on the diagonal the effects add up
+    (left) or the joint adds nothing to the best layer (right)."""
+    layers = "+".join(map(str, summary["joint"]["layers"]))
+    fig, axes = subplots(1, 2, figsize=(11, 4.2))
+    for ax, column, label in ((axes[0], "sum_single_gain", "sum of single-layer gains"),
+                              (axes[1], "max_single_gain", "best single-layer gain")):
+        for name, colour_of_bin in BIN_COLOURS.items():
+            at = joint_tokens[joint_tokens["bin"] == name]
+            ax.scatter(at[column], at["gain"], s=8, alpha=0.6, color=colour_of_bin, label=f"{name} ({len(at)})")
+        values = np.concatenate([joint_tokens[column].to_numpy(), joint_tokens["gain"].to_numpy()])
+        low, high = (float(values.min()), float(values.max())) if values.size else (0.0, 1.0)
+        ax.plot([low, high], [low, high], color="black", linewidth=0.8, linestyle="--")
+        ax.set(xlabel=f"{label} [probability]", ylabel=f"joint gain, layers {layers} [probability]",
+               title=f"Joint gain against the {label}")
+        ax.legend(fontsize=8)
+    fig.suptitle("Routes changed at several layers at once, against the same routes one layer at a time")
+    fig.tight_layout()
+    return Figure("cf_joint", "Joint against single-layer gains", "One point per token. Below the left diagonal the "
+                  "layers' gains do not add up (saturating); below the right one the joint route gains less than "
+                  "the best single layer alone (cancelling).", fig)
+
+
+def rollout_figures(per_token: pd.DataFrame, summary: dict) -> list[Figure]:
+    """Accuracy of each arm by bin, and per token the outcome difference against the
+    proxy's gain (does a larger next-token gain mean a better final answer?)."""
+    arms = ("standard", "best_alt", "random_alt")
+    bins = list(summary["bins"])
+    fig, (ax_bars, ax_points) = subplots(1, 2, figsize=(11, 4.0))
+    width = 0.8 / len(arms)
+    for i, arm in enumerate(arms):
+        values = [summary["bins"][b][f"accuracy_{arm}"] for b in bins]
+        ax_bars.bar(np.arange(len(bins)) + (i - 1) * width, [np.nan if v is None else v for v in values], width,
+                    color=ARM_COLOURS[i], label=arm.replace("_", " "), capsize=3,
+                    yerr=_interval_errors(values, [summary["bins"][b][f"accuracy_{arm}_ci"] for b in bins]))
+    ax_bars.set_xticks(range(len(bins)), bins)
+    ax_bars.set(xlabel="bin of the token (route-averaged p)", ylabel="final answers correct [share]",
+                title="Accuracy of the continuations by arm", ylim=(0, 1.05))
+    ax_bars.legend(fontsize=8)
+    difference = per_token["accuracy_best_alt"] - per_token["accuracy_standard"]
+    for name, colour_of_bin in BIN_COLOURS.items():
+        at = per_token["bin"] == name
+        ax_points.scatter(per_token["gain"][at], difference[at], s=12, alpha=0.7, color=colour_of_bin, label=name)
+    ax_points.axhline(0, color="black", linewidth=0.8)
+    ax_points.set(xlabel="proxy gain: p(best alt) - p(standard) of the next token [probability]",
+                  ylabel="accuracy best alt - standard [share]", title="Outcome against the proxy, per token")
+    ax_points.legend(fontsize=8)
+    fig.tight_layout()
+    return [Figure("rollout_outcomes", "Rollout outcomes", "Error bars: 95% bootstrap over trajectories. Right: one "
+                   "point per token; above 0 the best alternative's continuations end right more often than the "
+                   "standard route's.", fig)]
+
+
 def worst_tokens(tokens: pd.DataFrame, count: int) -> pd.DataFrame:
     """The Fragile tokens with the largest gain (ties: earlier trajectory and position first)."""
     fragile = tokens[tokens["bin"] == "Fragile"]

@@ -132,6 +132,25 @@ class CounterfactualResult(Result):
     def routes(self) -> pd.DataFrame:
         return self.table("routes")
 
+    @property
+    def joint_summary(self) -> pd.DataFrame | None:
+        """A `joint_layers` run's comparison of joint and single-layer gains per bin (None otherwise)."""
+        from routelens.results.summary_frames import joint_frame
+
+        return joint_frame(self._run.summary)
+
+    @property
+    def joint_tokens(self) -> pd.DataFrame | None:
+        """A `joint_layers` run's joint routes per token (None otherwise): the token metrics of
+        routes forced at all listed layers at once, with the single-layer gains beside them."""
+        return self.table("joint_tokens") if self._run.summary.get("joint") else None
+
+    @property
+    def joint_routes(self) -> pd.DataFrame | None:
+        """A `joint_layers` run's joint routes (None otherwise): `layers`, `experts` and
+        `weights` one list per layer, `logprob`."""
+        return self.table("joint_routes") if self._run.summary.get("joint") else None
+
 
 class IsolationResult(Result):
     """An isolation run: `isolation` (one row per item, layer and condition), `routing`
@@ -219,7 +238,37 @@ class RouterUpdateResult(Result):
         return self.summary_dict["router_delta"]
 
 
-RESULTS = {cls.kind: cls for cls in (CounterfactualResult, IsolationResult, PassKResult, RouterUpdateResult)}
+class RolloutResult(Result):
+    """Rollouts of chosen tokens: `rollouts` (one row per token, arm and sample: `correct`,
+    `answer`, `tokens_generated`, `continuation`), `per_token` (each arm's accuracy per
+    token) and `summary` (per bin: accuracy per arm, paired differences, proxy agreement).
+
+    Example:
+        >>> import routelens as rl
+        >>> lens = rl.load("demo")
+        >>> trajs = rl.trajectories_from_text(lens.tokenizer, [("Q:5*3=A:", "5*3=15#15")], answers=["15"])
+        >>> cf = rl.counterfactual(lens, trajs, layers=[-1], routes=4).save(str(tmp / "cf-rollout-result"))
+        >>> res = rl.rollout(lens, cf, tokens="all", limit=2, temperature=0, max_new_tokens=8)
+        >>> res.per_token.columns.tolist()[-3:]
+        ['accuracy_best_alt', 'accuracy_random_alt', 'accuracy_standard']
+    """
+
+    kind = "rollout"
+    tables = ("rollouts",)
+
+    @property
+    def rollouts(self) -> pd.DataFrame:
+        return self.table("rollouts")
+
+    @property
+    def per_token(self) -> pd.DataFrame:
+        from routelens.analyses.rollout import per_token
+
+        return per_token(self.rollouts)
+
+
+RESULTS = {cls.kind: cls for cls in (CounterfactualResult, IsolationResult, PassKResult, RouterUpdateResult,
+                                     RolloutResult)}
 
 
 def read_run(path: str) -> Result:

@@ -32,6 +32,19 @@ def counterfactual_frame(summary: dict) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
+def joint_frame(summary: dict) -> pd.DataFrame | None:
+    """A joint-layers run's comparison (None for other runs): one row per bin of the joint
+    routes, with their gain, the sum and the best of the single-layer gains of the same
+    tokens, the paired differences with 95% intervals, and the verdict."""
+    joint = summary.get("joint")
+    if not joint:
+        return None
+    layers = "+".join(map(str, joint["layers"]))
+    return pd.DataFrame([{"layers": layers, "bin": name,
+                          **_split_intervals({k: v for k, v in values.items() if k != "gain_by_routes"})}
+                         for name, values in joint["bins"].items()])
+
+
 def isolation_frame(summary: dict) -> pd.DataFrame:
     """One row per (domain, layer): the best forced expert with its median delta, interval
     and q-value, significant cells, and the random floor."""
@@ -63,8 +76,18 @@ def router_update_frame(summary: dict) -> pd.DataFrame:
     return pd.DataFrame([row])
 
 
+def rollout_frame(summary: dict) -> pd.DataFrame:
+    """One row per bin: tokens, each arm's accuracy, the paired differences against the
+    standard route (with 95% intervals) and how often the outcome agrees with the proxy."""
+    rows = []
+    for name, values in summary["bins"].items():
+        outcome = values.get("outcome", {})
+        rows.append({"bin": name, **_split_intervals({k: v for k, v in values.items() if k != "outcome"}), **outcome})
+    return pd.DataFrame(rows)
+
+
 FRAMES = {"counterfactual": counterfactual_frame, "isolation": isolation_frame, "passk": passk_frame,
-          "router-update": router_update_frame}
+          "router-update": router_update_frame, "rollout": rollout_frame}
 
 
 def summary_frame(kind: str, summary: dict) -> pd.DataFrame:
