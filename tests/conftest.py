@@ -62,3 +62,22 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
+
+
+def kill_when_parts_land(process, run_folder, count: int, prefix: str = "", timeout: float = 120) -> None:
+    """SIGKILL a running command once `count` unit parts (named `prefix`...) are in its run
+    folder, and check that it was killed mid-run, not after it finished."""
+    import signal
+    import time
+
+    parts = os.path.join(run_folder, "parts")
+    deadline = time.time() + timeout
+    while time.time() < deadline and process.poll() is None:
+        done = [p for p in os.listdir(parts) if p.startswith(prefix) and p.endswith(".parquet")] \
+            if os.path.isdir(parts) else []
+        if len(done) >= count:
+            break
+        time.sleep(0.01)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    assert process.returncode == -signal.SIGKILL, "the run finished before it could be killed"

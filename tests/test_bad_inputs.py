@@ -207,6 +207,22 @@ CASES = {
                                            "--out", str(w.root / "ru")], "nope"),
     "router_update_bad_bins": (lambda w: ["router-update", "--model", w.model, "--counterfactual", w.run, "--bins", "Weird",
                                           "--out", str(w.root / "ru2")], "unknown bin(s) Weird"),
+    # ---- semantic routing
+    "semantic_one_domain": (lambda w: ["semantic-route", "--model", "demo", "--domains", "mul", "--per-domain", "3",
+                                       "--out", str(w.root / "sr1")], "chooses between domains; the items hold 1"),
+    "semantic_bad_layer_sets": (lambda w: ["semantic-route", "--model", "demo", "--layer-sets", "0;x",
+                                           "--out", str(w.root / "sr2")], "expected layer sets such as '3;0,1,2,3'"),
+    "semantic_dense_layer": (lambda w: ["semantic-route", "--model", "tiny:qwen2_moe", "--items", w.items,
+                                        "--layer-sets", "1", "--out", str(w.root / "sr3")], "layer 1 is a dense layer"),
+    # ---- graft
+    "graft_other_family": (lambda w: ["graft", "--recipient", w.model, "--donor", "tiny:qwen3_moe", "--experts", "0:1=0:1",
+                                      "--out", str(w.root / "g1")], "grafting copies an expert between models of one family"),
+    "graft_bad_map": (lambda w: ["graft", "--recipient", w.model, "--donor", w.model, "--experts", "0:1",
+                                 "--out", str(w.root / "g2")], "is not LAYER:EXPERT=DONOR_LAYER:DONOR_EXPERT"),
+    "graft_expert_out_of_range": (lambda w: ["graft", "--recipient", w.model, "--donor", w.model, "--experts", "0:1=0:99",
+                                             "--out", str(w.root / "g3")], "donor expert 99 at layer 0 does not exist"),
+    "train_demo_unknown_domain": (lambda w: ["train-demo", "--out", str(w.root / "td"), "--domains", "calculus"],
+                                  "unknown domain(s) calculus; domains are addsub, mul, mixed, long"),
     # ---- rollout
     "rollout_no_answer": (lambda w: _rollout(w, "--tokens", "all"), "has no reference 'answer'; rollouts check final answers"),
     "rollout_not_a_run": (lambda w: _rollout(w, run=str(w.root / "nope")), "is not a run folder (no run.json)"),

@@ -4,15 +4,13 @@ folder: the run folder contract, resume after SIGKILL, and one-line errors with 
 import json
 import os
 import re
-import signal
 import subprocess
-import time
 
 import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from conftest import PYTHON, write_jsonl
+from conftest import PYTHON, kill_when_parts_land, write_jsonl
 
 from routelens.cli import main
 from routelens.models.tiny import build_tiny_model
@@ -175,17 +173,7 @@ def test_sigkill_then_resume_equals_uninterrupted_run(saved_model, tmp_path, cli
                                 stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, **kwargs)
 
     killed = str(tmp_path / "killed")
-    process = run(killed)
-    parts = os.path.join(killed, "parts")
-    deadline = time.time() + 120
-    while time.time() < deadline and process.poll() is None:
-        done = [p for p in os.listdir(parts) if p.startswith("routes-")] if os.path.isdir(parts) else []
-        if len(done) >= 2:
-            break
-        time.sleep(0.01)
-    process.send_signal(signal.SIGKILL)
-    process.wait()
-    assert process.returncode == -signal.SIGKILL, "the run finished before it could be killed"
+    kill_when_parts_land(run(killed), killed, 2, prefix="routes-")
     assert not os.path.exists(os.path.join(killed, "routes.parquet"))
     assert json.load(open(os.path.join(killed, "run.json")))["status"] == "running"
 

@@ -5,15 +5,13 @@ SIGKILL; bad input."""
 
 import json
 import os
-import signal
 import subprocess
-import time
 
 import numpy as np
 import pandas as pd
 import pytest
 import torch
-from conftest import PYTHON, write_jsonl
+from conftest import PYTHON, kill_when_parts_land, write_jsonl
 
 import routelens as rl
 from routelens.analyses.rollout import ARMS, per_token
@@ -164,16 +162,7 @@ def test_sigkill_then_resume_equals_uninterrupted_run(demo_cf, tmp_path, cli_env
                                 stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
 
     killed = str(tmp_path / "killed")
-    process = run(killed)
-    parts = os.path.join(killed, "parts")
-    deadline = time.time() + 120
-    while time.time() < deadline and process.poll() is None:
-        if os.path.isdir(parts) and len([p for p in os.listdir(parts) if p.endswith(".parquet")]) >= 2:
-            break
-        time.sleep(0.01)
-    process.send_signal(signal.SIGKILL)
-    process.wait()
-    assert process.returncode == -signal.SIGKILL, "the run finished before it could be killed"
+    kill_when_parts_land(run(killed), killed, 2)
     assert json.load(open(os.path.join(killed, "run.json")))["status"] == "running"
     resumed = run(killed)
     assert resumed.wait(timeout=300) == 0, resumed.stderr.read()

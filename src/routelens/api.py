@@ -15,17 +15,26 @@ import os
 from dataclasses import fields
 
 from routelens.analyses.passk import EvalProblem
-from routelens.config import CounterfactualConfig, IsolationConfig, PassKConfig, RolloutConfig, RouterUpdateConfig
+from routelens.config import (
+    CounterfactualConfig,
+    IsolationConfig,
+    PassKConfig,
+    RolloutConfig,
+    RouterUpdateConfig,
+    SemanticRouteConfig,
+)
 from routelens.data.target_items import TargetItem
 from routelens.data.trajectories import Trajectory
 from routelens.errors import RouteLensError
 from routelens.lens import Lens
 from routelens.results.objects import (
     CounterfactualResult,
+    GraftResult,
     IsolationResult,
     PassKResult,
     RolloutResult,
     RouterUpdateResult,
+    SemanticRouteResult,
     read_run,
 )
 
@@ -266,13 +275,21 @@ def run_isolate(lens: Lens, items, out: str | None, *, config: IsolationConfig |
         ['addsub', 'long', 'mixed', 'mul']
     """
     from routelens.analyses.isolation import run_isolation
-    from routelens.data.target_items import select
-    from routelens.data.trajectories import file_sha256
 
     lens = _lens(lens)
     settings = make_config(IsolationConfig, config, **options)
     if settings.layers:
         lens.adapter.resolve_layers(settings.layers)   # a dense or out-of-range layer fails before any item is read
+    kept, info = _item_data(lens, items, domains, per_domain)
+    return IsolationResult(run_isolation(lens.loaded, kept, settings, out, info, overwrite=overwrite,
+                                         show_progress=show_progress))
+
+
+def _item_data(lens: Lens, items, domains: list[str] | None, per_domain: int | None) -> tuple[list[TargetItem], dict]:
+    """The items ("arithmetic", a file or a list of TargetItem) and what a run's config records of them."""
+    from routelens.data.target_items import select
+    from routelens.data.trajectories import file_sha256
+
     if isinstance(items, str) and items == "arithmetic":
         kept = arithmetic_items(lens, per_domain or 100, domains)
         info = {"items": "task:arithmetic"}
@@ -286,8 +303,7 @@ def run_isolate(lens: Lens, items, out: str | None, *, config: IsolationConfig |
         kept = select(items, domains, per_domain, source="the items given")
         info = {"items": "in-memory", "items_ids": [i.id for i in kept]}
     info.update(domains=domains, per_domain=per_domain, num_items=len(kept))
-    return IsolationResult(run_isolation(lens.loaded, kept, settings, out, info, overwrite=overwrite,
-                                         show_progress=show_progress))
+    return kept, info
 
 
 def isolate(lens: Lens, items, *, config: IsolationConfig | None = None, domains: list[str] | None = None,
@@ -410,6 +426,87 @@ def _counterfactual_folder(run, what: str) -> str | None:
     raise RouteLensError(f"{what} must be a run folder or a CounterfactualResult, got {type(run).__name__}")
 
 
+# ---------------------------------------------------------------------------- semantic routing
+def run_semantic_route(lens: Lens, items, out: str | None, *, config: SemanticRouteConfig | None = None,
+                       domains: list[str] | None = None, per_domain: int | None = None, overwrite: bool = False,
+                       show_progress: bool = True, **options) -> SemanticRouteResult:
+    """Semantic (fingerprint) routing against natural routing, an oracle and a random floor,
+    into the run folder `out` (resumable; in memory when None).
+
+    `items`: "arithmetic", a file path or a list of `TargetItem` of two or more domains.
+    `options`: fields of `SemanticRouteConfig` (`layer_sets`, `kind` "selection" or "input",
+    `calibration_share`, `floor_seeds`, `seed`, `alpha`, `bootstrap_resamples`).
+
+    Example:
+        >>> import routelens as rl
+        >>> res = rl.run_semantic_route(rl.load("demo"), "arithmetic", str(tmp / "semantic"), per_domain=3,
+        ...                             layer_sets=[[3]], floor_seeds=1, show_progress=False)
+        >>> sorted(res.scores["arm"].unique())
+        ['floor', 'natural', 'oracle', 'semantic', 'semantic_token']
+    """
+    from routelens.analyses.semantic_routing import run_semantic_routing
+
+    lens = _lens(lens)
+    settings = make_config(SemanticRouteConfig, config, **options)
+    for layer_set in settings.layer_sets or []:
+        lens.adapter.resolve_layers(layer_set)   # a dense or out-of-range layer fails before any item is read
+    kept, info = _item_data(lens, items, domains, per_domain)
+    return SemanticRouteResult(run_semantic_routing(lens.loaded, kept, settings, out, info, overwrite=overwrite,
+                                                    show_progress=show_progress))
+
+
+def semantic_route(lens: Lens, items, *, config: SemanticRouteConfig | None = None, domains: list[str] | None = None,
+                   per_domain: int | None = None, show_progress: bool = False, **options) -> SemanticRouteResult:
+    """Semantic routing in memory (see `run_semantic_route`).
+
+    Example:
+        >>> import routelens as rl
+        >>> res = rl.semantic_route(rl.load("demo"), "arithmetic", per_domain=3, layer_sets=[[0]], floor_seeds=1)
+        >>> res.classification["layer"].unique().tolist()
+        [0]
+    """
+    return run_semantic_route(lens, items, None, config=config, domains=domains, per_domain=per_domain,
+                              show_progress=show_progress, **options)
+
+
+# ---------------------------------------------------------------------------- grafting
+def graft(recipient: str, donor: str, experts, out: str, *, dtype: str | None = None, device: str = "cpu",
+          evaluate: bool = False, items="arithmetic", domains: list[str] | None = None, per_domain: int | None = 50,
+          seed: int = 0, bootstrap_resamples: int = 2000, alpha: float = 0.05, show_progress: bool = False) -> GraftResult:
+    """Copy donor experts into recipient slots and save the grafted model as a Hugging Face
+    folder `out` (with graft.json); with `evaluate`, measure on `items` what the graft
+    changed (natural score, the slot's selection share, the grafted vs the original expert
+    forced alone) into `out`/evaluation.
+
+    `recipient`, `donor`: model specs of one family ("demo", a folder, a hub id). `experts`:
+    "L:e=L2:e2,..." or [(L, e, L2, e2), ...] (recipient layer and expert <- donor layer and
+    expert). `dtype`: default the recipient checkpoint's own.
+
+    Example:
+        >>> import routelens as rl
+        >>> res = rl.graft("demo", "demo", "3:5=3:9", str(tmp / "grafted"))
+        >>> res.record["pairs"][0]["pair"], rl.load(res.path).family
+        ('3:5=3:9', 'olmoe')
+    """
+    from routelens.analyses.graft_evaluation import run_graft_evaluation
+    from routelens.grafting import checkpoint_dtype, parse_expert_map, plan_graft, write_grafted
+    from routelens.lens import load
+
+    mapping = parse_expert_map(experts) if isinstance(experts, str) else [tuple(map(int, pair)) for pair in experts]
+    dtype = dtype or checkpoint_dtype(recipient)
+    into, source = load(recipient, device, dtype), load(donor, device, dtype)
+    plan = plan_graft(into.loaded, source.loaded, mapping)
+    record = write_grafted(out, into.loaded, source.loaded, plan)
+    del source
+    evaluation = None
+    if evaluate:
+        kept, info = _item_data(into, items, domains, per_domain)
+        evaluation = read_run(run_graft_evaluation(into.loaded, plan, kept, os.path.join(out, "evaluation"), info,
+                                                   seed=seed, bootstrap_resamples=bootstrap_resamples, alpha=alpha,
+                                                   show_progress=show_progress).path)
+    return GraftResult(out, record, evaluation)
+
+
 # ---------------------------------------------------------------------------- rollouts
 def run_rollout(lens: Lens, counterfactual, out: str | None, *, config: RolloutConfig | None = None,
                 overwrite: bool = False, show_progress: bool = True, **options) -> RolloutResult:
@@ -457,7 +554,7 @@ def rollout(lens: Lens, counterfactual, *, config: RolloutConfig | None = None, 
     return run_rollout(lens, counterfactual, None, config=config, show_progress=show_progress, **options)
 
 
-__all__ = ["ALIASES", "arithmetic_items", "counterfactual", "isolate", "make_config", "passk", "read_items", "read_run",
+__all__ = ["ALIASES", "arithmetic_items", "counterfactual", "graft", "isolate", "make_config", "passk", "read_items", "read_run",
            "read_trajectories", "rollout", "router_update", "run_counterfactual", "run_isolate", "run_passk",
-           "run_rollout",
+           "run_rollout", "run_semantic_route", "semantic_route",
            "trajectories_from_ids", "trajectories_from_text"]

@@ -295,3 +295,55 @@ class RolloutConfig:
 
     def identity(self) -> dict:
         return {k: v for k, v in asdict(self).items() if k not in self.SUMMARY}
+
+
+FINGERPRINT_KINDS = ("selection", "input")   # mean router selection distribution, or mean MoE input
+
+
+@dataclass
+class SemanticRouteConfig:
+    """Settings of a semantic-routing run (route by similarity to per-domain fingerprints),
+    validated on construction (`RouteLensError`, the command line's message).
+
+    Example:
+        >>> from routelens import SemanticRouteConfig
+        >>> SemanticRouteConfig(layer_sets=[[3], [0, 3]]).layer_sets
+        [[3], [0, 3]]
+        >>> SemanticRouteConfig(kind="vibes")
+        Traceback (most recent call last):
+        ...
+        routelens.errors.RouteLensError: --kind must be selection or input, got 'vibes'
+    """
+
+    layer_sets: list[list[int]] | None = None   # None: every MoE layer alone, and all of them at once
+    kind: str = "selection"                      # the fingerprint: mean selection distribution, or mean MoE input
+    calibration_share: float = 0.5               # of each domain's items, seeded; the rest are evaluated
+    floor_seeds: int = 3
+    seed: int = 0
+    alpha: float = 0.05
+    bootstrap_resamples: int = 2000
+    memory_budget: int = 2 * 2**30
+
+    SUMMARY = ("alpha", "bootstrap_resamples")
+    PERFORMANCE = ("memory_budget",)
+
+    def __post_init__(self) -> None:
+        if self.layer_sets is not None:
+            if not isinstance(self.layer_sets, (list, tuple)) or not self.layer_sets or not all(
+                    _is_layer_list(s) and len(set(s)) == len(s) for s in self.layer_sets):
+                raise RouteLensError("--layer-sets must be non-empty sets of distinct layer indices such as "
+                                     f"'3;0,1,2,3', got {self.layer_sets!r}")
+            self.layer_sets = [list(s) for s in self.layer_sets]
+        if self.kind not in FINGERPRINT_KINDS:
+            raise RouteLensError(f"--kind must be {' or '.join(FINGERPRINT_KINDS)}, got {self.kind!r}")
+        if not 0 < self.calibration_share < 1:
+            raise RouteLensError(f"--calibration-share must lie strictly between 0 and 1, got {self.calibration_share}")
+        if isinstance(self.floor_seeds, bool) or not isinstance(self.floor_seeds, int) or self.floor_seeds < 0:
+            raise RouteLensError(f"--floor-seeds must be 0 or more, got {self.floor_seeds!r}")
+        if not 0 < self.alpha < 1:
+            raise RouteLensError(f"--alpha must lie strictly between 0 and 1, got {self.alpha}")
+        _at_least("--bootstrap-resamples", self.bootstrap_resamples, 1)
+        _at_least("--memory-budget", self.memory_budget, 1)
+
+    def identity(self) -> dict:
+        return {k: v for k, v in asdict(self).items() if k not in self.SUMMARY + self.PERFORMANCE}

@@ -1,4 +1,6 @@
-"""Batched sampling of completions with the model's own `generate` (KV cache, left padding).
+"""Batched sampling of completions with the model's own `generate` (KV cache, left padding),
+and continuations of one prefix under several routes forced on its last token
+(`continue_under_routes`, for rollouts: the prefix's cache is computed once and shared).
 
 Sampling is plain temperature sampling (no top-k, no top-p), or greedy. Each sequence
 draws from its own generator, seeded by (seed, prompt index, sample index): a sample is

@@ -187,3 +187,57 @@ def print_rollout_summary(summary: dict, console: Console | None = None) -> None
                   + (f", {selection['skipped_without_alternative']} skipped (no alternative expert set)"
                      if selection["skipped_without_alternative"] else "")
                   + "; proxy agrees: share of tokens whose outcome differs where the best alternative wins")
+
+
+def graft_evaluation_table(summary: dict) -> Table:
+    """Per domain: the natural score recipient -> grafted, and per grafted slot its selection
+    share and the grafted against the original expert forced alone (after - before, 95% CI, q)."""
+    table = Table(title="graft evaluation: after - before per item (mean target log-prob in nats; selection share; "
+                        f"95% bootstrap CI over items; * q <= {summary['alpha']})")
+    for column in ("domain", "items", "natural: recipient -> grafted", "slot", "selected: before -> after",
+                   "forced: original -> grafted"):
+        table.add_column(column, justify="left" if column in ("domain", "slot") else "right")
+
+    def cell(test: dict, digits: int = 3) -> str:
+        star = "*" if test["significant"] else ""
+        return (f"{test['before']:.{digits}f} -> {test['after']:.{digits}f} "
+                f"({_with_interval(test['difference'], test['ci'], digits)}){star}")
+
+    for domain, block in summary["domains"].items():
+        for index, (pair, tests) in enumerate(block["pairs"].items()):
+            table.add_row(domain if index == 0 else "", str(block["natural"]["items"]) if index == 0 else "",
+                          cell(block["natural"]) if index == 0 else "", pair, cell(tests["selection"], 2),
+                          cell(tests["forced"]))
+        table.add_section()
+    return table
+
+
+def print_graft_evaluation(summary: dict, console: Console | None = None) -> None:
+    (console or Console(width=190)).print(graft_evaluation_table(summary))
+
+
+def semantic_route_table(summary: dict) -> Table:
+    """All domains: each arm's paired difference against natural routing, per layer set."""
+    arms = ("semantic", "semantic_token", "oracle", "floor")
+    table = Table(title=f"semantic routing ({summary['kind']} fingerprints): arm - natural, {summary['score']}, all "
+                        f"evaluation items (95% bootstrap CI; * q <= {summary['alpha']})")
+    for column in ("layer set", "items", "natural", *arms):
+        table.add_column(column, justify="left" if column == "layer set" else "right")
+    for name, block in summary["layer_sets"].items():
+        entry = block["All"]
+        cells = []
+        for arm in arms:
+            test = entry.get(arm)
+            cells.append("-" if test is None else
+                         _with_interval(test["difference"], test["ci"]) + ("*" if test["significant"] else ""))
+        table.add_row(name, str(entry["items"]), f"{entry['natural']:.3f}", *cells)
+    return table
+
+
+def print_semantic_route_summary(summary: dict, console: Console | None = None) -> None:
+    console = console or Console(width=190)
+    console.print(semantic_route_table(summary))
+    console.print("fingerprint classification of evaluation items (nearest domain of the prompt; chance "
+                  f"1/{len(next(iter(summary['classification'].values()))['by_domain'])}): " + "; ".join(
+                      f"layer {layer} {c['item']:.2f} (tokens {c['token']:.2f})"
+                      for layer, c in summary["classification"].items()))

@@ -19,8 +19,8 @@ from routelens.cli.parsing import OneLineParser
 from routelens.errors import RouteLensError
 
 # In the order `routelens --help` lists them.
-COMMAND_MODULES = ("demo", "counterfactual", "rollout", "isolate", "router_update", "passk", "report", "export", "trajectories",
-                   "verify", "inspect_model", "models", "evaluate", "train_demo")
+COMMAND_MODULES = ("demo", "counterfactual", "rollout", "isolate", "semantic_route", "graft", "router_update", "passk", "report", "export",
+                   "trajectories", "verify", "inspect_model", "models", "evaluate", "train_demo")
 
 
 def commands() -> dict:

@@ -161,9 +161,12 @@ def heldout_questions() -> frozenset[str]:
     return frozenset(questions)
 
 
-def training_problems(seed: int, n: int) -> list[Problem]:
-    """Training problems: all domains, never a held-out question."""
-    return generate(seed, n, prefix="train-", exclude=heldout_questions())
+def training_problems(seed: int, n: int, domains=DOMAINS) -> list[Problem]:
+    """Training problems of `domains` (default all), never a held-out question."""
+    unknown = [d for d in domains if d not in DOMAINS]
+    if unknown or not domains:
+        raise RouteLensError(f"unknown domain(s) {', '.join(unknown) or '(none given)'}; domains are {', '.join(DOMAINS)}")
+    return generate(seed, n, tuple(domains), prefix="train-", exclude=heldout_questions())
 
 
 # ---------------------------------------------------------------------------- verifier

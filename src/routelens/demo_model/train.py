@@ -20,7 +20,7 @@ import numpy as np
 import torch
 from transformers import OlmoeForCausalLM
 
-from routelens.data.arithmetic import ALPHABET, Problem, training_problems
+from routelens.data.arithmetic import ALPHABET, DOMAINS, Problem, training_problems
 from routelens.data.char_tokenizer import build_char_tokenizer
 from routelens.demo_model import CARD, demo_config
 from routelens.progress import progress_bar
@@ -35,6 +35,7 @@ class TrainConfig:
     warmup_steps: int = 100
     weight_decay: float = 0.01
     threads: int = 1
+    domains: tuple[str, ...] = DOMAINS   # a subset trains a specialist (a grafting donor of the same shapes)
 
 
 def encode_batch(problems: list[Problem], tokenizer) -> dict[str, torch.Tensor]:
@@ -95,7 +96,7 @@ def train(out: str, config: TrainConfig, show_progress: bool = True) -> dict:
     model = initial_model(config.seed)
     model.set_experts_implementation("eager")  # fastest at this size on CPU
     model.train()
-    batches = length_bucketed_batches(training_problems(config.seed, config.steps * config.batch_size),
+    batches = length_bucketed_batches(training_problems(config.seed, config.steps * config.batch_size, config.domains),
                                       config.batch_size, config.seed)
     no_decay = [p for n, p in model.named_parameters() if p.dim() < 2 or "norm" in n]
     decay = [p for n, p in model.named_parameters() if not (p.dim() < 2 or "norm" in n)]

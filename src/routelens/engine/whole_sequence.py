@@ -30,6 +30,7 @@ import numpy as np
 import torch
 
 from routelens.engine.checks import DeviationRecord, RuntimeCheckFailed, check_gating_rule
+from routelens.engine.items import joint_layers, layer_label, per_layer
 from routelens.engine.readout import DEFAULT_MEMORY_BUDGET, activation_bytes, attention_score_bytes, target_log_probs
 from routelens.models.adapter import MoEAdapter
 from routelens.models.routing import RouteOverride, RouterOutput, capture_routes, override_routes
@@ -104,41 +105,49 @@ class WholeSequenceScorer:
         return max(1, self.memory_budget // per_row)
 
     @torch.no_grad()
-    def score(self, natural: NaturalPass, layer: int, experts: torch.Tensor, weights: torch.Tensor) -> np.ndarray:
+    def score(self, natural: NaturalPass, layer: int | list[int], experts: torch.Tensor,
+              weights: torch.Tensor) -> np.ndarray:
         """log p(token t + 1) at the natural pass's positions under each condition, a route
-        per token forced at `layer` on every token: experts/weights [C, T, k] -> [C, P]."""
+        per token forced at `layer` on every token: experts/weights [C, T, k] -> [C, P]; or
+        at a list of J layers at once: [C, T, J, k] (the natural pass must record them all)."""
+        layers = joint_layers(layer)
+        experts, weights = per_layer(experts, layer), per_layer(weights, layer)      # [C, T, J, k]
         length = natural.input_ids.shape[0]
         if experts.shape[:2] != (experts.shape[0], length) or experts.shape != weights.shape:
-            raise ValueError(f"conditions need experts and weights [C, {length}, k], got "
+            raise ValueError(f"conditions need experts and weights [C, {length}, k] per layer, got "
                              f"{tuple(experts.shape)} and {tuple(weights.shape)}")
         first = 0
         if self.check:   # row 0: the natural route, which must reproduce the natural forward
-            route = natural.routes[layer]
-            experts = torch.cat([route.experts.cpu()[None].to(experts.dtype), experts.cpu()])
-            weights = torch.cat([route.weights.cpu()[None].to(weights.dtype), weights.cpu()])
+            route_e = torch.stack([natural.routes[at].experts.cpu() for at in layers], dim=1)   # [T, J, k]
+            route_w = torch.stack([natural.routes[at].weights.cpu() for at in layers], dim=1)
+            experts = torch.cat([route_e[None].to(experts.dtype), experts.cpu()])
+            weights = torch.cat([route_w[None].to(weights.dtype), weights.cpu()])
             first = 1
         out = []
         chunk = self.rows_per_chunk(length)
         for start in range(0, experts.shape[0], chunk):
-            out.append(self._score_chunk(natural, layer, experts[start: start + chunk], weights[start: start + chunk]))
+            out.append(self._score_chunk(natural, layers, experts[start: start + chunk], weights[start: start + chunk]))
         scored = np.concatenate(out) if out else np.zeros((0, len(natural.positions)))
         if self.check:
             self._check_natural_route(layer, natural, scored[0])
         return scored[first:]
 
-    def _check_natural_route(self, layer: int, natural: NaturalPass, scored: np.ndarray) -> None:
+    def _check_natural_route(self, layer, natural: NaturalPass, scored: np.ndarray) -> None:
         mismatch = self.deviation.check(scored, natural.logprobs)
         if mismatch:
-            raise RuntimeCheckFailed(f"natural-route check failed at layer {layer} "
+            raise RuntimeCheckFailed(f"natural-route check failed at {layer_label(layer)} "
                                      f"({self.adapter.config.model_type}, isolation scorer): {mismatch}")
 
-    def _score_chunk(self, natural: NaturalPass, layer: int, experts: torch.Tensor, weights: torch.Tensor) -> np.ndarray:
+    def _score_chunk(self, natural: NaturalPass, layers: tuple[int, ...], experts: torch.Tensor,
+                     weights: torch.Tensor) -> np.ndarray:
+        layer = layers[0]
         device = self.adapter.device_of(self.adapter.decoder_layers[layer])
-        rows, length, k = experts.shape
+        rows, length, _, k = experts.shape
         states = natural.layer_inputs[layer].expand(rows, -1, -1).contiguous()
-        override = RouteOverride(torch.arange(rows * length, device=device),
-                                 experts.reshape(-1, k).to(device), weights.reshape(-1, k).to(device))
-        with override_routes(self.adapter, {layer: override}):
+        token_rows = torch.arange(rows * length, device=device)
+        overrides = {at: RouteOverride(token_rows, experts[:, :, j].reshape(-1, k).to(device),
+                                       weights[:, :, j].reshape(-1, k).to(device)) for j, at in enumerate(layers)}
+        with override_routes(self.adapter, overrides):
             for index in range(layer, self.adapter.num_layers):
                 kwargs = dict(natural.layer_kwargs[index])
                 kwargs.update(past_key_values=None, use_cache=False)

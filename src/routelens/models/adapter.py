@@ -153,6 +153,23 @@ class MoEAdapter:
         """The fused experts module: experts(x [N, d], indices [N, k], weights [N, k]) -> [N, d]."""
         return self.moe_block(layer).experts
 
+    def expert_tensors(self, layer: int, expert: int) -> dict[str, torch.Tensor]:
+        """Expert `expert`'s own tensors at `layer`, as views into the model's parameters,
+        by their full parameter name (what a graft copies). transformers 5.23 fuses a
+        layer's experts into 3-D parameters with the expert first; a parameter of another
+        shape (a shared scale, a quantized block) is not any one expert's, so it is refused."""
+        module = self.experts(layer)
+        prefix = self.module_name(module)
+        tensors = {}
+        for name, parameter in module.named_parameters():
+            if parameter.dim() == 0 or parameter.shape[0] != self.num_experts:
+                raise RouteLensError(f"{prefix}.{name} {tuple(parameter.shape)} is not one slice per expert "
+                                     f"({self.num_experts} experts): this experts layout cannot be grafted")
+            tensors[f"{prefix}.{name}"] = parameter.data[expert]
+        if not tensors:
+            raise RouteLensError(f"{prefix} holds no parameters (a quantized or offloaded experts module?): nothing to graft")
+        return tensors
+
     def parallel_mlp(self, layer: int) -> nn.Module | None:
         """A dense MLP beside the MoE block whose output is added to the block's before the
         residual (GraniteMoeShared's shared_mlp); None when the block holds everything."""

@@ -14,13 +14,15 @@ from routelens.report.page import document, esc, figure_html, fmt, interval, key
 from routelens.results.run_folder import read_json, read_run_json, write_text_atomic
 from routelens.summary_table import step_check_line
 
-KINDS = ("counterfactual", "rollout", "isolation", "passk", "router-update")
+KINDS = ("counterfactual", "rollout", "isolation", "semantic-routing", "graft-evaluation", "passk", "router-update")
 # what each kind's section reads: all checked before any work
 NEEDS = {"counterfactual": ("tokens.parquet", "routes.parquet", "summary.json"),
          "isolation": ("cells.parquet", "calibration.parquet", "summary.json"),
          "passk": ("summary.json",),
          "router-update": ("summary.json", "training_log.jsonl"),
-         "rollout": ("rollouts.parquet", "summary.json")}
+         "rollout": ("rollouts.parquet", "summary.json"),
+         "graft-evaluation": ("items.parquet", "summary.json"),
+         "semantic-routing": ("scores.parquet", "classification.parquet", "summary.json")}
 CONTEXT_BEFORE, CONTEXT_AFTER, WORST_TOKENS = 40, 10, 20
 
 
@@ -286,8 +288,52 @@ def rollout_section(run_dir: str, run: dict) -> str:
             f"{comparison}{_figures_html(run_dir, figs.rollout_figures(tokens, summary))}{_provenance(run)}")
 
 
-SECTIONS = {"rollout": rollout_section, "counterfactual": counterfactual_section, "isolation": isolation_section, "passk": passk_section,
-            "router-update": router_update_section}
+def semantic_route_section(run_dir: str, run: dict) -> str:
+    summary = read_json(os.path.join(run_dir, "summary.json"))
+    arms = ("semantic", "semantic_token", "oracle", "floor")
+    rows = []
+    for name, block in summary["layer_sets"].items():
+        for domain, entry in block.items():
+            cells = [("-" if entry.get(arm) is None else interval(entry[arm]["difference"], entry[arm]["ci"])
+                      + (" *" if entry[arm]["significant"] else "")) for arm in arms]
+            rows.append([name, domain, entry["items"], fmt(entry["natural"]), *cells])
+    comparison = table(["layer set", "domain", "items", "natural", *[f"{arm} - natural" for arm in arms]], rows,
+                       "semantic-arms")
+    classes = table(["layer", "items classified right", "tokens classified right", "by domain"],
+                    [[layer, fmt(c["item"], 2), fmt(c["token"], 2),
+                      ", ".join(f"{d} {v:.2f}" for d, v in c["by_domain"].items())]
+                     for layer, c in summary["classification"].items()], "semantic-classification")
+    return (f"<h2>Semantic routing: {esc(run_dir)}</h2>"
+            f"<p>{summary['calibration_items']} calibration and {summary['evaluation_items']} evaluation items; "
+            f"{esc(summary['kind'])} fingerprints. Arms: "
+            f"{esc('; '.join(f'{arm}: {text}' for arm, text in summary['arms'].items()))}. {esc(summary['interval'])}; "
+            f"* q &lt;= {summary['alpha']}.</p>{comparison}<h3>Fingerprint classification</h3>{classes}"
+            f"{_figures_html(run_dir, figs.semantic_route_figures(summary))}{_provenance(run)}")
+
+
+def graft_evaluation_section(run_dir: str, run: dict) -> str:
+    summary = read_json(os.path.join(run_dir, "summary.json"))
+
+    def cell(test: dict, digits: int = 3) -> str:
+        return (f"{test['before']:.{digits}f} -> {test['after']:.{digits}f}: "
+                f"{interval(test['difference'], test['ci'], digits)}, q {test['q_value']:.2g}")
+
+    rows = []
+    for domain, block in summary["domains"].items():
+        for pair, tests in block["pairs"].items():
+            rows.append([domain, block["natural"]["items"], cell(block["natural"]), pair, cell(tests["selection"], 2),
+                         cell(tests["forced"])])
+    comparison = table(["domain", "items", "natural score: recipient -> grafted", "slot (L:e=L2:e2)",
+                        "selection share: before -> after", "slot forced alone: original -> grafted"], rows, "graft")
+    return (f"<h2>Graft evaluation: {esc(run_dir)}</h2>"
+            f"<p>{esc(run['config']['model'])} with donor experts grafted ({esc(', '.join(summary['pairs']))}), "
+            f"paired per item: after - before with {esc(summary['interval'])}; scores are {esc(summary['score'])}.</p>"
+            f"{comparison}{_provenance(run)}")
+
+
+SECTIONS = {"counterfactual": counterfactual_section, "rollout": rollout_section, "isolation": isolation_section,
+            "semantic-routing": semantic_route_section, "graft-evaluation": graft_evaluation_section,
+            "passk": passk_section, "router-update": router_update_section}
 
 
 def build_report(run_dirs: list[str], out: str | None = None) -> str:

@@ -242,6 +242,38 @@ def rollout_figures(per_token: pd.DataFrame, summary: dict) -> list[Figure]:
                    "standard route's.", fig)]
 
 
+def semantic_route_figures(summary: dict) -> list[Figure]:
+    """Each arm's paired difference against natural routing per layer set (all evaluation
+    items), and the fingerprints' domain classification accuracy per layer."""
+    arms = ("semantic", "semantic_token", "oracle", "floor")
+    sets = list(summary["layer_sets"])
+    fig, (ax_arms, ax_class) = subplots(1, 2, figsize=(12, 4.0))
+    width = 0.8 / len(arms)
+    for i, arm in enumerate(arms):
+        tests = [summary["layer_sets"][name]["All"].get(arm) for name in sets]
+        values = [None if t is None else t["difference"] for t in tests]
+        ax_arms.bar(np.arange(len(sets)) + (i - (len(arms) - 1) / 2) * width, [np.nan if v is None else v for v in values],
+                    width, label=arm.replace("_", " "), color=colour(i), capsize=3,
+                    yerr=_interval_errors(values, [(None, None) if t is None else t["ci"] for t in tests]))
+    ax_arms.axhline(0, color="black", linewidth=0.8)
+    ax_arms.set_xticks(range(len(sets)), sets)
+    ax_arms.set(xlabel="layer set (forced together)", ylabel=f"arm - natural [{summary['score']}]",
+                title="Routing by fingerprint against natural routing")
+    ax_arms.legend(fontsize=8)
+    layers = list(summary["classification"])
+    chance = 1 / len(summary["classification"][layers[0]]["by_domain"])
+    ax_class.plot(layers, [summary["classification"][layer]["item"] for layer in layers], marker="o", label="item (prompt)")
+    ax_class.plot(layers, [summary["classification"][layer]["token"] for layer in layers], marker="s", label="token")
+    ax_class.axhline(chance, color="black", linewidth=0.8, linestyle="--", label="chance")
+    ax_class.set(xlabel="layer", ylabel="domain classified right [share]", ylim=(0, 1.05),
+                 title="Fingerprint classification")
+    ax_class.legend(fontsize=8)
+    fig.tight_layout()
+    return [Figure("semantic_routing", "Semantic routing", "Left: mean paired difference of the target log-prob "
+                   "against natural routing, 95% bootstrap interval over items. Right: share of evaluation items "
+                   "(and tokens) whose nearest fingerprint is their own domain.", fig)]
+
+
 def worst_tokens(tokens: pd.DataFrame, count: int) -> pd.DataFrame:
     """The Fragile tokens with the largest gain (ties: earlier trajectory and position first)."""
     fragile = tokens[tokens["bin"] == "Fragile"]

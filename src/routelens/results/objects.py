@@ -267,8 +267,74 @@ class RolloutResult(Result):
         return per_token(self.rollouts)
 
 
+class GraftEvaluationResult(Result):
+    """What a graft changed on the task's items: `items` (one row per item and grafted
+    slot: natural score recipient and grafted, the slot's selection share, the original and
+    the grafted expert forced alone), `summary` (per domain: paired differences with
+    intervals, p and q).
+
+    Example:
+        >>> import routelens as rl
+        >>> res = rl.graft("demo", "demo", "3:5=3:9", str(tmp / "grafted-eval"), evaluate=True, per_domain=3)
+        >>> sorted(res.evaluation.items["domain"].unique())
+        ['addsub', 'long', 'mixed', 'mul']
+    """
+
+    kind = "graft-evaluation"
+    tables = ("items",)
+
+    @property
+    def items(self) -> pd.DataFrame:
+        return self.table("items")
+
+
+class SemanticRouteResult(Result):
+    """Semantic routing: `scores` (one row per evaluation item, layer set and arm: mean and
+    first target log-prob), `classification` (per item and layer: the domain its prompt
+    fingerprint is nearest to, and the share of its tokens classified right), `summary`
+    (per layer set, domain and arm: the paired difference against natural routing).
+
+    Example:
+        >>> import routelens as rl
+        >>> res = rl.semantic_route(rl.load("demo"), "arithmetic", per_domain=2, layer_sets=[[3]], floor_seeds=1)
+        >>> list(res.summary.columns[:4])
+        ['layer_set', 'domain', 'arm', 'score']
+    """
+
+    kind = "semantic-routing"
+    tables = ("scores", "classification")
+
+    @property
+    def scores(self) -> pd.DataFrame:
+        return self.table("scores")
+
+    @property
+    def classification(self) -> pd.DataFrame:
+        return self.table("classification")
+
+
+class GraftResult:
+    """A grafted model: `path` (a Hugging Face folder: load it with `routelens.load(path)` or
+    `AutoModelForCausalLM`), `record` (graft.json) and `evaluation` (a
+    `GraftEvaluationResult`, or None without `evaluate`).
+
+    Example:
+        >>> import routelens as rl
+        >>> res = rl.graft("demo", "demo", [(0, 1, 0, 2)], str(tmp / "grafted-result"))
+        >>> res.evaluation is None, sorted(res.record)[:3]
+        (True, ['donor', 'dtype', 'family'])
+    """
+
+    def __init__(self, path: str, record: dict, evaluation: GraftEvaluationResult | None):
+        self.path, self.record, self.evaluation = path, record, evaluation
+
+    def __repr__(self) -> str:
+        pairs = ", ".join(pair["pair"] for pair in self.record["pairs"])
+        return f"<GraftResult {self.path}: {pairs}{'; evaluated' if self.evaluation else ''}>"
+
+
 RESULTS = {cls.kind: cls for cls in (CounterfactualResult, IsolationResult, PassKResult, RouterUpdateResult,
-                                     RolloutResult)}
+                                     RolloutResult, GraftEvaluationResult, SemanticRouteResult)}
 
 
 def read_run(path: str) -> Result:

@@ -86,8 +86,35 @@ def rollout_frame(summary: dict) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
+def semantic_route_frame(summary: dict) -> pd.DataFrame:
+    """One row per (layer set, domain, arm): mean score, the paired difference against natural
+    routing with its interval, p and q."""
+    rows = []
+    for layer_set, block in summary["layer_sets"].items():
+        for domain, entry in block.items():
+            rows.append({"layer_set": layer_set, "domain": domain, "arm": "natural", "score": entry["natural"],
+                         "items": entry["items"]})
+            for arm, test in entry.items():
+                if isinstance(test, dict):
+                    rows.append({"layer_set": layer_set, "domain": domain, "arm": arm, **_split_intervals(
+                        {"score": test["score"], **{k: v for k, v in test.items() if k != "score"}})})
+    return pd.DataFrame(rows)
+
+
+def graft_evaluation_frame(summary: dict) -> pd.DataFrame:
+    """One row per (domain, measure, slot): before, after, the paired difference with its interval, p and q."""
+    rows = []
+    for domain, block in summary["domains"].items():
+        rows.append({"domain": domain, "measure": "natural", "slot": None, **_split_intervals(block["natural"])})
+        for slot, tests in block["pairs"].items():
+            rows += [{"domain": domain, "measure": measure, "slot": slot, **_split_intervals(test)}
+                     for measure, test in tests.items()]
+    return pd.DataFrame(rows)
+
+
 FRAMES = {"counterfactual": counterfactual_frame, "isolation": isolation_frame, "passk": passk_frame,
-          "router-update": router_update_frame, "rollout": rollout_frame}
+          "router-update": router_update_frame, "rollout": rollout_frame, "semantic-routing": semantic_route_frame,
+          "graft-evaluation": graft_evaluation_frame}
 
 
 def summary_frame(kind: str, summary: dict) -> pd.DataFrame:

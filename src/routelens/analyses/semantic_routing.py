@@ -1,0 +1,279 @@
+"""Semantic (fingerprint) routing, evaluated on held-out items against natural routing.
+
+A zero-training alternative to the learned router (paper 2): route by similarity to
+per-domain expert fingerprints.
+
+1. Each domain's items are split, seeded, into calibration and evaluation items.
+2. Fingerprints, per MoE layer l and domain, over every token of the domain's calibration
+   items: the mean router selection distribution (`kind="selection"`, the adapter's
+   `selection_distribution`) or the mean MoE input (`kind="input"`). A domain's experts
+   at l are the top-k of its mean selection distribution.
+3. For an evaluation item and a layer set S (layers forced together), every token at each
+   l in S goes to the top-k experts of a domain, weighted by the model's own gating rule on
+   the token's natural router logits (equal compute, k experts):
+   - `semantic`: the domain whose fingerprint is nearest (cosine) to the item's, computed
+     from its prompt tokens alone (what a router sees before the answer);
+   - `semantic_token`: each token's nearest domain, from the token's own vector;
+   - `oracle`: the item's true domain;
+   - `floor`: k experts drawn uniformly per token (seeded, `floor_seeds` seeds).
+   Scored as in the isolation study: mean and first target-token log-probability, against
+   `natural` routing of the same item (paired).
+4. Per layer set x domain x arm: mean score, the paired difference against natural with a
+   bootstrap interval over items, Wilcoxon p and Benjamini-Hochberg q over every test; and
+   how often the fingerprints classify an evaluation item's domain (per layer; item level
+   from the prompt, token level per token).
+"""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import torch
+
+from routelens import stats
+from routelens.analyses.route_sampling import route_rng, uniform_routes
+from routelens.config import SCORES, SemanticRouteConfig
+from routelens.data.target_items import TargetItem
+from routelens.engine.whole_sequence import WholeSequenceScorer
+from routelens.errors import RouteLensError
+from routelens.models.routing import capture_routes
+
+ARMS = ("semantic", "semantic_token", "oracle", "floor")
+ALL_DOMAINS = "All"
+SCORES_SCHEMA = pa.schema([
+    ("item_id", pa.string()), ("domain", pa.string()), ("layer_set", pa.string()), ("arm", pa.string()),
+    ("floor_seed", pa.int64()), ("predicted", pa.string()), ("mean_logprob", pa.float64()),
+    ("first_logprob", pa.float64()),
+])
+CLASSIFICATION_SCHEMA = pa.schema([
+    ("item_id", pa.string()), ("domain", pa.string()), ("layer", pa.int64()), ("predicted", pa.string()),
+    ("token_accuracy", pa.float64()),
+])
+
+
+def layer_set_name(layers: list[int]) -> str:
+    return "+".join(map(str, layers))
+
+
+# ---------------------------------------------------------------------------- split and fingerprints
+def split_items(items: list[TargetItem], share: float, seed: int) -> tuple[list[TargetItem], list[TargetItem]]:
+    """Per domain, a seeded permutation: the first `share` of its items calibrate, the rest
+    are evaluated (at least one of each; a domain with fewer than two items is refused)."""
+    by_domain: dict[str, list[TargetItem]] = {}
+    for item in items:
+        by_domain.setdefault(item.domain, []).append(item)
+    if len(by_domain) < 2:
+        raise RouteLensError(f"semantic routing chooses between domains; the items hold {len(by_domain)} "
+                             "(give items of two or more domains)")
+    calibration, evaluation = [], []
+    for index, (domain, members) in enumerate(sorted(by_domain.items())):
+        if len(members) < 2:
+            raise RouteLensError(f"domain {domain!r} has {len(members)} item; each domain needs two or more "
+                                 "(one to calibrate its fingerprint, one to evaluate)")
+        order = np.random.default_rng([seed, index]).permutation(len(members))
+        cut = min(len(members) - 1, max(1, round(share * len(members))))
+        calibration += [members[i] for i in order[:cut]]
+        evaluation += [members[i] for i in order[cut:]]
+    return calibration, evaluation
+
+
+@torch.no_grad()
+def token_vectors(adapter, item: TargetItem, layers: list[int], kind: str) -> tuple[dict, dict]:
+    """Per layer: each token's vector of the fingerprint kind [T, D] (float64) and its
+    selection distribution [T, E] (which defines a domain's experts)."""
+    inputs: dict[int, torch.Tensor] = {}
+    hooks = [adapter.moe_block(layer).register_forward_pre_hook(
+        lambda module, args, layer=layer: inputs.__setitem__(layer, args[0].detach())) for layer in layers]
+    try:
+        with capture_routes(adapter, layers) as captured:
+            adapter.model(torch.tensor([item.input_ids], device=adapter.device), use_cache=False, logits_to_keep=1)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    selection = {layer: adapter.selection_distribution(captured[layer].logits.float(), layer).cpu() for layer in layers}
+    if kind == "selection":
+        return selection, selection
+    length = len(item.input_ids)
+    return {layer: inputs[layer].reshape(length, -1).double().cpu() for layer in layers}, selection
+
+
+def fingerprints(adapter, calibration: list[TargetItem], layers: list[int], kind: str) -> dict:
+    """Per layer: domain names, centroids [D, dim] of the kind, and each domain's top-k experts."""
+    sums: dict = {}
+    for item in calibration:
+        vectors, selection = token_vectors(adapter, item, layers, kind)
+        for layer in layers:
+            entry = sums.setdefault((layer, item.domain), [0.0, 0.0, 0])
+            entry[0] = entry[0] + vectors[layer].sum(0)
+            entry[1] = entry[1] + selection[layer].sum(0)
+            entry[2] += len(item.input_ids)
+    domains = sorted({domain for _, domain in sums})
+    out = {}
+    for layer in layers:
+        centroids = torch.stack([sums[(layer, d)][0] / sums[(layer, d)][2] for d in domains])
+        shares = torch.stack([sums[(layer, d)][1] / sums[(layer, d)][2] for d in domains])
+        # ties to the lower expert id, as the route sampler's candidates
+        order = torch.from_numpy(np.argsort(-shares.numpy(), axis=-1, kind="stable")[:, : adapter.top_k].copy())
+        out[layer] = {"domains": domains, "centroids": centroids, "experts": order.sort(-1).values}
+    return out
+
+
+def nearest(vectors: torch.Tensor, centroids: torch.Tensor) -> torch.Tensor:
+    """Index of the nearest centroid by cosine similarity, per row: [N, dim], [D, dim] -> [N]."""
+    similarity = torch.nn.functional.normalize(vectors.double(), dim=-1) @ \
+        torch.nn.functional.normalize(centroids.double(), dim=-1).T
+    return similarity.argmax(-1)
+
+
+# ---------------------------------------------------------------------------- one item
+def analyse_item(adapter, scorer: WholeSequenceScorer, item: TargetItem, prints: dict, layer_sets: list[list[int]],
+                 config: SemanticRouteConfig) -> dict[str, pa.Table]:
+    layers = sorted({layer for layer_set in layer_sets for layer in layer_set})
+    natural = scorer.natural(torch.tensor(item.input_ids), layers, np.asarray(item.target_positions))
+    vectors, _ = token_vectors(adapter, item, layers, config.kind)
+    length, prompt = len(item.input_ids), len(item.prompt_ids)
+    routes: dict[str, dict[int, torch.Tensor]] = {arm: {} for arm in ("semantic", "semantic_token", "oracle")}
+    predicted: dict[int, str] = {}
+    classification = []
+    for layer in layers:
+        fp = prints[layer]
+        item_domain = int(nearest(vectors[layer][:prompt].mean(0, keepdim=True), fp["centroids"])[0])
+        token_domains = nearest(vectors[layer], fp["centroids"])
+        predicted[layer] = fp["domains"][item_domain]
+        routes["semantic"][layer] = fp["experts"][item_domain].expand(length, -1)
+        routes["semantic_token"][layer] = fp["experts"][token_domains]
+        true = fp["domains"].index(item.domain) if item.domain in fp["domains"] else None
+        routes["oracle"][layer] = fp["experts"][true].expand(length, -1) if true is not None else None
+        classification.append({"item_id": item.id, "domain": item.domain, "layer": layer, "predicted": predicted[layer],
+                               "token_accuracy": float((token_domains[:prompt] == true).double().mean())
+                               if true is not None else float("nan")})
+    rows = [_row(item, "", "natural", None, "", natural.logprobs)]
+    for layer_set in layer_sets:
+        name = layer_set_name(layer_set)
+        logits = {layer: natural.routes[layer].logits.reshape(length, -1).float().cpu() for layer in layer_set}
+        arms, experts = [], []
+        for arm in ("semantic", "semantic_token", "oracle"):
+            if any(routes[arm][layer] is None for layer in layer_set):
+                continue
+            arms.append((arm, None, "|".join(predicted[layer] for layer in layer_set) if arm == "semantic" else ""))
+            experts.append(torch.stack([routes[arm][layer] for layer in layer_set], dim=1))          # [T, J, k]
+        for seed in range(config.floor_seeds):
+            arms.append(("floor", seed, ""))
+            experts.append(torch.stack([torch.from_numpy(uniform_routes(length, adapter.num_experts, adapter.top_k,
+                                                                        route_rng(config.seed, layer, item.id, seed)))
+                                        for layer in layer_set], dim=1))
+        experts = torch.stack(experts).long()                                                         # [C, T, J, k]
+        # the gating rule on each token's natural router logits, per condition and layer
+        weights = torch.stack([torch.stack([adapter.weights_for(logits[layer], experts[c, :, j]).float()
+                                            for c in range(len(arms))]) for j, layer in enumerate(layer_set)], dim=2)
+        scored = scorer.score(natural, list(layer_set), experts, weights)
+        rows += [_row(item, name, arm, seed, label, scored[c]) for c, (arm, seed, label) in enumerate(arms)]
+    return {"scores": pa.Table.from_pylist(rows, schema=SCORES_SCHEMA),
+            "classification": pa.Table.from_pylist(classification, schema=CLASSIFICATION_SCHEMA)}
+
+
+def _row(item: TargetItem, layer_set: str, arm: str, floor_seed, predicted: str, logprobs: np.ndarray) -> dict:
+    return {"item_id": item.id, "domain": item.domain, "layer_set": layer_set, "arm": arm, "floor_seed": floor_seed,
+            "predicted": predicted, "mean_logprob": float(np.mean(logprobs)), "first_logprob": float(logprobs[0])}
+
+
+# ---------------------------------------------------------------------------- summary
+def _paired(difference: np.ndarray, seed: int, resamples: int) -> dict:
+    low, high = stats.bootstrap_over_units(lambda idx: difference[idx].mean(axis=-1), len(difference), seed=seed,
+                                           n_resamples=resamples)
+    return {"difference": float(difference.mean()), "ci": [None if np.isnan(low) else low, None if np.isnan(high) else high],
+            "p_value": stats.wilcoxon_p(difference), "items": int(len(difference))}
+
+
+def summarise(scores: pd.DataFrame, classification: pd.DataFrame, layer_sets: list[list[int]],
+              config: SemanticRouteConfig, score: str = "mean") -> dict:
+    """Per layer set x domain (and All) x arm: mean score and the paired difference against
+    natural (floor: the mean over its seeds), q-values over every test; classification."""
+    column = SCORES[score]
+    natural = scores[scores["arm"] == "natural"].set_index("item_id")[column]
+    domains = sorted(scores["domain"].unique())
+    out, tests = {}, []
+    for layer_set in layer_sets:
+        name = layer_set_name(layer_set)
+        at = scores[scores["layer_set"] == name]
+        per_arm = at.groupby(["arm", "item_id"])[column].mean()     # floor: mean over seeds
+        block = {}
+        for domain in (*domains, ALL_DOMAINS):
+            ids = natural.index[(scores[scores["arm"] == "natural"].set_index("item_id")["domain"] == domain)
+                                | (domain == ALL_DOMAINS)]
+            entry = {"items": int(len(ids)), "natural": float(natural[ids].mean())}
+            for arm in ARMS:
+                if arm not in per_arm.index.get_level_values(0):
+                    continue
+                values = per_arm[arm].reindex(ids)
+                kept = values.notna().to_numpy()
+                if not kept.any():
+                    continue
+                test = _paired((values - natural[ids]).to_numpy()[kept], config.seed, config.bootstrap_resamples)
+                entry[arm] = {"score": float(values[kept].mean()), **test}
+                tests.append(entry[arm])
+            block[domain] = entry
+        out[name] = block
+    q_values = stats.bh_qvalues(np.array([t["p_value"] for t in tests])) if tests else []
+    for test, q in zip(tests, q_values):
+        test["q_value"] = float(q)
+        test["significant"] = bool(q <= config.alpha)
+    accuracy = {}
+    for layer, at in classification.groupby("layer"):
+        accuracy[str(layer)] = {"item": float((at["predicted"] == at["domain"]).mean()),
+                                "token": float(at["token_accuracy"].mean()),
+                                "by_domain": {d: float((g["predicted"] == g["domain"]).mean())
+                                              for d, g in at.groupby("domain")}}
+    return {"analysis": "semantic-routing", "kind": config.kind, "score": f"{column} (nats)",
+            "arms": {"semantic": "every token to the top-k experts of the domain nearest the item's prompt fingerprint",
+                     "semantic_token": "each token to the top-k experts of the domain nearest its own vector",
+                     "oracle": "every token to the top-k experts of the item's true domain",
+                     "floor": f"k experts uniformly at random per token, mean over {config.floor_seeds} seeds"},
+            "interval": f"paired differences against natural routing: 95% percentile bootstrap over items "
+                        f"({config.bootstrap_resamples} resamples), Wilcoxon signed-rank p, Benjamini-Hochberg q over "
+                        "every test of this summary",
+            "alpha": config.alpha, "layer_sets": out, "classification": accuracy}
+
+
+# ---------------------------------------------------------------------------- the run
+def run_semantic_routing(loaded, items: list[TargetItem], config: SemanticRouteConfig, out: str | None,
+                         data_info: dict, overwrite: bool = False, show_progress: bool = True):
+    """Calibrate the fingerprints, then score every evaluation item under every arm into the
+    run folder `out` (resumable; in memory when None); return the completed run."""
+    from routelens.progress import progress_bar
+    from routelens.results.run_folder import open_run
+
+    adapter = loaded.adapter
+    layer_sets = [sorted(adapter.resolve_layers(s)) for s in config.layer_sets] if config.layer_sets else \
+        [[layer] for layer in adapter.moe_layers] + ([list(adapter.moe_layers)] if len(adapter.moe_layers) > 1 else [])
+    layers = sorted({layer for layer_set in layer_sets for layer in layer_set})
+    calibration, evaluation = split_items(items, config.calibration_share, config.seed)
+    scorer = WholeSequenceScorer(adapter, memory_budget=config.memory_budget)
+    run_config = {**loaded.identity(), "dtype": loaded.dtype, **data_info, **config.identity(),
+                  "resolved_layer_sets": layer_sets, "calibration_items": [i.id for i in calibration]}
+    folder = open_run(out, "semantic-routing", run_config, ("scores", "classification"), overwrite=overwrite,
+                      extra={"model": adapter.describe(), "device": loaded.device,
+                             "summary_settings": {k: getattr(config, k) for k in config.SUMMARY}})
+    started = time.perf_counter()
+    prints = fingerprints(adapter, calibration, layers, config.kind)   # deterministic: recomputed on resume
+    todo = [i for i in range(len(evaluation)) if not folder.is_done(i)]
+    with progress_bar("semantic routing", len(evaluation), len(evaluation) - len(todo), show_progress,
+                      unit="items") as advance:
+        for index in todo:
+            folder.write_unit(index, analyse_item(adapter, scorer, evaluation[index], prints, layer_sets, config))
+            advance(1)
+    folder.concatenate(list(range(len(evaluation))))
+    summary = summarise(folder.read("scores"), folder.read("classification"), layer_sets, config)
+    summary["calibration_items"] = len(calibration)
+    summary["evaluation_items"] = len(evaluation)
+    summary["domain_experts"] = {str(layer): {d: prints[layer]["experts"][i].tolist()
+                                              for i, d in enumerate(prints[layer]["domains"])} for layer in layers}
+    largest, mean = scorer.deviation.largest
+    folder.complete(summary, extra={"timings": {"seconds_this_session": round(time.perf_counter() - started, 3),
+                                                "items_scored_this_session": len(todo)},
+                                    "checks": {"natural_route_max_abs_logprob_diff": largest,
+                                               "natural_route_mean_abs_logprob_diff": mean}})
+    return folder

@@ -1,0 +1,62 @@
+"""`routelens graft`: put donor experts into recipient slots; save a Hugging Face folder."""
+
+from __future__ import annotations
+
+from routelens.cli.parsing import names, positive_int, run_options
+
+NAME = "graft"
+HELP = "copy donor experts into recipient expert slots (one family, same shapes); save and evaluate the result"
+RESUMABLE = False
+EPILOG = """examples:
+  routelens graft --recipient demo --donor runs/mul-specialist --experts 3:5=3:5 --out runs/grafted
+  routelens graft --recipient ./my-olmoe --donor ./other-olmoe --experts "3:5=3:9,7:0=7:12" --out runs/grafted \\
+      --evaluate --items items.jsonl
+
+--experts "L:e=L2:e2,...": the donor's expert e2 at layer L2 goes into the recipient's expert
+e at layer L; every other tensor stays the recipient's. The folder loads with
+AutoModelForCausalLM and with --model in every routelens command; graft.json records the
+donor, the map and the sha256 of every tensor copied and replaced. --evaluate measures,
+on the task's items, the natural score of recipient vs grafted (paired), how often the
+router selects each grafted slot, and the grafted vs the original expert forced alone,
+into <out>/evaluation.
+"""
+
+
+def parents():
+    return [run_options(resumable=False)]
+
+
+def add_arguments(parser) -> None:
+    from routelens.models.loading import DTYPES
+
+    parser.add_argument("--recipient", required=True, help="the model that receives experts (demo, folder, hub id)")
+    parser.add_argument("--donor", required=True, help="the model whose experts are copied (same family)")
+    parser.add_argument("--experts", required=True, help='"L:e=L2:e2,...": recipient slot <- donor expert')
+    parser.add_argument("--out", required=True, help="a new folder for the grafted model")
+    parser.add_argument("--dtype", choices=list(DTYPES), default=None,
+                        help="dtype to load and save in (default: the recipient checkpoint's own)")
+    parser.add_argument("--evaluate", action="store_true", help="measure what the graft changed on the task's items")
+    parser.add_argument("--items", default="arithmetic",
+                        help="with --evaluate: arithmetic (the embedded task) or a JSONL/Parquet item file")
+    parser.add_argument("--domains", type=names, default=None, help="with --evaluate: keep these domains")
+    parser.add_argument("--per-domain", type=positive_int, default=50,
+                        help="with --evaluate: items per domain (default %(default)s)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the bootstrap (default %(default)s)")
+    parser.add_argument("--bootstrap-resamples", type=positive_int, default=2000,
+                        help="bootstrap resamples of the intervals (default %(default)s)")
+
+
+def run(args) -> int:
+    from routelens.api import graft
+    from routelens.summary_table import print_graft_evaluation
+
+    result = graft(args.recipient, args.donor, args.experts, args.out, dtype=args.dtype, evaluate=args.evaluate,
+                   items=args.items, domains=args.domains, per_domain=args.per_domain, seed=args.seed,
+                   bootstrap_resamples=args.bootstrap_resamples, show_progress=not args.no_progress)
+    pairs = ", ".join(pair["pair"] for pair in result.record["pairs"])
+    print(f"grafted {pairs} from {result.record['donor']} into {result.record['recipient']}: {args.out} "
+          f"(graft.json records the sha256 of every tensor copied and replaced)")
+    if result.evaluation is not None:
+        print_graft_evaluation(result.evaluation.summary_dict)
+        print(f"evaluation run folder: {result.evaluation.path}")
+    return 0

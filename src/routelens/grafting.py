@@ -1,0 +1,172 @@
+"""Expert grafting: a donor model's expert FFN put into a recipient's expert slot.
+
+`--experts "L:e=L2:e2,..."` copies, for each pair, the tensors of the donor's expert e2 at
+layer L2 into the recipient's expert e at layer L (the adapter says which tensors are one
+expert's: `expert_tensors`). Both models must be of one family, and each pair's tensors
+of one shape; every other tensor, the routers included, stays the recipient's. The result
+is a normal Hugging Face folder (safetensors, the recipient's tokenizer) with `graft.json`
+recording the donor, the map and the sha256 of every tensor copied and replaced.
+
+The graft is applied in place and undone on exit (`graft_applied`), so the recipient can
+be evaluated with and without it in one process.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+import torch
+
+from routelens.errors import RouteLensError
+
+GRAFT_JSON = "graft.json"
+_PAIR = re.compile(r"^\s*(-?\d+)\s*:\s*(\d+)\s*=\s*(-?\d+)\s*:\s*(\d+)\s*$")
+
+
+@dataclass
+class GraftPair:
+    """Recipient (layer, expert) <- donor (layer, expert), and the donor's tensors to copy
+    (recipient parameter name -> donor tensor, in the recipient's dtype)."""
+
+    layer: int
+    expert: int
+    donor_layer: int
+    donor_expert: int
+    tensors: dict[str, torch.Tensor]
+
+    @property
+    def label(self) -> str:
+        return f"{self.layer}:{self.expert}={self.donor_layer}:{self.donor_expert}"
+
+
+def parse_expert_map(text: str) -> list[tuple[int, int, int, int]]:
+    """'L:e=L2:e2,...' -> [(L, e, L2, e2), ...]; a malformed pair is a one-line error."""
+    pairs = []
+    for part in text.split(","):
+        match = _PAIR.match(part)
+        if not match:
+            raise RouteLensError(f"--experts: {part.strip()!r} is not LAYER:EXPERT=DONOR_LAYER:DONOR_EXPERT "
+                                 "(e.g. 3:5=3:9; pairs comma-separated)")
+        pairs.append(tuple(int(group) for group in match.groups()))
+    return pairs
+
+
+def tensor_sha256(tensor: torch.Tensor) -> str:
+    """sha256 of a tensor's bytes (contiguous, on CPU), with its dtype and shape."""
+    data = tensor.detach().cpu().contiguous()
+    digest = hashlib.sha256(f"{data.dtype}{tuple(data.shape)}".encode())
+    digest.update(data.view(torch.uint8).numpy().tobytes() if data.numel() else b"")
+    return digest.hexdigest()
+
+
+def plan_graft(recipient, donor, mapping: list[tuple[int, int, int, int]]) -> list[GraftPair]:
+    """Check the map against both models and collect the donor's tensors for each pair."""
+    r, d = recipient.adapter, donor.adapter
+    if r.config.model_type != d.config.model_type:
+        raise RouteLensError(f"the donor is a {d.config.model_type} model and the recipient a {r.config.model_type} "
+                             "model; grafting copies an expert between models of one family")
+    targets = set()
+    plan = []
+    for layer, expert, donor_layer, donor_expert in mapping:
+        (layer,) = r.resolve_layers([layer])
+        (donor_layer,) = d.resolve_layers([donor_layer])
+        for model, at, slot, which in ((r, layer, expert, "recipient"), (d, donor_layer, donor_expert, "donor")):
+            if not 0 <= slot < model.num_experts:
+                raise RouteLensError(f"{which} expert {slot} at layer {at} does not exist: the {which} has "
+                                     f"{model.num_experts} experts (0..{model.num_experts - 1})")
+        if (layer, expert) in targets:
+            raise RouteLensError(f"recipient expert {layer}:{expert} is grafted twice; give each slot one donor")
+        targets.add((layer, expert))
+        into, source = r.expert_tensors(layer, expert), d.expert_tensors(donor_layer, donor_expert)
+        tensors = {}
+        for (name, slot_tensor), (donor_name, donor_tensor) in zip(into.items(), source.items(), strict=True):
+            if slot_tensor.shape != donor_tensor.shape:
+                raise RouteLensError(f"{name} of recipient expert {layer}:{expert} is {tuple(slot_tensor.shape)} but "
+                                     f"{donor_name} of donor expert {donor_layer}:{donor_expert} is "
+                                     f"{tuple(donor_tensor.shape)}: only experts of one shape can be grafted")
+            tensors[name] = donor_tensor.detach().to(slot_tensor.dtype).clone()
+        plan.append(GraftPair(layer, expert, donor_layer, donor_expert, tensors))
+    return plan
+
+
+@contextmanager
+def graft_applied(adapter, plan: list[GraftPair]):
+    """The recipient with the plan's tensors copied in; its own tensors put back on exit."""
+    saved = []
+    try:
+        with torch.no_grad():
+            for pair in plan:
+                for name, slot in adapter.expert_tensors(pair.layer, pair.expert).items():
+                    saved.append((slot, slot.detach().clone()))
+                    slot.copy_(pair.tensors[name].to(slot.device))
+        yield adapter
+    finally:
+        with torch.no_grad():
+            for slot, original in reversed(saved):
+                slot.copy_(original)
+
+
+def graft_record(recipient, donor, plan: list[GraftPair]) -> dict:
+    """What graft.json records: both models, and per pair the sha256 of every tensor copied
+    in (the donor's) and of the recipient's tensor it replaced."""
+    pairs = []
+    for pair in plan:
+        slots = recipient.adapter.expert_tensors(pair.layer, pair.expert)
+        pairs.append({"pair": pair.label, "layer": pair.layer, "expert": pair.expert, "donor_layer": pair.donor_layer,
+                      "donor_expert": pair.donor_expert,
+                      "tensors": {name: {"shape": list(tensor.shape), "donor_sha256": tensor_sha256(tensor),
+                                         "replaced_sha256": tensor_sha256(slots[name])}
+                                  for name, tensor in pair.tensors.items()}})
+    return {"format": "routelens-graft-1", "recipient": recipient.spec, "donor": donor.spec,
+            "family": recipient.adapter.config.model_type, "dtype": recipient.dtype, "pairs": pairs}
+
+
+def write_grafted(out: str, recipient, donor, plan: list[GraftPair]) -> dict:
+    """Save the grafted recipient as a Hugging Face folder with graft.json; returns the record."""
+    from routelens.results.run_folder import write_json_atomic
+
+    if os.path.isdir(out) and os.listdir(out):
+        raise RouteLensError(f"--out {out} exists and is not empty; grafting writes a new model folder: "
+                             "choose a new or empty --out")
+    record = graft_record(recipient, donor, plan)
+    os.makedirs(out, exist_ok=True)
+    with graft_applied(recipient.adapter, plan):
+        recipient.adapter.model.save_pretrained(out)
+    if recipient.tokenizer is not None:
+        recipient.tokenizer.save_pretrained(out)
+    write_json_atomic(os.path.join(out, GRAFT_JSON), record)
+    return record
+
+
+def checkpoint_dtype(spec: str) -> str:
+    """The dtype a checkpoint was saved in (config.json's `dtype`), so the grafted folder
+    keeps it; float32 when it says none (and for tiny random models)."""
+    from routelens.models.loading import DEMO, DTYPES, TINY_PREFIX
+
+    if spec.startswith(TINY_PREFIX):
+        return "float32"
+    if spec == DEMO:
+        from routelens.demo_model import WEIGHTS_DIR as spec
+    if os.path.isdir(spec) and os.path.isfile(os.path.join(spec, "config.json")):
+        with open(os.path.join(spec, "config.json"), encoding="utf-8") as handle:
+            config = json.load(handle)
+        name = str(config.get("dtype") or config.get("torch_dtype") or "float32")
+        return name if name in DTYPES else "float32"
+    from transformers import AutoConfig
+
+    try:
+        dtype = AutoConfig.from_pretrained(spec).dtype
+    except Exception:  # the loader reports an unreadable model in its own words
+        return "float32"
+    name = str(dtype).replace("torch.", "") if dtype is not None else "float32"
+    return name if name in DTYPES else "float32"
+
+
+def read_graft_record(folder: str) -> dict:
+    with open(os.path.join(folder, GRAFT_JSON), encoding="utf-8") as handle:
+        return json.load(handle)

@@ -1,0 +1,122 @@
+"""Semantic (fingerprint) routing on the demo model: routes of k distinct experts weighted
+by the model's own gating rule (one arm re-scored by plain forwards with hooks), arms paired
+on the same items, a disjoint seeded split, statistics equal to SciPy's and statsmodels'."""
+
+import numpy as np
+import pytest
+import torch
+from scipy import stats as sp
+from statsmodels.stats.multitest import multipletests
+
+import routelens as rl
+from routelens.analyses.semantic_routing import nearest, split_items, token_vectors
+from routelens.errors import RouteLensError
+from routelens.models.routing import RouteOverride, capture_routes, override_routes
+
+
+@pytest.fixture(scope="module")
+def demo_semantic():
+    lens = rl.load("demo")
+    res = rl.semantic_route(lens, "arithmetic", per_domain=4, layer_sets=[[3], [0, 3]], floor_seeds=2,
+                            bootstrap_resamples=200, seed=1)
+    return lens, res
+
+
+def test_split_is_disjoint_seeded_and_covers_every_domain():
+    items = rl.arithmetic_items(rl.load("demo"), per_domain=5)
+    calibration, evaluation = split_items(items, 0.4, seed=3)
+    assert not {i.id for i in calibration} & {i.id for i in evaluation}
+    assert len(calibration) + len(evaluation) == len(items)
+    assert {i.domain for i in calibration} == {i.domain for i in evaluation} == {"addsub", "mul", "mixed", "long"}
+    assert [i.id for i in split_items(items, 0.4, seed=3)[0]] == [i.id for i in calibration]
+    assert [i.id for i in split_items(items, 0.4, seed=4)[0]] != [i.id for i in calibration]
+
+
+def test_arms_are_paired_and_the_semantic_route_rescored_by_hooks_matches(demo_semantic):
+    lens, res = demo_semantic
+    scores, summary = res.scores, res.summary_dict
+    natural_ids = set(scores[scores["arm"] == "natural"]["item_id"])
+    assert len(natural_ids) == summary["evaluation_items"] == 8
+    for (layer_set, arm), rows in scores[scores["arm"] != "natural"].groupby(["layer_set", "arm"]):
+        assert set(rows["item_id"]) == natural_ids, (layer_set, arm)
+        assert len(rows) == len(natural_ids) * (2 if arm == "floor" else 1)
+    experts = summary["domain_experts"]
+    for layer in ("0", "3"):
+        for route in experts[layer].values():
+            assert len(route) == lens.top_k == len(set(route))          # k distinct experts
+    # the semantic arm at layer set "0+3", re-scored by a plain forward with hooks at both layers
+    items = {i.id: i for i in rl.arithmetic_items(lens, per_domain=4)}
+    for row in scores[(scores["arm"] == "semantic") & (scores["layer_set"] == "0+3")].itertuples():
+        item = items[row.item_id]
+        predicted = row.predicted.split("|")
+        ids = torch.tensor([item.input_ids])
+        with torch.no_grad(), capture_routes(lens.adapter, [0, 3]) as captured:
+            lens.model(ids, use_cache=False)
+        length = ids.shape[1]
+        overrides = {}
+        for layer, domain in zip((0, 3), predicted):
+            route = torch.tensor(experts[str(layer)][domain]).expand(length, -1)
+            weights = lens.adapter.weights_for(captured[layer].logits.float(), route)   # the model's gating rule
+            overrides[layer] = RouteOverride(torch.arange(length), route, weights)
+        with torch.no_grad(), override_routes(lens.adapter, overrides):
+            logits = lens.model(ids, use_cache=False).logits[0].float()
+        positions = list(item.target_positions)
+        logprob = torch.log_softmax(logits, -1)[positions, torch.tensor(item.input_ids)[[p + 1 for p in positions]]]
+        assert row.mean_logprob == pytest.approx(float(logprob.mean()), abs=1e-5)
+
+
+def test_prompt_classification_is_the_nearest_fingerprint(demo_semantic):
+    lens, res = demo_semantic
+    items = {i.id: i for i in rl.arithmetic_items(lens, per_domain=4)}
+    calibration = [items[i] for i in res.config["calibration_items"]]
+    vectors = [token_vectors(lens.adapter, item, [3], "selection")[0][3] for item in calibration]
+    domains = sorted({i.domain for i in calibration})
+    centroids = torch.stack([torch.cat([v for v, i in zip(vectors, calibration) if i.domain == d]).mean(0)
+                             for d in domains])
+    for row in res.classification[res.classification["layer"] == 3].itertuples():
+        item = items[row.item_id]
+        prompt = token_vectors(lens.adapter, item, [3], "selection")[0][3][: len(item.prompt_ids)].mean(0, keepdim=True)
+        assert domains[int(nearest(prompt, centroids)[0])] == row.predicted
+
+
+def test_statistics_equal_scipy_and_statsmodels(demo_semantic):
+    _, res = demo_semantic
+    scores, summary = res.scores, res.summary_dict
+    natural = scores[scores["arm"] == "natural"].set_index("item_id")["mean_logprob"]
+    tests = []
+    for name, block in summary["layer_sets"].items():
+        at = scores[scores["layer_set"] == name]
+        for domain, entry in block.items():
+            ids = natural.index if domain == "All" else \
+                scores[(scores["arm"] == "natural") & (scores["domain"] == domain)]["item_id"]
+            for arm in ("semantic", "semantic_token", "oracle", "floor"):
+                values = at[at["arm"] == arm].groupby("item_id")["mean_logprob"].mean().reindex(ids)
+                difference = (values - natural[ids]).to_numpy()
+                assert entry[arm]["difference"] == pytest.approx(difference.mean())
+                if np.any(difference != 0):
+                    assert entry[arm]["p_value"] == pytest.approx(sp.wilcoxon(difference).pvalue)
+                tests.append(entry[arm])
+    expected = multipletests([t["p_value"] for t in tests], method="fdr_bh")[1]
+    np.testing.assert_allclose([t["q_value"] for t in tests], expected, rtol=1e-12)
+
+
+@pytest.mark.parametrize("options, message", [
+    ({"domains": ["mul"]}, "chooses between domains; the items hold 1"),
+    ({"per_domain": 1}, "has 1 item; each domain needs two or more"),
+    ({"layer_sets": [[0, 0]]}, "--layer-sets must be non-empty sets of distinct layer indices"),
+    ({"kind": "vibes"}, "--kind must be selection or input"),
+    ({"layer_sets": [[9]]}, "layer 9 is out of range"),
+])
+def test_bad_settings_are_one_line_errors(options, message):
+    with pytest.raises(RouteLensError, match=message):
+        rl.semantic_route(rl.load("demo"), "arithmetic", **{"per_domain": 3, **options})
+
+
+def test_input_fingerprints_run_and_report(tmp_path):
+    res = rl.run_semantic_route(rl.load("demo"), "arithmetic", str(tmp_path / "sem"), per_domain=3, kind="input",
+                                layer_sets=[[1]], floor_seeds=1, bootstrap_resamples=100, show_progress=False)
+    assert res.summary_dict["kind"] == "input"
+    page = open(res.report(), encoding="utf-8").read()
+    assert "Semantic routing" in page and 'id="fig-semantic_routing"' in page
+    entry = res.summary_dict["layer_sets"]["1"]["All"]
+    assert f"{entry['natural']:.3f}" in page
