@@ -18,7 +18,7 @@ from routelens.models.routing import RouteOverride, capture_routes, override_rou
 def demo_semantic():
     lens = rl.load("demo")
     res = rl.semantic_route(lens, "arithmetic", per_domain=4, layer_sets=[[3], [0, 3]], floor_seeds=2,
-                            bootstrap_resamples=200, seed=1)
+                            bootstrap_resamples=200, seed=1, max_new_tokens=40)
     return lens, res
 
 
@@ -114,9 +114,56 @@ def test_bad_settings_are_one_line_errors(options, message):
 
 def test_input_fingerprints_run_and_report(tmp_path):
     res = rl.run_semantic_route(rl.load("demo"), "arithmetic", str(tmp_path / "sem"), per_domain=3, kind="input",
-                                layer_sets=[[1]], floor_seeds=1, bootstrap_resamples=100, show_progress=False)
+                                layer_sets=[[1]], floor_seeds=1, bootstrap_resamples=100, accuracy=False,
+                                show_progress=False)
     assert res.summary_dict["kind"] == "input"
     page = open(res.report(), encoding="utf-8").read()
     assert "Semantic routing" in page and 'id="fig-semantic_routing"' in page
+    assert "Accuracy of generated answers" not in page and "accuracy" not in res.summary_dict
     entry = res.summary_dict["layer_sets"]["1"]["All"]
     assert f"{entry['natural']:.3f}" in page
+
+
+def _greedy_forced(lens, prompt, layer, experts, steps):
+    """Greedy decoding by full forwards: every token at `layer` forced to `experts` with the
+    gating rule's weights on its own router logits (read from a natural forward first: the
+    router's input at `layer` does not depend on `layer`'s experts)."""
+    sequence, out = list(prompt), []
+    for _ in range(steps):
+        ids = torch.tensor([sequence])
+        with torch.no_grad(), capture_routes(lens.adapter, [layer]) as captured:
+            lens.model(ids, use_cache=False)
+        route = torch.tensor(experts).expand(len(sequence), -1)
+        weights = lens.adapter.weights_for(captured[layer].logits.float(), route)
+        with torch.no_grad(), override_routes(lens.adapter, {layer: RouteOverride(torch.arange(len(sequence)), route,
+                                                                                  weights)}):
+            token = int(lens.model(ids, use_cache=False).logits[0, -1].argmax())
+        out.append(token)
+        sequence.append(token)
+        if token == lens.tokenizer.eos_token_id:
+            break
+    return out
+
+
+def test_accuracy_arms_equal_forced_greedy_decoding_and_mcnemar(demo_semantic):
+    from statsmodels.stats.contingency_tables import mcnemar
+
+    lens, res = demo_semantic
+    accuracy, summary = res.accuracy, res.summary_dict
+    items = {i.id: i for i in rl.arithmetic_items(lens, per_domain=4)}
+    oracle = accuracy[(accuracy["arm"] == "oracle") & (accuracy["layer_set"] == "3")]
+    for row in oracle.head(3).itertuples():
+        item = items[row.item_id]
+        experts = summary["domain_experts"]["3"][item.domain]
+        generated = _greedy_forced(lens, item.prompt_ids, 3, experts, res.config["max_new_tokens"])
+        assert lens.tokenizer.decode(generated, skip_special_tokens=True) == row.completion
+    natural = accuracy[accuracy["arm"] == "natural"].set_index("item_id")["correct"]
+    for name, block in summary["accuracy"].items():
+        for arm in ("semantic", "oracle"):
+            arm_correct = accuracy[(accuracy["arm"] == arm) & (accuracy["layer_set"] == name)].set_index("item_id")["correct"]
+            a, b = natural.to_numpy(), arm_correct.reindex(natural.index).to_numpy()
+            entry = block["All"][arm]
+            assert entry["accuracy"] == pytest.approx(b.mean()) and entry["difference"] == pytest.approx((b * 1.0 - a).mean())
+            table = [[int(np.sum(a & b)), int(np.sum(a & ~b))], [int(np.sum(~a & b)), int(np.sum(~a & ~b))]]
+            if table[0][1] + table[1][0]:
+                assert entry["p_value"] == pytest.approx(mcnemar(table, exact=True).pvalue)

@@ -435,12 +435,13 @@ def run_semantic_route(lens: Lens, items, out: str | None, *, config: SemanticRo
 
     `items`: "arithmetic", a file path or a list of `TargetItem` of two or more domains.
     `options`: fields of `SemanticRouteConfig` (`layer_sets`, `kind` "selection" or "input",
-    `calibration_share`, `floor_seeds`, `seed`, `alpha`, `bootstrap_resamples`).
+    `calibration_share`, `floor_seeds`, `seed`, `accuracy` (greedy answers checked, the
+    arithmetic task), `max_new_tokens`, `score`, `alpha`, `bootstrap_resamples`).
 
     Example:
         >>> import routelens as rl
         >>> res = rl.run_semantic_route(rl.load("demo"), "arithmetic", str(tmp / "semantic"), per_domain=3,
-        ...                             layer_sets=[[3]], floor_seeds=1, show_progress=False)
+        ...                             layer_sets=[[3]], floor_seeds=1, max_new_tokens=24, show_progress=False)
         >>> sorted(res.scores["arm"].unique())
         ['floor', 'natural', 'oracle', 'semantic', 'semantic_token']
     """
@@ -461,7 +462,8 @@ def semantic_route(lens: Lens, items, *, config: SemanticRouteConfig | None = No
 
     Example:
         >>> import routelens as rl
-        >>> res = rl.semantic_route(rl.load("demo"), "arithmetic", per_domain=3, layer_sets=[[0]], floor_seeds=1)
+        >>> res = rl.semantic_route(rl.load("demo"), "arithmetic", per_domain=3, layer_sets=[[0]], floor_seeds=1,
+        ...                         accuracy=False)
         >>> res.classification["layer"].unique().tolist()
         [0]
     """

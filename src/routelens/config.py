@@ -320,14 +320,20 @@ class SemanticRouteConfig:
     calibration_share: float = 0.5               # of each domain's items, seeded; the rest are evaluated
     floor_seeds: int = 3
     seed: int = 0
+    accuracy: bool = True                        # also generate (greedy) and check answers: the arithmetic task
+    max_new_tokens: int = 96
+    score: str = "mean"                          # summary statistic: "mean" or "first" target-token log-prob
     alpha: float = 0.05
     bootstrap_resamples: int = 2000
     memory_budget: int = 2 * 2**30
 
-    SUMMARY = ("alpha", "bootstrap_resamples")
+    SUMMARY = ("alpha", "bootstrap_resamples", "score")
     PERFORMANCE = ("memory_budget",)
 
     def __post_init__(self) -> None:
+        if self.score not in SCORES:
+            raise RouteLensError(f"--score must be one of {', '.join(SCORES)}, got {self.score!r}")
+        _at_least("--max-new-tokens", self.max_new_tokens, 1)
         if self.layer_sets is not None:
             if not isinstance(self.layer_sets, (list, tuple)) or not self.layer_sets or not all(
                     _is_layer_list(s) and len(set(s)) == len(s) for s in self.layer_sets):

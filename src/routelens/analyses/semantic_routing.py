@@ -180,6 +180,117 @@ def _row(item: TargetItem, layer_set: str, arm: str, floor_seed, predicted: str,
             "predicted": predicted, "mean_logprob": float(np.mean(logprobs)), "first_logprob": float(logprobs[0])}
 
 
+# ---------------------------------------------------------------------------- accuracy (generation)
+ACCURACY_SCHEMA = pa.schema([
+    ("item_id", pa.string()), ("domain", pa.string()), ("layer_set", pa.string()), ("arm", pa.string()),
+    ("floor_seed", pa.int64()), ("correct", pa.bool_()), ("completion", pa.string()),
+])
+GENERATION_CHUNK = 64   # items generated together (one batch: a batch row is an item)
+
+
+def _item_answer(tokenizer, item: TargetItem) -> int | None:
+    """The arithmetic task's answer, read off the item's worked solution ('...#<int>')."""
+    from routelens.data.arithmetic import verify
+
+    text = tokenizer.decode(item.target_ids, skip_special_tokens=True)
+    return verify(text, 0).predicted if "#" in text else None
+
+
+def _rule(arm: str, layer: int, prints: dict, chunk: list[TargetItem], predicted: dict, kind: str, adapter,
+          seed: int, floor_seed: int | None):
+    """The expert choice of one arm at one layer for a batch of items (row b = chunk[b])."""
+    fp = prints[layer]
+    fixed = None
+    if arm in ("semantic", "oracle"):
+        domains = [predicted[(item.id, layer)] if arm == "semantic" else item.domain for item in chunk]
+        fixed = torch.stack([fp["experts"][fp["domains"].index(d)] for d in domains])          # [B, k]
+    generator = torch.Generator().manual_seed(int(np.random.SeedSequence([seed, layer, floor_seed or 0]).generate_state(1)[0]))
+
+    def rule(logits: torch.Tensor, hidden: torch.Tensor) -> torch.Tensor:
+        rows = logits.shape[0]
+        if fixed is not None:
+            return fixed.repeat_interleave(rows // len(chunk), dim=0)
+        if arm == "floor":   # k experts uniformly per token, from the run's seeded stream
+            return torch.rand(rows, adapter.num_experts, generator=generator).argsort(-1)[:, : adapter.top_k].sort(-1).values
+        vectors = adapter.selection_distribution(logits.float(), layer).cpu() if kind == "selection" else \
+            hidden.reshape(rows, -1).double().cpu()
+        return fp["experts"][nearest(vectors, fp["centroids"])]                                   # semantic_token
+
+    return rule
+
+
+def accuracy_rows(adapter, tokenizer, items: list[TargetItem], prints: dict, predicted: dict,
+                  layer_sets: list[list[int]], config: SemanticRouteConfig) -> list[dict]:
+    """Greedy completions of the evaluation items under natural routing and under every arm
+    at every layer set (the rule applied to every prompt and generated token), checked
+    against the item's answer: one row per (item, layer set, arm[, floor seed])."""
+    from routelens.data.arithmetic import verify
+    from routelens.generation import sample_completions
+    from routelens.models.routing import route_by_rule
+
+    answers = {item.id: _item_answer(tokenizer, item) for item in items}
+    arms = [("natural", None, "")] + [(arm, None, name) for name in map(layer_set_name, layer_sets)
+                                      for arm in ("semantic", "semantic_token", "oracle")] + \
+        [("floor", s, name) for name in map(layer_set_name, layer_sets) for s in range(config.floor_seeds)]
+    sets = {layer_set_name(layer_set): layer_set for layer_set in layer_sets}
+    rows = []
+    for arm, floor_seed, name in arms:
+        for start in range(0, len(items), GENERATION_CHUNK):
+            chunk = items[start: start + GENERATION_CHUNK]
+            rules = {} if arm == "natural" else {
+                layer: _rule(arm, layer, prints, chunk, predicted, config.kind, adapter, config.seed, floor_seed)
+                for layer in sets[name]}
+            with route_by_rule(adapter, rules) if rules else _nothing():
+                samples = sample_completions(adapter.model, tokenizer, [item.prompt_ids for item in chunk], greedy=True,
+                                             max_new_tokens=config.max_new_tokens, batch_size=len(chunk),
+                                             show_progress=False)
+            for sample in samples:
+                item = chunk[sample.prompt_index]
+                rows.append({"item_id": item.id, "domain": item.domain, "layer_set": name, "arm": arm,
+                             "floor_seed": floor_seed, "completion": sample.completion,
+                             "correct": answers[item.id] is not None and verify(sample.completion, answers[item.id]).correct})
+    return rows
+
+
+def _nothing():
+    from contextlib import nullcontext
+
+    return nullcontext()
+
+
+def summarise_accuracy(accuracy: pd.DataFrame, layer_sets: list[list[int]], config: SemanticRouteConfig) -> dict:
+    """Per layer set x domain (and All) x arm: accuracy, the paired difference against natural
+    routing with a bootstrap interval over items, and the exact McNemar p (a binomial test of
+    the discordant items; floor: its first seed)."""
+    from scipy.stats import binomtest
+
+    natural = accuracy[accuracy["arm"] == "natural"].set_index("item_id")
+    out = {}
+    for name in map(layer_set_name, layer_sets):
+        block = {}
+        for domain in (*sorted(natural["domain"].unique()), ALL_DOMAINS):
+            ids = natural.index if domain == ALL_DOMAINS else natural.index[natural["domain"] == domain]
+            base = natural["correct"][ids].astype(float)
+            entry = {"items": int(len(ids)), "natural": float(base.mean())}
+            for arm in ARMS:
+                at = accuracy[(accuracy["layer_set"] == name) & (accuracy["arm"] == arm)
+                              & ((accuracy["floor_seed"] == 0) | (arm != "floor"))].set_index("item_id")
+                if at.empty:
+                    continue
+                values = at["correct"].reindex(ids).astype(float)
+                difference = (values - base).to_numpy()
+                low, high = stats.bootstrap_over_units(lambda idx, d=difference: d[idx].mean(axis=-1), len(difference),
+                                                       seed=config.seed, n_resamples=config.bootstrap_resamples)
+                better, worse = int((difference > 0).sum()), int((difference < 0).sum())
+                entry[arm] = {"accuracy": float(values.mean()), "difference": float(difference.mean()),
+                              "ci": [None if np.isnan(low) else low, None if np.isnan(high) else high],
+                              "better": better, "worse": worse,
+                              "p_value": 1.0 if better + worse == 0 else float(binomtest(better, better + worse).pvalue)}
+            block[domain] = entry
+        out[name] = block
+    return out
+
+
 # ---------------------------------------------------------------------------- summary
 def _paired(difference: np.ndarray, seed: int, resamples: int) -> dict:
     low, high = stats.bootstrap_over_units(lambda idx: difference[idx].mean(axis=-1), len(difference), seed=seed,
@@ -266,7 +377,21 @@ def run_semantic_routing(loaded, items: list[TargetItem], config: SemanticRouteC
             folder.write_unit(index, analyse_item(adapter, scorer, evaluation[index], prints, layer_sets, config))
             advance(1)
     folder.concatenate(list(range(len(evaluation))))
-    summary = summarise(folder.read("scores"), folder.read("classification"), layer_sets, config)
+    summary = summarise(folder.read("scores"), folder.read("classification"), layer_sets, config, config.score)
+    if config.accuracy:
+        if loaded.tokenizer is None or any(_item_answer(loaded.tokenizer, item) is None for item in evaluation):
+            raise RouteLensError("accuracy needs items whose target ends in the arithmetic task's '#<answer>' and a "
+                                 "tokenizer; pass --no-accuracy for other items")
+        classification = folder.read("classification")
+        predicted = {(row.item_id, int(row.layer)): row.predicted for row in classification.itertuples()}
+        accuracy = pd.DataFrame(accuracy_rows(adapter, loaded.tokenizer, evaluation, prints, predicted, layer_sets,
+                                              config))
+        folder.write_table("accuracy", accuracy)
+        summary["accuracy"] = summarise_accuracy(accuracy, layer_sets, config)
+        summary["accuracy_definition"] = (f"greedy completions (at most {config.max_new_tokens} tokens) with the arm's "
+                                          "routing on every prompt and generated token at the layer set, final answer "
+                                          "checked; the floor draws k experts per token (its seed 0 is tested); p: exact "
+                                          "McNemar (binomial test of the discordant items)")
     summary["calibration_items"] = len(calibration)
     summary["evaluation_items"] = len(evaluation)
     summary["domain_experts"] = {str(layer): {d: prints[layer]["experts"][i].tolist()

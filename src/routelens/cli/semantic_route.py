@@ -40,7 +40,9 @@ def parents():
 
 
 def add_arguments(parser) -> None:
-    from routelens.config import FINGERPRINT_KINDS
+    import argparse
+
+    from routelens.config import FINGERPRINT_KINDS, SCORES
     from routelens.config import SemanticRouteConfig as C
 
     parser.add_argument("--items", default="arithmetic", help="arithmetic (the embedded task) or a JSONL/Parquet item file")
@@ -58,6 +60,13 @@ def add_arguments(parser) -> None:
                         help="random-floor seeds (default %(default)s)")
     parser.add_argument("--seed", type=int, default=default_of(C, "seed"),
                         help="seed of the split, the floor and the bootstrap (default %(default)s)")
+    parser.add_argument("--accuracy", action=argparse.BooleanOptionalAction, default=default_of(C, "accuracy"),
+                        help="also generate greedy answers under each arm and check them (the arithmetic task; "
+                             "default on)")
+    parser.add_argument("--max-new-tokens", type=positive_int, default=default_of(C, "max_new_tokens"),
+                        help="generated tokens per answer at most (default %(default)s)")
+    parser.add_argument("--score", choices=list(SCORES), default=default_of(C, "score"),
+                        help="summary statistic: mean or first target-token log-prob (default %(default)s)")
     parser.add_argument("--alpha", type=float, default=default_of(C, "alpha"), help="FDR level (default %(default)s)")
     parser.add_argument("--bootstrap-resamples", type=positive_int, default=default_of(C, "bootstrap_resamples"),
                         help="bootstrap resamples (default %(default)s)")
@@ -69,7 +78,8 @@ def run(args) -> int:
     from routelens.summary_table import print_semantic_route_summary
 
     config = SemanticRouteConfig(layer_sets=args.layer_sets, kind=args.kind, calibration_share=args.calibration_share,
-                                 floor_seeds=args.floor_seeds, seed=args.seed, alpha=args.alpha,
+                                 floor_seeds=args.floor_seeds, seed=args.seed, accuracy=args.accuracy,
+                                 max_new_tokens=args.max_new_tokens, score=args.score, alpha=args.alpha,
                                  bootstrap_resamples=args.bootstrap_resamples)   # bad settings fail before loading
     result = run_semantic_route(load_lens(args), args.items, args.out, config=config, domains=args.domains,
                                 per_domain=args.per_domain, overwrite=args.overwrite, show_progress=not args.no_progress)

@@ -141,3 +141,28 @@ def override_routes(adapter: MoEAdapter, overrides: dict[int, RouteOverride],
                 f"the router {adapter.module_name(adapter.routers[layer])} was bypassed (a quantized MLP, a hub kernel "
                 "or a changed block forward); refusing to return natural-route numbers as overridden ones"
             )
+
+
+@contextmanager
+def route_by_rule(adapter: MoEAdapter, rules: dict[int, Callable]) -> Iterator[None]:
+    """Route every token at each layer by a rule instead of the router's choice, for any
+    number of forwards (generation): `rule(logits [N, E], hidden) -> experts [N, k]` on the
+    flat rows (b * seq_len + s) the router saw (`hidden`: the router's input); the weights are the
+    model's gating rule on the router's own logits for those experts. A rule's hook that
+    never fires is `OverrideNotApplied`."""
+    fired = dict.fromkeys(rules, 0)
+
+    def apply(module, args, output, layer):
+        logits, weights, experts = _unpack(output, layer)
+        hidden = args[0] if args else None
+        chosen = rules[layer](logits.detach(), hidden).to(experts.device, experts.dtype)
+        fired[layer] += 1
+        return logits, adapter.weights_for(logits.float(), chosen).to(weights.dtype), chosen
+
+    with _router_hooks(adapter, {layer: (lambda m, a, o, layer=layer: apply(m, a, o, layer)) for layer in rules}):
+        yield
+    silent = [layer for layer, count in fired.items() if count == 0]
+    if silent:
+        raise OverrideNotApplied(f"routing rules at layers {silent} never fired: the router "
+                                 f"{adapter.module_name(adapter.routers[silent[0]])} was bypassed; refusing to report "
+                                 "natural-route numbers as rule-routed ones")

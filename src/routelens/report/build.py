@@ -307,8 +307,25 @@ def semantic_route_section(run_dir: str, run: dict) -> str:
             f"<p>{summary['calibration_items']} calibration and {summary['evaluation_items']} evaluation items; "
             f"{esc(summary['kind'])} fingerprints. Arms: "
             f"{esc('; '.join(f'{arm}: {text}' for arm, text in summary['arms'].items()))}. {esc(summary['interval'])}; "
-            f"* q &lt;= {summary['alpha']}.</p>{comparison}<h3>Fingerprint classification</h3>{classes}"
+            f"* q &lt;= {summary['alpha']}.</p>{comparison}{_semantic_accuracy(summary)}"
+            f"<h3>Fingerprint classification</h3>{classes}"
             f"{_figures_html(run_dir, figs.semantic_route_figures(summary))}{_provenance(run)}")
+
+
+def _semantic_accuracy(summary: dict) -> str:
+    if not summary.get("accuracy"):
+        return ""
+    arms = ("semantic", "semantic_token", "oracle", "floor")
+    rows = []
+    for name, block in summary["accuracy"].items():
+        for domain, entry in block.items():
+            rows.append([name, domain, entry["items"], fmt(entry["natural"], 2)]
+                        + [("-" if arm not in entry else f"{entry[arm]['accuracy']:.2f}: "
+                            f"{interval(entry[arm]['difference'], entry[arm]['ci'], 2)}, p {entry[arm]['p_value']:.2g}")
+                           for arm in arms])
+    return (f"<h3>Accuracy of generated answers</h3><p>{esc(summary['accuracy_definition'])}.</p>"
+            + table(["layer set", "domain", "items", "natural", *[f"{arm}: accuracy, minus natural" for arm in arms]],
+                    rows, "semantic-accuracy"))
 
 
 def graft_evaluation_section(run_dir: str, run: dict) -> str:
