@@ -223,3 +223,28 @@ def test_joint_run_report_and_printed_table_show_the_comparison(demo_joint, tmp_
     text = printed.getvalue()
     assert "joint routes at layers 0+1+3" in text
     assert all((group["verdict"] or "-") in text for group in joint.values())
+
+
+def test_export_of_the_joint_table(demo_joint, tmp_path, capsys):
+    from routelens.cli import main
+
+    _, res = demo_joint
+    saved = res.save(str(tmp_path / "joint-export"))
+    assert main(["export", saved.path, "--table", "joint", "--format", "csv"]) == 0
+    import io
+
+    import pandas as pd
+
+    exported = pd.read_csv(io.StringIO(capsys.readouterr().out))
+    assert list(exported["bin"]) == ["Confident", "Ambiguous", "Fragile", "All"]
+    assert list(exported["verdict"].fillna("-")) == [g["verdict"] or "-" for g in res.summary_dict["joint"]["bins"].values()]
+    single = _single_layer_run(tmp_path)
+    assert main(["export", single, "--table", "joint"]) == 2
+    assert "--table joint needs one" in capsys.readouterr().err
+
+
+def _single_layer_run(tmp_path) -> str:
+    import routelens as rl
+
+    lens = rl.load("demo")
+    return rl.counterfactual(lens, _demo_trajectories(lens)[:1], layers=[0], routes=2).save(str(tmp_path / "single")).path

@@ -167,3 +167,28 @@ def test_accuracy_arms_equal_forced_greedy_decoding_and_mcnemar(demo_semantic):
             table = [[int(np.sum(a & b)), int(np.sum(a & ~b))], [int(np.sum(~a & b)), int(np.sum(~a & ~b))]]
             if table[0][1] + table[1][0]:
                 assert entry["p_value"] == pytest.approx(mcnemar(table, exact=True).pvalue)
+
+
+@pytest.mark.parametrize("family", ["deepseek_v3", "gpt_oss", "qwen3_next", "phimoe"])
+def test_semantic_routing_runs_on_other_families(tiny_adapters, family):
+    """Group-limited, biased, hybrid and sparsemixer routers: routes of k distinct experts, the
+    natural-route check passes, every arm is scored."""
+    from routelens.analyses.semantic_routing import run_semantic_routing
+    from routelens.config import SemanticRouteConfig
+    from routelens.data.target_items import TargetItem
+    from routelens.models.loading import LoadedModel
+
+    adapter = tiny_adapters[family]
+    generator = torch.Generator().manual_seed(0)
+    items = [TargetItem(f"{d}{i}", d, torch.randint(3 + 20 * j, 20 + 20 * j, (6,), generator=generator).tolist(),
+                        torch.randint(3, 60, (4,), generator=generator).tolist())
+             for j, d in enumerate(("a", "b")) for i in range(4)]
+    loaded = LoadedModel(adapter, None, f"tiny:{family}", "cpu", "float32")
+    run = run_semantic_routing(loaded, items, SemanticRouteConfig(layer_sets=[[adapter.moe_layers[-1]]], floor_seeds=1,
+                                                                  accuracy=False, bootstrap_resamples=50),
+                               None, {"items": "in-memory"}, show_progress=False)
+    scores = run.read("scores")
+    assert set(scores["arm"]) == {"natural", "semantic", "semantic_token", "oracle", "floor"}
+    for route in run.summary["domain_experts"][str(adapter.moe_layers[-1])].values():
+        assert len(set(route)) == adapter.top_k
+    assert scores["mean_logprob"].notna().all()

@@ -12,7 +12,10 @@ EPILOG = """examples:
 
 The table is the run's `summary` DataFrame in Python (routelens.read_run(RUN).summary):
 counterfactual: one row per layer and bin; isolation: per domain and layer; passk: per arm
-and k; router-update: one row. Numbers are rounded to --digits for LaTeX and Markdown.
+and k; router-update: one row; rollout: per bin; semantic-routing: per layer set, domain and
+arm; graft-evaluation: per domain, measure and slot. `--table joint` exports a
+--joint-layers run's comparison of joint and single-layer gains instead (result.joint_summary).
+Numbers are rounded to --digits for LaTeX and Markdown.
 """
 
 FORMATS = ("csv", "latex", "markdown")
@@ -25,6 +28,8 @@ def parents():
 def add_arguments(parser) -> None:
     parser.add_argument("run", metavar="RUN_DIR", help="a complete run folder")
     parser.add_argument("--format", choices=FORMATS, default="markdown", help="output format (default markdown)")
+    parser.add_argument("--table", choices=("summary", "joint"), default="summary",
+                        help="summary (default), or joint: a --joint-layers counterfactual run's joint comparison")
     parser.add_argument("--digits", type=int, default=4, help="decimals in LaTeX and Markdown (default 4)")
     parser.add_argument("--out", default=None, help="write to this file (default: print)")
 
@@ -46,12 +51,19 @@ def run(args) -> int:
 
     if args.out:
         check_out_file(args.out)
+    from routelens.errors import RouteLensError
+
     result = read_run(args.run)
-    caption = f"routelens {result.kind} summary of {result.config.get('model')}"
-    text = render(result.summary, args.format, args.digits, caption)
+    frame = result.summary
+    if args.table == "joint":
+        frame = getattr(result, "joint_summary", None)
+        if frame is None:
+            raise RouteLensError(f"{args.run} is not a --joint-layers counterfactual run; --table joint needs one")
+    caption = f"routelens {result.kind} {args.table} of {result.config.get('model')}"
+    text = render(frame, args.format, args.digits, caption)
     if args.out:
         write_text_atomic(args.out, text)
-        print(f"{result.kind} summary ({len(result.summary)} rows) written to {args.out}")
+        print(f"{result.kind} {args.table} ({len(frame)} rows) written to {args.out}")
     else:
         print(text, end="")
     return 0
