@@ -30,11 +30,11 @@ import numpy as np
 import torch
 
 from routelens.engine.checks import DeviationRecord
-from routelens.engine.items import ScoreItem, joint_layers, layer_label, per_layer
+from routelens.engine.items import ScoreItem, joint_layers, joint_overrides, layer_label, per_layer
 from routelens.engine.readout import DEFAULT_MEMORY_BUDGET, activation_bytes, record_layer_arguments, target_log_probs
 from routelens.engine.reference import ReferenceEngine
 from routelens.models.adapter import MoEAdapter
-from routelens.models.routing import RouteOverride, override_routes
+from routelens.models.routing import override_routes
 
 
 class CacheStepMismatch(Exception):
@@ -91,8 +91,7 @@ class CacheEngine:
         cache = adapter.expand_cache(snapshot, layer, rows)
         hidden = recorded[layer][0]
         hidden = hidden.expand(rows, *hidden.shape[1:]).contiguous()
-        overrides = {at: RouteOverride(torch.arange(rows), experts[:, j], weights[:, j]) for j, at in enumerate(layers)}
-        with override_routes(adapter, overrides):
+        with override_routes(adapter, joint_overrides(layers, torch.arange(rows), experts, weights)):
             for index in range(layer, adapter.num_layers):
                 _, args, kwargs = recorded[index]
                 kwargs = {name: (cache if value is snapshot.source else value) for name, value in kwargs.items()}

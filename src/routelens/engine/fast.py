@@ -47,7 +47,7 @@ import torch
 from routelens.engine import attention
 from routelens.engine.cache import CacheEngine
 from routelens.engine.checks import DeviationRecord
-from routelens.engine.items import ScoreItem, joint_layers, layer_label, per_layer
+from routelens.engine.items import ScoreItem, joint_layers, joint_overrides, layer_label, per_layer
 from routelens.engine.readout import (
     DEFAULT_MEMORY_BUDGET,
     activation_bytes,
@@ -393,8 +393,7 @@ class FastEngine:
         forced in the suffix on its own row (rows of flat tokens row * T + t); the diagonal
         patch already carries the perturbed position up to them. Route 0 routes naturally."""
         keep = ~is_standard
-        return {at: RouteOverride(token_rows[keep], experts[keep, j], weights[keep, j])
-                for j, at in enumerate(layers) if j > 0}
+        return joint_overrides(layers[1:], token_rows[keep], experts[keep, 1:], weights[keep, 1:])
 
     def score_positions(self, input_ids: torch.Tensor, layer: int | list[int], positions, experts: torch.Tensor,
                         weights: torch.Tensor) -> np.ndarray:

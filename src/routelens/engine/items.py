@@ -46,3 +46,11 @@ def layer_label(layer: int | Sequence[int]) -> str:
     """'layer 3' for one layer, 'layers 1+2+3' for joint routes: for messages."""
     layers = joint_layers(layer)
     return f"layer {layers[0]}" if isinstance(layer, (int, np.integer)) else "layers " + "+".join(map(str, layers))
+
+
+def joint_overrides(layers: Sequence[int], rows: torch.Tensor, experts: torch.Tensor, weights: torch.Tensor) -> dict:
+    """One `RouteOverride` per layer: rows [N] flat token rows, experts/weights [N, J, k]
+    (route j of each row forced at `layers[j]`)."""
+    from routelens.models.routing import RouteOverride
+
+    return {at: RouteOverride(rows, experts[:, j], weights[:, j]) for j, at in enumerate(layers)}

@@ -19,10 +19,10 @@ import numpy as np
 import torch
 
 from routelens.engine.checks import DeviationRecord, RuntimeCheckFailed
-from routelens.engine.items import ScoreItem, joint_layers, layer_label, per_layer
+from routelens.engine.items import ScoreItem, joint_layers, joint_overrides, layer_label, per_layer
 from routelens.engine.readout import DEFAULT_MEMORY_BUDGET, target_log_probs
 from routelens.models.adapter import MoEAdapter
-from routelens.models.routing import RouteOverride, override_routes
+from routelens.models.routing import override_routes
 
 
 class ReferenceEngine:
@@ -72,8 +72,7 @@ class ReferenceEngine:
             chunk = slice(start, start + self.route_batch_size)
             n = experts[chunk].shape[0]
             rows = torch.arange(n, device=device) * (position + 1) + position
-            overrides = {at: RouteOverride(rows, experts[chunk, j], weights[chunk, j]) for j, at in enumerate(layers)}
-            with override_routes(self.adapter, overrides):
+            with override_routes(self.adapter, joint_overrides(layers, rows, experts[chunk], weights[chunk])):
                 logits = self.adapter.model(
                     prefix.expand(n, -1), use_cache=False, logits_to_keep=1
                 ).logits[:, -1]

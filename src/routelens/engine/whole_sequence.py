@@ -30,10 +30,10 @@ import numpy as np
 import torch
 
 from routelens.engine.checks import DeviationRecord, RuntimeCheckFailed, check_gating_rule
-from routelens.engine.items import joint_layers, layer_label, per_layer
+from routelens.engine.items import joint_layers, joint_overrides, layer_label, per_layer
 from routelens.engine.readout import DEFAULT_MEMORY_BUDGET, activation_bytes, attention_score_bytes, target_log_probs
 from routelens.models.adapter import MoEAdapter
-from routelens.models.routing import RouteOverride, RouterOutput, capture_routes, override_routes
+from routelens.models.routing import RouterOutput, capture_routes, override_routes
 
 
 @dataclass
@@ -144,9 +144,9 @@ class WholeSequenceScorer:
         device = self.adapter.device_of(self.adapter.decoder_layers[layer])
         rows, length, _, k = experts.shape
         states = natural.layer_inputs[layer].expand(rows, -1, -1).contiguous()
-        token_rows = torch.arange(rows * length, device=device)
-        overrides = {at: RouteOverride(token_rows, experts[:, :, j].reshape(-1, k).to(device),
-                                       weights[:, :, j].reshape(-1, k).to(device)) for j, at in enumerate(layers)}
+        overrides = joint_overrides(layers, torch.arange(rows * length, device=device),
+                                    experts.reshape(rows * length, -1, k).to(device),
+                                    weights.reshape(rows * length, -1, k).to(device))
         with override_routes(self.adapter, overrides):
             for index in range(layer, self.adapter.num_layers):
                 kwargs = dict(natural.layer_kwargs[index])
