@@ -136,3 +136,18 @@ def bootstrap_over_units(statistic, n_units: int, *, seed: int, n_resamples: int
             rng=np.random.default_rng(seed),
         )
     return float(result.confidence_interval.low), float(result.confidence_interval.high)
+
+
+def mean_interval(values: np.ndarray, *, seed: int, n_resamples: int = 2000) -> list[float | None]:
+    """95% percentile bootstrap interval of the mean over units (None ends when undefined)."""
+    values = np.asarray(values, dtype=float)
+    low, high = bootstrap_over_units(lambda idx: values[idx].mean(axis=-1), len(values), seed=seed,
+                                     n_resamples=n_resamples)
+    return [None if np.isnan(low) else low, None if np.isnan(high) else high]
+
+
+def paired_test(difference: np.ndarray, *, seed: int, n_resamples: int = 2000) -> dict:
+    """Paired per-unit differences: their mean, its bootstrap interval, the Wilcoxon p, the count."""
+    difference = np.asarray(difference, dtype=float)
+    return {"difference": float(difference.mean()), "ci": mean_interval(difference, seed=seed, n_resamples=n_resamples),
+            "p_value": wilcoxon_p(difference), "items": int(len(difference))}

@@ -17,7 +17,6 @@ import time
 from contextlib import contextmanager
 from dataclasses import dataclass
 
-import numpy as np
 import pandas as pd
 import pyarrow as pa
 import torch
@@ -82,12 +81,6 @@ def file_problems(tokenizer, path: str, n: int | None) -> list[EvalProblem]:
     return [EvalProblem(p["id"], chat_prompt_ids(tokenizer, p["prompt"], p["where"]), p["answer"]) for p in read_problem_file(path)[:n]]
 
 
-def _interval(values: np.ndarray, seed: int, resamples: int) -> list[float | None]:
-    low, high = stats.bootstrap_over_units(lambda idx: values[idx].mean(axis=-1), len(values), seed=seed,
-                                           n_resamples=resamples)
-    return [None if np.isnan(low) else low, None if np.isnan(high) else high]
-
-
 def per_problem(samples: pd.DataFrame, ks: list[int]) -> pd.DataFrame:
     """One row per (arm, problem): n, c and pass@k for each k (unbiased estimator)."""
     counts = (samples.groupby(["arm", "problem_id"], sort=False)
@@ -103,7 +96,8 @@ def summarise(problems: pd.DataFrame, arms: list[str], config: PassKConfig) -> d
         for arm in arms:
             at = frame[frame["arm"] == arm]
             out[arm] = {f"pass@{k}": {"mean": float(at[f"pass@{k}"].mean()),
-                                      "ci": _interval(at[f"pass@{k}"].to_numpy(), config.seed, config.bootstrap_resamples)}
+                                      "ci": stats.mean_interval(at[f"pass@{k}"].to_numpy(), seed=config.seed,
+                                                                   n_resamples=config.bootstrap_resamples)}
                         for k in config.ks}
             out[arm]["problems"] = int(len(at))
         if len(arms) == 2:
@@ -113,7 +107,7 @@ def summarise(problems: pd.DataFrame, arms: list[str], config: PassKConfig) -> d
             for k in config.ks:
                 diff = (updated[f"pass@{k}"] - base[f"pass@{k}"]).to_numpy()
                 out["difference"][f"pass@{k}"] = {"mean": float(diff.mean()),
-                                                  "ci": _interval(diff, config.seed, config.bootstrap_resamples),
+                                                  "ci": stats.mean_interval(diff, seed=config.seed, n_resamples=config.bootstrap_resamples),
                                                   "problems_better": int((diff > 0).sum()),
                                                   "problems_worse": int((diff < 0).sum())}
         return out

@@ -27,6 +27,7 @@ per-domain expert fingerprints.
 from __future__ import annotations
 
 import time
+from contextlib import nullcontext
 
 import numpy as np
 import pandas as pd
@@ -133,7 +134,9 @@ def analyse_item(adapter, scorer: WholeSequenceScorer, item: TargetItem, prints:
                  config: SemanticRouteConfig) -> dict[str, pa.Table]:
     layers = sorted({layer for layer_set in layer_sets for layer in layer_set})
     natural = scorer.natural(torch.tensor(item.input_ids), layers, np.asarray(item.target_positions))
-    vectors, _ = token_vectors(adapter, item, layers, config.kind)
+    # selection fingerprints come from the natural pass's router logits; MoE inputs need their own hook
+    vectors = {layer: adapter.selection_distribution(natural.routes[layer].logits.float(), layer).cpu()
+               for layer in layers} if config.kind == "selection" else token_vectors(adapter, item, layers, config.kind)[0]
     length, prompt = len(item.input_ids), len(item.prompt_ids)
     routes: dict[str, dict[int, torch.Tensor]] = {arm: {} for arm in ("semantic", "semantic_token", "oracle")}
     predicted: dict[int, str] = {}
@@ -240,7 +243,7 @@ def accuracy_rows(adapter, tokenizer, items: list[TargetItem], prints: dict, pre
             rules = {} if arm == "natural" else {
                 layer: _rule(arm, layer, prints, chunk, predicted, config.kind, adapter, config.seed, floor_seed)
                 for layer in sets[name]}
-            with route_by_rule(adapter, rules) if rules else _nothing():
+            with route_by_rule(adapter, rules) if rules else nullcontext():
                 samples = sample_completions(adapter.model, tokenizer, [item.prompt_ids for item in chunk], greedy=True,
                                              max_new_tokens=config.max_new_tokens, batch_size=len(chunk),
                                              show_progress=False)
@@ -250,12 +253,6 @@ def accuracy_rows(adapter, tokenizer, items: list[TargetItem], prints: dict, pre
                              "floor_seed": floor_seed, "completion": sample.completion,
                              "correct": answers[item.id] is not None and verify(sample.completion, answers[item.id]).correct})
     return rows
-
-
-def _nothing():
-    from contextlib import nullcontext
-
-    return nullcontext()
 
 
 def summarise_accuracy(accuracy: pd.DataFrame, layer_sets: list[list[int]], config: SemanticRouteConfig) -> dict:
@@ -279,11 +276,10 @@ def summarise_accuracy(accuracy: pd.DataFrame, layer_sets: list[list[int]], conf
                     continue
                 values = at["correct"].reindex(ids).astype(float)
                 difference = (values - base).to_numpy()
-                low, high = stats.bootstrap_over_units(lambda idx, d=difference: d[idx].mean(axis=-1), len(difference),
-                                                       seed=config.seed, n_resamples=config.bootstrap_resamples)
                 better, worse = int((difference > 0).sum()), int((difference < 0).sum())
                 entry[arm] = {"accuracy": float(values.mean()), "difference": float(difference.mean()),
-                              "ci": [None if np.isnan(low) else low, None if np.isnan(high) else high],
+                              "ci": stats.mean_interval(difference, seed=config.seed,
+                                                        n_resamples=config.bootstrap_resamples),
                               "better": better, "worse": worse,
                               "p_value": 1.0 if better + worse == 0 else float(binomtest(better, better + worse).pvalue)}
             block[domain] = entry
@@ -292,19 +288,13 @@ def summarise_accuracy(accuracy: pd.DataFrame, layer_sets: list[list[int]], conf
 
 
 # ---------------------------------------------------------------------------- summary
-def _paired(difference: np.ndarray, seed: int, resamples: int) -> dict:
-    low, high = stats.bootstrap_over_units(lambda idx: difference[idx].mean(axis=-1), len(difference), seed=seed,
-                                           n_resamples=resamples)
-    return {"difference": float(difference.mean()), "ci": [None if np.isnan(low) else low, None if np.isnan(high) else high],
-            "p_value": stats.wilcoxon_p(difference), "items": int(len(difference))}
-
-
 def summarise(scores: pd.DataFrame, classification: pd.DataFrame, layer_sets: list[list[int]],
               config: SemanticRouteConfig, score: str = "mean") -> dict:
     """Per layer set x domain (and All) x arm: mean score and the paired difference against
     natural (floor: the mean over its seeds), q-values over every test; classification."""
     column = SCORES[score]
-    natural = scores[scores["arm"] == "natural"].set_index("item_id")[column]
+    natural_rows = scores[scores["arm"] == "natural"].set_index("item_id")
+    natural = natural_rows[column]
     domains = sorted(scores["domain"].unique())
     out, tests = {}, []
     for layer_set in layer_sets:
@@ -313,8 +303,7 @@ def summarise(scores: pd.DataFrame, classification: pd.DataFrame, layer_sets: li
         per_arm = at.groupby(["arm", "item_id"])[column].mean()     # floor: mean over seeds
         block = {}
         for domain in (*domains, ALL_DOMAINS):
-            ids = natural.index[(scores[scores["arm"] == "natural"].set_index("item_id")["domain"] == domain)
-                                | (domain == ALL_DOMAINS)]
+            ids = natural.index if domain == ALL_DOMAINS else natural.index[natural_rows["domain"] == domain]
             entry = {"items": int(len(ids)), "natural": float(natural[ids].mean())}
             for arm in ARMS:
                 if arm not in per_arm.index.get_level_values(0):
@@ -323,7 +312,8 @@ def summarise(scores: pd.DataFrame, classification: pd.DataFrame, layer_sets: li
                 kept = values.notna().to_numpy()
                 if not kept.any():
                     continue
-                test = _paired((values - natural[ids]).to_numpy()[kept], config.seed, config.bootstrap_resamples)
+                test = stats.paired_test((values - natural[ids]).to_numpy()[kept], seed=config.seed,
+                                         n_resamples=config.bootstrap_resamples)
                 entry[arm] = {"score": float(values[kept].mean()), **test}
                 tests.append(entry[arm])
             block[domain] = entry
