@@ -51,7 +51,7 @@ def test_shared_cache_continuations_equal_plain_forwards_with_the_override(tiny_
     experts = torch.stack([standard, other])
     weights = torch.stack([captured[layer].weights[-1], adapter.weights_for(logits[None], other[None])[0]]).float()
     steps = 5
-    shared = continue_under_routes(adapter, prefix, layer, experts, weights, None, 0.0, steps, eos_token_id=None)
+    shared, _ = continue_under_routes(adapter, prefix, layer, experts, weights, None, 0.0, steps, eos_token_id=None)
     for row in range(2):
         assert shared[row] == _plain_greedy(adapter, prefix, layer, experts[row], weights[row], steps)
     # the standard route's continuation is the model's own greedy one
@@ -69,7 +69,7 @@ def test_rows_with_the_same_route_and_stream_sample_the_same_continuation(tiny_a
     route, weight = captured[layer].experts[-1], captured[layer].weights[-1].float()
     experts, weights = route.repeat(3, 1), weight.repeat(3, 1)
     generators = [row_generator(0, 42, 0), row_generator(0, 42, 1), row_generator(0, 42, 0)]
-    rows = continue_under_routes(adapter, prefix, layer, experts, weights, generators, 1.5, 12, eos_token_id=None)
+    rows, _ = continue_under_routes(adapter, prefix, layer, experts, weights, generators, 1.5, 12, eos_token_id=None)
     assert rows[0] == rows[2] and rows[0] != rows[1]
 
 
@@ -176,3 +176,23 @@ def test_sigkill_then_resume_equals_uninterrupted_run(demo_cf, tmp_path, cli_env
     assert len(state["sessions"]) == 2 and state["status"] == "complete"
     assert 0 < state["sessions"][1]["units_done"] < 8     # the resumed session scored only what was left
     assert np.isfinite(state["timings"]["generated_tokens_per_second"])
+
+
+def test_first_steps_are_checked_against_the_runs_scores(demo_cf, tmp_path):
+    """The run-time guard: each arm's first step must reproduce the counterfactual run's log-prob
+    of that route; a run whose scores do not match the model is refused, not rolled out."""
+    import shutil
+
+    from routelens.engine.checks import RuntimeCheckFailed
+
+    lens, path, _ = demo_cf
+    res = rl.run_rollout(lens, path, str(tmp_path / "ok"), tokens="all", limit=3, temperature=0, max_new_tokens=2,
+                         show_progress=False)
+    assert res.info["checks"]["first_step_max_abs_logprob_diff"] < 1e-4
+    tampered = str(tmp_path / "tampered")
+    shutil.copytree(path, tampered)
+    routes = pd.read_parquet(os.path.join(tampered, "routes.parquet"))
+    routes["logprob"] = routes["logprob"] - 0.5          # scores of some other model
+    routes.to_parquet(os.path.join(tampered, "routes.parquet"), index=False)
+    with pytest.raises(RuntimeCheckFailed, match="rollout check failed at .* first steps do not give"):
+        rl.rollout(lens, tampered, tokens="all", limit=3, temperature=0, max_new_tokens=2)

@@ -55,12 +55,13 @@ def row_generator(*seeds: int) -> torch.Generator:
 @torch.no_grad()
 def continue_under_routes(adapter, prefix: list[int], layer: int, experts: torch.Tensor, weights: torch.Tensor,
                           generators: list[torch.Generator] | None, temperature: float, max_new_tokens: int,
-                          eos_token_id: int | None) -> list[list[int]]:
+                          eos_token_id: int | None) -> tuple[list[list[int]], torch.Tensor]:
     """Continue `prefix` once per route: row r forces route r (experts/weights [rows, k]) on
     the prefix's last token at `layer` only; every generated token routes naturally. The
     tokens before the last run once and their cache is shared by every row. Sampling at
     `temperature` with row r drawing from `generators[r]` (greedy when None). Returns each
-    row's generated tokens, up to and including <eos>."""
+    row's generated tokens, up to and including <eos>, and the first step's log-probabilities
+    [rows, V] (fp32: what the forced route predicts after the prefix, for run-time checks)."""
     from routelens.models.routing import RouteOverride, override_routes
 
     rows, device, model = experts.shape[0], adapter.device, adapter.model
@@ -71,6 +72,7 @@ def continue_under_routes(adapter, prefix: list[int], layer: int, experts: torch
     last = torch.full((rows, 1), prefix[-1], dtype=torch.long, device=device)
     with override_routes(adapter, {layer: RouteOverride(torch.arange(rows), experts, weights)}):
         logits = model(last, past_key_values=cache, use_cache=True).logits[:, -1]
+    first_step = torch.log_softmax(logits.float(), dim=-1).cpu()
     generated: list[list[int]] = [[] for _ in range(rows)]
     finished = [False] * rows
     for step in range(max_new_tokens):
@@ -84,7 +86,7 @@ def continue_under_routes(adapter, prefix: list[int], layer: int, experts: torch
             break
         # a finished row keeps decoding (its tokens are dropped): the batch stays rectangular
         logits = model(torch.tensor(chosen, device=device)[:, None], past_key_values=cache, use_cache=True).logits[:, -1]
-    return generated
+    return generated, first_step
 
 
 @torch.no_grad()

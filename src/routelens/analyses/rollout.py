@@ -14,7 +14,8 @@ Each continuation's final answer is checked against the trajectory's reference a
 Sample s of every arm draws from the same random stream (common random numbers), so the
 paired differences between arms carry less noise. All rows of a token share the
 prefix's cache (`continue_under_routes`). One unit per chosen token: a killed run
-resumes without losing or repeating a token.
+resumes without losing or repeating a token. Every token's arms are checked at run time
+against the counterfactual run's scores of the same routes (`rollout_token`).
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ import os
 import time
 from dataclasses import dataclass
 
+import numpy as np
 import pandas as pd
 import pyarrow as pa
 import torch
@@ -32,6 +34,7 @@ from routelens.analyses.counterfactual import MIN_CLUSTERS, trajectory_interval
 from routelens.analyses.counterfactual_input import check_same_model, counterfactual_run, run_trajectories
 from routelens.analyses.route_sampling import route_rng
 from routelens.config import ALL_TOKENS, BINS, RolloutConfig
+from routelens.engine.checks import DeviationRecord, RuntimeCheckFailed
 from routelens.errors import RouteLensError
 
 ARMS = ("standard", "best_alt", "random_alt")
@@ -51,14 +54,15 @@ class NothingToRollOut(RouteLensError):
 @dataclass
 class ChosenToken:
     """A scored token of the counterfactual run and its three arms' routes (route index,
-    experts [k], weights [k] exactly as the run applied them)."""
+    experts [k], weights [k] exactly as the run applied them, the run's log p of the next
+    token under that route)."""
 
     trajectory_id: str
     position: int
     layer: int
     bin: str
     gain: float
-    arms: dict[str, tuple[int, list[int], list[float]]]
+    arms: dict[str, tuple[int, list[int], list[float], float]]
 
     @property
     def key(self) -> str:
@@ -110,7 +114,7 @@ def choose_tokens(tokens: pd.DataFrame, routes: pd.DataFrame, config: RolloutCon
         best = max(others, key=lambda i: (logprob[i], -i))
         rng = route_rng(config.seed, int(row.layer), f"{row.trajectory_id}@{row.position}", 7)
         pick = {"standard": 0, "best_alt": best, "random_alt": others[int(rng.integers(len(others)))]}
-        arms = {arm: (int(at["route"].iloc[i]), experts[i], [float(w) for w in at["weights"].iloc[i]])
+        arms = {arm: (int(at["route"].iloc[i]), experts[i], [float(w) for w in at["weights"].iloc[i]], float(logprob[i]))
                 for arm, i in pick.items()}
         out.append(ChosenToken(str(row.trajectory_id), int(row.position), int(row.layer), str(row.bin),
                                float(row.gain), arms))
@@ -148,8 +152,14 @@ def _unit_digest(key: str) -> int:
     return int.from_bytes(hashlib.sha256(key.encode()).digest()[:8], "little")
 
 
-def rollout_token(adapter, tokenizer, trajectory, token: ChosenToken, config: RolloutConfig) -> list[dict]:
-    """Every arm's continuations of one chosen token, checked: one row per (arm, sample)."""
+def rollout_token(adapter, tokenizer, trajectory, token: ChosenToken, config: RolloutConfig,
+                  deviation: DeviationRecord) -> list[dict]:
+    """Every arm's continuations of one chosen token, checked: one row per (arm, sample).
+
+    Checked at run time: each arm's first step (the forced route on the shared-cache path)
+    must give the trajectory's next token the log-prob the counterfactual run scored for
+    that route, else `RuntimeCheckFailed`: continuations of a route other than the one
+    scored are never reported."""
     from routelens.generation import continue_under_routes, row_generator
 
     samples = 1 if config.greedy else config.samples
@@ -159,8 +169,17 @@ def rollout_token(adapter, tokenizer, trajectory, token: ChosenToken, config: Ro
     # sample s of every arm draws from one stream: paired arms differ by their route, not their luck
     generators = None if config.greedy else [row_generator(config.seed, _unit_digest(token.key), s) for _, s in jobs]
     prefix = trajectory.input_ids[: token.position + 1]
-    continuations = continue_under_routes(adapter, prefix, token.layer, experts, weights, generators,
-                                          float(config.temperature), config.max_new_tokens, tokenizer.eos_token_id)
+    continuations, first_step = continue_under_routes(adapter, prefix, token.layer, experts, weights, generators,
+                                                      float(config.temperature), config.max_new_tokens,
+                                                      tokenizer.eos_token_id)
+    following = trajectory.input_ids[token.position + 1]
+    firsts = [jobs.index((arm, 0)) for arm in ARMS]
+    mismatch = deviation.check(first_step[firsts, following].double().numpy(),
+                               np.array([token.arms[arm][3] for arm in ARMS]))
+    if mismatch:
+        raise RuntimeCheckFailed(f"rollout check failed at {token.key}: the forced routes' first steps do not give the "
+                                 f"counterfactual run's log-probs ({mismatch}); a run scored in another dtype or on "
+                                 "another device differs too: load the model as the counterfactual run did")
     written = trajectory.input_ids[trajectory.completion_start: token.position + 1]
     rows = []
     for (arm, sample), generated in zip(jobs, continuations):
@@ -266,10 +285,12 @@ def run_rollout(loaded, counterfactual_dir: str, config: RolloutConfig, out: str
     todo = [i for i in range(len(chosen)) if not folder.is_done(i)]
     per_token_rows = len(ARMS) * (1 if config.greedy else config.samples)
     started, generated = time.perf_counter(), 0
+    deviation = DeviationRecord(loaded.adapter)   # |first step - the run's log-prob| seen so far, nats
     with progress_bar("rollouts", len(chosen) * per_token_rows, (len(chosen) - len(todo)) * per_token_rows,
                       show_progress, unit="continuations") as advance:
         for i in todo:
-            rows = rollout_token(loaded.adapter, loaded.tokenizer, trajectories[chosen[i].trajectory_id], chosen[i], config)
+            rows = rollout_token(loaded.adapter, loaded.tokenizer, trajectories[chosen[i].trajectory_id], chosen[i], config,
+                                 deviation)
             folder.write_unit(i, {"rollouts": pa.Table.from_pylist(rows, schema=ROLLOUTS_SCHEMA)})
             generated += sum(row["tokens_generated"] for row in rows)
             advance(len(rows))
@@ -279,5 +300,7 @@ def run_rollout(loaded, counterfactual_dir: str, config: RolloutConfig, out: str
     folder.complete(summary, extra={"timings": {
         "seconds_this_session": round(seconds, 3), "tokens_this_session": len(todo),
         "continuations_this_session": len(todo) * per_token_rows, "tokens_generated_this_session": generated,
-        "generated_tokens_per_second": round(generated / seconds, 1) if todo and seconds > 0 else None}})
+        "generated_tokens_per_second": round(generated / seconds, 1) if todo and seconds > 0 else None},
+        "checks": {"first_step_max_abs_logprob_diff": deviation.largest[0],
+                   "first_step_mean_abs_logprob_diff": deviation.largest[1]}})
     return folder
