@@ -13,7 +13,7 @@ from routelens.models.tiny import build_tiny_model
 from routelens.verify import verify_model
 
 CHECKS = {"router_hook", "gating_rule", "force_standard", "force_other", "fast_vs_reference", "cache_vs_reference",
-          "isolation_scorer"}
+          "isolation_scorer", "joint_fast_vs_reference", "joint_cache_vs_reference"}
 
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -25,10 +25,11 @@ def test_verify_passes_on_every_family(tiny_adapters, family):
     assert (table.groupby("layer")["check"].count() >= 5).all()
     engine_layers = len({adapter.moe_layers[0], adapter.moe_layers[-1], adapter.moe_layers[len(adapter.moe_layers) // 2]})
     assert (table["check"] == "fast_vs_reference").sum() == (table["check"] == "cache_vs_reference").sum() == engine_layers
+    assert (table["check"] == "joint_fast_vs_reference").sum() == (table["check"] == "joint_cache_vs_reference").sum() == 1
     skipped = table[table["status"] == "skipped"]
     assert (table["status"] != "fail").all(), table[table["status"] == "fail"].to_string()
     # only an engine the adapter declares unusable on its family is skipped, with the reason
-    assert set(skipped["check"]) <= {"cache_vs_reference"}
+    assert set(skipped["check"]) <= {"cache_vs_reference", "joint_cache_vs_reference"}
     assert skipped.empty or (adapter.cache_engine_defect and skipped["detail"].str.contains("not used").all())
 
 
@@ -42,7 +43,7 @@ def test_verify_passes_with_mask_only_windows(family, overrides):
     skipped = table[table["status"] == "skipped"]
     assert (table["status"] != "fail").all(), table[table["status"] == "fail"].to_string()
     # only an engine the adapter declares unusable on its family is skipped, with the reason
-    assert set(skipped["check"]) <= {"cache_vs_reference"}
+    assert set(skipped["check"]) <= {"cache_vs_reference", "joint_cache_vs_reference"}
     assert skipped.empty or (adapter.cache_engine_defect and skipped["detail"].str.contains("not used").all())
 
 
@@ -50,9 +51,9 @@ def test_verify_cli_exit_codes_and_json(tmp_path, capsys, monkeypatch):
     out = tmp_path / "verify.json"
     assert main(["verify", "--model", "demo", "--json", str(out)]) == 0
     printed = capsys.readouterr().out
-    assert "all 26 checks passed on 4 MoE layers" in printed
+    assert "all 28 checks passed on 4 MoE layers" in printed
     stored = json.loads(out.read_text())
-    assert stored["passed"] is True and len(stored["checks"]) == 26
+    assert stored["passed"] is True and len(stored["checks"]) == 28
     assert {row["check"] for row in stored["checks"]} == CHECKS
 
     # a gating rule that no longer describes the model: the check fails, named, exit 1

@@ -9,7 +9,8 @@ MoE layer
 - `force_standard`: forcing the standard route on every token reproduces the natural logits;
 - `force_other`: forcing another route at one position changes the MoE block output at
   exactly that position, and no logit before it;
-- `fast_vs_reference` and `cache_vs_reference` (first, a middle and the last MoE layer):
+- `fast_vs_reference` and `cache_vs_reference` (first, a middle and the last MoE layer;
+  `joint_...` once, routes forced at those layers at once):
   the fast engine (which hands layers it cannot patch to the cache engine, as in a run)
   and the cache engine equal the reference engine on a few positions and routes, without
   falling back;
@@ -128,6 +129,9 @@ def verify_model(loaded, length: int = 32, seed: int = 0, routes: int = 4, score
                 adapter, input_ids, layer, routes, seed, scored_positions, exact)))
         rows.extend(_guarded(layer, "isolation_scorer", lambda layer=layer, route=route: _isolation_scorer(
             adapter, input_ids, layer, int(route.experts[position, 0]), scored_positions, exact)))
+    if len(engine_layers) > 1:   # --joint-layers: routes forced at several layers at once
+        rows.extend(_guarded(engine_layers[0], "joint_fast_vs_reference", lambda: _engines_vs_reference(
+            adapter, input_ids, engine_layers, routes, seed, scored_positions, exact)))
     return pd.DataFrame(rows, columns=COLUMNS)
 
 
@@ -141,18 +145,23 @@ def _guarded(layer, check, run) -> list[dict]:
 
 
 def _engines_vs_reference(adapter, input_ids, layer, routes, seed, scored_positions, exact) -> list[dict]:
-    """`fast_vs_reference` and `cache_vs_reference` rows: each engine on the same routes."""
-    from routelens.analyses.counterfactual import CounterfactualConfig, build_routes
+    """`fast_vs_reference` and `cache_vs_reference` rows: each engine on the same routes; for
+    a list of layers, `joint_...` rows on routes forced at all of them at once."""
+    from routelens.analyses.counterfactual import CounterfactualConfig, build_routes, joint_routes
     from routelens.data.trajectories import Trajectory
     from routelens.engine import CacheEngine, FastEngine, ReferenceEngine, ScoreItem
     from routelens.engine.fast import FastEngineUnsupported
 
+    layers = [layer] if isinstance(layer, int) else list(layer)
+    prefix, first = ("", layer) if isinstance(layer, int) else ("joint_", layers[0])
     length = input_ids.shape[0]
     trajectory = Trajectory("verify", input_ids.tolist(), completion_start=length - scored_positions)
-    layer_routes = build_routes(adapter, trajectory, [layer], CounterfactualConfig(num_routes=routes, seed=seed))[layer]
+    built = build_routes(adapter, trajectory, layers, CounterfactualConfig(num_routes=routes, seed=seed))
+    layer_routes = built[layer] if isinstance(layer, int) else joint_routes(built, layers)
     item = ScoreItem(input_ids, layer_routes.positions, torch.as_tensor(layer_routes.experts), layer_routes.weights)
     reference = ReferenceEngine(adapter).score_batch(layer, [item])[0]
-    size = f"{len(item.positions)} positions x {reference.shape[1]} routes"
+    size = f"{len(item.positions)} positions x {reference.shape[1]} routes" + (
+        "" if isinstance(layer, int) else f" at layers {'+'.join(map(str, layers))} at once")
     rows = []
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -162,20 +171,20 @@ def _engines_vs_reference(adapter, input_ids, layer, routes, seed, scored_positi
             declared = adapter.cache_engine_defect
             reason = fast_engine.fallback_reason or (None if declared else fast_engine.cache.fallback_reason)
             served = (f"; served by the {'reference' if declared else 'cache'} engine "
-                      f"({fast_engine.cache_layers[layer]})" if layer in fast_engine.cache_layers else "")
+                      f"({fast_engine.cache_layers[first]})" if first in fast_engine.cache_layers else "")
         except FastEngineUnsupported as unsupported:
             fast, reason, served = reference, str(unsupported), ""
         difference = float(np.abs(fast - reference).max())
-        rows.append(_row(layer, "fast_vs_reference", reason is None and difference <= exact, difference, exact,
+        rows.append(_row(first, prefix + "fast_vs_reference", reason is None and difference <= exact, difference, exact,
                          size + served if reason is None else f"fast engine fell back: {reason}"))
         cache_engine = CacheEngine(adapter)
         cached = cache_engine.score_batch(layer, [item])[0]
     difference = float(np.abs(cached - reference).max())
     reason = cache_engine.fallback_reason
     if adapter.cache_engine_defect:   # declared: runs never use it, and say so
-        rows.append({**_row(layer, "cache_vs_reference", True, detail=f"not used: {reason}"), "status": "skipped"})
+        rows.append({**_row(first, prefix + "cache_vs_reference", True, detail=f"not used: {reason}"), "status": "skipped"})
     else:
-        rows.append(_row(layer, "cache_vs_reference", reason is None and difference <= exact, difference, exact,
+        rows.append(_row(first, prefix + "cache_vs_reference", reason is None and difference <= exact, difference, exact,
                          size if reason is None else f"cache engine fell back to reference: {reason}"))
     return rows
 
