@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Create .venv beside the repo and install routelens with its test extras. Idempotent.
+# Create .venv beside the repo and install routelens with its test and Ray extras. Idempotent.
 #
 # torch is installed first and pinned to 2.13.0 (a CPU build on these machines), so that
 # nothing pulls a multi-GB CUDA build. If .venv already has a torch (a GPU user's own
@@ -13,7 +13,7 @@ find_links=()
 if ! .venv/bin/python -c "import torch" 2>/dev/null; then
     .venv/bin/pip install -q --disable-pip-version-check "${find_links[@]}" "torch==${TORCH_VERSION:-2.13.0}"
 fi
-.venv/bin/pip install -q --disable-pip-version-check "${find_links[@]}" -e ".[test]"
+.venv/bin/pip install -q --disable-pip-version-check "${find_links[@]}" -e ".[test,ray]"
 # The report test opens a report in headless Chromium (Debian's chromium and chromium-driver).
 # Set ROUTELENS_NO_BROWSER=1 to skip; without them that one test is skipped, saying why.
 if [ -z "${ROUTELENS_NO_BROWSER:-}" ] && ! command -v chromedriver >/dev/null 2>&1; then

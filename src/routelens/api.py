@@ -25,6 +25,7 @@ from routelens.config import (
 )
 from routelens.data.target_items import TargetItem
 from routelens.data.trajectories import Trajectory
+from routelens.distributed import ray_settings
 from routelens.errors import RouteLensError
 from routelens.lens import Lens
 from routelens.results.objects import (
@@ -166,9 +167,14 @@ def _trajectory_data(lens: Lens, trajectories, only_verified: bool, max_trajecto
 # ---------------------------------------------------------------------------- counterfactual
 def run_counterfactual(lens: Lens, trajectories, out: str | None, *, config: CounterfactualConfig | None = None,
                        only_verified: bool = False, max_trajectories: int | None = None, overwrite: bool = False,
-                       show_progress: bool = True, **options) -> CounterfactualResult:
+                       show_progress: bool = True, ray=None, workers: int | None = None,
+                       **options) -> CounterfactualResult:
     """The counterfactual analysis into the run folder `out`, written per trajectory and
     resumed by a re-run with the same settings (in memory when `out` is None).
+
+    `ray`: "local", "auto" or a cluster address (or a `RaySettings`) scores the
+    trajectories on a pool of `workers` Ray actors (default 2) into the same run folder;
+    a run may be started one way and resumed the other.
 
     `trajectories`: a file path or a list of `Trajectory`. `options`: fields of
     `CounterfactualConfig` (`layers`, `routes`, `candidates`, `gumbel_temperature`, `seed`,
@@ -192,7 +198,8 @@ def run_counterfactual(lens: Lens, trajectories, out: str | None, *, config: Cou
     settings = make_config(CounterfactualConfig, config, **options)
     kept, info, content = _trajectory_data(lens, trajectories, only_verified, max_trajectories)
     info.update(max_trajectories=max_trajectories, only_verified=only_verified, num_trajectories=len(kept))
-    folder = run(lens.loaded, kept, settings, out, info, overwrite=overwrite, show_progress=show_progress)
+    folder = run(lens.loaded, kept, settings, out, info, overwrite=overwrite, show_progress=show_progress,
+                 ray=ray_settings(ray, workers))
     if info["trajectories"] == IN_MEMORY:   # router_update reads the trajectories back from the run
         if out is None:
             folder.files[TRAJECTORIES_FILE] = content
@@ -259,12 +266,13 @@ def read_items(path: str, lens: Lens | None = None, domains: list[str] | None = 
 
 def run_isolate(lens: Lens, items, out: str | None, *, config: IsolationConfig | None = None,
                 domains: list[str] | None = None, per_domain: int | None = None, overwrite: bool = False,
-                show_progress: bool = True, **options) -> IsolationResult:
+                show_progress: bool = True, ray=None, workers: int | None = None, **options) -> IsolationResult:
     """Expert isolation into the run folder `out` (resumable; in memory when None).
 
     `items`: a list of `TargetItem`, a file path, or "arithmetic" (the embedded task).
     `options`: fields of `IsolationConfig` (`layers`, `floor_seeds`, `seed`, `alpha`,
-    `score`, `bootstrap_resamples`, `memory_budget`).
+    `score`, `bootstrap_resamples`, `memory_budget`). `ray`/`workers`: score the items on
+    a pool of Ray actors (see `run_counterfactual`).
 
     Example:
         >>> import routelens as rl
@@ -282,7 +290,7 @@ def run_isolate(lens: Lens, items, out: str | None, *, config: IsolationConfig |
         lens.adapter.resolve_layers(settings.layers)   # a dense or out-of-range layer fails before any item is read
     kept, info = _item_data(lens, items, domains, per_domain)
     return IsolationResult(run_isolation(lens.loaded, kept, settings, out, info, overwrite=overwrite,
-                                         show_progress=show_progress))
+                                         show_progress=show_progress, ray=ray_settings(ray, workers)))
 
 
 def _item_data(lens: Lens, items, domains: list[str] | None, per_domain: int | None) -> tuple[list[TargetItem], dict]:
@@ -511,11 +519,13 @@ def graft(recipient: str, donor: str, experts, out: str, *, dtype: str | None = 
 
 # ---------------------------------------------------------------------------- rollouts
 def run_rollout(lens: Lens, counterfactual, out: str | None, *, config: RolloutConfig | None = None,
-                overwrite: bool = False, show_progress: bool = True, **options) -> RolloutResult:
+                overwrite: bool = False, show_progress: bool = True, ray=None, workers: int | None = None,
+                **options) -> RolloutResult:
     """Continue chosen tokens of a counterfactual run under three routes (standard, best
     alternative, random alternative) forced at that token and layer only, check each final
     answer, and compare the arms' accuracy; into the run folder `out` (resumable), in memory
-    when `out` is None.
+    when `out` is None. `ray`/`workers`: roll out on a pool of Ray actors (see
+    `run_counterfactual`).
 
     `counterfactual`: a run folder or a saved `CounterfactualResult` whose trajectories carry
     reference answers. `options`: fields of `RolloutConfig` (`tokens` "fragile", "all" or a
@@ -536,7 +546,7 @@ def run_rollout(lens: Lens, counterfactual, out: str | None, *, config: RolloutC
     lens = _lens(lens)
     settings = make_config(RolloutConfig, config, **options)
     folder = run(lens.loaded, _counterfactual_folder(counterfactual, "counterfactual"), settings, out,
-                 overwrite=overwrite, show_progress=show_progress)
+                 overwrite=overwrite, show_progress=show_progress, ray=ray_settings(ray, workers))
     return RolloutResult(folder)
 
 

@@ -31,6 +31,7 @@ from routelens import stats
 from routelens.analyses.route_sampling import check_route_settings, flag_duplicates, gumbel_top_k_routes, route_rng
 from routelens.config import ALL_TOKENS, BINS, CounterfactualConfig
 from routelens.data.trajectories import Trajectory
+from routelens.distributed import RaySettings, UnitJob, check_ray_can_load, execute
 from routelens.engine.checks import check_gating_rule
 from routelens.engine.items import ScoreItem
 from routelens.errors import RouteLensError
@@ -489,14 +490,17 @@ def keep_step_ok_tokens(trajectories: list[Trajectory], only_step_ok: bool | Non
 
 
 def run_counterfactual(loaded, trajectories: list[Trajectory], config: CounterfactualConfig, out: str | None,
-                       data_info: dict, overwrite: bool = False, show_progress: bool = True):
+                       data_info: dict, overwrite: bool = False, show_progress: bool = True,
+                       ray: RaySettings | None = None):
     """Run the analysis into the run folder `out` (resuming a cut-off run of the same
     config), or in memory when `out` is None; return the completed run (`RunFolder` or
-    `MemoryRun`: its `summary` and `read(table)`)."""
+    `MemoryRun`: its `summary` and `read(table)`). With `ray`, the trajectory groups are
+    scored by a pool of Ray actors (`routelens.distributed`), into the same parts."""
     from routelens.engine import make_engine
     from routelens.progress import progress_bar
     from routelens.results.run_folder import open_run
 
+    check_ray_can_load(loaded, ray)
     adapter = loaded.adapter
     layers = adapter.resolve_layers(config.layers)
     joint = sorted(layers) if config.joint_layers else None
@@ -522,12 +526,11 @@ def run_counterfactual(loaded, trajectories: list[Trajectory], config: Counterfa
     total_tokens = sum(len(t.scored_positions) for t in trajectories) * passes
     done_tokens = total_tokens - sum(len(trajectories[i].scored_positions) for i in todo) * passes
     started = time.perf_counter()
+    job = CounterfactualJob(trajectories, layers, config, joint, engine=engine)
     with progress_bar("counterfactual", total_tokens, done_tokens, show_progress) as advance:
-        for group in trajectory_groups(todo, trajectories, config.group_tokens, max_group=engine.max_group):
-            scored = analyse_trajectories(adapter, engine, [trajectories[i] for i in group], layers, config, joint)
-            for i, unit in zip(group, scored):
-                folder.write_unit(i, unit)
-                advance(sum(unit[name].num_rows for name in ("tokens", "joint_tokens") if name in unit))
+        checks = execute(folder, job, trajectory_groups(todo, trajectories, config.group_tokens, max_group=engine.max_group),
+                         lambda unit: advance(sum(unit[name].num_rows for name in ("tokens", "joint_tokens") if name in unit)),
+                         loaded, ray)
     folder.concatenate(list(range(len(trajectories))))
     summary = summarise(folder.read("tokens"), layers, config)
     summary["step_check"] = step_check
@@ -536,8 +539,32 @@ def run_counterfactual(loaded, trajectories: list[Trajectory], config: Counterfa
     folder.complete(summary, extra={"timings": {
         "seconds_this_session": round(time.perf_counter() - started, 3),
         "tokens_scored_this_session": total_tokens - done_tokens,
-    }, "checks": engine_checks(engine)})
+    }, "checks": checks})
     return folder
+
+
+class CounterfactualJob(UnitJob):
+    """The counterfactual analysis of groups of trajectories (units: trajectory indices)."""
+
+    def __init__(self, trajectories: list[Trajectory], layers: list[int], config: CounterfactualConfig,
+                 joint: list[int] | None, engine=None):
+        self.trajectories, self.layers, self.config, self.joint = trajectories, layers, config, joint
+        self._engine = engine   # this process's engine, already built; an actor builds its own
+
+    def setup(self, loaded=None) -> None:
+        from routelens.engine import make_engine
+
+        self._adapter = self.load(loaded).adapter
+        self._engine = getattr(self, "_engine", None) or make_engine(
+            self.config.engine, self._adapter, route_batch_size=self.config.route_batch_size,
+            memory_budget=self.config.memory_budget)
+
+    def run(self, units: list[int]) -> list[dict[str, pa.Table]]:
+        return analyse_trajectories(self._adapter, self._engine, [self.trajectories[i] for i in units],
+                                    self.layers, self.config, self.joint)
+
+    def checks(self) -> dict:
+        return engine_checks(self._engine)
 
 
 def engine_checks(engine) -> dict:

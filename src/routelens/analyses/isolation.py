@@ -37,6 +37,7 @@ from routelens import stats
 from routelens.analyses.route_sampling import route_rng, uniform_routes
 from routelens.config import SCORES, IsolationConfig
 from routelens.data.target_items import TargetItem
+from routelens.distributed import RaySettings, UnitJob, check_ray_can_load, execute
 from routelens.engine.whole_sequence import WholeSequenceScorer
 from routelens.errors import RouteLensError
 from routelens.models.adapter import MoEAdapter
@@ -301,15 +302,41 @@ def summarise(isolation: pd.DataFrame, routing: pd.DataFrame, layers: list[int],
 
 
 # ---------------------------------------------------------------------------- the run
+class IsolationJob(UnitJob):
+    """The isolation study of groups of items (units: item indices)."""
+
+    def __init__(self, items: list[TargetItem], layers: list[int], config: IsolationConfig, scorer=None):
+        self.items, self.layers, self.config = items, layers, config
+        self._scorer = scorer   # this process's scorer, already built; an actor builds its own
+
+    def setup(self, loaded=None) -> None:
+        self._adapter = self.load(loaded).adapter
+        self._scorer = getattr(self, "_scorer", None) or WholeSequenceScorer(self._adapter, memory_budget=self.config.memory_budget)
+
+    def run(self, units: list[int]) -> list[dict[str, pa.Table]]:
+        tables = []
+        for index in units:
+            isolation, routing = analyse_item(self._adapter, self._scorer, self.items[index], self.layers, self.config)
+            tables.append({"isolation": isolation, "routing": routing})
+        return tables
+
+    def checks(self) -> dict:
+        largest, mean = self._scorer.deviation.largest
+        return {"gating_rule": "reproduced the router's weights on every item",
+                "natural_route_max_abs_logprob_diff": largest, "natural_route_mean_abs_logprob_diff": mean}
+
+
 def run_isolation(loaded, items: list[TargetItem], config: IsolationConfig, out: str | None, data_info: dict,
-                  overwrite: bool = False, show_progress: bool = True):
+                  overwrite: bool = False, show_progress: bool = True, ray: RaySettings | None = None):
     """Run the study into the run folder `out` (resuming a cut-off run of the same config),
     or in memory when `out` is None; write cells, calibration and the summary, and return
-    the completed run (`RunFolder` or `MemoryRun`)."""
+    the completed run (`RunFolder` or `MemoryRun`). With `ray`, items are scored by a pool
+    of Ray actors (`routelens.distributed`), into the same parts."""
     from routelens.progress import progress_bar
     from routelens.results.run_folder import open_run
 
     config.check()
+    check_ray_can_load(loaded, ray)
     adapter = loaded.adapter
     layers = adapter.resolve_layers(config.layers) if config.layers else adapter.moe_layers
     if not items:
@@ -323,19 +350,14 @@ def run_isolation(loaded, items: list[TargetItem], config: IsolationConfig, out:
     todo = [i for i in range(len(items)) if not folder.is_done(i)]
     started = time.perf_counter()
     with progress_bar("isolation", len(items), len(items) - len(todo), show_progress, unit="items") as advance:
-        for index in todo:
-            isolation, routing = analyse_item(adapter, scorer, items[index], layers, config)
-            folder.write_unit(index, {"isolation": isolation, "routing": routing})
-            advance(1)
+        checks = execute(folder, IsolationJob(items, layers, config, scorer), [[index] for index in todo],
+                         lambda unit: advance(1), loaded, ray)
     folder.concatenate(list(range(len(items))))
     summary, cells, calib = summarise(folder.read("isolation"), folder.read("routing"),
                                       layers, adapter.num_experts, adapter.top_k, config)
     folder.write_table("cells", cells)
     folder.write_table("calibration", calib)
-    largest, mean = scorer.deviation.largest
     folder.complete(summary, extra={"timings": {"seconds_this_session": round(time.perf_counter() - started, 3),
                                                 "items_scored_this_session": len(todo)},
-                                    "checks": {"gating_rule": "reproduced the router's weights on every item",
-                                               "natural_route_max_abs_logprob_diff": largest,
-                                               "natural_route_mean_abs_logprob_diff": mean}})
+                                    "checks": checks})
     return folder

@@ -34,6 +34,7 @@ from routelens.analyses.counterfactual import MIN_CLUSTERS, trajectory_interval
 from routelens.analyses.counterfactual_input import check_same_model, counterfactual_run, run_trajectories
 from routelens.analyses.route_sampling import route_rng
 from routelens.config import ALL_TOKENS, BINS, RolloutConfig
+from routelens.distributed import RaySettings, UnitJob, check_ray_can_load, execute
 from routelens.engine.checks import DeviationRecord, RuntimeCheckFailed
 from routelens.errors import RouteLensError
 
@@ -247,13 +248,37 @@ def summarise(rollouts: pd.DataFrame, config: RolloutConfig, selection: dict) ->
 
 
 # ---------------------------------------------------------------------------- the run
+class RolloutJob(UnitJob):
+    """Rollouts of chosen tokens (units: indices into `chosen`)."""
+
+    def __init__(self, trajectories: dict, chosen: list, config: RolloutConfig):
+        self.trajectories, self.chosen, self.config = trajectories, chosen, config
+
+    def setup(self, loaded=None) -> None:
+        self._loaded = self.load(loaded)
+        self._deviation = DeviationRecord(self._loaded.adapter)   # |first step - the run's log-prob| so far, nats
+
+    def run(self, units: list[int]) -> list[dict[str, pa.Table]]:
+        loaded = self._loaded
+        return [{"rollouts": pa.Table.from_pylist(
+            rollout_token(loaded.adapter, loaded.tokenizer, self.trajectories[self.chosen[i].trajectory_id], self.chosen[i],
+                          self.config, self._deviation), schema=ROLLOUTS_SCHEMA)} for i in units]
+
+    def checks(self) -> dict:
+        return {"first_step_max_abs_logprob_diff": self._deviation.largest[0],
+                "first_step_mean_abs_logprob_diff": self._deviation.largest[1]}
+
+
 def run_rollout(loaded, counterfactual_dir: str, config: RolloutConfig, out: str | None, overwrite: bool = False,
-                show_progress: bool = True):
+                show_progress: bool = True, ray: RaySettings | None = None):
     """Roll out the chosen tokens of the counterfactual run `counterfactual_dir` into the run
-    folder `out` (resumable; in memory when None); return the completed run."""
+    folder `out` (resumable; in memory when None); return the completed run. With `ray`,
+    tokens are rolled out by a pool of Ray actors (`routelens.distributed`)."""
     from routelens.data.trajectories import file_sha256
     from routelens.progress import progress_bar
     from routelens.results.run_folder import open_run
+
+    check_ray_can_load(loaded, ray)
 
     if loaded.tokenizer is None:
         raise RouteLensError(f"model {loaded.spec!r} has no tokenizer; rollouts decode and check text")
@@ -285,15 +310,15 @@ def run_rollout(loaded, counterfactual_dir: str, config: RolloutConfig, out: str
     todo = [i for i in range(len(chosen)) if not folder.is_done(i)]
     per_token_rows = len(ARMS) * (1 if config.greedy else config.samples)
     started, generated = time.perf_counter(), 0
-    deviation = DeviationRecord(loaded.adapter)   # |first step - the run's log-prob| seen so far, nats
+
+    def landed(unit: dict) -> None:
+        nonlocal generated
+        generated += sum(unit["rollouts"].column("tokens_generated").to_pylist())
+        advance(unit["rollouts"].num_rows)
+
     with progress_bar("rollouts", len(chosen) * per_token_rows, (len(chosen) - len(todo)) * per_token_rows,
                       show_progress, unit="continuations") as advance:
-        for i in todo:
-            rows = rollout_token(loaded.adapter, loaded.tokenizer, trajectories[chosen[i].trajectory_id], chosen[i], config,
-                                 deviation)
-            folder.write_unit(i, {"rollouts": pa.Table.from_pylist(rows, schema=ROLLOUTS_SCHEMA)})
-            generated += sum(row["tokens_generated"] for row in rows)
-            advance(len(rows))
+        checks = execute(folder, RolloutJob(trajectories, chosen, config), [[i] for i in todo], landed, loaded, ray)
     folder.concatenate(list(range(len(chosen))))
     summary = summarise(folder.read("rollouts"), config, selection)
     seconds = time.perf_counter() - started
@@ -301,6 +326,5 @@ def run_rollout(loaded, counterfactual_dir: str, config: RolloutConfig, out: str
         "seconds_this_session": round(seconds, 3), "tokens_this_session": len(todo),
         "continuations_this_session": len(todo) * per_token_rows, "tokens_generated_this_session": generated,
         "generated_tokens_per_second": round(generated / seconds, 1) if todo and seconds > 0 else None},
-        "checks": {"first_step_max_abs_logprob_diff": deviation.largest[0],
-                   "first_step_mean_abs_logprob_diff": deviation.largest[1]}})
+        "checks": checks})
     return folder

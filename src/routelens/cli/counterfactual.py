@@ -8,6 +8,8 @@ from routelens.cli.parsing import (
     load_lens,
     model_options,
     positive_int,
+    ray_from_args,
+    ray_options,
     run_options,
 )
 
@@ -20,7 +22,9 @@ EPILOG = """examples:
       --layers -1 --routes 32 --candidates 32 --seed 0 --device cuda --dtype bfloat16 --out runs/olmoe
   routelens counterfactual --model tiny:qwen3_moe --trajectories ids.jsonl --layers 0 --routes 8 --out runs/t
 
-Re-running the same command on the same --out resumes where it stopped.
+Re-running the same command on the same --out resumes where it stopped, with or without --ray:
+  routelens counterfactual --model ./my-olmoe --trajectories traj.jsonl --layers -1 --out runs/cf \
+      --device cuda --ray auto --workers 8          # 8 actors with one GPU each on this machine's Ray cluster
 Trajectory records: {"id","prompt","completion"} (text) or {"id","input_ids","completion_start"};
 an optional "verified" boolean is carried through (--only-verified keeps the true ones).
 Python: routelens.run_counterfactual(lens, "traj.jsonl", out="runs/cf", layers=[0, -1]).
@@ -28,7 +32,7 @@ Python: routelens.run_counterfactual(lens, "traj.jsonl", out="runs/cf", layers=[
 
 
 def parents():
-    return [model_options(), counterfactual_options(), run_options()]
+    return [model_options(), counterfactual_options(), run_options(), ray_options()]
 
 
 def add_arguments(parser) -> None:
@@ -44,7 +48,8 @@ def run(args) -> int:
     from routelens.summary_table import print_summary
 
     config = CounterfactualConfig(**counterfactual_settings(args))   # bad settings fail before the model loads
-    result = run_counterfactual(load_lens(args), args.trajectories, args.out, config=config,
+    ray = ray_from_args(args)
+    result = run_counterfactual(load_lens(args), args.trajectories, args.out, config=config, ray=ray,
                                 only_verified=args.only_verified, max_trajectories=args.max_trajectories,
                                 overwrite=args.overwrite, show_progress=not args.no_progress)
     print_summary(result.summary_dict)

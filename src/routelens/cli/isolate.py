@@ -2,7 +2,15 @@
 
 from __future__ import annotations
 
-from routelens.cli.parsing import isolation_options, isolation_settings, load_lens, model_options, run_options
+from routelens.cli.parsing import (
+    isolation_options,
+    isolation_settings,
+    load_lens,
+    model_options,
+    ray_from_args,
+    ray_options,
+    run_options,
+)
 from routelens.errors import RouteLensError
 
 NAME = "isolate"
@@ -22,7 +30,7 @@ Python: routelens.run_isolate(lens, "items.jsonl", out="runs/iso", layers=[0, -1
 
 
 def parents():
-    return [model_options(), isolation_options(), run_options()]
+    return [model_options(), isolation_options(), run_options(), ray_options()]
 
 
 def add_arguments(parser) -> None:
@@ -41,8 +49,9 @@ def run(args) -> int:
     config = IsolationConfig(**isolation_settings(args))
     if args.items is None and args.task is None and args.model != "demo":
         raise RouteLensError("give --items FILE ({id, domain, prompt, target} records), or --task arithmetic")
+    ray = ray_from_args(args)
     result = run_isolate(load_lens(args), args.items or "arithmetic", args.out, config=config, domains=args.domains,
-                         per_domain=args.per_domain, overwrite=args.overwrite, show_progress=not args.no_progress)
+                         per_domain=args.per_domain, overwrite=args.overwrite, show_progress=not args.no_progress, ray=ray)
     print_isolation_summary(result.summary_dict)
     print(f"run folder: {args.out} (isolation.parquet, cells.parquet, calibration.parquet, summary.json, run.json)")
     return 0

@@ -141,6 +141,30 @@ def run_options(resumable: bool = True) -> argparse.ArgumentParser:
     return parser
 
 
+def ray_options() -> argparse.ArgumentParser:
+    """--ray, --workers, --gpus-per-worker, --cpus-per-worker (commands whose units can run on Ray)."""
+    parser = argparse.ArgumentParser(add_help=False)
+    group = parser.add_argument_group("Ray Data (needs routelens[ray])")
+    group.add_argument("--ray", default=None, metavar="WHERE",
+                       help="score on a pool of Ray actors: local (start Ray here), auto (this machine's cluster) "
+                            "or a cluster address; same run folder, resumable either way")
+    group.add_argument("--workers", type=positive_int, default=None, help="Ray actors, each loading the model once (default 2)")
+    group.add_argument("--gpus-per-worker", type=float, default=None,
+                       help="GPUs per actor (default 1 on cuda, else 0; above 1 with --device-map auto)")
+    group.add_argument("--cpus-per-worker", type=float, default=1.0, help="CPUs per actor (default 1)")
+    return parser
+
+
+def ray_from_args(args):
+    """The Ray settings of --ray/--workers/..., checked (and Ray importable) before the model loads."""
+    from routelens.distributed import RaySettings, ray_settings
+
+    if args.ray is None:
+        return ray_settings(None, args.workers)
+    return ray_settings(RaySettings(address=args.ray, workers=args.workers or 2, cpus_per_worker=args.cpus_per_worker,
+                                    gpus_per_worker=args.gpus_per_worker))
+
+
 def counterfactual_options(layers_required: bool = True) -> argparse.ArgumentParser:
     """The counterfactual analysis' settings (the fields of CounterfactualConfig)."""
     from routelens.config import ENGINE_NAMES
@@ -181,6 +205,9 @@ def counterfactual_options(layers_required: bool = True) -> argparse.ArgumentPar
                             f"(default {show_memory(default_of(C, 'memory_budget'))})")
     group.add_argument("--route-batch-size", type=positive_int, default=default_of(C, "route_batch_size"),
                        help="routes per forward (reference engine; default %(default)s)")
+    group.add_argument("--group-tokens", type=positive_int, default=default_of(C, "group_tokens"),
+                       help="fast engine: trajectories scored together up to this many tokens (default %(default)s; "
+                            "on --ray, a group is what one actor scores at a time)")
     return parser
 
 
@@ -191,7 +218,7 @@ def counterfactual_settings(args) -> dict:
             "gumbel_temperature": args.gumbel_temperature, "seed": args.seed, "confident": args.confident,
             "fragile": args.fragile, "win_tolerance": args.win_tolerance, "only_step_ok": args.only_step_ok,
             "engine": args.engine, "route_batch_size": args.route_batch_size,
-            "memory_budget": args.memory_budget}
+            "memory_budget": args.memory_budget, "group_tokens": args.group_tokens}
 
 
 def isolation_options() -> argparse.ArgumentParser:

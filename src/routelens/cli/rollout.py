@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from routelens.cli.parsing import default_of, load_lens, model_options, positive_int, run_options
+from routelens.cli.parsing import default_of, load_lens, model_options, positive_int, ray_from_args, ray_options, run_options
 
 NAME = "rollout"
 HELP = "continue scored tokens under the standard, the best and a random alternative route; check the answers"
@@ -25,7 +25,7 @@ Python: routelens.run_rollout(lens, "runs/cf", out="runs/rollout", samples=8).
 
 
 def parents():
-    return [model_options(), run_options()]
+    return [model_options(), run_options(), ray_options()]
 
 
 def add_arguments(parser) -> None:
@@ -61,8 +61,9 @@ def run(args) -> int:
     config = RolloutConfig(tokens=args.tokens, samples=args.samples, max_new_tokens=args.max_tokens,
                            temperature=args.temperature, seed=args.seed, checker=args.checker, limit=args.limit,
                            bootstrap_resamples=args.bootstrap_resamples)   # bad settings fail before the model loads
+    ray = ray_from_args(args)
     result = run_rollout(load_lens(args), args.counterfactual, args.out, config=config, overwrite=args.overwrite,
-                         show_progress=not args.no_progress)
+                         show_progress=not args.no_progress, ray=ray)
     print_rollout_summary(result.summary_dict)
     print(f"run folder: {args.out}")
     return 0

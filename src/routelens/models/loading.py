@@ -54,6 +54,7 @@ class LoadedModel:
     dtype: str
     folder: str | None = None  # the local folder the weights came from, if any
     router_delta: dict | None = None  # the router delta applied on top, if any (path, sha256, layer)
+    recipe: dict | None = None  # load_model's arguments, to load it again elsewhere (Ray workers); None: wrap()
 
     def identity(self) -> dict:
         """What identifies the model in a run's config."""
@@ -184,6 +185,12 @@ def load_model(spec: str, device: str = "auto", dtype: str = "auto",
         from routelens.models.router_delta import apply_router_delta
 
         loaded.router_delta = apply_router_delta(loaded.adapter, os.path.abspath(router_delta))
+    # the dtype as resolved here, so that a worker on another device computes what run.json says
+    local = looks_local(spec) and os.path.isdir(os.path.expanduser(spec))   # a worker may start elsewhere
+    loaded.recipe = dict(spec=os.path.abspath(os.path.expanduser(spec)) if local else spec, device=device,
+                         dtype=loaded.dtype, trust_remote_code=trust_remote_code, seed=seed,
+                         router_delta=os.path.abspath(router_delta) if router_delta else None, device_map=device_map,
+                         experts_implementation=experts_implementation)
     return loaded
 
 

@@ -1,0 +1,251 @@
+"""Where a run's units are computed: in this process, or as a Ray Data pipeline.
+
+A run is a list of units (trajectories, items, tokens) whose tables land as parts in the
+run folder (`results.run_folder`). `execute` takes the groups of units still to do and a
+`UnitJob` (what to compute for a group of units: built on the driver, picklable, the
+model travelling as its load recipe) and either runs the groups here on the model already
+loaded, or as a Ray Data pipeline: the groups are a dataset (one block each),
+`map_batches` hands one group at a time to a fixed pool of stateful actors
+(`compute=ray.data.ActorPoolStrategy(size=workers)`, `num_gpus` per actor), each loading
+the model once; an actor returns its units' tables and the driver writes them as the very
+parts the single-process path writes, in the same folder. So a run started in one process
+can be finished on Ray and the other way round, and the merged tables are the same row for
+row. An actor killed mid-group is restarted by Ray (Ray Data's actors retry without
+limit) and the group recomputed; parts are written only by the driver, each whole
+(temporary file + rename) and once per unit, so nothing is lost or duplicated.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import pickle
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+
+import pyarrow as pa
+
+from routelens.errors import RouteLensError
+
+INSTALL_HINT = "pip install 'routelens[ray]' (or: pip install 'ray[data]==2.60.*')"
+
+
+@dataclass(frozen=True)
+class RaySettings:
+    """`address`: "local" (start a Ray instance on this machine), "auto" (join the cluster
+    this machine belongs to) or a cluster address (ray://host:10001, host:6379);
+    `workers` actors, each with `cpus_per_worker` CPUs and `gpus_per_worker` GPUs (None:
+    1 when the model runs on CUDA, else 0; above 1 spread the model with --device-map)."""
+
+    address: str = "local"
+    workers: int = 2
+    cpus_per_worker: float = 1.0
+    gpus_per_worker: float | None = None
+
+    def __post_init__(self):
+        if not isinstance(self.address, str) or not self.address.strip():
+            raise RouteLensError("--ray takes local, auto or a cluster address (host:port or ray://host:port)")
+        if not isinstance(self.workers, int) or self.workers < 1:
+            raise RouteLensError(f"--workers must be a positive integer, got {self.workers!r}")
+        if self.cpus_per_worker <= 0:
+            raise RouteLensError(f"--cpus-per-worker must be positive, got {self.cpus_per_worker!r}")
+        if self.gpus_per_worker is not None and self.gpus_per_worker < 0:
+            raise RouteLensError(f"--gpus-per-worker must be 0 or more, got {self.gpus_per_worker!r}")
+
+    def gpus(self, device: str) -> float:
+        if self.gpus_per_worker is not None:
+            return self.gpus_per_worker
+        return 1.0 if device.startswith("cuda") or device == "device_map" else 0.0
+
+    def to_dict(self, device: str) -> dict:
+        return {**asdict(self), "gpus_per_worker": self.gpus(device)}
+
+
+def ray_settings(ray: str | RaySettings | None, workers: int | None = None) -> RaySettings | None:
+    """The API's `ray=` / `workers=` arguments as settings (None: this process), checked, and
+    Ray Data importable (else one line saying how to install it)."""
+    if ray is None:
+        if workers is not None:
+            raise RouteLensError("--workers needs --ray (local, auto or a cluster address)")
+        return None
+    settings = ray if isinstance(ray, RaySettings) else RaySettings(address=ray, **({"workers": workers} if workers else {}))
+    require_ray()
+    return settings
+
+
+def require_ray() -> None:
+    try:
+        import ray  # noqa: F401
+        import ray.data  # noqa: F401
+    except ImportError:
+        raise RouteLensError(f"--ray needs Ray Data, which is not installed here: {INSTALL_HINT}") from None
+
+
+class UnitJob:
+    """What a run computes for a group of units. Built on the driver and pickled to each
+    Ray actor (so it holds the model's load recipe and the inputs, never the model);
+    `setup` runs once per process, on the loaded model (None: load it from the recipe)."""
+
+    recipe: dict | None = None
+
+    def setup(self, loaded=None) -> None:
+        raise NotImplementedError
+
+    def run(self, units: list[int]) -> list[dict[str, pa.Table]]:
+        """The tables of each unit of the group, in the group's order."""
+        raise NotImplementedError
+
+    def checks(self) -> dict:
+        """The run-time checks seen so far in this process (JSON-able; merged over actors)."""
+        return {}
+
+    def load(self, loaded):
+        """The model: the one given (this process) or loaded from the recipe (an actor)."""
+        if loaded is not None:
+            return loaded
+        from routelens.models.loading import load_model
+
+        recipe = dict(self.recipe)
+        if recipe.get("device", "").startswith("cuda:"):   # Ray gives each actor its own GPUs, numbered from 0
+            recipe["device"] = "cuda"
+        return load_model(**recipe)
+
+    def __getstate__(self):
+        # only the inputs travel; what setup built (model, engine) stays in its process
+        return {k: v for k, v in self.__dict__.items() if not k.startswith("_")}
+
+
+def check_ray_can_load(loaded, ray: RaySettings | None) -> None:
+    """Ray actors load the model themselves, from how this process loaded it (checked
+    before a run folder is made)."""
+    if ray is not None and getattr(loaded, "recipe", None) is None:
+        raise RouteLensError(f"model {loaded.spec!r} was given as an object (routelens.wrap); Ray workers load the "
+                             "model themselves: load it with routelens.load(...) (a folder, hub id, tiny: or demo)")
+
+
+def merge_checks(seen: list[dict]) -> dict:
+    """One run's checks from each process's: numbers (largest deviations) by their maximum,
+    mappings (layers the cache engine scored) merged, anything else the first one set."""
+    merged: dict = {}
+    for checks in seen:
+        for key, value in checks.items():
+            if isinstance(value, (int, float)) and not isinstance(value, bool) and merged.get(key) is not None:
+                merged[key] = max(merged[key], value)
+            elif isinstance(value, dict):
+                merged[key] = {**merged.get(key, {}), **value}
+            elif merged.get(key) is None:
+                merged[key] = value
+    return merged
+
+
+def execute(folder, job: UnitJob, groups: list[list[int]], advance: Callable[[dict[str, pa.Table]], None],
+            loaded, ray: RaySettings | None) -> dict:
+    """Compute `groups` of units into `folder`, here (on `loaded`) or on Ray; call `advance`
+    with each unit's tables as it lands; return the merged run-time checks."""
+    folder.state["execution"] = ({"ray": None} if ray is None else
+                                 {"ray": ray.to_dict(loaded.device), "ray_version": _ray_version()})
+    if folder.state.get("sessions"):
+        folder.state["sessions"][-1]["execution"] = folder.state["execution"]
+    if ray is None:
+        job.setup(loaded)
+        for group in groups:
+            for unit, tables in zip(group, job.run(group)):
+                folder.write_unit(unit, tables)
+                advance(tables)
+        return job.checks()
+    check_ray_can_load(loaded, ray)
+    job.recipe = loaded.recipe
+    seen: list[dict] = []
+    written: set[int] = set()
+    for units, tables, checks in _ray_results(job, groups, ray, loaded.device):
+        seen.append(checks)
+        for unit, unit_tables in zip(units, tables):
+            if unit in written:   # a group Ray re-ran after its result came back: already in the folder
+                continue
+            folder.write_unit(unit, unit_tables)
+            written.add(unit)
+            advance(unit_tables)
+    return merge_checks(seen)
+
+
+def _ray_version() -> str | None:
+    try:
+        import ray
+    except ImportError:
+        return None
+    return ray.__version__
+
+
+class _GroupScorer:
+    """The stateful `map_batches` class: one per actor, the model loaded once."""
+
+    def __init__(self, job: UnitJob):
+        job.setup(None)
+        self.job = job
+
+    def __call__(self, batch: pa.Table) -> dict:
+        units = [int(u) for u in batch.column("units")[0].as_py()]
+        tables = self.job.run(units)
+        return {"units": [units], "tables": [pickle.dumps(tables)], "checks": [json.dumps(self.job.checks())]}
+
+
+def _ray_results(job: UnitJob, groups: list[list[int]], settings: RaySettings, device: str):
+    """(units, their tables, the actor's checks) of each group as it completes."""
+    require_ray()
+    import ray
+    import ray.data
+
+    started_here = _connect(settings)
+    try:
+        context = ray.data.DataContext.get_current()
+        context.enable_progress_bars = False      # routelens's own bar counts the units
+        logging.getLogger("ray.data").setLevel(logging.WARNING)
+        if not groups:
+            return
+        dataset = ray.data.from_items([{"units": group} for group in groups], override_num_blocks=len(groups))
+        scored = dataset.map_batches(
+            _GroupScorer, fn_constructor_kwargs={"job": job}, batch_size=1, batch_format="pyarrow",
+            compute=ray.data.ActorPoolStrategy(size=settings.workers),
+            num_cpus=settings.cpus_per_worker, num_gpus=settings.gpus(device))
+        try:
+            for row in scored.iter_rows():
+                yield [int(u) for u in row["units"]], pickle.loads(row["tables"]), json.loads(row["checks"])
+        except Exception as error:
+            raise _user_error(error) from None
+    finally:
+        if started_here:
+            ray.shutdown()
+
+
+def _connect(settings: RaySettings) -> bool:
+    """Start or join Ray as the settings say; True when this call started it (and ends it)."""
+    import ray
+
+    if ray.is_initialized():
+        return False
+    quiet = dict(include_dashboard=False, configure_logging=False, log_to_driver=True)
+    if settings.address == "local":
+        cpus = max(os.cpu_count() or 1, int(settings.workers * settings.cpus_per_worker + 0.999))
+        ray.init(num_cpus=cpus, **quiet)
+    else:
+        try:
+            ray.init(address=settings.address, **quiet)
+        except (ConnectionError, RuntimeError, ValueError) as error:
+            first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+            raise RouteLensError(f"cannot join the Ray cluster at --ray {settings.address}: {first}; start it "
+                                 "(ray start --head) or pass --ray local") from None
+    return True
+
+
+def _user_error(error: Exception) -> Exception:
+    """The routelens error an actor raised (a bad input, a failed run-time check), unwrapped
+    from Ray's exception chain; anything else as it came."""
+    seen, current = set(), error
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        if isinstance(current, RouteLensError):
+            return current
+        cause = getattr(current, "cause", None)
+        current = cause if isinstance(cause, BaseException) else current.__cause__
+    return error

@@ -1,0 +1,175 @@
+"""Ray Data execution (`--ray`): a local Ray instance of 2 actors on this machine.
+
+The float noise of a forward depends on torch's intra-op thread count; Ray gives each
+actor one CPU (one thread), so the single-process runs compared with here use one thread
+too: the tables are then equal row for row.
+"""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+
+import pandas as pd
+import pytest
+import torch
+from conftest import PYTHON, kill_when_parts_land, write_jsonl
+
+import routelens as rl
+from routelens.cli import main
+
+RECORDS = [{"id": f"r{i}", "prompt": f"Q:{i}*{i}+{i}=", "completion": f"A:{i}*{i}={i * i};{i * i}+{i}={i * i + i}#{i * i + i}"}
+           for i in range(10)]
+SETTINGS = dict(layers=[0, -1], routes=4, group_tokens=1)   # one trajectory per group: many groups to share out
+
+
+class one_thread:
+    """torch on one intra-op thread, as in each Ray actor (cpus_per_worker=1)."""
+
+    def __enter__(self):
+        self.threads = torch.get_num_threads()
+        torch.set_num_threads(1)
+
+    def __exit__(self, *exc):
+        torch.set_num_threads(self.threads)
+
+
+def _tables(path):
+    return {name: pd.read_parquet(os.path.join(path, f"{name}.parquet")) for name in ("routes", "tokens")}
+
+
+def _assert_same_run(path, reference):
+    got, want = _tables(path), _tables(reference)
+    for name in want:
+        assert len(got[name]) == len(want[name]) > 0
+        pd.testing.assert_frame_equal(got[name], want[name], check_exact=True)
+    keys = ["trajectory_id", "position", "layer", "route"]
+    assert not got["routes"].duplicated(keys).any()
+    assert json.load(open(os.path.join(path, "summary.json"))) == json.load(open(os.path.join(reference, "summary.json")))
+
+
+@pytest.fixture(scope="module")
+def single_process(saved_model, tmp_path_factory):
+    """The single-process run every Ray run here must reproduce."""
+    folder = tmp_path_factory.mktemp("ray") / "single"
+    trajectories = write_jsonl(folder.parent / "traj.jsonl", RECORDS)
+    with one_thread():
+        rl.run_counterfactual(rl.load(saved_model), trajectories, str(folder), show_progress=False, **SETTINGS)
+    return trajectories, str(folder)
+
+
+def _actor_pids() -> list[int]:
+    """Processes of Ray Data's map actors (their title names the map_batches class)."""
+    pids = []
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            with open(f"/proc/{pid}/cmdline", "rb") as handle:
+                title = handle.read().decode(errors="replace")
+        except OSError:
+            continue
+        if title.startswith("ray::") and "MapWorker" in title:
+            pids.append(int(pid))
+    return pids
+
+
+def test_ray_run_equals_single_process_run(saved_model, single_process, tmp_path):
+    trajectories, reference = single_process
+    out = str(tmp_path / "ray")
+    result = rl.run_counterfactual(rl.load(saved_model), trajectories, out, show_progress=False, ray="local", workers=2,
+                                   **SETTINGS)
+    _assert_same_run(out, reference)
+    run_json = json.load(open(os.path.join(out, "run.json")))
+    assert run_json["execution"]["ray"]["workers"] == 2 and run_json["status"] == "complete"
+    assert run_json["units_done"] == len(RECORDS)
+    assert run_json["checks"]["standard_route_max_abs_logprob_diff"] < 1e-4   # merged from the actors' checks
+    assert result.summary_dict == json.load(open(os.path.join(reference, "summary.json")))
+
+
+def test_run_started_in_one_process_is_finished_on_ray_despite_a_killed_actor(saved_model, single_process, tmp_path,
+                                                                             cli_env):
+    trajectories, reference = single_process
+    out = str(tmp_path / "mixed")
+    cli_env["OMP_NUM_THREADS"] = "1"
+    command = [PYTHON, "-m", "routelens", "counterfactual", "--model", saved_model, "--trajectories", trajectories,
+               "--layers", "0,-1", "--routes", "4", "--group-tokens", "1", "--out", out, "--no-progress"]
+    kill_when_parts_land(subprocess.Popen(command, env=cli_env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL),
+                         out, 3, prefix="tokens-")
+    started_alone = len([p for p in os.listdir(os.path.join(out, "parts")) if p.startswith("tokens-")])
+    assert 3 <= started_alone < len(RECORDS)
+
+    killed = []
+
+    def kill_an_actor_mid_run():
+        deadline = time.time() + 240
+        while time.time() < deadline:
+            done = [p for p in os.listdir(os.path.join(out, "parts")) if p.startswith("tokens-")]
+            pids = _actor_pids()
+            if len(done) >= started_alone + 2 and pids:   # the actors are scoring the remaining groups
+                os.kill(pids[0], signal.SIGKILL)
+                killed.append(pids[0])
+                return
+            time.sleep(0.01)
+
+    watcher = threading.Thread(target=kill_an_actor_mid_run, daemon=True)
+    watcher.start()
+    rl.run_counterfactual(rl.load(saved_model), trajectories, out, show_progress=False, ray="local", workers=2, **SETTINGS)
+    watcher.join(timeout=5)
+    assert killed, "no actor was killed: the run finished first"
+    _assert_same_run(out, reference)
+    run_json = json.load(open(os.path.join(out, "run.json")))
+    assert [s["execution"]["ray"] is None for s in run_json["sessions"]] == [True, False]
+    assert run_json["sessions"][1]["units_done"] == len(RECORDS) - started_alone   # nothing done twice
+
+
+def test_ray_without_ray_installed_is_a_one_line_error(saved_model, tmp_path, monkeypatch, capsys):
+    monkeypatch.setitem(sys.modules, "ray", None)   # import ray -> ImportError
+    trajectories = write_jsonl(tmp_path / "traj.jsonl", RECORDS[:1])
+    assert main(["counterfactual", "--model", saved_model, "--trajectories", trajectories, "--layers", "0",
+                 "--out", str(tmp_path / "r"), "--ray", "local"]) == 2
+    [line] = capsys.readouterr().err.strip().splitlines()
+    assert line == ("routelens: error: --ray needs Ray Data, which is not installed here: "
+                    "pip install 'routelens[ray]' (or: pip install 'ray[data]==2.60.*')")
+    assert not os.path.exists(tmp_path / "r")   # refused before the model loaded or the folder was made
+
+
+def test_workers_without_ray_is_refused(saved_model, tmp_path, capsys):
+    trajectories = write_jsonl(tmp_path / "traj.jsonl", RECORDS[:1])
+    assert main(["counterfactual", "--model", saved_model, "--trajectories", trajectories, "--layers", "0",
+                 "--out", str(tmp_path / "r"), "--workers", "4"]) == 2
+    assert capsys.readouterr().err.strip() == "routelens: error: --workers needs --ray (local, auto or a cluster address)"
+
+
+def test_a_model_given_as_an_object_is_refused_on_ray(saved_model, tmp_path):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    lens = rl.wrap(AutoModelForCausalLM.from_pretrained(saved_model), AutoTokenizer.from_pretrained(saved_model))
+    trajectories = write_jsonl(tmp_path / "traj.jsonl", RECORDS[:1])
+    with pytest.raises(rl.RouteLensError, match=r"given as an object \(routelens.wrap\); Ray workers load the model"):
+        rl.run_counterfactual(lens, trajectories, str(tmp_path / "r"), layers=[0], show_progress=False, ray="local")
+    assert not os.path.exists(tmp_path / "r")
+
+
+def test_isolation_and_rollouts_on_ray_equal_single_process_runs(tmp_path):
+    lens = rl.load("demo")
+    trajectories = rl.trajectories_from_text(lens.tokenizer, [("Q:3+4=A:", "3+4=7#7"), ("Q:9*2=A:", "9*2=18#18")],
+                                             answers=["7", "18"])
+    counterfactual = rl.counterfactual(lens, trajectories, layers=[-1], routes=4).save(str(tmp_path / "cf"))
+    isolation = dict(per_domain=2, layers=[0], floor_seeds=1, show_progress=False)
+    rollout = dict(tokens="all", limit=4, samples=2, max_new_tokens=8, show_progress=False)
+    with one_thread():
+        rl.run_isolate(lens, "arithmetic", str(tmp_path / "iso-single"), **isolation)
+        rl.run_rollout(lens, counterfactual, str(tmp_path / "rollout-single"), **rollout)
+    rl.run_isolate(lens, "arithmetic", str(tmp_path / "iso-ray"), ray="local", workers=2, **isolation)
+    rl.run_rollout(lens, counterfactual, str(tmp_path / "rollout-ray"), ray="local", workers=2, **rollout)
+    for kind, tables in (("iso", ("isolation", "routing", "cells")), ("rollout", ("rollouts",))):
+        for table in tables:
+            got = pd.read_parquet(tmp_path / f"{kind}-ray" / f"{table}.parquet")
+            want = pd.read_parquet(tmp_path / f"{kind}-single" / f"{table}.parquet")
+            assert len(got) == len(want) > 0
+            pd.testing.assert_frame_equal(got, want, check_exact=True)
+        run_json = json.load(open(tmp_path / f"{kind}-ray" / "run.json"))
+        assert run_json["execution"]["ray"]["workers"] == 2 and run_json["status"] == "complete"
+        assert run_json["checks"] and all(value is not None for value in run_json["checks"].values())
