@@ -76,7 +76,7 @@ def test_perturbed_sequences_per_chunk_do_not_grow_with_routes(tiny_adapters, mo
     assert 1 <= limit < len(LENGTHS) * 5   # the budget forces several chunks even at 4 routes
     sizes = []
     original = engine._suffix
-    monkeypatch.setattr(engine, "_suffix", lambda *a: sizes.append(a[2].shape[0]) or original(*a))
+    monkeypatch.setattr(engine, "_suffix", lambda *a, **k: sizes.append(a[2].shape[0]) or original(*a, **k))
     peaks = {}
     for routes in (4, 32):
         sizes.clear()

@@ -30,3 +30,17 @@ def test_capture_and_force_on_cuda():
     with torch.no_grad(), lens.force(-1, [(0, 4)], [[0, 1, 2, 3]]), lens.capture([-1]) as routes:
         lens.model(ids)
     assert sorted(routes[-1].experts[0, 4].tolist()) == [0, 1, 2, 3] and routes[-1].logits.is_cuda
+
+
+def test_run_records_the_cuda_memory_peak_against_the_budget(tmp_path):
+    import json
+
+    lens = rl.load("demo", device="cuda")
+    trajs = rl.trajectories_from_text(lens.tokenizer, [("Q:12+7=A:", "12+7=19#19")] * 4)
+    budget = 8 * 2**20
+    rl.run_counterfactual(lens, trajs, str(tmp_path / "cf"), layers=[0], routes=32, memory_budget=budget,
+                          show_progress=False)
+    memory = json.load(open(tmp_path / "cf" / "run.json"))["timings"]["memory"]
+    assert memory["memory_budget_bytes"] == budget and memory["cuda_peak_bytes"] >= memory["cuda_model_bytes"] > 0
+    # what the chunks added on top of the weights stays within a few budgets (the budget is an estimate)
+    assert memory["cuda_peak_bytes"] - memory["cuda_model_bytes"] <= 4 * budget

@@ -33,10 +33,12 @@ from routelens.config import ALL_TOKENS, BINS, CounterfactualConfig
 from routelens.data.trajectories import Trajectory
 from routelens.distributed import RaySettings, UnitJob, check_ray_can_load, execute
 from routelens.engine.checks import check_gating_rule
+from routelens.engine.fast import pad_right
 from routelens.engine.items import ScoreItem
+from routelens.engine.readout import peak_memory, reset_peak_memory
 from routelens.errors import RouteLensError
 from routelens.models.adapter import MoEAdapter
-from routelens.models.routing import capture_routes
+from routelens.models.routing import RouterOutput, capture_routes
 
 ROUTES_SCHEMA = pa.schema([
     ("trajectory_id", pa.string()), ("position", pa.int64()), ("layer", pa.int64()),
@@ -63,12 +65,10 @@ JOINT_TOKENS_SCHEMA = pa.schema(
     + [("sum_single_gain", pa.float64()), ("max_single_gain", pa.float64()), ("interaction", pa.float64())])
 
 
-def bin_of(p_route_mean: float, confident: float, fragile: float) -> str:
-    if p_route_mean >= confident:
-        return "Confident"
-    if p_route_mean < fragile:
-        return "Fragile"
-    return "Ambiguous"
+def bin_of(p_route_mean: float | np.ndarray, confident: float, fragile: float) -> str | np.ndarray:
+    """Confident / Ambiguous / Fragile by the route-averaged p (of one token, or an array)."""
+    out = np.where(p_route_mean >= confident, "Confident", np.where(p_route_mean < fragile, "Fragile", "Ambiguous"))
+    return str(out) if out.ndim == 0 else out
 
 
 @dataclass
@@ -86,16 +86,34 @@ class LayerRoutes:
     duplicate: np.ndarray
 
 
+def group_natural_routes(adapter: MoEAdapter, engine, trajectories: list[Trajectory],
+                         layers: list[int]) -> list[dict[int, RouterOutput]]:
+    """Each trajectory's router outputs at `layers` (rows: its positions), from one natural
+    forward of the group, right-padded as the engines batch it. The fast engine makes that
+    pass itself and keeps what scoring the group needs: one natural forward per group."""
+    input_ids = [torch.tensor(t.input_ids) for t in trajectories]
+    if hasattr(engine, "natural_routes"):
+        captured = engine.natural_routes(input_ids, layers)
+    else:
+        with torch.no_grad(), capture_routes(adapter, layers) as captured:
+            adapter.model(pad_right(input_ids).to(adapter.device), use_cache=False, logits_to_keep=1)
+    length = max(ids.shape[0] for ids in input_ids)
+    return [{layer: RouterOutput(*(value[b * length: b * length + ids.shape[0]]
+                                   for value in (out.logits, out.weights, out.experts)))
+             for layer, out in captured.items()} for b, ids in enumerate(input_ids)]
+
+
 def build_routes(adapter: MoEAdapter, trajectory: Trajectory, layers: list[int],
-                 config: CounterfactualConfig) -> dict[int, LayerRoutes]:
-    """The standard route (read off the model's own forward) and S sampled alternatives
-    per scored token and layer. The adapter's gating rule must reproduce the router's own
-    weights on its own choice (checked here, on every trajectory), since it weights the
-    alternatives."""
+                 config: CounterfactualConfig, captured: dict[int, RouterOutput] | None = None) -> dict[int, LayerRoutes]:
+    """The standard route (read off the model's own forward: `captured`, or a forward run
+    here) and S sampled alternatives per scored token and layer. The adapter's gating rule
+    must reproduce the router's own weights on its own choice (checked here, on every
+    trajectory), since it weights the alternatives."""
     k, num_candidates = adapter.top_k, config.candidates_for(adapter.num_experts)
-    input_ids = torch.tensor([trajectory.input_ids], device=adapter.device)
-    with torch.no_grad(), capture_routes(adapter, layers) as captured:
-        adapter.model(input_ids, use_cache=False, logits_to_keep=1)
+    if captured is None:
+        input_ids = torch.tensor([trajectory.input_ids], device=adapter.device)
+        with torch.no_grad(), capture_routes(adapter, layers) as captured:
+            adapter.model(input_ids, use_cache=False, logits_to_keep=1)
     positions = np.asarray(trajectory.scored_positions)
     index = torch.as_tensor(positions, device=adapter.device)
     result = {}
@@ -134,7 +152,16 @@ def build_routes(adapter: MoEAdapter, trajectory: Trajectory, layers: list[int],
 def token_metrics(logprob: np.ndarray, router_score: np.ndarray, experts: np.ndarray,
                   config: CounterfactualConfig) -> dict:
     """Per-token quantities from the logprobs [R], router scores [R] and expert sets [R, k]
-    of its routes (route 0 standard).
+    of one token's routes (route 0 standard): `token_metrics_rows` for one row."""
+    rows = token_metrics_rows(logprob[None], router_score[None], experts[None], config)
+    return {name: value[0].tolist() for name, value in rows.items()}
+
+
+def token_metrics_rows(logprob: np.ndarray, router_score: np.ndarray, experts: np.ndarray,
+                       config: CounterfactualConfig) -> dict[str, np.ndarray]:
+    """Per-token quantities of P tokens at once from the logprobs [P, R], router scores
+    [P, R] and expert sets [P, R, ...] of their routes (route 0 standard): one array per
+    column, [P] (gain_by_routes [P, len(route_counts(S))]).
 
     An alternative wins when its p exceeds the standard route's by more than
     `win_tolerance`, and ties when within it; one that drew the standard expert set *is*
@@ -145,43 +172,58 @@ def token_metrics(logprob: np.ndarray, router_score: np.ndarray, experts: np.nda
     alternatives below the standard route (ties half): 1 = best route seen, 0.5 = chance.
     """
     p = np.exp(logprob)
-    same_as_standard = (experts[1:] == experts[0]).all(axis=-1)
-    alternatives = p[1:]
-    difference = np.where(same_as_standard, 0.0, alternatives - p[0])
-    p_route_mean = float(p.mean())
+    flat = experts.reshape(*experts.shape[:2], -1)
+    same_as_standard = (flat[:, 1:] == flat[:, :1]).all(axis=-1)                         # [P, S]
+    standard, alternatives = p[:, 0], p[:, 1:]
+    difference = np.where(same_as_standard, 0.0, alternatives - standard[:, None])
+    p_route_mean = p.mean(axis=1)
+    best_of = expected_best_of(alternatives, route_counts(alternatives.shape[1]))
     return {
-        "p_standard": float(p[0]),
+        "p_standard": standard,
         "p_route_mean": p_route_mean,
-        "p_best_alt": float(alternatives.max()),
-        "p_worst_alt": float(alternatives.min()),
-        "gain": float(alternatives.max() - p[0]),
-        "win_rate": float(np.mean(difference > config.win_tolerance)),
-        "tie_rate": float(np.mean(np.abs(difference) <= config.win_tolerance)),
+        "p_best_alt": alternatives.max(axis=1),
+        "p_worst_alt": alternatives.min(axis=1),
+        "gain": alternatives.max(axis=1) - standard,
+        "win_rate": np.mean(difference > config.win_tolerance, axis=1),
+        "tie_rate": np.mean(np.abs(difference) <= config.win_tolerance, axis=1),
         "null_gain": null_gain(alternatives),
-        "standard_percentile": float(np.mean((difference < 0) + 0.5 * (difference == 0))),
-        "gain_by_routes": [best - float(p[0]) for best in expected_best_of(alternatives, route_counts(alternatives.size)).values()],
-        "alignment": stats.spearman(router_score, logprob),
+        "standard_percentile": np.mean((difference < 0) + 0.5 * (difference == 0), axis=1),
+        "gain_by_routes": np.stack(list(best_of.values()), axis=-1) - standard[:, None],
+        "alignment": stats.spearman_rows(router_score, same_set_same_score(logprob, flat)),
         "bin": bin_of(p_route_mean, config.confident, config.fragile),
     }
 
 
-def null_gain(alternatives: np.ndarray) -> float:
+def same_set_same_score(logprob: np.ndarray, experts: np.ndarray) -> np.ndarray:
+    """[P, R] log-probs where routes of one expert set (experts [P, R, k]) all take the first
+    one's: they are one route, and float noise between its computations must not rank them."""
+    same = (experts[:, :, None] == experts[:, None, :]).all(axis=-1)                     # [P, R, R]
+    return np.take_along_axis(logprob, same.argmax(axis=2), axis=1)
+
+
+def null_gain(alternatives: np.ndarray) -> float | np.ndarray:
     """Mean over alternatives a of (max over the other alternatives of p) - p_a: the gain of
-    a "standard" route drawn at random from the sampler (NaN with one alternative)."""
-    if alternatives.size < 2:
-        return float("nan")
-    order = np.sort(alternatives)
-    best, second = order[-1], order[-2]
-    others_best = np.where(alternatives == best, second, best)   # leave-one-out max (a tie at the top: second == best)
-    return float(np.mean(others_best - alternatives))
+    a "standard" route drawn at random from the sampler (NaN with one alternative); along
+    the last axis of [..., S]."""
+    alternatives = np.asarray(alternatives, dtype=float)
+    if alternatives.shape[-1] < 2:
+        out = np.full(alternatives.shape[:-1], np.nan)
+    else:
+        order = np.sort(alternatives, axis=-1)
+        best, second = order[..., -1:], order[..., -2:-1]
+        others_best = np.where(alternatives == best, second, best)   # leave-one-out max (a tie at the top: second == best)
+        out = np.mean(others_best - alternatives, axis=-1)
+    return float(out) if out.ndim == 0 else out
 
 
-def expected_best_of(alternatives: np.ndarray, sizes: list[int]) -> dict[int, float]:
-    """E[max p over m alternatives drawn without replacement from the S scored], for each m:
-    exact order statistics (sorted x_(i) weighted by C(i-1, m-1) / C(S, m)), no resampling."""
-    ordered = np.sort(alternatives)
-    sizes = tuple(m for m in sizes if m <= ordered.size)
-    return dict(zip(sizes, (_best_of_weights(ordered.size, sizes) @ ordered).tolist()))
+def expected_best_of(alternatives: np.ndarray, sizes: list[int]) -> dict[int, float | np.ndarray]:
+    """E[max p over m alternatives drawn without replacement from the S scored], for each m
+    (along the last axis of [..., S]): exact order statistics (sorted x_(i) weighted by
+    C(i-1, m-1) / C(S, m)), no resampling."""
+    ordered = np.sort(np.asarray(alternatives, dtype=float), axis=-1)
+    sizes = tuple(m for m in sizes if m <= ordered.shape[-1])
+    best = ordered @ _best_of_weights(ordered.shape[-1], sizes).T                         # [..., len(sizes)]
+    return {m: (float(best[..., i]) if best.ndim == 1 else best[..., i]) for i, m in enumerate(sizes)}
 
 
 @functools.lru_cache(maxsize=64)
@@ -264,19 +306,30 @@ def joint_tables(trajectory: Trajectory, joint: list[int], routes: LayerRoutes, 
         pa.array(np.asarray(trajectory.input_ids)[positions + 1], type=pa.int64()),
         pa.array(np.asarray(logprobs, dtype=np.float64).ravel(), type=pa.float64()),
     ], schema=JOINT_ROUTES_SCHEMA)
-    rows = []
-    for p, position in enumerate(routes.positions):
-        metrics = token_metrics(logprobs[p], routes.router_score[p], routes.experts[p].reshape(num_routes, -1), config)
-        p_joint = np.exp(logprobs[p])
-        p_single = np.exp(np.stack([single[layer][p] for layer in joint]))                  # [J, R]
-        single_gains = p_single[:, 1:].max(axis=1) - p_single[:, 0]
-        interaction = (p_joint[1:] - p_joint[0]) - (p_single[:, 1:] - p_single[:, :1]).sum(axis=0)
-        rows.append({"trajectory_id": trajectory.id, "position": int(position), "layers": list(joint),
-                     "target_id": trajectory.input_ids[position + 1], "verified": trajectory.verified,
-                     "n_duplicates": int(routes.duplicate[p].sum()), **metrics,
-                     "sum_single_gain": float(single_gains.sum()), "max_single_gain": float(single_gains.max()),
-                     "interaction": float(interaction.mean())})
-    return {"joint_routes": table, "joint_tokens": pa.Table.from_pylist(rows, schema=JOINT_TOKENS_SCHEMA)}
+    p_joint = np.exp(logprobs)                                                            # [P, R]
+    p_single = np.exp(np.stack([single[layer] for layer in joint], axis=1))              # [P, J, R]
+    single_gains = p_single[..., 1:].max(axis=-1) - p_single[..., 0]                      # [P, J]
+    interaction = (p_joint[:, 1:] - p_joint[:, :1]) - (p_single[..., 1:] - p_single[..., :1]).sum(axis=1)
+    tokens = tokens_table(trajectory, [list(joint)] * num_positions, routes, logprobs, config, JOINT_TOKENS_SCHEMA,
+                          {"sum_single_gain": single_gains.sum(axis=1), "max_single_gain": single_gains.max(axis=1),
+                           "interaction": interaction.mean(axis=1)})
+    return {"joint_routes": table, "joint_tokens": tokens}
+
+
+def tokens_table(trajectory: Trajectory, layer, routes: LayerRoutes, logprobs: np.ndarray, config: CounterfactualConfig,
+                 schema: pa.Schema = TOKENS_SCHEMA, extra: dict | None = None) -> pa.Table:
+    """One row per scored token of one layer (`layer`: an int, or a column of layer lists for
+    joint routes) with its metrics (`token_metrics_rows`) and `extra` columns."""
+    metrics = token_metrics_rows(logprobs, routes.router_score, routes.experts, config)
+    positions = np.asarray(routes.positions)
+    columns = {"trajectory_id": [trajectory.id] * positions.size, "position": positions,
+               schema.names[2]: np.full(positions.size, layer) if isinstance(layer, int) else layer,
+               "target_id": np.asarray(trajectory.input_ids)[positions + 1],
+               "verified": [trajectory.verified] * positions.size,
+               "n_duplicates": routes.duplicate.sum(axis=1), **metrics, **(extra or {})}
+    columns["gain_by_routes"] = _list_column(metrics["gain_by_routes"], pa.float64())
+    return pa.Table.from_arrays([pa.array(columns[field.name], type=field.type) if not isinstance(columns[field.name], pa.Array)
+                                 else columns[field.name] for field in schema], schema=schema)
 
 
 def analyse_trajectories(adapter: MoEAdapter, engine, trajectories: list[Trajectory], layers: list[int],
@@ -284,7 +337,8 @@ def analyse_trajectories(adapter: MoEAdapter, engine, trajectories: list[Traject
     """Sample and score every route of a group of trajectories (scored together by the
     engine, layer by layer, then the joint routes at the `joint` layers when given); return
     each trajectory's tables: routes and tokens (and joint_routes, joint_tokens)."""
-    routes = [build_routes(adapter, trajectory, layers, config) for trajectory in trajectories]
+    natural = group_natural_routes(adapter, engine, trajectories, layers)
+    routes = [build_routes(adapter, trajectory, layers, config, captured) for trajectory, captured in zip(trajectories, natural)]
     results = []
     scored = {layer: engine.score_batch(layer, [
         ScoreItem(torch.tensor(t.input_ids), r[layer].positions, torch.as_tensor(r[layer].experts), r[layer].weights)
@@ -295,16 +349,10 @@ def analyse_trajectories(adapter: MoEAdapter, engine, trajectories: list[Traject
             ScoreItem(torch.tensor(t.input_ids), j.positions, torch.as_tensor(j.experts), j.weights)
             for t, j in zip(trajectories, joint_sets)])
     for i, trajectory in enumerate(trajectories):
-        route_tables, token_rows = [], []
-        for layer in layers:
-            layer_routes, logprobs = routes[i][layer], scored[layer][i]                # [P, R]
-            route_tables.append(routes_table(trajectory, layer, layer_routes, logprobs))
-            for p, position in enumerate(layer_routes.positions):
-                metrics = token_metrics(logprobs[p], layer_routes.router_score[p], layer_routes.experts[p], config)
-                token_rows.append({"trajectory_id": trajectory.id, "position": int(position), "layer": layer,
-                                   "target_id": trajectory.input_ids[position + 1], "verified": trajectory.verified,
-                                   "n_duplicates": int(layer_routes.duplicate[p].sum()), **metrics})
-        tables = {"routes": pa.concat_tables(route_tables), "tokens": pa.Table.from_pylist(token_rows, schema=TOKENS_SCHEMA)}
+        tables = {"routes": pa.concat_tables([routes_table(trajectory, layer, routes[i][layer], scored[layer][i])
+                                              for layer in layers]),
+                  "tokens": pa.concat_tables([tokens_table(trajectory, layer, routes[i][layer], scored[layer][i], config)
+                                              for layer in layers])}
         if joint:
             tables.update(joint_tables(trajectory, joint, joint_sets[i], joint_scored[i],
                                        {layer: scored[layer][i] for layer in joint}, config))
@@ -526,6 +574,7 @@ def run_counterfactual(loaded, trajectories: list[Trajectory], config: Counterfa
     total_tokens = sum(len(t.scored_positions) for t in trajectories) * passes
     done_tokens = total_tokens - sum(len(trajectories[i].scored_positions) for i in todo) * passes
     started = time.perf_counter()
+    reset_peak_memory(loaded.device)
     job = CounterfactualJob(trajectories, layers, config, joint, engine=engine)
     with progress_bar("counterfactual", total_tokens, done_tokens, show_progress) as advance:
         checks = execute(folder, job, trajectory_groups(todo, trajectories, config.group_tokens, max_group=engine.max_group),
@@ -539,6 +588,7 @@ def run_counterfactual(loaded, trajectories: list[Trajectory], config: Counterfa
     folder.complete(summary, extra={"timings": {
         "seconds_this_session": round(time.perf_counter() - started, 3),
         "tokens_scored_this_session": total_tokens - done_tokens,
+        "memory": peak_memory(loaded.device, config.memory_budget) if ray is None else None,
     }, "checks": checks})
     return folder
 

@@ -38,6 +38,7 @@ from routelens.analyses.route_sampling import route_rng, uniform_routes
 from routelens.config import SCORES, IsolationConfig
 from routelens.data.target_items import TargetItem
 from routelens.distributed import RaySettings, UnitJob, check_ray_can_load, execute
+from routelens.engine.readout import peak_memory, reset_peak_memory
 from routelens.engine.whole_sequence import WholeSequenceScorer
 from routelens.errors import RouteLensError
 from routelens.models.adapter import MoEAdapter
@@ -349,6 +350,7 @@ def run_isolation(loaded, items: list[TargetItem], config: IsolationConfig, out:
                              "performance": {k: getattr(config, k) for k in config.PERFORMANCE}})
     todo = [i for i in range(len(items)) if not folder.is_done(i)]
     started = time.perf_counter()
+    reset_peak_memory(loaded.device)
     with progress_bar("isolation", len(items), len(items) - len(todo), show_progress, unit="items") as advance:
         checks = execute(folder, IsolationJob(items, layers, config, scorer), [[index] for index in todo],
                          lambda unit: advance(1), loaded, ray)
@@ -358,6 +360,7 @@ def run_isolation(loaded, items: list[TargetItem], config: IsolationConfig, out:
     folder.write_table("cells", cells)
     folder.write_table("calibration", calib)
     folder.complete(summary, extra={"timings": {"seconds_this_session": round(time.perf_counter() - started, 3),
-                                                "items_scored_this_session": len(todo)},
+                                                "items_scored_this_session": len(todo),
+                                                "memory": peak_memory(loaded.device, config.memory_budget) if ray is None else None},
                                     "checks": checks})
     return folder

@@ -45,6 +45,7 @@ class AttentionState:
     values: dict[int, torch.Tensor] = field(default_factory=dict)   # layer -> [B, KV, T, Dv]
     row_source: torch.Tensor | None = None  # patch mode: batch row -> recorded sequence
     query_block: int = 1 << 30              # patch mode: queries per block (bounds the [R, H, q, T] scores)
+    query_positions: torch.Tensor | None = None  # patch mode: [R, P] positions of the queries; None: all T
     patched_calls: int = 0
     windows: dict[int, int | None] = field(default_factory=dict)  # layer -> window (adapter's), None = causal
     mask_mismatch: str | None = None         # record mode: first layer whose mask disagrees with its window
@@ -120,6 +121,9 @@ def patched_attention(module, query, key, value, scaling, sliding_window=None, s
     groups = query.shape[1] // k_std.shape[1]
     k_std, v_std = _repeat_kv(k_std, groups), _repeat_kv(v_std, groups)
     k_own, v_own = _repeat_kv(key, groups), _repeat_kv(value, groups)
+    if STATE.query_positions is not None:
+        return _gathered_attention(query, k_std, v_std, k_own, v_own, scaling, STATE.query_positions.to(query.device),
+                                   sliding_window, s_aux)
     fused = _flash_off_diagonal(query, k_std, v_std, scaling) if sliding_window is None else None
     if fused is not None:
         # merge the off-diagonal part and the diagonal term q'_t . k'_t through their log-normalisers
@@ -157,6 +161,34 @@ def patched_attention(module, query, key, value, scaling, sliding_window=None, s
         p_diag = probs[..., start:stop].diagonal(dim1=-2, dim2=-1)[..., None]            # [R, H, q, 1]
         # P @ V_std counts the diagonal with v_std_t; swap in the perturbed v'_t
         blocks.append(torch.matmul(probs, v_std) + p_diag * (own_v - v_std[..., start:stop, :]))
+    out = blocks[0] if len(blocks) == 1 else torch.cat(blocks, dim=-2)
+    return out.transpose(1, 2).contiguous(), None
+
+
+def _gathered_attention(query, k_std, v_std, k_own, v_own, scaling, positions, sliding_window, s_aux):
+    """Patched attention for queries at given positions only: query/k_own/v_own [R, H, P, D]
+    at positions [R, P]; k_std/v_std [R, H, T, D] of every position. Position t sees the
+    standard keys s < t (within the window) and its own perturbed key on the diagonal."""
+    s = torch.arange(k_std.shape[-2], device=query.device)
+    blocks = []
+    for start in range(0, query.shape[-2], STATE.query_block):   # query blocks bound the score memory
+        stop = min(query.shape[-2], start + STATE.query_block)
+        q, own_k, own_v, at = query[..., start:stop, :], k_own[..., start:stop, :], v_own[..., start:stop, :], positions[:, start:stop]
+        scores = torch.matmul(q, k_std.transpose(-1, -2)).float() * scaling                # [R, H, q, T]
+        hidden = s[None, None, :] >= at[..., None]                                         # s >= t: itself and the future
+        if sliding_window is not None:
+            hidden |= s[None, None, :] <= at[..., None] - sliding_window
+        scores.masked_fill_(hidden[:, None], float("-inf"))
+        diagonal = (q * own_k).sum(-1).float() * scaling                                   # [R, H, q]: q'_t . k'_t
+        top = torch.maximum(scores.amax(dim=-1), diagonal)
+        if s_aux is not None:  # attention sinks: one extra logit per head in the normaliser, no value
+            sink = s_aux.float().reshape(1, -1, 1)
+            top = torch.maximum(top, sink)
+        off = torch.exp(scores - top[..., None])
+        own = torch.exp(diagonal - top)
+        total = off.sum(dim=-1) + own + (torch.exp(sink - top) if s_aux is not None else 0.0)
+        probs = (off / total[..., None]).to(v_std.dtype)
+        blocks.append(torch.matmul(probs, v_std) + (own / total)[..., None].to(v_std.dtype) * own_v)
     out = blocks[0] if len(blocks) == 1 else torch.cat(blocks, dim=-2)
     return out.transpose(1, 2).contiguous(), None
 

@@ -56,26 +56,53 @@ from routelens.engine.readout import (
     target_log_probs,
 )
 from routelens.models.adapter import SOFTMAX_ATTENTION, MoEAdapter
-from routelens.models.routing import RouteOverride, capture_routes, override_routes
+from routelens.models.routing import RouteOverride, RouterOutput, capture_routes, override_routes
 
 
-def per_row_arguments(kwargs: dict, sources: torch.Tensor, batch: int) -> dict:
-    """A decoder layer's recorded arguments for the perturbed rows: the per-sequence ones
-    (position embeddings [B, T, d], position ids [B, T] or multimodal [3, B, T]) picked by
-    each row's source sequence; a batch of one broadcasts as it is."""
-    if batch == 1:
+def pad_right(input_ids: list[torch.Tensor]) -> torch.Tensor:
+    """Sequences of any lengths as one right-padded batch [B, T] (causal attention keeps the
+    padding out of every real position)."""
+    batch = torch.zeros(len(input_ids), max(ids.shape[0] for ids in input_ids), dtype=torch.long)
+    for b, ids in enumerate(input_ids):
+        batch[b, : ids.shape[0]] = ids
+    return batch
+
+
+def per_row_arguments(kwargs: dict, sources: torch.Tensor, batch: int, positional: dict[str, tuple[int, int]],
+                      positions: torch.Tensor | None = None) -> dict:
+    """A decoder layer's recorded arguments for the perturbed rows: the per-position ones
+    (`positional`: name -> (batch dim, position dim), from the adapter; position embeddings
+    [B, T, d], position ids [B, T] or multimodal [3, B, T], ...) picked by each row's source
+    sequence (a batch of one broadcasts as it is), and with `positions` [rows, P] taken at
+    each row's positions."""
+    if batch == 1 and positions is None:
         return dict(kwargs)
 
-    def pick(value, dim):
-        if torch.is_tensor(value) and value.dim() > dim and value.shape[dim] == batch:
-            return value.index_select(dim, sources.to(value.device))
-        return value
+    def pick(value, dims):
+        batch_dim, position_dim = dims
+        if not torch.is_tensor(value) or value.dim() <= max(batch_dim, position_dim):
+            return value
+        if value.shape[batch_dim] == batch and batch > 1:
+            value = value.index_select(batch_dim, sources.to(value.device))
+        if positions is None:
+            return value
+        shape = list(value.shape)
+        shape[batch_dim] = positions.shape[0]
+        value = value.expand(*shape)                                         # a broadcast batch of one, per row
+        index_shape = [1] * value.dim()
+        index_shape[batch_dim], index_shape[position_dim] = positions.shape
+        shape[position_dim] = positions.shape[1]
+        return value.gather(position_dim, positions.to(value.device).reshape(index_shape).expand(*shape))
 
     out = dict(kwargs)
-    if isinstance(out.get("position_embeddings"), tuple):
-        out["position_embeddings"] = tuple(pick(value, 0) for value in out["position_embeddings"])
-    if torch.is_tensor(out.get("position_ids")):
-        out["position_ids"] = pick(out["position_ids"], 1 if out["position_ids"].dim() == 3 else 0)
+    for name, dims in positional.items():
+        value = out.get(name)
+        if name == "position_ids" and torch.is_tensor(value) and value.dim() == 3:
+            dims = (1, 2)   # multimodal position ids [3, B, T]
+        if isinstance(value, tuple):
+            out[name] = tuple(pick(member, dims) for member in value)
+        elif torch.is_tensor(value):
+            out[name] = pick(value, dims)
     return out
 
 
@@ -101,6 +128,7 @@ class FastEngine:
         self.deviation = DeviationRecord(adapter)   # |route 0 - natural| seen so far, nats
         self.cache.deviation = self.cache.reference.deviation = self.deviation
         self.cache_layers: dict[int, str] = {}     # layer -> why the cache engine scores it
+        self._last: tuple[torch.Tensor, dict[int, dict]] | None = None   # natural_routes' pass, for score_batch
 
     @staticmethod
     def check_supported(adapter: MoEAdapter) -> None:
@@ -141,28 +169,64 @@ class FastEngine:
             attention.STATE.mode = "off"
             attention.STATE.row_source = None
 
-    def _natural_pass(self, input_ids: torch.Tensor, layer: int) -> dict:
-        """Record keys/values of every layer and the layer-l quantities the routes need.
+    def natural_routes(self, input_ids: list[torch.Tensor], layers: list[int]) -> dict[int, RouterOutput]:
+        """The router outputs of a group's natural forward at `layers` (rows b * T + t of the
+        right-padded batch), from the same pass that records what scoring the group at those
+        layers needs: the `score_batch` calls that follow on these sequences reuse it, so a
+        group costs one natural forward, not one per layer plus one for its routes."""
+        batch = pad_right(input_ids)
+        patchable = [layer for layer in layers if layer not in self.cache_layers and not self.unpatchable(layer)]
+        self._last = None
+        if self.fallback_reason is None and patchable:
+            try:
+                with self._wrapped_attention():
+                    recorded, captured = self._natural_pass(batch, patchable, route_layers=layers)
+                self._last = (batch, recorded)
+                return captured
+            except FastEngineUnsupported:
+                pass   # score_batch meets the same failure, says why and falls back
+        with torch.no_grad(), capture_routes(self.adapter, layers) as captured:
+            self.adapter.model(batch.to(self.adapter.device), use_cache=False, logits_to_keep=1)
+        return captured
+
+    def _recorded_pass(self, input_ids: torch.Tensor, layer: int) -> dict:
+        """What scoring at `layer` needs of the natural pass: the one `natural_routes` made of
+        these very sequences, or a new pass."""
+        if self._last is not None and layer in self._last[1] and self._last[0].shape == input_ids.shape \
+                and torch.equal(self._last[0], input_ids):
+            recorded = self._last[1][layer]
+            attention.STATE.keys, attention.STATE.values = dict(recorded["keys"]), dict(recorded["values"])
+            attention.STATE.windows = {i: self.adapter.attention_window(i) for i in range(self.adapter.num_layers)}
+            return recorded
+        return self._natural_pass(input_ids, [layer])[0][layer]
+
+    def _natural_pass(self, input_ids: torch.Tensor, layers: list[int],
+                      route_layers: list[int] = ()) -> tuple[dict[int, dict], dict[int, RouterOutput]]:
+        """Record keys/values of every layer and, at each of `layers`, the quantities its
+        routes need (and the router outputs at `route_layers` too).
 
         input_ids [B, T], right-padded: causal attention keeps padding out of real positions."""
         adapter = self.adapter
-        block = adapter.moe_block(layer)
-        recorded: dict = {}
+        recorded: dict[int, dict] = {layer: {} for layer in layers}
+        shared: dict = {}
 
-        def keep(name):
-            return lambda module, args, *out: recorded.__setitem__(name, (adapter.block_output(out[0]) if out else args[0]).detach())
+        def keep(store, name):
+            return lambda module, args, *out: store.__setitem__(name, (adapter.block_output(out[0]) if out else args[0]).detach())
 
-        hooks = [
-            adapter.mlp_residual_input(layer).register_forward_pre_hook(keep("h_mid")),
-            block.register_forward_pre_hook(keep("x")),
-            block.register_forward_hook(keep("block_out")),
-            adapter.decoder_layers[layer].register_forward_hook(keep("layer_out")),
-            adapter.final_norm.register_forward_hook(keep("final")),
-        ]
-        parallel = adapter.parallel_mlp(layer)
-        if parallel is not None:
-            hooks.append(parallel.register_forward_hook(keep("parallel_out")))
-        recorded["layer_arguments"], argument_hooks = record_layer_arguments(adapter, range(layer + 1, adapter.num_layers))
+        hooks = [adapter.final_norm.register_forward_hook(keep(shared, "final"))]
+        for layer in layers:
+            block, store = adapter.moe_block(layer), recorded[layer]
+            hooks += [
+                adapter.mlp_residual_input(layer).register_forward_pre_hook(keep(store, "h_mid")),
+                block.register_forward_pre_hook(keep(store, "x")),
+                block.register_forward_hook(keep(store, "block_out")),
+                adapter.decoder_layers[layer].register_forward_hook(keep(store, "layer_out")),
+            ]
+            parallel = adapter.parallel_mlp(layer)
+            if parallel is not None:
+                hooks.append(parallel.register_forward_hook(keep(store, "parallel_out")))
+        lowest = min(layers)
+        shared["layer_arguments"], argument_hooks = record_layer_arguments(adapter, range(lowest + 1, adapter.num_layers))
         hooks += argument_hooks
         attention.STATE.keys.clear()
         attention.STATE.values.clear()
@@ -171,22 +235,33 @@ class FastEngine:
         attention.STATE.windows = {i: adapter.attention_window(i) for i in range(adapter.num_layers)}
         attention.STATE.mode = "record"
         try:
-            with capture_routes(adapter, [layer]) as captured:
+            with capture_routes(adapter, sorted(set(layers) | set(route_layers))) as captured:
                 adapter.model(input_ids.to(adapter.device), use_cache=False, logits_to_keep=1)
         finally:
             attention.STATE.mode = "off"
             for hook in hooks:
                 hook.remove()
-        missing = [i for i in range(layer + 1, adapter.num_layers) if i not in attention.STATE.keys]
-        if missing or "h_mid" not in recorded:
+        missing = [i for i in range(lowest + 1, adapter.num_layers) if i not in attention.STATE.keys]
+        if missing or any("h_mid" not in store for store in recorded.values()):
             raise FastEngineUnsupported(f"attention of layers {missing} was not recorded")
         if attention.STATE.mask_mismatch:
             raise FastEngineUnsupported(attention.STATE.mask_mismatch)
+        shared.update(keys=dict(attention.STATE.keys), values=dict(attention.STATE.values), batch=input_ids.shape[0])
+        for layer, store in recorded.items():
+            store.update(shared, route=captured[layer])                                   # rows b * T + t
+            self._check_layer_layout(layer, store)
+        return recorded, captured
+
+    def _check_layer_layout(self, layer: int, recorded: dict) -> None:
+        """Flatten layer `layer`'s recorded quantities and confirm its residual layout: the
+        decoder layer's output must be the adapter's declared combination of its residual and
+        its MoE block (and parallel MLP) output."""
+        adapter = self.adapter
         hidden = recorded["h_mid"].shape[-1]
         recorded["x"] = recorded["x"].reshape(-1, hidden)                               # [B*T, d]
         recorded["block_out"] = recorded["block_out"].reshape(-1, hidden)               # [B*T, d]
         # beside the routed block: a parallel MLP's output, scaled with it into the residual
-        recorded["beside"] = recorded.pop("parallel_out").reshape(-1, hidden) if parallel is not None else 0.0
+        recorded["beside"] = recorded.pop("parallel_out").reshape(-1, hidden) if "parallel_out" in recorded else 0.0
         recorded["scale"] = adapter.mlp_residual_scale(layer)
         recorded["keep"] = adapter.residual_weight(layer)
         recorded["out_norm"] = adapter.mlp_output_norm(layer)
@@ -200,9 +275,6 @@ class FastEngine:
             raise FastEngineUnsupported(
                 f"decoder layer {layer}'s output is not {recorded['keep']:g} x its residual plus {recorded['scale']:g} x its MoE block "
                 f"output as the adapter declares it (off by {difference:.3g}): a post-norm or scaled residual layout")
-        recorded["route"] = captured[layer]                                              # rows b * T + t
-        recorded["batch"] = input_ids.shape[0]
-        return recorded
 
     # ------------------------------------------------------------------ layer l
     def _layer_outputs(self, layer: int, recorded: dict, rows: torch.Tensor, experts: torch.Tensor,
@@ -280,27 +352,31 @@ class FastEngine:
         return attention_score_bytes(self.adapter, self._query_block(length), length)
 
     def _suffix(self, layer: int, recorded: dict, states: torch.Tensor, sources: torch.Tensor,
-                overrides: dict[int, RouteOverride] | None = None) -> torch.Tensor:
+                overrides: dict[int, RouteOverride] | None = None, positions: torch.Tensor | None = None) -> torch.Tensor:
         """Run decoder layers above `layer` on perturbed states [rows, T, d] whose standard
         keys/values are those of recorded sequence `sources[row]` (with the routes of joint
-        `overrides` forced at their layers); returns the final hidden."""
+        `overrides` forced at their layers); returns the final hidden. With `positions`
+        [rows, P], the states [rows, P, d] are those of these positions only."""
         attention.STATE.mode, attention.STATE.row_source = "patch", sources
-        attention.STATE.query_block = self._query_block(states.shape[1])
+        attention.STATE.query_positions = positions
+        attention.STATE.query_block = self._query_block(recorded["natural_out"].shape[1])
         attention.STATE.patched_calls = 0
         try:
             with override_routes(self.adapter, overrides) if overrides else nullcontext():
-                states = self._decoder_layers_above(layer, recorded, states, sources)
+                states = self._decoder_layers_above(layer, recorded, states, sources, positions)
         finally:
-            attention.STATE.mode = "off"
+            attention.STATE.mode, attention.STATE.query_positions = "off", None
         expected = self.adapter.num_layers - layer - 1
         if attention.STATE.patched_calls != expected:
             raise RuntimeError(f"patched attention ran {attention.STATE.patched_calls} times, expected {expected}: "
                                "the suffix did not go through the fast engine's attention")
         return self.adapter.final_norm(states)
 
-    def _decoder_layers_above(self, layer: int, recorded: dict, states: torch.Tensor, sources: torch.Tensor) -> torch.Tensor:
+    def _decoder_layers_above(self, layer: int, recorded: dict, states: torch.Tensor, sources: torch.Tensor,
+                              positions: torch.Tensor | None = None) -> torch.Tensor:
         for index in range(layer + 1, self.adapter.num_layers):
-            kwargs = per_row_arguments(recorded["layer_arguments"][index][2], sources, recorded["batch"])
+            kwargs = per_row_arguments(recorded["layer_arguments"][index][2], sources, recorded["batch"],
+                                       self.adapter.positional_arguments, positions)
             kwargs.update(attention_mask=None, past_key_values=None, use_cache=False)
             output = self.adapter.decoder_layers[index](states, **kwargs)
             states = output[0] if isinstance(output, tuple) else output
@@ -346,36 +422,46 @@ class FastEngine:
         if any(item.experts.shape[1] != num_routes for item in items):
             raise ValueError("all items of a batch need the same number of routes")
         routes = [(per_layer(item.experts, layer), per_layer(item.weights, layer)) for item in items]   # [P, R, J, k]
-        length = max(item.input_ids.shape[0] for item in items)
-        input_ids = torch.zeros(len(items), length, dtype=torch.long)
-        for b, item in enumerate(items):
-            input_ids[b, : item.input_ids.shape[0]] = item.input_ids
+        input_ids = pad_right([item.input_ids for item in items])
+        length = input_ids.shape[1]
         # every (item, route) pair is one perturbed sequence; its scored tokens are the item's positions
         pairs = [(b, r) for r in range(num_routes) for b in range(len(items))]
         results = [np.zeros((len(item.positions), num_routes)) for item in items]
         with self._wrapped_attention():
-            recorded = self._natural_pass(input_ids, first)
+            recorded = self._recorded_pass(input_ids, first)
             chunk = self._rows_per_chunk(length)
             for start in range(0, len(pairs), chunk):
                 block = pairs[start: start + chunk]
                 sources = torch.tensor([b for b, _ in block], device=device)
-                states = recorded["natural_out"][sources].clone()                          # [rows, T, d]
-                row_of, pos_of, flat_rows, experts, weights = [], [], [], [], []
+                row_of, slot_of, pos_of, flat_rows, experts, weights = [], [], [], [], [], []
                 for row, (b, r) in enumerate(block):
                     positions = torch.as_tensor(np.asarray(items[b].positions), device=device)
                     row_of.append(torch.full_like(positions, row))
+                    slot_of.append(torch.arange(len(positions), device=device))
                     pos_of.append(positions)
                     flat_rows.append(b * length + positions)
                     experts.append(torch.as_tensor(routes[b][0][:, r], device=device))     # [P, J, k]
                     weights.append(torch.as_tensor(routes[b][1][:, r], device=device))
-                row_of, pos_of, flat_rows = torch.cat(row_of), torch.cat(pos_of), torch.cat(flat_rows)
+                row_of, slot_of, pos_of, flat_rows = torch.cat(row_of), torch.cat(slot_of), torch.cat(pos_of), torch.cat(flat_rows)
                 experts, weights = torch.cat(experts), torch.cat(weights)
                 is_standard = torch.tensor([r == 0 for b, r in block for _ in items[b].positions], device=device)
-                states[row_of, pos_of] = self._layer_outputs(first, recorded, flat_rows, experts[:, 0],
-                                                             weights[:, 0], is_standard)
+                outputs = self._layer_outputs(first, recorded, flat_rows, experts[:, 0], weights[:, 0], is_standard)
+                slots = max(len(items[b].positions) for b, _ in block)
+                if slots < self.GATHER_BELOW * length:
+                    # the suffix carries each row's scored positions only: a position's perturbed states
+                    # depend on no other perturbed position, so the unscored ones (and padding) are dropped
+                    index = self._row_positions([items[b].positions for b, _ in block], slots, device)    # [rows, slots]
+                    states = recorded["natural_out"][sources].gather(
+                        1, index[..., None].expand(-1, -1, outputs.shape[-1])).clone()              # [rows, slots, d]
+                    column_of = slot_of
+                else:
+                    index, states, column_of = None, recorded["natural_out"][sources].clone(), pos_of   # [rows, T, d]
+                states[row_of, column_of] = outputs
+                width = states.shape[1]
                 final = self._suffix(first, recorded, states, sources,
-                                     self._upper_overrides(layers, row_of * length + pos_of, experts, weights, is_standard))
-                final = final[row_of.to(final.device), pos_of.to(final.device)]                # [N, d]
+                                     self._upper_overrides(layers, row_of * width + column_of, experts, weights, is_standard),
+                                     positions=index)
+                final = final[row_of.to(final.device), column_of.to(final.device)]            # [N, d]
                 targets = input_ids[sources[row_of].cpu(), pos_of.cpu() + 1]
                 logprobs = target_log_probs(self.adapter, final, targets, self.memory_budget)
                 offset = 0
@@ -385,6 +471,19 @@ class FastEngine:
                     offset += count
         self._check_standard_route(items, results, recorded, input_ids)   # route 0 is in every batch
         return results
+
+    GATHER_BELOW = 0.75   # carry only the scored positions when they are fewer than this share of the padded length
+
+    @staticmethod
+    def _row_positions(positions: list, slots: int, device) -> torch.Tensor:
+        """[rows, slots]: each row's scored positions, the last one repeated to fill the row
+        (a repeated position computes the same thing again and is not read)."""
+        index = torch.empty(len(positions), slots, dtype=torch.long)
+        for row, row_positions in enumerate(positions):
+            row_positions = torch.as_tensor(np.asarray(row_positions))
+            index[row, : len(row_positions)] = row_positions
+            index[row, len(row_positions):] = row_positions[-1]
+        return index.to(device)
 
     @staticmethod
     def _upper_overrides(layers: tuple[int, ...], token_rows: torch.Tensor, experts: torch.Tensor,

@@ -23,6 +23,22 @@ def target_log_probs(adapter: MoEAdapter, final: torch.Tensor, targets: torch.Te
     return torch.cat(out).double().cpu().numpy() if out else np.zeros(0)
 
 
+def reset_peak_memory(device: str) -> None:
+    """Start measuring the CUDA memory peak of a run (nothing to do elsewhere)."""
+    if str(device).startswith("cuda") and torch.cuda.is_available():
+        torch.cuda.reset_peak_memory_stats()
+
+
+def peak_memory(device: str, budget: int) -> dict | None:
+    """What run.json records beside the timings: the CUDA memory peak since
+    `reset_peak_memory` against `--memory-budget` (the chunking's estimate); None off CUDA."""
+    if not (str(device).startswith("cuda") and torch.cuda.is_available()):
+        return None
+    peak = torch.cuda.max_memory_allocated()
+    return {"cuda_peak_bytes": int(peak), "memory_budget_bytes": int(budget),
+            "cuda_model_bytes": int(torch.cuda.memory_allocated()), "peak_over_budget": round(peak / budget, 3)}
+
+
 def attention_score_bytes(adapter: MoEAdapter, queries: int, length: int) -> int:
     """Bytes of fp32 attention scores (with softmax and mask temporaries, x3) of one sequence
     for `queries` query positions against `length` keys, over all heads."""

@@ -215,6 +215,11 @@ class MoEAdapter:
             return window if layer_types[layer] == "sliding_attention" else None
         return window
 
+    # Keyword arguments a decoder layer receives per position: name -> (batch dim, position dim)
+    # of the tensor (of each tensor of a tuple). The fast engine picks them per row and takes
+    # them at the positions it carries; a 3-d position_ids is multimodal [3, B, T].
+    positional_arguments: dict[str, tuple[int, int]] = {"position_embeddings": (0, 1), "position_ids": (0, 1)}
+
     def layer_kind(self, layer: int) -> str:
         """What mixes positions in decoder layer `layer`, as `config.layer_types` names it
         ("full_attention", "sliding_attention", "linear_attention", "conv", "moe", ...);
