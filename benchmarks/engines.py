@@ -30,8 +30,8 @@ import argparse
 import gc
 import json
 import os
-import resource
 import sys
+import threading
 import time
 import warnings
 
@@ -90,10 +90,31 @@ def sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def peak_memory_mib(device: str) -> float:
-    if device.startswith("cuda"):
-        return torch.cuda.max_memory_allocated() / 2**20
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**10
+def _rss_mib() -> float:
+    with open("/proc/self/status") as handle:
+        return next(int(line.split()[1]) for line in handle if line.startswith("VmRSS")) / 2**10
+
+
+class _RssPeak:
+    """CPU: the process's resident memory polled every 5 ms while a method runs (ru_maxrss
+    never goes down, so it cannot tell two methods of one process apart)."""
+
+    def __enter__(self):
+        self.start = self.peak = _rss_mib()
+        self.running = True
+        self.thread = threading.Thread(target=self._poll, daemon=True)
+        self.thread.start()
+        return self
+
+    def _poll(self):
+        while self.running:
+            self.peak = max(self.peak, _rss_mib())
+            time.sleep(0.005)
+
+    def __exit__(self, *exc):
+        self.running = False
+        self.thread.join()
+        self.peak = max(self.peak, _rss_mib())
 
 
 def reset_peak(device: str) -> None:
@@ -161,12 +182,17 @@ def floor(adapter, item: ScoreItem, layer: int) -> None:
 
 
 def timed(device, fn):
+    """Seconds, peak memory in MiB (CUDA: allocated by torch; CPU: resident, above what the
+    process held before the call) and the result of fn()."""
     reset_peak(device)
     sync(device)
-    start = time.perf_counter()
-    result = fn()
-    sync(device)
-    return time.perf_counter() - start, peak_memory_mib(device), result
+    with _RssPeak() as rss:
+        start = time.perf_counter()
+        result = fn()
+        sync(device)
+        seconds = time.perf_counter() - start
+    peak = torch.cuda.max_memory_allocated() / 2**20 if device.startswith("cuda") else rss.peak - rss.start
+    return seconds, peak, result
 
 
 def main() -> None:
@@ -180,6 +206,10 @@ def main() -> None:
     parser.add_argument("--reference-stride", type=int, default=1,
                         help="time the reference engine on every N-th position and scale up")
     parser.add_argument("--memory-budget", type=float, default=2.0, help="fast engine budget, GiB")
+    parser.add_argument("--cache-stride", type=int, default=1,
+                        help="time the cache engine on every N-th position and scale (long T: it decodes token by token)")
+    parser.add_argument("--skip-kv-decode", action="store_true", help="leave out the hand-written kv-decode baseline")
+    parser.add_argument("--layers", default=None, help="MoE layers to time, comma-separated (default: first, middle, last)")
     parser.add_argument("--out", default=None, help="also write the rows as JSON")
     args = parser.parse_args()
     rows = []
@@ -188,7 +218,8 @@ def main() -> None:
         vocab = adapter.config.vocab_size
         ids = torch.randint(4, min(vocab, 30), (args.tokens,), generator=torch.Generator().manual_seed(0))
         moe = adapter.moe_layers
-        for layer in sorted({moe[0], moe[len(moe) // 2], moe[-1]}):
+        chosen = [int(x) for x in args.layers.split(",")] if args.layers else [moe[0], moe[len(moe) // 2], moe[-1]]
+        for layer in sorted(set(adapter.resolve_layers(chosen))):
             trajectory = Trajectory("bench", ids.tolist(), 1)
             routes = build_routes(adapter, trajectory, [layer],
                                   CounterfactualConfig(num_routes=args.routes, seed=0))[layer]
@@ -199,24 +230,29 @@ def main() -> None:
                 engine.score_batch(layer, [item])  # warm-up
             fast_s, fast_mem, fast_lp = timed(args.device, lambda: engine.score_batch(layer, [item])[0])
             cache = CacheEngine(adapter, memory_budget=int(args.memory_budget * 2**30))
-            cache_s, cache_mem, cache_lp = timed(args.device, lambda: cache.score_batch(layer, [item])[0])
+            stride = max(1, args.cache_stride)   # scored positions [::stride], scaled to all
+            strided = ScoreItem(ids, routes.positions[::stride], item.experts[::stride], item.weights[::stride])
+            cache_s, cache_mem, cache_lp = timed(args.device, lambda: cache.score_batch(layer, [strided])[0])
+            cache_s *= len(routes.positions) / len(strided.positions)
             floor_s, floor_mem, _ = timed(args.device, lambda: floor(adapter, item, layer))
             row = {"model": name, "layer": layer, "T": args.tokens, "S": args.routes, "device": args.device,
                    "dtype": args.dtype, "served_by": "cache" if layer in engine.cache_layers else "fast",
-                   "fast_s": fast_s, "cache_s": cache_s, "floor_s": floor_s,
-                   "fast_peak_mib": fast_mem, "cache_peak_mib": cache_mem,
-                   "cache_vs_fast_max_abs_diff": float(np.abs(cache_lp - fast_lp).max()),
-                   "cache_vs_fast_over_1e-3": int((np.abs(cache_lp - fast_lp) > 1e-3).sum()),
+                   "fast_s": fast_s, "cache_s": cache_s, "cache_scaled_from_positions": len(strided.positions),
+                   "floor_s": floor_s, "fast_peak_mib": fast_mem, "cache_peak_mib": cache_mem, "floor_peak_mib": floor_mem,
+                   "cache_vs_fast_max_abs_diff": float(np.abs(cache_lp - fast_lp[::stride]).max()),
+                   "cache_vs_fast_over_1e-3": int((np.abs(cache_lp - fast_lp[::stride]) > 1e-3).sum()),
                    "fallbacks": [engine.fallback_reason, engine.cache.fallback_reason, cache.fallback_reason],
                    "token_routes_per_s": len(item.positions) * (args.routes + 1) / fast_s}
-            worst = np.unravel_index(np.abs(cache_lp - fast_lp).argmax(), fast_lp.shape)
-            if abs(cache_lp[worst] - fast_lp[worst]) > 1e-3:   # which engine is off there: ask the reference
+            worst = np.unravel_index(np.abs(cache_lp - fast_lp[::stride]).argmax(), cache_lp.shape)
+            worst = (worst[0] * stride, worst[1])
+            if abs(cache_lp[worst[0] // stride, worst[1]] - fast_lp[worst]) > 1e-3:   # which engine is off there: ask the reference
                 sub = ScoreItem(ids, routes.positions[worst[0]: worst[0] + 1], item.experts[worst[0]: worst[0] + 1],
                                 item.weights[worst[0]: worst[0] + 1])
                 row["worst_cache_vs_fast"] = {
                     "position": int(routes.positions[worst[0]]), "route": int(worst[1]), "fast": fast_lp[worst],
-                    "cache": cache_lp[worst], "reference": ReferenceEngine(adapter).score_batch(layer, [sub])[0][0, worst[1]]}
-            if MODELS.get(name, ("olmoe",))[0] == "olmoe":   # the hand-written baseline knows OLMoE's layout only
+                    "cache": cache_lp[worst[0] // stride, worst[1]],
+                    "reference": ReferenceEngine(adapter).score_batch(layer, [sub])[0][0, worst[1]]}
+            if MODELS.get(name, ("olmoe",))[0] == "olmoe" and not args.skip_kv_decode:   # it knows OLMoE's layout only
                 kv_s, _, kv_lp = timed(args.device, lambda: kv_decode(adapter, item, layer))
                 row.update(kv_decode_s=kv_s, kv_vs_fast_max_abs_diff=float(np.abs(kv_lp - fast_lp).max()),
                            fast_vs_kv_decode_speedup=kv_s / fast_s)

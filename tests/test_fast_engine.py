@@ -108,9 +108,62 @@ def test_unfused_attention_path_equals_reference(tiny_adapters, family, monkeypa
     devices) must be exact too."""
     from routelens.engine import attention
 
-    monkeypatch.setattr(attention, "_flash_off_diagonal", lambda *a: None)
+    monkeypatch.setattr(attention, "_fused_off_diagonal", lambda *a: None)
     adapter = tiny_adapters[family]
     layer = adapter.moe_layers[0]
     items = _items(adapter, layer)
     for f, r in zip(FastEngine(adapter).score_batch(layer, items), ReferenceEngine(adapter).score_batch(layer, items)):
         np.testing.assert_allclose(f, r, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_suffix_over_scored_positions_only_equals_the_full_suffix_and_the_reference(tiny_adapters, family, monkeypatch):
+    """Sparse scored positions: the suffix carries only them (position embeddings and any
+    per-position argument taken at those positions) or every position; both equal the reference."""
+    adapter = tiny_adapters[family]
+    layer = adapter.moe_layers[0]
+    if FastEngine(adapter).unpatchable(layer):
+        layer = adapter.moe_layers[-1]
+    ids = torch.randint(3, 64, (15,), generator=torch.Generator().manual_seed(7)).tolist()
+    routes = build_routes(adapter, Trajectory("sparse", ids, completion_start=1), [layer],
+                          CounterfactualConfig(num_routes=4, seed=0))[layer]
+    keep = [1, 6, 10]                                  # positions 2, 7, 11 of 15
+    item = ScoreItem(torch.tensor(ids), routes.positions[keep], torch.as_tensor(routes.experts[keep]), routes.weights[keep])
+    scored, carried = {}, []
+    for name, share in (("gathered", 1.01), ("full", 0.0)):
+        monkeypatch.setattr(FastEngine, "GATHER_BELOW", share)
+        engine = FastEngine(adapter)
+        original = engine._suffix
+        monkeypatch.setattr(engine, "_suffix", lambda *a, original=original, **k: carried.append(a[2].shape[1]) or original(*a, **k))
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            scored[name] = engine.score_batch(layer, [item])[0]
+        assert engine.fallback_reason is None
+    if carried:                                        # the layer was patched (not handed to the cache engine)
+        assert carried == [3, 15]                      # three positions carried, then all fifteen
+    reference = ReferenceEngine(adapter).score_batch(layer, [item])[0]
+    np.testing.assert_allclose(scored["gathered"], scored["full"], atol=1e-6, rtol=0)
+    np.testing.assert_allclose(scored["gathered"], reference, atol=1e-5, rtol=0)
+
+
+def test_a_fused_kernel_that_disagrees_with_the_explicit_path_is_not_used(tiny_adapters, monkeypatch):
+    """Where CI does not run the fused kernel (CUDA), its first output is checked against the
+    explicit path; a wrong kernel (simulated here on CPU) is dropped with a warning and the
+    scores still equal the reference."""
+    from routelens.engine import attention
+
+    adapter = tiny_adapters["olmoe"]
+    layer = adapter.moe_layers[0]
+    items = _items(adapter, layer)[:1]
+    monkeypatch.setattr(attention, "TESTED_DEVICES", ())
+    monkeypatch.setattr(attention.STATE, "fused_checked", {})
+    right = attention._fused_off_diagonal
+    monkeypatch.setattr(attention, "_fused_off_diagonal", lambda *a: (lambda out: (out[0] * 1.5, out[1]))(right(*a)))
+    with pytest.warns(UserWarning, match="fused attention kernel on cpu torch.float32 differs from the explicit path"):
+        fast = FastEngine(adapter, memory_budget=2**40).score_batch(layer, items)[0]
+    assert attention.STATE.fused_checked == {("cpu", torch.float32): False}
+    np.testing.assert_allclose(fast, ReferenceEngine(adapter).score_batch(layer, items)[0], atol=1e-5, rtol=0)
+    monkeypatch.setattr(attention, "_fused_off_diagonal", right)   # the right kernel passes its check
+    monkeypatch.setattr(attention.STATE, "fused_checked", {})
+    FastEngine(adapter, memory_budget=2**40).score_batch(layer, items)
+    assert attention.STATE.fused_checked == {("cpu", torch.float32): True}

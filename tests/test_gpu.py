@@ -44,3 +44,20 @@ def test_run_records_the_cuda_memory_peak_against_the_budget(tmp_path):
     assert memory["memory_budget_bytes"] == budget and memory["cuda_peak_bytes"] >= memory["cuda_model_bytes"] > 0
     # what the chunks added on top of the weights stays within a few budgets (the budget is an estimate)
     assert memory["cuda_peak_bytes"] - memory["cuda_model_bytes"] <= 4 * budget
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_fused_cuda_attention_equals_the_explicit_path(dtype, monkeypatch):
+    from routelens.engine import attention
+
+    lens = rl.load("demo", device="cuda", dtype=dtype)
+    trajs = rl.trajectories_from_text(lens.tokenizer, [("Q:12+7=A:", "12+7=19#19"), ("Q:3*4+5=A:", "3*4=12;12+5=17#17")])
+    from routelens.engine.fast import FastEngine
+
+    monkeypatch.setattr(FastEngine, "GATHER_BELOW", 0.0)   # every position carried: the fused kernel's case
+    monkeypatch.setattr(attention.STATE, "fused_checked", {})
+    fused = rl.counterfactual(lens, trajs, layers=[0], routes=8).routes["logprob"]
+    assert attention.STATE.fused_checked.get(("cuda", getattr(torch, dtype))) is True   # checked once, and agreed
+    monkeypatch.setattr(attention, "_fused_off_diagonal", lambda *a: None)
+    explicit = rl.counterfactual(lens, trajs, layers=[0], routes=8).routes["logprob"]
+    np.testing.assert_allclose(fused, explicit, atol=1e-4 if dtype == "float32" else 0.1, rtol=0)

@@ -49,6 +49,7 @@ class AttentionState:
     patched_calls: int = 0
     windows: dict[int, int | None] = field(default_factory=dict)  # layer -> window (adapter's), None = causal
     mask_mismatch: str | None = None         # record mode: first layer whose mask disagrees with its window
+    fused_checked: dict = field(default_factory=dict)  # (device type, dtype) -> the fused kernel agreed with the explicit path
     _checked_masks: set = field(default_factory=set)
 
 
@@ -65,22 +66,57 @@ def _original(module, name: str):
     return ALL_ATTENTION_FUNCTIONS[name]
 
 
-def _flash_off_diagonal(query, k_std, v_std, scaling):
+def _fused_off_diagonal(query, k_std, v_std, scaling):
     """Attention of each position t over the standard keys s < t, with its log-normaliser,
-    from PyTorch's fused CPU kernel: queries 1..T-1 against keys 0..T-2 under a causal mask
-    is exactly "s < t". Returns (out [R, H, T, Dv], lse [R, H, T]); position 0 has no key
-    (lse = -inf, out = 0). None where the kernel is unavailable (not CPU, other torch)."""
-    kernel = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
-    if kernel is None or query.device.type != "cpu" or query.shape[-2] < 2:
+    from one of PyTorch's fused kernels: queries 1..T-1 against keys 0..T-2 under a causal
+    mask is exactly "s < t". Returns (out [R, H, T, Dv], lse [R, H, T]); position 0 has no
+    key (lse = -inf, out = 0). CPU: the flash kernel; CUDA: the memory-efficient kernel
+    (its log-normaliser padded to a multiple of 32 queries). None where neither serves
+    (another device, torch without the op, head dims the kernel refuses)."""
+    if query.shape[-2] < 2:
+        return None
+    if query.device.type == "cpu":
+        kernel = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
+        call = None if kernel is None else lambda q, k, v: kernel(q, k, v, 0.0, True, scale=scaling)[:2]
+    elif query.device.type == "cuda":
+        kernel = getattr(torch.ops.aten, "_scaled_dot_product_efficient_attention", None)
+        call = None if kernel is None else lambda q, k, v: kernel(q, k, v, None, True, 0.0, True, scale=scaling)[:2]
+    else:
+        call = None
+    if call is None:
         return None
     try:
-        out, lse = kernel(query[..., 1:, :], k_std[..., :-1, :].contiguous(), v_std[..., :-1, :].contiguous(),
-                          0.0, True, scale=scaling)[:2]
-    except RuntimeError:  # e.g. key and value head dims differ (MLA)
+        out, lse = call(query[..., 1:, :].contiguous(), k_std[..., :-1, :].contiguous(), v_std[..., :-1, :].contiguous())
+    except RuntimeError:  # e.g. key and value head dims differ (MLA), or a head dim the kernel does not take
         return None
+    lse = lse[..., : query.shape[-2] - 1]
     out = torch.cat([torch.zeros_like(out[..., :1, :]), out], dim=-2)
     lse = torch.cat([torch.full_like(lse[..., :1], float("-inf")), lse.float()], dim=-1)
     return out, lse
+
+
+FUSED_TOLERANCE = {torch.float32: 1e-4, torch.float64: 1e-6}   # others (bf16, fp16): 2e-2
+TESTED_DEVICES = ("cpu",)   # where CI runs the fused kernel against the reference engine
+
+
+def _fused_trusted(query, fused: torch.Tensor, explicit) -> bool:
+    """The fused kernel's output, on a device and dtype where CI does not run it (CUDA),
+    is compared once with the explicit path's (`explicit()`) before it is used: agreeing,
+    it serves the rest of the process; disagreeing, the explicit path does, with a warning."""
+    key = (query.device.type, query.dtype)
+    if query.device.type in TESTED_DEVICES:
+        return True
+    if key not in STATE.fused_checked:
+        expected = explicit()
+        difference = float((fused.float() - expected.float()).abs().max())
+        tolerance = FUSED_TOLERANCE.get(query.dtype, 2e-2) * max(1.0, float(expected.float().abs().max()))
+        STATE.fused_checked[key] = difference <= tolerance
+        if not STATE.fused_checked[key]:
+            import warnings
+
+            warnings.warn(f"the fused attention kernel on {key[0]} {key[1]} differs from the explicit path by "
+                          f"{difference:.3g}; the fast engine uses the explicit path", stacklevel=2)
+    return STATE.fused_checked[key]
 
 
 def _allowed(mask: torch.Tensor) -> torch.Tensor:
@@ -124,7 +160,7 @@ def patched_attention(module, query, key, value, scaling, sliding_window=None, s
     if STATE.query_positions is not None:
         return _gathered_attention(query, k_std, v_std, k_own, v_own, scaling, STATE.query_positions.to(query.device),
                                    sliding_window, s_aux)
-    fused = _flash_off_diagonal(query, k_std, v_std, scaling) if sliding_window is None else None
+    fused = _fused_off_diagonal(query, k_std, v_std, scaling) if sliding_window is None else None
     if fused is not None:
         # merge the off-diagonal part and the diagonal term q'_t . k'_t through their log-normalisers
         out_off, lse_off = fused
@@ -134,7 +170,15 @@ def patched_attention(module, query, key, value, scaling, sliding_window=None, s
             lse = torch.logaddexp(lse, s_aux.float().reshape(1, -1, 1))
         out = (torch.exp(lse_off - lse)[..., None] * out_off.float()
                + torch.exp(diagonal - lse)[..., None] * v_own.float()).to(value.dtype)
-        return out.transpose(1, 2).contiguous(), None
+        if _fused_trusted(query, out, lambda: _explicit_attention(query, k_std, v_std, k_own, v_own, scaling,
+                                                                  sliding_window, s_aux)):
+            return out.transpose(1, 2).contiguous(), None
+    out = _explicit_attention(query, k_std, v_std, k_own, v_own, scaling, sliding_window, s_aux)
+    return out.transpose(1, 2).contiguous(), None
+
+
+def _explicit_attention(query, k_std, v_std, k_own, v_own, scaling, sliding_window, s_aux):
+    """The patched attention written out, queries in blocks: [R, H, T, Dv]."""
     length = query.shape[-2]
     t = torch.arange(length, device=query.device)
     blocks = []
@@ -157,12 +201,11 @@ def patched_attention(module, query, key, value, scaling, sliding_window=None, s
             top = torch.maximum(scores.amax(dim=-1, keepdim=True), sink)
             probs = torch.exp(scores - top)
             probs = probs / (probs.sum(dim=-1, keepdim=True) + torch.exp(sink - top))
-        probs = probs.to(value.dtype)
+        probs = probs.to(v_std.dtype)
         p_diag = probs[..., start:stop].diagonal(dim1=-2, dim2=-1)[..., None]            # [R, H, q, 1]
         # P @ V_std counts the diagonal with v_std_t; swap in the perturbed v'_t
         blocks.append(torch.matmul(probs, v_std) + p_diag * (own_v - v_std[..., start:stop, :]))
-    out = blocks[0] if len(blocks) == 1 else torch.cat(blocks, dim=-2)
-    return out.transpose(1, 2).contiguous(), None
+    return blocks[0] if len(blocks) == 1 else torch.cat(blocks, dim=-2)
 
 
 def _gathered_attention(query, k_std, v_std, k_own, v_own, scaling, positions, sliding_window, s_aux):
