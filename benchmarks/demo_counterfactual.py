@@ -62,6 +62,8 @@ def time_run(src: str, trajectories_path: str, dump: str) -> dict:
 
 
 def demo_trajectories(path: str | None, folder: str) -> str:
+    """The trajectory file given, or the demo's (120 problems x 2 samples, temperature 0.8,
+    seed 0) sampled into `folder`."""
     if path is not None:
         return os.path.abspath(path)
     sys.path.insert(0, os.path.join(REPO, "src"))

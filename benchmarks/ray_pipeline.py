@@ -24,22 +24,10 @@ import tempfile
 import time
 
 import pandas as pd
+from demo_counterfactual import demo_trajectories  # the demo's 240 sampled trajectories, or the file given
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(HERE)
-
-
-def trajectories_file(path: str | None, folder: str) -> str:
-    if path:
-        return os.path.abspath(path)
-    sys.path.insert(0, os.path.join(REPO, "src"))
-    import routelens as rl
-    from routelens.data.sampling import arithmetic_trajectories, write_trajectories
-
-    lens = rl.load("demo")
-    path = os.path.join(folder, "trajectories.jsonl")
-    write_trajectories(arithmetic_trajectories(lens.model, lens.tokenizer, 120, 2, 0.8, 0, show_progress=False), path)
-    return path
 
 
 def first_part_seconds(out: str, started: float, process) -> float | None:
@@ -61,7 +49,7 @@ def main() -> None:
     parser.add_argument("--group-tokens", type=int, default=512, help="tokens per group: groups are what actors share")
     args = parser.parse_args()
     folder = tempfile.mkdtemp(prefix="routelens-ray-bench-")
-    trajectories = trajectories_file(args.trajectories, folder)
+    trajectories = demo_trajectories(args.trajectories, folder)
     base = [sys.executable, "-m", "routelens", "counterfactual", "--model", "demo", "--trajectories", trajectories,
             "--layers", args.layers, "--routes", str(args.routes), "--no-only-step-ok", "--group-tokens",
             str(args.group_tokens), "--no-progress"]
