@@ -92,9 +92,8 @@ def group_natural_routes(adapter: MoEAdapter, engine, trajectories: list[Traject
     forward of the group, right-padded as the engines batch it. The fast engine makes that
     pass itself and keeps what scoring the group needs: one natural forward per group."""
     input_ids = [torch.tensor(t.input_ids) for t in trajectories]
-    if hasattr(engine, "natural_routes"):
-        captured = engine.natural_routes(input_ids, layers)
-    else:
+    captured = engine.natural_routes(input_ids, layers) if hasattr(engine, "natural_routes") else None
+    if captured is None:   # another engine, or a pass the fast engine cannot make here
         with torch.no_grad(), capture_routes(adapter, layers) as captured:
             adapter.model(pad_right(input_ids).to(adapter.device), use_cache=False, logits_to_keep=1)
     length = max(ids.shape[0] for ids in input_ids)
@@ -173,7 +172,8 @@ def token_metrics_rows(logprob: np.ndarray, router_score: np.ndarray, experts: n
     """
     p = np.exp(logprob)
     flat = experts.reshape(*experts.shape[:2], -1)
-    same_as_standard = (flat[:, 1:] == flat[:, :1]).all(axis=-1)                         # [P, S]
+    same_set = (flat[:, :, None] == flat[:, None, :]).all(axis=-1)                       # [P, R, R]
+    same_as_standard = same_set[:, 0, 1:]                                                # [P, S]
     standard, alternatives = p[:, 0], p[:, 1:]
     difference = np.where(same_as_standard, 0.0, alternatives - standard[:, None])
     p_route_mean = p.mean(axis=1)
@@ -189,16 +189,16 @@ def token_metrics_rows(logprob: np.ndarray, router_score: np.ndarray, experts: n
         "null_gain": null_gain(alternatives),
         "standard_percentile": np.mean((difference < 0) + 0.5 * (difference == 0), axis=1),
         "gain_by_routes": np.stack(list(best_of.values()), axis=-1) - standard[:, None],
-        "alignment": stats.spearman_rows(router_score, same_set_same_score(logprob, flat)),
+        "alignment": stats.spearman_rows(router_score, same_set_same_score(logprob, same_set)),
         "bin": bin_of(p_route_mean, config.confident, config.fragile),
     }
 
 
-def same_set_same_score(logprob: np.ndarray, experts: np.ndarray) -> np.ndarray:
-    """[P, R] log-probs where routes of one expert set (experts [P, R, k]) all take the first
-    one's: they are one route, and float noise between its computations must not rank them."""
-    same = (experts[:, :, None] == experts[:, None, :]).all(axis=-1)                     # [P, R, R]
-    return np.take_along_axis(logprob, same.argmax(axis=2), axis=1)
+def same_set_same_score(logprob: np.ndarray, same_set: np.ndarray) -> np.ndarray:
+    """[P, R] log-probs where routes of one expert set (`same_set` [P, R, R]: routes r and r'
+    hold the same experts) all take the first one's: they are one route, and float noise
+    between its computations must not rank them."""
+    return np.take_along_axis(logprob, same_set.argmax(axis=2), axis=1)
 
 
 def null_gain(alternatives: np.ndarray) -> float | np.ndarray:

@@ -158,8 +158,9 @@ def patched_attention(module, query, key, value, scaling, sliding_window=None, s
     k_std, v_std = _repeat_kv(k_std, groups), _repeat_kv(v_std, groups)
     k_own, v_own = _repeat_kv(key, groups), _repeat_kv(value, groups)
     if STATE.query_positions is not None:
-        return _gathered_attention(query, k_std, v_std, k_own, v_own, scaling, STATE.query_positions.to(query.device),
-                                   sliding_window, s_aux)
+        out = _gathered_attention(query, k_std, v_std, k_own, v_own, scaling, STATE.query_positions.to(query.device),
+                                  sliding_window, s_aux)
+        return out.transpose(1, 2).contiguous(), None
     fused = _fused_off_diagonal(query, k_std, v_std, scaling) if sliding_window is None else None
     if fused is not None:
         # merge the off-diagonal part and the diagonal term q'_t . k'_t through their log-normalisers
@@ -178,34 +179,10 @@ def patched_attention(module, query, key, value, scaling, sliding_window=None, s
 
 
 def _explicit_attention(query, k_std, v_std, k_own, v_own, scaling, sliding_window, s_aux):
-    """The patched attention written out, queries in blocks: [R, H, T, Dv]."""
-    length = query.shape[-2]
-    t = torch.arange(length, device=query.device)
-    blocks = []
-    for start in range(0, length, STATE.query_block):   # query blocks bound the score memory
-        stop = min(length, start + STATE.query_block)
-        q, own_k, own_v = query[..., start:stop, :], k_own[..., start:stop, :], v_own[..., start:stop, :]
-        scores = torch.matmul(q, k_std.transpose(-1, -2)).float() * scaling               # [R, H, q, T]
-        # the diagonal (s = t) holds q'_t . k'_t instead of q'_t . k_std_t
-        diagonal = scores[..., start:stop].diagonal(dim1=-2, dim2=-1)
-        diagonal.copy_((q * own_k).sum(-1).float() * scaling)
-        rows = t[start:stop, None]
-        hidden = t[None, :] > rows                                                        # s > t: future
-        if sliding_window is not None:
-            hidden |= t[None, :] <= rows - sliding_window
-        scores.masked_fill_(hidden, float("-inf"))
-        if s_aux is None:
-            probs = torch.softmax(scores, dim=-1)
-        else:  # attention sinks: one extra logit per head in the normaliser, no value
-            sink = s_aux.float().reshape(1, -1, 1, 1)
-            top = torch.maximum(scores.amax(dim=-1, keepdim=True), sink)
-            probs = torch.exp(scores - top)
-            probs = probs / (probs.sum(dim=-1, keepdim=True) + torch.exp(sink - top))
-        probs = probs.to(v_std.dtype)
-        p_diag = probs[..., start:stop].diagonal(dim1=-2, dim2=-1)[..., None]            # [R, H, q, 1]
-        # P @ V_std counts the diagonal with v_std_t; swap in the perturbed v'_t
-        blocks.append(torch.matmul(probs, v_std) + p_diag * (own_v - v_std[..., start:stop, :]))
-    return blocks[0] if len(blocks) == 1 else torch.cat(blocks, dim=-2)
+    """The patched attention written out, queries in blocks: [R, H, T, Dv] (every position
+    is a query at its own position)."""
+    positions = torch.arange(query.shape[-2], device=query.device).expand(query.shape[0], -1)
+    return _gathered_attention(query, k_std, v_std, k_own, v_own, scaling, positions, sliding_window, s_aux)
 
 
 def _gathered_attention(query, k_std, v_std, k_own, v_own, scaling, positions, sliding_window, s_aux):
@@ -232,8 +209,7 @@ def _gathered_attention(query, k_std, v_std, k_own, v_own, scaling, positions, s
         total = off.sum(dim=-1) + own + (torch.exp(sink - top) if s_aux is not None else 0.0)
         probs = (off / total[..., None]).to(v_std.dtype)
         blocks.append(torch.matmul(probs, v_std) + (own / total)[..., None].to(v_std.dtype) * own_v)
-    out = blocks[0] if len(blocks) == 1 else torch.cat(blocks, dim=-2)
-    return out.transpose(1, 2).contiguous(), None
+    return blocks[0] if len(blocks) == 1 else torch.cat(blocks, dim=-2)
 
 
 def _make(name: str):

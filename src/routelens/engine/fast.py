@@ -169,24 +169,24 @@ class FastEngine:
             attention.STATE.mode = "off"
             attention.STATE.row_source = None
 
-    def natural_routes(self, input_ids: list[torch.Tensor], layers: list[int]) -> dict[int, RouterOutput]:
+    def natural_routes(self, input_ids: list[torch.Tensor], layers: list[int]) -> dict[int, RouterOutput] | None:
         """The router outputs of a group's natural forward at `layers` (rows b * T + t of the
         right-padded batch), from the same pass that records what scoring the group at those
         layers needs: the `score_batch` calls that follow on these sequences reuse it, so a
-        group costs one natural forward, not one per layer plus one for its routes."""
+        group costs one natural forward, not one per layer plus one for its routes. None
+        where no layer can be patched or the pass fails its checks (`score_batch` meets the
+        same failure, says why and falls back)."""
         batch = pad_right(input_ids)
         patchable = [layer for layer in layers if layer not in self.cache_layers and not self.unpatchable(layer)]
         self._last = None
-        if self.fallback_reason is None and patchable:
-            try:
-                with self._wrapped_attention():
-                    recorded, captured = self._natural_pass(batch, patchable, route_layers=layers)
-                self._last = (batch, recorded)
-                return captured
-            except FastEngineUnsupported:
-                pass   # score_batch meets the same failure, says why and falls back
-        with torch.no_grad(), capture_routes(self.adapter, layers) as captured:
-            self.adapter.model(batch.to(self.adapter.device), use_cache=False, logits_to_keep=1)
+        if self.fallback_reason is not None or not patchable:
+            return None
+        try:
+            with self._wrapped_attention():
+                recorded, captured = self._natural_pass(batch, patchable, route_layers=layers)
+        except FastEngineUnsupported:
+            return None
+        self._last = (batch, recorded)
         return captured
 
     def _recorded_pass(self, input_ids: torch.Tensor, layer: int) -> dict:
@@ -452,7 +452,7 @@ class FastEngine:
                     # depend on no other perturbed position, so the unscored ones (and padding) are dropped
                     index = self._row_positions([items[b].positions for b, _ in block], slots, device)    # [rows, slots]
                     states = recorded["natural_out"][sources].gather(
-                        1, index[..., None].expand(-1, -1, outputs.shape[-1])).clone()              # [rows, slots, d]
+                        1, index[..., None].expand(-1, -1, outputs.shape[-1]))                      # [rows, slots, d]
                     column_of = slot_of
                 else:
                     index, states, column_of = None, recorded["natural_out"][sources].clone(), pos_of   # [rows, T, d]
