@@ -231,6 +231,11 @@ CASES = {
     "rollout_other_model": (lambda w: _rollout(w, model="demo"), "rollout must use the model the counterfactual run scored"),
     "rollout_negative_temperature": (lambda w: _rollout(w, "--temperature", "-1"), "--temperature must be 0 (greedy) or positive"),
     "rollout_tokens_neither": (lambda w: _rollout(w, "--tokens", "some"), "--tokens must be fragile, all or a file"),
+    # ---- Ray (--ray without Ray installed: tests/test_ray.py)
+    "workers_without_ray": (lambda w: _cf(w, "--workers", "4"), "--workers needs --ray (local, auto or a cluster address)"),
+    "ray_blank_address": (lambda w: _iso(w, "--ray", " "), "--ray takes local, auto or a cluster address"),
+    "ray_negative_gpus": (lambda w: _rollout(w, "--ray", "local", "--gpus-per-worker", "-1"),
+                          "--gpus-per-worker must be 0 or more, got -1.0"),
     "rollout_tokens_file_unknown": (lambda w: _rollout(w, "--tokens", write_jsonl(
         w.root / "chosen.jsonl", [{"trajectory_id": "a", "position": 99, "layer": 0}])), "was not scored by the counterfactual run"),
 }
