@@ -4,6 +4,7 @@ condition, and the `isolate` command end to end (run folder, resume, bad input).
 
 import json
 import os
+from types import SimpleNamespace
 
 import numpy as np
 import pandas as pd
@@ -15,7 +16,15 @@ from statsmodels.stats.multitest import multipletests
 
 from routelens import stats
 from routelens.analyses import isolation
-from routelens.analyses.isolation import IsolationConfig, analyse_item, floor_conditions, forced_conditions
+from routelens.analyses.isolation import (
+    IsolationConfig,
+    IsolationJob,
+    analyse_item,
+    analyse_items,
+    floor_conditions,
+    forced_conditions,
+    item_groups,
+)
 from routelens.cli import main
 from routelens.data.target_items import TargetItem
 from routelens.engine.whole_sequence import WholeSequenceScorer
@@ -153,6 +162,83 @@ def test_chunking_does_not_change_results(tiny_adapters):
     assert one.drop(columns=["mean_logprob", "first_logprob"]).equals(many.drop(columns=["mean_logprob", "first_logprob"]))
 
 
+def _tables_equal(got: tuple, expected: tuple, atol: float = 1e-5) -> None:
+    """An item's (isolation, routing) tables: the same rows, scores within atol."""
+    for got_table, expected_table in zip(got, expected, strict=True):
+        got_frame, expected_frame = got_table.to_pandas(), expected_table.to_pandas()
+        scores = [c for c in ("mean_logprob", "first_logprob", "router_share_sum") if c in got_frame]
+        assert got_frame.drop(columns=scores).equals(expected_frame.drop(columns=scores))
+        np.testing.assert_allclose(got_frame[scores].to_numpy(), expected_frame[scores].to_numpy(), atol=atol)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_items_of_unequal_length_in_one_padded_group_equal_one_item_at_a_time(family, tiny_adapters):
+    """A group shares one right-padded natural forward and its scoring passes (rows of
+    several items in one chunk): every row of every item, routing counts included, equals
+    the item scored alone, and the scorer checked the padding inert on this model."""
+    adapter = tiny_adapters[family]
+    items = [_item(adapter, seed=20 + i, length=length, prompt=3) for i, length in enumerate((9, 14, 11))]
+    config = IsolationConfig(floor_seeds=2, seed=5)
+    scorer = WholeSequenceScorer(adapter, rows_per_chunk=2 * (1 + adapter.num_experts + 2) - 1)   # chunks straddle items
+    grouped = analyse_items(adapter, scorer, items, adapter.moe_layers, config)
+    assert scorer.padding is not None and "inert" in scorer.padding
+    for item, got in zip(items, grouped):
+        _tables_equal(got, analyse_item(adapter, WholeSequenceScorer(adapter), item, adapter.moe_layers, config))
+
+
+def test_padding_that_reaches_real_positions_is_refused_and_the_job_scores_items_alone(tiny_adapters):
+    """A model whose embedding output mixes in later positions (not causal): a padded row is
+    not the item alone. The scorer says so (`PaddingNotInert`), and the isolation job scores
+    the group one item at a time instead, with the reason in its checks."""
+    from routelens.engine.checks import PaddingNotInert
+
+    adapter = tiny_adapters["qwen3_moe"]
+    items = [_item(adapter, seed=30 + i, length=length, prompt=3) for i, length in enumerate((8, 13))]
+    config = IsolationConfig(floor_seeds=1, layers=[adapter.moe_layers[0]])
+    leak = adapter.model.get_input_embeddings().register_forward_hook(
+        lambda module, args, out: out + out.mean(dim=1, keepdim=True))        # every position sees the whole row
+    try:
+        with pytest.raises(PaddingNotInert, match="padding reaches real positions"):
+            analyse_items(adapter, WholeSequenceScorer(adapter), items, config.layers, config)
+        job = IsolationJob(items, config.layers, config)
+        job.setup(SimpleNamespace(adapter=adapter))          # this process's model, as run_isolation gives it
+        got = job.run([0, 1])
+        alone = [analyse_item(adapter, WholeSequenceScorer(adapter), item, config.layers, config) for item in items]
+    finally:
+        leak.remove()
+    for tables, expected in zip(got, alone):
+        _tables_equal((tables["isolation"], tables["routing"]), expected, atol=1e-6)
+    checks = job.checks()
+    assert checks["item_batching_fallback"].startswith("one item at a time: ")
+    assert "padding reaches real positions" in checks["item_batching_fallback"]
+
+
+def test_item_groups_follow_length_and_fill_one_chunk():
+    lengths = [30, 10, 12, 31, 11, 50]
+    groups = item_groups(lengths, rows_per_item=10, rows_per_chunk=lambda length: 1200 // length, most=3)
+    assert sorted(i for group in groups for i in group) == list(range(6))     # every item once
+    flat = [i for group in groups for i in group]
+    assert [lengths[i] for i in flat] == sorted(lengths)                        # by length
+    for group in groups:
+        longest = max(lengths[i] for i in group)
+        assert len(group) <= 3 and (len(group) == 1 or len(group) * 10 <= 1200 // longest)
+    assert groups == [[1, 4, 2], [0, 3], [5]]
+    assert item_groups(lengths, 10, lambda length: 10**6, most=1) == [[1], [4], [2], [0], [3], [5]]
+
+
+def test_the_read_out_is_checked_against_the_models_own_logits(tiny_adapters, monkeypatch):
+    """Log-probs are read off the final norm through the adapter's head; a head that is
+    not the model's (here: shifted by 0.1 nats) is an error, not a number."""
+    from routelens.engine import whole_sequence
+    from routelens.engine.checks import RuntimeCheckFailed
+
+    adapter = tiny_adapters["olmoe"]
+    original = whole_sequence.target_log_probs
+    monkeypatch.setattr(whole_sequence, "target_log_probs", lambda *args: original(*args) + 0.1)
+    with pytest.raises(RuntimeCheckFailed, match="read-out check failed .*differs from the model's logits by up to 0.1"):
+        WholeSequenceScorer(adapter).natural(torch.arange(3, 15), [adapter.moe_layers[0]], [4, 6])
+
+
 def test_floor_routes_are_uniform_distinct_and_weighted_by_the_gating_rule(tiny_adapters):
     adapter = tiny_adapters["mixtral"]
     logits = torch.randn(4000, adapter.num_experts)
@@ -247,27 +333,31 @@ def test_isolate_command_tables_agree_with_scipy_and_statsmodels(saved_model, tm
 
 
 def test_isolate_resumes_after_an_interruption_without_loss_or_duplicates(saved_model, tmp_path, monkeypatch):
+    """Groups of 2 items; the second group is interrupted: the first group's items are kept,
+    the resumed session scores the other 4 (in the same groups), and the tables equal an
+    uninterrupted run's."""
     items = write_jsonl(tmp_path / "items.jsonl", DOMAIN_ITEMS[:6])
     whole, cut = str(tmp_path / "whole"), str(tmp_path / "cut")
-    assert main(_isolate_args(saved_model, items, whole, "--layers", "0,-1")) == 0
-    real, calls = isolation.analyse_item, {"n": 0}
+    args = ("--layers", "0,-1", "--group-items", "2")
+    assert main(_isolate_args(saved_model, items, whole, *args)) == 0
+    real, calls = isolation.analyse_items, {"n": 0}
 
-    def interrupted(*args, **kwargs):
+    def interrupted(*call_args, **kwargs):
         calls["n"] += 1
-        if calls["n"] == 4:
+        if calls["n"] == 2:
             raise KeyboardInterrupt
-        return real(*args, **kwargs)
+        return real(*call_args, **kwargs)
 
-    monkeypatch.setattr(isolation, "analyse_item", interrupted)
-    assert main(_isolate_args(saved_model, items, cut, "--layers", "0,-1")) == 130
+    monkeypatch.setattr(isolation, "analyse_items", interrupted)
+    assert main(_isolate_args(saved_model, items, cut, *args)) == 130
     assert json.load(open(os.path.join(cut, "run.json")))["status"] == "running"
     assert not os.path.exists(os.path.join(cut, "cells.parquet"))
-    monkeypatch.setattr(isolation, "analyse_item", real)
-    assert main(_isolate_args(saved_model, items, cut, "--layers", "0,-1")) == 0
-    assert json.load(open(os.path.join(cut, "run.json")))["timings"]["items_scored_this_session"] == 3
+    monkeypatch.setattr(isolation, "analyse_items", real)
+    assert main(_isolate_args(saved_model, items, cut, *args)) == 0
+    assert json.load(open(os.path.join(cut, "run.json")))["timings"]["items_scored_this_session"] == 4
     for table in ("isolation", "cells"):
         pd.testing.assert_frame_equal(pd.read_parquet(os.path.join(cut, f"{table}.parquet")),
-                                      pd.read_parquet(os.path.join(whole, f"{table}.parquet")))
+                                      pd.read_parquet(os.path.join(whole, f"{table}.parquet")), check_exact=True)
 
 
 @pytest.mark.parametrize("case, message", [

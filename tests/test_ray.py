@@ -157,7 +157,7 @@ def test_isolation_and_rollouts_on_ray_equal_single_process_runs(tmp_path):
     trajectories = rl.trajectories_from_text(lens.tokenizer, [("Q:3+4=A:", "3+4=7#7"), ("Q:9*2=A:", "9*2=18#18")],
                                              answers=["7", "18"])
     counterfactual = rl.counterfactual(lens, trajectories, layers=[-1], routes=4).save(str(tmp_path / "cf"))
-    isolation = dict(per_domain=2, layers=[0], floor_seeds=1, show_progress=False)
+    isolation = dict(per_domain=2, layers=[0], floor_seeds=1, group_items=2, show_progress=False)   # the same groups
     rollout = dict(tokens="all", limit=4, samples=2, max_new_tokens=8, show_progress=False)
     with one_thread():
         rl.run_isolate(lens, "arithmetic", str(tmp_path / "iso-single"), **isolation)

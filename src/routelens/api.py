@@ -271,7 +271,7 @@ def run_isolate(lens: Lens, items, out: str | None, *, config: IsolationConfig |
 
     `items`: a list of `TargetItem`, a file path, or "arithmetic" (the embedded task).
     `options`: fields of `IsolationConfig` (`layers`, `floor_seeds`, `seed`, `alpha`,
-    `score`, `bootstrap_resamples`, `memory_budget`). `ray`/`workers`: score the items on
+    `score`, `bootstrap_resamples`, `memory_budget`, `group_items`). `ray`/`workers`: score the items on
     a pool of Ray actors (see `run_counterfactual`).
 
     Example:

@@ -130,11 +130,12 @@ class IsolationConfig:
     score: str = "mean"                 # statistic of the cells: "mean" or "first" target-token log-prob
     bootstrap_resamples: int = 2000
     memory_budget: int = 2 * 2**30
+    group_items: int = 16               # items sharing one natural forward and scoring passes, at most
 
     # Settings that only change the summary (recomputed from the tables on every run) or the
     # speed: a run folder resumes, or re-summarises, under other values of these.
     SUMMARY = ("alpha", "score", "bootstrap_resamples")
-    PERFORMANCE = ("memory_budget",)
+    PERFORMANCE = ("memory_budget", "group_items")
 
     def __post_init__(self) -> None:
         self.check()
@@ -144,6 +145,7 @@ class IsolationConfig:
             raise RouteLensError(f"--layers must be None (every MoE layer) or a non-empty list of layer indices, "
                                  f"got {self.layers!r}")
         _at_least("--bootstrap-resamples", self.bootstrap_resamples, 1)
+        _at_least("--group-items", self.group_items, 1)
         if self.floor_seeds < 0:
             raise RouteLensError(f"--floor-seeds must be 0 or more, got {self.floor_seeds}")
         if not 0 < self.alpha < 1:

@@ -32,8 +32,8 @@ from routelens.analyses.route_sampling import check_route_settings, flag_duplica
 from routelens.config import ALL_TOKENS, BINS, CounterfactualConfig
 from routelens.data.trajectories import Trajectory
 from routelens.distributed import RaySettings, UnitJob, check_ray_can_load, execute
+from routelens.engine.batching import pad_right
 from routelens.engine.checks import check_gating_rule
-from routelens.engine.fast import pad_right
 from routelens.engine.items import ScoreItem
 from routelens.engine.readout import peak_memory, reset_peak_memory
 from routelens.errors import RouteLensError

@@ -38,6 +38,7 @@ from routelens.analyses.route_sampling import route_rng, uniform_routes
 from routelens.config import SCORES, IsolationConfig
 from routelens.data.target_items import TargetItem
 from routelens.distributed import RaySettings, UnitJob, check_ray_can_load, execute
+from routelens.engine.checks import PaddingNotInert
 from routelens.engine.readout import peak_memory, reset_peak_memory
 from routelens.engine.whole_sequence import WholeSequenceScorer
 from routelens.errors import RouteLensError
@@ -81,28 +82,60 @@ def floor_conditions(adapter: MoEAdapter, logits: torch.Tensor, layer: int, item
     return torch.stack(experts), torch.stack(weights)
 
 
-# ---------------------------------------------------------------------------- one item
+# ---------------------------------------------------------------------------- items
 def analyse_item(adapter: MoEAdapter, scorer: WholeSequenceScorer, item: TargetItem, layers: list[int],
                  config: IsolationConfig) -> tuple[pa.Table, pa.Table]:
     """The isolation rows (natural, forced, floor) and natural routing counts of one item."""
-    natural = scorer.natural(torch.tensor(item.input_ids), layers, np.asarray(item.target_positions))
-    rows = [_row(item, None, "natural", None, None, natural.logprobs)]
-    routing = []
-    length = len(item.input_ids)
-    forced_e, forced_w = forced_conditions(adapter.num_experts, length, adapter.top_k)
+    return analyse_items(adapter, scorer, [item], layers, config)[0]
+
+
+def analyse_items(adapter: MoEAdapter, scorer: WholeSequenceScorer, items: list[TargetItem], layers: list[int],
+                  config: IsolationConfig) -> list[tuple[pa.Table, pa.Table]]:
+    """`analyse_item` for a group of items in one natural forward and shared scoring passes
+    (right-padded; the same rows as one item at a time, to float rounding)."""
+    passes = scorer.natural_batch([item.input_ids for item in items], layers,
+                                  [item.target_positions for item in items])
+    rows = [[_row(item, None, "natural", None, None, natural.logprobs)] for item, natural in zip(items, passes)]
+    routing: list[list[dict]] = [[] for _ in items]
+    forced = [forced_conditions(adapter.num_experts, len(item.input_ids), adapter.top_k) for item in items]
     for layer in layers:
-        route = natural.routes[layer]
-        logits = route.logits.reshape(length, -1)
-        floor_e, floor_w = floor_conditions(adapter, logits, layer, item.id, config.seed, config.floor_seeds)
-        logprobs = scorer.score(natural, layer, torch.cat([forced_e, floor_e]), torch.cat([forced_w, floor_w]))
-        rows += [_row(item, layer, "forced", e, None, logprobs[e]) for e in range(adapter.num_experts)]
-        rows += [_row(item, layer, "floor", None, s, logprobs[adapter.num_experts + s]) for s in range(config.floor_seeds)]
-        shares = adapter.selection_distribution(logits, layer).cpu().numpy().sum(0)
-        selected = np.bincount(route.experts.reshape(-1).cpu().numpy(), minlength=adapter.num_experts)
-        routing += [{"item_id": item.id, "domain": item.domain, "layer": layer, "expert": e, "tokens": length,
-                     "router_share_sum": float(shares[e]), "selected": int(selected[e])}
-                    for e in range(adapter.num_experts)]
-    return (pa.Table.from_pylist(rows, schema=ISOLATION_SCHEMA), pa.Table.from_pylist(routing, schema=ROUTING_SCHEMA))
+        experts, weights = [], []
+        for item, natural, (forced_e, forced_w) in zip(items, passes, forced):
+            floor_e, floor_w = floor_conditions(adapter, natural.routes[layer].logits, layer, item.id, config.seed,
+                                                config.floor_seeds)
+            experts.append(torch.cat([forced_e, floor_e]))
+            weights.append(torch.cat([forced_w, floor_w]))
+        scored = scorer.score_batch(passes, layer, experts, weights)
+        for at, (item, natural, logprobs) in enumerate(zip(items, passes, scored)):
+            rows[at] += [_row(item, layer, "forced", e, None, logprobs[e]) for e in range(adapter.num_experts)]
+            rows[at] += [_row(item, layer, "floor", None, s, logprobs[adapter.num_experts + s])
+                         for s in range(config.floor_seeds)]
+            routing[at] += _routing_rows(adapter, item, layer, natural.routes[layer])
+    return [(pa.Table.from_pylist(item_rows, schema=ISOLATION_SCHEMA), pa.Table.from_pylist(item_routing, schema=ROUTING_SCHEMA))
+            for item_rows, item_routing in zip(rows, routing)]
+
+
+def _routing_rows(adapter: MoEAdapter, item: TargetItem, layer: int, route) -> list[dict]:
+    """An item's natural routing at `layer`: router share sums and selections per expert."""
+    logits = route.logits.reshape(len(item.input_ids), -1)
+    shares = adapter.selection_distribution(logits, layer).cpu().numpy().sum(0)
+    selected = np.bincount(route.experts.reshape(-1).cpu().numpy(), minlength=adapter.num_experts)
+    return [{"item_id": item.id, "domain": item.domain, "layer": layer, "expert": e, "tokens": len(item.input_ids),
+             "router_share_sum": float(shares[e]), "selected": int(selected[e])} for e in range(adapter.num_experts)]
+
+
+def item_groups(lengths: list[int], rows_per_item: int, rows_per_chunk, most: int = 64) -> list[list[int]]:
+    """Indices of items grouped for shared passes: in order of length (little padding), as
+    many as fill one scoring chunk at the group's padded length (`rows_per_chunk(length)`
+    rows; `rows_per_item` per item and layer), at most `most` (one natural forward each)."""
+    groups: list[list[int]] = []
+    for index in sorted(range(len(lengths)), key=lambda i: (lengths[i], i)):
+        group = groups[-1] if groups else None
+        if group and len(group) < most and (len(group) + 1) * rows_per_item <= rows_per_chunk(lengths[index]):
+            group.append(index)
+        else:
+            groups.append([index])
+    return groups
 
 
 def _row(item: TargetItem, layer, condition: str, expert, floor_seed, logprobs: np.ndarray) -> dict:
@@ -313,18 +346,37 @@ class IsolationJob(UnitJob):
     def setup(self, loaded=None) -> None:
         self._adapter = self.load(loaded).adapter
         self._scorer = getattr(self, "_scorer", None) or WholeSequenceScorer(self._adapter, memory_budget=self.config.memory_budget)
+        self._padding_failed: str | None = getattr(self, "_padding_failed", None)
 
     def run(self, units: list[int]) -> list[dict[str, pa.Table]]:
-        tables = []
-        for index in units:
-            isolation, routing = analyse_item(self._adapter, self._scorer, self.items[index], self.layers, self.config)
-            tables.append({"isolation": isolation, "routing": routing})
-        return tables
+        items = [self.items[index] for index in units]
+        if self._padding_failed:
+            results = [analyse_item(self._adapter, self._scorer, item, self.layers, self.config) for item in items]
+        else:
+            try:
+                results = analyse_items(self._adapter, self._scorer, items, self.layers, self.config)
+            except PaddingNotInert as error:   # exact either way: score this model's items one at a time
+                self._padding_failed = str(error)
+                results = [analyse_item(self._adapter, self._scorer, item, self.layers, self.config) for item in items]
+        return [{"isolation": isolation, "routing": routing} for isolation, routing in results]
+
+    def groups(self, units: list[int], workers: int = 1) -> list[list[int]]:
+        """The units (item indices) in groups that share passes (`item_groups`), small
+        enough that each of `workers` actors gets one."""
+        rows_per_item = 1 + self._adapter.num_experts + self.config.floor_seeds
+        lengths = [len(self.items[index].input_ids) for index in units]
+        most = max(1, min(self.config.group_items, -(-len(units) // workers)))
+        return [[units[at] for at in group]
+                for group in item_groups(lengths, rows_per_item, self._scorer.rows_per_chunk, most)]
 
     def checks(self) -> dict:
         largest, mean = self._scorer.deviation.largest
         return {"gating_rule": "reproduced the router's weights on every item",
-                "natural_route_max_abs_logprob_diff": largest, "natural_route_mean_abs_logprob_diff": mean}
+                "natural_route_max_abs_logprob_diff": largest, "natural_route_mean_abs_logprob_diff": mean,
+                "item_batching": self._scorer.padding or f"groups of up to {self.config.group_items} items of equal "
+                                                         "length (no padding was needed)",
+                # only when an actor fell back, so that merge_checks keeps it over the others' silence
+                **({"item_batching_fallback": f"one item at a time: {self._padding_failed}"} if self._padding_failed else {})}
 
 
 def run_isolation(loaded, items: list[TargetItem], config: IsolationConfig, out: str | None, data_info: dict,
@@ -352,8 +404,9 @@ def run_isolation(loaded, items: list[TargetItem], config: IsolationConfig, out:
     started = time.perf_counter()
     reset_peak_memory(loaded.device)
     with progress_bar("isolation", len(items), len(items) - len(todo), show_progress, unit="items") as advance:
-        checks = execute(folder, IsolationJob(items, layers, config, scorer), [[index] for index in todo],
-                         lambda unit: advance(1), loaded, ray)
+        job = IsolationJob(items, layers, config, scorer)
+        job.setup(loaded)
+        checks = execute(folder, job, job.groups(todo, ray.workers if ray else 1), lambda unit: advance(1), loaded, ray)
     folder.concatenate(list(range(len(items))))
     summary, cells, calib = summarise(folder.read("isolation"), folder.read("routing"),
                                       layers, adapter.num_experts, adapter.top_k, config)

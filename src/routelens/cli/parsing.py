@@ -248,12 +248,17 @@ def isolation_options() -> argparse.ArgumentParser:
     group.add_argument("--memory-budget", type=memory, default=default_of(C, "memory_budget"),
                        help=f"memory for one batch of conditions, e.g. 512MiB, 8GiB "
                             f"(default {show_memory(default_of(C, 'memory_budget'))})")
+    group.add_argument("--group-items", type=positive_int, default=default_of(C, "group_items"),
+                       help="items of similar length sharing one forward and its scoring passes, at most "
+                            "(default %(default)s; 1: one item at a time; on --ray, a group is what one actor "
+                            "scores at a time)")
     return parser
 
 
 def isolation_settings(args) -> dict:
     return {"layers": args.layers, "floor_seeds": args.floor_seeds, "seed": args.seed, "alpha": args.alpha,
-            "score": args.score, "bootstrap_resamples": args.bootstrap_resamples, "memory_budget": args.memory_budget}
+            "score": args.score, "bootstrap_resamples": args.bootstrap_resamples, "memory_budget": args.memory_budget,
+            "group_items": args.group_items}
 
 
 def load_lens(args, model: str | None = None):

@@ -79,16 +79,23 @@ def standard_route_error(scored: np.ndarray, natural: np.ndarray) -> tuple[float
     return float(difference.max()), float(difference.mean())
 
 
-def standard_route_mismatch(scored: np.ndarray, natural: np.ndarray, dtype: torch.dtype) -> str | None:
+def standard_route_mismatch(scored: np.ndarray, natural: np.ndarray, dtype: torch.dtype,
+                            what: str = "the standard route's log-prob differs from the natural forward's") -> str | None:
     """None when the standard route's scores equal the natural forward's log-probs within the
-    dtype's tolerance, else a clause saying by how much they differ."""
+    dtype's tolerance, else a clause saying by how much they differ (`what` names the two)."""
     largest, mean = standard_route_error(scored, natural)
     tolerance = tolerance_for(dtype)
     if largest <= tolerance.logprob_max and mean <= tolerance.logprob_mean:
         return None
-    return (f"the standard route's log-prob differs from the natural forward's by up to {largest:.3g} nats "
+    return (f"{what} by up to {largest:.3g} nats "
             f"(mean {mean:.3g}; tolerance {tolerance.logprob_max:g} max, {tolerance.logprob_mean:g} mean "
             f"in {str(dtype).removeprefix('torch.')})")
+
+
+class PaddingNotInert(RuntimeCheckFailed):
+    """A sequence scored as a row of a right-padded batch differs from the sequence alone:
+    something in this model lets padding reach earlier positions, so sequences of unequal
+    length must be scored one at a time."""
 
 
 def model_dtype(adapter) -> torch.dtype:

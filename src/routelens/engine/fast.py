@@ -45,6 +45,7 @@ import numpy as np
 import torch
 
 from routelens.engine import attention
+from routelens.engine.batching import pad_right, per_row_arguments, row_positions
 from routelens.engine.cache import CacheEngine
 from routelens.engine.checks import DeviationRecord
 from routelens.engine.items import ScoreItem, joint_layers, joint_overrides, layer_label, per_layer
@@ -57,53 +58,6 @@ from routelens.engine.readout import (
 )
 from routelens.models.adapter import SOFTMAX_ATTENTION, MoEAdapter
 from routelens.models.routing import RouteOverride, RouterOutput, capture_routes, override_routes
-
-
-def pad_right(input_ids: list[torch.Tensor]) -> torch.Tensor:
-    """Sequences of any lengths as one right-padded batch [B, T] (causal attention keeps the
-    padding out of every real position)."""
-    batch = torch.zeros(len(input_ids), max(ids.shape[0] for ids in input_ids), dtype=torch.long)
-    for b, ids in enumerate(input_ids):
-        batch[b, : ids.shape[0]] = ids
-    return batch
-
-
-def per_row_arguments(kwargs: dict, sources: torch.Tensor, batch: int, positional: dict[str, tuple[int, int]],
-                      positions: torch.Tensor | None = None) -> dict:
-    """A decoder layer's recorded arguments for the perturbed rows: the per-position ones
-    (`positional`: name -> (batch dim, position dim), from the adapter; position embeddings
-    [B, T, d], position ids [B, T] or multimodal [3, B, T], ...) picked by each row's source
-    sequence (a batch of one broadcasts as it is), and with `positions` [rows, P] taken at
-    each row's positions."""
-    if batch == 1 and positions is None:
-        return dict(kwargs)
-
-    def pick(value, dims):
-        batch_dim, position_dim = dims
-        if not torch.is_tensor(value) or value.dim() <= max(batch_dim, position_dim):
-            return value
-        if value.shape[batch_dim] == batch and batch > 1:
-            value = value.index_select(batch_dim, sources.to(value.device))
-        if positions is None:
-            return value
-        shape = list(value.shape)
-        shape[batch_dim] = positions.shape[0]
-        value = value.expand(*shape)                                         # a broadcast batch of one, per row
-        index_shape = [1] * value.dim()
-        index_shape[batch_dim], index_shape[position_dim] = positions.shape
-        shape[position_dim] = positions.shape[1]
-        return value.gather(position_dim, positions.to(value.device).reshape(index_shape).expand(*shape))
-
-    out = dict(kwargs)
-    for name, dims in positional.items():
-        value = out.get(name)
-        if name == "position_ids" and torch.is_tensor(value) and value.dim() == 3:
-            dims = (1, 2)   # multimodal position ids [3, B, T]
-        if isinstance(value, tuple):
-            out[name] = tuple(pick(member, dims) for member in value)
-        elif torch.is_tensor(value):
-            out[name] = pick(value, dims)
-    return out
 
 
 class FastEngineUnsupported(Exception):
@@ -450,7 +404,7 @@ class FastEngine:
                 if slots < self.GATHER_BELOW * length:
                     # the suffix carries each row's scored positions only: a position's perturbed states
                     # depend on no other perturbed position, so the unscored ones (and padding) are dropped
-                    index = self._row_positions([items[b].positions for b, _ in block], slots, device)    # [rows, slots]
+                    index = row_positions([items[b].positions for b, _ in block], slots, device)    # [rows, slots]
                     states = recorded["natural_out"][sources].gather(
                         1, index[..., None].expand(-1, -1, outputs.shape[-1]))                      # [rows, slots, d]
                     column_of = slot_of
@@ -473,17 +427,6 @@ class FastEngine:
         return results
 
     GATHER_BELOW = 0.75   # carry only the scored positions when they are fewer than this share of the padded length
-
-    @staticmethod
-    def _row_positions(positions: list, slots: int, device) -> torch.Tensor:
-        """[rows, slots]: each row's scored positions, the last one repeated to fill the row
-        (a repeated position computes the same thing again and is not read)."""
-        index = torch.empty(len(positions), slots, dtype=torch.long)
-        for row, row_positions in enumerate(positions):
-            row_positions = torch.as_tensor(np.asarray(row_positions))
-            index[row, : len(row_positions)] = row_positions
-            index[row, len(row_positions):] = row_positions[-1]
-        return index.to(device)
 
     @staticmethod
     def _upper_overrides(layers: tuple[int, ...], token_rows: torch.Tensor, experts: torch.Tensor,

@@ -4,21 +4,25 @@ Counterfactual routing perturbs one token at a time; forcing a route on *every* 
 changes the whole sequence above the layer, so the diagonal trick of the fast engine does
 not apply and the saving is the prefix:
 
-1. One natural forward per sequence records the hidden state entering each requested
-   layer, the keyword arguments of every decoder layer from the lowest requested one up
-   (position embeddings, attention masks), the natural routes, and the natural
-   log-probabilities of the scored tokens.
-2. For layer l, each condition (one route per token: `experts/weights [T, k]`) is one
-   batch row; decoder layers l..L-1 run on the recorded layer-l input, with the route
-   override at layer l on every row (the model's own experts compute the forced route).
-   Layers below l are never recomputed, and all conditions of a chunk share one pass.
+1. One natural forward of a group of sequences (right-padded into one batch) records the
+   hidden state entering each requested layer, the keyword arguments of every decoder
+   layer from the lowest requested one up (position embeddings, attention masks), the
+   natural routes, and the natural log-probabilities of each sequence's scored tokens.
+2. For layer l, each (sequence, condition) pair (one route per token: `experts/weights
+   [T, k]`) is one batch row; decoder layers l..L-1 run on the recorded layer-l input, with
+   the route override at layer l on every real token of the row (the model's own experts
+   compute the forced route; padding routes naturally and is never read). Layers below l
+   are never recomputed, and the conditions of all sequences of a chunk share one pass.
 
 Conditions are batched in chunks sized to a memory budget; results do not depend on the
-chunking, and equal a plain forward of the model under the same override (both tested).
+chunking or the grouping, and equal a plain forward of the model under the same override
+(all tested).
 
-Checked on every item: the gating rule reproduces the router's weights in the natural
-pass, and one extra row per layer forces the natural route on every token through the
-same scorer; it must reproduce the natural log-probabilities (`RuntimeCheckFailed`).
+Checked on every sequence: the gating rule reproduces the router's weights in the natural
+pass, and one extra row per sequence and layer forces the natural route on every token
+through the same scorer; it must reproduce the natural log-probabilities
+(`RuntimeCheckFailed`). The first padded group also scores its shortest sequence alone:
+padding that reaches a real position is `PaddingNotInert` (group equal lengths only).
 """
 
 from __future__ import annotations
@@ -29,7 +33,15 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from routelens.engine.checks import DeviationRecord, RuntimeCheckFailed, check_gating_rule
+from routelens.engine.batching import pad_right, row_positions, rows_of, shared_rows
+from routelens.engine.checks import (
+    DeviationRecord,
+    PaddingNotInert,
+    RuntimeCheckFailed,
+    check_gating_rule,
+    standard_route_error,
+    standard_route_mismatch,
+)
 from routelens.engine.items import joint_layers, joint_overrides, layer_label, per_layer
 from routelens.engine.readout import DEFAULT_MEMORY_BUDGET, activation_bytes, attention_score_bytes, target_log_probs
 from routelens.models.adapter import MoEAdapter
@@ -37,17 +49,28 @@ from routelens.models.routing import RouterOutput, capture_routes, override_rout
 
 
 @dataclass
+class NaturalBatch:
+    """The natural forward of a group of sequences, right-padded into one batch:
+    input_ids [B, T]; layer_inputs: layer -> [B, T, d]; layer_kwargs: decoder layer -> its
+    forward's keyword arguments (a tensor all rows share kept as one row)."""
+
+    input_ids: torch.Tensor
+    layer_inputs: dict[int, torch.Tensor]
+    layer_kwargs: dict[int, dict]
+
+
+@dataclass
 class NaturalPass:
-    """One sequence under natural routing. input_ids [T]; positions [P] (position t is
-    scored for token t + 1); layer_inputs: layer -> [1, T, d]; layer_kwargs: decoder layer
-    -> its forward's keyword arguments; routes: layer -> RouterOutput; logprobs [P]."""
+    """One sequence of a natural batch: input_ids [T] (its own tokens); positions [P]
+    (position t is scored for token t + 1); routes: layer -> RouterOutput of its tokens;
+    logprobs [P]; its batch and row there."""
 
     input_ids: torch.Tensor
     positions: torch.Tensor
-    layer_inputs: dict[int, torch.Tensor]
-    layer_kwargs: dict[int, dict]
     routes: dict[int, RouterOutput]
     logprobs: np.ndarray
+    batch: NaturalBatch
+    row: int
 
 
 class WholeSequenceScorer:
@@ -58,6 +81,7 @@ class WholeSequenceScorer:
         self.fixed_rows = rows_per_chunk
         self.check = check
         self.deviation = DeviationRecord(adapter)   # |natural route forced - natural| seen so far, nats
+        self.padding: str | None = None             # how right padding was checked inert, once per scorer
 
     @contextmanager
     def _recording(self, first_layer: int, layers: list[int]):
@@ -79,23 +103,70 @@ class WholeSequenceScorer:
             for handle in handles:
                 handle.remove()
 
-    @torch.no_grad()
     def natural(self, input_ids: torch.Tensor, layers: list[int], positions) -> NaturalPass:
         """The natural forward of one sequence input_ids [T], recording what `score` needs for
         each of `layers`, and log p(token t + 1) at each of `positions`."""
+        return self.natural_batch([input_ids], layers, [positions])[0]
+
+    @torch.no_grad()
+    def natural_batch(self, sequences: list, layers: list[int], positions: list) -> list[NaturalPass]:
+        """`natural` for a group of sequences in one right-padded forward: one `NaturalPass`
+        per sequence, which `score_batch` scores together."""
         device = self.adapter.device
-        input_ids = torch.as_tensor(input_ids, dtype=torch.long)
-        positions = torch.as_tensor(np.asarray(positions), dtype=torch.long, device=device)
-        with self._recording(min(layers), layers) as (inputs, kwargs_of), \
-                capture_routes(self.adapter, layers) as routes:
-            logits = self.adapter.model(input_ids[None].to(device), use_cache=False,
-                                        logits_to_keep=positions).logits[0]
-        logprobs = torch.log_softmax(logits.float(), -1).gather(
-            -1, input_ids.to(logits.device)[positions.to(logits.device) + 1, None])[:, 0]
+        sequences = [torch.as_tensor(ids, dtype=torch.long).cpu() for ids in sequences]
+        positions = [torch.as_tensor(np.asarray(p), dtype=torch.long) for p in positions]
+        input_ids = pad_right(sequences)
+        size, length = input_ids.shape
+        final: dict[str, torch.Tensor] = {}
+        keep = self.adapter.final_norm.register_forward_hook(
+            lambda module, args, out: final.__setitem__("states", self.adapter.block_output(out).detach()))
+        try:
+            with self._recording(min(layers), layers) as (inputs, kwargs_of), \
+                    capture_routes(self.adapter, layers) as routes:
+                last = self.adapter.model(input_ids.to(device), use_cache=False, logits_to_keep=1).logits[:, -1]
+        finally:
+            keep.remove()
         for layer in layers:
             route = routes[layer]
             check_gating_rule(self.adapter, layer, route.logits, route.experts, route.weights)
-        return NaturalPass(input_ids, positions, inputs, kwargs_of, dict(routes), logprobs.double().cpu().numpy())
+        states = final["states"]                                                        # [B, T, d]
+        self._check_readout(states[:, -1], input_ids[:, -1], last)
+        positional = self.adapter.positional_arguments
+        batch = NaturalBatch(input_ids, inputs, {index: shared_rows(kwargs, size, positional)
+                                                 for index, kwargs in kwargs_of.items()})
+        passes = []
+        for row, (ids, at) in enumerate(zip(sequences, positions)):
+            logprobs = target_log_probs(self.adapter, states[row, at.to(states.device)], ids[at + 1], self.memory_budget)
+            own = {layer: RouterOutput(*(value.reshape(size * length, value.shape[-1])[row * length: row * length + len(ids)]
+                                         for value in (out.logits, out.weights, out.experts)))
+                   for layer, out in routes.items()}
+            passes.append(NaturalPass(ids, at.to(device), own, logprobs, batch, row))
+        if len({len(ids) for ids in sequences}) > 1 and self.padding is None:
+            self._check_padding(passes, layers)
+        return passes
+
+    def _check_readout(self, states: torch.Tensor, targets: torch.Tensor, logits: torch.Tensor) -> None:
+        """Log-probs are read off final-norm states through the adapter's head (memory-safe,
+        in slices); at the last position it must give what the model's own logits give."""
+        head = target_log_probs(self.adapter, states, targets, self.memory_budget)
+        model = torch.log_softmax(logits.float(), -1).gather(-1, targets[:, None].to(logits.device))[:, 0]
+        mismatch = standard_route_mismatch(head, model.double().cpu().numpy(), self.deviation.dtype,
+                                           what="the adapter's read-out (final norm, LM head) differs from the model's logits")
+        if mismatch:
+            raise RuntimeCheckFailed(f"read-out check failed ({self.adapter.config.model_type}): {mismatch}")
+
+    def _check_padding(self, passes: list[NaturalPass], layers: list[int]) -> None:
+        """The shortest sequence alone must score as it did as a padded row (once per scorer)."""
+        shortest = min(passes, key=lambda natural: len(natural.input_ids))
+        alone = self.natural(shortest.input_ids, layers, shortest.positions.cpu())
+        mismatch = standard_route_mismatch(shortest.logprobs, alone.logprobs, self.deviation.dtype,
+                                           what="a sequence's log-probs as a row of a right-padded batch differ "
+                                                "from the sequence alone")
+        if mismatch:
+            raise PaddingNotInert(f"{self.adapter.config.model_type}: {mismatch}; padding reaches real positions "
+                                  "in this model, so sequences of unequal length cannot share a forward")
+        largest, _ = standard_route_error(shortest.logprobs, alone.logprobs)
+        self.padding = f"right padding checked inert on this model (a padded row vs alone: {largest:.2g} nats)"
 
     def rows_per_chunk(self, length: int) -> int:
         """Conditions per pass: one decoder layer's activations and its full attention scores per row."""
@@ -104,33 +175,49 @@ class WholeSequenceScorer:
         per_row = activation_bytes(self.adapter, length) + attention_score_bytes(self.adapter, length, length)
         return max(1, self.memory_budget // per_row)
 
-    @torch.no_grad()
     def score(self, natural: NaturalPass, layer: int | list[int], experts: torch.Tensor,
               weights: torch.Tensor) -> np.ndarray:
         """log p(token t + 1) at the natural pass's positions under each condition, a route
         per token forced at `layer` on every token: experts/weights [C, T, k] -> [C, P]; or
         at a list of J layers at once: [C, T, J, k] (the natural pass must record them all)."""
+        return self.score_batch([natural], layer, [experts], [weights])[0]
+
+    @torch.no_grad()
+    def score_batch(self, passes: list[NaturalPass], layer: int | list[int], experts: list[torch.Tensor],
+                    weights: list[torch.Tensor]) -> list[np.ndarray]:
+        """`score` for sequences of one natural batch together: experts/weights [C_b, T_b, k]
+        (or [C_b, T_b, J, k]) per sequence -> [C_b, P_b] per sequence, the rows of all
+        sequences sharing passes."""
         layers = joint_layers(layer)
-        experts, weights = per_layer(experts, layer), per_layer(weights, layer)      # [C, T, J, k]
-        length = natural.input_ids.shape[0]
-        if experts.shape[:2] != (experts.shape[0], length) or experts.shape != weights.shape:
-            raise ValueError(f"conditions need experts and weights [C, {length}, k] per layer, got "
-                             f"{tuple(experts.shape)} and {tuple(weights.shape)}")
+        if any(natural.batch is not passes[0].batch for natural in passes):
+            raise ValueError("score_batch needs sequences of one natural batch")
+        conditions = []
+        for natural, chosen, weighted in zip(passes, experts, weights, strict=True):
+            chosen, weighted = per_layer(chosen, layer), per_layer(weighted, layer)      # [C, T, J, k]
+            length = natural.input_ids.shape[0]
+            if chosen.shape[:2] != (chosen.shape[0], length) or chosen.shape != weighted.shape:
+                raise ValueError(f"conditions need experts and weights [C, {length}, k] per layer, got "
+                                 f"{tuple(chosen.shape)} and {tuple(weighted.shape)}")
+            chosen, weighted = chosen.cpu(), weighted.cpu()
+            if self.check:   # row 0: the natural route, which must reproduce the natural forward
+                route_e = torch.stack([natural.routes[at].experts.cpu() for at in layers], dim=1)   # [T, J, k]
+                route_w = torch.stack([natural.routes[at].weights.cpu() for at in layers], dim=1)
+                chosen = torch.cat([route_e[None].to(chosen.dtype), chosen])
+                weighted = torch.cat([route_w[None].to(weighted.dtype), weighted])
+            conditions.append((chosen, weighted))
+        pairs = [(b, c) for b, (chosen, _) in enumerate(conditions) for c in range(chosen.shape[0])]
+        scored = [np.zeros((chosen.shape[0], len(natural.positions))) for natural, (chosen, _) in zip(passes, conditions)]
+        chunk = self.rows_per_chunk(passes[0].batch.input_ids.shape[1])
+        for start in range(0, len(pairs), chunk):
+            block = pairs[start: start + chunk]
+            for (b, c), values in zip(block, self._score_chunk(passes, conditions, layers, block)):
+                scored[b][c] = values
         first = 0
-        if self.check:   # row 0: the natural route, which must reproduce the natural forward
-            route_e = torch.stack([natural.routes[at].experts.cpu() for at in layers], dim=1)   # [T, J, k]
-            route_w = torch.stack([natural.routes[at].weights.cpu() for at in layers], dim=1)
-            experts = torch.cat([route_e[None].to(experts.dtype), experts.cpu()])
-            weights = torch.cat([route_w[None].to(weights.dtype), weights.cpu()])
-            first = 1
-        out = []
-        chunk = self.rows_per_chunk(length)
-        for start in range(0, experts.shape[0], chunk):
-            out.append(self._score_chunk(natural, layers, experts[start: start + chunk], weights[start: start + chunk]))
-        scored = np.concatenate(out) if out else np.zeros((0, len(natural.positions)))
         if self.check:
-            self._check_natural_route(layer, natural, scored[0])
-        return scored[first:]
+            first = 1
+            for natural, values in zip(passes, scored):
+                self._check_natural_route(layer, natural, values[0])
+        return [values[first:] for values in scored]
 
     def _check_natural_route(self, layer, natural: NaturalPass, scored: np.ndarray) -> None:
         mismatch = self.deviation.check(scored, natural.logprobs)
@@ -138,23 +225,33 @@ class WholeSequenceScorer:
             raise RuntimeCheckFailed(f"natural-route check failed at {layer_label(layer)} "
                                      f"({self.adapter.config.model_type}, isolation scorer): {mismatch}")
 
-    def _score_chunk(self, natural: NaturalPass, layers: tuple[int, ...], experts: torch.Tensor,
-                     weights: torch.Tensor) -> np.ndarray:
+    def _score_chunk(self, passes: list[NaturalPass], conditions: list[tuple[torch.Tensor, torch.Tensor]],
+                     layers: tuple[int, ...], block: list[tuple[int, int]]) -> list[np.ndarray]:
+        """Rows (sequence b, condition c) through layers l..L-1: log-probs [P_b] per row."""
         layer = layers[0]
         device = self.adapter.device_of(self.adapter.decoder_layers[layer])
-        rows, length, _, k = experts.shape
-        states = natural.layer_inputs[layer].expand(rows, -1, -1).contiguous()
-        overrides = joint_overrides(layers, torch.arange(rows * length, device=device),
-                                    experts.reshape(rows * length, -1, k).to(device),
-                                    weights.reshape(rows * length, -1, k).to(device))
+        batch = passes[0].batch
+        size, length = batch.input_ids.shape
+        sources = torch.tensor([passes[b].row for b, _ in block], device=device)
+        states = batch.layer_inputs[layer].index_select(0, sources.to(batch.layer_inputs[layer].device))
+        # each row's own tokens take the condition's route; padding routes naturally, unread
+        own = [torch.arange(passes[b].input_ids.shape[0]) for b, _ in block]
+        token_rows = torch.cat([row * length + tokens for row, tokens in enumerate(own)])
+        chosen = torch.cat([conditions[b][0][c] for b, c in block])                   # [N, J, k]
+        weighted = torch.cat([conditions[b][1][c] for b, c in block])
+        overrides = joint_overrides(layers, token_rows.to(device), chosen.to(device), weighted.to(device))
+        positional = self.adapter.positional_arguments
         with override_routes(self.adapter, overrides):
             for index in range(layer, self.adapter.num_layers):
-                kwargs = dict(natural.layer_kwargs[index])
+                kwargs = rows_of(batch.layer_kwargs[index], sources, size, positional)
                 kwargs.update(past_key_values=None, use_cache=False)
                 output = self.adapter.decoder_layers[index](states, **kwargs)
                 states = output[0] if isinstance(output, tuple) else output
-        final = self.adapter.final_norm(states[:, natural.positions.to(states.device)])     # [C, P, d]
-        targets = natural.input_ids[natural.positions.cpu() + 1].expand(rows, -1)
+        at = [passes[b].positions for b, _ in block]
+        slots = max(len(p) for p in at)
+        index = row_positions([p.cpu() for p in at], slots, states.device)              # [rows, slots]
+        final = self.adapter.final_norm(states.gather(1, index[..., None].expand(-1, -1, states.shape[-1])))
+        targets = batch.input_ids[sources.cpu()].gather(1, index.cpu() + 1)          # [rows, slots]
         logprobs = target_log_probs(self.adapter, final.reshape(-1, final.shape[-1]), targets.reshape(-1),
-                                    self.memory_budget)
-        return logprobs.reshape(rows, -1)
+                                    self.memory_budget).reshape(len(block), slots)
+        return [logprobs[row, : len(p)] for row, p in enumerate(at)]
