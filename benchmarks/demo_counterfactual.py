@@ -72,7 +72,7 @@ def demo_trajectories(path: str | None, folder: str) -> str:
 
     lens = rl.load("demo")
     path = os.path.join(folder, "trajectories.jsonl")
-    write_trajectories(arithmetic_trajectories(lens.model, lens.tokenizer, 120, 2, 0.8, 0, show_progress=False), path)
+    write_trajectories(arithmetic_trajectories(lens.loaded, 120, 2, 0.8, 0, show_progress=False), path)
     return path
 
 

@@ -173,3 +173,17 @@ def test_isolation_and_rollouts_on_ray_equal_single_process_runs(tmp_path):
         run_json = json.load(open(tmp_path / f"{kind}-ray" / "run.json"))
         assert run_json["execution"]["ray"]["workers"] == 2 and run_json["status"] == "complete"
         assert run_json["checks"] and all(value is not None for value in run_json["checks"].values())
+
+
+def test_trajectories_sampled_on_ray_equal_the_single_process_file(tmp_path, capsys):
+    """`trajectories --ray local --workers 2`: groups of problems on two actors, the same
+    records in the same order as one process (each prompt draws from its own generator)."""
+    args = ["trajectories", "--model", "demo", "--task", "arithmetic", "--n", "6", "--samples-per-problem", "2",
+            "--max-new-tokens", "24", "--batch-size", "4", "--no-progress"]
+    with one_thread():
+        assert main([*args, "--out", str(tmp_path / "single.jsonl")]) == 0
+    assert main([*args, "--out", str(tmp_path / "ray.jsonl"), "--ray", "local", "--workers", "2"]) == 0
+    single = [json.loads(line) for line in open(tmp_path / "single.jsonl")]
+    on_ray = [json.loads(line) for line in open(tmp_path / "ray.jsonl")]
+    assert len(single) == 12 and on_ray == single
+    assert [r["id"] for r in single] == [f"{p}-s{s}" for p in dict.fromkeys(r["problem_id"] for r in single) for s in (0, 1)]

@@ -27,7 +27,7 @@ def _demo_trajectories(lens, folder: str, problems: int, samples_per_problem: in
     # "-steps": the records carry step checks (a file sampled before them would silently turn them off)
     path = os.path.join(folder, f"trajectories-n{problems}-s{samples_per_problem}-t{temperature}-seed{seed}-steps.jsonl")
     if not os.path.exists(path):
-        records = arithmetic_trajectories(lens.model, lens.tokenizer, problems, samples_per_problem, temperature, seed,
+        records = arithmetic_trajectories(lens.loaded, problems, samples_per_problem, temperature, seed,
                                           show_progress=show_progress)
         write_trajectories(records, path)
         verified = sum(r["verified"] for r in records)

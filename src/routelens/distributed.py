@@ -147,19 +147,9 @@ def execute(folder, job: UnitJob, groups: list[list[int]], advance: Callable[[di
                                  {"ray": ray.to_dict(loaded.device), "ray_version": _ray_version()})
     if folder.state.get("sessions"):
         folder.state["sessions"][-1]["execution"] = folder.state["execution"]
-    if ray is None:
-        job.setup(loaded)
-        for group in groups:
-            for unit, tables in zip(group, job.run(group)):
-                folder.write_unit(unit, tables)
-                advance(tables)
-        return job.checks()
-    check_ray_can_load(loaded, ray)
-    job.recipe = loaded.recipe
     seen: list[dict] = []
     written: set[int] = set()
-    for units, tables, checks in _ray_results(job, groups, ray, loaded.device):
-        seen.append(checks)
+    for units, tables in _computed(job, groups, loaded, ray, seen):
         for unit, unit_tables in zip(units, tables):
             if unit in written:   # a group Ray re-ran after its result came back: already in the folder
                 continue
@@ -167,6 +157,36 @@ def execute(folder, job: UnitJob, groups: list[list[int]], advance: Callable[[di
             written.add(unit)
             advance(unit_tables)
     return merge_checks(seen)
+
+
+def collect(job: UnitJob, groups: list[list[int]], advance: Callable[[dict], None], loaded,
+            ray: RaySettings | None) -> tuple[dict[int, dict], dict]:
+    """`execute` for a command without a run folder: each unit's results (once, however
+    often Ray ran its group) and the merged run-time checks."""
+    seen: list[dict] = []
+    results: dict[int, dict] = {}
+    for units, tables in _computed(job, groups, loaded, ray, seen):
+        for unit, unit_tables in zip(units, tables):
+            if unit not in results:
+                results[unit] = unit_tables
+                advance(unit_tables)
+    return results, merge_checks(seen)
+
+
+def _computed(job: UnitJob, groups: list[list[int]], loaded, ray: RaySettings | None, seen: list[dict]):
+    """(units, their tables) of each group as it completes, here or on Ray; each process's
+    checks are appended to `seen`."""
+    if ray is None:
+        job.setup(loaded)
+        for group in groups:
+            yield group, job.run(group)
+        seen.append(job.checks())
+        return
+    check_ray_can_load(loaded, ray)
+    job.recipe = loaded.recipe
+    for units, tables, checks in _ray_results(job, groups, ray, loaded.device):
+        seen.append(checks)
+        yield units, tables
 
 
 def _ray_version() -> str | None:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import sys
 
-from routelens.cli.parsing import load_lens, model_options, positive_int, run_options
+from routelens.cli.parsing import load_lens, model_options, positive_int, ray_from_args, ray_options, run_options
 from routelens.errors import RouteLensError
 
 NAME = "trajectories"
@@ -23,7 +23,7 @@ step_ok (per completion token: its step `a op b=c` right, wrong, or null) and st
 
 
 def parents():
-    return [model_options(), run_options(resumable=False)]
+    return [model_options(), run_options(resumable=False), ray_options()]
 
 
 def add_arguments(parser) -> None:
@@ -55,20 +55,21 @@ def run(args) -> int:
         from routelens.data.sampling import read_problem_file
 
         read_problem_file(args.problems)   # a bad problem file fails before the model loads
+    ray = ray_from_args(args)
     lens = load_lens(args)
     if lens.tokenizer is None:
         raise RouteLensError(f"model {args.model!r} has no tokenizer; trajectories are generated from text")
     options = dict(samples_per_problem=args.samples_per_problem, temperature=args.temperature, seed=args.seed,
-                   show_progress=not args.no_progress)
+                   show_progress=not args.no_progress, ray=ray)
     if args.max_new_tokens:
         options["max_new_tokens"] = args.max_new_tokens
     print(f"routelens: sampling {args.samples_per_problem} solution(s) per problem into {args.out}; this command does "
           "not resume (the file is written at the end), so an interrupted run samples again", file=sys.stderr, flush=True)
     if args.problems:
-        records = file_trajectories(lens.model, lens.tokenizer, args.problems, args.n,
+        records = file_trajectories(lens.loaded, args.problems, args.n,
                                     batch_size=args.batch_size or 16, **options)
     else:
-        records = arithmetic_trajectories(lens.model, lens.tokenizer, args.n,
+        records = arithmetic_trajectories(lens.loaded, args.n,
                                           batch_size=args.batch_size or 256, heldout=args.heldout, **options)
     write_trajectories(records, args.out)
     verified = sum(r["verified"] for r in records)

@@ -17,6 +17,7 @@ import os
 
 from routelens.data.arithmetic import HELDOUT_SEED, Problem, generate, heldout_questions, verify
 from routelens.data.trajectories import read_jsonl
+from routelens.distributed import UnitJob, collect
 from routelens.errors import RouteLensError
 from routelens.generation import sample_completions
 
@@ -108,31 +109,76 @@ def _records(samples, problems: list[dict], checker, tokenizer, step_checked: bo
     return records
 
 
-def arithmetic_trajectories(model, tokenizer, n: int, samples_per_problem: int, temperature: float,
+class SamplingJob(UnitJob):
+    """Sampling solutions of problems (units: problem indices, a group a contiguous range:
+    prompt p draws from the generator of its index, so any grouping, here or on Ray actors,
+    samples the same completions). `checker`: "arithmetic" (the task's verifier, with step
+    checks) or "math" (math-verify against the reference answer)."""
+
+    def __init__(self, problems: list[dict], prompts: list[list[int]], checker: str, sampling: dict):
+        self.problems, self.prompts, self.checker, self.sampling = problems, prompts, checker, sampling
+
+    def setup(self, loaded=None) -> None:
+        loaded = self.load(loaded)
+        self._model, self._tokenizer = loaded.adapter.model, loaded.tokenizer
+
+    def run(self, units: list[int]) -> list[dict]:
+        first = units[0]
+        if units != list(range(first, first + len(units))):
+            raise ValueError(f"a sampling group is a contiguous range of problems, got {units}")
+        samples = sample_completions(self._model, self._tokenizer, [self.prompts[u] for u in units],
+                                     index_offset=first, show_progress=False, **self.sampling)
+        problems = self.problems[first: first + len(units)]
+        if self.checker == "arithmetic":
+            check, steps = (lambda text, row: verify(text, int(row["answer"])).correct), True
+        else:
+            check, steps = (lambda text, row: math_answer_correct(text, row["answer"])), False
+        records: list[list[dict]] = [[] for _ in units]
+        for sample in samples:
+            records[sample.prompt_index] += _records([sample], problems, check, self._tokenizer, step_checked=steps)
+        return [{"records": unit_records} for unit_records in records]
+
+
+def sample_trajectories(loaded, problems: list[dict], prompts: list[list[int]], checker: str, samples_per_problem: int,
+                        temperature: float, seed: int, max_new_tokens: int, batch_size: int,
+                        show_progress: bool = True, ray=None) -> list[dict]:
+    """Trajectory records of `samples_per_problem` solutions per problem, in problem order:
+    here, in groups of `batch_size` sequences, or with `ray` (`RaySettings`) on a pool of
+    Ray actors, a group each at a time."""
+    from routelens.progress import progress_bar
+
+    sampling = dict(num_samples=samples_per_problem, temperature=temperature, seed=seed,
+                    max_new_tokens=max_new_tokens, batch_size=batch_size)
+    job = SamplingJob(problems, prompts, checker, sampling)
+    per_group = max(1, batch_size // samples_per_problem)
+    groups = [list(range(start, min(start + per_group, len(prompts)))) for start in range(0, len(prompts), per_group)]
+    with progress_bar("generate", len(prompts) * samples_per_problem, 0, show_progress, unit="samples") as advance:
+        results, _ = collect(job, groups, lambda unit: advance(samples_per_problem), loaded, ray)
+    return [record for unit in range(len(prompts)) for record in results[unit]["records"]]
+
+
+def arithmetic_trajectories(loaded, n: int, samples_per_problem: int, temperature: float,
                             seed: int, max_new_tokens: int = 96, batch_size: int = 256,
-                            show_progress: bool = True, heldout: bool = False) -> list[dict]:
+                            show_progress: bool = True, heldout: bool = False, ray=None) -> list[dict]:
     """Trajectories on n analysis problems (the seed's stream), or on the first n held-out ones."""
     from routelens.data.arithmetic import heldout_problems
 
     problems = heldout_problems(n) if heldout else analysis_problems(seed, n)
     rows = [{"id": p.id, "difficulty": p.difficulty, "domain": p.domain, "answer": str(p.answer)} for p in problems]
-    samples = sample_completions(model, tokenizer, [tokenizer(p.question)["input_ids"] for p in problems],
-                                 num_samples=samples_per_problem, temperature=temperature, seed=seed,
-                                 max_new_tokens=max_new_tokens, batch_size=batch_size, show_progress=show_progress)
-    return _records(samples, rows, lambda text, row: verify(text, int(row["answer"])).correct, tokenizer,
-                    step_checked=True)
+    prompts = [loaded.tokenizer(p.question)["input_ids"] for p in problems]
+    return sample_trajectories(loaded, rows, prompts, "arithmetic", samples_per_problem, temperature, seed,
+                               max_new_tokens, batch_size, show_progress, ray)
 
 
-def file_trajectories(model, tokenizer, path: str, n: int | None, samples_per_problem: int, temperature: float,
+def file_trajectories(loaded, path: str, n: int | None, samples_per_problem: int, temperature: float,
                       seed: int, max_new_tokens: int = 1024, batch_size: int = 16,
-                      show_progress: bool = True) -> list[dict]:
-    if tokenizer is None:
+                      show_progress: bool = True, ray=None) -> list[dict]:
+    if loaded.tokenizer is None:
         raise RouteLensError("this model has no tokenizer; problems in text need one")
     problems = read_problem_file(path)[:n]
-    samples = sample_completions(model, tokenizer, [chat_prompt_ids(tokenizer, p["prompt"], p["where"]) for p in problems],
-                                 num_samples=samples_per_problem, temperature=temperature, seed=seed,
-                                 max_new_tokens=max_new_tokens, batch_size=batch_size, show_progress=show_progress)
-    return _records(samples, problems, lambda text, row: math_answer_correct(text, row["answer"]), tokenizer)
+    prompts = [chat_prompt_ids(loaded.tokenizer, p["prompt"], p["where"]) for p in problems]
+    return sample_trajectories(loaded, problems, prompts, "math", samples_per_problem, temperature, seed,
+                               max_new_tokens, batch_size, show_progress, ray)
 
 
 def write_trajectories(records: list[dict], out: str) -> None:
