@@ -157,12 +157,14 @@ def sample_trajectories(loaded, problems: list[dict], prompts: list[list[int]], 
     return [record for unit in range(len(prompts)) for record in results[unit]["records"]]
 
 
-def arithmetic_trajectories(loaded, n: int, samples_per_problem: int, temperature: float,
+def arithmetic_trajectories(lens, n: int, samples_per_problem: int, temperature: float,
                             seed: int, max_new_tokens: int = 96, batch_size: int = 256,
                             show_progress: bool = True, heldout: bool = False, ray=None) -> list[dict]:
-    """Trajectories on n analysis problems (the seed's stream), or on the first n held-out ones."""
+    """Trajectories on n analysis problems (the seed's stream), or on the first n held-out
+    ones, sampled by `lens` (a `Lens` or its `LoadedModel`)."""
     from routelens.data.arithmetic import heldout_problems
 
+    loaded = getattr(lens, "loaded", lens)
     problems = heldout_problems(n) if heldout else analysis_problems(seed, n)
     rows = [{"id": p.id, "difficulty": p.difficulty, "domain": p.domain, "answer": str(p.answer)} for p in problems]
     prompts = [loaded.tokenizer(p.question)["input_ids"] for p in problems]
@@ -170,9 +172,12 @@ def arithmetic_trajectories(loaded, n: int, samples_per_problem: int, temperatur
                                max_new_tokens, batch_size, show_progress, ray)
 
 
-def file_trajectories(loaded, path: str, n: int | None, samples_per_problem: int, temperature: float,
+def file_trajectories(lens, path: str, n: int | None, samples_per_problem: int, temperature: float,
                       seed: int, max_new_tokens: int = 1024, batch_size: int = 16,
                       show_progress: bool = True, ray=None) -> list[dict]:
+    """Trajectories on the first n problems of a problem file, sampled by `lens` (a `Lens`
+    or its `LoadedModel`)."""
+    loaded = getattr(lens, "loaded", lens)
     if loaded.tokenizer is None:
         raise RouteLensError("this model has no tokenizer; problems in text need one")
     problems = read_problem_file(path)[:n]
