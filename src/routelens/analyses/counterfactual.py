@@ -32,7 +32,7 @@ from routelens.analyses.route_sampling import check_route_settings, flag_duplica
 from routelens.config import ALL_TOKENS, BINS, CounterfactualConfig
 from routelens.data.trajectories import Trajectory
 from routelens.distributed import RaySettings, UnitJob, check_ray_can_load, execute
-from routelens.engine.batching import pad_right
+from routelens.engine.batching import pad_right, sequence_routes
 from routelens.engine.checks import check_gating_rule
 from routelens.engine.items import ScoreItem
 from routelens.engine.readout import peak_memory, reset_peak_memory
@@ -97,9 +97,7 @@ def group_natural_routes(adapter: MoEAdapter, engine, trajectories: list[Traject
         with torch.no_grad(), capture_routes(adapter, layers) as captured:
             adapter.model(pad_right(input_ids).to(adapter.device), use_cache=False, logits_to_keep=1)
     length = max(ids.shape[0] for ids in input_ids)
-    return [{layer: RouterOutput(*(value[b * length: b * length + ids.shape[0]]
-                                   for value in (out.logits, out.weights, out.experts)))
-             for layer, out in captured.items()} for b, ids in enumerate(input_ids)]
+    return [sequence_routes(captured, b, length, ids.shape[0]) for b, ids in enumerate(input_ids)]
 
 
 def build_routes(adapter: MoEAdapter, trajectory: Trajectory, layers: list[int],

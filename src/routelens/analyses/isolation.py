@@ -350,14 +350,14 @@ class IsolationJob(UnitJob):
 
     def run(self, units: list[int]) -> list[dict[str, pa.Table]]:
         items = [self.items[index] for index in units]
-        if self._padding_failed:
-            results = [analyse_item(self._adapter, self._scorer, item, self.layers, self.config) for item in items]
-        else:
+        results = None
+        if not self._padding_failed:
             try:
                 results = analyse_items(self._adapter, self._scorer, items, self.layers, self.config)
             except PaddingNotInert as error:   # exact either way: score this model's items one at a time
                 self._padding_failed = str(error)
-                results = [analyse_item(self._adapter, self._scorer, item, self.layers, self.config) for item in items]
+        if results is None:
+            results = [analyse_item(self._adapter, self._scorer, item, self.layers, self.config) for item in items]
         return [{"isolation": isolation, "routing": routing} for isolation, routing in results]
 
     def groups(self, units: list[int], workers: int = 1) -> list[list[int]]:

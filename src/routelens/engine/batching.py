@@ -69,21 +69,21 @@ def shared_rows(kwargs: dict, batch: int, positional: dict[str, tuple[int, int]]
     if batch == 1:
         return dict(kwargs)
 
-    def reduce(value, batch_dim: int, least_dims: int):
-        if not torch.is_tensor(value) or value.dim() < least_dims or value.shape[batch_dim] != batch:
+    def reduce(value, batch_dim: int):
+        # a batched tensor has at least one dimension besides the batch (a 1-d tensor such as
+        # cache_position is not per row)
+        if not torch.is_tensor(value) or value.dim() < 2 or value.shape[batch_dim] != batch:
             return value
         first = value.narrow(batch_dim, 0, 1)
         return first if bool((value == first).all()) else value
 
     out = {}
     for name, value in kwargs.items():
-        # positional arguments have a declared batch dimension; any other batched tensor has it
-        # first and at least one more (a 1-d tensor such as cache_position is not per row)
-        batch_dim, least = (positional[name][0], 2) if name in positional else (0, 2)
+        # positional arguments have a declared batch dimension; any other has it first
+        batch_dim = positional[name][0] if name in positional else 0
         if name == "position_ids" and torch.is_tensor(value) and value.dim() == 3:
             batch_dim = 1
-        out[name] = tuple(reduce(v, batch_dim, least) for v in value) if isinstance(value, tuple) \
-            else reduce(value, batch_dim, least)
+        out[name] = tuple(reduce(v, batch_dim) for v in value) if isinstance(value, tuple) else reduce(value, batch_dim)
     return out
 
 
@@ -108,3 +108,13 @@ def row_positions(positions: Sequence, slots: int, device) -> torch.Tensor:
         index[row, : len(row_positions)] = row_positions
         index[row, len(row_positions):] = row_positions[-1]
     return index.to(device)
+
+
+def sequence_routes(captured: dict, row: int, length: int, count: int) -> dict:
+    """Sequence `row`'s own router outputs from a right-padded batch's capture (flat rows
+    b * length + t): its first `count` tokens, per layer."""
+    from routelens.models.routing import RouterOutput
+
+    return {layer: RouterOutput(*(value.reshape(-1, value.shape[-1])[row * length: row * length + count]
+                                  for value in (out.logits, out.weights, out.experts)))
+            for layer, out in captured.items()}

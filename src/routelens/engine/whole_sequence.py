@@ -33,7 +33,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from routelens.engine.batching import pad_right, row_positions, rows_of, shared_rows
+from routelens.engine.batching import pad_right, row_positions, rows_of, sequence_routes, shared_rows
 from routelens.engine.checks import (
     DeviationRecord,
     PaddingNotInert,
@@ -137,10 +137,8 @@ class WholeSequenceScorer:
         passes = []
         for row, (ids, at) in enumerate(zip(sequences, positions)):
             logprobs = target_log_probs(self.adapter, states[row, at.to(states.device)], ids[at + 1], self.memory_budget)
-            own = {layer: RouterOutput(*(value.reshape(size * length, value.shape[-1])[row * length: row * length + len(ids)]
-                                         for value in (out.logits, out.weights, out.experts)))
-                   for layer, out in routes.items()}
-            passes.append(NaturalPass(ids, at.to(device), own, logprobs, batch, row))
+            passes.append(NaturalPass(ids, at.to(device), sequence_routes(routes, row, length, len(ids)), logprobs,
+                                      batch, row))
         if len({len(ids) for ids in sequences}) > 1 and self.padding is None:
             self._check_padding(passes, layers)
         return passes
