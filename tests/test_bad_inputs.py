@@ -234,6 +234,7 @@ CASES = {
     # ---- Ray (--ray without Ray installed: tests/test_ray.py)
     "workers_without_ray": (lambda w: _cf(w, "--workers", "4"), "--workers needs --ray (local, auto or a cluster address)"),
     "ray_blank_address": (lambda w: _iso(w, "--ray", " "), "--ray takes local, auto or a cluster address"),
+    "isolate_group_items_zero": (lambda w: _iso(w, "--group-items", "0"), "argument --group-items: expected a positive integer, got 0"),
     "ray_negative_gpus": (lambda w: _rollout(w, "--ray", "local", "--gpus-per-worker", "-1"),
                           "--gpus-per-worker must be 0 or more, got -1.0"),
     "rollout_tokens_file_unknown": (lambda w: _rollout(w, "--tokens", write_jsonl(
