@@ -179,3 +179,82 @@ def test_tolerance_null_and_percentile_equal_a_second_implementation_from_routes
     assert summary["gain_minus_null"] == pytest.approx((at["gain"] - at["null_gain"]).mean())
     assert summary["few_clusters"] is True and summary["trajectories"] == 3
     assert res.summary_dict["win_tolerance"] == eps and res.config["win_tolerance"] == eps
+
+
+def _group_and_alone(adapter, trajectories, layers, config):
+    """Each trajectory's tables from one group under the fast engine, and alone under a fresh one."""
+    from routelens.analyses.counterfactual import analyse_trajectories
+    from routelens.engine import FastEngine
+
+    engine = FastEngine(adapter)
+    grouped = analyse_trajectories(adapter, engine, trajectories, layers, config)
+    alone = [analyse_trajectories(adapter, FastEngine(adapter), [t], layers, config)[0] for t in trajectories]
+    return engine, grouped, alone
+
+
+def _largest_difference(grouped, alone) -> float:
+    """The largest |logprob| difference between the routes tables of two runs, after checking
+    they hold the same routes (expert sets exactly; weights and router scores, read off two
+    natural forwards, within float rounding)."""
+    largest = 0.0
+    for got, expected in zip(grouped, alone, strict=True):
+        got, expected = got["routes"].to_pandas(), expected["routes"].to_pandas()
+        same = ["trajectory_id", "position", "layer", "route", "duplicate", "target_id"]
+        assert got[same].equals(expected[same])
+        assert [e.tolist() for e in got["experts"]] == [e.tolist() for e in expected["experts"]]
+        for column in ("weights", "router_score"):
+            np.testing.assert_allclose(np.stack([np.stack(w) for w in got[column]]) if column == "weights" else got[column],
+                                       np.stack([np.stack(w) for w in expected[column]]) if column == "weights"
+                                       else expected[column], atol=1e-5)
+        largest = max(largest, float(np.abs(got["logprob"] - expected["logprob"]).max()))
+    return largest
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_trajectories_of_unequal_length_in_one_group_equal_each_alone(tiny_adapters, family):
+    """A group shares one right-padded natural forward (routes, keys/values) and its
+    scoring chunks; every route of every trajectory equals the trajectory scored alone, and
+    the engine checked the padding inert on this model and says so in the run's checks."""
+    from routelens.analyses.counterfactual import engine_checks
+
+    adapter = tiny_adapters[family]
+    trajectories = [_trajectory(seed=40 + i, length=n, start=4, tid=f"t{i}") for i, n in enumerate((9, 15, 12))]
+    config = CounterfactualConfig(num_routes=4, seed=3)
+    engine, grouped, alone = _group_and_alone(adapter, trajectories, adapter.moe_layers, config)
+    assert _largest_difference(grouped, alone) < 1e-5
+    assert engine.padding.verdict and "inert" in engine.padding.verdict
+    assert engine_checks(engine)["trajectory_batching"] == engine.padding.verdict
+
+
+def test_padding_that_reaches_real_positions_makes_the_counterfactual_score_one_trajectory_at_a_time(tiny_adapters):
+    """A model whose embedding output mixes in later positions: a padded row is not the
+    trajectory alone, and the engine's own standard-route check cannot see it (it compares
+    two computations of the same padded pass). Unchecked, the group's numbers are silently
+    wrong; the padding check refuses the group, and the analysis scores each trajectory
+    alone, exactly, with a warning and the reason in the run's checks."""
+    from routelens.analyses.counterfactual import engine_checks
+
+    adapter = tiny_adapters["qwen3_moe"]
+    trajectories = [_trajectory(seed=50 + i, length=n, start=4, tid=f"t{i}") for i, n in enumerate((8, 13))]
+    config = CounterfactualConfig(num_routes=3, seed=2)
+    layers = [adapter.moe_layers[0]]
+    leak = adapter.model.get_input_embeddings().register_forward_hook(
+        lambda module, args, out: out + out.mean(dim=1, keepdim=True))        # every position sees the whole row
+    try:
+        with pytest.warns(UserWarning, match="padding reaches real positions.*one trajectory at a time"):
+            engine, grouped, alone = _group_and_alone(adapter, trajectories, layers, config)
+        from routelens.analyses.counterfactual import analyse_trajectories
+        from routelens.engine import FastEngine
+
+        unchecked = FastEngine(adapter)
+        unchecked.padding.due = lambda lengths: False                         # the check switched off
+        silently_wrong = analyse_trajectories(adapter, unchecked, trajectories, layers, config)
+    finally:
+        leak.remove()
+    assert _largest_difference(grouped, alone) < 1e-6
+    standard = [(tables["routes"].to_pandas().query("route == 0")["logprob"].to_numpy()) for tables in silently_wrong]
+    truth = [(tables["routes"].to_pandas().query("route == 0")["logprob"].to_numpy()) for tables in alone]
+    assert max(np.abs(a - b).max() for a, b in zip(standard, truth)) > 1e-3 and unchecked.fallback_reason is None
+    checks = engine_checks(engine)
+    assert checks["trajectory_batching_fallback"].startswith("one trajectory at a time: ")
+    assert "padding reaches real positions" in checks["trajectory_batching_fallback"]

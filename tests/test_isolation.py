@@ -181,7 +181,7 @@ def test_items_of_unequal_length_in_one_padded_group_equal_one_item_at_a_time(fa
     config = IsolationConfig(floor_seeds=2, seed=5)
     scorer = WholeSequenceScorer(adapter, rows_per_chunk=2 * (1 + adapter.num_experts + 2) - 1)   # chunks straddle items
     grouped = analyse_items(adapter, scorer, items, adapter.moe_layers, config)
-    assert scorer.padding is not None and "inert" in scorer.padding
+    assert scorer.padding.verdict is not None and "inert" in scorer.padding.verdict
     for item, got in zip(items, grouped):
         _tables_equal(got, analyse_item(adapter, WholeSequenceScorer(adapter), item, adapter.moe_layers, config))
 

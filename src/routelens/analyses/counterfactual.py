@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import functools
 import time
+import warnings
 from dataclasses import dataclass
 
 import numpy as np
@@ -33,9 +34,9 @@ from routelens.config import ALL_TOKENS, BINS, CounterfactualConfig
 from routelens.data.trajectories import Trajectory
 from routelens.distributed import RaySettings, UnitJob, check_ray_can_load, execute
 from routelens.engine.batching import pad_right, sequence_routes
-from routelens.engine.checks import check_gating_rule
+from routelens.engine.checks import PaddingNotInert, check_gating_rule
 from routelens.engine.items import ScoreItem
-from routelens.engine.readout import peak_memory, reset_peak_memory
+from routelens.engine.readout import final_norm_states, peak_memory, reset_peak_memory
 from routelens.errors import RouteLensError
 from routelens.models.adapter import MoEAdapter
 from routelens.models.routing import RouterOutput, capture_routes
@@ -92,10 +93,13 @@ def group_natural_routes(adapter: MoEAdapter, engine, trajectories: list[Traject
     forward of the group, right-padded as the engines batch it. The fast engine makes that
     pass itself and keeps what scoring the group needs: one natural forward per group."""
     input_ids = [torch.tensor(t.input_ids) for t in trajectories]
-    captured = engine.natural_routes(input_ids, layers) if hasattr(engine, "natural_routes") else None
-    if captured is None:   # another engine, or a pass the fast engine cannot make here
-        with torch.no_grad(), capture_routes(adapter, layers) as captured:
-            adapter.model(pad_right(input_ids).to(adapter.device), use_cache=False, logits_to_keep=1)
+    with final_norm_states(adapter) as final:   # the padded rows' read-out, for the padding check
+        captured = engine.natural_routes(input_ids, layers) if hasattr(engine, "natural_routes") else None
+        if captured is None:   # another engine, or a pass the fast engine cannot make here
+            with torch.no_grad(), capture_routes(adapter, layers) as captured:
+                adapter.model(pad_right(input_ids).to(adapter.device), use_cache=False, logits_to_keep=1)
+    if engine.padding.due([len(ids) for ids in input_ids]):
+        engine.padding.check(final["states"], input_ids, [t.scored_positions for t in trajectories])
     length = max(ids.shape[0] for ids in input_ids)
     return [sequence_routes(captured, b, length, ids.shape[0]) for b, ids in enumerate(input_ids)]
 
@@ -334,8 +338,15 @@ def analyse_trajectories(adapter: MoEAdapter, engine, trajectories: list[Traject
                          config: CounterfactualConfig, joint: list[int] | None = None) -> list[dict[str, pa.Table]]:
     """Sample and score every route of a group of trajectories (scored together by the
     engine, layer by layer, then the joint routes at the `joint` layers when given); return
-    each trajectory's tables: routes and tokens (and joint_routes, joint_tokens)."""
-    natural = group_natural_routes(adapter, engine, trajectories, layers)
+    each trajectory's tables: routes and tokens (and joint_routes, joint_tokens). Where
+    right padding is not inert on this model (`PaddingCheck`), one trajectory at a time."""
+    if len(trajectories) > 1 and engine.padding.failure:
+        return [analyse_trajectories(adapter, engine, [t], layers, config, joint)[0] for t in trajectories]
+    try:
+        natural = group_natural_routes(adapter, engine, trajectories, layers)
+    except PaddingNotInert as reason:   # exact either way: from here on, one trajectory at a time
+        warnings.warn(f"{reason}; scoring one trajectory at a time", stacklevel=2)
+        return analyse_trajectories(adapter, engine, trajectories, layers, config, joint)
     routes = [build_routes(adapter, trajectory, layers, config, captured) for trajectory, captured in zip(trajectories, natural)]
     results = []
     scored = {layer: engine.score_batch(layer, [
@@ -624,4 +635,6 @@ def engine_checks(engine) -> dict:
             "standard_route_max_abs_logprob_diff": largest, "standard_route_mean_abs_logprob_diff": mean,
             "engine_fallback": engine.fallback_reason,
             "cache_engine_layers": {str(k): v for k, v in getattr(engine, "cache_layers", {}).items()},
-            "cache_engine_fallback": cache.fallback_reason if cache is not None else None}
+            "cache_engine_fallback": cache.fallback_reason if cache is not None else None,
+            **engine.padding.record("trajectory", "one trajectory at a time" if engine.max_group == 1
+                                    else f"groups of up to {engine.max_group} trajectories")}

@@ -346,16 +346,15 @@ class IsolationJob(UnitJob):
     def setup(self, loaded=None) -> None:
         self._adapter = self.load(loaded).adapter
         self._scorer = getattr(self, "_scorer", None) or WholeSequenceScorer(self._adapter, memory_budget=self.config.memory_budget)
-        self._padding_failed: str | None = getattr(self, "_padding_failed", None)
 
     def run(self, units: list[int]) -> list[dict[str, pa.Table]]:
         items = [self.items[index] for index in units]
         results = None
-        if not self._padding_failed:
+        if not self._scorer.padding.failure:
             try:
                 results = analyse_items(self._adapter, self._scorer, items, self.layers, self.config)
-            except PaddingNotInert as error:   # exact either way: score this model's items one at a time
-                self._padding_failed = str(error)
+            except PaddingNotInert:   # exact either way: score this model's items one at a time
+                pass
         if results is None:
             results = [analyse_item(self._adapter, self._scorer, item, self.layers, self.config) for item in items]
         return [{"isolation": isolation, "routing": routing} for isolation, routing in results]
@@ -373,10 +372,7 @@ class IsolationJob(UnitJob):
         largest, mean = self._scorer.deviation.largest
         return {"gating_rule": "reproduced the router's weights on every item",
                 "natural_route_max_abs_logprob_diff": largest, "natural_route_mean_abs_logprob_diff": mean,
-                "item_batching": self._scorer.padding or f"groups of up to {self.config.group_items} items of equal "
-                                                         "length (no padding was needed)",
-                # only when an actor fell back, so that merge_checks keeps it over the others' silence
-                **({"item_batching_fallback": f"one item at a time: {self._padding_failed}"} if self._padding_failed else {})}
+                **self._scorer.padding.record("item", f"groups of up to {self.config.group_items} items")}
 
 
 def run_isolation(loaded, items: list[TargetItem], config: IsolationConfig, out: str | None, data_info: dict,

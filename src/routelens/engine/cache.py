@@ -29,7 +29,7 @@ import warnings
 import numpy as np
 import torch
 
-from routelens.engine.checks import DeviationRecord
+from routelens.engine.checks import DeviationRecord, PaddingCheck
 from routelens.engine.items import ScoreItem, joint_layers, joint_overrides, layer_label, per_layer
 from routelens.engine.readout import DEFAULT_MEMORY_BUDGET, activation_bytes, record_layer_arguments, target_log_probs
 from routelens.engine.reference import ReferenceEngine
@@ -63,6 +63,7 @@ class CacheEngine:
         self.reference = ReferenceEngine(adapter, route_batch_size=route_batch_size, memory_budget=memory_budget)
         self.fallback_reason: str | None = None
         self.deviation = DeviationRecord(adapter)   # |route 0 - natural| seen so far, nats
+        self.padding = PaddingCheck(adapter, memory_budget)   # may unequal lengths share a forward (checked once)
 
     # ------------------------------------------------------------------ one natural step
     def _natural_step(self, token: torch.Tensor, cache, layer: int) -> dict:

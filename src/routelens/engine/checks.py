@@ -2,6 +2,8 @@
 
 - The gating rule: `weights_for` applied to the experts the router chose must reproduce the
   weights the router returned. A wrong rule would weight every alternative route wrongly.
+- Padding: sequences of unequal length share a right-padded forward; the first such group
+  also runs its shortest sequence alone, which must give the same log-probs (`PaddingCheck`).
 - The standard route: an engine's score of the standard route (route 0) must equal the
   natural forward's log-probability of the same token. A broken attention patch, a wrong
   attention window or a layout the engine misreads shows up here first.
@@ -19,6 +21,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from routelens.engine.readout import final_norm_states, target_log_probs
 from routelens.errors import RouteLensError
 
 
@@ -96,6 +99,58 @@ class PaddingNotInert(RuntimeCheckFailed):
     """A sequence scored as a row of a right-padded batch differs from the sequence alone:
     something in this model lets padding reach earlier positions, so sequences of unequal
     length must be scored one at a time."""
+
+
+class PaddingCheck:
+    """Whether sequences of unequal length may share a right-padded forward on this model.
+
+    Causal attention keeps padding out of real positions in every served family, but a
+    model that mixes positions another way (a non-causal layer, a batch-wide statistic)
+    would shift every score of a padded row while the engines' own checks, made on the
+    same padded pass, still agree. So the first group of unequal lengths also runs its
+    shortest sequence alone (one forward, once per engine or scorer): its log-probs at the
+    scored positions must equal the padded row's. `verdict` says how padding was checked;
+    `failure` why it may not be used (then score one sequence at a time: exact either way)."""
+
+    def __init__(self, adapter, memory_budget: int):
+        self.adapter, self.memory_budget = adapter, int(memory_budget)
+        self.verdict: str | None = None
+        self.failure: str | None = None
+
+    def due(self, lengths) -> bool:
+        return self.verdict is None and self.failure is None and len(set(lengths)) > 1
+
+    @torch.no_grad()
+    def check(self, padded_states: torch.Tensor, sequences: list[torch.Tensor], positions: list) -> None:
+        """padded_states [B, T, d]: the final norm's output of the right-padded forward of
+        `sequences` ([T_b] each), scored at `positions` ([P_b] each). Raises `PaddingNotInert`."""
+        row = min(range(len(sequences)), key=lambda b: len(sequences[b]))
+        ids = torch.as_tensor(sequences[row]).cpu()
+        at = torch.as_tensor(np.asarray(positions[row]), dtype=torch.long)
+        with final_norm_states(self.adapter) as alone:
+            self.adapter.model(ids[None].to(self.adapter.device), use_cache=False, logits_to_keep=1)
+        padded, alone = padded_states[row], alone["states"][0]
+        targets = ids[at + 1]
+        padded = target_log_probs(self.adapter, padded[at.to(padded.device)], targets, self.memory_budget)
+        alone = target_log_probs(self.adapter, alone[at.to(alone.device)], targets, self.memory_budget)
+        mismatch = standard_route_mismatch(padded, alone, model_dtype(self.adapter),
+                                           what="a sequence's log-probs as a row of a right-padded batch differ "
+                                                "from the sequence alone")
+        if mismatch:
+            self.failure = (f"{self.adapter.config.model_type}: {mismatch}; padding reaches real positions in this "
+                            "model, so sequences of unequal length cannot share a forward")
+            raise PaddingNotInert(self.failure)
+        largest, _ = standard_route_error(padded, alone)
+        self.verdict = f"right padding checked inert on this model (a padded row vs alone: {largest:.2g} nats)"
+
+    def record(self, unit: str, grouping: str) -> dict:
+        """What run.json says of how `unit`s (item, trajectory) shared forwards: `grouping`
+        (e.g. "groups of up to 16 items") and how padding was checked; the fallback key only
+        where this process fell back, so that merging the workers' checks keeps it."""
+        if self.failure:
+            return {f"{unit}_batching": f"one {unit} at a time (right padding is not inert on this model)",
+                    f"{unit}_batching_fallback": f"one {unit} at a time: {self.failure}"}
+        return {f"{unit}_batching": self.verdict or f"{grouping} (no padding was needed)"}
 
 
 def model_dtype(adapter) -> torch.dtype:

@@ -47,12 +47,13 @@ import torch
 from routelens.engine import attention
 from routelens.engine.batching import pad_right, per_row_arguments, row_positions
 from routelens.engine.cache import CacheEngine
-from routelens.engine.checks import DeviationRecord
+from routelens.engine.checks import DeviationRecord, PaddingCheck
 from routelens.engine.items import ScoreItem, joint_layers, joint_overrides, layer_label, per_layer
 from routelens.engine.readout import (
     DEFAULT_MEMORY_BUDGET,
     activation_bytes,
     attention_score_bytes,
+    final_norm_states,
     record_layer_arguments,
     target_log_probs,
 )
@@ -80,6 +81,7 @@ class FastEngine:
         self.cache = CacheEngine(adapter, memory_budget=memory_budget, route_batch_size=route_batch_size)
         self.fallback_reason: str | None = None
         self.deviation = DeviationRecord(adapter)   # |route 0 - natural| seen so far, nats
+        self.padding = PaddingCheck(adapter, memory_budget)   # may unequal lengths share a forward (checked once)
         self.cache.deviation = self.cache.reference.deviation = self.deviation
         self.cache_layers: dict[int, str] = {}     # layer -> why the cache engine scores it
         self._last: tuple[torch.Tensor, dict[int, dict]] | None = None   # natural_routes' pass, for score_batch
@@ -167,7 +169,7 @@ class FastEngine:
         def keep(store, name):
             return lambda module, args, *out: store.__setitem__(name, (adapter.block_output(out[0]) if out else args[0]).detach())
 
-        hooks = [adapter.final_norm.register_forward_hook(keep(shared, "final"))]
+        hooks = []
         for layer in layers:
             block, store = adapter.moe_block(layer), recorded[layer]
             hooks += [
@@ -189,8 +191,10 @@ class FastEngine:
         attention.STATE.windows = {i: adapter.attention_window(i) for i in range(adapter.num_layers)}
         attention.STATE.mode = "record"
         try:
-            with capture_routes(adapter, sorted(set(layers) | set(route_layers))) as captured:
+            with capture_routes(adapter, sorted(set(layers) | set(route_layers))) as captured, \
+                    final_norm_states(adapter) as final:
                 adapter.model(input_ids.to(adapter.device), use_cache=False, logits_to_keep=1)
+            shared["final"] = final["states"]
         finally:
             attention.STATE.mode = "off"
             for hook in hooks:

@@ -3,6 +3,8 @@ perturbed sequence, and the record of what the model passes its decoder layers."
 
 from __future__ import annotations
 
+from contextlib import contextmanager
+
 import numpy as np
 import torch
 
@@ -21,6 +23,19 @@ def target_log_probs(adapter: MoEAdapter, final: torch.Tensor, targets: torch.Te
         chunk_targets = targets[start: start + size, None].to(logits.device)
         out.append(torch.log_softmax(logits, -1).gather(-1, chunk_targets)[:, 0].cpu())
     return torch.cat(out).double().cpu().numpy() if out else np.zeros(0)
+
+
+@contextmanager
+def final_norm_states(adapter: MoEAdapter):
+    """The final norm's output [B, T, d] of the model forward run inside (read under
+    "states"): what `target_log_probs` reads log-probs off, without [B, T, V] logits."""
+    store: dict[str, torch.Tensor] = {}
+    handle = adapter.final_norm.register_forward_hook(
+        lambda module, args, out: store.__setitem__("states", adapter.block_output(out).detach()))
+    try:
+        yield store
+    finally:
+        handle.remove()
 
 
 def reset_peak_memory(device: str) -> None:

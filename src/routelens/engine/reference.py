@@ -18,7 +18,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from routelens.engine.checks import DeviationRecord, RuntimeCheckFailed
+from routelens.engine.checks import DeviationRecord, PaddingCheck, RuntimeCheckFailed
 from routelens.engine.items import ScoreItem, joint_layers, joint_overrides, layer_label, per_layer
 from routelens.engine.readout import DEFAULT_MEMORY_BUDGET, target_log_probs
 from routelens.models.adapter import MoEAdapter
@@ -37,6 +37,7 @@ class ReferenceEngine:
         self.route_batch_size = max(1, int(route_batch_size))
         self.memory_budget = int(memory_budget)
         self.deviation = DeviationRecord(adapter)   # |route 0 - natural| seen so far, nats
+        self.padding = PaddingCheck(adapter, memory_budget)   # may unequal lengths share a forward (checked once)
 
     @torch.no_grad()
     def natural_log_probs(self, input_ids: torch.Tensor, positions) -> np.ndarray:

@@ -36,14 +36,19 @@ import torch
 from routelens.engine.batching import pad_right, row_positions, rows_of, sequence_routes, shared_rows
 from routelens.engine.checks import (
     DeviationRecord,
-    PaddingNotInert,
+    PaddingCheck,
     RuntimeCheckFailed,
     check_gating_rule,
-    standard_route_error,
     standard_route_mismatch,
 )
 from routelens.engine.items import joint_layers, joint_overrides, layer_label, per_layer
-from routelens.engine.readout import DEFAULT_MEMORY_BUDGET, activation_bytes, attention_score_bytes, target_log_probs
+from routelens.engine.readout import (
+    DEFAULT_MEMORY_BUDGET,
+    activation_bytes,
+    attention_score_bytes,
+    final_norm_states,
+    target_log_probs,
+)
 from routelens.models.adapter import MoEAdapter
 from routelens.models.routing import RouterOutput, capture_routes, override_routes
 
@@ -81,7 +86,7 @@ class WholeSequenceScorer:
         self.fixed_rows = rows_per_chunk
         self.check = check
         self.deviation = DeviationRecord(adapter)   # |natural route forced - natural| seen so far, nats
-        self.padding: str | None = None             # how right padding was checked inert, once per scorer
+        self.padding = PaddingCheck(adapter, memory_budget)   # checked once per scorer
 
     @contextmanager
     def _recording(self, first_layer: int, layers: list[int]):
@@ -117,15 +122,9 @@ class WholeSequenceScorer:
         positions = [torch.as_tensor(np.asarray(p), dtype=torch.long) for p in positions]
         input_ids = pad_right(sequences)
         size, length = input_ids.shape
-        final: dict[str, torch.Tensor] = {}
-        keep = self.adapter.final_norm.register_forward_hook(
-            lambda module, args, out: final.__setitem__("states", self.adapter.block_output(out).detach()))
-        try:
-            with self._recording(min(layers), layers) as (inputs, kwargs_of), \
-                    capture_routes(self.adapter, layers) as routes:
-                last = self.adapter.model(input_ids.to(device), use_cache=False, logits_to_keep=1).logits[:, -1]
-        finally:
-            keep.remove()
+        with self._recording(min(layers), layers) as (inputs, kwargs_of), capture_routes(self.adapter, layers) as routes, \
+                final_norm_states(self.adapter) as final:
+            last = self.adapter.model(input_ids.to(device), use_cache=False, logits_to_keep=1).logits[:, -1]
         for layer in layers:
             route = routes[layer]
             check_gating_rule(self.adapter, layer, route.logits, route.experts, route.weights)
@@ -139,8 +138,8 @@ class WholeSequenceScorer:
             logprobs = target_log_probs(self.adapter, states[row, at.to(states.device)], ids[at + 1], self.memory_budget)
             passes.append(NaturalPass(ids, at.to(device), sequence_routes(routes, row, length, len(ids)), logprobs,
                                       batch, row))
-        if len({len(ids) for ids in sequences}) > 1 and self.padding is None:
-            self._check_padding(passes, layers)
+        if self.padding.due([len(ids) for ids in sequences]):
+            self.padding.check(states, sequences, positions)
         return passes
 
     def _check_readout(self, states: torch.Tensor, targets: torch.Tensor, logits: torch.Tensor) -> None:
@@ -152,19 +151,6 @@ class WholeSequenceScorer:
                                            what="the adapter's read-out (final norm, LM head) differs from the model's logits")
         if mismatch:
             raise RuntimeCheckFailed(f"read-out check failed ({self.adapter.config.model_type}): {mismatch}")
-
-    def _check_padding(self, passes: list[NaturalPass], layers: list[int]) -> None:
-        """The shortest sequence alone must score as it did as a padded row (once per scorer)."""
-        shortest = min(passes, key=lambda natural: len(natural.input_ids))
-        alone = self.natural(shortest.input_ids, layers, shortest.positions.cpu())
-        mismatch = standard_route_mismatch(shortest.logprobs, alone.logprobs, self.deviation.dtype,
-                                           what="a sequence's log-probs as a row of a right-padded batch differ "
-                                                "from the sequence alone")
-        if mismatch:
-            raise PaddingNotInert(f"{self.adapter.config.model_type}: {mismatch}; padding reaches real positions "
-                                  "in this model, so sequences of unequal length cannot share a forward")
-        largest, _ = standard_route_error(shortest.logprobs, alone.logprobs)
-        self.padding = f"right padding checked inert on this model (a padded row vs alone: {largest:.2g} nats)"
 
     def rows_per_chunk(self, length: int) -> int:
         """Conditions per pass: one decoder layer's activations and its full attention scores per row."""
