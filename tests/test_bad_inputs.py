@@ -381,7 +381,7 @@ def test_ctrl_c_leaves_run_json_with_the_units_done(world, cli_env, tmp_path):
     assert state["sessions"][-1]["units_done"] == done
 
 
-def test_ctrl_c_in_trajectories_says_it_does_not_resume(cli_env, tmp_path):
+def test_ctrl_c_in_trajectories_says_how_to_resume(cli_env, tmp_path):
     process = subprocess.Popen([PYTHON, "-m", "routelens", "trajectories", "--model", "demo", "--n", "400",
                                 "--samples-per-problem", "8", "--out", str(tmp_path / "t.jsonl")],
                                env=cli_env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
@@ -389,12 +389,12 @@ def test_ctrl_c_in_trajectories_says_it_does_not_resume(cli_env, tmp_path):
     announced = ""                               # said up front, before any sampling
     for _ in range(50):
         announced = process.stderr.readline()
-        if "this command does not resume" in announced or not announced:
+        if "re-run the same command to resume" in announced or not announced:
             break
-    assert "this command does not resume" in announced
+    assert f"kept as they are done in {tmp_path / 't.jsonl.run'}" in announced
     time.sleep(1)
     process.send_signal(signal.SIGINT)
     _, err = process.communicate(timeout=60)
     assert process.returncode == 130, err
-    assert "`trajectories` does not resume" in err and "Traceback" not in err
-    assert not (tmp_path / "t.jsonl").exists()
+    assert "re-run the same command to resume" in err and "Traceback" not in err
+    assert not (tmp_path / "t.jsonl").exists()           # the file is written once every problem is done

@@ -7,6 +7,7 @@ too: the tables are then equal row for row.
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -187,3 +188,12 @@ def test_trajectories_sampled_on_ray_equal_the_single_process_file(tmp_path, cap
     on_ray = [json.loads(line) for line in open(tmp_path / "ray.jsonl")]
     assert len(single) == 12 and on_ray == single
     assert [r["id"] for r in single] == [f"{p}-s{s}" for p in dict.fromkeys(r["problem_id"] for r in single) for s in (0, 1)]
+    assert json.load(open(tmp_path / "ray.jsonl.run" / "run.json"))["execution"]["ray"]["workers"] == 2
+    # a run begun in one process (here: its folder less three problems) is finished on Ray
+    shutil.copytree(tmp_path / "single.jsonl.run", tmp_path / "mixed.jsonl.run")
+    for unit in (1, 2, 5):
+        os.remove(tmp_path / "mixed.jsonl.run" / "parts" / f"records-{unit:07d}.parquet")
+    assert main([*args, "--out", str(tmp_path / "mixed.jsonl"), "--ray", "local", "--workers", "2"]) == 0
+    assert [json.loads(line) for line in open(tmp_path / "mixed.jsonl")] == single
+    state = json.load(open(tmp_path / "mixed.jsonl.run" / "run.json"))
+    assert [session["units_done"] for session in state["sessions"]] == [6, 3]

@@ -150,3 +150,42 @@ def test_sampled_trajectories_do_not_depend_on_the_grouping():
                                     show_progress=False) for size in (2, 4, 64)]
     assert len(runs[0]) == 10 and runs[1] == runs[0] and runs[2] == runs[0]
     assert len({r["completion"] for r in runs[0]}) > 1
+
+
+def test_trajectories_killed_mid_run_resume_to_the_file_of_an_uninterrupted_run(cli_env, tmp_path):
+    """`routelens trajectories` writes each group of problems to OUT.run as it is sampled: a
+    run killed mid-way (SIGKILL) and re-run with the same command samples only the problems
+    left and writes the same file as a run never interrupted; other settings on that run
+    folder are refused without --overwrite."""
+    import json
+    import subprocess
+    import sys
+
+    from conftest import kill_when_parts_land
+
+    from routelens.cli import main
+
+    args = ["trajectories", "--model", "demo", "--task", "arithmetic", "--n", "12", "--samples-per-problem", "2",
+            "--max-new-tokens", "24", "--batch-size", "2", "--seed", "4", "--no-progress"]
+    assert main([*args, "--out", str(tmp_path / "whole.jsonl")]) == 0
+    out = tmp_path / "cut.jsonl"
+    process = subprocess.Popen([sys.executable, "-m", "routelens", *args, "--out", str(out)], env=cli_env,
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    kill_when_parts_land(process, str(out) + ".run", 3, prefix="records-")
+    state = json.loads((tmp_path / "cut.jsonl.run" / "run.json").read_text())
+    done = state["units_done"]
+    assert not out.exists() and state["status"] == "running" and 3 <= done < 12
+    assert main([*args, "--out", str(out)]) == 0
+    whole = [json.loads(line) for line in open(tmp_path / "whole.jsonl")]
+    resumed = [json.loads(line) for line in open(out)]
+    assert len(whole) == 24 and resumed == whole
+    state = json.loads((tmp_path / "cut.jsonl.run" / "run.json").read_text())
+    assert state["status"] == "complete" and [s["units_done"] for s in state["sessions"]] == [done, 12 - done]
+    assert state["config"]["seed"] == 4 and state["config"]["samples_per_problem"] == 2
+    assert state["config"]["temperature"] == 0.8 and state["performance"] == {"batch_size": 2}
+    summary = json.loads((tmp_path / "cut.jsonl.run" / "summary.json").read_text())
+    assert summary["trajectories"] == 24 and summary["verified"] == sum(r["verified"] for r in whole)
+    changed = [*args, "--temperature", "0.5", "--out", str(out)]
+    assert main(changed) == 2
+    assert main([*changed, "--overwrite"]) == 0
+    assert [json.loads(line) for line in open(out)] != whole

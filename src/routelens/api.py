@@ -134,6 +134,52 @@ def read_trajectories(path: str, lens: Lens | None = None, only_verified: bool =
     return load_trajectories(path, tokenizer, vocab_size, only_verified=only_verified, limit=limit, max_length=context)
 
 
+def sample_trajectories(lens: Lens, problems: str | None = None, *, n: int = 200, samples_per_problem: int = 8,
+                        temperature: float = 0.8, seed: int = 0, heldout: bool = False,
+                        max_new_tokens: int | None = None, batch_size: int | None = None, out: str | None = None,
+                        overwrite: bool = False, show_progress: bool = False, ray=None,
+                        workers: int | None = None) -> list[Trajectory]:
+    """Sample `samples_per_problem` solutions to each of `n` problems and check each final
+    answer: the embedded arithmetic task (`problems` None; `heldout` takes its held-out
+    problems), or the first `n` of a JSONL problem file of {"id", "prompt", "answer"}
+    (answers checked with math-verify). What `routelens trajectories` runs.
+
+    With `out` (a JSONL path) the trajectories are written there once every problem is
+    done, and the problems are kept as they complete in the run folder `out + ".run"`
+    (run.json: the seed and every setting): a re-run with the same settings resumes where
+    an interrupted one stopped. `ray`/`workers` sample on a pool of Ray actors.
+
+    Example:
+        >>> import routelens as rl
+        >>> lens = rl.load("demo")
+        >>> trajs = rl.sample_trajectories(lens, n=3, samples_per_problem=2, max_new_tokens=24, seed=0)
+        >>> len(trajs), all(t.verified in (True, False) for t in trajs)
+        (6, True)
+    """
+    from routelens.data.sampling import arithmetic_trajectories, file_trajectories, write_trajectories
+    from routelens.data.trajectories import parse_trajectory
+    from routelens.results.run_folder import check_out_file
+
+    lens = _lens(lens)
+    if out is not None:
+        check_out_file(out)
+    if lens.tokenizer is None:
+        raise RouteLensError(f"model {lens.loaded.spec!r} has no tokenizer; trajectories are generated from text")
+    options = dict(samples_per_problem=samples_per_problem, temperature=temperature, seed=seed,
+                   show_progress=show_progress, ray=ray_settings(ray, workers),
+                   run=None if out is None else out + ".run", overwrite=overwrite,
+                   **({"max_new_tokens": max_new_tokens} if max_new_tokens else {}),
+                   **({"batch_size": batch_size} if batch_size else {}))
+    if problems is not None:
+        records = file_trajectories(lens.loaded, os.fspath(problems), n, **options)
+    else:
+        records = arithmetic_trajectories(lens.loaded, n, heldout=heldout, **options)
+    if out is not None:
+        write_trajectories(records, out)
+    tokenizer, vocab_size, _ = _reading_context(lens)
+    return [parse_trajectory(record, f"sampled trajectory {record['id']}", tokenizer, vocab_size) for record in records]
+
+
 def _reading_context(lens: Lens | None) -> tuple:
     """What validating an input file needs of the model: tokenizer, vocabulary size, context
     length (all None without a model)."""

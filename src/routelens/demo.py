@@ -22,16 +22,15 @@ from routelens.errors import RouteLensError
 def _demo_trajectories(lens, folder: str, problems: int, samples_per_problem: int, temperature: float, seed: int,
                        show_progress: bool) -> str:
     """Sampled and verified once per setting; reused when the demo runs again."""
-    from routelens.data.sampling import arithmetic_trajectories, write_trajectories
+    from routelens.api import sample_trajectories
 
     # "-steps": the records carry step checks (a file sampled before them would silently turn them off)
     path = os.path.join(folder, f"trajectories-n{problems}-s{samples_per_problem}-t{temperature}-seed{seed}-steps.jsonl")
-    if not os.path.exists(path):
-        records = arithmetic_trajectories(lens.loaded, problems, samples_per_problem, temperature, seed,
-                                          show_progress=show_progress)
-        write_trajectories(records, path)
-        verified = sum(r["verified"] for r in records)
-        print(f"sampled {len(records)} solutions to {problems} problems, {verified} verified correct")
+    if not os.path.exists(path):   # an interrupted sampling resumes from path + ".run"
+        trajectories = sample_trajectories(lens, n=problems, samples_per_problem=samples_per_problem,
+                                           temperature=temperature, seed=seed, out=path, show_progress=show_progress)
+        verified = sum(t.verified is True for t in trajectories)
+        print(f"sampled {len(trajectories)} solutions to {problems} problems, {verified} verified correct")
     return path
 
 

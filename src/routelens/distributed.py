@@ -159,20 +159,6 @@ def execute(folder, job: UnitJob, groups: list[list[int]], advance: Callable[[di
     return merge_checks(seen)
 
 
-def collect(job: UnitJob, groups: list[list[int]], advance: Callable[[dict], None], loaded,
-            ray: RaySettings | None) -> tuple[dict[int, dict], dict]:
-    """`execute` for a command without a run folder: each unit's results (once, however
-    often Ray ran its group) and the merged run-time checks."""
-    seen: list[dict] = []
-    results: dict[int, dict] = {}
-    for units, tables in _computed(job, groups, loaded, ray, seen):
-        for unit, unit_tables in zip(units, tables):
-            if unit not in results:
-                results[unit] = unit_tables
-                advance(unit_tables)
-    return results, merge_checks(seen)
-
-
 def _computed(job: UnitJob, groups: list[list[int]], loaded, ray: RaySettings | None, seen: list[dict]):
     """(units, their tables) of each group as it completes, here or on Ray; each process's
     checks are appended to `seen`."""

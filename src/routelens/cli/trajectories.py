@@ -9,7 +9,7 @@ from routelens.errors import RouteLensError
 
 NAME = "trajectories"
 HELP = "sample solutions, verify them, write trajectories"
-RESUMABLE = False
+RESUMABLE = True
 EPILOG = """examples:
   routelens trajectories --model demo --task arithmetic --n 200 --samples-per-problem 8 \\
       --temperature 0.8 --seed 0 --out traj.jsonl
@@ -19,11 +19,15 @@ EPILOG = """examples:
 Each record: id, problem_id, input_ids, completion_start, prompt, completion, verified
 (final answer checked), finished (reached <eos>), and for arithmetic difficulty/domain/answer,
 step_ok (per completion token: its step `a op b=c` right, wrong, or null) and steps_ok.
+
+Problems are written as they are sampled into the run folder OUT.run beside the output
+(run.json: the model, the seed and every setting); re-running the same command after an
+interruption resumes there, and the output file is written once every problem is done.
 """
 
 
 def parents():
-    return [model_options(), run_options(resumable=False), ray_options()]
+    return [model_options(), run_options(), ray_options()]
 
 
 def add_arguments(parser) -> None:
@@ -39,11 +43,11 @@ def add_arguments(parser) -> None:
     parser.add_argument("--max-new-tokens", type=positive_int, default=None,
                         help="generation limit (default 96 for arithmetic, 1024 for --problems)")
     parser.add_argument("--batch-size", type=positive_int, default=None, help="sequences per generate call")
-    parser.add_argument("--out", required=True, help="output JSONL")
+    parser.add_argument("--out", required=True, help="output JSONL (its run folder, for resuming: OUT.run)")
 
 
 def run(args) -> int:
-    from routelens.data.sampling import arithmetic_trajectories, file_trajectories, write_trajectories
+    from routelens.api import sample_trajectories
     from routelens.results.run_folder import check_out_file
 
     check_out_file(args.out)
@@ -59,19 +63,13 @@ def run(args) -> int:
     lens = load_lens(args)
     if lens.tokenizer is None:
         raise RouteLensError(f"model {args.model!r} has no tokenizer; trajectories are generated from text")
-    options = dict(samples_per_problem=args.samples_per_problem, temperature=args.temperature, seed=args.seed,
-                   show_progress=not args.no_progress, ray=ray)
-    if args.max_new_tokens:
-        options["max_new_tokens"] = args.max_new_tokens
-    print(f"routelens: sampling {args.samples_per_problem} solution(s) per problem into {args.out}; this command does "
-          "not resume (the file is written at the end), so an interrupted run samples again", file=sys.stderr, flush=True)
-    if args.problems:
-        records = file_trajectories(lens.loaded, args.problems, args.n,
-                                    batch_size=args.batch_size or 16, **options)
-    else:
-        records = arithmetic_trajectories(lens.loaded, args.n,
-                                          batch_size=args.batch_size or 256, heldout=args.heldout, **options)
-    write_trajectories(records, args.out)
-    verified = sum(r["verified"] for r in records)
-    print(f"{len(records)} trajectories, {verified} verified ({verified / max(len(records), 1):.1%}); written to {args.out}")
+    print(f"routelens: sampling {args.samples_per_problem} solution(s) per problem into {args.out} (problems are kept "
+          f"as they are done in {args.out}.run: re-run the same command to resume)", file=sys.stderr, flush=True)
+    trajectories = sample_trajectories(
+        lens, args.problems, n=args.n, samples_per_problem=args.samples_per_problem, temperature=args.temperature,
+        seed=args.seed, heldout=args.heldout, max_new_tokens=args.max_new_tokens, batch_size=args.batch_size,
+        out=args.out, overwrite=args.overwrite, show_progress=not args.no_progress, ray=ray)
+    verified = sum(t.verified is True for t in trajectories)
+    print(f"{len(trajectories)} trajectories, {verified} verified ({verified / max(len(trajectories), 1):.1%}); "
+          f"written to {args.out}")
     return 0

@@ -8,20 +8,31 @@ Two sources of problems:
   tokenizer's chat template when it has one, and the answer in ``\\boxed{}`` (or the last
   math expression) is checked against the reference with the math-verify package, so
   equivalent forms (``\\frac{1}{2}`` and ``0.5``) count as equal.
+
+Sampling thousands of long solutions takes hours, so with a run folder (`routelens
+trajectories` keeps one beside its output: ``<out>.run``) each group of problems is
+written as it completes, and a re-run with the same settings resumes where a killed run
+stopped, here or on Ray: each prompt samples from the generator of its own index, so the
+records do not depend on how the problems were grouped or where.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
+import time
+
+import pyarrow as pa
 
 from routelens.data.arithmetic import HELDOUT_SEED, Problem, generate, heldout_questions, verify
 from routelens.data.trajectories import read_jsonl
-from routelens.distributed import UnitJob, collect
+from routelens.distributed import UnitJob, execute
 from routelens.errors import RouteLensError
 from routelens.generation import sample_completions
 
 TRAJECTORY_SEED_OFFSET = 7919  # keeps the trajectory stream apart from the training stream of the same seed
+RECORDS_SCHEMA = pa.schema([("record", pa.string())])   # a unit's part: its records as JSON, in sample order
 
 
 def analysis_problems(seed: int, n: int) -> list[Problem]:
@@ -136,32 +147,77 @@ class SamplingJob(UnitJob):
         records: list[list[dict]] = [[] for _ in units]
         for sample in samples:
             records[sample.prompt_index] += _records([sample], problems, check, self._tokenizer, step_checked=steps)
-        return [{"records": unit_records} for unit_records in records]
+        return [{"records": pa.table({"record": [json.dumps(r) for r in unit_records]}, schema=RECORDS_SCHEMA)}
+                for unit_records in records]
+
+
+def problem_groups(todo: list[int], per_group: int) -> list[list[int]]:
+    """Undone problems in groups of at most `per_group` contiguous indices (what a
+    `SamplingJob` takes), so a resumed run's gaps are filled in the same shape."""
+    groups: list[list[int]] = []
+    for index in todo:
+        if groups and groups[-1][-1] == index - 1 and len(groups[-1]) < per_group:
+            groups[-1].append(index)
+        else:
+            groups.append([index])
+    return groups
+
+
+def problems_digest(problems: list[dict], prompts: list[list[int]]) -> str:
+    """What a resumed run must find unchanged: each problem's id and answer and its prompt's
+    token ids (a changed problem file or tokenizer is a different run)."""
+    content = [[p.get("id"), p.get("answer"), prompt] for p, prompt in zip(problems, prompts)]
+    return hashlib.sha256(json.dumps(content).encode()).hexdigest()
 
 
 def sample_trajectories(loaded, problems: list[dict], prompts: list[list[int]], checker: str, samples_per_problem: int,
                         temperature: float, seed: int, max_new_tokens: int, batch_size: int,
-                        show_progress: bool = True, ray=None) -> list[dict]:
+                        show_progress: bool = True, ray=None, run: str | None = None, overwrite: bool = False,
+                        source: dict | None = None) -> list[dict]:
     """Trajectory records of `samples_per_problem` solutions per problem, in problem order:
     here, in groups of `batch_size` sequences, or with `ray` (`RaySettings`) on a pool of
-    Ray actors, a group each at a time."""
+    Ray actors, a group each at a time. With `run` (a folder), each group is written as it
+    completes and a cut-off run of the same settings resumes (`overwrite` replaces one of
+    other settings); `source` (where the problems came from) is recorded in its run.json."""
+    from routelens.distributed import check_ray_can_load
     from routelens.progress import progress_bar
+    from routelens.results.run_folder import open_run
 
+    check_ray_can_load(loaded, ray)
     sampling = dict(num_samples=samples_per_problem, temperature=temperature, seed=seed,
                     max_new_tokens=max_new_tokens, batch_size=batch_size)
+    config = {**loaded.identity(), "dtype": loaded.dtype, **(source or {}), "checker": checker,
+              "problems": len(problems), "problems_digest": problems_digest(problems, prompts),
+              "samples_per_problem": samples_per_problem, "temperature": temperature, "seed": seed,
+              "max_new_tokens": max_new_tokens}
+    folder = open_run(run, "trajectories", config, ("records",), overwrite=overwrite,
+                      extra={"model": loaded.adapter.describe(), "device": loaded.device,
+                             "performance": {"batch_size": batch_size}})   # no effect on the records
+    todo = [unit for unit in range(len(prompts)) if not folder.is_done(unit)]
     job = SamplingJob(problems, prompts, checker, sampling)
-    per_group = max(1, batch_size // samples_per_problem)
-    groups = [list(range(start, min(start + per_group, len(prompts)))) for start in range(0, len(prompts), per_group)]
-    with progress_bar("generate", len(prompts) * samples_per_problem, 0, show_progress, unit="samples") as advance:
-        results, _ = collect(job, groups, lambda unit: advance(samples_per_problem), loaded, ray)
-    return [record for unit in range(len(prompts)) for record in results[unit]["records"]]
+    started = time.perf_counter()
+    total = len(prompts) * samples_per_problem
+    with progress_bar("generate", total, total - len(todo) * samples_per_problem, show_progress,
+                      unit="samples") as advance:
+        execute(folder, job, problem_groups(todo, max(1, batch_size // samples_per_problem)),
+                lambda unit: advance(samples_per_problem), loaded, ray)
+    folder.concatenate(list(range(len(prompts))))
+    records = [json.loads(text) for text in folder.read("records")["record"]]
+    verified = sum(bool(r["verified"]) for r in records)
+    folder.complete({"problems": len(problems), "trajectories": len(records), "verified": verified,
+                     "verified_share": verified / max(len(records), 1)},
+                    extra={"timings": {"seconds_this_session": round(time.perf_counter() - started, 3),
+                                       "samples_this_session": len(todo) * samples_per_problem}})
+    return records
 
 
 def arithmetic_trajectories(lens, n: int, samples_per_problem: int, temperature: float,
                             seed: int, max_new_tokens: int = 96, batch_size: int = 256,
-                            show_progress: bool = True, heldout: bool = False, ray=None) -> list[dict]:
+                            show_progress: bool = True, heldout: bool = False, ray=None, run: str | None = None,
+                            overwrite: bool = False) -> list[dict]:
     """Trajectories on n analysis problems (the seed's stream), or on the first n held-out
-    ones, sampled by `lens` (a `Lens` or its `LoadedModel`)."""
+    ones, sampled by `lens` (a `Lens` or its `LoadedModel`); `run`: a folder to write them
+    to as they come and resume from (`sample_trajectories`)."""
     from routelens.data.arithmetic import heldout_problems
 
     loaded = getattr(lens, "loaded", lens)
@@ -169,21 +225,24 @@ def arithmetic_trajectories(lens, n: int, samples_per_problem: int, temperature:
     rows = [{"id": p.id, "difficulty": p.difficulty, "domain": p.domain, "answer": str(p.answer)} for p in problems]
     prompts = [loaded.tokenizer(p.question)["input_ids"] for p in problems]
     return sample_trajectories(loaded, rows, prompts, "arithmetic", samples_per_problem, temperature, seed,
-                               max_new_tokens, batch_size, show_progress, ray)
+                               max_new_tokens, batch_size, show_progress, ray, run, overwrite,
+                               source={"task": "arithmetic", "heldout": heldout})
 
 
 def file_trajectories(lens, path: str, n: int | None, samples_per_problem: int, temperature: float,
                       seed: int, max_new_tokens: int = 1024, batch_size: int = 16,
-                      show_progress: bool = True, ray=None) -> list[dict]:
+                      show_progress: bool = True, ray=None, run: str | None = None,
+                      overwrite: bool = False) -> list[dict]:
     """Trajectories on the first n problems of a problem file, sampled by `lens` (a `Lens`
-    or its `LoadedModel`)."""
+    or its `LoadedModel`); `run`: a folder to write them to as they come and resume from."""
     loaded = getattr(lens, "loaded", lens)
     if loaded.tokenizer is None:
         raise RouteLensError("this model has no tokenizer; problems in text need one")
     problems = read_problem_file(path)[:n]
     prompts = [chat_prompt_ids(loaded.tokenizer, p["prompt"], p["where"]) for p in problems]
     return sample_trajectories(loaded, problems, prompts, "math", samples_per_problem, temperature, seed,
-                               max_new_tokens, batch_size, show_progress, ray)
+                               max_new_tokens, batch_size, show_progress, ray, run, overwrite,
+                               source={"problem_file": os.path.abspath(path)})
 
 
 def write_trajectories(records: list[dict], out: str) -> None:
