@@ -183,6 +183,9 @@ CASES = {
     # ---- trajectories, evaluate, passk
     "trajectories_out_is_a_folder": (lambda w: ["trajectories", "--model", "demo", "--n", "2", "--out", str(w.root)],
                                      "is a folder; give a file path"),
+    "trajectories_run_folder_is_a_file": (lambda w: ["trajectories", "--model", "demo", "--n", "2",
+                                                     "--out", str(write_jsonl(w.root / "t3.jsonl.run", []))[:-4]],
+                                          "(the run folder kept beside --out"),
     "trajectories_heldout_beyond_set": (lambda w: ["trajectories", "--model", "demo", "--heldout", "--n", "501",
                                                    "--out", str(w.root / "t.jsonl")],
                                         "the arithmetic held-out set has 500 problems"),

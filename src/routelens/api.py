@@ -158,7 +158,7 @@ def sample_trajectories(lens: Lens, problems: str | None = None, *, n: int = 200
     """
     from routelens.data.sampling import arithmetic_trajectories, file_trajectories, write_trajectories
     from routelens.data.trajectories import parse_trajectory
-    from routelens.results.run_folder import check_out_file
+    from routelens.results.run_folder import check_out_file, run_folder_beside
 
     lens = _lens(lens)
     if out is not None:
@@ -167,7 +167,7 @@ def sample_trajectories(lens: Lens, problems: str | None = None, *, n: int = 200
         raise RouteLensError(f"model {lens.loaded.spec!r} has no tokenizer; trajectories are generated from text")
     options = dict(samples_per_problem=samples_per_problem, temperature=temperature, seed=seed,
                    show_progress=show_progress, ray=ray_settings(ray, workers),
-                   run=None if out is None else out + ".run", overwrite=overwrite,
+                   run=None if out is None else run_folder_beside(out), overwrite=overwrite,
                    **({"max_new_tokens": max_new_tokens} if max_new_tokens else {}),
                    **({"batch_size": batch_size} if batch_size else {}))
     if problems is not None:

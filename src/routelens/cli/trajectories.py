@@ -48,9 +48,10 @@ def add_arguments(parser) -> None:
 
 def run(args) -> int:
     from routelens.api import sample_trajectories
-    from routelens.results.run_folder import check_out_file
+    from routelens.results.run_folder import check_out_file, run_folder_beside
 
     check_out_file(args.out)
+    run_folder = run_folder_beside(args.out)
     if args.heldout:
         from routelens.data.arithmetic import heldout_problems
 
@@ -64,7 +65,7 @@ def run(args) -> int:
     if lens.tokenizer is None:
         raise RouteLensError(f"model {args.model!r} has no tokenizer; trajectories are generated from text")
     print(f"routelens: sampling {args.samples_per_problem} solution(s) per problem into {args.out} (problems are kept "
-          f"as they are done in {args.out}.run: re-run the same command to resume)", file=sys.stderr, flush=True)
+          f"as they are done in {run_folder}: re-run the same command to resume)", file=sys.stderr, flush=True)
     trajectories = sample_trajectories(
         lens, args.problems, n=args.n, samples_per_problem=args.samples_per_problem, temperature=args.temperature,
         seed=args.seed, heldout=args.heldout, max_new_tokens=args.max_new_tokens, batch_size=args.batch_size,

@@ -193,6 +193,16 @@ def check_out_file(path: str, option: str = "--out") -> None:
         raise RouteLensError(f"{option} {path} is read-only; choose another path")
 
 
+def run_folder_beside(out: str) -> str:
+    """The run folder kept beside an output file `out` (for resuming the command that
+    writes it): `out` + ".run", checked not to be a file."""
+    folder = out + ".run"
+    if os.path.exists(folder) and not os.path.isdir(folder):
+        raise RouteLensError(f"{folder} (the run folder kept beside --out {out}, for resuming) is a file; "
+                             "move it away or choose another --out")
+    return folder
+
+
 class RunFolder:
     """A run on disk (see the module docstring). `MemoryRun` is the same interface in memory."""
 
