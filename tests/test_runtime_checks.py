@@ -201,3 +201,23 @@ def test_an_undeclared_expert_scale_is_caught_by_the_block_check(monkeypatch):
     monkeypatch.setattr(adapter, "experts", lambda layer: Doubled(experts[layer]))
     engine = _falls_back_and_stays_exact(adapter, "combines its experts in a way the adapter does not declare", 1e-5)
     assert "MoE block of layer 0" in engine.fallback_reason
+
+
+def test_padding_check_needs_a_padded_row_with_scored_positions(tiny_adapters):
+    """The padding check is never passed vacuously: a group whose only padded row has no
+    scored position, or whose scored rows are all unpadded, leaves it due; a padded row
+    with scored positions is compared with the sequence alone."""
+    from routelens.engine.checks import PaddingCheck
+    from routelens.engine.readout import final_norm_states
+
+    adapter = tiny_adapters["qwen3_moe"]
+    sequences = [torch.arange(3, 15), torch.arange(5, 12)]       # 12 and 7 tokens: the second is padded
+    padded = torch.zeros(2, 12, dtype=torch.long)
+    padded[0], padded[1, :7] = sequences[0], sequences[1]
+    with torch.no_grad(), final_norm_states(adapter) as final:
+        adapter.model(padded, use_cache=False, logits_to_keep=1)
+    check = PaddingCheck(adapter, memory_budget=2**26)
+    check.check(final["states"], sequences, [np.arange(2, 10), np.arange(0)])   # the padded row scores nothing
+    assert check.due([12, 7]) and check.verdict is None
+    check.check(final["states"], sequences, [np.arange(2, 10), np.arange(1, 6)])
+    assert not check.due([12, 7]) and check.failure is None and "inert" in check.verdict

@@ -123,8 +123,13 @@ class PaddingCheck:
     @torch.no_grad()
     def check(self, padded_states: torch.Tensor, sequences: list[torch.Tensor], positions: list) -> None:
         """padded_states [B, T, d]: the final norm's output of the right-padded forward of
-        `sequences` ([T_b] each), scored at `positions` ([P_b] each). Raises `PaddingNotInert`."""
-        row = min(range(len(sequences)), key=lambda b: len(sequences[b]))
+        `sequences` ([T_b] each), scored at `positions` ([P_b] each). Raises `PaddingNotInert`.
+        The shortest padded sequence with a scored position is checked; none: a later group's."""
+        longest = max(len(ids) for ids in sequences)
+        padded_rows = [b for b in range(len(sequences)) if len(sequences[b]) < longest and len(positions[b])]
+        if not padded_rows:
+            return
+        row = min(padded_rows, key=lambda b: len(sequences[b]))
         ids = torch.as_tensor(sequences[row]).cpu()
         at = torch.as_tensor(np.asarray(positions[row]), dtype=torch.long)
         with final_norm_states(self.adapter) as alone:
