@@ -77,10 +77,16 @@ def _actor_pids() -> list[int]:
 
 
 def test_ray_run_equals_single_process_run(saved_model, single_process, tmp_path):
+    """The driver holds the model's structure only (weights=False: what `--ray` loads), the
+    actors the weights: the run equals the single-process one exactly."""
     trajectories, reference = single_process
     out = str(tmp_path / "ray")
-    result = rl.run_counterfactual(rl.load(saved_model), trajectories, out, show_progress=False, ray="local", workers=2,
-                                   **SETTINGS)
+    driver = rl.load(saved_model, weights=False)
+    assert all(parameter.is_meta for parameter in driver.adapter.model.parameters())
+    with pytest.raises(rl.RouteLensError, match=r"loaded without weights \(weights=False\), which only a Ray run"):
+        rl.run_counterfactual(driver, trajectories, str(tmp_path / "here"), show_progress=False, **SETTINGS)
+    assert not os.path.exists(tmp_path / "here")                  # refused before a run folder is made
+    result = rl.run_counterfactual(driver, trajectories, out, show_progress=False, ray="local", workers=2, **SETTINGS)
     _assert_same_run(out, reference)
     run_json = json.load(open(os.path.join(out, "run.json")))
     assert run_json["execution"]["ray"]["workers"] == 2 and run_json["status"] == "complete"
@@ -163,8 +169,9 @@ def test_isolation_and_rollouts_on_ray_equal_single_process_runs(tmp_path):
     with one_thread():
         rl.run_isolate(lens, "arithmetic", str(tmp_path / "iso-single"), **isolation)
         rl.run_rollout(lens, counterfactual, str(tmp_path / "rollout-single"), **rollout)
-    rl.run_isolate(lens, "arithmetic", str(tmp_path / "iso-ray"), ray="local", workers=2, **isolation)
-    rl.run_rollout(lens, counterfactual, str(tmp_path / "rollout-ray"), ray="local", workers=2, **rollout)
+    driver = rl.load("demo", weights=False)   # what the command line loads with --ray
+    rl.run_isolate(driver, "arithmetic", str(tmp_path / "iso-ray"), ray="local", workers=2, **isolation)
+    rl.run_rollout(driver, counterfactual, str(tmp_path / "rollout-ray"), ray="local", workers=2, **rollout)
     for kind, tables in (("iso", ("isolation", "routing", "cells")), ("rollout", ("rollouts",))):
         for table in tables:
             got = pd.read_parquet(tmp_path / f"{kind}-ray" / f"{table}.parquet")

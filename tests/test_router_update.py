@@ -157,6 +157,11 @@ def test_router_update_changes_only_the_last_router(demo_update):
     before, after = parameter_hashes(base.adapter.model), parameter_hashes(updated.adapter.model)
     assert [n for n in before if before[n] != after[n]] == ["model.layers.3.mlp.gate.weight"]
     assert updated.identity()["router_delta"]["sha256"] == updated.router_delta["sha256"]
+    # a Ray driver's load (no weights) accepts the delta and names it as the full load does, so
+    # a run begun on Ray resumes in one process and vice versa
+    driver = load_model("demo", "cpu", "float32", router_delta=str(demo_update / "update" / "router_delta.safetensors"),
+                        weights=False)
+    assert not driver.weights and driver.identity() == updated.identity()
 
 
 @pytestmark_demo

@@ -58,9 +58,13 @@ def make_config(config_class, config=None, **options):
     return config_class(**resolved)
 
 
-def _lens(lens) -> Lens:
+def _lens(lens, ray=None) -> Lens:
+    """`lens`, checked: a Lens, and one with weights unless the analysis runs on Ray (`ray`)."""
+    from routelens.distributed import check_ray_can_load
+
     if not isinstance(lens, Lens):
         raise RouteLensError(f"expected a Lens (routelens.load(...) or routelens.wrap(...)), got {type(lens).__name__}")
+    check_ray_can_load(lens.loaded, ray)
     return lens
 
 
@@ -160,7 +164,7 @@ def sample_trajectories(lens: Lens, problems: str | None = None, *, n: int = 200
     from routelens.data.trajectories import parse_trajectory
     from routelens.results.run_folder import check_out_file, run_folder_beside
 
-    lens = _lens(lens)
+    lens = _lens(lens, ray)
     if out is not None:
         check_out_file(out)
     if lens.tokenizer is None:
@@ -240,7 +244,7 @@ def run_counterfactual(lens: Lens, trajectories, out: str | None, *, config: Cou
     from routelens.data.trajectories import IN_MEMORY
     from routelens.results.run_folder import TRAJECTORIES_FILE, write_text_atomic
 
-    lens = _lens(lens)
+    lens = _lens(lens, ray)
     settings = make_config(CounterfactualConfig, config, **options)
     kept, info, content = _trajectory_data(lens, trajectories, only_verified, max_trajectories)
     info.update(max_trajectories=max_trajectories, only_verified=only_verified, num_trajectories=len(kept))
@@ -330,7 +334,7 @@ def run_isolate(lens: Lens, items, out: str | None, *, config: IsolationConfig |
     """
     from routelens.analyses.isolation import run_isolation
 
-    lens = _lens(lens)
+    lens = _lens(lens, ray)
     settings = make_config(IsolationConfig, config, **options)
     if settings.layers:
         lens.adapter.resolve_layers(settings.layers)   # a dense or out-of-range layer fails before any item is read
@@ -589,7 +593,7 @@ def run_rollout(lens: Lens, counterfactual, out: str | None, *, config: RolloutC
     """
     from routelens.analyses.rollout import run_rollout as run
 
-    lens = _lens(lens)
+    lens = _lens(lens, ray)
     settings = make_config(RolloutConfig, config, **options)
     folder = run(lens.loaded, _counterfactual_folder(counterfactual, "counterfactual"), settings, out,
                  overwrite=overwrite, show_progress=show_progress, ray=ray_settings(ray, workers))

@@ -117,8 +117,11 @@ class UnitJob:
 
 
 def check_ray_can_load(loaded, ray: RaySettings | None) -> None:
-    """Ray actors load the model themselves, from how this process loaded it (checked
-    before a run folder is made)."""
+    """Ray actors load the model themselves, from how this process loaded it; a model loaded
+    without weights serves only that (both checked before a run folder is made)."""
+    if ray is None and not getattr(loaded, "weights", True):
+        raise RouteLensError(f"model {loaded.spec!r} was loaded without weights (weights=False), which only a Ray "
+                             "run can use (its actors load them); load it with weights, or pass ray=")
     if ray is not None and getattr(loaded, "recipe", None) is None:
         raise RouteLensError(f"model {loaded.spec!r} was given as an object (routelens.wrap); Ray workers load the "
                              "model themselves: load it with routelens.load(...) (a folder, hub id, tiny: or demo)")

@@ -229,13 +229,16 @@ class _BlockShapes:
 
 def load(model: str = "demo", device: str = "auto", dtype: str = "auto", *, device_map=None,
          trust_remote_code: bool = False, router_delta: str | None = None,
-         experts_implementation: str | None = None) -> Lens:
+         experts_implementation: str | None = None, weights: bool = True) -> Lens:
     """Load a MoE causal LM: "demo" (the embedded model), a folder written by
     `save_pretrained`, a Hugging Face hub id, or "tiny:<model_type>" (random tiny model).
 
     `device` auto, cpu, cuda, cuda:N; `dtype` auto (float32 on CPU, bfloat16 on CUDA),
     float32, bfloat16, float16; `device_map` auto, balanced or {module: device} (accelerate)
     for a model larger than one device; `router_delta` a `router_update` delta to apply.
+    `weights=False` builds the model without reading a weight (on the meta device): enough
+    to drive an analysis on Ray (`ray=`), whose actors load the weights themselves, and
+    nothing else (an analysis in this process refuses it).
 
     Example:
         >>> import routelens as rl
@@ -243,7 +246,7 @@ def load(model: str = "demo", device: str = "auto", dtype: str = "auto", *, devi
         'qwen3_moe'
     """
     return Lens(load_model(model, device, dtype, trust_remote_code, router_delta=router_delta, device_map=device_map,
-                           experts_implementation=experts_implementation))
+                           experts_implementation=experts_implementation, weights=weights))
 
 
 def wrap(model: torch.nn.Module, tokenizer=None, name: str | None = None) -> Lens:

@@ -262,9 +262,10 @@ def isolation_settings(args) -> dict:
 
 
 def load_lens(args, model: str | None = None):
-    """The model named by --model (or `model`), with --device, --dtype, --router-delta, ..."""
+    """The model named by --model (or `model`), with --device, --dtype, --router-delta, ...;
+    with --ray, its structure only: the actors load the weights, the driver needs none."""
     from routelens.lens import load
 
     return load(model or args.model, args.device, args.dtype, device_map=args.device_map,
                 trust_remote_code=args.trust_remote_code, router_delta=getattr(args, "router_delta", None),
-                experts_implementation=args.experts_implementation)
+                experts_implementation=args.experts_implementation, weights=getattr(args, "ray", None) is None)

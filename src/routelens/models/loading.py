@@ -55,6 +55,7 @@ class LoadedModel:
     folder: str | None = None  # the local folder the weights came from, if any
     router_delta: dict | None = None  # the router delta applied on top, if any (path, sha256, layer)
     recipe: dict | None = None  # load_model's arguments, to load it again elsewhere (Ray workers); None: wrap()
+    weights: bool = True        # False: the structure only, on the meta device (a Ray driver's model)
 
     def identity(self) -> dict:
         """What identifies the model in a run's config."""
@@ -169,22 +170,29 @@ def resolve_dtype(dtype: str, device: str) -> str:
 
 def load_model(spec: str, device: str = "auto", dtype: str = "auto",
                trust_remote_code: bool = False, seed: int = 0, router_delta: str | None = None,
-               device_map=None, experts_implementation: str | None = None) -> LoadedModel:
+               device_map=None, experts_implementation: str | None = None, weights: bool = True) -> LoadedModel:
     """Load `spec` in eval mode on `device` (or spread by `device_map`) with `dtype` and wrap
     it in its adapter; with `router_delta`, replace one router's weights by those of a
-    `routelens router-update` file (checked to be made for this base model)."""
+    `routelens router-update` file (checked to be made for this base model).
+
+    `weights=False` reads the config, the tokenizer and the delta's metadata but no weight:
+    the model is built on the meta device, which is all a Ray driver needs (its actors load
+    the weights from `recipe`), so the driver holds no copy on the GPUs the actors use."""
     if experts_implementation is not None and experts_implementation not in EXPERTS_IMPLEMENTATIONS:
         raise RouteLensError(f"unknown --experts-implementation {experts_implementation!r}; "
                              f"choose one of {', '.join(EXPERTS_IMPLEMENTATIONS)}")
     device_map = parse_device_map(device_map) if isinstance(device_map, str) or device_map is None else device_map
-    loaded = _load(spec, device, dtype, trust_remote_code, seed, device_map)
+    loaded = _load(spec, device, dtype, trust_remote_code, seed, device_map, weights)
     if experts_implementation is not None:
         loaded.adapter.model.set_experts_implementation(experts_implementation)
-    _probe_forward(loaded.adapter)
+    if loaded.weights:
+        _probe_forward(loaded.adapter)
     if router_delta:
         from routelens.models.router_delta import apply_router_delta
 
-        loaded.router_delta = apply_router_delta(loaded.adapter, os.path.abspath(router_delta))
+        # without weights, what can be checked is (architecture, config, layer); actors check the base too
+        loaded.router_delta = apply_router_delta(loaded.adapter, os.path.abspath(router_delta),
+                                                 check_base=loaded.weights)
     # the dtype as resolved here, so that a worker on another device computes what run.json says
     local = looks_local(spec) and os.path.isdir(os.path.expanduser(spec))   # a worker may start elsewhere
     loaded.recipe = dict(spec=os.path.abspath(os.path.expanduser(spec)) if local else spec, device=device,
@@ -209,7 +217,8 @@ def _dispatch(model, device_map, dtype: torch.dtype):
     return dispatch_model(model, device_map=device_map, offload_dir=_offload_folder(device_map))
 
 
-def _load(spec: str, device: str, dtype: str, trust_remote_code: bool, seed: int, device_map=None) -> LoadedModel:
+def _load(spec: str, device: str, dtype: str, trust_remote_code: bool, seed: int, device_map=None,
+          weights: bool = True) -> LoadedModel:
     device = resolve_device(device)
     dtype = resolve_dtype(dtype, device)
     placed = "device_map" if device_map is not None else device
@@ -230,7 +239,7 @@ def _load(spec: str, device: str, dtype: str, trust_remote_code: bool, seed: int
         if not is_available():
             raise RouteLensError(f"the embedded demo model is missing from {WEIGHTS_DIR}; "
                                  "reinstall routelens or train one with `routelens train-demo`")
-        loaded = _load(WEIGHTS_DIR, device, dtype, False, seed, device_map)
+        loaded = _load(WEIGHTS_DIR, device, dtype, False, seed, device_map, weights)
         loaded.spec = DEMO
         return loaded
 
@@ -255,6 +264,11 @@ def _load(spec: str, device: str, dtype: str, trust_remote_code: bool, seed: int
     adapter_class(config.model_type)  # fail fast, before reading weights
     if is_folder:
         check_weight_files(spec)
+    if not weights:   # the structure only: no weight is read, nothing is placed on a device
+        with torch.device("meta"):
+            model = AutoModelForCausalLM.from_config(config, dtype=DTYPES[dtype], trust_remote_code=trust_remote_code)
+        return LoadedModel(adapter_for(model.eval()), load_tokenizer(spec, trust_remote_code), spec, placed, dtype,
+                           folder=spec if is_folder else None, weights=False)
     # use_kernels=False: hub kernels replace whole MoE blocks (routes neither observable nor forceable)
     options = dict(dtype=DTYPES[dtype], trust_remote_code=trust_remote_code, use_kernels=False)
     if _is_mxfp4(config):

@@ -97,9 +97,11 @@ def _same_base(stored: torch.Tensor, current: torch.Tensor) -> bool:
     return torch.equal(stored.to(coarse), current.cpu().to(coarse))
 
 
-def apply_router_delta(adapter: MoEAdapter, path: str) -> dict:
+def apply_router_delta(adapter: MoEAdapter, path: str, check_base: bool = True) -> dict:
     """Replace the router's parameters with the delta's, after checking the model is its base.
-    Returns what `run.json` records: the path, the file's sha256, the layer and the base."""
+    Returns what `run.json` records: the path, the file's sha256, the layer and the base.
+    `check_base=False` (a model without weights, a Ray driver's): the checks that need no
+    weight only, and nothing replaced."""
     from routelens.data.trajectories import file_sha256
 
     tensors, metadata = read_router_delta(path)
@@ -117,6 +119,9 @@ def apply_router_delta(adapter: MoEAdapter, path: str) -> dict:
     if set(new) != set(parameters):
         raise RouteLensError(f"router delta {path} holds {sorted(new)}, but the router at layer {layer} has "
                              f"{sorted(parameters)}; it was made for another model")
+    record = {"path": path, "sha256": file_sha256(path), "layer": layer, "base_model": made_for}
+    if not check_base:
+        return record
     for name, parameter in parameters.items():
         if not _same_base(tensors[BASE_PREFIX + name], parameter.detach()):
             raise RouteLensError(f"router delta {path} was made for another base model ({made_for}): this model's "
@@ -124,4 +129,4 @@ def apply_router_delta(adapter: MoEAdapter, path: str) -> dict:
     with torch.no_grad():
         for name, parameter in parameters.items():
             parameter.copy_(new[name].to(parameter.device, parameter.dtype))
-    return {"path": path, "sha256": file_sha256(path), "layer": layer, "base_model": made_for}
+    return record
