@@ -133,7 +133,7 @@ class SamplingJob(UnitJob):
         loaded = self.load(loaded)
         self._model, self._tokenizer = loaded.adapter.model, loaded.tokenizer
 
-    def run(self, units: list[int]) -> list[dict]:
+    def run(self, units: list[int]) -> list[dict[str, pa.Table]]:
         first = units[0]
         if units != list(range(first, first + len(units))):
             raise ValueError(f"a sampling group is a contiguous range of problems, got {units}")
