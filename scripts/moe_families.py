@@ -20,7 +20,7 @@ import transformers
 from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "src"))
-from routelens.models.registry import ADAPTERS, adapter_class  # noqa: E402
+from routelens.models.registry import ADAPTERS, FAMILIES  # noqa: E402
 
 # what probing the unserved causal-LM types showed (tiny model + verify with the nearest adapter)
 REASONS = {
@@ -63,7 +63,7 @@ def moe_model_types() -> list[tuple[str, str]]:
 
 def status(model_type: str, source: str) -> tuple[str, str]:
     if model_type in ADAPTERS:
-        mixers = adapter_class(model_type).layer_mixers
+        mixers = FAMILIES[model_type].mixers
         hybrid = f"; hybrid ({mixers}): the cache engine scores layers below a recurrent one" if mixers != "attention" else ""
         return "served", "tiny model passes `routelens verify` (tests/test_verify.py)" + hybrid
     if model_type not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:

@@ -1,19 +1,31 @@
 #!/usr/bin/env bash
 # Create .venv beside the repo and install routelens with its test and Ray extras. Idempotent.
 #
-# torch is installed first and pinned to 2.13.0 (a CPU build on these machines), so that
-# nothing pulls a multi-GB CUDA build. If .venv already has a torch (a GPU user's own
-# build, installed before running this), it is kept.
+# Everything but torch comes from requirements/lock.txt: exact versions with hashes,
+# installed without resolving anything here (--no-deps), so a fresh machine gets the
+# packages the suite last passed with (`bash scripts/lock.sh` refreshes the lock from the
+# ranges in pyproject.toml). torch is pinned to 2.13.0 (a CPU build on these machines, so
+# nothing pulls a multi-GB CUDA build); a torch already in .venv (a GPU user's own build,
+# installed before running this) is kept. The lock is for CPython 3.11 on Linux x86_64;
+# elsewhere the ranges of pyproject.toml are installed instead, and this script says so.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-python3}
 [ -x .venv/bin/python ] || "$PYTHON" -m venv .venv
-find_links=()
-[ -d /opt/wheels ] && find_links=(--find-links /opt/wheels)
-if ! .venv/bin/python -c "import torch" 2>/dev/null; then
-    .venv/bin/pip install -q --disable-pip-version-check "${find_links[@]}" "torch==${TORCH_VERSION:-2.13.0}"
+pip=(.venv/bin/pip install -q --disable-pip-version-check)
+[ -d /opt/wheels ] && pip+=(--find-links /opt/wheels)
+if .venv/bin/python -c 'import platform, sys; sys.exit(not (sys.version_info[:2] == (3, 11) and sys.platform == "linux"
+                                                             and platform.machine() == "x86_64"))'; then
+    "${pip[@]}" --no-deps --require-hashes -r requirements/lock.txt
+    .venv/bin/python -c "import torch" 2>/dev/null || "${pip[@]}" --no-deps "torch==${TORCH_VERSION:-2.13.0}"
+    "${pip[@]}" --no-deps --no-build-isolation -e .
+    .venv/bin/pip check --disable-pip-version-check >/dev/null || { .venv/bin/pip check; exit 1; }
+else
+    echo "setup: requirements/lock.txt is for CPython 3.11 on Linux x86_64, not $(.venv/bin/python -V) on $(uname -sm):" \
+         "installing the ranges of pyproject.toml instead (versions may differ from CI's)" >&2
+    .venv/bin/python -c "import torch" 2>/dev/null || "${pip[@]}" "torch==${TORCH_VERSION:-2.13.0}"
+    "${pip[@]}" -e ".[test,ray]"
 fi
-.venv/bin/pip install -q --disable-pip-version-check "${find_links[@]}" -e ".[test,ray]"
 # The report test opens a report in headless Chromium (Debian's chromium and chromium-driver).
 # Set ROUTELENS_NO_BROWSER=1 to skip; without them that one test is skipped, saying why.
 if [ -z "${ROUTELENS_NO_BROWSER:-}" ] && ! command -v chromedriver >/dev/null 2>&1; then

@@ -12,11 +12,12 @@ from conftest import FAMILIES
 from routelens.engine import CacheEngine, FastEngine, ReferenceEngine, ScoreItem, make_engine
 from routelens.errors import RouteLensError
 from routelens.models import adapter_for
+from routelens.models.registry import FAMILIES as REGISTRY
 from routelens.models.registry import adapter_class
 from routelens.models.routing import capture_routes
 from routelens.models.tiny import build_tiny_model
 
-HYBRIDS = [family for family in FAMILIES if adapter_class(family).layer_mixers != "attention"]
+HYBRIDS = [family for family in FAMILIES if REGISTRY[family].mixers != "attention"]
 EXACT = 1e-5
 
 

@@ -1,4 +1,4 @@
-"""Every public name of `routelens` has a docstring with an `Example:` that runs (doctest)."""
+"""Every public name of `routelens` has a docstring with an `Examples:` section that runs (doctest)."""
 
 from __future__ import annotations
 
@@ -32,7 +32,7 @@ def _objects() -> list[tuple[str, object]]:
 @pytest.mark.quick
 def test_public_name_has_an_example(name):
     doc = inspect.getdoc(getattr(rl, name)) or ""
-    assert "Example:" in doc and ">>>" in doc, f"routelens.{name} has no runnable Example: in its docstring"
+    assert "Examples:" in doc and ">>>" in doc, f"routelens.{name} has no runnable Examples: in its docstring"
 
 
 @pytest.fixture(scope="module")

@@ -76,7 +76,7 @@ def trajectories_from_ids(sequences: list[list[int]], completion_start: int | li
     the index of the first completion token; the tokens scored are the completion's.
     `answers`: the reference final answers (what `rollout` checks continuations against).
 
-    Example:
+    Examples:
         >>> import routelens as rl
         >>> trajs = rl.trajectories_from_ids([[1, 5, 6, 7, 2]], completion_start=2)
         >>> trajs[0].id, list(trajs[0].scored_positions)
@@ -104,7 +104,7 @@ def trajectories_from_text(tokenizer, pairs: list[tuple[str, str]], ids: list[st
     the tokenizer's special tokens, the completion without) and concatenated. `answers`:
     the reference final answers (what `rollout` checks continuations against).
 
-    Example:
+    Examples:
         >>> import routelens as rl
         >>> lens = rl.load("demo")
         >>> trajs = rl.trajectories_from_text(lens.tokenizer, [("Q:3+4=A:", "3+4=7#7")])
@@ -126,7 +126,7 @@ def read_trajectories(path: str, lens: Lens | None = None, only_verified: bool =
     """Trajectories from a JSONL or Parquet file (text records need `lens`'s tokenizer),
     validated as the command line validates them.
 
-    Example:
+    Examples:
         >>> import routelens as rl
         >>> trajs = rl.read_trajectories(trajectory_file)   # {"id", "input_ids", "completion_start"} records
         >>> len(trajs) > 0
@@ -153,7 +153,7 @@ def sample_trajectories(lens: Lens, problems: str | None = None, *, n: int = 200
     (run.json: the seed and every setting): a re-run with the same settings resumes where
     an interrupted one stopped. `ray`/`workers` sample on a pool of Ray actors.
 
-    Example:
+    Examples:
         >>> import routelens as rl
         >>> lens = rl.load("demo")
         >>> trajs = rl.sample_trajectories(lens, n=3, samples_per_problem=2, max_new_tokens=24, seed=0)
@@ -232,7 +232,7 @@ def run_counterfactual(lens: Lens, trajectories, out: str | None, *, config: Cou
     the run also scores routes forced at all those layers at once (`joint_tokens`,
     `joint_routes`, `joint_summary` against the single-layer gains of the same tokens).
 
-    Example:
+    Examples:
         >>> import routelens as rl
         >>> lens = rl.load("demo")
         >>> trajs = rl.trajectories_from_text(lens.tokenizer, [("Q:3+4=A:", "3+4=7#7")])
@@ -265,7 +265,7 @@ def counterfactual(lens: Lens, trajectories, *, config: CounterfactualConfig | N
     route against `routes` sampled equal-compute alternatives; nothing is written
     (`result.save(path)` writes the run folder).
 
-    Example:
+    Examples:
         >>> import routelens as rl
         >>> lens = rl.load("demo")
         >>> trajs = rl.trajectories_from_text(lens.tokenizer, [("Q:3+4=A:", "3+4=7#7"), ("Q:9*2=A:", "9*2=18#18")])
@@ -284,7 +284,7 @@ def arithmetic_items(lens: Lens, per_domain: int = 100, domains: list[str] | Non
     """Items of the embedded arithmetic task (addsub, mul, long, mixed): question as prompt,
     worked solution as target.
 
-    Example:
+    Examples:
         >>> import routelens as rl
         >>> items = rl.arithmetic_items(rl.load("demo"), per_domain=2)
         >>> sorted({item.domain for item in items})
@@ -302,7 +302,7 @@ def read_items(path: str, lens: Lens | None = None, domains: list[str] | None = 
     """Items {id, domain, prompt, target} (text) or {id, domain, prompt_ids, target_ids}
     from JSONL or Parquet, validated as the command line validates them.
 
-    Example:
+    Examples:
         >>> import routelens as rl
         >>> items = rl.read_items(item_file, rl.load("demo"))     # text items need the model's tokenizer
         >>> items[0].domain
@@ -324,7 +324,7 @@ def run_isolate(lens: Lens, items, out: str | None, *, config: IsolationConfig |
     `score`, `bootstrap_resamples`, `memory_budget`, `group_items`). `ray`/`workers`: score the items on
     a pool of Ray actors (see `run_counterfactual`).
 
-    Example:
+    Examples:
         >>> import routelens as rl
         >>> lens = rl.load("demo")
         >>> res = rl.run_isolate(lens, "arithmetic", out=str(tmp / "iso"), per_domain=3, layers=[0], floor_seeds=1,
@@ -369,7 +369,7 @@ def isolate(lens: Lens, items, *, config: IsolationConfig | None = None, domains
     """Expert isolation in memory: every expert forced alone at each layer, against the
     natural route and a random-routing floor, with Wilcoxon/BH statistics per cell.
 
-    Example:
+    Examples:
         >>> import routelens as rl
         >>> lens = rl.load("demo")
         >>> res = rl.isolate(lens, "arithmetic", per_domain=3, layers=[-1], floor_seeds=1)
@@ -409,7 +409,7 @@ def run_passk(lens: Lens, problems, out: str | None, *, compare_delta: str | Non
     with math-verify), or a list of `EvalProblem`. `options`: fields of `PassKConfig`
     (`samples`, `ks` or `k`, `temperature` (of sampling), `seed`, `max_new_tokens`, ...).
 
-    Example:
+    Examples:
         >>> import routelens as rl
         >>> res = rl.run_passk(rl.load("demo"), "arithmetic", out=str(tmp / "pk"), n=4, samples=2, k=[1, 2],
         ...                    show_progress=False)
@@ -434,7 +434,7 @@ def passk(lens: Lens, problems, *, compare_delta: str | None = None, n: int | No
           config: PassKConfig | None = None, show_progress: bool = False, **options) -> PassKResult:
     """pass@k in memory (see `run_passk`).
 
-    Example:
+    Examples:
         >>> import routelens as rl
         >>> res = rl.passk(rl.load("demo"), "arithmetic", n=4, samples=2, k=[1, 2])
         >>> set(res.samples["arm"])
@@ -455,7 +455,7 @@ def router_update(lens: Lens, counterfactual, out: str, *, heldout=None, config:
     fields of `RouterUpdateConfig` (`margin`, `bins`, `beta`, `learning_rate` or `lr`,
     `steps`, `batch_size`, `seed`).
 
-    Example:
+    Examples:
         >>> import routelens as rl
         >>> lens = rl.load("demo")
         >>> trajs = rl.trajectories_from_text(lens.tokenizer, [("Q:3+4=A:", "3+4=7#7"), ("Q:9*2=A:", "9*2=18#18")])
@@ -496,7 +496,7 @@ def run_semantic_route(lens: Lens, items, out: str | None, *, config: SemanticRo
     `calibration_share`, `floor_seeds`, `seed`, `accuracy` (greedy answers checked, the
     arithmetic task), `max_new_tokens`, `score`, `alpha`, `bootstrap_resamples`).
 
-    Example:
+    Examples:
         >>> import routelens as rl
         >>> res = rl.run_semantic_route(rl.load("demo"), "arithmetic", str(tmp / "semantic"), per_domain=3,
         ...                             layer_sets=[[3]], floor_seeds=1, max_new_tokens=24, show_progress=False)
@@ -518,7 +518,7 @@ def semantic_route(lens: Lens, items, *, config: SemanticRouteConfig | None = No
                    per_domain: int | None = None, show_progress: bool = False, **options) -> SemanticRouteResult:
     """Semantic routing in memory (see `run_semantic_route`).
 
-    Example:
+    Examples:
         >>> import routelens as rl
         >>> res = rl.semantic_route(rl.load("demo"), "arithmetic", per_domain=3, layer_sets=[[0]], floor_seeds=1,
         ...                         accuracy=False)
@@ -542,7 +542,7 @@ def graft(recipient: str, donor: str, experts, out: str, *, dtype: str | None = 
     "L:e=L2:e2,..." or [(L, e, L2, e2), ...] (recipient layer and expert <- donor layer and
     expert). `dtype`: default the recipient checkpoint's own.
 
-    Example:
+    Examples:
         >>> import routelens as rl
         >>> res = rl.graft("demo", "demo", "3:5=3:9", str(tmp / "grafted"))
         >>> res.record["pairs"][0]["pair"], rl.load(res.path).family
@@ -581,7 +581,7 @@ def run_rollout(lens: Lens, counterfactual, out: str | None, *, config: RolloutC
     reference answers. `options`: fields of `RolloutConfig` (`tokens` "fragile", "all" or a
     file, `samples`, `max_new_tokens`, `temperature` (0: greedy), `seed`, `checker`, `limit`).
 
-    Example:
+    Examples:
         >>> import routelens as rl
         >>> lens = rl.load("demo")
         >>> trajs = rl.trajectories_from_text(lens.tokenizer, [("Q:3+4=A:", "3+4=7#7")], answers=["7"])
@@ -604,7 +604,7 @@ def rollout(lens: Lens, counterfactual, *, config: RolloutConfig | None = None, 
             **options) -> RolloutResult:
     """Rollouts in memory (see `run_rollout`); `result.save(path)` writes the run folder.
 
-    Example:
+    Examples:
         >>> import routelens as rl
         >>> lens = rl.load("demo")
         >>> trajs = rl.trajectories_from_text(lens.tokenizer, [("Q:6+2=A:", "6+2=8#8")], answers=["8"])

@@ -34,7 +34,7 @@ class CounterfactualConfig:
     """Settings of a counterfactual run, validated on construction (a bad value raises
     `RouteLensError` with the message the command line prints).
 
-    Example:
+    Examples:
         >>> from routelens import CounterfactualConfig
         >>> CounterfactualConfig(layers=[-1], num_routes=8).num_routes
         8
@@ -113,7 +113,7 @@ class IsolationConfig:
     """Settings of an isolation run, validated on construction (`RouteLensError`, the
     command line's message).
 
-    Example:
+    Examples:
         >>> from routelens import IsolationConfig
         >>> IsolationConfig(layers=[0, -1], floor_seeds=3).floor_seeds
         3
@@ -165,10 +165,12 @@ class PassKConfig:
     """Settings of a pass@k run, validated on construction (`RouteLensError`, the command
     line's message).
 
-    Example:
+    Examples:
         >>> from routelens import PassKConfig
         >>> PassKConfig(samples=8, ks=[1, 4, 8]).ks
         [1, 4, 8]
+        >>> PassKConfig(samples=12).ks          # default: powers of two up to the samples, and the samples
+        [1, 2, 4, 8, 12]
         >>> PassKConfig(samples=4, ks=[1, 8])
         Traceback (most recent call last):
         ...
@@ -176,7 +178,7 @@ class PassKConfig:
     """
 
     samples: int = 16
-    ks: list[int] = field(default_factory=lambda: [1, 2, 4, 8, 16])
+    ks: list[int] | None = None     # None: 1, 2, 4, ... up to `samples`, and `samples` itself
     temperature: float = 0.8
     seed: int = 0
     max_new_tokens: int = 96
@@ -196,6 +198,8 @@ class PassKConfig:
             raise RouteLensError(f"unknown checker {self.checker!r}; available: {', '.join(CHECKERS)}")
         for name in ("samples", "max_new_tokens", "bootstrap_resamples", "problems_per_unit", "batch_size"):
             _at_least(f"--{name.replace('_', '-')}", getattr(self, name), 1)
+        if self.ks is None:
+            self.ks = sorted({2 ** i for i in range(self.samples.bit_length()) if 2 ** i <= self.samples} | {self.samples})
         bad = [k for k in self.ks if not 1 <= k <= self.samples]
         if bad:
             raise RouteLensError(f"--k {','.join(map(str, bad))} must lie in 1..--samples ({self.samples}): "
@@ -212,7 +216,7 @@ class RouterUpdateConfig:
     """Settings of a router update, validated on construction (`RouteLensError`, the
     command line's message).
 
-    Example:
+    Examples:
         >>> from routelens import RouterUpdateConfig
         >>> RouterUpdateConfig(steps=100).steps
         100
@@ -254,7 +258,7 @@ class RolloutConfig:
     """Settings of a rollout run (continuations under three routes of a scored token),
     validated on construction (`RouteLensError`, the command line's message).
 
-    Example:
+    Examples:
         >>> from routelens import RolloutConfig
         >>> RolloutConfig(samples=4, temperature=0).temperature
         0
@@ -307,7 +311,7 @@ class SemanticRouteConfig:
     """Settings of a semantic-routing run (route by similarity to per-domain fingerprints),
     validated on construction (`RouteLensError`, the command line's message).
 
-    Example:
+    Examples:
         >>> from routelens import SemanticRouteConfig
         >>> SemanticRouteConfig(layer_sets=[[3], [0, 3]]).layer_sets
         [[3], [0, 3]]

@@ -9,7 +9,7 @@ escapes is a bug and keeps its traceback.
 class RouteLensError(Exception):
     """Bad input or an unsupported setting, explained in one line.
 
-    Example:
+    Examples:
         >>> import routelens as rl
         >>> try:
         ...     rl.load("tiny:no_such_family")
@@ -23,7 +23,7 @@ class OverrideNotApplied(RouteLensError):
     """A route override was requested but the router hook never fired or replaced fewer
     rows than asked: the result would silently be the natural route, so we refuse.
 
-    Example:
+    Examples:
         >>> import routelens as rl
         >>> issubclass(rl.OverrideNotApplied, rl.RouteLensError)
         True
@@ -33,3 +33,8 @@ class OverrideNotApplied(RouteLensError):
 class RouterBypassed(RouteLensError):
     """A forward ran but a router's hook never fired (a quantized or hub-kernel MLP that
     computes routing inline): its routes cannot be observed or forced."""
+
+
+class RuntimeCheckFailed(RouteLensError):
+    """A run-time check failed on this checkpoint: the numbers would be wrong, so none are
+    given (the command line exits with code 1)."""

@@ -23,7 +23,7 @@ class Routes:
     """One router's output in the last forward: `experts` and `weights` [B, T, k] (weights
     as the model applied them), `logits` [B, T, E].
 
-    Example:
+    Examples:
         >>> import routelens as rl
         >>> lens = rl.load("demo")
         >>> with lens.capture() as routes:
@@ -56,7 +56,7 @@ class CapturedRoutes(dict):
 class Lens:
     """A MoE causal LM with its routelens adapter.
 
-    Example:
+    Examples:
         >>> import routelens as rl
         >>> lens = rl.load("demo")
         >>> lens.family, lens.num_experts, lens.top_k, lens.moe_layers
@@ -123,7 +123,7 @@ class Lens:
     def capture(self, layers: list[int] | None = None) -> Iterator[CapturedRoutes]:
         """Record the routes of the forward run inside the block (the last one, if several).
 
-        Example:
+        Examples:
             >>> import routelens as rl
             >>> lens = rl.load("demo")
             >>> ids = lens.encode("Q:12+7=A:")
@@ -152,7 +152,7 @@ class Lens:
         tokens and layers route normally. Weights follow the model's own gating rule for
         those experts unless given. Raises `OverrideNotApplied` if no forward was routed.
 
-        Example:
+        Examples:
             >>> import routelens as rl
             >>> lens = rl.load("demo")
             >>> ids = lens.encode("Q:12+7=A:")
@@ -240,7 +240,7 @@ def load(model: str = "demo", device: str = "auto", dtype: str = "auto", *, devi
     to drive an analysis on Ray (`ray=`), whose actors load the weights themselves, and
     nothing else (an analysis in this process refuses it).
 
-    Example:
+    Examples:
         >>> import routelens as rl
         >>> rl.load("tiny:qwen3_moe").family
         'qwen3_moe'
@@ -254,7 +254,7 @@ def wrap(model: torch.nn.Module, tokenizer=None, name: str | None = None) -> Len
 
     `name` identifies the model in run records (default: the config's `_name_or_path`).
 
-    Example:
+    Examples:
         >>> import routelens as rl
         >>> from transformers import AutoModelForCausalLM
         >>> hf = AutoModelForCausalLM.from_pretrained(rl.load("demo").loaded.folder)

@@ -35,7 +35,7 @@ SAMPLES_SCHEMA = pa.schema([
 class EvalProblem:
     """A problem to sample: prompt token ids and the answer a sample is checked against.
 
-    Example:
+    Examples:
         >>> import routelens as rl
         >>> lens = rl.load("demo")
         >>> problem = rl.EvalProblem("p1", lens.tokenizer("Q:2+2=A:")["input_ids"], answer="4")

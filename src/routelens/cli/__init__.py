@@ -12,11 +12,12 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 
 from routelens import __version__
 from routelens.cli.parsing import OneLineParser
-from routelens.errors import RouteLensError
+from routelens.errors import RouteLensError, RuntimeCheckFailed
 
 # In the order `routelens --help` lists them.
 COMMAND_MODULES = ("demo", "counterfactual", "rollout", "isolate", "semantic_route", "graft", "router_update", "passk", "report", "export",
@@ -60,12 +61,11 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _run(module, args) -> int:
-    from transformers.utils import logging as hf_logging
-
-    from routelens.engine.checks import RuntimeCheckFailed
-    from routelens.models.loading import experts_kernel_error
-
-    hf_logging.disable_progress_bar()  # our own progress bars say what is going on
+    # our own progress bars say what is going on: Hugging Face's are off (before transformers
+    # is imported, through the environment, so that `routelens models` imports no torch)
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    if "transformers" in sys.modules:
+        sys.modules["transformers"].utils.logging.disable_progress_bar()
     try:
         return module.run(args)
     except RuntimeCheckFailed as error:
@@ -75,6 +75,8 @@ def _run(module, args) -> int:
         print(f"routelens: error: {error}", file=sys.stderr)
         return 2
     except RuntimeError as error:
+        from routelens.models.loading import experts_kernel_error
+
         translated = experts_kernel_error(error)
         if translated is None:
             raise

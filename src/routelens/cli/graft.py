@@ -27,13 +27,11 @@ def parents():
 
 
 def add_arguments(parser) -> None:
-    from routelens.models.loading import DTYPES
-
     parser.add_argument("--recipient", required=True, help="the model that receives experts (demo, folder, hub id)")
     parser.add_argument("--donor", required=True, help="the model whose experts are copied (same family)")
     parser.add_argument("--experts", required=True, help='"L:e=L2:e2,...": recipient slot <- donor expert')
     parser.add_argument("--out", required=True, help="a new folder for the grafted model")
-    parser.add_argument("--dtype", choices=list(DTYPES), default=None,
+    parser.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None,
                         help="dtype to load and save in (default: the recipient checkpoint's own)")
     parser.add_argument("--evaluate", action="store_true", help="measure what the graft changed on the task's items")
     parser.add_argument("--items", default="arithmetic",

@@ -19,14 +19,14 @@ def add_arguments(parser) -> None:
 
 
 def run(args) -> int:
-    from routelens.models.registry import ADAPTERS, adapter_class
+    from routelens.models.registry import FAMILIES
 
-    rows = [(model_type, adapter_class(model_type)) for model_type in ADAPTERS]
-    width = max(len(cls.__name__) for _, cls in rows)
-    mixers = max(len(cls.layer_mixers) for _, cls in rows)
+    rows = [(model_type, entry, entry.adapter.split(":")[1]) for model_type, entry in FAMILIES.items()]
+    width = max(len(adapter) for *_, adapter in rows)
+    mixers = max(len(entry.mixers) for _, entry, _ in rows)
     print(f"{'model type':<18} {'adapter':<{width}} {'layers':<{mixers}} gating rule")
-    for model_type, cls in rows:
-        print(f"{model_type:<18} {cls.__name__:<{width}} {cls.layer_mixers:<{mixers}} {cls.gating_rule}")
-    hybrids = sum(cls.layer_mixers != "attention" for _, cls in rows)
+    for model_type, entry, adapter in rows:
+        print(f"{model_type:<18} {adapter:<{width}} {entry.mixers:<{mixers}} {entry.gating_rule}")
+    hybrids = sum(entry.mixers != "attention" for _, entry, _ in rows)
     print(f"{len(rows)} model types ({hybrids} hybrids: the cache engine scores the layers the fast engine cannot patch)")
     return 0

@@ -34,7 +34,7 @@ def add_arguments(parser) -> None:
     parser.add_argument("--samples", type=positive_int, default=default_of(C, "samples"),
                         help="samples per problem (default %(default)s)")
     parser.add_argument("--k", type=int_list, default=default_of(C, "ks"),
-                        help="k values, comma-separated (default 1,2,4,8,16)")
+                        help="k values, comma-separated (default 1, 2, 4, ... up to --samples, and --samples)")
     parser.add_argument("--temperature", type=float, default=default_of(C, "temperature"),
                         help="sampling temperature (default %(default)s)")
     parser.add_argument("--seed", type=int, default=default_of(C, "seed"),

@@ -23,7 +23,7 @@ from routelens.errors import RouteLensError
 class TargetItem:
     """An isolation item: a prompt and a target whose log-probability is scored.
 
-    Example:
+    Examples:
         >>> from routelens import TargetItem
         >>> item = TargetItem("q1", "math", prompt_ids=[1, 5, 6], target_ids=[7, 8])
         >>> item.input_ids, list(item.target_positions)

@@ -27,7 +27,7 @@ class Trajectory:
     are predicted (from position completion_start - 1); `verified` says whether its final
     answer was checked correct (None: unknown).
 
-    Example:
+    Examples:
         >>> from routelens import Trajectory
         >>> list(Trajectory("a", [1, 5, 6, 2], completion_start=2).scored_positions)
         [1, 2]

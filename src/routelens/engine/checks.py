@@ -22,11 +22,7 @@ import numpy as np
 import torch
 
 from routelens.engine.readout import final_norm_states, target_log_probs
-from routelens.errors import RouteLensError
-
-
-class RuntimeCheckFailed(RouteLensError):
-    """A run-time check failed on this checkpoint: the numbers would be wrong, so none are given."""
+from routelens.errors import RuntimeCheckFailed
 
 
 @dataclass(frozen=True)

@@ -35,6 +35,7 @@ from torch import nn
 from transformers import DynamicCache, PreTrainedModel
 
 from routelens.errors import RouteLensError
+from routelens.models.registry import family
 
 #: `config.layer_types` values of softmax-attention layers (the fast engine's patch covers these).
 SOFTMAX_ATTENTION = ("full_attention", "sliding_attention")
@@ -67,8 +68,6 @@ class MoEAdapter:
 
     #: Hugging Face `config.model_type` values this adapter serves.
     model_types: ClassVar[tuple[str, ...]] = ()
-    #: One-line statement of the gating rule, shown by `routelens inspect`.
-    gating_rule: ClassVar[str] = ""
     #: "pre": the MLP sub-block adds (optionally `mlp_output_norm`-ed) output to the residual
     #: it read (`mlp_residual_input`), which the fast engine needs; any other layout is
     #: refused by the fast engine (the reference engine serves it).
@@ -79,9 +78,6 @@ class MoEAdapter:
     moe_block_attribute: ClassVar[str] = "mlp"
     mlp_residual_input_attribute: ClassVar[str] = "post_attention_layernorm"
     final_norm_attribute: ClassVar[str] = "norm"
-    #: What mixes positions across the decoder layers ("attention", or a hybrid's kinds), for
-    #: `routelens models`; the engines read `layer_kind` per layer instead.
-    layer_mixers: ClassVar[str] = "attention"
     #: Why decoding with the model's own cache does not reproduce its full forward (a defect of
     #: the family's cached path, measured), or None; the cache engine then hands its work to
     #: the reference engine from the start, saying why.
@@ -337,6 +333,17 @@ class MoEAdapter:
     def weights_for(self, logits: torch.Tensor, experts: torch.Tensor) -> torch.Tensor:
         """[N, E], [N, k] -> [N, k] fp32 weights the model would apply to `experts`."""
         raise NotImplementedError
+
+    @property
+    def gating_rule(self) -> str:
+        """The gating rule in one line (the registry's entry for this model type)."""
+        return family(self.config.model_type).gating_rule
+
+    @property
+    def layer_mixers(self) -> str:
+        """What mixes positions across the decoder layers ("attention", or a hybrid's kinds);
+        the engines read `layer_kind` per layer instead."""
+        return family(self.config.model_type).mixers
 
     def describe(self) -> dict:
         """What `routelens inspect` prints and `run.json` records about the model."""

@@ -1,63 +1,105 @@
-"""Registry of supported MoE families: `model_type` -> adapter class ("module:Class").
+"""Registry of supported MoE families: `model_type` -> its adapter class ("module:Class"),
+the gating rule in one line and the token mixers of its layers.
 
-Lazy strings keep `routelens models` fast and let a new family be one file plus a line.
+Plain data, imported without torch: `routelens models` lists it in well under a second, and
+a new family is one file plus a line here. The adapter reads its `gating_rule` and
+`layer_mixers` from here (`MoEAdapter.gating_rule`).
 """
 
 from __future__ import annotations
 
 import importlib
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from routelens.errors import RouteLensError
-from routelens.models.adapter import MoEAdapter
 
-ADAPTERS: dict[str, str] = {
-    "olmoe": "routelens.models.families.olmoe:OlmoeAdapter",
-    "qwen3_moe": "routelens.models.families.qwen3_moe:Qwen3MoeAdapter",
-    "qwen2_moe": "routelens.models.families.qwen2_moe:Qwen2MoeAdapter",
-    "mixtral": "routelens.models.families.mixtral:MixtralAdapter",
-    "deepseek_v2": "routelens.models.families.deepseek_v2:DeepseekV2Adapter",
-    "deepseek_v3": "routelens.models.families.deepseek_v3:DeepseekV3Adapter",
-    "gpt_oss": "routelens.models.families.gpt_oss:GptOssAdapter",
-    "phimoe": "routelens.models.families.phimoe:PhimoeAdapter",
-    "glm4_moe": "routelens.models.families.glm4_moe:Glm4MoeAdapter",
-    "exaone_moe": "routelens.models.families.exaone_moe:ExaoneMoeAdapter",
-    "granitemoe": "routelens.models.families.granitemoe:GraniteMoeAdapter",
-    "granitemoeshared": "routelens.models.families.granitemoe:GraniteMoeAdapter",
-    "granitemoe_swa": "routelens.models.families.granitemoe:GraniteMoeSwaAdapter",
-    "minimax_m2": "routelens.models.families.minimax_m2:MiniMaxM2Adapter",
-    "ernie4_5_moe": "routelens.models.families.ernie4_5_moe:Ernie45MoeAdapter",
-    "dots1": "routelens.models.families.dots1:Dots1Adapter",
-    "glm4_moe_lite": "routelens.models.families.glm4_moe_lite:Glm4MoeLiteAdapter",
-    "afmoe": "routelens.models.families.afmoe:AfmoeAdapter",
-    "flex_olmo": "routelens.models.families.flex_olmo:FlexOlmoAdapter",
-    "mellum": "routelens.models.families.mellum:MellumAdapter",
-    "mimo_v2_flash": "routelens.models.families.mimo_v2_flash:MimoV2FlashAdapter",
-    "solar_open": "routelens.models.families.solar_open:SolarOpenAdapter",
-    "hunyuan_v1_moe": "routelens.models.families.hunyuan_v1_moe:HunYuanMoEV1Adapter",
-    "beam": "routelens.models.families.beam:BeamAdapter",
+if TYPE_CHECKING:
+    from routelens.models.adapter import MoEAdapter
+
+
+@dataclass(frozen=True)
+class Family:
+    adapter: str               # "module:Class"
+    gating_rule: str           # one line, shown by `routelens models` and `routelens inspect`
+    mixers: str = "attention"  # token mixers of the decoder layers ("attention + Mamba": a hybrid)
+
+
+SOFTMAX_TOPK = "fp32 softmax over all experts, top-k; weights renormalised over the k if norm_topk_prob"
+SOFTMAX_TOPK_RENORMALISED = "fp32 softmax over all experts, top-k, renormalised over the k"
+GROUPED_SIGMOID = ("sigmoid affinities; chosen by affinity + correction bias within top groups; "
+                   "weights = affinity / (sum + 1e-20) if norm_topk_prob, x routed_scaling_factor")
+GRANITE = "top-k on logits, softmax over the k; residual x residual_multiplier, logits / logits_scaling"
+_F = "routelens.models.families."
+
+FAMILIES: dict[str, Family] = {
+    "olmoe": Family(_F + "olmoe:OlmoeAdapter", SOFTMAX_TOPK),
+    "qwen3_moe": Family(_F + "qwen3_moe:Qwen3MoeAdapter", SOFTMAX_TOPK),
+    "qwen2_moe": Family(_F + "qwen2_moe:Qwen2MoeAdapter", SOFTMAX_TOPK + "; plus sigmoid-gated shared expert (not routed)"),
+    "mixtral": Family(_F + "mixtral:MixtralAdapter", "fp32 softmax over all experts, top-k, always renormalised over the k"),
+    "deepseek_v2": Family(_F + "deepseek_v2:DeepseekV2Adapter",
+                          "fp32 softmax over all experts, greedy or group-limited top-k; weights = probabilities x "
+                          "routed_scaling_factor (not renormalised); shared experts added"),
+    "deepseek_v3": Family(_F + "deepseek_v3:DeepseekV3Adapter", GROUPED_SIGMOID),
+    "gpt_oss": Family(_F + "gpt_oss:GptOssAdapter",
+                      "top-k on raw logits (router has a bias), then softmax over the k chosen logits"),
+    "phimoe": Family(_F + "phimoe:PhimoeAdapter",
+                     "sparsemixer (eval): always top-2; masked softmax within 2*jitter_eps of each maximum"),
+    "glm4_moe": Family(_F + "glm4_moe:Glm4MoeAdapter", GROUPED_SIGMOID),
+    "exaone_moe": Family(_F + "exaone_moe:ExaoneMoeAdapter", GROUPED_SIGMOID),
+    "granitemoe": Family(_F + "granitemoe:GraniteMoeAdapter", GRANITE),
+    "granitemoeshared": Family(_F + "granitemoe:GraniteMoeAdapter", GRANITE),
+    "granitemoe_swa": Family(_F + "granitemoe:GraniteMoeSwaAdapter", GRANITE),
+    "minimax_m2": Family(_F + "minimax_m2:MiniMaxM2Adapter",
+                         "sigmoid affinities; chosen with the block's correction bias; weights = affinities / their sum"),
+    "ernie4_5_moe": Family(_F + "ernie4_5_moe:Ernie45MoeAdapter",
+                           "fp32 softmax; chosen with the statistics bias; weights = probabilities / max(sum, moe_norm_min)"),
+    "dots1": Family(_F + "dots1:Dots1Adapter", GROUPED_SIGMOID),
+    "glm4_moe_lite": Family(_F + "glm4_moe_lite:Glm4MoeLiteAdapter", GROUPED_SIGMOID),
+    "afmoe": Family(_F + "afmoe:AfmoeAdapter",
+                    "sigmoid affinities; chosen with the block's expert_bias; weights = affinities / (sum + 1e-20) x route_scale"),
+    "flex_olmo": Family(_F + "flex_olmo:FlexOlmoAdapter", SOFTMAX_TOPK + "; post-norm layout"),
+    "mellum": Family(_F + "mellum:MellumAdapter", SOFTMAX_TOPK),
+    "mimo_v2_flash": Family(_F + "mimo_v2_flash:MimoV2FlashAdapter", GROUPED_SIGMOID),
+    "solar_open": Family(_F + "solar_open:SolarOpenAdapter", GROUPED_SIGMOID),
+    "hunyuan_v1_moe": Family(_F + "hunyuan_v1_moe:HunYuanMoEV1Adapter", SOFTMAX_TOPK_RENORMALISED + "; plus a dense shared MLP"),
+    "beam": Family(_F + "beam:BeamAdapter",
+                   "sigmoid affinities; chosen by affinity + correction bias within top groups; weights = affinity / "
+                   "(sum + 1e-20) if norm_topk_prob; the block scales the experts' sum by routed_scaling_factor"),
     # hybrids (recurrent layers: the cache engine serves what the fast engine cannot patch)
-    "qwen3_next": "routelens.models.families.qwen3_next:Qwen3NextAdapter",
-    "qwen3_5_moe": "routelens.models.families.qwen3_5_moe:Qwen35MoeAdapter",
-    "qwen3_5_moe_text": "routelens.models.families.qwen3_5_moe:Qwen35MoeAdapter",
-    "kimi_linear": "routelens.models.families.kimi_linear:KimiLinearAdapter",
-    "minimax": "routelens.models.families.minimax:MiniMaxAdapter",
-    "jamba": "routelens.models.families.jamba:JambaAdapter",
-    "lfm2_moe": "routelens.models.families.lfm2_moe:Lfm2MoeAdapter",
-    "granitemoehybrid": "routelens.models.families.granitemoehybrid:GraniteMoeHybridAdapter",
-    "nemotron_h": "routelens.models.families.nemotron_h:NemotronHAdapter",
-    "bailing_hybrid": "routelens.models.families.bailing_hybrid:BailingHybridAdapter",
+    "qwen3_next": Family(_F + "qwen3_next:Qwen3NextAdapter", SOFTMAX_TOPK + "; plus sigmoid-gated shared expert (not routed)",
+                         mixers="attention + Gated DeltaNet"),
+    "qwen3_5_moe": Family(_F + "qwen3_5_moe:Qwen35MoeAdapter", SOFTMAX_TOPK_RENORMALISED + "; plus sigmoid-gated shared expert",
+                          mixers="attention + Gated DeltaNet"),
+    "qwen3_5_moe_text": Family(_F + "qwen3_5_moe:Qwen35MoeAdapter",
+                               SOFTMAX_TOPK_RENORMALISED + "; plus sigmoid-gated shared expert", mixers="attention + Gated DeltaNet"),
+    "kimi_linear": Family(_F + "kimi_linear:KimiLinearAdapter", GROUPED_SIGMOID, mixers="MLA + Kimi Delta Attention"),
+    "minimax": Family(_F + "minimax:MiniMaxAdapter", SOFTMAX_TOPK_RENORMALISED, mixers="attention + lightning"),
+    "jamba": Family(_F + "jamba:JambaAdapter", "fp32 softmax over all experts, top-k (not renormalised)", mixers="attention + Mamba"),
+    "lfm2_moe": Family(_F + "lfm2_moe:Lfm2MoeAdapter",
+                       "sigmoid affinities; chosen with the block's expert_bias; weights = affinities / (sum + 1e-6) if "
+                       "norm_topk_prob, x routed_scaling_factor", mixers="attention + short conv"),
+    "granitemoehybrid": Family(_F + "granitemoehybrid:GraniteMoeHybridAdapter", GRANITE, mixers="attention + Mamba-2"),
+    "nemotron_h": Family(_F + "nemotron_h:NemotronHAdapter", GROUPED_SIGMOID, mixers="attention + Mamba-2"),
+    "bailing_hybrid": Family(_F + "bailing_hybrid:BailingHybridAdapter", GROUPED_SIGMOID, mixers="MLA + linear attention"),
 }
 
-SUPPORTED = tuple(ADAPTERS)
+ADAPTERS: dict[str, str] = {model_type: family.adapter for model_type, family in FAMILIES.items()}
+SUPPORTED = tuple(FAMILIES)
+
+
+def family(model_type: str) -> Family:
+    """The registry entry of a Hugging Face `config.model_type` (one-line error if unserved)."""
+    if model_type not in FAMILIES:
+        raise RouteLensError(
+            f"unsupported architecture {model_type!r}; supported model types: {', '.join(SUPPORTED)}"
+        )
+    return FAMILIES[model_type]
 
 
 def adapter_class(model_type: str) -> type[MoEAdapter]:
     """The adapter class for a Hugging Face `config.model_type`."""
-    if model_type not in ADAPTERS:
-        raise RouteLensError(
-            f"unsupported architecture {model_type!r}; supported model types: {', '.join(SUPPORTED)}"
-        )
-    module_name, class_name = ADAPTERS[model_type].split(":")
+    module_name, class_name = family(model_type).adapter.split(":")
     return getattr(importlib.import_module(module_name), class_name)
 
 

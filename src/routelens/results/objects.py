@@ -111,7 +111,7 @@ class CounterfactualResult(Result):
     """A counterfactual run: `tokens` (one row per scored token and layer), `routes` (one
     row per token, layer and route; route 0 is the standard route), `summary` (layer x bin).
 
-    Example:
+    Examples:
         >>> import routelens as rl
         >>> res = rl.read_run(demo_run)
         >>> standard = res.routes[res.routes["route"] == 0]
@@ -157,7 +157,7 @@ class IsolationResult(Result):
     (natural routing counts), `cells` (per domain, layer and expert, with tests),
     `calibration`, and `summary` (the best expert per domain and layer).
 
-    Example:
+    Examples:
         >>> import routelens as rl
         >>> res = rl.isolate(rl.load("demo"), "arithmetic", per_domain=3, layers=[0], floor_seeds=1)
         >>> len(res.cells) == 4 * 16          # domains x experts at one layer
@@ -190,7 +190,7 @@ class PassKResult(Result):
     """A pass@k run: `samples` (one row per sample), `problems` (pass@k per problem and
     arm), `summary` (per arm and k with intervals; the paired difference with two arms).
 
-    Example:
+    Examples:
         >>> import routelens as rl
         >>> res = rl.passk(rl.load("demo"), "arithmetic", n=3, samples=2, k=[1, 2])
         >>> len(res.samples), len(res.problems)
@@ -213,7 +213,7 @@ class RouterUpdateResult(Result):
     """A router update: `pairs` (the preference pairs), `training_log` (one row per step),
     `delta_path` (apply it with `routelens.load(..., router_delta=...)`), `summary`.
 
-    Example:
+    Examples:
         >>> import routelens as rl
         >>> upd = rl.router_update(rl.load("demo"), demo_run, out=str(tmp / "upd"), steps=2, margin=0.0)
         >>> len(upd.training_log), upd.delta_path.endswith("router_delta.safetensors")
@@ -243,7 +243,7 @@ class RolloutResult(Result):
     `answer`, `tokens_generated`, `continuation`), `per_token` (each arm's accuracy per
     token) and `summary` (per bin: accuracy per arm, paired differences, proxy agreement).
 
-    Example:
+    Examples:
         >>> import routelens as rl
         >>> lens = rl.load("demo")
         >>> trajs = rl.trajectories_from_text(lens.tokenizer, [("Q:5*3=A:", "5*3=15#15")], answers=["15"])
@@ -273,7 +273,7 @@ class GraftEvaluationResult(Result):
     the grafted expert forced alone), `summary` (per domain: paired differences with
     intervals, p and q).
 
-    Example:
+    Examples:
         >>> import routelens as rl
         >>> res = rl.graft("demo", "demo", "3:5=3:9", str(tmp / "grafted-eval"), evaluate=True, per_domain=3)
         >>> sorted(res.evaluation.items["domain"].unique())
@@ -295,7 +295,7 @@ class SemanticRouteResult(Result):
     (with `accuracy=True`: one greedy answer per item, layer set and arm, checked) and
     `summary` (per layer set, domain and arm: the paired difference against natural routing).
 
-    Example:
+    Examples:
         >>> import routelens as rl
         >>> res = rl.semantic_route(rl.load("demo"), "arithmetic", per_domain=2, layer_sets=[[3]], floor_seeds=1,
         ...                         accuracy=False)
@@ -324,7 +324,7 @@ class GraftResult:
     `AutoModelForCausalLM`), `record` (graft.json) and `evaluation` (a
     `GraftEvaluationResult`, or None without `evaluate`).
 
-    Example:
+    Examples:
         >>> import routelens as rl
         >>> res = rl.graft("demo", "demo", [(0, 1, 0, 2)], str(tmp / "grafted-result"))
         >>> res.evaluation is None, sorted(res.record)[:3]
@@ -346,7 +346,7 @@ RESULTS = {cls.kind: cls for cls in (CounterfactualResult, IsolationResult, Pass
 def read_run(path: str) -> Result:
     """The result of a complete run folder (any analysis), tables read lazily.
 
-    Example:
+    Examples:
         >>> import routelens as rl
         >>> result = rl.read_run(demo_run)          # a folder written by `routelens demo`
         >>> result.kind, list(result.summary.columns[:3])

@@ -12,7 +12,6 @@ from routelens.models.adapter import MoEAdapter
 class AfmoeAdapter(MoEAdapter):
     model_types = ("afmoe",)
     mlp_residual_input_attribute = "pre_mlp_layernorm"
-    gating_rule = "sigmoid affinities; chosen with the block's expert_bias; weights = affinities / (sum + 1e-20) x route_scale"
 
     def mlp_output_norm(self, layer: int):   # sandwich norms: the MLP output is normalised too
         return self.decoder_layers[layer].post_mlp_layernorm

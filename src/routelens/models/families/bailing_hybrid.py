@@ -7,4 +7,3 @@ from routelens.models.families.deepseek_v3 import DeepseekV3Adapter
 
 class BailingHybridAdapter(DeepseekV3Adapter):
     model_types = ("bailing_hybrid",)
-    layer_mixers = "MLA + linear attention"

@@ -19,8 +19,6 @@ class BeamAdapter(DeepseekV3Adapter):
     window_source = "config"
     # full-attention layers scale queries by position: attention_scaling [B, 1, T, 1]
     positional_arguments = {"position_embeddings": (0, 1), "position_ids": (0, 1), "attention_scaling": (0, 2)}
-    gating_rule = ("sigmoid affinities; chosen by affinity + correction bias within top groups; weights = affinity / "
-                   "(sum + 1e-20) if norm_topk_prob; the block scales the experts' sum by routed_scaling_factor")
 
     def weights_for(self, logits: torch.Tensor, experts: torch.Tensor) -> torch.Tensor:
         weights = torch.sigmoid(logits.float()).gather(-1, experts)

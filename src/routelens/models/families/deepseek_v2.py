@@ -15,10 +15,6 @@ from routelens.models.families.deepseek_v3 import admitted_groups
 class DeepseekV2Adapter(MoEAdapter):
     model_types = ("deepseek_v2",)
     window_source = "none"  # the model builds a plain causal mask whatever config.sliding_window says
-    gating_rule = (
-        "fp32 softmax over all experts, greedy or group-limited top-k; "
-        "weights = probabilities x routed_scaling_factor (not renormalised); shared experts added"
-    )
 
     def selection_scores(self, logits: torch.Tensor, layer: int, admitted_only: bool = True) -> torch.Tensor:
         probs = torch.softmax(logits.float(), dim=-1)

@@ -28,10 +28,6 @@ def admitted_groups(scores: torch.Tensor, num_groups: int, top_groups: int, grou
 class DeepseekV3Adapter(MoEAdapter):
     model_types = ("deepseek_v3",)
     window_source = "none"  # the model builds a plain causal mask whatever config.sliding_window says
-    gating_rule = (
-        "sigmoid affinities; chosen by affinity + correction bias within top groups; "
-        "weights = affinity / (sum + 1e-20) if norm_topk_prob, x routed_scaling_factor"
-    )
 
     def selection_scores(self, logits: torch.Tensor, layer: int, admitted_only: bool = True) -> torch.Tensor:
         # Each layer has its own correction bias. Clamped at 0 so the scores stay a

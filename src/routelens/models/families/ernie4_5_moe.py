@@ -12,7 +12,6 @@ from routelens.models.adapter import MoEAdapter
 class Ernie45MoeAdapter(MoEAdapter):
     model_types = ("ernie4_5_moe",)
     window_source = "none"   # plain causal mask
-    gating_rule = "fp32 softmax; chosen with the statistics bias; weights = probabilities / max(sum, moe_norm_min)"
 
     def selection_scores(self, logits: torch.Tensor, layer: int, admitted_only: bool = True) -> torch.Tensor:
         bias = self.routers[layer].moe_statics.e_score_correction_bias.float().reshape(-1).to(logits.device)

@@ -9,7 +9,6 @@ from routelens.models.families.softmax_topk import SoftmaxTopKAdapter
 class FlexOlmoAdapter(SoftmaxTopKAdapter):
     model_types = ("flex_olmo",)
     window_source = "none"   # plain causal mask
-    gating_rule = SoftmaxTopKAdapter.gating_rule + "; post-norm layout"
 
     def mlp_residual_input(self, layer: int):
         return self.moe_block(layer)

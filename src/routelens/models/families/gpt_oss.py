@@ -11,7 +11,6 @@ from routelens.models.adapter import MoEAdapter
 
 class GptOssAdapter(MoEAdapter):
     model_types = ("gpt_oss",)
-    gating_rule = "top-k on raw logits (router has a bias), then softmax over the k chosen logits"
 
     def weights_for(self, logits: torch.Tensor, experts: torch.Tensor) -> torch.Tensor:
         return torch.softmax(logits.float().gather(-1, experts), dim=-1)

@@ -14,7 +14,6 @@ class GraniteMoeAdapter(MoEAdapter):
     model_types = ("granitemoe", "granitemoeshared")
     moe_block_attribute = "block_sparse_moe"
     window_source = "none"   # plain causal mask
-    gating_rule = "top-k on logits, softmax over the k; residual x residual_multiplier, logits / logits_scaling"
 
     def parallel_mlp(self, layer: int):
         return getattr(self.decoder_layers[layer], "shared_mlp", None)

@@ -7,4 +7,3 @@ from routelens.models.families.granitemoe import GraniteMoeAdapter
 
 class GraniteMoeHybridAdapter(GraniteMoeAdapter):
     model_types = ("granitemoehybrid",)
-    layer_mixers = "attention + Mamba-2"

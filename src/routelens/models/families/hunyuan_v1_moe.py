@@ -6,5 +6,4 @@ from routelens.models.families.softmax_topk import SoftmaxTopKAdapter
 
 class HunYuanMoEV1Adapter(SoftmaxTopKAdapter):
     model_types = ("hunyuan_v1_moe",)
-    gating_rule = "fp32 softmax over all experts, top-k, renormalised over the k; plus a dense shared MLP"
     normalize = True

@@ -6,9 +6,7 @@ from routelens.models.families.softmax_topk import SoftmaxTopKAdapter
 
 class JambaAdapter(SoftmaxTopKAdapter):
     model_types = ("jamba",)
-    layer_mixers = "attention + Mamba"
     moe_block_attribute = "feed_forward"
     mlp_residual_input_attribute = "pre_ff_layernorm"
     final_norm_attribute = "final_layernorm"
-    gating_rule = "fp32 softmax over all experts, top-k (not renormalised)"
     normalize = False

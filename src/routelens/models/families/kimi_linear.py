@@ -7,4 +7,3 @@ from routelens.models.families.deepseek_v3 import DeepseekV3Adapter
 
 class KimiLinearAdapter(DeepseekV3Adapter):
     model_types = ("kimi_linear",)
-    layer_mixers = "MLA + Kimi Delta Attention"

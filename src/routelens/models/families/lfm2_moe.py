@@ -11,12 +11,9 @@ from routelens.models.adapter import MoEAdapter
 
 class Lfm2MoeAdapter(MoEAdapter):
     model_types = ("lfm2_moe",)
-    layer_mixers = "attention + short conv"
     moe_block_attribute = "feed_forward"
     mlp_residual_input_attribute = "ffn_norm"
     final_norm_attribute = "embedding_norm"
-    gating_rule = ("sigmoid affinities; chosen with the block's expert_bias; weights = affinities / (sum + 1e-6) "
-                   "if norm_topk_prob, x routed_scaling_factor")
 
     def _bias(self, layer: int):
         return getattr(self.moe_block(layer), "expert_bias", None)

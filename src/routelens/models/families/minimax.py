@@ -13,8 +13,6 @@ from routelens.models.families.softmax_topk import SoftmaxTopKAdapter
 
 class MiniMaxAdapter(SoftmaxTopKAdapter):
     model_types = ("minimax",)
-    layer_mixers = "attention + lightning"
-    gating_rule = "fp32 softmax over all experts, top-k, renormalised over the k"
     normalize = True
     # measured: on the tiny model, in float64, decoding token by token with MiniMaxCache differs
     # from the full forward by up to 0.1 nats, while the full forward is causal to 1e-15

@@ -12,7 +12,6 @@ from routelens.models.adapter import MoEAdapter
 class MiniMaxM2Adapter(MoEAdapter):
     model_types = ("minimax_m2",)
     window_source = "none"   # plain causal mask
-    gating_rule = "sigmoid affinities; chosen with the block's correction bias; weights = affinities / their sum"
 
     def selection_scores(self, logits: torch.Tensor, layer: int, admitted_only: bool = True) -> torch.Tensor:
         bias = self.moe_block(layer).e_score_correction_bias.float().to(logits.device)

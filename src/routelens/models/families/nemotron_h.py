@@ -9,7 +9,6 @@ from routelens.models.families.deepseek_v3 import DeepseekV3Adapter
 
 class NemotronHAdapter(DeepseekV3Adapter):
     model_types = ("nemotron_h",)
-    layer_mixers = "attention + Mamba-2"
     moe_block_attribute = "mixer"
     mlp_residual_input_attribute = "norm"
     final_norm_attribute = "norm_f"

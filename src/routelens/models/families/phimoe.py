@@ -26,7 +26,6 @@ def _masked_softmax_at(scores: torch.Tensor, reference: torch.Tensor, jitter_eps
 
 class PhimoeAdapter(MoEAdapter):
     model_types = ("phimoe",)
-    gating_rule = "sparsemixer (eval): always top-2; masked softmax within 2*jitter_eps of each maximum"
 
     def _top_k(self, router) -> int:
         return 2

@@ -7,4 +7,3 @@ from routelens.models.families.softmax_topk import SoftmaxTopKAdapter
 
 class Qwen2MoeAdapter(SoftmaxTopKAdapter):
     model_types = ("qwen2_moe",)
-    gating_rule = SoftmaxTopKAdapter.gating_rule + "; plus sigmoid-gated shared expert (not routed)"

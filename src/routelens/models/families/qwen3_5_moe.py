@@ -7,6 +7,4 @@ from routelens.models.families.softmax_topk import SoftmaxTopKAdapter
 
 class Qwen35MoeAdapter(SoftmaxTopKAdapter):
     model_types = ("qwen3_5_moe", "qwen3_5_moe_text")
-    layer_mixers = "attention + Gated DeltaNet"
-    gating_rule = "fp32 softmax over all experts, top-k, renormalised over the k; plus sigmoid-gated shared expert"
     normalize = True

@@ -7,5 +7,3 @@ from routelens.models.families.softmax_topk import SoftmaxTopKAdapter
 
 class Qwen3NextAdapter(SoftmaxTopKAdapter):
     model_types = ("qwen3_next",)
-    layer_mixers = "attention + Gated DeltaNet"
-    gating_rule = SoftmaxTopKAdapter.gating_rule + "; plus sigmoid-gated shared expert (not routed)"

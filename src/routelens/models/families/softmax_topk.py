@@ -12,7 +12,6 @@ from routelens.models.adapter import MoEAdapter
 
 
 class SoftmaxTopKAdapter(MoEAdapter):
-    gating_rule = "fp32 softmax over all experts, top-k; weights renormalised over the k if norm_topk_prob"
 
     @property
     def normalize(self) -> bool:
