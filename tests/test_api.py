@@ -11,7 +11,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-from conftest import write_jsonl
+from conftest import scaled, write_jsonl
 
 import routelens as rl
 from routelens.cli import main
@@ -181,7 +181,7 @@ def test_import_changes_no_global_state():
               "import routelens.api, routelens.report.build; "
               "assert 'matplotlib.pyplot' not in sys.modules; "
               "assert torch.get_num_threads() == threads and torch.is_grad_enabled() == grad; print('ok')")
-    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=scaled(300))
     assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr
 
 

@@ -10,7 +10,7 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from conftest import PYTHON, kill_when_parts_land, write_jsonl
+from conftest import PYTHON, kill_when_parts_land, scaled, write_jsonl
 
 from routelens.cli import main
 from routelens.models.tiny import build_tiny_model
@@ -151,7 +151,7 @@ def test_process_level_error_has_no_traceback(odd_models, tmp_path, cli_env):
     good = write_jsonl(tmp_path / "good.jsonl", TEXT_RECORDS[:1])
     result = subprocess.run([PYTHON, "-m", "routelens", "counterfactual", "--model", odd_models["llama"],
                              "--trajectories", good, "--layers", "0", "--out", str(tmp_path / "r")],
-                            capture_output=True, text=True, env=cli_env, timeout=120)
+                            capture_output=True, text=True, env=cli_env, timeout=scaled(120))
     assert result.returncode == 2
     from routelens.models import SUPPORTED
 
@@ -178,9 +178,9 @@ def test_sigkill_then_resume_equals_uninterrupted_run(saved_model, tmp_path, cli
     assert json.load(open(os.path.join(killed, "run.json")))["status"] == "running"
 
     resumed = run(killed)
-    assert resumed.wait(timeout=300) == 0, resumed.stderr.read()
+    assert resumed.wait(timeout=scaled(300)) == 0, resumed.stderr.read()
     uninterrupted = str(tmp_path / "whole")
-    assert run(uninterrupted).wait(timeout=300) == 0
+    assert run(uninterrupted).wait(timeout=scaled(300)) == 0
 
     a = pd.read_parquet(os.path.join(killed, "routes.parquet"))
     b = pd.read_parquet(os.path.join(uninterrupted, "routes.parquet"))
@@ -193,7 +193,7 @@ def test_sigkill_then_resume_equals_uninterrupted_run(saved_model, tmp_path, cli
 def test_hub_id_that_cannot_be_reached_is_a_one_line_error(tmp_path, cli_env):
     cli_env["HF_HUB_OFFLINE"] = "1"  # no network here either way; offline mode skips the retries
     result = subprocess.run([PYTHON, "-m", "routelens", "inspect", "--model", "nobody/no-such-moe"],
-                            capture_output=True, text=True, env=cli_env, timeout=120)
+                            capture_output=True, text=True, env=cli_env, timeout=scaled(120))
     assert result.returncode == 2
     [line] = result.stderr.strip().splitlines()
     assert line.startswith("routelens: error: cannot read the model config of 'nobody/no-such-moe'")
@@ -260,3 +260,15 @@ def test_trajectories_from_a_problem_file_are_verified_with_math_verify(saved_mo
     from routelens.data.trajectories import load_trajectories
 
     assert len(load_trajectories(str(tmp_path / "a.jsonl"))) == 6
+
+
+@pytest.mark.quick
+@pytest.mark.parametrize("argv", [["--version"], ["models"], ["--help"]])
+def test_commands_that_load_no_model_import_no_torch(argv):
+    """`routelens --version`, `models` and `--help` answer at once: no torch, no transformers."""
+    script = ("import sys\nfrom routelens.cli import main\ntry:\n    main(sys.argv[1:])\nexcept SystemExit:\n    pass\n"
+              "heavy = [m for m in ('torch', 'transformers', 'pandas') if m in sys.modules]\n"
+              "assert not heavy, heavy\n")
+    result = subprocess.run([PYTHON, "-c", script, *argv], capture_output=True, text=True, timeout=scaled(120))
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip()

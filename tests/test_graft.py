@@ -9,7 +9,7 @@ import os
 import numpy as np
 import pytest
 import torch
-from conftest import PYTHON
+from conftest import PYTHON, scaled
 from scipy import stats as sp
 from transformers import AutoModelForCausalLM
 
@@ -145,12 +145,12 @@ def test_graft_command_prints_and_writes(folders, tmp_path, cli_env):
     out = str(tmp_path / "cli-graft")
     done = subprocess.run([PYTHON, "-m", "routelens", "graft", "--recipient", folders["recipient"], "--donor",
                            folders["donor"], "--experts", "1:2=1:2", "--out", out], capture_output=True, text=True,
-                          env=cli_env, timeout=300)
+                          env=cli_env, timeout=scaled(300))
     assert done.returncode == 0, done.stderr
     assert f"grafted 1:2=1:2 from {folders['donor']}" in done.stdout
     assert json.load(open(os.path.join(out, "graft.json")))["pairs"][0]["pair"] == "1:2=1:2"
     bad = subprocess.run([PYTHON, "-m", "routelens", "graft", "--recipient", folders["recipient"], "--donor",
                           folders["qwen"], "--experts", "1:2=1:2", "--out", str(tmp_path / "x")],
-                         capture_output=True, text=True, env=cli_env, timeout=300)
+                         capture_output=True, text=True, env=cli_env, timeout=scaled(300))
     assert bad.returncode == 2 and len(bad.stderr.strip().splitlines()) == 1
     assert "grafting copies an expert between models of one family" in bad.stderr

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 
 import pytest
+from conftest import scaled
 
 nbformat = pytest.importorskip("nbformat")
 nbclient = pytest.importorskip("nbclient")
@@ -14,7 +15,7 @@ NOTEBOOK = os.path.join(os.path.dirname(__file__), "..", "examples", "quickstart
 
 def test_quickstart_notebook_runs(tmp_path):
     notebook = nbformat.read(NOTEBOOK, as_version=4)
-    client = nbclient.NotebookClient(notebook, timeout=600, kernel_name="python3",
+    client = nbclient.NotebookClient(notebook, timeout=int(scaled(600)), kernel_name="python3",
                                      resources={"metadata": {"path": str(tmp_path)}})
     client.execute()   # raises CellExecutionError, with the cell and its traceback, when a cell fails
     outputs = [output for cell in notebook.cells if cell.cell_type == "code" for output in cell.get("outputs", [])]

@@ -12,12 +12,11 @@ import signal
 import subprocess
 import sys
 import threading
-import time
 
 import pandas as pd
 import pytest
 import torch
-from conftest import PYTHON, kill_when_parts_land, write_jsonl
+from conftest import PYTHON, kill_when_parts_land, scaled, unit_parts, wait_until, write_jsonl
 
 import routelens as rl
 from routelens.cli import main
@@ -62,16 +61,38 @@ def single_process(saved_model, tmp_path_factory):
     return trajectories, str(folder)
 
 
+@pytest.fixture(autouse=True)
+def no_ray_left_running():
+    """Every run here starts its own local Ray and must shut it down, whatever happens."""
+    yield
+    import ray
+
+    if ray.is_initialized():
+        ray.shutdown()
+        pytest.fail("the test left Ray running")
+
+
+def _parent(pid: int) -> int:
+    with open(f"/proc/{pid}/stat") as handle:
+        return int(handle.read().rsplit(")", 1)[1].split()[1])
+
+
 def _actor_pids() -> list[int]:
-    """Processes of Ray Data's map actors (their title names the map_batches class)."""
+    """Processes of Ray Data's map actors (their title names the map_batches class) that
+    descend from this process (the local Ray it started), never another Ray's."""
     pids = []
     for pid in filter(str.isdigit, os.listdir("/proc")):
         try:
             with open(f"/proc/{pid}/cmdline", "rb") as handle:
                 title = handle.read().decode(errors="replace")
-        except OSError:
+            if not (title.startswith("ray::") and "MapWorker" in title):
+                continue
+            ancestor = int(pid)
+            while ancestor > 1 and ancestor != os.getpid():
+                ancestor = _parent(ancestor)
+        except (OSError, ValueError, IndexError):
             continue
-        if title.startswith("ray::") and "MapWorker" in title:
+        if ancestor == os.getpid():
             pids.append(int(pid))
     return pids
 
@@ -104,27 +125,28 @@ def test_run_started_in_one_process_is_finished_on_ray_despite_a_killed_actor(sa
                "--layers", "0,-1", "--routes", "4", "--group-tokens", "1", "--out", out, "--no-progress"]
     kill_when_parts_land(subprocess.Popen(command, env=cli_env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL),
                          out, 3, prefix="tokens-")
-    started_alone = len([p for p in os.listdir(os.path.join(out, "parts")) if p.startswith("tokens-")])
+    started_alone = len(unit_parts(out, "tokens-"))
     assert 3 <= started_alone < len(RECORDS)
 
     killed = []
 
     def kill_an_actor_mid_run():
-        deadline = time.time() + 240
-        while time.time() < deadline:
-            done = [p for p in os.listdir(os.path.join(out, "parts")) if p.startswith("tokens-")]
-            pids = _actor_pids()
-            if len(done) >= started_alone + 2 and pids:   # the actors are scoring the remaining groups
-                os.kill(pids[0], signal.SIGKILL)
-                killed.append(pids[0])
-                return
-            time.sleep(0.01)
+        # at the first group the actors finish, the others are still to score: one actor
+        # dies mid-run (waiting on files, not on time)
+        def first_group_on_ray():
+            return len(unit_parts(out, "tokens-")) > started_alone and _actor_pids()
+
+        wait_until(first_group_on_ray, 240, "the first group scored on Ray")
+        pid = _actor_pids()[0]
+        os.kill(pid, signal.SIGKILL)
+        killed.append((pid, len(unit_parts(out, "tokens-"))))
 
     watcher = threading.Thread(target=kill_an_actor_mid_run, daemon=True)
     watcher.start()
     rl.run_counterfactual(rl.load(saved_model), trajectories, out, show_progress=False, ray="local", workers=2, **SETTINGS)
-    watcher.join(timeout=5)
-    assert killed, "no actor was killed: the run finished first"
+    watcher.join(timeout=scaled(5))
+    assert killed, "no actor was killed"
+    assert killed[0][1] < len(RECORDS), "the actor was killed after the run had scored every group"
     _assert_same_run(out, reference)
     run_json = json.load(open(os.path.join(out, "run.json")))
     assert [s["execution"]["ray"] is None for s in run_json["sessions"]] == [True, False]

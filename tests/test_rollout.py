@@ -11,7 +11,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-from conftest import PYTHON, kill_when_parts_land, write_jsonl
+from conftest import PYTHON, kill_when_parts_land, scaled, write_jsonl
 
 import routelens as rl
 from routelens.analyses.rollout import ARMS, per_token
@@ -165,9 +165,9 @@ def test_sigkill_then_resume_equals_uninterrupted_run(demo_cf, tmp_path, cli_env
     kill_when_parts_land(run(killed), killed, 2)
     assert json.load(open(os.path.join(killed, "run.json")))["status"] == "running"
     resumed = run(killed)
-    assert resumed.wait(timeout=300) == 0, resumed.stderr.read()
+    assert resumed.wait(timeout=scaled(300)) == 0, resumed.stderr.read()
     whole = str(tmp_path / "whole")
-    assert run(whole).wait(timeout=300) == 0
+    assert run(whole).wait(timeout=scaled(300)) == 0
     a = pd.read_parquet(os.path.join(killed, "rollouts.parquet"))
     b = pd.read_parquet(os.path.join(whole, "rollouts.parquet"))
     assert len(a) == len(b) == 8 * 3 * 4
