@@ -227,6 +227,9 @@ def _ray_results(job: UnitJob, groups: list[list[int]], settings: RaySettings, d
             ray.shutdown()
 
 
+LOCAL_OBJECT_STORE_BYTES = 1 << 30
+
+
 def _connect(settings: RaySettings) -> bool:
     """Start or join Ray as the settings say; True when this call started it (and ends it)."""
     import ray
@@ -236,7 +239,9 @@ def _connect(settings: RaySettings) -> bool:
     quiet = dict(include_dashboard=False, configure_logging=False, log_to_driver=True)
     if settings.address == "local":
         cpus = max(os.cpu_count() or 1, int(settings.workers * settings.cpus_per_worker + 0.999))
-        ray.init(num_cpus=cpus, **quiet)
+        # only unit ids and result tables pass through the object store (actors load the
+        # weights themselves): a bounded store, not Ray's default of 30% of the memory
+        ray.init(num_cpus=cpus, object_store_memory=LOCAL_OBJECT_STORE_BYTES, **quiet)
     else:
         try:
             ray.init(address=settings.address, **quiet)
