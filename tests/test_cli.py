@@ -262,10 +262,22 @@ def test_trajectories_from_a_problem_file_are_verified_with_math_verify(saved_mo
     assert len(load_trajectories(str(tmp_path / "a.jsonl"))) == 6
 
 
+COMMAND_NAMES = ["demo", "counterfactual", "rollout", "isolate", "semantic-route", "graft", "router-update", "passk",
+                 "report", "export", "trajectories", "verify", "inspect", "models", "evaluate", "train-demo"]
+
+
 @pytest.mark.quick
-@pytest.mark.parametrize("argv", [["--version"], ["models"], ["--help"]])
+def test_command_names_are_the_parsers():
+    from routelens.cli import commands
+
+    assert sorted(commands()) == sorted(COMMAND_NAMES)
+
+
+@pytest.mark.quick
+@pytest.mark.parametrize("argv", [["--version"], ["models"], ["--help"]] + [[name, "--help"] for name in COMMAND_NAMES])
 def test_commands_that_load_no_model_import_no_torch(argv):
-    """`routelens --version`, `models` and `--help` answer at once: no torch, no transformers."""
+    """`routelens --version`, `models`, `--help` and each command's `--help` answer at once:
+    no torch, no transformers, no pandas."""
     script = ("import sys\nfrom routelens.cli import main\ntry:\n    main(sys.argv[1:])\nexcept SystemExit:\n    pass\n"
               "heavy = [m for m in ('torch', 'transformers', 'pandas') if m in sys.modules]\n"
               "assert not heavy, heavy\n")
