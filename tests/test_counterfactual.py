@@ -11,15 +11,27 @@ from scipy import stats as sp
 from routelens.analyses.counterfactual import (
     BINS,
     CounterfactualConfig,
-    analyse_trajectory,
+    analyse_trajectories,
     bin_of,
     summarise,
-    token_metrics,
+    token_metrics_rows,
     trajectory_groups,
 )
 from routelens.data.trajectories import Trajectory
 from routelens.engine.reference import ReferenceEngine
 from routelens.models import capture_routes
+
+
+def analyse_trajectory(adapter, engine, trajectory, layers, config):
+    """One trajectory's routes and tokens tables."""
+    tables = analyse_trajectories(adapter, engine, [trajectory], layers, config)[0]
+    return tables["routes"], tables["tokens"]
+
+
+def token_metrics(logprob, router_score, experts, config) -> dict:
+    """`token_metrics_rows` for one token's routes (route 0 standard), as plain lists."""
+    rows = token_metrics_rows(logprob[None], router_score[None], experts[None], config)
+    return {name: value[0].tolist() for name, value in rows.items()}
 
 
 def _trajectory(seed=0, length=12, start=5, tid="t0"):

@@ -138,8 +138,10 @@ def test_run_started_in_one_process_is_finished_on_ray_despite_a_killed_actor(sa
 
         wait_until(first_group_on_ray, 240, "the first group scored on Ray")
         pid = _actor_pids()[0]
+        with open(f"/proc/{pid}/stat") as handle:
+            niceness = int(handle.read().rsplit(")", 1)[1].split()[16])
         os.kill(pid, signal.SIGKILL)
-        killed.append((pid, len(unit_parts(out, "tokens-"))))
+        killed.append((pid, len(unit_parts(out, "tokens-")), niceness))
 
     watcher = threading.Thread(target=kill_an_actor_mid_run, daemon=True)
     watcher.start()
@@ -147,6 +149,7 @@ def test_run_started_in_one_process_is_finished_on_ray_despite_a_killed_actor(sa
     watcher.join(timeout=scaled(5))
     assert killed, "no actor was killed"
     assert killed[0][1] < len(RECORDS), "the actor was killed after the run had scored every group"
+    assert killed[0][2] == os.nice(0), "a local Ray's actors run at the driver's priority (Ray's default is nice 15)"
     _assert_same_run(out, reference)
     run_json = json.load(open(os.path.join(out, "run.json")))
     assert [s["execution"]["ray"] is None for s in run_json["sessions"]] == [True, False]

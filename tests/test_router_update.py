@@ -16,7 +16,6 @@ from scipy import stats as sps
 from routelens import stats
 from routelens.analyses.router_update import (
     parameter_hashes,
-    plackett_luce_brute_force,
     plackett_luce_set_log_prob,
     route_log_weights,
 )
@@ -41,6 +40,18 @@ def test_plackett_luce_set_probability_equals_the_sum_over_orderings(k):
     assert float(total) == pytest.approx(1.0, abs=1e-12)
     assert torch.allclose(plackett_luce_set_log_prob(log_weights, experts.flip(-1)), got.log())
 
+
+
+def plackett_luce_brute_force(weights: np.ndarray, experts: list[int]) -> float:
+    """The probability of an expert set by summing the sequential probability of every order."""
+    total = 0.0
+    for order in itertools.permutations(experts):
+        probability, left = 1.0, 1.0
+        for expert in order:
+            probability *= weights[expert] / left
+            left -= weights[expert]
+        total += probability
+    return total
 
 def test_plackett_luce_is_differentiable_and_stable_for_tiny_probabilities():
     logits = torch.tensor([[30.0, 0.0, -30.0, -30.0, 5.0]], dtype=torch.float64, requires_grad=True)

@@ -240,8 +240,12 @@ def _connect(settings: RaySettings) -> bool:
     if settings.address == "local":
         cpus = max(os.cpu_count() or 1, int(settings.workers * settings.cpus_per_worker + 0.999))
         # only unit ids and result tables pass through the object store (actors load the
-        # weights themselves): a bounded store, not Ray's default of 30% of the memory
-        ray.init(num_cpus=cpus, object_store_memory=LOCAL_OBJECT_STORE_BYTES, **quiet)
+        # weights themselves): a bounded store, not Ray's default of 30% of the memory.
+        # Ray runs its workers at nice 15; here the actors do all the work while the driver
+        # waits, so any other busy process would starve them (measured: actors at 3% of a
+        # core beside two CPU-bound loops): they run at the driver's priority instead.
+        ray.init(num_cpus=cpus, object_store_memory=LOCAL_OBJECT_STORE_BYTES,
+                 _system_config={"worker_niceness": 0}, **quiet)
     else:
         try:
             ray.init(address=settings.address, **quiet)

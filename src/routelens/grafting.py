@@ -166,7 +166,3 @@ def checkpoint_dtype(spec: str) -> str:
     name = str(dtype).replace("torch.", "") if dtype is not None else "float32"
     return name if name in DTYPES else "float32"
 
-
-def read_graft_record(folder: str) -> dict:
-    with open(os.path.join(folder, GRAFT_JSON), encoding="utf-8") as handle:
-        return json.load(handle)

@@ -150,14 +150,6 @@ def build_routes(adapter: MoEAdapter, trajectory: Trajectory, layers: list[int],
     return result
 
 
-def token_metrics(logprob: np.ndarray, router_score: np.ndarray, experts: np.ndarray,
-                  config: CounterfactualConfig) -> dict:
-    """Per-token quantities from the logprobs [R], router scores [R] and expert sets [R, k]
-    of one token's routes (route 0 standard): `token_metrics_rows` for one row."""
-    rows = token_metrics_rows(logprob[None], router_score[None], experts[None], config)
-    return {name: value[0].tolist() for name, value in rows.items()}
-
-
 def token_metrics_rows(logprob: np.ndarray, router_score: np.ndarray, experts: np.ndarray,
                        config: CounterfactualConfig) -> dict[str, np.ndarray]:
     """Per-token quantities of P tokens at once from the logprobs [P, R], router scores
@@ -367,13 +359,6 @@ def analyse_trajectories(adapter: MoEAdapter, engine, trajectories: list[Traject
                                        {layer: scored[layer][i] for layer in joint}, config))
         results.append(tables)
     return results
-
-
-def analyse_trajectory(adapter: MoEAdapter, engine, trajectory: Trajectory, layers: list[int],
-                       config: CounterfactualConfig) -> tuple[pa.Table, pa.Table]:
-    """One trajectory's routes and tokens tables."""
-    tables = analyse_trajectories(adapter, engine, [trajectory], layers, config)[0]
-    return tables["routes"], tables["tokens"]
 
 
 def trajectory_groups(todo: list[int], trajectories: list[Trajectory], max_tokens: int,

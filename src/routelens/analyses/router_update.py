@@ -81,18 +81,6 @@ def plackett_luce_set_log_prob(log_weights: torch.Tensor, experts: torch.Tensor)
     return table[:, -1]
 
 
-def plackett_luce_brute_force(weights: np.ndarray, experts: list[int]) -> float:
-    """The same probability by summing the sequential probability of every order (tests)."""
-    total = 0.0
-    for order in itertools.permutations(experts):
-        probability, left = 1.0, 1.0
-        for expert in order:
-            probability *= weights[expert] / left
-            left -= weights[expert]
-        total += probability
-    return total
-
-
 def route_log_weights(adapter: MoEAdapter, logits: torch.Tensor, layer: int) -> torch.Tensor:
     """log of the router's distribution over experts that routes are drawn from: the
     family's selection scores, normalised (the softmax for softmax routers), float64."""

@@ -184,10 +184,6 @@ def _row(item: TargetItem, layer_set: str, arm: str, floor_seed, predicted: str,
 
 
 # ---------------------------------------------------------------------------- accuracy (generation)
-ACCURACY_SCHEMA = pa.schema([
-    ("item_id", pa.string()), ("domain", pa.string()), ("layer_set", pa.string()), ("arm", pa.string()),
-    ("floor_seed", pa.int64()), ("correct", pa.bool_()), ("completion", pa.string()),
-])
 GENERATION_CHUNK = 64   # items generated together (one batch: a batch row is an item)
 
 

@@ -2,7 +2,7 @@
 
 Changing the route of token t at layer l changes only the MoE output of position t at
 layer l. Positions before t never see position t, and positions after t are not scored
-for token t. So, for all scored tokens at once (see ../shared/DESIGN.md):
+for token t. So, for all scored tokens at once (docs/engines.md tells the whole story):
 
 1. One natural forward records, per layer, the standard keys and values (attention
    wrapper in record mode), and at layer l the post-attention residual h_mid, the MoE
