@@ -156,7 +156,8 @@ def test_process_level_error_has_no_traceback(odd_models, tmp_path, cli_env):
     from routelens.models import SUPPORTED
 
     assert result.stderr.strip().splitlines() == [
-        f"routelens: error: unsupported architecture 'llama'; supported model types: {', '.join(SUPPORTED)}"
+        f"routelens: error: unsupported architecture 'llama'; supported model types: {', '.join(SUPPORTED)} "
+        "(routelens.register_family serves another)"
     ]
 
 

@@ -38,6 +38,7 @@ _EXPORTS = {
     "EvalProblem": "routelens.analyses.passk", "Trajectory": "routelens.data.trajectories",
     "TargetItem": "routelens.data.target_items",
     "RouteLensError": "routelens.errors", "OverrideNotApplied": "routelens.errors",
+    "register_family": "routelens.models.registry",
 }
 
 __all__ = ["__version__", *_EXPORTS]

@@ -21,7 +21,7 @@ def add_arguments(parser) -> None:
 def run(args) -> int:
     from routelens.models.registry import FAMILIES
 
-    rows = [(model_type, entry, entry.adapter.split(":")[1]) for model_type, entry in FAMILIES.items()]
+    rows = [(model_type, entry, entry.adapter_name) for model_type, entry in FAMILIES.items()]
     width = max(len(adapter) for *_, adapter in rows)
     mixers = max(len(entry.mixers) for _, entry, _ in rows)
     print(f"{'model type':<18} {'adapter':<{width}} {'layers':<{mixers}} gating rule")

@@ -4,11 +4,16 @@ the gating rule in one line and the token mixers of its layers.
 Plain data, imported without torch: `routelens models` lists it in well under a second, and
 a new family is one file plus a line here. The adapter reads its `gating_rule` and
 `layer_mixers` from here (`MoEAdapter.gating_rule`).
+
+A family defined outside routelens is added at run time with `register_family`, or by a
+package that declares it in the entry-point group `routelens.families` (name: the model
+type; value: a `Family`), loaded the first time that model type is asked for.
 """
 
 from __future__ import annotations
 
 import importlib
+import importlib.metadata
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -20,9 +25,21 @@ if TYPE_CHECKING:
 
 @dataclass(frozen=True)
 class Family:
-    adapter: str               # "module:Class"
+    """One MoE family as the registry knows it.
+
+    Examples:
+        >>> from routelens.models.registry import family
+        >>> family("olmoe").adapter_name, family("olmoe").mixers
+        ('OlmoeAdapter', 'attention')
+    """
+
+    adapter: str | type        # "module:Class" (imported on first use), or the adapter class itself
     gating_rule: str           # one line, shown by `routelens models` and `routelens inspect`
     mixers: str = "attention"  # token mixers of the decoder layers ("attention + Mamba": a hybrid)
+
+    @property
+    def adapter_name(self) -> str:
+        return self.adapter.split(":")[1] if isinstance(self.adapter, str) else self.adapter.__name__
 
 
 SOFTMAX_TOPK = "fp32 softmax over all experts, top-k; weights renormalised over the k if norm_topk_prob"
@@ -84,22 +101,73 @@ FAMILIES: dict[str, Family] = {
     "bailing_hybrid": Family(_F + "bailing_hybrid:BailingHybridAdapter", GROUPED_SIGMOID, mixers="MLA + linear attention"),
 }
 
-ADAPTERS: dict[str, str] = {model_type: family.adapter for model_type, family in FAMILIES.items()}
-SUPPORTED = tuple(FAMILIES)
+ADAPTERS: dict[str, str] = {model_type: entry.adapter for model_type, entry in FAMILIES.items()}
+SUPPORTED = tuple(FAMILIES)   # the families routelens ships (registered ones come on top)
+ENTRY_POINT_GROUP = "routelens.families"
+
+
+def register_family(model_type: str, adapter, gating_rule: str, mixers: str = "attention", *,
+                    replace: bool = False) -> Family:
+    """Serve the Hugging Face `model_type` with `adapter` (an `MoEAdapter` subclass, or
+    "module:Class"), defined outside routelens. `gating_rule`: the rule in one line, as
+    `routelens models` shows it; `mixers`: what mixes positions in its layers. A model type
+    routelens already serves is refused unless `replace`.
+
+    Examples:
+        >>> import routelens as rl
+        >>> from routelens.models.families.softmax_topk import SoftmaxTopKAdapter
+        >>> class MyAdapter(SoftmaxTopKAdapter):
+        ...     pass
+        >>> rl.register_family("my_olmoe_variant", MyAdapter, "fp32 softmax over all experts, top-k").adapter_name
+        'MyAdapter'
+    """
+    from routelens.models.adapter import MoEAdapter
+
+    if not isinstance(model_type, str) or not model_type.strip():
+        raise RouteLensError(f"model_type must be a non-empty string (a config's model_type), got {model_type!r}")
+    if isinstance(adapter, str):
+        if adapter.count(":") != 1:
+            raise RouteLensError(f"adapter {adapter!r} must be a class or 'module:Class'")
+    elif not (isinstance(adapter, type) and issubclass(adapter, MoEAdapter)):
+        raise RouteLensError(f"adapter must be a subclass of routelens.models.adapter.MoEAdapter, got {adapter!r}")
+    if not isinstance(gating_rule, str) or not gating_rule.strip() or "\n" in gating_rule:
+        raise RouteLensError("gating_rule must be the gating rule in one line of text")
+    if model_type in FAMILIES and not replace:
+        raise RouteLensError(f"model type {model_type!r} is already served by {FAMILIES[model_type].adapter_name}; "
+                             "pass replace=True to serve it with another adapter")
+    entry = FAMILIES[model_type] = Family(adapter, gating_rule, mixers)
+    return entry
+
+
+def _from_entry_points(model_type: str) -> Family | None:
+    """A family that an installed package declares for `model_type` (entry-point group
+    `routelens.families`), registered on first use."""
+    for entry_point in importlib.metadata.entry_points(group=ENTRY_POINT_GROUP):
+        if entry_point.name == model_type:
+            declared = entry_point.load()
+            if not isinstance(declared, Family):
+                raise RouteLensError(f"entry point {entry_point.value!r} ({ENTRY_POINT_GROUP}: {model_type}) must be a "
+                                     f"routelens.models.registry.Family, got {type(declared).__name__}")
+            return register_family(model_type, declared.adapter, declared.gating_rule, declared.mixers)
+    return None
 
 
 def family(model_type: str) -> Family:
     """The registry entry of a Hugging Face `config.model_type` (one-line error if unserved)."""
-    if model_type not in FAMILIES:
+    if model_type not in FAMILIES and _from_entry_points(model_type) is None:
         raise RouteLensError(
-            f"unsupported architecture {model_type!r}; supported model types: {', '.join(SUPPORTED)}"
+            f"unsupported architecture {model_type!r}; supported model types: {', '.join(FAMILIES)} "
+            "(routelens.register_family serves another)"
         )
     return FAMILIES[model_type]
 
 
 def adapter_class(model_type: str) -> type[MoEAdapter]:
     """The adapter class for a Hugging Face `config.model_type`."""
-    module_name, class_name = family(model_type).adapter.split(":")
+    adapter = family(model_type).adapter
+    if not isinstance(adapter, str):
+        return adapter
+    module_name, class_name = adapter.split(":")
     return getattr(importlib.import_module(module_name), class_name)
 
 
