@@ -165,3 +165,18 @@ def test_a_model_loaded_with_hub_kernels_is_refused_in_one_line():
     with pytest.raises(RouteLensError, match="use_kernels=True") as error:
         adapter_for(model)
     assert "\n" not in str(error.value)
+
+
+@pytest.mark.parametrize("name", ["fast", "cache", "reference"])
+def test_every_engine_implements_the_engine_contract_and_shares_its_deviation_record(tiny_adapters, name):
+    from routelens.engine import Engine
+
+    adapter = tiny_adapters["olmoe"]
+    engine = make_engine(name, adapter)
+    assert isinstance(engine, Engine)
+    record = engine.check_record()
+    assert set(record) == {"standard_route_max_abs_logprob_diff", "standard_route_mean_abs_logprob_diff",
+                           "engine_fallback", "cache_engine_layers", "cache_engine_fallback"}
+    helpers = [getattr(engine, "cache", None), getattr(getattr(engine, "cache", engine), "reference", None)]
+    for helper in filter(None, helpers):   # engines that hand work on record every route in one place
+        assert helper.deviation is engine.deviation

@@ -169,9 +169,10 @@ def _engines_vs_reference(adapter, input_ids, layer, routes, seed, scored_positi
             fast_engine = FastEngine(adapter)
             fast = fast_engine.score_batch(layer, [item])[0]
             declared = adapter.cache_engine_defect
-            reason = fast_engine.fallback_reason or (None if declared else fast_engine.cache.fallback_reason)
-            served = (f"; served by the {'reference' if declared else 'cache'} engine "
-                      f"({fast_engine.cache_layers[first]})" if first in fast_engine.cache_layers else "")
+            record = fast_engine.check_record()
+            reason = record["engine_fallback"] or (None if declared else record["cache_engine_fallback"])
+            handed = record["cache_engine_layers"].get(str(first))
+            served = f"; served by the {'reference' if declared else 'cache'} engine ({handed})" if handed else ""
         except FastEngineUnsupported as unsupported:
             fast, reason, served = reference, str(unsupported), ""
         difference = float(np.abs(fast - reference).max())

@@ -94,8 +94,8 @@ def group_natural_routes(adapter: MoEAdapter, engine, trajectories: list[Traject
     pass itself and keeps what scoring the group needs: one natural forward per group."""
     input_ids = [torch.tensor(t.input_ids) for t in trajectories]
     with final_norm_states(adapter) as final:   # the padded rows' read-out, for the padding check
-        captured = engine.natural_routes(input_ids, layers) if hasattr(engine, "natural_routes") else None
-        if captured is None:   # another engine, or a pass the fast engine cannot make here
+        captured = engine.natural_routes(input_ids, layers)
+        if captured is None:   # an engine without a shared pass, or one the fast engine cannot make here
             with torch.no_grad(), capture_routes(adapter, layers) as captured:
                 adapter.model(pad_right(input_ids).to(adapter.device), use_cache=False, logits_to_keep=1)
     if engine.padding.due([len(ids) for ids in input_ids]):
@@ -614,12 +614,6 @@ class CounterfactualJob(UnitJob):
 def engine_checks(engine) -> dict:
     """What run.json records of the run-time checks: the largest standard-route deviation
     from the natural forward (nats) and whether the fast engine fell back, and why."""
-    largest, mean = engine.deviation.largest
-    cache = getattr(engine, "cache", None)   # the fast engine's cache engine, for layers it cannot patch
-    return {"gating_rule": "reproduced the router's weights on every trajectory",
-            "standard_route_max_abs_logprob_diff": largest, "standard_route_mean_abs_logprob_diff": mean,
-            "engine_fallback": engine.fallback_reason,
-            "cache_engine_layers": {str(k): v for k, v in getattr(engine, "cache_layers", {}).items()},
-            "cache_engine_fallback": cache.fallback_reason if cache is not None else None,
+    return {"gating_rule": "reproduced the router's weights on every trajectory", **engine.check_record(),
             **engine.padding.record("trajectory", "one trajectory at a time" if engine.max_group == 1
                                     else f"groups of up to {engine.max_group} trajectories")}

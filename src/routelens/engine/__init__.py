@@ -11,12 +11,15 @@ log p(token t + 1) at each position t under each route, [P, R] per item.
 - `fast` (default): prefix reuse, expert outputs computed once, diagonal-patched attention
   above the layer; exact (checked against `reference`), batched over tokens and sequences.
   Layers it cannot patch (a recurrent layer above) go to `cache`, said once.
+
+Each implements the `Engine` contract (`routelens.engine.base`).
 """
 
 from __future__ import annotations
 
 import warnings
 
+from routelens.engine.base import Engine
 from routelens.engine.cache import CacheEngine
 from routelens.engine.fast import FastEngine, FastEngineUnsupported
 from routelens.engine.items import ScoreItem
@@ -48,4 +51,4 @@ def make_engine(name: str, adapter, *, memory_budget: int = DEFAULT_MEMORY_BUDGE
         return CacheEngine(adapter, **options)
 
 
-__all__ = ["ENGINES", "CacheEngine", "FastEngine", "ReferenceEngine", "ScoreItem", "make_engine"]
+__all__ = ["ENGINES", "CacheEngine", "Engine", "FastEngine", "ReferenceEngine", "ScoreItem", "make_engine"]

@@ -29,6 +29,7 @@ import warnings
 import numpy as np
 import torch
 
+from routelens.engine.base import check_fields
 from routelens.engine.checks import DeviationRecord, PaddingCheck
 from routelens.engine.items import ScoreItem, joint_layers, joint_overrides, layer_label, per_layer
 from routelens.engine.readout import DEFAULT_MEMORY_BUDGET, activation_bytes, record_layer_arguments, target_log_probs
@@ -56,14 +57,23 @@ class CacheEngine:
     max_group = 1   # one sequence at a time: its cache is walked token by token
 
     def __init__(self, adapter: MoEAdapter, memory_budget: int = DEFAULT_MEMORY_BUDGET,
-                 route_batch_size: int = 33, route_chunk: int | None = None):
+                 route_batch_size: int = 33, route_chunk: int | None = None, deviation: DeviationRecord | None = None):
         self.adapter = adapter
         self.memory_budget = int(memory_budget)
         self.route_chunk = route_chunk
-        self.reference = ReferenceEngine(adapter, route_batch_size=route_batch_size, memory_budget=memory_budget)
+        # |route 0 - natural| seen so far, nats: one record with the reference engine it falls back to
+        self.deviation = deviation or DeviationRecord(adapter)
+        self.reference = ReferenceEngine(adapter, route_batch_size=route_batch_size, memory_budget=memory_budget,
+                                         deviation=self.deviation)
         self.fallback_reason: str | None = None
-        self.deviation = DeviationRecord(adapter)   # |route 0 - natural| seen so far, nats
         self.padding = PaddingCheck(adapter, memory_budget)   # may unequal lengths share a forward (checked once)
+
+    def natural_routes(self, input_ids: list[torch.Tensor], layers: list[int]) -> None:
+        """No natural pass of its own to share: the analysis runs the forward (see `Engine`)."""
+        return None
+
+    def check_record(self) -> dict:
+        return check_fields(self.deviation, self.fallback_reason)
 
     # ------------------------------------------------------------------ one natural step
     def _natural_step(self, token: torch.Tensor, cache, layer: int) -> dict:

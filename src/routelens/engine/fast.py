@@ -45,6 +45,7 @@ import numpy as np
 import torch
 
 from routelens.engine import attention
+from routelens.engine.base import check_fields
 from routelens.engine.batching import pad_right, per_row_arguments, row_positions
 from routelens.engine.cache import CacheEngine
 from routelens.engine.checks import DeviationRecord, PaddingCheck
@@ -78,11 +79,11 @@ class FastEngine:
         attention.register()
         # layers the patch cannot serve, and any failed check, go to the cache engine (exact for
         # every layout, checked itself, and falling back to the reference engine in turn)
-        self.cache = CacheEngine(adapter, memory_budget=memory_budget, route_batch_size=route_batch_size)
+        self.deviation = DeviationRecord(adapter)   # |route 0 - natural| seen so far, nats (shared with `cache`)
+        self.cache = CacheEngine(adapter, memory_budget=memory_budget, route_batch_size=route_batch_size,
+                                 deviation=self.deviation)
         self.fallback_reason: str | None = None
-        self.deviation = DeviationRecord(adapter)   # |route 0 - natural| seen so far, nats
         self.padding = PaddingCheck(adapter, memory_budget)   # may unequal lengths share a forward (checked once)
-        self.cache.deviation = self.cache.reference.deviation = self.deviation
         self.cache_layers: dict[int, str] = {}     # layer -> why the cache engine scores it
         self._last: tuple[torch.Tensor, dict[int, dict]] | None = None   # natural_routes' pass, for score_batch
 
@@ -111,6 +112,9 @@ class FastEngine:
             return (f"layers above {layer} include {', '.join(sorted(kinds))} layers, which the fast engine's "
                     "attention patch does not cover")
         return None
+
+    def check_record(self) -> dict:
+        return check_fields(self.deviation, self.fallback_reason, self.cache_layers, self.cache.fallback_reason)
 
     # ------------------------------------------------------------------ natural pass
     @contextmanager

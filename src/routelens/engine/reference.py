@@ -18,6 +18,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from routelens.engine.base import check_fields
 from routelens.engine.checks import DeviationRecord, PaddingCheck, RuntimeCheckFailed
 from routelens.engine.items import ScoreItem, joint_layers, joint_overrides, layer_label, per_layer
 from routelens.engine.readout import DEFAULT_MEMORY_BUDGET, target_log_probs
@@ -32,12 +33,21 @@ class ReferenceEngine:
 
     fallback_reason = None
 
-    def __init__(self, adapter: MoEAdapter, route_batch_size: int = 33, memory_budget: int = DEFAULT_MEMORY_BUDGET):
+    def __init__(self, adapter: MoEAdapter, route_batch_size: int = 33, memory_budget: int = DEFAULT_MEMORY_BUDGET,
+                 deviation: DeviationRecord | None = None):
         self.adapter = adapter
         self.route_batch_size = max(1, int(route_batch_size))
         self.memory_budget = int(memory_budget)
-        self.deviation = DeviationRecord(adapter)   # |route 0 - natural| seen so far, nats
+        # |route 0 - natural| seen so far, nats (shared with the engine that hands work here)
+        self.deviation = deviation or DeviationRecord(adapter)
         self.padding = PaddingCheck(adapter, memory_budget)   # may unequal lengths share a forward (checked once)
+
+    def natural_routes(self, input_ids: list[torch.Tensor], layers: list[int]) -> None:
+        """No natural pass of its own to share: the analysis runs the forward (see `Engine`)."""
+        return None
+
+    def check_record(self) -> dict:
+        return check_fields(self.deviation, self.fallback_reason)
 
     @torch.no_grad()
     def natural_log_probs(self, input_ids: torch.Tensor, positions) -> np.ndarray:
