@@ -12,7 +12,7 @@ backend, no torch settings): the names below are imported on first use.
 
 from __future__ import annotations
 
-import importlib
+from routelens.lazy import lazy_getattr
 
 __version__ = "0.1.0"
 
@@ -44,12 +44,7 @@ _EXPORTS = {
 __all__ = ["__version__", *_EXPORTS]
 
 
-def __getattr__(name: str):
-    if name not in _EXPORTS:
-        raise AttributeError(f"module 'routelens' has no attribute {name!r}")
-    value = getattr(importlib.import_module(_EXPORTS[name]), name)
-    globals()[name] = value
-    return value
+__getattr__ = lazy_getattr(__name__, globals(), _EXPORTS)
 
 
 def __dir__() -> list[str]:

@@ -5,7 +5,7 @@ Names are imported on first use, so that reading the registry (`routelens models
 
 from __future__ import annotations
 
-import importlib
+from routelens.lazy import lazy_getattr
 
 _EXPORTS = {
     "MoEAdapter": "routelens.models.adapter", "LoadedModel": "routelens.models.loading",
@@ -17,10 +17,4 @@ _EXPORTS = {
 
 __all__ = list(_EXPORTS)
 
-
-def __getattr__(name: str):
-    if name not in _EXPORTS:
-        raise AttributeError(f"module 'routelens.models' has no attribute {name!r}")
-    value = getattr(importlib.import_module(_EXPORTS[name]), name)
-    globals()[name] = value
-    return value
+__getattr__ = lazy_getattr(__name__, globals(), _EXPORTS)
