@@ -19,15 +19,21 @@ trap 'rm -rf "$tools"' EXIT
 python3 -m venv "$tools/venv"
 "$tools/venv/bin/pip" install -q --disable-pip-version-check "uv==$UV_VERSION"
 echo "torch==2.13.0+cpu" > "$tools/torch.txt"
+# the build backend: setup.sh installs routelens itself without build isolation, from the lock
+python3 -c 'import tomllib; print("\n".join(tomllib.load(open("pyproject.toml", "rb"))["build-system"]["requires"]))' \
+    > "$tools/build.txt"
 if [ -d /opt/wheels ]; then
-    torch_source=(--find-links /opt/wheels)                        # the CPU build on these machines
-else
-    torch_source=(--index https://download.pytorch.org/whl/cpu --index-strategy unsafe-best-match)
+    wheels=/opt/wheels                                               # the CPU build on these machines
+else                                                                 # only torch from PyTorch's index; the rest from PyPI
+    wheels="$tools/wheels"
+    "$tools/venv/bin/pip" download -q --no-deps -d "$wheels" --index-url https://download.pytorch.org/whl/cpu \
+        --python-version 3.11 --platform manylinux_2_28_x86_64 --only-binary :all: "torch==2.13.0+cpu"
 fi
 mkdir -p requirements
-"$tools/venv/bin/uv" pip compile pyproject.toml --extra test --extra ray --generate-hashes \
+"$tools/venv/bin/uv" pip compile pyproject.toml "$tools/build.txt" --extra test --extra ray --generate-hashes \
     --python-version "$PYTHON_VERSION" --python-platform x86_64-manylinux_2_28 \
-    "${torch_source[@]}" --constraint "$tools/torch.txt" --no-emit-package torch \
+    --find-links "$wheels" --constraint "$tools/torch.txt" --no-emit-package torch \
     --no-emit-find-links --no-emit-index-url \
     --custom-compile-command "bash scripts/lock.sh" --quiet -o requirements/lock.txt
+sed -i "s|-r $tools/build.txt|the build-system of pyproject.toml|" requirements/lock.txt
 echo "requirements/lock.txt: $(grep -c '==' requirements/lock.txt) packages locked"

@@ -17,7 +17,13 @@ pip=(.venv/bin/pip install -q --disable-pip-version-check)
 if .venv/bin/python -c 'import platform, sys; sys.exit(not (sys.version_info[:2] == (3, 11) and sys.platform == "linux"
                                                              and platform.machine() == "x86_64"))'; then
     "${pip[@]}" --no-deps --require-hashes -r requirements/lock.txt
-    .venv/bin/python -c "import torch" 2>/dev/null || "${pip[@]}" --no-deps "torch==${TORCH_VERSION:-2.13.0}"
+    if ! .venv/bin/python -c "import torch" 2>/dev/null; then
+        if [ -d /opt/wheels ]; then      # the CPU build lies on these machines; its dependencies are locked
+            "${pip[@]}" --no-deps "torch==${TORCH_VERSION:-2.13.0}"
+        else                             # PyPI's Linux build is the CUDA one: take the CPU build from PyTorch's index
+            "${pip[@]}" --index-url https://download.pytorch.org/whl/cpu "torch==${TORCH_VERSION:-2.13.0}+cpu"
+        fi
+    fi
     "${pip[@]}" --no-deps --no-build-isolation -e .
     .venv/bin/pip check --disable-pip-version-check >/dev/null || { .venv/bin/pip check; exit 1; }
 else

@@ -15,10 +15,14 @@ bash scripts/setup.sh
 mkdir -p reports
 .venv/bin/python -m pytest -q -m quick --junitxml=reports/quick.xml
 .venv/bin/ruff check .
-NO_MKDOCS_2_WARNING=1 .venv/bin/mkdocs build --strict --quiet --site-dir "$(mktemp -d)"
+site=$(mktemp -d)
+trap 'rm -rf "$site"' EXIT
+NO_MKDOCS_2_WARNING=1 .venv/bin/mkdocs build --strict --quiet --site-dir "$site"
 status=0
+# --timeout-method thread: a test stuck in native code (torch, Ray) is ended with its worker,
+# which xdist reports and replaces
 .venv/bin/python -m pytest -q -m "not quick" -n "${ROUTELENS_TEST_WORKERS:-2}" --dist loadfile \
-    --junitxml=reports/full.xml || status=$?
+    --timeout-method thread --junitxml=reports/full.xml || status=$?
 if [ "$status" != 0 ]; then
     .venv/bin/python scripts/failed_tests.py reports/full.xml >&2 || true
 fi

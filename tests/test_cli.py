@@ -279,9 +279,10 @@ def test_command_names_are_the_parsers():
 def test_commands_that_load_no_model_import_no_torch(argv):
     """`routelens --version`, `models`, `--help` and each command's `--help` answer at once:
     no torch, no transformers, no pandas."""
-    script = ("import sys\nfrom routelens.cli import main\ntry:\n    main(sys.argv[1:])\nexcept SystemExit:\n    pass\n"
+    script = ("import sys\nfrom routelens.cli import main\ntry:\n    code = main(sys.argv[1:])\n"
+              "except SystemExit as exit:\n    code = exit.code\n"
               "heavy = [m for m in ('torch', 'transformers', 'pandas') if m in sys.modules]\n"
-              "assert not heavy, heavy\n")
+              "assert not heavy, heavy\nsys.exit(code)\n")
     result = subprocess.run([PYTHON, "-c", script, *argv], capture_output=True, text=True, timeout=scaled(120))
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip()

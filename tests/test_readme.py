@@ -52,6 +52,7 @@ def test_every_python_and_shell_block_of_the_readme_says_whether_it_runs():
     assert {block["language"] for block in examples()} == {"python", "bash"}
 
 
+@pytest.mark.timeout(scaled(1800))
 def test_readme_examples_run_as_written(tmp_path):
     """In an empty folder, each example block in turn: Python blocks with this interpreter,
     shell blocks with bash (-e, -o pipefail) and this environment's `routelens` on PATH."""
