@@ -19,7 +19,6 @@ a resumable run folder.
 from __future__ import annotations
 
 import functools
-import time
 import warnings
 from dataclasses import dataclass
 
@@ -29,14 +28,15 @@ import pyarrow as pa
 import torch
 
 from routelens import stats
+from routelens.analyses.base import AnalysisRun, run_analysis
 from routelens.analyses.route_sampling import check_route_settings, flag_duplicates, gumbel_top_k_routes, route_rng
 from routelens.config import ALL_TOKENS, BINS, CounterfactualConfig
 from routelens.data.trajectories import Trajectory
-from routelens.distributed import RaySettings, UnitJob, check_ray_can_load, execute
+from routelens.distributed import RaySettings, UnitJob, check_ray_can_load
 from routelens.engine.batching import pad_right, sequence_routes
 from routelens.engine.checks import PaddingNotInert, check_gating_rule
 from routelens.engine.items import ScoreItem
-from routelens.engine.readout import final_norm_states, peak_memory, reset_peak_memory
+from routelens.engine.readout import final_norm_states
 from routelens.errors import RouteLensError
 from routelens.models.adapter import MoEAdapter
 from routelens.models.routing import RouterOutput, capture_routes
@@ -539,8 +539,6 @@ def run_counterfactual(loaded, trajectories: list[Trajectory], config: Counterfa
     `MemoryRun`: its `summary` and `read(table)`). With `ray`, the trajectory groups are
     scored by a pool of Ray actors (`routelens.distributed`), into the same parts."""
     from routelens.engine import make_engine
-    from routelens.progress import progress_bar
-    from routelens.results.run_folder import open_run
 
     check_ray_can_load(loaded, ray)
     adapter = loaded.adapter
@@ -560,31 +558,28 @@ def run_counterfactual(loaded, trajectories: list[Trajectory], config: Counterfa
                   "resolved_layers": layers, "resolved_candidates": config.candidates_for(adapter.num_experts),
                   "resolved_only_step_ok": step_check["only_step_ok"], **({"resolved_joint_layers": joint} if joint else {})}
     tables = ("routes", "tokens") + (("joint_routes", "joint_tokens") if joint else ())
-    folder = open_run(out, "counterfactual", run_config, tables, overwrite=overwrite,
-                      extra={"model": adapter.describe(), "device": loaded.device,
-                             "performance": config.performance()})
-    todo = [i for i in range(len(trajectories)) if not folder.is_done(i)]
     passes = len(layers) + (1 if joint else 0)   # scored (token, layer) pairs per token; the joint routes count once
-    total_tokens = sum(len(t.scored_positions) for t in trajectories) * passes
-    done_tokens = total_tokens - sum(len(trajectories[i].scored_positions) for i in todo) * passes
-    started = time.perf_counter()
-    reset_peak_memory(loaded.device)
-    job = CounterfactualJob(trajectories, layers, config, joint, engine=engine)
-    with progress_bar("counterfactual", total_tokens, done_tokens, show_progress) as advance:
-        checks = execute(folder, job, trajectory_groups(todo, trajectories, config.group_tokens, max_group=engine.max_group),
-                         lambda unit: advance(sum(unit[name].num_rows for name in ("tokens", "joint_tokens") if name in unit)),
-                         loaded, ray)
-    folder.concatenate(list(range(len(trajectories))))
-    summary = summarise(folder.read("tokens"), layers, config)
-    summary["step_check"] = step_check
-    if joint:
-        summary["joint"] = summarise_joint(folder.read("joint_tokens"), joint, config)
-    folder.complete(summary, extra={"timings": {
-        "seconds_this_session": round(time.perf_counter() - started, 3),
-        "tokens_scored_this_session": total_tokens - done_tokens,
-        "memory": peak_memory(loaded.device, config.memory_budget) if ray is None else None,
-    }, "checks": checks})
-    return folder
+
+    def summarise_run(folder) -> dict:
+        summary = summarise(folder.read("tokens"), layers, config)
+        summary["step_check"] = step_check
+        if joint:
+            summary["joint"] = summarise_joint(folder.read("joint_tokens"), joint, config)
+        return summary
+
+    def tokens_of(unit: int) -> int:
+        return len(trajectories[unit].scored_positions) * passes
+
+    run = AnalysisRun(
+        kind="counterfactual", run_config=run_config, tables=tables, units=len(trajectories),
+        job=CounterfactualJob(trajectories, layers, config, joint, engine=engine), summarise=summarise_run,
+        groups=lambda todo: trajectory_groups(todo, trajectories, config.group_tokens, max_group=engine.max_group),
+        extra={"model": adapter.describe(), "device": loaded.device, "performance": config.performance()},
+        label="counterfactual", progress_unit="tokens", unit_weight=tokens_of,
+        done_weight=lambda unit: sum(unit[name].num_rows for name in ("tokens", "joint_tokens") if name in unit),
+        timings=lambda todo, seconds: {"tokens_scored_this_session": sum(tokens_of(i) for i in todo)},
+        memory_budget=config.memory_budget)
+    return run_analysis(run, loaded, out, overwrite=overwrite, show_progress=show_progress, ray=ray)
 
 
 class CounterfactualJob(UnitJob):

@@ -18,16 +18,16 @@ tests of the run (SciPy through `routelens.stats`).
 
 from __future__ import annotations
 
-import time
-
 import numpy as np
 import pandas as pd
 import pyarrow as pa
 import torch
 
 from routelens import stats
+from routelens.analyses.base import AnalysisRun, run_analysis
 from routelens.analyses.isolation import forced_conditions
 from routelens.data.target_items import TargetItem
+from routelens.distributed import UnitJob
 from routelens.engine.whole_sequence import WholeSequenceScorer
 from routelens.errors import RouteLensError
 from routelens.grafting import GraftPair, graft_applied
@@ -109,25 +109,31 @@ def run_graft_evaluation(recipient, plan: list[GraftPair], items: list[TargetIte
                          seed: int = 0, bootstrap_resamples: int = 2000, alpha: float = 0.05,
                          overwrite: bool = False, show_progress: bool = True):
     """Evaluate the graft on `items` into the run folder `out` (resumable; in memory when None)."""
-    from routelens.progress import progress_bar
-    from routelens.results.run_folder import open_run
-
     if not items:
         raise RouteLensError("no items to evaluate the graft on; check --domains and the item file")
     scorer = WholeSequenceScorer(recipient.adapter)
     run_config = {**recipient.identity(), "dtype": recipient.dtype, **data_info, "pairs": [p.label for p in plan],
                   "seed": seed}
-    folder = open_run(out, "graft-evaluation", run_config, ("items",), overwrite=overwrite,
-                      extra={"model": recipient.adapter.describe(), "device": recipient.device,
-                             "summary_settings": {"bootstrap_resamples": bootstrap_resamples, "alpha": alpha}})
-    todo = [i for i in range(len(items)) if not folder.is_done(i)]
-    started = time.perf_counter()
-    with progress_bar("graft evaluation", len(items), len(items) - len(todo), show_progress, unit="items") as advance:
-        for index in todo:
-            folder.write_unit(index, {"items": evaluate_item(scorer, items[index], plan)})
-            advance(1)
-    folder.concatenate(list(range(len(items))))
-    summary = summarise(folder.read("items"), plan, seed, bootstrap_resamples, alpha)
-    folder.complete(summary, extra={"timings": {"seconds_this_session": round(time.perf_counter() - started, 3),
-                                                "items_scored_this_session": len(todo)}})
-    return folder
+    run = AnalysisRun(
+        kind="graft-evaluation", run_config=run_config, tables=("items",), units=len(items),
+        job=GraftEvaluationJob(items, plan, scorer),
+        summarise=lambda folder: summarise(folder.read("items"), plan, seed, bootstrap_resamples, alpha),
+        extra={"model": recipient.adapter.describe(), "device": recipient.device,
+               "summary_settings": {"bootstrap_resamples": bootstrap_resamples, "alpha": alpha}},
+        label="graft evaluation", timings=lambda todo, seconds: {"items_scored_this_session": len(todo)})
+    return run_analysis(run, recipient, out, overwrite=overwrite, show_progress=show_progress)
+
+
+class GraftEvaluationJob(UnitJob):
+    """Each item measured before and after the graft (units: item indices), on the recipient
+    this process holds."""
+
+    def __init__(self, items: list[TargetItem], plan: list[GraftPair], scorer: WholeSequenceScorer):
+        self.items, self.plan = items, plan
+        self._scorer = scorer
+
+    def setup(self, loaded=None) -> None:
+        pass
+
+    def run(self, units: list[int]) -> list[dict[str, pa.Table]]:
+        return [{"items": evaluate_item(self._scorer, self.items[i], self.plan)} for i in units]

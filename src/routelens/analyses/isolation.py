@@ -25,7 +25,6 @@ best); and a layer table. All tests come from SciPy (`routelens.stats`).
 
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass
 
 import numpy as np
@@ -34,12 +33,12 @@ import pyarrow as pa
 import torch
 
 from routelens import stats
+from routelens.analyses.base import AnalysisRun, run_analysis
 from routelens.analyses.route_sampling import route_rng, uniform_routes
 from routelens.config import SCORES, IsolationConfig
 from routelens.data.target_items import TargetItem
-from routelens.distributed import RaySettings, UnitJob, check_ray_can_load, execute
+from routelens.distributed import RaySettings, UnitJob, check_ray_can_load
 from routelens.engine.checks import PaddingNotInert
-from routelens.engine.readout import peak_memory, reset_peak_memory
 from routelens.engine.whole_sequence import WholeSequenceScorer
 from routelens.errors import RouteLensError
 from routelens.models.adapter import MoEAdapter
@@ -381,9 +380,6 @@ def run_isolation(loaded, items: list[TargetItem], config: IsolationConfig, out:
     or in memory when `out` is None; write cells, calibration and the summary, and return
     the completed run (`RunFolder` or `MemoryRun`). With `ray`, items are scored by a pool
     of Ray actors (`routelens.distributed`), into the same parts."""
-    from routelens.progress import progress_bar
-    from routelens.results.run_folder import open_run
-
     config.check()
     check_ray_can_load(loaded, ray)
     adapter = loaded.adapter
@@ -392,24 +388,21 @@ def run_isolation(loaded, items: list[TargetItem], config: IsolationConfig, out:
         raise RouteLensError("no items to score; check --domains and the item file")
     scorer = WholeSequenceScorer(adapter, memory_budget=config.memory_budget)
     run_config = {**loaded.identity(), "dtype": loaded.dtype, **data_info, **config.identity(), "resolved_layers": layers}
-    folder = open_run(out, "isolation", run_config, ("isolation", "routing"), overwrite=overwrite,
-                      extra={"model": adapter.describe(), "device": loaded.device,
-                             "summary_settings": config.summary_settings(),
-                             "performance": {k: getattr(config, k) for k in config.PERFORMANCE}})
-    todo = [i for i in range(len(items)) if not folder.is_done(i)]
-    started = time.perf_counter()
-    reset_peak_memory(loaded.device)
-    with progress_bar("isolation", len(items), len(items) - len(todo), show_progress, unit="items") as advance:
-        job = IsolationJob(items, layers, config, scorer)
-        job.setup(loaded)
-        checks = execute(folder, job, job.groups(todo, ray.workers if ray else 1), lambda unit: advance(1), loaded, ray)
-    folder.concatenate(list(range(len(items))))
-    summary, cells, calib = summarise(folder.read("isolation"), folder.read("routing"),
-                                      layers, adapter.num_experts, adapter.top_k, config)
-    folder.write_table("cells", cells)
-    folder.write_table("calibration", calib)
-    folder.complete(summary, extra={"timings": {"seconds_this_session": round(time.perf_counter() - started, 3),
-                                                "items_scored_this_session": len(todo),
-                                                "memory": peak_memory(loaded.device, config.memory_budget) if ray is None else None},
-                                    "checks": checks})
-    return folder
+    job = IsolationJob(items, layers, config, scorer)
+    job.setup(loaded)
+
+    def summarise_run(folder) -> dict:
+        summary, cells, calib = summarise(folder.read("isolation"), folder.read("routing"),
+                                          layers, adapter.num_experts, adapter.top_k, config)
+        folder.write_table("cells", cells)
+        folder.write_table("calibration", calib)
+        return summary
+
+    run = AnalysisRun(
+        kind="isolation", run_config=run_config, tables=("isolation", "routing"), units=len(items), job=job,
+        summarise=summarise_run, groups=lambda todo: job.groups(todo, ray.workers if ray else 1),
+        extra={"model": adapter.describe(), "device": loaded.device, "summary_settings": config.summary_settings(),
+               "performance": {k: getattr(config, k) for k in config.PERFORMANCE}},
+        label="isolation", progress_unit="items", timings=lambda todo, seconds: {"items_scored_this_session": len(todo)},
+        memory_budget=config.memory_budget)
+    return run_analysis(run, loaded, out, overwrite=overwrite, show_progress=show_progress, ray=ray)

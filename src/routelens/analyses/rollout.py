@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import hashlib
 import os
-import time
 from dataclasses import dataclass
 
 import numpy as np
@@ -30,11 +29,12 @@ import pandas as pd
 import pyarrow as pa
 import torch
 
+from routelens.analyses.base import AnalysisRun, run_analysis
 from routelens.analyses.counterfactual import MIN_CLUSTERS, trajectory_interval
 from routelens.analyses.counterfactual_input import check_same_model, counterfactual_run, run_trajectories
 from routelens.analyses.route_sampling import route_rng
 from routelens.config import ALL_TOKENS, BINS, RolloutConfig
-from routelens.distributed import RaySettings, UnitJob, check_ray_can_load, execute
+from routelens.distributed import RaySettings, UnitJob, check_ray_can_load
 from routelens.engine.checks import DeviationRecord, RuntimeCheckFailed
 from routelens.errors import RouteLensError
 
@@ -275,8 +275,6 @@ def run_rollout(loaded, counterfactual_dir: str, config: RolloutConfig, out: str
     folder `out` (resumable; in memory when None); return the completed run. With `ray`,
     tokens are rolled out by a pool of Ray actors (`routelens.distributed`)."""
     from routelens.data.trajectories import file_sha256
-    from routelens.progress import progress_bar
-    from routelens.results.run_folder import open_run
 
     check_ray_can_load(loaded, ray)
 
@@ -304,27 +302,25 @@ def run_rollout(loaded, counterfactual_dir: str, config: RolloutConfig, out: str
                   "counterfactual_tokens_sha256": file_sha256(os.path.join(counterfactual_dir, "tokens.parquet")),
                   **config.identity(),
                   **({"tokens_file_sha256": file_sha256(config.tokens)} if config.tokens not in ("fragile", "all") else {})}
-    folder = open_run(out, "rollout", run_config, ("rollouts",), overwrite=overwrite,
-                      extra={"model": loaded.adapter.describe(), "device": loaded.device,
-                             "summary_settings": {k: getattr(config, k) for k in config.SUMMARY}})
-    todo = [i for i in range(len(chosen)) if not folder.is_done(i)]
     per_token_rows = len(ARMS) * (1 if config.greedy else config.samples)
-    started, generated = time.perf_counter(), 0
+    generated = 0
 
-    def landed(unit: dict) -> None:
+    def landed(unit: dict) -> int:
         nonlocal generated
         generated += sum(unit["rollouts"].column("tokens_generated").to_pylist())
-        advance(unit["rollouts"].num_rows)
+        return unit["rollouts"].num_rows
 
-    with progress_bar("rollouts", len(chosen) * per_token_rows, (len(chosen) - len(todo)) * per_token_rows,
-                      show_progress, unit="continuations") as advance:
-        checks = execute(folder, RolloutJob(trajectories, chosen, config), [[i] for i in todo], landed, loaded, ray)
-    folder.concatenate(list(range(len(chosen))))
-    summary = summarise(folder.read("rollouts"), config, selection)
-    seconds = time.perf_counter() - started
-    folder.complete(summary, extra={"timings": {
-        "seconds_this_session": round(seconds, 3), "tokens_this_session": len(todo),
-        "continuations_this_session": len(todo) * per_token_rows, "tokens_generated_this_session": generated,
-        "generated_tokens_per_second": round(generated / seconds, 1) if todo and seconds > 0 else None},
-        "checks": checks})
-    return folder
+    def timings(todo: list[int], seconds: float) -> dict:
+        return {"tokens_this_session": len(todo), "continuations_this_session": len(todo) * per_token_rows,
+                "tokens_generated_this_session": generated,
+                "generated_tokens_per_second": round(generated / seconds, 1) if todo and seconds > 0 else None}
+
+    rollout = AnalysisRun(
+        kind="rollout", run_config=run_config, tables=("rollouts",), units=len(chosen),
+        job=RolloutJob(trajectories, chosen, config), summarise=lambda folder: summarise(folder.read("rollouts"), config,
+                                                                                          selection),
+        extra={"model": loaded.adapter.describe(), "device": loaded.device,
+               "summary_settings": {k: getattr(config, k) for k in config.SUMMARY}},
+        label="rollouts", progress_unit="continuations", unit_weight=lambda unit: per_token_rows, done_weight=landed,
+        timings=timings)
+    return run_analysis(rollout, loaded, out, overwrite=overwrite, show_progress=show_progress, ray=ray)

@@ -26,7 +26,6 @@ per-domain expert fingerprints.
 
 from __future__ import annotations
 
-import time
 from contextlib import nullcontext
 
 import numpy as np
@@ -35,9 +34,11 @@ import pyarrow as pa
 import torch
 
 from routelens import stats
+from routelens.analyses.base import AnalysisRun, run_analysis
 from routelens.analyses.route_sampling import route_rng, uniform_routes
 from routelens.config import SCORES, SemanticRouteConfig
 from routelens.data.target_items import TargetItem
+from routelens.distributed import UnitJob
 from routelens.engine.whole_sequence import WholeSequenceScorer
 from routelens.errors import RouteLensError
 from routelens.models.routing import capture_routes
@@ -340,9 +341,6 @@ def run_semantic_routing(loaded, items: list[TargetItem], config: SemanticRouteC
                          data_info: dict, overwrite: bool = False, show_progress: bool = True):
     """Calibrate the fingerprints, then score every evaluation item under every arm into the
     run folder `out` (resumable; in memory when None); return the completed run."""
-    from routelens.progress import progress_bar
-    from routelens.results.run_folder import open_run
-
     adapter = loaded.adapter
     layer_sets = [sorted(adapter.resolve_layers(s)) for s in config.layer_sets] if config.layer_sets else \
         [[layer] for layer in adapter.moe_layers] + ([list(adapter.moe_layers)] if len(adapter.moe_layers) > 1 else [])
@@ -351,18 +349,42 @@ def run_semantic_routing(loaded, items: list[TargetItem], config: SemanticRouteC
     scorer = WholeSequenceScorer(adapter, memory_budget=config.memory_budget)
     run_config = {**loaded.identity(), "dtype": loaded.dtype, **data_info, **config.identity(),
                   "resolved_layer_sets": layer_sets, "calibration_items": [i.id for i in calibration]}
-    folder = open_run(out, "semantic-routing", run_config, ("scores", "classification"), overwrite=overwrite,
-                      extra={"model": adapter.describe(), "device": loaded.device,
-                             "summary_settings": {k: getattr(config, k) for k in config.SUMMARY}})
-    started = time.perf_counter()
     prints = fingerprints(adapter, calibration, layers, config.kind)   # deterministic: recomputed on resume
-    todo = [i for i in range(len(evaluation)) if not folder.is_done(i)]
-    with progress_bar("semantic routing", len(evaluation), len(evaluation) - len(todo), show_progress,
-                      unit="items") as advance:
-        for index in todo:
-            folder.write_unit(index, analyse_item(adapter, scorer, evaluation[index], prints, layer_sets, config))
-            advance(1)
-    folder.concatenate(list(range(len(evaluation))))
+    job = SemanticRoutingJob(evaluation, prints, layer_sets, config, scorer)
+    run = AnalysisRun(
+        kind="semantic-routing", run_config=run_config, tables=("scores", "classification"), units=len(evaluation),
+        job=job, summarise=lambda folder: _summary(folder, loaded, evaluation, calibration, prints, layers, layer_sets,
+                                                   config),
+        extra={"model": adapter.describe(), "device": loaded.device,
+               "summary_settings": {k: getattr(config, k) for k in config.SUMMARY}},
+        label="semantic routing", timings=lambda todo, seconds: {"items_scored_this_session": len(todo)})
+    return run_analysis(run, loaded, out, overwrite=overwrite, show_progress=show_progress)
+
+
+class SemanticRoutingJob(UnitJob):
+    """Every arm of one evaluation item (units: indices into the evaluation items), on the
+    model this process holds (fingerprints and scorer built on it)."""
+
+    def __init__(self, evaluation: list[TargetItem], prints: dict, layer_sets: list[list[int]],
+                 config: SemanticRouteConfig, scorer: WholeSequenceScorer):
+        self.evaluation, self.prints, self.layer_sets, self.config = evaluation, prints, layer_sets, config
+        self._scorer = scorer
+
+    def setup(self, loaded=None) -> None:
+        pass
+
+    def run(self, units: list[int]) -> list[dict[str, pa.Table]]:
+        return [analyse_item(self._scorer.adapter, self._scorer, self.evaluation[i], self.prints, self.layer_sets,
+                             self.config) for i in units]
+
+    def checks(self) -> dict:
+        largest, mean = self._scorer.deviation.largest
+        return {"natural_route_max_abs_logprob_diff": largest, "natural_route_mean_abs_logprob_diff": mean}
+
+
+def _summary(folder, loaded, evaluation, calibration, prints, layers, layer_sets, config) -> dict:
+    """The scores' summary, then (with `accuracy`) the generation arms, written to `folder`."""
+    adapter = loaded.adapter
     summary = summarise(folder.read("scores"), folder.read("classification"), layer_sets, config, config.score)
     if config.accuracy:
         if loaded.tokenizer is None or any(_item_answer(loaded.tokenizer, item) is None for item in evaluation):
@@ -382,9 +404,4 @@ def run_semantic_routing(loaded, items: list[TargetItem], config: SemanticRouteC
     summary["evaluation_items"] = len(evaluation)
     summary["domain_experts"] = {str(layer): {d: prints[layer]["experts"][i].tolist()
                                               for i, d in enumerate(prints[layer]["domains"])} for layer in layers}
-    largest, mean = scorer.deviation.largest
-    folder.complete(summary, extra={"timings": {"seconds_this_session": round(time.perf_counter() - started, 3),
-                                                "items_scored_this_session": len(todo)},
-                                    "checks": {"natural_route_max_abs_logprob_diff": largest,
-                                               "natural_route_mean_abs_logprob_diff": mean}})
-    return folder
+    return summary
