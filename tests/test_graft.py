@@ -154,3 +154,34 @@ def test_graft_command_prints_and_writes(folders, tmp_path, cli_env):
                          capture_output=True, text=True, env=cli_env, timeout=scaled(300))
     assert bad.returncode == 2 and len(bad.stderr.strip().splitlines()) == 1
     assert "grafting copies an expert between models of one family" in bad.stderr
+
+
+def test_graft_evaluation_killed_mid_run_resumes_to_the_uninterrupted_tables(tmp_path, cli_env):
+    """The same `graft --evaluate` command re-run after a SIGKILL keeps the grafted folder
+    (its graft.json equals this graft's) and finishes the evaluation: nothing lost or twice."""
+    import subprocess
+
+    import pandas as pd
+    from conftest import kill_when_parts_land
+
+    def command(out):
+        return [PYTHON, "-m", "routelens", "graft", "--recipient", "demo", "--donor", "demo", "--experts", "3:5=3:9",
+                "--out", out, "--evaluate", "--per-domain", "12", "--no-progress"]
+
+    killed = str(tmp_path / "killed")
+    process = subprocess.Popen(command(killed), env=cli_env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    kill_when_parts_land(process, os.path.join(killed, "evaluation"), 3)
+    assert os.path.isfile(os.path.join(killed, "graft.json"))
+    resumed = subprocess.run(command(killed), capture_output=True, text=True, env=cli_env, timeout=scaled(300))
+    assert resumed.returncode == 0, resumed.stderr
+    whole = str(tmp_path / "whole")
+    assert subprocess.run(command(whole), capture_output=True, env=cli_env, timeout=scaled(300)).returncode == 0
+    got = pd.read_parquet(os.path.join(killed, "evaluation", "items.parquet"))
+    want = pd.read_parquet(os.path.join(whole, "evaluation", "items.parquet"))
+    assert len(got) == len(want) == 48
+    pd.testing.assert_frame_equal(got, want)
+    sessions = json.load(open(os.path.join(killed, "evaluation", "run.json")))["sessions"]
+    assert len(sessions) == 2 and sum(s["units_done"] for s in sessions) == 48
+    other = subprocess.run(command(killed)[:9] + ["3:5=3:10"] + command(killed)[10:], capture_output=True, text=True,
+                           env=cli_env, timeout=scaled(300))
+    assert other.returncode == 2 and "holds another graft" in other.stderr

@@ -130,10 +130,21 @@ def write_grafted(out: str, recipient, donor, plan: list[GraftPair]) -> dict:
     """Save the grafted recipient as a Hugging Face folder with graft.json; returns the record."""
     from routelens.results.run_folder import write_json_atomic
 
+    record = graft_record(recipient, donor, plan)
+    if os.path.isfile(os.path.join(out, GRAFT_JSON)):
+        try:
+            with open(os.path.join(out, GRAFT_JSON), encoding="utf-8") as handle:
+                saved = json.load(handle)
+        except (OSError, ValueError):
+            saved = None
+        if saved == record:   # this very graft, saved whole (graft.json is written last): its evaluation resumes
+            return record
+        raise RouteLensError(f"--out {out} holds another graft (its graft.json differs from this one's recipient, "
+                             "donor, dtype or experts); choose a new or empty --out")
     if os.path.isdir(out) and os.listdir(out):
         raise RouteLensError(f"--out {out} exists and is not empty; grafting writes a new model folder: "
-                             "choose a new or empty --out")
-    record = graft_record(recipient, donor, plan)
+                             "choose a new or empty --out (a graft killed while saving leaves no graft.json: "
+                             "remove its folder)")
     os.makedirs(out, exist_ok=True)
     with graft_applied(recipient.adapter, plan):
         recipient.adapter.model.save_pretrained(out)
