@@ -16,8 +16,8 @@ import torch
 from conftest import PYTHON, kill_when_parts_land, scaled
 
 import routelens as rl
-from routelens.analyses.base import AnalysisRun, run_analysis
 from routelens.distributed import UnitJob, ray_settings
+from routelens.runs.loop import AnalysisRun, run_analysis
 
 UNITS = 12
 

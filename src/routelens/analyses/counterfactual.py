@@ -28,7 +28,6 @@ import pyarrow as pa
 import torch
 
 from routelens import stats
-from routelens.analyses.base import AnalysisRun, run_analysis
 from routelens.analyses.route_sampling import check_route_settings, flag_duplicates, gumbel_top_k_routes, route_rng
 from routelens.config import ALL_TOKENS, BINS, CounterfactualConfig
 from routelens.data.trajectories import Trajectory
@@ -40,6 +39,7 @@ from routelens.engine.readout import final_norm_states
 from routelens.errors import RouteLensError
 from routelens.models.adapter import MoEAdapter
 from routelens.models.routing import RouterOutput, capture_routes
+from routelens.runs.loop import AnalysisRun, run_analysis
 
 ROUTES_SCHEMA = pa.schema([
     ("trajectory_id", pa.string()), ("position", pa.int64()), ("layer", pa.int64()),

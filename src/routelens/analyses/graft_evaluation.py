@@ -24,13 +24,13 @@ import pyarrow as pa
 import torch
 
 from routelens import stats
-from routelens.analyses.base import AnalysisRun, run_analysis
 from routelens.analyses.isolation import forced_conditions
 from routelens.data.target_items import TargetItem
 from routelens.distributed import UnitJob
 from routelens.engine.whole_sequence import WholeSequenceScorer
 from routelens.errors import RouteLensError
 from routelens.grafting import GraftPair, graft_applied
+from routelens.runs.loop import AnalysisRun, run_analysis
 
 ITEMS_SCHEMA = pa.schema([
     ("item_id", pa.string()), ("domain", pa.string()), ("pair", pa.string()), ("layer", pa.int64()),

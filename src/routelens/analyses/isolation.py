@@ -33,7 +33,6 @@ import pyarrow as pa
 import torch
 
 from routelens import stats
-from routelens.analyses.base import AnalysisRun, run_analysis
 from routelens.analyses.route_sampling import route_rng, uniform_routes
 from routelens.config import SCORES, IsolationConfig
 from routelens.data.target_items import TargetItem
@@ -42,6 +41,7 @@ from routelens.engine.checks import PaddingNotInert
 from routelens.engine.whole_sequence import WholeSequenceScorer
 from routelens.errors import RouteLensError
 from routelens.models.adapter import MoEAdapter
+from routelens.runs.loop import AnalysisRun, run_analysis
 
 SHARES = {"router_share": "mean router probability", "selection_share": "top-k selection frequency / k"}
 

@@ -13,7 +13,6 @@ Samples are written per arm and chunk of problems to a resumable run folder.
 from __future__ import annotations
 
 import os
-import time
 from contextlib import contextmanager
 from dataclasses import dataclass
 
@@ -23,7 +22,9 @@ import torch
 
 from routelens import stats
 from routelens.config import PassKConfig
+from routelens.distributed import UnitJob
 from routelens.errors import RouteLensError
+from routelens.runs.loop import AnalysisRun, run_analysis
 
 SAMPLES_SCHEMA = pa.schema([
     ("arm", pa.string()), ("problem_id", pa.string()), ("group", pa.string()), ("sample", pa.int64()),
@@ -144,54 +145,88 @@ def run_passk(loaded, problems: list[EvalProblem], config: PassKConfig, out: str
     run folder `out` (resumably; in memory when `out` is None), summarise, and return the
     completed run. Arms run in order on the same loaded model; a delta applied for an arm is
     taken off again at the end, so the model is left as it came."""
-    from routelens.generation import sample_completions
     from routelens.models.router_delta import apply_router_delta
-    from routelens.progress import progress_bar
-    from routelens.results.run_folder import open_run
 
     config.check()
     if loaded.tokenizer is None:
         raise RouteLensError(f"model {loaded.spec!r} has no tokenizer; pass@k samples text")
-    checker = CHECKERS[config.checker]
     chunks = [problems[i: i + config.problems_per_unit] for i in range(0, len(problems), config.problems_per_unit)]
     run_config = {**loaded.identity(), "dtype": loaded.dtype, **data_info, **config.identity(),
                   "arms": [[name, delta and os.path.abspath(delta)] for name, delta in arms]}
-    folder = open_run(out, "passk", run_config, ("samples",), overwrite=overwrite,
-                      extra={"model": loaded.adapter.describe(), "device": loaded.device,
-                             "summary_settings": {k: getattr(config, k) for k in config.SUMMARY},
-                             "performance": {k: getattr(config, k) for k in config.PERFORMANCE}})
     units = [(a, c) for a in range(len(arms)) for c in range(len(chunks))]
-    unit_id = {pair: i for i, pair in enumerate(units)}
-    todo = [pair for pair in units if not folder.is_done(unit_id[pair])]
-    total = sum(len(chunks[c]) for _, c in units) * config.samples
-    done = total - sum(len(chunks[c]) for _, c in todo) * config.samples
-    started = time.perf_counter()
-    applied = {}
-    with progress_bar("pass@k samples", total, done, show_progress, unit="samples") as advance, \
-            routers_restored(loaded.adapter, any(delta for _, delta in arms)):
-        for arm_index, (name, delta) in enumerate(arms):
-            if delta:
+    applied = {}   # each delta checked against this model's base routers before any sampling
+    for name, delta in arms:
+        if delta:
+            with routers_restored(loaded.adapter):
                 applied[name] = apply_router_delta(loaded.adapter, delta)
-            for a, c in todo:
-                if a != arm_index:
-                    continue
-                offset = c * config.problems_per_unit
-                samples = sample_completions(loaded.adapter.model, loaded.tokenizer, [p.prompt_ids for p in chunks[c]],
-                                             num_samples=config.samples, temperature=config.temperature,
-                                             seed=config.seed, max_new_tokens=config.max_new_tokens,
-                                             batch_size=config.batch_size, show_progress=False,
-                                             index_offset=offset)
-                rows = [{"arm": name, "problem_id": chunks[c][s.prompt_index].id,
-                         "group": chunks[c][s.prompt_index].group, "sample": s.sample_index,
-                         "correct": bool(checker(s.completion, chunks[c][s.prompt_index].answer)),
-                         "finished": s.finished, "completion": s.completion} for s in samples]
-                folder.write_unit(unit_id[(a, c)], {"samples": pa.Table.from_pylist(rows, schema=SAMPLES_SCHEMA)})
-                advance(len(rows))
-    folder.concatenate(list(range(len(units))))
-    problem_table = per_problem(folder.read("samples"), config.ks)
-    folder.write_table("problems", problem_table)
-    summary = summarise(problem_table, [name for name, _ in arms], config)
-    summary["router_deltas"] = applied
-    folder.complete(summary, extra={"timings": {"seconds_this_session": round(time.perf_counter() - started, 3),
-                                                "units_this_session": len(todo)}})
-    return folder
+
+    def summarise_run(folder) -> dict:
+        problem_table = per_problem(folder.read("samples"), config.ks)
+        folder.write_table("problems", problem_table)
+        summary = summarise(problem_table, [name for name, _ in arms], config)
+        summary["router_deltas"] = applied
+        return summary
+
+    run = AnalysisRun(
+        kind="passk", run_config=run_config, tables=("samples",), units=len(units),
+        job=PassKJob(units, chunks, arms, config), summarise=summarise_run,
+        extra={"model": loaded.adapter.describe(), "device": loaded.device,
+               "summary_settings": {k: getattr(config, k) for k in config.SUMMARY},
+               "performance": {k: getattr(config, k) for k in config.PERFORMANCE}},
+        label="pass@k samples", progress_unit="samples",
+        unit_weight=lambda unit: len(chunks[units[unit][1]]) * config.samples,
+        done_weight=lambda tables: tables["samples"].num_rows,
+        timings=lambda todo, seconds: {"units_this_session": len(todo)})
+    with routers_restored(loaded.adapter, bool(applied)):   # the model is left as it came
+        return run_analysis(run, loaded, out, overwrite=overwrite, show_progress=show_progress)
+
+
+class PassKJob(UnitJob):
+    """Samples of one chunk of problems in one arm (units: (arm, chunk) pairs, arm-major),
+    on the model this process holds; an arm's router delta is applied to the base routers
+    when the arm changes."""
+
+    def __init__(self, units: list[tuple[int, int]], chunks: list[list[EvalProblem]],
+                 arms: list[tuple[str, str | None]], config: PassKConfig):
+        self.units, self.chunks, self.arms, self.config = units, chunks, arms, config
+
+    def setup(self, loaded=None) -> None:
+        self._loaded = self.load(loaded)
+        self._base = {layer: [p.detach().clone() for p in router.parameters()]
+                      for layer, router in self._loaded.adapter.routers.items()}
+        self._arm = None
+
+    def _use_arm(self, arm: int) -> None:
+        from routelens.models.router_delta import apply_router_delta
+
+        if arm == self._arm:
+            return
+        with torch.no_grad():
+            for layer, tensors in self._base.items():
+                for parameter, tensor in zip(self._loaded.adapter.routers[layer].parameters(), tensors, strict=True):
+                    parameter.copy_(tensor)
+        delta = self.arms[arm][1]
+        if delta:
+            apply_router_delta(self._loaded.adapter, delta)
+        self._arm = arm
+
+    def run(self, units: list[int]) -> list[dict[str, pa.Table]]:
+        from routelens.generation import sample_completions
+
+        loaded, config, tables = self._loaded, self.config, []
+        checker = CHECKERS[config.checker]
+        for unit in units:
+            arm, c = self.units[unit]
+            self._use_arm(arm)
+            chunk = self.chunks[c]
+            samples = sample_completions(loaded.adapter.model, loaded.tokenizer, [p.prompt_ids for p in chunk],
+                                         num_samples=config.samples, temperature=config.temperature,
+                                         seed=config.seed, max_new_tokens=config.max_new_tokens,
+                                         batch_size=config.batch_size, show_progress=False,
+                                         index_offset=c * config.problems_per_unit)
+            rows = [{"arm": self.arms[arm][0], "problem_id": chunk[s.prompt_index].id,
+                     "group": chunk[s.prompt_index].group, "sample": s.sample_index,
+                     "correct": bool(checker(s.completion, chunk[s.prompt_index].answer)),
+                     "finished": s.finished, "completion": s.completion} for s in samples]
+            tables.append({"samples": pa.Table.from_pylist(rows, schema=SAMPLES_SCHEMA)})
+        return tables

@@ -29,7 +29,6 @@ import pandas as pd
 import pyarrow as pa
 import torch
 
-from routelens.analyses.base import AnalysisRun, run_analysis
 from routelens.analyses.counterfactual import MIN_CLUSTERS, trajectory_interval
 from routelens.analyses.counterfactual_input import check_same_model, counterfactual_run, run_trajectories
 from routelens.analyses.route_sampling import route_rng
@@ -37,6 +36,7 @@ from routelens.config import ALL_TOKENS, BINS, RolloutConfig
 from routelens.distributed import RaySettings, UnitJob, check_ray_can_load
 from routelens.engine.checks import DeviationRecord, RuntimeCheckFailed
 from routelens.errors import RouteLensError
+from routelens.runs.loop import AnalysisRun, run_analysis
 
 ARMS = ("standard", "best_alt", "random_alt")
 ROLLOUTS_SCHEMA = pa.schema([

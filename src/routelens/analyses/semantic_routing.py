@@ -34,7 +34,6 @@ import pyarrow as pa
 import torch
 
 from routelens import stats
-from routelens.analyses.base import AnalysisRun, run_analysis
 from routelens.analyses.route_sampling import route_rng, uniform_routes
 from routelens.config import SCORES, SemanticRouteConfig
 from routelens.data.target_items import TargetItem
@@ -42,6 +41,7 @@ from routelens.distributed import UnitJob
 from routelens.engine.whole_sequence import WholeSequenceScorer
 from routelens.errors import RouteLensError
 from routelens.models.routing import capture_routes
+from routelens.runs.loop import AnalysisRun, run_analysis
 
 ARMS = ("semantic", "semantic_token", "oracle", "floor")
 ALL_DOMAINS = "All"

@@ -21,15 +21,15 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import time
 
 import pyarrow as pa
 
 from routelens.data.arithmetic import HELDOUT_SEED, Problem, generate, heldout_questions, verify
 from routelens.data.trajectories import read_jsonl
-from routelens.distributed import UnitJob, execute
+from routelens.distributed import UnitJob
 from routelens.errors import RouteLensError
 from routelens.generation import sample_completions
+from routelens.runs.loop import AnalysisRun, run_analysis
 
 TRAJECTORY_SEED_OFFSET = 7919  # keeps the trajectory stream apart from the training stream of the same seed
 RECORDS_SCHEMA = pa.schema([("record", pa.string())])   # a unit's part: its records as JSON, in sample order
@@ -180,8 +180,6 @@ def sample_trajectories(loaded, problems: list[dict], prompts: list[list[int]], 
     completes and a cut-off run of the same settings resumes (`overwrite` replaces one of
     other settings); `source` (where the problems came from) is recorded in its run.json."""
     from routelens.distributed import check_ray_can_load
-    from routelens.progress import progress_bar
-    from routelens.results.run_folder import open_run
 
     check_ray_can_load(loaded, ray)
     sampling = dict(num_samples=samples_per_problem, temperature=temperature, seed=seed,
@@ -190,24 +188,23 @@ def sample_trajectories(loaded, problems: list[dict], prompts: list[list[int]], 
               "problems": len(problems), "problems_digest": problems_digest(problems, prompts),
               "samples_per_problem": samples_per_problem, "temperature": temperature, "seed": seed,
               "max_new_tokens": max_new_tokens}
-    folder = open_run(run, "trajectories", config, ("records",), overwrite=overwrite,
-                      extra={"model": loaded.adapter.describe(), "device": loaded.device,
-                             "performance": {"batch_size": batch_size}})   # no effect on the records
-    todo = [unit for unit in range(len(prompts)) if not folder.is_done(unit)]
-    job = SamplingJob(problems, prompts, checker, sampling)
-    started = time.perf_counter()
-    total = len(prompts) * samples_per_problem
-    with progress_bar("generate", total, total - len(todo) * samples_per_problem, show_progress,
-                      unit="samples") as advance:
-        execute(folder, job, problem_groups(todo, max(1, batch_size // samples_per_problem)),
-                lambda unit: advance(samples_per_problem), loaded, ray)
-    folder.concatenate(list(range(len(prompts))))
+    def summarise(folder) -> dict:
+        records = [json.loads(text) for text in folder.read("records")["record"]]
+        verified = sum(bool(r["verified"]) for r in records)
+        return {"problems": len(problems), "trajectories": len(records), "verified": verified,
+                "verified_share": verified / max(len(records), 1)}
+
+    sampling_run = AnalysisRun(
+        kind="trajectories", run_config=config, tables=("records",), units=len(prompts),
+        job=SamplingJob(problems, prompts, checker, sampling), summarise=summarise,
+        groups=lambda todo: problem_groups(todo, max(1, batch_size // samples_per_problem)),
+        extra={"model": loaded.adapter.describe(), "device": loaded.device,
+               "performance": {"batch_size": batch_size}},   # no effect on the records
+        label="generate", progress_unit="samples", unit_weight=lambda unit: samples_per_problem,
+        done_weight=lambda tables: samples_per_problem,
+        timings=lambda todo, seconds: {"samples_this_session": len(todo) * samples_per_problem})
+    folder = run_analysis(sampling_run, loaded, run, overwrite=overwrite, show_progress=show_progress, ray=ray)
     records = [json.loads(text) for text in folder.read("records")["record"]]
-    verified = sum(bool(r["verified"]) for r in records)
-    folder.complete({"problems": len(problems), "trajectories": len(records), "verified": verified,
-                     "verified_share": verified / max(len(records), 1)},
-                    extra={"timings": {"seconds_this_session": round(time.perf_counter() - started, 3),
-                                       "samples_this_session": len(todo) * samples_per_problem}})
     return records
 
 
