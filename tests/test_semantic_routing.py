@@ -192,3 +192,31 @@ def test_semantic_routing_runs_on_other_families(tiny_adapters, family):
     for route in run.summary["domain_experts"][str(adapter.moe_layers[-1])].values():
         assert len(set(route)) == adapter.top_k
     assert scores["mean_logprob"].notna().all()
+
+
+def test_semantic_routing_killed_mid_run_resumes_to_the_uninterrupted_tables(tmp_path, cli_env):
+    """Units are chunks of 64 evaluation items, written as each completes: a SIGKILL after the
+    first loses nothing, and the re-run computes only the rest."""
+    import json
+    import os
+    import subprocess
+
+    import pandas as pd
+    from conftest import PYTHON, kill_when_parts_land, scaled
+
+    def command(out):
+        return [PYTHON, "-m", "routelens", "semantic-route", "--model", "demo", "--items", "arithmetic", "--per-domain",
+                "60", "--layer-sets", "3", "--floor-seeds", "1", "--max-new-tokens", "24", "--out", out, "--no-progress"]
+
+    killed = str(tmp_path / "killed")
+    kill_when_parts_land(subprocess.Popen(command(killed), env=cli_env, stdout=subprocess.DEVNULL,
+                                          stderr=subprocess.DEVNULL), killed, 1, prefix="accuracy-")
+    resumed = subprocess.run(command(killed), capture_output=True, text=True, env=cli_env, timeout=scaled(600))
+    assert resumed.returncode == 0, resumed.stderr
+    whole = str(tmp_path / "whole")
+    assert subprocess.run(command(whole), capture_output=True, env=cli_env, timeout=scaled(600)).returncode == 0
+    for table in ("scores", "classification", "accuracy"):
+        pd.testing.assert_frame_equal(pd.read_parquet(os.path.join(killed, f"{table}.parquet")),
+                                      pd.read_parquet(os.path.join(whole, f"{table}.parquet")))
+    sessions = json.load(open(os.path.join(killed, "run.json")))["sessions"]
+    assert len(sessions) == 2 and [s["units_done"] for s in sessions] == [1, 1]   # 120 items: two chunks, none twice

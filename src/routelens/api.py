@@ -487,9 +487,11 @@ def _counterfactual_folder(run, what: str) -> str | None:
 # ---------------------------------------------------------------------------- semantic routing
 def run_semantic_route(lens: Lens, items, out: str | None, *, config: SemanticRouteConfig | None = None,
                        domains: list[str] | None = None, per_domain: int | None = None, overwrite: bool = False,
-                       show_progress: bool = True, **options) -> SemanticRouteResult:
+                       show_progress: bool = True, ray=None, workers: int | None = None,
+                       **options) -> SemanticRouteResult:
     """Semantic (fingerprint) routing against natural routing, an oracle and a random floor,
-    into the run folder `out` (resumable; in memory when None).
+    into the run folder `out` (resumable; in memory when None). `ray`/`workers`: score on a
+    pool of Ray actors (see `run_counterfactual`).
 
     `items`: "arithmetic", a file path or a list of `TargetItem` of two or more domains.
     `options`: fields of `SemanticRouteConfig` (`layer_sets`, `kind` "selection" or "input",
@@ -504,14 +506,16 @@ def run_semantic_route(lens: Lens, items, out: str | None, *, config: SemanticRo
         ['floor', 'natural', 'oracle', 'semantic', 'semantic_token']
     """
     from routelens.analyses.semantic_routing import run_semantic_routing
+    from routelens.distributed import ray_settings
 
-    lens = _lens(lens)
+    ray = ray_settings(ray, workers)
+    lens = _lens(lens, ray)
     settings = make_config(SemanticRouteConfig, config, **options)
     for layer_set in settings.layer_sets or []:
         lens.adapter.resolve_layers(layer_set)   # a dense or out-of-range layer fails before any item is read
     kept, info = _item_data(lens, items, domains, per_domain)
     return SemanticRouteResult(run_semantic_routing(lens.loaded, kept, settings, out, info, overwrite=overwrite,
-                                                    show_progress=show_progress))
+                                                    show_progress=show_progress, ray=ray))
 
 
 def semantic_route(lens: Lens, items, *, config: SemanticRouteConfig | None = None, domains: list[str] | None = None,
@@ -532,7 +536,8 @@ def semantic_route(lens: Lens, items, *, config: SemanticRouteConfig | None = No
 # ---------------------------------------------------------------------------- grafting
 def graft(recipient: str, donor: str, experts, out: str, *, dtype: str | None = None, device: str = "cpu",
           evaluate: bool = False, items="arithmetic", domains: list[str] | None = None, per_domain: int | None = 50,
-          seed: int = 0, bootstrap_resamples: int = 2000, alpha: float = 0.05, show_progress: bool = False) -> GraftResult:
+          seed: int = 0, bootstrap_resamples: int = 2000, alpha: float = 0.05, show_progress: bool = False,
+          ray=None, workers: int | None = None) -> GraftResult:
     """Copy donor experts into recipient slots and save the grafted model as a Hugging Face
     folder `out` (with graft.json); with `evaluate`, measure on `items` what the graft
     changed (natural score, the slot's selection share, the grafted vs the original expert
@@ -540,7 +545,8 @@ def graft(recipient: str, donor: str, experts, out: str, *, dtype: str | None = 
 
     `recipient`, `donor`: model specs of one family ("demo", a folder, a hub id). `experts`:
     "L:e=L2:e2,..." or [(L, e, L2, e2), ...] (recipient layer and expert <- donor layer and
-    expert). `dtype`: default the recipient checkpoint's own.
+    expert). `dtype`: default the recipient checkpoint's own. `ray`/`workers`: evaluate on a
+    pool of Ray actors (see `run_counterfactual`); the graft itself is written here.
 
     Examples:
         >>> import routelens as rl
@@ -549,8 +555,11 @@ def graft(recipient: str, donor: str, experts, out: str, *, dtype: str | None = 
         ('3:5=3:9', 'olmoe')
     """
     from routelens.analyses.graft_evaluation import run_graft_evaluation
+    from routelens.distributed import ray_settings
     from routelens.grafting import checkpoint_dtype, parse_expert_map, plan_graft, write_grafted
     from routelens.lens import load
+
+    ray = ray_settings(ray, workers)
 
     mapping = parse_expert_map(experts) if isinstance(experts, str) else [tuple(map(int, pair)) for pair in experts]
     dtype = dtype or checkpoint_dtype(recipient)
@@ -563,7 +572,7 @@ def graft(recipient: str, donor: str, experts, out: str, *, dtype: str | None = 
         kept, info = _item_data(into, items, domains, per_domain)
         evaluation = read_run(run_graft_evaluation(into.loaded, plan, kept, os.path.join(out, "evaluation"), info,
                                                    seed=seed, bootstrap_resamples=bootstrap_resamples, alpha=alpha,
-                                                   show_progress=show_progress).path)
+                                                   show_progress=show_progress, ray=ray).path)
     return GraftResult(out, record, evaluation)
 
 

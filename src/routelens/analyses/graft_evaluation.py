@@ -26,7 +26,7 @@ import torch
 from routelens import stats
 from routelens.analyses.isolation import forced_conditions
 from routelens.data.target_items import TargetItem
-from routelens.distributed import UnitJob
+from routelens.distributed import RaySettings, UnitJob
 from routelens.engine.whole_sequence import WholeSequenceScorer
 from routelens.errors import RouteLensError
 from routelens.grafting import GraftPair, graft_applied
@@ -107,33 +107,33 @@ def summarise(items: pd.DataFrame, plan: list[GraftPair], seed: int, resamples: 
 
 def run_graft_evaluation(recipient, plan: list[GraftPair], items: list[TargetItem], out: str | None, data_info: dict,
                          seed: int = 0, bootstrap_resamples: int = 2000, alpha: float = 0.05,
-                         overwrite: bool = False, show_progress: bool = True):
-    """Evaluate the graft on `items` into the run folder `out` (resumable; in memory when None)."""
+                         overwrite: bool = False, show_progress: bool = True, ray: RaySettings | None = None):
+    """Evaluate the graft on `items` into the run folder `out` (resumable; in memory when
+    None); with `ray`, on a pool of Ray actors that each load the recipient and apply the
+    plan's donor tensors themselves."""
     if not items:
         raise RouteLensError("no items to evaluate the graft on; check --domains and the item file")
-    scorer = WholeSequenceScorer(recipient.adapter)
     run_config = {**recipient.identity(), "dtype": recipient.dtype, **data_info, "pairs": [p.label for p in plan],
                   "seed": seed}
     run = AnalysisRun(
         kind="graft-evaluation", run_config=run_config, tables=("items",), units=len(items),
-        job=GraftEvaluationJob(items, plan, scorer),
+        job=GraftEvaluationJob(items, plan),
         summarise=lambda folder: summarise(folder.read("items"), plan, seed, bootstrap_resamples, alpha),
         extra={"model": recipient.adapter.describe(), "device": recipient.device,
                "summary_settings": {"bootstrap_resamples": bootstrap_resamples, "alpha": alpha}},
         label="graft evaluation", timings=lambda todo, seconds: {"items_scored_this_session": len(todo)})
-    return run_analysis(run, recipient, out, overwrite=overwrite, show_progress=show_progress)
+    return run_analysis(run, recipient, out, overwrite=overwrite, show_progress=show_progress, ray=ray)
 
 
 class GraftEvaluationJob(UnitJob):
     """Each item measured before and after the graft (units: item indices), on the recipient
-    this process holds."""
+    this process holds (the plan carries the donor's tensors)."""
 
-    def __init__(self, items: list[TargetItem], plan: list[GraftPair], scorer: WholeSequenceScorer):
+    def __init__(self, items: list[TargetItem], plan: list[GraftPair]):
         self.items, self.plan = items, plan
-        self._scorer = scorer
 
     def setup(self, loaded=None) -> None:
-        pass
+        self._scorer = WholeSequenceScorer(self.load(loaded).adapter)
 
     def run(self, units: list[int]) -> list[dict[str, pa.Table]]:
         return [{"items": evaluate_item(self._scorer, self.items[i], self.plan)} for i in units]

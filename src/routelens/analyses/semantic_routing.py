@@ -37,7 +37,7 @@ from routelens import stats
 from routelens.analyses.route_sampling import route_rng, uniform_routes
 from routelens.config import SCORES, SemanticRouteConfig
 from routelens.data.target_items import TargetItem
-from routelens.distributed import UnitJob
+from routelens.distributed import RaySettings, UnitJob, check_ray_can_load
 from routelens.engine.whole_sequence import WholeSequenceScorer
 from routelens.errors import RouteLensError
 from routelens.models.routing import capture_routes
@@ -53,6 +53,13 @@ SCORES_SCHEMA = pa.schema([
 CLASSIFICATION_SCHEMA = pa.schema([
     ("item_id", pa.string()), ("domain", pa.string()), ("layer", pa.int64()), ("predicted", pa.string()),
     ("token_accuracy", pa.float64()),
+])
+FINGERPRINTS_SCHEMA = pa.schema([
+    ("layer", pa.int64()), ("domain", pa.string()), ("experts", pa.list_(pa.int64())), ("centroid", pa.list_(pa.float64())),
+])
+ACCURACY_SCHEMA = pa.schema([
+    ("item_id", pa.string()), ("domain", pa.string()), ("layer_set", pa.string()), ("arm", pa.string()),
+    ("floor_seed", pa.int64()), ("completion", pa.string()), ("correct", pa.bool_()),
 ])
 
 
@@ -338,62 +345,92 @@ def summarise(scores: pd.DataFrame, classification: pd.DataFrame, layer_sets: li
 
 # ---------------------------------------------------------------------------- the run
 def run_semantic_routing(loaded, items: list[TargetItem], config: SemanticRouteConfig, out: str | None,
-                         data_info: dict, overwrite: bool = False, show_progress: bool = True):
+                         data_info: dict, overwrite: bool = False, show_progress: bool = True,
+                         ray: RaySettings | None = None):
     """Calibrate the fingerprints, then score every evaluation item under every arm into the
-    run folder `out` (resumable; in memory when None); return the completed run."""
+    run folder `out` (resumable; in memory when None); return the completed run. Units are
+    chunks of evaluation items (one generation batch each); with `ray` they are scored by a
+    pool of Ray actors, each calibrating the (deterministic) fingerprints itself."""
+    check_ray_can_load(loaded, ray)
     adapter = loaded.adapter
     layer_sets = [sorted(adapter.resolve_layers(s)) for s in config.layer_sets] if config.layer_sets else \
         [[layer] for layer in adapter.moe_layers] + ([list(adapter.moe_layers)] if len(adapter.moe_layers) > 1 else [])
     layers = sorted({layer for layer_set in layer_sets for layer in layer_set})
     calibration, evaluation = split_items(items, config.calibration_share, config.seed)
-    scorer = WholeSequenceScorer(adapter, memory_budget=config.memory_budget)
+    if config.accuracy and (loaded.tokenizer is None or any(_item_answer(loaded.tokenizer, i) is None for i in evaluation)):
+        raise RouteLensError("accuracy needs items whose target ends in the arithmetic task's '#<answer>' and a "
+                             "tokenizer; pass --no-accuracy for other items")
     run_config = {**loaded.identity(), "dtype": loaded.dtype, **data_info, **config.identity(),
-                  "resolved_layer_sets": layer_sets, "calibration_items": [i.id for i in calibration]}
-    prints = fingerprints(adapter, calibration, layers, config.kind)   # deterministic: recomputed on resume
-    job = SemanticRoutingJob(evaluation, prints, layer_sets, config, scorer)
+                  "resolved_layer_sets": layer_sets, "calibration_items": [i.id for i in calibration],
+                  "unit": f"{GENERATION_CHUNK} evaluation items"}
+    tables = ("fingerprints", "scores", "classification") + (("accuracy",) if config.accuracy else ())
+    chunks = (len(evaluation) + GENERATION_CHUNK - 1) // GENERATION_CHUNK
     run = AnalysisRun(
-        kind="semantic-routing", run_config=run_config, tables=("scores", "classification"), units=len(evaluation),
-        job=job, summarise=lambda folder: _summary(folder, loaded, evaluation, calibration, prints, layers, layer_sets,
-                                                   config),
+        kind="semantic-routing", run_config=run_config, tables=tables, units=chunks,
+        job=SemanticRoutingJob(calibration, evaluation, layers, layer_sets, config),
+        summarise=lambda folder: _summary(folder, calibration, evaluation, layer_sets, config),
         extra={"model": adapter.describe(), "device": loaded.device,
                "summary_settings": {k: getattr(config, k) for k in config.SUMMARY}},
-        label="semantic routing", timings=lambda todo, seconds: {"items_scored_this_session": len(todo)})
-    return run_analysis(run, loaded, out, overwrite=overwrite, show_progress=show_progress)
+        label="semantic routing", unit_weight=lambda unit: len(evaluation[unit * GENERATION_CHUNK:][:GENERATION_CHUNK]),
+        done_weight=lambda unit: unit["classification"].num_rows // len(layers),
+        timings=lambda todo, seconds: {"chunks_scored_this_session": len(todo)})
+    return run_analysis(run, loaded, out, overwrite=overwrite, show_progress=show_progress, ray=ray)
 
 
 class SemanticRoutingJob(UnitJob):
-    """Every arm of one evaluation item (units: indices into the evaluation items), on the
-    model this process holds (fingerprints and scorer built on it)."""
+    """Every arm of a chunk of evaluation items (units: chunk indices), and with `accuracy`
+    their greedy answers under every arm. `setup` calibrates the fingerprints on the model
+    this process holds (deterministic: every process and every resume gets the same);
+    chunk 0 also returns them as the `fingerprints` table."""
 
-    def __init__(self, evaluation: list[TargetItem], prints: dict, layer_sets: list[list[int]],
-                 config: SemanticRouteConfig, scorer: WholeSequenceScorer):
-        self.evaluation, self.prints, self.layer_sets, self.config = evaluation, prints, layer_sets, config
-        self._scorer = scorer
+    def __init__(self, calibration: list[TargetItem], evaluation: list[TargetItem], layers: list[int],
+                 layer_sets: list[list[int]], config: SemanticRouteConfig):
+        self.calibration, self.evaluation, self.layers, self.layer_sets, self.config = \
+            calibration, evaluation, layers, layer_sets, config
 
     def setup(self, loaded=None) -> None:
-        pass
+        self._loaded = self.load(loaded)
+        self._scorer = WholeSequenceScorer(self._loaded.adapter, memory_budget=self.config.memory_budget)
+        self._prints = fingerprints(self._loaded.adapter, self.calibration, self.layers, self.config.kind)
 
     def run(self, units: list[int]) -> list[dict[str, pa.Table]]:
-        return [analyse_item(self._scorer.adapter, self._scorer, self.evaluation[i], self.prints, self.layer_sets,
-                             self.config) for i in units]
+        adapter, config, results = self._loaded.adapter, self.config, []
+        for unit in units:
+            chunk = self.evaluation[unit * GENERATION_CHUNK:][:GENERATION_CHUNK]
+            items = [analyse_item(adapter, self._scorer, item, self._prints, self.layer_sets, config) for item in chunk]
+            tables = {name: pa.concat_tables([item[name] for item in items]) for name in ("scores", "classification")}
+            tables["fingerprints"] = pa.Table.from_pylist(fingerprint_rows(self._prints) if unit == 0 else [],
+                                                          schema=FINGERPRINTS_SCHEMA)
+            if config.accuracy:
+                predicted = {(row["item_id"], row["layer"]): row["predicted"] for row in tables["classification"].to_pylist()}
+                tables["accuracy"] = pa.Table.from_pylist(
+                    accuracy_rows(adapter, self._loaded.tokenizer, chunk, self._prints, predicted, self.layer_sets, config),
+                    schema=ACCURACY_SCHEMA)
+            results.append(tables)
+        return results
 
     def checks(self) -> dict:
         largest, mean = self._scorer.deviation.largest
         return {"natural_route_max_abs_logprob_diff": largest, "natural_route_mean_abs_logprob_diff": mean}
 
 
-def _summary(folder, loaded, evaluation, calibration, prints, layers, layer_sets, config) -> dict:
-    """The scores' summary, then (with `accuracy`) the generation arms, written to `folder`."""
-    adapter = loaded.adapter
+def fingerprint_rows(prints: dict) -> list[dict]:
+    return [{"layer": layer, "domain": domain, "experts": entry["experts"][i].tolist(),
+             "centroid": entry["centroids"][i].double().tolist()}
+            for layer, entry in prints.items() for i, domain in enumerate(entry["domains"])]
+
+
+def _summary(folder, calibration, evaluation, layer_sets, config) -> dict:
+    """The scores' summary, then (with `accuracy`) the generation arms'."""
     summary = summarise(folder.read("scores"), folder.read("classification"), layer_sets, config, config.score)
     if config.accuracy:
-        if loaded.tokenizer is None or any(_item_answer(loaded.tokenizer, item) is None for item in evaluation):
-            raise RouteLensError("accuracy needs items whose target ends in the arithmetic task's '#<answer>' and a "
-                                 "tokenizer; pass --no-accuracy for other items")
-        classification = folder.read("classification")
-        predicted = {(row.item_id, int(row.layer)): row.predicted for row in classification.itertuples()}
-        accuracy = pd.DataFrame(accuracy_rows(adapter, loaded.tokenizer, evaluation, prints, predicted, layer_sets,
-                                              config))
+        # units are chunks of items: ordered arm by arm (as one pass over all items would give), chunks in order
+        accuracy = folder.read("accuracy")
+        order = {key: i for i, key in enumerate(dict.fromkeys(zip(accuracy["layer_set"], accuracy["arm"],
+                                                                 accuracy["floor_seed"].fillna(-1))))}
+        accuracy = accuracy.iloc[np.argsort([order[key] for key in zip(accuracy["layer_set"], accuracy["arm"],
+                                                                       accuracy["floor_seed"].fillna(-1))],
+                                            kind="stable")].reset_index(drop=True)
         folder.write_table("accuracy", accuracy)
         summary["accuracy"] = summarise_accuracy(accuracy, layer_sets, config)
         summary["accuracy_definition"] = (f"greedy completions (at most {config.max_new_tokens} tokens) with the arm's "
@@ -402,6 +439,7 @@ def _summary(folder, loaded, evaluation, calibration, prints, layers, layer_sets
                                           "McNemar (binomial test of the discordant items)")
     summary["calibration_items"] = len(calibration)
     summary["evaluation_items"] = len(evaluation)
-    summary["domain_experts"] = {str(layer): {d: prints[layer]["experts"][i].tolist()
-                                              for i, d in enumerate(prints[layer]["domains"])} for layer in layers}
+    prints = folder.read("fingerprints")
+    summary["domain_experts"] = {str(layer): {row.domain: list(map(int, row.experts)) for row in rows.itertuples()}
+                                 for layer, rows in prints.groupby("layer", sort=True)}
     return summary

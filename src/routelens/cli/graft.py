@@ -2,15 +2,17 @@
 
 from __future__ import annotations
 
-from routelens.cli.parsing import names, positive_int, run_options
+from routelens.cli.parsing import names, positive_int, ray_from_args, ray_options, run_options
+from routelens.errors import RouteLensError
 
 NAME = "graft"
 HELP = "copy donor experts into recipient expert slots (one family, same shapes); save and evaluate the result"
-RESUMABLE = False
+RESUMABLE = True   # the same command again keeps the grafted folder (its graft.json) and resumes the evaluation
 EPILOG = """examples:
   routelens graft --recipient demo --donor runs/mul-specialist --experts 3:5=3:5 --out runs/grafted
   routelens graft --recipient ./my-olmoe --donor ./other-olmoe --experts "3:5=3:9,7:0=7:12" --out runs/grafted \\
       --evaluate --items items.jsonl
+  routelens graft --recipient demo --donor demo --experts 3:5=3:9 --out runs/grafted --evaluate --ray local
 
 --experts "L:e=L2:e2,...": the donor's expert e2 at layer L2 goes into the recipient's expert
 e at layer L; every other tensor stays the recipient's. The folder loads with
@@ -18,12 +20,12 @@ AutoModelForCausalLM and with --model in every routelens command; graft.json rec
 donor, the map and the sha256 of every tensor copied and replaced. --evaluate measures,
 on the task's items, the natural score of recipient vs grafted (paired), how often the
 router selects each grafted slot, and the grafted vs the original expert forced alone,
-into <out>/evaluation.
+into <out>/evaluation (resumable: re-run the same command; --ray evaluates on Ray actors).
 """
 
 
 def parents():
-    return [run_options(resumable=False)]
+    return [run_options(resumable=False), ray_options()]
 
 
 def add_arguments(parser) -> None:
@@ -48,9 +50,12 @@ def run(args) -> int:
     from routelens.api import graft
     from routelens.summary_table import print_graft_evaluation
 
+    ray = ray_from_args(args)
+    if ray is not None and not args.evaluate:
+        raise RouteLensError("--ray runs the evaluation on Ray actors; give it with --evaluate")
     result = graft(args.recipient, args.donor, args.experts, args.out, dtype=args.dtype, evaluate=args.evaluate,
                    items=args.items, domains=args.domains, per_domain=args.per_domain, seed=args.seed,
-                   bootstrap_resamples=args.bootstrap_resamples, show_progress=not args.no_progress)
+                   bootstrap_resamples=args.bootstrap_resamples, show_progress=not args.no_progress, ray=ray)
     pairs = ", ".join(pair["pair"] for pair in result.record["pairs"])
     print(f"grafted {pairs} from {result.record['donor']} into {result.record['recipient']}: {args.out} "
           f"(graft.json records the sha256 of every tensor copied and replaced)")

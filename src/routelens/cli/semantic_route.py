@@ -2,7 +2,16 @@
 
 from __future__ import annotations
 
-from routelens.cli.parsing import default_of, load_lens, model_options, names, positive_int, run_options
+from routelens.cli.parsing import (
+    default_of,
+    load_lens,
+    model_options,
+    names,
+    positive_int,
+    ray_from_args,
+    ray_options,
+    run_options,
+)
 
 NAME = "semantic-route"
 HELP = "route by similarity to per-domain fingerprints; compare with natural routing, an oracle and a random floor"
@@ -11,6 +20,7 @@ EPILOG = """examples:
   routelens semantic-route --model demo --items arithmetic --per-domain 50 --out runs/semantic
   routelens semantic-route --model ./my-olmoe --items items.jsonl --layer-sets "15;0,5,10,15" --kind input \\
       --calibration-share 0.5 --floor-seeds 3 --seed 0 --out runs/semantic-input
+  routelens semantic-route --model demo --items arithmetic --out runs/semantic --ray local --workers 2
 
 Each domain's items are split (seeded) into calibration items, whose tokens make the
 domain's fingerprint at every layer (--kind selection: the mean router selection
@@ -36,7 +46,7 @@ def layer_sets(text: str) -> list[list[int]]:
 
 
 def parents():
-    return [model_options(), run_options()]
+    return [model_options(), run_options(), ray_options()]
 
 
 def add_arguments(parser) -> None:
@@ -81,8 +91,10 @@ def run(args) -> int:
                                  floor_seeds=args.floor_seeds, seed=args.seed, accuracy=args.accuracy,
                                  max_new_tokens=args.max_new_tokens, score=args.score, alpha=args.alpha,
                                  bootstrap_resamples=args.bootstrap_resamples)   # bad settings fail before loading
+    ray = ray_from_args(args)
     result = run_semantic_route(load_lens(args), args.items, args.out, config=config, domains=args.domains,
-                                per_domain=args.per_domain, overwrite=args.overwrite, show_progress=not args.no_progress)
+                                per_domain=args.per_domain, overwrite=args.overwrite, show_progress=not args.no_progress,
+                                ray=ray)
     print_semantic_route_summary(result.summary_dict)
     print(f"run folder: {args.out}")
     return 0
