@@ -125,7 +125,7 @@ def test_joint_tables_equal_a_second_computation_from_the_single_layer_tables(de
     frame = res.joint_tokens
     assert summary["tokens"] == len(frame)
     assert summary["joint_minus_sum"] == pytest.approx((frame["gain"] - frame["sum_single_gain"]).mean())
-    assert summary["verdict"] == joint_verdict(summary["joint_minus_sum_ci"], summary["joint_minus_best_single_ci"])
+    assert summary["verdict"] == joint_verdict(summary["interaction_ci"])
     assert list(res.joint_summary["bin"]) == ["Confident", "Ambiguous", "Fragile", "All"]
 
 
@@ -151,12 +151,48 @@ def test_joint_route_scores_equal_plain_forwards_with_the_overrides(demo_joint):
         assert route["logprob"] == pytest.approx(expected, abs=1e-5)
 
 
+def _synthetic_joint_summary(excess: float, trajectories: int = 24, positions: int = 6, routes: int = 9) -> dict:
+    """summarise_joint over joint tables built by `joint_tables` from known per-layer effects:
+    p_l(r) = p_std + d_l(r) at each of two layers alone, and forced together
+    p_joint(r) = p_std + d_0(r) + d_1(r) + excess (r > 0): additive when excess = 0."""
+    import pandas as pd
+
+    from routelens.analyses.counterfactual import LayerRoutes, joint_tables, summarise_joint
+    from routelens.data.trajectories import Trajectory
+
+    rng = np.random.default_rng(0)
+    config = CounterfactualConfig(joint_layers=[0, 1], num_routes=routes - 1, bootstrap_resamples=400)
+    frames = []
+    for t in range(trajectories):
+        p_std = rng.uniform(0.2, 0.8, size=(positions, 1))
+        effects = rng.uniform(-0.08, 0.08, size=(2, positions, routes))
+        effects[:, :, 0] = 0.0                                             # route 0: the standard route
+        single = {layer: np.log(p_std + effects[layer]) for layer in (0, 1)}
+        joint = p_std + effects.sum(axis=0) + np.where(np.arange(routes) > 0, excess, 0.0)
+        experts = np.stack([np.sort(rng.choice(16, size=(2, 4), replace=False), axis=-1)
+                            for _ in range(positions * routes)]).reshape(positions, routes, 2, 4)
+        layer_routes = LayerRoutes(np.arange(1, positions + 1), experts, torch.full((positions, routes, 2, 4), 0.25),
+                                   rng.uniform(size=(positions, routes)), np.zeros((positions, routes), dtype=bool))
+        trajectory = Trajectory(f"t{t}", list(range(3, positions + 5)), 1, verified=True)
+        frames.append(joint_tables(trajectory, [0, 1], layer_routes, np.log(joint), single, config)["joint_tokens"]
+                      .to_pandas())
+    return summarise_joint(pd.concat(frames, ignore_index=True), [0, 1], config)["bins"]["All"]
+
+
+@pytest.mark.parametrize("excess, verdict", [(0.0, "additive"), (0.03, "super-additive"), (-0.03, "cancelling")])
+def test_joint_verdict_calls_a_known_combination_by_its_name(excess, verdict):
+    summary = _synthetic_joint_summary(excess)
+    assert summary["interaction"] == pytest.approx(excess, abs=1e-9)     # the per-route interaction, exactly
+    assert summary["verdict"] == verdict
+    if excess == 0.0:   # best-of-S against the sum of per-layer bests is below 0 for an additive model: biased
+        assert summary["joint_minus_sum_ci"][1] < 0
+
+
 def test_joint_verdicts():
-    assert joint_verdict([-0.1, 0.2], [-0.3, -0.1]) == "additive"
-    assert joint_verdict([0.01, 0.2], [0.1, 0.3]) == "super-additive"
-    assert joint_verdict([-0.3, -0.1], [-0.05, 0.02]) == "saturating"
-    assert joint_verdict([-0.3, -0.1], [-0.05, -0.01]) == "cancelling"
-    assert joint_verdict([None, None], [-0.05, -0.01]) is None
+    assert joint_verdict([-0.1, 0.2]) == "additive"
+    assert joint_verdict([0.01, 0.2]) == "super-additive"
+    assert joint_verdict([-0.3, -0.1]) == "cancelling"
+    assert joint_verdict([None, None]) is None
 
 
 @pytest.mark.parametrize("options, message", [

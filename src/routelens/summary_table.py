@@ -43,25 +43,25 @@ def summary_table(summary: dict) -> Table:
 
 
 def joint_table(summary: dict) -> Table | None:
-    """A joint-layers run: the joint gain against the single-layer gains of the same tokens."""
+    """A joint-layers run: the interaction of the layers on the same routes (the verdict's
+    basis), and the best joint gain against the best single-layer gain of the same tokens."""
     joint = summary.get("joint")
     if not joint:
         return None
     layers = "+".join(map(str, joint["layers"]))
-    table = Table(title=f"joint routes at layers {layers} against the same tokens' single-layer gains "
-                        "(95% bootstrap CI over trajectories; * fewer than 10 trajectories)")
-    for column in ("bin", "tokens", "joint gain", "sum of single", "best single", "joint - sum", "joint - best single",
-                   "verdict"):
+    table = Table(title=f"joint routes at layers {layers} against the same routes one layer at a time (95% bootstrap CI "
+                        "over trajectories; * fewer than 10 trajectories)",
+                  caption="interaction: mean over routes of the joint change minus the sum of the single-layer changes "
+                          "(0: additive; the verdict reads its interval)")
+    for column in ("bin", "tokens", "interaction", "verdict", "joint gain", "best single", "joint - best single"):
         table.add_column(column, justify="left" if column in ("bin", "verdict") else "right")
     for name in (*BINS, ALL_TOKENS):
         group = joint["bins"][name]
         table.add_row(name + ("*" if group.get("few_clusters") else ""), str(group["tokens"]),
+                      _with_interval(group["interaction"], group["interaction_ci"], 4), group["verdict"] or "-",
                       _with_interval(group["gain"], group["gain_ci"], 4),
-                      _with_interval(group["sum_single_gain"], group["sum_single_gain_ci"], 4),
                       _with_interval(group["max_single_gain"], group["max_single_gain_ci"], 4),
-                      _with_interval(group["joint_minus_sum"], group["joint_minus_sum_ci"], 4),
-                      _with_interval(group["joint_minus_best_single"], group["joint_minus_best_single_ci"], 4),
-                      group["verdict"] or "-")
+                      _with_interval(group["joint_minus_best_single"], group["joint_minus_best_single_ci"], 4))
     return table
 
 

@@ -460,18 +460,17 @@ def summarise(tokens: pd.DataFrame, layers: list[int], config: CounterfactualCon
     }
 
 
-def joint_verdict(joint_minus_sum_ci: list, joint_minus_best_ci: list) -> str | None:
-    """How the listed layers' effects combine, from the paired intervals of (joint gain -
-    sum of single-layer gains) and (joint gain - best single-layer gain): additive (the
-    first holds 0), super-additive (above 0), cancelling (the joint is below the best
-    single layer alone) or saturating (in between)."""
-    if None in joint_minus_sum_ci or None in joint_minus_best_ci:
+def joint_verdict(interaction_ci: list) -> str | None:
+    """How the listed layers' effects on a route combine, from the interval (over
+    trajectories) of the mean per-route interaction (p_joint(r) - p_std) - sum_l (p_l(r) -
+    p_std): additive (the interval holds 0), super-additive (above 0: forced together, the
+    layers change p by more than the sum of their single-layer changes) or cancelling
+    (below 0: by less; their changes partly cancel or saturate)."""
+    if None in interaction_ci:
         return None
-    if joint_minus_sum_ci[0] <= 0 <= joint_minus_sum_ci[1]:
+    if interaction_ci[0] <= 0 <= interaction_ci[1]:
         return "additive"
-    if joint_minus_sum_ci[0] > 0:
-        return "super-additive"
-    return "cancelling" if joint_minus_best_ci[1] < 0 else "saturating"
+    return "super-additive" if interaction_ci[0] > 0 else "cancelling"
 
 
 def summarise_joint(tokens: pd.DataFrame, joint: list[int], config: CounterfactualConfig) -> dict:
@@ -491,7 +490,7 @@ def summarise_joint(tokens: pd.DataFrame, joint: list[int], config: Counterfactu
             difference = frame["gain"] - frame[other]
             group[label] = None if frame.empty else float(difference.mean())
             group[f"{label}_ci"] = trajectory_interval(frame, difference, seed, resamples)
-        group["verdict"] = joint_verdict(group["joint_minus_sum_ci"], group["joint_minus_best_single_ci"])
+        group["verdict"] = joint_verdict(group["interaction_ci"])
         out[name] = group
     return {"layers": list(joint), "bins": out,
             "definitions": {
@@ -499,9 +498,13 @@ def summarise_joint(tokens: pd.DataFrame, joint: list[int], config: Counterfactu
                                "independently per layer, weights by the gating rule on the natural router logits)",
                 "sum_single_gain": "sum over the listed layers of the token's single-layer gain",
                 "max_single_gain": "the token's largest single-layer gain",
-                "interaction": "mean over alternatives r of (p_joint(r) - p_std) - sum_l (p_l(r) - p_std)",
-                "verdict": "additive: joint - sum interval holds 0; super-additive: above 0; cancelling: joint gain "
-                           "below the best single layer's; saturating: between the best single layer and the sum",
+                "interaction": "mean over alternatives r of (p_joint(r) - p_std) - sum_l (p_l(r) - p_std): the same "
+                               "route's joint change minus the sum of its single-layer changes (0 when they add up)",
+                "verdict": "from the interaction's interval over trajectories: additive (holds 0), super-additive "
+                           "(above 0) or cancelling (below 0: the layers' changes partly cancel or saturate)",
+                "joint_minus_sum": "best-of-S joint gain - sum of the per-layer best-of-S gains: biased below 0 (the "
+                                   "best of a sum is at most the sum of the bests), so not a test of additivity",
+                "joint_minus_best_single": "best-of-S joint gain - the largest per-layer best-of-S gain",
             }}
 
 

@@ -160,14 +160,13 @@ def _joint_section(run_dir: str, summary: dict) -> str:
     rows = []
     for name in (*BINS, ALL_TOKENS):
         g = joint["bins"][name]
-        rows.append([name + (" *" if g["few_clusters"] else ""), g["tokens"]]
-                    + [interval(g[key], g[f"{key}_ci"], 4) for key in ("gain", "sum_single_gain", "max_single_gain",
-                                                                    "joint_minus_sum", "joint_minus_best_single",
-                                                                    "interaction")]
-                    + [g["verdict"] or "-"])
+        rows.append([name + (" *" if g["few_clusters"] else ""), g["tokens"],
+                     interval(g["interaction"], g["interaction_ci"], 4), g["verdict"] or "-"]
+                    + [interval(g[key], g[f"{key}_ci"], 4) for key in ("gain", "max_single_gain", "joint_minus_best_single",
+                                                                    "joint_minus_sum")])
     layers = "+".join(map(str, joint["layers"]))
-    comparison = table(["bin (joint)", "tokens", "joint gain", "sum of single gains", "best single gain", "joint - sum",
-                        "joint - best single", "interaction per route", "verdict"], rows, "cf-joint")
+    comparison = table(["bin (joint)", "tokens", "interaction per route", "verdict", "joint gain", "best single gain",
+                        "joint - best single", "joint - sum of bests (biased below 0)"], rows, "cf-joint")
     figure = figs.joint_figure(pd.read_parquet(path), summary)
     return (f"<h3>Joint routes: layers {esc(layers)} at once</h3>"
             f"<p>Each joint route forces one alternative at every listed layer together (route r of each layer, "

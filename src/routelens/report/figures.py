@@ -189,27 +189,34 @@ def _null_figures(summary: dict, layers: list[int], bins: list[str]) -> list[Fig
 
 
 def joint_figure(joint_tokens: pd.DataFrame, summary: dict) -> Figure:
-    """Per token: the joint routes' gain against the sum (left) and the best (right) of the
-    same token's single-layer gains, coloured by bin; on the diagonal the effects add up
-    (left) or the joint adds nothing to the best layer (right)."""
+    """Per token: the mean per-route interaction of the listed layers (left; 0 where their
+    changes to the same route add up) and the joint routes' gain against the best of the
+    same token's single-layer gains (right), coloured by bin."""
     layers = "+".join(map(str, summary["joint"]["layers"]))
-    fig, axes = subplots(1, 2, figsize=(11, 4.2))
-    for ax, column, label in ((axes[0], "sum_single_gain", "sum of single-layer gains"),
-                              (axes[1], "max_single_gain", "best single-layer gain")):
-        for name, colour_of_bin in BIN_COLOURS.items():
-            at = joint_tokens[joint_tokens["bin"] == name]
-            ax.scatter(at[column], at["gain"], s=8, alpha=0.6, color=colour_of_bin, label=f"{name} ({len(at)})")
-        values = np.concatenate([joint_tokens[column].to_numpy(), joint_tokens["gain"].to_numpy()])
-        low, high = (float(values.min()), float(values.max())) if values.size else (0.0, 1.0)
-        ax.plot([low, high], [low, high], color="black", linewidth=0.8, linestyle="--")
-        ax.set(xlabel=f"{label} [probability]", ylabel=f"joint gain, layers {layers} [probability]",
-               title=f"Joint gain against the {label}")
+    fig, (ax_interaction, ax_best) = subplots(1, 2, figsize=(11, 4.2))
+    values = joint_tokens["interaction"].to_numpy()
+    edges = np.linspace(float(values.min()), float(values.max()), 41) if values.size and np.ptp(values) > 0 else 40
+    for name, colour_of_bin in BIN_COLOURS.items():
+        at = joint_tokens[joint_tokens["bin"] == name]
+        ax_interaction.hist(at["interaction"], bins=edges, alpha=0.6, color=colour_of_bin, label=f"{name} ({len(at)})")
+        ax_best.scatter(at["max_single_gain"], at["gain"], s=8, alpha=0.6, color=colour_of_bin, label=f"{name} ({len(at)})")
+    ax_interaction.axvline(0.0, color="black", linewidth=0.8, linestyle="--")
+    ax_interaction.set(xlabel="mean over routes of (p_joint - p_std) - sum of single-layer (p_l - p_std) [probability]",
+                       ylabel="tokens", title=f"Interaction of layers {layers} on the same routes")
+    both = np.concatenate([joint_tokens["max_single_gain"].to_numpy(), joint_tokens["gain"].to_numpy()])
+    low, high = (float(both.min()), float(both.max())) if both.size else (0.0, 1.0)
+    ax_best.plot([low, high], [low, high], color="black", linewidth=0.8, linestyle="--")
+    ax_best.set(xlabel="best single-layer gain [probability]", ylabel=f"joint gain, layers {layers} [probability]",
+                title="Joint gain against the best single-layer gain")
+    for ax in (ax_interaction, ax_best):
         ax.legend(fontsize=8)
     fig.suptitle("Routes changed at several layers at once, against the same routes one layer at a time")
     fig.tight_layout()
-    return Figure("cf_joint", "Joint against single-layer gains", "One point per token. Below the left diagonal the "
-                  "layers' gains do not add up (saturating); below the right one the joint route gains less than "
-                  "the best single layer alone (cancelling).", fig)
+    return Figure("cf_joint", "Joint against single-layer changes", "Left: per token, the mean over alternative routes "
+                  "of the joint change minus the sum of the single-layer changes of the same route (0: additive; "
+                  "the verdict reads its interval). Right: below the diagonal the best joint route gains less than "
+                  "the best single layer alone. The best joint gain is not compared with the sum of the per-layer "
+                  "bests: that difference is below 0 even for additive layers.", fig)
 
 
 def rollout_figures(per_token: pd.DataFrame, summary: dict) -> list[Figure]:
