@@ -270,3 +270,41 @@ def test_padding_that_reaches_real_positions_makes_the_counterfactual_score_one_
     checks = engine_checks(engine)
     assert checks["trajectory_batching_fallback"].startswith("one trajectory at a time: ")
     assert "padding reaches real positions" in checks["trajectory_batching_fallback"]
+
+
+def test_ties_losses_and_the_sign_test_equal_a_plain_recomputation_from_the_routes_table():
+    """win, tie and loss shares and the sign test over trajectories, recomputed from
+    routes.parquet by plain loops over tokens and routes (a route of the standard expert set
+    ties, whatever float noise says)."""
+    import routelens as rl
+    from scipy.stats import binomtest
+
+    lens = rl.load("demo")
+    trajectories = [t for t in rl.sample_trajectories(lens, n=16, samples_per_problem=2, max_new_tokens=40, seed=3)
+                    if t.verified]
+    res = rl.counterfactual(lens, trajectories, layers=[-1], routes=16, seed=1, bootstrap_resamples=200)
+    eps = res.summary_dict["win_tolerance"]
+    shares = {}   # (trajectory, position) -> (win share, tie share, loss share)
+    for (tid, position), rows in res.routes.groupby(["trajectory_id", "position"]):
+        rows = rows.sort_values("route")
+        standard_set, p_std = sorted(rows["experts"].iloc[0]), float(np.exp(rows["logprob"].iloc[0]))
+        counts = {"win": 0, "tie": 0, "loss": 0}
+        for experts, logprob in zip(rows["experts"].iloc[1:], rows["logprob"].iloc[1:]):
+            difference = float(np.exp(logprob)) - p_std
+            outcome = ("tie" if sorted(experts) == standard_set else "win" if difference > eps
+                       else "loss" if -difference > eps else "tie")
+            counts[outcome] += 1
+        total = sum(counts.values())
+        shares[(tid, position)] = tuple(counts[name] / total for name in ("win", "tie", "loss"))
+    cell = res.summary_dict["layers"][str(lens.moe_layers[-1])]["All"]
+    assert cell["win_rate"] == pytest.approx(np.mean([s[0] for s in shares.values()]), abs=1e-12)
+    assert cell["tie_rate"] == pytest.approx(np.mean([s[1] for s in shares.values()]), abs=1e-12)
+    assert cell["loss_rate"] == pytest.approx(np.mean([s[2] for s in shares.values()]), abs=1e-12)
+    per_trajectory = {}
+    for (tid, _), (win, _, loss) in shares.items():
+        per_trajectory.setdefault(tid, []).append(win - loss)
+    means = [np.mean(values) for values in per_trajectory.values()]
+    above, below = sum(m > 0 for m in means), sum(m < 0 for m in means)
+    test = cell["win_loss_sign_test"]
+    assert (test["trajectories_alternatives_ahead"], test["trajectories_standard_ahead"]) == (above, below)
+    assert above + below > 0 and test["p_value"] == pytest.approx(binomtest(above, above + below, 0.5).pvalue, rel=1e-12)

@@ -16,14 +16,22 @@ def _with_interval(value, interval, digits: int = 3) -> str:
     return text if low is None else f"{text} [{low:.{digits}f}, {high:.{digits}f}]"
 
 
+def _p_value(test: dict | None) -> str:
+    if not test or test.get("p_value") is None:
+        return "-"
+    return f"{test['p_value']:.2g}"
+
+
 def summary_table(summary: dict) -> Table:
     tolerance = summary.get("win_tolerance")
     table = Table(title="counterfactual routing: per layer x bin (95% bootstrap CI over trajectories; "
                         "* fewer than 10 trajectories)",
                   caption=None if tolerance is None else
-                  f"win: p_alt - p_std > {tolerance}; null: the gain of a random draw of the sampler; "
-                  "std pct: share of alternatives below the standard route (0.5 = chance)")
-    for column in ("layer", "bin", "tokens", "traj", "p std", "gain", "null gain", "win rate", "std pct", "alignment"):
+                  f"win / tie / loss: p_alt above / within / below p_std by {tolerance}; null: the gain of a random "
+                  "draw of the sampler; sign p: exact sign test over trajectories, alternatives ahead vs behind "
+                  "(ties aside, unadjusted)")
+    for column in ("layer", "bin", "tokens", "traj", "p std", "gain", "null gain", "win rate", "tie", "loss", "sign p",
+                   "alignment"):
         table.add_column(column, justify="right" if column not in ("bin",) else "left")
     for layer, groups in summary["layers"].items():
         for name in (*BINS, ALL_TOKENS):
@@ -35,7 +43,9 @@ def summary_table(summary: dict) -> Table:
                 _with_interval(group["gain"], group["gain_ci"]),
                 _with_interval(group.get("null_gain"), group.get("null_gain_ci", (None, None))),
                 _with_interval(group["win_rate"], group["win_rate_ci"]),
-                _with_interval(group.get("standard_percentile"), group.get("standard_percentile_ci", (None, None)), 2),
+                "-" if group.get("tie_rate") is None else f"{group['tie_rate']:.3f}",
+                "-" if group.get("loss_rate") is None else f"{group['loss_rate']:.3f}",   # absent in older runs
+                _p_value(group.get("win_loss_sign_test")),
                 _with_interval(group["alignment"], group["alignment_ci"]),
             )
         table.add_section()

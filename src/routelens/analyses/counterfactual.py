@@ -396,6 +396,7 @@ def summarise_group(frame: pd.DataFrame, config: CounterfactualConfig) -> dict:
     gain as a function of the number of alternatives S."""
     z = pd.Series(stats.fisher_z(frame["alignment"].to_numpy()), index=frame.index)
     seed, resamples = config.seed, config.bootstrap_resamples
+    loss = (1.0 - frame["win_rate"] - frame["tie_rate"]).clip(lower=0.0)   # share of alternatives below std - tolerance
 
     def mean_or_none(value: float) -> float | None:
         return None if np.isnan(value) else float(value)
@@ -415,6 +416,10 @@ def summarise_group(frame: pd.DataFrame, config: CounterfactualConfig) -> dict:
         "win_rate": mean_or_none(frame["win_rate"].mean()),
         "win_rate_ci": trajectory_interval(frame, frame["win_rate"], seed, resamples),
         "tie_rate": mean_or_none(frame["tie_rate"].mean()),
+        "tie_rate_ci": trajectory_interval(frame, frame["tie_rate"], seed, resamples),
+        "loss_rate": mean_or_none(loss.mean()),
+        "loss_rate_ci": trajectory_interval(frame, loss, seed, resamples),
+        "win_loss_sign_test": win_loss_sign_test(frame["trajectory_id"], frame["win_rate"] - loss),
         "standard_percentile": mean_or_none(frame["standard_percentile"].mean()),
         "standard_percentile_ci": trajectory_interval(frame, frame["standard_percentile"], seed, resamples),
         "alignment": mean_or_none(stats.fisher_z_mean(frame["alignment"].to_numpy())),
@@ -423,6 +428,20 @@ def summarise_group(frame: pd.DataFrame, config: CounterfactualConfig) -> dict:
         "few_clusters": int(frame["trajectory_id"].nunique()) < MIN_CLUSTERS,
         "gain_by_routes": _gain_by_routes(frame, config.num_routes),
     }
+
+
+def win_loss_sign_test(trajectory_ids: pd.Series, win_minus_loss: pd.Series) -> dict:
+    """Do alternatives beat the standard route more often than they lose to it? An exact
+    two-sided sign test over trajectories (the independent unit): per trajectory, the mean
+    over its tokens of (win share - loss share), ties (shares within the tolerance) left
+    out by construction; trajectories at exactly 0 are dropped (`scipy.stats.binomtest`)."""
+    from scipy.stats import binomtest
+
+    per_trajectory = win_minus_loss.groupby(trajectory_ids.to_numpy()).mean()
+    above, below = int((per_trajectory > 0).sum()), int((per_trajectory < 0).sum())
+    p = float(binomtest(above, above + below, 0.5).pvalue) if above + below else None
+    return {"trajectories_alternatives_ahead": above, "trajectories_standard_ahead": below,
+            "trajectories_even": int((per_trajectory == 0).sum()), "p_value": p}
 
 
 def _gain_by_routes(frame: pd.DataFrame, num_routes: int) -> dict[str, float]:
@@ -452,8 +471,13 @@ def summarise(tokens: pd.DataFrame, layers: list[int], config: CounterfactualCon
         "definitions": {
             "win_rate": f"share of alternatives with p_alt - p_standard > {config.win_tolerance}",
             "tie_rate": f"share of alternatives within {config.win_tolerance} of p_standard (the standard set included)",
+            "loss_rate": f"share of alternatives with p_standard - p_alt > {config.win_tolerance} (1 - win - tie)",
+            "win_loss_sign_test": "exact two-sided sign test over trajectories of their tokens' mean (win share - loss "
+                                  "share): do alternatives beat the standard route more often than they lose to it, "
+                                  "ties aside; unadjusted for the number of cells",
             "null_gain": "mean over alternatives a of (best other alternative's p - p_a): the gain of a random draw",
-            "standard_percentile": "share of alternatives below the standard route (ties half); 0.5 = chance",
+            "standard_percentile": "secondary: share of alternatives below the standard route, ties counted as half "
+                                   "(so a cell of ties reads 0.5); read win, tie and loss rates first",
             "gain_by_routes": "mean expected p(best of m alternatives) - p_standard, m drawn from the S scored",
         },
         "layers": per_layer,

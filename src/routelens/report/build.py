@@ -118,10 +118,14 @@ def counterfactual_section(run_dir: str, run: dict) -> str:
             g = groups[name]
             rows.append([layer, name, g["tokens"], g["trajectories"], fmt(g["p_standard"]), fmt(g["p_best_alt"]),
                          interval(g["gain"], g["gain_ci"]), interval(g["win_rate"], g["win_rate_ci"]),
+                         interval(g.get("tie_rate"), g.get("tie_rate_ci", [None, None])),
+                         interval(g.get("loss_rate"), g.get("loss_rate_ci", [None, None])),   # absent in older runs
+                         _p_value(g.get("win_loss_sign_test")),
                          interval(g["alignment"], g["alignment_ci"])])
             attributes.append(f' data-layer="{esc(layer)}" data-bin="{esc(name)}"')
     bins = table(["layer", "bin", "tokens", "trajectories", "p standard", "p best alt", "gain [95% CI]",
-                  "win rate [95% CI]", "alignment [95% CI]"], rows, "cf-bins",
+                  "win rate [95% CI]", "tie rate [95% CI]", "loss rate [95% CI]", "sign test p (alternatives ahead "
+                  "vs behind, over trajectories)", "alignment [95% CI]"], rows, "cf-bins",
                  cell_attributes=lambda r, c: attributes[r] + ' class="count"' if c == 2 else "")
     worst = figs.worst_tokens(tokens, WORST_TOKENS)
     contexts = token_contexts(run["config"], worst)
@@ -173,6 +177,11 @@ def _joint_section(run_dir: str, summary: dict) -> str:
             f"the same routes scored one layer at a time above), on the same tokens. "
             f"{esc(joint['definitions']['verdict'])}. * fewer than 10 trajectories.</p>"
             f"{comparison}{_figures_html(run_dir, [figure])}")
+
+
+def _p_value(test: dict | None) -> str:
+    """An exact test's p in two significant digits (its dict may be absent in older runs)."""
+    return "-" if not test or test.get("p_value") is None else f"{test['p_value']:.2g}"
 
 
 def isolation_section(run_dir: str, run: dict) -> str:
