@@ -58,6 +58,17 @@ def tiny_adapters():
 
 
 @pytest.fixture
+def registry_restored():
+    """The family registry as it was before the test (a test or an example may register one)."""
+    from routelens.models import registry
+
+    saved = dict(registry.FAMILIES)
+    yield
+    registry.FAMILIES.clear()
+    registry.FAMILIES.update(saved)
+
+
+@pytest.fixture
 def cli_env():
     """Environment for running the CLI in a subprocess with this interpreter."""
     env = dict(os.environ)

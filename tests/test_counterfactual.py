@@ -276,8 +276,9 @@ def test_ties_losses_and_the_sign_test_equal_a_plain_recomputation_from_the_rout
     """win, tie and loss shares and the sign test over trajectories, recomputed from
     routes.parquet by plain loops over tokens and routes (a route of the standard expert set
     ties, whatever float noise says)."""
-    import routelens as rl
     from scipy.stats import binomtest
+
+    import routelens as rl
 
     lens = rl.load("demo")
     trajectories = [t for t in rl.sample_trajectories(lens, n=16, samples_per_problem=2, max_new_tokens=40, seed=3)

@@ -53,17 +53,6 @@ def example_globals(tmp_path_factory):
     return {"tmp": tmp, "demo_run": demo_run, "trajectory_file": str(trajectory_file), "item_file": str(item_file)}
 
 
-@pytest.fixture
-def registry_restored():
-    """An example may register a family (rl.register_family): the registry is as it was after."""
-    from routelens.models import registry
-
-    saved = dict(registry.FAMILIES)
-    yield
-    registry.FAMILIES.clear()
-    registry.FAMILIES.update(saved)
-
-
 @pytest.mark.parametrize("name,obj", _objects(), ids=[name for name, _ in _objects()])
 def test_examples_run(name, obj, example_globals, registry_restored):
     finder = doctest.DocTestFinder(recurse=False)

@@ -47,15 +47,7 @@ def toy_folder(tmp_path):
     return str(tmp_path / "toy")
 
 
-@pytest.fixture
-def restore_registry():
-    saved = dict(registry.FAMILIES)
-    yield
-    registry.FAMILIES.clear()
-    registry.FAMILIES.update(saved)
-
-
-def test_a_family_registered_from_outside_passes_verify(toy_folder, tmp_path, restore_registry, capsys):
+def test_a_family_registered_from_outside_passes_verify(toy_folder, tmp_path, registry_restored, capsys):
     assert main(["verify", "--model", toy_folder]) == 2          # not served yet: one line, names the way out
     assert "unsupported architecture 'toy_moe_outside'" in capsys.readouterr().err
     rl.register_family(ToyMoeConfig.model_type, ToyMoeAdapter, "fp32 softmax over all experts, top-k (toy)")
@@ -78,13 +70,13 @@ def test_a_family_registered_from_outside_passes_verify(toy_folder, tmp_path, re
     (("x_moe", ToyMoeAdapter, "two\nlines"), "gating_rule must be the gating rule in one line"),
     (("olmoe", ToyMoeAdapter, "rule"), "model type 'olmoe' is already served by OlmoeAdapter"),
 ])
-def test_bad_registrations_are_one_line_errors(args, message, restore_registry):
+def test_bad_registrations_are_one_line_errors(args, message, registry_restored):
     with pytest.raises(rl.RouteLensError, match=message):
         rl.register_family(*args)
 
 
 def test_a_family_declared_by_an_installed_package_is_found_through_its_entry_point(toy_folder, tmp_path,
-                                                                                    restore_registry, monkeypatch):
+                                                                                    registry_restored, monkeypatch):
     """A package declaring `[project.entry-points."routelens.families"] toy_moe_outside =
     "toy_family:FAMILY"` (here: its installed metadata and module written into a folder on
     sys.path) serves the model type without any call."""
