@@ -156,14 +156,46 @@ def test_a_fused_kernel_that_disagrees_with_the_explicit_path_is_not_used(tiny_a
     layer = adapter.moe_layers[0]
     items = _items(adapter, layer)[:1]
     monkeypatch.setattr(attention, "TESTED_DEVICES", ())
-    monkeypatch.setattr(attention.STATE, "fused_checked", {})
+    monkeypatch.setattr(attention, "FUSED_CHECKED", {})
     right = attention._fused_off_diagonal
     monkeypatch.setattr(attention, "_fused_off_diagonal", lambda *a: (lambda out: (out[0] * 1.5, out[1]))(right(*a)))
     with pytest.warns(UserWarning, match="fused attention kernel on cpu torch.float32 differs from the explicit path"):
         fast = FastEngine(adapter, memory_budget=2**40).score_batch(layer, items)[0]
-    assert attention.STATE.fused_checked == {("cpu", torch.float32): False}
+    assert attention.FUSED_CHECKED == {("cpu", torch.float32): False}
     np.testing.assert_allclose(fast, ReferenceEngine(adapter).score_batch(layer, items)[0], atol=1e-5, rtol=0)
     monkeypatch.setattr(attention, "_fused_off_diagonal", right)   # the right kernel passes its check
-    monkeypatch.setattr(attention.STATE, "fused_checked", {})
+    monkeypatch.setattr(attention, "FUSED_CHECKED", {})
     FastEngine(adapter, memory_budget=2**40).score_batch(layer, items)
-    assert attention.STATE.fused_checked == {("cpu", torch.float32): True}
+    assert attention.FUSED_CHECKED == {("cpu", torch.float32): True}
+
+
+def test_two_fast_engines_in_two_threads_do_not_share_attention_state(tiny_adapters):
+    """Each engine's recorded keys and patch settings are its own (a context variable, not a
+    module global): two engines on two models scoring at the same time in two threads give
+    what each gives alone."""
+    import threading
+
+    jobs = []
+    for family in ("olmoe", "qwen3_moe"):
+        adapter = tiny_adapters[family]
+        layer = adapter.moe_layers[0]
+        jobs.append((FastEngine(adapter), layer, _items(adapter, layer)))
+    alone = [engine.score_batch(layer, items) for engine, layer, items in jobs]
+    together, errors = [None, None], []
+
+    def run(index):
+        engine, layer, items = jobs[index]
+        try:
+            together[index] = [engine.score_batch(layer, items) for _ in range(3)][-1]
+        except Exception as error:   # noqa: BLE001 - reported below with its thread
+            errors.append((index, error))
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(2)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert not errors, errors
+    for got, want in zip(together, alone):
+        for a, b in zip(got, want):
+            np.testing.assert_allclose(a, b, atol=1e-6, rtol=0)

@@ -55,9 +55,9 @@ def test_fused_cuda_attention_equals_the_explicit_path(dtype, monkeypatch):
     from routelens.engine.fast import FastEngine
 
     monkeypatch.setattr(FastEngine, "GATHER_BELOW", 0.0)   # every position carried: the fused kernel's case
-    monkeypatch.setattr(attention.STATE, "fused_checked", {})
+    monkeypatch.setattr(attention, "FUSED_CHECKED", {})
     fused = rl.counterfactual(lens, trajs, layers=[0], routes=8).routes["logprob"]
-    assert attention.STATE.fused_checked.get(("cuda", getattr(torch, dtype))) is True   # checked once, and agreed
+    assert attention.FUSED_CHECKED.get(("cuda", getattr(torch, dtype))) is True   # checked once, and agreed
     monkeypatch.setattr(attention, "_fused_off_diagonal", lambda *a: None)
     explicit = rl.counterfactual(lens, trajs, layers=[0], routes=8).routes["logprob"]
     np.testing.assert_allclose(fused, explicit, atol=1e-4 if dtype == "float32" else 0.1, rtol=0)

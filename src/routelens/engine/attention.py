@@ -1,6 +1,8 @@
 """Attention functions of the fast engine, registered with transformers' AttentionInterface.
 
-Two modes, switched by the engine through `AttentionState`:
+Two modes, switched by the engine through its own `AttentionState` (made active for the
+duration of a pass by `active_state`: a context variable, not module-global state, so two
+engines never see each other's keys):
 
 - **record** (the natural forward): call the model's own attention (sdpa, or the family's
   eager function, with the mask transformers built for it) and keep each layer's keys and
@@ -18,16 +20,18 @@ Two modes, switched by the engine through `AttentionState`:
   This equals re-running the prefix with only position t perturbed, for every t at once,
   because no position < t depends on position t (causal attention).
 
-Each layer's window comes from the adapter (`STATE.windows`), never from the kwargs the
+Each layer's window comes from the adapter (`AttentionState.windows`), never from the kwargs the
 attention function happens to receive: Qwen2-MoE and PhiMoE apply their window only
 through the mask, OLMoE passes a `sliding_window` kwarg its mask ignores. In record mode
 the mask the model built is compared with the adapter's window, so a family whose mask
-says otherwise is caught before any route is scored (`STATE.mask_mismatch`).
+says otherwise is caught before any route is scored (`AttentionState.mask_mismatch`).
 """
 
 from __future__ import annotations
 
 import sys
+from contextlib import contextmanager
+from contextvars import ContextVar
 from dataclasses import dataclass, field
 
 import torch
@@ -49,11 +53,28 @@ class AttentionState:
     patched_calls: int = 0
     windows: dict[int, int | None] = field(default_factory=dict)  # layer -> window (adapter's), None = causal
     mask_mismatch: str | None = None         # record mode: first layer whose mask disagrees with its window
-    fused_checked: dict = field(default_factory=dict)  # (device type, dtype) -> the fused kernel agreed with the explicit path
     _checked_masks: set = field(default_factory=set)
 
 
-STATE = AttentionState()
+_ACTIVE: ContextVar[AttentionState | None] = ContextVar("routelens_attention_state", default=None)
+_OFF = AttentionState()   # read-only default: the wrapped functions pass through to the model's own
+#: (device type, dtype) -> the fused kernel agreed with the explicit path: a fact about this
+#: process's kernels, checked once and shared by every engine
+FUSED_CHECKED: dict = {}
+
+
+@contextmanager
+def active_state(state: AttentionState):
+    """Make `state` the one the wrapped attention functions read, for the `with` block."""
+    token = _ACTIVE.set(state)
+    try:
+        yield state
+    finally:
+        _ACTIVE.reset(token)
+
+
+def _state() -> AttentionState:
+    return _ACTIVE.get() or _OFF
 
 
 def _repeat_kv(states: torch.Tensor, groups: int) -> torch.Tensor:
@@ -106,17 +127,17 @@ def _fused_trusted(query, fused: torch.Tensor, explicit) -> bool:
     key = (query.device.type, query.dtype)
     if query.device.type in TESTED_DEVICES:
         return True
-    if key not in STATE.fused_checked:
+    if key not in FUSED_CHECKED:
         expected = explicit()
         difference = float((fused.float() - expected.float()).abs().max())
         tolerance = FUSED_TOLERANCE.get(query.dtype, 2e-2) * max(1.0, float(expected.float().abs().max()))
-        STATE.fused_checked[key] = difference <= tolerance
-        if not STATE.fused_checked[key]:
+        FUSED_CHECKED[key] = difference <= tolerance
+        if not FUSED_CHECKED[key]:
             import warnings
 
             warnings.warn(f"the fused attention kernel on {key[0]} {key[1]} differs from the explicit path by "
                           f"{difference:.3g}; the fast engine uses the explicit path", stacklevel=2)
-    return STATE.fused_checked[key]
+    return FUSED_CHECKED[key]
 
 
 def _allowed(mask: torch.Tensor) -> torch.Tensor:
@@ -126,9 +147,10 @@ def _allowed(mask: torch.Tensor) -> torch.Tensor:
 
 def check_mask(layer: int, mask, length: int) -> None:
     """Record mode: the mask the model built for `layer` must be causal within the adapter's
-    window for that layer; note the first disagreement in `STATE.mask_mismatch`."""
-    window = STATE.windows.get(layer)
-    if STATE.mask_mismatch is not None or (id(mask), window) in STATE._checked_masks:
+    window for that layer; note the first disagreement in the state's `mask_mismatch`."""
+    state = _state()
+    window = state.windows.get(layer)
+    if state.mask_mismatch is not None or (id(mask), window) in state._checked_masks:
         return
     if mask is None:   # sdpa skipped the mask: plain causal (or a window covering the sequence)
         agrees = window is None or window >= length
@@ -141,24 +163,24 @@ def check_mask(layer: int, mask, length: int) -> None:
         if window is not None:
             expected &= s > t - window
         agrees = bool((_allowed(mask) == expected).all())
-        STATE._checked_masks.add((id(mask), window))
+        state._checked_masks.add((id(mask), window))
     if not agrees:
         said = "full causal" if window is None else f"a sliding window of {window}"
-        STATE.mask_mismatch = (f"the attention mask the model builds for layer {layer} is not the {said} "
+        state.mask_mismatch = (f"the attention mask the model builds for layer {layer} is not the {said} "
                                "attention the adapter declares for it")
 
 
 def patched_attention(module, query, key, value, scaling, sliding_window=None, s_aux=None):
     """query [R, H, T, Dk], key [R, KV, T, Dk], value [R, KV, T, Dv] -> [R, T, H, Dv];
     `sliding_window`: keys a query may see (itself included), None for full causal."""
-    layer = module.layer_idx
-    source = STATE.row_source.to(STATE.keys[layer].device)
-    k_std, v_std = STATE.keys[layer][source], STATE.values[layer][source]
+    layer, state = module.layer_idx, _state()
+    source = state.row_source.to(state.keys[layer].device)
+    k_std, v_std = state.keys[layer][source], state.values[layer][source]
     groups = query.shape[1] // k_std.shape[1]
     k_std, v_std = _repeat_kv(k_std, groups), _repeat_kv(v_std, groups)
     k_own, v_own = _repeat_kv(key, groups), _repeat_kv(value, groups)
-    if STATE.query_positions is not None:
-        out = _gathered_attention(query, k_std, v_std, k_own, v_own, scaling, STATE.query_positions.to(query.device),
+    if state.query_positions is not None:
+        out = _gathered_attention(query, k_std, v_std, k_own, v_own, scaling, state.query_positions.to(query.device),
                                   sliding_window, s_aux)
         return out.transpose(1, 2).contiguous(), None
     fused = _fused_off_diagonal(query, k_std, v_std, scaling) if sliding_window is None else None
@@ -190,9 +212,9 @@ def _gathered_attention(query, k_std, v_std, k_own, v_own, scaling, positions, s
     at positions [R, P]; k_std/v_std [R, H, T, D] of every position. Position t sees the
     standard keys s < t (within the window) and its own perturbed key on the diagonal."""
     s = torch.arange(k_std.shape[-2], device=query.device)
-    blocks = []
-    for start in range(0, query.shape[-2], STATE.query_block):   # query blocks bound the score memory
-        stop = min(query.shape[-2], start + STATE.query_block)
+    blocks, block = [], _state().query_block
+    for start in range(0, query.shape[-2], block):   # query blocks bound the score memory
+        stop = min(query.shape[-2], start + block)
         q, own_k, own_v, at = query[..., start:stop, :], k_own[..., start:stop, :], v_own[..., start:stop, :], positions[:, start:stop]
         scores = torch.matmul(q, k_std.transpose(-1, -2)).float() * scaling                # [R, H, q, T]
         hidden = s[None, None, :] >= at[..., None]                                         # s >= t: itself and the future
@@ -214,13 +236,14 @@ def _gathered_attention(query, k_std, v_std, k_own, v_own, scaling, positions, s
 
 def _make(name: str):
     def attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
-        if STATE.mode == "patch":
-            STATE.patched_calls += 1
-            return patched_attention(module, query, key, value, scaling, STATE.windows.get(module.layer_idx),
+        state = _state()
+        if state.mode == "patch":
+            state.patched_calls += 1
+            return patched_attention(module, query, key, value, scaling, state.windows.get(module.layer_idx),
                                      kwargs.get("s_aux"))
-        if STATE.mode == "record":
-            STATE.keys[module.layer_idx] = key.detach()
-            STATE.values[module.layer_idx] = value.detach()
+        if state.mode == "record":
+            state.keys[module.layer_idx] = key.detach()
+            state.values[module.layer_idx] = value.detach()
             check_mask(module.layer_idx, attention_mask, query.shape[-2])
         return _original(module, name)(module, query, key, value, attention_mask, scaling=scaling,
                                        dropout=dropout, **kwargs)

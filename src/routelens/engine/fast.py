@@ -84,6 +84,7 @@ class FastEngine:
                                  deviation=self.deviation)
         self.fallback_reason: str | None = None
         self.padding = PaddingCheck(adapter, memory_budget)   # may unequal lengths share a forward (checked once)
+        self.attention = attention.AttentionState()   # what its attention functions read during its passes
         self.cache_layers: dict[int, str] = {}     # layer -> why the cache engine scores it
         self._last: tuple[torch.Tensor, dict[int, dict]] | None = None   # natural_routes' pass, for score_batch
 
@@ -123,11 +124,12 @@ class FastEngine:
         original = config._attn_implementation
         config._attn_implementation = attention.WRAPPED.get(original, original)
         try:
-            yield
+            with attention.active_state(self.attention):
+                yield
         finally:
             config._attn_implementation = original
-            attention.STATE.mode = "off"
-            attention.STATE.row_source = None
+            self.attention.mode = "off"
+            self.attention.row_source = None
 
     def natural_routes(self, input_ids: list[torch.Tensor], layers: list[int]) -> dict[int, RouterOutput] | None:
         """The router outputs of a group's natural forward at `layers` (rows b * T + t of the
@@ -155,8 +157,8 @@ class FastEngine:
         if self._last is not None and layer in self._last[1] and self._last[0].shape == input_ids.shape \
                 and torch.equal(self._last[0], input_ids):
             recorded = self._last[1][layer]
-            attention.STATE.keys, attention.STATE.values = dict(recorded["keys"]), dict(recorded["values"])
-            attention.STATE.windows = {i: self.adapter.attention_window(i) for i in range(self.adapter.num_layers)}
+            self.attention.keys, self.attention.values = dict(recorded["keys"]), dict(recorded["values"])
+            self.attention.windows = {i: self.adapter.attention_window(i) for i in range(self.adapter.num_layers)}
             return recorded
         return self._natural_pass(input_ids, [layer])[0][layer]
 
@@ -188,27 +190,27 @@ class FastEngine:
         lowest = min(layers)
         shared["layer_arguments"], argument_hooks = record_layer_arguments(adapter, range(lowest + 1, adapter.num_layers))
         hooks += argument_hooks
-        attention.STATE.keys.clear()
-        attention.STATE.values.clear()
-        attention.STATE._checked_masks.clear()
-        attention.STATE.mask_mismatch = None
-        attention.STATE.windows = {i: adapter.attention_window(i) for i in range(adapter.num_layers)}
-        attention.STATE.mode = "record"
+        self.attention.keys.clear()
+        self.attention.values.clear()
+        self.attention._checked_masks.clear()
+        self.attention.mask_mismatch = None
+        self.attention.windows = {i: adapter.attention_window(i) for i in range(adapter.num_layers)}
+        self.attention.mode = "record"
         try:
             with capture_routes(adapter, sorted(set(layers) | set(route_layers))) as captured, \
                     final_norm_states(adapter) as final:
                 adapter.model(input_ids.to(adapter.device), use_cache=False, logits_to_keep=1)
             shared["final"] = final["states"]
         finally:
-            attention.STATE.mode = "off"
+            self.attention.mode = "off"
             for hook in hooks:
                 hook.remove()
-        missing = [i for i in range(lowest + 1, adapter.num_layers) if i not in attention.STATE.keys]
+        missing = [i for i in range(lowest + 1, adapter.num_layers) if i not in self.attention.keys]
         if missing or any("h_mid" not in store for store in recorded.values()):
             raise FastEngineUnsupported(f"attention of layers {missing} was not recorded")
-        if attention.STATE.mask_mismatch:
-            raise FastEngineUnsupported(attention.STATE.mask_mismatch)
-        shared.update(keys=dict(attention.STATE.keys), values=dict(attention.STATE.values), batch=input_ids.shape[0])
+        if self.attention.mask_mismatch:
+            raise FastEngineUnsupported(self.attention.mask_mismatch)
+        shared.update(keys=dict(self.attention.keys), values=dict(self.attention.values), batch=input_ids.shape[0])
         for layer, store in recorded.items():
             store.update(shared, route=captured[layer])                                   # rows b * T + t
             self._check_layer_layout(layer, store)
@@ -319,18 +321,18 @@ class FastEngine:
         keys/values are those of recorded sequence `sources[row]` (with the routes of joint
         `overrides` forced at their layers); returns the final hidden. With `positions`
         [rows, P], the states [rows, P, d] are those of these positions only."""
-        attention.STATE.mode, attention.STATE.row_source = "patch", sources
-        attention.STATE.query_positions = positions
-        attention.STATE.query_block = self._query_block(recorded["natural_out"].shape[1])
-        attention.STATE.patched_calls = 0
+        self.attention.mode, self.attention.row_source = "patch", sources
+        self.attention.query_positions = positions
+        self.attention.query_block = self._query_block(recorded["natural_out"].shape[1])
+        self.attention.patched_calls = 0
         try:
             with override_routes(self.adapter, overrides) if overrides else nullcontext():
                 states = self._decoder_layers_above(layer, recorded, states, sources, positions)
         finally:
-            attention.STATE.mode, attention.STATE.query_positions = "off", None
+            self.attention.mode, self.attention.query_positions = "off", None
         expected = self.adapter.num_layers - layer - 1
-        if attention.STATE.patched_calls != expected:
-            raise RuntimeError(f"patched attention ran {attention.STATE.patched_calls} times, expected {expected}: "
+        if self.attention.patched_calls != expected:
+            raise RuntimeError(f"patched attention ran {self.attention.patched_calls} times, expected {expected}: "
                                "the suffix did not go through the fast engine's attention")
         return self.adapter.final_norm(states)
 
