@@ -133,8 +133,7 @@ def write_grafted(out: str, recipient, donor, plan: list[GraftPair]) -> dict:
     record = graft_record(recipient, donor, plan)
     if os.path.isfile(os.path.join(out, GRAFT_JSON)):
         try:
-            with open(os.path.join(out, GRAFT_JSON), encoding="utf-8") as handle:
-                saved = json.load(handle)
+            saved = read_graft_record(out)
         except (OSError, ValueError):
             saved = None
         if saved == record:   # this very graft, saved whole (graft.json is written last): its evaluation resumes
@@ -152,6 +151,12 @@ def write_grafted(out: str, recipient, donor, plan: list[GraftPair]) -> dict:
         recipient.tokenizer.save_pretrained(out)
     write_json_atomic(os.path.join(out, GRAFT_JSON), record)
     return record
+
+
+def read_graft_record(folder: str) -> dict:
+    """A grafted folder's graft.json."""
+    with open(os.path.join(folder, GRAFT_JSON), encoding="utf-8") as handle:
+        return json.load(handle)
 
 
 def checkpoint_dtype(spec: str) -> str:

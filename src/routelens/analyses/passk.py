@@ -124,19 +124,28 @@ def summarise(problems: pd.DataFrame, arms: list[str], config: PassKConfig) -> d
     return summary
 
 
+def router_snapshot(adapter) -> dict[int, list[torch.Tensor]]:
+    """A copy of every router's parameters (what `restore_routers` puts back)."""
+    return {layer: [p.detach().clone() for p in router.parameters()] for layer, router in adapter.routers.items()}
+
+
+def restore_routers(adapter, snapshot: dict[int, list[torch.Tensor]]) -> None:
+    """Put the routers' parameters back as `router_snapshot` copied them (in place)."""
+    with torch.no_grad():
+        for layer, tensors in snapshot.items():
+            for parameter, tensor in zip(adapter.routers[layer].parameters(), tensors, strict=True):
+                parameter.copy_(tensor)
+
+
 @contextmanager
 def routers_restored(adapter, active: bool = True):
     """Every router's parameters as they were on entry, put back on exit (after arms that
     applied a router delta in place)."""
-    saved = {layer: [p.detach().clone() for p in router.parameters()] for layer, router in adapter.routers.items()} \
-        if active else {}
+    saved = router_snapshot(adapter) if active else {}
     try:
         yield
     finally:
-        with torch.no_grad():
-            for layer, tensors in saved.items():
-                for parameter, tensor in zip(adapter.routers[layer].parameters(), tensors, strict=True):
-                    parameter.copy_(tensor)
+        restore_routers(adapter, saved)
 
 
 def run_passk(loaded, problems: list[EvalProblem], config: PassKConfig, out: str | None, data_info: dict,
@@ -192,8 +201,7 @@ class PassKJob(UnitJob):
 
     def setup(self, loaded=None) -> None:
         self._loaded = self.load(loaded)
-        self._base = {layer: [p.detach().clone() for p in router.parameters()]
-                      for layer, router in self._loaded.adapter.routers.items()}
+        self._base = router_snapshot(self._loaded.adapter)
         self._arm = None
 
     def _use_arm(self, arm: int) -> None:
@@ -201,10 +209,7 @@ class PassKJob(UnitJob):
 
         if arm == self._arm:
             return
-        with torch.no_grad():
-            for layer, tensors in self._base.items():
-                for parameter, tensor in zip(self._loaded.adapter.routers[layer].parameters(), tensors, strict=True):
-                    parameter.copy_(tensor)
+        restore_routers(self._loaded.adapter, self._base)
         delta = self.arms[arm][1]
         if delta:
             apply_router_delta(self._loaded.adapter, delta)

@@ -371,7 +371,7 @@ def run_semantic_routing(loaded, items: list[TargetItem], config: SemanticRouteC
         summarise=lambda folder: _summary(folder, calibration, evaluation, layer_sets, config),
         extra={"model": adapter.describe(), "device": loaded.device,
                "summary_settings": {k: getattr(config, k) for k in config.SUMMARY}},
-        label="semantic routing", unit_weight=lambda unit: len(evaluation[unit * GENERATION_CHUNK:][:GENERATION_CHUNK]),
+        label="semantic routing", unit_weight=lambda unit: len(evaluation_chunk(evaluation, unit)),
         done_weight=lambda unit: unit["classification"].num_rows // len(layers),
         timings=lambda todo, seconds: {"chunks_scored_this_session": len(todo)})
     return run_analysis(run, loaded, out, overwrite=overwrite, show_progress=show_progress, ray=ray)
@@ -396,7 +396,7 @@ class SemanticRoutingJob(UnitJob):
     def run(self, units: list[int]) -> list[dict[str, pa.Table]]:
         adapter, config, results = self._loaded.adapter, self.config, []
         for unit in units:
-            chunk = self.evaluation[unit * GENERATION_CHUNK:][:GENERATION_CHUNK]
+            chunk = evaluation_chunk(self.evaluation, unit)
             items = [analyse_item(adapter, self._scorer, item, self._prints, self.layer_sets, config) for item in chunk]
             tables = {name: pa.concat_tables([item[name] for item in items]) for name in ("scores", "classification")}
             tables["fingerprints"] = pa.Table.from_pylist(fingerprint_rows(self._prints) if unit == 0 else [],
@@ -414,6 +414,11 @@ class SemanticRoutingJob(UnitJob):
         return {"natural_route_max_abs_logprob_diff": largest, "natural_route_mean_abs_logprob_diff": mean}
 
 
+def evaluation_chunk(evaluation: list[TargetItem], unit: int) -> list[TargetItem]:
+    """The evaluation items of unit `unit`: one generation batch."""
+    return evaluation[unit * GENERATION_CHUNK:(unit + 1) * GENERATION_CHUNK]
+
+
 def fingerprint_rows(prints: dict) -> list[dict]:
     return [{"layer": layer, "domain": domain, "experts": entry["experts"][i].tolist(),
              "centroid": entry["centroids"][i].double().tolist()}
@@ -426,11 +431,9 @@ def _summary(folder, calibration, evaluation, layer_sets, config) -> dict:
     if config.accuracy:
         # units are chunks of items: ordered arm by arm (as one pass over all items would give), chunks in order
         accuracy = folder.read("accuracy")
-        order = {key: i for i, key in enumerate(dict.fromkeys(zip(accuracy["layer_set"], accuracy["arm"],
-                                                                 accuracy["floor_seed"].fillna(-1))))}
-        accuracy = accuracy.iloc[np.argsort([order[key] for key in zip(accuracy["layer_set"], accuracy["arm"],
-                                                                       accuracy["floor_seed"].fillna(-1))],
-                                            kind="stable")].reset_index(drop=True)
+        arms = list(zip(accuracy["layer_set"], accuracy["arm"], accuracy["floor_seed"].fillna(-1)))
+        first_seen = {arm: i for i, arm in enumerate(dict.fromkeys(arms))}
+        accuracy = accuracy.iloc[np.argsort([first_seen[arm] for arm in arms], kind="stable")].reset_index(drop=True)
         folder.write_table("accuracy", accuracy)
         summary["accuracy"] = summarise_accuracy(accuracy, layer_sets, config)
         summary["accuracy_definition"] = (f"greedy completions (at most {config.max_new_tokens} tokens) with the arm's "

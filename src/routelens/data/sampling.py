@@ -188,8 +188,10 @@ def sample_trajectories(loaded, problems: list[dict], prompts: list[list[int]], 
               "problems": len(problems), "problems_digest": problems_digest(problems, prompts),
               "samples_per_problem": samples_per_problem, "temperature": temperature, "seed": seed,
               "max_new_tokens": max_new_tokens}
+    records: list[dict] = []   # read once, by the summary, and returned
+
     def summarise(folder) -> dict:
-        records = [json.loads(text) for text in folder.read("records")["record"]]
+        records.extend(json.loads(text) for text in folder.read("records")["record"])
         verified = sum(bool(r["verified"]) for r in records)
         return {"problems": len(problems), "trajectories": len(records), "verified": verified,
                 "verified_share": verified / max(len(records), 1)}
@@ -203,8 +205,7 @@ def sample_trajectories(loaded, problems: list[dict], prompts: list[list[int]], 
         label="generate", progress_unit="samples", unit_weight=lambda unit: samples_per_problem,
         done_weight=lambda tables: samples_per_problem,
         timings=lambda todo, seconds: {"samples_this_session": len(todo) * samples_per_problem})
-    folder = run_analysis(sampling_run, loaded, run, overwrite=overwrite, show_progress=show_progress, ray=ray)
-    records = [json.loads(text) for text in folder.read("records")["record"]]
+    run_analysis(sampling_run, loaded, run, overwrite=overwrite, show_progress=show_progress, ray=ray)
     return records
 
 
