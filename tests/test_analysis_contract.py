@@ -13,7 +13,7 @@ import pandas as pd
 import pyarrow as pa
 import pytest
 import torch
-from conftest import PYTHON, kill_when_parts_land, scaled
+from conftest import PYTHON, kill_when_parts_land, scaled, unit_parts
 
 import routelens as rl
 from routelens.distributed import UnitJob, ray_settings
@@ -82,13 +82,14 @@ def test_a_toy_analysis_killed_mid_run_resumes_to_the_uninterrupted_tables(tmp_p
     script = SCRIPT.format(tests=os.path.dirname(__file__))
     killed = str(tmp_path / "killed")
     kill_when_parts_land(subprocess.Popen([PYTHON, "-c", script, killed], stderr=subprocess.DEVNULL), killed, 3)
+    done_at_kill = len(unit_parts(killed, "scores-"))   # run.json's count may lag by the unit being saved
     assert not os.path.exists(os.path.join(killed, "scores.parquet"))
     resumed = subprocess.run([PYTHON, "-c", script, killed], capture_output=True, text=True, timeout=scaled(300))
     assert resumed.returncode == 0, resumed.stderr
     whole = toy_analysis(rl.load("demo"), str(tmp_path / "whole"))
     pd.testing.assert_frame_equal(pd.read_parquet(os.path.join(killed, "scores.parquet")), whole.read("scores"))
     sessions = json.load(open(os.path.join(killed, "run.json")))["sessions"]
-    assert len(sessions) == 2 and sessions[0]["units_done"] + sessions[1]["units_done"] == UNITS   # nothing twice
+    assert len(sessions) == 2 and sessions[1]["units_done"] == UNITS - done_at_kill   # nothing twice
 
 
 def test_a_toy_analysis_runs_on_ray(tmp_path):
