@@ -45,7 +45,7 @@ def time_run(src: str, trajectories_path: str, dump: str) -> dict:
     lens = rl.load("demo")
     trajectories = keep_step_ok_tokens(rl.read_trajectories(trajectories_path, lens, only_verified=True), None)[0]
     layers = [0, 2, 3]
-    config = CounterfactualConfig(layers=layers, num_routes=32, seed=0)
+    config = CounterfactualConfig(layers=layers, routes=32, seed=0)
     engine = make_engine(config.engine, lens.adapter, route_batch_size=config.route_batch_size,
                          memory_budget=config.memory_budget)
     groups = trajectory_groups(list(range(len(trajectories))), trajectories, config.group_tokens, engine.max_group)

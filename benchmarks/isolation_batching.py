@@ -43,7 +43,7 @@ def main() -> None:
         best, result = None, None
         for _ in range(args.repeats):
             started = time.perf_counter()
-            result = rl.run_isolate(lens, args.items, None, per_domain=args.per_domain, floor_seeds=args.floor_seeds,
+            result = rl.isolate(lens, args.items, None, per_domain=args.per_domain, floor_seeds=args.floor_seeds,
                                     group_items=group, show_progress=False)
             best = min(best or float("inf"), time.perf_counter() - started)
         table = result.isolation.sort_values(KEYS, ignore_index=True)

@@ -1,6 +1,9 @@
 """A toy analysis written here, through the contract only (`AnalysisRun`, `UnitJob`,
-`run_analysis`), with no edit of routelens's files: it runs in memory and into a run
-folder, resumes after SIGKILL to the tables of an uninterrupted run, and runs on Ray."""
+`run_analysis`, a config of `setting`s and an `AnalysisCommand`), with no edit of
+routelens's files: it runs in memory and into a run folder, resumes after SIGKILL to the
+tables of an uninterrupted run, runs on Ray, and is a `routelens` command (declared in the
+entry-point group `routelens.commands` of a package installed in a temporary folder) that
+does all of that from the command line."""
 
 from __future__ import annotations
 
@@ -8,6 +11,8 @@ import json
 import os
 import subprocess
 import sys
+import time
+from dataclasses import dataclass
 
 import pandas as pd
 import pyarrow as pa
@@ -16,10 +21,26 @@ import torch
 from conftest import PYTHON, kill_when_parts_land, scaled, unit_parts
 
 import routelens as rl
+from routelens.cli import main
+from routelens.cli.analysis_command import AnalysisCommand
+from routelens.config import setting
 from routelens.distributed import UnitJob, ray_settings
+from routelens.errors import SettingError
 from routelens.runs.loop import AnalysisRun, run_analysis
 
 UNITS = 12
+
+
+@dataclass
+class ToyConfig:
+    """The toy's settings: each field is an option of `routelens toy`."""
+
+    units: int = setting(UNITS, help="sequences scored")
+    pause: float = setting(0.0, help="seconds each unit waits (a test kills the run mid-way)")
+
+    def __post_init__(self):
+        if isinstance(self.units, bool) or not isinstance(self.units, int) or self.units < 1:
+            raise SettingError(f"`units` must be a positive integer, got {self.units!r}", "units")
 
 
 class NextTokenJob(UnitJob):
@@ -28,9 +49,13 @@ class NextTokenJob(UnitJob):
     def setup(self, loaded=None) -> None:
         self._model = self.load(loaded).adapter.model
 
+    def __init__(self, pause: float = 0.0):
+        self.pause = pause
+
     def run(self, units: list[int]) -> list[dict[str, pa.Table]]:
         tables = []
         for unit in units:
+            time.sleep(self.pause)
             ids = torch.arange(unit + 1, unit + 7)[None]
             with torch.no_grad():
                 logprobs = torch.log_softmax(self._model(ids).logits[0, :-1].double(), -1)
@@ -43,13 +68,20 @@ class NextTokenJob(UnitJob):
         return {"toy_check": "every unit scored"}
 
 
-def toy_analysis(lens, out, ray=None, show_progress=False):
-    """The toy analysis as a user would write it: a job, a summary, one AnalysisRun."""
-    run = AnalysisRun(kind="toy", run_config={"model": lens.loaded.spec, "units": UNITS}, tables=("scores",),
-                      units=UNITS, job=NextTokenJob(),
+def toy_analysis(lens, out, ray=None, show_progress=False, config=None, overwrite=False):
+    """The toy analysis as a user would write it: a job, a summary, one AnalysisRun (the
+    pause changes no number: it is not part of the run's identity)."""
+    config = config or ToyConfig()
+    run = AnalysisRun(kind="toy", run_config={"model": lens.loaded.spec, "units": config.units}, tables=("scores",),
+                      units=config.units, job=NextTokenJob(config.pause),
                       summarise=lambda folder: {"mean_logprob": float(folder.read("scores")["logprob"].mean())},
                       groups=lambda todo: [todo[i:i + 3] for i in range(0, len(todo), 3)], label="toy")
-    return run_analysis(run, lens.loaded, out, show_progress=show_progress, ray=ray)
+    return run_analysis(run, lens.loaded, out, overwrite=overwrite, show_progress=show_progress, ray=ray)
+
+
+TOY_COMMAND = AnalysisCommand(name="toy", help="natural log-probs of counting sequences (a test's analysis)",
+                              config=ToyConfig, analysis=toy_analysis,
+                              report=lambda folder: print(f"mean log-prob {folder.summary['mean_logprob']:.6f}"))
 
 
 def test_a_toy_analysis_runs_in_memory_and_into_a_folder_with_the_same_tables(tmp_path):
@@ -63,29 +95,46 @@ def test_a_toy_analysis_runs_in_memory_and_into_a_folder_with_the_same_tables(tm
     assert json.load(open(tmp_path / "toy" / "summary.json")) == memory.summary == folder.summary
 
 
-SCRIPT = """
-import sys, time
-sys.path.insert(0, {tests!r})
-import routelens as rl
-import test_analysis_contract as toy
-lens = rl.load("demo")
-original = toy.NextTokenJob.run
-def slow(self, units):
-    time.sleep(0.2)          # a unit takes a while: the kill lands mid-run
-    return original(self, units)
-toy.NextTokenJob.run = slow
-toy.toy_analysis(lens, sys.argv[1])
-"""
+def toy_package(folder) -> str:
+    """A folder holding an installed package's metadata that declares `routelens toy`."""
+    site = folder / "site"
+    (site / "toy_analysis-0.1.dist-info").mkdir(parents=True)
+    (site / "toy_analysis-0.1.dist-info" / "METADATA").write_text("Metadata-Version: 2.1\nName: toy-analysis\nVersion: 0.1\n")
+    (site / "toy_analysis-0.1.dist-info" / "entry_points.txt").write_text(
+        "[routelens.commands]\ntoy = test_analysis_contract:TOY_COMMAND\n")
+    return str(site)
 
 
-def test_a_toy_analysis_killed_mid_run_resumes_to_the_uninterrupted_tables(tmp_path):
-    script = SCRIPT.format(tests=os.path.dirname(__file__))
-    killed = str(tmp_path / "killed")
-    kill_when_parts_land(subprocess.Popen([PYTHON, "-c", script, killed], stderr=subprocess.DEVNULL), killed, 3)
+def toy_command(args: list[str], site: str, **popen):
+    """`routelens toy ...` in a fresh process that sees the toy package and this module."""
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([site, os.path.dirname(__file__), os.environ.get("PYTHONPATH", "")])}
+    return subprocess.Popen([PYTHON, "-m", "routelens", "toy", "--no-progress", *args], env=env, **popen)
+
+
+def test_a_toy_analysis_is_a_command_with_its_config_as_options(tmp_path, monkeypatch, capsys):
+    monkeypatch.syspath_prepend(toy_package(tmp_path))
+    assert main(["toy", "--units", "6", "--out", str(tmp_path / "cli")]) == 0
+    assert "mean log-prob" in capsys.readouterr().out
+    api = toy_analysis(rl.load("demo"), None, config=ToyConfig(units=6))
+    pd.testing.assert_frame_equal(pd.read_parquet(tmp_path / "cli" / "scores.parquet"), api.read("scores"))
+    assert json.load(open(tmp_path / "cli" / "run.json"))["config"]["units"] == 6
+    assert main(["toy", "--units", "0", "--out", str(tmp_path / "bad")]) == 2          # the config's check,
+    assert capsys.readouterr().err.strip() == "routelens: error: --units must be a positive integer, got 0"   # as an option
+    assert not os.path.exists(tmp_path / "bad")
+    with pytest.raises(SystemExit):
+        main(["toy", "--help"])
+    shown = capsys.readouterr().out
+    assert "--units UNITS" in shown and "sequences scored (default 12)" in shown and "--ray WHERE" in shown
+
+
+def test_a_toy_command_killed_mid_run_resumes_to_the_uninterrupted_tables(tmp_path):
+    site, killed = toy_package(tmp_path), str(tmp_path / "killed")
+    kill_when_parts_land(toy_command(["--pause", "0.2", "--out", killed], site, stderr=subprocess.DEVNULL), killed, 3)
     done_at_kill = len(unit_parts(killed, "scores-"))   # run.json's count may lag by the unit being saved
     assert not os.path.exists(os.path.join(killed, "scores.parquet"))
-    resumed = subprocess.run([PYTHON, "-c", script, killed], capture_output=True, text=True, timeout=scaled(300))
-    assert resumed.returncode == 0, resumed.stderr
+    resumed = toy_command(["--out", killed], site, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    _, stderr = resumed.communicate(timeout=scaled(300))
+    assert resumed.returncode == 0, stderr
     whole = toy_analysis(rl.load("demo"), str(tmp_path / "whole"))
     pd.testing.assert_frame_equal(pd.read_parquet(os.path.join(killed, "scores.parquet")), whole.read("scores"))
     sessions = json.load(open(os.path.join(killed, "run.json")))["sessions"]
@@ -102,3 +151,16 @@ def test_a_toy_analysis_runs_on_ray(tmp_path):
     on_ray = toy_analysis(rl.load("demo", weights=False), str(tmp_path / "ray"), ray=ray_settings("local"))
     assert json.load(open(tmp_path / "ray" / "run.json"))["execution"]["ray"]["workers"] == 2
     pd.testing.assert_frame_equal(on_ray.read("scores"), single.read("scores"), check_exact=False, atol=1e-6)
+
+
+def test_a_toy_command_runs_on_ray(tmp_path):
+    pytest.importorskip("ray")
+    site = toy_package(tmp_path)
+    command = toy_command(["--out", str(tmp_path / "ray"), "--ray", "local", "--workers", "2"], site,
+                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    _, stderr = command.communicate(timeout=scaled(600))
+    assert command.returncode == 0, stderr
+    assert json.load(open(tmp_path / "ray" / "run.json"))["execution"]["ray"]["workers"] == 2
+    single = toy_analysis(rl.load("demo"), None)
+    pd.testing.assert_frame_equal(pd.read_parquet(tmp_path / "ray" / "scores.parquet"), single.read("scores"),
+                                  check_exact=False, atol=1e-6)

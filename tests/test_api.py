@@ -3,6 +3,7 @@ run folders, equal to the command line's run folders for the same settings."""
 
 from __future__ import annotations
 
+import argparse
 import json
 import subprocess
 import sys
@@ -131,22 +132,51 @@ def test_trajectories_from_ids_validate_like_the_file_reader():
 
 # ---------------------------------------------------------------------------- configs
 @quick
-@pytest.mark.parametrize("config,options,match", [
-    ("CounterfactualConfig", {"fragile": 0.95, "confident": 0.9}, r"need 0 <= --fragile \(0.95\)"),
-    ("CounterfactualConfig", {"num_routes": 0}, "--routes must be an integer >= 1"),
-    ("CounterfactualConfig", {"gumbel_temperature": 0.0}, "--gumbel-temperature must be positive"),
-    ("CounterfactualConfig", {"engine": "fastest"}, "unknown --engine 'fastest'"),
-    ("CounterfactualConfig", {"layers": []}, "--layers must be a non-empty list"),
-    ("IsolationConfig", {"alpha": 1.5}, "--alpha must lie strictly between 0 and 1"),
-    ("IsolationConfig", {"score": "median"}, "--score must be one of mean, first"),
-    ("PassKConfig", {"samples": 4, "ks": [1, 8]}, "--k 8 must lie in 1..--samples"),
-    ("PassKConfig", {"checker": "eyeball"}, "unknown checker"),
-    ("RouterUpdateConfig", {"bins": ["Hard"]}, "unknown bin"),
-    ("RouterUpdateConfig", {"learning_rate": -1.0}, "--lr must be positive"),
+@pytest.mark.parametrize("config,options,python,command_line", [
+    ("CounterfactualConfig", {"fragile": 0.95, "confident": 0.9}, "need 0 <= `fragile` (0.95) <= `confident` (0.9) <= 1",
+     "need 0 <= --fragile (0.95) <= --confident (0.9) <= 1"),
+    ("CounterfactualConfig", {"routes": 0}, "`routes` must be an integer >= 1, got 0", "--routes must be an integer >= 1"),
+    ("CounterfactualConfig", {"gumbel_temperature": 0.0}, "`gumbel_temperature` must be positive, got 0.0",
+     "--gumbel-temperature must be positive"),
+    ("CounterfactualConfig", {"engine": "fastest"}, "`engine` must be one of fast, cache, reference, got 'fastest'",
+     "--engine must be one of"),
+    ("CounterfactualConfig", {"layers": []}, "`layers` must be a non-empty list", "--layers must be a non-empty list"),
+    ("CounterfactualConfig", {"joint_layers": [0, 1], "layers": [2]}, "`joint_layers` and `layers` together",
+     "--joint-layers and --layers together"),
+    ("IsolationConfig", {"alpha": 1.5}, "`alpha` must lie strictly between 0 and 1", "--alpha must lie strictly"),
+    ("IsolationConfig", {"score": "median"}, "`score` must be one of mean, first", "--score must be one of mean, first"),
+    ("PassKConfig", {"samples": 4, "k": [1, 8]}, "`k` 8 must lie in 1..`samples` (4)", "--k 8 must lie in 1..--samples"),
+    ("PassKConfig", {"checker": "eyeball"}, "`checker` must be one of arithmetic, math-verify", "--checker must be"),
+    ("RouterUpdateConfig", {"bins": ["Hard"]}, "`bins`: unknown bin(s) Hard", "--bins: unknown bin(s) Hard"),
+    ("RouterUpdateConfig", {"lr": -1.0}, "`lr` must be positive, got -1.0", "--lr must be positive"),
+    ("SemanticRouteConfig", {"calibration_share": 1.0}, "`calibration_share` must lie strictly between 0 and 1",
+     "--calibration-share must lie"),
+    ("RolloutConfig", {"max_new_tokens": 0}, "`max_new_tokens` must be an integer >= 1", "--max-new-tokens must be"),
 ])
-def test_configs_validate_on_construction(config, options, match):
-    with pytest.raises(rl.RouteLensError, match=match):
+def test_configs_name_the_parameter_in_python_and_the_option_on_the_command_line(config, options, python, command_line):
+    """A bad setting raised from Python names the parameter as Python spells it (in
+    backticks); the command line prints the same message with its option."""
+    with pytest.raises(rl.RouteLensError) as error:
         getattr(rl, config)(**options)
+    assert str(error.value).startswith(python) and "--" not in str(error.value)
+    assert error.value.as_options().startswith(command_line)
+
+
+@quick
+def test_config_fields_are_the_command_line_options():
+    """Every field of every analysis config is an option of its command, spelt the same
+    (`gumbel_temperature` is `--gumbel-temperature`): no alias, no second name."""
+    import dataclasses
+
+    from routelens.cli import build_parser
+
+    subparsers = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction)).choices
+    commands = {"CounterfactualConfig": "counterfactual", "IsolationConfig": "isolate", "RolloutConfig": "rollout",
+                "SemanticRouteConfig": "semantic-route", "PassKConfig": "passk", "RouterUpdateConfig": "router-update"}
+    for config, command in commands.items():
+        options = {o for action in subparsers[command]._actions for o in action.option_strings}
+        missing = [f.name for f in dataclasses.fields(getattr(rl, config)) if "--" + f.name.replace("_", "-") not in options]
+        assert not missing, f"{command} lacks options for {config} fields {missing}"
 
 
 @quick
@@ -156,9 +186,11 @@ def test_misspelt_options_are_errors_not_ignored():
 
     with pytest.raises(rl.RouteLensError, match=r"unknown option\(s\) rotues for CounterfactualConfig; options: layers"):
         make_config(rl.CounterfactualConfig, rotues=8)
-    assert make_config(rl.CounterfactualConfig, routes=8, candidates=12).num_candidates == 12
-    base = rl.CounterfactualConfig(num_routes=5)
-    assert make_config(rl.CounterfactualConfig, base, seed=3).num_routes == 5
+    assert make_config(rl.CounterfactualConfig, routes=8, candidates=12).candidates == 12
+    base = rl.CounterfactualConfig(routes=5)
+    assert make_config(rl.CounterfactualConfig, base, seed=3).routes == 5
+    with pytest.raises(rl.RouteLensError, match=r"unknown option\(s\) num_routes"):   # no second name
+        make_config(rl.CounterfactualConfig, num_routes=8)
     with pytest.raises(TypeError, match="memory_budgte"):
         make_engine("fast", None, memory_budgte=1)
 
@@ -170,7 +202,7 @@ def test_command_line_and_api_reject_bad_settings_with_the_same_line(tmp_path, c
     line = capsys.readouterr().err.strip()
     with pytest.raises(rl.RouteLensError) as error:
         rl.CounterfactualConfig(fragile=0.95)
-    assert code == 2 and line == f"routelens: error: {error.value}"
+    assert code == 2 and line == f"routelens: error: {error.value.as_options()}"
 
 
 def test_import_changes_no_global_state():
@@ -217,7 +249,7 @@ def test_counterfactual_in_memory_equals_the_command_lines_run_folder(model, dem
     assert saved.info["status"] == "complete" and saved.config["trajectories"] == "in-memory"
     assert rl.read_trajectories(str(tmp_path / "saved" / "trajectories.jsonl"))[0].input_ids == trajs[0].input_ids
     # a saved in-memory run is a run folder like any other: resuming it recomputes nothing
-    again = rl.run_counterfactual(lens, trajs, str(tmp_path / "saved"), layers=[0, -1], routes=6, seed=2,
+    again = rl.counterfactual(lens, trajs, str(tmp_path / "saved"), layers=[0, -1], routes=6, seed=2,
                                   show_progress=False)
     assert again.info["timings"]["tokens_scored_this_session"] == 0
 

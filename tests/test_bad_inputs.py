@@ -176,7 +176,7 @@ CASES = {
                                  "the prompt has characters the model's tokenizer does not know ('€')"),
     "items_unknown_domain": (lambda w: _iso(w, "--domains", "poetry"), "domain(s) poetry not in"),
     "isolate_alpha": (lambda w: _iso(w, "--alpha", "1.5"), "--alpha must lie strictly between 0 and 1"),
-    "isolate_floor_seeds": (lambda w: _iso(w, "--floor-seeds", "-1"), "--floor-seeds must be 0 or more"),
+    "isolate_floor_seeds": (lambda w: _iso(w, "--floor-seeds", "-1"), "--floor-seeds must be an integer >= 0, got -1"),
     "isolate_per_domain_beyond_task": (lambda w: ["isolate", "--model", "demo", "--task", "arithmetic", "--per-domain", "101",
                                                   "--out", str(w.root / "iso-demo"), "--no-progress"],
                                        "reserves 100 items per domain; ask for 1..100, not 101"),
@@ -353,7 +353,7 @@ def test_overwrite_replaces_only_routelens_outputs(world, capsys):
     assert main(_cf(world, "--overwrite", "--routes", "3", out=str(folder))) == 0
     assert (folder / "my-analysis.ipynb").read_text() == "{}"
     state = json.loads((folder / "run.json").read_text())
-    assert state["config"]["num_routes"] == 3 and state["status"] == "complete" and len(state["sessions"]) == 1
+    assert state["config"]["routes"] == 3 and state["status"] == "complete" and len(state["sessions"]) == 1
 
 
 def interruptible():

@@ -27,7 +27,7 @@ DISK_MAP = {"model.embed_tokens": "cpu", "model.layers.0": "cpu", "model.layers.
 
 def _scores(adapter, layer, ids):
     trajectory = Trajectory("t", ids, completion_start=3)
-    routes = build_routes(adapter, trajectory, [layer], CounterfactualConfig(num_routes=4, seed=0))[layer]
+    routes = build_routes(adapter, trajectory, [layer], CounterfactualConfig(routes=4, seed=0))[layer]
     item = ScoreItem(torch.tensor(ids), routes.positions, torch.as_tensor(routes.experts), routes.weights)
     engine = FastEngine(adapter)
     scored = engine.score_batch(layer, [item])[0]

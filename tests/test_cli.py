@@ -56,7 +56,7 @@ def test_end_to_end_from_saved_folder(saved_model, tmp_path, capsys):
             assert summary["layers"][layer][name]["tokens"] == counts.get(name, 0)
     run = json.load(open(os.path.join(out, "run.json")))
     assert run["status"] == "complete"
-    assert run["config"]["seed"] == 3 and run["config"]["num_routes"] == 5 and run["config"]["resolved_layers"] == [0, 2]
+    assert run["config"]["seed"] == 3 and run["config"]["routes"] == 5 and run["config"]["resolved_layers"] == [0, 2]
     assert run["provenance"]["versions"]["transformers"].startswith("5.23")
     assert run["device"] == "cpu" and run["config"]["dtype"] == "float32"
     assert run["timings"]["tokens_scored_this_session"] == len(tokens)
@@ -68,7 +68,7 @@ def test_end_to_end_from_saved_folder(saved_model, tmp_path, capsys):
 
     # a different config on the same folder is refused, unless --overwrite
     assert main(_run_args(saved_model, trajectories, out, "--max-trajectories", "4", "--routes", "4")) == 2
-    assert "different config (differs in: num_routes)" in capsys.readouterr().err
+    assert "different config (differs in: routes)" in capsys.readouterr().err
     assert main(_run_args(saved_model, trajectories, out, "--only-verified", "--overwrite")) == 0
     assert set(pd.read_parquet(os.path.join(out, "tokens.parquet"))["trajectory_id"]) == {"t1", "t2", "t4", "t5"}
 

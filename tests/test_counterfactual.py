@@ -40,7 +40,7 @@ def _trajectory(seed=0, length=12, start=5, tid="t0"):
 
 
 def _analyse(adapter, trajectory, layers, routes=6, seed=0):
-    config = CounterfactualConfig(layers=layers, num_routes=routes, seed=seed, bootstrap_resamples=200)
+    config = CounterfactualConfig(layers=layers, routes=routes, seed=seed, bootstrap_resamples=200)
     routes_t, tokens_t = analyse_trajectory(adapter, ReferenceEngine(adapter), trajectory, layers, config)
     return routes_t.to_pandas(), tokens_t.to_pandas(), config
 
@@ -52,13 +52,13 @@ def test_routes_follow_the_contract(tiny_adapters, family):
     trajectory = _trajectory()
     routes, tokens, config = _analyse(adapter, trajectory, layers)
     positions = list(trajectory.scored_positions)
-    assert len(routes) == len(positions) * len(layers) * (config.num_routes + 1)
+    assert len(routes) == len(positions) * len(layers) * (config.routes + 1)
     assert len(tokens) == len(positions) * len(layers)
     ids = torch.tensor([trajectory.input_ids])
     with torch.no_grad(), capture_routes(adapter) as captured:
         natural = torch.log_softmax(adapter.model(ids).logits[0].double(), -1)
     for (position, layer), group in routes.groupby(["position", "layer"]):
-        assert group["route"].tolist() == list(range(config.num_routes + 1))
+        assert group["route"].tolist() == list(range(config.routes + 1))
         assert (group["target_id"] == trajectory.input_ids[position + 1]).all()
         standard = group.iloc[0]
         out = captured[layer]
@@ -231,7 +231,7 @@ def test_trajectories_of_unequal_length_in_one_group_equal_each_alone(tiny_adapt
 
     adapter = tiny_adapters[family]
     trajectories = [_trajectory(seed=40 + i, length=n, start=4, tid=f"t{i}") for i, n in enumerate((9, 15, 12))]
-    config = CounterfactualConfig(num_routes=4, seed=3)
+    config = CounterfactualConfig(routes=4, seed=3)
     engine, grouped, alone = _group_and_alone(adapter, trajectories, adapter.moe_layers, config)
     assert _largest_difference(grouped, alone) < 1e-5
     assert engine.padding.verdict and "inert" in engine.padding.verdict
@@ -248,7 +248,7 @@ def test_padding_that_reaches_real_positions_makes_the_counterfactual_score_one_
 
     adapter = tiny_adapters["qwen3_moe"]
     trajectories = [_trajectory(seed=50 + i, length=n, start=4, tid=f"t{i}") for i, n in enumerate((8, 13))]
-    config = CounterfactualConfig(num_routes=3, seed=2)
+    config = CounterfactualConfig(routes=3, seed=2)
     layers = [adapter.moe_layers[0]]
     leak = adapter.model.get_input_embeddings().register_forward_hook(
         lambda module, args, out: out + out.mean(dim=1, keepdim=True))        # every position sees the whole row

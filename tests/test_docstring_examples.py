@@ -43,7 +43,7 @@ def example_globals(tmp_path_factory):
     lens = rl.load("demo")
     trajs = rl.trajectories_from_text(lens.tokenizer, [("Q:3+4=A:", "3+4=7#7"), ("Q:9*2=A:", "9*2=18#18"),
                                                        ("Q:8-5=A:", "8-5=3#3")])
-    demo_run = rl.run_counterfactual(lens, trajs, out=str(tmp / "demo-run"), layers=[-1], routes=8,
+    demo_run = rl.counterfactual(lens, trajs, out=str(tmp / "demo-run"), layers=[-1], routes=8,
                                      show_progress=False).path
     trajectory_file = tmp / "trajectories.jsonl"
     trajectory_file.write_text("".join(json.dumps({"id": t.id, "input_ids": t.input_ids,

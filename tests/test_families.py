@@ -20,7 +20,7 @@ def _routes_and_logits(family):
     ids = list(range(3, 30))
     layer = adapter.moe_layers[-1]
     routes = build_routes(adapter, Trajectory("t", ids, completion_start=2), [layer],
-                          CounterfactualConfig(num_routes=16, seed=0))[layer]
+                          CounterfactualConfig(routes=16, seed=0))[layer]
     with torch.no_grad(), capture_routes(adapter, [layer]) as captured:
         adapter.model(torch.tensor([ids]))
     return adapter, layer, routes, captured[layer].logits[torch.as_tensor(routes.positions)].float()

@@ -21,7 +21,7 @@ def _items(adapter, layer, num_routes=4, seed=0):
     for i, length in enumerate(LENGTHS):
         ids = torch.randint(3, 64, (length,), generator=torch.Generator().manual_seed(seed + i)).tolist()
         trajectory = Trajectory(f"t{i}", ids, completion_start=3 + i)
-        routes = build_routes(adapter, trajectory, [layer], CounterfactualConfig(num_routes=num_routes, seed=seed))[layer]
+        routes = build_routes(adapter, trajectory, [layer], CounterfactualConfig(routes=num_routes, seed=seed))[layer]
         items.append(ScoreItem(torch.tensor(ids), routes.positions, torch.as_tensor(routes.experts), routes.weights))
     return items
 
@@ -126,7 +126,7 @@ def test_suffix_over_scored_positions_only_equals_the_full_suffix_and_the_refere
         layer = adapter.moe_layers[-1]
     ids = torch.randint(3, 64, (15,), generator=torch.Generator().manual_seed(7)).tolist()
     routes = build_routes(adapter, Trajectory("sparse", ids, completion_start=1), [layer],
-                          CounterfactualConfig(num_routes=4, seed=0))[layer]
+                          CounterfactualConfig(routes=4, seed=0))[layer]
     keep = [1, 6, 10]                                  # positions 2, 7, 11 of 15
     item = ScoreItem(torch.tensor(ids), routes.positions[keep], torch.as_tensor(routes.experts[keep]), routes.weights[keep])
     scored, carried = {}, []

@@ -38,7 +38,7 @@ def test_run_records_the_cuda_memory_peak_against_the_budget(tmp_path):
     lens = rl.load("demo", device="cuda")
     trajs = rl.trajectories_from_text(lens.tokenizer, [("Q:12+7=A:", "12+7=19#19")] * 4)
     budget = 8 * 2**20
-    rl.run_counterfactual(lens, trajs, str(tmp_path / "cf"), layers=[0], routes=32, memory_budget=budget,
+    rl.counterfactual(lens, trajs, str(tmp_path / "cf"), layers=[0], routes=32, memory_budget=budget,
                           show_progress=False)
     memory = json.load(open(tmp_path / "cf" / "run.json"))["timings"]["memory"]
     assert memory["memory_budget_bytes"] == budget and memory["cuda_peak_bytes"] >= memory["cuda_model_bytes"] > 0

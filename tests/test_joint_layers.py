@@ -24,7 +24,7 @@ def _joint_items(adapter, layers, num_routes=4):
     for i, length in enumerate(LENGTHS):
         ids = torch.randint(3, 64, (length,), generator=torch.Generator().manual_seed(i)).tolist()
         trajectory = Trajectory(f"t{i}", ids, completion_start=3 + i)
-        joint = joint_routes(build_routes(adapter, trajectory, layers, CounterfactualConfig(num_routes=num_routes)), layers)
+        joint = joint_routes(build_routes(adapter, trajectory, layers, CounterfactualConfig(routes=num_routes)), layers)
         items.append(ScoreItem(torch.tensor(ids), joint.positions, torch.as_tensor(joint.experts), joint.weights))
     return items
 
@@ -161,7 +161,7 @@ def _synthetic_joint_summary(excess: float, trajectories: int = 24, positions: i
     from routelens.data.trajectories import Trajectory
 
     rng = np.random.default_rng(0)
-    config = CounterfactualConfig(joint_layers=[0, 1], num_routes=routes - 1, bootstrap_resamples=400)
+    config = CounterfactualConfig(joint_layers=[0, 1], routes=routes - 1, bootstrap_resamples=400)
     frames = []
     for t in range(trajectories):
         p_std = rng.uniform(0.2, 0.8, size=(positions, 1))
@@ -199,7 +199,7 @@ def test_joint_verdicts():
     ({"joint_layers": [1]}, "two or more distinct layers"),
     ({"joint_layers": [1, 1]}, "two or more distinct layers"),
     ({"joint_layers": [0, "1"]}, "two or more distinct layers"),
-    ({"joint_layers": [1, 2], "layers": [0]}, "without --layers"),
+    ({"joint_layers": [1, 2], "layers": [0]}, "`joint_layers` and `layers` together"),
 ])
 def test_joint_settings_are_checked(options, message):
     with pytest.raises(RouteLensError, match=message):
@@ -223,14 +223,14 @@ def test_joint_run_resumes_a_unit_cut_off_between_its_tables(tmp_path):
     trajs = _demo_trajectories(lens)
     out = str(tmp_path / "joint")
     options = dict(joint_layers=[0, 1], routes=3, seed=1, bootstrap_resamples=100, show_progress=False)
-    first = rl.run_counterfactual(lens, trajs, out, **options)
+    first = rl.counterfactual(lens, trajs, out, **options)
     before = {name: first.table(name) for name in ("routes", "tokens", "joint_routes", "joint_tokens")}
     # a kill after unit 2's single-layer tables landed and before its joint tables did
     os.remove(os.path.join(out, "parts", "joint_routes-0000002.parquet"))
     os.remove(os.path.join(out, "parts", "joint_tokens-0000002.parquet"))
     for name in before:
         os.remove(os.path.join(out, f"{name}.parquet"))
-    resumed = rl.run_counterfactual(lens, trajs, out, **options)
+    resumed = rl.counterfactual(lens, trajs, out, **options)
     assert resumed.info["sessions"][-1]["units_done"] == 1            # only the cut-off unit was scored again
     for name, frame in before.items():   # unit 2 scored alone now: batch composition moves fp32 sums by ~1e-6
         pd.testing.assert_frame_equal(resumed.table(name), frame, check_exact=False, atol=1e-5, rtol=0)

@@ -57,7 +57,7 @@ def single_process(saved_model, tmp_path_factory):
     folder = tmp_path_factory.mktemp("ray") / "single"
     trajectories = write_jsonl(folder.parent / "traj.jsonl", RECORDS)
     with one_thread():
-        rl.run_counterfactual(rl.load(saved_model), trajectories, str(folder), show_progress=False, **SETTINGS)
+        rl.counterfactual(rl.load(saved_model), trajectories, str(folder), show_progress=False, **SETTINGS)
     return trajectories, str(folder)
 
 
@@ -105,9 +105,9 @@ def test_ray_run_equals_single_process_run(saved_model, single_process, tmp_path
     driver = rl.load(saved_model, weights=False)
     assert all(parameter.is_meta for parameter in driver.adapter.model.parameters())
     with pytest.raises(rl.RouteLensError, match=r"loaded without weights \(weights=False\), which only a Ray run"):
-        rl.run_counterfactual(driver, trajectories, str(tmp_path / "here"), show_progress=False, **SETTINGS)
+        rl.counterfactual(driver, trajectories, str(tmp_path / "here"), show_progress=False, **SETTINGS)
     assert not os.path.exists(tmp_path / "here")                  # refused before a run folder is made
-    result = rl.run_counterfactual(driver, trajectories, out, show_progress=False, ray="local", workers=2, **SETTINGS)
+    result = rl.counterfactual(driver, trajectories, out, show_progress=False, ray="local", workers=2, **SETTINGS)
     _assert_same_run(out, reference)
     run_json = json.load(open(os.path.join(out, "run.json")))
     assert run_json["execution"]["ray"]["workers"] == 2 and run_json["status"] == "complete"
@@ -150,7 +150,7 @@ def test_run_started_in_one_process_is_finished_on_ray_despite_a_killed_actor(sa
 
     watcher = threading.Thread(target=kill_an_actor_mid_run, daemon=True)
     watcher.start()
-    rl.run_counterfactual(rl.load(saved_model), trajectories, out, show_progress=False, ray="local", workers=2, **SETTINGS)
+    rl.counterfactual(rl.load(saved_model), trajectories, out, show_progress=False, ray="local", workers=2, **SETTINGS)
     watcher.join(timeout=scaled(5))
     assert killed and isinstance(killed[0], tuple), f"no actor was killed: {killed}"
     assert killed[0][1] < len(RECORDS), "the actor was killed after the run had scored every group"
@@ -185,7 +185,7 @@ def test_a_model_given_as_an_object_is_refused_on_ray(saved_model, tmp_path):
     lens = rl.wrap(AutoModelForCausalLM.from_pretrained(saved_model), AutoTokenizer.from_pretrained(saved_model))
     trajectories = write_jsonl(tmp_path / "traj.jsonl", RECORDS[:1])
     with pytest.raises(rl.RouteLensError, match=r"given as an object \(routelens.wrap\); Ray workers load the model"):
-        rl.run_counterfactual(lens, trajectories, str(tmp_path / "r"), layers=[0], show_progress=False, ray="local")
+        rl.counterfactual(lens, trajectories, str(tmp_path / "r"), layers=[0], show_progress=False, ray="local")
     assert not os.path.exists(tmp_path / "r")
 
 
@@ -197,11 +197,11 @@ def test_isolation_and_rollouts_on_ray_equal_single_process_runs(tmp_path):
     isolation = dict(per_domain=2, layers=[0], floor_seeds=1, group_items=2, show_progress=False)   # the same groups
     rollout = dict(tokens="all", limit=4, samples=2, max_new_tokens=8, show_progress=False)
     with one_thread():
-        rl.run_isolate(lens, "arithmetic", str(tmp_path / "iso-single"), **isolation)
-        rl.run_rollout(lens, counterfactual, str(tmp_path / "rollout-single"), **rollout)
+        rl.isolate(lens, "arithmetic", str(tmp_path / "iso-single"), **isolation)
+        rl.rollout(lens, counterfactual, str(tmp_path / "rollout-single"), **rollout)
     driver = rl.load("demo", weights=False)   # what the command line loads with --ray
-    rl.run_isolate(driver, "arithmetic", str(tmp_path / "iso-ray"), ray="local", workers=2, **isolation)
-    rl.run_rollout(driver, counterfactual, str(tmp_path / "rollout-ray"), ray="local", workers=2, **rollout)
+    rl.isolate(driver, "arithmetic", str(tmp_path / "iso-ray"), ray="local", workers=2, **isolation)
+    rl.rollout(driver, counterfactual, str(tmp_path / "rollout-ray"), ray="local", workers=2, **rollout)
     for kind, tables in (("iso", ("isolation", "routing", "cells")), ("rollout", ("rollouts",))):
         for table in tables:
             got = pd.read_parquet(tmp_path / f"{kind}-ray" / f"{table}.parquet")
@@ -269,3 +269,19 @@ def test_graft_evaluation_on_ray_equals_the_single_process_run(tmp_path):
     assert run_json["execution"]["ray"]["workers"] == 2 and run_json["status"] == "complete"
     assert main(["graft", "--recipient", "demo", "--donor", "demo", "--experts", "3:5=3:9", "--out",
                  str(tmp_path / "x"), "--ray", "local"]) == 2                   # --ray without --evaluate
+
+
+@pytest.mark.quick
+def test_a_ray_driver_names_a_device_its_actors_hold_and_it_lacks():
+    """`--device cuda --ray ...` on a driver without a GPU: the driver loads no weight, so
+    it resolves the device (and the dtype that goes with it) for its actors instead of
+    refusing; a run here with weights still refuses a device this machine lacks."""
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has the device")
+    for spec in ("demo", "tiny:olmoe"):
+        driver = rl.load(spec, device="cuda", weights=False)
+        assert driver.loaded.device == "cuda" and driver.loaded.dtype == "bfloat16"
+    with pytest.raises(rl.RouteLensError, match="no cuda device is available here"):
+        rl.load("demo", device="cuda")

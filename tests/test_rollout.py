@@ -78,7 +78,7 @@ def demo_cf(tmp_path_factory):
     lens = rl.load("demo")
     trajs = rl.trajectories_from_text(lens.tokenizer, [(p, c) for p, c, _ in PROBLEMS], answers=[a for *_, a in PROBLEMS])
     path = str(tmp_path_factory.mktemp("rollout") / "cf")
-    rl.run_counterfactual(lens, trajs, path, layers=[0, -1], routes=6, seed=3, show_progress=False)
+    rl.counterfactual(lens, trajs, path, layers=[0, -1], routes=6, seed=3, show_progress=False)
     return lens, path, trajs
 
 
@@ -148,14 +148,14 @@ def test_no_answer_and_no_match_are_one_line_errors(demo_cf, tmp_path):
     chosen = write_jsonl(tmp_path / "chosen.jsonl", [{"trajectory_id": "0", "position": 99, "layer": 0}])
     with pytest.raises(RouteLensError, match=r"token \('0', 99, 0\) .* was not scored"):
         rl.rollout(lens, cf, tokens=chosen)
-    with pytest.raises(RouteLensError, match="--temperature must be 0"):
+    with pytest.raises(RouteLensError, match="`temperature` must be 0"):
         rl.RolloutConfig(temperature=-1)
 
 
 def test_sigkill_then_resume_equals_uninterrupted_run(demo_cf, tmp_path, cli_env):
     _, path, _ = demo_cf
     command = [PYTHON, "-m", "routelens", "rollout", "--model", "demo", "--counterfactual", path, "--tokens", "all",
-               "--limit", "8", "--samples", "4", "--max-tokens", "24", "--seed", "1", "--out", "OUT", "--no-progress"]
+               "--limit", "8", "--samples", "4", "--max-new-tokens", "24", "--seed", "1", "--out", "OUT", "--no-progress"]
 
     def run(out):
         return subprocess.Popen([out if part == "OUT" else part for part in command], env=cli_env,
@@ -186,7 +186,7 @@ def test_first_steps_are_checked_against_the_runs_scores(demo_cf, tmp_path):
     from routelens.engine.checks import RuntimeCheckFailed
 
     lens, path, _ = demo_cf
-    res = rl.run_rollout(lens, path, str(tmp_path / "ok"), tokens="all", limit=3, temperature=0, max_new_tokens=2,
+    res = rl.rollout(lens, path, str(tmp_path / "ok"), tokens="all", limit=3, temperature=0, max_new_tokens=2,
                          show_progress=False)
     assert res.info["checks"]["first_step_max_abs_logprob_diff"] < 1e-4
     tampered = str(tmp_path / "tampered")

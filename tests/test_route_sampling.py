@@ -78,7 +78,7 @@ def test_duplicates_flagged_against_earlier_routes():
 
 def test_route_settings_errors():
     check_route_settings(k=2, num_experts=8, num_candidates=8, num_routes=4, temperature=1.0)
-    with pytest.raises(RouteLensError, match="--candidates 1 is smaller than the model's top-k 2"):
+    with pytest.raises(RouteLensError, match="^`candidates` 1 is smaller than the model's top-k 2"):
         check_route_settings(k=2, num_experts=8, num_candidates=1, num_routes=4, temperature=1.0)
     with pytest.raises(RouteLensError, match="exceeds the model's 8 experts"):
         check_route_settings(k=2, num_experts=8, num_candidates=9, num_routes=4, temperature=1.0)

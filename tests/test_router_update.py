@@ -303,7 +303,7 @@ def test_dpo_on_routes_trains_every_family_router(family, tiny_adapters, tmp_pat
     before = {n: p.detach().clone() for n, p in adapter.routers[layer].named_parameters()}
     log = str(tmp_path / "log.jsonl")
     new = train_router(adapter, layer, x[keep], rank, preferred[keep], rejected[keep],
-                       RouterUpdateConfig(learning_rate=0.05, steps=20, beta=1.0), log, show_progress=False)
+                       RouterUpdateConfig(lr=0.05, steps=20, beta=1.0), log, show_progress=False)
     steps = [json.loads(line) for line in open(log)]
     assert steps[-1]["loss"] < steps[0]["loss"]
     assert set(new) == set(before) and any(not torch.equal(new[n], before[n].float()) for n in new)

@@ -44,7 +44,7 @@ def _items(adapter, layer, num_routes=4, seed=0):
     for i, length in enumerate(LENGTHS):
         ids = torch.randint(3, 64, (length,), generator=torch.Generator().manual_seed(seed + i)).tolist()
         trajectory = Trajectory(f"t{i}", ids, completion_start=2)
-        routes = build_routes(adapter, trajectory, [layer], CounterfactualConfig(num_routes=num_routes, seed=seed))[layer]
+        routes = build_routes(adapter, trajectory, [layer], CounterfactualConfig(routes=num_routes, seed=seed))[layer]
         items.append(ScoreItem(torch.tensor(ids), routes.positions, torch.as_tensor(routes.experts), routes.weights))
     return items
 
@@ -129,7 +129,7 @@ def test_wrong_gating_rule_is_an_error_in_every_analysis():
     adapter = WrongGatingAdapter(build_tiny_model("olmoe", seed=0))
     trajectory = Trajectory("t", list(range(3, 15)), completion_start=2)
     with pytest.raises(RuntimeCheckFailed, match=r"gating rule check failed at layer 0 \(olmoe, WrongGatingAdapter\).*differs"):
-        build_routes(adapter, trajectory, [0], CounterfactualConfig(num_routes=2))
+        build_routes(adapter, trajectory, [0], CounterfactualConfig(routes=2))
     with pytest.raises(RuntimeCheckFailed, match="gating rule check failed at layer 1"):
         WholeSequenceScorer(adapter).natural(torch.arange(3, 15), [1], [3, 4])
 

@@ -103,8 +103,8 @@ def test_statistics_equal_scipy_and_statsmodels(demo_semantic):
 @pytest.mark.parametrize("options, message", [
     ({"domains": ["mul"]}, "chooses between domains; the items hold 1"),
     ({"per_domain": 1}, "has 1 item; each domain needs two or more"),
-    ({"layer_sets": [[0, 0]]}, "--layer-sets must be non-empty sets of distinct layer indices"),
-    ({"kind": "vibes"}, "--kind must be selection or input"),
+    ({"layer_sets": [[0, 0]]}, "`layer_sets` must be non-empty sets of distinct layer indices"),
+    ({"kind": "vibes"}, "`kind` must be one of selection, input"),
     ({"layer_sets": [[9]]}, "layer 9 is out of range"),
 ])
 def test_bad_settings_are_one_line_errors(options, message):
@@ -113,7 +113,7 @@ def test_bad_settings_are_one_line_errors(options, message):
 
 
 def test_input_fingerprints_run_and_report(tmp_path):
-    res = rl.run_semantic_route(rl.load("demo"), "arithmetic", str(tmp_path / "sem"), per_domain=3, kind="input",
+    res = rl.semantic_route(rl.load("demo"), "arithmetic", str(tmp_path / "sem"), per_domain=3, kind="input",
                                 layer_sets=[[1]], floor_seeds=1, bootstrap_resamples=100, accuracy=False,
                                 show_progress=False)
     assert res.summary_dict["kind"] == "input"

@@ -19,11 +19,9 @@ __version__ = "0.1.0"
 # name -> module that defines it (imported lazily: `routelens --help` stays fast)
 _EXPORTS = {
     "Lens": "routelens.lens", "load": "routelens.lens", "wrap": "routelens.lens", "Routes": "routelens.lens",
-    "counterfactual": "routelens.api", "run_counterfactual": "routelens.api",
-    "isolate": "routelens.api", "run_isolate": "routelens.api",
+    "counterfactual": "routelens.api", "isolate": "routelens.api",
     "passk": "routelens.api", "run_passk": "routelens.api", "router_update": "routelens.api",
-    "rollout": "routelens.api", "run_rollout": "routelens.api", "graft": "routelens.api",
-    "semantic_route": "routelens.api", "run_semantic_route": "routelens.api",
+    "rollout": "routelens.api", "graft": "routelens.api", "semantic_route": "routelens.api",
     "trajectories_from_ids": "routelens.api", "trajectories_from_text": "routelens.api",
     "read_trajectories": "routelens.api", "sample_trajectories": "routelens.api",
     "arithmetic_items": "routelens.api", "read_items": "routelens.api",

@@ -1,11 +1,13 @@
 """The analyses as Python functions: in memory, or into a resumable run folder.
 
-Each analysis has two entry points: `counterfactual(...)` (nothing written; `.save(path)`
-writes the run folder afterwards) and `run_counterfactual(..., out=...)` (written as it
-goes, resumed on a re-run: what the `routelens` command calls). Both return a result
-object (`routelens.results.objects`) whose tables are pandas DataFrames. Settings are the
-fields of the analysis' config dataclass (`CounterfactualConfig`, ...), given as keyword
-arguments and validated there: a misspelt one is an error, never ignored.
+One function per analysis: `counterfactual(lens, trajectories)` runs in memory (nothing
+written; `.save(path)` writes the run folder afterwards), `counterfactual(lens,
+trajectories, out)` into a run folder written as it goes and resumed on a re-run (what the
+`routelens` command calls). Both return a result object (`routelens.results.objects`)
+whose tables are pandas DataFrames. Settings are the fields of the analysis' config
+dataclass (`CounterfactualConfig`, ...), named as the command line's options (`routes` is
+`--routes`), given as keyword arguments and validated there: a misspelt one is an error,
+never ignored.
 """
 
 from __future__ import annotations
@@ -39,17 +41,13 @@ from routelens.results.objects import (
     read_run,
 )
 
-# Short names the command line uses for config fields (`routes=32` is `num_routes=32`).
-ALIASES = {"routes": "num_routes", "candidates": "num_candidates", "lr": "learning_rate", "k": "ks",
-           "max_tokens": "max_new_tokens"}
-
 
 def make_config(config_class, config=None, **options):
-    """`config_class(**options)` (or `config` with `options` replaced), aliases resolved and
-    an unknown option refused in one line with the available ones."""
+    """`config_class(**options)` (or `config` with `options` replaced), an unknown option
+    refused in one line with the available ones."""
     names = [f.name for f in fields(config_class)]
-    resolved = {ALIASES.get(key, key): value for key, value in options.items()}
-    unknown = sorted(key for key, name in zip(options, resolved) if name not in names)
+    resolved = dict(options)
+    unknown = sorted(key for key in options if key not in names)
     if unknown:
         raise RouteLensError(f"unknown option(s) {', '.join(unknown)} for {config_class.__name__}; "
                              f"options: {', '.join(names)}")
@@ -215,12 +213,14 @@ def _trajectory_data(lens: Lens, trajectories, only_verified: bool, max_trajecto
 
 
 # ---------------------------------------------------------------------------- counterfactual
-def run_counterfactual(lens: Lens, trajectories, out: str | None, *, config: CounterfactualConfig | None = None,
-                       only_verified: bool = False, max_trajectories: int | None = None, overwrite: bool = False,
-                       show_progress: bool = True, ray=None, workers: int | None = None,
-                       **options) -> CounterfactualResult:
-    """The counterfactual analysis into the run folder `out`, written per trajectory and
-    resumed by a re-run with the same settings (in memory when `out` is None).
+def counterfactual(lens: Lens, trajectories, out: str | None = None, *, config: CounterfactualConfig | None = None,
+                   only_verified: bool = False, max_trajectories: int | None = None, overwrite: bool = False,
+                   show_progress: bool = True, ray=None, workers: int | None = None,
+                   **options) -> CounterfactualResult:
+    """The counterfactual analysis: for every scored token and layer, the standard route
+    against `routes` sampled equal-compute alternatives. In memory when `out` is None
+    (`result.save(path)` writes the run folder); otherwise into the run folder `out`,
+    written per trajectory and resumed by a re-run with the same settings.
 
     `ray`: "local", "auto" or a cluster address (or a `RaySettings`) scores the
     trajectories on a pool of `workers` Ray actors (default 2) into the same run folder;
@@ -235,8 +235,13 @@ def run_counterfactual(lens: Lens, trajectories, out: str | None, *, config: Cou
     Examples:
         >>> import routelens as rl
         >>> lens = rl.load("demo")
-        >>> trajs = rl.trajectories_from_text(lens.tokenizer, [("Q:3+4=A:", "3+4=7#7")])
-        >>> res = rl.run_counterfactual(lens, trajs, out=str(tmp / "cf"), layers=[-1], routes=4, show_progress=False)
+        >>> trajs = rl.trajectories_from_text(lens.tokenizer, [("Q:3+4=A:", "3+4=7#7"), ("Q:9*2=A:", "9*2=18#18")])
+        >>> res = rl.counterfactual(lens, trajs, layers=[-1], routes=8, seed=0, show_progress=False)
+        >>> sorted(res.tokens.columns)[:3], len(res.routes) == len(res.tokens) * 9
+        (['alignment', 'bin', 'gain'], True)
+        >>> list(res.summary.columns[:4])
+        ['layer', 'bin', 'tokens', 'trajectories']
+        >>> res = rl.counterfactual(lens, trajs[:1], str(tmp / "cf"), layers=[-1], routes=4, show_progress=False)
         >>> res.path.endswith("cf"), len(res.tokens) == len(trajs[0].scored_positions)
         (True, True)
     """
@@ -256,27 +261,6 @@ def run_counterfactual(lens: Lens, trajectories, out: str | None, *, config: Cou
         else:
             write_text_atomic(os.path.join(out, TRAJECTORIES_FILE), content.decode("utf-8"))
     return CounterfactualResult(folder)
-
-
-def counterfactual(lens: Lens, trajectories, *, config: CounterfactualConfig | None = None,
-                   only_verified: bool = False, max_trajectories: int | None = None, show_progress: bool = False,
-                   **options) -> CounterfactualResult:
-    """The counterfactual analysis in memory: for every scored token and layer, the standard
-    route against `routes` sampled equal-compute alternatives; nothing is written
-    (`result.save(path)` writes the run folder).
-
-    Examples:
-        >>> import routelens as rl
-        >>> lens = rl.load("demo")
-        >>> trajs = rl.trajectories_from_text(lens.tokenizer, [("Q:3+4=A:", "3+4=7#7"), ("Q:9*2=A:", "9*2=18#18")])
-        >>> res = rl.counterfactual(lens, trajs, layers=[-1], routes=8, seed=0)
-        >>> sorted(res.tokens.columns)[:3], len(res.routes) == len(res.tokens) * 9
-        (['alignment', 'bin', 'gain'], True)
-        >>> list(res.summary.columns[:4])
-        ['layer', 'bin', 'tokens', 'trajectories']
-    """
-    return run_counterfactual(lens, trajectories, None, config=config, only_verified=only_verified,
-                              max_trajectories=max_trajectories, show_progress=show_progress, **options)
 
 
 # ---------------------------------------------------------------------------- isolation
@@ -314,21 +298,26 @@ def read_items(path: str, lens: Lens | None = None, domains: list[str] | None = 
     return load_items(path, tokenizer, vocab_size, domains, per_domain, max_length=context)
 
 
-def run_isolate(lens: Lens, items, out: str | None, *, config: IsolationConfig | None = None,
-                domains: list[str] | None = None, per_domain: int | None = None, overwrite: bool = False,
-                show_progress: bool = True, ray=None, workers: int | None = None, **options) -> IsolationResult:
-    """Expert isolation into the run folder `out` (resumable; in memory when None).
+def isolate(lens: Lens, items, out: str | None = None, *, config: IsolationConfig | None = None,
+            domains: list[str] | None = None, per_domain: int | None = None, overwrite: bool = False,
+            show_progress: bool = True, ray=None, workers: int | None = None, **options) -> IsolationResult:
+    """Expert isolation: every expert forced alone at each layer, against the natural route
+    and a random-routing floor, with Wilcoxon/BH statistics per cell; in memory when `out`
+    is None, otherwise into the run folder `out` (resumable).
 
     `items`: a list of `TargetItem`, a file path, or "arithmetic" (the embedded task).
     `options`: fields of `IsolationConfig` (`layers`, `floor_seeds`, `seed`, `alpha`,
     `score`, `bootstrap_resamples`, `memory_budget`, `group_items`). `ray`/`workers`: score the items on
-    a pool of Ray actors (see `run_counterfactual`).
+    a pool of Ray actors (see `counterfactual`).
 
     Examples:
         >>> import routelens as rl
         >>> lens = rl.load("demo")
-        >>> res = rl.run_isolate(lens, "arithmetic", out=str(tmp / "iso"), per_domain=3, layers=[0], floor_seeds=1,
-        ...                      show_progress=False)
+        >>> res = rl.isolate(lens, "arithmetic", per_domain=3, layers=[-1], floor_seeds=1, show_progress=False)
+        >>> set(res.isolation["condition"]) == {"natural", "forced", "floor"}
+        True
+        >>> res = rl.isolate(lens, "arithmetic", str(tmp / "iso"), per_domain=3, layers=[0], floor_seeds=1,
+        ...                  show_progress=False)
         >>> sorted(res.cells["domain"].unique())
         ['addsub', 'long', 'mixed', 'mul']
     """
@@ -362,22 +351,6 @@ def _item_data(lens: Lens, items, domains: list[str] | None, per_domain: int | N
         info = {"items": "in-memory", "items_ids": [i.id for i in kept]}
     info.update(domains=domains, per_domain=per_domain, num_items=len(kept))
     return kept, info
-
-
-def isolate(lens: Lens, items, *, config: IsolationConfig | None = None, domains: list[str] | None = None,
-            per_domain: int | None = None, show_progress: bool = False, **options) -> IsolationResult:
-    """Expert isolation in memory: every expert forced alone at each layer, against the
-    natural route and a random-routing floor, with Wilcoxon/BH statistics per cell.
-
-    Examples:
-        >>> import routelens as rl
-        >>> lens = rl.load("demo")
-        >>> res = rl.isolate(lens, "arithmetic", per_domain=3, layers=[-1], floor_seeds=1)
-        >>> set(res.isolation["condition"]) == {"natural", "forced", "floor"}
-        True
-    """
-    return run_isolate(lens, items, None, config=config, domains=domains, per_domain=per_domain,
-                       show_progress=show_progress, **options)
 
 
 # ---------------------------------------------------------------------------- pass@k
@@ -452,7 +425,7 @@ def router_update(lens: Lens, counterfactual, out: str, *, heldout=None, config:
     training log into `out` (its product is the delta file) and leaves the model unchanged.
 
     `counterfactual`, `heldout`: a run folder or a saved `CounterfactualResult`. `options`:
-    fields of `RouterUpdateConfig` (`margin`, `bins`, `beta`, `learning_rate` or `lr`,
+    fields of `RouterUpdateConfig` (`margin`, `bins`, `beta`, `lr`,
     `steps`, `batch_size`, `seed`).
 
     Examples:
@@ -485,13 +458,13 @@ def _counterfactual_folder(run, what: str) -> str | None:
 
 
 # ---------------------------------------------------------------------------- semantic routing
-def run_semantic_route(lens: Lens, items, out: str | None, *, config: SemanticRouteConfig | None = None,
-                       domains: list[str] | None = None, per_domain: int | None = None, overwrite: bool = False,
-                       show_progress: bool = True, ray=None, workers: int | None = None,
-                       **options) -> SemanticRouteResult:
+def semantic_route(lens: Lens, items, out: str | None = None, *, config: SemanticRouteConfig | None = None,
+                   domains: list[str] | None = None, per_domain: int | None = None, overwrite: bool = False,
+                   show_progress: bool = True, ray=None, workers: int | None = None,
+                   **options) -> SemanticRouteResult:
     """Semantic (fingerprint) routing against natural routing, an oracle and a random floor,
     into the run folder `out` (resumable; in memory when None). `ray`/`workers`: score on a
-    pool of Ray actors (see `run_counterfactual`).
+    pool of Ray actors (see `counterfactual`).
 
     `items`: "arithmetic", a file path or a list of `TargetItem` of two or more domains.
     `options`: fields of `SemanticRouteConfig` (`layer_sets`, `kind` "selection" or "input",
@@ -500,10 +473,14 @@ def run_semantic_route(lens: Lens, items, out: str | None, *, config: SemanticRo
 
     Examples:
         >>> import routelens as rl
-        >>> res = rl.run_semantic_route(rl.load("demo"), "arithmetic", str(tmp / "semantic"), per_domain=3,
-        ...                             layer_sets=[[3]], floor_seeds=1, max_new_tokens=24, show_progress=False)
+        >>> res = rl.semantic_route(rl.load("demo"), "arithmetic", str(tmp / "semantic"), per_domain=3,
+        ...                         layer_sets=[[3]], floor_seeds=1, max_new_tokens=24, show_progress=False)
         >>> sorted(res.scores["arm"].unique())
         ['floor', 'natural', 'oracle', 'semantic', 'semantic_token']
+        >>> res = rl.semantic_route(rl.load("demo"), "arithmetic", per_domain=3, layer_sets=[[0]], floor_seeds=1,
+        ...                         accuracy=False, show_progress=False)
+        >>> res.classification["layer"].unique().tolist()
+        [0]
     """
     from routelens.analyses.semantic_routing import run_semantic_routing
     from routelens.distributed import ray_settings
@@ -516,21 +493,6 @@ def run_semantic_route(lens: Lens, items, out: str | None, *, config: SemanticRo
     kept, info = _item_data(lens, items, domains, per_domain)
     return SemanticRouteResult(run_semantic_routing(lens.loaded, kept, settings, out, info, overwrite=overwrite,
                                                     show_progress=show_progress, ray=ray))
-
-
-def semantic_route(lens: Lens, items, *, config: SemanticRouteConfig | None = None, domains: list[str] | None = None,
-                   per_domain: int | None = None, show_progress: bool = False, **options) -> SemanticRouteResult:
-    """Semantic routing in memory (see `run_semantic_route`).
-
-    Examples:
-        >>> import routelens as rl
-        >>> res = rl.semantic_route(rl.load("demo"), "arithmetic", per_domain=3, layer_sets=[[0]], floor_seeds=1,
-        ...                         accuracy=False)
-        >>> res.classification["layer"].unique().tolist()
-        [0]
-    """
-    return run_semantic_route(lens, items, None, config=config, domains=domains, per_domain=per_domain,
-                              show_progress=show_progress, **options)
 
 
 # ---------------------------------------------------------------------------- grafting
@@ -546,7 +508,7 @@ def graft(recipient: str, donor: str, experts, out: str, *, dtype: str | None = 
     `recipient`, `donor`: model specs of one family ("demo", a folder, a hub id). `experts`:
     "L:e=L2:e2,..." or [(L, e, L2, e2), ...] (recipient layer and expert <- donor layer and
     expert). `dtype`: default the recipient checkpoint's own. `ray`/`workers`: evaluate on a
-    pool of Ray actors (see `run_counterfactual`); the graft itself is written here.
+    pool of Ray actors (see `counterfactual`); the graft itself is written here.
 
     Examples:
         >>> import routelens as rl
@@ -577,14 +539,14 @@ def graft(recipient: str, donor: str, experts, out: str, *, dtype: str | None = 
 
 
 # ---------------------------------------------------------------------------- rollouts
-def run_rollout(lens: Lens, counterfactual, out: str | None, *, config: RolloutConfig | None = None,
-                overwrite: bool = False, show_progress: bool = True, ray=None, workers: int | None = None,
-                **options) -> RolloutResult:
+def rollout(lens: Lens, counterfactual, out: str | None = None, *, config: RolloutConfig | None = None,
+            overwrite: bool = False, show_progress: bool = True, ray=None, workers: int | None = None,
+            **options) -> RolloutResult:
     """Continue chosen tokens of a counterfactual run under three routes (standard, best
     alternative, random alternative) forced at that token and layer only, check each final
     answer, and compare the arms' accuracy; into the run folder `out` (resumable), in memory
     when `out` is None. `ray`/`workers`: roll out on a pool of Ray actors (see
-    `run_counterfactual`).
+    `counterfactual`).
 
     `counterfactual`: a run folder or a saved `CounterfactualResult` whose trajectories carry
     reference answers. `options`: fields of `RolloutConfig` (`tokens` "fragile", "all" or a
@@ -595,8 +557,8 @@ def run_rollout(lens: Lens, counterfactual, out: str | None, *, config: RolloutC
         >>> lens = rl.load("demo")
         >>> trajs = rl.trajectories_from_text(lens.tokenizer, [("Q:3+4=A:", "3+4=7#7")], answers=["7"])
         >>> cf = rl.counterfactual(lens, trajs, layers=[-1], routes=4).save(str(tmp / "cf-rollout"))
-        >>> res = rl.run_rollout(lens, cf, str(tmp / "rollout"), tokens="all", limit=2, samples=2,
-        ...                      max_new_tokens=8, show_progress=False)
+        >>> res = rl.rollout(lens, cf, str(tmp / "rollout"), tokens="all", limit=2, samples=2,
+        ...                  max_new_tokens=8, show_progress=False)
         >>> len(res.rollouts) == 2 * 3 * 2         # tokens x arms x samples
         True
     """
@@ -609,23 +571,6 @@ def run_rollout(lens: Lens, counterfactual, out: str | None, *, config: RolloutC
     return RolloutResult(folder)
 
 
-def rollout(lens: Lens, counterfactual, *, config: RolloutConfig | None = None, show_progress: bool = False,
-            **options) -> RolloutResult:
-    """Rollouts in memory (see `run_rollout`); `result.save(path)` writes the run folder.
-
-    Examples:
-        >>> import routelens as rl
-        >>> lens = rl.load("demo")
-        >>> trajs = rl.trajectories_from_text(lens.tokenizer, [("Q:6+2=A:", "6+2=8#8")], answers=["8"])
-        >>> cf = rl.counterfactual(lens, trajs, layers=[0], routes=4).save(str(tmp / "cf-rollout-mem"))
-        >>> res = rl.rollout(lens, cf, tokens="all", limit=1, temperature=0, max_new_tokens=8)
-        >>> sorted(res.rollouts["arm"])
-        ['best_alt', 'random_alt', 'standard']
-    """
-    return run_rollout(lens, counterfactual, None, config=config, show_progress=show_progress, **options)
-
-
-__all__ = ["ALIASES", "arithmetic_items", "counterfactual", "graft", "isolate", "make_config", "passk", "read_items", "read_run",
-           "read_trajectories", "rollout", "router_update", "run_counterfactual", "run_isolate", "run_passk",
-           "run_rollout", "run_semantic_route", "semantic_route",
+__all__ = ["arithmetic_items", "counterfactual", "graft", "isolate", "make_config", "passk", "read_items", "read_run",
+           "read_trajectories", "rollout", "router_update", "run_passk", "semantic_route",
            "trajectories_from_ids", "trajectories_from_text"]

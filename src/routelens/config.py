@@ -1,15 +1,18 @@
 """The settings of each analysis, as typed dataclasses that validate themselves.
 
-A bad value raises `RouteLensError` on construction, with the one-line message the
-command line prints (it builds these same objects). This module imports nothing heavy,
-so the command line reads its defaults from here without loading torch.
+A field's name is its command-line option (`routes` is `--routes`): the command line's
+options are generated from these fields (`routelens.cli.parsing.config_options`), with the
+help text each field declares through `setting`. A bad value raises `SettingError` on
+construction, naming the parameter (`` `routes` must be ... ``); the command line shows
+the same message with the option (`--routes must be ...`). This module imports nothing
+heavy, so the command line reads its options from here without loading torch.
 """
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import MISSING, asdict, dataclass, field
 
-from routelens.errors import RouteLensError
+from routelens.errors import SettingError
 
 ENGINE_NAMES = ("fast", "cache", "reference")
 BINS = ("Confident", "Ambiguous", "Fragile")
@@ -18,9 +21,34 @@ SCORES = {"mean": "mean_logprob", "first": "first_logprob"}   # isolation cell s
 CHECKERS = ("arithmetic", "math-verify")                      # how a pass@k sample is checked
 
 
-def _at_least(option: str, value, low: int) -> None:
+def setting(default=MISSING, help: str = "", *, factory=None, parse: str | None = None, choices=None):
+    """A config field with what its command-line option needs: `help`, how text is parsed
+    (`parse`: a value type of `routelens.cli.parsing`, e.g. "int_list"; default: the field's
+    annotation) and the `choices`."""
+    metadata = {"help": help, "parse": parse, "choices": choices}
+    if factory is not None:
+        return field(default_factory=factory, metadata=metadata)
+    return field(default=default, metadata=metadata)
+
+
+def _at_least(name: str, value, low: int) -> None:
     if isinstance(value, bool) or not isinstance(value, int) or value < low:
-        raise RouteLensError(f"{option} must be an integer >= {low}, got {value!r}")
+        raise SettingError(f"`{name}` must be an integer >= {low}, got {value!r}", name)
+
+
+def _positive(name: str, value) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
+        raise SettingError(f"`{name}` must be positive, got {value!r}", name)
+
+
+def _fraction(name: str, value) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < 1:
+        raise SettingError(f"`{name}` must lie strictly between 0 and 1, got {value!r}", name)
+
+
+def _one_of(name: str, value, allowed) -> None:
+    if value not in allowed:
+        raise SettingError(f"`{name}` must be one of {', '.join(allowed)}, got {value!r}", name)
 
 
 def _is_layer_list(value) -> bool:
@@ -29,71 +57,85 @@ def _is_layer_list(value) -> bool:
         isinstance(x, int) and not isinstance(x, bool) for x in value)
 
 
+SEED_HELP = "seed of the route sampling and the bootstrap"
+
+
 @dataclass
 class CounterfactualConfig:
-    """Settings of a counterfactual run, validated on construction (a bad value raises
-    `RouteLensError` with the message the command line prints).
+    """Settings of a counterfactual run, validated on construction.
 
     Examples:
         >>> from routelens import CounterfactualConfig
-        >>> CounterfactualConfig(layers=[-1], num_routes=8).num_routes
+        >>> CounterfactualConfig(layers=[-1], routes=8).routes
         8
         >>> CounterfactualConfig(fragile=0.95, confident=0.9)
         Traceback (most recent call last):
         ...
-        routelens.errors.RouteLensError: need 0 <= --fragile (0.95) <= --confident (0.9) <= 1
+        routelens.errors.SettingError: need 0 <= `fragile` (0.95) <= `confident` (0.9) <= 1
     """
 
-    layers: list[int] = field(default_factory=lambda: [-1])
-    joint_layers: list[int] | None = None  # also score routes forced at all these layers at once (layers = these)
-    num_routes: int = 32
-    num_candidates: int | None = None  # None: min(32, E)
-    gumbel_temperature: float = 1.0     # of the Gumbel-top-k route sampler (not a sampling temperature of text)
-    seed: int = 0
-    confident: float = 0.9
-    fragile: float = 0.5
-    win_tolerance: float = 1e-3         # an alternative wins only if p_alt - p_std > this (probability)
-    only_step_ok: bool | None = None    # score only tokens of right steps; None: when every trajectory has step checks
-    engine: str = "fast"
-    route_batch_size: int = 33          # reference engine: routes per forward
-    memory_budget: int = 2 * 2**30      # fast engine: bytes for one chunk of perturbed sequences
-    group_tokens: int = 2048            # fast engine: trajectories scored together up to this many tokens
-    bootstrap_resamples: int = 2000
+    layers: list[int] = setting(factory=lambda: [-1], parse="int_list",
+                                help="decoder-layer indices, comma-separated; negative counts from the end")
+    joint_layers: list[int] | None = setting(
+        None, parse="int_list", help="score each of these layers alone and, in the same run, routes forced at all of "
+                                     "them at once (one independently sampled alternative per layer), e.g. 0,1,2")
+    routes: int = setting(32, parse="positive_int", help="alternative routes S per token")
+    candidates: int | None = setting(None, parse="positive_int",
+                                     help="sample alternatives from the router's top-M experts (default min(32, E))")
+    gumbel_temperature: float = setting(1.0, help="temperature of the Gumbel-top-k route sampler (higher: flatter; "
+                                                  "not a sampling temperature of text)")
+    seed: int = setting(0, help=SEED_HELP)
+    confident: float = setting(0.9, help="Confident bin: route-averaged p >= this")
+    fragile: float = setting(0.5, help="Fragile bin: route-averaged p < this")
+    win_tolerance: float = setting(1e-3, help="an alternative wins only if its p beats the standard route's by more "
+                                              "than this (probability; within it: a tie)")
+    only_step_ok: bool | None = setting(None, help="score only tokens of right intermediate steps (default: on when "
+                                                   "every trajectory carries step checks, as the arithmetic task's do)")
+    engine: str = setting("fast", choices=ENGINE_NAMES,
+                          help="scoring engine: fast (exact, batched; the cache engine for layers it cannot patch), "
+                               "cache (the model's own cache, one decode step per token) or reference (plain forwards)")
+    route_batch_size: int = setting(33, parse="positive_int", help="routes per forward (reference engine)")
+    memory_budget: int = setting(2 * 2**30, parse="memory",
+                                 help="memory for one chunk of perturbed sequences, e.g. 512MiB, 8GiB")
+    group_tokens: int = setting(2048, parse="positive_int",
+                                help="fast engine: trajectories scored together up to this many tokens (on --ray, a "
+                                     "group is what one actor scores at a time)")
+    bootstrap_resamples: int = setting(2000, parse="positive_int", help="bootstrap resamples of the intervals")
 
     def __post_init__(self) -> None:
         if not _is_layer_list(self.layers):
-            raise RouteLensError(f"--layers must be a non-empty list of layer indices such as [0, -1], got {self.layers!r}")
+            raise SettingError(f"`layers` must be a non-empty list of layer indices such as [0, -1], got {self.layers!r}",
+                               "layers")
         self.layers = list(self.layers)
         if self.joint_layers is not None:
             if not _is_layer_list(self.joint_layers) or len(set(self.joint_layers)) < 2:
-                raise RouteLensError(f"--joint-layers must list two or more distinct layers such as 0,1,2, "
-                                     f"got {self.joint_layers!r}")
+                raise SettingError(f"`joint_layers` must list two or more distinct layers such as 0,1,2, "
+                                   f"got {self.joint_layers!r}", "joint_layers")
             if self.layers not in ([-1], list(self.joint_layers)):
-                raise RouteLensError("--joint-layers scores each of its layers alone as well (the comparison needs "
-                                     "them); give --joint-layers without --layers")
+                raise SettingError("`joint_layers` and `layers` together: `joint_layers` scores each of them alone as "
+                                   "well (the comparison needs it); give `joint_layers` alone",
+                                   "joint_layers", "layers")
             self.joint_layers = list(self.joint_layers)
             self.layers = list(self.joint_layers)
-        _at_least("--routes", self.num_routes, 1)
-        if self.num_candidates is not None:
-            _at_least("--candidates", self.num_candidates, 1)
-        if not self.gumbel_temperature > 0:
-            raise RouteLensError(f"--gumbel-temperature must be positive, got {self.gumbel_temperature}")
+        _at_least("routes", self.routes, 1)
+        if self.candidates is not None:
+            _at_least("candidates", self.candidates, 1)
+        _positive("gumbel_temperature", self.gumbel_temperature)
         if self.only_step_ok not in (None, True, False):
-            raise RouteLensError(f"only_step_ok must be True, False or None (when every trajectory has step checks), "
-                                 f"got {self.only_step_ok!r}")
+            raise SettingError(f"`only_step_ok` must be True, False or None (when every trajectory has step checks), "
+                               f"got {self.only_step_ok!r}", "only_step_ok")
         if not 0 <= self.win_tolerance < 1:
-            raise RouteLensError(f"--win-tolerance is a probability difference in [0, 1), got {self.win_tolerance}")
+            raise SettingError(f"`win_tolerance` is a probability difference in [0, 1), got {self.win_tolerance}",
+                               "win_tolerance")
         if not 0 <= self.fragile <= self.confident <= 1:
-            raise RouteLensError(f"need 0 <= --fragile ({self.fragile}) <= --confident ({self.confident}) <= 1")
-        if self.engine not in ENGINE_NAMES:
-            raise RouteLensError(f"unknown --engine {self.engine!r}; available: {', '.join(ENGINE_NAMES)}")
-        _at_least("--route-batch-size", self.route_batch_size, 1)
-        _at_least("--memory-budget", self.memory_budget, 1)
-        _at_least("group_tokens", self.group_tokens, 1)
-        _at_least("--bootstrap-resamples", self.bootstrap_resamples, 1)
+            raise SettingError(f"need 0 <= `fragile` ({self.fragile}) <= `confident` ({self.confident}) <= 1",
+                               "fragile", "confident")
+        _one_of("engine", self.engine, ENGINE_NAMES)
+        for name in ("route_batch_size", "memory_budget", "group_tokens", "bootstrap_resamples"):
+            _at_least(name, getattr(self, name), 1)
 
     def candidates_for(self, num_experts: int) -> int:
-        return self.num_candidates if self.num_candidates is not None else min(32, num_experts)
+        return self.candidates if self.candidates is not None else min(32, num_experts)
 
     # Knobs that change speed and memory but not results (tested): not part of a run's identity,
     # so a run resumes under another memory budget.
@@ -110,8 +152,7 @@ class CounterfactualConfig:
 
 @dataclass
 class IsolationConfig:
-    """Settings of an isolation run, validated on construction (`RouteLensError`, the
-    command line's message).
+    """Settings of an isolation run, validated on construction.
 
     Examples:
         >>> from routelens import IsolationConfig
@@ -120,17 +161,21 @@ class IsolationConfig:
         >>> IsolationConfig(alpha=1.5)
         Traceback (most recent call last):
         ...
-        routelens.errors.RouteLensError: --alpha must lie strictly between 0 and 1, got 1.5
+        routelens.errors.SettingError: `alpha` must lie strictly between 0 and 1, got 1.5
     """
 
-    layers: list[int] | None = None     # None: every MoE layer
-    floor_seeds: int = 5
-    seed: int = 0
-    alpha: float = 0.05
-    score: str = "mean"                 # statistic of the cells: "mean" or "first" target-token log-prob
-    bootstrap_resamples: int = 2000
-    memory_budget: int = 2 * 2**30
-    group_items: int = 16               # items sharing one natural forward and scoring passes, at most
+    layers: list[int] | None = setting(None, parse="layers_or_all",
+                                       help="'all' (default: every MoE layer) or decoder-layer indices, comma-separated")
+    floor_seeds: int = setting(5, help="random-routing floor: uniformly random k-expert routes per token, one per seed")
+    seed: int = setting(0, help="seed of the floor routes and the bootstrap")
+    alpha: float = setting(0.05, help="FDR level of the BH step-up")
+    score: str = setting("mean", choices=tuple(SCORES),
+                         help="cell statistic: mean target-token log-prob or the first target token's")
+    bootstrap_resamples: int = setting(2000, parse="positive_int", help="bootstrap resamples of the calibration interval")
+    memory_budget: int = setting(2 * 2**30, parse="memory", help="memory for one batch of conditions, e.g. 512MiB, 8GiB")
+    group_items: int = setting(16, parse="positive_int",
+                               help="items of similar length sharing one forward and its scoring passes, at most (1: one "
+                                    "item at a time; on --ray, a group is what one actor scores at a time)")
 
     # Settings that only change the summary (recomputed from the tables on every run) or the
     # speed: a run folder resumes, or re-summarises, under other values of these.
@@ -142,16 +187,13 @@ class IsolationConfig:
 
     def check(self) -> None:
         if self.layers is not None and not _is_layer_list(self.layers):
-            raise RouteLensError(f"--layers must be None (every MoE layer) or a non-empty list of layer indices, "
-                                 f"got {self.layers!r}")
-        _at_least("--bootstrap-resamples", self.bootstrap_resamples, 1)
-        _at_least("--group-items", self.group_items, 1)
-        if self.floor_seeds < 0:
-            raise RouteLensError(f"--floor-seeds must be 0 or more, got {self.floor_seeds}")
-        if not 0 < self.alpha < 1:
-            raise RouteLensError(f"--alpha must lie strictly between 0 and 1, got {self.alpha}")
-        if self.score not in SCORES:
-            raise RouteLensError(f"--score must be one of {', '.join(SCORES)}, got {self.score!r}")
+            raise SettingError(f"`layers` must be None (every MoE layer) or a non-empty list of layer indices, "
+                               f"got {self.layers!r}", "layers")
+        for name in ("bootstrap_resamples", "group_items", "memory_budget"):
+            _at_least(name, getattr(self, name), 1)
+        _at_least("floor_seeds", self.floor_seeds, 0)
+        _fraction("alpha", self.alpha)
+        _one_of("score", self.score, tuple(SCORES))
 
     def identity(self) -> dict:
         return {k: v for k, v in asdict(self).items() if k not in self.SUMMARY + self.PERFORMANCE}
@@ -162,30 +204,31 @@ class IsolationConfig:
 
 @dataclass
 class PassKConfig:
-    """Settings of a pass@k run, validated on construction (`RouteLensError`, the command
-    line's message).
+    """Settings of a pass@k run, validated on construction.
 
     Examples:
         >>> from routelens import PassKConfig
-        >>> PassKConfig(samples=8, ks=[1, 4, 8]).ks
+        >>> PassKConfig(samples=8, k=[1, 4, 8]).k
         [1, 4, 8]
-        >>> PassKConfig(samples=12).ks          # default: powers of two up to the samples, and the samples
+        >>> PassKConfig(samples=12).k          # default: powers of two up to the samples, and the samples
         [1, 2, 4, 8, 12]
-        >>> PassKConfig(samples=4, ks=[1, 8])
+        >>> PassKConfig(samples=4, k=[1, 8])
         Traceback (most recent call last):
         ...
-        routelens.errors.RouteLensError: --k 8 must lie in 1..--samples (4): pass@k needs at least k samples per problem
+        routelens.errors.SettingError: `k` 8 must lie in 1..`samples` (4): pass@k needs that many draws per problem
     """
 
-    samples: int = 16
-    ks: list[int] | None = None     # None: 1, 2, 4, ... up to `samples`, and `samples` itself
-    temperature: float = 0.8
-    seed: int = 0
-    max_new_tokens: int = 96
-    checker: str = "arithmetic"
-    bootstrap_resamples: int = 2000
-    problems_per_unit: int = 50
-    batch_size: int = 256
+    samples: int = setting(16, parse="positive_int", help="samples per problem")
+    k: list[int] | None = setting(None, parse="int_list",
+                                  help="k values, comma-separated (default 1, 2, 4, ... up to --samples, and --samples)")
+    temperature: float = setting(0.8, help="sampling temperature")
+    seed: int = setting(0, help="sampling and bootstrap seed")
+    max_new_tokens: int = setting(96, parse="positive_int", help="tokens generated per sample at most")
+    checker: str = setting("arithmetic", choices=CHECKERS, help="how a sample's final answer is checked")
+    bootstrap_resamples: int = setting(2000, parse="positive_int", help="bootstrap resamples")
+    problems_per_unit: int = setting(50, parse="positive_int",
+                                     help="problems per unit of work (what a kill loses at most)")
+    batch_size: int = setting(256, parse="positive_int", help="sequences per generate call")
 
     SUMMARY = ("bootstrap_resamples",)
     PERFORMANCE = ("problems_per_unit", "batch_size")
@@ -194,18 +237,16 @@ class PassKConfig:
         self.check()
 
     def check(self) -> None:
-        if self.checker not in CHECKERS:
-            raise RouteLensError(f"unknown checker {self.checker!r}; available: {', '.join(CHECKERS)}")
+        _one_of("checker", self.checker, CHECKERS)
         for name in ("samples", "max_new_tokens", "bootstrap_resamples", "problems_per_unit", "batch_size"):
-            _at_least(f"--{name.replace('_', '-')}", getattr(self, name), 1)
-        if self.ks is None:
-            self.ks = sorted({2 ** i for i in range(self.samples.bit_length()) if 2 ** i <= self.samples} | {self.samples})
-        bad = [k for k in self.ks if not 1 <= k <= self.samples]
+            _at_least(name, getattr(self, name), 1)
+        if self.k is None:
+            self.k = sorted({2 ** i for i in range(self.samples.bit_length()) if 2 ** i <= self.samples} | {self.samples})
+        bad = [k for k in self.k if not 1 <= k <= self.samples]
         if bad:
-            raise RouteLensError(f"--k {','.join(map(str, bad))} must lie in 1..--samples ({self.samples}): "
-                                 "pass@k needs at least k samples per problem")
-        if not self.temperature > 0:
-            raise RouteLensError(f"--temperature must be positive, got {self.temperature}")
+            raise SettingError(f"`k` {','.join(map(str, bad))} must lie in 1..`samples` ({self.samples}): "
+                               "pass@k needs that many draws per problem", "k", "samples")
+        _positive("temperature", self.temperature)
 
     def identity(self) -> dict:
         return {k: v for k, v in asdict(self).items() if k not in self.SUMMARY + self.PERFORMANCE}
@@ -213,8 +254,7 @@ class PassKConfig:
 
 @dataclass
 class RouterUpdateConfig:
-    """Settings of a router update, validated on construction (`RouteLensError`, the
-    command line's message).
+    """Settings of a router update, validated on construction.
 
     Examples:
         >>> from routelens import RouterUpdateConfig
@@ -223,40 +263,41 @@ class RouterUpdateConfig:
         >>> RouterUpdateConfig(bins=["Fragile", "Hard"])
         Traceback (most recent call last):
         ...
-        routelens.errors.RouteLensError: unknown bin(s) Hard; bins are Confident, Ambiguous, Fragile
+        routelens.errors.SettingError: `bins`: unknown bin(s) Hard; `bins` are Confident, Ambiguous, Fragile
     """
 
-    margin: float = 0.05
-    bins: list[str] = field(default_factory=lambda: ["Fragile", "Ambiguous"])
-    beta: float = 0.1
-    learning_rate: float = 1e-5   # minimal: see the README for 1e-3 and 1e-4
-    steps: int = 300
-    batch_size: int = 256
-    seed: int = 0
+    margin: float = setting(0.05, help="preferred route beats the standard by >= this probability")
+    bins: list[str] = setting(factory=lambda: ["Fragile", "Ambiguous"], parse="names",
+                              help="token bins to learn from, comma-separated")
+    beta: float = setting(0.1, help="DPO beta")
+    lr: float = setting(1e-5, help="Adam learning rate (a minimal update; 1e-4 and up moved most routes on the demo "
+                                   "model)")
+    steps: int = setting(300, parse="positive_int", help="optimizer steps")
+    batch_size: int = setting(256, parse="positive_int", help="pairs per step")
+    seed: int = setting(0, help="seed of the minibatch order")
 
     def __post_init__(self) -> None:
         self.check()
 
     def check(self) -> None:
         for name in ("steps", "batch_size"):
-            _at_least(f"--{name.replace('_', '-')}", getattr(self, name), 1)
+            _at_least(name, getattr(self, name), 1)
         unknown = [b for b in self.bins if b not in BINS]
         if unknown:
-            raise RouteLensError(f"unknown bin(s) {', '.join(unknown)}; bins are {', '.join(BINS)}")
-        for name, option in (("beta", "--beta"), ("learning_rate", "--lr")):
-            if not getattr(self, name) > 0:
-                raise RouteLensError(f"{option} must be positive, got {getattr(self, name)}")
+            raise SettingError(f"`bins`: unknown bin(s) {', '.join(unknown)}; `bins` are {', '.join(BINS)}", "bins")
+        _positive("beta", self.beta)
+        _positive("lr", self.lr)
         if not 0 <= self.margin < 1:
-            raise RouteLensError(f"--margin is a probability difference in [0, 1), got {self.margin}")
+            raise SettingError(f"`margin` is a probability difference in [0, 1), got {self.margin}", "margin")
 
 
-TOKEN_CHOICES = ("fragile", "all")   # rollout --tokens: these, or a file of (trajectory_id, position, layer)
+TOKEN_CHOICES = ("fragile", "all")   # rollout tokens: these, or a file of (trajectory_id, position, layer)
 
 
 @dataclass
 class RolloutConfig:
     """Settings of a rollout run (continuations under three routes of a scored token),
-    validated on construction (`RouteLensError`, the command line's message).
+    validated on construction.
 
     Examples:
         >>> from routelens import RolloutConfig
@@ -265,17 +306,20 @@ class RolloutConfig:
         >>> RolloutConfig(tokens="some")
         Traceback (most recent call last):
         ...
-        routelens.errors.RouteLensError: --tokens must be fragile, all or a file of ... rows; 'some' is neither ...
+        routelens.errors.SettingError: `tokens` must be fragile, all or a file of ... rows; 'some' is neither ...
     """
 
-    tokens: str = "fragile"       # fragile: Fragile tokens whose best alternative beats the standard by > tolerance
-    samples: int = 8              # continuations per arm and token
-    max_new_tokens: int = 64
-    temperature: float = 0.8      # 0: greedy (then one continuation per arm)
-    seed: int = 0
-    checker: str = "arithmetic"
-    limit: int | None = None      # keep the chosen tokens with the largest gains, at most this many
-    bootstrap_resamples: int = 2000
+    tokens: str = setting("fragile", help="fragile (Fragile tokens whose best alternative wins by more than the "
+                                          "run's tolerance), all, or a JSONL/Parquet/CSV file of trajectory_id, "
+                                          "position, layer rows")
+    samples: int = setting(8, parse="positive_int", help="continuations per arm and token (1 when greedy)")
+    max_new_tokens: int = setting(64, parse="positive_int", help="tokens generated per continuation at most")
+    temperature: float = setting(0.8, help="sampling temperature (0: greedy)")
+    seed: int = setting(0, help="seed of the sampling and of the random alternative")
+    checker: str = setting("arithmetic", choices=CHECKERS, help="how final answers are checked")
+    limit: int | None = setting(None, parse="positive_int",
+                                help="keep at most this many chosen tokens, those with the largest gains")
+    bootstrap_resamples: int = setting(2000, parse="positive_int", help="bootstrap resamples of the intervals")
 
     SUMMARY = ("bootstrap_resamples",)
 
@@ -283,17 +327,15 @@ class RolloutConfig:
         import os
 
         if self.tokens not in TOKEN_CHOICES and not os.path.isfile(str(self.tokens)):
-            raise RouteLensError(f"--tokens must be fragile, all or a file of (trajectory_id, position, layer) rows; "
-                                 f"{self.tokens!r} is neither and no such file exists")
-        for name, option in (("samples", "--samples"), ("max_new_tokens", "--max-tokens"),
-                             ("bootstrap_resamples", "--bootstrap-resamples")):
-            _at_least(option, getattr(self, name), 1)
+            raise SettingError(f"`tokens` must be fragile, all or a file of (trajectory_id, position, layer) rows; "
+                               f"{self.tokens!r} is neither and no such file exists", "tokens")
+        for name in ("samples", "max_new_tokens", "bootstrap_resamples"):
+            _at_least(name, getattr(self, name), 1)
         if self.limit is not None:
-            _at_least("--limit", self.limit, 1)
+            _at_least("limit", self.limit, 1)
         if isinstance(self.temperature, bool) or not isinstance(self.temperature, (int, float)) or self.temperature < 0:
-            raise RouteLensError(f"--temperature must be 0 (greedy) or positive, got {self.temperature!r}")
-        if self.checker not in CHECKERS:
-            raise RouteLensError(f"unknown checker {self.checker!r}; available: {', '.join(CHECKERS)}")
+            raise SettingError(f"`temperature` must be 0 (greedy) or positive, got {self.temperature!r}", "temperature")
+        _one_of("checker", self.checker, CHECKERS)
 
     @property
     def greedy(self) -> bool:
@@ -309,7 +351,7 @@ FINGERPRINT_KINDS = ("selection", "input")   # mean router selection distributio
 @dataclass
 class SemanticRouteConfig:
     """Settings of a semantic-routing run (route by similarity to per-domain fingerprints),
-    validated on construction (`RouteLensError`, the command line's message).
+    validated on construction.
 
     Examples:
         >>> from routelens import SemanticRouteConfig
@@ -318,44 +360,45 @@ class SemanticRouteConfig:
         >>> SemanticRouteConfig(kind="vibes")
         Traceback (most recent call last):
         ...
-        routelens.errors.RouteLensError: --kind must be selection or input, got 'vibes'
+        routelens.errors.SettingError: `kind` must be one of selection, input, got 'vibes'
     """
 
-    layer_sets: list[list[int]] | None = None   # None: every MoE layer alone, and all of them at once
-    kind: str = "selection"                      # the fingerprint: mean selection distribution, or mean MoE input
-    calibration_share: float = 0.5               # of each domain's items, seeded; the rest are evaluated
-    floor_seeds: int = 3
-    seed: int = 0
-    accuracy: bool = True                        # also generate (greedy) and check answers: the arithmetic task
-    max_new_tokens: int = 96
-    score: str = "mean"                          # summary statistic: "mean" or "first" target-token log-prob
-    alpha: float = 0.05
-    bootstrap_resamples: int = 2000
-    memory_budget: int = 2 * 2**30
+    layer_sets: list[list[int]] | None = setting(
+        None, parse="layer_sets", help="';'-separated sets of layers forced together, e.g. '3;0,1,2,3' (default: each "
+                                       "MoE layer alone and all of them at once)")
+    kind: str = setting("selection", choices=FINGERPRINT_KINDS,
+                        help="fingerprint: mean router selection distribution or mean MoE input")
+    calibration_share: float = setting(0.5, help="share of each domain's items that calibrate (seeded; the rest are "
+                                                 "evaluated)")
+    floor_seeds: int = setting(3, help="random-floor seeds")
+    seed: int = setting(0, help="seed of the split, the floor and the bootstrap")
+    accuracy: bool = setting(True, help="also generate greedy answers under each arm and check them (the arithmetic "
+                                        "task)")
+    max_new_tokens: int = setting(96, parse="positive_int", help="generated tokens per answer at most")
+    score: str = setting("mean", choices=tuple(SCORES),
+                         help="summary statistic: mean or first target-token log-prob")
+    alpha: float = setting(0.05, help="FDR level")
+    bootstrap_resamples: int = setting(2000, parse="positive_int", help="bootstrap resamples")
+    memory_budget: int = setting(2 * 2**30, parse="memory", help="memory for one batch of forced routes, e.g. 8GiB")
 
     SUMMARY = ("alpha", "bootstrap_resamples", "score")
     PERFORMANCE = ("memory_budget",)
 
     def __post_init__(self) -> None:
-        if self.score not in SCORES:
-            raise RouteLensError(f"--score must be one of {', '.join(SCORES)}, got {self.score!r}")
-        _at_least("--max-new-tokens", self.max_new_tokens, 1)
+        _one_of("score", self.score, tuple(SCORES))
+        _at_least("max_new_tokens", self.max_new_tokens, 1)
         if self.layer_sets is not None:
             if not isinstance(self.layer_sets, (list, tuple)) or not self.layer_sets or not all(
                     _is_layer_list(s) and len(set(s)) == len(s) for s in self.layer_sets):
-                raise RouteLensError("--layer-sets must be non-empty sets of distinct layer indices such as "
-                                     f"'3;0,1,2,3', got {self.layer_sets!r}")
+                raise SettingError("`layer_sets` must be non-empty sets of distinct layer indices such as "
+                                   f"[[3], [0, 1, 2, 3]], got {self.layer_sets!r}", "layer_sets")
             self.layer_sets = [list(s) for s in self.layer_sets]
-        if self.kind not in FINGERPRINT_KINDS:
-            raise RouteLensError(f"--kind must be {' or '.join(FINGERPRINT_KINDS)}, got {self.kind!r}")
-        if not 0 < self.calibration_share < 1:
-            raise RouteLensError(f"--calibration-share must lie strictly between 0 and 1, got {self.calibration_share}")
-        if isinstance(self.floor_seeds, bool) or not isinstance(self.floor_seeds, int) or self.floor_seeds < 0:
-            raise RouteLensError(f"--floor-seeds must be 0 or more, got {self.floor_seeds!r}")
-        if not 0 < self.alpha < 1:
-            raise RouteLensError(f"--alpha must lie strictly between 0 and 1, got {self.alpha}")
-        _at_least("--bootstrap-resamples", self.bootstrap_resamples, 1)
-        _at_least("--memory-budget", self.memory_budget, 1)
+        _one_of("kind", self.kind, FINGERPRINT_KINDS)
+        _fraction("calibration_share", self.calibration_share)
+        _at_least("floor_seeds", self.floor_seeds, 0)
+        _fraction("alpha", self.alpha)
+        _at_least("bootstrap_resamples", self.bootstrap_resamples, 1)
+        _at_least("memory_budget", self.memory_budget, 1)
 
     def identity(self) -> dict:
         return {k: v for k, v in asdict(self).items() if k not in self.SUMMARY + self.PERFORMANCE}

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import os
 
-from routelens.errors import RouteLensError
+from routelens.errors import RouteLensError, SettingError
 
 
 def _demo_trajectories(lens, folder: str, problems: int, samples_per_problem: int, temperature: float, seed: int,
@@ -43,7 +43,7 @@ def run_demo(out: str = os.path.join("runs", "demo"), *, device: str = "auto", d
     last MoE layer unless `layers`), the isolation study and the rollouts (`rollout_samples`
     continuations per arm; 0: none) into `out`, and write the report; returns the report's
     path. `counterfactual_options`: CounterfactualConfig fields."""
-    from routelens.api import run_counterfactual
+    from routelens.api import counterfactual
     from routelens.lens import load
     from routelens.report.build import build_report
     from routelens.summary_table import print_summary
@@ -54,16 +54,16 @@ def run_demo(out: str = os.path.join("runs", "demo"), *, device: str = "auto", d
     moe = lens.moe_layers
     layers = layers or sorted({moe[0], moe[len(moe) // 2], moe[-1]})
     run_dir = os.path.join(out, "counterfactual")
-    routes = counterfactual_options.get("num_routes", 32)
+    routes = counterfactual_options.get("routes", 32)
     print(f"demo: embedded OLMoE ({len(moe)} MoE layers, {lens.num_experts} experts, "
           f"top-{lens.top_k}); verified trajectories; layers {layers}; {routes} alternative routes")
     try:
-        result = run_counterfactual(lens, trajectories, run_dir, only_verified=True, overwrite=overwrite,
+        result = counterfactual(lens, trajectories, run_dir, only_verified=True, overwrite=overwrite,
                                     show_progress=show_progress, layers=layers, seed=seed, **counterfactual_options)
     except RouteLensError as error:
         if "kept no trajectory" in str(error):
-            raise RouteLensError("the demo model solved none of the sampled problems; "
-                                 "raise --problems or --samples-per-problem") from None
+            raise SettingError("the demo model solved none of its sampled arithmetic tasks; "
+                               "raise `problems` or `samples_per_problem`", "problems", "samples_per_problem") from None
         raise
     print_summary(result.summary_dict)
     print(f"run folder: {run_dir} (routes.parquet, tokens.parquet, summary.json, run.json)")
@@ -81,7 +81,7 @@ def _demo_rollout(lens, out: str, counterfactual_dir: str, samples: int, tempera
     """Rollouts of the Fragile tokens whose best alternative beats the standard route; None
     when asked for none or when no token qualifies (a small demo run)."""
     from routelens.analyses.rollout import NothingToRollOut
-    from routelens.api import run_rollout
+    from routelens.api import rollout
     from routelens.summary_table import print_rollout_summary
 
     if not samples:
@@ -90,7 +90,7 @@ def _demo_rollout(lens, out: str, counterfactual_dir: str, samples: int, tempera
     print(f"demo: rollouts of the Fragile tokens whose best alternative wins, {samples} continuations per arm "
           f"(standard, best alternative, random alternative) at T={temperature}")
     try:
-        result = run_rollout(lens, counterfactual_dir, run_dir, samples=samples, temperature=temperature, seed=seed,
+        result = rollout(lens, counterfactual_dir, run_dir, samples=samples, temperature=temperature, seed=seed,
                              overwrite=overwrite, show_progress=show_progress)
     except NothingToRollOut as reason:
         print(f"demo: rollouts skipped: {reason}")
@@ -103,14 +103,14 @@ def _demo_rollout(lens, out: str, counterfactual_dir: str, samples: int, tempera
 def _demo_isolation(lens, out: str, per_domain: int, seed: int, overwrite: bool, show_progress: bool,
                     memory_budget: int | None) -> str:
     """The expert-isolation study on the four arithmetic domains, every MoE layer."""
-    from routelens.api import run_isolate
+    from routelens.api import isolate
     from routelens.summary_table import print_isolation_summary
 
     run_dir = os.path.join(out, "isolation")
     print(f"demo: expert isolation, {per_domain * 4} items in 4 arithmetic domains, every MoE layer, "
           f"{lens.num_experts} forced experts and a 5-seed random floor per layer")
     options = {"memory_budget": memory_budget} if memory_budget else {}
-    result = run_isolate(lens, "arithmetic", run_dir, per_domain=per_domain, seed=seed, overwrite=overwrite,
+    result = isolate(lens, "arithmetic", run_dir, per_domain=per_domain, seed=seed, overwrite=overwrite,
                          show_progress=show_progress, **options)
     print_isolation_summary(result.summary_dict)
     print(f"run folder: {run_dir} (isolation.parquet, cells.parquet, calibration.parquet, summary.json, run.json)")

@@ -26,7 +26,7 @@ from dataclasses import asdict, dataclass
 
 import pyarrow as pa
 
-from routelens.errors import RouteLensError
+from routelens.errors import RouteLensError, SettingError
 
 INSTALL_HINT = "pip install 'routelens[ray]' (or: pip install 'ray[data]==2.60.*')"
 
@@ -45,13 +45,13 @@ class RaySettings:
 
     def __post_init__(self):
         if not isinstance(self.address, str) or not self.address.strip():
-            raise RouteLensError("--ray takes local, auto or a cluster address (host:port or ray://host:port)")
+            raise SettingError("`ray` takes local, auto or a cluster address (host:port or ray://host:port)", "ray")
         if not isinstance(self.workers, int) or self.workers < 1:
-            raise RouteLensError(f"--workers must be a positive integer, got {self.workers!r}")
+            raise SettingError(f"`workers` must be a positive integer, got {self.workers!r}", "workers")
         if self.cpus_per_worker <= 0:
-            raise RouteLensError(f"--cpus-per-worker must be positive, got {self.cpus_per_worker!r}")
+            raise SettingError(f"`cpus_per_worker` must be positive, got {self.cpus_per_worker!r}", "cpus_per_worker")
         if self.gpus_per_worker is not None and self.gpus_per_worker < 0:
-            raise RouteLensError(f"--gpus-per-worker must be 0 or more, got {self.gpus_per_worker!r}")
+            raise SettingError(f"`gpus_per_worker` must be 0 or more, got {self.gpus_per_worker!r}", "gpus_per_worker")
 
     def gpus(self, device: str) -> float:
         if self.gpus_per_worker is not None:
@@ -67,7 +67,7 @@ def ray_settings(ray: str | RaySettings | None, workers: int | None = None) -> R
     Ray Data importable (else one line saying how to install it)."""
     if ray is None:
         if workers is not None:
-            raise RouteLensError("--workers needs --ray (local, auto or a cluster address)")
+            raise SettingError("`workers` needs `ray` (local, auto or a cluster address)", "workers", "ray")
         return None
     settings = ray if isinstance(ray, RaySettings) else RaySettings(address=ray, **({"workers": workers} if workers else {}))
     require_ray()
@@ -79,7 +79,7 @@ def require_ray() -> None:
         import ray  # noqa: F401
         import ray.data  # noqa: F401
     except ImportError:
-        raise RouteLensError(f"--ray needs Ray Data, which is not installed here: {INSTALL_HINT}") from None
+        raise SettingError(f"`ray` needs Ray Data, which is not installed here: {INSTALL_HINT}", "ray") from None
 
 
 class UnitJob:
@@ -251,8 +251,8 @@ def _connect(settings: RaySettings) -> bool:
             ray.init(address=settings.address, **quiet)
         except (ConnectionError, RuntimeError, ValueError) as error:
             first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-            raise RouteLensError(f"cannot join the Ray cluster at --ray {settings.address}: {first}; start it "
-                                 "(ray start --head) or pass --ray local") from None
+            raise SettingError(f"cannot join the Ray cluster at `ray` {settings.address}: {first}; start it "
+                               "(`ray start --head`) or pass `ray` local", "ray") from None
     return True
 
 

@@ -38,3 +38,26 @@ class RouterBypassed(RouteLensError):
 class RuntimeCheckFailed(RouteLensError):
     """A run-time check failed on this checkpoint: the numbers would be wrong, so none are
     given (the command line exits with code 1)."""
+
+
+class SettingError(RouteLensError):
+    """A bad value of an analysis setting. The message names each parameter in backticks as
+    Python spells it (`` `routes` must be ... ``); `as_options()` is the same message with
+    the command-line options (`--routes must be ...`), which the command line prints.
+
+    Examples:
+        >>> from routelens.errors import SettingError
+        >>> error = SettingError("`joint_layers` must list two or more layers", "joint_layers")
+        >>> str(error), error.as_options()
+        ('`joint_layers` must list two or more layers', '--joint-layers must list two or more layers')
+    """
+
+    def __init__(self, message: str, *parameters: str):
+        super().__init__(message)
+        self.parameters = parameters
+
+    def as_options(self) -> str:
+        text = str(self)
+        for name in self.parameters:
+            text = text.replace(f"`{name}`", "--" + name.replace("_", "-"))
+        return text

@@ -18,7 +18,7 @@ from scipy import stats as scipy_stats
 
 from routelens import stats
 from routelens.data.arithmetic import Problem, verify
-from routelens.errors import RouteLensError
+from routelens.errors import SettingError
 from routelens.generation import sample_completions
 from routelens.models.adapter import MoEAdapter
 from routelens.models.routing import capture_routes
@@ -126,7 +126,7 @@ def record_in_card(loaded, report: dict) -> None:
 
     card = read_training_card(loaded.folder)
     if not card:
-        raise RouteLensError("--record needs a model folder written by `routelens train-demo` (with card.json)")
+        raise SettingError("`record` needs a model folder written by `routelens train-demo` (with card.json)", "record")
     card["evaluation"] = {k: v for k, v in report.items() if k != "greedy_correct"}
     card["evaluation"]["greedy_accuracy_first20"] = float(np.mean(report["greedy_correct"][:20]))
     from routelens.demo_model import CARD

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 
 import torch
 
-from routelens.errors import RouteLensError
+from routelens.errors import RouteLensError, SettingError
 
 GRAFT_JSON = "graft.json"
 _PAIR = re.compile(r"^\s*(-?\d+)\s*:\s*(\d+)\s*=\s*(-?\d+)\s*:\s*(\d+)\s*$")
@@ -50,8 +50,8 @@ def parse_expert_map(text: str) -> list[tuple[int, int, int, int]]:
     for part in text.split(","):
         match = _PAIR.match(part)
         if not match:
-            raise RouteLensError(f"--experts: {part.strip()!r} is not LAYER:EXPERT=DONOR_LAYER:DONOR_EXPERT "
-                                 "(e.g. 3:5=3:9; pairs comma-separated)")
+            raise SettingError(f"`experts`: {part.strip()!r} is not LAYER:EXPERT=DONOR_LAYER:DONOR_EXPERT "
+                               "(e.g. 3:5=3:9; pairs comma-separated)", "experts")
         pairs.append(tuple(int(group) for group in match.groups()))
     return pairs
 
@@ -138,12 +138,12 @@ def write_grafted(out: str, recipient, donor, plan: list[GraftPair]) -> dict:
             saved = None
         if saved == record:   # this very graft, saved whole (graft.json is written last): its evaluation resumes
             return record
-        raise RouteLensError(f"--out {out} holds another graft (its graft.json differs from this one's recipient, "
-                             "donor, dtype or experts); choose a new or empty --out")
+        raise SettingError(f"`out` {out} holds another graft (its graft.json differs from this one's recipient, "
+                           "donor, dtype or experts); choose a new or empty `out`", "out")
     if os.path.isdir(out) and os.listdir(out):
-        raise RouteLensError(f"--out {out} exists and is not empty; grafting writes a new model folder: "
-                             "choose a new or empty --out (a graft killed while saving leaves no graft.json: "
-                             "remove its folder)")
+        raise SettingError(f"`out` {out} exists and is not empty; grafting writes a new model folder: "
+                           "choose a new or empty `out` (a graft killed while saving leaves no graft.json: "
+                           "remove its folder)", "out")
     os.makedirs(out, exist_ok=True)
     with graft_applied(recipient.adapter, plan):
         recipient.adapter.model.save_pretrained(out)

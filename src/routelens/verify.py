@@ -33,7 +33,7 @@ import pandas as pd
 import torch
 
 from routelens.engine.checks import gating_rule_error, model_dtype, tolerance_for
-from routelens.errors import RouteLensError
+from routelens.errors import RouteLensError, SettingError
 from routelens.models.routing import RouteOverride, capture_routes, override_routes
 
 COLUMNS = ["layer", "check", "status", "difference", "tolerance", "detail"]
@@ -81,7 +81,7 @@ def verify_model(loaded, length: int = 32, seed: int = 0, routes: int = 4, score
     if adapter.context_length:
         length = min(length, adapter.context_length)
     if length < scored_positions + 2:
-        raise RouteLensError(f"--length {length} is too short: it needs at least {scored_positions + 2} tokens")
+        raise SettingError(f"`length` {length} is too short: it needs at least {scored_positions + 2} tokens", "length")
     tolerance = tolerance_for(model_dtype(adapter))
     exact = tolerance.logprob_max          # two computations of the same numbers
     generator = torch.Generator().manual_seed(seed)
@@ -156,7 +156,7 @@ def _engines_vs_reference(adapter, input_ids, layer, routes, seed, scored_positi
     prefix, first = ("", layer) if isinstance(layer, int) else ("joint_", layers[0])
     length = input_ids.shape[0]
     trajectory = Trajectory("verify", input_ids.tolist(), completion_start=length - scored_positions)
-    built = build_routes(adapter, trajectory, layers, CounterfactualConfig(num_routes=routes, seed=seed))
+    built = build_routes(adapter, trajectory, layers, CounterfactualConfig(routes=routes, seed=seed))
     layer_routes = built[layer] if isinstance(layer, int) else joint_routes(built, layers)
     item = ScoreItem(input_ids, layer_routes.positions, torch.as_tensor(layer_routes.experts), layer_routes.weights)
     reference = ReferenceEngine(adapter).score_batch(layer, [item])[0]

@@ -36,7 +36,7 @@ from routelens.engine.batching import pad_right, sequence_routes
 from routelens.engine.checks import PaddingNotInert, check_gating_rule
 from routelens.engine.items import ScoreItem
 from routelens.engine.readout import final_norm_states
-from routelens.errors import RouteLensError
+from routelens.errors import RouteLensError, SettingError
 from routelens.models.adapter import MoEAdapter
 from routelens.models.routing import RouterOutput, capture_routes
 from routelens.runs.loop import AnalysisRun, run_analysis
@@ -128,7 +128,7 @@ def build_routes(adapter: MoEAdapter, trajectory: Trajectory, layers: list[int],
         std_weights = out.weights[index].gather(-1, order)                   # as applied
         scores = adapter.selection_scores(logits, layer)                     # [P, E]
         alternatives = gumbel_top_k_routes(
-            scores.double().cpu().numpy(), k, config.num_routes, num_candidates, config.gumbel_temperature,
+            scores.double().cpu().numpy(), k, config.routes, num_candidates, config.gumbel_temperature,
             route_rng(config.seed, layer, trajectory.id),
         )                                                                    # [P, S, k]
         alt_experts = torch.as_tensor(alternatives, device=adapter.device)
@@ -426,7 +426,7 @@ def summarise_group(frame: pd.DataFrame, config: CounterfactualConfig) -> dict:
         "alignment_ci": trajectory_interval(frame, z, seed, resamples, transform=np.tanh),
         "alignment_defined": int(frame["alignment"].notna().sum()),
         "few_clusters": int(frame["trajectory_id"].nunique()) < MIN_CLUSTERS,
-        "gain_by_routes": _gain_by_routes(frame, config.num_routes),
+        "gain_by_routes": _gain_by_routes(frame, config.routes),
     }
 
 
@@ -542,8 +542,9 @@ def keep_step_ok_tokens(trajectories: list[Trajectory], only_step_ok: bool | Non
     checked = all(t.step_ok is not None for t in trajectories)
     if only_step_ok and not checked:
         missing = next(t.id for t in trajectories if t.step_ok is None)
-        raise RouteLensError(f"--only-step-ok needs step checks on every trajectory; {missing!r} has no 'step_ok' "
-                             "(the arithmetic task's trajectories carry them; other tasks: --no-only-step-ok)")
+        raise SettingError(f"`only_step_ok` needs step checks on every trajectory; {missing!r} has no 'step_ok' "
+                           "(the arithmetic task's trajectories carry them; other tasks: only_step_ok=False, "
+                           "--no-only-step-ok)", "only_step_ok")
     active = checked if only_step_ok is None else only_step_ok
     total = sum(len(t.scored_positions) for t in trajectories)
     if not active:
@@ -572,10 +573,10 @@ def run_counterfactual(loaded, trajectories: list[Trajectory], config: Counterfa
     layers = adapter.resolve_layers(config.layers)
     joint = sorted(layers) if config.joint_layers else None
     if joint is not None and len(joint) < 2:
-        raise RouteLensError(f"--joint-layers {config.joint_layers} name {len(joint)} distinct layer of this model; "
-                             f"list two or more of its MoE layers {adapter.moe_layers}")
+        raise SettingError(f"`joint_layers` {config.joint_layers} name {len(joint)} distinct layer of this model; "
+                           f"list two or more of its MoE layers {adapter.moe_layers}", "joint_layers")
     check_route_settings(adapter.top_k, adapter.num_experts, config.candidates_for(adapter.num_experts),
-                         config.num_routes, config.gumbel_temperature)
+                         config.routes, config.gumbel_temperature)
     if not trajectories:
         raise RouteLensError("no trajectory to score; give at least one")
     trajectories, step_check = keep_step_ok_tokens(trajectories, config.only_step_ok)

@@ -7,7 +7,7 @@ from __future__ import annotations
 import os
 
 from routelens.data.trajectories import Trajectory
-from routelens.errors import RouteLensError
+from routelens.errors import RouteLensError, SettingError
 
 
 def counterfactual_run(run_dir: str, needed_by: str) -> dict:
@@ -16,7 +16,7 @@ def counterfactual_run(run_dir: str, needed_by: str) -> dict:
 
     path = os.path.join(run_dir, "run.json")
     if not os.path.exists(path):
-        raise RouteLensError(f"{run_dir} is not a run folder (no run.json); give a `routelens counterfactual` --out folder")
+        raise SettingError(f"{run_dir} is not a run folder (no run.json); give a `routelens counterfactual` `out` folder", "out")
     run = read_json(path)
     if run.get("kind") != "counterfactual" or run.get("status") != "complete":
         raise RouteLensError(f"{run_dir} holds a {run.get('status')} {run.get('kind')} run; "

@@ -28,7 +28,7 @@ from routelens.analyses.isolation import forced_conditions
 from routelens.data.target_items import TargetItem
 from routelens.distributed import RaySettings, UnitJob
 from routelens.engine.whole_sequence import WholeSequenceScorer
-from routelens.errors import RouteLensError
+from routelens.errors import SettingError
 from routelens.grafting import GraftPair, graft_applied
 from routelens.runs.loop import AnalysisRun, run_analysis
 
@@ -112,7 +112,7 @@ def run_graft_evaluation(recipient, plan: list[GraftPair], items: list[TargetIte
     None); with `ray`, on a pool of Ray actors that each load the recipient and apply the
     plan's donor tensors themselves."""
     if not items:
-        raise RouteLensError("no items to evaluate the graft on; check --domains and the item file")
+        raise SettingError("no items to evaluate the graft on; check `domains` and the item file", "domains")
     run_config = {**recipient.identity(), "dtype": recipient.dtype, **data_info, "pairs": [p.label for p in plan],
                   "seed": seed}
     run = AnalysisRun(

@@ -39,7 +39,7 @@ from routelens.data.target_items import TargetItem
 from routelens.distributed import RaySettings, UnitJob, check_ray_can_load
 from routelens.engine.checks import PaddingNotInert
 from routelens.engine.whole_sequence import WholeSequenceScorer
-from routelens.errors import RouteLensError
+from routelens.errors import SettingError
 from routelens.models.adapter import MoEAdapter
 from routelens.runs.loop import AnalysisRun, run_analysis
 
@@ -385,7 +385,7 @@ def run_isolation(loaded, items: list[TargetItem], config: IsolationConfig, out:
     adapter = loaded.adapter
     layers = adapter.resolve_layers(config.layers) if config.layers else adapter.moe_layers
     if not items:
-        raise RouteLensError("no items to score; check --domains and the item file")
+        raise SettingError("no items to score; check `domains` and the item file", "domains")
     scorer = WholeSequenceScorer(adapter, memory_budget=config.memory_budget)
     run_config = {**loaded.identity(), "dtype": loaded.dtype, **data_info, **config.identity(), "resolved_layers": layers}
     job = IsolationJob(items, layers, config, scorer)

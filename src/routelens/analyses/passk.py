@@ -99,13 +99,13 @@ def summarise(problems: pd.DataFrame, arms: list[str], config: PassKConfig) -> d
             out[arm] = {f"pass@{k}": {"mean": float(at[f"pass@{k}"].mean()),
                                       "ci": stats.mean_interval(at[f"pass@{k}"].to_numpy(), seed=config.seed,
                                                                    n_resamples=config.bootstrap_resamples)}
-                        for k in config.ks}
+                        for k in config.k}
             out[arm]["problems"] = int(len(at))
         if len(arms) == 2:
             base = frame[frame["arm"] == arms[0]].set_index("problem_id")
             updated = frame[frame["arm"] == arms[1]].set_index("problem_id").reindex(base.index)
             out["difference"] = {}
-            for k in config.ks:
+            for k in config.k:
                 diff = (updated[f"pass@{k}"] - base[f"pass@{k}"]).to_numpy()
                 out["difference"][f"pass@{k}"] = {"mean": float(diff.mean()),
                                                   "ci": stats.mean_interval(diff, seed=config.seed, n_resamples=config.bootstrap_resamples),
@@ -113,7 +113,7 @@ def summarise(problems: pd.DataFrame, arms: list[str], config: PassKConfig) -> d
                                                   "problems_worse": int((diff < 0).sum())}
         return out
 
-    summary = {"analysis": "passk", "arms": arms, "samples_per_problem": config.samples, "ks": config.ks,
+    summary = {"analysis": "passk", "arms": arms, "samples_per_problem": config.samples, "ks": config.k,
                "temperature": config.temperature, "estimator": "unbiased pass@k, 1 - C(n-c,k)/C(n,k)",
                "interval": f"95% percentile bootstrap over problems ({config.bootstrap_resamples} resamples)"
                            + ("; the difference is paired (problems resampled together)" if len(arms) == 2 else ""),
@@ -170,7 +170,7 @@ def run_passk(loaded, problems: list[EvalProblem], config: PassKConfig, out: str
                 applied[name] = apply_router_delta(loaded.adapter, delta)
 
     def summarise_run(folder) -> dict:
-        problem_table = per_problem(folder.read("samples"), config.ks)
+        problem_table = per_problem(folder.read("samples"), config.k)
         folder.write_table("problems", problem_table)
         summary = summarise(problem_table, [name for name, _ in arms], config)
         summary["router_deltas"] = applied

@@ -35,7 +35,7 @@ from routelens.analyses.route_sampling import route_rng
 from routelens.config import ALL_TOKENS, BINS, RolloutConfig
 from routelens.distributed import RaySettings, UnitJob, check_ray_can_load
 from routelens.engine.checks import DeviationRecord, RuntimeCheckFailed
-from routelens.errors import RouteLensError
+from routelens.errors import RouteLensError, SettingError
 from routelens.runs.loop import AnalysisRun, run_analysis
 
 ARMS = ("standard", "best_alt", "random_alt")
@@ -143,8 +143,8 @@ def _correct(checker: str, text: str, answer: str) -> bool:
         try:
             int(answer)
         except ValueError:
-            raise RouteLensError(f"the arithmetic checker needs integer answers, got {answer!r}; "
-                                 "use --checker math-verify") from None
+            raise SettingError(f"the arithmetic `checker` needs integer answers, got {answer!r}; "
+                               "use `checker` math-verify", "checker") from None
     return bool(CHECKERS[checker](text, answer))
 
 

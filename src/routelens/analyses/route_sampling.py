@@ -13,7 +13,7 @@ import hashlib
 
 import numpy as np
 
-from routelens.errors import RouteLensError
+from routelens.errors import SettingError
 
 
 def route_rng(seed: int, layer: int, unit_id: str, *streams: int) -> np.random.Generator:
@@ -31,24 +31,24 @@ def uniform_routes(num_tokens: int, num_experts: int, k: int, rng: np.random.Gen
 def check_route_settings(k: int, num_experts: int, num_candidates: int, num_routes: int,
                          temperature: float) -> None:
     if num_candidates < k:
-        raise RouteLensError(
-            f"--candidates {num_candidates} is smaller than the model's top-k {k}; "
-            f"a route needs k distinct experts, so use --candidates >= {k}"
-        )
+        raise SettingError(
+            f"`candidates` {num_candidates} is smaller than the model's top-k {k}; "
+            f"a route needs k distinct experts, so use `candidates` >= {k}"
+        , "candidates")
     if num_candidates == k:
-        raise RouteLensError(
-            f"--candidates {num_candidates} equals the model's top-k {k}: the only route of k distinct candidates "
-            f"is the standard one, so every alternative would be the standard route; use --candidates > {k}"
+        raise SettingError(
+            f"`candidates` {num_candidates} equals the model's top-k {k}: the only route of k distinct candidate experts "
+            f"is the standard one, so every alternative would be the standard route; use `candidates` > {k}"
             + ("" if num_experts > k else f" (this model has only {num_experts} experts: there is no alternative)")
-        )
+        , "candidates")
     if num_candidates > num_experts:
-        raise RouteLensError(
-            f"--candidates {num_candidates} exceeds the model's {num_experts} experts; use --candidates <= {num_experts}"
-        )
+        raise SettingError(
+            f"`candidates` {num_candidates} exceeds the model's {num_experts} experts; use `candidates` <= {num_experts}"
+        , "candidates")
     if num_routes < 1:
-        raise RouteLensError(f"--routes must be at least 1, got {num_routes}")
+        raise SettingError(f"`routes` must be at least 1, got {num_routes}", "routes")
     if not temperature > 0:
-        raise RouteLensError(f"--gumbel-temperature must be positive, got {temperature}")
+        raise SettingError(f"`gumbel_temperature` must be positive, got {temperature}", "gumbel_temperature")
 
 
 def top_candidates(scores: np.ndarray, num_candidates: int) -> np.ndarray:

@@ -34,7 +34,7 @@ from torch.func import functional_call
 
 from routelens.analyses.counterfactual_input import check_same_model, counterfactual_run, run_trajectories
 from routelens.config import RouterUpdateConfig
-from routelens.errors import RouteLensError
+from routelens.errors import SettingError
 from routelens.models.adapter import MoEAdapter
 
 
@@ -176,7 +176,7 @@ def train_router(adapter: MoEAdapter, layer: int, inputs: torch.Tensor, rank: in
 
     with torch.no_grad():
         reference_w, reference_l = log_probs(frozen)
-    optimizer = torch.optim.Adam(master.values(), lr=config.learning_rate)
+    optimizer = torch.optim.Adam(master.values(), lr=config.lr)
     generator = torch.Generator().manual_seed(config.seed)
     log = open(log_path, "w", encoding="utf-8") if log_path else None
     try:
@@ -214,8 +214,8 @@ def _check_same_model(run: dict, run_dir: str, loaded) -> int:
     layer = loaded.adapter.moe_layers[-1]
     check_same_model(run, run_dir, loaded, "router-update")
     if layer not in run["config"]["resolved_layers"]:
-        raise RouteLensError(f"{run_dir} has layers {run['config']['resolved_layers']}, not the last MoE layer {layer}; "
-                             "re-run counterfactual with --layers -1")
+        raise SettingError(f"{run_dir} scored `layers` {run['config']['resolved_layers']}, not the last MoE layer {layer}; "
+                           "re-run the counterfactual analysis with `layers` -1", "layers")
     return layer
 
 
@@ -271,8 +271,8 @@ def run_router_update(loaded, counterfactual_dir: str, config: RouterUpdateConfi
     layer = _check_same_model(run, counterfactual_dir, loaded)
     pairs = preference_pairs(counterfactual_dir, layer, config.margin, config.bins)
     if pairs.empty:
-        raise RouteLensError(f"no preference pair in {counterfactual_dir}: no alternative beats the standard route by "
-                             f"{config.margin} in bins {', '.join(config.bins)}; lower --margin or score more trajectories")
+        raise SettingError(f"no preference pair in {counterfactual_dir}: no alternative beats the standard route by "
+                           f"{config.margin} in bins {', '.join(config.bins)}; lower `margin` or score more trajectories", "margin")
     run_config = {**loaded.identity(), "dtype": loaded.dtype, "counterfactual": os.path.abspath(counterfactual_dir),
                   "layer": layer, **asdict(config), "heldout_counterfactual": heldout_dir and os.path.abspath(heldout_dir)}
     folder = RunFolder(out, "router-update", run_config, (), overwrite=overwrite,

@@ -5,7 +5,9 @@ and usage errors print one line and exit 2; a run-time check that fails on the c
 (`RuntimeCheckFailed`) prints one line and exits 1.
 
 A command module has NAME, HELP, EPILOG, RESUMABLE, `parents()` (shared option groups from
-`routelens.cli.parsing`), `add_arguments(parser)` and `run(args) -> int`.
+`routelens.cli.parsing`; an analysis' own options are generated from its config dataclass),
+`add_arguments(parser)` and `run(args) -> int`. An installed package adds a command through
+the entry-point group `routelens.commands` (`routelens.cli.analysis_command`).
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ import sys
 
 from routelens import __version__
 from routelens.cli.parsing import OneLineParser
-from routelens.errors import RouteLensError, RuntimeCheckFailed
+from routelens.errors import RouteLensError, RuntimeCheckFailed, SettingError
 
 # In the order `routelens --help` lists them.
 COMMAND_MODULES = ("demo", "counterfactual", "rollout", "isolate", "semantic_route", "graft", "router_update", "passk", "report", "export",
@@ -25,16 +27,24 @@ COMMAND_MODULES = ("demo", "counterfactual", "rollout", "isolate", "semantic_rou
 
 
 def commands() -> dict:
-    """command name -> its module."""
+    """command name -> its module; then the commands installed packages declare
+    (`routelens.cli.analysis_command`), which may not take a built-in command's name."""
+    from routelens.cli.analysis_command import installed_commands
+
     modules = [importlib.import_module(f"routelens.cli.{name}") for name in COMMAND_MODULES]
-    return {module.NAME: module for module in modules}
+    built_in = {module.NAME: module for module in modules}
+    added = installed_commands()
+    taken = sorted(set(added) & set(built_in))
+    if taken:
+        raise RouteLensError(f"installed command(s) {', '.join(taken)} take the name of a routelens command; rename them")
+    return {**built_in, **added}
 
 
-def build_parser() -> OneLineParser:
+def build_parser(available: dict | None = None) -> OneLineParser:
     parser = OneLineParser(prog="routelens", description="Audit the routers of Mixture-of-Experts language models.")
     parser.add_argument("--version", action="version", version=f"routelens {__version__}")
     subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for name, module in commands().items():
+    for name, module in (available or commands()).items():
         command = subparsers.add_parser(name, help=module.HELP, description=module.HELP, epilog=module.EPILOG,
                                         parents=module.parents())
         module.add_arguments(command)
@@ -42,12 +52,17 @@ def build_parser() -> OneLineParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
+    try:
+        available = commands()
+    except RouteLensError as error:   # a broken installed command
+        print(f"routelens: error: {error}", file=sys.stderr)
+        return 2
+    parser = build_parser(available)
     args, unknown = parser.parse_known_args(argv)
     if unknown:   # reported by the command's own parser: its help, and the option meant
         subparsers = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
         subparsers.choices[args.command].unrecognized(unknown)
-    module = commands()[args.command]
+    module = available[args.command]
     try:
         return _run(module, args)
     except KeyboardInterrupt:   # also during the imports below, which take seconds
@@ -71,6 +86,9 @@ def _run(module, args) -> int:
     except RuntimeCheckFailed as error:
         print(f"routelens: check failed: {error}", file=sys.stderr)
         return 1
+    except SettingError as error:   # named as the command line spells it
+        print(f"routelens: error: {error.as_options()}", file=sys.stderr)
+        return 2
     except RouteLensError as error:
         print(f"routelens: error: {error}", file=sys.stderr)
         return 2

@@ -27,7 +27,7 @@ Re-running the same command on the same --out resumes where it stopped, with or 
       --device cuda --ray auto --workers 8          # 8 actors with one GPU each on this machine's Ray cluster
 Trajectory records: {"id","prompt","completion"} (text) or {"id","input_ids","completion_start"};
 an optional "verified" boolean is carried through (--only-verified keeps the true ones).
-Python: routelens.run_counterfactual(lens, "traj.jsonl", out="runs/cf", layers=[0, -1]).
+Python: routelens.counterfactual(lens, "traj.jsonl", out="runs/cf", layers=[0, -1]).
 """
 
 
@@ -43,13 +43,13 @@ def add_arguments(parser) -> None:
 
 
 def run(args) -> int:
-    from routelens.api import run_counterfactual
+    from routelens.api import counterfactual
     from routelens.config import CounterfactualConfig
     from routelens.summary_table import print_summary
 
     config = CounterfactualConfig(**counterfactual_settings(args))   # bad settings fail before the model loads
     ray = ray_from_args(args)
-    result = run_counterfactual(load_lens(args), args.trajectories, args.out, config=config, ray=ray,
+    result = counterfactual(load_lens(args), args.trajectories, args.out, config=config, ray=ray,
                                 only_verified=args.only_verified, max_trajectories=args.max_trajectories,
                                 overwrite=args.overwrite, show_progress=not args.no_progress)
     print_summary(result.summary_dict)

@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 from routelens.cli.parsing import (
+    config_from_args,
     isolation_options,
-    isolation_settings,
     load_lens,
     model_options,
     ray_from_args,
@@ -25,7 +25,7 @@ Item records: {"id","domain","prompt","target"} (text; prompt and target tokenis
 or {"id","domain","prompt_ids","target_ids"}, in JSONL or Parquet.
 Re-running the same command on the same --out resumes; --alpha, --score and
 --bootstrap-resamples only change the summary and may differ on a re-run.
-Python: routelens.run_isolate(lens, "items.jsonl", out="runs/iso", layers=[0, -1]).
+Python: routelens.isolate(lens, "items.jsonl", out="runs/iso", layers=[0, -1]).
 """
 
 
@@ -42,15 +42,15 @@ def add_arguments(parser) -> None:
 
 
 def run(args) -> int:
-    from routelens.api import run_isolate
+    from routelens.api import isolate
     from routelens.config import IsolationConfig
     from routelens.summary_table import print_isolation_summary
 
-    config = IsolationConfig(**isolation_settings(args))
+    config = config_from_args(IsolationConfig, args)
     if args.items is None and args.task is None and args.model != "demo":
         raise RouteLensError("give --items FILE ({id, domain, prompt, target} records), or --task arithmetic")
     ray = ray_from_args(args)
-    result = run_isolate(load_lens(args), args.items or "arithmetic", args.out, config=config, domains=args.domains,
+    result = isolate(load_lens(args), args.items or "arithmetic", args.out, config=config, domains=args.domains,
                          per_domain=args.per_domain, overwrite=args.overwrite, show_progress=not args.no_progress, ray=ray)
     print_isolation_summary(result.summary_dict)
     print(f"run folder: {args.out} (isolation.parquet, cells.parquet, calibration.parquet, summary.json, run.json)")

@@ -165,100 +165,92 @@ def ray_from_args(args):
                                     gpus_per_worker=args.gpus_per_worker))
 
 
+def layer_sets(text: str) -> list[list[int]]:
+    """';'-separated sets of comma-separated layer indices: '3;0,1,2,3'."""
+    try:
+        sets = [[int(part) for part in chunk.split(",") if part.strip()] for chunk in text.split(";") if chunk.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected layer sets such as '3;0,1,2,3', got {text!r}") from None
+    if not sets or not all(sets):
+        raise argparse.ArgumentTypeError(f"expected layer sets such as '3;0,1,2,3', got {text!r}")
+    return sets
+
+
+# a config field's `parse` (or its annotation) -> the value type of its option
+VALUE_TYPES = {"int": int, "float": float, "str": str, "positive_int": positive_int, "int_list": int_list,
+               "layers_or_all": layers_or_all, "names": names, "memory": memory, "layer_sets": layer_sets}
+
+
+def config_options(config_class, title: str, *, skip: tuple[str, ...] = (), defaults: dict | None = None,
+                   helps: dict | None = None, group=None) -> argparse.ArgumentParser:
+    """The options of an analysis: one per field of its config dataclass, named as the field
+    (`gumbel_temperature` is `--gumbel-temperature`), typed, with the help and the default
+    the field declares (`routelens.config.setting`). `skip`: fields a command declares
+    itself; `defaults`/`helps`: a command's own default or help for a field."""
+    parser = argparse.ArgumentParser(add_help=False)
+    group = group if group is not None else parser.add_argument_group(title)
+    for spec in dataclasses.fields(config_class):
+        if spec.name in skip:
+            continue
+        default = (defaults or {}).get(spec.name, default_of(config_class, spec.name))
+        help_text = (helps or {}).get(spec.name) or spec.metadata.get("help", "")
+        if default is not None and "default" not in help_text:
+            shown = show_memory(default) if spec.metadata.get("parse") == "memory" else "%(default)s"
+            help_text += f" (default {shown})"
+        flag = "--" + spec.name.replace("_", "-")
+        annotation = str(spec.type).split(" | ")[0]
+        if annotation == "bool":
+            group.add_argument(flag, action=argparse.BooleanOptionalAction, default=default, help=help_text)
+            continue
+        value_type = VALUE_TYPES[spec.metadata.get("parse") or annotation]
+        choices = spec.metadata.get("choices")
+        group.add_argument(flag, type=value_type, default=default, help=help_text,
+                           choices=list(choices) if choices else None)
+    return parser
+
+
+def config_from_args(config_class, args, **replaced):
+    """The config of the parsed options (every field the command declared; `replaced`: fields
+    the command sets itself), validated on construction: bad settings fail before a model
+    loads."""
+    values = {spec.name: getattr(args, spec.name) for spec in dataclasses.fields(config_class) if hasattr(args, spec.name)}
+    return config_class(**{**values, **replaced})
+
+
 def counterfactual_options(layers_required: bool = True) -> argparse.ArgumentParser:
-    """The counterfactual analysis' settings (the fields of CounterfactualConfig)."""
-    from routelens.config import ENGINE_NAMES
+    """The counterfactual analysis' settings (the fields of CounterfactualConfig); --layers
+    and --joint-layers exclude each other."""
     from routelens.config import CounterfactualConfig as C
 
-    parser = argparse.ArgumentParser(add_help=False)
-    group = parser.add_argument_group("counterfactual analysis")
+    parser = config_options(C, "counterfactual analysis", skip=("layers", "joint_layers"))
+    group = parser._action_groups[-1]
     which = group.add_mutually_exclusive_group(required=layers_required)
-    which.add_argument("--layers", type=int_list, default=None,
-                       help="decoder-layer indices, comma-separated; negative counts from the end")
-    which.add_argument("--joint-layers", type=int_list, default=None,
-                       help="score each of these layers alone and, in the same run, routes forced at all of them "
-                            "at once (one independently sampled alternative per layer), e.g. 0,1,2")
-    group.add_argument("--routes", type=positive_int, default=default_of(C, "num_routes"),
-                       help="alternative routes S per token (default %(default)s)")
-    group.add_argument("--candidates", type=positive_int, default=default_of(C, "num_candidates"),
-                       help="sample alternatives from the router's top-M experts (default min(32, E))")
-    group.add_argument("--gumbel-temperature", type=float, default=default_of(C, "gumbel_temperature"),
-                       help="temperature of the Gumbel-top-k route sampler (default %(default)s; higher: flatter)")
-    group.add_argument("--seed", type=int, default=default_of(C, "seed"),
-                       help="seed of the route sampling and bootstrap (default %(default)s)")
-    group.add_argument("--confident", type=float, default=default_of(C, "confident"),
-                       help="Confident bin: route-averaged p >= this (default %(default)s)")
-    group.add_argument("--fragile", type=float, default=default_of(C, "fragile"),
-                       help="Fragile bin: route-averaged p < this (default %(default)s)")
-    group.add_argument("--win-tolerance", type=float, default=default_of(C, "win_tolerance"),
-                       help="an alternative wins only if its p beats the standard route's by more than this "
-                            "(probability; within it: a tie; default %(default)s)")
-    group.add_argument("--only-step-ok", action=argparse.BooleanOptionalAction, default=default_of(C, "only_step_ok"),
-                       help="score only tokens of right intermediate steps (default: on when every trajectory "
-                            "carries step checks, as the arithmetic task's do)")
-    group.add_argument("--engine", default=default_of(C, "engine"), choices=list(ENGINE_NAMES),
-                       help="scoring engine: fast (default; exact, batched; the cache engine for layers it cannot "
-                            "patch), cache (the model's own cache, one decode step per token) or reference "
-                            "(plain forwards)")
-    group.add_argument("--memory-budget", type=memory, default=default_of(C, "memory_budget"),
-                       help=f"memory for one chunk of perturbed sequences, e.g. 512MiB, 8GiB "
-                            f"(default {show_memory(default_of(C, 'memory_budget'))})")
-    group.add_argument("--route-batch-size", type=positive_int, default=default_of(C, "route_batch_size"),
-                       help="routes per forward (reference engine; default %(default)s)")
-    group.add_argument("--group-tokens", type=positive_int, default=default_of(C, "group_tokens"),
-                       help="fast engine: trajectories scored together up to this many tokens (default %(default)s; "
-                            "on --ray, a group is what one actor scores at a time)")
+    for name in ("layers", "joint_layers"):
+        spec = next(f for f in dataclasses.fields(C) if f.name == name)
+        which.add_argument("--" + name.replace("_", "-"), type=int_list, default=None, help=spec.metadata["help"])
     return parser
 
 
 def counterfactual_settings(args) -> dict:
-    """The CounterfactualConfig fields from parsed options (validated by the config)."""
-    return {"layers": args.joint_layers or args.layers, "joint_layers": args.joint_layers,
-            "num_routes": args.routes, "num_candidates": args.candidates,
-            "gumbel_temperature": args.gumbel_temperature, "seed": args.seed, "confident": args.confident,
-            "fragile": args.fragile, "win_tolerance": args.win_tolerance, "only_step_ok": args.only_step_ok,
-            "engine": args.engine, "route_batch_size": args.route_batch_size,
-            "memory_budget": args.memory_budget, "group_tokens": args.group_tokens}
+    """The CounterfactualConfig fields of parsed options (layers: --joint-layers or --layers;
+    None where neither was given)."""
+    from routelens.config import CounterfactualConfig
+
+    settings = {spec.name: getattr(args, spec.name) for spec in dataclasses.fields(CounterfactualConfig)}
+    return {**settings, "layers": args.joint_layers or args.layers}
 
 
 def isolation_options() -> argparse.ArgumentParser:
-    """The isolation study's settings (the fields of IsolationConfig)."""
-    from routelens.config import SCORES
+    """The isolation study's settings (the fields of IsolationConfig) and the item choice."""
     from routelens.config import IsolationConfig as C
 
-    parser = argparse.ArgumentParser(add_help=False)
-    group = parser.add_argument_group("isolation study")
-    group.add_argument("--layers", type=layers_or_all, default=None,
-                       help="'all' (default: every MoE layer) or decoder-layer indices, comma-separated")
+    parser = config_options(C, "isolation study")
+    group = parser._action_groups[-1]
     group.add_argument("--domains", type=names, default=None,
                        help="keep these domains, comma-separated (default: all in the items)")
     group.add_argument("--per-domain", type=positive_int, default=None,
                        help="first N items of each domain (default: all; the arithmetic task has 100 per domain)")
-    group.add_argument("--floor-seeds", type=int, default=default_of(C, "floor_seeds"),
-                       help="random-routing floor: uniformly random k-expert routes per token, one per seed "
-                            "(default %(default)s)")
-    group.add_argument("--alpha", type=float, default=default_of(C, "alpha"),
-                       help="FDR level of the BH step-up (default %(default)s)")
-    group.add_argument("--score", choices=list(SCORES), default=default_of(C, "score"),
-                       help="cell statistic: mean target-token log-prob (default) or the first target token's")
-    group.add_argument("--seed", type=int, default=default_of(C, "seed"),
-                       help="seed of the floor routes and the bootstrap (default %(default)s)")
-    group.add_argument("--bootstrap-resamples", type=positive_int, default=default_of(C, "bootstrap_resamples"),
-                       help="bootstrap resamples of the calibration interval (default %(default)s)")
-    group.add_argument("--memory-budget", type=memory, default=default_of(C, "memory_budget"),
-                       help=f"memory for one batch of conditions, e.g. 512MiB, 8GiB "
-                            f"(default {show_memory(default_of(C, 'memory_budget'))})")
-    group.add_argument("--group-items", type=positive_int, default=default_of(C, "group_items"),
-                       help="items of similar length sharing one forward and its scoring passes, at most "
-                            "(default %(default)s; 1: one item at a time; on --ray, a group is what one actor "
-                            "scores at a time)")
     return parser
-
-
-def isolation_settings(args) -> dict:
-    return {"layers": args.layers, "floor_seeds": args.floor_seeds, "seed": args.seed, "alpha": args.alpha,
-            "score": args.score, "bootstrap_resamples": args.bootstrap_resamples, "memory_budget": args.memory_budget,
-            "group_items": args.group_items}
 
 
 def load_lens(args, model: str | None = None):

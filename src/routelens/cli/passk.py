@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from routelens.cli.parsing import default_of, int_list, load_lens, model_options, positive_int, run_options
+from routelens.cli.parsing import config_options, load_lens, model_options, positive_int, run_options
 from routelens.errors import RouteLensError
 
 NAME = "passk"
@@ -21,34 +21,29 @@ Python: routelens.run_passk(lens, "arithmetic", out="runs/passk", samples=16, k=
 
 
 def parents():
-    return [model_options(), run_options()]
+    from routelens.config import PassKConfig
+
+    return [model_options(), run_options(),
+            config_options(PassKConfig, "pass@k", defaults={"max_new_tokens": None, "batch_size": None, "checker": None},
+                           helps={"max_new_tokens": "generation limit (default 96 for arithmetic, 1024 for --problems)",
+                                  "batch_size": "sequences per generate call (default 256 for arithmetic, 16 for "
+                                                "--problems)",
+                                  "checker": "how answers are checked (default arithmetic for the task, math-verify "
+                                             "for --problems)"})]
 
 
 def add_arguments(parser) -> None:
-    from routelens.config import PassKConfig as C
-
     problems = parser.add_mutually_exclusive_group()
     problems.add_argument("--task", choices=["arithmetic"], default=None, help="the embedded task's held-out problems")
     problems.add_argument("--problems", default=None, help='JSONL of {"id","prompt","answer"} (checked with math-verify)')
     parser.add_argument("--n", type=positive_int, default=None, help="first N problems (arithmetic default 500)")
-    parser.add_argument("--samples", type=positive_int, default=default_of(C, "samples"),
-                        help="samples per problem (default %(default)s)")
-    parser.add_argument("--k", type=int_list, default=default_of(C, "ks"),
-                        help="k values, comma-separated (default 1, 2, 4, ... up to --samples, and --samples)")
-    parser.add_argument("--temperature", type=float, default=default_of(C, "temperature"),
-                        help="sampling temperature (default %(default)s)")
-    parser.add_argument("--seed", type=int, default=default_of(C, "seed"),
-                        help="sampling and bootstrap seed (default %(default)s)")
-    parser.add_argument("--max-new-tokens", type=positive_int, default=None,
-                        help="generation limit (default 96 for arithmetic, 1024 for --problems)")
-    parser.add_argument("--batch-size", type=positive_int, default=None, help="sequences per generate call")
     parser.add_argument("--compare", action="store_true", help="evaluate the base model and the --router-delta model")
-    parser.add_argument("--bootstrap-resamples", type=positive_int, default=default_of(C, "bootstrap_resamples"),
-                        help="bootstrap resamples (default %(default)s)")
     parser.add_argument("--out", required=True, help="run folder (created; resumed if it holds the same run)")
 
 
 def run(args) -> int:
+    import dataclasses
+
     from routelens.api import make_config, run_passk
     from routelens.config import PassKConfig
     from routelens.summary_table import print_passk_summary
@@ -57,9 +52,8 @@ def run(args) -> int:
         raise RouteLensError("--compare needs --router-delta FILE (the updated model to compare with the base)")
     if args.problems is None and args.task is None and args.model != "demo":
         raise RouteLensError("give --problems FILE ({id, prompt, answer} records), or --task arithmetic")
-    options = {"samples": args.samples, "ks": args.k, "temperature": args.temperature, "seed": args.seed,
-               "bootstrap_resamples": args.bootstrap_resamples}
-    options.update({k: v for k, v in (("max_new_tokens", args.max_new_tokens), ("batch_size", args.batch_size)) if v})
+    # the options given (those left at None take the defaults of the problems: run_passk)
+    options = {f.name: getattr(args, f.name) for f in dataclasses.fields(PassKConfig) if getattr(args, f.name) is not None}
     make_config(PassKConfig, **options)   # bad settings fail before the model loads
     delta = args.router_delta if args.compare else None
     if args.compare:   # the base first, then the delta applied in place: one load, same problems, same seeds

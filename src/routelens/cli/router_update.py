@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from routelens.cli.parsing import default_of, load_lens, model_options, names, positive_int, run_options
+from routelens.cli.parsing import config_from_args, config_options, load_lens, model_options, run_options
 
 NAME = "router-update"
 HELP = "retrain the last MoE layer's router alone from counterfactual preferences"
@@ -19,38 +19,23 @@ training_log.jsonl, summary.json and run.json.
 
 
 def parents():
-    return [model_options(), run_options()]
+    from routelens.config import RouterUpdateConfig
+
+    return [model_options(), config_options(RouterUpdateConfig, "router update"), run_options()]
 
 
 def add_arguments(parser) -> None:
-    from routelens.config import RouterUpdateConfig as C
-
     parser.add_argument("--counterfactual", required=True, help="counterfactual run folder with the last MoE layer")
     parser.add_argument("--heldout-counterfactual", default=None,
                         help="another counterfactual run: report the share of its tokens whose standard route changed")
     parser.add_argument("--out", required=True, help="output folder")
-    parser.add_argument("--margin", type=float, default=default_of(C, "margin"),
-                        help="preferred route beats the standard by >= this probability (default %(default)s)")
-    parser.add_argument("--bins", type=names, default=default_of(C, "bins"),
-                        help="token bins to learn from (default Fragile,Ambiguous)")
-    parser.add_argument("--beta", type=float, default=default_of(C, "beta"), help="DPO beta (default %(default)s)")
-    parser.add_argument("--lr", type=float, default=default_of(C, "learning_rate"),
-                        help="Adam learning rate (default %(default)s: a minimal update; 1e-4 and up moved most routes "
-                             "on the demo model)")
-    parser.add_argument("--steps", type=positive_int, default=default_of(C, "steps"),
-                        help="optimizer steps (default %(default)s)")
-    parser.add_argument("--batch-size", type=positive_int, default=default_of(C, "batch_size"),
-                        help="pairs per step (default %(default)s)")
-    parser.add_argument("--seed", type=int, default=default_of(C, "seed"),
-                        help="seed of the minibatch order (default %(default)s)")
 
 
 def run(args) -> int:
     from routelens.api import router_update
     from routelens.config import RouterUpdateConfig
 
-    config = RouterUpdateConfig(margin=args.margin, bins=args.bins, beta=args.beta, learning_rate=args.lr,
-                                steps=args.steps, batch_size=args.batch_size, seed=args.seed)
+    config = config_from_args(RouterUpdateConfig, args)
     result = router_update(load_lens(args), args.counterfactual, args.out, heldout=args.heldout_counterfactual,
                            config=config, overwrite=args.overwrite, show_progress=not args.no_progress)
     summary = result.summary_dict

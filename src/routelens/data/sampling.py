@@ -27,7 +27,7 @@ import pyarrow as pa
 from routelens.data.arithmetic import HELDOUT_SEED, Problem, generate, heldout_questions, verify
 from routelens.data.trajectories import read_jsonl
 from routelens.distributed import UnitJob
-from routelens.errors import RouteLensError
+from routelens.errors import RouteLensError, SettingError
 from routelens.generation import sample_completions
 from routelens.runs.loop import AnalysisRun, run_analysis
 
@@ -38,7 +38,7 @@ RECORDS_SCHEMA = pa.schema([("record", pa.string())])   # a unit's part: its rec
 def analysis_problems(seed: int, n: int) -> list[Problem]:
     """Arithmetic problems for analyses: all four domains, no held-out question."""
     if seed == HELDOUT_SEED:
-        raise RouteLensError(f"seed {HELDOUT_SEED} is reserved for the held-out set; choose another --seed")
+        raise SettingError(f"`seed` {HELDOUT_SEED} is reserved for the held-out set; choose another `seed`", "seed")
     return generate(seed + TRAJECTORY_SEED_OFFSET, n, prefix="arith-", exclude=heldout_questions())
 
 

@@ -18,7 +18,7 @@ import json
 import os
 from dataclasses import dataclass
 
-from routelens.errors import RouteLensError
+from routelens.errors import RouteLensError, SettingError
 
 
 @dataclass
@@ -240,5 +240,5 @@ def load_trajectories(path: str, tokenizer=None, vocab_size: int | None = None,
     if only_verified:
         trajectories = [t for t in trajectories if t.verified is True]
         if not trajectories:
-            raise RouteLensError(f"{path}: --only-verified kept no trajectory (none has \"verified\": true)")
+            raise SettingError(f"{path}: `only_verified` kept no trajectory (none has \"verified\": true)", "only_verified")
     return trajectories[:limit] if limit is not None else trajectories

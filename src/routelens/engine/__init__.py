@@ -25,7 +25,7 @@ from routelens.engine.fast import FastEngine, FastEngineUnsupported
 from routelens.engine.items import ScoreItem
 from routelens.engine.readout import DEFAULT_MEMORY_BUDGET
 from routelens.engine.reference import ReferenceEngine
-from routelens.errors import RouteLensError
+from routelens.errors import SettingError
 
 ENGINES = {"fast": FastEngine, "cache": CacheEngine, "reference": ReferenceEngine}
 
@@ -39,7 +39,7 @@ def make_engine(name: str, adapter, *, memory_budget: int = DEFAULT_MEMORY_BUDGE
     per forward of the reference engine, `route_chunk` routes per chunk (fast and cache
     engines; None: from the memory budget)."""
     if name not in ENGINES:
-        raise RouteLensError(f"unknown --engine {name!r}; available: {', '.join(ENGINES)}")
+        raise SettingError(f"unknown `engine` {name!r}; available: {', '.join(ENGINES)}", "engine")
     if name == "reference":
         return ReferenceEngine(adapter, route_batch_size=route_batch_size, memory_budget=memory_budget)
     options = dict(memory_budget=memory_budget, route_batch_size=route_batch_size, route_chunk=route_chunk)

@@ -34,7 +34,7 @@ from urllib.parse import urlparse
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-from routelens.errors import RouteLensError
+from routelens.errors import RouteLensError, SettingError
 from routelens.models.adapter import MoEAdapter
 from routelens.models.registry import adapter_class, adapter_for
 
@@ -63,25 +63,28 @@ class LoadedModel:
             k: self.router_delta[k] for k in ("path", "sha256")}}
 
 
-def resolve_device(device: str) -> str:
-    """'auto' -> cuda if available else cpu; any other name must be a torch device that exists here."""
+def resolve_device(device: str, here: bool = True) -> str:
+    """'auto' -> cuda if available else cpu; any other name must be a torch device that
+    exists here (`here`), or, for a Ray driver that loads no weight (`here=False`), one that
+    torch knows: its actors, not this machine, hold the device."""
     if device == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
     try:
         parsed = torch.device(device)
     except (RuntimeError, ValueError):
-        raise RouteLensError(f"--device {device!r} is not a device torch knows; use auto, cpu, cuda or cuda:N") from None
+        raise SettingError(f"`device` {device!r} is not a device torch knows; use auto, cpu, cuda or cuda:N", "device") from None
     if parsed.type == "meta":
-        raise RouteLensError("--device meta holds no data; use auto, cpu, cuda or cuda:N")
-    if parsed.type != "cpu":
+        raise SettingError("`device` meta holds no data; use auto, cpu, cuda or cuda:N", "device")
+    if parsed.type != "cpu" and here:
         backend = getattr(torch, parsed.type, None)
         available = bool(backend and getattr(backend, "is_available", lambda: False)())
         if not available:
-            raise RouteLensError(f"--device {device} asked for but no {parsed.type} device is available here; use --device cpu")
+            raise SettingError(f"`device` {device} asked for but no {parsed.type} device is available here; "
+                               "use `device` cpu", "device")
         count = getattr(backend, "device_count", lambda: 1)()
         if parsed.index is not None and parsed.index >= count:
-            raise RouteLensError(f"--device {device}: this machine has {count} {parsed.type} device(s) "
-                                 f"(indices 0..{count - 1})")
+            raise SettingError(f"`device` {device}: this machine has {count} {parsed.type} device(s) "
+                               f"(indices 0..{count - 1})", "device")
     return device
 
 
@@ -92,10 +95,10 @@ def parse_device_map(text: str | None):
     try:
         mapping = json.loads(text)
     except json.JSONDecodeError:
-        raise RouteLensError(f"--device-map {text!r} is neither auto, balanced, sequential nor a JSON object "
-                             'such as \'{"model.embed_tokens": "cpu", "model.layers": "cpu", ...}\'') from None
+        raise SettingError(f"`device_map` {text!r} is neither auto, balanced, sequential nor a JSON object "
+                           'such as \'{"model.embed_tokens": "cpu", "model.layers": "cpu", ...}\'', "device_map") from None
     if not isinstance(mapping, dict) or not mapping:
-        raise RouteLensError("--device-map JSON must be a non-empty object mapping module names to devices")
+        raise SettingError("`device_map` JSON must be a non-empty object mapping module names to devices", "device_map")
     for device in mapping.values():
         if device != "disk":
             resolve_device(f"cuda:{device}" if isinstance(device, int) else str(device))
@@ -141,8 +144,8 @@ def experts_kernel_error(error: Exception) -> RouteLensError | None:
     """transformers' default grouped_mm experts fail on CPU for widths that are not 16-byte
     aligned: answer with the option that avoids it."""
     if GROUPED_MM_STRIDES in str(error):
-        return RouteLensError("the grouped_mm experts kernel cannot run this model's expert width on this device "
-                              f"({GROUPED_MM_STRIDES}); pass --experts-implementation eager")
+        return SettingError("the grouped_mm experts kernel cannot run this model's expert width on this device "
+                            f"({GROUPED_MM_STRIDES}); pass `experts_implementation` eager", "experts_implementation")
     return None
 
 
@@ -164,7 +167,7 @@ def resolve_dtype(dtype: str, device: str) -> str:
     if dtype == "auto":
         return "float32" if device == "cpu" else "bfloat16"
     if dtype not in DTYPES:
-        raise RouteLensError(f"unknown --dtype {dtype!r}; choose one of auto, {', '.join(DTYPES)}")
+        raise SettingError(f"unknown `dtype` {dtype!r}; choose one of auto, {', '.join(DTYPES)}", "dtype")
     return dtype
 
 
@@ -179,8 +182,8 @@ def load_model(spec: str, device: str = "auto", dtype: str = "auto",
     the model is built on the meta device, which is all a Ray driver needs (its actors load
     the weights from `recipe`), so the driver holds no copy on the GPUs the actors use."""
     if experts_implementation is not None and experts_implementation not in EXPERTS_IMPLEMENTATIONS:
-        raise RouteLensError(f"unknown --experts-implementation {experts_implementation!r}; "
-                             f"choose one of {', '.join(EXPERTS_IMPLEMENTATIONS)}")
+        raise SettingError(f"unknown `experts_implementation` {experts_implementation!r}; "
+                           f"choose one of {', '.join(EXPERTS_IMPLEMENTATIONS)}", "experts_implementation")
     device_map = parse_device_map(device_map) if isinstance(device_map, str) or device_map is None else device_map
     loaded = _load(spec, device, dtype, trust_remote_code, seed, device_map, weights)
     if experts_implementation is not None:
@@ -219,7 +222,7 @@ def _dispatch(model, device_map, dtype: torch.dtype):
 
 def _load(spec: str, device: str, dtype: str, trust_remote_code: bool, seed: int, device_map=None,
           weights: bool = True) -> LoadedModel:
-    device = resolve_device(device)
+    device = resolve_device(device, here=weights)
     dtype = resolve_dtype(dtype, device)
     placed = "device_map" if device_map is not None else device
     if spec.startswith(TINY_PREFIX):
@@ -230,7 +233,10 @@ def _load(spec: str, device: str, dtype: str, trust_remote_code: bool, seed: int
         if model_type not in TINY_CONFIGS:
             raise RouteLensError(f"no tiny model for {model_type!r}; have {', '.join(TINY_CONFIGS)}")
         model = build_tiny_model(model_type, seed=seed).to(dtype=DTYPES[dtype])
-        model = _dispatch(model, device_map, DTYPES[dtype]) if device_map is not None else model.to(device)
+        if device_map is not None:
+            model = _dispatch(model, device_map, DTYPES[dtype])
+        elif weights:   # a Ray driver's copy stays where it was built: its actors hold the device
+            model = model.to(device)
         return LoadedModel(adapter_for(model), None, spec, placed, dtype)
 
     if spec == DEMO:
@@ -249,7 +255,7 @@ def _load(spec: str, device: str, dtype: str, trust_remote_code: bool, seed: int
     elif os.path.exists(spec):
         raise RouteLensError(f"model path {spec!r} is not a folder; give a folder written by save_pretrained or a hub id")
     elif looks_local(spec):
-        raise RouteLensError(f"--model {spec}: no such folder (a local model is a folder written by save_pretrained)")
+        raise SettingError(f"`model` {spec}: no such folder (a local model is a folder written by save_pretrained)", "model")
     if is_folder and not os.path.isfile(os.path.join(spec, "config.json")):
         raise RouteLensError(f"{spec} has no config.json; give a folder written by save_pretrained")
     local_only = not is_folder and not _in_hub_cache(spec, trust_remote_code) and not hub_reachable()

@@ -139,9 +139,10 @@ def counterfactual_section(run_dir: str, run: dict) -> str:
                          "text (next token marked)"], worst_rows, "cf-worst",
                         cell_attributes=lambda r, c: ' class="text"' if c == 6 else "")
     figures = figs.counterfactual_figures(tokens, routes, summary, run["config"])
+    num_routes = run["config"].get("routes", run["config"].get("num_routes"))   # num_routes: runs made before 0.2
     return (f"<h2>Counterfactual routing: {esc(run_dir)}</h2>"
             f"<p>{len(tokens)} scored tokens in {tokens['trajectory_id'].nunique()} trajectories, layers "
-            f"{esc(run['config']['resolved_layers'])}, {esc(run['config']['num_routes'])} alternative routes per token. "
+            f"{esc(run['config']['resolved_layers'])}, {esc(num_routes)} alternative routes per token. "
             f"Intervals: {esc(summary['interval'])}. Bins: "
             f"{esc('; '.join(f'{name}: {rule}' for name, rule in summary['bins'].items()))}. "
             f"{esc(step_check_line(summary) or 'Intermediate steps not checked (a run made before step checks).')}</p>"

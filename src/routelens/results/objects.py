@@ -14,7 +14,7 @@ import shutil
 
 import pandas as pd
 
-from routelens.errors import RouteLensError
+from routelens.errors import RouteLensError, SettingError
 from routelens.results.run_folder import RUN_JSON, prepare_out, read_json, read_run_json
 from routelens.results.summary_frames import summary_frame
 
@@ -24,7 +24,7 @@ class StoredRun:
 
     def __init__(self, path: str):
         if not os.path.isfile(os.path.join(path, RUN_JSON)):
-            raise RouteLensError(f"{path} is not a run folder (no run.json); give the --out folder of a routelens run")
+            raise SettingError(f"{path} is not a run folder (no run.json); give the `out` folder of a routelens run", "out")
         self.path = path
         self.state = read_run_json(path)
         self.kind, self.config = self.state["kind"], self.state["config"]

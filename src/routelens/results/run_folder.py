@@ -32,7 +32,7 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from routelens.errors import RouteLensError
+from routelens.errors import RouteLensError, SettingError
 
 RUN_JSON = "run.json"
 PARTS = "parts"
@@ -102,12 +102,12 @@ def read_run_json(path: str) -> dict:
     try:
         stored = read_json(run_json)
     except (json.JSONDecodeError, UnicodeDecodeError) as error:
-        raise RouteLensError(f"{run_json} is not valid JSON ({error}); it is not a routelens run, so it is "
-                             "neither resumed nor replaced: choose another --out") from None
+        raise SettingError(f"{run_json} is not valid JSON ({error}); it is not a routelens run, so it is "
+                           "neither resumed nor replaced: choose another `out`", "out") from None
     if not (isinstance(stored, dict) and isinstance(stored.get("kind"), str) and isinstance(stored.get("config"), dict)
             and isinstance(stored.get("sessions"), list)):
-        raise RouteLensError(f"{run_json} is not a routelens run record (no kind, config and sessions); "
-                             "choose another --out")
+        raise SettingError(f"{run_json} is not a routelens run record (no kind, config and sessions); "
+                           "choose another `out`", "out")
     return stored
 
 
@@ -147,34 +147,35 @@ def prepare_out(path: str, kind: str, config: dict, overwrite: bool) -> dict | N
     """Check that `path` may hold this run; return the stored run.json to resume, or None
     for a fresh run (after removing a replaced run's outputs)."""
     if os.path.exists(path) and not os.path.isdir(path):
-        raise RouteLensError(f"--out {path} is an existing file, not a folder; choose a folder path")
+        raise SettingError(f"`out` {path} is an existing file, not a folder; choose a folder path", "out")
     if not os.path.isdir(path):
         parent = _existing_parent(path)
         if not os.access(parent, os.W_OK | os.X_OK):
-            raise RouteLensError(f"cannot create --out {path}: {parent} is not writable; choose another --out")
+            raise SettingError(f"cannot create `out` {path}: {parent} is not writable; choose another `out`", "out")
         return None
     if not os.access(path, os.W_OK | os.X_OK):
-        raise RouteLensError(f"--out {path} is not writable; choose another --out")
+        raise SettingError(f"`out` {path} is not writable; choose another `out`", "out")
     if not os.path.exists(os.path.join(path, RUN_JSON)):
         if os.listdir(path):
-            raise RouteLensError(f"{path} exists, is not empty and holds no run.json: it is not a routelens run, "
-                                 "so it is neither resumed nor replaced (not even with --overwrite); choose another --out")
+            raise SettingError(f"{path} exists, is not empty and holds no run.json: it is not a routelens run, "
+                               "so it is neither resumed nor replaced (not even with `overwrite`); choose another `out`",
+                               "overwrite", "out")
         return None
     stored = read_run_json(path)
     if stored["config"] == config and stored["kind"] == kind:
         return stored
     if stored["kind"] != kind:
-        raise RouteLensError(f"{path} holds a routelens {stored['kind']} run, not a {kind} run; "
-                             f"--overwrite replaces only a {kind} run: choose another --out")
+        raise SettingError(f"{path} holds a routelens {stored['kind']} run, not a {kind} run; "
+                           f"`overwrite` replaces only a {kind} run: choose another `out`", "overwrite", "out")
     if not overwrite:
         changed = sorted(k for k in set(config) | set(stored["config"]) if config.get(k) != stored["config"].get(k))
-        raise RouteLensError(
+        raise SettingError(
             f"{path} holds a run with a different config (differs in: {', '.join(changed)}); "
-            "re-run with the same settings to resume, or pass --overwrite, or choose another --out")
+            "re-run with the same settings to resume, or pass `overwrite`, or choose another `out`", "overwrite", "out")
     inside = [p for p in _paths_in(config) if _inside(p, path)]
     if inside:
-        raise RouteLensError(f"--overwrite would replace {path}, which holds this command's input {inside[0]}; "
-                             "move the input out of the run folder or choose another --out")
+        raise SettingError(f"`overwrite` would replace {path}, which holds this command's input {inside[0]}; "
+                           "move the input out of the run folder or choose another `out`", "overwrite", "out")
     remove_outputs(path)
     return None
 
@@ -198,8 +199,8 @@ def run_folder_beside(out: str) -> str:
     writes it): `out` + ".run", checked not to be a file."""
     folder = out + ".run"
     if os.path.exists(folder) and not os.path.isdir(folder):
-        raise RouteLensError(f"{folder} (the run folder kept beside --out {out}, for resuming) is a file; "
-                             "move it away or choose another --out")
+        raise SettingError(f"{folder} (the run folder kept beside `out` {out}, for resuming) is a file; "
+                           "move it away or choose another `out`", "out")
     return folder
 
 
@@ -213,7 +214,7 @@ class RunFolder:
         try:
             os.makedirs(os.path.join(path, PARTS), exist_ok=True)
         except OSError as error:
-            raise RouteLensError(f"cannot create --out {path}: {error.strerror}; choose another --out") from None
+            raise SettingError(f"cannot create `out` {path}: {error.strerror}; choose another `out`", "out") from None
         self.state = stored or {
             "kind": kind, "config": config, "status": "running", "created": _now(), "sessions": [],
         }
