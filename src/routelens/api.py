@@ -399,11 +399,12 @@ def _problems(lens: Lens, problems, n: int | None) -> tuple[list[EvalProblem], d
 
 def run_passk(lens: Lens, problems, out: str | None, *, compare_delta: str | None = None, n: int | None = None,
               config: PassKConfig | None = None, overwrite: bool = False, show_progress: bool = True,
-              **options) -> PassKResult:
+              ray=None, workers: int | None = None, **options) -> PassKResult:
     """pass@k into the run folder `out` (resumable; in memory when None). With
     `compare_delta` (a router-update delta file), the base model and the model with the
     delta sample the same problems with the same seeds, and the paired difference is
-    reported; the model is left as it came.
+    reported; the model is left as it came. `ray`/`workers`: sample on a pool of Ray actors
+    (see `run_counterfactual`); the samples equal one process's.
 
     `problems`: "arithmetic" (the held-out set), a JSONL of {id, prompt, answer} (checked
     with math-verify), or a list of `EvalProblem`. `options`: fields of `PassKConfig`
@@ -418,7 +419,8 @@ def run_passk(lens: Lens, problems, out: str | None, *, compare_delta: str | Non
     """
     from routelens.analyses.passk import run_passk as run
 
-    lens = _lens(lens)
+    ray = ray_settings(ray, workers)
+    lens = _lens(lens, ray)
     if lens.tokenizer is None:
         raise RouteLensError(f"model {lens.loaded.spec!r} has no tokenizer; pass@k samples text")
     kept, info, is_file = _problems(lens, problems, n)
@@ -427,11 +429,12 @@ def run_passk(lens: Lens, problems, out: str | None, *, compare_delta: str | Non
     info["num_problems"] = len(kept)
     arms = [("base", None), ("updated", os.path.abspath(compare_delta))] if compare_delta else [("model", None)]
     return PassKResult(run(lens.loaded, kept, settings, out, info, arms, overwrite=overwrite,
-                           show_progress=show_progress))
+                           show_progress=show_progress, ray=ray))
 
 
 def passk(lens: Lens, problems, *, compare_delta: str | None = None, n: int | None = None,
-          config: PassKConfig | None = None, show_progress: bool = False, **options) -> PassKResult:
+          config: PassKConfig | None = None, show_progress: bool = False, ray=None, workers: int | None = None,
+          **options) -> PassKResult:
     """pass@k in memory (see `run_passk`).
 
     Examples:
@@ -441,7 +444,7 @@ def passk(lens: Lens, problems, *, compare_delta: str | None = None, n: int | No
         {'model'}
     """
     return run_passk(lens, problems, None, compare_delta=compare_delta, n=n, config=config,
-                     show_progress=show_progress, **options)
+                     show_progress=show_progress, ray=ray, workers=workers, **options)
 
 
 # ---------------------------------------------------------------------------- router update

@@ -2,7 +2,16 @@
 
 from __future__ import annotations
 
-from routelens.cli.parsing import default_of, int_list, load_lens, model_options, positive_int, run_options
+from routelens.cli.parsing import (
+    default_of,
+    int_list,
+    load_lens,
+    model_options,
+    positive_int,
+    ray_from_args,
+    ray_options,
+    run_options,
+)
 from routelens.errors import RouteLensError
 
 NAME = "passk"
@@ -13,15 +22,18 @@ EPILOG = """examples:
   routelens passk --model demo --router-delta runs/update/router_delta.safetensors --compare \\
       --task arithmetic --n 500 --samples 16 --k 1,2,4,8,16 --temperature 0.8 --seed 0 --out runs/passk-compare
   routelens passk --model ./my-qwen3-moe --problems aime.jsonl --samples 16 --max-new-tokens 8192 --out runs/aime
+  routelens passk --model demo --task arithmetic --n 500 --samples 16 --out runs/passk --ray local --workers 2
 
 --compare evaluates the base model and the model with --router-delta on the same problems
-with the same sampling seeds, and reports the paired difference.
+with the same sampling seeds, and reports the paired difference. With --ray, chunks of
+problems are sampled on Ray actors; every sample draws from the generator of its (seed,
+problem, sample), so the samples equal one process's, and a run resumes with or without --ray.
 Python: routelens.run_passk(lens, "arithmetic", out="runs/passk", samples=16, k=[1, 4, 16]).
 """
 
 
 def parents():
-    return [model_options(), run_options()]
+    return [model_options(), run_options(), ray_options()]
 
 
 def add_arguments(parser) -> None:
@@ -61,11 +73,12 @@ def run(args) -> int:
                "bootstrap_resamples": args.bootstrap_resamples}
     options.update({k: v for k, v in (("max_new_tokens", args.max_new_tokens), ("batch_size", args.batch_size)) if v})
     make_config(PassKConfig, **options)   # bad settings fail before the model loads
+    ray = ray_from_args(args)
     delta = args.router_delta if args.compare else None
     if args.compare:   # the base first, then the delta applied in place: one load, same problems, same seeds
         args.router_delta = None
     result = run_passk(load_lens(args), args.problems or "arithmetic", args.out, compare_delta=delta, n=args.n,
-                       overwrite=args.overwrite, show_progress=not args.no_progress, **options)
+                       overwrite=args.overwrite, show_progress=not args.no_progress, ray=ray, **options)
     print_passk_summary(result.summary_dict)
     print(f"run folder: {args.out} (samples.parquet, problems.parquet, summary.json, run.json)")
     return 0
