@@ -7,7 +7,9 @@ two arms (the base model and the model with a router delta), both sample the sam
 with the same per-sequence generators (common random numbers), and the difference
 (updated - base) gets a paired bootstrap interval: problems are resampled together.
 
-Samples are written per arm and chunk of problems to a resumable run folder.
+Samples are written per arm and chunk of problems to a resumable run folder, computed here or
+on Ray actors: every sample draws from the generator of its (seed, problem, sample), so the
+samples do not depend on the process that drew them.
 """
 
 from __future__ import annotations

@@ -15,6 +15,12 @@ Only the final layer's router parameters are trained (an fp32 master copy, writt
 in the model's dtype); its inputs are fixed, since every layer below is unchanged. After
 training every parameter and buffer of the model is hashed and compared with the hashes
 taken before: anything but the router changing is an error.
+
+Training is resumable: its steps run through the one run loop in units of
+`STEPS_PER_UNIT`, each writing its rows of the training log and a checkpoint (the fp32
+masters, Adam's state, the minibatch generator's state) that the next unit starts from, so
+a run cut off by a kill continues from its last checkpoint to the result of an
+uninterrupted run, bit for bit. The units follow one another: there is no Ray execution.
 """
 
 from __future__ import annotations
