@@ -285,3 +285,41 @@ def test_a_ray_driver_names_a_device_its_actors_hold_and_it_lacks():
         assert driver.loaded.device == "cuda" and driver.loaded.dtype == "bfloat16"
     with pytest.raises(rl.RouteLensError, match="no cuda device is available here"):
         rl.load("demo", device="cuda")
+def _demo_router_delta(path) -> str:
+    """A router delta for the demo model (its last router, perturbed with seeded noise)."""
+    from routelens.models.router_delta import router_parameter_names, save_router_delta
+
+    adapter = rl.load("demo").adapter
+    layer = adapter.moe_layers[-1]
+    names = router_parameter_names(adapter, layer)
+    base = {name: parameter.detach().clone() for name, parameter in names.items()}
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for parameter in names.values():
+            parameter.add_(torch.randn(parameter.shape, generator=generator))
+    save_router_delta(str(path), adapter, layer, base, "demo")
+    return str(path)
+
+
+def test_passk_on_ray_equals_the_single_process_run(tmp_path):
+    """`passk --compare --ray local --workers 2`: (arm, chunk) units on two actors, each
+    applying the arm's router delta itself; every sample draws from the generator of its
+    (seed, problem, sample), so the samples are those of one process, whichever actor drew them."""
+    delta = _demo_router_delta(tmp_path / "delta.safetensors")
+    args = ["passk", "--model", "demo", "--router-delta", delta, "--compare", "--task", "arithmetic", "--n", "60",
+            "--samples", "2", "--k", "1,2", "--temperature", "1.0", "--seed", "3", "--max-new-tokens", "24",
+            "--bootstrap-resamples", "100", "--no-progress"]
+    with one_thread():
+        assert main([*args, "--out", str(tmp_path / "single")]) == 0
+    assert main([*args, "--out", str(tmp_path / "ray"), "--ray", "local", "--workers", "2"]) == 0
+    for table in ("samples", "problems"):
+        got, want = pd.read_parquet(tmp_path / "ray" / f"{table}.parquet"), pd.read_parquet(tmp_path / "single" / f"{table}.parquet")
+        assert len(got) == len(want) > 0
+        pd.testing.assert_frame_equal(got, want, check_exact=True)
+    samples = pd.read_parquet(tmp_path / "single" / "samples.parquet")
+    base, updated = (samples[samples["arm"] == arm]["completion"].tolist() for arm in ("base", "updated"))
+    assert len(base) == 120 and base != updated, "the delta changed no sample: the arms test nothing"
+    assert json.load(open(tmp_path / "ray" / "summary.json")) == json.load(open(tmp_path / "single" / "summary.json"))
+    run_json = json.load(open(tmp_path / "ray" / "run.json"))
+    assert run_json["execution"]["ray"]["workers"] == 2 and run_json["status"] == "complete"
+    assert run_json["units_done"] == 4   # 2 arms x 2 chunks of problems (50 + 10)

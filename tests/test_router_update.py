@@ -5,12 +5,13 @@ equals one call, and the commands end to end on the embedded model."""
 import itertools
 import json
 import os
+import subprocess
 
 import numpy as np
 import pandas as pd
 import pytest
 import torch
-from conftest import FAMILIES, write_jsonl
+from conftest import FAMILIES, PYTHON, kill_when_parts_land, scaled, unit_parts, write_jsonl
 from scipy import stats as sps
 
 from routelens import stats
@@ -262,6 +263,79 @@ def test_passk_resumes_after_an_interruption_without_loss_or_duplicates(demo_upd
     pd.testing.assert_frame_equal(pd.read_parquet(os.path.join(cut, "samples.parquet")),
                                   pd.read_parquet(os.path.join(whole, "samples.parquet")))
     assert json.load(open(os.path.join(cut, "summary.json")))["all"] == json.load(open(os.path.join(whole, "summary.json")))["all"]
+
+
+def test_router_update_offers_no_ray(tmp_path, capsys):
+    """Training is sequential: router-update has no --ray (refused in one line, exit 2)."""
+    with pytest.raises(SystemExit) as exit_:
+        main(["router-update", "--model", "tiny:olmoe", "--counterfactual", str(tmp_path), "--out", str(tmp_path / "u"),
+              "--ray", "local"])
+    assert exit_.value.code == 2
+    [line] = capsys.readouterr().err.strip().splitlines()
+    assert "unrecognized arguments: --ray local" in line and not os.path.exists(tmp_path / "u")
+
+
+UPDATE_SCRIPT = """
+import sys, time
+from routelens.analyses import router_update
+from routelens.cli import main
+original = router_update.RouterUpdateJob.run
+def slow(self, units):
+    time.sleep(0.3)          # a unit takes a while: the kill lands mid-training
+    return original(self, units)
+router_update.RouterUpdateJob.run = slow
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def _delta_contents(path) -> tuple[dict, dict]:
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as handle:
+        return {key: handle.get_tensor(key) for key in handle.keys()}, handle.metadata()
+
+
+@pytestmark_demo
+def test_router_update_killed_mid_training_resumes_to_the_uninterrupted_result(demo_update, tmp_path, cli_env):
+    """SIGKILL mid-training, the same command again: the delta, the training log and the
+    summary equal an uninterrupted run's, and the second session trained only the units left
+    (each unit checkpoints the fp32 masters, Adam's state and the minibatch generator)."""
+    from routelens.analyses.router_update import STEPS_PER_UNIT
+
+    steps = 6 * STEPS_PER_UNIT
+    cli_env["OMP_NUM_THREADS"] = "1"   # the same threads in every process: the same float noise
+
+    def command(out):
+        return [PYTHON, "-c", UPDATE_SCRIPT, "router-update", "--model", "demo", "--counterfactual",
+                str(demo_update / "cf"), "--heldout-counterfactual", str(demo_update / "cf"), "--margin", "0.0",
+                "--bins", "Fragile,Ambiguous,Confident", "--steps", str(steps), "--lr", "0.01", "--out", str(out),
+                "--no-progress"]
+
+    killed, whole = tmp_path / "killed", tmp_path / "whole"
+    kill_when_parts_land(subprocess.Popen(command(killed), env=cli_env, stdout=subprocess.DEVNULL,
+                                          stderr=subprocess.DEVNULL), str(killed), 2, prefix="checkpoint-")
+    done_at_kill = len(unit_parts(str(killed), "checkpoint-"))   # the checkpoint is a unit's last part
+    assert 2 <= done_at_kill < 6 and not (killed / "summary.json").exists()
+    for out in (killed, whole):
+        finished = subprocess.run(command(out), env=cli_env, capture_output=True, text=True, timeout=scaled(300))
+        assert finished.returncode == 0, finished.stderr
+
+    assert (killed / "training_log.jsonl").read_bytes() == (whole / "training_log.jsonl").read_bytes()
+    log = pd.read_parquet(killed / "training_log.parquet")
+    assert log["step"].tolist() == list(range(1, steps + 1))             # nothing lost, nothing twice
+    pd.testing.assert_frame_equal(log, pd.read_parquet(whole / "training_log.parquet"), check_exact=True)
+    # the same tensors and metadata; the file bytes differ, as between any two processes,
+    # because safetensors writes its metadata map in hash order
+    (got, got_meta), (want, want_meta) = _delta_contents(killed / "router_delta.safetensors"), \
+        _delta_contents(whole / "router_delta.safetensors")
+    assert got_meta == want_meta and set(got) == set(want) and all(torch.equal(got[k], want[k]) for k in want)
+    summaries = [json.load(open(out / "summary.json")) for out in (killed, whole)]
+    assert summaries[0].pop("router_delta") == str(killed / "router_delta.safetensors")
+    summaries[1].pop("router_delta")
+    assert summaries[0] == summaries[1] and summaries[0]["loss_last_step"] < summaries[0]["loss_first_step"]
+    state = json.load(open(killed / "run.json"))
+    assert state["status"] == "complete" and len(state["sessions"]) == 2
+    assert state["sessions"][1]["units_done"] == state["timings"]["units_this_session"] == 6 - done_at_kill
 
 
 @pytestmark_demo

@@ -20,7 +20,7 @@ __version__ = "0.1.0"
 _EXPORTS = {
     "Lens": "routelens.lens", "load": "routelens.lens", "wrap": "routelens.lens", "Routes": "routelens.lens",
     "counterfactual": "routelens.api", "isolate": "routelens.api",
-    "passk": "routelens.api", "run_passk": "routelens.api", "router_update": "routelens.api",
+    "passk": "routelens.api", "router_update": "routelens.api",
     "rollout": "routelens.api", "graft": "routelens.api", "semantic_route": "routelens.api",
     "trajectories_from_ids": "routelens.api", "trajectories_from_text": "routelens.api",
     "read_trajectories": "routelens.api", "sample_trajectories": "routelens.api",

@@ -370,28 +370,34 @@ def _problems(lens: Lens, problems, n: int | None) -> tuple[list[EvalProblem], d
     return kept, {"problems": "in-memory", "problem_ids": [p.id for p in kept]}, False
 
 
-def run_passk(lens: Lens, problems, out: str | None, *, compare_delta: str | None = None, n: int | None = None,
-              config: PassKConfig | None = None, overwrite: bool = False, show_progress: bool = True,
-              **options) -> PassKResult:
-    """pass@k into the run folder `out` (resumable; in memory when None). With
+def passk(lens: Lens, problems, out: str | None = None, *, compare_delta: str | None = None, n: int | None = None,
+          config: PassKConfig | None = None, overwrite: bool = False, show_progress: bool = True,
+          ray=None, workers: int | None = None, **options) -> PassKResult:
+    """pass@k with bootstrap intervals; in memory when `out` is None, otherwise into the run
+    folder `out` (resumable). With
     `compare_delta` (a router-update delta file), the base model and the model with the
     delta sample the same problems with the same seeds, and the paired difference is
-    reported; the model is left as it came.
+    reported; the model is left as it came. `ray`/`workers`: sample on a pool of Ray actors
+    (see `counterfactual`); the samples equal one process's.
 
     `problems`: "arithmetic" (the held-out set), a JSONL of {id, prompt, answer} (checked
     with math-verify), or a list of `EvalProblem`. `options`: fields of `PassKConfig`
-    (`samples`, `ks` or `k`, `temperature` (of sampling), `seed`, `max_new_tokens`, ...).
+    (`samples`, `k`, `temperature` (of sampling), `seed`, `max_new_tokens`, ...).
 
     Examples:
         >>> import routelens as rl
-        >>> res = rl.run_passk(rl.load("demo"), "arithmetic", out=str(tmp / "pk"), n=4, samples=2, k=[1, 2],
-        ...                    show_progress=False)
+        >>> res = rl.passk(rl.load("demo"), "arithmetic", n=4, samples=2, k=[1, 2], show_progress=False)
+        >>> set(res.samples["arm"])
+        {'model'}
+        >>> res = rl.passk(rl.load("demo"), "arithmetic", str(tmp / "pk"), n=4, samples=2, k=[1, 2],
+        ...                show_progress=False)
         >>> res.summary[res.summary["group"] == "all"][["arm", "k"]].values.tolist()
         [['model', 1], ['model', 2]]
     """
     from routelens.analyses.passk import run_passk as run
 
-    lens = _lens(lens)
+    ray = ray_settings(ray, workers)
+    lens = _lens(lens, ray)
     if lens.tokenizer is None:
         raise RouteLensError(f"model {lens.loaded.spec!r} has no tokenizer; pass@k samples text")
     kept, info, is_file = _problems(lens, problems, n)
@@ -400,21 +406,7 @@ def run_passk(lens: Lens, problems, out: str | None, *, compare_delta: str | Non
     info["num_problems"] = len(kept)
     arms = [("base", None), ("updated", os.path.abspath(compare_delta))] if compare_delta else [("model", None)]
     return PassKResult(run(lens.loaded, kept, settings, out, info, arms, overwrite=overwrite,
-                           show_progress=show_progress))
-
-
-def passk(lens: Lens, problems, *, compare_delta: str | None = None, n: int | None = None,
-          config: PassKConfig | None = None, show_progress: bool = False, **options) -> PassKResult:
-    """pass@k in memory (see `run_passk`).
-
-    Examples:
-        >>> import routelens as rl
-        >>> res = rl.passk(rl.load("demo"), "arithmetic", n=4, samples=2, k=[1, 2])
-        >>> set(res.samples["arm"])
-        {'model'}
-    """
-    return run_passk(lens, problems, None, compare_delta=compare_delta, n=n, config=config,
-                     show_progress=show_progress, **options)
+                           show_progress=show_progress, ray=ray))
 
 
 # ---------------------------------------------------------------------------- router update
@@ -572,5 +564,5 @@ def rollout(lens: Lens, counterfactual, out: str | None = None, *, config: Rollo
 
 
 __all__ = ["arithmetic_items", "counterfactual", "graft", "isolate", "make_config", "passk", "read_items", "read_run",
-           "read_trajectories", "rollout", "router_update", "run_passk", "semantic_route",
+           "read_trajectories", "rollout", "router_update", "semantic_route",
            "trajectories_from_ids", "trajectories_from_text"]

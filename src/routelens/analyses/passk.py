@@ -7,7 +7,9 @@ two arms (the base model and the model with a router delta), both sample the sam
 with the same per-sequence generators (common random numbers), and the difference
 (updated - base) gets a paired bootstrap interval: problems are resampled together.
 
-Samples are written per arm and chunk of problems to a resumable run folder.
+Samples are written per arm and chunk of problems to a resumable run folder, computed here or
+on Ray actors: every sample draws from the generator of its (seed, problem, sample), so the
+samples do not depend on the process that drew them.
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ import torch
 
 from routelens import stats
 from routelens.config import PassKConfig
-from routelens.distributed import UnitJob
+from routelens.distributed import RaySettings, UnitJob
 from routelens.errors import RouteLensError
 from routelens.runs.loop import AnalysisRun, run_analysis
 
@@ -149,11 +151,14 @@ def routers_restored(adapter, active: bool = True):
 
 
 def run_passk(loaded, problems: list[EvalProblem], config: PassKConfig, out: str | None, data_info: dict,
-              arms: list[tuple[str, str | None]], overwrite: bool = False, show_progress: bool = True):
+              arms: list[tuple[str, str | None]], overwrite: bool = False, show_progress: bool = True,
+              ray: RaySettings | None = None):
     """Sample every problem in every arm (name, router delta to apply first or None) into the
     run folder `out` (resumably; in memory when `out` is None), summarise, and return the
     completed run. Arms run in order on the same loaded model; a delta applied for an arm is
-    taken off again at the end, so the model is left as it came."""
+    taken off again at the end, so the model is left as it came. `ray`: the (arm, chunk)
+    units run on a pool of Ray actors instead; every sample draws from the generator of its
+    (seed, problem, sample), so the samples do not depend on which actor drew them."""
     from routelens.models.router_delta import apply_router_delta
 
     config.check()
@@ -164,10 +169,11 @@ def run_passk(loaded, problems: list[EvalProblem], config: PassKConfig, out: str
                   "arms": [[name, delta and os.path.abspath(delta)] for name, delta in arms]}
     units = [(a, c) for a in range(len(arms)) for c in range(len(chunks))]
     applied = {}   # each delta checked against this model's base routers before any sampling
+    weights = getattr(loaded, "weights", True)   # a Ray driver's model has none: each actor checks the base
     for name, delta in arms:
         if delta:
-            with routers_restored(loaded.adapter):
-                applied[name] = apply_router_delta(loaded.adapter, delta)
+            with routers_restored(loaded.adapter, weights):
+                applied[name] = apply_router_delta(loaded.adapter, delta, check_base=weights)
 
     def summarise_run(folder) -> dict:
         problem_table = per_problem(folder.read("samples"), config.k)
@@ -186,8 +192,8 @@ def run_passk(loaded, problems: list[EvalProblem], config: PassKConfig, out: str
         unit_weight=lambda unit: len(chunks[units[unit][1]]) * config.samples,
         done_weight=lambda tables: tables["samples"].num_rows,
         timings=lambda todo, seconds: {"units_this_session": len(todo)})
-    with routers_restored(loaded.adapter, bool(applied)):   # the model is left as it came
-        return run_analysis(run, loaded, out, overwrite=overwrite, show_progress=show_progress)
+    with routers_restored(loaded.adapter, bool(applied) and weights):   # the model is left as it came
+        return run_analysis(run, loaded, out, overwrite=overwrite, show_progress=show_progress, ray=ray)
 
 
 class PassKJob(UnitJob):

@@ -15,25 +15,34 @@ Only the final layer's router parameters are trained (an fp32 master copy, writt
 in the model's dtype); its inputs are fixed, since every layer below is unchanged. After
 training every parameter and buffer of the model is hashed and compared with the hashes
 taken before: anything but the router changing is an error.
+
+Training is resumable: its steps run through the one run loop in units of
+`STEPS_PER_UNIT`, each writing its rows of the training log and a checkpoint (the fp32
+masters, Adam's state, the minibatch generator's state) that the next unit starts from, so
+a run cut off by a kill continues from its last checkpoint to the result of an
+uninterrupted run, bit for bit. The units follow one another: there is no Ray execution.
 """
 
 from __future__ import annotations
 
 import functools
 import hashlib
+import io
 import itertools
 import json
 import os
-import time
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 
 import numpy as np
 import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
 import torch
 from torch.func import functional_call
 
 from routelens.analyses.counterfactual_input import check_same_model, counterfactual_run, run_trajectories
 from routelens.config import RouterUpdateConfig
+from routelens.distributed import UnitJob
 from routelens.errors import SettingError
 from routelens.models.adapter import MoEAdapter
 
@@ -158,46 +167,115 @@ def parameter_hashes(model: torch.nn.Module) -> dict[str, str]:
             for name, tensor in itertools.chain(model.named_parameters(), model.named_buffers())}
 
 
+@dataclass
+class Preferences:
+    """What DPO trains on: the router inputs of the pairs' tokens x [N, d] (`rank`: how the
+    router takes them, 2 or 3), and the preferred and rejected routes [N, k]."""
+
+    x: torch.Tensor
+    rank: int
+    preferred: torch.Tensor
+    rejected: torch.Tensor
+
+
+def encode_state(state: dict) -> bytes:
+    """A training state (fp32 masters, Adam's state, the minibatch generator's state) as bytes,
+    every tensor on the CPU: what a unit's checkpoint stores."""
+    buffer = io.BytesIO()
+    torch.save(_to_cpu(state), buffer)
+    return buffer.getvalue()
+
+
+def decode_state(data: bytes) -> dict:
+    """The training state `encode_state` wrote (tensors on the CPU, bit for bit)."""
+    return torch.load(io.BytesIO(data), weights_only=True)
+
+
+def _to_cpu(value):
+    if isinstance(value, torch.Tensor):
+        return value.detach().cpu().clone()
+    if isinstance(value, dict):
+        return {k: _to_cpu(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(_to_cpu(v) for v in value)
+    return value
+
+
+class RouterTrainer:
+    """DPO on routes for the router at `layer`, run any number of steps from a training state
+    and returning the next one, so training cut into pieces (resumable units) takes exactly
+    the steps of one uninterrupted run. The model itself is never modified: the router runs
+    on fp32 master copies of its parameters (`functional_call`)."""
+
+    def __init__(self, adapter: MoEAdapter, layer: int, data: Preferences, config: RouterUpdateConfig):
+        self.adapter, self.layer, self.data, self.config = adapter, layer, data, config
+        self.router = adapter.routers[layer]
+        self.x = data.x.float()
+        frozen = {name: p.detach().float().clone() for name, p in self.router.named_parameters()}
+        with torch.no_grad():   # the frozen original router is DPO's reference, computed once
+            self.reference_w, self.reference_l = self._log_probs(self.x, frozen, data.preferred, data.rejected)
+
+    def _log_probs(self, x: torch.Tensor, parameters: dict, preferred: torch.Tensor, rejected: torch.Tensor) -> tuple:
+        log_weights = route_log_weights(self.adapter, router_logits(self.adapter, self.layer, x, self.data.rank,
+                                                                    parameters), self.layer)
+        return plackett_luce_set_log_prob(log_weights, preferred), plackett_luce_set_log_prob(log_weights, rejected)
+
+    def initial_state(self) -> dict:
+        """The state before step 1: the router's own parameters, a fresh Adam, the seeded generator."""
+        return {"master": {name: p.detach().float().clone() for name, p in self.router.named_parameters()},
+                "optimizer": None, "generator": torch.Generator().manual_seed(self.config.seed).get_state()}
+
+    def train(self, state: dict, first_step: int, steps: int, advance=lambda n: None) -> tuple[list[dict], dict]:
+        """Steps first_step + 1 .. first_step + steps from `state`: (one log row per step, the state after)."""
+        device = next(self.router.parameters()).device
+        master = {name: t.to(device).clone().requires_grad_(True) for name, t in state["master"].items()}
+        optimizer = torch.optim.Adam(master.values(), lr=self.config.lr)
+        if state["optimizer"] is not None:
+            optimizer.load_state_dict(state["optimizer"])
+        generator = torch.Generator()
+        generator.set_state(state["generator"])
+        rows = []
+        for i in range(steps):
+            rows.append(self._step(master, optimizer, generator, first_step + i + 1))
+            advance(1)
+        return rows, {"master": {name: t.detach() for name, t in master.items()}, "optimizer": optimizer.state_dict(),
+                      "generator": generator.get_state()}
+
+    def _step(self, master: dict, optimizer, generator: torch.Generator, step: int) -> dict:
+        """One optimizer step on a minibatch of pairs; its log row."""
+        config, x = self.config, self.x
+        batch = torch.randperm(len(x), generator=generator)[: config.batch_size].to(x.device)
+        preferred, rejected = self._log_probs(x[batch], master, self.data.preferred[batch], self.data.rejected[batch])
+        margin = (preferred - self.reference_w[batch]) - (rejected - self.reference_l[batch])
+        loss = -torch.nn.functional.logsigmoid(config.beta * margin).mean()
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        return {"step": step, "loss": float(loss.detach()), "reward_margin": float(margin.detach().mean()),
+                "preference_accuracy": float((margin > 0).float().mean())}
+
+
 def train_router(adapter: MoEAdapter, layer: int, inputs: torch.Tensor, rank: int, preferred: torch.Tensor,
                  rejected: torch.Tensor, config: RouterUpdateConfig, log_path: str | None = None,
                  show_progress: bool = True) -> dict[str, torch.Tensor]:
-    """DPO on routes for the router at `layer`: returns its new parameters (fp32 masters).
-    inputs [N, d]; preferred/rejected [N, k]. One JSON line per step goes to `log_path`."""
+    """DPO on routes for the router at `layer`, all steps at once: returns its new parameters
+    (fp32 masters). inputs [N, d]; preferred/rejected [N, k]. One JSON line per step goes to `log_path`."""
     from routelens.progress import progress_bar
 
-    router = adapter.routers[layer]
-    master = {name: p.detach().float().clone().requires_grad_(True) for name, p in router.named_parameters()}
-    frozen = {name: p.detach().float().clone() for name, p in router.named_parameters()}
-    x = inputs.float()
+    trainer = RouterTrainer(adapter, layer, Preferences(inputs, rank, preferred, rejected), config)
+    with progress_bar("router update", config.steps, 0, show_progress, unit="steps") as advance:
+        rows, state = trainer.train(trainer.initial_state(), 0, config.steps, advance)
+    if log_path:
+        write_training_log(log_path, rows)
+    return state["master"]
 
-    def log_probs(parameters) -> tuple[torch.Tensor, torch.Tensor]:
-        log_weights = route_log_weights(adapter, router_logits(adapter, layer, x, rank, parameters), layer)
-        return (plackett_luce_set_log_prob(log_weights, preferred), plackett_luce_set_log_prob(log_weights, rejected))
 
-    with torch.no_grad():
-        reference_w, reference_l = log_probs(frozen)
-    optimizer = torch.optim.Adam(master.values(), lr=config.lr)
-    generator = torch.Generator().manual_seed(config.seed)
-    log = open(log_path, "w", encoding="utf-8") if log_path else None
-    try:
-        with progress_bar("router update", config.steps, 0, show_progress, unit="steps") as advance:
-            for step in range(config.steps):
-                batch = torch.randperm(len(x), generator=generator)[: config.batch_size].to(x.device)
-                log_weights = route_log_weights(adapter, router_logits(adapter, layer, x[batch], rank, master), layer)
-                margin = ((plackett_luce_set_log_prob(log_weights, preferred[batch]) - reference_w[batch])
-                          - (plackett_luce_set_log_prob(log_weights, rejected[batch]) - reference_l[batch]))
-                loss = -torch.nn.functional.logsigmoid(config.beta * margin).mean()
-                optimizer.zero_grad()
-                loss.backward()
-                optimizer.step()
-                if log:
-                    log.write(json.dumps({"step": step + 1, "loss": float(loss.detach()), "reward_margin": float(margin.detach().mean()),
-                                          "preference_accuracy": float((margin > 0).float().mean())}) + "\n")
-                advance(1)
-    finally:
-        if log:
-            log.close()
-    return {name: tensor.detach() for name, tensor in master.items()}
+def write_training_log(path: str, rows: list[dict]) -> None:
+    """training_log.jsonl: one JSON line per step (step, loss, reward_margin, preference_accuracy)."""
+    with open(path + ".tmp", "w", encoding="utf-8") as handle:
+        for row in rows:
+            handle.write(json.dumps(row) + "\n")
+    os.replace(path + ".tmp", path)
 
 
 def preference_accuracy(adapter: MoEAdapter, layer: int, inputs: torch.Tensor, rank: int, preferred: torch.Tensor,
@@ -257,13 +335,99 @@ def _set_router(adapter: MoEAdapter, layer: int, parameters: dict[str, torch.Ten
             parameter.copy_(parameters[name].to(parameter.dtype))
 
 
+# One unit of the run is this many optimizer steps, checkpointed after: a kill loses at most
+# one unit's steps, and the resumed run continues from the last checkpoint bit for bit.
+STEPS_PER_UNIT = 10
+TRAINING_LOG_SCHEMA = pa.schema([("step", pa.int64()), ("loss", pa.float64()), ("reward_margin", pa.float64()),
+                                 ("preference_accuracy", pa.float64())])
+CHECKPOINT_SCHEMA = pa.schema([("step", pa.int64()), ("state", pa.binary())])
+
+
+def unit_steps(config: RouterUpdateConfig, unit: int) -> tuple[int, int]:
+    """(steps before the unit, steps in it): unit u trains steps u*S + 1 .. min((u+1)*S, steps)."""
+    first = unit * STEPS_PER_UNIT
+    return first, min(STEPS_PER_UNIT, config.steps - first)
+
+
+def preference_data(adapter: MoEAdapter, layer: int, pairs: pd.DataFrame, sequences: dict[str, list[int]]) -> Preferences:
+    """The router inputs of the pairs' tokens (one natural forward per trajectory) and their routes."""
+    wanted = pairs.groupby("trajectory_id")["position"].apply(lambda p: sorted(set(p))).to_dict()
+    inputs, rank = router_inputs(adapter, layer, sequences, wanted)
+    x = torch.stack([inputs[(t, p)] for t, p in zip(pairs["trajectory_id"], pairs["position"])])
+    return Preferences(x, rank, torch.tensor(pairs["preferred"].tolist(), device=x.device),
+                       torch.tensor(pairs["rejected"].tolist(), device=x.device))
+
+
+class RouterUpdateJob(UnitJob):
+    """Unit u: the optimizer steps of `unit_steps`, from the state unit u - 1 left (its
+    checkpoint part in `out` when this session did not compute it: a resumed run); tables:
+    the steps' log rows and the state after them. Training is sequential, so this job runs
+    in this process only, one unit after the other."""
+
+    def __init__(self, layer: int, pairs: pd.DataFrame, sequences: dict[str, list[int]], config: RouterUpdateConfig,
+                 out: str):
+        self.layer, self.pairs, self.sequences, self.config, self.out = layer, pairs, sequences, config, out
+
+    def setup(self, loaded=None) -> None:
+        adapter = self.load(loaded).adapter
+        self._data = preference_data(adapter, self.layer, self.pairs, self.sequences)
+        self._trainer = RouterTrainer(adapter, self.layer, self._data, self.config)
+        self._last: tuple[int, bytes] | None = None   # the checkpoint this session wrote last
+
+    @property
+    def preferences(self) -> Preferences:
+        """The training data `setup` built (the summary scores the trained router on it too)."""
+        return self._data
+
+    def run(self, units: list[int]) -> list[dict[str, pa.Table]]:
+        return [self._train_unit(unit) for unit in units]
+
+    def _train_unit(self, unit: int) -> dict[str, pa.Table]:
+        # every unit after the first starts from decoded bytes, read back or just written: an
+        # uninterrupted run and a resumed one take the same path
+        before = self._trainer.initial_state() if unit == 0 else decode_state(self._checkpoint(unit - 1))
+        first, count = unit_steps(self.config, unit)
+        rows, after = self._trainer.train(before, first, count)
+        encoded = encode_state(after)
+        self._last = (unit, encoded)
+        return {"training_log": pa.Table.from_pylist(rows, schema=TRAINING_LOG_SCHEMA),
+                "checkpoint": pa.Table.from_pylist([{"step": first + count, "state": encoded}], schema=CHECKPOINT_SCHEMA)}
+
+    def _checkpoint(self, unit: int) -> bytes:
+        """The training state after `unit`, from this session or from the run folder."""
+        if self._last is not None and self._last[0] == unit:
+            return self._last[1]
+        from routelens.results.run_folder import part_path
+
+        return pq.read_table(part_path(self.out, "checkpoint", unit)).column("state")[0].as_py()
+
+
+def _changed_parameters(adapter: MoEAdapter, names, hashes_before: dict[str, str]) -> list[str]:
+    """The parameters and buffers whose hash differs from `hashes_before`; an error if any is
+    not one of the router's `names`."""
+    hashes_after = parameter_hashes(adapter.model)
+    changed = sorted(n for n in hashes_before if hashes_before[n] != hashes_after[n])
+    outside = [n for n in changed if n not in names]
+    if outside:
+        raise RuntimeError(f"the router update changed parameters outside the router: {outside[:5]}")
+    return changed
+
+
+def _log_rows(frame: pd.DataFrame) -> list[dict]:
+    return [{"step": int(r.step), "loss": float(r.loss), "reward_margin": float(r.reward_margin),
+             "preference_accuracy": float(r.preference_accuracy)} for r in frame.itertuples(index=False)]
+
+
 def run_router_update(loaded, counterfactual_dir: str, config: RouterUpdateConfig, out: str,
-                      heldout_dir: str | None = None, overwrite: bool = False, show_progress: bool = True) -> dict:
+                      heldout_dir: str | None = None, overwrite: bool = False, show_progress: bool = True):
     """Preferences -> DPO on the final router -> `router_delta.safetensors`, `pairs.parquet`,
-    `training_log.jsonl`, `summary.json` and `run.json` in `out`; returns the completed
-    `RunFolder`. The loaded model's router is left unchanged."""
+    `training_log.jsonl` (and .parquet), `summary.json` and `run.json` in `out`; returns the
+    completed `RunFolder`. Resumable: the steps run in units of `STEPS_PER_UNIT`, each
+    checkpointed (fp32 masters, Adam's state, the minibatch generator), so a re-run after a
+    kill trains only the steps not done and ends where an uninterrupted run ends. The loaded
+    model's router is left unchanged."""
     from routelens.models.router_delta import router_parameter_names, save_router_delta
-    from routelens.results.run_folder import RunFolder
+    from routelens.runs.loop import AnalysisRun, run_analysis
 
     config.check()
     adapter = loaded.adapter
@@ -272,52 +436,51 @@ def run_router_update(loaded, counterfactual_dir: str, config: RouterUpdateConfi
     pairs = preference_pairs(counterfactual_dir, layer, config.margin, config.bins)
     if pairs.empty:
         raise SettingError(f"no preference pair in {counterfactual_dir}: no alternative beats the standard route by "
-                           f"{config.margin} in bins {', '.join(config.bins)}; lower `margin` or score more trajectories", "margin")
+                           f"{config.margin} in bins {', '.join(config.bins)}; lower `margin` or score more trajectories",
+                           "margin")
     run_config = {**loaded.identity(), "dtype": loaded.dtype, "counterfactual": os.path.abspath(counterfactual_dir),
-                  "layer": layer, **asdict(config), "heldout_counterfactual": heldout_dir and os.path.abspath(heldout_dir)}
-    folder = RunFolder(out, "router-update", run_config, (), overwrite=overwrite,
-                       extra={"model": adapter.describe(), "device": loaded.device})
-    started = time.perf_counter()
-    pairs.to_parquet(os.path.join(out, "pairs.parquet"), index=False)
-    sequences = _sequences_of(run, counterfactual_dir, loaded)
-    wanted = pairs.groupby("trajectory_id")["position"].apply(lambda p: sorted(set(p))).to_dict()
-    inputs, rank = router_inputs(adapter, layer, sequences, wanted)
-    x = torch.stack([inputs[(t, p)] for t, p in zip(pairs["trajectory_id"], pairs["position"])])
-    preferred = torch.tensor(pairs["preferred"].tolist(), device=x.device)
-    rejected = torch.tensor(pairs["rejected"].tolist(), device=x.device)
-
+                  "layer": layer, **asdict(config), "heldout_counterfactual": heldout_dir and os.path.abspath(heldout_dir),
+                  "steps_per_unit": STEPS_PER_UNIT}
+    job = RouterUpdateJob(layer, pairs, _sequences_of(run, counterfactual_dir, loaded), config, out)
     names = router_parameter_names(adapter, layer)
-    base = {name: p.detach().clone() for name, p in adapter.routers[layer].named_parameters()}
     hashes_before = parameter_hashes(adapter.model)
-    accuracy_before = preference_accuracy(adapter, layer, x, rank, preferred, rejected)
-    torch.manual_seed(config.seed)
-    new = train_router(adapter, layer, x, rank, preferred, rejected, config,
-                       os.path.join(out, "training_log.jsonl"), show_progress)
-    _set_router(adapter, layer, new)
-    try:
-        hashes_after = parameter_hashes(adapter.model)
-        changed = sorted(n for n in hashes_before if hashes_before[n] != hashes_after[n])
-        outside = [n for n in changed if n not in names]
-        if outside:
-            raise RuntimeError(f"the router update changed parameters outside the router: {outside[:5]}")
-        accuracy_after = preference_accuracy(adapter, layer, x, rank, preferred, rejected)
-        delta_path = os.path.join(out, "router_delta.safetensors")   # the router's current (updated) parameters
-        save_router_delta(delta_path, adapter, layer, dict(zip(names, base.values())), loaded.spec,
-                          extra={"counterfactual": os.path.abspath(counterfactual_dir), "config": asdict(config)})
-    finally:   # the model is left as it came: the update lives in the delta file (apply it with --router-delta)
-        _set_router(adapter, layer, base)
-    steps = [json.loads(line) for line in open(os.path.join(out, "training_log.jsonl"), encoding="utf-8")]
-    summary = {
-        "analysis": "router-update", "layer": layer, "pairs": int(len(pairs)),
-        "pair_tokens": int(pairs.groupby(["trajectory_id", "position"]).ngroups),
-        "pairs_by_bin": {b: int((pairs["bin"] == b).sum()) for b in config.bins},
-        "preference_accuracy_before": accuracy_before, "preference_accuracy_after": accuracy_after,
-        "loss_first_step": steps[0]["loss"], "loss_last_step": steps[-1]["loss"],
-        "parameters_checked": len(hashes_before), "parameters_changed": changed,
-        "only_router_changed": not outside, "router_changed": bool(changed),
-        "router_delta": delta_path,
-    }
-    if heldout_dir:
-        summary["heldout_route_changes"] = route_changes(loaded, heldout_dir, base, new)
-    folder.complete(summary, extra={"timings": {"seconds": round(time.perf_counter() - started, 3)}})
-    return folder
+
+    def summarise(folder) -> dict:
+        data = job.preferences   # built by the job's setup, in this process
+        final = decode_state(folder.read("checkpoint")["state"].iloc[-1])["master"]
+        base = {name: p.detach().clone() for name, p in adapter.routers[layer].named_parameters()}
+        accuracy_before = preference_accuracy(adapter, layer, data.x, data.rank, data.preferred, data.rejected)
+        _set_router(adapter, layer, final)
+        try:
+            changed = _changed_parameters(adapter, names, hashes_before)
+            accuracy_after = preference_accuracy(adapter, layer, data.x, data.rank, data.preferred, data.rejected)
+            delta_path = os.path.join(out, "router_delta.safetensors")   # the router's current (updated) parameters
+            save_router_delta(delta_path, adapter, layer, dict(zip(names, base.values())), loaded.spec,
+                              extra={"counterfactual": os.path.abspath(counterfactual_dir), "config": asdict(config)})
+        finally:   # the model is left as it came: the update lives in the delta file (apply it with --router-delta)
+            _set_router(adapter, layer, base)
+        folder.write_table("pairs", pairs)
+        steps = _log_rows(folder.read("training_log"))
+        write_training_log(os.path.join(out, "training_log.jsonl"), steps)
+        summary = {
+            "analysis": "router-update", "layer": layer, "pairs": int(len(pairs)),
+            "pair_tokens": int(pairs.groupby(["trajectory_id", "position"]).ngroups),
+            "pairs_by_bin": {b: int((pairs["bin"] == b).sum()) for b in config.bins},
+            "preference_accuracy_before": accuracy_before, "preference_accuracy_after": accuracy_after,
+            "loss_first_step": steps[0]["loss"], "loss_last_step": steps[-1]["loss"],
+            "parameters_checked": len(hashes_before), "parameters_changed": changed,
+            "only_router_changed": True, "router_changed": bool(changed),
+            "router_delta": delta_path,
+        }
+        if heldout_dir:
+            summary["heldout_route_changes"] = route_changes(loaded, heldout_dir, base, final)
+        return summary
+
+    units = -(-config.steps // STEPS_PER_UNIT)
+    analysis = AnalysisRun(
+        kind="router-update", run_config=run_config, tables=("training_log", "checkpoint"), units=units, job=job,
+        summarise=summarise, extra={"model": adapter.describe(), "device": loaded.device},
+        label="router update", progress_unit="steps", unit_weight=lambda unit: unit_steps(config, unit)[1],
+        done_weight=lambda tables: tables["training_log"].num_rows,
+        timings=lambda todo, seconds: {"units_this_session": len(todo)})
+    return run_analysis(analysis, loaded, out, overwrite=overwrite, show_progress=show_progress)

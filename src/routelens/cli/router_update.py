@@ -6,7 +6,7 @@ from routelens.cli.parsing import config_from_args, config_options, load_lens, m
 
 NAME = "router-update"
 HELP = "retrain the last MoE layer's router alone from counterfactual preferences"
-RESUMABLE = False
+RESUMABLE = True
 EPILOG = """examples:
   routelens router-update --model demo --counterfactual runs/cf-last --out runs/update
   routelens router-update --model ./my-olmoe --counterfactual runs/cf-last --heldout-counterfactual runs/cf-heldout \\
@@ -14,7 +14,11 @@ EPILOG = """examples:
 
 The counterfactual run must include the last MoE layer and come from the same model. Writes
 router_delta.safetensors (apply with --router-delta FILE to any command), pairs.parquet,
-training_log.jsonl, summary.json and run.json.
+training_log.jsonl, summary.json and run.json. Re-running the same command on the same --out
+resumes an interrupted run: the steps run in units of 10, each checkpointed (the router's fp32
+master parameters, Adam's state, the minibatch generator), so only the steps after the last
+checkpoint are trained again and the result equals an uninterrupted run's. Training is
+sequential: there is no --ray.
 """
 
 

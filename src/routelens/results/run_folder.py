@@ -194,6 +194,12 @@ def check_out_file(path: str, option: str = "--out") -> None:
         raise RouteLensError(f"{option} {path} is read-only; choose another path")
 
 
+def part_path(path: str, table: str, unit: int) -> str:
+    """Where the run folder `path` keeps `table`'s part of `unit` (a job that continues from
+    the unit before, such as a training run, reads it back)."""
+    return os.path.join(path, PARTS, f"{table}-{unit:07d}.parquet")
+
+
 def run_folder_beside(out: str) -> str:
     """The run folder kept beside an output file `out` (for resuming the command that
     writes it): `out` + ".run", checked not to be a file."""
@@ -235,7 +241,7 @@ class RunFolder:
 
     # ------------------------------------------------------------------ parts
     def _part(self, table: str, unit: int) -> str:
-        return os.path.join(self.path, PARTS, f"{table}-{unit:07d}.parquet")
+        return part_path(self.path, table, unit)
 
     def is_done(self, unit: int) -> bool:
         return all(os.path.exists(self._part(table, unit)) for table in self.tables)
