@@ -121,6 +121,8 @@ class MoEAdapter:
         """The decoder stack without the LM head (its output is the final-normed hidden state)."""
         return self.model.model
 
+    # norm_order and window_source are read by name (the engines; an adapter written before
+    # Layout may still set them as class attributes, which take precedence over these)
     @property
     def norm_order(self) -> str:
         """The layout's norm order ("pre": what the fast engine needs)."""
@@ -326,7 +328,9 @@ class MoEAdapter:
 
     def choice_bias(self, layer: int) -> torch.Tensor | None:
         """The bias the router of `layer` adds to its scores for choosing (never to the
-        weights), where the gate says it lives; None without one (LFM2-MoE's is optional)."""
+        weights), where the gate says it lives; None without one (LFM2-MoE's exists only with
+        use_expert_bias; the tiny test models randomise every such bias, so a wrong path fails
+        the selection tests)."""
         if self.gate is None or self.gate.choice_bias is None:
             return None
         found = self.routers[layer] if self.gate.bias_owner == "router" else self.moe_block(layer)
