@@ -169,7 +169,7 @@ def _tiny_flex_olmo():
 
 
 class PostNormMisdeclared(OlmoeAdapter):
-    model_types = ("flex_olmo",)   # claims OLMoE's pre-norm layout for a post-norm model
+    """OLMoE's pre-norm layout claimed for a post-norm model (FlexOlmo)."""
 
 
 def test_post_norm_layout_is_detected_from_the_model_not_from_names():

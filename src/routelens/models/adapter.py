@@ -7,8 +7,9 @@ Every supported family routes the same way in transformers 5.23 (see shared note
 
 with T = batch x seq flattened row-major (row = b * S + s). An adapter therefore only has
 to say which modules are the routers (found through the model's own recorder registry,
-`_can_record_outputs["router_logits"]`), and state the family's gating rule as pure
-functions of the raw logits:
+`_can_record_outputs["router_logits"]`), and state the family's gating rule, as data (a
+`Gate`, computed by `routelens.models.gating`) or, where a gate cannot be data, as code;
+either way as pure functions of the raw logits:
 
 - `weights_for(logits [N, E], experts [N, k]) -> weights [N, k]`: the weights the model
   itself would apply if the router had chosen `experts`.
@@ -18,8 +19,9 @@ functions of the raw logits:
 
 The adapter is also the one structure map the engines read: where a layer's MoE block,
 experts and MLP-input norm are, the final norm and LM head, the norm order, and the
-attention window of each layer (`attention_window`). Engines never reach into a model by
-attribute name; a family with another layout overrides these accessors.
+attention window of each layer (`attention_window`), read from the family's `Layout`.
+Engines never reach into a model by attribute name; a family with a computed answer
+overrides these accessors.
 
 The route override itself is family-independent and lives in `routelens.models.routing`.
 """
@@ -35,7 +37,9 @@ from torch import nn
 from transformers import DynamicCache, PreTrainedModel
 
 from routelens.errors import RouteLensError
+from routelens.models import gating
 from routelens.models.registry import family
+from routelens.models.spec import Gate, Layout
 
 #: `config.layer_types` values of softmax-attention layers (the fast engine's patch covers these).
 SOFTMAX_ATTENTION = ("full_attention", "sliding_attention")
@@ -63,29 +67,18 @@ def copy_cache_layer(layer, index: torch.Tensor):
 
 
 class MoEAdapter:
-    """Describes one loaded MoE causal LM. Subclasses set the class attributes and the
-    two gating functions; everything else is shared."""
+    """Describes one loaded MoE causal LM. Subclasses set `gate` and `layout` (data), and
+    override an accessor only where the answer is computed; everything else is shared."""
 
-    #: Hugging Face `config.model_type` values this adapter serves.
-    model_types: ClassVar[tuple[str, ...]] = ()
-    #: "pre": the MLP sub-block adds (optionally `mlp_output_norm`-ed) output to the residual
-    #: it read (`mlp_residual_input`), which the fast engine needs; any other layout is
-    #: refused by the fast engine (the reference engine serves it).
-    norm_order: ClassVar[str] = "pre"
-    #: Where a decoder layer keeps its routed MoE block and the module whose input is the
-    #: residual entering the MLP sub-block, and where the base model keeps its final norm
-    #: (attribute names; a family with a computed answer overrides the accessor instead).
-    moe_block_attribute: ClassVar[str] = "mlp"
-    mlp_residual_input_attribute: ClassVar[str] = "post_attention_layernorm"
-    final_norm_attribute: ClassVar[str] = "norm"
+    #: How the router weights its experts, as data (`routelens.models.gating` computes it);
+    #: None for a gate that is code (the subclass overrides `weights_for`).
+    gate: ClassVar[Gate | None] = None
+    #: Where a decoder layer keeps its MoE block, the norm before it, ...; the accessors below read it.
+    layout: ClassVar[Layout] = Layout()
     #: Why decoding with the model's own cache does not reproduce its full forward (a defect of
     #: the family's cached path, measured), or None; the cache engine then hands its work to
     #: the reference engine from the start, saying why.
     cache_engine_defect: ClassVar[str | None] = None
-    #: Where attention windows come from: "config" (`config.layer_types` marks sliding layers,
-    #: else `config.sliding_window` applies to every layer, as the families' mask builders do),
-    #: or "none" (the family always builds a plain causal mask, whatever the config says).
-    window_source: ClassVar[str] = "config"
 
     def __init__(self, model: PreTrainedModel):
         if getattr(model, "use_kernels", False):
@@ -128,9 +121,21 @@ class MoEAdapter:
         """The decoder stack without the LM head (its output is the final-normed hidden state)."""
         return self.model.model
 
+    # norm_order and window_source are read by name (the engines; an adapter written before
+    # Layout may still set them as class attributes, which take precedence over these)
+    @property
+    def norm_order(self) -> str:
+        """The layout's norm order ("pre": what the fast engine needs)."""
+        return self.layout.norm_order
+
+    @property
+    def window_source(self) -> str:
+        """Where attention windows come from ("config" or "none"; see `Layout.windows`)."""
+        return self.layout.windows
+
     @property
     def final_norm(self) -> nn.Module:
-        return getattr(self.base_model, self.final_norm_attribute)
+        return getattr(self.base_model, self.layout.final_norm)
 
     @property
     def lm_head(self) -> nn.Module:
@@ -138,7 +143,7 @@ class MoEAdapter:
 
     def moe_block(self, layer: int) -> nn.Module:
         """The routed MoE block of decoder layer `layer` (router, experts, shared experts)."""
-        return getattr(self.decoder_layers[layer], self.moe_block_attribute)
+        return getattr(self.decoder_layers[layer], self.layout.moe_block)
 
     @staticmethod
     def block_output(output) -> torch.Tensor:
@@ -169,7 +174,8 @@ class MoEAdapter:
     def parallel_mlp(self, layer: int) -> nn.Module | None:
         """A dense MLP beside the MoE block whose output is added to the block's before the
         residual (GraniteMoeShared's shared_mlp); None when the block holds everything."""
-        return None
+        name = self.layout.parallel_mlp
+        return getattr(self.decoder_layers[layer], name, None) if name else None
 
     def mlp_residual_scale(self, layer: int) -> float:
         """residual + scale * (MoE block + parallel MLP) is the layer's output (Granite scales by
@@ -192,12 +198,14 @@ class MoEAdapter:
     def mlp_residual_input(self, layer: int) -> nn.Module:
         """The module whose input is the residual stream entering the MLP sub-block: the
         MLP-input norm (pre-norm layout), or the MoE block itself where none precedes it."""
-        return getattr(self.decoder_layers[layer], self.mlp_residual_input_attribute)
+        name = self.layout.mlp_input
+        return getattr(self.decoder_layers[layer], name) if name else self.moe_block(layer)
 
     def mlp_output_norm(self, layer: int) -> nn.Module | None:
         """A per-token norm applied to the MLP sub-block's output before the residual add
         (sandwich norms: AFMoE; post-norm: FlexOlmo), or None."""
-        return None
+        name = self.layout.mlp_output_norm
+        return getattr(self.decoder_layers[layer], name) if name else None
 
     def attention_window(self, layer: int) -> int | None:
         """Keys a query of decoder layer `layer` may see (itself included), or None for full
@@ -312,16 +320,32 @@ class MoEAdapter:
         return resolved
 
     def router_extra_args(self, layer: int) -> tuple:
-        """What the MoE block passes to its router besides the hidden states (MiniMax-M2: its
-        correction bias), for calling the router directly."""
+        """What the MoE block passes to its router besides the hidden states (a choice bias the
+        block holds: MiniMax-M2, AFMoE, LFM2-MoE), for calling the router directly."""
+        if self.gate is not None and self.gate.bias_owner == "block":
+            return (self.choice_bias(layer),)
         return ()
+
+    def choice_bias(self, layer: int) -> torch.Tensor | None:
+        """The bias the router of `layer` adds to its scores for choosing (never to the
+        weights), where the gate says it lives; None without one (LFM2-MoE's exists only with
+        use_expert_bias; the tiny test models randomise every such bias, so a wrong path fails
+        the selection tests)."""
+        if self.gate is None or self.gate.choice_bias is None:
+            return None
+        found = self.routers[layer] if self.gate.bias_owner == "router" else self.moe_block(layer)
+        for name in self.gate.bias_path:
+            found = getattr(found, name, None)
+        return found
 
     # ----------------------------------------------------------------- gating rule
     def selection_scores(self, logits: torch.Tensor, layer: int, admitted_only: bool = True) -> torch.Tensor:
         """[N, E] -> [N, E] score the router of `layer` ranks experts by. Default: fp32 softmax.
         `admitted_only`: zero outside the experts the router may choose for each token (the
         groups a group-limited router keeps), so sampled alternatives are routes it could produce."""
-        return torch.softmax(logits.float(), dim=-1)
+        if self.gate is None:   # a gate that is code ranks by the softmax unless it overrides this
+            return torch.softmax(logits.float(), dim=-1)
+        return gating.selection_scores(self.gate, logits, self.choice_bias(layer), self.config, admitted_only)
 
     def selection_distribution(self, logits: torch.Tensor, layer: int) -> torch.Tensor:
         """[N, E] -> [N, E] float64: the selection scores normalised per token (the softmax
@@ -332,7 +356,9 @@ class MoEAdapter:
 
     def weights_for(self, logits: torch.Tensor, experts: torch.Tensor) -> torch.Tensor:
         """[N, E], [N, k] -> [N, k] fp32 weights the model would apply to `experts`."""
-        raise NotImplementedError
+        if self.gate is None:
+            raise NotImplementedError(f"{type(self).__name__} has no data gate: it must override weights_for")
+        return gating.weights_for(self.gate, logits, experts, self.config)
 
     @property
     def gating_rule(self) -> str:

@@ -1,23 +1,31 @@
 """Registry of supported MoE families: `model_type` -> its adapter class ("module:Class"),
-the gating rule in one line and the token mixers of its layers.
+its `Gate` (the gating rule as data) and the token mixers of its layers.
 
 Plain data, imported without torch: `routelens models` lists it in well under a second, and
-a new family is one file plus a line here. The adapter reads its `gating_rule` and
-`layer_mixers` from here (`MoEAdapter.gating_rule`).
+a new family is one file plus a line here. This table is the one place a family's model
+types are named. The gating rule text is generated from the `Gate` (`Gate.describe`, plus
+what the block does besides routing), so it cannot drift from what the adapter computes;
+only a gate that is code (PhiMoE's sparsemixer) has a hand-written rule. The adapter reads
+its `gating_rule` and `layer_mixers` from here (`MoEAdapter.gating_rule`).
 
 A family defined outside routelens is added at run time with `register_family`, or by a
 package that declares it in the entry-point group `routelens.families` (name: the model
 type; value: a `Family`), loaded the first time that model type is asked for.
+
+`python -m routelens.models.registry --markdown` prints the table of docs/families.md.
 """
 
 from __future__ import annotations
 
 import importlib
 import importlib.metadata
+import sys
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from routelens.errors import RouteLensError
+from routelens.models import gates
+from routelens.models.spec import Gate
 
 if TYPE_CHECKING:
     from routelens.models.adapter import MoEAdapter
@@ -25,80 +33,92 @@ if TYPE_CHECKING:
 
 @dataclass(frozen=True)
 class Family:
-    """One MoE family as the registry knows it.
+    """One MoE family as the registry knows it: its adapter, and its gating rule either as a
+    `Gate` (the rule text is generated from it, with `notes` on what the block adds) or, for
+    a gate that is code, as one hand-written line.
 
     Examples:
         >>> from routelens.models.registry import family
         >>> family("olmoe").adapter_name, family("olmoe").mixers
         ('OlmoeAdapter', 'attention')
+        >>> family("jamba").gating_rule
+        'fp32 softmax over all experts; top-k; weights = the chosen probabilities (not renormalised)'
     """
 
-    adapter: str | type        # "module:Class" (imported on first use), or the adapter class itself
-    gating_rule: str           # one line, shown by `routelens models` and `routelens inspect`
-    mixers: str = "attention"  # token mixers of the decoder layers ("attention + Mamba": a hybrid)
+    adapter: str | type               # "module:Class" (imported on first use), or the adapter class itself
+    gating_rule: str | None = None    # one line (`routelens models`, `routelens inspect`); generated from `gate` if None
+    mixers: str = "attention"         # token mixers of the decoder layers ("attention + Mamba": a hybrid)
+    gate: Gate | None = None          # the gate as data (None: the adapter's gate is code)
+    notes: str = ""                   # what the block adds besides the routed experts, appended to the generated rule
+
+    def __post_init__(self):
+        if self.gate is not None and self.gating_rule is not None:
+            raise RouteLensError("a Family takes a gate or a hand-written gating_rule, not both "
+                                 "(the rule is generated from the gate)")
+        if self.gate is None and self.gating_rule is None:
+            raise RouteLensError("a Family needs its gate (routelens.models.spec.Gate) or, for a gate that is code, "
+                                 "a gating_rule in one line")
+        if self.gate is not None:   # frozen: the generated text is set once, here
+            object.__setattr__(self, "gating_rule", "; ".join(filter(None, [self.gate.describe(), self.notes])))
 
     @property
     def adapter_name(self) -> str:
         return self.adapter.split(":")[1] if isinstance(self.adapter, str) else self.adapter.__name__
 
 
-SOFTMAX_TOPK = "fp32 softmax over all experts, top-k; weights renormalised over the k if norm_topk_prob"
-SOFTMAX_TOPK_RENORMALISED = "fp32 softmax over all experts, top-k, renormalised over the k"
-GROUPED_SIGMOID = ("sigmoid affinities; chosen by affinity + correction bias within top groups; "
-                   "weights = affinity / (sum + 1e-20) if norm_topk_prob, x routed_scaling_factor")
-GRANITE = "top-k on logits, softmax over the k; residual x residual_multiplier, logits / logits_scaling"
 _F = "routelens.models.families."
+_GRANITE = "residual x residual_multiplier, logits / logits_scaling"
+_SHARED_EXPERT = "plus a sigmoid-gated shared expert (not routed)"
+
+
+def _deepseek_v3_like(adapter: str, mixers: str = "attention") -> Family:
+    return Family(_F + adapter, mixers=mixers, gate=gates.DEEPSEEK_V3)
+
 
 FAMILIES: dict[str, Family] = {
-    "olmoe": Family(_F + "olmoe:OlmoeAdapter", SOFTMAX_TOPK),
-    "qwen3_moe": Family(_F + "qwen3_moe:Qwen3MoeAdapter", SOFTMAX_TOPK),
-    "qwen2_moe": Family(_F + "qwen2_moe:Qwen2MoeAdapter", SOFTMAX_TOPK + "; plus sigmoid-gated shared expert (not routed)"),
-    "mixtral": Family(_F + "mixtral:MixtralAdapter", "fp32 softmax over all experts, top-k, always renormalised over the k"),
-    "deepseek_v2": Family(_F + "deepseek_v2:DeepseekV2Adapter",
-                          "fp32 softmax over all experts, greedy or group-limited top-k; weights = probabilities x "
-                          "routed_scaling_factor (not renormalised); shared experts added"),
-    "deepseek_v3": Family(_F + "deepseek_v3:DeepseekV3Adapter", GROUPED_SIGMOID),
-    "gpt_oss": Family(_F + "gpt_oss:GptOssAdapter",
-                      "top-k on raw logits (router has a bias), then softmax over the k chosen logits"),
+    "olmoe": Family(_F + "olmoe:OlmoeAdapter", gate=gates.SOFTMAX_TOPK),
+    "qwen3_moe": Family(_F + "qwen3_moe:Qwen3MoeAdapter", gate=gates.SOFTMAX_TOPK),
+    "qwen2_moe": Family(_F + "qwen2_moe:Qwen2MoeAdapter", gate=gates.SOFTMAX_TOPK, notes=_SHARED_EXPERT),
+    "mixtral": Family(_F + "mixtral:MixtralAdapter", gate=gates.SOFTMAX_TOPK_RENORMALISED),
+    "deepseek_v2": Family(_F + "deepseek_v2:DeepseekV2Adapter", gate=gates.DEEPSEEK_V2, notes="shared experts added"),
+    "deepseek_v3": _deepseek_v3_like("deepseek_v3:DeepseekV3Adapter"),
+    "gpt_oss": Family(_F + "gpt_oss:GptOssAdapter", gate=gates.TOPK_THEN_SOFTMAX, notes="the router's logits carry a bias"),
     "phimoe": Family(_F + "phimoe:PhimoeAdapter",
                      "sparsemixer (eval): always top-2; masked softmax within 2*jitter_eps of each maximum"),
-    "glm4_moe": Family(_F + "glm4_moe:Glm4MoeAdapter", GROUPED_SIGMOID),
-    "exaone_moe": Family(_F + "exaone_moe:ExaoneMoeAdapter", GROUPED_SIGMOID),
-    "granitemoe": Family(_F + "granitemoe:GraniteMoeAdapter", GRANITE),
-    "granitemoeshared": Family(_F + "granitemoe:GraniteMoeAdapter", GRANITE),
-    "granitemoe_swa": Family(_F + "granitemoe:GraniteMoeSwaAdapter", GRANITE),
-    "minimax_m2": Family(_F + "minimax_m2:MiniMaxM2Adapter",
-                         "sigmoid affinities; chosen with the block's correction bias; weights = affinities / their sum"),
-    "ernie4_5_moe": Family(_F + "ernie4_5_moe:Ernie45MoeAdapter",
-                           "fp32 softmax; chosen with the statistics bias; weights = probabilities / max(sum, moe_norm_min)"),
-    "dots1": Family(_F + "dots1:Dots1Adapter", GROUPED_SIGMOID),
-    "glm4_moe_lite": Family(_F + "glm4_moe_lite:Glm4MoeLiteAdapter", GROUPED_SIGMOID),
-    "afmoe": Family(_F + "afmoe:AfmoeAdapter",
-                    "sigmoid affinities; chosen with the block's expert_bias; weights = affinities / (sum + 1e-20) x route_scale"),
-    "flex_olmo": Family(_F + "flex_olmo:FlexOlmoAdapter", SOFTMAX_TOPK + "; post-norm layout"),
-    "mellum": Family(_F + "mellum:MellumAdapter", SOFTMAX_TOPK),
-    "mimo_v2_flash": Family(_F + "mimo_v2_flash:MimoV2FlashAdapter", GROUPED_SIGMOID),
-    "solar_open": Family(_F + "solar_open:SolarOpenAdapter", GROUPED_SIGMOID),
-    "hunyuan_v1_moe": Family(_F + "hunyuan_v1_moe:HunYuanMoEV1Adapter", SOFTMAX_TOPK_RENORMALISED + "; plus a dense shared MLP"),
-    "beam": Family(_F + "beam:BeamAdapter",
-                   "sigmoid affinities; chosen by affinity + correction bias within top groups; weights = affinity / "
-                   "(sum + 1e-20) if norm_topk_prob; the block scales the experts' sum by routed_scaling_factor"),
+    "glm4_moe": _deepseek_v3_like("glm4_moe:Glm4MoeAdapter"),
+    "exaone_moe": _deepseek_v3_like("exaone_moe:ExaoneMoeAdapter"),
+    "granitemoe": Family(_F + "granitemoe:GraniteMoeAdapter", gate=gates.TOPK_THEN_SOFTMAX, notes=_GRANITE),
+    "granitemoeshared": Family(_F + "granitemoe:GraniteMoeAdapter", gate=gates.TOPK_THEN_SOFTMAX, notes=_GRANITE),
+    "granitemoe_swa": Family(_F + "granitemoe:GraniteMoeSwaAdapter", gate=gates.TOPK_THEN_SOFTMAX, notes=_GRANITE),
+    "minimax_m2": Family(_F + "minimax_m2:MiniMaxM2Adapter", gate=gates.MINIMAX_M2),
+    "ernie4_5_moe": Family(_F + "ernie4_5_moe:Ernie45MoeAdapter", gate=gates.ERNIE),
+    "dots1": _deepseek_v3_like("dots1:Dots1Adapter"),
+    "glm4_moe_lite": _deepseek_v3_like("glm4_moe_lite:Glm4MoeLiteAdapter"),
+    "afmoe": Family(_F + "afmoe:AfmoeAdapter", gate=gates.AFMOE),
+    "flex_olmo": Family(_F + "flex_olmo:FlexOlmoAdapter", gate=gates.SOFTMAX_TOPK, notes="post-norm layout"),
+    "mellum": Family(_F + "mellum:MellumAdapter", gate=gates.SOFTMAX_TOPK),
+    "mimo_v2_flash": _deepseek_v3_like("mimo_v2_flash:MimoV2FlashAdapter"),
+    "solar_open": _deepseek_v3_like("solar_open:SolarOpenAdapter"),
+    "hunyuan_v1_moe": Family(_F + "hunyuan_v1_moe:HunYuanMoEV1Adapter", gate=gates.SOFTMAX_TOPK_RENORMALISED,
+                             notes="plus a dense shared MLP"),
+    "beam": Family(_F + "beam:BeamAdapter", gate=gates.BEAM,
+                   notes="the block scales the experts' sum by routed_scaling_factor"),
     # hybrids (recurrent layers: the cache engine serves what the fast engine cannot patch)
-    "qwen3_next": Family(_F + "qwen3_next:Qwen3NextAdapter", SOFTMAX_TOPK + "; plus sigmoid-gated shared expert (not routed)",
-                         mixers="attention + Gated DeltaNet"),
-    "qwen3_5_moe": Family(_F + "qwen3_5_moe:Qwen35MoeAdapter", SOFTMAX_TOPK_RENORMALISED + "; plus sigmoid-gated shared expert",
-                          mixers="attention + Gated DeltaNet"),
-    "qwen3_5_moe_text": Family(_F + "qwen3_5_moe:Qwen35MoeAdapter",
-                               SOFTMAX_TOPK_RENORMALISED + "; plus sigmoid-gated shared expert", mixers="attention + Gated DeltaNet"),
-    "kimi_linear": Family(_F + "kimi_linear:KimiLinearAdapter", GROUPED_SIGMOID, mixers="MLA + Kimi Delta Attention"),
-    "minimax": Family(_F + "minimax:MiniMaxAdapter", SOFTMAX_TOPK_RENORMALISED, mixers="attention + lightning"),
-    "jamba": Family(_F + "jamba:JambaAdapter", "fp32 softmax over all experts, top-k (not renormalised)", mixers="attention + Mamba"),
-    "lfm2_moe": Family(_F + "lfm2_moe:Lfm2MoeAdapter",
-                       "sigmoid affinities; chosen with the block's expert_bias; weights = affinities / (sum + 1e-6) if "
-                       "norm_topk_prob, x routed_scaling_factor", mixers="attention + short conv"),
-    "granitemoehybrid": Family(_F + "granitemoehybrid:GraniteMoeHybridAdapter", GRANITE, mixers="attention + Mamba-2"),
-    "nemotron_h": Family(_F + "nemotron_h:NemotronHAdapter", GROUPED_SIGMOID, mixers="attention + Mamba-2"),
-    "bailing_hybrid": Family(_F + "bailing_hybrid:BailingHybridAdapter", GROUPED_SIGMOID, mixers="MLA + linear attention"),
+    "qwen3_next": Family(_F + "qwen3_next:Qwen3NextAdapter", mixers="attention + Gated DeltaNet",
+                         gate=gates.SOFTMAX_TOPK, notes=_SHARED_EXPERT),
+    "qwen3_5_moe": Family(_F + "qwen3_5_moe:Qwen35MoeAdapter", mixers="attention + Gated DeltaNet",
+                          gate=gates.SOFTMAX_TOPK_RENORMALISED, notes=_SHARED_EXPERT),
+    "qwen3_5_moe_text": Family(_F + "qwen3_5_moe:Qwen35MoeAdapter", mixers="attention + Gated DeltaNet",
+                               gate=gates.SOFTMAX_TOPK_RENORMALISED, notes=_SHARED_EXPERT),
+    "kimi_linear": _deepseek_v3_like("kimi_linear:KimiLinearAdapter", mixers="MLA + Kimi Delta Attention"),
+    "minimax": Family(_F + "minimax:MiniMaxAdapter", mixers="attention + lightning", gate=gates.SOFTMAX_TOPK_RENORMALISED,
+                      notes="residual x mlp_alpha_factor, block x mlp_beta_factor"),
+    "jamba": Family(_F + "jamba:JambaAdapter", mixers="attention + Mamba", gate=gates.SOFTMAX_TOPK_PLAIN),
+    "lfm2_moe": Family(_F + "lfm2_moe:Lfm2MoeAdapter", mixers="attention + short conv", gate=gates.LFM2_MOE),
+    "granitemoehybrid": Family(_F + "granitemoehybrid:GraniteMoeHybridAdapter", mixers="attention + Mamba-2",
+                               gate=gates.TOPK_THEN_SOFTMAX, notes=_GRANITE),
+    "nemotron_h": _deepseek_v3_like("nemotron_h:NemotronHAdapter", mixers="attention + Mamba-2"),
+    "bailing_hybrid": _deepseek_v3_like("bailing_hybrid:BailingHybridAdapter", mixers="MLA + linear attention"),
 }
 
 ADAPTERS: dict[str, str] = {model_type: entry.adapter for model_type, entry in FAMILIES.items()}
@@ -106,12 +126,13 @@ SUPPORTED = tuple(FAMILIES)   # the families routelens ships (registered ones co
 ENTRY_POINT_GROUP = "routelens.families"
 
 
-def register_family(model_type: str, adapter, gating_rule: str, mixers: str = "attention", *,
+def register_family(model_type: str, adapter, gating_rule: str | None = None, mixers: str = "attention", *,
                     replace: bool = False) -> Family:
     """Serve the Hugging Face `model_type` with `adapter` (an `MoEAdapter` subclass, or
     "module:Class"), defined outside routelens. `gating_rule`: the rule in one line, as
-    `routelens models` shows it; `mixers`: what mixes positions in its layers. A model type
-    routelens already serves is refused unless `replace`.
+    `routelens models` shows it; without one it is generated from the adapter's `gate`
+    (a gate that is code needs the line). `mixers`: what mixes positions in its layers.
+    A model type routelens already serves is refused unless `replace`.
 
     Examples:
         >>> import routelens as rl
@@ -120,22 +141,43 @@ def register_family(model_type: str, adapter, gating_rule: str, mixers: str = "a
         ...     pass
         >>> rl.register_family("my_olmoe_variant", MyAdapter, "fp32 softmax over all experts, top-k").adapter_name
         'MyAdapter'
+        >>> rl.register_family("my_other_variant", MyAdapter).gating_rule
+        'fp32 softmax over all experts; top-k; weights = the chosen probabilities / their sum if norm_topk_prob'
     """
-    from routelens.models.adapter import MoEAdapter
-
     if not isinstance(model_type, str) or not model_type.strip():
         raise RouteLensError(f"model_type must be a non-empty string (a config's model_type), got {model_type!r}")
+    adapter_type = _adapter_type(adapter, load=gating_rule is None)
+    if gating_rule is None:
+        if adapter_type.gate is None:
+            raise RouteLensError(f"{adapter_type.__name__}'s gate is code: pass its gating_rule in one line of text")
+        return _register(model_type, Family(adapter, mixers=mixers, gate=adapter_type.gate), replace)
+    if not isinstance(gating_rule, str) or not gating_rule.strip() or "\n" in gating_rule:
+        raise RouteLensError("gating_rule must be the gating rule in one line of text")
+    return _register(model_type, Family(adapter, gating_rule, mixers), replace)
+
+
+def _adapter_type(adapter, load: bool) -> type[MoEAdapter] | None:
+    """The adapter class a registration names, checked; a "module:Class" string is imported
+    only if `load` (otherwise on first use), and None is returned for it."""
+    from routelens.models.adapter import MoEAdapter
+
     if isinstance(adapter, str):
         if adapter.count(":") != 1:
             raise RouteLensError(f"adapter {adapter!r} must be a class or 'module:Class'")
-    elif not (isinstance(adapter, type) and issubclass(adapter, MoEAdapter)):
+        if not load:
+            return None
+        module_name, class_name = adapter.split(":")
+        adapter = getattr(importlib.import_module(module_name), class_name)
+    if not (isinstance(adapter, type) and issubclass(adapter, MoEAdapter)):
         raise RouteLensError(f"adapter must be a subclass of routelens.models.adapter.MoEAdapter, got {adapter!r}")
-    if not isinstance(gating_rule, str) or not gating_rule.strip() or "\n" in gating_rule:
-        raise RouteLensError("gating_rule must be the gating rule in one line of text")
+    return adapter
+
+
+def _register(model_type: str, entry: Family, replace: bool) -> Family:
     if model_type in FAMILIES and not replace:
         raise RouteLensError(f"model type {model_type!r} is already served by {FAMILIES[model_type].adapter_name}; "
                              "pass replace=True to serve it with another adapter")
-    entry = FAMILIES[model_type] = Family(adapter, gating_rule, mixers)
+    FAMILIES[model_type] = entry
     return entry
 
 
@@ -148,7 +190,8 @@ def _from_entry_points(model_type: str) -> Family | None:
             if not isinstance(declared, Family):
                 raise RouteLensError(f"entry point {entry_point.value!r} ({ENTRY_POINT_GROUP}: {model_type}) must be a "
                                      f"routelens.models.registry.Family, got {type(declared).__name__}")
-            return register_family(model_type, declared.adapter, declared.gating_rule, declared.mixers)
+            _adapter_type(declared.adapter, load=False)
+            return _register(model_type, declared, replace=False)
     return None
 
 
@@ -174,3 +217,18 @@ def adapter_class(model_type: str) -> type[MoEAdapter]:
 def adapter_for(model) -> MoEAdapter:
     """Wrap a loaded Hugging Face model in its family's adapter."""
     return adapter_class(model.config.model_type)(model)
+
+
+def markdown_table() -> str:
+    """The table of served families in docs/families.md (between its `families:begin` and
+    `families:end` markers; `scripts/families_doc.py` writes it, a quick test checks it)."""
+    rows = ["| model type | adapter | layers | gating rule |", "| --- | --- | --- | --- |"]
+    rows += [f"| `{model_type}` | `{entry.adapter_name}` | {entry.mixers} | {entry.gating_rule} |"
+             for model_type, entry in FAMILIES.items()]
+    return "\n".join(rows) + "\n"
+
+
+if __name__ == "__main__":
+    if sys.argv[1:] != ["--markdown"]:
+        sys.exit("usage: python -m routelens.models.registry --markdown")
+    print(markdown_table(), end="")

@@ -1,1 +1,2 @@
-"""One adapter per MoE family: mostly data (which model types, the gating rule)."""
+"""One adapter per MoE family: a `gate` and a `layout` (data, `routelens.models.spec`), plus
+code only where an answer is computed (PhiMoE's sparsemixer, residual multipliers, caches)."""

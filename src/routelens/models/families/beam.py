@@ -10,24 +10,16 @@ import math
 
 import torch
 
-from routelens.models.families.deepseek_v3 import DeepseekV3Adapter
+from routelens.models.adapter import MoEAdapter
+from routelens.models.gates import BEAM
+from routelens.models.spec import Layout
 
 
-class BeamAdapter(DeepseekV3Adapter):
-    model_types = ("beam",)
-    mlp_residual_input_attribute = "pre_feedforward_layernorm"
-    window_source = "config"
+class BeamAdapter(MoEAdapter):
+    gate = BEAM
+    layout = Layout(mlp_input="pre_feedforward_layernorm", mlp_output_norm="post_feedforward_layernorm")
     # full-attention layers scale queries by position: attention_scaling [B, 1, T, 1]
     positional_arguments = {"position_embeddings": (0, 1), "position_ids": (0, 1), "attention_scaling": (0, 2)}
-
-    def weights_for(self, logits: torch.Tensor, experts: torch.Tensor) -> torch.Tensor:
-        weights = torch.sigmoid(logits.float()).gather(-1, experts)
-        if self.config.norm_topk_prob:
-            weights = weights / (weights.sum(dim=-1, keepdim=True) + 1e-20)
-        return weights
-
-    def mlp_output_norm(self, layer: int):
-        return self.decoder_layers[layer].post_feedforward_layernorm
 
     def _mlp_add(self, layer: int) -> int:
         return self.decoder_layers[layer].mlp_residual_add_idx

@@ -2,8 +2,8 @@
 groups, routed_scaling_factor); sliding-window layers from config.layer_types."""
 
 from routelens.models.families.deepseek_v3 import DeepseekV3Adapter
+from routelens.models.spec import Layout
 
 
 class Dots1Adapter(DeepseekV3Adapter):
-    model_types = ("dots1",)
-    window_source = "config"   # its mask builder applies sliding windows to `sliding_attention` layers
+    layout = Layout()   # its mask builder applies sliding windows to `sliding_attention` layers

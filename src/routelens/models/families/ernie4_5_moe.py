@@ -2,21 +2,11 @@
 (moe_statics.e_score_correction_bias); weights = the chosen probabilities over
 max(their sum, moe_norm_min)."""
 
-from __future__ import annotations
-
-import torch
-
 from routelens.models.adapter import MoEAdapter
+from routelens.models.gates import ERNIE
+from routelens.models.spec import Layout
 
 
 class Ernie45MoeAdapter(MoEAdapter):
-    model_types = ("ernie4_5_moe",)
-    window_source = "none"   # plain causal mask
-
-    def selection_scores(self, logits: torch.Tensor, layer: int, admitted_only: bool = True) -> torch.Tensor:
-        bias = self.routers[layer].moe_statics.e_score_correction_bias.float().reshape(-1).to(logits.device)
-        return (torch.softmax(logits.float(), dim=-1) + bias).clamp_min(0.0)
-
-    def weights_for(self, logits: torch.Tensor, experts: torch.Tensor) -> torch.Tensor:
-        weights = torch.softmax(logits.float(), dim=-1).gather(-1, experts)
-        return weights / weights.sum(dim=-1, keepdim=True).clamp_min(self.config.moe_norm_min)
+    gate = ERNIE
+    layout = Layout(windows="none")   # plain causal mask

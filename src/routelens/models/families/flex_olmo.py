@@ -4,14 +4,8 @@ residual stream itself (no norm before it) and its output is normalised
 fast engine's layout check confirms them on every run."""
 
 from routelens.models.families.softmax_topk import SoftmaxTopKAdapter
+from routelens.models.spec import Layout
 
 
 class FlexOlmoAdapter(SoftmaxTopKAdapter):
-    model_types = ("flex_olmo",)
-    window_source = "none"   # plain causal mask
-
-    def mlp_residual_input(self, layer: int):
-        return self.moe_block(layer)
-
-    def mlp_output_norm(self, layer: int):
-        return self.decoder_layers[layer].post_feedforward_layernorm
+    layout = Layout(mlp_input=None, mlp_output_norm="post_feedforward_layernorm", windows="none")

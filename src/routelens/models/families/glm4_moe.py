@@ -5,5 +5,4 @@ from routelens.models.families.deepseek_v3 import DeepseekV3Adapter
 
 
 class Glm4MoeAdapter(DeepseekV3Adapter):
-    model_types = ("glm4_moe",)
-    window_source = "none"   # plain causal mask
+    pass   # DeepSeek-V3's gate and layout (a plain causal mask)

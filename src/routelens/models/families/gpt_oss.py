@@ -2,15 +2,9 @@
 logits. The MegaBlocks hub kernel would bypass router hooks; the override's fire check
 catches that."""
 
-from __future__ import annotations
-
-import torch
-
 from routelens.models.adapter import MoEAdapter
+from routelens.models.gates import TOPK_THEN_SOFTMAX
 
 
 class GptOssAdapter(MoEAdapter):
-    model_types = ("gpt_oss",)
-
-    def weights_for(self, logits: torch.Tensor, experts: torch.Tensor) -> torch.Tensor:
-        return torch.softmax(logits.float().gather(-1, experts), dim=-1)
+    gate = TOPK_THEN_SOFTMAX

@@ -8,15 +8,13 @@ from __future__ import annotations
 import torch
 
 from routelens.models.adapter import MoEAdapter
+from routelens.models.gates import TOPK_THEN_SOFTMAX
+from routelens.models.spec import Layout
 
 
 class GraniteMoeAdapter(MoEAdapter):
-    model_types = ("granitemoe", "granitemoeshared")
-    moe_block_attribute = "block_sparse_moe"
-    window_source = "none"   # plain causal mask
-
-    def parallel_mlp(self, layer: int):
-        return getattr(self.decoder_layers[layer], "shared_mlp", None)
+    gate = TOPK_THEN_SOFTMAX
+    layout = Layout(moe_block="block_sparse_moe", parallel_mlp="shared_mlp", windows="none")   # plain causal mask
 
     def mlp_residual_scale(self, layer: int) -> float:
         return float(self.config.residual_multiplier)
@@ -24,13 +22,9 @@ class GraniteMoeAdapter(MoEAdapter):
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.lm_head(hidden) / self.config.logits_scaling
 
-    def weights_for(self, logits: torch.Tensor, experts: torch.Tensor) -> torch.Tensor:
-        return torch.softmax(logits.float().gather(-1, experts), dim=-1)
-
 
 class GraniteMoeSwaAdapter(GraniteMoeAdapter):
     """GraniteMoeSWA: Granite MoE with sliding-window layers (config.layer_types) and a
     learnable per-head attention sink."""
 
-    model_types = ("granitemoe_swa",)
-    window_source = "config"   # its mask builder applies sliding windows to `sliding_attention` layers
+    layout = Layout(moe_block="block_sparse_moe", parallel_mlp="shared_mlp")   # sliding windows from the config

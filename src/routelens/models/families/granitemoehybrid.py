@@ -6,4 +6,4 @@ from routelens.models.families.granitemoe import GraniteMoeAdapter
 
 
 class GraniteMoeHybridAdapter(GraniteMoeAdapter):
-    model_types = ("granitemoehybrid",)
+    pass

@@ -6,4 +6,4 @@ from routelens.models.families.deepseek_v3 import DeepseekV3Adapter
 
 
 class KimiLinearAdapter(DeepseekV3Adapter):
-    model_types = ("kimi_linear",)
+    pass

@@ -5,5 +5,4 @@ from routelens.models.families.softmax_topk import SoftmaxTopKAdapter
 
 
 class MellumAdapter(SoftmaxTopKAdapter):
-    model_types = ("mellum",)
-    window_source = "config"   # its mask builder applies sliding windows to `sliding_attention` layers
+    pass   # the default layout: its mask builder applies sliding windows to `sliding_attention` layers

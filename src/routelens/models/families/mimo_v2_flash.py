@@ -3,8 +3,8 @@ groups, routed_scaling_factor); sliding-window layers from config.layer_types; v
 dim apart from the query/key head dim."""
 
 from routelens.models.families.deepseek_v3 import DeepseekV3Adapter
+from routelens.models.spec import Layout
 
 
 class MimoV2FlashAdapter(DeepseekV3Adapter):
-    model_types = ("mimo_v2_flash",)
-    window_source = "config"   # its mask builder applies sliding windows to `sliding_attention` layers
+    layout = Layout()   # its mask builder applies sliding windows to `sliding_attention` layers

@@ -8,21 +8,20 @@ from __future__ import annotations
 
 import torch
 
-from routelens.models.families.softmax_topk import SoftmaxTopKAdapter
+from routelens.models.adapter import MoEAdapter
+from routelens.models.gates import SOFTMAX_TOPK_RENORMALISED
+from routelens.models.spec import Layout
 
 
-class MiniMaxAdapter(SoftmaxTopKAdapter):
-    model_types = ("minimax",)
-    normalize = True
+class MiniMaxAdapter(MoEAdapter):
+    gate = SOFTMAX_TOPK_RENORMALISED
+    layout = Layout(mlp_input=None)   # the residual of the MLP sub-block is the normed state the block reads
     # measured: on the tiny model, in float64, decoding token by token with MiniMaxCache differs
     # from the full forward by up to 0.1 nats, while the full forward is causal to 1e-15
     cache_engine_defect = ("transformers 5.23's MiniMax lightning attention decodes with its cache to other numbers "
                            "than its full forward (up to 0.1 nats in float64 on a tiny model)")
 
     # out = mlp_alpha_factor x (the normed state the MoE block reads) + mlp_beta_factor x MoE block
-    def mlp_residual_input(self, layer: int):
-        return self.moe_block(layer)
-
     def residual_weight(self, layer: int) -> float:
         return float(self.config.mlp_alpha_factor)
 

@@ -1,11 +1,8 @@
 """Mixtral: softmax top-k, always renormalised over the k (router jitter only in training)."""
 
-from routelens.models.families.softmax_topk import SoftmaxTopKAdapter
+from routelens.models.adapter import MoEAdapter
+from routelens.models.gates import SOFTMAX_TOPK_RENORMALISED
 
 
-class MixtralAdapter(SoftmaxTopKAdapter):
-    model_types = ("mixtral",)
-
-    @property
-    def normalize(self) -> bool:
-        return True
+class MixtralAdapter(MoEAdapter):
+    gate = SOFTMAX_TOPK_RENORMALISED

@@ -5,13 +5,11 @@ correction bias for choosing only, groups, x routed_scaling_factor) plus shared 
 from __future__ import annotations
 
 from routelens.models.families.deepseek_v3 import DeepseekV3Adapter
+from routelens.models.spec import Layout
 
 
 class NemotronHAdapter(DeepseekV3Adapter):
-    model_types = ("nemotron_h",)
-    moe_block_attribute = "mixer"
-    mlp_residual_input_attribute = "norm"
-    final_norm_attribute = "norm_f"
+    layout = Layout(moe_block="mixer", mlp_input="norm", final_norm="norm_f", windows="none")
 
     def fast_engine_unsupported(self) -> str | None:
         if getattr(self.config, "moe_latent_size", None):

@@ -25,7 +25,7 @@ def _masked_softmax_at(scores: torch.Tensor, reference: torch.Tensor, jitter_eps
 
 
 class PhimoeAdapter(MoEAdapter):
-    model_types = ("phimoe",)
+    gate = None   # the sparsemixer is code: weights_for below
 
     def _top_k(self, router) -> int:
         return 2

@@ -6,4 +6,4 @@ from routelens.models.families.softmax_topk import SoftmaxTopKAdapter
 
 
 class Qwen2MoeAdapter(SoftmaxTopKAdapter):
-    model_types = ("qwen2_moe",)
+    pass

@@ -2,9 +2,9 @@
 Qwen3-Next router, which always renormalises the top-k probabilities; Gated DeltaNet
 linear-attention layers between full-attention layers."""
 
-from routelens.models.families.softmax_topk import SoftmaxTopKAdapter
+from routelens.models.adapter import MoEAdapter
+from routelens.models.gates import SOFTMAX_TOPK_RENORMALISED
 
 
-class Qwen35MoeAdapter(SoftmaxTopKAdapter):
-    model_types = ("qwen3_5_moe", "qwen3_5_moe_text")
-    normalize = True
+class Qwen35MoeAdapter(MoEAdapter):
+    gate = SOFTMAX_TOPK_RENORMALISED

@@ -4,4 +4,4 @@ from routelens.models.families.softmax_topk import SoftmaxTopKAdapter
 
 
 class Qwen3MoeAdapter(SoftmaxTopKAdapter):
-    model_types = ("qwen3_moe",)
+    pass

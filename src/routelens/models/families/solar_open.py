@@ -5,5 +5,4 @@ from routelens.models.families.deepseek_v3 import DeepseekV3Adapter
 
 
 class SolarOpenAdapter(DeepseekV3Adapter):
-    model_types = ("solar_open",)
-    window_source = "none"   # plain causal mask
+    pass   # DeepSeek-V3's gate and layout (a plain causal mask)

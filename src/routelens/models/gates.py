@@ -1,0 +1,40 @@
+"""The gates the shipped families share, by name (torch-free: the registry generates each
+family's gating rule from them, and the adapters compute with the same objects).
+
+Examples:
+    >>> from routelens.models.gates import DEEPSEEK_V3
+    >>> DEEPSEEK_V3.scale, DEEPSEEK_V3.groups.score
+    ('routed_scaling_factor', 'top2')
+"""
+
+from __future__ import annotations
+
+from routelens.models.spec import Gate, Groups
+
+#: OLMoE, Qwen2/3-MoE, FlexOlmo, Mellum, Qwen3-Next: renormalised only if the config says so
+SOFTMAX_TOPK = Gate("softmax", normalise="norm_topk_prob")
+#: Mixtral, Hunyuan, Qwen3.5-MoE, MiniMax: always renormalised
+SOFTMAX_TOPK_RENORMALISED = Gate("softmax", normalise=True)
+#: Jamba: never renormalised
+SOFTMAX_TOPK_PLAIN = Gate("softmax")
+#: DeepSeek-V2: greedy, or group-limited greedy by the groups' largest probability; scaled, never renormalised
+DEEPSEEK_V2 = Gate("softmax", groups=Groups("max", when=("topk_method", "group_limited_greedy")),
+                   scale="routed_scaling_factor")
+#: DeepSeek-V3 and its many copies: the correction bias only for choosing, top-2-sum groups
+DEEPSEEK_V3 = Gate("sigmoid", choice_bias="router.e_score_correction_bias", groups=Groups("top2"),
+                   normalise="norm_topk_prob", epsilon=1e-20, scale="routed_scaling_factor")
+#: Beam: DeepSeek-V3's router, but the block (not the router) applies routed_scaling_factor
+BEAM = Gate("sigmoid", choice_bias="router.e_score_correction_bias", groups=Groups("top2"),
+            normalise="norm_topk_prob", epsilon=1e-20)
+#: GPT-OSS, Granite MoE
+TOPK_THEN_SOFTMAX = Gate("topk_then_softmax")
+#: MiniMax-M2: the block holds the correction bias and passes it to its router
+MINIMAX_M2 = Gate("sigmoid", choice_bias="block.e_score_correction_bias", normalise=True)
+#: ERNIE 4.5 MoE: the router's statistics bias; the sum floored at moe_norm_min
+ERNIE = Gate("softmax", choice_bias="router.moe_statics.e_score_correction_bias", normalise=True,
+             norm_floor="moe_norm_min")
+#: AFMoE (Arcee Trinity)
+AFMOE = Gate("sigmoid", choice_bias="block.expert_bias", normalise=True, epsilon=1e-20, scale="route_scale")
+#: LFM2-MoE (its expert_bias is optional: use_expert_bias)
+LFM2_MOE = Gate("sigmoid", choice_bias="block.expert_bias", normalise="norm_topk_prob", epsilon=1e-6,
+                scale="routed_scaling_factor")
