@@ -73,6 +73,22 @@ def test_graft_changes_exactly_the_mapped_expert_tensors(folders):
     assert rl.load(out).family == "olmoe"
 
 
+def test_graft_takes_lens_objects_as_it_takes_specs(folders, tmp_path):
+    """Lens objects graft exactly as their specs do (same tensors, same record) and the
+    recipient Lens is left as it came; a Lens in another dtype is refused."""
+    recipient, donor = rl.load(folders["recipient"]), rl.load(folders["donor"])
+    before = {name: tensor.clone() for name, tensor in recipient.model.state_dict().items()}
+    from_lens = rl.graft(recipient, donor, "0:1=1:3", str(tmp_path / "lens"))
+    from_specs = rl.graft(folders["recipient"], folders["donor"], "0:1=1:3", str(tmp_path / "specs"))
+    assert from_lens.record == from_specs.record
+    lens_model = AutoModelForCausalLM.from_pretrained(tmp_path / "lens").state_dict()
+    spec_model = AutoModelForCausalLM.from_pretrained(tmp_path / "specs").state_dict()
+    assert all(torch.equal(lens_model[name], spec_model[name]) for name in spec_model)
+    assert all(torch.equal(before[name], tensor) for name, tensor in recipient.model.state_dict().items())
+    with pytest.raises(RouteLensError, match=r"is float32; grafting in `dtype` bfloat16"):
+        rl.graft(recipient, donor, "0:1=1:3", str(tmp_path / "bf16"), dtype="bfloat16")
+
+
 @pytest.mark.parametrize("donor, experts, message", [
     ("narrow", "0:1=0:1", "only experts of one shape can be grafted"),
     ("qwen", "0:1=0:1", "the donor is a qwen3_moe model and the recipient a olmoe model"),

@@ -28,7 +28,7 @@ from routelens.config import (
 from routelens.data.target_items import TargetItem
 from routelens.data.trajectories import Trajectory
 from routelens.distributed import ray_settings
-from routelens.errors import RouteLensError
+from routelens.errors import RouteLensError, SettingError
 from routelens.lens import Lens
 from routelens.results.objects import (
     CounterfactualResult,
@@ -488,7 +488,7 @@ def semantic_route(lens: Lens, items, out: str | None = None, *, config: Semanti
 
 
 # ---------------------------------------------------------------------------- grafting
-def graft(recipient: str, donor: str, experts, out: str, *, dtype: str | None = None, device: str = "cpu",
+def graft(recipient: Lens | str, donor: Lens | str, experts, out: str, *, dtype: str | None = None, device: str = "cpu",
           evaluate: bool = False, items="arithmetic", domains: list[str] | None = None, per_domain: int | None = 50,
           seed: int = 0, bootstrap_resamples: int = 2000, alpha: float = 0.05, show_progress: bool = False,
           ray=None, workers: int | None = None) -> GraftResult:
@@ -497,7 +497,8 @@ def graft(recipient: str, donor: str, experts, out: str, *, dtype: str | None = 
     changed (natural score, the slot's selection share, the grafted vs the original expert
     forced alone) into `out`/evaluation.
 
-    `recipient`, `donor`: model specs of one family ("demo", a folder, a hub id). `experts`:
+    `recipient`, `donor`: `Lens` objects or model specs ("demo", a folder, a hub id) of one
+    family; a Lens is used as loaded (the recipient is restored after the graft). `experts`:
     "L:e=L2:e2,..." or [(L, e, L2, e2), ...] (recipient layer and expert <- donor layer and
     expert). `dtype`: default the recipient checkpoint's own. `ray`/`workers`: evaluate on a
     pool of Ray actors (see `counterfactual`); the graft itself is written here.
@@ -516,8 +517,21 @@ def graft(recipient: str, donor: str, experts, out: str, *, dtype: str | None = 
     ray = ray_settings(ray, workers)
 
     mapping = parse_expert_map(experts) if isinstance(experts, str) else [tuple(map(int, pair)) for pair in experts]
-    dtype = dtype or checkpoint_dtype(recipient)
-    into, source = load(recipient, device, dtype), load(donor, device, dtype)
+    if isinstance(recipient, Lens):   # a loaded model: its own dtype, unless another is asked for
+        dtype = dtype or recipient.loaded.dtype
+    else:
+        dtype = dtype or checkpoint_dtype(recipient)
+
+    def loaded(model) -> Lens:
+        if not isinstance(model, Lens):
+            return load(model, device, dtype)
+        if not model.loaded.weights or model.loaded.dtype != dtype:
+            raise SettingError(f"the Lens of {model.loaded.spec!r} is {model.loaded.dtype}"
+                               f"{'' if model.loaded.weights else ' without weights'}; grafting in `dtype` {dtype} "
+                               "needs the model loaded with weights in that dtype", "dtype")
+        return model
+
+    into, source = loaded(recipient), loaded(donor)
     plan = plan_graft(into.loaded, source.loaded, mapping)
     record = write_grafted(out, into.loaded, source.loaded, plan)
     del source
