@@ -37,8 +37,8 @@ def time_run(src: str, trajectories_path: str, dump: str) -> dict:
     import torch
 
     import routelens as rl
-    from routelens.analyses.counterfactual import analyse_trajectories, keep_step_ok_tokens, trajectory_groups
-    from routelens.config import CounterfactualConfig
+    from routelens.analyses.counterfactual.analysis import analyse_trajectories, keep_step_ok_tokens, trajectory_groups
+    from routelens.analyses.counterfactual.config import CounterfactualConfig
     from routelens.engine import make_engine
 
     torch.set_num_threads(min(2, os.cpu_count() or 1))

@@ -41,7 +41,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, DynamicCache
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "src"))
 
-from routelens.analyses.counterfactual import CounterfactualConfig, build_routes  # noqa: E402
+from routelens.analyses.counterfactual.analysis import CounterfactualConfig, build_routes  # noqa: E402
 from routelens.data.trajectories import Trajectory  # noqa: E402
 from routelens.engine import CacheEngine, FastEngine, ReferenceEngine, ScoreItem  # noqa: E402
 from routelens.engine.readout import record_layer_arguments  # noqa: E402

@@ -280,7 +280,7 @@ def test_passk_in_memory_equals_the_command_lines_run_folder(demo, tmp_path):
 
 
 def test_router_update_from_a_saved_result_leaves_the_model_unchanged(demo, demo_trajectories, tmp_path):
-    from routelens.analyses.router_update import parameter_hashes
+    from routelens.analyses.router_update.analysis import parameter_hashes
 
     trajs, _ = demo_trajectories
     before = parameter_hashes(demo.model)

@@ -10,7 +10,7 @@ import torch
 from conftest import write_jsonl
 from safetensors.torch import load_file, save_file
 
-from routelens.analyses.counterfactual import CounterfactualConfig, build_routes
+from routelens.analyses.counterfactual.analysis import CounterfactualConfig, build_routes
 from routelens.cli import main
 from routelens.data.trajectories import Trajectory
 from routelens.engine import FastEngine, ScoreItem

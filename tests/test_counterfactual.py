@@ -8,7 +8,7 @@ import torch
 from conftest import FAMILIES
 from scipy import stats as sp
 
-from routelens.analyses.counterfactual import (
+from routelens.analyses.counterfactual.analysis import (
     BINS,
     CounterfactualConfig,
     analyse_trajectories,
@@ -195,7 +195,7 @@ def test_tolerance_null_and_percentile_equal_a_second_implementation_from_routes
 
 def _group_and_alone(adapter, trajectories, layers, config):
     """Each trajectory's tables from one group under the fast engine, and alone under a fresh one."""
-    from routelens.analyses.counterfactual import analyse_trajectories
+    from routelens.analyses.counterfactual.analysis import analyse_trajectories
     from routelens.engine import FastEngine
 
     engine = FastEngine(adapter)
@@ -227,7 +227,7 @@ def test_trajectories_of_unequal_length_in_one_group_equal_each_alone(tiny_adapt
     """A group shares one right-padded natural forward (routes, keys/values) and its
     scoring chunks; every route of every trajectory equals the trajectory scored alone, and
     the engine checked the padding inert on this model and says so in the run's checks."""
-    from routelens.analyses.counterfactual import engine_checks
+    from routelens.analyses.counterfactual.analysis import engine_checks
 
     adapter = tiny_adapters[family]
     trajectories = [_trajectory(seed=40 + i, length=n, start=4, tid=f"t{i}") for i, n in enumerate((9, 15, 12))]
@@ -244,7 +244,7 @@ def test_padding_that_reaches_real_positions_makes_the_counterfactual_score_one_
     two computations of the same padded pass). Unchecked, the group's numbers are silently
     wrong; the padding check refuses the group, and the analysis scores each trajectory
     alone, exactly, with a warning and the reason in the run's checks."""
-    from routelens.analyses.counterfactual import engine_checks
+    from routelens.analyses.counterfactual.analysis import engine_checks
 
     adapter = tiny_adapters["qwen3_moe"]
     trajectories = [_trajectory(seed=50 + i, length=n, start=4, tid=f"t{i}") for i, n in enumerate((8, 13))]
@@ -255,7 +255,7 @@ def test_padding_that_reaches_real_positions_makes_the_counterfactual_score_one_
     try:
         with pytest.warns(UserWarning, match="padding reaches real positions.*one trajectory at a time"):
             engine, grouped, alone = _group_and_alone(adapter, trajectories, layers, config)
-        from routelens.analyses.counterfactual import analyse_trajectories
+        from routelens.analyses.counterfactual.analysis import analyse_trajectories
         from routelens.engine import FastEngine
 
         unchecked = FastEngine(adapter)

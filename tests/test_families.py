@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from routelens.analyses.counterfactual import CounterfactualConfig, build_routes
+from routelens.analyses.counterfactual.analysis import CounterfactualConfig, build_routes
 from routelens.data.trajectories import Trajectory
 from routelens.models import adapter_for
 from routelens.models.families.deepseek_v3 import admitted_groups

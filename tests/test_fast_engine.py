@@ -8,7 +8,7 @@ import pytest
 import torch
 from conftest import FAMILIES
 
-from routelens.analyses.counterfactual import CounterfactualConfig, build_routes
+from routelens.analyses.counterfactual.analysis import CounterfactualConfig, build_routes
 from routelens.data.trajectories import Trajectory
 from routelens.engine import CacheEngine, FastEngine, ReferenceEngine, ScoreItem, make_engine
 from routelens.engine.fast import FastEngineUnsupported

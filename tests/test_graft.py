@@ -14,8 +14,8 @@ from scipy import stats as sp
 from transformers import AutoModelForCausalLM
 
 import routelens as rl
+from routelens.analyses.graft.grafting import parse_expert_map, tensor_sha256
 from routelens.errors import RouteLensError
-from routelens.grafting import parse_expert_map, tensor_sha256
 from routelens.models.tiny import build_tiny_model
 
 

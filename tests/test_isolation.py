@@ -15,8 +15,8 @@ from scipy import stats as sps
 from statsmodels.stats.multitest import multipletests
 
 from routelens import stats
-from routelens.analyses import isolation
-from routelens.analyses.isolation import (
+from routelens.analyses.isolation import analysis as isolation
+from routelens.analyses.isolation.analysis import (
     IsolationConfig,
     IsolationJob,
     analyse_item,

@@ -11,7 +11,7 @@ import pytest
 import torch
 from conftest import FAMILIES
 
-from routelens.analyses.counterfactual import CounterfactualConfig, build_routes, joint_routes, joint_verdict
+from routelens.analyses.counterfactual.analysis import CounterfactualConfig, build_routes, joint_routes, joint_verdict
 from routelens.data.trajectories import Trajectory
 from routelens.engine import CacheEngine, FastEngine, ReferenceEngine, ScoreItem
 from routelens.errors import RouteLensError
@@ -157,7 +157,7 @@ def _synthetic_joint_summary(excess: float, trajectories: int = 24, positions: i
     p_joint(r) = p_std + d_0(r) + d_1(r) + excess (r > 0): additive when excess = 0."""
     import pandas as pd
 
-    from routelens.analyses.counterfactual import LayerRoutes, joint_tables, summarise_joint
+    from routelens.analyses.counterfactual.analysis import LayerRoutes, joint_tables, summarise_joint
     from routelens.data.trajectories import Trajectory
 
     rng = np.random.default_rng(0)
@@ -241,8 +241,8 @@ def test_joint_run_report_and_printed_table_show_the_comparison(demo_joint, tmp_
 
     from rich.console import Console
 
+    from routelens.analyses.counterfactual.table import print_summary
     from routelens.report.page import interval
-    from routelens.summary_table import print_summary
 
     _, res = demo_joint
     saved = res.save(str(tmp_path / "joint"))

@@ -13,8 +13,10 @@ import pandas as pd
 import pytest
 from conftest import write_jsonl
 
+from routelens.analyses.counterfactual.report import counterfactual_figures, worst_tokens
+from routelens.analyses.isolation.report import isolation_figures
+from routelens.analyses.passk.report import passk_figures
 from routelens.cli import main
-from routelens.report import figures as figs
 from routelens.results.run_folder import read_json
 
 SCRIPT = "<script>alert(1)</script>"
@@ -70,7 +72,7 @@ def test_report_figures_and_tables_agree_with_the_run(runs):
     # worst-routed tokens: the Fragile tokens with the largest gain, in order
     worst = re.search(r'<table id="cf-worst">(.*?)</table>', page, re.S).group(1)
     rows = re.findall(r"<tr><td>([^<]*)</td><td>(\d+)</td><td>(\d+)</td>", worst)
-    fragile = figs.worst_tokens(tokens, 20)
+    fragile = worst_tokens(tokens, 20)
     assert [(t, int(layer), int(p)) for t, layer, p in rows] == list(zip(fragile["trajectory_id"], fragile["layer"], fragile["position"]))
     assert "&lt;script&gt;alert(1)&lt;/script&gt;" in page and "<script" not in page.lower()
 
@@ -87,11 +89,11 @@ def test_every_figure_has_a_title_and_labelled_axes(runs):
     root, _ = runs
     tokens = pd.read_parquet(root / "cf" / "tokens.parquet")
     routes = pd.read_parquet(root / "cf" / "routes.parquet")
-    made = (figs.counterfactual_figures(tokens, routes, read_json(root / "cf" / "summary.json"),
+    made = (counterfactual_figures(tokens, routes, read_json(root / "cf" / "summary.json"),
                                         read_json(root / "cf" / "run.json")["config"])
-            + figs.isolation_figures(pd.read_parquet(root / "iso" / "cells.parquet"),
+            + isolation_figures(pd.read_parquet(root / "iso" / "cells.parquet"),
                                      pd.read_parquet(root / "iso" / "calibration.parquet"), read_json(root / "iso" / "summary.json"))
-            + figs.passk_figures(read_json(root / "passk" / "summary.json")))
+            + passk_figures(read_json(root / "passk" / "summary.json")))
     for figure in made:
         axes = [ax for ax in figure.figure.axes if ax.get_visible() and ax.get_label() != "<colorbar>"]
         assert axes, figure.name
@@ -176,10 +178,10 @@ def test_p_values_at_the_signed_rank_floor_are_marked():
     (SciPy's exact two-sided Wilcoxon with n same-signed differences)."""
     import scipy.stats as sps
 
-    from routelens.report.build import _p_at_floor
+    from routelens.report.build import p_at_floor
 
     for n in (5, 8, 12):
         smallest = sps.wilcoxon(np.arange(1, n + 1), method="exact").pvalue
-        assert _p_at_floor(smallest, n).endswith("(floor)")
+        assert p_at_floor(smallest, n).endswith("(floor)")
         mixed = sps.wilcoxon(np.r_[np.arange(1, n), -0.5], method="exact").pvalue
-        assert not _p_at_floor(mixed, n).endswith("(floor)")
+        assert not p_at_floor(mixed, n).endswith("(floor)")

@@ -14,7 +14,7 @@ import torch
 from conftest import PYTHON, kill_when_parts_land, scaled, write_jsonl
 
 import routelens as rl
-from routelens.analyses.rollout import ARMS, per_token
+from routelens.analyses.rollout.analysis import ARMS, per_token
 from routelens.errors import RouteLensError
 from routelens.generation import continue_under_routes, row_generator
 from routelens.models.routing import RouteOverride, capture_routes, override_routes

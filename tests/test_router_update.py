@@ -15,7 +15,7 @@ from conftest import FAMILIES, PYTHON, kill_when_parts_land, scaled, unit_parts,
 from scipy import stats as sps
 
 from routelens import stats
-from routelens.analyses.router_update import (
+from routelens.analyses.router_update.analysis import (
     parameter_hashes,
     plackett_luce_set_log_prob,
     route_log_weights,
@@ -277,7 +277,7 @@ def test_router_update_offers_no_ray(tmp_path, capsys):
 
 UPDATE_SCRIPT = """
 import sys, time
-from routelens.analyses import router_update
+from routelens.analyses.router_update import analysis as router_update
 from routelens.cli import main
 original = router_update.RouterUpdateJob.run
 def slow(self, units):
@@ -300,7 +300,7 @@ def test_router_update_killed_mid_training_resumes_to_the_uninterrupted_result(d
     """SIGKILL mid-training, the same command again: the delta, the training log and the
     summary equal an uninterrupted run's, and the second session trained only the units left
     (each unit checkpoints the fp32 masters, Adam's state and the minibatch generator)."""
-    from routelens.analyses.router_update import STEPS_PER_UNIT
+    from routelens.analyses.router_update.analysis import STEPS_PER_UNIT
 
     steps = 6 * STEPS_PER_UNIT
     cli_env["OMP_NUM_THREADS"] = "1"   # the same threads in every process: the same float noise
@@ -355,7 +355,7 @@ def test_report_of_a_router_update(demo_update, capsys):
 
 @pytest.mark.parametrize("family", FAMILIES)
 def test_dpo_on_routes_trains_every_family_router(family, tiny_adapters, tmp_path):
-    from routelens.analyses.router_update import RouterUpdateConfig, preference_accuracy, router_inputs, train_router
+    from routelens.analyses.router_update.analysis import RouterUpdateConfig, preference_accuracy, router_inputs, train_router
     from routelens.models.routing import capture_routes
 
     adapter = tiny_adapters[family]

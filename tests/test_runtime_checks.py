@@ -15,7 +15,7 @@ import pytest
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM
 
-from routelens.analyses.counterfactual import CounterfactualConfig, build_routes
+from routelens.analyses.counterfactual.analysis import CounterfactualConfig, build_routes
 from routelens.data.trajectories import Trajectory
 from routelens.engine import FastEngine, ReferenceEngine, ScoreItem, attention, make_engine
 from routelens.engine.checks import RuntimeCheckFailed

@@ -9,7 +9,7 @@ from scipy import stats as sp
 from statsmodels.stats.multitest import multipletests
 
 import routelens as rl
-from routelens.analyses.semantic_routing import nearest, split_items, token_vectors
+from routelens.analyses.semantic_routing.analysis import nearest, split_items, token_vectors
 from routelens.errors import RouteLensError
 from routelens.models.routing import RouteOverride, capture_routes, override_routes
 
@@ -173,8 +173,8 @@ def test_accuracy_arms_equal_forced_greedy_decoding_and_mcnemar(demo_semantic):
 def test_semantic_routing_runs_on_other_families(tiny_adapters, family):
     """Group-limited, biased, hybrid and sparsemixer routers: routes of k distinct experts, the
     natural-route check passes, every arm is scored."""
-    from routelens.analyses.semantic_routing import run_semantic_routing
-    from routelens.config import SemanticRouteConfig
+    from routelens.analyses.semantic_routing.analysis import run_semantic_routing
+    from routelens.analyses.semantic_routing.config import SemanticRouteConfig
     from routelens.data.target_items import TargetItem
     from routelens.models.loading import LoadedModel
 

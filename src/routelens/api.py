@@ -16,30 +16,26 @@ import hashlib
 import os
 from dataclasses import fields
 
-from routelens.analyses.passk import EvalProblem
-from routelens.config import (
-    CounterfactualConfig,
-    IsolationConfig,
-    PassKConfig,
-    RolloutConfig,
-    RouterUpdateConfig,
-    SemanticRouteConfig,
-)
+from routelens.analyses.counterfactual.config import CounterfactualConfig
+from routelens.analyses.counterfactual.result import CounterfactualResult
+from routelens.analyses.graft.result import GraftResult
+from routelens.analyses.isolation.config import IsolationConfig
+from routelens.analyses.isolation.result import IsolationResult
+from routelens.analyses.passk.analysis import EvalProblem
+from routelens.analyses.passk.config import PassKConfig
+from routelens.analyses.passk.result import PassKResult
+from routelens.analyses.rollout.config import RolloutConfig
+from routelens.analyses.rollout.result import RolloutResult
+from routelens.analyses.router_update.config import RouterUpdateConfig
+from routelens.analyses.router_update.result import RouterUpdateResult
+from routelens.analyses.semantic_routing.config import SemanticRouteConfig
+from routelens.analyses.semantic_routing.result import SemanticRouteResult
 from routelens.data.target_items import TargetItem
 from routelens.data.trajectories import Trajectory
 from routelens.distributed import ray_settings
 from routelens.errors import RouteLensError, SettingError
 from routelens.lens import Lens
-from routelens.results.objects import (
-    CounterfactualResult,
-    GraftResult,
-    IsolationResult,
-    PassKResult,
-    RolloutResult,
-    RouterUpdateResult,
-    SemanticRouteResult,
-    read_run,
-)
+from routelens.results.objects import read_run
 
 
 def make_config(config_class, config=None, **options):
@@ -245,7 +241,7 @@ def counterfactual(lens: Lens, trajectories, out: str | None = None, *, config: 
         >>> res.path.endswith("cf"), len(res.tokens) == len(trajs[0].scored_positions)
         (True, True)
     """
-    from routelens.analyses.counterfactual import run_counterfactual as run
+    from routelens.analyses.counterfactual.analysis import run_counterfactual as run
     from routelens.data.trajectories import IN_MEMORY
     from routelens.results.run_folder import TRAJECTORIES_FILE, write_text_atomic
 
@@ -321,7 +317,7 @@ def isolate(lens: Lens, items, out: str | None = None, *, config: IsolationConfi
         >>> sorted(res.cells["domain"].unique())
         ['addsub', 'long', 'mixed', 'mul']
     """
-    from routelens.analyses.isolation import run_isolation
+    from routelens.analyses.isolation.analysis import run_isolation
 
     lens = _lens(lens, ray)
     settings = make_config(IsolationConfig, config, **options)
@@ -355,7 +351,7 @@ def _item_data(lens: Lens, items, domains: list[str] | None, per_domain: int | N
 
 # ---------------------------------------------------------------------------- pass@k
 def _problems(lens: Lens, problems, n: int | None) -> tuple[list[EvalProblem], dict, bool]:
-    from routelens.analyses.passk import arithmetic_problems, file_problems
+    from routelens.analyses.passk.analysis import arithmetic_problems, file_problems
     from routelens.data.trajectories import file_sha256
 
     if isinstance(problems, str) and problems == "arithmetic":
@@ -394,7 +390,7 @@ def passk(lens: Lens, problems, out: str | None = None, *, compare_delta: str | 
         >>> res.summary[res.summary["group"] == "all"][["arm", "k"]].values.tolist()
         [['model', 1], ['model', 2]]
     """
-    from routelens.analyses.passk import run_passk as run
+    from routelens.analyses.passk.analysis import run_passk as run
 
     ray = ray_settings(ray, workers)
     lens = _lens(lens, ray)
@@ -429,7 +425,7 @@ def router_update(lens: Lens, counterfactual, out: str, *, heldout=None, config:
         >>> upd.summary_dict["only_router_changed"]
         True
     """
-    from routelens.analyses.router_update import run_router_update
+    from routelens.analyses.router_update.analysis import run_router_update
 
     lens = _lens(lens)
     settings = make_config(RouterUpdateConfig, config, **options)
@@ -474,7 +470,7 @@ def semantic_route(lens: Lens, items, out: str | None = None, *, config: Semanti
         >>> res.classification["layer"].unique().tolist()
         [0]
     """
-    from routelens.analyses.semantic_routing import run_semantic_routing
+    from routelens.analyses.semantic_routing.analysis import run_semantic_routing
     from routelens.distributed import ray_settings
 
     ray = ray_settings(ray, workers)
@@ -509,9 +505,9 @@ def graft(recipient: Lens | str, donor: Lens | str, experts, out: str, *, dtype:
         >>> res.record["pairs"][0]["pair"], rl.load(res.path).family
         ('3:5=3:9', 'olmoe')
     """
-    from routelens.analyses.graft_evaluation import run_graft_evaluation
+    from routelens.analyses.graft.evaluation import run_graft_evaluation
+    from routelens.analyses.graft.grafting import checkpoint_dtype, parse_expert_map, plan_graft, write_grafted
     from routelens.distributed import ray_settings
-    from routelens.grafting import checkpoint_dtype, parse_expert_map, plan_graft, write_grafted
     from routelens.lens import load
 
     ray = ray_settings(ray, workers)
@@ -568,7 +564,7 @@ def rollout(lens: Lens, counterfactual, out: str | None = None, *, config: Rollo
         >>> len(res.rollouts) == 2 * 3 * 2         # tokens x arms x samples
         True
     """
-    from routelens.analyses.rollout import run_rollout as run
+    from routelens.analyses.rollout.analysis import run_rollout as run
 
     lens = _lens(lens, ray)
     settings = make_config(RolloutConfig, config, **options)

@@ -43,10 +43,10 @@ def run_demo(out: str = os.path.join("runs", "demo"), *, device: str = "auto", d
     last MoE layer unless `layers`), the isolation study and the rollouts (`rollout_samples`
     continuations per arm; 0: none) into `out`, and write the report; returns the report's
     path. `counterfactual_options`: CounterfactualConfig fields."""
+    from routelens.analyses.counterfactual.table import print_summary
     from routelens.api import counterfactual
     from routelens.lens import load
     from routelens.report.build import build_report
-    from routelens.summary_table import print_summary
 
     lens = load("demo", device, dtype, device_map=device_map, experts_implementation=experts_implementation)
     os.makedirs(out, exist_ok=True)
@@ -80,9 +80,9 @@ def _demo_rollout(lens, out: str, counterfactual_dir: str, samples: int, tempera
                   overwrite: bool, show_progress: bool) -> str | None:
     """Rollouts of the Fragile tokens whose best alternative beats the standard route; None
     when asked for none or when no token qualifies (a small demo run)."""
-    from routelens.analyses.rollout import NothingToRollOut
+    from routelens.analyses.rollout.analysis import NothingToRollOut
+    from routelens.analyses.rollout.table import print_rollout_summary
     from routelens.api import rollout
-    from routelens.summary_table import print_rollout_summary
 
     if not samples:
         return None
@@ -103,8 +103,8 @@ def _demo_rollout(lens, out: str, counterfactual_dir: str, samples: int, tempera
 def _demo_isolation(lens, out: str, per_domain: int, seed: int, overwrite: bool, show_progress: bool,
                     memory_budget: int | None) -> str:
     """The expert-isolation study on the four arithmetic domains, every MoE layer."""
+    from routelens.analyses.isolation.table import print_isolation_summary
     from routelens.api import isolate
-    from routelens.summary_table import print_isolation_summary
 
     run_dir = os.path.join(out, "isolation")
     print(f"demo: expert isolation, {per_domain * 4} items in 4 arithmetic domains, every MoE layer, "

@@ -147,7 +147,7 @@ def _guarded(layer, check, run) -> list[dict]:
 def _engines_vs_reference(adapter, input_ids, layer, routes, seed, scored_positions, exact) -> list[dict]:
     """`fast_vs_reference` and `cache_vs_reference` rows: each engine on the same routes; for
     a list of layers, `joint_...` rows on routes forced at all of them at once."""
-    from routelens.analyses.counterfactual import CounterfactualConfig, build_routes, joint_routes
+    from routelens.analyses.counterfactual.analysis import CounterfactualConfig, build_routes, joint_routes
     from routelens.data.trajectories import Trajectory
     from routelens.engine import CacheEngine, FastEngine, ReferenceEngine, ScoreItem
     from routelens.engine.fast import FastEngineUnsupported
@@ -191,7 +191,7 @@ def _engines_vs_reference(adapter, input_ids, layer, routes, seed, scored_positi
 
 
 def _isolation_scorer(adapter, input_ids, layer, expert, scored_positions, exact) -> dict:
-    from routelens.analyses.isolation import forced_conditions
+    from routelens.analyses.isolation.analysis import forced_conditions
     from routelens.engine.whole_sequence import WholeSequenceScorer
 
     length = input_ids.shape[0]

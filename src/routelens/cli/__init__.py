@@ -21,9 +21,12 @@ from routelens import __version__
 from routelens.cli.parsing import OneLineParser
 from routelens.errors import RouteLensError, RuntimeCheckFailed, SettingError
 
-# In the order `routelens --help` lists them.
-COMMAND_MODULES = ("demo", "counterfactual", "rollout", "isolate", "semantic_route", "graft", "router_update", "passk", "report", "export",
-                   "trajectories", "verify", "inspect_model", "models", "evaluate", "train_demo")
+# In the order `routelens --help` lists them: an analysis' command lives in its folder.
+_A, _C = "routelens.analyses.", "routelens.cli."
+COMMAND_MODULES = (_C + "demo", _A + "counterfactual.command", _A + "rollout.command", _A + "isolation.command",
+                   _A + "semantic_routing.command", _A + "graft.command", _A + "router_update.command",
+                   _A + "passk.command", _C + "report", _C + "export", _C + "trajectories", _C + "verify",
+                   _C + "inspect_model", _C + "models", _C + "evaluate", _C + "train_demo")
 
 
 def commands() -> dict:
@@ -31,7 +34,7 @@ def commands() -> dict:
     (`routelens.cli.analysis_command`), which may not take a built-in command's name."""
     from routelens.cli.analysis_command import installed_commands
 
-    modules = [importlib.import_module(f"routelens.cli.{name}") for name in COMMAND_MODULES]
+    modules = [importlib.import_module(name) for name in COMMAND_MODULES]
     built_in = {module.NAME: module for module in modules}
     added = installed_commands()
     taken = sorted(set(added) & set(built_in))

@@ -220,7 +220,7 @@ def config_from_args(config_class, args, **replaced):
 def counterfactual_options(layers_required: bool = True) -> argparse.ArgumentParser:
     """The counterfactual analysis' settings (the fields of CounterfactualConfig); --layers
     and --joint-layers exclude each other."""
-    from routelens.config import CounterfactualConfig as C
+    from routelens.analyses.counterfactual.config import CounterfactualConfig as C
 
     parser = config_options(C, "counterfactual analysis", skip=("layers", "joint_layers"))
     group = parser._action_groups[-1]
@@ -234,7 +234,7 @@ def counterfactual_options(layers_required: bool = True) -> argparse.ArgumentPar
 def counterfactual_settings(args) -> dict:
     """The CounterfactualConfig fields of parsed options (layers: --joint-layers or --layers;
     None where neither was given)."""
-    from routelens.config import CounterfactualConfig
+    from routelens.analyses.counterfactual.config import CounterfactualConfig
 
     settings = {spec.name: getattr(args, spec.name) for spec in dataclasses.fields(CounterfactualConfig)}
     return {**settings, "layers": args.joint_layers or args.layers}
@@ -242,7 +242,7 @@ def counterfactual_settings(args) -> dict:
 
 def isolation_options() -> argparse.ArgumentParser:
     """The isolation study's settings (the fields of IsolationConfig) and the item choice."""
-    from routelens.config import IsolationConfig as C
+    from routelens.analyses.isolation.config import IsolationConfig as C
 
     parser = config_options(C, "isolation study")
     group = parser._action_groups[-1]

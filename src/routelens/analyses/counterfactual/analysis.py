@@ -28,8 +28,9 @@ import pyarrow as pa
 import torch
 
 from routelens import stats
-from routelens.analyses.route_sampling import check_route_settings, flag_duplicates, gumbel_top_k_routes, route_rng
-from routelens.config import ALL_TOKENS, BINS, CounterfactualConfig
+from routelens.analyses.counterfactual.config import CounterfactualConfig
+from routelens.analyses.counterfactual.route_sampling import check_route_settings, flag_duplicates, gumbel_top_k_routes, route_rng
+from routelens.config import ALL_TOKENS, BINS
 from routelens.data.trajectories import Trajectory
 from routelens.distributed import RaySettings, UnitJob, check_ray_can_load
 from routelens.engine.batching import pad_right, sequence_routes

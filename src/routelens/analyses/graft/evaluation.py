@@ -24,12 +24,12 @@ import pyarrow as pa
 import torch
 
 from routelens import stats
-from routelens.analyses.isolation import forced_conditions
+from routelens.analyses.graft.grafting import GraftPair, graft_applied
+from routelens.analyses.isolation.analysis import forced_conditions
 from routelens.data.target_items import TargetItem
 from routelens.distributed import RaySettings, UnitJob
 from routelens.engine.whole_sequence import WholeSequenceScorer
 from routelens.errors import SettingError
-from routelens.grafting import GraftPair, graft_applied
 from routelens.runs.loop import AnalysisRun, run_analysis
 
 ITEMS_SCHEMA = pa.schema([

@@ -35,7 +35,7 @@ Python: routelens.semantic_route(lens, "arithmetic", out="runs/semantic").
 
 
 def parents():
-    from routelens.config import SemanticRouteConfig
+    from routelens.analyses.semantic_routing.config import SemanticRouteConfig
 
     return [model_options(), config_options(SemanticRouteConfig, "semantic routing"), run_options(), ray_options()]
 
@@ -48,9 +48,9 @@ def add_arguments(parser) -> None:
 
 
 def run(args) -> int:
+    from routelens.analyses.semantic_routing.config import SemanticRouteConfig
+    from routelens.analyses.semantic_routing.table import print_semantic_route_summary
     from routelens.api import semantic_route
-    from routelens.config import SemanticRouteConfig
-    from routelens.summary_table import print_semantic_route_summary
 
     config = config_from_args(SemanticRouteConfig, args)
     ray = ray_from_args(args)

@@ -40,8 +40,8 @@ import pyarrow.parquet as pq
 import torch
 from torch.func import functional_call
 
-from routelens.analyses.counterfactual_input import check_same_model, counterfactual_run, run_trajectories
-from routelens.config import RouterUpdateConfig
+from routelens.analyses.counterfactual.input import check_same_model, counterfactual_run, run_trajectories
+from routelens.analyses.router_update.config import RouterUpdateConfig
 from routelens.distributed import UnitJob
 from routelens.errors import SettingError
 from routelens.models.adapter import MoEAdapter

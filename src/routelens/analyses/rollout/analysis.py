@@ -29,10 +29,11 @@ import pandas as pd
 import pyarrow as pa
 import torch
 
-from routelens.analyses.counterfactual import MIN_CLUSTERS, trajectory_interval
-from routelens.analyses.counterfactual_input import check_same_model, counterfactual_run, run_trajectories
-from routelens.analyses.route_sampling import route_rng
-from routelens.config import ALL_TOKENS, BINS, RolloutConfig
+from routelens.analyses.counterfactual.analysis import MIN_CLUSTERS, trajectory_interval
+from routelens.analyses.counterfactual.input import check_same_model, counterfactual_run, run_trajectories
+from routelens.analyses.counterfactual.route_sampling import route_rng
+from routelens.analyses.rollout.config import RolloutConfig
+from routelens.config import ALL_TOKENS, BINS
 from routelens.distributed import RaySettings, UnitJob, check_ray_can_load
 from routelens.engine.checks import DeviationRecord, RuntimeCheckFailed
 from routelens.errors import RouteLensError, SettingError
@@ -137,7 +138,7 @@ def final_answer(checker: str, text: str) -> str | None:
 
 
 def _correct(checker: str, text: str, answer: str) -> bool:
-    from routelens.analyses.passk import CHECKERS
+    from routelens.analyses.passk.analysis import CHECKERS
 
     if checker == "arithmetic":
         try:

@@ -47,8 +47,8 @@ def add_arguments(parser) -> None:
 
 
 def run(args) -> int:
+    from routelens.analyses.graft.table import print_graft_evaluation
     from routelens.api import graft
-    from routelens.summary_table import print_graft_evaluation
 
     ray = ray_from_args(args)
     if ray is not None and not args.evaluate:

@@ -23,7 +23,7 @@ import pyarrow as pa
 import torch
 
 from routelens import stats
-from routelens.config import PassKConfig
+from routelens.analyses.passk.config import PassKConfig
 from routelens.distributed import RaySettings, UnitJob
 from routelens.errors import RouteLensError
 from routelens.runs.loop import AnalysisRun, run_analysis

@@ -23,7 +23,7 @@ sequential: there is no --ray.
 
 
 def parents():
-    from routelens.config import RouterUpdateConfig
+    from routelens.analyses.router_update.config import RouterUpdateConfig
 
     return [model_options(), config_options(RouterUpdateConfig, "router update"), run_options()]
 
@@ -36,8 +36,8 @@ def add_arguments(parser) -> None:
 
 
 def run(args) -> int:
+    from routelens.analyses.router_update.config import RouterUpdateConfig
     from routelens.api import router_update
-    from routelens.config import RouterUpdateConfig
 
     config = config_from_args(RouterUpdateConfig, args)
     result = router_update(load_lens(args), args.counterfactual, args.out, heldout=args.heldout_counterfactual,

@@ -42,9 +42,9 @@ def add_arguments(parser) -> None:
 
 
 def run(args) -> int:
+    from routelens.analyses.isolation.config import IsolationConfig
+    from routelens.analyses.isolation.table import print_isolation_summary
     from routelens.api import isolate
-    from routelens.config import IsolationConfig
-    from routelens.summary_table import print_isolation_summary
 
     config = config_from_args(IsolationConfig, args)
     if args.items is None and args.task is None and args.model != "demo":

@@ -24,7 +24,7 @@ Python: routelens.passk(lens, "arithmetic", out="runs/passk", samples=16, k=[1, 
 
 
 def parents():
-    from routelens.config import PassKConfig
+    from routelens.analyses.passk.config import PassKConfig
 
     return [model_options(), run_options(), ray_options(),
             config_options(PassKConfig, "pass@k", defaults={"max_new_tokens": None, "batch_size": None, "checker": None},
@@ -47,9 +47,9 @@ def add_arguments(parser) -> None:
 def run(args) -> int:
     import dataclasses
 
+    from routelens.analyses.passk.config import PassKConfig
+    from routelens.analyses.passk.table import print_passk_summary
     from routelens.api import make_config, passk
-    from routelens.config import PassKConfig
-    from routelens.summary_table import print_passk_summary
 
     if args.compare and not args.router_delta:
         raise RouteLensError("--compare needs --router-delta FILE (the updated model to compare with the base)")

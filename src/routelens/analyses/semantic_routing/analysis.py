@@ -34,8 +34,9 @@ import pyarrow as pa
 import torch
 
 from routelens import stats
-from routelens.analyses.route_sampling import route_rng, uniform_routes
-from routelens.config import SCORES, SemanticRouteConfig
+from routelens.analyses.counterfactual.route_sampling import route_rng, uniform_routes
+from routelens.analyses.semantic_routing.config import SemanticRouteConfig
+from routelens.config import SCORES
 from routelens.data.target_items import TargetItem
 from routelens.distributed import RaySettings, UnitJob, check_ray_can_load
 from routelens.engine.whole_sequence import WholeSequenceScorer

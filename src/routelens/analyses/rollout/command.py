@@ -25,7 +25,7 @@ Python: routelens.rollout(lens, "runs/cf", out="runs/rollout", samples=8).
 
 
 def parents():
-    from routelens.config import RolloutConfig
+    from routelens.analyses.rollout.config import RolloutConfig
 
     return [model_options(), config_options(RolloutConfig, "rollouts"), run_options(), ray_options()]
 
@@ -36,9 +36,9 @@ def add_arguments(parser) -> None:
 
 
 def run(args) -> int:
+    from routelens.analyses.rollout.config import RolloutConfig
+    from routelens.analyses.rollout.table import print_rollout_summary
     from routelens.api import rollout
-    from routelens.config import RolloutConfig
-    from routelens.summary_table import print_rollout_summary
 
     config = config_from_args(RolloutConfig, args)
     ray = ray_from_args(args)

@@ -43,9 +43,9 @@ def add_arguments(parser) -> None:
 
 
 def run(args) -> int:
+    from routelens.analyses.counterfactual.config import CounterfactualConfig
+    from routelens.analyses.counterfactual.table import print_summary
     from routelens.api import counterfactual
-    from routelens.config import CounterfactualConfig
-    from routelens.summary_table import print_summary
 
     config = CounterfactualConfig(**counterfactual_settings(args))   # bad settings fail before the model loads
     ray = ray_from_args(args)

@@ -1,0 +1,105 @@
+"""The counterfactual analysis' settings: each field is an option of `routelens counterfactual`."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+from routelens.config import (
+    ENGINE_NAMES,
+    at_least,
+    is_layer_list,
+    one_of,
+    positive,
+    setting,
+)
+from routelens.errors import SettingError
+
+
+@dataclass
+class CounterfactualConfig:
+    """Settings of a counterfactual run, validated on construction.
+
+    Examples:
+        >>> from routelens import CounterfactualConfig
+        >>> CounterfactualConfig(layers=[-1], routes=8).routes
+        8
+        >>> CounterfactualConfig(fragile=0.95, confident=0.9)
+        Traceback (most recent call last):
+        ...
+        routelens.errors.SettingError: need 0 <= `fragile` (0.95) <= `confident` (0.9) <= 1
+    """
+
+    layers: list[int] = setting(factory=lambda: [-1], parse="int_list",
+                                help="decoder-layer indices, comma-separated; negative counts from the end")
+    joint_layers: list[int] | None = setting(
+        None, parse="int_list", help="score each of these layers alone and, in the same run, routes forced at all of "
+                                     "them at once (one independently sampled alternative per layer), e.g. 0,1,2")
+    routes: int = setting(32, parse="positive_int", help="alternative routes S per token")
+    candidates: int | None = setting(None, parse="positive_int",
+                                     help="sample alternatives from the router's top-M experts (default min(32, E))")
+    gumbel_temperature: float = setting(1.0, help="temperature of the Gumbel-top-k route sampler (higher: flatter; "
+                                                  "not a sampling temperature of text)")
+    seed: int = setting(0, help="seed of the route sampling and the bootstrap")
+    confident: float = setting(0.9, help="Confident bin: route-averaged p >= this")
+    fragile: float = setting(0.5, help="Fragile bin: route-averaged p < this")
+    win_tolerance: float = setting(1e-3, help="an alternative wins only if its p beats the standard route's by more "
+                                              "than this (probability; within it: a tie)")
+    only_step_ok: bool | None = setting(None, help="score only tokens of right intermediate steps (default: on when "
+                                                   "every trajectory carries step checks, as the arithmetic task's do)")
+    engine: str = setting("fast", choices=ENGINE_NAMES,
+                          help="scoring engine: fast (exact, batched; the cache engine for layers it cannot patch), "
+                               "cache (the model's own cache, one decode step per token) or reference (plain forwards)")
+    route_batch_size: int = setting(33, parse="positive_int", help="routes per forward (reference engine)")
+    memory_budget: int = setting(2 * 2**30, parse="memory",
+                                 help="memory for one chunk of perturbed sequences, e.g. 512MiB, 8GiB")
+    group_tokens: int = setting(2048, parse="positive_int",
+                                help="fast engine: trajectories scored together up to this many tokens (on --ray, a "
+                                     "group is what one actor scores at a time)")
+    bootstrap_resamples: int = setting(2000, parse="positive_int", help="bootstrap resamples of the intervals")
+
+    def __post_init__(self) -> None:
+        if not is_layer_list(self.layers):
+            raise SettingError(f"`layers` must be a non-empty list of layer indices such as [0, -1], got {self.layers!r}",
+                               "layers")
+        self.layers = list(self.layers)
+        if self.joint_layers is not None:
+            if not is_layer_list(self.joint_layers) or len(set(self.joint_layers)) < 2:
+                raise SettingError(f"`joint_layers` must list two or more distinct layers such as 0,1,2, "
+                                   f"got {self.joint_layers!r}", "joint_layers")
+            if self.layers not in ([-1], list(self.joint_layers)):
+                raise SettingError("`joint_layers` and `layers` together: `joint_layers` scores each of them alone as "
+                                   "well (the comparison needs it); give `joint_layers` alone",
+                                   "joint_layers", "layers")
+            self.joint_layers = list(self.joint_layers)
+            self.layers = list(self.joint_layers)
+        at_least("routes", self.routes, 1)
+        if self.candidates is not None:
+            at_least("candidates", self.candidates, 1)
+        positive("gumbel_temperature", self.gumbel_temperature)
+        if self.only_step_ok not in (None, True, False):
+            raise SettingError(f"`only_step_ok` must be True, False or None (when every trajectory has step checks), "
+                               f"got {self.only_step_ok!r}", "only_step_ok")
+        if not 0 <= self.win_tolerance < 1:
+            raise SettingError(f"`win_tolerance` is a probability difference in [0, 1), got {self.win_tolerance}",
+                               "win_tolerance")
+        if not 0 <= self.fragile <= self.confident <= 1:
+            raise SettingError(f"need 0 <= `fragile` ({self.fragile}) <= `confident` ({self.confident}) <= 1",
+                               "fragile", "confident")
+        one_of("engine", self.engine, ENGINE_NAMES)
+        for name in ("route_batch_size", "memory_budget", "group_tokens", "bootstrap_resamples"):
+            at_least(name, getattr(self, name), 1)
+
+    def candidates_for(self, num_experts: int) -> int:
+        return self.candidates if self.candidates is not None else min(32, num_experts)
+
+    # Knobs that change speed and memory but not results (tested): not part of a run's identity,
+    # so a run resumes under another memory budget.
+    PERFORMANCE = ("route_batch_size", "memory_budget", "group_tokens")
+
+    def to_dict(self) -> dict:
+        # joint_layers only where set: run folders made before it existed resume unchanged
+        return {k: v for k, v in asdict(self).items()
+                if k not in self.PERFORMANCE and not (k == "joint_layers" and v is None)}
+
+    def performance(self) -> dict:
+        return {k: getattr(self, k) for k in self.PERFORMANCE}

@@ -1,0 +1,86 @@
+"""The tables `routelens` prints at the end of the counterfactual analysis, read from its summary.json."""
+
+from __future__ import annotations
+
+from rich.console import Console
+from rich.table import Table
+
+from routelens.config import ALL_TOKENS, BINS
+from routelens.report.formats import p_value_text, with_interval
+
+
+def summary_table(summary: dict) -> Table:
+    tolerance = summary.get("win_tolerance")
+    table = Table(title="counterfactual routing: per layer x bin (95% bootstrap CI over trajectories; "
+                        "* fewer than 10 trajectories)",
+                  caption=None if tolerance is None else
+                  f"win / tie / loss: p_alt above / within / below p_std by {tolerance}; null: the gain of a random "
+                  "draw of the sampler; sign p: exact sign test over trajectories, alternatives ahead vs behind "
+                  "(ties aside, unadjusted)")
+    for column in ("layer", "bin", "tokens", "traj", "p std", "gain", "null gain", "win rate", "tie", "loss", "sign p",
+                   "alignment"):
+        table.add_column(column, justify="right" if column not in ("bin",) else "left")
+    for layer, groups in summary["layers"].items():
+        for name in (*BINS, ALL_TOKENS):
+            group = groups[name]
+            table.add_row(
+                layer, name + ("*" if group.get("few_clusters") else ""), str(group["tokens"]),
+                str(group["trajectories"]),
+                "-" if group["p_standard"] is None else f"{group['p_standard']:.3f}",
+                with_interval(group["gain"], group["gain_ci"]),
+                with_interval(group.get("null_gain"), group.get("null_gain_ci", (None, None))),
+                with_interval(group["win_rate"], group["win_rate_ci"]),
+                "-" if group.get("tie_rate") is None else f"{group['tie_rate']:.3f}",
+                "-" if group.get("loss_rate") is None else f"{group['loss_rate']:.3f}",   # absent in older runs
+                p_value_text(group.get("win_loss_sign_test")),
+                with_interval(group["alignment"], group["alignment_ci"]),
+            )
+        table.add_section()
+    return table
+
+
+def joint_table(summary: dict) -> Table | None:
+    """A joint-layers run: the interaction of the layers on the same routes (the verdict's
+    basis), and the best joint gain against the best single-layer gain of the same tokens."""
+    joint = summary.get("joint")
+    if not joint:
+        return None
+    layers = "+".join(map(str, joint["layers"]))
+    table = Table(title=f"joint routes at layers {layers} against the same routes one layer at a time (95% bootstrap CI "
+                        "over trajectories; * fewer than 10 trajectories)",
+                  caption="interaction: mean over routes of the joint change minus the sum of the single-layer changes "
+                          "(0: additive; the verdict reads its interval)")
+    for column in ("bin", "tokens", "interaction", "verdict", "joint gain", "best single", "joint - best single"):
+        table.add_column(column, justify="left" if column in ("bin", "verdict") else "right")
+    for name in (*BINS, ALL_TOKENS):
+        group = joint["bins"][name]
+        table.add_row(name + ("*" if group.get("few_clusters") else ""), str(group["tokens"]),
+                      with_interval(group["interaction"], group["interaction_ci"], 4), group["verdict"] or "-",
+                      with_interval(group["gain"], group["gain_ci"], 4),
+                      with_interval(group["max_single_gain"], group["max_single_gain_ci"], 4),
+                      with_interval(group["joint_minus_best_single"], group["joint_minus_best_single_ci"], 4))
+    return table
+
+
+def step_check_line(summary: dict) -> str:
+    """What was scored: tokens of right steps only, or every token with steps unchecked."""
+    check = summary.get("step_check")
+    if check is None:
+        return ""
+    if check["only_step_ok"]:
+        return (f"step checks: {check['tokens_scored']} tokens of right intermediate steps scored; "
+                f"{check['tokens_excluded']} tokens of wrong or uncheckable steps excluded"
+                + (f" ({check['trajectories_excluded']} trajectories left with none)" if check["trajectories_excluded"] else ""))
+    return ("intermediate steps not checked: every completion token scored (only final answers are verified)"
+            if not check["steps_checked"] else "step checks present but off (--no-only-step-ok): every token scored")
+
+
+def print_summary(summary: dict, console: Console | None = None) -> None:
+    console = console or Console(width=190)
+    console.print(summary_table(summary))
+    joint = joint_table(summary)
+    if joint is not None:
+        console.print(joint)
+    line = step_check_line(summary)
+    if line:
+        console.print(line)

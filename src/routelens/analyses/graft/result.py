@@ -1,0 +1,48 @@
+"""What `routelens.graft` returns: the grafted folder, its record and its evaluation."""
+
+from __future__ import annotations
+
+import pandas as pd
+
+from routelens.results.objects import Result
+
+
+class GraftEvaluationResult(Result):
+    """What a graft changed on the task's items: `items` (one row per item and grafted
+    slot: natural score recipient and grafted, the slot's selection share, the original and
+    the grafted expert forced alone), `summary` (per domain: paired differences with
+    intervals, p and q).
+
+    Examples:
+        >>> import routelens as rl
+        >>> res = rl.graft("demo", "demo", "3:5=3:9", str(tmp / "grafted-eval"), evaluate=True, per_domain=3)
+        >>> sorted(res.evaluation.items["domain"].unique())
+        ['addsub', 'long', 'mixed', 'mul']
+    """
+
+    kind = "graft-evaluation"
+    tables = ("items",)
+
+    @property
+    def items(self) -> pd.DataFrame:
+        return self.table("items")
+
+
+class GraftResult:
+    """A grafted model: `path` (a Hugging Face folder: load it with `routelens.load(path)` or
+    `AutoModelForCausalLM`), `record` (graft.json) and `evaluation` (a
+    `GraftEvaluationResult`, or None without `evaluate`).
+
+    Examples:
+        >>> import routelens as rl
+        >>> res = rl.graft("demo", "demo", [(0, 1, 0, 2)], str(tmp / "grafted-result"))
+        >>> res.evaluation is None, sorted(res.record)[:3]
+        (True, ['donor', 'dtype', 'family'])
+    """
+
+    def __init__(self, path: str, record: dict, evaluation: GraftEvaluationResult | None):
+        self.path, self.record, self.evaluation = path, record, evaluation
+
+    def __repr__(self) -> str:
+        pairs = ", ".join(pair["pair"] for pair in self.record["pairs"])
+        return f"<GraftResult {self.path}: {pairs}{'; evaluated' if self.evaluation else ''}>"

@@ -1,0 +1,41 @@
+"""What `routelens.isolate` returns: the run's tables as DataFrames."""
+
+from __future__ import annotations
+
+import pandas as pd
+
+from routelens.results.objects import Result
+
+
+class IsolationResult(Result):
+    """An isolation run: `isolation` (one row per item, layer and condition), `routing`
+    (natural routing counts), `cells` (per domain, layer and expert, with tests),
+    `calibration`, and `summary` (the best expert per domain and layer).
+
+    Examples:
+        >>> import routelens as rl
+        >>> res = rl.isolate(rl.load("demo"), "arithmetic", per_domain=3, layers=[0], floor_seeds=1)
+        >>> len(res.cells) == 4 * 16          # domains x experts at one layer
+        True
+        >>> res.summary["layer"].unique().tolist()
+        [0]
+    """
+
+    kind = "isolation"
+    tables = ("isolation", "routing", "cells", "calibration")
+
+    @property
+    def isolation(self) -> pd.DataFrame:
+        return self.table("isolation")
+
+    @property
+    def routing(self) -> pd.DataFrame:
+        return self.table("routing")
+
+    @property
+    def cells(self) -> pd.DataFrame:
+        return self.table("cells")
+
+    @property
+    def calibration(self) -> pd.DataFrame:
+        return self.table("calibration")

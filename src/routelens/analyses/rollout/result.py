@@ -1,0 +1,36 @@
+"""What `routelens.rollout` returns: the run's tables as DataFrames."""
+
+from __future__ import annotations
+
+import pandas as pd
+
+from routelens.results.objects import Result
+
+
+class RolloutResult(Result):
+    """Rollouts of chosen tokens: `rollouts` (one row per token, arm and sample: `correct`,
+    `answer`, `tokens_generated`, `continuation`), `per_token` (each arm's accuracy per
+    token) and `summary` (per bin: accuracy per arm, paired differences, proxy agreement).
+
+    Examples:
+        >>> import routelens as rl
+        >>> lens = rl.load("demo")
+        >>> trajs = rl.trajectories_from_text(lens.tokenizer, [("Q:5*3=A:", "5*3=15#15")], answers=["15"])
+        >>> cf = rl.counterfactual(lens, trajs, layers=[-1], routes=4).save(str(tmp / "cf-rollout-result"))
+        >>> res = rl.rollout(lens, cf, tokens="all", limit=2, temperature=0, max_new_tokens=8)
+        >>> res.per_token.columns.tolist()[-3:]
+        ['accuracy_best_alt', 'accuracy_random_alt', 'accuracy_standard']
+    """
+
+    kind = "rollout"
+    tables = ("rollouts",)
+
+    @property
+    def rollouts(self) -> pd.DataFrame:
+        return self.table("rollouts")
+
+    @property
+    def per_token(self) -> pd.DataFrame:
+        from routelens.analyses.rollout.analysis import per_token
+
+        return per_token(self.rollouts)

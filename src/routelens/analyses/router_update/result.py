@@ -1,0 +1,38 @@
+"""What `routelens.router_update` returns: the run's tables and the router delta."""
+
+from __future__ import annotations
+
+import os
+
+import pandas as pd
+
+from routelens.results.objects import Result
+
+
+class RouterUpdateResult(Result):
+    """A router update: `pairs` (the preference pairs), `training_log` (one row per step),
+    `delta_path` (apply it with `routelens.load(..., router_delta=...)`), `summary`.
+
+    Examples:
+        >>> import routelens as rl
+        >>> upd = rl.router_update(rl.load("demo"), demo_run, out=str(tmp / "upd"), steps=2, margin=0.0)
+        >>> len(upd.training_log), upd.delta_path.endswith("router_delta.safetensors")
+        (2, True)
+        >>> rl.load("demo", router_delta=upd.delta_path).family
+        'olmoe'
+    """
+
+    kind = "router-update"
+    tables = ("pairs", "training_log")
+
+    @property
+    def pairs(self) -> pd.DataFrame:
+        return self.table("pairs")
+
+    @property
+    def training_log(self) -> pd.DataFrame:
+        return pd.read_json(os.path.join(self.path, "training_log.jsonl"), lines=True)
+
+    @property
+    def delta_path(self) -> str:
+        return self.summary_dict["router_delta"]

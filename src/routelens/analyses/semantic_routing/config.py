@@ -1,0 +1,73 @@
+"""Semantic routing's settings: each field is an option of `routelens semantic-route`."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+from routelens.config import (
+    SCORES,
+    at_least,
+    fraction,
+    is_layer_list,
+    one_of,
+    setting,
+)
+from routelens.errors import SettingError
+
+FINGERPRINT_KINDS = ("selection", "input")   # mean router selection distribution, or mean MoE input
+
+
+@dataclass
+class SemanticRouteConfig:
+    """Settings of a semantic-routing run (route by similarity to per-domain fingerprints),
+    validated on construction.
+
+    Examples:
+        >>> from routelens import SemanticRouteConfig
+        >>> SemanticRouteConfig(layer_sets=[[3], [0, 3]]).layer_sets
+        [[3], [0, 3]]
+        >>> SemanticRouteConfig(kind="vibes")
+        Traceback (most recent call last):
+        ...
+        routelens.errors.SettingError: `kind` must be one of selection, input, got 'vibes'
+    """
+
+    layer_sets: list[list[int]] | None = setting(
+        None, parse="layer_sets", help="';'-separated sets of layers forced together, e.g. '3;0,1,2,3' (default: each "
+                                       "MoE layer alone and all of them at once)")
+    kind: str = setting("selection", choices=FINGERPRINT_KINDS,
+                        help="fingerprint: mean router selection distribution or mean MoE input")
+    calibration_share: float = setting(0.5, help="share of each domain's items that calibrate (seeded; the rest are "
+                                                 "evaluated)")
+    floor_seeds: int = setting(3, help="random-floor seeds")
+    seed: int = setting(0, help="seed of the split, the floor and the bootstrap")
+    accuracy: bool = setting(True, help="also generate greedy answers under each arm and check them (the arithmetic "
+                                        "task)")
+    max_new_tokens: int = setting(96, parse="positive_int", help="generated tokens per answer at most")
+    score: str = setting("mean", choices=tuple(SCORES),
+                         help="summary statistic: mean or first target-token log-prob")
+    alpha: float = setting(0.05, help="FDR level")
+    bootstrap_resamples: int = setting(2000, parse="positive_int", help="bootstrap resamples")
+    memory_budget: int = setting(2 * 2**30, parse="memory", help="memory for one batch of forced routes, e.g. 8GiB")
+
+    SUMMARY = ("alpha", "bootstrap_resamples", "score")
+    PERFORMANCE = ("memory_budget",)
+
+    def __post_init__(self) -> None:
+        one_of("score", self.score, tuple(SCORES))
+        at_least("max_new_tokens", self.max_new_tokens, 1)
+        if self.layer_sets is not None:
+            if not isinstance(self.layer_sets, (list, tuple)) or not self.layer_sets or not all(
+                    is_layer_list(s) and len(set(s)) == len(s) for s in self.layer_sets):
+                raise SettingError("`layer_sets` must be non-empty sets of distinct layer indices such as "
+                                   f"[[3], [0, 1, 2, 3]], got {self.layer_sets!r}", "layer_sets")
+            self.layer_sets = [list(s) for s in self.layer_sets]
+        one_of("kind", self.kind, FINGERPRINT_KINDS)
+        fraction("calibration_share", self.calibration_share)
+        at_least("floor_seeds", self.floor_seeds, 0)
+        fraction("alpha", self.alpha)
+        at_least("bootstrap_resamples", self.bootstrap_resamples, 1)
+        at_least("memory_budget", self.memory_budget, 1)
+
+    def identity(self) -> dict:
+        return {k: v for k, v in asdict(self).items() if k not in self.SUMMARY + self.PERFORMANCE}
