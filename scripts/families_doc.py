@@ -1,7 +1,7 @@
 """Write the table of served families in docs/families.md from the registry (between the
 `<!-- families:begin -->` and `<!-- families:end -->` markers), so the page shows the
 gating rules the adapters compute; `--check` only says whether the page is up to date
-(tests/test_registry.py runs the same check in the quick tier).
+(tests/models/test_registry.py runs the same check in the quick tier).
 
     .venv/bin/python scripts/families_doc.py           # rewrite the table
     .venv/bin/python scripts/families_doc.py --check   # exit 1 if docs/families.md is out of date

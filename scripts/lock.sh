@@ -8,7 +8,7 @@
 # torch is resolved as the CPU build 2.13.0 (its own dependencies are locked, torch itself
 # is not: setup.sh installs it first, or keeps a GPU user's build). uv is pinned and runs
 # from a throw-away environment, so refreshing needs nothing installed beforehand.
-# tests/test_lock.py checks that the lock and pyproject.toml agree and that .venv holds
+# tests/acceptance/test_lock.py checks that the lock and pyproject.toml agree and that .venv holds
 # exactly the lock.
 set -euo pipefail
 cd "$(dirname "$0")/.."

@@ -77,6 +77,7 @@ def cli_env():
 
 
 PYTHON = sys.executable
+TESTS = os.path.dirname(os.path.abspath(__file__))   # test modules import conftest from here
 
 
 ALPHABET = "0123456789+-*=:;#QA abcdefghijklmnopqrstuvwxyz<>/()'"

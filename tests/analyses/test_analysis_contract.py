@@ -18,7 +18,7 @@ import pandas as pd
 import pyarrow as pa
 import pytest
 import torch
-from conftest import PYTHON, kill_when_parts_land, scaled, unit_parts
+from conftest import PYTHON, TESTS, kill_when_parts_land, scaled, unit_parts
 
 import routelens as rl
 from routelens.cli import main
@@ -107,7 +107,8 @@ def toy_package(folder) -> str:
 
 def toy_command(args: list[str], site: str, **popen):
     """`routelens toy ...` in a fresh process that sees the toy package and this module."""
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([site, os.path.dirname(__file__), os.environ.get("PYTHONPATH", "")])}
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([site, os.path.dirname(__file__), TESTS,
+                                                          os.environ.get("PYTHONPATH", "")])}
     return subprocess.Popen([PYTHON, "-m", "routelens", "toy", "--no-progress", *args], env=env, **popen)
 
 

@@ -15,7 +15,7 @@ from packaging.utils import canonicalize_name
 
 tomllib = pytest.importorskip("tomllib")   # Python 3.11+ (the lock's Python; 3.10 installs the ranges)
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 ENTRY = re.compile(r"^([A-Za-z0-9][A-Za-z0-9._-]*)==(\S+)")
 
 

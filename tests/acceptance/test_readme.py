@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 from conftest import scaled
 
-README = Path(__file__).resolve().parent.parent / "README.md"
+README = Path(__file__).resolve().parents[2] / "README.md"
 FENCE = re.compile(r"^```(\w*)\s*$")
 MARKER = re.compile(r"^<!-- (example|not run: .+) -->$")
 

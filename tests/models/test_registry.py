@@ -14,7 +14,7 @@ from routelens.models.registry import FAMILIES, SUPPORTED, Family, adapter_class
 from routelens.models.spec import Gate, Groups, Layout
 
 DATA_GATES = [model_type for model_type in SUPPORTED if FAMILIES[model_type].gate is not None]
-PAGE = Path(__file__).resolve().parent.parent / "docs" / "families.md"
+PAGE = Path(__file__).resolve().parents[2] / "docs" / "families.md"
 
 
 @pytest.mark.quick

@@ -234,7 +234,7 @@ CASES = {
     "rollout_other_model": (lambda w: _rollout(w, model="demo"), "rollout must use the model the counterfactual run scored"),
     "rollout_negative_temperature": (lambda w: _rollout(w, "--temperature", "-1"), "--temperature must be 0 (greedy) or positive"),
     "rollout_tokens_neither": (lambda w: _rollout(w, "--tokens", "some"), "--tokens must be fragile, all or a file"),
-    # ---- Ray (--ray without Ray installed: tests/test_ray.py)
+    # ---- Ray (--ray without Ray installed: tests/runs/test_ray.py)
     "workers_without_ray": (lambda w: _cf(w, "--workers", "4"), "--workers needs --ray (local, auto or a cluster address)"),
     "ray_blank_address": (lambda w: _iso(w, "--ray", " "), "--ray takes local, auto or a cluster address"),
     "isolate_group_items_zero": (lambda w: _iso(w, "--group-items", "0"), "argument --group-items: expected a positive integer, got 0"),
