@@ -138,6 +138,52 @@ def test_bins_and_summary_counts():
         assert summary["layers"][str(layer)]["All"]["tokens"] == len(at)
 
 
+def _cluster_interval(frame: pd.DataFrame, values: pd.Series, confidence: float, seed: int, resamples: int):
+    """The definition, written again: resample trajectories with replacement (SciPy's
+    bootstrap over trajectory indices), the statistic is the pooled token mean."""
+    sums = values.groupby(frame["trajectory_id"]).sum().to_numpy()
+    counts = values.groupby(frame["trajectory_id"]).count().to_numpy()
+    result = sp.bootstrap((np.arange(len(sums)),), lambda i, axis=-1: sums[i].sum(axis) / counts[i].sum(axis),
+                          n_resamples=resamples, confidence_level=confidence, method="percentile",
+                          rng=np.random.default_rng(seed), vectorized=True)
+    return result.confidence_interval.low, result.confidence_interval.high
+
+
+def test_confidence_q_values_and_the_adjusted_gain_interval_follow_their_definitions():
+    """`confidence` sets every interval's level; each cell's sign test carries its
+    Benjamini-Hochberg q over the table's cells (statsmodels); the gain's adjusted interval
+    is the interval at 1 - (1 - confidence) / cells, and survives when it excludes 0."""
+    from statsmodels.stats.multitest import multipletests
+
+    rng = np.random.default_rng(4)
+    n = 400
+    p_mean = rng.uniform(size=n)
+    tokens = pd.DataFrame({
+        "trajectory_id": rng.integers(0, 30, n).astype(str), "layer": rng.choice([0, 2], n),
+        "p_route_mean": p_mean, "p_standard": rng.uniform(size=n), "p_best_alt": rng.uniform(size=n),
+        "gain": rng.normal(0.3, 1.0, n), "win_rate": rng.uniform(0, 0.6, n), "alignment": rng.uniform(-1, 1, n),
+        "tie_rate": rng.uniform(0, 0.4, n), "null_gain": rng.normal(size=n), "standard_percentile": rng.uniform(size=n),
+        "gain_by_routes": list(rng.normal(size=(n, 6))), "bin": [bin_of(p, 0.9, 0.5) for p in p_mean],
+    })
+    config = CounterfactualConfig(bootstrap_resamples=500, confidence=0.8, seed=3)
+    summary = summarise(tokens, [0, 2], config)
+    cells = [(layer, name) for layer in ("0", "2") for name in (*BINS, "All")]
+    assert summary["cells"] == len(cells) and summary["confidence"] == 0.8
+    tests = [summary["layers"][layer][name]["win_loss_sign_test"] for layer, name in cells]
+    expected_q = multipletests([t["p_value"] for t in tests], method="fdr_bh")[1]
+    assert [t["q_value"] for t in tests] == pytest.approx(expected_q, rel=1e-12)
+    for layer, name in cells:
+        group = summary["layers"][layer][name]
+        frame = tokens[(tokens["layer"] == int(layer)) & ((tokens["bin"] == name) | (name == "All"))]
+        assert group["gain_ci"] == pytest.approx(_cluster_interval(frame, frame["gain"], 0.8, 3, 500), rel=1e-9)
+        adjusted = _cluster_interval(frame, frame["gain"], 1 - 0.2 / len(cells), 3, 500)
+        assert group["gain_ci_adjusted"] == pytest.approx(adjusted, rel=1e-9)
+        assert group["gain_survives_adjustment"] == (adjusted[0] > 0 or adjusted[1] < 0)
+        assert group["gain_ci_adjusted"][0] <= group["gain_ci"][0] <= group["gain_ci"][1] <= group["gain_ci_adjusted"][1]
+    assert CounterfactualConfig().to_dict().keys() == CounterfactualConfig(confidence=0.95).to_dict().keys()
+    assert "confidence" not in CounterfactualConfig().to_dict()   # run folders made before it resume
+
+
 def test_an_alternative_with_the_standard_experts_never_wins():
     config = CounterfactualConfig()
     experts = np.array([[0, 1], [0, 1], [2, 3], [4, 5]])

@@ -17,6 +17,11 @@ def p_value_text(test: dict | None) -> str:
     return f"{test['p_value']:.2g}"
 
 
+def q_value_text(test: dict | None) -> str:
+    """A test's Benjamini-Hochberg q in two significant digits ("-" where the run has none)."""
+    return "-" if not test or test.get("q_value") is None else f"{test['q_value']:.2g}"
+
+
 def interval_text(interval) -> str:
     low, high = interval
     return "-" if low is None else f"[{low:+.3f}, {high:+.3f}]"

@@ -377,23 +377,26 @@ def trajectory_groups(todo: list[int], trajectories: list[Trajectory], max_token
 
 
 def trajectory_interval(frame: pd.DataFrame, value: pd.Series, seed: int, resamples: int,
-                        transform=None) -> list[float | None]:
-    """95% percentile bootstrap interval of the mean of `value` over the rows of `frame`,
-    resampling trajectories (`trajectory_id`): rows of one trajectory stay together."""
+                        transform=None, confidence: float = 0.95) -> list[float | None]:
+    """Percentile bootstrap interval (at `confidence`) of the mean of `value` over the rows of
+    `frame`, resampling trajectories (`trajectory_id`): rows of one trajectory stay together."""
     keep = value.notna()
     clusters = pd.DataFrame({"tid": frame["trajectory_id"][keep], "v": value[keep]}).groupby("tid")["v"]
     low, high = stats.cluster_bootstrap_ratio(clusters.sum().to_numpy(), clusters.count().to_numpy(),
-                                              seed=seed, transform=transform, n_resamples=resamples)
+                                              seed=seed, transform=transform, n_resamples=resamples,
+                                              confidence=confidence)
     return [None if np.isnan(low) else low, None if np.isnan(high) else high]
 
 
 MIN_CLUSTERS = 10   # fewer trajectories than this: the bootstrap interval is marked unreliable
 
 
-def summarise_group(frame: pd.DataFrame, config: CounterfactualConfig) -> dict:
+def summarise_group(frame: pd.DataFrame, config: CounterfactualConfig, cells: int = 1) -> dict:
     """Token count, mean gain against its null, win and tie rates, the standard route's
-    percentile and Fisher-z mean alignment, each with a 95% bootstrap interval over
-    trajectories (marked `few_clusters` below MIN_CLUSTERS trajectories), and the mean
+    percentile and Fisher-z mean alignment, each with a bootstrap interval at
+    `config.confidence` over trajectories (marked `few_clusters` below MIN_CLUSTERS
+    trajectories), the gain's interval adjusted for the `cells` of its table (Bonferroni:
+    at 1 - (1 - confidence) / cells) and whether it survives (excludes 0), and the mean
     gain as a function of the number of alternatives S."""
     z = pd.Series(stats.fisher_z(frame["alignment"].to_numpy()), index=frame.index)
     seed, resamples = config.seed, config.bootstrap_resamples
@@ -402,29 +405,36 @@ def summarise_group(frame: pd.DataFrame, config: CounterfactualConfig) -> dict:
     def mean_or_none(value: float) -> float | None:
         return None if np.isnan(value) else float(value)
 
+    def interval(value: pd.Series, transform=None, confidence: float = config.confidence) -> list[float | None]:
+        return trajectory_interval(frame, value, seed, resamples, transform, confidence)
+
+    adjusted = interval(frame["gain"], confidence=1 - (1 - config.confidence) / max(cells, 1))
+
     return {
         "tokens": int(len(frame)),
         "trajectories": int(frame["trajectory_id"].nunique()),
         "p_standard": mean_or_none(frame["p_standard"].mean()),
         "p_best_alt": mean_or_none(frame["p_best_alt"].mean()),
         "gain": mean_or_none(frame["gain"].mean()),
-        "gain_ci": trajectory_interval(frame, frame["gain"], seed, resamples),
+        "gain_ci": interval(frame["gain"]),
+        "gain_ci_adjusted": adjusted,
+        "gain_survives_adjustment": None if None in adjusted else bool(adjusted[0] > 0 or adjusted[1] < 0),
         "null_gain": mean_or_none(frame["null_gain"].mean()),
-        "null_gain_ci": trajectory_interval(frame, frame["null_gain"], seed, resamples),
+        "null_gain_ci": interval(frame["null_gain"]),
         # paired per token: below 0, the router's route beats a random draw of the same sampler
         "gain_minus_null": mean_or_none((frame["gain"] - frame["null_gain"]).mean()),
-        "gain_minus_null_ci": trajectory_interval(frame, frame["gain"] - frame["null_gain"], seed, resamples),
+        "gain_minus_null_ci": interval(frame["gain"] - frame["null_gain"]),
         "win_rate": mean_or_none(frame["win_rate"].mean()),
-        "win_rate_ci": trajectory_interval(frame, frame["win_rate"], seed, resamples),
+        "win_rate_ci": interval(frame["win_rate"]),
         "tie_rate": mean_or_none(frame["tie_rate"].mean()),
-        "tie_rate_ci": trajectory_interval(frame, frame["tie_rate"], seed, resamples),
+        "tie_rate_ci": interval(frame["tie_rate"]),
         "loss_rate": mean_or_none(loss.mean()),
-        "loss_rate_ci": trajectory_interval(frame, loss, seed, resamples),
+        "loss_rate_ci": interval(loss),
         "win_loss_sign_test": win_loss_sign_test(frame["trajectory_id"], frame["win_rate"] - loss),
         "standard_percentile": mean_or_none(frame["standard_percentile"].mean()),
-        "standard_percentile_ci": trajectory_interval(frame, frame["standard_percentile"], seed, resamples),
+        "standard_percentile_ci": interval(frame["standard_percentile"]),
         "alignment": mean_or_none(stats.fisher_z_mean(frame["alignment"].to_numpy())),
-        "alignment_ci": trajectory_interval(frame, z, seed, resamples, transform=np.tanh),
+        "alignment_ci": interval(z, transform=np.tanh),
         "alignment_defined": int(frame["alignment"].notna().sum()),
         "few_clusters": int(frame["trajectory_id"].nunique()) < MIN_CLUSTERS,
         "gain_by_routes": _gain_by_routes(frame, config.routes),
@@ -445,6 +455,15 @@ def win_loss_sign_test(trajectory_ids: pd.Series, win_minus_loss: pd.Series) -> 
             "trajectories_even": int((per_trajectory == 0).sum()), "p_value": p}
 
 
+def add_q_values(groups: list[dict]) -> None:
+    """Benjamini-Hochberg q-values of the sign tests of a table's cells, added beside each
+    cell's p-value (cells without a test get none)."""
+    tested = [group["win_loss_sign_test"] for group in groups if group["win_loss_sign_test"]["p_value"] is not None]
+    q_values = stats.bh_qvalues(np.array([test["p_value"] for test in tested]))
+    for test, q in zip(tested, q_values):
+        test["q_value"] = float(q)
+
+
 def _gain_by_routes(frame: pd.DataFrame, num_routes: int) -> dict[str, float]:
     """Mean expected gain of the best of m alternatives, m = 1, 2, 4, ..., S (from the same rows)."""
     if frame.empty:
@@ -455,19 +474,23 @@ def _gain_by_routes(frame: pd.DataFrame, num_routes: int) -> dict[str, float]:
 
 def summarise(tokens: pd.DataFrame, layers: list[int], config: CounterfactualConfig) -> dict:
     """summary.json: per layer x bin (and all tokens of the layer)."""
-    per_layer = {}
+    frames = {}
     for layer in layers:
         at_layer = tokens[tokens["layer"] == layer]
-        groups = {name: at_layer[at_layer["bin"] == name] for name in BINS}
-        groups[ALL_TOKENS] = at_layer
-        per_layer[str(layer)] = {name: summarise_group(frame, config) for name, frame in groups.items()}
+        frames[str(layer)] = {name: at_layer[at_layer["bin"] == name] for name in BINS} | {ALL_TOKENS: at_layer}
+    cells = sum(not frame.empty for groups in frames.values() for frame in groups.values())   # the table's cells
+    per_layer = {layer: {name: summarise_group(frame, config, cells) for name, frame in groups.items()}
+                 for layer, groups in frames.items()}
+    add_q_values([group for groups in per_layer.values() for group in groups.values()])
     return {
         "analysis": "counterfactual",
         "bins": {"Confident": f"p_route_mean >= {config.confident}",
                  "Ambiguous": f"{config.fragile} <= p_route_mean < {config.confident}",
                  "Fragile": f"p_route_mean < {config.fragile}"},
-        "interval": f"95% percentile bootstrap over trajectories, {config.bootstrap_resamples} resamples; "
-                    f"few_clusters marks intervals over fewer than {MIN_CLUSTERS} trajectories",
+        "interval": f"{config.confidence:.0%} percentile bootstrap over trajectories, {config.bootstrap_resamples} "
+                    f"resamples; few_clusters marks intervals over fewer than {MIN_CLUSTERS} trajectories",
+        "confidence": config.confidence,
+        "cells": cells,
         "win_tolerance": config.win_tolerance,
         "definitions": {
             "win_rate": f"share of alternatives with p_alt - p_standard > {config.win_tolerance}",
@@ -475,7 +498,9 @@ def summarise(tokens: pd.DataFrame, layers: list[int], config: CounterfactualCon
             "loss_rate": f"share of alternatives with p_standard - p_alt > {config.win_tolerance} (1 - win - tie)",
             "win_loss_sign_test": "exact two-sided sign test over trajectories of their tokens' mean (win share - loss "
                                   "share): do alternatives beat the standard route more often than they lose to it, "
-                                  "ties aside; unadjusted for the number of cells",
+                                  "ties aside; p_value unadjusted, q_value Benjamini-Hochberg over the table's cells",
+            "gain_ci_adjusted": "the gain's interval at 1 - (1 - confidence) / cells (Bonferroni over the table's "
+                                "cells); gain_survives_adjustment: it excludes 0",
             "null_gain": "mean over alternatives a of (best other alternative's p - p_a): the gain of a random draw",
             "standard_percentile": "secondary: share of alternatives below the standard route, ties counted as half "
                                    "(so a cell of ties reads 0.5); read win, tie and loss rates first",
@@ -502,21 +527,23 @@ def summarise_joint(tokens: pd.DataFrame, joint: list[int], config: Counterfactu
     """summary.json's `joint` block: per bin of the joint route-averaged p, the usual
     metrics of the joint routes and how the joint gain compares with the single-layer
     gains of the same tokens, each paired difference with its interval over trajectories."""
-    seed, resamples = config.seed, config.bootstrap_resamples
+    seed, resamples, confidence = config.seed, config.bootstrap_resamples, config.confidence
     groups = {name: tokens[tokens["bin"] == name] for name in BINS}
     groups[ALL_TOKENS] = tokens
+    cells = sum(not frame.empty for frame in groups.values())
     out = {}
     for name, frame in groups.items():
-        group = summarise_group(frame, config)
+        group = summarise_group(frame, config, cells)
         for column in ("sum_single_gain", "max_single_gain", "interaction"):
             group[column] = None if frame.empty else float(frame[column].mean())
-            group[f"{column}_ci"] = trajectory_interval(frame, frame[column], seed, resamples)
+            group[f"{column}_ci"] = trajectory_interval(frame, frame[column], seed, resamples, confidence=confidence)
         for label, other in (("joint_minus_sum", "sum_single_gain"), ("joint_minus_best_single", "max_single_gain")):
             difference = frame["gain"] - frame[other]
             group[label] = None if frame.empty else float(difference.mean())
-            group[f"{label}_ci"] = trajectory_interval(frame, difference, seed, resamples)
+            group[f"{label}_ci"] = trajectory_interval(frame, difference, seed, resamples, confidence=confidence)
         group["verdict"] = joint_verdict(group["interaction_ci"])
         out[name] = group
+    add_q_values(list(out.values()))
     return {"layers": list(joint), "bins": out,
             "definitions": {
                 "joint route": "route r forced at every listed layer at once (route r of each layer, sampled "

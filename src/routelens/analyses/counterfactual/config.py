@@ -7,6 +7,7 @@ from dataclasses import asdict, dataclass
 from routelens.config import (
     ENGINE_NAMES,
     at_least,
+    fraction,
     is_layer_list,
     one_of,
     positive,
@@ -56,6 +57,8 @@ class CounterfactualConfig:
                                 help="fast engine: trajectories scored together up to this many tokens (on --ray, a "
                                      "group is what one actor scores at a time)")
     bootstrap_resamples: int = setting(2000, parse="positive_int", help="bootstrap resamples of the intervals")
+    confidence: float = setting(0.95, help="confidence level of the bootstrap intervals (the adjusted gain interval "
+                                           "spends 1 - confidence over the table's cells)")
 
     def __post_init__(self) -> None:
         if not is_layer_list(self.layers):
@@ -88,6 +91,7 @@ class CounterfactualConfig:
         one_of("engine", self.engine, ENGINE_NAMES)
         for name in ("route_batch_size", "memory_budget", "group_tokens", "bootstrap_resamples"):
             at_least(name, getattr(self, name), 1)
+        fraction("confidence", self.confidence)
 
     def candidates_for(self, num_experts: int) -> int:
         return self.candidates if self.candidates is not None else min(32, num_experts)
@@ -97,9 +101,10 @@ class CounterfactualConfig:
     PERFORMANCE = ("route_batch_size", "memory_budget", "group_tokens")
 
     def to_dict(self) -> dict:
-        # joint_layers only where set: run folders made before it existed resume unchanged
+        # joint_layers and confidence only where set: run folders made before they existed resume unchanged
         return {k: v for k, v in asdict(self).items()
-                if k not in self.PERFORMANCE and not (k == "joint_layers" and v is None)}
+                if k not in self.PERFORMANCE and not (k == "joint_layers" and v is None)
+                and not (k == "confidence" and v == 0.95)}
 
     def performance(self) -> dict:
         return {k: getattr(self, k) for k in self.PERFORMANCE}

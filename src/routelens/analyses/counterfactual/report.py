@@ -11,7 +11,7 @@ from routelens.analyses.counterfactual.table import step_check_line
 from routelens.errors import RouteLensError
 from routelens.report.build import figures_html, provenance, tokenizer_of
 from routelens.report.figures import BIN_COLOURS, Figure, grid, interval_errors, subplots
-from routelens.report.formats import p_value_text
+from routelens.report.formats import p_value_text, q_value_text
 from routelens.report.page import esc, fmt, interval, table
 from routelens.results.run_folder import read_json
 
@@ -60,15 +60,20 @@ def section(run_dir: str, run: dict) -> str:
         for name in (*BINS, ALL_TOKENS):
             g = groups[name]
             rows.append([layer, name, g["tokens"], g["trajectories"], fmt(g["p_standard"]), fmt(g["p_best_alt"]),
-                         interval(g["gain"], g["gain_ci"]), interval(g["win_rate"], g["win_rate_ci"]),
+                         interval(g["gain"], g["gain_ci"]),
+                         {True: "yes", False: "no"}.get(g.get("gain_survives_adjustment"), "-"),   # absent before
+                         interval(g["win_rate"], g["win_rate_ci"]),
                          interval(g.get("tie_rate"), g.get("tie_rate_ci", [None, None])),
                          interval(g.get("loss_rate"), g.get("loss_rate_ci", [None, None])),   # absent in older runs
                          p_value_text(g.get("win_loss_sign_test")),
+                         q_value_text(g.get("win_loss_sign_test")),
                          interval(g["alignment"], g["alignment_ci"])])
             attributes.append(f' data-layer="{esc(layer)}" data-bin="{esc(name)}"')
-    bins = table(["layer", "bin", "tokens", "trajectories", "p standard", "p best alt", "gain [95% CI]",
-                  "win rate [95% CI]", "tie rate [95% CI]", "loss rate [95% CI]", "sign test p (alternatives ahead "
-                  "vs behind, over trajectories)", "alignment [95% CI]"], rows, "cf-bins",
+    level = f"{summary.get('confidence', 0.95):.0%} CI"
+    bins = table(["layer", "bin", "tokens", "trajectories", "p standard", "p best alt", f"gain [{level}]",
+                  "gain survives the adjustment over cells (Bonferroni)", f"win rate [{level}]", f"tie rate [{level}]",
+                  f"loss rate [{level}]", "sign test p (alternatives ahead vs behind, over trajectories)",
+                  "sign test q (Benjamini-Hochberg over the cells)", f"alignment [{level}]"], rows, "cf-bins",
                  cell_attributes=lambda r, c: attributes[r] + ' class="count"' if c == 2 else "")
     worst = worst_tokens(tokens, WORST_TOKENS)
     contexts = token_contexts(run["config"], worst)

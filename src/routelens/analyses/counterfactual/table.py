@@ -6,19 +6,27 @@ from rich.console import Console
 from rich.table import Table
 
 from routelens.config import ALL_TOKENS, BINS
-from routelens.report.formats import p_value_text, with_interval
+from routelens.report.formats import p_value_text, q_value_text, with_interval
+
+
+def _gain(group: dict) -> str:
+    """The gain with its interval, marked † where its interval adjusted over the table's
+    cells holds 0 (runs made before the adjustment carry no mark)."""
+    return with_interval(group["gain"], group["gain_ci"]) + ("†" if group.get("gain_survives_adjustment") is False else "")
 
 
 def summary_table(summary: dict) -> Table:
     tolerance = summary.get("win_tolerance")
-    table = Table(title="counterfactual routing: per layer x bin (95% bootstrap CI over trajectories; "
+    confidence = summary.get("confidence", 0.95)
+    table = Table(title=f"counterfactual routing: per layer x bin ({confidence:.0%} bootstrap CI over trajectories; "
                         "* fewer than 10 trajectories)",
                   caption=None if tolerance is None else
                   f"win / tie / loss: p_alt above / within / below p_std by {tolerance}; null: the gain of a random "
                   "draw of the sampler; sign p: exact sign test over trajectories, alternatives ahead vs behind "
-                  "(ties aside, unadjusted)")
+                  "(ties aside), q: its Benjamini-Hochberg q over the table's cells; † the gain's interval adjusted "
+                  "over the cells (Bonferroni) holds 0")
     for column in ("layer", "bin", "tokens", "traj", "p std", "gain", "null gain", "win rate", "tie", "loss", "sign p",
-                   "alignment"):
+                   "q", "alignment"):
         table.add_column(column, justify="right" if column not in ("bin",) else "left")
     for layer, groups in summary["layers"].items():
         for name in (*BINS, ALL_TOKENS):
@@ -27,12 +35,12 @@ def summary_table(summary: dict) -> Table:
                 layer, name + ("*" if group.get("few_clusters") else ""), str(group["tokens"]),
                 str(group["trajectories"]),
                 "-" if group["p_standard"] is None else f"{group['p_standard']:.3f}",
-                with_interval(group["gain"], group["gain_ci"]),
+                _gain(group),
                 with_interval(group.get("null_gain"), group.get("null_gain_ci", (None, None))),
                 with_interval(group["win_rate"], group["win_rate_ci"]),
                 "-" if group.get("tie_rate") is None else f"{group['tie_rate']:.3f}",
                 "-" if group.get("loss_rate") is None else f"{group['loss_rate']:.3f}",   # absent in older runs
-                p_value_text(group.get("win_loss_sign_test")),
+                p_value_text(group.get("win_loss_sign_test")), q_value_text(group.get("win_loss_sign_test")),
                 with_interval(group["alignment"], group["alignment_ci"]),
             )
         table.add_section()
