@@ -184,6 +184,33 @@ def test_confidence_q_values_and_the_adjusted_gain_interval_follow_their_definit
     assert "confidence" not in CounterfactualConfig().to_dict()   # run folders made before it resume
 
 
+def test_matched_mass_alternatives_carry_the_standard_routes_gate_mass_and_score_as_forced():
+    """--alternative-weights matched-mass: every alternative's weights are the gating rule's,
+    rescaled to the standard route's total gate mass; its score equals a plain forward with
+    those experts and weights forced (`Lens.force`)."""
+    import routelens as rl
+
+    lens = rl.load("demo")
+    trajs = rl.trajectories_from_text(lens.tokenizer, [("Q:3+4=A:", "3+4=7#7"), ("Q:9*2=A:", "9*2=18#18")])
+    model = rl.counterfactual(lens, trajs, layers=[0], routes=4, seed=1, show_progress=False)
+    matched = rl.counterfactual(lens, trajs, layers=[0], routes=4, seed=1, alternative_weights="matched-mass",
+                                show_progress=False)
+    assert matched.summary_dict["alternative_weights"] == "matched-mass"
+    routes, before = matched.routes, model.routes
+    assert (np.stack(routes["experts"]) == np.stack(before["experts"])).all()   # same routes, other weights
+    for _, group in routes.groupby(["trajectory_id", "position"]):
+        masses = np.array([np.sum(w) for w in group.sort_values("route")["weights"]])
+        assert masses[1:] == pytest.approx(np.full(len(masses) - 1, masses[0]), rel=1e-6)
+    rows = routes[routes["route"] == 2].head(3)
+    ids = {t.id: t.input_ids for t in trajs}
+    for _, row in rows.iterrows():
+        input_ids = torch.tensor([ids[row["trajectory_id"]]])
+        with lens.force(0, [(0, int(row["position"]))], [list(row["experts"])], [list(row["weights"])]):
+            with torch.no_grad():
+                logits = lens.model(input_ids).logits[0, int(row["position"])].double()
+        assert float(torch.log_softmax(logits, -1)[int(row["target_id"])]) == pytest.approx(row["logprob"], abs=1e-5)
+
+
 def test_an_alternative_with_the_standard_experts_never_wins():
     config = CounterfactualConfig()
     experts = np.array([[0, 1], [0, 1], [2, 3], [4, 5]])

@@ -136,7 +136,11 @@ def build_routes(adapter: MoEAdapter, trajectory: Trajectory, layers: list[int],
         num_positions, num_routes = alt_experts.shape[:2]
         alt_weights = adapter.weights_for(
             logits.repeat_interleave(num_routes, dim=0), alt_experts.reshape(-1, k)
-        ).reshape(num_positions, num_routes, k).to(out.weights.dtype)       # dtype the model applies
+        ).reshape(num_positions, num_routes, k)
+        if config.alternative_weights == "matched-mass":   # each alternative carries the standard route's gate mass
+            mass = std_weights.float().sum(-1)[:, None, None]
+            alt_weights = alt_weights * mass / alt_weights.sum(-1, keepdim=True).clamp_min(torch.finfo(torch.float32).tiny)
+        alt_weights = alt_weights.to(out.weights.dtype)                      # dtype the model applies
         experts = torch.cat([std_experts[:, None], alt_experts], dim=1)       # [P, R, k]
         weights = torch.cat([std_weights[:, None], alt_weights], dim=1)
         router_score = scores.gather(-1, experts.reshape(num_positions, -1)).reshape(experts.shape).sum(-1)
@@ -491,6 +495,7 @@ def summarise(tokens: pd.DataFrame, layers: list[int], config: CounterfactualCon
                     f"resamples; few_clusters marks intervals over fewer than {MIN_CLUSTERS} trajectories",
         "confidence": config.confidence,
         "cells": cells,
+        "alternative_weights": config.alternative_weights,
         "win_tolerance": config.win_tolerance,
         "definitions": {
             "win_rate": f"share of alternatives with p_alt - p_standard > {config.win_tolerance}",

@@ -15,6 +15,8 @@ from routelens.config import (
 )
 from routelens.errors import SettingError
 
+ALTERNATIVE_WEIGHTS = ("model", "matched-mass")
+
 
 @dataclass
 class CounterfactualConfig:
@@ -41,6 +43,11 @@ class CounterfactualConfig:
     gumbel_temperature: float = setting(1.0, help="temperature of the Gumbel-top-k route sampler (higher: flatter; "
                                                   "not a sampling temperature of text)")
     seed: int = setting(0, help="seed of the route sampling and the bootstrap")
+    alternative_weights: str = setting(
+        "model", choices=ALTERNATIVE_WEIGHTS,
+        help="weights of an alternative route: model (the gating rule's weights for its experts, the paper's "
+             "definition) or matched-mass (those weights rescaled to the standard route's total gate mass, so that "
+             "no route wins by a larger output)")
     confident: float = setting(0.9, help="Confident bin: route-averaged p >= this")
     fragile: float = setting(0.5, help="Fragile bin: route-averaged p < this")
     win_tolerance: float = setting(1e-3, help="an alternative wins only if its p beats the standard route's by more "
@@ -92,6 +99,7 @@ class CounterfactualConfig:
         for name in ("route_batch_size", "memory_budget", "group_tokens", "bootstrap_resamples"):
             at_least(name, getattr(self, name), 1)
         fraction("confidence", self.confidence)
+        one_of("alternative_weights", self.alternative_weights, ALTERNATIVE_WEIGHTS)
 
     def candidates_for(self, num_experts: int) -> int:
         return self.candidates if self.candidates is not None else min(32, num_experts)
@@ -101,10 +109,11 @@ class CounterfactualConfig:
     PERFORMANCE = ("route_batch_size", "memory_budget", "group_tokens")
 
     def to_dict(self) -> dict:
-        # joint_layers and confidence only where set: run folders made before they existed resume unchanged
+        # settings added later only where they differ from their default: run folders made
+        # before they existed resume unchanged
+        added = {"joint_layers": None, "confidence": 0.95, "alternative_weights": "model"}
         return {k: v for k, v in asdict(self).items()
-                if k not in self.PERFORMANCE and not (k == "joint_layers" and v is None)
-                and not (k == "confidence" and v == 0.95)}
+                if k not in self.PERFORMANCE and not (k in added and v == added[k])}
 
     def performance(self) -> dict:
         return {k: getattr(self, k) for k in self.PERFORMANCE}
