@@ -184,12 +184,12 @@ def test_misspelt_options_are_errors_not_ignored():
     from routelens.api import make_config
     from routelens.engine import make_engine
 
-    with pytest.raises(rl.RouteLensError, match=r"unknown option\(s\) rotues for CounterfactualConfig; options: layers"):
+    with pytest.raises(rl.RouteLensError, match=r"unknown setting\(s\) `rotues`; the settings are layers"):
         make_config(rl.CounterfactualConfig, rotues=8)
     assert make_config(rl.CounterfactualConfig, routes=8, candidates=12).candidates == 12
     base = rl.CounterfactualConfig(routes=5)
     assert make_config(rl.CounterfactualConfig, base, seed=3).routes == 5
-    with pytest.raises(rl.RouteLensError, match=r"unknown option\(s\) num_routes"):   # no second name
+    with pytest.raises(rl.RouteLensError, match=r"unknown setting\(s\) `num_routes` \(num_routes is now routes\)"):
         make_config(rl.CounterfactualConfig, num_routes=8)
     with pytest.raises(TypeError, match="memory_budgte"):
         make_engine("fast", None, memory_budgte=1)
@@ -349,3 +349,26 @@ def test_a_misspelt_option_names_the_command_and_the_option_meant(capsys):
     err = capsys.readouterr().err
     assert exited.value.code == 2 and err.count("\n") == 1
     assert "did you mean --gumbel-temperature?" in err and "see `routelens counterfactual --help`" in err
+
+
+@quick
+def test_settings_given_in_another_form_are_taken_or_refused_in_one_line():
+    assert rl.PassKConfig(samples=4, k=4).k == [4]                      # one k, as an integer
+    with pytest.raises(rl.SettingError, match=r"^`k` must be an integer or a list of integers"):
+        rl.PassKConfig(samples=4, k="1,2")
+
+
+def test_router_update_says_why_it_has_no_ray(tmp_path):
+    with pytest.raises(rl.SettingError, match=r"^`ray`: a router update trains its steps one after another"):
+        rl.router_update(rl.load("demo"), str(tmp_path / "cf"), str(tmp_path / "u"), ray="local")
+
+
+@quick
+def test_list_and_switch_defaults_read_as_they_are_typed(capsys):
+    from routelens.cli import main as cli_main
+
+    for command in ("router-update", "semantic-route"):
+        with pytest.raises(SystemExit):
+            cli_main([command, "--help"])
+    shown = " ".join(capsys.readouterr().out.split())
+    assert "(default Fragile,Ambiguous)" in shown and "(default on)" in shown and "['Fragile'" not in shown

@@ -36,7 +36,7 @@ _EXPORTS = {
     "SemanticRouteConfig": "routelens.analyses.semantic_routing.config",
     "EvalProblem": "routelens.analyses.passk.analysis", "Trajectory": "routelens.data.trajectories",
     "TargetItem": "routelens.data.target_items",
-    "RouteLensError": "routelens.errors", "OverrideNotApplied": "routelens.errors",
+    "RouteLensError": "routelens.errors", "SettingError": "routelens.errors", "OverrideNotApplied": "routelens.errors",
     "register_family": "routelens.models.registry",
 }
 

@@ -18,6 +18,7 @@ from dataclasses import fields
 
 from routelens.analyses.counterfactual.config import CounterfactualConfig
 from routelens.analyses.counterfactual.result import CounterfactualResult
+from routelens.analyses.graft.config import GraftEvaluationConfig
 from routelens.analyses.graft.result import GraftResult
 from routelens.analyses.isolation.config import IsolationConfig
 from routelens.analyses.isolation.result import IsolationResult
@@ -37,6 +38,10 @@ from routelens.errors import RouteLensError, SettingError
 from routelens.lens import Lens
 from routelens.results.objects import read_run
 
+# settings renamed to their command-line names (0.2): named in the error, never accepted
+RENAMED = {"num_routes": "routes", "num_candidates": "candidates", "ks": "k", "learning_rate": "lr",
+           "max_tokens": "max_new_tokens"}
+
 
 def make_config(config_class, config=None, **options):
     """`config_class(**options)` (or `config` with `options` replaced), an unknown option
@@ -45,8 +50,10 @@ def make_config(config_class, config=None, **options):
     resolved = dict(options)
     unknown = sorted(key for key in options if key not in names)
     if unknown:
-        raise RouteLensError(f"unknown option(s) {', '.join(unknown)} for {config_class.__name__}; "
-                             f"options: {', '.join(names)}")
+        renamed = [f"{old} is now {RENAMED[old]}" for old in unknown if RENAMED.get(old) in names]
+        raise SettingError(f"unknown setting(s) {', '.join(f'`{u}`' for u in unknown)}"
+                           f"{' (' + '; '.join(renamed) + ')' if renamed else ''}; the settings are "
+                           f"{', '.join(names)}", *unknown)
     if config is not None:
         resolved = {**{name: getattr(config, name) for name in names}, **resolved}
     return config_class(**resolved)
@@ -428,6 +435,9 @@ def router_update(lens: Lens, counterfactual, out: str, *, heldout=None, config:
     from routelens.analyses.router_update.analysis import run_router_update
 
     lens = _lens(lens)
+    if "ray" in options or "workers" in options:
+        raise SettingError("`ray`: a router update trains its steps one after another in this process, so it has "
+                           "no Ray execution; call it without ray (it resumes after a kill all the same)", "ray")
     settings = make_config(RouterUpdateConfig, config, **options)
     run = run_router_update(lens.loaded, _counterfactual_folder(counterfactual, "counterfactual"), settings, out,
                             _counterfactual_folder(heldout, "heldout"), overwrite=overwrite, show_progress=show_progress)
@@ -486,8 +496,8 @@ def semantic_route(lens: Lens, items, out: str | None = None, *, config: Semanti
 # ---------------------------------------------------------------------------- grafting
 def graft(recipient: Lens | str, donor: Lens | str, experts, out: str, *, dtype: str | None = None, device: str = "cpu",
           evaluate: bool = False, items="arithmetic", domains: list[str] | None = None, per_domain: int | None = 50,
-          seed: int = 0, bootstrap_resamples: int = 2000, alpha: float = 0.05, show_progress: bool = False,
-          ray=None, workers: int | None = None) -> GraftResult:
+          config: GraftEvaluationConfig | None = None, show_progress: bool = False, ray=None,
+          workers: int | None = None, **options) -> GraftResult:
     """Copy donor experts into recipient slots and save the grafted model as a Hugging Face
     folder `out` (with graft.json); with `evaluate`, measure on `items` what the graft
     changed (natural score, the slot's selection share, the grafted vs the original expert
@@ -496,8 +506,10 @@ def graft(recipient: Lens | str, donor: Lens | str, experts, out: str, *, dtype:
     `recipient`, `donor`: `Lens` objects or model specs ("demo", a folder, a hub id) of one
     family; a Lens is used as loaded (the recipient is restored after the graft). `experts`:
     "L:e=L2:e2,..." or [(L, e, L2, e2), ...] (recipient layer and expert <- donor layer and
-    expert). `dtype`: default the recipient checkpoint's own. `ray`/`workers`: evaluate on a
-    pool of Ray actors (see `counterfactual`); the graft itself is written here.
+    expert). `dtype`: default the recipient checkpoint's own. `options`: fields of
+    `GraftEvaluationConfig` (`seed`, `bootstrap_resamples`, `alpha`), checked before any model
+    loads. `ray`/`workers`: evaluate on a pool of Ray actors (see `counterfactual`); the
+    graft itself is written here.
 
     Examples:
         >>> import routelens as rl
@@ -511,23 +523,23 @@ def graft(recipient: Lens | str, donor: Lens | str, experts, out: str, *, dtype:
     from routelens.lens import load
 
     ray = ray_settings(ray, workers)
-
+    settings = make_config(GraftEvaluationConfig, config, **options)
     mapping = parse_expert_map(experts) if isinstance(experts, str) else [tuple(map(int, pair)) for pair in experts]
     if isinstance(recipient, Lens):   # a loaded model: its own dtype, unless another is asked for
         dtype = dtype or recipient.loaded.dtype
     else:
         dtype = dtype or checkpoint_dtype(recipient)
 
-    def loaded(model) -> Lens:
+    def loaded(model, role: str) -> Lens:
         if not isinstance(model, Lens):
             return load(model, device, dtype)
         if not model.loaded.weights or model.loaded.dtype != dtype:
-            raise SettingError(f"the Lens of {model.loaded.spec!r} is {model.loaded.dtype}"
+            raise SettingError(f"the {role} Lens ({model.loaded.spec!r}) is {model.loaded.dtype}"
                                f"{'' if model.loaded.weights else ' without weights'}; grafting in `dtype` {dtype} "
                                "needs the model loaded with weights in that dtype", "dtype")
         return model
 
-    into, source = loaded(recipient), loaded(donor)
+    into, source = loaded(recipient, "recipient"), loaded(donor, "donor")
     plan = plan_graft(into.loaded, source.loaded, mapping)
     record = write_grafted(out, into.loaded, source.loaded, plan)
     del source
@@ -535,8 +547,8 @@ def graft(recipient: Lens | str, donor: Lens | str, experts, out: str, *, dtype:
     if evaluate:
         kept, info = _item_data(into, items, domains, per_domain)
         evaluation = read_run(run_graft_evaluation(into.loaded, plan, kept, os.path.join(out, "evaluation"), info,
-                                                   seed=seed, bootstrap_resamples=bootstrap_resamples, alpha=alpha,
-                                                   show_progress=show_progress, ray=ray).path)
+                                                   seed=settings.seed, bootstrap_resamples=settings.bootstrap_resamples,
+                                                   alpha=settings.alpha, show_progress=show_progress, ray=ray).path)
     return GraftResult(out, record, evaluation)
 
 

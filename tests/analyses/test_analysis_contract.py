@@ -128,6 +128,27 @@ def test_a_toy_analysis_is_a_command_with_its_config_as_options(tmp_path, monkey
     assert "--units UNITS" in shown and "sequences scored (default 12)" in shown and "--ray WHERE" in shown
 
 
+def test_a_broken_installed_command_is_skipped_with_a_warning_and_the_rest_work(tmp_path, monkeypatch, capsys):
+    """An entry point that fails to import, one that is no command and one that takes a
+    built-in name are each skipped with a warning naming it; `routelens` and the toy work."""
+    site = toy_package(tmp_path)
+    (tmp_path / "site" / "toy_analysis-0.1.dist-info" / "entry_points.txt").write_text(
+        "[routelens.commands]\ntoy = test_analysis_contract:TOY_COMMAND\nbroken = no_such_module:COMMAND\n"
+        "notacommand = test_analysis_contract:UNITS\ncounterfactual = test_analysis_contract:CLASHING\n")
+    monkeypatch.syspath_prepend(site)
+    with pytest.warns(UserWarning) as caught:
+        with pytest.raises(SystemExit):
+            main(["--help"])
+    shown = capsys.readouterr().out
+    assert "toy" in shown and "counterfactual" in shown
+    messages = " ".join(str(w.message) for w in caught)
+    assert "no_such_module:COMMAND" in messages and "failed to import" in messages
+    assert "is not a command" in messages and "takes the name of the routelens command 'counterfactual'" in messages
+
+
+CLASHING = AnalysisCommand(name="counterfactual", help="clashes with a built-in", config=ToyConfig, analysis=toy_analysis)
+
+
 def test_a_toy_command_killed_mid_run_resumes_to_the_uninterrupted_tables(tmp_path):
     site, killed = toy_package(tmp_path), str(tmp_path / "killed")
     kill_when_parts_land(toy_command(["--pause", "0.2", "--out", killed], site, stderr=subprocess.DEVNULL), killed, 3)

@@ -85,7 +85,7 @@ def test_graft_takes_lens_objects_as_it_takes_specs(folders, tmp_path):
     spec_model = AutoModelForCausalLM.from_pretrained(tmp_path / "specs").state_dict()
     assert all(torch.equal(lens_model[name], spec_model[name]) for name in spec_model)
     assert all(torch.equal(before[name], tensor) for name, tensor in recipient.model.state_dict().items())
-    with pytest.raises(RouteLensError, match=r"is float32; grafting in `dtype` bfloat16"):
+    with pytest.raises(RouteLensError, match=r"the recipient Lens \(.*\) is float32; grafting in `dtype` bfloat16"):
         rl.graft(recipient, donor, "0:1=1:3", str(tmp_path / "bf16"), dtype="bfloat16")
 
 
@@ -203,3 +203,11 @@ def test_graft_evaluation_killed_mid_run_resumes_to_the_uninterrupted_tables(tmp
     other = subprocess.run(command(killed)[:9] + ["3:5=3:10"] + command(killed)[10:], capture_output=True, text=True,
                            env=cli_env, timeout=scaled(300))
     assert other.returncode == 2 and "holds another graft" in other.stderr
+
+
+def test_graft_evaluation_settings_are_checked_before_a_model_loads(tmp_path):
+    with pytest.raises(RouteLensError, match=r"^`alpha` must lie strictly between 0 and 1, got 2"):
+        rl.graft("no-such-folder-so-loading-would-fail", "demo", "0:1=0:2", str(tmp_path / "g"), evaluate=True, alpha=2)
+    with pytest.raises(RouteLensError, match=r"unknown setting\(s\) `alphas`"):
+        rl.graft("demo", "demo", "0:1=0:2", str(tmp_path / "g"), alphas=0.1)
+    assert not (tmp_path / "g").exists()

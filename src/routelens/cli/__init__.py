@@ -31,16 +31,12 @@ COMMAND_MODULES = (_C + "demo", _A + "counterfactual.command", _A + "rollout.com
 
 def commands() -> dict:
     """command name -> its module; then the commands installed packages declare
-    (`routelens.cli.analysis_command`), which may not take a built-in command's name."""
+    (`routelens.cli.analysis_command`; a broken one is skipped with a warning)."""
     from routelens.cli.analysis_command import installed_commands
 
     modules = [importlib.import_module(name) for name in COMMAND_MODULES]
     built_in = {module.NAME: module for module in modules}
-    added = installed_commands()
-    taken = sorted(set(added) & set(built_in))
-    if taken:
-        raise RouteLensError(f"installed command(s) {', '.join(taken)} take the name of a routelens command; rename them")
-    return {**built_in, **added}
+    return {**built_in, **installed_commands(built_in)}
 
 
 def build_parser(available: dict | None = None) -> OneLineParser:
@@ -55,11 +51,7 @@ def build_parser(available: dict | None = None) -> OneLineParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    try:
-        available = commands()
-    except RouteLensError as error:   # a broken installed command
-        print(f"routelens: error: {error}", file=sys.stderr)
-        return 2
+    available = commands()
     parser = build_parser(available)
     args, unknown = parser.parse_known_args(argv)
     if unknown:   # reported by the command's own parser: its help, and the option meant

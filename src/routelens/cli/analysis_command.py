@@ -76,20 +76,28 @@ class AnalysisCommand:
         return 0
 
 
-def installed_commands() -> dict:
-    """command name -> command, of the entry-point group `routelens.commands`."""
+def installed_commands(built_in: dict) -> dict:
+    """command name -> command, of the entry-point group `routelens.commands`. A broken one
+    (it fails to import, lacks a command's attributes, or takes a built-in command's name)
+    is skipped with a warning: one bad package must not take every command down."""
     import importlib.metadata
-
-    from routelens.errors import RouteLensError
+    import warnings
 
     found = {}
     for entry_point in importlib.metadata.entry_points(group=ENTRY_POINT_GROUP):
-        command = entry_point.load()
+        where = f"entry point {entry_point.value!r} ({ENTRY_POINT_GROUP}: {entry_point.name})"
+        try:
+            command = entry_point.load()
+        except Exception as error:   # a plugin's own bug: say which, and go on
+            warnings.warn(f"{where} failed to import ({type(error).__name__}: {error}); skipped", stacklevel=2)
+            continue
         missing = [name for name in ("NAME", "HELP", "EPILOG", "RESUMABLE", "parents", "add_arguments", "run")
                    if not hasattr(command, name)]
         if missing:
-            raise RouteLensError(f"entry point {entry_point.value!r} ({ENTRY_POINT_GROUP}: {entry_point.name}) is not a "
-                                 f"command: it lacks {', '.join(missing)} (declare a routelens.cli.analysis_command."
-                                 "AnalysisCommand)")
-        found[command.NAME] = command
+            warnings.warn(f"{where} is not a command: it lacks {', '.join(missing)} (declare a "
+                          "routelens.cli.analysis_command.AnalysisCommand); skipped", stacklevel=2)
+        elif command.NAME in built_in:
+            warnings.warn(f"{where} takes the name of the routelens command {command.NAME!r}; skipped", stacklevel=2)
+        else:
+            found[command.NAME] = command
     return found

@@ -195,7 +195,14 @@ def config_options(config_class, title: str, *, skip: tuple[str, ...] = (), defa
         default = (defaults or {}).get(spec.name, default_of(config_class, spec.name))
         help_text = (helps or {}).get(spec.name) or spec.metadata.get("help", "")
         if default is not None and "default" not in help_text:
-            shown = show_memory(default) if spec.metadata.get("parse") == "memory" else "%(default)s"
+            if spec.metadata.get("parse") == "memory":
+                shown = show_memory(default)
+            elif isinstance(default, (list, tuple)):   # as it is typed: Fragile,Ambiguous
+                shown = ",".join(map(str, default))
+            elif isinstance(default, bool):
+                shown = "on" if default else "off"
+            else:
+                shown = "%(default)s"
             help_text += f" (default {shown})"
         flag = "--" + spec.name.replace("_", "-")
         annotation = str(spec.type).split(" | ")[0]

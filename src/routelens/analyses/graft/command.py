@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from routelens.cli.parsing import names, positive_int, ray_from_args, ray_options, run_options
+from routelens.cli.parsing import config_from_args, config_options, names, positive_int, ray_from_args, ray_options, run_options
 from routelens.errors import RouteLensError
 
 NAME = "graft"
@@ -25,7 +25,10 @@ into <out>/evaluation (resumable: re-run the same command; --ray evaluates on Ra
 
 
 def parents():
-    return [run_options(resumable=False), ray_options()]
+    from routelens.analyses.graft.config import GraftEvaluationConfig
+
+    return [run_options(resumable=False), config_options(GraftEvaluationConfig, "evaluation (--evaluate)"),
+            ray_options()]
 
 
 def add_arguments(parser) -> None:
@@ -41,21 +44,21 @@ def add_arguments(parser) -> None:
     parser.add_argument("--domains", type=names, default=None, help="with --evaluate: keep these domains")
     parser.add_argument("--per-domain", type=positive_int, default=50,
                         help="with --evaluate: items per domain (default %(default)s)")
-    parser.add_argument("--seed", type=int, default=0, help="seed of the bootstrap (default %(default)s)")
-    parser.add_argument("--bootstrap-resamples", type=positive_int, default=2000,
-                        help="bootstrap resamples of the intervals (default %(default)s)")
+    parser.add_argument("--device", default="cpu", help="where the models are loaded and evaluated (default cpu)")
 
 
 def run(args) -> int:
+    from routelens.analyses.graft.config import GraftEvaluationConfig
     from routelens.analyses.graft.table import print_graft_evaluation
     from routelens.api import graft
 
+    config = config_from_args(GraftEvaluationConfig, args)   # bad settings fail before a model loads
     ray = ray_from_args(args)
     if ray is not None and not args.evaluate:
         raise RouteLensError("--ray runs the evaluation on Ray actors; give it with --evaluate")
     result = graft(args.recipient, args.donor, args.experts, args.out, dtype=args.dtype, evaluate=args.evaluate,
-                   items=args.items, domains=args.domains, per_domain=args.per_domain, seed=args.seed,
-                   bootstrap_resamples=args.bootstrap_resamples, show_progress=not args.no_progress, ray=ray)
+                   items=args.items, domains=args.domains, per_domain=args.per_domain, config=config,
+                   device=args.device, show_progress=not args.no_progress, ray=ray)
     pairs = ", ".join(pair["pair"] for pair in result.record["pairs"])
     print(f"grafted {pairs} from {result.record['donor']} into {result.record['recipient']}: {args.out} "
           f"(graft.json records the sha256 of every tensor copied and replaced)")

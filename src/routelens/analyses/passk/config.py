@@ -52,6 +52,11 @@ class PassKConfig:
         one_of("checker", self.checker, CHECKERS)
         for name in ("samples", "max_new_tokens", "bootstrap_resamples", "problems_per_unit", "batch_size"):
             at_least(name, getattr(self, name), 1)
+        if isinstance(self.k, int) and not isinstance(self.k, bool):
+            self.k = [self.k]
+        if self.k is not None and (not isinstance(self.k, (list, tuple)) or not self.k or not all(
+                isinstance(k, int) and not isinstance(k, bool) for k in self.k)):
+            raise SettingError(f"`k` must be an integer or a list of integers such as [1, 4, 16], got {self.k!r}", "k")
         if self.k is None:
             self.k = sorted({2 ** i for i in range(self.samples.bit_length()) if 2 ** i <= self.samples} | {self.samples})
         bad = [k for k in self.k if not 1 <= k <= self.samples]
