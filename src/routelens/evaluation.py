@@ -132,3 +132,17 @@ def record_in_card(loaded, report: dict) -> None:
     from routelens.demo_model import CARD
 
     write_json_atomic(os.path.join(loaded.folder, CARD), card)
+
+
+def _arithmetic_correct(text: str, answer: str) -> bool:
+    return verify(text, int(answer)).correct
+
+
+def _math_correct(text: str, answer: str) -> bool:
+    from routelens.data.sampling import math_answer_correct
+
+    return math_answer_correct(text, answer)
+
+
+# how a final answer is checked, by the name `checker` settings give (routelens.config.CHECKERS)
+ANSWER_CHECKERS = {"arithmetic": _arithmetic_correct, "math-verify": _math_correct}

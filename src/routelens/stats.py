@@ -6,6 +6,7 @@ from __future__ import annotations
 import warnings
 
 import numpy as np
+import pandas as pd
 from scipy import stats
 
 FISHER_CLIP = 0.9999
@@ -151,3 +152,18 @@ def paired_test(difference: np.ndarray, *, seed: int, n_resamples: int = 2000) -
     difference = np.asarray(difference, dtype=float)
     return {"difference": float(difference.mean()), "ci": mean_interval(difference, seed=seed, n_resamples=n_resamples),
             "p_value": wilcoxon_p(difference), "items": int(len(difference))}
+
+
+def trajectory_interval(frame: pd.DataFrame, value: pd.Series, seed: int, resamples: int,
+                        transform=None, confidence: float = 0.95) -> list[float | None]:
+    """Percentile bootstrap interval (at `confidence`) of the mean of `value` over the rows of
+    `frame`, resampling trajectories (`trajectory_id`): rows of one trajectory stay together."""
+    keep = value.notna()
+    clusters = pd.DataFrame({"tid": frame["trajectory_id"][keep], "v": value[keep]}).groupby("tid")["v"]
+    low, high = cluster_bootstrap_ratio(clusters.sum().to_numpy(), clusters.count().to_numpy(),
+                                              seed=seed, transform=transform, n_resamples=resamples,
+                                              confidence=confidence)
+    return [None if np.isnan(low) else low, None if np.isnan(high) else high]
+
+
+MIN_CLUSTERS = 10   # fewer trajectories than this: the bootstrap interval is marked unreliable

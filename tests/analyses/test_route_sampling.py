@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 from scipy import stats
 
-from routelens.analyses.counterfactual.route_sampling import (
+from routelens.analyses.route_sampling import (
     check_route_settings,
     flag_duplicates,
     gumbel_top_k_routes,

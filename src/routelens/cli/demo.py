@@ -2,15 +2,8 @@
 
 from __future__ import annotations
 
-from routelens.cli.parsing import (
-    count,
-    counterfactual_options,
-    counterfactual_settings,
-    default_of,
-    model_options,
-    positive_int,
-    run_options,
-)
+from routelens.analyses.counterfactual.command import counterfactual_options, counterfactual_settings
+from routelens.cli.parsing import count, default_of, model_options, positive_int, run_options
 
 NAME = "demo"
 HELP = "counterfactual analysis, rollouts and expert isolation end to end on the built-in model"

@@ -224,42 +224,6 @@ def config_from_args(config_class, args, **replaced):
     return config_class(**{**values, **replaced})
 
 
-def counterfactual_options(layers_required: bool = True) -> argparse.ArgumentParser:
-    """The counterfactual analysis' settings (the fields of CounterfactualConfig); --layers
-    and --joint-layers exclude each other."""
-    from routelens.analyses.counterfactual.config import CounterfactualConfig as C
-
-    parser = config_options(C, "counterfactual analysis", skip=("layers", "joint_layers"))
-    group = parser._action_groups[-1]
-    which = group.add_mutually_exclusive_group(required=layers_required)
-    for name in ("layers", "joint_layers"):
-        spec = next(f for f in dataclasses.fields(C) if f.name == name)
-        which.add_argument("--" + name.replace("_", "-"), type=int_list, default=None, help=spec.metadata["help"])
-    return parser
-
-
-def counterfactual_settings(args) -> dict:
-    """The CounterfactualConfig fields of parsed options (layers: --joint-layers or --layers;
-    None where neither was given)."""
-    from routelens.analyses.counterfactual.config import CounterfactualConfig
-
-    settings = {spec.name: getattr(args, spec.name) for spec in dataclasses.fields(CounterfactualConfig)}
-    return {**settings, "layers": args.joint_layers or args.layers}
-
-
-def isolation_options() -> argparse.ArgumentParser:
-    """The isolation study's settings (the fields of IsolationConfig) and the item choice."""
-    from routelens.analyses.isolation.config import IsolationConfig as C
-
-    parser = config_options(C, "isolation study")
-    group = parser._action_groups[-1]
-    group.add_argument("--domains", type=names, default=None,
-                       help="keep these domains, comma-separated (default: all in the items)")
-    group.add_argument("--per-domain", type=positive_int, default=None,
-                       help="first N items of each domain (default: all; the arithmetic task has 100 per domain)")
-    return parser
-
-
 def load_lens(args, model: str | None = None):
     """The model named by --model (or `model`), with --device, --dtype, --router-delta, ...;
     with --ray, its structure only: the actors load the weights, the driver needs none."""

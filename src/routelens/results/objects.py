@@ -17,7 +17,6 @@ import pandas as pd
 
 from routelens.errors import RouteLensError, SettingError
 from routelens.results.run_folder import RUN_JSON, prepare_out, read_json, read_run_json
-from routelens.results.summary_frames import summary_frame
 
 
 class StoredRun:
@@ -67,8 +66,8 @@ class Result:
 
     @property
     def summary(self) -> pd.DataFrame:
-        """The summary table (see `routelens.results.summary_frames`)."""
-        return summary_frame(self.kind, self._run.summary)
+        """The summary table: the analysis' own frame of summary.json (its `result.py`)."""
+        return type(self).frame(self._run.summary)
 
     @property
     def config(self) -> dict:

@@ -29,7 +29,7 @@ import torch
 
 from routelens import stats
 from routelens.analyses.counterfactual.config import CounterfactualConfig
-from routelens.analyses.counterfactual.route_sampling import check_route_settings, flag_duplicates, gumbel_top_k_routes, route_rng
+from routelens.analyses.route_sampling import check_route_settings, flag_duplicates, gumbel_top_k_routes, route_rng
 from routelens.config import ALL_TOKENS, BINS
 from routelens.data.trajectories import Trajectory
 from routelens.distributed import RaySettings, UnitJob, check_ray_can_load
@@ -380,25 +380,10 @@ def trajectory_groups(todo: list[int], trajectories: list[Trajectory], max_token
     return groups + ([current] if current else [])
 
 
-def trajectory_interval(frame: pd.DataFrame, value: pd.Series, seed: int, resamples: int,
-                        transform=None, confidence: float = 0.95) -> list[float | None]:
-    """Percentile bootstrap interval (at `confidence`) of the mean of `value` over the rows of
-    `frame`, resampling trajectories (`trajectory_id`): rows of one trajectory stay together."""
-    keep = value.notna()
-    clusters = pd.DataFrame({"tid": frame["trajectory_id"][keep], "v": value[keep]}).groupby("tid")["v"]
-    low, high = stats.cluster_bootstrap_ratio(clusters.sum().to_numpy(), clusters.count().to_numpy(),
-                                              seed=seed, transform=transform, n_resamples=resamples,
-                                              confidence=confidence)
-    return [None if np.isnan(low) else low, None if np.isnan(high) else high]
-
-
-MIN_CLUSTERS = 10   # fewer trajectories than this: the bootstrap interval is marked unreliable
-
-
 def summarise_group(frame: pd.DataFrame, config: CounterfactualConfig, cells: int = 1) -> dict:
     """Token count, mean gain against its null, win and tie rates, the standard route's
     percentile and Fisher-z mean alignment, each with a bootstrap interval at
-    `config.confidence` over trajectories (marked `few_clusters` below MIN_CLUSTERS
+    `config.confidence` over trajectories (marked `few_clusters` below stats.MIN_CLUSTERS
     trajectories), the gain's interval adjusted for the `cells` of its table (Bonferroni:
     at 1 - (1 - confidence) / cells) and whether it survives (excludes 0), and the mean
     gain as a function of the number of alternatives S."""
@@ -410,7 +395,7 @@ def summarise_group(frame: pd.DataFrame, config: CounterfactualConfig, cells: in
         return None if np.isnan(value) else float(value)
 
     def interval(value: pd.Series, transform=None, confidence: float = config.confidence) -> list[float | None]:
-        return trajectory_interval(frame, value, seed, resamples, transform, confidence)
+        return stats.trajectory_interval(frame, value, seed, resamples, transform, confidence)
 
     adjusted = interval(frame["gain"], confidence=1 - (1 - config.confidence) / max(cells, 1))
 
@@ -440,7 +425,7 @@ def summarise_group(frame: pd.DataFrame, config: CounterfactualConfig, cells: in
         "alignment": mean_or_none(stats.fisher_z_mean(frame["alignment"].to_numpy())),
         "alignment_ci": interval(z, transform=np.tanh),
         "alignment_defined": int(frame["alignment"].notna().sum()),
-        "few_clusters": int(frame["trajectory_id"].nunique()) < MIN_CLUSTERS,
+        "few_clusters": int(frame["trajectory_id"].nunique()) < stats.MIN_CLUSTERS,
         "gain_by_routes": _gain_by_routes(frame, config.routes),
     }
 
@@ -492,7 +477,7 @@ def summarise(tokens: pd.DataFrame, layers: list[int], config: CounterfactualCon
                  "Ambiguous": f"{config.fragile} <= p_route_mean < {config.confident}",
                  "Fragile": f"p_route_mean < {config.fragile}"},
         "interval": f"{config.confidence:.0%} percentile bootstrap over trajectories, {config.bootstrap_resamples} "
-                    f"resamples; few_clusters marks intervals over fewer than {MIN_CLUSTERS} trajectories",
+                    f"resamples; few_clusters marks intervals over fewer than {stats.MIN_CLUSTERS} trajectories",
         "confidence": config.confidence,
         "cells": cells,
         "alternative_weights": config.alternative_weights,
@@ -541,11 +526,11 @@ def summarise_joint(tokens: pd.DataFrame, joint: list[int], config: Counterfactu
         group = summarise_group(frame, config, cells)
         for column in ("sum_single_gain", "max_single_gain", "interaction"):
             group[column] = None if frame.empty else float(frame[column].mean())
-            group[f"{column}_ci"] = trajectory_interval(frame, frame[column], seed, resamples, confidence=confidence)
+            group[f"{column}_ci"] = stats.trajectory_interval(frame, frame[column], seed, resamples, confidence=confidence)
         for label, other in (("joint_minus_sum", "sum_single_gain"), ("joint_minus_best_single", "max_single_gain")):
             difference = frame["gain"] - frame[other]
             group[label] = None if frame.empty else float(difference.mean())
-            group[f"{label}_ci"] = trajectory_interval(frame, difference, seed, resamples, confidence=confidence)
+            group[f"{label}_ci"] = stats.trajectory_interval(frame, difference, seed, resamples, confidence=confidence)
         group["verdict"] = joint_verdict(group["interaction_ci"])
         out[name] = group
     add_q_values(list(out.values()))

@@ -2,16 +2,10 @@
 
 from __future__ import annotations
 
-from routelens.cli.parsing import (
-    counterfactual_options,
-    counterfactual_settings,
-    load_lens,
-    model_options,
-    positive_int,
-    ray_from_args,
-    ray_options,
-    run_options,
-)
+import argparse
+import dataclasses
+
+from routelens.cli.parsing import config_options, int_list, load_lens, model_options, positive_int, ray_from_args, ray_options, run_options
 
 NAME = "counterfactual"
 HELP = "score the standard route against sampled equal-compute routes"
@@ -55,3 +49,26 @@ def run(args) -> int:
     print_summary(result.summary_dict)
     print(f"run folder: {args.out}")
     return 0
+
+
+def counterfactual_options(layers_required: bool = True) -> argparse.ArgumentParser:
+    """The counterfactual analysis' settings (the fields of CounterfactualConfig); --layers
+    and --joint-layers exclude each other."""
+    from routelens.analyses.counterfactual.config import CounterfactualConfig as C
+
+    parser = config_options(C, "counterfactual analysis", skip=("layers", "joint_layers"))
+    group = parser._action_groups[-1]
+    which = group.add_mutually_exclusive_group(required=layers_required)
+    for name in ("layers", "joint_layers"):
+        spec = next(f for f in dataclasses.fields(C) if f.name == name)
+        which.add_argument("--" + name.replace("_", "-"), type=int_list, default=None, help=spec.metadata["help"])
+    return parser
+
+
+def counterfactual_settings(args) -> dict:
+    """The CounterfactualConfig fields of parsed options (layers: --joint-layers or --layers;
+    None where neither was given)."""
+    from routelens.analyses.counterfactual.config import CounterfactualConfig
+
+    settings = {spec.name: getattr(args, spec.name) for spec in dataclasses.fields(CounterfactualConfig)}
+    return {**settings, "layers": args.joint_layers or args.layers}

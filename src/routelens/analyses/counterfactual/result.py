@@ -5,6 +5,30 @@ from __future__ import annotations
 import pandas as pd
 
 from routelens.results.objects import Result
+from routelens.results.summary_frames import split_intervals
+
+
+def counterfactual_frame(summary: dict) -> pd.DataFrame:
+    """One row per (layer, bin): tokens, trajectories, mean gain and its null, win and tie
+    rates, the standard route's percentile and alignment, with 95% intervals (`few_clusters`:
+    over fewer than 10 trajectories). The gain as a function of S is in summary.json."""
+    rows = [{"layer": int(layer), "bin": name,
+             **split_intervals({k: v for k, v in values.items() if k != "gain_by_routes"})}
+            for layer, bins in summary["layers"].items() for name, values in bins.items()]
+    return pd.DataFrame(rows)
+
+
+def joint_frame(summary: dict) -> pd.DataFrame | None:
+    """A joint-layers run's comparison (None for other runs): one row per bin of the joint
+    routes, with their gain, the sum and the best of the single-layer gains of the same
+    tokens, the paired differences with 95% intervals, and the verdict."""
+    joint = summary.get("joint")
+    if not joint:
+        return None
+    layers = "+".join(map(str, joint["layers"]))
+    return pd.DataFrame([{"layers": layers, "bin": name,
+                          **split_intervals({k: v for k, v in values.items() if k != "gain_by_routes"})}
+                         for name, values in joint["bins"].items()])
 
 
 class CounterfactualResult(Result):
@@ -21,6 +45,8 @@ class CounterfactualResult(Result):
         True
     """
 
+    frame = staticmethod(counterfactual_frame)   # summary.json -> the summary DataFrame
+
     kind = "counterfactual"
     tables = ("tokens", "routes")
 
@@ -35,7 +61,6 @@ class CounterfactualResult(Result):
     @property
     def joint_summary(self) -> pd.DataFrame | None:
         """A `joint_layers` run's comparison of joint and single-layer gains per bin (None otherwise)."""
-        from routelens.results.summary_frames import joint_frame
 
         return joint_frame(self._run.summary)
 

@@ -5,6 +5,18 @@ from __future__ import annotations
 import pandas as pd
 
 from routelens.results.objects import Result
+from routelens.results.summary_frames import split_intervals
+
+
+def graft_evaluation_frame(summary: dict) -> pd.DataFrame:
+    """One row per (domain, measure, slot): before, after, the paired difference with its interval, p and q."""
+    rows = []
+    for domain, block in summary["domains"].items():
+        rows.append({"domain": domain, "measure": "natural", "slot": None, **split_intervals(block["natural"])})
+        for slot, tests in block["pairs"].items():
+            rows += [{"domain": domain, "measure": measure, "slot": slot, **split_intervals(test)}
+                     for measure, test in tests.items()]
+    return pd.DataFrame(rows)
 
 
 class GraftEvaluationResult(Result):
@@ -19,6 +31,8 @@ class GraftEvaluationResult(Result):
         >>> sorted(res.evaluation.items["domain"].unique())
         ['addsub', 'long', 'mixed', 'mul']
     """
+
+    frame = staticmethod(graft_evaluation_frame)   # summary.json -> the summary DataFrame
 
     kind = "graft-evaluation"
     tables = ("items",)

@@ -33,8 +33,8 @@ import pyarrow as pa
 import torch
 
 from routelens import stats
-from routelens.analyses.counterfactual.route_sampling import route_rng, uniform_routes
 from routelens.analyses.isolation.config import IsolationConfig
+from routelens.analyses.route_sampling import route_rng, uniform_routes
 from routelens.config import SCORES
 from routelens.data.target_items import TargetItem
 from routelens.distributed import RaySettings, UnitJob, check_ray_can_load

@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import argparse
+
 from routelens.cli.parsing import (
     config_from_args,
-    isolation_options,
+    config_options,
     load_lens,
     model_options,
+    names,
+    positive_int,
     ray_from_args,
     ray_options,
     run_options,
@@ -55,3 +59,16 @@ def run(args) -> int:
     print_isolation_summary(result.summary_dict)
     print(f"run folder: {args.out} (isolation.parquet, cells.parquet, calibration.parquet, summary.json, run.json)")
     return 0
+
+
+def isolation_options() -> argparse.ArgumentParser:
+    """The isolation study's settings (the fields of IsolationConfig) and the item choice."""
+    from routelens.analyses.isolation.config import IsolationConfig as C
+
+    parser = config_options(C, "isolation study")
+    group = parser._action_groups[-1]
+    group.add_argument("--domains", type=names, default=None,
+                       help="keep these domains, comma-separated (default: all in the items)")
+    group.add_argument("--per-domain", type=positive_int, default=None,
+                       help="first N items of each domain (default: all; the arithmetic task has 100 per domain)")
+    return parser

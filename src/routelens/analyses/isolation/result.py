@@ -5,6 +5,13 @@ from __future__ import annotations
 import pandas as pd
 
 from routelens.results.objects import Result
+from routelens.results.summary_frames import split_intervals
+
+
+def isolation_frame(summary: dict) -> pd.DataFrame:
+    """One row per (domain, layer): the best forced expert with its median delta, interval
+    and q-value, significant cells, and the random floor."""
+    return pd.DataFrame([split_intervals(row) for row in summary["layer_table"]])
 
 
 class IsolationResult(Result):
@@ -20,6 +27,8 @@ class IsolationResult(Result):
         >>> res.summary["layer"].unique().tolist()
         [0]
     """
+
+    frame = staticmethod(isolation_frame)   # summary.json -> the summary DataFrame
 
     kind = "isolation"
     tables = ("isolation", "routing", "cells", "calibration")

@@ -26,6 +26,7 @@ from routelens import stats
 from routelens.analyses.passk.config import PassKConfig
 from routelens.distributed import RaySettings, UnitJob
 from routelens.errors import RouteLensError
+from routelens.evaluation import ANSWER_CHECKERS
 from routelens.runs.loop import AnalysisRun, run_analysis
 
 SAMPLES_SCHEMA = pa.schema([
@@ -51,21 +52,6 @@ class EvalProblem:
     prompt_ids: list[int]
     answer: str
     group: str | None = None   # e.g. the number of operations, for per-group tables
-
-
-def _arithmetic_correct(text: str, answer: str) -> bool:
-    from routelens.data.arithmetic import verify
-
-    return verify(text, int(answer)).correct
-
-
-def _math_correct(text: str, answer: str) -> bool:
-    from routelens.data.sampling import math_answer_correct
-
-    return math_answer_correct(text, answer)
-
-
-CHECKERS = {"arithmetic": _arithmetic_correct, "math-verify": _math_correct}
 
 
 def arithmetic_problems(tokenizer, n: int) -> list[EvalProblem]:
@@ -225,7 +211,7 @@ class PassKJob(UnitJob):
         from routelens.generation import sample_completions
 
         loaded, config, tables = self._loaded, self.config, []
-        checker = CHECKERS[config.checker]
+        checker = ANSWER_CHECKERS[config.checker]
         for unit in units:
             arm, c = self.units[unit]
             self._use_arm(arm)

@@ -29,15 +29,15 @@ import pandas as pd
 import pyarrow as pa
 import torch
 
-from routelens.analyses.counterfactual.analysis import MIN_CLUSTERS, trajectory_interval
 from routelens.analyses.counterfactual.input import check_same_model, counterfactual_run, run_trajectories
-from routelens.analyses.counterfactual.route_sampling import route_rng
 from routelens.analyses.rollout.config import RolloutConfig
+from routelens.analyses.route_sampling import route_rng
 from routelens.config import ALL_TOKENS, BINS
 from routelens.distributed import RaySettings, UnitJob, check_ray_can_load
 from routelens.engine.checks import DeviationRecord, RuntimeCheckFailed
 from routelens.errors import RouteLensError, SettingError
 from routelens.runs.loop import AnalysisRun, run_analysis
+from routelens.stats import MIN_CLUSTERS, trajectory_interval
 
 ARMS = ("standard", "best_alt", "random_alt")
 ROLLOUTS_SCHEMA = pa.schema([
@@ -138,7 +138,7 @@ def final_answer(checker: str, text: str) -> str | None:
 
 
 def _correct(checker: str, text: str, answer: str) -> bool:
-    from routelens.analyses.passk.analysis import CHECKERS
+    from routelens.evaluation import ANSWER_CHECKERS
 
     if checker == "arithmetic":
         try:
@@ -146,7 +146,7 @@ def _correct(checker: str, text: str, answer: str) -> bool:
         except ValueError:
             raise SettingError(f"the arithmetic `checker` needs integer answers, got {answer!r}; "
                                "use `checker` math-verify", "checker") from None
-    return bool(CHECKERS[checker](text, answer))
+    return bool(ANSWER_CHECKERS[checker](text, answer))
 
 
 # ---------------------------------------------------------------------------- rollouts of one token

@@ -5,6 +5,17 @@ from __future__ import annotations
 import pandas as pd
 
 from routelens.results.objects import Result
+from routelens.results.summary_frames import split_intervals
+
+
+def rollout_frame(summary: dict) -> pd.DataFrame:
+    """One row per bin: tokens, each arm's accuracy, the paired differences against the
+    standard route (with 95% intervals) and how often the outcome agrees with the proxy."""
+    rows = []
+    for name, values in summary["bins"].items():
+        outcome = values.get("outcome", {})
+        rows.append({"bin": name, **split_intervals({k: v for k, v in values.items() if k != "outcome"}), **outcome})
+    return pd.DataFrame(rows)
 
 
 class RolloutResult(Result):
@@ -21,6 +32,8 @@ class RolloutResult(Result):
         >>> res.per_token.columns.tolist()[-3:]
         ['accuracy_best_alt', 'accuracy_random_alt', 'accuracy_standard']
     """
+
+    frame = staticmethod(rollout_frame)   # summary.json -> the summary DataFrame
 
     kind = "rollout"
     tables = ("rollouts",)

@@ -9,6 +9,15 @@ import pandas as pd
 from routelens.results.objects import Result
 
 
+def router_update_frame(summary: dict) -> pd.DataFrame:
+    """One row: pairs, preference accuracy before and after, loss, parameters changed."""
+    keys = ("layer", "pairs", "pair_tokens", "preference_accuracy_before", "preference_accuracy_after",
+            "loss_first_step", "loss_last_step", "parameters_checked", "only_router_changed")
+    row = {key: summary[key] for key in keys}
+    row["parameters_changed"] = len(summary["parameters_changed"])
+    return pd.DataFrame([row])
+
+
 class RouterUpdateResult(Result):
     """A router update: `pairs` (the preference pairs), `training_log` (one row per step),
     `delta_path` (apply it with `routelens.load(..., router_delta=...)`), `summary`.
@@ -21,6 +30,8 @@ class RouterUpdateResult(Result):
         >>> rl.load("demo", router_delta=upd.delta_path).family
         'olmoe'
     """
+
+    frame = staticmethod(router_update_frame)   # summary.json -> the summary DataFrame
 
     kind = "router-update"
     tables = ("pairs", "training_log")

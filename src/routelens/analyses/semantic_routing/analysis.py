@@ -34,7 +34,7 @@ import pyarrow as pa
 import torch
 
 from routelens import stats
-from routelens.analyses.counterfactual.route_sampling import route_rng, uniform_routes
+from routelens.analyses.route_sampling import route_rng, uniform_routes
 from routelens.analyses.semantic_routing.config import SemanticRouteConfig
 from routelens.config import SCORES
 from routelens.data.target_items import TargetItem

@@ -5,6 +5,22 @@ from __future__ import annotations
 import pandas as pd
 
 from routelens.results.objects import Result
+from routelens.results.summary_frames import split_intervals
+
+
+def semantic_route_frame(summary: dict) -> pd.DataFrame:
+    """One row per (layer set, domain, arm): mean score, the paired difference against natural
+    routing with its interval, p and q."""
+    rows = []
+    for layer_set, block in summary["layer_sets"].items():
+        for domain, entry in block.items():
+            rows.append({"layer_set": layer_set, "domain": domain, "arm": "natural", "score": entry["natural"],
+                         "items": entry["items"]})
+            for arm, test in entry.items():
+                if isinstance(test, dict):
+                    rows.append({"layer_set": layer_set, "domain": domain, "arm": arm, **split_intervals(
+                        {"score": test["score"], **{k: v for k, v in test.items() if k != "score"}})})
+    return pd.DataFrame(rows)
 
 
 class SemanticRouteResult(Result):
@@ -21,6 +37,8 @@ class SemanticRouteResult(Result):
         >>> list(res.summary.columns[:4])
         ['layer_set', 'domain', 'arm', 'score']
     """
+
+    frame = staticmethod(semantic_route_frame)   # summary.json -> the summary DataFrame
 
     kind = "semantic-routing"
     tables = ("scores", "classification")
