@@ -200,6 +200,7 @@ def test_joint_verdicts():
     ({"joint_layers": [1, 1]}, "two or more distinct layers"),
     ({"joint_layers": [0, "1"]}, "two or more distinct layers"),
     ({"joint_layers": [1, 2], "layers": [0]}, "`joint_layers` and `layers` together"),
+    ({"joint_layers": [1, 2], "layers": [-1]}, "`joint_layers` and `layers` together"),   # -1 given, not a default
 ])
 def test_joint_settings_are_checked(options, message):
     with pytest.raises(RouteLensError, match=message):
@@ -284,3 +285,10 @@ def _single_layer_run(tmp_path) -> str:
 
     lens = rl.load("demo")
     return rl.counterfactual(lens, _demo_trajectories(lens)[:1], layers=[0], routes=2).save(str(tmp_path / "single")).path
+
+
+@pytest.mark.quick
+def test_layers_not_given_default_to_the_last_layer_or_the_joint_layers():
+    assert CounterfactualConfig().layers == [-1]
+    assert CounterfactualConfig(joint_layers=[0, 2]).layers == [0, 2]
+    assert CounterfactualConfig(joint_layers=[0, 2], layers=[0, 2]).layers == [0, 2]

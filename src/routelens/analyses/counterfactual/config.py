@@ -32,8 +32,9 @@ class CounterfactualConfig:
         routelens.errors.SettingError: need 0 <= `fragile` (0.95) <= `confident` (0.9) <= 1
     """
 
-    layers: list[int] = setting(factory=lambda: [-1], parse="int_list",
-                                help="decoder-layer indices, comma-separated; negative counts from the end")
+    layers: list[int] | None = setting(None, parse="int_list",
+                                       help="decoder-layer indices, comma-separated; negative counts from the end "
+                                            "(default -1: the last layer; with joint_layers: those)")
     joint_layers: list[int] | None = setting(
         None, parse="int_list", help="score each of these layers alone and, in the same run, routes forced at all of "
                                      "them at once (one independently sampled alternative per layer), e.g. 0,1,2")
@@ -68,20 +69,21 @@ class CounterfactualConfig:
                                            "spends 1 - confidence over the table's cells)")
 
     def __post_init__(self) -> None:
-        if not is_layer_list(self.layers):
-            raise SettingError(f"`layers` must be a non-empty list of layer indices such as [0, -1], got {self.layers!r}",
-                               "layers")
-        self.layers = list(self.layers)
         if self.joint_layers is not None:
             if not is_layer_list(self.joint_layers) or len(set(self.joint_layers)) < 2:
                 raise SettingError(f"`joint_layers` must list two or more distinct layers such as 0,1,2, "
                                    f"got {self.joint_layers!r}", "joint_layers")
-            if self.layers not in ([-1], list(self.joint_layers)):
+            self.joint_layers = list(self.joint_layers)
+            if self.layers is not None and is_layer_list(self.layers) and list(self.layers) != self.joint_layers:
                 raise SettingError("`joint_layers` and `layers` together: `joint_layers` scores each of them alone as "
                                    "well (the comparison needs it); give `joint_layers` alone",
                                    "joint_layers", "layers")
-            self.joint_layers = list(self.joint_layers)
-            self.layers = list(self.joint_layers)
+        if self.layers is None:   # not given: the last layer, or the joint layers each alone
+            self.layers = [-1] if self.joint_layers is None else list(self.joint_layers)
+        if not is_layer_list(self.layers):
+            raise SettingError(f"`layers` must be a non-empty list of layer indices such as [0, -1], got {self.layers!r}",
+                               "layers")
+        self.layers = list(self.layers)
         at_least("routes", self.routes, 1)
         if self.candidates is not None:
             at_least("candidates", self.candidates, 1)
