@@ -242,7 +242,29 @@ CASES = {
                           "--gpus-per-worker must be 0 or more, got -1.0"),
     "rollout_tokens_file_unknown": (lambda w: _rollout(w, "--tokens", write_jsonl(
         w.root / "chosen.jsonl", [{"trajectory_id": "a", "position": 99, "layer": 0}])), "was not scored by the counterfactual run"),
+    # ---- errors added with the one-house redesign
+    "graft_ray_without_evaluate": (lambda w: ["graft", "--recipient", w.model, "--donor", w.model, "--experts", "0:1=0:2",
+                                              "--out", str(w.root / "g4"), "--ray", "local"],
+                                   "--ray runs the evaluation on Ray actors; give it with --evaluate"),
+    "graft_alpha_out_of_range": (lambda w: ["graft", "--recipient", w.model, "--donor", w.model, "--experts", "0:1=0:2",
+                                            "--out", str(w.root / "g5"), "--evaluate", "--alpha", "2"],
+                                 "--alpha must lie strictly between 0 and 1, got 2.0"),
+    "graft_out_holds_another_graft": (lambda w: _another_graft(w), "holds another graft (its graft.json differs"),
+    "counterfactual_confidence_one": (lambda w: _cf(w, "--confidence", "1"), "--confidence must lie strictly between 0 and 1"),
+    "counterfactual_weights_unknown": (lambda w: _cf(w, "--alternative-weights", "heavier"),
+                                       "argument --alternative-weights: invalid choice: 'heavier'"),
+    "rollout_old_option_name": (lambda w: _rollout(w, "--max-tokens", "5"), "did you mean --max-new-tokens?"),
+    "router_update_ray": (lambda w: ["router-update", "--model", w.model, "--counterfactual", w.run, "--out",
+                                     str(w.root / "ru3"), "--ray", "local"], "unrecognized arguments: --ray local"),
 }
+
+
+def _another_graft(w):
+    """A grafted folder, then another graft (other experts) asked into the same --out."""
+    out = str(w.root / "g-taken")
+    if not os.path.exists(out):
+        assert main(["graft", "--recipient", w.model, "--donor", w.model, "--experts", "0:1=0:2", "--out", out]) == 0
+    return ["graft", "--recipient", w.model, "--donor", w.model, "--experts", "0:1=0:3", "--out", out]
 
 
 def _rollout(w, *extra, run=None, model=None):
