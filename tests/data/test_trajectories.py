@@ -51,11 +51,27 @@ def test_token_records_and_parquet_and_only_verified(tmp_path):
     (['{"id": "a", "prompt": "Q", "completion": "A"}', '{"id": "a", "prompt": "Q", "completion": "A:1"}'],
      r"line 2: duplicate trajectory id 'a'"),
     ([], r"no trajectory records"),
+    (['{"id": "a", "prompt": "Q", "completion": "A", "problem_id": [1]}'], r"'problem_id' must be a string or an integer"),
 ])
 def test_bad_records_are_named(tmp_path, lines, message):
     path = write_jsonl(tmp_path / "bad.jsonl", lines)
     with pytest.raises(RouteLensError, match=message):
         load_trajectories(path, TOKENIZER, vocab_size=64)
+
+
+def test_problem_ids_are_read_and_written_back(tmp_path):
+    """A record's problem id (what trajectories of one problem share) is kept, as text, and
+    `trajectories_jsonl` writes it back; records without one have None."""
+    from routelens.data.trajectories import trajectories_jsonl
+
+    path = write_jsonl(tmp_path / "p.jsonl", [
+        {"id": "a-s0", "problem_id": "a", "input_ids": [1, 2, 3], "completion_start": 1},
+        {"id": "b-s0", "problem_id": 7, "prompt": "Q:1=", "completion": "A:1"},
+        {"id": "c-s0", "input_ids": [1, 2], "completion_start": 1}])
+    trajectories = load_trajectories(path, TOKENIZER, vocab_size=64)
+    assert [t.problem_id for t in trajectories] == ["a", "7", None]
+    again = write_jsonl(tmp_path / "again.jsonl", trajectories_jsonl(trajectories).decode().splitlines())
+    assert [t.problem_id for t in load_trajectories(again, TOKENIZER, vocab_size=64)] == ["a", "7", None]
 
 
 def test_text_records_need_a_tokenizer(tmp_path):

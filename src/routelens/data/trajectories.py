@@ -40,6 +40,7 @@ class Trajectory:
     step_ok: list[bool | None] | None = None   # per completion token: its step right / wrong / not checkable
     only_positions: tuple[int, ...] | None = None   # score only these positions (e.g. tokens of right steps)
     answer: str | None = None                  # the reference final answer, where the record gives one (rollouts)
+    problem_id: str | None = None              # the problem it solves: trajectories of one problem are not independent
 
     @property
     def scored_positions(self) -> range | tuple[int, ...]:
@@ -60,7 +61,8 @@ def trajectories_jsonl(trajectories: list[Trajectory]) -> bytes:
     lines = [json.dumps({"id": t.id, "input_ids": list(t.input_ids), "completion_start": t.completion_start,
                          **({"verified": t.verified} if t.verified is not None else {}),
                          **({"step_ok": t.step_ok} if t.step_ok is not None else {}),
-                         **({"answer": t.answer} if t.answer is not None else {})}) for t in trajectories]
+                         **({"answer": t.answer} if t.answer is not None else {}),
+                         **({"problem_id": t.problem_id} if t.problem_id is not None else {})}) for t in trajectories]
     return ("\n".join(lines) + "\n").encode("utf-8")
 
 
@@ -180,6 +182,16 @@ def _answer(record: dict, where: str) -> str | None:
     return str(answer)
 
 
+def _problem_id(record: dict, where: str) -> str | None:
+    """The optional id of the problem a trajectory solves (a string or an integer, kept as text)."""
+    problem_id = record.get("problem_id")
+    if problem_id is None:
+        return None
+    if isinstance(problem_id, bool) or not isinstance(problem_id, (str, int)):
+        raise RouteLensError(f"{where}: 'problem_id' must be a string or an integer, got {type(problem_id).__name__}")
+    return str(problem_id)
+
+
 def parse_trajectory(record: dict, where: str, tokenizer, vocab_size: int | None) -> Trajectory:
     """One trajectory record, validated (`where` names it in errors)."""
     if "id" not in record or record["id"] is None:
@@ -204,7 +216,8 @@ def parse_trajectory(record: dict, where: str, tokenizer, vocab_size: int | None
         if vocab_size is not None and any(not 0 <= t < vocab_size for t in input_ids):
             raise RouteLensError(f"{where}: token ids must lie in 0..{vocab_size - 1} (the model's vocabulary)")
         return Trajectory(trajectory_id, list(input_ids), start, verified,
-                          _step_ok(record, where, len(input_ids) - start), answer=_answer(record, where))
+                          _step_ok(record, where, len(input_ids) - start), answer=_answer(record, where),
+                          problem_id=_problem_id(record, where))
     missing = [f for f in ("prompt", "completion") if not isinstance(record.get(f), str)]
     if missing:
         raise RouteLensError(
@@ -224,7 +237,8 @@ def parse_trajectory(record: dict, where: str, tokenizer, vocab_size: int | None
         raise RouteLensError(f"{where}: the prompt tokenises to nothing; the first completion token needs a prefix")
     if not completion:
         raise RouteLensError(f"{where}: the completion tokenises to nothing")
-    return Trajectory(trajectory_id, prompt + completion, len(prompt), verified, answer=_answer(record, where))
+    return Trajectory(trajectory_id, prompt + completion, len(prompt), verified, answer=_answer(record, where),
+                      problem_id=_problem_id(record, where))
 
 
 def load_trajectories(path: str, tokenizer=None, vocab_size: int | None = None,
