@@ -105,19 +105,25 @@ def test_token_quantities_recomputed_from_routes(tiny_adapters):
         assert token["bin"] == bin_of(p.mean(), config.confident, config.fragile)
 
 
+def synthetic_tokens(seed: int, n: int, trajectories: int, layers: list[int], gain_mean: float = 0.0,
+                     win_high: float = 1.0, tie_high: float = 1.0) -> pd.DataFrame:
+    """A tokens table of random values in the columns `summarise` reads."""
+    rng = np.random.default_rng(seed)
+    p_mean = rng.uniform(size=n)
+    return pd.DataFrame({
+        "trajectory_id": rng.integers(0, trajectories, n).astype(str), "layer": rng.choice(layers, n),
+        "p_route_mean": p_mean, "p_standard": rng.uniform(size=n), "p_best_alt": rng.uniform(size=n),
+        "gain": rng.normal(gain_mean, 1.0, n), "win_rate": rng.uniform(0, win_high, n),
+        "alignment": rng.uniform(-1, 1, n), "tie_rate": rng.uniform(0, tie_high, n), "null_gain": rng.normal(size=n),
+        "standard_percentile": rng.uniform(size=n), "gain_by_routes": list(rng.normal(size=(n, 6))),
+        "bin": [bin_of(p, 0.9, 0.5) for p in p_mean],
+    })
+
+
 def test_bins_and_summary_counts():
     assert [bin_of(p, 0.9, 0.5) for p in (0.95, 0.9, 0.89, 0.5, 0.49)] == \
         ["Confident", "Confident", "Ambiguous", "Ambiguous", "Fragile"]
-    rng = np.random.default_rng(0)
-    n = 300
-    p_mean = rng.uniform(size=n)
-    tokens = pd.DataFrame({
-        "trajectory_id": rng.integers(0, 12, n).astype(str), "layer": rng.choice([1, 3], n),
-        "p_route_mean": p_mean, "p_standard": rng.uniform(size=n), "p_best_alt": rng.uniform(size=n),
-        "gain": rng.normal(size=n), "win_rate": rng.uniform(size=n), "alignment": rng.uniform(-1, 1, n),
-        "tie_rate": rng.uniform(size=n), "null_gain": rng.normal(size=n), "standard_percentile": rng.uniform(size=n),
-        "gain_by_routes": list(rng.normal(size=(n, 6))), "bin": [bin_of(p, 0.9, 0.5) for p in p_mean],
-    })
+    tokens = synthetic_tokens(seed=0, n=300, trajectories=12, layers=[1, 3])
     config = CounterfactualConfig(bootstrap_resamples=300)
     summary = summarise(tokens, [1, 3], config)
     for layer in (1, 3):
@@ -155,16 +161,7 @@ def test_confidence_q_values_and_the_adjusted_gain_interval_follow_their_definit
     is the interval at 1 - (1 - confidence) / cells, and survives when it excludes 0."""
     from statsmodels.stats.multitest import multipletests
 
-    rng = np.random.default_rng(4)
-    n = 400
-    p_mean = rng.uniform(size=n)
-    tokens = pd.DataFrame({
-        "trajectory_id": rng.integers(0, 30, n).astype(str), "layer": rng.choice([0, 2], n),
-        "p_route_mean": p_mean, "p_standard": rng.uniform(size=n), "p_best_alt": rng.uniform(size=n),
-        "gain": rng.normal(0.3, 1.0, n), "win_rate": rng.uniform(0, 0.6, n), "alignment": rng.uniform(-1, 1, n),
-        "tie_rate": rng.uniform(0, 0.4, n), "null_gain": rng.normal(size=n), "standard_percentile": rng.uniform(size=n),
-        "gain_by_routes": list(rng.normal(size=(n, 6))), "bin": [bin_of(p, 0.9, 0.5) for p in p_mean],
-    })
+    tokens = synthetic_tokens(seed=4, n=400, trajectories=30, layers=[0, 2], gain_mean=0.3, win_high=0.6, tie_high=0.4)
     config = CounterfactualConfig(bootstrap_resamples=500, confidence=0.8, seed=3)
     summary = summarise(tokens, [0, 2], config)
     cells = [(layer, name) for layer in ("0", "2") for name in (*BINS, "All")]
