@@ -177,7 +177,7 @@ def test_trajectories_killed_mid_run_resume_to_the_file_of_an_uninterrupted_run(
     import subprocess
     import sys
 
-    from conftest import kill_when_parts_land
+    from conftest import kill_when_parts_land, unit_parts
 
     from routelens.cli import main
 
@@ -189,14 +189,15 @@ def test_trajectories_killed_mid_run_resume_to_the_file_of_an_uninterrupted_run(
                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     kill_when_parts_land(process, str(out) + ".run", 3, prefix="records-")
     state = json.loads((tmp_path / "cut.jsonl.run" / "run.json").read_text())
-    done = state["units_done"]
+    done = len(unit_parts(str(out) + ".run", "records-"))   # run.json's count may lag by the unit being saved
     assert not out.exists() and state["status"] == "running" and 3 <= done < 12
     assert main([*args, "--out", str(out)]) == 0
     whole = [json.loads(line) for line in open(tmp_path / "whole.jsonl")]
     resumed = [json.loads(line) for line in open(out)]
     assert len(whole) == 24 and resumed == whole
     state = json.loads((tmp_path / "cut.jsonl.run" / "run.json").read_text())
-    assert state["status"] == "complete" and [s["units_done"] for s in state["sessions"]] == [done, 12 - done]
+    assert state["status"] == "complete" and len(state["sessions"]) == 2
+    assert state["sessions"][1]["units_done"] == 12 - done   # the re-run did exactly the rest
     assert state["config"]["seed"] == 4 and state["config"]["samples_per_problem"] == 2
     assert state["config"]["temperature"] == 0.8 and state["performance"] == {"batch_size": 2}
     summary = json.loads((tmp_path / "cut.jsonl.run" / "summary.json").read_text())
