@@ -222,7 +222,7 @@ def main() -> None:
         for layer in sorted(set(adapter.resolve_layers(chosen))):
             trajectory = Trajectory("bench", ids.tolist(), 1)
             routes = build_routes(adapter, trajectory, [layer],
-                                  CounterfactualConfig(routes=args.routes, seed=0))[layer]
+                                  CounterfactualConfig(routes=args.routes, null_routes=0, seed=0))[layer]
             item = ScoreItem(ids, routes.positions, torch.as_tensor(routes.experts), routes.weights)
             engine = FastEngine(adapter, memory_budget=int(args.memory_budget * 2**30))
             with warnings.catch_warnings():

@@ -221,7 +221,8 @@ def counterfactual(lens: Lens, trajectories, out: str | None = None, *, config: 
                    show_progress: bool = True, ray=None, workers: int | None = None,
                    **options) -> CounterfactualResult:
     """The counterfactual analysis: for every scored token and layer, the standard route
-    against `routes` sampled equal-compute alternatives. In memory when `out` is None
+    against `routes` sampled equal-compute alternatives and `null_routes` uniformly drawn
+    ones (the yardstick of "does the router beat chance"). In memory when `out` is None
     (`result.save(path)` writes the run folder); otherwise into the run folder `out`,
     written per trajectory and resumed by a re-run with the same settings.
 
@@ -230,8 +231,9 @@ def counterfactual(lens: Lens, trajectories, out: str | None = None, *, config: 
     a run may be started one way and resumed the other.
 
     `trajectories`: a file path or a list of `Trajectory`. `options`: fields of
-    `CounterfactualConfig` (`layers`, `routes`, `candidates`, `gumbel_temperature`, `seed`,
-    `confident`, `fragile`, `engine`, `memory_budget`, ...). With `joint_layers=[l1, l2, ...]`
+    `CounterfactualConfig` (`layers`, `routes`, `null_routes`, `candidates`,
+    `gumbel_temperature`, `seed`, `alternative_weights`, `bins`, `confident`, `fragile`,
+    `confidence`, `engine`, `memory_budget`, ...). With `joint_layers=[l1, l2, ...]`
     the run also scores routes forced at all those layers at once (`joint_tokens`,
     `joint_routes`, `joint_summary` against the single-layer gains of the same tokens).
 
@@ -241,7 +243,9 @@ def counterfactual(lens: Lens, trajectories, out: str | None = None, *, config: 
         >>> trajs = rl.trajectories_from_text(lens.tokenizer, [("Q:3+4=A:", "3+4=7#7"), ("Q:9*2=A:", "9*2=18#18")])
         >>> res = rl.counterfactual(lens, trajs, layers=[-1], routes=8, seed=0, show_progress=False)
         >>> sorted(res.tokens.columns)[:3], len(res.routes) == len(res.tokens) * 9
-        (['alignment', 'bin', 'gain'], True)
+        (['alignment', 'alignment_mass_partial', 'best_minus_uniform_best'], True)
+        >>> len(res.null_routes) == len(res.tokens) * 32    # the uniform null, 32 routes per token by default
+        True
         >>> list(res.summary.columns[:4])
         ['layer', 'bin', 'tokens', 'trajectories']
         >>> res = rl.counterfactual(lens, trajs[:1], str(tmp / "cf"), layers=[-1], routes=4, show_progress=False)

@@ -115,11 +115,17 @@ def bh_qvalues(p_values: np.ndarray) -> np.ndarray:
 
 def spearman_rows(x: np.ndarray, y: np.ndarray) -> np.ndarray:
     """Spearman correlation along the last axis for every leading index: Pearson of
-    SciPy's average ranks (`rankdata`, `pearsonr` with `axis`). NaN where a side is constant."""
+    SciPy's average ranks (`rankdata`). NaN where a side is constant."""
     x, y = np.asarray(x, dtype=float), np.asarray(y, dtype=float)
+    return pearson_rows(stats.rankdata(x, axis=-1), stats.rankdata(y, axis=-1))
+
+
+def pearson_rows(x: np.ndarray, y: np.ndarray) -> np.ndarray:
+    """Pearson correlation along the last axis for every leading index (`pearsonr` with
+    `axis`). NaN where a side is constant."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # constant rows: NaN is the answer
-        return np.asarray(stats.pearsonr(stats.rankdata(x, axis=-1), stats.rankdata(y, axis=-1), axis=-1).statistic)
+        return np.asarray(stats.pearsonr(np.asarray(x, dtype=float), np.asarray(y, dtype=float), axis=-1).statistic)
 
 
 def bootstrap_over_units(statistic, n_units: int, *, seed: int, n_resamples: int = 2000,
@@ -158,8 +164,16 @@ def trajectory_interval(frame: pd.DataFrame, value: pd.Series, seed: int, resamp
                         transform=None, confidence: float = 0.95) -> list[float | None]:
     """Percentile bootstrap interval (at `confidence`) of the mean of `value` over the rows of
     `frame`, resampling trajectories (`trajectory_id`): rows of one trajectory stay together."""
+    return cluster_interval(frame["trajectory_id"], value, seed, resamples, transform, confidence)
+
+
+def cluster_interval(cluster: pd.Series, value: pd.Series, seed: int, resamples: int,
+                     transform=None, confidence: float = 0.95) -> list[float | None]:
+    """Percentile bootstrap interval (at `confidence`) of the mean of `value` over its rows,
+    resampling the clusters `cluster` names (problems, or trajectories): a cluster's rows
+    stay together. None ends where undefined."""
     keep = value.notna()
-    clusters = pd.DataFrame({"tid": frame["trajectory_id"][keep], "v": value[keep]}).groupby("tid")["v"]
+    clusters = pd.DataFrame({"tid": cluster[keep], "v": value[keep]}).groupby("tid")["v"]
     low, high = cluster_bootstrap_ratio(clusters.sum().to_numpy(), clusters.count().to_numpy(),
                                               seed=seed, transform=transform, n_resamples=resamples,
                                               confidence=confidence)

@@ -156,8 +156,8 @@ def _engines_vs_reference(adapter, input_ids, layer, routes, seed, scored_positi
     prefix, first = ("", layer) if isinstance(layer, int) else ("joint_", layers[0])
     length = input_ids.shape[0]
     trajectory = Trajectory("verify", input_ids.tolist(), completion_start=length - scored_positions)
-    built = build_routes(adapter, trajectory, layers, CounterfactualConfig(routes=routes, seed=seed))
-    layer_routes = built[layer] if isinstance(layer, int) else joint_routes(built, layers)
+    built = build_routes(adapter, trajectory, layers, CounterfactualConfig(routes=routes, null_routes=0, seed=seed))
+    layer_routes = built[layer] if isinstance(layer, int) else joint_routes(built, layers, routes)
     item = ScoreItem(input_ids, layer_routes.positions, torch.as_tensor(layer_routes.experts), layer_routes.weights)
     reference = ReferenceEngine(adapter).score_batch(layer, [item])[0]
     size = f"{len(item.positions)} positions x {reference.shape[1]} routes" + (

@@ -106,15 +106,21 @@ def test_token_quantities_recomputed_from_routes(tiny_adapters):
 
 
 def synthetic_tokens(seed: int, n: int, trajectories: int, layers: list[int], gain_mean: float = 0.0,
-                     win_high: float = 1.0, tie_high: float = 1.0) -> pd.DataFrame:
-    """A tokens table of random values in the columns `summarise` reads."""
+                     win_high: float = 1.0, tie_high: float = 1.0, problems: int | None = None) -> pd.DataFrame:
+    """A tokens table of random values in the columns `summarise` reads (trajectory t
+    solving problem t % problems when `problems` is given; no problem ids otherwise)."""
     rng = np.random.default_rng(seed)
     p_mean = rng.uniform(size=n)
+    trajectory = rng.integers(0, trajectories, n)
     return pd.DataFrame({
-        "trajectory_id": rng.integers(0, trajectories, n).astype(str), "layer": rng.choice(layers, n),
+        "trajectory_id": trajectory.astype(str), "layer": rng.choice(layers, n),
+        "problem_id": (trajectory % problems).astype(str) if problems else None,
         "p_route_mean": p_mean, "p_standard": rng.uniform(size=n), "p_best_alt": rng.uniform(size=n),
         "gain": rng.normal(gain_mean, 1.0, n), "win_rate": rng.uniform(0, win_high, n),
-        "alignment": rng.uniform(-1, 1, n), "tie_rate": rng.uniform(0, tie_high, n), "null_gain": rng.normal(size=n),
+        "alignment": rng.uniform(-1, 1, n), "alignment_mass_partial": rng.uniform(-1, 1, n),
+        "tie_rate": rng.uniform(0, tie_high, n), "sampler_draw_gain": rng.normal(size=n),
+        "p_uniform_mean": rng.uniform(size=n), "standard_minus_uniform": rng.normal(0.1, 1.0, n),
+        "best_minus_uniform_best": rng.normal(size=n),
         "standard_percentile": rng.uniform(size=n), "gain_by_routes": list(rng.normal(size=(n, 6))),
         "bin": [bin_of(p, 0.9, 0.5) for p in p_mean],
     })
@@ -135,7 +141,11 @@ def test_bins_and_summary_counts():
             assert group["gain"] == pytest.approx(frame["gain"].mean())
             assert group["win_rate"] == pytest.approx(frame["win_rate"].mean())
             assert group["alignment"] == pytest.approx(np.tanh(np.arctanh(frame["alignment"]).mean()))
-            assert group["gain_minus_null"] == pytest.approx((frame["gain"] - frame["null_gain"]).mean())
+            assert group["sampler_draw_gain"] == pytest.approx(frame["sampler_draw_gain"].mean())
+            assert group["standard_minus_uniform"] == pytest.approx(frame["standard_minus_uniform"].mean())
+            assert group["best_minus_uniform_best"] == pytest.approx(frame["best_minus_uniform_best"].mean())
+            assert group["alignment_mass_partial"] == pytest.approx(
+                np.tanh(np.arctanh(frame["alignment_mass_partial"]).mean()))
             assert group["standard_percentile"] == pytest.approx(frame["standard_percentile"].mean())
             assert group["gain_by_routes"]["32"] == pytest.approx(np.stack(frame["gain_by_routes"])[:, -1].mean())
             assert group["few_clusters"] == (frame["trajectory_id"].nunique() < 10)
@@ -144,11 +154,12 @@ def test_bins_and_summary_counts():
         assert summary["layers"][str(layer)]["All"]["tokens"] == len(at)
 
 
-def _cluster_interval(frame: pd.DataFrame, values: pd.Series, confidence: float, seed: int, resamples: int):
-    """The definition, written again: resample trajectories with replacement (SciPy's
-    bootstrap over trajectory indices), the statistic is the pooled token mean."""
-    sums = values.groupby(frame["trajectory_id"]).sum().to_numpy()
-    counts = values.groupby(frame["trajectory_id"]).count().to_numpy()
+def _cluster_interval(frame: pd.DataFrame, values: pd.Series, confidence: float, seed: int, resamples: int,
+                      by: str = "trajectory_id"):
+    """The definition, written again: resample clusters (`by`) with replacement (SciPy's
+    bootstrap over cluster indices), the statistic is the pooled token mean."""
+    sums = values.groupby(frame[by]).sum().to_numpy()
+    counts = values.groupby(frame[by]).count().to_numpy()
     result = sp.bootstrap((np.arange(len(sums)),), lambda i, axis=-1: sums[i].sum(axis) / counts[i].sum(axis),
                           n_resamples=resamples, confidence_level=confidence, method="percentile",
                           rng=np.random.default_rng(seed), vectorized=True)
@@ -225,7 +236,7 @@ def test_trajectory_groups_respect_token_budget_and_size():
 
 
 def test_tolerance_null_and_percentile_equal_a_second_implementation_from_routes():
-    """win_rate/tie_rate with a tolerance, null_gain, standard_percentile and the gain as a
+    """win_rate/tie_rate with a tolerance, sampler_draw_gain, standard_percentile and the gain as a
     function of S, recomputed from routes.parquet's rows by plain loops."""
     import itertools
 
@@ -250,7 +261,7 @@ def test_tolerance_null_and_percentile_equal_a_second_implementation_from_routes
         assert row["standard_percentile"] == pytest.approx(
             sum(1.0 if d < 0 else 0.5 if d == 0 else 0.0 for d in diffs) / len(diffs))
         loo = [max(alternatives[:i].tolist() + alternatives[i + 1:].tolist()) - a for i, a in enumerate(alternatives)]
-        assert row["null_gain"] == pytest.approx(np.mean(loo), abs=1e-12)
+        assert row["sampler_draw_gain"] == pytest.approx(np.mean(loo), abs=1e-12)
         for m, gain in zip((1, 2, 4, 6), row["gain_by_routes"]):
             best = np.mean([max(c) for c in itertools.combinations(alternatives, m)])
             assert gain == pytest.approx(best - standard, abs=1e-12)
@@ -258,7 +269,12 @@ def test_tolerance_null_and_percentile_equal_a_second_implementation_from_routes
     assert checked == len(res.tokens) > 20
     summary = res.summary_dict["layers"][str(lens.moe_layers[-1])]["All"]
     at = res.tokens[res.tokens["layer"] == lens.moe_layers[-1]]
-    assert summary["gain_minus_null"] == pytest.approx((at["gain"] - at["null_gain"]).mean())
+    assert summary["sampler_draw_gain"] == pytest.approx(at["sampler_draw_gain"].mean())
+    # the identity that makes the leave-one-out quantity the S = 1 gain, not a null (the referee's point)
+    s1 = np.array([g[0] for g in at["gain_by_routes"]])
+    top2 = res.routes[(res.routes["layer"] == lens.moe_layers[-1]) & (res.routes["route"] > 0)].groupby(
+        ["trajectory_id", "position"])["logprob"].apply(lambda v: np.diff(np.sort(np.exp(v.to_numpy()))[-2:])[0])
+    assert (at["gain"] - at["sampler_draw_gain"]).to_numpy() == pytest.approx(s1 + top2.to_numpy() / 6, abs=1e-12)
     assert summary["few_clusters"] is True and summary["trajectories"] == 3
     assert res.summary_dict["win_tolerance"] == eps and res.config["win_tolerance"] == eps
 
@@ -343,7 +359,7 @@ def test_padding_that_reaches_real_positions_makes_the_counterfactual_score_one_
 
 
 def test_ties_losses_and_the_sign_test_equal_a_plain_recomputation_from_the_routes_table():
-    """win, tie and loss shares and the sign test over trajectories, recomputed from
+    """win, tie and loss shares and the sign test over problems, recomputed from
     routes.parquet by plain loops over tokens and routes (a route of the standard expert set
     ties, whatever float noise says)."""
     from scipy.stats import binomtest
@@ -371,11 +387,163 @@ def test_ties_losses_and_the_sign_test_equal_a_plain_recomputation_from_the_rout
     assert cell["win_rate"] == pytest.approx(np.mean([s[0] for s in shares.values()]), abs=1e-12)
     assert cell["tie_rate"] == pytest.approx(np.mean([s[1] for s in shares.values()]), abs=1e-12)
     assert cell["loss_rate"] == pytest.approx(np.mean([s[2] for s in shares.values()]), abs=1e-12)
-    per_trajectory = {}
+    problem_of = dict(zip(res.tokens["trajectory_id"], res.tokens["problem_id"]))
+    assert res.summary_dict["cluster_unit"] == "problem" and len(set(problem_of.values())) < len(problem_of)
+    per_problem = {}
     for (tid, _), (win, _, loss) in shares.items():
-        per_trajectory.setdefault(tid, []).append(win - loss)
-    means = [np.mean(values) for values in per_trajectory.values()]
+        per_problem.setdefault(problem_of[tid], []).append(win - loss)
+    means = [np.mean(values) for values in per_problem.values()]
     above, below = sum(m > 0 for m in means), sum(m < 0 for m in means)
     test = cell["win_loss_sign_test"]
-    assert (test["trajectories_alternatives_ahead"], test["trajectories_standard_ahead"]) == (above, below)
+    assert (test["clusters_alternatives_ahead"], test["clusters_standard_ahead"]) == (above, below)
     assert above + below > 0 and test["p_value"] == pytest.approx(binomtest(above, above + below, 0.5).pvalue, rel=1e-12)
+
+
+def test_intervals_and_the_sign_test_resample_problems_when_trajectories_carry_them():
+    """With problem ids, the unit is the problem: every interval is the bootstrap over
+    problems and the sign test counts problems (a per-problem mean of win - loss share);
+    without them, trajectories. The summary says which."""
+    from scipy.stats import binomtest
+
+    tokens = synthetic_tokens(seed=5, n=500, trajectories=40, layers=[1], gain_mean=0.2, win_high=0.5, tie_high=0.3,
+                              problems=13)
+    config = CounterfactualConfig(bootstrap_resamples=400, seed=2)
+    summary = summarise(tokens, [1], config)
+    assert summary["cluster_unit"] == "problem" and "problem" in summary["interval"]
+    for name in (*BINS, "All"):
+        group = summary["layers"]["1"][name]
+        frame = tokens[(tokens["bin"] == name) | (name == "All")]
+        assert group["clusters"] == frame["problem_id"].nunique() <= 13 < group["trajectories"]
+        for key in ("gain", "standard_minus_uniform", "win_rate"):
+            assert group[f"{key}_ci"] == pytest.approx(
+                _cluster_interval(frame, frame[key], 0.95, 2, 400, by="problem_id"), rel=1e-9)
+        loss = (1 - frame["win_rate"] - frame["tie_rate"]).clip(lower=0)
+        per_problem = {}
+        for problem, win, lost in zip(frame["problem_id"], frame["win_rate"], loss):
+            per_problem.setdefault(problem, []).append(win - lost)
+        means = [np.mean(v) for v in per_problem.values()]
+        ahead, behind = sum(m > 0 for m in means), sum(m < 0 for m in means)
+        test = group["win_loss_sign_test"]
+        assert (test["clusters_alternatives_ahead"], test["clusters_standard_ahead"]) == (ahead, behind)
+        assert test["p_value"] == pytest.approx(binomtest(ahead, ahead + behind).pvalue)
+    plain = summarise(tokens.drop(columns="problem_id"), [1], config)
+    assert plain["cluster_unit"] == "trajectory"
+    assert plain["layers"]["1"]["All"]["clusters"] == tokens["trajectory_id"].nunique()
+
+
+def test_bins_by_the_standard_route_and_the_count_of_tokens_that_change_bin():
+    """`bins="standard"` bins by p_standard; the summary counts the tokens the other rule
+    bins elsewhere (recounted here from the two columns)."""
+    tokens = synthetic_tokens(seed=6, n=300, trajectories=12, layers=[0])
+    by_standard = tokens.assign(bin=[bin_of(p, 0.9, 0.5) for p in tokens["p_standard"]])
+    expected = int(sum(bin_of(a, 0.9, 0.5) != bin_of(b, 0.9, 0.5)
+                       for a, b in zip(tokens["p_standard"], tokens["p_route_mean"])))
+    assert expected > 0
+    for frame, rule in ((tokens, "route-mean"), (by_standard, "standard")):
+        summary = summarise(frame, [0], CounterfactualConfig(bootstrap_resamples=50, bins=rule))
+        change = summary["bin_changes"]["0"]
+        assert summary["bin_rule"] == rule and change["tokens"] == expected
+        assert sum(change["by_bin"].values()) == expected
+        assert summary["layers"]["0"]["Fragile"]["tokens"] == int((frame["bin"] == "Fragile").sum())
+
+
+def test_the_uniform_null_is_drawn_from_the_candidates_scored_as_forced_and_summarised_by_its_definition():
+    """The uniform null routes: k distinct experts among the token's top-M candidates,
+    weighted by the gating rule like the alternatives, each score equal to a plain forward
+    with that route forced (`Lens.force`); p_uniform_mean, standard_minus_uniform and
+    best_minus_uniform_best recomputed per token from null_routes.parquet and routes.parquet
+    by plain loops (a null route of the standard set takes the standard route's p)."""
+    import itertools
+
+    import routelens as rl
+
+    lens = rl.load("demo")
+    trajs = rl.trajectories_from_text(lens.tokenizer, [("Q:12+7=A:", "12+7=19#19"), ("Q:3*4+5=A:", "3*4=12;12+5=17#17")])
+    res = rl.counterfactual(lens, trajs, layers=[0, -1], routes=5, null_routes=4, candidates=6, seed=2,
+                            show_progress=False)
+    null, routes = res.null_routes, res.routes
+    assert sorted(null["route"].unique()) == [1, 2, 3, 4] and len(null) == 4 * len(res.tokens)
+    tokens = res.tokens.set_index(["trajectory_id", "position", "layer"])
+    adapter = lens.adapter
+    ids = {t.id: t.input_ids for t in trajs}
+    captured = {}
+    for tid, input_ids in ids.items():
+        with torch.no_grad(), capture_routes(adapter, adapter.moe_layers) as out:
+            adapter.model(torch.tensor([input_ids]), use_cache=False)
+        captured[tid] = {layer: (out[layer].logits.float(), ) for layer in adapter.moe_layers}
+    for key, rows in null.groupby(["trajectory_id", "position", "layer"]):
+        tid, position, layer = key
+        logits = captured[tid][layer][0][position]
+        candidates = set(torch.topk(adapter.selection_scores(logits[None], layer)[0], 6).indices.tolist())
+        sampled = routes[(routes["trajectory_id"] == tid) & (routes["position"] == position)
+                         & (routes["layer"] == layer)].sort_values("route")
+        p_std = float(np.exp(sampled["logprob"].iloc[0]))
+        standard_set = sorted(sampled["experts"].iloc[0])
+        p_null = []
+        for experts, weights, logprob in zip(rows["experts"], rows["weights"], rows["logprob"]):
+            assert len(set(experts)) == len(experts) == adapter.top_k and set(experts) <= candidates
+            expected = adapter.weights_for(logits[None], torch.tensor([list(experts)]))[0].double().numpy()
+            assert np.asarray(weights) == pytest.approx(expected, abs=1e-6)   # float32 weights
+            p_null.append(p_std if sorted(experts) == standard_set else float(np.exp(logprob)))
+        row = tokens.loc[key]
+        alternatives = np.exp(sampled["logprob"].to_numpy()[1:])
+        assert row["p_uniform_mean"] == pytest.approx(np.mean(p_null), abs=1e-12)
+        assert row["standard_minus_uniform"] == pytest.approx(p_std - np.mean(p_null), abs=1e-12)
+        m = 4
+        best_sampled = np.mean([max(c) for c in itertools.combinations(alternatives, m)])
+        best_null = np.mean([max(c) for c in itertools.combinations(p_null, m)])
+        assert row["best_minus_uniform_best"] == pytest.approx(best_sampled - best_null, abs=1e-12)
+    for _, row in null.sample(4, random_state=0).iterrows():   # re-scored by a plain forward with the route forced
+        layer, position = int(row["layer"]), int(row["position"])
+        with lens.force(layer, [(0, position)], [list(row["experts"])], [list(row["weights"])]), torch.no_grad():
+            logits = lens.model(torch.tensor([ids[row["trajectory_id"]]])).logits[0, position].double()
+        assert float(torch.log_softmax(logits, -1)[int(row["target_id"])]) == pytest.approx(row["logprob"], abs=1e-5)
+    cell = res.summary_dict["layers"][str(lens.moe_layers[-1])]["All"]
+    at = res.tokens[res.tokens["layer"] == lens.moe_layers[-1]]
+    assert cell["standard_minus_uniform"] == pytest.approx(at["standard_minus_uniform"].mean())
+    # the Gumbel alternatives do not depend on the null: the same routes with and without it
+    without = rl.counterfactual(lens, trajs, layers=[0, -1], routes=5, null_routes=0, candidates=6, seed=2,
+                                show_progress=False)
+    assert without.null_routes is None and without.tokens["standard_minus_uniform"].isna().all()
+    assert np.stack(without.routes["experts"]).tolist() == np.stack(routes["experts"]).tolist()
+    # (to float rounding: more routes per token batch the fast engine's passes differently)
+    assert without.tokens["gain"].to_numpy() == pytest.approx(res.tokens["gain"].to_numpy(), abs=1e-6)
+
+
+def _partial_spearman_by_regression(score: np.ndarray, outcome: np.ndarray, mass: np.ndarray) -> float:
+    """The definition, written again with statsmodels: ranks of score and outcome, each
+    regressed (OLS, with intercept) on the ranks of the mass, the Pearson correlation of
+    the residuals."""
+    import statsmodels.api as sm
+
+    ranks = [sp.rankdata(v) for v in (score, outcome, mass)]
+    design = sm.add_constant(ranks[2])
+    residuals = [sm.OLS(r, design).fit().resid for r in ranks[:2]]
+    return float(np.corrcoef(*residuals)[0, 1])
+
+
+def test_alignment_with_gate_mass_partialled_out_follows_its_definition():
+    """Partial Spearman of router score and log p given the gate mass equals a statsmodels
+    regression of the ranks; the plain Spearman where the mass is constant; undefined (NaN)
+    where score and mass rank the routes alike, as OLMoE's unnormalised softmax does (the
+    demo), where matched-mass alternatives give it a value."""
+    import routelens as rl
+    from routelens.analyses.counterfactual.analysis import partial_alignment
+
+    rng = np.random.default_rng(0)
+    score, outcome, mass = rng.normal(size=(3, 20, 9))
+    mass = mass + 0.5 * score   # correlated, not collinear
+    got = partial_alignment(score, outcome, mass)
+    assert got == pytest.approx([_partial_spearman_by_regression(*row) for row in zip(score, outcome, mass)], abs=1e-12)
+    constant = partial_alignment(score, outcome, np.ones_like(mass))
+    assert constant == pytest.approx([sp.spearmanr(a, b).statistic for a, b in zip(score, outcome)], abs=1e-12)
+    assert np.isnan(partial_alignment(score, outcome, 2.5 * score + 1e-9 * rng.normal(size=score.shape))).all()
+
+    lens = rl.load("demo")
+    trajs = rl.trajectories_from_text(lens.tokenizer, [("Q:3+4=A:", "3+4=7#7")])
+    model = rl.counterfactual(lens, trajs, layers=[0], routes=6, seed=1, show_progress=False)
+    assert model.tokens["alignment_mass_partial"].isna().all() and model.tokens["alignment"].notna().any()
+    matched = rl.counterfactual(lens, trajs, layers=[0], routes=6, seed=1, alternative_weights="matched-mass",
+                                show_progress=False)
+    both = matched.tokens.dropna(subset=["alignment"])
+    assert len(both) and both["alignment_mass_partial"].to_numpy() == pytest.approx(both["alignment"].to_numpy())

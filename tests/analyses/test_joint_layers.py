@@ -24,7 +24,8 @@ def _joint_items(adapter, layers, num_routes=4):
     for i, length in enumerate(LENGTHS):
         ids = torch.randint(3, 64, (length,), generator=torch.Generator().manual_seed(i)).tolist()
         trajectory = Trajectory(f"t{i}", ids, completion_start=3 + i)
-        joint = joint_routes(build_routes(adapter, trajectory, layers, CounterfactualConfig(routes=num_routes)), layers)
+        config = CounterfactualConfig(routes=num_routes, null_routes=2)
+        joint = joint_routes(build_routes(adapter, trajectory, layers, config), layers, num_routes)
         items.append(ScoreItem(torch.tensor(ids), joint.positions, torch.as_tensor(joint.experts), joint.weights))
     return items
 

@@ -15,6 +15,8 @@ import numpy as np
 
 from routelens.errors import SettingError
 
+NULL_STREAM = 11   # route_rng stream of the uniform null routes: the Gumbel routes' draws stay as they were
+
 
 def route_rng(seed: int, layer: int, unit_id: str, *streams: int) -> np.random.Generator:
     """The generator for one (trajectory or item, layer[, stream...]): independent of
@@ -65,6 +67,17 @@ def gumbel_top_k_routes(scores: np.ndarray, k: int, num_routes: int, num_candida
     log_scores = np.maximum(log_scores, -1e30)       # a zero score stays drawable last, not NaN
     keys = log_scores[:, None, :] + rng.gumbel(size=(scores.shape[0], num_routes, num_candidates))
     picked = np.argsort(-keys, axis=-1, kind="stable")[..., :k]                  # [N, S, k]
+    experts = np.take_along_axis(candidates[:, None, :].repeat(num_routes, axis=1), picked, axis=-1)
+    return np.sort(experts, axis=-1)
+
+
+def uniform_candidate_routes(scores: np.ndarray, k: int, num_routes: int, num_candidates: int,
+                             rng: np.random.Generator) -> np.ndarray:
+    """scores [N, E] -> experts [N, S, k]: each route k distinct experts drawn uniformly from
+    the token's top-M candidates (every k-subset equally likely; the router's preference
+    among them ignored): the null of "does the router beat an equal-compute route at random"."""
+    candidates = top_candidates(scores, num_candidates)                          # [N, M]
+    picked = uniform_routes(scores.shape[0] * num_routes, num_candidates, k, rng).reshape(scores.shape[0], num_routes, k)
     experts = np.take_along_axis(candidates[:, None, :].repeat(num_routes, axis=1), picked, axis=-1)
     return np.sort(experts, axis=-1)
 

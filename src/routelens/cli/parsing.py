@@ -177,7 +177,7 @@ def layer_sets(text: str) -> list[list[int]]:
 
 
 # a config field's `parse` (or its annotation) -> the value type of its option
-VALUE_TYPES = {"int": int, "float": float, "str": str, "positive_int": positive_int, "int_list": int_list,
+VALUE_TYPES = {"int": int, "float": float, "str": str, "positive_int": positive_int, "count": count, "int_list": int_list,
                "layers_or_all": layers_or_all, "names": names, "memory": memory, "layer_sets": layer_sets}
 
 

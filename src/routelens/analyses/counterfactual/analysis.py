@@ -3,14 +3,17 @@
 For every scored token of a trajectory and every requested MoE layer: the standard route
 (route 0: the experts and weights the router itself produced) and S alternatives of the
 same k, sampled by Gumbel-top-k from the router's top-M candidates and weighted by the
-model's own gating rule. Every route is scored by log p(next token) with the route forced
-on that token at that layer (all else routing normally). Per token we keep p of the
-standard route, the route-averaged p, the best and worst alternative, the share of
-alternatives strictly better than the standard route (an alternative with the standard
-expert set is the standard route, never better), and the alignment (Spearman between
-the routes' router score and their log-probability). Tokens are binned by route-averaged
-p into Confident / Ambiguous / Fragile, and summarised per layer x bin with 95% bootstrap
-intervals resampled over trajectories.
+model's own gating rule, and N uniform null routes (k of the same candidates drawn
+uniformly, weighted alike: the yardstick of "does the router beat chance"). Every route is
+scored by log p(next token) with the route forced on that token at that layer (all else
+routing normally). Per token we keep p of the standard route, the route-averaged p, the
+best and worst alternative, win / tie / loss shares (an alternative with the standard
+expert set is the standard route, never better), the standard route against the uniform
+null, and the alignment (Spearman between the routes' router score and their
+log-probability, raw and with gate mass partialled out). Tokens are binned by
+route-averaged p (or the standard route's) into Confident / Ambiguous / Fragile, and
+summarised per layer x bin with bootstrap intervals resampling problems (trajectories
+when they carry no problem id), BH q-values and a Bonferroni-adjusted gain interval.
 
 Tables (long format, see `ROUTE_COLUMNS` / `TOKEN_COLUMNS`) are written per trajectory to
 a resumable run folder.
@@ -29,7 +32,14 @@ import torch
 
 from routelens import stats
 from routelens.analyses.counterfactual.config import CounterfactualConfig
-from routelens.analyses.route_sampling import check_route_settings, flag_duplicates, gumbel_top_k_routes, route_rng
+from routelens.analyses.route_sampling import (
+    NULL_STREAM,
+    check_route_settings,
+    flag_duplicates,
+    gumbel_top_k_routes,
+    route_rng,
+    uniform_candidate_routes,
+)
 from routelens.config import ALL_TOKENS, BINS
 from routelens.data.trajectories import Trajectory
 from routelens.distributed import RaySettings, UnitJob, check_ray_can_load
@@ -52,9 +62,11 @@ TOKENS_SCHEMA = pa.schema([
     ("trajectory_id", pa.string()), ("position", pa.int64()), ("layer", pa.int64()),
     ("target_id", pa.int64()), ("verified", pa.bool_()), ("p_standard", pa.float64()),
     ("p_route_mean", pa.float64()), ("p_best_alt", pa.float64()), ("p_worst_alt", pa.float64()),
-    ("gain", pa.float64()), ("win_rate", pa.float64()), ("tie_rate", pa.float64()), ("null_gain", pa.float64()),
+    ("gain", pa.float64()), ("win_rate", pa.float64()), ("tie_rate", pa.float64()), ("sampler_draw_gain", pa.float64()),
     ("standard_percentile", pa.float64()), ("gain_by_routes", pa.list_(pa.float64())), ("alignment", pa.float64()),
-    ("n_duplicates", pa.int64()), ("bin", pa.string()),
+    ("n_duplicates", pa.int64()), ("bin", pa.string()), ("problem_id", pa.string()),
+    ("alignment_mass_partial", pa.float64()), ("p_uniform_mean", pa.float64()),
+    ("standard_minus_uniform", pa.float64()), ("best_minus_uniform_best", pa.float64()),
 ])
 # joint runs (--joint-layers): one route per listed layer, forced together
 JOINT_ROUTES_SCHEMA = pa.schema([
@@ -86,6 +98,12 @@ class LayerRoutes:
     weights: np.ndarray
     router_score: np.ndarray
     duplicate: np.ndarray
+
+    def part(self, routes: slice) -> LayerRoutes:
+        """These tokens' routes `routes` only (route 0 and the sampled alternatives, or the
+        uniform null routes), the duplicate flags as computed over all of them."""
+        return LayerRoutes(self.positions, self.experts[:, routes], self.weights[:, routes],
+                           self.router_score[:, routes], self.duplicate[:, routes])
 
 
 def group_natural_routes(adapter: MoEAdapter, engine, trajectories: list[Trajectory],
@@ -132,6 +150,10 @@ def build_routes(adapter: MoEAdapter, trajectory: Trajectory, layers: list[int],
             scores.double().cpu().numpy(), k, config.routes, num_candidates, config.gumbel_temperature,
             route_rng(config.seed, layer, trajectory.id),
         )                                                                    # [P, S, k]
+        if config.null_routes:   # the uniform null: k distinct candidates drawn uniformly, its own stream
+            null = uniform_candidate_routes(scores.double().cpu().numpy(), k, config.null_routes, num_candidates,
+                                            route_rng(config.seed, layer, trajectory.id, NULL_STREAM))
+            alternatives = np.concatenate([alternatives, null], axis=1)          # [P, S + N, k]
         alt_experts = torch.as_tensor(alternatives, device=adapter.device)
         num_positions, num_routes = alt_experts.shape[:2]
         alt_weights = adapter.weights_for(
@@ -150,25 +172,39 @@ def build_routes(adapter: MoEAdapter, trajectory: Trajectory, layers: list[int],
             experts=experts_np,
             weights=weights,
             router_score=router_score.double().cpu().numpy(),
-            duplicate=np.stack([flag_duplicates(routes) for routes in experts_np]),
+            duplicate=np.stack([_duplicates(routes, config.routes) for routes in experts_np]),
         )
     return result
 
 
+def _duplicates(routes: np.ndarray, num_sampled: int) -> np.ndarray:
+    """[R, ...] routes of a token (route 0 standard, then S sampled, then the uniform null)
+    -> bool [R]: the same expert set as an earlier route of its own sampler or the standard."""
+    flat = routes.reshape(routes.shape[0], -1)
+    null_flags = flag_duplicates(np.concatenate([flat[:1], flat[1 + num_sampled:]]))[1:] if len(flat) > 1 + num_sampled else []
+    return np.concatenate([flag_duplicates(flat[:1 + num_sampled]), null_flags]).astype(bool)
+
+
 def token_metrics_rows(logprob: np.ndarray, router_score: np.ndarray, experts: np.ndarray,
-                       config: CounterfactualConfig) -> dict[str, np.ndarray]:
+                       config: CounterfactualConfig, mass: np.ndarray | None = None) -> dict[str, np.ndarray]:
     """Per-token quantities of P tokens at once from the logprobs [P, R], router scores
-    [P, R] and expert sets [P, R, ...] of their routes (route 0 standard): one array per
-    column, [P] (gain_by_routes [P, len(route_counts(S))]).
+    [P, R], expert sets [P, R, ...] and gate masses [P, R] (the sum of a route's weights)
+    of their routes: route 0 standard, routes 1..S the sampled alternatives, any after them
+    the uniform null. One array per column, [P] (gain_by_routes [P, len(route_counts(S))]).
 
     An alternative wins when its p exceeds the standard route's by more than
     `win_tolerance`, and ties when within it; one that drew the standard expert set *is*
     the standard route and always ties (float rounding between two computations of one
-    route must not decide the win rate of peaked routers). `null_gain` is the gain a
-    router would show if its route were a random draw from the same sampler: the mean over
-    alternatives a of (best other alternative - a). `standard_percentile` is the share of
-    alternatives below the standard route (ties half): 1 = best route seen, 0.5 = chance.
+    route must not decide the win rate of peaked routers). `sampler_draw_gain` is the gain
+    a route drawn from the router's own sampler would show against the best other draw
+    (leave-one-out): gain minus it is the S = 1 gain plus (p_max - p_2nd) / S, a comparison
+    with the sampler, not with chance. `standard_percentile` is the share of alternatives
+    below the standard route (ties half). The uniform null's columns compare the standard
+    route with routes of k candidates drawn uniformly (NaN without null routes).
     """
+    num_sampled = config.routes
+    null_logprob, null_experts = logprob[:, 1 + num_sampled:], experts[:, 1 + num_sampled:]
+    logprob, router_score, experts = logprob[:, :1 + num_sampled], router_score[:, :1 + num_sampled], experts[:, :1 + num_sampled]
     p = np.exp(logprob)
     flat = experts.reshape(*experts.shape[:2], -1)
     same_set = (flat[:, :, None] == flat[:, None, :]).all(axis=-1)                       # [P, R, R]
@@ -177,6 +213,7 @@ def token_metrics_rows(logprob: np.ndarray, router_score: np.ndarray, experts: n
     difference = np.where(same_as_standard, 0.0, alternatives - standard[:, None])
     p_route_mean = p.mean(axis=1)
     best_of = expected_best_of(alternatives, route_counts(alternatives.shape[1]))
+    same_score = same_set_same_score(logprob, same_set)
     return {
         "p_standard": standard,
         "p_route_mean": p_route_mean,
@@ -185,12 +222,68 @@ def token_metrics_rows(logprob: np.ndarray, router_score: np.ndarray, experts: n
         "gain": alternatives.max(axis=1) - standard,
         "win_rate": np.mean(difference > config.win_tolerance, axis=1),
         "tie_rate": np.mean(np.abs(difference) <= config.win_tolerance, axis=1),
-        "null_gain": null_gain(alternatives),
+        "sampler_draw_gain": sampler_draw_gain(alternatives),
         "standard_percentile": np.mean((difference < 0) + 0.5 * (difference == 0), axis=1),
         "gain_by_routes": np.stack(list(best_of.values()), axis=-1) - standard[:, None],
-        "alignment": stats.spearman_rows(router_score, same_set_same_score(logprob, same_set)),
-        "bin": bin_of(p_route_mean, config.confident, config.fragile),
+        "alignment": stats.spearman_rows(router_score, same_score),
+        "alignment_mass_partial": (np.full(len(p), np.nan) if mass is None else
+                                   partial_alignment(router_score, same_score, mass[:, :1 + num_sampled])),
+        "bin": bin_of(standard if config.bins == "standard" else p_route_mean, config.confident, config.fragile),
+        **uniform_null_columns(standard, alternatives, np.exp(null_logprob), flat[:, 0],
+                               null_experts.reshape(*null_experts.shape[:2], flat.shape[-1])),
     }
+
+
+def uniform_null_columns(standard: np.ndarray, alternatives: np.ndarray, null: np.ndarray, standard_set: np.ndarray,
+                         null_sets: np.ndarray) -> dict[str, np.ndarray]:
+    """The router against chance, per token: p_standard [P], the sampled alternatives' p
+    [P, S], the uniform null routes' p [P, N] and expert sets [P, N, ...] (a null route
+    that drew the standard set takes the standard route's p: one route, one score).
+
+    - `p_uniform_mean`: E[p] of a route of k candidates drawn uniformly (mean over the N);
+    - `standard_minus_uniform`: p_standard - p_uniform_mean (> 0: the router's own route
+      beats an equal-compute route at random);
+    - `best_minus_uniform_best`: E[max p of m sampled alternatives] - E[max p of m uniform
+      routes], m = min(S, N) (> 0: the router's sampler finds better routes than blind
+      search of the same size)."""
+    if null.shape[1] == 0:
+        missing = np.full(len(standard), np.nan)
+        return {"p_uniform_mean": missing, "standard_minus_uniform": missing, "best_minus_uniform_best": missing}
+    is_standard = (null_sets == standard_set[:, None]).all(axis=-1)
+    null = np.where(is_standard, standard[:, None], null)
+    m = min(alternatives.shape[1], null.shape[1])
+    return {"p_uniform_mean": null.mean(axis=1), "standard_minus_uniform": standard - null.mean(axis=1),
+            "best_minus_uniform_best": expected_best_of(alternatives, [m])[m] - expected_best_of(null, [m])[m]}
+
+
+PARTIAL_UNDEFINED = 0.999   # router score and gate mass rank the routes alike: nothing is left to partial out
+
+
+def partial_alignment(router_score: np.ndarray, logprob: np.ndarray, mass: np.ndarray) -> np.ndarray:
+    """Spearman correlation of router score and log p with the routes' gate mass partialled
+    out, per token (rows of [P, R]): the Pearson correlation of the residuals of the ranks
+    of score and log p after a least-squares fit on the ranks of the mass. Where the mass
+    is constant (normalised top-k weights, matched-mass alternatives) it is the plain
+    Spearman; NaN where score and mass rank the routes alike (Spearman >= 0.999, e.g.
+    OLMoE with norm_topk_prob=false, whose router score is the gate mass: the question has
+    no answer there; matched-mass alternatives ask it), or where a side is constant."""
+    from scipy.stats import rankdata
+
+    mass = np.asarray(mass, dtype=float)
+    constant = np.ptp(mass, axis=1) <= 1e-6 * np.abs(mass).max(axis=1)
+    ranks = [rankdata(np.asarray(v, dtype=float), axis=-1) for v in (router_score, logprob, mass)]
+    centred = [r - r.mean(axis=1, keepdims=True) for r in ranks]
+    score, outcome, gate = centred
+    gate = np.where(constant[:, None], 0.0, gate)
+
+    def residual(values: np.ndarray) -> np.ndarray:
+        with np.errstate(invalid="ignore", divide="ignore"):
+            slope = np.where(constant, 0.0, (values * gate).sum(axis=1) / (gate * gate).sum(axis=1))
+        return values - slope[:, None] * gate
+
+    out = stats.pearson_rows(residual(score), residual(outcome))
+    collinear = np.abs(stats.spearman_rows(router_score, mass)) >= PARTIAL_UNDEFINED
+    return np.where(collinear & ~constant, np.nan, out)
 
 
 def same_set_same_score(logprob: np.ndarray, same_set: np.ndarray) -> np.ndarray:
@@ -200,10 +293,10 @@ def same_set_same_score(logprob: np.ndarray, same_set: np.ndarray) -> np.ndarray
     return np.take_along_axis(logprob, same_set.argmax(axis=2), axis=1)
 
 
-def null_gain(alternatives: np.ndarray) -> float | np.ndarray:
-    """Mean over alternatives a of (max over the other alternatives of p) - p_a: the gain of
-    a "standard" route drawn at random from the sampler (NaN with one alternative); along
-    the last axis of [..., S]."""
+def sampler_draw_gain(alternatives: np.ndarray) -> float | np.ndarray:
+    """Mean over alternatives a of (max over the other alternatives of p) - p_a: the gain a
+    route drawn from the sampler would show against the best other draw (NaN with one
+    alternative); along the last axis of [..., S]."""
     alternatives = np.asarray(alternatives, dtype=float)
     if alternatives.shape[-1] < 2:
         out = np.full(alternatives.shape[:-1], np.nan)
@@ -247,8 +340,10 @@ def _list_column(values: np.ndarray, value_type: pa.DataType) -> pa.ListArray:
                                     pa.array(values.ravel(), type=value_type))
 
 
-def routes_table(trajectory: Trajectory, layer: int, routes: LayerRoutes, logprobs: np.ndarray) -> pa.Table:
-    """One row per (position, route) of one layer, in position then route order."""
+def routes_table(trajectory: Trajectory, layer: int, routes: LayerRoutes, logprobs: np.ndarray,
+                 first_route: int = 0) -> pa.Table:
+    """One row per (position, route) of one layer, in position then route order (routes
+    numbered from `first_route`: 0 with the standard route, 1 for the uniform null's table)."""
     num_positions, num_routes, k = routes.experts.shape
     positions = np.repeat(routes.positions, num_routes)
     targets = np.asarray(trajectory.input_ids)[positions + 1]
@@ -256,7 +351,7 @@ def routes_table(trajectory: Trajectory, layer: int, routes: LayerRoutes, logpro
         pa.array([trajectory.id] * positions.size, type=pa.string()),
         pa.array(positions, type=pa.int64()),
         pa.array(np.full(positions.size, layer), type=pa.int64()),
-        pa.array(np.tile(np.arange(num_routes), num_positions), type=pa.int64()),
+        pa.array(np.tile(np.arange(first_route, first_route + num_routes), num_positions), type=pa.int64()),
         _list_column(routes.experts.reshape(-1, k).astype(np.int64), pa.int64()),
         _list_column(routes.weights.double().cpu().numpy().reshape(-1, k), pa.float64()),
         pa.array(routes.router_score.ravel(), type=pa.float64()),
@@ -266,7 +361,7 @@ def routes_table(trajectory: Trajectory, layer: int, routes: LayerRoutes, logpro
     ], schema=ROUTES_SCHEMA)
 
 
-def joint_routes(routes: dict[int, LayerRoutes], joint: list[int]) -> LayerRoutes:
+def joint_routes(routes: dict[int, LayerRoutes], joint: list[int], num_sampled: int) -> LayerRoutes:
     """One trajectory's joint routes: route r is route r of every listed layer (sampled
     independently per layer, route 0 standard everywhere), experts/weights [P, R, J, k];
     its router score is the sum of the layers' scores."""
@@ -275,7 +370,7 @@ def joint_routes(routes: dict[int, LayerRoutes], joint: list[int]) -> LayerRoute
     return LayerRoutes(positions=parts[0].positions, experts=experts,
                        weights=torch.stack([part.weights for part in parts], dim=2),
                        router_score=np.sum([part.router_score for part in parts], axis=0),
-                       duplicate=np.stack([flag_duplicates(token.reshape(token.shape[0], -1)) for token in experts]))
+                       duplicate=np.stack([_duplicates(token, num_sampled) for token in experts]))
 
 
 def _nested_list_column(values: np.ndarray, value_type: pa.DataType) -> pa.ListArray:
@@ -287,17 +382,37 @@ def _nested_list_column(values: np.ndarray, value_type: pa.DataType) -> pa.ListA
 
 def joint_tables(trajectory: Trajectory, joint: list[int], routes: LayerRoutes, logprobs: np.ndarray,
                  single: dict[int, np.ndarray], config: CounterfactualConfig) -> dict[str, pa.Table]:
-    """The joint routes and tokens tables of one trajectory. Beside each token's metrics:
-    the sum and the largest of its single-layer gains at the listed layers (same tokens,
-    same routes), and the mean interaction over alternatives r of
-    (p_joint(r) - p_std) - sum_l (p_l(r) - p_std): 0 when the layers' effects add up."""
+    """The joint routes (and joint uniform null routes) and tokens tables of one trajectory.
+    Beside each token's metrics: the sum and the largest of its single-layer gains at the
+    listed layers (same tokens, same routes), and the mean interaction over the sampled
+    alternatives r of (p_joint(r) - p_std) - sum_l (p_l(r) - p_std): 0 when the layers'
+    effects add up."""
+    sampled = slice(0, 1 + config.routes)
+    tables = {"joint_routes": joint_routes_table(trajectory, joint, routes.part(sampled), logprobs[:, sampled])}
+    if config.null_routes:
+        tables["joint_null_routes"] = joint_routes_table(trajectory, joint, routes.part(slice(1 + config.routes, None)),
+                                                         logprobs[:, 1 + config.routes:], first_route=1)
+    p_joint = np.exp(logprobs[:, sampled])                                                # [P, 1 + S]
+    p_single = np.exp(np.stack([single[layer][:, sampled] for layer in joint], axis=1))   # [P, J, 1 + S]
+    single_gains = p_single[..., 1:].max(axis=-1) - p_single[..., 0]                      # [P, J]
+    interaction = (p_joint[:, 1:] - p_joint[:, :1]) - (p_single[..., 1:] - p_single[..., :1]).sum(axis=1)
+    tables["joint_tokens"] = tokens_table(
+        trajectory, [list(joint)] * len(routes.positions), routes, logprobs, config, JOINT_TOKENS_SCHEMA,
+        {"sum_single_gain": single_gains.sum(axis=1), "max_single_gain": single_gains.max(axis=1),
+         "interaction": interaction.mean(axis=1)})
+    return tables
+
+
+def joint_routes_table(trajectory: Trajectory, joint: list[int], routes: LayerRoutes, logprobs: np.ndarray,
+                       first_route: int = 0) -> pa.Table:
+    """One row per (position, joint route), routes numbered from `first_route`."""
     num_positions, num_routes, num_layers, k = routes.experts.shape
     positions = np.repeat(routes.positions, num_routes)
-    table = pa.Table.from_arrays([
+    return pa.Table.from_arrays([
         pa.array([trajectory.id] * positions.size, type=pa.string()),
         pa.array(positions, type=pa.int64()),
         pa.array([list(joint)] * positions.size, type=pa.list_(pa.int64())),
-        pa.array(np.tile(np.arange(num_routes), num_positions), type=pa.int64()),
+        pa.array(np.tile(np.arange(first_route, first_route + num_routes), num_positions), type=pa.int64()),
         _nested_list_column(routes.experts.reshape(-1, num_layers, k).astype(np.int64), pa.int64()),
         _nested_list_column(routes.weights.double().cpu().numpy().reshape(-1, num_layers, k), pa.float64()),
         pa.array(routes.router_score.ravel(), type=pa.float64()),
@@ -305,27 +420,21 @@ def joint_tables(trajectory: Trajectory, joint: list[int], routes: LayerRoutes, 
         pa.array(np.asarray(trajectory.input_ids)[positions + 1], type=pa.int64()),
         pa.array(np.asarray(logprobs, dtype=np.float64).ravel(), type=pa.float64()),
     ], schema=JOINT_ROUTES_SCHEMA)
-    p_joint = np.exp(logprobs)                                                            # [P, R]
-    p_single = np.exp(np.stack([single[layer] for layer in joint], axis=1))              # [P, J, R]
-    single_gains = p_single[..., 1:].max(axis=-1) - p_single[..., 0]                      # [P, J]
-    interaction = (p_joint[:, 1:] - p_joint[:, :1]) - (p_single[..., 1:] - p_single[..., :1]).sum(axis=1)
-    tokens = tokens_table(trajectory, [list(joint)] * num_positions, routes, logprobs, config, JOINT_TOKENS_SCHEMA,
-                          {"sum_single_gain": single_gains.sum(axis=1), "max_single_gain": single_gains.max(axis=1),
-                           "interaction": interaction.mean(axis=1)})
-    return {"joint_routes": table, "joint_tokens": tokens}
 
 
 def tokens_table(trajectory: Trajectory, layer, routes: LayerRoutes, logprobs: np.ndarray, config: CounterfactualConfig,
                  schema: pa.Schema = TOKENS_SCHEMA, extra: dict | None = None) -> pa.Table:
     """One row per scored token of one layer (`layer`: an int, or a column of layer lists for
-    joint routes) with its metrics (`token_metrics_rows`) and `extra` columns."""
-    metrics = token_metrics_rows(logprobs, routes.router_score, routes.experts, config)
+    joint routes) with its metrics (`token_metrics_rows`, from all its routes: standard,
+    sampled, uniform null) and `extra` columns."""
+    mass = routes.weights.double().cpu().numpy().reshape(*routes.weights.shape[:2], -1).sum(axis=-1)   # [P, R]
+    metrics = token_metrics_rows(logprobs, routes.router_score, routes.experts, config, mass)
     positions = np.asarray(routes.positions)
     columns = {"trajectory_id": [trajectory.id] * positions.size, "position": positions,
                schema.names[2]: np.full(positions.size, layer) if isinstance(layer, int) else layer,
                "target_id": np.asarray(trajectory.input_ids)[positions + 1],
-               "verified": [trajectory.verified] * positions.size,
-               "n_duplicates": routes.duplicate.sum(axis=1), **metrics, **(extra or {})}
+               "verified": [trajectory.verified] * positions.size, "problem_id": [trajectory.problem_id] * positions.size,
+               "n_duplicates": routes.duplicate[:, :1 + config.routes].sum(axis=1), **metrics, **(extra or {})}
     columns["gain_by_routes"] = _list_column(metrics["gain_by_routes"], pa.float64())
     return pa.Table.from_arrays([pa.array(columns[field.name], type=field.type) if not isinstance(columns[field.name], pa.Array)
                                  else columns[field.name] for field in schema], schema=schema)
@@ -350,15 +459,20 @@ def analyse_trajectories(adapter: MoEAdapter, engine, trajectories: list[Traject
         ScoreItem(torch.tensor(t.input_ids), r[layer].positions, torch.as_tensor(r[layer].experts), r[layer].weights)
         for t, r in zip(trajectories, routes)]) for layer in layers}
     if joint:
-        joint_sets = [joint_routes(r, joint) for r in routes]
+        joint_sets = [joint_routes(r, joint, config.routes) for r in routes]
         joint_scored = engine.score_batch(joint, [
             ScoreItem(torch.tensor(t.input_ids), j.positions, torch.as_tensor(j.experts), j.weights)
             for t, j in zip(trajectories, joint_sets)])
+    sampled, null = slice(0, 1 + config.routes), slice(1 + config.routes, None)
     for i, trajectory in enumerate(trajectories):
-        tables = {"routes": pa.concat_tables([routes_table(trajectory, layer, routes[i][layer], scored[layer][i])
-                                              for layer in layers]),
+        tables = {"routes": pa.concat_tables([routes_table(trajectory, layer, routes[i][layer].part(sampled),
+                                                           scored[layer][i][:, sampled]) for layer in layers]),
                   "tokens": pa.concat_tables([tokens_table(trajectory, layer, routes[i][layer], scored[layer][i], config)
                                               for layer in layers])}
+        if config.null_routes:
+            tables["null_routes"] = pa.concat_tables([routes_table(trajectory, layer, routes[i][layer].part(null),
+                                                                   scored[layer][i][:, null], first_route=1)
+                                                      for layer in layers])
         if joint:
             tables.update(joint_tables(trajectory, joint, joint_sets[i], joint_scored[i],
                                        {layer: scored[layer][i] for layer in joint}, config))
@@ -381,13 +495,13 @@ def trajectory_groups(todo: list[int], trajectories: list[Trajectory], max_token
 
 
 def summarise_group(frame: pd.DataFrame, config: CounterfactualConfig, cells: int = 1) -> dict:
-    """Token count, mean gain against its null, win and tie rates, the standard route's
-    percentile and Fisher-z mean alignment, each with a bootstrap interval at
-    `config.confidence` over trajectories (marked `few_clusters` below stats.MIN_CLUSTERS
-    trajectories), the gain's interval adjusted for the `cells` of its table (Bonferroni:
-    at 1 - (1 - confidence) / cells) and whether it survives (excludes 0), and the mean
-    gain as a function of the number of alternatives S."""
-    z = pd.Series(stats.fisher_z(frame["alignment"].to_numpy()), index=frame.index)
+    """Token count, the gain and the router against the uniform null, win / tie / loss
+    rates and their sign test, the standard route's percentile and Fisher-z mean alignment
+    (raw and with gate mass partialled out), each with a bootstrap interval at
+    `config.confidence` resampling the clusters of `frame["cluster"]` (problems, or
+    trajectories; marked `few_clusters` below stats.MIN_CLUSTERS), the gain's interval
+    adjusted for the `cells` of its table (Bonferroni: at 1 - (1 - confidence) / cells)
+    and whether it survives (excludes 0), and the mean gain as a function of S."""
     seed, resamples = config.seed, config.bootstrap_resamples
     loss = (1.0 - frame["win_rate"] - frame["tie_rate"]).clip(lower=0.0)   # share of alternatives below std - tolerance
 
@@ -395,53 +509,56 @@ def summarise_group(frame: pd.DataFrame, config: CounterfactualConfig, cells: in
         return None if np.isnan(value) else float(value)
 
     def interval(value: pd.Series, transform=None, confidence: float = config.confidence) -> list[float | None]:
-        return stats.trajectory_interval(frame, value, seed, resamples, transform, confidence)
+        return stats.cluster_interval(frame["cluster"], value, seed, resamples, transform, confidence)
+
+    def with_ci(name: str, value: pd.Series) -> dict:
+        return {name: mean_or_none(value.mean()), f"{name}_ci": interval(value)}
+
+    def alignment(name: str) -> dict:
+        z = pd.Series(stats.fisher_z(frame[name].to_numpy()), index=frame.index)
+        return {name: mean_or_none(stats.fisher_z_mean(frame[name].to_numpy())),
+                f"{name}_ci": interval(z, transform=np.tanh), f"{name}_defined": int(frame[name].notna().sum())}
 
     adjusted = interval(frame["gain"], confidence=1 - (1 - config.confidence) / max(cells, 1))
-
+    clusters = int(frame["cluster"].nunique())
     return {
         "tokens": int(len(frame)),
         "trajectories": int(frame["trajectory_id"].nunique()),
+        "clusters": clusters,
         "p_standard": mean_or_none(frame["p_standard"].mean()),
         "p_best_alt": mean_or_none(frame["p_best_alt"].mean()),
-        "gain": mean_or_none(frame["gain"].mean()),
-        "gain_ci": interval(frame["gain"]),
+        **with_ci("gain", frame["gain"]),
         "gain_ci_adjusted": adjusted,
         "gain_survives_adjustment": None if None in adjusted else bool(adjusted[0] > 0 or adjusted[1] < 0),
-        "null_gain": mean_or_none(frame["null_gain"].mean()),
-        "null_gain_ci": interval(frame["null_gain"]),
-        # paired per token: below 0, the router's route beats a random draw of the same sampler
-        "gain_minus_null": mean_or_none((frame["gain"] - frame["null_gain"]).mean()),
-        "gain_minus_null_ci": interval(frame["gain"] - frame["null_gain"]),
-        "win_rate": mean_or_none(frame["win_rate"].mean()),
-        "win_rate_ci": interval(frame["win_rate"]),
-        "tie_rate": mean_or_none(frame["tie_rate"].mean()),
-        "tie_rate_ci": interval(frame["tie_rate"]),
-        "loss_rate": mean_or_none(loss.mean()),
-        "loss_rate_ci": interval(loss),
-        "win_loss_sign_test": win_loss_sign_test(frame["trajectory_id"], frame["win_rate"] - loss),
-        "standard_percentile": mean_or_none(frame["standard_percentile"].mean()),
-        "standard_percentile_ci": interval(frame["standard_percentile"]),
-        "alignment": mean_or_none(stats.fisher_z_mean(frame["alignment"].to_numpy())),
-        "alignment_ci": interval(z, transform=np.tanh),
-        "alignment_defined": int(frame["alignment"].notna().sum()),
-        "few_clusters": int(frame["trajectory_id"].nunique()) < stats.MIN_CLUSTERS,
+        "p_uniform_mean": mean_or_none(frame["p_uniform_mean"].mean()),
+        **with_ci("standard_minus_uniform", frame["standard_minus_uniform"]),
+        **with_ci("best_minus_uniform_best", frame["best_minus_uniform_best"]),
+        **with_ci("sampler_draw_gain", frame["sampler_draw_gain"]),
+        **with_ci("win_rate", frame["win_rate"]),
+        **with_ci("tie_rate", frame["tie_rate"]),
+        **with_ci("loss_rate", loss),
+        "win_loss_sign_test": win_loss_sign_test(frame["cluster"], frame["win_rate"] - loss),
+        **with_ci("standard_percentile", frame["standard_percentile"]),
+        **alignment("alignment"),
+        **alignment("alignment_mass_partial"),
+        "few_clusters": clusters < stats.MIN_CLUSTERS,
         "gain_by_routes": _gain_by_routes(frame, config.routes),
     }
 
 
-def win_loss_sign_test(trajectory_ids: pd.Series, win_minus_loss: pd.Series) -> dict:
+def win_loss_sign_test(clusters: pd.Series, win_minus_loss: pd.Series) -> dict:
     """Do alternatives beat the standard route more often than they lose to it? An exact
-    two-sided sign test over trajectories (the independent unit): per trajectory, the mean
-    over its tokens of (win share - loss share), ties (shares within the tolerance) left
-    out by construction; trajectories at exactly 0 are dropped (`scipy.stats.binomtest`)."""
+    two-sided sign test over clusters (problems or trajectories: the independent unit): per
+    cluster, the mean over its tokens of (win share - loss share), ties (shares within the
+    tolerance) left out by construction; clusters at exactly 0 are dropped
+    (`scipy.stats.binomtest`)."""
     from scipy.stats import binomtest
 
-    per_trajectory = win_minus_loss.groupby(trajectory_ids.to_numpy()).mean()
-    above, below = int((per_trajectory > 0).sum()), int((per_trajectory < 0).sum())
+    per_cluster = win_minus_loss.groupby(clusters.to_numpy()).mean()
+    above, below = int((per_cluster > 0).sum()), int((per_cluster < 0).sum())
     p = float(binomtest(above, above + below, 0.5).pvalue) if above + below else None
-    return {"trajectories_alternatives_ahead": above, "trajectories_standard_ahead": below,
-            "trajectories_even": int((per_trajectory == 0).sum()), "p_value": p}
+    return {"clusters_alternatives_ahead": above, "clusters_standard_ahead": below,
+            "clusters_even": int((per_cluster == 0).sum()), "p_value": p}
 
 
 def add_q_values(groups: list[dict]) -> None:
@@ -461,8 +578,28 @@ def _gain_by_routes(frame: pd.DataFrame, num_routes: int) -> dict[str, float]:
     return {str(m): float(curves[:, i].mean()) for i, m in enumerate(route_counts(num_routes))}
 
 
+def with_clusters(tokens: pd.DataFrame) -> tuple[pd.DataFrame, str]:
+    """The tokens with a `cluster` column, the unit the intervals and tests resample: the
+    problem when every trajectory carries a problem id (trajectories of one problem are not
+    independent), the trajectory otherwise; and the unit's name."""
+    if "problem_id" in tokens.columns and len(tokens) and tokens["problem_id"].notna().all():
+        return tokens.assign(cluster=tokens["problem_id"].astype(str)), "problem"
+    return tokens.assign(cluster=tokens["trajectory_id"]), "trajectory"
+
+
+def bin_changes(tokens: pd.DataFrame, config: CounterfactualConfig) -> dict:
+    """How many tokens the other binning rule (route-averaged p against the standard
+    route's p) puts in another bin: per bin of this run's rule, and in all."""
+    other = "route-mean" if config.bins == "standard" else "standard"
+    p = tokens["p_route_mean"] if other == "route-mean" else tokens["p_standard"]
+    moved = tokens["bin"].to_numpy() != bin_of(p.to_numpy(), config.confident, config.fragile)
+    return {"other_rule": other, "tokens": int(moved.sum()),
+            "by_bin": {name: int(moved[(tokens["bin"] == name).to_numpy()].sum()) for name in BINS}}
+
+
 def summarise(tokens: pd.DataFrame, layers: list[int], config: CounterfactualConfig) -> dict:
     """summary.json: per layer x bin (and all tokens of the layer)."""
+    tokens, unit = with_clusters(tokens)
     frames = {}
     for layer in layers:
         at_layer = tokens[tokens["layer"] == layer]
@@ -471,30 +608,55 @@ def summarise(tokens: pd.DataFrame, layers: list[int], config: CounterfactualCon
     per_layer = {layer: {name: summarise_group(frame, config, cells) for name, frame in groups.items()}
                  for layer, groups in frames.items()}
     add_q_values([group for groups in per_layer.values() for group in groups.values()])
+    binned = "p_route_mean" if config.bins == "route-mean" else "p_standard"
     return {
         "analysis": "counterfactual",
-        "bins": {"Confident": f"p_route_mean >= {config.confident}",
-                 "Ambiguous": f"{config.fragile} <= p_route_mean < {config.confident}",
-                 "Fragile": f"p_route_mean < {config.fragile}"},
-        "interval": f"{config.confidence:.0%} percentile bootstrap over trajectories, {config.bootstrap_resamples} "
-                    f"resamples; few_clusters marks intervals over fewer than {stats.MIN_CLUSTERS} trajectories",
+        "bins": {"Confident": f"{binned} >= {config.confident}",
+                 "Ambiguous": f"{config.fragile} <= {binned} < {config.confident}",
+                 "Fragile": f"{binned} < {config.fragile}"},
+        "bin_rule": config.bins,
+        "bin_changes": {layer: bin_changes(tokens[tokens["layer"] == int(layer)], config) for layer in per_layer},
+        "cluster_unit": unit,
+        "interval": f"{config.confidence:.0%} percentile bootstrap over {unit}s, {config.bootstrap_resamples} "
+                    f"resamples; few_clusters marks intervals over fewer than {stats.MIN_CLUSTERS} {unit}s",
         "confidence": config.confidence,
         "cells": cells,
         "alternative_weights": config.alternative_weights,
+        "null_routes": config.null_routes,
         "win_tolerance": config.win_tolerance,
         "definitions": {
+            "clusters": f"the independent units the intervals and the sign test resample: {unit}s"
+                        + (" (problem_id of the trajectories)" if unit == "problem" else
+                           " (the trajectories carry no problem_id)"),
+            "gain": "mean over tokens of p(best of the S sampled alternatives) - p_standard: what a search over S "
+                    "routes of the router's sampler finds; >= 0 by construction when S is large",
+            "standard_minus_uniform": "mean over tokens of p_standard - E[p of a uniform null route] (k candidates "
+                                      "drawn uniformly, N per token, weighted like the alternatives): above 0, the "
+                                      "router's own route beats an equal-compute route at random",
+            "best_minus_uniform_best": "mean over tokens of E[max p of m sampled alternatives] - E[max p of m uniform "
+                                       "null routes], m = min(S, N): above 0, the router's sampler finds better routes "
+                                       "than a blind search of the same size",
+            "sampler_draw_gain": "mean over alternatives a of (best other alternative's p - p_a), leave-one-out: the "
+                                 "gain a draw of the router's own sampler shows; gain - this = the S = 1 gain + "
+                                 "(p_max - p_2nd) / S, a comparison with the sampler, not with chance",
             "win_rate": f"share of alternatives with p_alt - p_standard > {config.win_tolerance}",
             "tie_rate": f"share of alternatives within {config.win_tolerance} of p_standard (the standard set included)",
             "loss_rate": f"share of alternatives with p_standard - p_alt > {config.win_tolerance} (1 - win - tie)",
-            "win_loss_sign_test": "exact two-sided sign test over trajectories of their tokens' mean (win share - loss "
+            "win_loss_sign_test": f"exact two-sided sign test over {unit}s of their tokens' mean (win share - loss "
                                   "share): do alternatives beat the standard route more often than they lose to it, "
                                   "ties aside; p_value unadjusted, q_value Benjamini-Hochberg over the table's cells",
             "gain_ci_adjusted": "the gain's interval at 1 - (1 - confidence) / cells (Bonferroni over the table's "
                                 "cells); gain_survives_adjustment: it excludes 0",
-            "null_gain": "mean over alternatives a of (best other alternative's p - p_a): the gain of a random draw",
             "standard_percentile": "secondary: share of alternatives below the standard route, ties counted as half "
                                    "(so a cell of ties reads 0.5); read win, tie and loss rates first",
+            "alignment": "Fisher-z mean over tokens of Spearman(router score, log p) over the standard route and the S "
+                         "alternatives; raw: a route with more gate mass has a larger output, so this mixes the "
+                         "router's preference with scale",
+            "alignment_mass_partial": "the same with the routes' gate mass partialled out (rank residuals); undefined "
+                                      "where the router score ranks routes as the gate mass does (OLMoE's softmax "
+                                      "without top-k normalisation: there, run --alternative-weights matched-mass)",
             "gain_by_routes": "mean expected p(best of m alternatives) - p_standard, m drawn from the S scored",
+            "bin_changes": "tokens the other binning rule puts in another bin",
         },
         "layers": per_layer,
     }
@@ -516,8 +678,10 @@ def joint_verdict(interaction_ci: list) -> str | None:
 def summarise_joint(tokens: pd.DataFrame, joint: list[int], config: CounterfactualConfig) -> dict:
     """summary.json's `joint` block: per bin of the joint route-averaged p, the usual
     metrics of the joint routes and how the joint gain compares with the single-layer
-    gains of the same tokens, each paired difference with its interval over trajectories."""
+    gains of the same tokens, each paired difference with its interval over the clusters
+    (problems, or trajectories)."""
     seed, resamples, confidence = config.seed, config.bootstrap_resamples, config.confidence
+    tokens, _ = with_clusters(tokens)
     groups = {name: tokens[tokens["bin"] == name] for name in BINS}
     groups[ALL_TOKENS] = tokens
     cells = sum(not frame.empty for frame in groups.values())
@@ -526,15 +690,17 @@ def summarise_joint(tokens: pd.DataFrame, joint: list[int], config: Counterfactu
         group = summarise_group(frame, config, cells)
         for column in ("sum_single_gain", "max_single_gain", "interaction"):
             group[column] = None if frame.empty else float(frame[column].mean())
-            group[f"{column}_ci"] = stats.trajectory_interval(frame, frame[column], seed, resamples, confidence=confidence)
+            group[f"{column}_ci"] = stats.cluster_interval(frame["cluster"], frame[column], seed, resamples,
+                                                           confidence=confidence)
         for label, other in (("joint_minus_sum", "sum_single_gain"), ("joint_minus_best_single", "max_single_gain")):
             difference = frame["gain"] - frame[other]
             group[label] = None if frame.empty else float(difference.mean())
-            group[f"{label}_ci"] = stats.trajectory_interval(frame, difference, seed, resamples, confidence=confidence)
+            group[f"{label}_ci"] = stats.cluster_interval(frame["cluster"], difference, seed, resamples,
+                                                          confidence=confidence)
         group["verdict"] = joint_verdict(group["interaction_ci"])
         out[name] = group
     add_q_values(list(out.values()))
-    return {"layers": list(joint), "bins": out,
+    return {"layers": list(joint), "bins": out, "cluster_unit": with_clusters(tokens)[1],
             "definitions": {
                 "joint route": "route r forced at every listed layer at once (route r of each layer, sampled "
                                "independently per layer, weights by the gating rule on the natural router logits)",
@@ -542,7 +708,7 @@ def summarise_joint(tokens: pd.DataFrame, joint: list[int], config: Counterfactu
                 "max_single_gain": "the token's largest single-layer gain",
                 "interaction": "mean over alternatives r of (p_joint(r) - p_std) - sum_l (p_l(r) - p_std): the same "
                                "route's joint change minus the sum of its single-layer changes (0 when they add up)",
-                "verdict": "from the interaction's interval over trajectories: additive (holds 0), super-additive "
+                "verdict": "from the interaction's interval over the clusters: additive (holds 0), super-additive "
                            "(above 0) or cancelling (below 0: the layers' changes partly cancel or saturate)",
                 "joint_minus_sum": "best-of-S joint gain - sum of the per-layer best-of-S gains: biased below 0 (the "
                                    "best of a sum is at most the sum of the bests), so not a test of additivity",
@@ -603,7 +769,8 @@ def run_counterfactual(loaded, trajectories: list[Trajectory], config: Counterfa
     run_config = {**loaded.identity(), "engine_used": engine.name, "dtype": loaded.dtype, **data_info, **config.to_dict(),
                   "resolved_layers": layers, "resolved_candidates": config.candidates_for(adapter.num_experts),
                   "resolved_only_step_ok": step_check["only_step_ok"], **({"resolved_joint_layers": joint} if joint else {})}
-    tables = ("routes", "tokens") + (("joint_routes", "joint_tokens") if joint else ())
+    tables = (("routes", "tokens") + (("null_routes",) if config.null_routes else ())
+              + (("joint_routes", "joint_tokens") if joint else ()) + (("joint_null_routes",) if joint and config.null_routes else ()))
     passes = len(layers) + (1 if joint else 0)   # scored (token, layer) pairs per token; the joint routes count once
 
     def summarise_run(folder) -> dict:

@@ -16,6 +16,7 @@ from routelens.config import (
 from routelens.errors import SettingError
 
 ALTERNATIVE_WEIGHTS = ("model", "matched-mass")
+BIN_RULES = ("route-mean", "standard")
 
 
 @dataclass
@@ -39,6 +40,10 @@ class CounterfactualConfig:
         None, parse="int_list", help="score each of these layers alone and, in the same run, routes forced at all of "
                                      "them at once (one independently sampled alternative per layer), e.g. 0,1,2")
     routes: int = setting(32, parse="positive_int", help="alternative routes S per token")
+    null_routes: int = setting(32, parse="count",
+                               help="uniform null routes N per token, scored in the same pass: k candidates drawn "
+                                    "uniformly (the router's preference ignored), weighted like the alternatives; the "
+                                    "yardstick of 'does the router beat chance' (0: none)")
     candidates: int | None = setting(None, parse="positive_int",
                                      help="sample alternatives from the router's top-M experts (default min(32, E))")
     gumbel_temperature: float = setting(1.0, help="temperature of the Gumbel-top-k route sampler (higher: flatter; "
@@ -49,8 +54,11 @@ class CounterfactualConfig:
         help="weights of an alternative route: model (the gating rule's weights for its experts, the paper's "
              "definition) or matched-mass (those weights rescaled to the standard route's total gate mass, so that "
              "no route wins by a larger output)")
-    confident: float = setting(0.9, help="Confident bin: route-averaged p >= this")
-    fragile: float = setting(0.5, help="Fragile bin: route-averaged p < this")
+    bins: str = setting("route-mean", choices=BIN_RULES,
+                        help="bin tokens by route-mean (the route-averaged p, the paper's definition) or standard (the "
+                             "standard route's p); the summary counts the tokens the other rule bins elsewhere")
+    confident: float = setting(0.9, help="Confident bin: binned p >= this")
+    fragile: float = setting(0.5, help="Fragile bin: binned p < this")
     win_tolerance: float = setting(1e-3, help="an alternative wins only if its p beats the standard route's by more "
                                               "than this (probability; within it: a tie)")
     only_step_ok: bool | None = setting(None, help="score only tokens of right intermediate steps (default: on when "
@@ -85,6 +93,8 @@ class CounterfactualConfig:
                                "layers")
         self.layers = list(self.layers)
         at_least("routes", self.routes, 1)
+        at_least("null_routes", self.null_routes, 0)
+        one_of("bins", self.bins, BIN_RULES)
         if self.candidates is not None:
             at_least("candidates", self.candidates, 1)
         positive("gumbel_temperature", self.gumbel_temperature)
@@ -113,7 +123,8 @@ class CounterfactualConfig:
     def to_dict(self) -> dict:
         # settings added later only where they differ from their default: run folders made
         # before they existed resume unchanged
-        added = {"joint_layers": None, "confidence": 0.95, "alternative_weights": "model"}
+        # (null_routes is not: runs made before it have no null, so they differ from any new run)
+        added = {"joint_layers": None, "confidence": 0.95, "alternative_weights": "model", "bins": "route-mean"}
         return {k: v for k, v in asdict(self).items()
                 if k not in self.PERFORMANCE and not (k in added and v == added[k])}
 

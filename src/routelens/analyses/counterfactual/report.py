@@ -7,7 +7,7 @@ import os
 import numpy as np
 import pandas as pd
 
-from routelens.analyses.counterfactual.table import step_check_line
+from routelens.analyses.counterfactual.table import bin_rule_line, missing_line, step_check_line
 from routelens.errors import RouteLensError
 from routelens.report.build import figures_html, provenance, tokenizer_of
 from routelens.report.figures import BIN_COLOURS, Figure, grid, interval_errors, subplots
@@ -48,6 +48,25 @@ def token_contexts(config: dict, wanted: pd.DataFrame) -> dict[tuple[str, int], 
     return out
 
 
+def measured(group: dict, key: str) -> str:
+    """A statistic with its interval, "-" where a run made before it has none."""
+    return interval(group.get(key), group.get(f"{key}_ci", [None, None]))
+
+
+def chance_line(summary: dict) -> str:
+    """What the report's yardsticks are, in words."""
+    weights = {"model": "the gating rule's weights (the paper's definition: a route with more gate mass has a larger "
+                        "output, so raw comparisons mix choice and scale)",
+               "matched-mass": "the gating rule's weights rescaled to the standard route's gate mass (scale-free)"}
+    null = summary.get("null_routes")
+    return ("Alternatives carry " + weights[summary.get("alternative_weights", "model")] + ". "
+            + ("Does the router beat chance: p standard - E[p uniform] compares its route with "
+               f"{null} routes of k candidates drawn uniformly per token, weighted alike; 'gain' is what a search of "
+               "the router's sampler finds, not a test of the router." if null else
+               "No uniform null was scored (null_routes 0, or a run made before it): nothing here tests whether "
+               "the router beats chance."))
+
+
 # ---------------------------------------------------------------------------- sections
 def section(run_dir: str, run: dict) -> str:
     from routelens.config import ALL_TOKENS, BINS
@@ -59,21 +78,27 @@ def section(run_dir: str, run: dict) -> str:
     for layer, groups in summary["layers"].items():
         for name in (*BINS, ALL_TOKENS):
             g = groups[name]
-            rows.append([layer, name, g["tokens"], g["trajectories"], fmt(g["p_standard"]), fmt(g["p_best_alt"]),
-                         interval(g["gain"], g["gain_ci"]),
+            rows.append([layer, name, g["tokens"], g.get("clusters", g["trajectories"]), fmt(g["p_standard"]),
+                         fmt(g["p_best_alt"]), interval(g["gain"], g["gain_ci"]),
                          {True: "yes", False: "no"}.get(g.get("gain_survives_adjustment"), "-"),   # absent before
+                         fmt(g.get("p_uniform_mean")), measured(g, "standard_minus_uniform"),
+                         measured(g, "best_minus_uniform_best"),
                          interval(g["win_rate"], g["win_rate_ci"]),
                          interval(g.get("tie_rate"), g.get("tie_rate_ci", [None, None])),
                          interval(g.get("loss_rate"), g.get("loss_rate_ci", [None, None])),   # absent in older runs
                          p_value_text(g.get("win_loss_sign_test")),
                          q_value_text(g.get("win_loss_sign_test")),
-                         interval(g["alignment"], g["alignment_ci"])])
+                         interval(g["alignment"], g["alignment_ci"]), measured(g, "alignment_mass_partial")])
             attributes.append(f' data-layer="{esc(layer)}" data-bin="{esc(name)}"')
     level = f"{summary.get('confidence', 0.95):.0%} CI"
-    bins = table(["layer", "bin", "tokens", "trajectories", "p standard", "p best alt", f"gain [{level}]",
-                  "gain survives the adjustment over cells (Bonferroni)", f"win rate [{level}]", f"tie rate [{level}]",
-                  f"loss rate [{level}]", "sign test p (alternatives ahead vs behind, over trajectories)",
-                  "sign test q (Benjamini-Hochberg over the cells)", f"alignment [{level}]"], rows, "cf-bins",
+    unit = summary.get("cluster_unit", "trajectory")
+    bins = table(["layer", "bin", "tokens", f"{unit}s (clusters)", "p standard", "p best alt", f"gain [{level}]",
+                  "gain survives the adjustment over cells (Bonferroni)", "E[p uniform route]",
+                  f"p standard - E[p uniform] [{level}]", f"best of m sampled - best of m uniform [{level}]",
+                  f"win rate [{level}]", f"tie rate [{level}]",
+                  f"loss rate [{level}]", f"sign test p (alternatives ahead vs behind, over {unit}s)",
+                  "sign test q (Benjamini-Hochberg over the cells)", f"alignment, raw [{level}]",
+                  f"alignment, gate mass partialled out [{level}]"], rows, "cf-bins",
                  cell_attributes=lambda r, c: attributes[r] + ' class="count"' if c == 2 else "")
     worst = worst_tokens(tokens, WORST_TOKENS)
     contexts = token_contexts(run["config"], worst)
@@ -93,7 +118,9 @@ def section(run_dir: str, run: dict) -> str:
             f"{esc(run['config']['resolved_layers'])}, {esc(num_routes)} alternative routes per token. "
             f"Intervals: {esc(summary['interval'])}. Bins: "
             f"{esc('; '.join(f'{name}: {rule}' for name, rule in summary['bins'].items()))}. "
-            f"{esc(step_check_line(summary) or 'Intermediate steps not checked (a run made before step checks).')}</p>"
+            f"{esc(step_check_line(summary) or 'Intermediate steps not checked (a run made before step checks).')} "
+            f"{esc(bin_rule_line(summary))} {esc(missing_line(summary))}</p>"
+            f"<p>{esc(chance_line(summary))}</p>"
             f"<h3>Per layer and bin</h3>{bins}{figures_html(run_dir, figures)}"
             f"<h3>Worst-routed tokens: the Fragile tokens with the largest gain</h3>{worst_table}"
             f"{_joint_section(run_dir, summary)}{provenance(run)}")
@@ -173,22 +200,23 @@ def counterfactual_figures(tokens: pd.DataFrame, routes: pd.DataFrame, summary: 
     for ax, label in ((ax_gain, "gain: p(best alt) - p(standard) [probability]"),
                       (ax_win, "win rate [share of alternatives]")):
         ax.set_xticks(range(len(bins)), bins)
-        ax.set(xlabel="bin (route-averaged p)", ylabel=label)
+        ax.set(xlabel="bin", ylabel=label)
         ax.legend(fontsize=8)
-    ax_gain.set_title("Mean gain by bin (95% CI)")
-    ax_win.set_title("Win rate by bin (95% CI)")
-    fig.suptitle("What better routes were there? (intervals: bootstrap over trajectories)")
+    level, unit = f"{summary.get('confidence', 0.95):.0%}", summary.get("cluster_unit", "trajectory")
+    ax_gain.set_title(f"Mean gain by bin ({level} CI)")
+    ax_win.set_title(f"Win rate by bin ({level} CI)")
+    fig.suptitle(f"What better routes were there? (intervals: bootstrap over {unit}s)")
     fig.tight_layout()
-    figures.append(Figure("cf_gain_winrate", "Gain and win rate by bin", "Bars are means; error bars 95% "
-                          "percentile bootstrap intervals resampled over trajectories.", fig))
-    if "null_gain" in summary["layers"][str(layers[0])]["All"]:   # runs made before the null have none
+    figures.append(Figure("cf_gain_winrate", "Gain and win rate by bin", f"Bars are means; error bars {level} "
+                          f"percentile bootstrap intervals resampled over {unit}s.", fig))
+    if summary["layers"][str(layers[0])]["All"].get("standard_minus_uniform") is not None:   # runs without the null
         figures += _null_figures(summary, layers, bins)
 
     fig, ax = subplots(figsize=(6.5, 3.8))
     _bars_by_bin(summary, layers, bins, ((ax, "alignment"),))
     ax.axhline(0, color="black", linewidth=0.8)
     ax.set_xticks(range(len(bins)), bins)
-    ax.set(title="Router-utility alignment by bin (Fisher-z mean Spearman, 95% CI)", xlabel="bin (route-averaged p)",
+    ax.set(title=f"Router-utility alignment by bin (Fisher-z mean Spearman, {level} CI)", xlabel="bin",
            ylabel="alignment [Spearman rho]")
     ax.legend(fontsize=8)
     fig.tight_layout()
@@ -217,7 +245,7 @@ def counterfactual_figures(tokens: pd.DataFrame, routes: pd.DataFrame, summary: 
 
 
 def _bars_by_bin(summary: dict, layers: list[int], bins: list[str], panels) -> None:
-    """On each (axes, summary key) panel: one bar per bin and layer, error bars its 95% interval."""
+    """On each (axes, summary key) panel: one bar per bin and layer, error bars its interval."""
     width = 0.8 / max(len(layers), 1)
     for i, layer in enumerate(layers):
         groups = summary["layers"][str(layer)]
@@ -232,19 +260,23 @@ def _null_figures(summary: dict, layers: list[int], bins: list[str]) -> list[Fig
     """The router against chance: gain minus its null and the standard route's percentile by
     bin; and the gain as a function of the number of alternatives S."""
     fig, (ax_null, ax_pct) = subplots(1, 2, figsize=(11, 3.8))
-    _bars_by_bin(summary, layers, bins, ((ax_null, "gain_minus_null"), (ax_pct, "standard_percentile")))
+    _bars_by_bin(summary, layers, bins, ((ax_null, "standard_minus_uniform"), (ax_pct, "best_minus_uniform_best")))
     ax_null.axhline(0, color="black", linewidth=0.8)
-    ax_pct.axhline(0.5, color="black", linewidth=0.8, linestyle="--")
-    for ax, label, title in ((ax_null, "gain - null gain [probability]", "Gain minus the null (below 0: better than chance)"),
-                             (ax_pct, "standard route's percentile [share]", "Standard route's percentile (0.5 = chance)")):
+    ax_pct.axhline(0, color="black", linewidth=0.8)
+    for ax, label, title in ((ax_null, "p standard - E[p uniform route] [probability]",
+                              "Standard route against a uniform route (above 0: better than chance)"),
+                             (ax_pct, "best of m sampled - best of m uniform [probability]",
+                              "The router's sampler against blind search")):
         ax.set_xticks(range(len(bins)), bins)
-        ax.set(xlabel="bin (route-averaged p)", ylabel=label, title=title)
+        ax.set(xlabel="bin", ylabel=label, title=title)
         ax.legend(fontsize=8)
-    fig.suptitle("The router against a random equal-compute route (intervals: bootstrap over trajectories)")
+    fig.suptitle(f"The router against uniformly drawn equal-compute routes (intervals: bootstrap over "
+                 f"{summary.get('cluster_unit', 'trajectory')}s)")
     fig.tight_layout()
-    figures = [Figure("cf_null", "Gain against the null", "The null gain is the gain a route drawn from the "
-                      "same sampler would show; the percentile is the share of alternatives below the standard "
-                      "route, ties half.", fig)]
+    figures = [Figure("cf_null", "The router against chance", "Left: p of the standard route minus the mean p of "
+                      "uniform null routes (k of the same candidates drawn uniformly, weighted alike). Right: the "
+                      "expected best of m sampled alternatives minus the expected best of m uniform routes, "
+                      "m = min(S, N).", fig)]
 
     fig, axes = subplots(1, len(bins), figsize=(4.2 * len(bins), 3.6), squeeze=False)
     for ax, name in zip(axes[0], bins):

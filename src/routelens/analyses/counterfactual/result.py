@@ -9,9 +9,11 @@ from routelens.results.summary_frames import split_intervals
 
 
 def counterfactual_frame(summary: dict) -> pd.DataFrame:
-    """One row per (layer, bin): tokens, trajectories, mean gain and its null, win and tie
-    rates, the standard route's percentile and alignment, with 95% intervals (`few_clusters`:
-    over fewer than 10 trajectories). The gain as a function of S is in summary.json."""
+    """One row per (layer, bin): tokens, trajectories and clusters, the gain, the standard
+    route against the uniform null, win / tie / loss rates and their sign test, the
+    standard route's percentile and alignment, with intervals at the run's confidence
+    (`few_clusters`: over fewer than 10 clusters). The gain as a function of S is in
+    summary.json; runs made before a column existed lack it."""
     rows = [{"layer": int(layer), "bin": name,
              **split_intervals({k: v for k, v in values.items() if k != "gain_by_routes"})}
             for layer, bins in summary["layers"].items() for name, values in bins.items()]
@@ -33,7 +35,8 @@ def joint_frame(summary: dict) -> pd.DataFrame | None:
 
 class CounterfactualResult(Result):
     """A counterfactual run: `tokens` (one row per scored token and layer), `routes` (one
-    row per token, layer and route; route 0 is the standard route), `summary` (layer x bin).
+    row per token, layer and route; route 0 is the standard route, 1..S the sampled
+    alternatives), `null_routes` (the uniform null routes, 1..N), `summary` (layer x bin).
 
     Examples:
         >>> import routelens as rl
@@ -57,6 +60,12 @@ class CounterfactualResult(Result):
     @property
     def routes(self) -> pd.DataFrame:
         return self.table("routes")
+
+    @property
+    def null_routes(self) -> pd.DataFrame | None:
+        """The uniform null routes, numbered 1..N per token (None: a run without them, or made
+        before they existed)."""
+        return self.table("null_routes") if self._run.summary.get("null_routes") else None
 
     @property
     def joint_summary(self) -> pd.DataFrame | None:

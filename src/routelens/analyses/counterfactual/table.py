@@ -15,36 +15,59 @@ def _gain(group: dict) -> str:
     return with_interval(group["gain"], group["gain_ci"]) + ("†" if group.get("gain_survives_adjustment") is False else "")
 
 
+def _measured(group: dict, key: str, digits: int = 3) -> str:
+    """A statistic with its interval; "-" where absent (a run made before it existed)."""
+    return with_interval(group.get(key), group.get(f"{key}_ci", (None, None)), digits)
+
+
 def summary_table(summary: dict) -> Table:
     tolerance = summary.get("win_tolerance")
     confidence = summary.get("confidence", 0.95)
-    table = Table(title=f"counterfactual routing: per layer x bin ({confidence:.0%} bootstrap CI over trajectories; "
-                        "* fewer than 10 trajectories)",
+    unit = summary.get("cluster_unit", "trajectory")
+    table = Table(title=f"counterfactual routing: per layer x bin ({confidence:.0%} bootstrap CI over {unit}s; "
+                        f"* fewer than 10 {unit}s)",
                   caption=None if tolerance is None else
-                  f"win / tie / loss: p_alt above / within / below p_std by {tolerance}; null: the gain of a random "
-                  "draw of the sampler; sign p: exact sign test over trajectories, alternatives ahead vs behind "
-                  "(ties aside), q: its Benjamini-Hochberg q over the table's cells; † the gain's interval adjusted "
-                  "over the cells (Bonferroni) holds 0")
-    for column in ("layer", "bin", "tokens", "traj", "p std", "gain", "null gain", "win rate", "tie", "loss", "sign p",
-                   "q", "alignment"):
+                  "std - unif: p_std - mean p of uniformly drawn equal-compute routes (above 0: the router beats "
+                  f"chance); win / tie / loss: p_alt above / within / below p_std by {tolerance}; sign p: exact sign "
+                  f"test over {unit}s, alternatives ahead vs behind (ties aside), q: its Benjamini-Hochberg q over the "
+                  "table's cells; † the gain's interval adjusted over the cells (Bonferroni) holds 0; align | mass: "
+                  "alignment with the routes' gate mass partialled out (not shown where undefined throughout: the "
+                  "router score is the gate mass; --alternative-weights matched-mass asks the question there)")
+    partial = any(group.get("alignment_mass_partial") is not None for groups in summary["layers"].values()
+                  for group in groups.values())   # undefined throughout where the router score is the gate mass
+    for column in ("layer", "bin", "tokens", unit[:4] + ".", "p std", "gain", "std - unif", "win rate", "tie", "loss",
+                   "sign p", "q", "alignment") + (("align | mass",) if partial else ()):
         table.add_column(column, justify="right" if column not in ("bin",) else "left")
     for layer, groups in summary["layers"].items():
         for name in (*BINS, ALL_TOKENS):
             group = groups[name]
             table.add_row(
                 layer, name + ("*" if group.get("few_clusters") else ""), str(group["tokens"]),
-                str(group["trajectories"]),
+                str(group.get("clusters", group["trajectories"])),
                 "-" if group["p_standard"] is None else f"{group['p_standard']:.3f}",
                 _gain(group),
-                with_interval(group.get("null_gain"), group.get("null_gain_ci", (None, None))),
-                with_interval(group["win_rate"], group["win_rate_ci"]),
+                _measured(group, "standard_minus_uniform"),
+                _measured(group, "win_rate"),
                 "-" if group.get("tie_rate") is None else f"{group['tie_rate']:.3f}",
                 "-" if group.get("loss_rate") is None else f"{group['loss_rate']:.3f}",   # absent in older runs
                 p_value_text(group.get("win_loss_sign_test")), q_value_text(group.get("win_loss_sign_test")),
-                with_interval(group["alignment"], group["alignment_ci"]),
+                _measured(group, "alignment"),
+                *((_measured(group, "alignment_mass_partial"),) if partial else ()),
             )
         table.add_section()
     return table
+
+
+def missing_line(summary: dict) -> str:
+    """What an older run's summary lacks (it reads; its missing columns print as "-")."""
+    first = next(iter(next(iter(summary["layers"].values())).values()))
+    missing = [name for key, name in (("standard_minus_uniform", "the uniform null (std - unif)"),
+                                      ("alignment_mass_partial", "alignment with gate mass partialled out"),
+                                      ("loss_rate", "loss rates and the sign test"))
+               if key not in first]
+    if not missing:
+        return ""
+    return f"this run was made before {', '.join(missing)} existed: shown as '-' (re-run to compute them)"
 
 
 def joint_table(summary: dict) -> Table | None:
@@ -54,8 +77,10 @@ def joint_table(summary: dict) -> Table | None:
     if not joint:
         return None
     layers = "+".join(map(str, joint["layers"]))
-    table = Table(title=f"joint routes at layers {layers} against the same routes one layer at a time (95% bootstrap CI "
-                        "over trajectories; * fewer than 10 trajectories)",
+    unit = joint.get("cluster_unit", "trajectory")
+    level = f"{summary.get('confidence', 0.95):.0%}"
+    table = Table(title=f"joint routes at layers {layers} against the same routes one layer at a time ({level} bootstrap CI "
+                        f"over {unit}s; * fewer than 10 {unit}s)",
                   caption="interaction: mean over routes of the joint change minus the sum of the single-layer changes "
                           "(0: additive; the verdict reads its interval)")
     for column in ("bin", "tokens", "interaction", "verdict", "joint gain", "best single", "joint - best single"):
@@ -89,6 +114,17 @@ def print_summary(summary: dict, console: Console | None = None) -> None:
     joint = joint_table(summary)
     if joint is not None:
         console.print(joint)
-    line = step_check_line(summary)
-    if line:
-        console.print(line)
+    for line in (step_check_line(summary), bin_rule_line(summary), missing_line(summary)):
+        if line:
+            console.print(line)
+
+
+def bin_rule_line(summary: dict) -> str:
+    """Which p bins the tokens, and how many tokens the other rule bins elsewhere."""
+    changes = summary.get("bin_changes")
+    if not changes:
+        return ""
+    rule = {"route-mean": "the route-averaged p", "standard": "the standard route's p"}
+    moved = ", ".join(f"layer {layer}: {change['tokens']}" for layer, change in changes.items())
+    return (f"bins by {rule[summary['bin_rule']]}; tokens {rule[next(iter(changes.values()))['other_rule']]} would bin "
+            f"elsewhere: {moved}")
