@@ -388,7 +388,7 @@ def test_ties_losses_and_the_sign_test_equal_a_plain_recomputation_from_the_rout
     assert cell["tie_rate"] == pytest.approx(np.mean([s[1] for s in shares.values()]), abs=1e-12)
     assert cell["loss_rate"] == pytest.approx(np.mean([s[2] for s in shares.values()]), abs=1e-12)
     problem_of = dict(zip(res.tokens["trajectory_id"], res.tokens["problem_id"]))
-    assert res.summary_dict["cluster_unit"] == "problem" and len(set(problem_of.values())) < len(problem_of)
+    assert res.summary_dict["cluster_unit"] == "problems" and len(set(problem_of.values())) < len(problem_of)
     per_problem = {}
     for (tid, _), (win, _, loss) in shares.items():
         per_problem.setdefault(problem_of[tid], []).append(win - loss)
@@ -409,7 +409,7 @@ def test_intervals_and_the_sign_test_resample_problems_when_trajectories_carry_t
                               problems=13)
     config = CounterfactualConfig(bootstrap_resamples=400, seed=2)
     summary = summarise(tokens, [1], config)
-    assert summary["cluster_unit"] == "problem" and "problem" in summary["interval"]
+    assert summary["cluster_unit"] == "problems" and "problem" in summary["interval"]
     for name in (*BINS, "All"):
         group = summary["layers"]["1"][name]
         frame = tokens[(tokens["bin"] == name) | (name == "All")]
@@ -427,7 +427,7 @@ def test_intervals_and_the_sign_test_resample_problems_when_trajectories_carry_t
         assert (test["clusters_alternatives_ahead"], test["clusters_standard_ahead"]) == (ahead, behind)
         assert test["p_value"] == pytest.approx(binomtest(ahead, ahead + behind).pvalue)
     plain = summarise(tokens.drop(columns="problem_id"), [1], config)
-    assert plain["cluster_unit"] == "trajectory"
+    assert plain["cluster_unit"] == "trajectories"
     assert plain["layers"]["1"]["All"]["clusters"] == tokens["trajectory_id"].nunique()
 
 
@@ -547,3 +547,47 @@ def test_alignment_with_gate_mass_partialled_out_follows_its_definition():
                                 show_progress=False)
     both = matched.tokens.dropna(subset=["alignment"])
     assert len(both) and both["alignment_mass_partial"].to_numpy() == pytest.approx(both["alignment"].to_numpy())
+
+
+def test_a_run_folder_made_before_the_uniform_null_still_reads_prints_and_reports(tmp_path):
+    """A run made before the uniform null, the problem clusters and the partial alignment
+    (its tables and summary as that version wrote them) reads, prints and reports; the
+    missing columns show as "-" and the printed table says what is missing."""
+    import io
+    import json
+
+    from rich.console import Console
+
+    import routelens as rl
+    from routelens.analyses.counterfactual.table import print_summary
+    from routelens.report.build import build_report
+
+    lens = rl.load("demo")
+    trajs = rl.trajectories_from_text(lens.tokenizer, [("Q:3+4=A:", "3+4=7#7"), ("Q:9*2=A:", "9*2=18#18")])
+    run = tmp_path / "old"
+    rl.counterfactual(lens, trajs, str(run), layers=[-1], routes=4, null_routes=3, show_progress=False)
+    new_columns = ["problem_id", "alignment_mass_partial", "p_uniform_mean", "standard_minus_uniform",
+                   "best_minus_uniform_best"]
+    tokens = pd.read_parquet(run / "tokens.parquet").drop(columns=new_columns)
+    tokens.rename(columns={"sampler_draw_gain": "null_gain"}).to_parquet(run / "tokens.parquet")
+    (run / "null_routes.parquet").unlink()
+    summary = json.loads((run / "summary.json").read_text())
+    for key in ("cluster_unit", "null_routes", "bin_rule", "bin_changes"):
+        summary.pop(key)
+    for groups in summary["layers"].values():
+        for group in groups.values():
+            for key in [k for k in group if k.startswith(("standard_minus_uniform", "best_minus_uniform_best",
+                                                          "alignment_mass_partial", "sampler_draw_gain", "p_uniform",
+                                                          "clusters"))]:
+                group.pop(key)
+            group["null_gain"], group["null_gain_ci"] = 0.01, [0.0, 0.02]
+    (run / "summary.json").write_text(json.dumps(summary))
+
+    result = rl.read_run(str(run))
+    assert result.null_routes is None and "std - unif" not in result.summary.columns
+    printed = io.StringIO()
+    print_summary(result.summary_dict, Console(file=printed, width=250))
+    text = printed.getvalue()
+    assert "made before the uniform null" in text and "over trajectories" in text
+    html = open(build_report([str(run)], str(tmp_path / "report.html"))).read()
+    assert "No uniform null was scored" in html and "made before the uniform null" in html

@@ -583,8 +583,8 @@ def with_clusters(tokens: pd.DataFrame) -> tuple[pd.DataFrame, str]:
     problem when every trajectory carries a problem id (trajectories of one problem are not
     independent), the trajectory otherwise; and the unit's name."""
     if "problem_id" in tokens.columns and len(tokens) and tokens["problem_id"].notna().all():
-        return tokens.assign(cluster=tokens["problem_id"].astype(str)), "problem"
-    return tokens.assign(cluster=tokens["trajectory_id"]), "trajectory"
+        return tokens.assign(cluster=tokens["problem_id"].astype(str)), "problems"
+    return tokens.assign(cluster=tokens["trajectory_id"]), "trajectories"
 
 
 def bin_changes(tokens: pd.DataFrame, config: CounterfactualConfig) -> dict:
@@ -617,16 +617,16 @@ def summarise(tokens: pd.DataFrame, layers: list[int], config: CounterfactualCon
         "bin_rule": config.bins,
         "bin_changes": {layer: bin_changes(tokens[tokens["layer"] == int(layer)], config) for layer in per_layer},
         "cluster_unit": unit,
-        "interval": f"{config.confidence:.0%} percentile bootstrap over {unit}s, {config.bootstrap_resamples} "
-                    f"resamples; few_clusters marks intervals over fewer than {stats.MIN_CLUSTERS} {unit}s",
+        "interval": f"{config.confidence:.0%} percentile bootstrap over {unit}, {config.bootstrap_resamples} "
+                    f"resamples; few_clusters marks intervals over fewer than {stats.MIN_CLUSTERS} {unit}",
         "confidence": config.confidence,
         "cells": cells,
         "alternative_weights": config.alternative_weights,
         "null_routes": config.null_routes,
         "win_tolerance": config.win_tolerance,
         "definitions": {
-            "clusters": f"the independent units the intervals and the sign test resample: {unit}s"
-                        + (" (problem_id of the trajectories)" if unit == "problem" else
+            "clusters": f"the independent units the intervals and the sign test resample: {unit}"
+                        + (" (problem_id of the trajectories)" if unit == "problems" else
                            " (the trajectories carry no problem_id)"),
             "gain": "mean over tokens of p(best of the S sampled alternatives) - p_standard: what a search over S "
                     "routes of the router's sampler finds; >= 0 by construction when S is large",
@@ -642,7 +642,7 @@ def summarise(tokens: pd.DataFrame, layers: list[int], config: CounterfactualCon
             "win_rate": f"share of alternatives with p_alt - p_standard > {config.win_tolerance}",
             "tie_rate": f"share of alternatives within {config.win_tolerance} of p_standard (the standard set included)",
             "loss_rate": f"share of alternatives with p_standard - p_alt > {config.win_tolerance} (1 - win - tie)",
-            "win_loss_sign_test": f"exact two-sided sign test over {unit}s of their tokens' mean (win share - loss "
+            "win_loss_sign_test": f"exact two-sided sign test over {unit} of their tokens' mean (win share - loss "
                                   "share): do alternatives beat the standard route more often than they lose to it, "
                                   "ties aside; p_value unadjusted, q_value Benjamini-Hochberg over the table's cells",
             "gain_ci_adjusted": "the gain's interval at 1 - (1 - confidence) / cells (Bonferroni over the table's "

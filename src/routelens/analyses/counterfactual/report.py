@@ -91,12 +91,12 @@ def section(run_dir: str, run: dict) -> str:
                          interval(g["alignment"], g["alignment_ci"]), measured(g, "alignment_mass_partial")])
             attributes.append(f' data-layer="{esc(layer)}" data-bin="{esc(name)}"')
     level = f"{summary.get('confidence', 0.95):.0%} CI"
-    unit = summary.get("cluster_unit", "trajectory")
-    bins = table(["layer", "bin", "tokens", f"{unit}s (clusters)", "p standard", "p best alt", f"gain [{level}]",
+    unit = summary.get("cluster_unit", "trajectories")
+    bins = table(["layer", "bin", "tokens", f"{unit} (clusters)", "p standard", "p best alt", f"gain [{level}]",
                   "gain survives the adjustment over cells (Bonferroni)", "E[p uniform route]",
                   f"p standard - E[p uniform] [{level}]", f"best of m sampled - best of m uniform [{level}]",
                   f"win rate [{level}]", f"tie rate [{level}]",
-                  f"loss rate [{level}]", f"sign test p (alternatives ahead vs behind, over {unit}s)",
+                  f"loss rate [{level}]", f"sign test p (alternatives ahead vs behind, over {unit})",
                   "sign test q (Benjamini-Hochberg over the cells)", f"alignment, raw [{level}]",
                   f"alignment, gate mass partialled out [{level}]"], rows, "cf-bins",
                  cell_attributes=lambda r, c: attributes[r] + ' class="count"' if c == 2 else "")
@@ -202,13 +202,13 @@ def counterfactual_figures(tokens: pd.DataFrame, routes: pd.DataFrame, summary: 
         ax.set_xticks(range(len(bins)), bins)
         ax.set(xlabel="bin", ylabel=label)
         ax.legend(fontsize=8)
-    level, unit = f"{summary.get('confidence', 0.95):.0%}", summary.get("cluster_unit", "trajectory")
+    level, unit = f"{summary.get('confidence', 0.95):.0%}", summary.get("cluster_unit", "trajectories")
     ax_gain.set_title(f"Mean gain by bin ({level} CI)")
     ax_win.set_title(f"Win rate by bin ({level} CI)")
-    fig.suptitle(f"What better routes were there? (intervals: bootstrap over {unit}s)")
+    fig.suptitle(f"What better routes were there? (intervals: bootstrap over {unit})")
     fig.tight_layout()
     figures.append(Figure("cf_gain_winrate", "Gain and win rate by bin", f"Bars are means; error bars {level} "
-                          f"percentile bootstrap intervals resampled over {unit}s.", fig))
+                          f"percentile bootstrap intervals resampled over {unit}.", fig))
     if summary["layers"][str(layers[0])]["All"].get("standard_minus_uniform") is not None:   # runs without the null
         figures += _null_figures(summary, layers, bins)
 

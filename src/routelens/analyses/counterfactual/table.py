@@ -23,13 +23,13 @@ def _measured(group: dict, key: str, digits: int = 3) -> str:
 def summary_table(summary: dict) -> Table:
     tolerance = summary.get("win_tolerance")
     confidence = summary.get("confidence", 0.95)
-    unit = summary.get("cluster_unit", "trajectory")
-    table = Table(title=f"counterfactual routing: per layer x bin ({confidence:.0%} bootstrap CI over {unit}s; "
-                        f"* fewer than 10 {unit}s)",
+    unit = summary.get("cluster_unit", "trajectories")
+    table = Table(title=f"counterfactual routing: per layer x bin ({confidence:.0%} bootstrap CI over {unit}; "
+                        f"* fewer than 10 {unit})",
                   caption=None if tolerance is None else
                   "std - unif: p_std - mean p of uniformly drawn equal-compute routes (above 0: the router beats "
                   f"chance); win / tie / loss: p_alt above / within / below p_std by {tolerance}; sign p: exact sign "
-                  f"test over {unit}s, alternatives ahead vs behind (ties aside), q: its Benjamini-Hochberg q over the "
+                  f"test over {unit}, alternatives ahead vs behind (ties aside), q: its Benjamini-Hochberg q over the "
                   "table's cells; † the gain's interval adjusted over the cells (Bonferroni) holds 0; align | mass: "
                   "alignment with the routes' gate mass partialled out (not shown where undefined throughout: the "
                   "router score is the gate mass; --alternative-weights matched-mass asks the question there)")
@@ -77,10 +77,10 @@ def joint_table(summary: dict) -> Table | None:
     if not joint:
         return None
     layers = "+".join(map(str, joint["layers"]))
-    unit = joint.get("cluster_unit", "trajectory")
+    unit = joint.get("cluster_unit", "trajectories")
     level = f"{summary.get('confidence', 0.95):.0%}"
     table = Table(title=f"joint routes at layers {layers} against the same routes one layer at a time ({level} bootstrap CI "
-                        f"over {unit}s; * fewer than 10 {unit}s)",
+                        f"over {unit}; * fewer than 10 {unit})",
                   caption="interaction: mean over routes of the joint change minus the sum of the single-layer changes "
                           "(0: additive; the verdict reads its interval)")
     for column in ("bin", "tokens", "interaction", "verdict", "joint gain", "best single", "joint - best single"):
