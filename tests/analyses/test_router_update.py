@@ -25,6 +25,7 @@ from routelens.demo_model import is_available
 from routelens.errors import RouteLensError
 from routelens.models.loading import load_model
 from routelens.models.router_delta import apply_router_delta, router_parameter_names, save_router_delta
+from routelens.models.routing import capture_routes
 
 
 @pytest.mark.parametrize("k", [1, 2, 3, 4, 5])
@@ -392,3 +393,56 @@ def test_dpo_on_routes_trains_every_family_router(family, tiny_adapters, tmp_pat
         with torch.no_grad():
             for name, parameter in adapter.routers[layer].named_parameters():
                 parameter.copy_(before[name])
+
+
+@pytestmark_demo
+def test_the_changed_held_out_routes_are_scored_as_forced_and_summarised_by_their_definition(demo_update):
+    """The update checked on its own claim: heldout_changes.parquet holds exactly the
+    tokens whose route differs under the updated router; each row's p under the old and the
+    new route equals a plain forward with that route forced at that token and layer
+    (`Lens.force`), the new route is the updated router's top-k with the gating rule's
+    weights, and the summary's gain, counts and sign test are recomputed per bin by plain
+    loops."""
+    from scipy.stats import binomtest
+
+    import routelens as rl
+
+    summary = json.load(open(demo_update / "update" / "summary.json"))
+    changes = summary["heldout_route_changes"]
+    frame = pd.read_parquet(demo_update / "update" / "heldout_changes.parquet")
+    assert len(frame) == changes["All"]["route_changed"] > 0 and changes["same_run_as_training"] is True
+    base = rl.load("demo")
+    trajectories = {t.id: t for t in rl.read_trajectories(str(demo_update / "traj.jsonl"), base)}
+    updated = rl.load("demo", router_delta=str(demo_update / "update" / "router_delta.safetensors"))
+    layer = summary["layer"]
+    for _, row in frame.sample(min(6, len(frame)), random_state=0).iterrows():
+        ids = torch.tensor([trajectories[row["trajectory_id"]].input_ids])
+        position, target = int(row["position"]), int(ids[0, int(row["position"]) + 1])
+        with torch.no_grad(), capture_routes(updated.adapter, [layer]) as captured:
+            updated.model(ids)
+        assert sorted(captured[layer].experts[position].tolist()) == list(row["new_experts"])
+        for experts, weights, p in ((row["old_experts"], row["old_weights"], row["p_old"]),
+                                    (row["new_experts"], row["new_weights"], row["p_new"])):
+            with base.force(layer, [(0, position)], [list(experts)], [list(weights)]), torch.no_grad():
+                logits = base.model(ids).logits[0, position].double()
+            assert float(torch.softmax(logits, -1)[target]) == pytest.approx(p, abs=1e-5)
+    tolerance = changes["win_tolerance"]
+    for name in ("Fragile", "Ambiguous", "Confident", "All"):
+        at = frame if name == "All" else frame[frame["bin"] == name]
+        block = changes[name]
+        gains = [new - old for new, old in zip(at["p_new"], at["p_old"])]
+        assert block["route_changed"] == len(at)
+        if not gains:
+            assert block["changed_gain"] is None
+            continue
+        assert block["changed_gain"] == pytest.approx(np.mean(gains), abs=1e-12)
+        improved, worsened = sum(g > tolerance for g in gains), sum(g < -tolerance for g in gains)
+        assert (block["improved"], block["worsened"], block["tied"]) == (improved, worsened, len(gains) - improved - worsened)
+        per_cluster = {}
+        clusters = at["problem_id"] if changes["cluster_unit"] == "problems" else at["trajectory_id"]
+        for cluster, g in zip(clusters, gains):
+            per_cluster.setdefault(cluster, []).append(1 if g > tolerance else -1 if g < -tolerance else 0)
+        means = [np.mean(v) for v in per_cluster.values()]
+        ahead, behind = sum(m > 0 for m in means), sum(m < 0 for m in means)
+        if ahead + behind:
+            assert block["sign_test"]["p_value"] == pytest.approx(binomtest(ahead, ahead + behind).pvalue)

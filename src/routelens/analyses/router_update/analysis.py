@@ -301,32 +301,101 @@ def _sequences_of(run: dict, run_dir: str, loaded) -> dict[str, list[int]]:
     return {tid: t.input_ids for tid, t in run_trajectories(run, run_dir, loaded, "router-update").items()}
 
 
-def route_changes(loaded, run_dir: str, base: dict[str, torch.Tensor], new: dict[str, torch.Tensor]) -> dict:
-    """Share of tokens (per bin) of another counterfactual run whose standard route at the
-    last MoE layer changes from the `base` to the `new` router parameters (short names)."""
+def route_changes(loaded, run_dir: str, base: dict[str, torch.Tensor], new: dict[str, torch.Tensor],
+                  seed: int = 0, resamples: int = 2000) -> tuple[dict, pd.DataFrame]:
+    """The update checked on its own claim, on another counterfactual run's tokens at the
+    last MoE layer: which standard routes change from the `base` to the `new` router
+    parameters (short names), per bin, and whether the changed routes are better. Each
+    changed token is scored under its old route (route 0 of that run, as applied) and its
+    new route (the updated router's experts, weighted by the gating rule on its logits),
+    forced at that token and layer only, in one pass of the fast engine (which checks the
+    old route against the natural forward). Returns the summary block and one row per
+    changed token (`heldout_changes.parquet`)."""
+    from routelens.analyses.counterfactual.analysis import win_loss_sign_test, with_clusters
+    from routelens.engine import make_engine
+    from routelens.engine.items import ScoreItem
+    from routelens.stats import cluster_interval
+
     run = counterfactual_run(run_dir, "router-update")
     layer = _check_same_model(run, run_dir, loaded)
+    adapter = loaded.adapter
     tokens = pd.read_parquet(os.path.join(run_dir, "tokens.parquet"))
-    tokens = tokens[tokens["layer"] == layer]
+    tokens = tokens[tokens["layer"] == layer].reset_index(drop=True)
     sequences = _sequences_of(run, run_dir, loaded)
     wanted = tokens.groupby("trajectory_id")["position"].apply(list).to_dict()
-    inputs, rank = router_inputs(loaded.adapter, layer, sequences, wanted)
+    inputs, rank = router_inputs(adapter, layer, sequences, wanted)
     x = torch.stack([inputs[(t, p)] for t, p in zip(tokens["trajectory_id"], tokens["position"])])
 
-    def routes(parameters) -> torch.Tensor:
+    def routes(parameters) -> tuple[torch.Tensor, torch.Tensor]:
         parameters = {k: v.to(x.device, x.dtype) for k, v in parameters.items()}
-        return _router_output(loaded.adapter, layer, x, rank, parameters)[2].reshape(len(x), -1).sort(-1).values
+        logits, _, experts = _router_output(adapter, layer, x, rank, parameters)
+        return logits.reshape(len(x), -1), experts.reshape(len(x), -1).sort(-1).values
 
     with torch.no_grad():
-        before, after = routes(base), routes(new)
-    changed = (before != after).any(-1).cpu().numpy()
-    result = {"run": os.path.abspath(run_dir), "layer": layer}
-    for name in ("Fragile", "Ambiguous", "Confident"):
-        mask = (tokens["bin"] == name).to_numpy()
-        result[name] = {"tokens": int(mask.sum()), "route_changed": int(changed[mask].sum()),
-                        "share": float(changed[mask].mean()) if mask.any() else None}
-    result["All"] = {"tokens": int(len(changed)), "route_changed": int(changed.sum()), "share": float(changed.mean())}
-    return result
+        (_, before), (after_logits, after) = routes(base), routes(new)
+        changed = (before != after).any(-1).cpu().numpy()
+        new_weights = adapter.weights_for(after_logits[changed], after[changed])
+    frame = tokens.loc[changed, ["trajectory_id", "position", "bin"]
+                       + (["problem_id"] if "problem_id" in tokens.columns else [])].reset_index(drop=True)
+    frame["new_experts"] = after[changed].cpu().numpy().tolist()
+    frame["new_weights"] = new_weights.double().cpu().numpy().tolist()
+    frame = _score_old_and_new(adapter, run_dir, layer, sequences, frame, make_engine, ScoreItem)
+    tolerance = run["config"].get("win_tolerance", 1e-3)
+    result = {"run": os.path.abspath(run_dir), "layer": layer, "win_tolerance": tolerance,
+              "definitions": {
+                  "route_changed": "tokens whose standard route (expert set) at the layer differs under the updated "
+                                   "router",
+                  "changed_gain": "mean over changed tokens of p(next token | new route) - p(next token | old route), "
+                                  "each forced at that token and layer only (the updated router's experts, weights "
+                                  "by the gating rule on its logits); interval: bootstrap over the clusters",
+                  "improved / worsened": f"changed tokens whose p rises / falls by more than {tolerance}",
+                  "sign_test": "exact sign test over clusters of their changed tokens' mean (improved - worsened)",
+              }}
+    clustered, unit = with_clusters(frame.assign(layer=layer)) if len(frame) else (frame.assign(cluster=[]), "-")
+    result["cluster_unit"] = unit
+    difference = clustered["p_new"] - clustered["p_old"] if len(frame) else pd.Series(dtype=float)
+    for name in ("Fragile", "Ambiguous", "Confident", "All"):
+        mask = (tokens["bin"] == name).to_numpy() if name != "All" else np.ones(len(tokens), dtype=bool)
+        at = clustered["bin"] == name if name != "All" else pd.Series(True, index=clustered.index)
+        gain = difference[at]
+        direction = np.sign(gain.where(gain.abs() > tolerance, 0.0))
+        result[name] = {
+            "tokens": int(mask.sum()), "route_changed": int(changed[mask].sum()),
+            "share": float(changed[mask].mean()) if mask.any() else None,
+            "changed_gain": float(gain.mean()) if len(gain) else None,
+            "changed_gain_ci": cluster_interval(clustered["cluster"][at], gain, seed, resamples) if len(gain) else
+            [None, None],
+            "improved": int((direction > 0).sum()), "worsened": int((direction < 0).sum()),
+            "tied": int((direction == 0).sum()),
+            "sign_test": win_loss_sign_test(clustered["cluster"][at], direction) if len(gain) else None,
+        }
+    return result, frame
+
+
+def _score_old_and_new(adapter: MoEAdapter, run_dir: str, layer: int, sequences: dict[str, list[int]],
+                       frame: pd.DataFrame, make_engine, score_item) -> pd.DataFrame:
+    """`frame` (changed tokens with their new route) with the old route as the run applied it
+    and p of the next token under each route, forced at that token and layer only."""
+    if frame.empty:
+        return frame.assign(old_experts=[], old_weights=[], p_old=[], p_new=[])
+    routes = pd.read_parquet(os.path.join(run_dir, "routes.parquet"), filters=[("layer", "==", layer), ("route", "==", 0)])
+    old = routes.set_index(["trajectory_id", "position"])[["experts", "weights"]]
+    keys = list(zip(frame["trajectory_id"], frame["position"]))
+    frame["old_experts"] = [list(map(int, old.loc[key, "experts"])) for key in keys]
+    frame["old_weights"] = [list(map(float, old.loc[key, "weights"])) for key in keys]
+    dtype = next(adapter.routers[layer].parameters()).dtype
+    items, rows = [], []
+    for trajectory_id, group in frame.groupby("trajectory_id", sort=False):
+        experts = torch.tensor([[o, n] for o, n in zip(group["old_experts"], group["new_experts"])])
+        weights = torch.tensor([[o, n] for o, n in zip(group["old_weights"], group["new_weights"])], dtype=torch.float64)
+        items.append(score_item(torch.tensor(sequences[trajectory_id]), group["position"].to_numpy(copy=True), experts,
+                                weights.to(dtype)))
+        rows.append(group.index.to_numpy())
+    scored = make_engine("fast", adapter).score_batch(layer, items)
+    p = np.zeros((len(frame), 2))
+    for index, logprobs in zip(rows, scored):
+        p[index] = np.exp(logprobs)
+    return frame.assign(p_old=p[:, 0], p_new=p[:, 1])
 
 
 def _set_router(adapter: MoEAdapter, layer: int, parameters: dict[str, torch.Tensor]) -> None:
@@ -473,7 +542,10 @@ def run_router_update(loaded, counterfactual_dir: str, config: RouterUpdateConfi
             "router_delta": delta_path,
         }
         if heldout_dir:
-            summary["heldout_route_changes"] = route_changes(loaded, heldout_dir, base, final)
+            changes, frame = route_changes(loaded, heldout_dir, base, final, seed=config.seed)
+            changes["same_run_as_training"] = os.path.realpath(heldout_dir) == os.path.realpath(counterfactual_dir)
+            summary["heldout_route_changes"] = changes
+            folder.write_table("heldout_changes", frame)
         return summary
 
     units = -(-config.steps // STEPS_PER_UNIT)

@@ -37,6 +37,7 @@ def add_arguments(parser) -> None:
 
 def run(args) -> int:
     from routelens.analyses.router_update.config import RouterUpdateConfig
+    from routelens.analyses.router_update.table import changed_gain_line
     from routelens.api import router_update
 
     config = config_from_args(RouterUpdateConfig, args)
@@ -52,5 +53,7 @@ def run(args) -> int:
     if changes:
         print("held-out tokens whose standard route changed: " + "; ".join(
             f"{b} {changes[b]['route_changed']}/{changes[b]['tokens']}" for b in ("Fragile", "Ambiguous", "Confident", "All")))
+        print(changed_gain_line(changes))
     print(f"router delta: {summary['router_delta']} (apply with --router-delta)")
     return 0
+

@@ -6,9 +6,11 @@ import os
 
 import pandas as pd
 
+from routelens.analyses.router_update.table import changed_gain_line
 from routelens.report.build import figures_html, provenance
 from routelens.report.figures import ARM_COLOURS, Figure, subplots
-from routelens.report.page import esc, fmt, key_values, table
+from routelens.report.formats import p_value_text
+from routelens.report.page import esc, fmt, interval, key_values, table
 from routelens.results.run_folder import read_json
 
 
@@ -29,10 +31,17 @@ def section(run_dir: str, run: dict) -> str:
     changes = summary.get("heldout_route_changes")
     change_table = ""
     if changes:
-        change_table = ("<h3>Held-out tokens whose standard route changed</h3>" + table(
-            ["bin", "tokens", "route changed", "share"],
-            [[b, changes[b]["tokens"], changes[b]["route_changed"], fmt(changes[b]["share"])]
-             for b in ("Fragile", "Ambiguous", "Confident", "All")], "update-changes"))
+        scored = "changed_gain" in changes["All"]   # runs made before the changed routes were scored: counts only
+        change_table = ("<h3>Held-out tokens whose standard route changed, and whether the new routes are better</h3>"
+                        + table(["bin", "tokens", "route changed", "share"]
+                                + (["p new - p old, changed tokens [95% CI]", "improved", "worsened", "tied",
+                                    "sign test p"] if scored else []),
+                                [[b, changes[b]["tokens"], changes[b]["route_changed"], fmt(changes[b]["share"])]
+                                 + ([interval(changes[b]["changed_gain"], changes[b]["changed_gain_ci"], 4),
+                                     changes[b]["improved"], changes[b]["worsened"], changes[b]["tied"],
+                                     p_value_text(changes[b]["sign_test"])] if scored else [])
+                                 for b in ("Fragile", "Ambiguous", "Confident", "All")], "update-changes")
+                        + f"<p>{esc(changed_gain_line(changes))}</p>")
     figures = router_update_figures(steps, summary)
     return (f"<h2>Router-only update: {esc(run_dir)}</h2>{key_values(facts)}{change_table}"
             f"{figures_html(run_dir, figures)}{provenance(run)}")
