@@ -196,3 +196,29 @@ def test_first_steps_are_checked_against_the_runs_scores(demo_cf, tmp_path):
     routes.to_parquet(os.path.join(tampered, "routes.parquet"), index=False)
     with pytest.raises(RuntimeCheckFailed, match="rollout check failed at .* first steps do not give"):
         rl.rollout(lens, tampered, tokens="all", limit=3, temperature=0, max_new_tokens=2)
+
+
+def test_null_routes_after_the_sampled_ones_are_never_an_arm(demo_cf, tmp_path):
+    """A counterfactual run may hold, after route 0 and its S Gumbel alternatives, uniformly
+    drawn null routes (routes S+1.., `sampler` "uniform"): they are no candidates of the
+    router, so no arm takes one, even a null route that would win on every score."""
+    import shutil
+
+    lens, path, _ = demo_cf
+    with_nulls = str(tmp_path / "with-nulls")
+    shutil.copytree(path, with_nulls)
+    routes = pd.read_parquet(os.path.join(with_nulls, "routes.parquet"))
+    sampled = int(json.load(open(os.path.join(with_nulls, "run.json")))["config"]["routes"])
+    routes["sampler"] = np.where(routes["route"] == 0, "standard", "gumbel")
+    nulls = routes[routes["route"] == 1].copy()
+    for extra in (1, 2):   # a route of other experts than the standard one that scores p = 1
+        null = nulls.copy()
+        null["route"], null["sampler"], null["logprob"] = sampled + extra, "uniform", 0.0
+        null["experts"] = [[e for e in range(16) if e not in standard][:len(standard)]
+                           for standard in routes[routes["route"] == 0]["experts"].map(list)]
+        routes = pd.concat([routes, null])
+    routes.sort_values(["trajectory_id", "position", "layer", "route"]).to_parquet(
+        os.path.join(with_nulls, "routes.parquet"), index=False)
+    res = rl.rollout(lens, with_nulls, tokens="all", limit=8, samples=2, max_new_tokens=2,
+                     show_progress=False)
+    assert res.rollouts["route"].between(0, sampled).all()

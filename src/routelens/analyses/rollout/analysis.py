@@ -72,6 +72,14 @@ class ChosenToken:
 
 
 # ---------------------------------------------------------------------------- which tokens
+def sampled_routes(routes: pd.DataFrame, run: dict) -> pd.DataFrame:
+    """The standard route (0) and the run's S Gumbel-sampled alternatives (1..S, S its `routes`
+    setting): the only routes an arm may take. Rows after them (uniformly drawn null routes,
+    `sampler` "uniform") measure the sampler's null and are no candidates of the router; the
+    filter reads the run's config, so it holds for runs written before the `sampler` column."""
+    return routes[routes["route"] <= int(run["config"]["routes"])]
+
+
 def _requested(tokens: pd.DataFrame, selection: str, tolerance: float) -> pd.DataFrame:
     """The run's tokens that `selection` names: fragile, all, or a file's rows."""
     if selection == "fragile":
@@ -284,7 +292,7 @@ def run_rollout(loaded, counterfactual_dir: str, config: RolloutConfig, out: str
     run = counterfactual_run(counterfactual_dir, NEEDED_BY)
     check_same_model(run, counterfactual_dir, loaded, NEEDED_BY)
     tokens = pd.read_parquet(os.path.join(counterfactual_dir, "tokens.parquet"))
-    routes = pd.read_parquet(os.path.join(counterfactual_dir, "routes.parquet"))
+    routes = sampled_routes(pd.read_parquet(os.path.join(counterfactual_dir, "routes.parquet")), run)
     tolerance = float(run["config"].get("win_tolerance", 0.0))
     chosen, skipped = choose_tokens(tokens, routes, config, tolerance)
     if not chosen:
