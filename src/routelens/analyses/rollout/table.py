@@ -143,7 +143,8 @@ def print_rollout_summary(summary: dict, console: Console | None = None) -> None
     rows = first_token_rows(summary, compact=True)
     if rows:
         console.print(_rich("by the first emitted token: is it the trajectory's own next token (traj.'s: the proxy's "
-                            "target)? paired pairs (same random stream) with the same first token / identical",
+                            "target)? same first / identical: paired samples (one random stream) that start alike / "
+                            "are identical",
                             FIRST_TOKEN_COLUMNS, rows))
     for line in notes(summary):
         console.print(line)
