@@ -152,6 +152,12 @@ def test_trajectories_from_ids_validate_like_the_file_reader():
     ("SemanticRouteConfig", {"calibration_share": 1.0}, "`calibration_share` must lie strictly between 0 and 1",
      "--calibration-share must lie"),
     ("RolloutConfig", {"max_new_tokens": 0}, "`max_new_tokens` must be an integer >= 1", "--max-new-tokens must be"),
+    ("RolloutConfig", {"tokens": "random"}, "`tokens` random draws `limit` tokens: give `limit`",
+     "--tokens random draws --limit tokens: give --limit"),
+    ("RolloutConfig", {"best_by": "proxy"}, "`best_by` must be one of top-tokens, realized, got 'proxy'",
+     "--best-by must be one of top-tokens, realized"),
+    ("RolloutConfig", {"top_tokens": 0}, "`top_tokens` must be an integer >= 1", "--top-tokens must be an integer"),
+    ("RolloutConfig", {"include_wrong": "yes"}, "`include_wrong` must be True or False", "--include-wrong must be"),
 ])
 def test_configs_name_the_parameter_in_python_and_the_option_on_the_command_line(config, options, python, command_line):
     """A bad setting raised from Python names the parameter as Python spells it (in

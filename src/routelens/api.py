@@ -567,8 +567,10 @@ def rollout(lens: Lens, counterfactual, out: str | None = None, *, config: Rollo
     `counterfactual`).
 
     `counterfactual`: a run folder or a saved `CounterfactualResult` whose trajectories carry
-    reference answers. `options`: fields of `RolloutConfig` (`tokens` "fragile", "all" or a
-    file, `samples`, `max_new_tokens`, `temperature` (0: greedy), `seed`, `checker`, `limit`).
+    reference answers. `options`: fields of `RolloutConfig` (`tokens` "fragile-all",
+    "random", "fragile", "all" or a file, `best_by` "top-tokens" or "realized", `top_tokens`,
+    `include_wrong`, `samples`, `max_new_tokens`, `temperature` (0: greedy), `seed`,
+    `checker`, `limit`).
 
     Examples:
         >>> import routelens as rl

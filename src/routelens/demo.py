@@ -6,8 +6,10 @@ arithmetic): sample solutions to arithmetic problems, verify their final answers
 the counterfactual analysis on the verified trajectories at the first, a middle and the
 last MoE layer, through the same API as `routelens counterfactual`; then the
 expert-isolation study on the four arithmetic domains at every MoE layer (as `routelens
-isolate`), and rollouts of the Fragile tokens whose best alternative route wins (as
-`routelens rollout`: does the better next-token route also end in a better answer?).
+isolate`), and rollouts of every Fragile token (as `routelens rollout` with its defaults:
+does a better route also end in a better answer? Neither the tokens nor the best
+alternative are chosen with the trajectory's next token, so the rollouts can fail the
+next-token proxy).
 The printed tables are read back from the run folders' summary.json, and the report of
 all runs is written to <out>/report.html.
 """
@@ -78,8 +80,9 @@ def run_demo(out: str = os.path.join("runs", "demo"), *, device: str = "auto", d
 
 def _demo_rollout(lens, out: str, counterfactual_dir: str, samples: int, temperature: float, seed: int,
                   overwrite: bool, show_progress: bool) -> str | None:
-    """Rollouts of the Fragile tokens whose best alternative beats the standard route; None
-    when asked for none or when no token qualifies (a small demo run)."""
+    """Rollouts of every Fragile token, the best alternative chosen without the trajectory's
+    next token (the rollout's defaults); None when asked for none or when there is no
+    Fragile token (a small demo run)."""
     from routelens.analyses.rollout.analysis import NothingToRollOut
     from routelens.analyses.rollout.table import print_rollout_summary
     from routelens.api import rollout
@@ -87,8 +90,8 @@ def _demo_rollout(lens, out: str, counterfactual_dir: str, samples: int, tempera
     if not samples:
         return None
     run_dir = os.path.join(out, "rollout")
-    print(f"demo: rollouts of the Fragile tokens whose best alternative wins, {samples} continuations per arm "
-          f"(standard, best alternative, random alternative) at T={temperature}")
+    print(f"demo: rollouts of every Fragile token, {samples} continuations per arm (standard, best alternative "
+          f"by the standard route's top next tokens, random alternative) at T={temperature}")
     try:
         result = rollout(lens, counterfactual_dir, run_dir, samples=samples, temperature=temperature, seed=seed,
                              overwrite=overwrite, show_progress=show_progress)

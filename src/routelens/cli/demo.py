@@ -31,7 +31,7 @@ def add_arguments(parser) -> None:
     parser.add_argument("--temperature", type=float, default=default_of(run_demo, "temperature"),
                         help="sampling temperature of the solutions (default %(default)s)")
     parser.add_argument("--rollout-samples", type=count, default=default_of(run_demo, "rollout_samples"),
-                        help="rollouts: continuations per arm of each Fragile token whose best alternative wins "
+                        help="rollouts: continuations per arm of each Fragile token "
                              "(default %(default)s; 0: no rollouts)")
     parser.add_argument("--isolation-per-domain", type=positive_int, default=default_of(run_demo, "isolation_per_domain"),
                         help="isolation study: items per arithmetic domain (default %(default)s, at most 100)")

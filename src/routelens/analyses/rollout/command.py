@@ -9,17 +9,24 @@ HELP = "continue scored tokens under the standard, the best and a random alterna
 RESUMABLE = True
 EPILOG = """examples:
   routelens rollout --model demo --counterfactual runs/demo/counterfactual --out runs/rollout
-  routelens rollout --model demo --counterfactual runs/cf --tokens all --limit 100 --samples 8 \\
-      --max-new-tokens 64 --temperature 0.8 --seed 0 --out runs/rollout-all
+  routelens rollout --model demo --counterfactual runs/cf --tokens random --limit 100 --samples 8 \\
+      --max-new-tokens 64 --temperature 0.8 --seed 0 --out runs/rollout-random
+  routelens rollout --model demo --counterfactual runs/cf --tokens fragile --best-by realized \\
+      --out runs/rollout-oracle       # the proxy's own choices: re-measures the proxy
   routelens rollout --model ./my-olmoe --counterfactual runs/cf --tokens chosen.jsonl --checker math-verify \\
-      --temperature 0 --out runs/rollout-greedy
+      --include-wrong --temperature 0 --out runs/rollout-greedy
 
-Does the next-token proxy's better route also give a better final answer? For each chosen
-token (default: Fragile tokens whose best alternative beats the standard route by more than
-the run's --win-tolerance), the trajectory is continued from that token under three arms:
-the standard route, the best alternative and a random alternative, each forced at that
-token and layer only. Trajectory records need an "answer" field. Re-running the same
-command on the same --out resumes where it stopped.
+Does a better route also give a better final answer? For each chosen token (default:
+every Fragile token, whatever its gain), the trajectory is continued from that token under
+three arms: the standard route, the best alternative (default: the one that gives the
+standard route's --top-tokens most probable next tokens the highest mean probability,
+chosen without the trajectory's next token; --best-by realized: the highest log p of that
+token, an oracle for the proxy) and a random alternative, each forced at that token and
+layer only. Each arm's accuracy is split by whether its first emitted token is the
+trajectory's, and each paired difference into the part via the first token and the part
+beyond it. Trajectory records need an "answer" field; tokens of trajectories with a wrong
+final answer only with --include-wrong. Re-running the same command on the same --out
+resumes where it stopped.
 Python: routelens.rollout(lens, "runs/cf", out="runs/rollout", samples=8).
 """
 
