@@ -188,6 +188,9 @@ def test_confidence_q_values_and_the_adjusted_gain_interval_follow_their_definit
         assert group["gain_ci_adjusted"] == pytest.approx(adjusted, rel=1e-9)
         assert group["gain_survives_adjustment"] == (adjusted[0] > 0 or adjusted[1] < 0)
         assert group["gain_ci_adjusted"][0] <= group["gain_ci"][0] <= group["gain_ci"][1] <= group["gain_ci_adjusted"][1]
+        uniform = _cluster_interval(frame, frame["standard_minus_uniform"], 1 - 0.2 / len(cells), 3, 500)
+        assert group["standard_minus_uniform_ci_adjusted"] == pytest.approx(uniform, rel=1e-9)
+        assert group["standard_minus_uniform_survives_adjustment"] == (uniform[0] > 0 or uniform[1] < 0)
     assert CounterfactualConfig().to_dict().keys() == CounterfactualConfig(confidence=0.95).to_dict().keys()
     assert "confidence" not in CounterfactualConfig().to_dict()   # run folders made before it resume
 

@@ -519,7 +519,9 @@ def summarise_group(frame: pd.DataFrame, config: CounterfactualConfig, cells: in
         return {name: mean_or_none(stats.fisher_z_mean(frame[name].to_numpy())),
                 f"{name}_ci": interval(z, transform=np.tanh), f"{name}_defined": int(frame[name].notna().sum())}
 
-    adjusted = interval(frame["gain"], confidence=1 - (1 - config.confidence) / max(cells, 1))
+    level = 1 - (1 - config.confidence) / max(cells, 1)   # Bonferroni over the table's cells
+    adjusted, uniform_adjusted = interval(frame["gain"], confidence=level), interval(frame["standard_minus_uniform"],
+                                                                                     confidence=level)
     clusters = int(frame["cluster"].nunique())
     return {
         "tokens": int(len(frame)),
@@ -532,6 +534,9 @@ def summarise_group(frame: pd.DataFrame, config: CounterfactualConfig, cells: in
         "gain_survives_adjustment": None if None in adjusted else bool(adjusted[0] > 0 or adjusted[1] < 0),
         "p_uniform_mean": mean_or_none(frame["p_uniform_mean"].mean()),
         **with_ci("standard_minus_uniform", frame["standard_minus_uniform"]),
+        "standard_minus_uniform_ci_adjusted": uniform_adjusted,
+        "standard_minus_uniform_survives_adjustment": None if None in uniform_adjusted else
+        bool(uniform_adjusted[0] > 0 or uniform_adjusted[1] < 0),
         **with_ci("best_minus_uniform_best", frame["best_minus_uniform_best"]),
         **with_ci("sampler_draw_gain", frame["sampler_draw_gain"]),
         **with_ci("win_rate", frame["win_rate"]),
@@ -646,7 +651,8 @@ def summarise(tokens: pd.DataFrame, layers: list[int], config: CounterfactualCon
                                   "share): do alternatives beat the standard route more often than they lose to it, "
                                   "ties aside; p_value unadjusted, q_value Benjamini-Hochberg over the table's cells",
             "gain_ci_adjusted": "the gain's interval at 1 - (1 - confidence) / cells (Bonferroni over the table's "
-                                "cells); gain_survives_adjustment: it excludes 0",
+                                "cells); gain_survives_adjustment: it excludes 0 (standard_minus_uniform_ci_adjusted "
+                                "and standard_minus_uniform_survives_adjustment: the same for the uniform null)",
             "standard_percentile": "secondary: share of alternatives below the standard route, ties counted as half "
                                    "(so a cell of ties reads 0.5); read win, tie and loss rates first",
             "alignment": "Fisher-z mean over tokens of Spearman(router score, log p) over the standard route and the S "

@@ -30,7 +30,7 @@ def summary_table(summary: dict) -> Table:
                   "std - unif: p_std - mean p of uniformly drawn equal-compute routes (above 0: the router beats "
                   f"chance); win / tie / loss: p_alt above / within / below p_std by {tolerance}; sign p: exact sign "
                   f"test over {unit}, alternatives ahead vs behind (ties aside), q: its Benjamini-Hochberg q over the "
-                  "table's cells; † the gain's interval adjusted over the cells (Bonferroni) holds 0; align | mass: "
+                  "table's cells; † its interval adjusted over the cells (Bonferroni) holds 0; align | mass: "
                   "alignment with the routes' gate mass partialled out (not shown where undefined throughout: the "
                   "router score is the gate mass; --alternative-weights matched-mass asks the question there)")
     partial = any(group.get("alignment_mass_partial") is not None for groups in summary["layers"].values()
@@ -46,7 +46,8 @@ def summary_table(summary: dict) -> Table:
                 str(group.get("clusters", group["trajectories"])),
                 "-" if group["p_standard"] is None else f"{group['p_standard']:.3f}",
                 _gain(group),
-                _measured(group, "standard_minus_uniform"),
+                _measured(group, "standard_minus_uniform")
+                + ("†" if group.get("standard_minus_uniform_survives_adjustment") is False else ""),
                 _measured(group, "win_rate"),
                 "-" if group.get("tie_rate") is None else f"{group['tie_rate']:.3f}",
                 "-" if group.get("loss_rate") is None else f"{group['loss_rate']:.3f}",   # absent in older runs

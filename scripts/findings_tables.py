@@ -1,0 +1,121 @@
+"""Print the tables of docs/findings.md (Markdown) from run folders' summary.json.
+
+    python scripts/findings_tables.py counterfactual RUN [RUN_MATCHED_MASS]
+    python scripts/findings_tables.py joint RUN
+    python scripts/findings_tables.py rollout RUN
+    python scripts/findings_tables.py router-update RUN [RUN ...]
+
+Every number of the page's tables comes from one of these commands on the run folders the
+page names; nothing is typed by hand.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+
+BINS = ("Confident", "Ambiguous", "Fragile")
+
+
+def summary(run: str) -> dict:
+    with open(os.path.join(run, "summary.json"), encoding="utf-8") as handle:
+        return json.load(handle)
+
+
+def ci(value, interval, digits: int = 3) -> str:
+    if value is None:
+        return "-"
+    low, high = interval
+    return f"{value:.{digits}f}" + ("" if low is None else f" [{low:.{digits}f}, {high:.{digits}f}]")
+
+
+def p_text(value) -> str:
+    return "-" if value is None else f"{value:.2g}"
+
+
+def counterfactual(run: str, matched: str | None = None) -> None:
+    s = summary(run)
+    other = summary(matched) if matched else None
+    print(f"cluster unit: {s['cluster_unit']}; confidence {s['confidence']}; cells {s['cells']}; "
+          f"null routes {s['null_routes']}; weights {s['alternative_weights']}\n")
+    head = ["layer", "bin", "tokens (problems)", "p(std)", "gain (best of S - std)", "std - uniform",
+            "win / tie / loss", "ahead / behind / even", "sign p", "q (BH)"]
+    if other:
+        head.append("std - uniform, matched mass")
+    print("| " + " | ".join(head) + " |\n|" + " --- |" * len(head))
+    for layer, groups in s["layers"].items():
+        for name in BINS:
+            g = groups[name]
+            test = g["win_loss_sign_test"]
+            row = [layer, name, f"{g['tokens']} ({g['clusters']})", f"{g['p_standard']:.3f}",
+                   ci(g["gain"], g["gain_ci"]) + ("†" if g["gain_survives_adjustment"] is False else ""),
+                   ci(g["standard_minus_uniform"], g["standard_minus_uniform_ci"])
+                   + ("†" if g["standard_minus_uniform_survives_adjustment"] is False else ""),
+                   f"{g['win_rate']:.3f} / {g['tie_rate']:.3f} / {g['loss_rate']:.3f}",
+                   f"{test['clusters_alternatives_ahead']} / {test['clusters_standard_ahead']} / {test['clusters_even']}",
+                   p_text(test["p_value"]), p_text(test.get("q_value"))]
+            if other:
+                h = other["layers"][layer][name]
+                row.append(ci(h["standard_minus_uniform"], h["standard_minus_uniform_ci"])
+                           + ("†" if h["standard_minus_uniform_survives_adjustment"] is False else ""))
+            print("| " + " | ".join(map(str, row)) + " |")
+    print("\nalignment (raw; matched-mass run: scale-free)\n")
+    print("| layer | bin | alignment | best of m sampled - best of m uniform |" + (" alignment, matched mass |" if other else "")
+          + "\n| --- | --- | --- | --- |" + (" --- |" if other else ""))
+    for layer, groups in s["layers"].items():
+        for name in BINS:
+            g = groups[name]
+            row = [layer, name, ci(g["alignment"], g["alignment_ci"]),
+                   ci(g["best_minus_uniform_best"], g["best_minus_uniform_best_ci"])]
+            if other:
+                h = other["layers"][layer][name]
+                row.append(ci(h["alignment"], h["alignment_ci"]))
+            print("| " + " | ".join(map(str, row)) + " |")
+
+
+def joint(run: str) -> None:
+    block = summary(run)["joint"]
+    print(f"layers {block['layers']}; cluster unit {block.get('cluster_unit')}\n")
+    print("| bin | tokens (problems) | interaction | verdict | best joint gain | best single-layer gain |\n"
+          "| --- | --- | --- | --- | --- | --- |")
+    for name in BINS:
+        g = block["bins"][name]
+        print(f"| {name} | {g['tokens']} ({g.get('clusters', g['trajectories'])}) | "
+              f"{ci(g['interaction'], g['interaction_ci'], 4)} | {g['verdict']} | {ci(g['gain'], g['gain_ci'], 4)} | "
+              f"{ci(g['max_single_gain'], g['max_single_gain_ci'], 4)} |")
+
+
+def rollout(run: str) -> None:
+    s = summary(run)
+    g = s["bins"]["All"]
+    print(f"selection {s['selection']}; best_by {s['best_by']}; units: {g['tokens']} tokens, {g['positions']} positions, "
+          f"{g['trajectories']} trajectories, {g['problems']} problems; intervals over {s['resampled']}\n")
+    print("| arm | final answers correct | minus standard (paired) | via the first token | beyond the first token | "
+          "first token = trajectory's | correct given it is / is not |\n| --- | --- | --- | --- | --- | --- | --- |")
+    for arm in ("standard", "best_alt", "random_alt"):
+        paired = [ci(g[f"{arm}_minus_standard{part}"], g[f"{arm}_minus_standard{part}_ci"])
+                  for part in ("", "_via_first_token", "_beyond_first_token")] if arm != "standard" else ["", "", ""]
+        print(f"| {arm} | {ci(g[f'accuracy_{arm}'], g[f'accuracy_{arm}_ci'])} | " + " | ".join(paired)
+              + f" | {g[f'first_token_match_{arm}']:.3f} | {g[f'accuracy_{arm}_given_match']:.3f} / "
+                f"{g[f'accuracy_{arm}_given_other']:.3f} |")
+
+
+def router_update(*runs: str) -> None:
+    print("| run | lr | held-out tokens changed | p new - p old, changed tokens | improved / worsened / tied | sign p |\n"
+          "| --- | --- | --- | --- | --- | --- |")
+    for run in runs:
+        s = summary(run)
+        with open(os.path.join(run, "run.json"), encoding="utf-8") as handle:
+            lr = json.load(handle)["config"]["lr"]
+        c = s["heldout_route_changes"]["All"]
+        print(f"| {os.path.basename(run)} | {lr} | {c['route_changed']} / {c['tokens']} | "
+              f"{ci(c['changed_gain'], c['changed_gain_ci'], 4)} | {c['improved']} / {c['worsened']} / {c['tied']} | "
+              f"{p_text((c['sign_test'] or {}).get('p_value'))} |")
+
+
+if __name__ == "__main__":
+    commands = {"counterfactual": counterfactual, "joint": joint, "rollout": rollout, "router-update": router_update}
+    if len(sys.argv) < 3 or sys.argv[1] not in commands:
+        sys.exit(__doc__)
+    commands[sys.argv[1]](*sys.argv[2:])
