@@ -17,6 +17,7 @@ from statsmodels.stats.multitest import multipletests
 from routelens import stats
 from routelens.analyses.isolation import analysis as isolation
 from routelens.analyses.isolation.analysis import (
+    SINGLE_FLOOR_STREAM,
     IsolationConfig,
     IsolationJob,
     analyse_item,
@@ -25,9 +26,11 @@ from routelens.analyses.isolation.analysis import (
     forced_conditions,
     item_groups,
 )
+from routelens.analyses.route_sampling import route_rng
 from routelens.cli import main
 from routelens.data.target_items import TargetItem
 from routelens.engine.whole_sequence import WholeSequenceScorer
+from routelens.errors import SettingError
 from routelens.models.routing import RouteOverride, capture_routes, override_routes
 
 
@@ -122,16 +125,22 @@ def _item(adapter, seed: int, length: int = 11, prompt: int = 4) -> TargetItem:
     return TargetItem(f"item{seed}", "d", ids[:prompt], ids[prompt:])
 
 
+def _scored_item(adapter, item_seed: int, seed: int, rows_per_chunk: int) -> tuple:
+    """A random item, its ids and scored positions, and its isolation table (2 floor seeds,
+    every MoE layer) from the batched scorer."""
+    item = _item(adapter, seed=item_seed)
+    config = IsolationConfig(floor_seeds=2, seed=seed)
+    table = analyse_item(adapter, WholeSequenceScorer(adapter, rows_per_chunk=rows_per_chunk), item, adapter.moe_layers,
+                         config)[0].to_pandas()
+    return item, torch.tensor(item.input_ids), np.asarray(item.target_positions), table
+
+
 @pytest.mark.parametrize("family", FAMILIES)
 def test_prefix_reuse_and_batching_equal_one_forward_per_condition(family, tiny_adapters):
     """Every row of an item (forced experts, floor routes, every MoE layer) equals a plain
     forward of the whole model with that condition's override, to 1e-5."""
     adapter = tiny_adapters[family]
-    item = _item(adapter, seed=3)
-    ids, positions = torch.tensor(item.input_ids), np.asarray(item.target_positions)
-    config = IsolationConfig(floor_seeds=2, seed=4)
-    table = analyse_item(adapter, WholeSequenceScorer(adapter, rows_per_chunk=3), item, adapter.moe_layers,
-                         config)[0].to_pandas()
+    item, ids, positions, table = _scored_item(adapter, item_seed=3, seed=4, rows_per_chunk=3)
     with torch.no_grad(), capture_routes(adapter) as captured:
         logits = adapter.model(ids[None], use_cache=False).logits[0]
     natural = torch.log_softmax(logits.float(), -1)[positions, ids[positions + 1]].double().numpy()
@@ -149,10 +158,66 @@ def test_prefix_reuse_and_batching_equal_one_forward_per_condition(family, tiny_
             expected = _plain_forward(adapter, ids, layer, floor_e[seed], floor_w[seed], positions)
             got = table[(table["layer"] == layer) & (table["floor_seed"] == seed)].iloc[0]
             assert got["mean_logprob"] == pytest.approx(expected.mean(), abs=1e-5)
-    assert len(table) == 1 + len(adapter.moe_layers) * (adapter.num_experts + 2)
+    assert len(table) == 1 + len(adapter.moe_layers) * 2 * (adapter.num_experts + 2)   # and the equal-compute arms
 
 
-def test_chunking_does_not_change_results(tiny_adapters):
+def _forward_with_router_hook(adapter, ids: torch.Tensor, layer: int, choose, positions) -> tuple[np.ndarray, torch.Tensor]:
+    """A second implementation of a one-expert condition, from its definition: one plain
+    forward whose router at `layer` is replaced by a forward hook written here (not the
+    package's override): `choose(natural weights [T, k])` -> (expert [T], weight [T]) on
+    every token, the other k - 1 slots other experts at weight 0. log p(token t + 1) at
+    positions, and the weights the hook put on the expert."""
+    fired = []
+
+    def hook(module, args, output):
+        logits, weights, experts = output
+        expert, weight = choose(weights.float())
+        others = (expert[:, None] + torch.arange(experts.shape[1])) % adapter.num_experts   # slot 0: the expert
+        forced = torch.zeros_like(weights)
+        forced[:, 0] = weight.to(weights.dtype)
+        fired.append(weight)
+        return logits, forced, others.to(experts.device, experts.dtype)
+
+    handle = adapter.routers[layer].register_forward_hook(hook)
+    try:
+        with torch.no_grad():
+            logits = adapter.model(ids[None], use_cache=False).logits[0]
+    finally:
+        handle.remove()
+    assert len(fired) == 1                                         # the hook replaced the router once
+    return torch.log_softmax(logits.float(), -1)[positions, ids[positions + 1]].double().numpy(), fired[0]
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_equal_compute_arms_equal_plain_forwards_under_a_hand_written_router_hook(family, tiny_adapters):
+    """forced_matched_mass e: expert e alone at the natural route's total gate weight per
+    token; single_expert_floor s: one uniformly random expert per token (the same draw) at
+    weight 1.0. Each table row equals a plain forward with a router hook that does just
+    that, to 1e-5, at every MoE layer; the rows' gate mass is the hook's mean weight."""
+    adapter = tiny_adapters[family]
+    item, ids, positions, table = _scored_item(adapter, item_seed=5, seed=7, rows_per_chunk=5)
+    length = len(ids)
+    for layer in adapter.moe_layers:
+        at = table[table["layer"] == layer]
+        for expert in sorted({0, adapter.num_experts - 1}):
+            expected, weight = _forward_with_router_hook(
+                adapter, ids, layer, lambda natural, e=expert: (torch.full((length,), e), natural.sum(-1)), positions)
+            got = at[(at["condition"] == "forced_matched_mass") & (at["expert"] == expert)].iloc[0]
+            assert got["mean_logprob"] == pytest.approx(expected.mean(), abs=1e-5)
+            assert got["first_logprob"] == pytest.approx(expected[0], abs=1e-5)
+            assert got["gate_mass"] == pytest.approx(float(weight.mean()), abs=1e-6)
+        for seed in range(2):
+            draw = torch.from_numpy(route_rng(7, layer, item.id, SINGLE_FLOOR_STREAM, seed).integers(
+                0, adapter.num_experts, size=length))
+            expected, _ = _forward_with_router_hook(adapter, ids, layer, lambda natural, d=draw: (d, torch.ones(length)),
+                                                    positions)
+            got = at[(at["condition"] == "single_expert_floor") & (at["floor_seed"] == seed)].iloc[0]
+            assert got["mean_logprob"] == pytest.approx(expected.mean(), abs=1e-5)
+            assert got["gate_mass"] == 1.0 and pd.isna(got["expert"])
+    assert (table[table["condition"] == "forced"]["gate_mass"] == 1.0).all()
+
+
+def test_chunking_does_not_change_results_and_the_equal_compute_arms_leave_the_others_unchanged(tiny_adapters):
     adapter = tiny_adapters["qwen3_moe"]
     item = _item(adapter, seed=9, length=15)
     config = IsolationConfig(floor_seeds=3)
@@ -160,13 +225,32 @@ def test_chunking_does_not_change_results(tiny_adapters):
     many = analyse_item(adapter, WholeSequenceScorer(adapter), item, [0, 2], config)[0].to_pandas()
     np.testing.assert_allclose(one["mean_logprob"], many["mean_logprob"], atol=1e-6)
     assert one.drop(columns=["mean_logprob", "first_logprob"]).equals(many.drop(columns=["mean_logprob", "first_logprob"]))
+    # off: the table of runs made before the arms (no gate_mass column), the same rows otherwise
+    without = analyse_item(adapter, WholeSequenceScorer(adapter), item, [0, 2],
+                           IsolationConfig(floor_seeds=3, equal_compute=False))[0].to_pandas()
+    assert "gate_mass" not in without
+    shared = many[many["condition"].isin(["natural", "forced", "floor"])].drop(columns="gate_mass").reset_index(drop=True)
+    np.testing.assert_allclose(without["mean_logprob"], shared["mean_logprob"], atol=1e-6)
+    assert without.drop(columns=["mean_logprob", "first_logprob"]).equals(shared.drop(columns=["mean_logprob", "first_logprob"]))
+
+
+@pytest.mark.quick
+def test_bad_equal_compute_settings_are_one_line_setting_errors():
+    with pytest.raises(SettingError, match="`floor_seeds` 0 leaves the equal-compute arms without their single-expert"):
+        IsolationConfig(floor_seeds=0)
+    assert IsolationConfig(floor_seeds=0, equal_compute=False).floor_seeds == 0
+    with pytest.raises(SettingError, match="`equal_compute` must be True or False, got 'yes'"):
+        IsolationConfig(equal_compute="yes")
+    # runs made before the arms had none: their config is one with the arms off
+    assert "equal_compute" not in IsolationConfig(equal_compute=False).identity()
+    assert IsolationConfig().identity()["equal_compute"] is True
 
 
 def _tables_equal(got: tuple, expected: tuple, atol: float = 1e-5) -> None:
     """An item's (isolation, routing) tables: the same rows, scores within atol."""
     for got_table, expected_table in zip(got, expected, strict=True):
         got_frame, expected_frame = got_table.to_pandas(), expected_table.to_pandas()
-        scores = [c for c in ("mean_logprob", "first_logprob", "router_share_sum") if c in got_frame]
+        scores = [c for c in ("mean_logprob", "first_logprob", "gate_mass", "router_share_sum") if c in got_frame]
         assert got_frame.drop(columns=scores).equals(expected_frame.drop(columns=scores))
         np.testing.assert_allclose(got_frame[scores].to_numpy(), expected_frame[scores].to_numpy(), atol=atol)
 
@@ -179,7 +263,8 @@ def test_items_of_unequal_length_in_one_padded_group_equal_one_item_at_a_time(fa
     adapter = tiny_adapters[family]
     items = [_item(adapter, seed=20 + i, length=length, prompt=3) for i, length in enumerate((9, 14, 11))]
     config = IsolationConfig(floor_seeds=2, seed=5)
-    scorer = WholeSequenceScorer(adapter, rows_per_chunk=2 * (1 + adapter.num_experts + 2) - 1)   # chunks straddle items
+    rows = 1 + isolation.conditions_per_layer(adapter.num_experts, config)   # an item's rows at a layer
+    scorer = WholeSequenceScorer(adapter, rows_per_chunk=2 * rows - 1)                    # chunks straddle items
     grouped = analyse_items(adapter, scorer, items, adapter.moe_layers, config)
     assert scorer.padding.verdict is not None and "inert" in scorer.padding.verdict
     for item, got in zip(items, grouped):
@@ -275,8 +360,9 @@ def test_isolate_command_tables_agree_with_scipy_and_statsmodels(saved_model, tm
     run = json.load(open(os.path.join(out, "run.json")))
     num_experts, layers = 8, [0, 1, 2]
     assert run["status"] == "complete" and run["config"]["resolved_layers"] == layers
-    assert run["config"]["floor_seeds"] == 2 and run["summary_settings"]["alpha"] == 0.05
-    assert len(rows) == 16 * (1 + len(layers) * (num_experts + 2))
+    assert run["config"]["floor_seeds"] == 2 and run["config"]["equal_compute"] is True
+    assert run["summary_settings"]["alpha"] == 0.05
+    assert len(rows) == 16 * (1 + len(layers) * 2 * (num_experts + 2))
     assert rows[rows["condition"] == "natural"]["layer"].isna().all()
     assert rows[rows["condition"] == "forced"]["floor_seed"].isna().all()
     assert not rows.duplicated(["item_id", "layer", "condition", "expert", "floor_seed"]).any()

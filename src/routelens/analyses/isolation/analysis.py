@@ -1,4 +1,5 @@
-"""Per-layer expert isolation (Young 2026, "Learned Routers Don't Learn"), with a floor.
+"""Per-layer expert isolation (Young 2026, "Learned Routers Don't Learn"), with floors at
+unequal and at equal compute.
 
 For every item (prompt + target) and every requested MoE layer l:
 
@@ -8,11 +9,18 @@ For every item (prompt + target) and every requested MoE layer l:
   k slots of e with weights 1, 0, ..., 0: a duplicated index with weight 0 is exact);
 - floor s, for `floor_seeds` seeds: every token at layer l gets k distinct experts drawn
   uniformly at random, weighted by the model's own gating rule - what an arbitrary route
-  of equal compute does, the yardstick paper 2 lacked.
+  of natural routing's compute does, the yardstick paper 2 lacked;
+
+and, with `equal_compute` (the default; see `comparisons` for why):
+
+- forced_matched_mass e: expert e alone on every token at layer l, its weight the natural
+  route's total gate weight at that token (k slots of e with weights mass, 0, ..., 0);
+- single_expert_floor s: one uniformly random expert per token at weight 1.0 (the forced
+  expert's compute and scale), from its own random stream (the floor's draws unchanged).
 
 Each condition is scored by the mean log-probability of the target tokens and by the
-first target token's log-probability. Layers below l are computed once per item and all
-conditions of a layer share one batched pass (`WholeSequenceScorer`).
+first target token's. Layers below l are computed once per item and all conditions of a
+layer share one batched pass (`WholeSequenceScorer`).
 
 Statistics per (domain, layer, expert) over items, on paired deltas (forced - natural):
 Wilcoxon signed-rank p, median with a distribution-free 95% interval, the same against
@@ -33,6 +41,13 @@ import pyarrow as pa
 import torch
 
 from routelens import stats
+from routelens.analyses.isolation.comparisons import (
+    FLOOR,
+    FORCED,
+    FORCED_MATCHED_MASS,
+    NATURAL,
+    SINGLE_EXPERT_FLOOR,
+)
 from routelens.analyses.isolation.config import IsolationConfig
 from routelens.analyses.route_sampling import route_rng, uniform_routes
 from routelens.config import SCORES
@@ -51,6 +66,16 @@ ISOLATION_SCHEMA = pa.schema([
     ("expert", pa.int64()), ("floor_seed", pa.int64()), ("mean_logprob", pa.float64()),
     ("first_logprob", pa.float64()),
 ])
+# runs with the equal-compute arms also record each condition's mean gate mass per token
+# (total weight of its route; natural: null); without them the table is as it always was,
+# so a run folder made before the arms resumes with parts of one schema
+GATE_MASS = pa.field("gate_mass", pa.float64())
+
+
+def isolation_schema(config: IsolationConfig) -> pa.Schema:
+    return ISOLATION_SCHEMA.append(GATE_MASS) if config.equal_compute else ISOLATION_SCHEMA
+
+
 ROUTING_SCHEMA = pa.schema([
     ("item_id", pa.string()), ("domain", pa.string()), ("layer", pa.int64()), ("expert", pa.int64()),
     ("tokens", pa.int64()), ("router_share_sum", pa.float64()), ("selected", pa.int64()),
@@ -58,12 +83,25 @@ ROUTING_SCHEMA = pa.schema([
 
 
 # ---------------------------------------------------------------------------- conditions
+SINGLE_FLOOR_STREAM = 1   # route_rng stream of the single-expert floor (the k-expert floor's draws stay as they were)
+
+
 def forced_conditions(num_experts: int, length: int, k: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Expert e alone at weight 1.0 on every token, for every e: experts/weights [E, T, k]
     (k slots of e, weights 1, 0, ..., 0, since the router must return k per token)."""
     experts = torch.arange(num_experts)[:, None, None].expand(num_experts, length, k).clone()
     weights = torch.zeros(num_experts, length, k)
     weights[..., 0] = 1.0
+    return experts, weights
+
+
+def matched_mass_conditions(num_experts: int, natural_weights: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Expert e alone on every token, weighted by the natural route's total gate weight at
+    that token, for every e: natural_weights [T, k] (what the router applied) -> experts/
+    weights [E, T, k] (k slots of e, weights mass, 0, ..., 0)."""
+    length, k = natural_weights.shape
+    experts, weights = forced_conditions(num_experts, length, k)
+    weights[..., 0] = natural_weights.float().sum(-1).cpu()
     return experts, weights
 
 
@@ -82,10 +120,47 @@ def floor_conditions(adapter: MoEAdapter, logits: torch.Tensor, layer: int, item
     return torch.stack(experts), torch.stack(weights)
 
 
+def single_floor_conditions(num_experts: int, length: int, k: int, layer: int, item_id: str, seed: int,
+                            floor_seeds: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """One uniformly random expert per token at weight 1.0 (the forced expert's compute and
+    scale), one condition per floor seed: experts/weights [F, T, k] (k slots of the expert,
+    weights 1, 0, ..., 0). Drawn from its own stream of `route_rng`."""
+    experts = torch.zeros(floor_seeds, length, k, dtype=torch.long)
+    for floor_seed in range(floor_seeds):
+        rng = route_rng(seed, layer, item_id, SINGLE_FLOOR_STREAM, floor_seed)
+        experts[floor_seed] = torch.from_numpy(rng.integers(0, num_experts, size=length))[:, None]
+    weights = torch.zeros(floor_seeds, length, k)
+    weights[..., 0] = 1.0
+    return experts, weights
+
+
+def conditions_per_layer(num_experts: int, config: IsolationConfig) -> int:
+    """Scored rows of an item at one layer: forced experts and floor seeds, twice with the
+    equal-compute arms."""
+    return (num_experts + config.floor_seeds) * (2 if config.equal_compute else 1)
+
+
+def layer_conditions(adapter: MoEAdapter, item: TargetItem, natural, layer: int, config: IsolationConfig
+                     ) -> tuple[torch.Tensor, torch.Tensor, list[tuple[str, int | None, int | None]]]:
+    """Every condition of an item at `layer`: experts/weights [C, T, k] and each row's
+    (condition, expert, floor seed)."""
+    length, k, count = len(item.input_ids), adapter.top_k, adapter.num_experts
+    route = natural.routes[layer]
+    arms = [(FORCED, forced_conditions(count, length, k)),
+            (FLOOR, floor_conditions(adapter, route.logits, layer, item.id, config.seed, config.floor_seeds))]
+    if config.equal_compute:
+        arms += [(FORCED_MATCHED_MASS, matched_mass_conditions(count, route.weights)),
+                 (SINGLE_EXPERT_FLOOR, single_floor_conditions(count, length, k, layer, item.id, config.seed,
+                                                               config.floor_seeds))]
+    labels = [(name, at, None) if name in (FORCED, FORCED_MATCHED_MASS) else (name, None, at)
+              for name, (experts, _) in arms for at in range(experts.shape[0])]
+    return torch.cat([e for _, (e, _) in arms]), torch.cat([w for _, (_, w) in arms]), labels
+
+
 # ---------------------------------------------------------------------------- items
 def analyse_item(adapter: MoEAdapter, scorer: WholeSequenceScorer, item: TargetItem, layers: list[int],
                  config: IsolationConfig) -> tuple[pa.Table, pa.Table]:
-    """The isolation rows (natural, forced, floor) and natural routing counts of one item."""
+    """The isolation rows (natural and every condition) and natural routing counts of one item."""
     return analyse_items(adapter, scorer, [item], layers, config)[0]
 
 
@@ -95,23 +170,18 @@ def analyse_items(adapter: MoEAdapter, scorer: WholeSequenceScorer, items: list[
     (right-padded; the same rows as one item at a time, to float rounding)."""
     passes = scorer.natural_batch([item.input_ids for item in items], layers,
                                   [item.target_positions for item in items])
-    rows = [[_row(item, None, "natural", None, None, natural.logprobs)] for item, natural in zip(items, passes)]
+    rows = [[_row(item, None, NATURAL, None, None, natural.logprobs)] for item, natural in zip(items, passes)]
     routing: list[list[dict]] = [[] for _ in items]
-    forced = [forced_conditions(adapter.num_experts, len(item.input_ids), adapter.top_k) for item in items]
     for layer in layers:
-        experts, weights = [], []
-        for item, natural, (forced_e, forced_w) in zip(items, passes, forced):
-            floor_e, floor_w = floor_conditions(adapter, natural.routes[layer].logits, layer, item.id, config.seed,
-                                                config.floor_seeds)
-            experts.append(torch.cat([forced_e, floor_e]))
-            weights.append(torch.cat([forced_w, floor_w]))
-        scored = scorer.score_batch(passes, layer, experts, weights)
-        for at, (item, natural, logprobs) in enumerate(zip(items, passes, scored)):
-            rows[at] += [_row(item, layer, "forced", e, None, logprobs[e]) for e in range(adapter.num_experts)]
-            rows[at] += [_row(item, layer, "floor", None, s, logprobs[adapter.num_experts + s])
-                         for s in range(config.floor_seeds)]
+        conditions = [layer_conditions(adapter, item, natural, layer, config) for item, natural in zip(items, passes)]
+        scored = scorer.score_batch(passes, layer, [e for e, _, _ in conditions], [w for _, w, _ in conditions])
+        for at, (item, natural, logprobs, (_, weights, labels)) in enumerate(zip(items, passes, scored, conditions)):
+            masses = weights.sum(-1).mean(-1).double().numpy()                  # [C] mean gate mass per token
+            rows[at] += [_row(item, layer, name, expert, floor_seed, values, mass)
+                         for (name, expert, floor_seed), values, mass in zip(labels, logprobs, masses)]
             routing[at] += _routing_rows(adapter, item, layer, natural.routes[layer])
-    return [(pa.Table.from_pylist(item_rows, schema=ISOLATION_SCHEMA), pa.Table.from_pylist(item_routing, schema=ROUTING_SCHEMA))
+    schema = isolation_schema(config)
+    return [(pa.Table.from_pylist(item_rows, schema=schema), pa.Table.from_pylist(item_routing, schema=ROUTING_SCHEMA))
             for item_rows, item_routing in zip(rows, routing)]
 
 
@@ -138,9 +208,10 @@ def item_groups(lengths: list[int], rows_per_item: int, rows_per_chunk, most: in
     return groups
 
 
-def _row(item: TargetItem, layer, condition: str, expert, floor_seed, logprobs: np.ndarray) -> dict:
+def _row(item: TargetItem, layer, condition: str, expert, floor_seed, logprobs: np.ndarray, gate_mass=None) -> dict:
     return {"item_id": item.id, "domain": item.domain, "layer": layer, "condition": condition, "expert": expert,
-            "floor_seed": floor_seed, "mean_logprob": float(np.mean(logprobs)), "first_logprob": float(logprobs[0])}
+            "floor_seed": floor_seed, "mean_logprob": float(np.mean(logprobs)), "first_logprob": float(logprobs[0]),
+            "gate_mass": None if gate_mass is None else float(gate_mass)}
 
 
 # ---------------------------------------------------------------------------- statistics
@@ -362,7 +433,7 @@ class IsolationJob(UnitJob):
     def groups(self, units: list[int], workers: int = 1) -> list[list[int]]:
         """The units (item indices) in groups that share passes (`item_groups`), small
         enough that each of `workers` actors gets one."""
-        rows_per_item = 1 + self._adapter.num_experts + self.config.floor_seeds
+        rows_per_item = 1 + conditions_per_layer(self._adapter.num_experts, self.config)
         lengths = [len(self.items[index].input_ids) for index in units]
         most = max(1, min(self.config.group_items, -(-len(units) // workers)))
         return [[units[at] for at in group]
