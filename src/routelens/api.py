@@ -306,8 +306,9 @@ def isolate(lens: Lens, items, out: str | None = None, *, config: IsolationConfi
             show_progress: bool = True, ray=None, workers: int | None = None, **options) -> IsolationResult:
     """Expert isolation: every expert forced alone at each layer (at weight 1.0, and at the
     natural route's gate mass), against the natural route, a random k-expert floor and a
-    random single-expert floor, with Wilcoxon/BH statistics per cell; in memory when `out`
-    is None, otherwise into the run folder `out` (resumable).
+    random single-expert floor (equal compute: the verdict's baseline), with Wilcoxon/BH
+    statistics per cell; in memory when `out` is None, otherwise into the run folder `out`
+    (resumable).
 
     `items`: a list of `TargetItem`, a file path, or "arithmetic" (the embedded task).
     `options`: fields of `IsolationConfig` (`layers`, `floor_seeds`, `equal_compute`, `seed`, `alpha`,
@@ -320,6 +321,8 @@ def isolate(lens: Lens, items, out: str | None = None, *, config: IsolationConfi
         >>> res = rl.isolate(lens, "arithmetic", per_domain=3, layers=[-1], floor_seeds=1, show_progress=False)
         >>> sorted(set(res.isolation["condition"]))
         ['floor', 'forced', 'forced_matched_mass', 'natural', 'single_expert_floor']
+        >>> res.summary_dict["verdict"]["comparison"]      # harmful / helpful: against the single-expert floor
+        'forced_vs_single_expert_floor'
         >>> res = rl.isolate(lens, "arithmetic", str(tmp / "iso"), per_domain=3, layers=[0], floor_seeds=1,
         ...                  show_progress=False)
         >>> sorted(res.cells["domain"].unique())

@@ -26,6 +26,7 @@ from routelens.analyses.isolation.analysis import (
     forced_conditions,
     item_groups,
 )
+from routelens.analyses.isolation.table import print_isolation_summary
 from routelens.analyses.route_sampling import route_rng
 from routelens.cli import main
 from routelens.data.target_items import TargetItem
@@ -352,7 +353,7 @@ def test_isolate_command_tables_agree_with_scipy_and_statsmodels(saved_model, tm
     items = write_jsonl(tmp_path / "items.jsonl", DOMAIN_ITEMS)
     out = str(tmp_path / "iso")
     assert main(_isolate_args(saved_model, items, out)) == 0
-    assert "cells significant" in capsys.readouterr().out
+    assert "helpful against the single-expert floor" in " ".join(capsys.readouterr().out.split())
     rows = pd.read_parquet(os.path.join(out, "isolation.parquet"))
     cells = pd.read_parquet(os.path.join(out, "cells.parquet"))
     calibration = pd.read_parquet(os.path.join(out, "calibration.parquet"))
@@ -362,6 +363,7 @@ def test_isolate_command_tables_agree_with_scipy_and_statsmodels(saved_model, tm
     assert run["status"] == "complete" and run["config"]["resolved_layers"] == layers
     assert run["config"]["floor_seeds"] == 2 and run["config"]["equal_compute"] is True
     assert run["summary_settings"]["alpha"] == 0.05
+    assert summary["equal_compute"] is True and summary["floor_seeds"] == 2
     assert len(rows) == 16 * (1 + len(layers) * 2 * (num_experts + 2))
     assert rows[rows["condition"] == "natural"]["layer"].isna().all()
     assert rows[rows["condition"] == "forced"]["floor_seed"].isna().all()
@@ -382,7 +384,9 @@ def test_isolate_command_tables_agree_with_scipy_and_statsmodels(saved_model, tm
         assert cell["p_value_vs_floor"] == pytest.approx(sps.wilcoxon(forced["mean_logprob"] - floor_mean).pvalue, rel=1e-9)
     reject, q, _, _ = multipletests(cells["p_value"], alpha=0.05, method="fdr_bh")
     np.testing.assert_allclose(cells["q_value"], q, rtol=1e-12)
-    assert np.array_equal(cells["significant"], reject) and summary["significant_cells"] == int(reject.sum())
+    assert np.array_equal(cells["significant"], reject)
+    assert summary["comparisons"]["forced_vs_natural"]["significant"] == int(reject.sum())
+    _comparisons_by_hand(rows, cells, summary, alpha=0.05)
 
     # calibration: Spearman over experts per (domain, layer), Fisher-z mean over layers
     for domain in ("add", "mul"):
@@ -411,11 +415,71 @@ def test_isolate_command_tables_agree_with_scipy_and_statsmodels(saved_model, tm
 
     # a different alpha re-summarises the same tables (no recomputation); another seed is another run
     assert main(_isolate_args(saved_model, items, out, "--alpha", "0.2")) == 0
-    assert json.load(open(os.path.join(out, "summary.json")))["alpha"] == 0.2
+    summary = json.load(open(os.path.join(out, "summary.json")))
+    assert summary["alpha"] == 0.2
+    _comparisons_by_hand(rows, pd.read_parquet(os.path.join(out, "cells.parquet")), summary, alpha=0.2)
     assert pd.read_parquet(os.path.join(out, "isolation.parquet")).equals(rows)
     assert json.load(open(os.path.join(out, "run.json")))["timings"]["items_scored_this_session"] == 0
     assert main(_isolate_args(saved_model, items, out, "--seed", "1")) == 2
     assert "differs in: seed" in capsys.readouterr().err
+
+
+# what each comparison subtracts from what, written out again: (arm condition, baseline condition, cells suffix)
+BY_HAND = {"forced_vs_natural": ("forced", "natural", ""),
+           "forced_vs_floor": ("forced", "floor", "_vs_floor"),
+           "forced_vs_single_expert_floor": ("forced", "single_expert_floor", "_vs_single_expert_floor"),
+           "matched_mass_vs_natural": ("forced_matched_mass", "natural", "_matched_mass_vs_natural"),
+           "matched_mass_vs_floor": ("forced_matched_mass", "floor", "_matched_mass_vs_floor")}
+
+
+def _comparisons_by_hand(rows: pd.DataFrame, cells: pd.DataFrame, summary: dict, alpha: float) -> tuple[int, int]:
+    """Every comparison of every cell recomputed from isolation.parquet with plain loops:
+    per item, the arm's score minus the baseline's (a floor: the mean of its seeds);
+    scipy's Wilcoxon and quantile-test interval; statsmodels' BH over the comparison's
+    cells; harmful / helpful counts; the verdict column and the summary's counts. Returns
+    the verdict's (harmful, helpful)."""
+    score = {}   # (condition, item, layer, expert) -> its scores (one per floor seed); -1: no layer / no expert
+    for _, r in rows.iterrows():
+        key = (r["condition"], r["item_id"], -1 if pd.isna(r["layer"]) else int(r["layer"]),
+               -1 if pd.isna(r["expert"]) else int(r["expert"]))
+        score.setdefault(key, []).append(r["mean_logprob"])
+
+    def value(condition, item, layer, expert):
+        layer, expert = (-1, -1) if condition == "natural" else (layer, -1) if "floor" in condition else (layer, expert)
+        return float(np.mean(score[(condition, item, layer, expert)]))
+
+    items = {d: sorted(rows[rows["domain"] == d]["item_id"].unique()) for d in rows["domain"].unique()}
+    for name, (arm, baseline, suffix) in BY_HAND.items():
+        p_values, harmful, helpful = [], 0, 0
+        for _, cell in cells.iterrows():
+            deltas = np.array([value(arm, i, cell["layer"], cell["expert"]) - value(baseline, i, cell["layer"], cell["expert"])
+                               for i in items[cell["domain"]]])
+            p = sps.wilcoxon(deltas).pvalue if np.any(deltas != 0) else 1.0
+            assert cell[f"p_value{suffix}"] == pytest.approx(p, rel=1e-9), (name, cell["layer"], cell["expert"])
+            assert cell[f"median_delta{suffix}"] == pytest.approx(np.median(deltas), rel=1e-9, abs=1e-12)
+            interval = sps.quantile_test(deltas, q=0, p=0.5).confidence_interval(0.95)
+            assert [cell[f"ci_low{suffix}"], cell[f"ci_high{suffix}"]] == pytest.approx([interval.low, interval.high],
+                                                                                       nan_ok=True)
+            p_values.append(p)
+        reject, q, _, _ = multipletests(p_values, alpha=alpha, method="fdr_bh")
+        np.testing.assert_allclose(cells[f"q_value{suffix}"], q, rtol=1e-9)
+        assert np.array_equal(cells[f"significant{suffix}"], reject)
+        medians = cells[f"median_delta{suffix}"].to_numpy()
+        harmful, helpful = int((reject & (medians < 0)).sum()), int((reject & (medians > 0)).sum())
+        counts = summary["comparisons"][name]
+        assert (counts["cells"], counts["significant"], counts["harmful"], counts["helpful"]) == (
+            len(cells), int(reject.sum()), harmful, helpful), name
+        if name == "forced_vs_single_expert_floor":   # the verdict's basis
+            expected = np.where(reject & (medians < 0), "harmful", np.where(reject & (medians > 0), "helpful", "neither"))
+            assert cells["verdict"].tolist() == expected.tolist()
+            assert (summary["verdict"]["harmful"], summary["verdict"]["helpful"]) == (harmful, helpful)
+            verdict = harmful, helpful
+    for name, definition in summary["definitions"]["comparisons"].items():
+        arm, baseline, _ = BY_HAND[name]
+        assert definition["compares"] == f"{arm} - {baseline}" and "items" in definition["unit"]
+        assert "Benjamini-Hochberg step-up over the" in definition["adjustment"]
+    assert set(summary["definitions"]["comparisons"]) == set(BY_HAND)
+    return verdict
 
 
 def test_isolate_resumes_after_an_interruption_without_loss_or_duplicates(saved_model, tmp_path, monkeypatch):
@@ -444,6 +508,129 @@ def test_isolate_resumes_after_an_interruption_without_loss_or_duplicates(saved_
     for table in ("isolation", "cells"):
         pd.testing.assert_frame_equal(pd.read_parquet(os.path.join(cut, f"{table}.parquet")),
                                       pd.read_parquet(os.path.join(whole, f"{table}.parquet")), check_exact=True)
+
+
+def _planted_tables(seed: int = 0) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Synthetic isolation and routing tables (2 domains x 12 items, layers 0 and 3, 4
+    experts, 2 floor seeds) with planted effects: against the single-expert floor expert 0
+    is worse (harmful) and expert 1 better (helpful) at layer 0; at matched mass expert 2
+    matches natural routing."""
+    rng = np.random.default_rng(seed)
+    rows, routing = [], []
+    for domain in ("a", "b"):
+        for i in range(12):
+            item = f"{domain}{i}"
+            natural = rng.normal(-1, 0.1)
+            rows.append({"item_id": item, "domain": domain, "layer": None, "condition": "natural", "expert": None,
+                         "floor_seed": None, "mean_logprob": natural})
+            for layer in (0, 3):
+                single = natural - 0.8 + rng.normal(0, 0.05)
+                for s in range(2):
+                    rows.append({"item_id": item, "domain": domain, "layer": layer, "condition": "floor", "expert": None,
+                                 "floor_seed": s, "mean_logprob": natural - 0.3 + rng.normal(0, 0.05)})
+                    rows.append({"item_id": item, "domain": domain, "layer": layer, "condition": "single_expert_floor",
+                                 "expert": None, "floor_seed": s, "mean_logprob": single + rng.normal(0, 0.02)})
+                for e in range(4):
+                    shift = {0: -0.5, 1: +0.5}.get(e, 0.0) if layer == 0 else 0.0
+                    rows.append({"item_id": item, "domain": domain, "layer": layer, "condition": "forced", "expert": e,
+                                 "floor_seed": None, "mean_logprob": single + shift + rng.normal(0, 0.05)})
+                    rows.append({"item_id": item, "domain": domain, "layer": layer, "condition": "forced_matched_mass",
+                                 "expert": e, "floor_seed": None,
+                                 "mean_logprob": natural + (rng.normal(0, 0.05) if e == 2 else -0.4 + rng.normal(0, 0.1))})
+                    routing.append({"item_id": item, "domain": domain, "layer": layer, "expert": e, "tokens": 10,
+                                    "router_share_sum": 10 * (e + 1) / 10, "selected": 5 * (e + 1)})
+    frame = pd.DataFrame(rows)
+    frame["first_logprob"] = frame["mean_logprob"]
+    frame["gate_mass"] = np.where(frame["condition"] == "natural", np.nan, 1.0)
+    return frame, pd.DataFrame(routing)
+
+
+@pytest.mark.quick
+def test_the_summary_of_planted_effects_equals_the_comparisons_by_hand():
+    """The summary's five comparisons on a table with known effects: every statistic equals
+    the plain-loop recomputation, and the verdict finds the planted harmful and helpful cells."""
+    rows, routing = _planted_tables()
+    config = IsolationConfig(floor_seeds=2, bootstrap_resamples=50)
+    summary, cells, _ = isolation.summarise(rows, routing, [0, 3], 4, 2, config)
+    harmful, helpful = _comparisons_by_hand(rows, cells, summary, alpha=0.05)
+    verdict = cells.set_index(["domain", "layer", "expert"])["verdict"]
+    assert harmful == helpful == 2 and summary["verdict"]["by_domain"]["a"] == {"harmful": 1, "helpful": 1, "neither": 6}
+    assert verdict[("a", 0, 0)] == verdict[("b", 0, 0)] == "harmful" and verdict[("a", 0, 1)] == "helpful"
+    # against natural routing every forced expert is worse, the helpful one too: the unequal comparison
+    assert summary["comparisons"]["forced_vs_natural"]["harmful"] == len(cells)
+    matched = cells.set_index(["domain", "layer", "expert"])["significant_matched_mass_vs_natural"]
+    assert not matched[("a", 0, 2)] and matched[("a", 0, 3)]
+    layer = next(r for r in summary["layer_table"] if (r["domain"], r["layer"]) == ("a", 0))
+    assert (layer["harmful_cells"], layer["helpful_cells"], layer["natural_gate_mass"]) == (1, 1, 1.0)
+
+
+# what a run made before the equal-compute arms wrote (routelens at 8126931)
+OLD_CELL_COLUMNS = ["domain", "layer", "expert", "n", "mean_delta", "median_delta", "ci_low", "ci_high", "p_value",
+                    "q_value", "significant", "median_delta_vs_floor", "p_value_vs_floor", "q_value_vs_floor",
+                    "significant_vs_floor", "natural_share", "selection_share"]
+OLD_LAYER_KEYS = ["domain", "layer", "best_expert", "best_median_delta", "best_ci", "best_q_value", "significant_cells",
+                  "significant_better", "floor_median_delta", "floor_p_value", "natural_mean_score"]
+OLD_SUMMARY_KEYS = ["analysis", "score", "alpha", "layers", "num_experts", "items_per_domain", "smallest_possible_p",
+                    "cells", "calibration", "dominance", "layer_table", "tests"]
+
+
+def _make_old(out: str) -> dict:
+    """Turn a run made with the equal-compute arms off into what routelens wrote before them:
+    the old cells columns, the old layer-table keys, the old summary with its flat counts."""
+    cells = pd.read_parquet(os.path.join(out, "cells.parquet"))
+    cells[OLD_CELL_COLUMNS].to_parquet(os.path.join(out, "cells.parquet"), index=False)
+    new = json.load(open(os.path.join(out, "summary.json")))
+    natural, floor = new["comparisons"]["forced_vs_natural"], new["comparisons"]["forced_vs_floor"]
+    old = {key: new[key] for key in OLD_SUMMARY_KEYS}
+    old.update(significant_cells=natural["significant"], significant_better_than_natural=natural["helpful"],
+               significant_vs_floor=floor["significant"], significant_better_than_floor=floor["helpful"],
+               significant_by_domain=natural["significant_by_domain"],
+               layer_table=[{key: row[key] for key in OLD_LAYER_KEYS} for row in new["layer_table"]])
+    json.dump(old, open(os.path.join(out, "summary.json"), "w"))
+    return old
+
+
+def test_a_run_made_before_the_equal_compute_arms_reads_prints_reports_and_resummarises(saved_model, tmp_path, capsys):
+    """Its tables (no equal-compute rows, no gate_mass), old cells columns and old summary:
+    read_run, the printed tables and the report show the new columns as - and say why; the
+    default command refuses to mix it with the arms (its config differs in equal_compute),
+    and --no-equal-compute re-summarises it without rescoring."""
+    import routelens as rl
+
+    items = write_jsonl(tmp_path / "items.jsonl", DOMAIN_ITEMS[:4] + DOMAIN_ITEMS[8:12])
+    out = str(tmp_path / "old")
+    args = ("--layers", "0,-1")
+    assert main(_isolate_args(saved_model, items, out, *args, "--no-equal-compute")) == 0
+    rows = pd.read_parquet(os.path.join(out, "isolation.parquet"))
+    assert set(rows["condition"]) == {"natural", "forced", "floor"} and "gate_mass" not in rows
+    assert "equal_compute" not in json.load(open(os.path.join(out, "run.json")))["config"]
+    old = _make_old(out)
+    capsys.readouterr()
+
+    result = rl.read_run(out)
+    assert list(result.cells.columns) == OLD_CELL_COLUMNS and len(result.summary) == 2 * 2
+    print_isolation_summary(result.summary_dict)
+    printed = " ".join(capsys.readouterr().out.split())
+    assert "no verdict at equal compute" in printed
+    assert f"{old['significant_cells']} of {old['cells']} cells (domain x layer x expert) differ from natural" in printed
+    assert "it was made before the equal-compute arms existed" in printed
+    assert "forced vs single-expert floor (verdict) │ equal: 1 expert each │ equal: 1.0 each │ - │ - │ - │" in printed
+    page_path = str(tmp_path / "old.html")
+    assert main(["report", out, "--out", page_path]) == 0
+    page = open(page_path, encoding="utf-8").read()
+    assert "made before the equal-compute arms existed" in page and 'id="fig-iso_verdict_heatmap"' not in page
+    assert 'id="fig-iso_delta_heatmap"' in page and 'id="iso-comparisons"' in page
+
+    assert main(_isolate_args(saved_model, items, out, *args)) == 2
+    assert "differs in: equal_compute" in capsys.readouterr().err
+    assert main(_isolate_args(saved_model, items, out, *args, "--no-equal-compute")) == 0
+    assert json.load(open(os.path.join(out, "run.json")))["timings"]["items_scored_this_session"] == 0
+    assert "it was run with equal_compute off" in " ".join(capsys.readouterr().out.split())
+    summary = json.load(open(os.path.join(out, "summary.json")))
+    assert summary["verdict"] is None and summary["equal_compute"] is False
+    assert summary["comparisons"]["forced_vs_single_expert_floor"] is None
+    assert summary["comparisons"]["forced_vs_natural"]["significant"] == old["significant_cells"]
+    assert pd.read_parquet(os.path.join(out, "isolation.parquet")).equals(rows)
 
 
 @pytest.mark.parametrize("case, message", [
