@@ -308,12 +308,14 @@ def read_items(path: str, lens: Lens | None = None, domains: list[str] | None = 
 def isolate(lens: Lens, items, out: str | None = None, *, config: IsolationConfig | None = None,
             domains: list[str] | None = None, per_domain: int | None = None, overwrite: bool = False,
             show_progress: bool = True, ray=None, workers: int | None = None, **options) -> IsolationResult:
-    """Expert isolation: every expert forced alone at each layer, against the natural route
-    and a random-routing floor, with Wilcoxon/BH statistics per cell; in memory when `out`
-    is None, otherwise into the run folder `out` (resumable).
+    """Expert isolation: every expert forced alone at each layer (at weight 1.0, and at the
+    natural route's gate mass), against the natural route, a random k-expert floor and a
+    random single-expert floor (equal compute: the verdict's baseline), with Wilcoxon/BH
+    statistics per cell; in memory when `out` is None, otherwise into the run folder `out`
+    (resumable).
 
     `items`: a list of `TargetItem`, a file path, or "arithmetic" (the embedded task).
-    `options`: fields of `IsolationConfig` (`layers`, `floor_seeds`, `seed`, `alpha`,
+    `options`: fields of `IsolationConfig` (`layers`, `floor_seeds`, `equal_compute`, `seed`, `alpha`,
     `score`, `bootstrap_resamples`, `memory_budget`, `group_items`). `ray`/`workers`: score the items on
     a pool of Ray actors (see `counterfactual`).
 
@@ -321,8 +323,10 @@ def isolate(lens: Lens, items, out: str | None = None, *, config: IsolationConfi
         >>> import routelens as rl
         >>> lens = rl.load("demo")
         >>> res = rl.isolate(lens, "arithmetic", per_domain=3, layers=[-1], floor_seeds=1, show_progress=False)
-        >>> set(res.isolation["condition"]) == {"natural", "forced", "floor"}
-        True
+        >>> sorted(set(res.isolation["condition"]))
+        ['floor', 'forced', 'forced_matched_mass', 'natural', 'single_expert_floor']
+        >>> res.summary_dict["verdict"]["comparison"]      # harmful / helpful: against the single-expert floor
+        'forced_vs_single_expert_floor'
         >>> res = rl.isolate(lens, "arithmetic", str(tmp / "iso"), per_domain=3, layers=[0], floor_seeds=1,
         ...                  show_progress=False)
         >>> sorted(res.cells["domain"].unique())

@@ -54,6 +54,11 @@ def one_of(name: str, value, allowed) -> None:
         raise SettingError(f"`{name}` must be one of {', '.join(allowed)}, got {value!r}", name)
 
 
+def switch(name: str, value) -> None:
+    if not isinstance(value, bool):
+        raise SettingError(f"`{name}` must be True or False, got {value!r}", name)
+
+
 def is_layer_list(value) -> bool:
     """A non-empty list (or tuple) of layer indices."""
     return isinstance(value, (list, tuple)) and bool(value) and all(

@@ -111,7 +111,8 @@ def _demo_isolation(lens, out: str, per_domain: int, seed: int, overwrite: bool,
 
     run_dir = os.path.join(out, "isolation")
     print(f"demo: expert isolation, {per_domain * 4} items in 4 arithmetic domains, every MoE layer, "
-          f"{lens.num_experts} forced experts and a 5-seed random floor per layer")
+          f"{lens.num_experts} forced experts (at weight 1.0 and at the natural gate mass), 5-seed k-expert and "
+          "single-expert random floors per layer")
     options = {"memory_budget": memory_budget} if memory_budget else {}
     result = isolate(lens, "arithmetic", run_dir, per_domain=per_domain, seed=seed, overwrite=overwrite,
                          show_progress=show_progress, **options)

@@ -177,6 +177,9 @@ CASES = {
     "items_unknown_domain": (lambda w: _iso(w, "--domains", "poetry"), "domain(s) poetry not in"),
     "isolate_alpha": (lambda w: _iso(w, "--alpha", "1.5"), "--alpha must lie strictly between 0 and 1"),
     "isolate_floor_seeds": (lambda w: _iso(w, "--floor-seeds", "-1"), "--floor-seeds must be an integer >= 0, got -1"),
+    "isolate_floor_seeds_without_a_verdict": (lambda w: _iso(w, "--floor-seeds", "0"),
+                                              "--floor-seeds 0 leaves the equal-compute arms without their single-expert "
+                                              "floor (the verdict's baseline)"),
     "isolate_per_domain_beyond_task": (lambda w: ["isolate", "--model", "demo", "--task", "arithmetic", "--per-domain", "101",
                                                   "--out", str(w.root / "iso-demo"), "--no-progress"],
                                        "reserves 100 items per domain; ask for 1..100, not 101"),

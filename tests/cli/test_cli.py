@@ -225,8 +225,10 @@ def test_demo_runs_end_to_end_and_prints_its_run_folder(tmp_path, capsys):
     cells = pd.read_parquet(os.path.join(out, "isolation", "cells.parquet"))
     assert len(cells) == 4 * 4 * 16 and (cells["n"] == 6).all()
     isolation = json.load(open(os.path.join(out, "isolation", "summary.json")))
-    assert isolation["significant_cells"] == int(cells["significant"].sum())
-    assert f"{isolation['significant_cells']} of 256 cells significant" in " ".join(printed.split())
+    assert isolation["comparisons"]["forced_vs_natural"]["significant"] == int(cells["significant"].sum())
+    harmful = int((cells["verdict"] == "harmful").sum())
+    assert isolation["verdict"]["harmful"] == harmful
+    assert f"{harmful} of 256 cells (domain x layer x expert) harmful" in " ".join(printed.split())
     # rollouts of every Fragile token (the rollout's defaults), or why there are none
     fragile = tokens[tokens["bin"] == "Fragile"]
     if fragile.empty:

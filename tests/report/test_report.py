@@ -51,7 +51,7 @@ def test_report_figures_and_tables_agree_with_the_run(runs):
     # every figure: embedded in the page, and written as PNG and SVG beside the run
     expected = {"cf": ["cf_route_mean_p", "cf_standard_vs_best", "cf_gain_winrate", "cf_null", "cf_gain_by_routes",
                        "cf_alignment", "cf_router_score_examples"],
-                "iso": ["iso_delta_heatmap", "iso_calibration", "iso_dominance", "iso_layers"],
+                "iso": ["iso_delta_heatmap", "iso_verdict_heatmap", "iso_calibration", "iso_dominance", "iso_layers"],
                 "passk": ["passk_curves"]}
     for run, names in expected.items():
         for name in names:
@@ -78,7 +78,12 @@ def test_report_figures_and_tables_agree_with_the_run(runs):
 
     # isolation and pass@k tables are the summaries'
     iso = read_json(root / "iso" / "summary.json")
-    assert f"{iso['significant_cells']} of {iso['cells']} (domain, layer, expert) cells significant" in page
+    verdict = iso["verdict"]
+    assert (f"{verdict['harmful']} of {iso['cells']} cells (domain x layer x expert) harmful, {verdict['helpful']} "
+            "helpful against the single-expert floor") in page
+    comparisons = re.search(r'<table id="iso-comparisons">(.*?)</table>', page, re.S).group(1)
+    for name, counts in iso["comparisons"].items():    # each comparison's row: significant, harmful, helpful
+        assert f"<td>{counts['significant']}</td><td>{counts['harmful']}</td><td>{counts['helpful']}</td>" in comparisons, name
     passk = read_json(root / "passk" / "summary.json")
     assert f"{passk['all']['model']['pass@1']['mean']:.3f}" in page
     run = read_json(root / "cf" / "run.json")
@@ -147,7 +152,7 @@ def test_report_loads_in_headless_chromium_without_errors_and_shows_script_as_te
         text = driver.find_element(By.ID, "cf-worst").text
         assert SCRIPT in text                             # shown, as text
         images = driver.find_elements(By.TAG_NAME, "img")
-        assert len(images) == 12 and all(driver.execute_script("return arguments[0].naturalWidth", i) > 100 for i in images)
+        assert len(images) == 13 and all(driver.execute_script("return arguments[0].naturalWidth", i) > 100 for i in images)
         errors = [entry for entry in driver.get_log("browser") if entry["level"] in ("SEVERE", "ERROR")]
         assert errors == []
     finally:

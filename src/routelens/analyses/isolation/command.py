@@ -18,7 +18,7 @@ from routelens.cli.parsing import (
 from routelens.errors import RouteLensError
 
 NAME = "isolate"
-HELP = "force single experts layer by layer, with statistics and a random floor"
+HELP = "force single experts layer by layer, with statistics against natural routing and random floors"
 RESUMABLE = True
 EPILOG = """examples:
   routelens isolate --model demo --task arithmetic --per-domain 100 --layers all --out runs/isolation
@@ -27,6 +27,9 @@ EPILOG = """examples:
 
 Item records: {"id","domain","prompt","target"} (text; prompt and target tokenised separately)
 or {"id","domain","prompt_ids","target_ids"}, in JSONL or Parquet.
+Harmful / helpful is judged against the single-expert floor (one random expert per token
+at weight 1.0: the forced expert's compute and scale); --no-equal-compute drops it and the
+matched-mass arm (half the passes, no verdict; a run folder made before them resumes so).
 Re-running the same command on the same --out resumes; --alpha, --score and
 --bootstrap-resamples only change the summary and may differ on a re-run.
 Python: routelens.isolate(lens, "items.jsonl", out="runs/iso", layers=[0, -1]).

@@ -11,6 +11,7 @@ from routelens.config import (
     is_layer_list,
     one_of,
     setting,
+    switch,
 )
 from routelens.errors import SettingError
 
@@ -31,7 +32,13 @@ class IsolationConfig:
 
     layers: list[int] | None = setting(None, parse="layers_or_all",
                                        help="'all' (default: every MoE layer) or decoder-layer indices, comma-separated")
-    floor_seeds: int = setting(5, help="random-routing floor: uniformly random k-expert routes per token, one per seed")
+    floor_seeds: int = setting(5, help="random-routing floors, one condition per seed: uniformly random k-expert routes "
+                                       "per token (gating-rule weights) and, with equal_compute, one uniformly random "
+                                       "expert per token at weight 1.0")
+    equal_compute: bool = setting(True, help="also score the equal-compute arms: each expert forced at the natural "
+                                             "route's gate mass, and the single-expert floor, against which harmful and "
+                                             "helpful are judged (about twice the passes; off: the forced expert against "
+                                             "natural routing and the k-expert floor only, no verdict)")
     seed: int = setting(0, help="seed of the floor routes and the bootstrap")
     alpha: float = setting(0.05, help="FDR level of the BH step-up")
     score: str = setting("mean", choices=tuple(SCORES),
@@ -57,11 +64,19 @@ class IsolationConfig:
         for name in ("bootstrap_resamples", "group_items", "memory_budget"):
             at_least(name, getattr(self, name), 1)
         at_least("floor_seeds", self.floor_seeds, 0)
+        switch("equal_compute", self.equal_compute)
+        if self.equal_compute and self.floor_seeds == 0:
+            raise SettingError("`floor_seeds` 0 leaves the equal-compute arms without their single-expert floor (the "
+                               "verdict's baseline): use `floor_seeds` >= 1, or turn the arms off (equal_compute=False, "
+                               "--no-equal-compute)", "floor_seeds")
         fraction("alpha", self.alpha)
         one_of("score", self.score, tuple(SCORES))
 
     def identity(self) -> dict:
-        return {k: v for k, v in asdict(self).items() if k not in self.SUMMARY + self.PERFORMANCE}
+        # equal_compute only where on: a run made before the equal-compute arms is a run with
+        # them off, so its folder resumes (or re-summarises) under equal_compute=False
+        return {k: v for k, v in asdict(self).items() if k not in self.SUMMARY + self.PERFORMANCE
+                and not (k == "equal_compute" and not v)}
 
     def summary_settings(self) -> dict:
         return {k: getattr(self, k) for k in self.SUMMARY}

@@ -10,14 +10,17 @@ from routelens.results.summary_frames import split_intervals
 
 def isolation_frame(summary: dict) -> pd.DataFrame:
     """One row per (domain, layer): the best forced expert with its median delta, interval
-    and q-value, significant cells, and the random floor."""
+    and q-value (at weight 1.0 and at the natural gate mass), significant cells, both random
+    floors, the gate masses and the verdict's harmful / helpful cells (columns a run made
+    before the equal-compute arms lacks are absent)."""
     return pd.DataFrame([split_intervals(row) for row in summary["layer_table"]])
 
 
 class IsolationResult(Result):
     """An isolation run: `isolation` (one row per item, layer and condition), `routing`
     (natural routing counts), `cells` (per domain, layer and expert, with tests),
-    `calibration`, and `summary` (the best expert per domain and layer).
+    `calibration`, and `summary` (the best expert per domain and layer). `summary_dict`
+    holds each comparison's counts (`comparisons`) and the `verdict`.
 
     Examples:
         >>> import routelens as rl
