@@ -3,6 +3,7 @@
     python scripts/findings_tables.py counterfactual RUN [RUN_MATCHED_MASS]
     python scripts/findings_tables.py joint RUN
     python scripts/findings_tables.py rollout RUN
+    python scripts/findings_tables.py isolation RUN
     python scripts/findings_tables.py router-update RUN [RUN ...]
 
 Every number of the page's tables comes from one of these commands on the run folders the
@@ -101,6 +102,20 @@ def rollout(run: str) -> None:
                 f"{g[f'accuracy_{arm}_given_other']:.3f} |")
 
 
+def isolation(run: str) -> None:
+    s = summary(run)
+    print(f"items per domain {s['items_per_domain']}; layers {s['layers']}; {s['num_experts']} experts; "
+          f"BH at {s['alpha']} per comparison; score {s['score']}\n")
+    print("| comparison | significant | harmful | helpful | the verdict's basis |\n| --- | --- | --- | --- | --- |")
+    for name, c in s["comparisons"].items():
+        print(f"| {name} | {c['significant']} / {c['cells']} | {c['harmful']} | {c['helpful']} | "
+              f"{'yes' if c['verdict_basis'] else ''} |")
+    verdict = s["verdict"]
+    print(f"\nverdict ({verdict['comparison']}): harmful {verdict['harmful']}, helpful {verdict['helpful']}, "
+          f"neither {verdict['neither']}; by domain " + "; ".join(
+              f"{d} {v['harmful']} / {v['helpful']}" for d, v in verdict["by_domain"].items()))
+
+
 def router_update(*runs: str) -> None:
     print("| run | lr | held-out tokens changed | p new - p old, changed tokens | improved / worsened / tied | sign p |\n"
           "| --- | --- | --- | --- | --- | --- |")
@@ -115,7 +130,8 @@ def router_update(*runs: str) -> None:
 
 
 if __name__ == "__main__":
-    commands = {"counterfactual": counterfactual, "joint": joint, "rollout": rollout, "router-update": router_update}
+    commands = {"counterfactual": counterfactual, "joint": joint, "rollout": rollout, "isolation": isolation,
+                "router-update": router_update}
     if len(sys.argv) < 3 or sys.argv[1] not in commands:
         sys.exit(__doc__)
     commands[sys.argv[1]](*sys.argv[2:])
