@@ -49,6 +49,9 @@ def counterfactual(run: str, matched: str | None = None) -> None:
         for name in BINS:
             g = groups[name]
             test = g["win_loss_sign_test"]
+            if not g["tokens"]:
+                print(f"| {layer} | {name} | 0 |" + " - |" * (len(head) - 3))
+                continue
             row = [layer, name, f"{g['tokens']} ({g['clusters']})", f"{g['p_standard']:.3f}",
                    ci(g["gain"], g["gain_ci"]) + ("†" if g["gain_survives_adjustment"] is False else ""),
                    ci(g["standard_minus_uniform"], g["standard_minus_uniform_ci"])
@@ -117,16 +120,27 @@ def isolation(run: str) -> None:
 
 
 def router_update(*runs: str) -> None:
-    print("| run | lr | held-out tokens changed | p new - p old, changed tokens | improved / worsened / tied | sign p |\n"
-          "| --- | --- | --- | --- | --- | --- |")
+    """Each update run's held-out check, and pass@k of its `passk-...` sibling folder (the
+    experiment script's layout: update-lrX beside passk-lrX) where there is one."""
+    print("| lr | held-out tokens changed | p new - p old, changed tokens | improved / worsened / tied | sign p | "
+          "pass@1 base -> updated, difference | pass@16 base -> updated, difference |\n"
+          "| --- | --- | --- | --- | --- | --- | --- |")
     for run in runs:
         s = summary(run)
         with open(os.path.join(run, "run.json"), encoding="utf-8") as handle:
             lr = json.load(handle)["config"]["lr"]
         c = s["heldout_route_changes"]["All"]
-        print(f"| {os.path.basename(run)} | {lr} | {c['route_changed']} / {c['tokens']} | "
-              f"{ci(c['changed_gain'], c['changed_gain_ci'], 4)} | {c['improved']} / {c['worsened']} / {c['tied']} | "
-              f"{p_text((c['sign_test'] or {}).get('p_value'))} |")
+        row = [f"{lr:g}", f"{c['route_changed']} / {c['tokens']}", ci(c["changed_gain"], c["changed_gain_ci"], 4),
+               f"{c['improved']} / {c['worsened']} / {c['tied']}", p_text((c["sign_test"] or {}).get("p_value"))]
+        passk = os.path.join(os.path.dirname(run), os.path.basename(run).replace("update-", "passk-", 1))
+        for k in ("pass@1", "pass@16"):
+            if os.path.isfile(os.path.join(passk, "summary.json")):
+                every = summary(passk)["all"]
+                row.append(f"{every['base'][k]['mean']:.3f} -> {every['updated'][k]['mean']:.3f}, "
+                           + ci(every["difference"][k]["mean"], every["difference"][k]["ci"]))
+            else:
+                row.append("-")
+        print("| " + " | ".join(row) + " |")
 
 
 if __name__ == "__main__":

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The router-only update experiment on the embedded model, as reported in the README.
-#   bash scripts/router_update_experiment.sh [OUT_DIR]      (about 10 min on 2 CPU cores)
+#   bash scripts/router_update_experiment.sh [OUT_DIR]      (under an hour on 2 CPU cores)
 # Preference data come from the analysis problem stream (seed 0), which never holds a
 # held-out question; route changes and pass@k are measured on the held-out set only.
 set -euo pipefail

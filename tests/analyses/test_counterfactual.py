@@ -594,3 +594,42 @@ def test_a_run_folder_made_before_the_uniform_null_still_reads_prints_and_report
     assert "made before the uniform null" in text and "over trajectories" in text
     html = open(build_report([str(run)], str(tmp_path / "report.html"))).read()
     assert "No uniform null was scored" in html and "made before the uniform null" in html
+
+
+def test_bins_standard_bins_each_token_by_its_standard_routes_p_end_to_end():
+    import routelens as rl
+
+    lens = rl.load("demo")
+    trajs = rl.trajectories_from_text(lens.tokenizer, [("Q:12+7=A:", "12+7=19#19"), ("Q:3*4+5=A:", "3*4=12;12+5=17#17")])
+    res = rl.counterfactual(lens, trajs, layers=[0, -1], routes=6, null_routes=0, bins="standard", fragile=0.99,
+                            confident=0.999, show_progress=False)
+    tokens = res.tokens
+    assert list(tokens["bin"]) == [bin_of(p, 0.999, 0.99) for p in tokens["p_standard"]]
+    moved = sum(bin_of(a, 0.999, 0.99) != bin_of(b, 0.999, 0.99)
+                for a, b in zip(tokens["p_standard"], tokens["p_route_mean"]))
+    assert sum(change["tokens"] for change in res.summary_dict["bin_changes"].values()) == moved
+    assert res.summary_dict["bins"]["Fragile"] == "p_standard < 0.99" and res.config["bins"] == "standard"
+
+
+def test_partial_alignment_is_not_fooled_by_bf16_rounding_of_the_weights():
+    """bf16 weights: matched masses that differ only by rounding count as constant (the plain
+    Spearman), and a mass that is the router score up to rounding leaves nothing to
+    partial out (NaN), as in float32."""
+    from routelens.analyses.counterfactual.analysis import partial_alignment
+
+    rng = np.random.default_rng(1)
+    bf16 = float(torch.finfo(torch.bfloat16).eps)
+
+    def rounded(values: np.ndarray) -> np.ndarray:   # the sum of k = 8 unequal weights, each applied in bf16
+        split = rng.dirichlet(np.ones(8), size=values.shape)
+        return torch.tensor(values[..., None] * split).to(torch.bfloat16).double().sum(-1).numpy()
+
+    score = rng.dirichlet(np.ones(64), size=(50, 33)).max(axis=-1) * 4   # router scores of 33 routes per token
+    outcome = rng.normal(size=score.shape)
+    plain = [sp.spearmanr(a, b).statistic for a, b in zip(score, outcome)]
+    matched = rounded(np.full(score.shape, 0.61))   # every route at one gate mass, up to bf16 rounding
+    assert np.ptp(matched, axis=1).min() > 0
+    assert partial_alignment(score, outcome, matched, bf16) == pytest.approx(plain, abs=1e-12)
+    assert partial_alignment(score, outcome, matched) != pytest.approx(plain, abs=1e-3)   # float32's tolerance: fooled
+    assert np.isnan(partial_alignment(score, outcome, rounded(score), bf16)).all()
+    assert np.isnan(partial_alignment(score, outcome, rounded(2.5 * score), bf16)).all()

@@ -89,8 +89,8 @@ def demo_joint():
     import routelens as rl
 
     lens = rl.load("demo")
-    return lens, rl.counterfactual(lens, _demo_trajectories(lens), joint_layers=[0, -1, 1], routes=5, seed=2,
-                                   bootstrap_resamples=300)
+    return lens, rl.counterfactual(lens, _demo_trajectories(lens), joint_layers=[0, -1, 1], routes=5, null_routes=4,
+                                   seed=2, bootstrap_resamples=300)
 
 
 def test_joint_tables_equal_a_second_computation_from_the_single_layer_tables(demo_joint):
@@ -162,7 +162,7 @@ def _synthetic_joint_summary(excess: float, trajectories: int = 24, positions: i
     from routelens.data.trajectories import Trajectory
 
     rng = np.random.default_rng(0)
-    config = CounterfactualConfig(joint_layers=[0, 1], routes=routes - 1, bootstrap_resamples=400)
+    config = CounterfactualConfig(joint_layers=[0, 1], routes=routes - 1, null_routes=0, bootstrap_resamples=400)
     frames = []
     for t in range(trajectories):
         p_std = rng.uniform(0.2, 0.8, size=(positions, 1))
@@ -187,6 +187,32 @@ def test_joint_verdict_calls_a_known_combination_by_its_name(excess, verdict):
     assert summary["verdict"] == verdict
     if excess == 0.0:   # best-of-S against the sum of per-layer bests is below 0 for an additive model: biased
         assert summary["joint_minus_sum_ci"][1] < 0
+
+
+def test_joint_null_routes_stack_each_layers_null_and_give_the_joint_router_against_chance(demo_joint):
+    """Joint null route r is null route r of every listed layer (experts and weights), and
+    the joint tokens' standard_minus_uniform is p_joint(standard) minus the mean p of the
+    joint null routes (one that drew the standard sets takes the standard's p)."""
+    lens, res = demo_joint
+    layers = res.summary_dict["joint"]["layers"]
+    joint_null = res.table("joint_null_routes")
+    single_null = res.null_routes.set_index(["trajectory_id", "position", "layer"]).sort_index()
+    joint = res.joint_routes.set_index(["trajectory_id", "position"]).sort_index()
+    tokens = res.joint_tokens.set_index(["trajectory_id", "position"])
+    assert len(joint_null) == 4 * len(tokens)
+    for (tid, position), rows in joint_null.groupby(["trajectory_id", "position"]):
+        rows = rows.sort_values("route")
+        assert list(rows["route"]) == [1, 2, 3, 4]
+        for j, layer in enumerate(layers):
+            at = single_null.loc[(tid, position, layer)].sort_values("route")
+            assert [list(e[j]) for e in rows["experts"]] == [list(e) for e in at["experts"]]
+            np.testing.assert_array_equal(np.stack([w[j] for w in rows["weights"]]), np.stack(at["weights"]))
+        standard = joint.loc[(tid, position)].sort_values("route").iloc[0]
+        p_std = float(np.exp(standard["logprob"]))
+        standard_sets = [list(e) for e in standard["experts"]]
+        p_null = [p_std if [list(e) for e in experts] == standard_sets else float(np.exp(logprob))
+                  for experts, logprob in zip(rows["experts"], rows["logprob"])]
+        assert tokens.loc[(tid, position), "standard_minus_uniform"] == pytest.approx(p_std - np.mean(p_null), abs=1e-12)
 
 
 def test_joint_verdicts():

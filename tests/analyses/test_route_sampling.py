@@ -11,6 +11,7 @@ from routelens.analyses.route_sampling import (
     gumbel_top_k_routes,
     route_rng,
     top_candidates,
+    uniform_candidate_routes,
 )
 from routelens.errors import RouteLensError
 
@@ -84,3 +85,19 @@ def test_route_settings_errors():
         check_route_settings(k=2, num_experts=8, num_candidates=9, num_routes=4, temperature=1.0)
     with pytest.raises(RouteLensError, match="temperature"):
         check_route_settings(k=2, num_experts=8, num_candidates=4, num_routes=4, temperature=0.0)
+
+
+def test_the_uniform_null_draws_every_k_subset_of_the_candidates_alike_whatever_the_scores():
+    """Uniform null routes: k distinct experts of the top-M candidates, every candidate
+    drawn with share k / M (chi-square, SciPy) however peaked the scores, every pair of
+    candidates alike too; and their own stream leaves the Gumbel draws unchanged."""
+    scores = np.zeros((1, 16))
+    scores[0, :6] = [0.9, 0.05, 0.02, 0.01, 0.01, 0.01]    # a peaked router: the Gumbel sampler favours expert 0
+    routes = uniform_candidate_routes(scores, 2, 30000, 6, np.random.default_rng(0))[0]
+    assert routes.shape == (30000, 2) and (routes[:, 0] < routes[:, 1]).all() and routes.max() < 6
+    counts = np.bincount(routes.ravel(), minlength=6)
+    assert stats.chisquare(counts).pvalue > 1e-3
+    pairs = np.bincount(routes[:, 0] * 6 + routes[:, 1], minlength=36)
+    assert stats.chisquare(pairs[pairs > 0]).pvalue > 1e-3 and (pairs > 0).sum() == 15   # C(6, 2) subsets
+    gumbel = gumbel_top_k_routes(scores, 2, 3000, 6, 1.0, np.random.default_rng(0))[0]
+    assert np.bincount(gumbel.ravel(), minlength=6)[0] > 2900                      # not uniform: the contrast

@@ -415,6 +415,18 @@ def test_the_changed_held_out_routes_are_scored_as_forced_and_summarised_by_thei
     trajectories = {t.id: t for t in rl.read_trajectories(str(demo_update / "traj.jsonl"), base)}
     updated = rl.load("demo", router_delta=str(demo_update / "update" / "router_delta.safetensors"))
     layer = summary["layer"]
+    # which routes changed, recounted from the updated model's own forwards over every held-out token
+    standard = pd.read_parquet(demo_update / "cf" / "routes.parquet")
+    standard = standard[(standard["route"] == 0) & (standard["layer"] == layer)]
+    recount = set()
+    for tid, rows in standard.groupby("trajectory_id"):
+        with torch.no_grad(), capture_routes(updated.adapter, [layer]) as captured:
+            updated.model(torch.tensor([trajectories[tid].input_ids]))
+        for position, experts in zip(rows["position"], rows["experts"]):
+            if sorted(captured[layer].experts[int(position)].tolist()) != sorted(experts):
+                recount.add((tid, int(position)))
+    assert set(zip(frame["trajectory_id"], frame["position"].astype(int))) == recount
+    assert all(list(a) != list(b) for a, b in zip(frame["old_experts"], frame["new_experts"]))
     for _, row in frame.sample(min(6, len(frame)), random_state=0).iterrows():
         ids = torch.tensor([trajectories[row["trajectory_id"]].input_ids])
         position, target = int(row["position"]), int(ids[0, int(row["position"]) + 1])

@@ -186,7 +186,8 @@ def _duplicates(routes: np.ndarray, num_sampled: int) -> np.ndarray:
 
 
 def token_metrics_rows(logprob: np.ndarray, router_score: np.ndarray, experts: np.ndarray,
-                       config: CounterfactualConfig, mass: np.ndarray | None = None) -> dict[str, np.ndarray]:
+                       config: CounterfactualConfig, mass: np.ndarray | None = None,
+                       precision: float = float(np.finfo(np.float32).eps)) -> dict[str, np.ndarray]:
     """Per-token quantities of P tokens at once from the logprobs [P, R], router scores
     [P, R], expert sets [P, R, ...] and gate masses [P, R] (the sum of a route's weights)
     of their routes: route 0 standard, routes 1..S the sampled alternatives, any after them
@@ -227,9 +228,10 @@ def token_metrics_rows(logprob: np.ndarray, router_score: np.ndarray, experts: n
         "gain_by_routes": np.stack(list(best_of.values()), axis=-1) - standard[:, None],
         "alignment": stats.spearman_rows(router_score, same_score),
         "alignment_mass_partial": (np.full(len(p), np.nan) if mass is None else
-                                   partial_alignment(router_score, same_score, mass[:, :1 + num_sampled])),
+                                   partial_alignment(router_score, same_score, mass[:, :1 + num_sampled], precision)),
         "bin": bin_of(standard if config.bins == "standard" else p_route_mean, config.confident, config.fragile),
-        **uniform_null_columns(standard, alternatives, np.exp(null_logprob), flat[:, 0],
+        **uniform_null_columns(standard, np.where(same_as_standard, standard[:, None], alternatives),
+                               np.exp(null_logprob), flat[:, 0],
                                null_experts.reshape(*null_experts.shape[:2], flat.shape[-1])),
     }
 
@@ -237,8 +239,9 @@ def token_metrics_rows(logprob: np.ndarray, router_score: np.ndarray, experts: n
 def uniform_null_columns(standard: np.ndarray, alternatives: np.ndarray, null: np.ndarray, standard_set: np.ndarray,
                          null_sets: np.ndarray) -> dict[str, np.ndarray]:
     """The router against chance, per token: p_standard [P], the sampled alternatives' p
-    [P, S], the uniform null routes' p [P, N] and expert sets [P, N, ...] (a null route
-    that drew the standard set takes the standard route's p: one route, one score).
+    [P, S], the uniform null routes' p [P, N] and expert sets [P, N, ...] (a route of
+    either sampler that drew the standard set takes the standard route's p: one route,
+    one score).
 
     - `p_uniform_mean`: E[p] of a route of k candidates drawn uniformly (mean over the N);
     - `standard_minus_uniform`: p_standard - p_uniform_mean (> 0: the router's own route
@@ -257,32 +260,43 @@ def uniform_null_columns(standard: np.ndarray, alternatives: np.ndarray, null: n
 
 
 PARTIAL_UNDEFINED = 0.999   # router score and gate mass rank the routes alike: nothing is left to partial out
+MASS_ROUNDING = 8           # masses within this many units of the weights' float precision are equal
 
 
-def partial_alignment(router_score: np.ndarray, logprob: np.ndarray, mass: np.ndarray) -> np.ndarray:
+def partial_alignment(router_score: np.ndarray, logprob: np.ndarray, mass: np.ndarray,
+                      precision: float = float(np.finfo(np.float32).eps)) -> np.ndarray:
     """Spearman correlation of router score and log p with the routes' gate mass partialled
     out, per token (rows of [P, R]): the Pearson correlation of the residuals of the ranks
-    of score and log p after a least-squares fit on the ranks of the mass. Where the mass
-    is constant (normalised top-k weights, matched-mass alternatives) it is the plain
-    Spearman; NaN where score and mass rank the routes alike (Spearman >= 0.999, e.g.
-    OLMoE with norm_topk_prob=false, whose router score is the gate mass: the question has
-    no answer there; matched-mass alternatives ask it), or where a side is constant."""
+    of score and log p after a least-squares fit on the ranks of the mass.
+
+    `precision` is the machine epsilon of the dtype the weights were applied in: masses
+    that differ by less than MASS_ROUNDING of it (relative) are equal, so rounding of
+    bf16 weights is not partialled out as if it were a difference. Where the mass is
+    constant to that precision (normalised top-k weights, matched-mass alternatives) the
+    result is the plain Spearman; it is NaN where the router score determines the mass
+    (an affine fit of mass on score leaves no more than rounding, or they rank the routes
+    alike: OLMoE with norm_topk_prob=false, whose router score is the gate mass; there
+    matched-mass alternatives ask the question), or where a side is constant."""
     from scipy.stats import rankdata
 
-    mass = np.asarray(mass, dtype=float)
-    constant = np.ptp(mass, axis=1) <= 1e-6 * np.abs(mass).max(axis=1)
-    ranks = [rankdata(np.asarray(v, dtype=float), axis=-1) for v in (router_score, logprob, mass)]
-    centred = [r - r.mean(axis=1, keepdims=True) for r in ranks]
-    score, outcome, gate = centred
+    mass, router_score = np.asarray(mass, dtype=float), np.asarray(router_score, dtype=float)
+    tolerance = MASS_ROUNDING * precision * np.abs(mass).max(axis=1)
+    constant = np.ptp(mass, axis=1) <= tolerance
+    ranks = [rankdata(v, axis=-1) for v in (router_score, np.asarray(logprob, dtype=float), mass)]
+    score, outcome, gate = [r - r.mean(axis=1, keepdims=True) for r in ranks]
     gate = np.where(constant[:, None], 0.0, gate)
 
-    def residual(values: np.ndarray) -> np.ndarray:
+    def residual(values: np.ndarray, on: np.ndarray, skip: np.ndarray) -> np.ndarray:
         with np.errstate(invalid="ignore", divide="ignore"):
-            slope = np.where(constant, 0.0, (values * gate).sum(axis=1) / (gate * gate).sum(axis=1))
-        return values - slope[:, None] * gate
+            slope = np.where(skip, 0.0, (values * on).sum(axis=1) / (on * on).sum(axis=1))
+        return values - slope[:, None] * on
 
-    out = stats.pearson_rows(residual(score), residual(outcome))
-    collinear = np.abs(stats.spearman_rows(router_score, mass)) >= PARTIAL_UNDEFINED
+    out = stats.pearson_rows(residual(score, gate, constant), residual(outcome, gate, constant))
+    score_centred = router_score - router_score.mean(axis=1, keepdims=True)
+    mass_left = residual(mass - mass.mean(axis=1, keepdims=True), score_centred,
+                         np.ptp(router_score, axis=1) == 0)                     # the mass beyond an affine map of the score
+    determined = np.sqrt((mass_left ** 2).mean(axis=1)) <= tolerance
+    collinear = determined | (np.abs(stats.spearman_rows(router_score, mass)) >= PARTIAL_UNDEFINED)
     return np.where(collinear & ~constant, np.nan, out)
 
 
@@ -428,7 +442,8 @@ def tokens_table(trajectory: Trajectory, layer, routes: LayerRoutes, logprobs: n
     joint routes) with its metrics (`token_metrics_rows`, from all its routes: standard,
     sampled, uniform null) and `extra` columns."""
     mass = routes.weights.double().cpu().numpy().reshape(*routes.weights.shape[:2], -1).sum(axis=-1)   # [P, R]
-    metrics = token_metrics_rows(logprobs, routes.router_score, routes.experts, config, mass)
+    metrics = token_metrics_rows(logprobs, routes.router_score, routes.experts, config, mass,
+                                 float(torch.finfo(routes.weights.dtype).eps))
     positions = np.asarray(routes.positions)
     columns = {"trajectory_id": [trajectory.id] * positions.size, "position": positions,
                schema.names[2]: np.full(positions.size, layer) if isinstance(layer, int) else layer,
@@ -682,7 +697,7 @@ def joint_verdict(interaction_ci: list) -> str | None:
 
 
 def summarise_joint(tokens: pd.DataFrame, joint: list[int], config: CounterfactualConfig) -> dict:
-    """summary.json's `joint` block: per bin of the joint route-averaged p, the usual
+    """summary.json's `joint` block: per bin of the joint routes (binned by the run's rule), the usual
     metrics of the joint routes and how the joint gain compares with the single-layer
     gains of the same tokens, each paired difference with its interval over the clusters
     (problems, or trajectories)."""

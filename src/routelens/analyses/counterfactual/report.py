@@ -271,7 +271,7 @@ def _null_figures(summary: dict, layers: list[int], bins: list[str]) -> list[Fig
         ax.set(xlabel="bin", ylabel=label, title=title)
         ax.legend(fontsize=8)
     fig.suptitle(f"The router against uniformly drawn equal-compute routes (intervals: bootstrap over "
-                 f"{summary.get('cluster_unit', 'trajectory')}s)")
+                 f"{summary.get('cluster_unit', 'trajectories')})")
     fig.tight_layout()
     figures = [Figure("cf_null", "The router against chance", "Left: p of the standard route minus the mean p of "
                       "uniform null routes (k of the same candidates drawn uniformly, weighted alike). Right: the "

@@ -326,20 +326,20 @@ def route_changes(loaded, run_dir: str, base: dict[str, torch.Tensor], new: dict
     inputs, rank = router_inputs(adapter, layer, sequences, wanted)
     x = torch.stack([inputs[(t, p)] for t, p in zip(tokens["trajectory_id"], tokens["position"])])
 
-    def routes(parameters) -> tuple[torch.Tensor, torch.Tensor]:
+    def routes(parameters) -> tuple[torch.Tensor, torch.Tensor, torch.dtype]:
         parameters = {k: v.to(x.device, x.dtype) for k, v in parameters.items()}
-        logits, _, experts = _router_output(adapter, layer, x, rank, parameters)
-        return logits.reshape(len(x), -1), experts.reshape(len(x), -1).sort(-1).values
+        logits, weights, experts = _router_output(adapter, layer, x, rank, parameters)
+        return logits.reshape(len(x), -1), experts.reshape(len(x), -1).sort(-1).values, weights.dtype
 
     with torch.no_grad():
-        (_, before), (after_logits, after) = routes(base), routes(new)
+        (_, before, applied), (after_logits, after, _) = routes(base), routes(new)   # applied: the weights' dtype
         changed = (before != after).any(-1).cpu().numpy()
         new_weights = adapter.weights_for(after_logits[changed], after[changed])
     frame = tokens.loc[changed, ["trajectory_id", "position", "bin"]
                        + (["problem_id"] if "problem_id" in tokens.columns else [])].reset_index(drop=True)
     frame["new_experts"] = after[changed].cpu().numpy().tolist()
     frame["new_weights"] = new_weights.double().cpu().numpy().tolist()
-    frame = _score_old_and_new(adapter, run_dir, layer, sequences, frame, make_engine, ScoreItem)
+    frame = _score_old_and_new(adapter, run_dir, layer, sequences, frame, applied, make_engine, ScoreItem)
     tolerance = run["config"].get("win_tolerance", 1e-3)
     result = {"run": os.path.abspath(run_dir), "layer": layer, "win_tolerance": tolerance,
               "definitions": {
@@ -373,9 +373,10 @@ def route_changes(loaded, run_dir: str, base: dict[str, torch.Tensor], new: dict
 
 
 def _score_old_and_new(adapter: MoEAdapter, run_dir: str, layer: int, sequences: dict[str, list[int]],
-                       frame: pd.DataFrame, make_engine, score_item) -> pd.DataFrame:
+                       frame: pd.DataFrame, dtype: torch.dtype, make_engine, score_item) -> pd.DataFrame:
     """`frame` (changed tokens with their new route) with the old route as the run applied it
-    and p of the next token under each route, forced at that token and layer only."""
+    and p of the next token under each route (weights in the router's output `dtype`, as the
+    counterfactual run applies them), forced at that token and layer only."""
     if frame.empty:
         return frame.assign(old_experts=[], old_weights=[], p_old=[], p_new=[])
     routes = pd.read_parquet(os.path.join(run_dir, "routes.parquet"), filters=[("layer", "==", layer), ("route", "==", 0)])
@@ -383,7 +384,6 @@ def _score_old_and_new(adapter: MoEAdapter, run_dir: str, layer: int, sequences:
     keys = list(zip(frame["trajectory_id"], frame["position"]))
     frame["old_experts"] = [list(map(int, old.loc[key, "experts"])) for key in keys]
     frame["old_weights"] = [list(map(float, old.loc[key, "weights"])) for key in keys]
-    dtype = next(adapter.routers[layer].parameters()).dtype
     items, rows = [], []
     for trajectory_id, group in frame.groupby("trajectory_id", sort=False):
         experts = torch.tensor([[o, n] for o, n in zip(group["old_experts"], group["new_experts"])])
