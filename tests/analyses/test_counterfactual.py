@@ -489,7 +489,8 @@ def test_the_uniform_null_is_drawn_from_the_candidates_scored_as_forced_and_summ
             assert np.asarray(weights) == pytest.approx(expected, abs=1e-6)   # float32 weights
             p_null.append(p_std if sorted(experts) == standard_set else float(np.exp(logprob)))
         row = tokens.loc[key]
-        alternatives = np.exp(sampled["logprob"].to_numpy()[1:])
+        alternatives = np.array([p_std if sorted(e) == standard_set else float(np.exp(lp))   # one route, one score
+                                 for e, lp in zip(sampled["experts"].iloc[1:], sampled["logprob"].iloc[1:])])
         assert row["p_uniform_mean"] == pytest.approx(np.mean(p_null), abs=1e-12)
         assert row["standard_minus_uniform"] == pytest.approx(p_std - np.mean(p_null), abs=1e-12)
         m = 4

@@ -101,3 +101,14 @@ def test_the_uniform_null_draws_every_k_subset_of_the_candidates_alike_whatever_
     assert stats.chisquare(pairs[pairs > 0]).pvalue > 1e-3 and (pairs > 0).sum() == 15   # C(6, 2) subsets
     gumbel = gumbel_top_k_routes(scores, 2, 3000, 6, 1.0, np.random.default_rng(0))[0]
     assert np.bincount(gumbel.ravel(), minlength=6)[0] > 2900                      # not uniform: the contrast
+
+
+def test_the_uniform_null_never_draws_an_expert_the_router_cannot_route_to():
+    """Group-limited routers score experts outside their admitted groups 0: the null draws
+    among the positive-score candidates only, uniformly."""
+    scores = np.zeros((2, 16))
+    scores[0, [3, 5, 9, 12]] = [0.4, 0.3, 0.2, 0.1]     # 4 admissible of 8 candidates
+    scores[1, :8] = 0.125
+    routes = uniform_candidate_routes(scores, 2, 6000, 8, np.random.default_rng(1))
+    assert set(routes[0].ravel()) == {3, 5, 9, 12} and set(routes[1].ravel()) == set(range(8))
+    assert stats.chisquare(np.bincount(routes[0].ravel(), minlength=16)[[3, 5, 9, 12]]).pvalue > 1e-3

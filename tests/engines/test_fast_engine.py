@@ -21,7 +21,7 @@ def _items(adapter, layer, num_routes=4, seed=0):
     for i, length in enumerate(LENGTHS):
         ids = torch.randint(3, 64, (length,), generator=torch.Generator().manual_seed(seed + i)).tolist()
         trajectory = Trajectory(f"t{i}", ids, completion_start=3 + i)
-        routes = build_routes(adapter, trajectory, [layer], CounterfactualConfig(routes=num_routes, seed=seed))[layer]
+        routes = build_routes(adapter, trajectory, [layer], CounterfactualConfig(routes=num_routes, null_routes=0, seed=seed))[layer]
         items.append(ScoreItem(torch.tensor(ids), routes.positions, torch.as_tensor(routes.experts), routes.weights))
     return items
 

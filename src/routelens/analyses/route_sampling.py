@@ -74,10 +74,16 @@ def gumbel_top_k_routes(scores: np.ndarray, k: int, num_routes: int, num_candida
 def uniform_candidate_routes(scores: np.ndarray, k: int, num_routes: int, num_candidates: int,
                              rng: np.random.Generator) -> np.ndarray:
     """scores [N, E] -> experts [N, S, k]: each route k distinct experts drawn uniformly from
-    the token's top-M candidates (every k-subset equally likely; the router's preference
-    among them ignored): the null of "does the router beat an equal-compute route at random"."""
-    candidates = top_candidates(scores, num_candidates)                          # [N, M]
-    picked = uniform_routes(scores.shape[0] * num_routes, num_candidates, k, rng).reshape(scores.shape[0], num_routes, k)
+    the token's admissible top-M candidates (every k-subset equally likely; the router's
+    preference among them ignored): the null of "does the router beat an equal-compute
+    route at random". Admissible: a positive selection score, as every route of the Gumbel
+    sampler has (a group-limited router scores experts outside its admitted groups 0, and
+    no route of its may use them); at least the k best candidates either way."""
+    candidates = top_candidates(scores, num_candidates)                          # [N, M], best first
+    admissible = np.maximum((np.take_along_axis(scores, candidates, axis=-1) > 0).sum(axis=-1), k)   # [N]
+    keys = rng.random((scores.shape[0], num_routes, num_candidates))
+    keys = np.where(np.arange(num_candidates) < admissible[:, None, None], keys, 2.0)   # inadmissible: never drawn
+    picked = np.argsort(keys, axis=-1, kind="stable")[..., :k]                          # [N, S, k] uniform k-subsets
     experts = np.take_along_axis(candidates[:, None, :].repeat(num_routes, axis=1), picked, axis=-1)
     return np.sort(experts, axis=-1)
 
