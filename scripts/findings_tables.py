@@ -81,12 +81,13 @@ def counterfactual(run: str, matched: str | None = None) -> None:
 def joint(run: str) -> None:
     block = summary(run)["joint"]
     print(f"layers {block['layers']}; cluster unit {block.get('cluster_unit')}\n")
-    print("| bin | tokens (problems) | interaction | verdict | best joint gain | best single-layer gain |\n"
-          "| --- | --- | --- | --- | --- | --- |")
+    print("| bin | tokens (problems) | interaction | adjusted over the bins | verdict | best joint gain | "
+          "best single-layer gain |\n| --- | --- | --- | --- | --- | --- | --- |")
     for name in BINS:
         g = block["bins"][name]
         print(f"| {name} | {g['tokens']} ({g.get('clusters', g['trajectories'])}) | "
-              f"{ci(g['interaction'], g['interaction_ci'], 4)} | {g['verdict']} | {ci(g['gain'], g['gain_ci'], 4)} | "
+              f"{ci(g['interaction'], g['interaction_ci'], 4)} | {ci(g['interaction'], g['interaction_ci_adjusted'], 4)} | "
+              f"{g['verdict']} | {ci(g['gain'], g['gain_ci'], 4)} | "
               f"{ci(g['max_single_gain'], g['max_single_gain_ci'], 4)} |")
 
 

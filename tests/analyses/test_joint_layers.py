@@ -126,7 +126,9 @@ def test_joint_tables_equal_a_second_computation_from_the_single_layer_tables(de
     frame = res.joint_tokens
     assert summary["tokens"] == len(frame)
     assert summary["joint_minus_sum"] == pytest.approx((frame["gain"] - frame["sum_single_gain"]).mean())
-    assert summary["verdict"] == joint_verdict(summary["interaction_ci"])
+    assert summary["verdict"] == joint_verdict(summary["interaction_ci_adjusted"])
+    low, high = summary["interaction_ci_adjusted"]
+    assert low <= summary["interaction_ci"][0] <= summary["interaction_ci"][1] <= high   # wider: adjusted over the bins
     assert list(res.joint_summary["bin"]) == ["Confident", "Ambiguous", "Fragile", "All"]
 
 

@@ -141,11 +141,13 @@ def _joint_section(run_dir: str, summary: dict) -> str:
     for name in (*BINS, ALL_TOKENS):
         g = joint["bins"][name]
         rows.append([name + (" *" if g["few_clusters"] else ""), g["tokens"],
-                     interval(g["interaction"], g["interaction_ci"], 4), g["verdict"] or "-"]
+                     interval(g["interaction"], g["interaction_ci"], 4),
+                     interval(g["interaction"], g.get("interaction_ci_adjusted", [None, None]), 4), g["verdict"] or "-"]
                     + [interval(g[key], g[f"{key}_ci"], 4) for key in ("gain", "max_single_gain", "joint_minus_best_single",
                                                                     "joint_minus_sum")])
     layers = "+".join(map(str, joint["layers"]))
-    comparison = table(["bin (joint)", "tokens", "interaction per route", "verdict", "joint gain", "best single gain",
+    comparison = table(["bin (joint)", "tokens", "interaction per route", "its interval adjusted over the bins",
+                        "verdict (from the adjusted interval)", "joint gain", "best single gain",
                         "joint - best single", "joint - sum of bests (biased below 0)"], rows, "cf-joint")
     figure = joint_figure(pd.read_parquet(path), summary)
     return (f"<h3>Joint routes: layers {esc(layers)} at once</h3>"

@@ -83,13 +83,17 @@ def joint_table(summary: dict) -> Table | None:
     table = Table(title=f"joint routes at layers {layers} against the same routes one layer at a time ({level} bootstrap CI "
                         f"over {unit}; * fewer than 10 {unit})",
                   caption="interaction: mean over routes of the joint change minus the sum of the single-layer changes "
-                          "(0: additive; the verdict reads its interval)")
-    for column in ("bin", "tokens", "interaction", "verdict", "joint gain", "best single", "joint - best single"):
+                          "(0: additive); adjusted: its interval adjusted over the bins (Bonferroni), which the verdict "
+                          "reads (runs made before it: the unadjusted one)")
+    for column in ("bin", "tokens", "interaction", "adjusted", "verdict", "joint gain", "best single",
+                   "joint - best single"):
         table.add_column(column, justify="left" if column in ("bin", "verdict") else "right")
     for name in (*BINS, ALL_TOKENS):
         group = joint["bins"][name]
         table.add_row(name + ("*" if group.get("few_clusters") else ""), str(group["tokens"]),
-                      with_interval(group["interaction"], group["interaction_ci"], 4), group["verdict"] or "-",
+                      with_interval(group["interaction"], group["interaction_ci"], 4),
+                      "-" if group.get("interaction_ci_adjusted") is None else
+                      with_interval(group["interaction"], group["interaction_ci_adjusted"], 4), group["verdict"] or "-",
                       with_interval(group["gain"], group["gain_ci"], 4),
                       with_interval(group["max_single_gain"], group["max_single_gain_ci"], 4),
                       with_interval(group["joint_minus_best_single"], group["joint_minus_best_single_ci"], 4))
