@@ -167,7 +167,7 @@ def sample_trajectories(lens: Lens, problems: str | None = None, *, n: int = 200
 
     lens = _lens(lens, ray)
     if out is not None:
-        check_out_file(out)
+        check_out_file(out, inputs=[problems, lens.loaded.spec])
     if lens.tokenizer is None:
         raise RouteLensError(f"model {lens.loaded.spec!r} has no tokenizer; trajectories are generated from text")
     options = dict(samples_per_problem=samples_per_problem, temperature=temperature, seed=seed,

@@ -224,12 +224,14 @@ def test_passk_compare_base_and_updated(demo_update, tmp_path, capsys):
 ])
 def test_router_update_and_passk_bad_input_one_line_exit_2(case, message, tmp_path, capsys):
     delta = write_jsonl(tmp_path / "delta.safetensors", [{"x": 1}])
+    (tmp_path / "d").mkdir()   # a folder, not a run
     args = {
         "k_gt_samples": ["passk", "--model", "tiny:olmoe", "--task", "arithmetic", "--n", "2", "--samples", "4", "--k", "1,8",
                          "--out", str(tmp_path / "p")],
         "no_problems": ["passk", "--model", "tiny:olmoe", "--out", str(tmp_path / "p")],
         "compare_without_delta": ["passk", "--model", "tiny:olmoe", "--compare", "--out", str(tmp_path / "p")],
-        "not_a_run": ["router-update", "--model", "tiny:olmoe", "--counterfactual", str(tmp_path), "--out", str(tmp_path / "u")],
+        "not_a_run": ["router-update", "--model", "tiny:olmoe", "--counterfactual", str(tmp_path / "d"), "--out",
+                      str(tmp_path / "u")],
         "bad_delta": ["inspect", "--model", "tiny:olmoe", "--router-delta", delta],
     }[case]
     assert main(args) == 2

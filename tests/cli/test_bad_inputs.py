@@ -167,7 +167,22 @@ CASES = {
                                      "not a routelens run, so it is neither resumed nor replaced (not even with --overwrite)"),
     "out_other_kind_overwrite": (lambda w: _cf(w, "--overwrite", out=_set_kind(w, "iso-kind")),
                                  "holds a routelens isolation run, not a counterfactual run"),
-    "out_holds_the_inputs": (lambda w: _inputs_inside(w), "which holds this command's input"),
+    "out_holds_the_inputs": (lambda w: _inputs_inside(w), "contains this command's input"),
+    # ---- an output never replaces an input (issue 28)
+    "export_out_is_the_runs_run_json": (lambda w: ["export", w.run, "--out", os.path.join(w.run, "run.json")],
+                                        "lies inside this command's input"),
+    "report_out_is_the_runs_summary": (lambda w: ["report", w.run, "--out", os.path.join(w.run, "summary.json")],
+                                       "lies inside this command's input"),
+    "trajectories_out_is_its_problems": (lambda w: ["trajectories", "--model", w.model, "--problems", w.problems_bad,
+                                                    "--out", w.problems_bad], "is this command's input"),
+    "rollout_out_inside_its_counterfactual_run": (lambda w: ["rollout", "--model", w.model, "--counterfactual", w.run,
+                                                             "--out", os.path.join(w.run, "ro"), "--no-progress"],
+                                                  "lies inside this command's input"),
+    "router_update_out_inside_its_counterfactual_run": (
+        lambda w: ["router-update", "--model", w.model, "--counterfactual", w.run, "--out", os.path.join(w.run, "ru"),
+                   "--no-progress"], "lies inside this command's input"),
+    "counterfactual_out_is_its_trajectories": (lambda w: _cf(w, trajectories=w.good, out=w.good),
+                                               "is this command's input"),
     # ---- isolate
     "items_not_utf8": (lambda w: _iso(w, items=w.latin1), "not UTF-8 text"),
     "items_missing_domain": (lambda w: _iso(w, items=write_jsonl(w.root / "nd.jsonl", [{"id": "i", "prompt": "Q", "target": "3"}])),
@@ -206,7 +221,7 @@ CASES = {
                              "lacks tokens.parquet"),
     "report_unfinished_run": (lambda w: ["report", _copy_run(w, "unfinished", status="running")], "unfinished counterfactual run"),
     "report_invalid_run_json": (lambda w: ["report", str(w.bad_run_json)], "run.json is not valid JSON"),
-    "report_out_is_a_folder": (lambda w: ["report", w.run, "--out", str(w.root)], "is a folder; give a file path"),
+    "report_out_is_a_folder": (lambda w: ["report", w.run, "--out", str(_foreign(w))], "is a folder; give a file path"),
     "verify_json_is_a_folder": (lambda w: ["verify", "--model", w.model, "--json", str(w.root)], "is a folder; give a file path"),
     "verify_too_short": (lambda w: ["verify", "--model", w.model, "--length", "3"], "--length 3 is too short"),
     "router_update_not_a_run": (lambda w: ["router-update", "--model", w.model, "--counterfactual", str(w.root / "nope"),
@@ -334,7 +349,8 @@ def test_bad_input_is_one_line_exit_2(case, world, capsys, monkeypatch):
 
 
 def _user_files(w):
-    names = ["good.jsonl", "my-notes/notes.txt", "with-inputs/mine.jsonl", "a-file.txt", "bad-run-json/run.json"]
+    names = ["good.jsonl", "my-notes/notes.txt", "with-inputs/mine.jsonl", "a-file.txt", "bad-run-json/run.json",
+             "problems.jsonl", "run/run.json", "run/summary.json", "run/routes.parquet", "run/tokens.parquet"]
     return [str(w.root / n) for n in names if (w.root / n).exists()]
 
 

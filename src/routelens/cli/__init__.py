@@ -77,6 +77,7 @@ def _run(module, args) -> int:
     if "transformers" in sys.modules:
         sys.modules["transformers"].utils.logging.disable_progress_bar()
     try:
+        check_outputs_apart_from_inputs(args)   # every command, before any model loads or folder is made
         return module.run(args)
     except RuntimeCheckFailed as error:
         print(f"routelens: check failed: {error}", file=sys.stderr)
@@ -95,6 +96,28 @@ def _run(module, args) -> int:
             raise
         print(f"routelens: error: {translated}", file=sys.stderr)
         return 2
+
+
+# the options through which a command reads files or folders, and those through which it writes
+INPUT_OPTIONS = ("model", "trajectories", "counterfactual", "heldout_counterfactual", "items", "problems", "tokens",
+                 "run", "runs", "recipient", "donor", "router_delta", "compare_delta")
+OUTPUT_OPTIONS = ("out", "json")
+
+
+def check_outputs_apart_from_inputs(args) -> None:
+    """An output never replaces an input, for every command: no `--out` / `--json` that is,
+    holds or lies inside a file or folder the command reads (`check_apart_from_inputs`)."""
+    from routelens.results.paths import check_apart_from_inputs
+
+    inputs = []
+    for name in INPUT_OPTIONS:
+        value = getattr(args, name, None)
+        inputs += value if isinstance(value, list) else [value]
+    inputs = [value for value in inputs if isinstance(value, str) and os.path.exists(value)]
+    for name in OUTPUT_OPTIONS:
+        out = getattr(args, name, None)
+        if isinstance(out, str) and out:
+            check_apart_from_inputs(out, inputs, name)
 
 
 if __name__ == "__main__":

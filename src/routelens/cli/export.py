@@ -50,7 +50,7 @@ def run(args) -> int:
     from routelens.results.run_folder import check_out_file, write_text_atomic
 
     if args.out:
-        check_out_file(args.out)
+        check_out_file(args.out, inputs=[args.run])
     from routelens.errors import RouteLensError
 
     result = read_run(args.run)

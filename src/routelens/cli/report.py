@@ -27,7 +27,7 @@ def run(args) -> int:
     from routelens.results.run_folder import check_out_file
 
     if args.out:
-        check_out_file(args.out)
+        check_out_file(args.out, inputs=args.runs)
     path = build_report(args.runs, args.out)
     print(f"report: {path} (figures as PNG and SVG in each run folder's figures/)")
     return 0

@@ -50,7 +50,7 @@ def run(args) -> int:
     from routelens.api import sample_trajectories
     from routelens.results.run_folder import check_out_file, run_folder_beside
 
-    check_out_file(args.out)
+    check_out_file(args.out, inputs=[args.problems, args.model])
     run_folder = run_folder_beside(args.out)
     if args.heldout:
         from routelens.data.arithmetic import heldout_problems

@@ -33,7 +33,7 @@ def run(args) -> int:
     from routelens.verify import format_table, verify_model
 
     if args.json:
-        check_out_file(args.json, "--json")
+        check_out_file(args.json, "--json", inputs=[args.model])
     loaded = load_lens(args).loaded
     table = verify_model(loaded, length=args.length, seed=args.seed)
     print(format_table(table))

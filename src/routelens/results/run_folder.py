@@ -13,8 +13,9 @@ units and redoes a unit that was cut off half-way, so nothing is lost or duplica
 
 A different config on an existing folder is refused unless `overwrite`, and `overwrite`
 never deletes what is not ours: only a folder whose `run.json` names a routelens run of the
-same kind is replaced, only routelens's own outputs in it are removed, and never when an
-input of the current command (any existing path in its config) lies inside it.
+same kind is replaced, only routelens's own outputs in it are removed; and no folder is
+used that is, holds or lies inside an input of the current command (any existing path in
+its config): an output never replaces an input.
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from routelens.errors import RouteLensError, SettingError
+from routelens.results.paths import check_apart_from_inputs
 
 RUN_JSON = "run.json"
 PARTS = "parts"
@@ -120,11 +122,6 @@ def _paths_in(value) -> list[str]:
     return [value] if isinstance(value, str) and os.path.isabs(value) and os.path.exists(value) else []
 
 
-def _inside(path: str, folder: str) -> bool:
-    path, folder = os.path.realpath(path), os.path.realpath(folder)
-    return path == folder or path.startswith(folder.rstrip(os.sep) + os.sep)
-
-
 def remove_outputs(path: str) -> None:
     """Remove what a routelens run wrote in `path`; anything else stays."""
     for name in os.listdir(path):
@@ -146,6 +143,7 @@ def _existing_parent(path: str) -> str:
 def prepare_out(path: str, kind: str, config: dict, overwrite: bool) -> dict | None:
     """Check that `path` may hold this run; return the stored run.json to resume, or None
     for a fresh run (after removing a replaced run's outputs)."""
+    check_apart_from_inputs(path, _paths_in(config))
     if os.path.exists(path) and not os.path.isdir(path):
         raise SettingError(f"`out` {path} is an existing file, not a folder; choose a folder path", "out")
     if not os.path.isdir(path):
@@ -172,17 +170,15 @@ def prepare_out(path: str, kind: str, config: dict, overwrite: bool) -> dict | N
         raise SettingError(
             f"{path} holds a run with a different config (differs in: {', '.join(changed)}); "
             "re-run with the same settings to resume, or pass `overwrite`, or choose another `out`", "overwrite", "out")
-    inside = [p for p in _paths_in(config) if _inside(p, path)]
-    if inside:
-        raise SettingError(f"`overwrite` would replace {path}, which holds this command's input {inside[0]}; "
-                           "move the input out of the run folder or choose another `out`", "overwrite", "out")
-    remove_outputs(path)
+    remove_outputs(path)   # (an input inside `path` was refused above, overwrite or not)
     return None
 
 
-def check_out_file(path: str, option: str = "--out") -> None:
+def check_out_file(path: str, option: str = "--out", inputs=()) -> None:
     """An output *file* path: not an existing folder, and its folder writable (checked before
-    any work, so hours of sampling are not lost to a bad path)."""
+    any work, so hours of sampling are not lost to a bad path), apart from the command's
+    `inputs` (`check_apart_from_inputs`)."""
+    check_apart_from_inputs(path, inputs, option.lstrip("-"))
     if os.path.isdir(path):
         raise RouteLensError(f"{option} {path} is a folder; give a file path such as {os.path.join(path, 'out.jsonl')}")
     parent = _existing_parent(path)
