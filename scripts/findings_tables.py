@@ -16,19 +16,14 @@ import json
 import os
 import sys
 
+from routelens.report.formats import with_interval as ci  # value [low, high], "-" when absent
+
 BINS = ("Confident", "Ambiguous", "Fragile")
 
 
 def summary(run: str) -> dict:
     with open(os.path.join(run, "summary.json"), encoding="utf-8") as handle:
         return json.load(handle)
-
-
-def ci(value, interval, digits: int = 3) -> str:
-    if value is None:
-        return "-"
-    low, high = interval
-    return f"{value:.{digits}f}" + ("" if low is None else f" [{low:.{digits}f}, {high:.{digits}f}]")
 
 
 def p_text(value) -> str:

@@ -702,7 +702,7 @@ def summarise_joint(tokens: pd.DataFrame, joint: list[int], config: Counterfactu
     gains of the same tokens, each paired difference with its interval over the clusters
     (problems, or trajectories)."""
     seed, resamples, confidence = config.seed, config.bootstrap_resamples, config.confidence
-    tokens, _ = with_clusters(tokens)
+    tokens, unit = with_clusters(tokens)
     groups = {name: tokens[tokens["bin"] == name] for name in BINS}
     groups[ALL_TOKENS] = tokens
     cells = sum(not frame.empty for frame in groups.values())
@@ -724,7 +724,7 @@ def summarise_joint(tokens: pd.DataFrame, joint: list[int], config: Counterfactu
         group["verdict"] = joint_verdict(group["interaction_ci_adjusted"])
         out[name] = group
     add_q_values(list(out.values()))
-    return {"layers": list(joint), "bins": out, "cluster_unit": with_clusters(tokens)[1],
+    return {"layers": list(joint), "bins": out, "cluster_unit": unit,
             "definitions": {
                 "joint route": "route r forced at every listed layer at once (route r of each layer, sampled "
                                "independently per layer, weights by the gating rule on the natural router logits)",
