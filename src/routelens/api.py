@@ -163,16 +163,15 @@ def sample_trajectories(lens: Lens, problems: str | None = None, *, n: int = 200
     """
     from routelens.data.sampling import arithmetic_trajectories, file_trajectories, write_trajectories
     from routelens.data.trajectories import parse_trajectory
-    from routelens.results.run_folder import check_out_file, run_folder_beside
+    from routelens.results.run_folder import check_out_file_beside_run
 
     lens = _lens(lens, ray)
-    if out is not None:
-        check_out_file(out, inputs=[problems, lens.loaded.spec])
+    run_folder = None if out is None else check_out_file_beside_run(out, [problems, lens.loaded.spec], overwrite)
     if lens.tokenizer is None:
         raise RouteLensError(f"model {lens.loaded.spec!r} has no tokenizer; trajectories are generated from text")
     options = dict(samples_per_problem=samples_per_problem, temperature=temperature, seed=seed,
                    show_progress=show_progress, ray=ray_settings(ray, workers),
-                   run=None if out is None else run_folder_beside(out), overwrite=overwrite,
+                   run=run_folder, overwrite=overwrite,
                    **({"max_new_tokens": max_new_tokens} if max_new_tokens else {}),
                    **({"batch_size": batch_size} if batch_size else {}))
     if problems is not None:
@@ -254,7 +253,7 @@ def counterfactual(lens: Lens, trajectories, out: str | None = None, *, config: 
     """
     from routelens.analyses.counterfactual.analysis import run_counterfactual as run
     from routelens.data.trajectories import IN_MEMORY
-    from routelens.results.run_folder import TRAJECTORIES_FILE, write_text_atomic
+    from routelens.results.run_folder import TRAJECTORIES_FILE
 
     lens = _lens(lens, ray)
     settings = make_config(CounterfactualConfig, config, **options)
@@ -263,10 +262,7 @@ def counterfactual(lens: Lens, trajectories, out: str | None = None, *, config: 
     folder = run(lens.loaded, kept, settings, out, info, overwrite=overwrite, show_progress=show_progress,
                  ray=ray_settings(ray, workers))
     if info["trajectories"] == IN_MEMORY:   # router_update reads the trajectories back from the run
-        if out is None:
-            folder.files[TRAJECTORIES_FILE] = content
-        else:
-            write_text_atomic(os.path.join(out, TRAJECTORIES_FILE), content.decode("utf-8"))
+        folder.write_file(TRAJECTORIES_FILE, content)
     return CounterfactualResult(folder)
 
 

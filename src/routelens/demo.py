@@ -72,8 +72,9 @@ def run_demo(out: str = os.path.join("runs", "demo"), *, device: str = "auto", d
     rollout_dir = _demo_rollout(lens, out, run_dir, rollout_samples, temperature, seed, overwrite, show_progress)
     isolation_dir = _demo_isolation(lens, out, isolation_per_domain, seed, overwrite, show_progress,
                                     counterfactual_options.get("memory_budget"))
+    # the demo's own report, rebuilt whenever the demo runs again (never a file routelens did not write)
     report = build_report([run_dir] + ([rollout_dir] if rollout_dir else []) + [isolation_dir],
-                          os.path.join(out, "report.html"))
+                          os.path.join(out, "report.html"), overwrite=True)
     print(f"report: {report} (open it in a browser; figures in each run folder's figures/)")
     return report
 

@@ -4,7 +4,8 @@
 and usage errors print one line and exit 2; a run-time check that fails on the checkpoint
 (`RuntimeCheckFailed`) prints one line and exits 1.
 
-A command module has NAME, HELP, EPILOG, RESUMABLE, `parents()` (shared option groups from
+A command module has NAME, HELP, EPILOG, RESUMABLE (and may say what an interrupted run
+keeps in INTERRUPTED), `parents()` (shared option groups from
 `routelens.cli.parsing`; an analysis' own options are generated from its config dataclass),
 `add_arguments(parser)` and `run(args) -> int`. An installed package adds a command through
 the entry-point group `routelens.commands` (`routelens.cli.analysis_command`).
@@ -61,7 +62,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return _run(module, args)
     except KeyboardInterrupt:   # also during the imports below, which take seconds
-        if module.RESUMABLE:
+        if getattr(module, "INTERRUPTED", None):   # what this command keeps, in its own words
+            print(f"routelens: interrupted; {module.INTERRUPTED}", file=sys.stderr)
+        elif module.RESUMABLE:
             print("routelens: interrupted; the units done are kept (run.json shows how many): "
                   "re-run the same command to resume", file=sys.stderr)
         else:

@@ -30,13 +30,18 @@ def add_arguments(parser) -> None:
     parser.add_argument("--temperature", type=float, default=0.8, help="sampling temperature (default 0.8)")
     parser.add_argument("--seed", type=int, default=0, help="sampling seed (default 0)")
     parser.add_argument("--out", default=None, help="write the figures to this JSON file")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace --out if routelens wrote it (a file it did not write is never replaced)")
     parser.add_argument("--record", action="store_true",
                         help="also record the figures in the model folder's card.json (after train-demo)")
 
 
 def run(args) -> int:
     from routelens.evaluation import evaluate_arithmetic
+    from routelens.results.paths import check_out_file, write_output
 
+    if args.out:   # before the minutes of sampling
+        check_out_file(args.out, inputs=[args.model], overwrite=args.overwrite)
     lens = load_lens(args)
     if lens.tokenizer is None:
         raise RouteLensError(f"model {args.model!r} has no tokenizer; the arithmetic task is text")
@@ -44,9 +49,7 @@ def run(args) -> int:
                                  show_progress=not args.no_progress)
     print(json.dumps({k: v for k, v in report.items() if k != "greedy_correct"}, indent=2))
     if args.out:
-        from routelens.results.run_folder import write_json_atomic
-
-        write_json_atomic(args.out, report)
+        write_output(args.out, json.dumps(report, indent=2, default=str) + "\n", "evaluate")
     if args.record:
         from routelens.evaluation import record_in_card
 

@@ -32,6 +32,8 @@ def add_arguments(parser) -> None:
                         help="summary (default), or joint: a --joint-layers counterfactual run's joint comparison")
     parser.add_argument("--digits", type=int, default=4, help="decimals in LaTeX and Markdown (default 4)")
     parser.add_argument("--out", default=None, help="write to this file (default: print)")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace --out if routelens wrote it (a file it did not write is never replaced)")
 
 
 def render(frame, fmt: str, digits: int, caption: str) -> str:
@@ -47,10 +49,10 @@ def render(frame, fmt: str, digits: int, caption: str) -> str:
 
 def run(args) -> int:
     from routelens.results.objects import read_run
-    from routelens.results.run_folder import check_out_file, write_text_atomic
+    from routelens.results.paths import check_out_file, write_output
 
     if args.out:
-        check_out_file(args.out, inputs=[args.run])
+        check_out_file(args.out, inputs=[args.run], overwrite=args.overwrite)
     from routelens.errors import RouteLensError
 
     result = read_run(args.run)
@@ -62,7 +64,7 @@ def run(args) -> int:
     caption = f"routelens {result.kind} {args.table} of {result.config.get('model')}"
     text = render(frame, args.format, args.digits, caption)
     if args.out:
-        write_text_atomic(args.out, text)
+        write_output(args.out, text, "export")
         print(f"{result.kind} {args.table} ({len(frame)} rows) written to {args.out}")
     else:
         print(text, end="")

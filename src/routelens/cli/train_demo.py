@@ -31,7 +31,9 @@ def add_arguments(parser) -> None:
 
 def run(args) -> int:
     from routelens.demo_model.train import TrainConfig, train
+    from routelens.results.paths import check_new_folder
 
+    check_new_folder(args.out)   # before minutes of training
     config = TrainConfig(seed=args.seed)
     config.steps = args.steps or config.steps
     config.threads = args.threads or config.threads

@@ -48,10 +48,9 @@ def add_arguments(parser) -> None:
 
 def run(args) -> int:
     from routelens.api import sample_trajectories
-    from routelens.results.run_folder import check_out_file, run_folder_beside
+    from routelens.results.run_folder import check_out_file_beside_run
 
-    check_out_file(args.out, inputs=[args.problems, args.model])
-    run_folder = run_folder_beside(args.out)
+    run_folder = check_out_file_beside_run(args.out, [args.problems, args.model], args.overwrite)
     if args.heldout:
         from routelens.data.arithmetic import heldout_problems
 

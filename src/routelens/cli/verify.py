@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import sys
 
 from routelens.cli.parsing import load_lens, model_options, positive_int
@@ -26,22 +27,25 @@ def add_arguments(parser) -> None:
     parser.add_argument("--length", type=positive_int, default=32, help="tokens of the random test sequence (default 32)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the test sequence and routes (default 0)")
     parser.add_argument("--json", default=None, metavar="FILE", help="also write the table (and the model) to this JSON file")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace --json if routelens wrote it (a file it did not write is never replaced)")
 
 
 def run(args) -> int:
-    from routelens.results.run_folder import check_out_file, write_json_atomic
+    from routelens.results.paths import check_out_file, write_output
     from routelens.verify import format_table, verify_model
 
     if args.json:
-        check_out_file(args.json, "--json", inputs=[args.model])
+        check_out_file(args.json, "--json", inputs=[args.model], overwrite=args.overwrite)
     loaded = load_lens(args).loaded
     table = verify_model(loaded, length=args.length, seed=args.seed)
     print(format_table(table))
     failed = table[table["status"] == "fail"]
     if args.json:
-        write_json_atomic(args.json, {"model": loaded.adapter.describe(), "device": loaded.device, "dtype": loaded.dtype,
-                                      "length": args.length, "seed": args.seed, "passed": failed.empty,
-                                      "checks": table.astype(object).where(table.notna(), None).to_dict("records")})
+        record = {"model": loaded.adapter.describe(), "device": loaded.device, "dtype": loaded.dtype,
+                  "length": args.length, "seed": args.seed, "passed": failed.empty,
+                  "checks": table.astype(object).where(table.notna(), None).to_dict("records")}
+        write_output(args.json, json.dumps(record, indent=2, default=str) + "\n", "verify")
     if failed.empty:
         skipped = int((table["status"] == "skipped").sum())
         print(f"all {len(table) - skipped} checks passed on {len(loaded.adapter.moe_layers)} MoE layers"

@@ -244,9 +244,7 @@ def file_trajectories(lens, path: str, n: int | None, samples_per_problem: int, 
 
 
 def write_trajectories(records: list[dict], out: str) -> None:
-    directory = os.path.dirname(os.path.abspath(out))
-    os.makedirs(directory, exist_ok=True)
-    with open(out + ".tmp", "w", encoding="utf-8") as handle:
-        for record in records:
-            handle.write(json.dumps(record) + "\n")
-    os.replace(out + ".tmp", out)
+    """The trajectories file (JSONL), written atomically and recorded as routelens's own."""
+    from routelens.results.paths import write_output
+
+    write_output(out, "".join(json.dumps(record) + "\n" for record in records), "trajectories")

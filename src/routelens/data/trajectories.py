@@ -13,12 +13,12 @@ is carried through; other fields are ignored. Every problem is reported as a one
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 from dataclasses import dataclass
 
 from routelens.errors import RouteLensError, SettingError
+from routelens.results.paths import file_sha256  # noqa: F401  (re-exported: read by the analyses)
 
 
 @dataclass
@@ -64,14 +64,6 @@ def trajectories_jsonl(trajectories: list[Trajectory]) -> bytes:
                          **({"answer": t.answer} if t.answer is not None else {}),
                          **({"problem_id": t.problem_id} if t.problem_id is not None else {})}) for t in trajectories]
     return ("\n".join(lines) + "\n").encode("utf-8")
-
-
-def file_sha256(path: str) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def read_jsonl(path: str, what: str = "file") -> list[dict]:

@@ -24,6 +24,7 @@ from routelens.data.arithmetic import ALPHABET, DOMAINS, Problem, training_probl
 from routelens.data.char_tokenizer import build_char_tokenizer
 from routelens.demo_model import CARD, demo_config
 from routelens.progress import progress_bar
+from routelens.results.paths import write_folder_atomic
 
 
 @dataclass
@@ -118,9 +119,6 @@ def train(out: str, config: TrainConfig, show_progress: bool = True) -> dict:
             advance(1)
     model.eval()
     model.set_experts_implementation("grouped_mm")  # the transformers default for users
-    os.makedirs(out, exist_ok=True)
-    model.save_pretrained(out)
-    tokenizer.save_pretrained(out)
     card = {
         "trained_by": "routelens train-demo",
         "train_config": asdict(config),
@@ -130,6 +128,12 @@ def train(out: str, config: TrainConfig, show_progress: bool = True) -> dict:
         "loss_curve_every_100": [round(float(np.mean(losses[i: i + 100])), 4) for i in range(0, len(losses), 100)],
         "torch": torch.__version__,
     }
-    with open(os.path.join(out, CARD), "w") as handle:
-        json.dump(card, handle, indent=2)
+
+    def write(folder: str) -> None:
+        model.save_pretrained(folder)
+        tokenizer.save_pretrained(folder)
+        with open(os.path.join(folder, CARD), "w") as handle:
+            json.dump(card, handle, indent=2)
+
+    write_folder_atomic(out, write)   # never a half-written model at `out`
     return card

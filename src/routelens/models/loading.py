@@ -23,8 +23,10 @@ cached fails at once when the hub cannot be reached (no minute of retries).
 
 from __future__ import annotations
 
+import atexit
 import json
 import os
+import shutil
 import socket
 import sys
 import tempfile
@@ -206,9 +208,15 @@ def load_model(spec: str, device: str = "auto", dtype: str = "auto",
 
 
 def _offload_folder(device_map) -> str | None:
-    """A fresh folder for weights a device map sends to disk ("auto" may send some), or None."""
+    """A fresh folder for weights a device map sends to disk ("auto" may send some), or None.
+    The weights in it are as large as the model: it is removed when the process exits
+    (Ctrl-C included), as the model lives as long as the process."""
     may_offload = isinstance(device_map, str) or "disk" in device_map.values()
-    return tempfile.mkdtemp(prefix="routelens-offload-") if may_offload else None
+    if not may_offload:
+        return None
+    folder = tempfile.mkdtemp(prefix="routelens-offload-")
+    atexit.register(shutil.rmtree, folder, ignore_errors=True)
+    return folder
 
 
 def _dispatch(model, device_map, dtype: torch.dtype):

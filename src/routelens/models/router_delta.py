@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 
 import torch
 
@@ -61,7 +62,8 @@ def save_router_delta(path: str, adapter: MoEAdapter, layer: int, base: dict[str
                 "architecture": type(adapter.model).__name__, "model_type": adapter.config.model_type,
                 "config_sha256": config_sha256(adapter.config), "tensors_sha256": tensors_sha256(tensors)}
     metadata.update({k: json.dumps(v) for k, v in (extra or {}).items()})
-    save_file(tensors, path, metadata=metadata)
+    save_file(tensors, path + ".tmp", metadata=metadata)   # a kill leaves no half-written delta
+    os.replace(path + ".tmp", path)
 
 
 def read_router_delta(path: str) -> tuple[dict[str, torch.Tensor], dict[str, str]]:

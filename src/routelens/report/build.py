@@ -5,11 +5,13 @@ tables, summary.json and run.json; nothing is recomputed but the figures."""
 from __future__ import annotations
 
 import importlib
+import io
 import os
 
 from routelens.errors import RouteLensError
 from routelens.report.page import document, figure_html, key_values, render_png
-from routelens.results.run_folder import read_run_json, write_text_atomic
+from routelens.results.paths import check_out_file, write_bytes_atomic, write_output
+from routelens.results.run_folder import claim_in_run, read_run_json, write_text_atomic
 
 KINDS = ("counterfactual", "rollout", "isolation", "semantic-routing", "graft-evaluation", "passk", "router-update")
 # what each kind's section reads: all checked before any work
@@ -45,15 +47,17 @@ def p_at_floor(p_value: float, n: int) -> str:
 
 
 def figures_html(run_dir: str, figures: list) -> str:
-    folder = os.path.join(run_dir, "figures")
-    os.makedirs(folder, exist_ok=True)
+    """The figures as HTML, also written to RUN_DIR/figures/ (PNG and SVG, listed in the run's run.json)."""
     parts = []
     for figure in figures:
-        png = render_png(figure)
-        with open(os.path.join(folder, figure.name + ".png"), "wb") as handle:
-            handle.write(png)
-        figure.figure.savefig(os.path.join(folder, figure.name + ".svg"), format="svg")
-        parts.append(figure_html(figure, png))
+        png, svg = (os.path.join("figures", figure.name + suffix) for suffix in (".png", ".svg"))
+        claim_in_run(run_dir, [png, svg])
+        png_bytes = render_png(figure)
+        write_bytes_atomic(os.path.join(run_dir, png), png_bytes)
+        buffer = io.StringIO()
+        figure.figure.savefig(buffer, format="svg")
+        write_text_atomic(os.path.join(run_dir, svg), buffer.getvalue())
+        parts.append(figure_html(figure, png_bytes))
     return "\n".join(parts)
 
 
@@ -83,13 +87,26 @@ def section(kind: str, run_dir: str, run: dict) -> str:
     return importlib.import_module(f"routelens.analyses.{SECTIONS[kind]}.report").section(run_dir, run)
 
 
-def build_report(run_dirs: list[str], out: str | None = None) -> str:
-    """Write the report of one or several run folders; returns the HTML file's path."""
+def build_report(run_dirs: list[str], out: str | None = None, overwrite: bool = False) -> str:
+    """Write the report of one or several run folders; returns the HTML file's path.
+
+    Without `out`, one folder's report is RUN_DIR/report.html, part of the run (listed in its
+    run.json and rebuilt by every report); several folders' is routelens-report.html here.
+    A file `out` that exists is replaced only with `overwrite`, and only when routelens
+    wrote it (`results.paths.check_out_file`)."""
     runs = [(run_dir, _run(run_dir)) for run_dir in run_dirs]   # every folder checked before any work
-    if out is None:
-        out = os.path.join(run_dirs[0], "report.html") if len(run_dirs) == 1 else "routelens-report.html"
+    in_run = out is None and len(run_dirs) == 1
+    if in_run:
+        out = os.path.join(run_dirs[0], "report.html")
+        claim_in_run(run_dirs[0], ["report.html"])
+    else:
+        out = out or "routelens-report.html"
+        check_out_file(out, inputs=run_dirs, overwrite=overwrite)
     body = "\n".join(section(run["kind"], run_dir, run) for run_dir, run in runs)
     kinds = ", ".join(dict.fromkeys(run["kind"] for _, run in runs))
-    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
-    write_text_atomic(out, document(f"routelens report: {kinds}", body))
+    html = document(f"routelens report: {kinds}", body)
+    if in_run:
+        write_text_atomic(out, html)
+    else:
+        write_output(out, html, "report")
     return out

@@ -3,15 +3,44 @@ tables. Every figure has a title, and every axis a label with its unit.
 
 Figures are built as `matplotlib.figure.Figure` objects, never through pyplot: no backend
 is chosen, no window opens, and importing routelens leaves a notebook's matplotlib as it
-was (savefig renders through Agg by itself)."""
+was (savefig renders through Agg by itself). Where matplotlib is not loaded yet and no
+MPLCONFIGDIR is set, its font cache goes to a temporary folder removed at exit, not into
+the user's home (`_import_matplotlib`)."""
 
 from __future__ import annotations
 
+import os
+import sys
 from dataclasses import dataclass
 
-import matplotlib
 import numpy as np
-from matplotlib.figure import Figure as MplFigure
+
+
+def _import_matplotlib():
+    """matplotlib, with its config and cache folder (the font list it writes on first use)
+    in a temporary folder removed at exit, unless the user chose one or loaded it already."""
+    if "matplotlib" in sys.modules or "MPLCONFIGDIR" in os.environ:
+        import matplotlib
+        import matplotlib.font_manager  # noqa: F401
+
+        return matplotlib
+    import atexit
+    import shutil
+    import tempfile
+
+    folder = tempfile.mkdtemp(prefix="routelens-matplotlib-")
+    atexit.register(shutil.rmtree, folder, ignore_errors=True)
+    os.environ["MPLCONFIGDIR"] = folder
+    try:
+        import matplotlib
+        import matplotlib.font_manager  # noqa: F401  (builds the font list now, into `folder`)
+    finally:   # matplotlib has read it (and caches it): the process's environment is left as it was
+        del os.environ["MPLCONFIGDIR"]
+    return matplotlib
+
+
+matplotlib = _import_matplotlib()
+from matplotlib.figure import Figure as MplFigure  # noqa: E402
 
 BIN_COLOURS = {"Confident": "#1b9e77", "Ambiguous": "#d95f02", "Fragile": "#7570b3"}
 ARM_COLOURS = ["#1f77b4", "#d62728", "#2ca02c"]

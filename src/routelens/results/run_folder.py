@@ -13,9 +13,11 @@ units and redoes a unit that was cut off half-way, so nothing is lost or duplica
 
 A different config on an existing folder is refused unless `overwrite`, and `overwrite`
 never deletes what is not ours: only a folder whose `run.json` names a routelens run of the
-same kind is replaced, only routelens's own outputs in it are removed; and no folder is
+same kind is replaced, and only the files its run.json lists are removed: `files` (every
+file the run wrote at the top of its folder or in figures/, each listed before it is
+written) and the parts of its `tables`. Nothing else in the folder is touched. No folder is
 used that is, holds or lies inside an input of the current command (any existing path in
-its config): an output never replaces an input.
+its config): an output never replaces an input (`results.paths`).
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ import datetime as dt
 import json
 import os
 import platform
-import shutil
+import re
 import subprocess
 import sys
 from importlib import metadata
@@ -34,7 +36,17 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from routelens.errors import RouteLensError, SettingError
-from routelens.results.paths import check_apart_from_inputs
+from routelens.results.paths import (
+    check_apart_from_inputs,
+    check_out_file,
+    existing_parent,
+    is_path_input,
+    write_bytes_atomic,
+    write_text_atomic,
+)
+
+__all__ = ["RunFolder", "MemoryRun", "open_run", "claim_in_run", "check_out_file", "check_out_file_beside_run",
+           "write_text_atomic", "write_json_atomic"]
 
 RUN_JSON = "run.json"
 PARTS = "parts"
@@ -75,13 +87,6 @@ def provenance() -> dict:
     }
 
 
-def write_text_atomic(path: str, text: str) -> None:
-    """Write through a temporary file and a rename: a kill leaves the old file or the new one."""
-    with open(path + ".tmp", "w", encoding="utf-8") as handle:
-        handle.write(text)
-    os.replace(path + ".tmp", path)
-
-
 def write_json_atomic(path: str, payload: dict) -> None:
     write_text_atomic(path, json.dumps(payload, indent=2, default=str) + "\n")
 
@@ -89,13 +94,6 @@ def write_json_atomic(path: str, payload: dict) -> None:
 def read_json(path: str) -> dict:
     with open(path, encoding="utf-8") as handle:
         return json.load(handle)
-
-
-# What a run writes at the top of its folder: the only entries `overwrite` removes.
-OUTPUT_FILES = (RUN_JSON, "summary.json", "report.html", "router_delta.safetensors", "training_log.jsonl",
-                TRAJECTORIES_FILE)
-OUTPUT_FOLDERS = (PARTS, "figures")
-OUTPUT_SUFFIXES = (".parquet", ".tmp")
 
 
 def read_run_json(path: str) -> dict:
@@ -113,31 +111,62 @@ def read_run_json(path: str) -> dict:
     return stored
 
 
+def _refuse_unlisted(path: str, hint: str = "") -> None:
+    """A file about to be written into a run folder that exists there unlisted is the user's."""
+    if os.path.lexists(path):
+        raise RouteLensError(f"{path} was not written by routelens (the run's run.json does not list it), so it is "
+                             f"never replaced; move it away{hint}")
+
+
+def claim_in_run(run_dir: str, names: list[str]) -> None:
+    """List files that another command (`report`) is about to write into the complete run
+    folder `run_dir` among the run's files; a name that exists there unlisted is the user's
+    and is refused (never replaced)."""
+    stored = read_run_json(run_dir)
+    files = stored.setdefault("files", [])
+    for name in names:
+        if name not in files:
+            _refuse_unlisted(os.path.join(run_dir, name), " (or give the report another --out)")
+    if any(name not in files for name in names):
+        files += [name for name in names if name not in files]
+        write_json_atomic(os.path.join(run_dir, RUN_JSON), stored)
+
+
 def _paths_in(value) -> list[str]:
-    """Existing absolute paths named anywhere in a config (the command's inputs)."""
+    """Existing paths named anywhere in a config (the command's inputs), relative ones included."""
     if isinstance(value, dict):
         return [p for v in value.values() for p in _paths_in(v)]
     if isinstance(value, (list, tuple)):
         return [p for v in value for p in _paths_in(v)]
-    return [value] if isinstance(value, str) and os.path.isabs(value) and os.path.exists(value) else []
+    return [value] if is_path_input(value) else []
 
 
-def remove_outputs(path: str) -> None:
-    """Remove what a routelens run wrote in `path`; anything else stays."""
-    for name in os.listdir(path):
-        entry = os.path.join(path, name)
-        if name in OUTPUT_FOLDERS and os.path.isdir(entry) and not os.path.islink(entry):
-            shutil.rmtree(entry)
-        elif os.path.isfile(entry) and (name in OUTPUT_FILES or name.endswith(OUTPUT_SUFFIXES)):
-            os.remove(entry)
+def _part_name(table: str) -> re.Pattern:
+    return re.compile(rf"{re.escape(table)}-\d{{7}}\.parquet(\.tmp)?")
 
 
-def _existing_parent(path: str) -> str:
-    """The nearest existing folder above `path` (where creating it starts)."""
-    parent = os.path.dirname(os.path.abspath(path))
-    while not os.path.exists(parent):
-        parent = os.path.dirname(parent)
-    return parent
+def _owned_files(path: str, stored: dict) -> list[str]:
+    """The files of the run in `path` that its run.json lists (see the module docstring), run.json last."""
+    listed = [os.path.join(path, name) for name in stored["files"]]
+    owned = [entry for name in listed for entry in (name, name + ".tmp") if os.path.isfile(entry)]
+    parts = os.path.join(path, PARTS)
+    if os.path.isdir(parts):
+        patterns = [_part_name(table) for table in stored.get("tables", [])]
+        owned += [os.path.join(parts, name) for name in sorted(os.listdir(parts))
+                  if any(p.fullmatch(name) for p in patterns)]
+    return owned + [os.path.join(path, RUN_JSON)]
+
+
+def remove_outputs(path: str, stored: dict) -> None:
+    """Remove exactly the files the run in `path` wrote (its run.json's list) and the folders
+    that leaves empty; anything else stays."""
+    folders = set()
+    for entry in _owned_files(path, stored):
+        os.remove(entry)
+        folders.add(os.path.dirname(entry))
+    for folder in sorted(folders, key=len, reverse=True):   # deepest first; never `path` itself
+        if folder != os.path.normpath(path) and not os.listdir(folder):
+            os.rmdir(folder)
 
 
 def prepare_out(path: str, kind: str, config: dict, overwrite: bool) -> dict | None:
@@ -147,7 +176,7 @@ def prepare_out(path: str, kind: str, config: dict, overwrite: bool) -> dict | N
     if os.path.exists(path) and not os.path.isdir(path):
         raise SettingError(f"`out` {path} is an existing file, not a folder; choose a folder path", "out")
     if not os.path.isdir(path):
-        parent = _existing_parent(path)
+        parent = existing_parent(path)
         if not os.access(parent, os.W_OK | os.X_OK):
             raise SettingError(f"cannot create `out` {path}: {parent} is not writable; choose another `out`", "out")
         return None
@@ -170,24 +199,12 @@ def prepare_out(path: str, kind: str, config: dict, overwrite: bool) -> dict | N
         raise SettingError(
             f"{path} holds a run with a different config (differs in: {', '.join(changed)}); "
             "re-run with the same settings to resume, or pass `overwrite`, or choose another `out`", "overwrite", "out")
-    remove_outputs(path)   # (an input inside `path` was refused above, overwrite or not)
+    if not isinstance(stored.get("files"), list):
+        raise SettingError(f"{path} holds a run written before routelens listed the files of a run in run.json, so "
+                           "`overwrite` cannot tell its files from yours and removes nothing; delete the folder "
+                           "yourself or choose another `out`", "overwrite", "out")
+    remove_outputs(path, stored)   # (an input inside `path` was refused above, overwrite or not)
     return None
-
-
-def check_out_file(path: str, option: str = "--out", inputs=()) -> None:
-    """An output *file* path: not an existing folder, and its folder writable (checked before
-    any work, so hours of sampling are not lost to a bad path), apart from the command's
-    `inputs` (`check_apart_from_inputs`)."""
-    check_apart_from_inputs(path, inputs, option.lstrip("-"))
-    if os.path.isdir(path):
-        raise RouteLensError(f"{option} {path} is a folder; give a file path such as {os.path.join(path, 'out.jsonl')}")
-    parent = _existing_parent(path)
-    if not os.path.isdir(parent):
-        raise RouteLensError(f"{option} {path}: {parent} is a file, not a folder")
-    if not os.access(parent, os.W_OK | os.X_OK):
-        raise RouteLensError(f"{option} {path}: {parent} is not writable; choose another path")
-    if os.path.exists(path) and not os.access(path, os.W_OK):
-        raise RouteLensError(f"{option} {path} is read-only; choose another path")
 
 
 def part_path(path: str, table: str, unit: int) -> str:
@@ -206,6 +223,16 @@ def run_folder_beside(out: str) -> str:
     return folder
 
 
+def check_out_file_beside_run(out: str, inputs=(), overwrite: bool = False, option: str = "--out") -> str:
+    """An output file written with a run folder beside it (`run_folder_beside`), checked like
+    any output file (`check_out_file`), except that one routelens wrote may be rewritten by
+    its own run resumed (whose run.json then decides: same settings, or `overwrite`).
+    Returns the run folder."""
+    folder = run_folder_beside(out)
+    check_out_file(out, option, inputs, overwrite=overwrite or os.path.isdir(folder))
+    return folder
+
+
 class RunFolder:
     """A run on disk (see the module docstring). `MemoryRun` is the same interface in memory."""
 
@@ -218,8 +245,10 @@ class RunFolder:
         except OSError as error:
             raise SettingError(f"cannot create `out` {path}: {error.strerror}; choose another `out`", "out") from None
         self.state = stored or {
-            "kind": kind, "config": config, "status": "running", "created": _now(), "sessions": [],
+            "kind": kind, "config": config, "status": "running", "created": _now(), "sessions": [], "files": [],
         }
+        self.state.setdefault("files", [])   # a run resumed from before the list: what it writes from now on
+        self.state["tables"] = list(tables)
         self.resumed = bool(self.state["sessions"])
         self.state["status"] = "running"
         self.state["provenance"] = provenance()
@@ -242,6 +271,22 @@ class RunFolder:
     def is_done(self, unit: int) -> bool:
         return all(os.path.exists(self._part(table, unit)) for table in self.tables)
 
+    def claim(self, name: str) -> str:
+        """List `name` (relative to the folder) among the run's files before it is written, so
+        that `overwrite` removes it even after a kill mid-write; returns its path."""
+        target = os.path.join(self.path, name)
+        if name not in self.state["files"]:
+            _refuse_unlisted(target)
+            self.state["files"].append(name)
+            self._save()
+        return target
+
+    def write_file(self, name: str, content: bytes | str) -> str:
+        """Another file of the run (a copy of its trajectories), listed and written atomically."""
+        target = self.claim(name)
+        write_bytes_atomic(target, content.encode("utf-8") if isinstance(content, str) else content)
+        return target
+
     def write_unit(self, unit: int, tables: dict[str, pa.Table]) -> None:
         """Write all tables of one unit; the unit counts as done once the last one lands."""
         for table in self.tables:
@@ -260,7 +305,7 @@ class RunFolder:
             raise RuntimeError(f"cannot concatenate: units {missing[:5]} have no results")
         paths = {}
         for table in self.tables:
-            target = os.path.join(self.path, f"{table}.parquet")
+            target = self.claim(f"{table}.parquet")
             writer = None
             try:
                 for unit in units:
@@ -281,14 +326,14 @@ class RunFolder:
 
     def write_table(self, name: str, frame) -> str:
         """A table derived from the concatenated ones (a pandas DataFrame), written atomically."""
-        target = os.path.join(self.path, f"{name}.parquet")
+        target = self.claim(f"{name}.parquet")
         frame.to_parquet(target + ".tmp", index=False)
         os.replace(target + ".tmp", target)
         return target
 
     def complete(self, summary: dict, extra: dict | None = None) -> None:
         """Write summary.json and mark the run complete in run.json."""
-        write_json_atomic(os.path.join(self.path, "summary.json"), summary)
+        write_json_atomic(self.claim("summary.json"), summary)
         self.summary = summary
         self.state["status"] = "complete"
         self.state.update(extra or {})
@@ -339,6 +384,9 @@ class MemoryRun:
     def write_table(self, name: str, frame: pd.DataFrame) -> None:
         self.derived[name] = frame
 
+    def write_file(self, name: str, content: bytes | str) -> None:
+        self.files[name] = content.encode("utf-8") if isinstance(content, str) else content
+
     def complete(self, summary: dict, extra: dict | None = None) -> None:
         self.summary = summary
         self.state.update(extra or {}, status="complete")
@@ -351,8 +399,7 @@ class MemoryRun:
         extra = {k: v for k, v in self.state.items() if k not in ("kind", "config", "status", "created", "sessions")}
         folder = RunFolder(path, self.kind, self.config, self.tables, overwrite=overwrite, extra=extra)
         for name, content in self.files.items():
-            with open(os.path.join(path, name), "wb") as handle:
-                handle.write(content)
+            folder.write_file(name, content)
         for unit in self.units:
             folder.write_unit(unit, self.parts[unit])
         folder.concatenate(self.units)

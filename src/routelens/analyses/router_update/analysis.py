@@ -523,14 +523,14 @@ def run_router_update(loaded, counterfactual_dir: str, config: RouterUpdateConfi
         try:
             changed = _changed_parameters(adapter, names, hashes_before)
             accuracy_after = preference_accuracy(adapter, layer, data.x, data.rank, data.preferred, data.rejected)
-            delta_path = os.path.join(out, "router_delta.safetensors")   # the router's current (updated) parameters
+            delta_path = folder.claim("router_delta.safetensors")   # the router's current (updated) parameters
             save_router_delta(delta_path, adapter, layer, dict(zip(names, base.values())), loaded.spec,
                               extra={"counterfactual": os.path.abspath(counterfactual_dir), "config": asdict(config)})
         finally:   # the model is left as it came: the update lives in the delta file (apply it with --router-delta)
             _set_router(adapter, layer, base)
         folder.write_table("pairs", pairs)
         steps = _log_rows(folder.read("training_log"))
-        write_training_log(os.path.join(out, "training_log.jsonl"), steps)
+        write_training_log(folder.claim("training_log.jsonl"), steps)
         summary = {
             "analysis": "router-update", "layer": layer, "pairs": int(len(pairs)),
             "pair_tokens": int(pairs.groupby(["trajectory_id", "position"]).ngroups),

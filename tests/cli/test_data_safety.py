@@ -1,0 +1,251 @@
+"""Data safety (issue 33): no command replaces or deletes a file the user owns. A user keeps
+notes and inputs next to their runs; every command, pointed at them, leaves every byte as
+it was, and what it does replace (its own outputs) it replaces only when asked."""
+
+import hashlib
+import json
+import os
+import shutil
+import subprocess
+
+import pytest
+from conftest import PYTHON, write_jsonl
+
+from routelens.cli import main
+from routelens.results.paths import LEDGER
+
+GOOD = [{"id": "a", "prompt": "Q:1+2=", "completion": "A:1+2=3#3", "answer": "3"},
+        {"id": "b", "prompt": "Q:2+2=", "completion": "A:2+2=4#4", "answer": "4"}]
+USER_FILES = {"data.parquet": b"PAR1 mine", "draft.tmp": b"half a thought", "figures/fig1.png": b"\x89PNG mine",
+              "report.html": b"<p>my report</p>", "trajectories.jsonl": b'{"mine": 1}\n', "notes.txt": b"keep me"}
+
+
+def _main(argv) -> int:
+    """The exit code, usage errors (SystemExit from argparse) included."""
+    try:
+        return main(argv)
+    except SystemExit as exit_:
+        return exit_.code
+
+
+def _cf(model, trajectories, out, *extra):
+    return ["counterfactual", "--model", model, "--trajectories", trajectories, "--layers", "0", "--routes", "2",
+            "--null-routes", "2", "--out", str(out), "--no-progress", *extra]
+
+
+def _put_user_files(folder):
+    for name, content in USER_FILES.items():
+        path = folder / name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(content)
+
+
+def _assert_user_files(folder):
+    for name, content in USER_FILES.items():
+        assert (folder / name).read_bytes() == content, name
+
+
+def _fingerprint(root) -> dict:
+    """Every file under `root` (the user's world) with its SHA-256."""
+    prints = {}
+    for folder, _, names in os.walk(root):
+        for name in names:
+            path = os.path.join(folder, name)
+            with open(path, "rb") as handle:
+                prints[os.path.relpath(path, root)] = hashlib.sha256(handle.read()).hexdigest()
+    return prints
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory, saved_model):
+    """A user's folder: a model, trajectories, items, problems, a complete run, notes."""
+    root = tmp_path_factory.mktemp("safety")
+    model = root / "model"
+    shutil.copytree(saved_model, model)
+    trajectories = write_jsonl(root / "trajectories.jsonl", GOOD)
+    items = write_jsonl(root / "items.jsonl", [{"id": f"i{i}", "domain": d, "prompt": "Q:1+2=", "target": "3"}
+                                               for i, d in enumerate("xxyy")])
+    problems = write_jsonl(root / "problems.jsonl", [{"id": "p", "prompt": "1+2=", "answer": "3"}])
+    run = root / "run"
+    assert main(_cf(str(model), trajectories, run)) == 0
+    tokens = root / "chosen.csv"
+    tokens.write_text("trajectory_id,position,layer\na,9,0\n")
+    notes = root / "notes"
+    notes.mkdir()
+    (notes / "notes.txt").write_text("keep me")
+    return dict(root=root, model=str(model), trajectories=trajectories, items=items, problems=problems,
+                run=str(run), tokens=str(tokens), notes=str(notes), note=str(notes / "notes.txt"))
+
+
+# every command, with the options through which it reads and the one through which it writes
+COMMANDS = {
+    "counterfactual": (lambda w: ["counterfactual", "--model", w["model"], "--trajectories", w["trajectories"],
+                                  "--layers", "0", "--no-progress"], "--out"),
+    "rollout": (lambda w: ["rollout", "--model", w["model"], "--counterfactual", w["run"], "--tokens", w["tokens"],
+                           "--no-progress"], "--out"),
+    "isolate": (lambda w: ["isolate", "--model", w["model"], "--items", w["items"], "--layers", "0",
+                           "--no-progress"], "--out"),
+    "semantic-route": (lambda w: ["semantic-route", "--model", w["model"], "--items", w["items"], "--no-progress"],
+                       "--out"),
+    "router-update": (lambda w: ["router-update", "--model", w["model"], "--counterfactual", w["run"],
+                                 "--no-progress"], "--out"),
+    "passk": (lambda w: ["passk", "--model", w["model"], "--problems", w["problems"], "--no-progress"], "--out"),
+    "graft": (lambda w: ["graft", "--recipient", w["model"], "--donor", w["model"], "--experts", "0:1=0:2"], "--out"),
+    "trajectories": (lambda w: ["trajectories", "--model", w["model"], "--problems", w["problems"], "--no-progress"],
+                     "--out"),
+    "report": (lambda w: ["report", w["run"]], "--out"),
+    "export": (lambda w: ["export", w["run"]], "--out"),
+    "verify": (lambda w: ["verify", "--model", w["model"]], "--json"),
+    "evaluate": (lambda w: ["evaluate", "--model", w["model"], "--n", "1", "--samples", "1", "--no-progress"],
+                 "--out"),
+}
+INPUTS = ("model", "trajectories", "items", "problems", "run", "tokens")
+
+
+def _targets(w, argv):
+    """Where a careless --out may point: at each input the command reads, inside it, around
+    it (its folder, the user's whole folder), and at a folder or a file of the user's notes."""
+    read = [w[name] for name in INPUTS if w[name] in argv]
+    targets = {f"is {os.path.basename(p)}": p for p in read}
+    targets.update({f"inside {os.path.basename(p)}": os.path.join(p, "out") for p in read if os.path.isdir(p)})
+    targets.update({"around the inputs": str(w["root"]), "the notes folder": w["notes"], "a note": w["note"]})
+    return targets
+
+
+@pytest.mark.parametrize("command", [pytest.param(c, marks=pytest.mark.xfail(strict=True, reason="graft's out checks land next"))
+                                     if c == "graft" else c for c in sorted(COMMANDS)])
+def test_no_output_of_any_command_touches_a_users_file(command, world, capsys):
+    """Property: every command, --out at each of its inputs, inside and around them, and at
+    the user's notes, with and without --overwrite: refused in one line, every byte kept."""
+    build, option = COMMANDS[command]
+    argv = build(world)
+    before = _fingerprint(world["root"])
+    for label, target in _targets(world, argv).items():
+        for extra in ([], ["--overwrite"]):
+            code = _main([*argv, option, target, *extra])
+            err = capsys.readouterr().err.strip()
+            assert code == 2, f"{command} {option} {label} {extra}: {err}"
+            assert len(err.splitlines()) == 1 and err.startswith("routelens: error: "), err
+            assert _fingerprint(world["root"]) == before, f"{command} {option} {label} {extra} changed a file"
+
+
+def test_overwrite_removes_exactly_the_files_the_run_listed(world, tmp_path, capsys):
+    """The sweep's case: --overwrite of a run folder holding the user's files (names a run
+    could write among them) removes the run's files only; run.json lists every file written."""
+    folder = tmp_path / "run"
+    assert main(_cf(world["model"], world["trajectories"], folder)) == 0
+    listed = json.loads((folder / "run.json").read_text())["files"]
+    written = {os.path.relpath(os.path.join(d, n), folder) for d, _, names in os.walk(folder) for n in names}
+    assert set(listed) | {"run.json"} | {n for n in written if n.startswith("parts/")} == written
+    assert {"summary.json", "tokens.parquet", "routes.parquet", "null_routes.parquet"} <= set(listed)
+    _put_user_files(folder)
+    capsys.readouterr()
+    assert main(["report", str(folder)]) == 2                  # the user's report.html is not replaced
+    assert "report.html was not written by routelens" in capsys.readouterr().err
+    assert main(["report", str(folder), "--out", str(tmp_path / "elsewhere.html")]) == 0
+    listed = json.loads((folder / "run.json").read_text())["files"]
+    figures = [name for name in listed if name.startswith("figures/")]   # written beside the user's figure
+    assert figures and all((folder / name).exists() for name in figures) and "report.html" not in listed
+    assert main(_cf(world["model"], world["trajectories"], folder, "--routes", "3", "--overwrite")) == 0
+    _assert_user_files(folder)
+    state = json.loads((folder / "run.json").read_text())
+    assert state["config"]["routes"] == 3 and len(state["sessions"]) == 1
+    assert not any(name.startswith("figures/") for name in state["files"])   # the old run's figures went
+    assert sorted(os.listdir(folder / "figures")) == ["fig1.png"]
+
+
+def test_a_run_never_writes_over_a_file_it_did_not_list(world, tmp_path, capsys):
+    """A file of the user's named as a run's output (summary.json dropped into a fresh run
+    folder while it runs) is refused, not replaced."""
+    folder = tmp_path / "run"
+    shutil.copytree(world["run"], folder)
+    state = json.loads((folder / "run.json").read_text())
+    state["files"].remove("summary.json")        # as if the user put their own summary.json there
+    state["status"] = "running"
+    (folder / "run.json").write_text(json.dumps(state))
+    (folder / "summary.json").write_text("mine")
+    assert main(_cf(world["model"], world["trajectories"], folder)) == 2
+    assert "summary.json was not written by routelens" in capsys.readouterr().err
+    assert (folder / "summary.json").read_text() == "mine"
+
+
+def test_overwrite_of_a_run_without_a_list_of_files_removes_nothing(world, tmp_path, capsys):
+    folder = tmp_path / "old"
+    shutil.copytree(world["run"], folder)
+    state = json.loads((folder / "run.json").read_text())
+    del state["files"]
+    (folder / "run.json").write_text(json.dumps(state))
+    before = _fingerprint(folder)
+    assert main(_cf(world["model"], world["trajectories"], folder, "--routes", "3", "--overwrite")) == 2
+    assert "removes nothing; delete the folder yourself" in capsys.readouterr().err
+    assert _fingerprint(folder) == before
+
+
+def test_relative_input_inside_out_is_refused_in_python_too(world, tmp_path, monkeypatch):
+    """`rollout --tokens ro/chosen.csv --out ro --overwrite` deleted its input when relative."""
+    import routelens as rl
+
+    monkeypatch.chdir(tmp_path)
+    os.makedirs("ro")
+    shutil.copy(world["tokens"], "ro/chosen.csv")
+    with pytest.raises(rl.RouteLensError, match="contains this command's input"):
+        rl.rollout(rl.load(world["model"]), world["run"], "ro", tokens="ro/chosen.csv", overwrite=True,
+                   show_progress=False)
+    assert open("ro/chosen.csv").read() == open(world["tokens"]).read()
+
+
+@pytest.mark.parametrize("command", ["export", "report", "verify", "trajectories"])
+def test_a_file_output_replaces_only_its_own_earlier_output(command, world, tmp_path, capsys):
+    """An existing file: never replaced when routelens did not write it (not even with
+    --overwrite), replaced when it did only with --overwrite, and not once edited by the user.
+    A missing parent folder is created."""
+    argv, option = COMMANDS[command][0](world), COMMANDS[command][1]
+    if command == "trajectories":
+        argv += ["--n", "1", "--samples-per-problem", "1", "--max-new-tokens", "4"]
+    out = tmp_path / "new" / "folder" / f"out.{'html' if command == 'report' else 'json'}"
+    run = [*argv, option, str(out)]
+    assert main(run) in (0, 1)                                     # created with its folders (verify may fail: 1)
+    assert (out.parent / LEDGER).exists()
+    first = out.read_bytes()
+    if command == "trajectories":                                  # its run folder resumes: the same file again
+        assert main(run) == 0 and out.read_bytes() == first
+        shutil.rmtree(str(out) + ".run")
+    capsys.readouterr()
+    assert main(run) == 2
+    assert "pass --overwrite to replace it" in capsys.readouterr().err
+    assert main([*run, "--overwrite"]) in (0, 1)
+    out.write_bytes(out.read_bytes() + b"\n")                      # the user edits it: no longer ours
+    edited = out.read_bytes()
+    if command == "trajectories":
+        shutil.rmtree(str(out) + ".run")
+    capsys.readouterr()
+    assert main([*run, "--overwrite"]) == 2
+    assert "was not written by routelens (or was changed since)" in capsys.readouterr().err
+    assert out.read_bytes() == edited
+    mine = tmp_path / "mine.txt"
+    mine.write_text("keep me")
+    assert main([*argv, option, str(mine), "--overwrite"]) == 2
+    assert mine.read_text() == "keep me"
+
+
+def test_disk_offload_and_the_font_cache_leave_nothing_behind(world, tmp_path, cli_env):
+    """--device-map with disk offload leaves no routelens-offload-* in $TMPDIR; report writes
+    no matplotlib cache into $HOME."""
+    home, temporary = tmp_path / "home", tmp_path / "tmp"
+    home.mkdir()
+    temporary.mkdir()
+    env = {**cli_env, "HOME": str(home), "TMPDIR": str(temporary)}
+    env.pop("MPLCONFIGDIR", None)
+    device_map = json.dumps({"model.embed_tokens": "cpu", "model.layers": "disk", "model.norm": "cpu",
+                             "model.rotary_emb": "cpu", "lm_head": "cpu"})
+    result = subprocess.run([PYTHON, "-m", "routelens", "inspect", "--model", world["model"], "--device-map",
+                             device_map], env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert not list(temporary.glob("routelens-offload-*"))
+    copy = tmp_path / "run"
+    shutil.copytree(world["run"], copy)
+    result = subprocess.run([PYTHON, "-m", "routelens", "report", str(copy)], env=env, capture_output=True, text=True,
+                            timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert _fingerprint(home) == {}
+    assert not list(temporary.glob("routelens-matplotlib-*"))
