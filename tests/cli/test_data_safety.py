@@ -70,11 +70,16 @@ def world(tmp_path_factory, saved_model):
     assert main(_cf(str(model), trajectories, run)) == 0
     tokens = root / "chosen.csv"
     tokens.write_text("trajectory_id,position,layer\na,9,0\n")
+    links = tmp_path_factory.mktemp("links")   # outside the user's folder: links resolve to the inputs
+    inputs = dict(model=str(model), trajectories=trajectories, items=items, problems=problems, run=str(run),
+                  tokens=str(tokens))
+    for name, path in inputs.items():
+        os.symlink(path, links / name)
     notes = root / "notes"
     notes.mkdir()
     (notes / "notes.txt").write_text("keep me")
-    return dict(root=root, model=str(model), trajectories=trajectories, items=items, problems=problems,
-                run=str(run), tokens=str(tokens), notes=str(notes), note=str(notes / "notes.txt"))
+    return dict(root=root, **inputs, notes=str(notes), note=str(notes / "notes.txt"),
+                links={path: str(links / name) for name, path in inputs.items()})
 
 
 # every command, with the options through which it reads and the one through which it writes
@@ -108,6 +113,7 @@ def _targets(w, argv):
     read = [w[name] for name in INPUTS if w[name] in argv]
     targets = {f"is {os.path.basename(p)}": p for p in read}
     targets.update({f"inside {os.path.basename(p)}": os.path.join(p, "out") for p in read if os.path.isdir(p)})
+    targets.update({f"a link to {os.path.basename(p)}": w["links"][p] for p in read})
     targets.update({"around the inputs": str(w["root"]), "the notes folder": w["notes"], "a note": w["note"]})
     return targets
 
@@ -191,6 +197,8 @@ def test_relative_input_inside_out_is_refused_in_python_too(world, tmp_path, mon
     with pytest.raises(rl.RouteLensError, match="contains this command's input"):
         rl.rollout(rl.load(world["model"]), world["run"], "ro", tokens="ro/chosen.csv", overwrite=True,
                    show_progress=False)
+    assert main(["rollout", "--model", world["model"], "--counterfactual", world["run"], "--tokens", "ro/chosen.csv",
+                 "--out", "ro", "--overwrite"]) == 2
     assert open("ro/chosen.csv").read() == open(world["tokens"]).read()
 
 
