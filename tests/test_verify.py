@@ -59,7 +59,7 @@ def test_verify_cli_exit_codes_and_json(tmp_path, capsys, monkeypatch):
     # a gating rule that no longer describes the model: the check fails, named, exit 1
     original = SoftmaxTopKAdapter.weights_for
     monkeypatch.setattr(SoftmaxTopKAdapter, "weights_for", lambda self, logits, experts: original(self, logits, experts) * 0.9)
-    assert main(["verify", "--model", "tiny:olmoe", "--json", str(out)]) == 1
+    assert main(["verify", "--model", "tiny:olmoe", "--json", str(out), "--overwrite"]) == 1   # its own earlier file
     captured = capsys.readouterr()
     assert "gating_rule (layer 0)" in captured.err and "FAIL" in captured.out
     assert json.loads(out.read_text())["passed"] is False

@@ -82,12 +82,35 @@ def require_ray() -> None:
         raise SettingError(f"`ray` needs Ray Data, which is not installed here: {INSTALL_HINT}", "ray") from None
 
 
+def _without_grad(method):
+    import functools
+
+    @functools.wraps(method)
+    def wrapped(*args, **kwargs):
+        import torch
+
+        with torch.no_grad():
+            return method(*args, **kwargs)
+
+    return wrapped
+
+
 class UnitJob:
     """What a run computes for a group of units. Built on the driver and pickled to each
     Ray actor (so it holds the model's load recipe and the inputs, never the model);
     `setup` runs once per process, on the loaded model (None: load it from the recipe)."""
 
     recipe: dict | None = None
+
+    def __init_subclass__(cls, **kwargs):
+        """Every job's `setup` and `run` make no autograd graph, here and on a Ray actor: a
+        parameter that requires grad (as every parameter a checkpoint loads does) would
+        otherwise give scores that carry one (issue 32). Training (router-update) asks for
+        gradients explicitly (`torch.enable_grad`)."""
+        super().__init_subclass__(**kwargs)
+        for name in ("setup", "run"):
+            if name in cls.__dict__:
+                setattr(cls, name, _without_grad(cls.__dict__[name]))
 
     def setup(self, loaded=None) -> None:
         raise NotImplementedError

@@ -67,14 +67,23 @@ def _forward(adapter, input_ids, overrides=None, record_blocks=()):
 
 
 def _other_route(adapter, logits_row: torch.Tensor, standard: torch.Tensor) -> torch.Tensor:
-    """k experts that are not the standard set: the router's lowest-scored ones."""
+    """k experts that are not the standard set: the router's lowest-scored ones, or, where
+    those are the standard set (a selection bias can choose the lowest logits, fuzzing found
+    it on LFM2-MoE with 4 experts and k = 3), that set with one expert swapped for an expert
+    outside it."""
     order = torch.argsort(logits_row.float())
-    other = order[: adapter.top_k].sort().values
-    if set(other.tolist()) == set(standard.tolist()):
-        raise RouteLensError("this model has only k experts: no route other than the standard one exists")
-    return other
+    other = order[: adapter.top_k]
+    chosen = set(standard.tolist())
+    if set(other.tolist()) == chosen:
+        outside = [e for e in order.tolist() if e not in chosen]
+        if not outside:
+            raise RouteLensError("this model has only k experts: no route other than the standard one exists")
+        other = other.clone()
+        other[-1] = outside[0]
+    return other.sort().values
 
 
+@torch.no_grad()
 def verify_model(loaded, length: int = 32, seed: int = 0, routes: int = 4, scored_positions: int = 4) -> pd.DataFrame:
     """Run every check on `loaded` (a `LoadedModel`) and return the table (see module doc)."""
     adapter = loaded.adapter

@@ -52,6 +52,8 @@ def run_analysis(run: AnalysisRun, loaded, out: str | None, *, overwrite: bool =
                  ray: RaySettings | None = None):
     """Execute `run` into the run folder `out` (in memory when None), resuming a cut-off run
     of the same config; return the completed run (`RunFolder` or `MemoryRun`)."""
+    import torch
+
     from routelens.engine.readout import peak_memory, reset_peak_memory
     from routelens.progress import progress_bar
     from routelens.results.run_folder import open_run
@@ -67,7 +69,8 @@ def run_analysis(run: AnalysisRun, loaded, out: str | None, *, overwrite: bool =
         checks = execute(folder, run.job, run.groups(todo), lambda tables: advance(run.done_weight(tables)), loaded, ray)
     seconds = time.perf_counter() - started
     folder.concatenate(list(range(run.units)))
-    summary = run.summarise(folder)
+    with torch.no_grad():   # a summary that runs the model makes no graph either
+        summary = run.summarise(folder)
     memory = peak_memory(loaded.device, run.memory_budget) if run.memory_budget and ray is None else None
     folder.complete(summary, extra={"timings": {"seconds_this_session": round(seconds, 3), **run.timings(todo, seconds),
                                                 **({"memory": memory} if run.memory_budget else {})},

@@ -235,9 +235,10 @@ class RouterTrainer:
         generator = torch.Generator()
         generator.set_state(state["generator"])
         rows = []
-        for i in range(steps):
-            rows.append(self._step(master, optimizer, generator, first_step + i + 1))
-            advance(1)
+        with torch.enable_grad():   # the run's jobs make no graph (distributed.UnitJob); training needs one
+            for i in range(steps):
+                rows.append(self._step(master, optimizer, generator, first_step + i + 1))
+                advance(1)
         return rows, {"master": {name: t.detach() for name, t in master.items()}, "optimizer": optimizer.state_dict(),
                       "generator": generator.get_state()}
 
@@ -249,7 +250,7 @@ class RouterTrainer:
         margin = (preferred - self.reference_w[batch]) - (rejected - self.reference_l[batch])
         loss = -torch.nn.functional.logsigmoid(config.beta * margin).mean()
         optimizer.zero_grad()
-        loss.backward()
+        loss.backward()   # (the step runs under torch.enable_grad: jobs run without grad)
         optimizer.step()
         return {"step": step, "loss": float(loss.detach()), "reward_margin": float(margin.detach().mean()),
                 "preference_accuracy": float((margin > 0).float().mean())}
