@@ -286,6 +286,10 @@ def test_a_ctrl_c_while_the_graft_is_moved_into_place_waits_for_the_moves():
 
 def test_expert_map_parsing():
     assert parse_expert_map("3:5=3:9, -1:0=2:4") == [(3, 5, 3, 9), (-1, 0, 2, 4)]
+    assert parse_expert_map([[3, 5, 3, np.int64(9)]]) == [(3, 5, 3, 9)]
+    for bad in ([], [(0, 1, 0)], [(0, 1, 0, 1.5)], ["0:1=0:2"], 5):
+        with pytest.raises(RouteLensError, match="must be \"L:e=L2:e2,...\" or a non-empty list"):
+            parse_expert_map(bad)
 
 
 def test_evaluation_equals_the_donor_expert_forced_and_the_saved_folders_forward(tmp_path):

@@ -5,7 +5,8 @@ layer L2 into the recipient's expert e at layer L (the adapter says which tensor
 expert's: `expert_tensors`). Both models must be of one family, and each pair's tensors
 of one shape; every other tensor, the routers included, stays the recipient's. The result
 is a normal Hugging Face folder (safetensors, the recipient's tokenizer) with `graft.json`
-recording the donor, the map and the sha256 of every tensor copied and replaced.
+recording the donor, the map, the sha256 of every tensor copied and replaced and the files
+written; it is written whole or not at all (`routelens.analyses.graft.folder`).
 
 The graft is applied in place and undone on exit (`graft_applied`), so the recipient can
 be evaluated with and without it in one process.
@@ -15,6 +16,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import operator
 import os
 import re
 from contextlib import contextmanager
@@ -51,11 +53,10 @@ def parse_expert_map(experts) -> list[tuple[int, int, int, int]]:
     is a one-line error."""
     if not isinstance(experts, str):
         try:
-            pairs = [tuple(pair) for pair in experts]
-        except TypeError:
-            pairs = None
-        if pairs is None or not pairs or not all(len(pair) == 4 and all(isinstance(v, int) and not isinstance(v, bool)
-                                                                         for v in pair) for pair in pairs):
+            pairs = [tuple(operator.index(value) for value in pair) for pair in experts]
+        except TypeError:   # not a list of integer sequences (operator.index refuses floats and strings)
+            pairs = []
+        if not pairs or any(len(pair) != 4 for pair in pairs):
             raise SettingError(f"`experts` must be \"L:e=L2:e2,...\" or a non-empty list of (L, e, L2, e2) integer "
                                f"tuples, got {experts!r}", "experts")
         return pairs
