@@ -182,18 +182,20 @@ def test_out_that_cannot_take_a_graft_is_refused_before_a_model_loads(tmp_path, 
     one line, exit 2, nothing changed (the recipient does not exist: no model loads)."""
     (tmp_path / "file.txt").write_text("mine")
     (tmp_path / "read-only-empty").mkdir()
-    (tmp_path / "read-only-parent").mkdir()
+    (tmp_path / "read-only-parent" / "empty").mkdir(parents=True)
     (tmp_path / "notes").mkdir()
     (tmp_path / "notes" / "notes.txt").write_text("keep me")
     real_access = os.access
-    monkeypatch.setattr(os, "access", lambda path, mode: False if "read-only" in str(path) and mode & os.W_OK
-                        else real_access(path, mode))
+    monkeypatch.setattr(os, "access", lambda path, mode: False if os.path.basename(path).startswith("read-only")
+                        and mode & os.W_OK else real_access(path, mode))
     before = sorted((path, os.path.getmtime(path)) for path in map(str, tmp_path.rglob("*")))
     models = {"recipient": str(tmp_path / "no-such-model"), "donor": "demo"}
     for out, message in [(tmp_path / "file.txt", "is an existing file, not a folder"),
                          (tmp_path / "file.txt" / "g", "file.txt is a file, not a folder"),
                          (tmp_path / "read-only-empty", "read-only-empty is not writable"),
                          (tmp_path / "read-only-parent" / "g", "read-only-parent is not writable"),
+                         (tmp_path / "read-only-parent" / "empty", "its folder " + str(tmp_path / "read-only-parent")
+                          + " is not writable, and the grafted model is written beside --out"),
                          (tmp_path / "notes", "exists and is not empty, and holds no graft.json")]:
         for extra in ([], ["--overwrite"]):
             assert main(_cli_graft(models, out, *extra)) == 2

@@ -85,12 +85,9 @@ def check_graft_out(out: str, overwrite: bool = False) -> dict | None:
         return None
     if not os.access(out, os.W_OK | os.X_OK):
         raise SettingError(f"`out` {out} is not writable; choose another `out`", "out")
-    parent = os.path.dirname(os.path.abspath(out))
-    if not os.access(parent, os.W_OK | os.X_OK):
-        raise SettingError(f"`out` {out}: its folder {parent} is not writable, and the grafted model is written "
-                           "beside `out` before it is moved in; choose another `out`", "out")
     if os.path.isfile(os.path.join(out, GRAFT_JSON)):
-        return read_graft_record(out)
+        return read_graft_record(out)   # (the folder around it is checked once the graft is known to change)
+    _check_beside(out)
     if os.path.isfile(os.path.join(out, JOURNAL)):
         return None   # a graft's placement cut off by a kill: undone before this one is placed
     if os.listdir(out):
@@ -98,6 +95,14 @@ def check_graft_out(out: str, overwrite: bool = False) -> dict | None:
                            "so nothing is written into it (not even with `overwrite`); choose a new or empty `out`",
                            "out", "overwrite")
     return None
+
+
+def _check_beside(out: str) -> None:
+    """The folder around an existing `out` takes the partial folder written beside it."""
+    parent = os.path.dirname(os.path.abspath(out))
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise SettingError(f"`out` {out}: its folder {parent} is not writable, and the grafted model is written "
+                           "beside `out` before it is moved in; choose another `out`", "out")
 
 
 def _plain_names(names) -> list[str]:
@@ -238,6 +243,8 @@ def save_graft(out: str, record: dict, write: Callable[[str], None], overwrite: 
             raise SettingError(f"{os.path.join(out, GRAFT_JSON)} was written by an earlier routelens and does not list "
                                "the files the graft wrote, so `overwrite` cannot tell them from yours; remove the folder "
                                "yourself or choose another `out`", "overwrite", "out")
+    if os.path.isdir(out):
+        _check_beside(out)
     partial = partial_path(out)
     os.makedirs(partial)
     try:
