@@ -280,6 +280,31 @@ CASES = {
     "rollout_old_option_name": (lambda w: _rollout(w, "--max-tokens", "5"), "did you mean --max-new-tokens?"),
     "router_update_ray": (lambda w: ["router-update", "--model", w.model, "--counterfactual", w.run, "--out",
                                      str(w.root / "ru3"), "--ray", "local"], "unrecognized arguments: --ray local"),
+    # ---- issue 28: graft
+    "graft_recipient_config_not_json": (lambda w: _graft(w, recipient=_model_with_config(w, "gc-json", b"{oops")),
+                                        "gc-json/config.json is not valid JSON"),
+    "graft_recipient_config_not_utf8": (lambda w: _graft(w, recipient=_model_with_config(w, "gc-latin", '{"é": 1}'.encode("latin-1"))),
+                                        "gc-latin/config.json is not UTF-8 text"),
+    "graft_recipient_config_not_an_object": (lambda w: _graft(w, recipient=_model_with_config(w, "gc-list", b"[1, 2]")),
+                                             "gc-list/config.json holds JSON but not an object"),
+    "graft_out_is_a_file": (lambda w: _graft(w, out=w.afile), "is an existing file, not a folder; the grafted model is a folder"),
+    "graft_out_under_a_file": (lambda w: _graft(w, out=os.path.join(w.afile, "grafted")), "a-file.txt is a file, not a folder"),
+    "graft_overwrite_a_foreign_folder": (lambda w: _graft(w, "--overwrite", out=str(_foreign(w))),
+                                         "holds no graft.json: it is not a graft's folder, so nothing is written into it "
+                                         "(not even with --overwrite)"),
+    "graft_out_graft_json_invalid": (lambda w: _graft(w, out=_folder_with(w, "gj-bad", "graft.json", "{oops")),
+                                     "graft.json is not valid JSON"),
+    "graft_experts_empty": (lambda w: _graft(w, experts=""), "--experts is empty"),
+    "graft_experts_stray_comma": (lambda w: _graft(w, experts="0:1=0:2,"), "--experts: an empty pair (a stray comma?)"),
+    "graft_pair_changes_nothing": (lambda w: _graft(w, experts="0:1=0:1"),
+                                   "recipient expert 0:1 already holds the tensors of donor expert 0:1"),
+    "graft_donor_layer_out_of_range": (lambda w: _graft(w, experts="0:1=9:2"), "the donor's layer 9 is out of range"),
+    "graft_items_without_evaluate": (lambda w: _graft(w, "--items", w.items),
+                                     "--items chooses the items of the evaluation, which runs only with --evaluate"),
+    "graft_domains_without_evaluate": (lambda w: _graft(w, "--domains", "d", "--per-domain", "2"),
+                                       "--domains, --per-domain choose the items of the evaluation"),
+    "graft_overwrite_an_unlisted_graft": (lambda w: _graft(w, "--overwrite", experts="0:1=0:3", out=_graft_without_files(w)),
+                                          "does not list the files the graft wrote, so --overwrite cannot tell them from yours"),
 }
 
 
@@ -289,6 +314,37 @@ def _another_graft(w):
     if not os.path.exists(out):
         assert main(["graft", "--recipient", w.model, "--donor", w.model, "--experts", "0:1=0:2", "--out", out]) == 0
     return ["graft", "--recipient", w.model, "--donor", w.model, "--experts", "0:1=0:3", "--out", out]
+
+
+def _graft(w, *extra, recipient=None, experts="0:1=0:2", out=None):
+    return ["graft", "--recipient", recipient or w.model, "--donor", w.model, "--experts", experts,
+            "--out", out or str(w.root / "g-new"), *extra]
+
+
+def _model_with_config(w, name, config: bytes):
+    """The saved model with its config.json replaced by `config`."""
+    folder = w.root / name
+    if not folder.exists():
+        shutil.copytree(w.model, folder)
+        (folder / "config.json").write_bytes(config)
+    return str(folder)
+
+
+def _folder_with(w, name, file, text):
+    (w.root / name).mkdir(exist_ok=True)
+    (w.root / name / file).write_text(text)
+    return str(w.root / name)
+
+
+def _graft_without_files(w):
+    """A grafted folder whose graft.json lists no files (as an earlier routelens wrote it)."""
+    out = w.root / "g-unlisted"
+    if not out.exists():
+        assert main(_graft(w, out=str(out))) == 0
+        record = json.loads((out / "graft.json").read_text())
+        del record["files"]
+        (out / "graft.json").write_text(json.dumps(record))
+    return str(out)
 
 
 def _rollout(w, *extra, run=None, model=None):

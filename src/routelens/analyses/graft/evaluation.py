@@ -18,13 +18,15 @@ tests of the run (SciPy through `routelens.stats`).
 
 from __future__ import annotations
 
+import hashlib
+
 import numpy as np
 import pandas as pd
 import pyarrow as pa
 import torch
 
 from routelens import stats
-from routelens.analyses.graft.grafting import GraftPair, graft_applied
+from routelens.analyses.graft.grafting import GraftPair, graft_applied, tensor_sha256
 from routelens.analyses.isolation.analysis import forced_conditions
 from routelens.data.target_items import TargetItem
 from routelens.distributed import RaySettings, UnitJob
@@ -53,6 +55,18 @@ def _measure(scorer: WholeSequenceScorer, item: TargetItem, plan: list[GraftPair
         forced = scorer.score(natural, pair.layer, experts[pair.expert: pair.expert + 1], weights[pair.expert: pair.expert + 1])
         out[pair.label] = (float((chosen == pair.expert).any(-1).float().mean()), float(np.mean(forced[0])))
     return out
+
+
+def plan_sha256(plan: list[GraftPair]) -> str:
+    """One sha256 over the plan's pairs and the donor tensors they copy: an evaluation run
+    resumes only with the very tensors it began with (the pair labels alone do not say
+    which donor they came from)."""
+    digest = hashlib.sha256()
+    for pair in plan:
+        digest.update(pair.label.encode())
+        for name in sorted(pair.tensors):
+            digest.update(f"{name}={tensor_sha256(pair.tensors[name])};".encode())
+    return digest.hexdigest()
 
 
 def evaluate_item(scorer: WholeSequenceScorer, item: TargetItem, plan: list[GraftPair]) -> pa.Table:
@@ -114,7 +128,7 @@ def run_graft_evaluation(recipient, plan: list[GraftPair], items: list[TargetIte
     if not items:
         raise SettingError("no items to evaluate the graft on; check `domains` and the item file", "domains")
     run_config = {**recipient.identity(), "dtype": recipient.dtype, **data_info, "pairs": [p.label for p in plan],
-                  "seed": seed}
+                  "donor_tensors_sha256": plan_sha256(plan), "seed": seed}
     run = AnalysisRun(
         kind="graft-evaluation", run_config=run_config, tables=("items",), units=len(items),
         job=GraftEvaluationJob(items, plan),

@@ -44,8 +44,9 @@ class GraftEvaluationResult(Result):
 
 class GraftResult:
     """A grafted model: `path` (a Hugging Face folder: load it with `routelens.load(path)` or
-    `AutoModelForCausalLM`), `record` (graft.json) and `evaluation` (a
-    `GraftEvaluationResult`, or None without `evaluate`).
+    `AutoModelForCausalLM`), `record` (graft.json), `evaluation` (a `GraftEvaluationResult`,
+    or None without `evaluate`) and `reused` (True when `path` already held this very graft,
+    kept rather than written again).
 
     Examples:
         >>> import routelens as rl
@@ -54,8 +55,8 @@ class GraftResult:
         (True, ['donor', 'dtype', 'family'])
     """
 
-    def __init__(self, path: str, record: dict, evaluation: GraftEvaluationResult | None):
-        self.path, self.record, self.evaluation = path, record, evaluation
+    def __init__(self, path: str, record: dict, evaluation: GraftEvaluationResult | None, reused: bool = False):
+        self.path, self.record, self.evaluation, self.reused = path, record, evaluation, reused
 
     def __repr__(self) -> str:
         pairs = ", ".join(pair["pair"] for pair in self.record["pairs"])
