@@ -501,7 +501,7 @@ def semantic_route(lens: Lens, items, out: str | None = None, *, config: Semanti
 def graft(recipient: Lens | str, donor: Lens | str, experts, out: str, *, dtype: str | None = None, device: str = "cpu",
           evaluate: bool = False, items="arithmetic", domains: list[str] | None = None, per_domain: int | None = 50,
           config: GraftEvaluationConfig | None = None, show_progress: bool = False, ray=None,
-          workers: int | None = None, **options) -> GraftResult:
+          workers: int | None = None, overwrite: bool = False, **options) -> GraftResult:
     """Copy donor experts into recipient slots and save the grafted model as a Hugging Face
     folder `out` (with graft.json); with `evaluate`, measure on `items` what the graft
     changed (natural score, the slot's selection share, the grafted vs the original expert
@@ -515,45 +515,23 @@ def graft(recipient: Lens | str, donor: Lens | str, experts, out: str, *, dtype:
     loads. `ray`/`workers`: evaluate on a pool of Ray actors (see `counterfactual`); the
     graft itself is written here.
 
+    Everything is checked (the map, `out`, both models, with `evaluate` the items) before
+    anything is written; the folder is written beside `out` and moved in only when whole.
+    `out` holding this very graft is kept (`GraftResult.reused`) and its evaluation resumes;
+    another graft there is refused unless `overwrite`, which removes only the files its
+    graft.json lists and its evaluation's outputs.
+
     Examples:
         >>> import routelens as rl
         >>> res = rl.graft("demo", "demo", "3:5=3:9", str(tmp / "grafted"))
         >>> res.record["pairs"][0]["pair"], rl.load(res.path).family
         ('3:5=3:9', 'olmoe')
     """
-    from routelens.analyses.graft.evaluation import run_graft_evaluation
-    from routelens.analyses.graft.grafting import checkpoint_dtype, parse_expert_map, plan_graft, write_grafted
-    from routelens.distributed import ray_settings
-    from routelens.lens import load
+    from routelens.analyses.graft.pipeline import graft as run_graft
 
-    ray = ray_settings(ray, workers)
-    settings = make_config(GraftEvaluationConfig, config, **options)
-    mapping = parse_expert_map(experts) if isinstance(experts, str) else [tuple(map(int, pair)) for pair in experts]
-    if isinstance(recipient, Lens):   # a loaded model: its own dtype, unless another is asked for
-        dtype = dtype or recipient.loaded.dtype
-    else:
-        dtype = dtype or checkpoint_dtype(recipient)
-
-    def loaded(model, role: str) -> Lens:
-        if not isinstance(model, Lens):
-            return load(model, device, dtype)
-        if not model.loaded.weights or model.loaded.dtype != dtype:
-            raise SettingError(f"the {role} Lens ({model.loaded.spec!r}) is {model.loaded.dtype}"
-                               f"{'' if model.loaded.weights else ' without weights'}; grafting in `dtype` {dtype} "
-                               "needs the model loaded with weights in that dtype", "dtype")
-        return model
-
-    into, source = loaded(recipient, "recipient"), loaded(donor, "donor")
-    plan = plan_graft(into.loaded, source.loaded, mapping)
-    record = write_grafted(out, into.loaded, source.loaded, plan)
-    del source
-    evaluation = None
-    if evaluate:
-        kept, info = _item_data(into, items, domains, per_domain)
-        evaluation = read_run(run_graft_evaluation(into.loaded, plan, kept, os.path.join(out, "evaluation"), info,
-                                                   seed=settings.seed, bootstrap_resamples=settings.bootstrap_resamples,
-                                                   alpha=settings.alpha, show_progress=show_progress, ray=ray).path)
-    return GraftResult(out, record, evaluation)
+    return run_graft(recipient, donor, experts, out, dtype=dtype, device=device, evaluate=evaluate, items=items,
+                     domains=domains, per_domain=per_domain, config=config, show_progress=show_progress, ray=ray,
+                     workers=workers, overwrite=overwrite, **options)
 
 
 # ---------------------------------------------------------------------------- rollouts

@@ -223,7 +223,7 @@ def test_grafted_folder_is_kept_when_the_same_and_replaced_only_with_overwrite(f
     assert stamps == {name: os.path.getmtime(out / name) for name in record["files"]}
     (out / "notes.txt").write_text("keep me")
     (out / "evaluation").mkdir()
-    (out / "evaluation" / "run.json").write_text(json.dumps({"kind": "graft-evaluation", "config": {}, "sessions": []}))
+    (out / "evaluation" / "run.json").write_text(json.dumps({"kind": "graft-evaluation", "config": {}, "sessions": [], "files": []}))
     (out / "evaluation" / "mine.txt").write_text("keep me too")
     replaced = graft_safely(folders["recipient"], folders["donor"], "0:1=1:4", str(out), overwrite=True)
     assert not replaced.reused and replaced.record["pairs"][0]["pair"] == "0:1=1:4"

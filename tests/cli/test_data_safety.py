@@ -118,8 +118,7 @@ def _targets(w, argv):
     return targets
 
 
-@pytest.mark.parametrize("command", [pytest.param(c, marks=pytest.mark.xfail(strict=True, reason="graft's out checks land next"))
-                                     if c == "graft" else c for c in sorted(COMMANDS)])
+@pytest.mark.parametrize("command", sorted(COMMANDS))
 def test_no_output_of_any_command_touches_a_users_file(command, world, capsys):
     """Property: every command, --out at each of its inputs, inside and around them, and at
     the user's notes, with and without --overwrite: refused in one line, every byte kept."""

@@ -123,11 +123,15 @@ def _remove_listed(folder: str, names) -> None:
 def _remove_evaluation(out: str) -> None:
     """The evaluation of the graft being replaced: its routelens outputs (a file of the
     user's stays, and with it the folder)."""
-    from routelens.results.run_folder import RUN_JSON, remove_outputs
+    from routelens.results.run_folder import RUN_JSON, read_run_json, remove_outputs
 
     folder = os.path.join(out, EVALUATION)
     if os.path.isdir(folder) and not os.path.islink(folder) and os.path.isfile(os.path.join(folder, RUN_JSON)):
-        remove_outputs(folder)
+        stored = read_run_json(folder)
+        if not isinstance(stored.get("files"), list):   # made before runs listed their files: not ours to sort
+            raise SettingError(f"{folder} holds an evaluation written before routelens listed the files of a run, "
+                               "so `overwrite` cannot tell its files from yours; delete it yourself", "overwrite")
+        remove_outputs(folder, stored)
         if not os.listdir(folder):
             os.rmdir(folder)
 
