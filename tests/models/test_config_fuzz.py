@@ -8,7 +8,7 @@ varied. A config Hugging Face's own config class rejects is not a user's config:
 drawn again (and counted, so a generator that only draws invalid configs fails).
 
 Examples per type: `ROUTELENS_FUZZ_EXAMPLES` (default 1 in the full tier; the opt-in fuzz
-tier, `ROUTELENS_FUZZ_EXAMPLES=20 pytest -m fuzz`, runs 20). Failing draws the fuzzer
+tier, `bash scripts/fuzz.sh`, runs 20). Failing draws the fuzzer
 found are the fixed cases of `REGRESSIONS`, run in the full tier.
 """
 
@@ -114,3 +114,46 @@ def test_the_generator_varies_the_knobs_a_family_exposes():
                 experts = d.get("n_routed_experts")
                 assert d["num_experts_per_tok"] < d["topk_group"] * experts // d["n_group"] + 1
     assert torch.is_grad_enabled()
+
+
+def test_every_analysis_makes_no_graph_on_parameters_that_require_grad(tmp_path):
+    """Issue 32's defect class: a checkpoint loads every parameter requiring grad (ERNIE's
+    correction bias is one the selection scores read). Each analysis runs on such a model,
+    loaded from a folder, and leaves no gradient; router-update's training still trains."""
+    from conftest import ALPHABET, write_jsonl
+
+    from routelens.data.char_tokenizer import build_char_tokenizer
+
+    tokenizer = build_char_tokenizer(ALPHABET)
+    model = build_tiny_model("ernie4_5_moe", seed=0, vocab_size=len(tokenizer), moe_layer_start_index=0,
+                             moe_layer_end_index=3)
+    model.save_pretrained(tmp_path / "model")
+    tokenizer.save_pretrained(tmp_path / "model")
+    lens = rl.load(str(tmp_path / "model"))
+    assert all(p.requires_grad for p in lens.model.parameters())
+    last = lens.moe_layers[-1]
+    trajectories = write_jsonl(tmp_path / "t.jsonl", [
+        {"id": f"t{i}", "prompt": f"Q:{i}+1=", "completion": f"A:{i}+1={i + 1}#{i + 1}", "answer": str(i + 1)}
+        for i in range(3)])
+    items = write_jsonl(tmp_path / "items.jsonl", [{"id": f"i{i}", "domain": "ab"[i % 2], "prompt": f"Q:{i}+2=",
+                                                    "target": str(i + 2)} for i in range(8)])
+    cf = rl.counterfactual(lens, trajectories, str(tmp_path / "cf"), layers=[lens.moe_layers[0], last], routes=3,
+                           null_routes=2, show_progress=False)
+    rl.rollout(lens, cf, str(tmp_path / "ro"), tokens="all", limit=2, samples=1, max_new_tokens=3, show_progress=False)
+    rl.isolate(lens, items, str(tmp_path / "iso"), layers=[last], floor_seeds=1, show_progress=False)
+    rl.semantic_route(lens, items, str(tmp_path / "sem"), accuracy=False, show_progress=False)
+    update = rl.router_update(lens, cf, str(tmp_path / "ru"), steps=3, margin=0.0, lr=1e-2)
+    assert len(update.summary_dict["parameters_changed"]) >= 1       # the training made its graph, on the router only
+    assert all(p.grad is None for p in lens.model.parameters())
+
+
+def test_the_families_page_names_every_knob_the_fuzzer_varies():
+    import config_fuzz
+
+    page = open(os.path.join(os.path.dirname(__file__), "..", "..", "docs", "families.md"), encoding="utf-8").read()
+    knobs = [*config_fuzz.EXPERTS, *config_fuzz.TOP_K, *config_fuzz.SHARED, *config_fuzz.GROUPS, *config_fuzz.DENSE_FIRST,
+             *config_fuzz.RENORMALISE, *config_fuzz.SCALE, *config_fuzz.BOOLEANS, "topk_group", "mlp_layer_types",
+             "mlp_only_layers", "decoder_sparse_step", "sliding_window", "topk_method", "expert_layer_period",
+             "shared_expert_intermediate_size"]
+    missing = [knob for knob in knobs if f"`{knob}`" not in page]
+    assert not missing, missing

@@ -336,7 +336,8 @@ class MoEAdapter:
         found = self.routers[layer] if self.gate.bias_owner == "router" else self.moe_block(layer)
         for name in self.gate.bias_path:
             found = getattr(found, name, None)
-        return found
+        # detached: a checkpoint loads it requiring grad, and nothing routelens computes trains it
+        return found.detach() if isinstance(found, torch.Tensor) else found
 
     # ----------------------------------------------------------------- gating rule
     def selection_scores(self, logits: torch.Tensor, layer: int, admitted_only: bool = True) -> torch.Tensor:
