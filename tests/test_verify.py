@@ -69,3 +69,19 @@ def test_verify_cli_exit_codes_and_json(tmp_path, capsys, monkeypatch):
     assert capsys.readouterr().err.strip() == (
         "routelens: error: --model ./no/such/model: no such folder (a local model is a folder written by save_pretrained)")
     assert main(["verify", "--model", "tiny:olmoe", "--json", str(tmp_path)]) == 2
+
+
+def test_verify_with_only_k_experts_runs_every_check_that_needs_no_other_route():
+    """k == E (Hugging Face's own glm4_moe, dots1 and jamba tester configs): the checks of
+    another route are skipped with the reason; the router, gating, forcing and isolation
+    checks still run and pass."""
+    model = build_tiny_model("olmoe", seed=0, num_experts=2, num_experts_per_tok=2)
+    table = verify_model(LoadedModel(adapter_for(model), None, "tiny:olmoe", "cpu", "float32"), length=16)
+    assert (table["status"] != "fail").all(), table.to_string()
+    skipped = table[table["status"] == "skipped"]
+    assert set(skipped["check"]) == {"force_other", "fast_vs_reference", "cache_vs_reference",
+                                     "joint_fast_vs_reference", "joint_cache_vs_reference"}
+    assert skipped["detail"].str.contains("only k experts").all()
+    ran = table[table["status"] == "pass"]
+    assert set(ran["check"]) == {"router_hook", "gating_rule", "force_standard", "isolation_scorer"}
+    assert len(ran) == 4 * 3

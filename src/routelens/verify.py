@@ -102,6 +102,9 @@ def verify_model(loaded, length: int = 32, seed: int = 0, routes: int = 4, score
     moe = adapter.moe_layers
     engine_layers = sorted({moe[0], moe[len(moe) // 2], moe[-1]})
     position = length // 2
+    # k == E (HF's own glm4_moe, dots1, jamba tester configs): the checks of another route are
+    # skipped with the reason, every other check runs
+    alternatives = adapter.top_k < adapter.num_experts
     for layer in moe:
         route = captured.get(layer)
         rows.append(_row(layer, "router_hook", route is not None, detail=type(adapter.routers[layer]).__name__))
@@ -117,6 +120,13 @@ def verify_model(loaded, length: int = 32, seed: int = 0, routes: int = 4, score
         rows.append(_row(layer, "force_standard", difference <= exact, difference, exact,
                          "standard route forced on every token vs natural logits"))
 
+        if not alternatives:
+            rows.append(_skipped(layer, "force_other", NO_ALTERNATIVE))
+            rows.extend(_skipped(layer, check, NO_ALTERNATIVE) for check in ("fast_vs_reference", "cache_vs_reference")
+                        if layer in engine_layers)
+            rows.extend(_guarded(layer, "isolation_scorer", lambda layer=layer, route=route: _isolation_scorer(
+                adapter, input_ids, layer, int(route.experts[position, 0]), scored_positions, exact)))
+            continue
         other = _other_route(adapter, route.logits[position], route.experts[position])
         weights = adapter.weights_for(route.logits[position][None].float(), other[None].to(route.logits.device))
         one = RouteOverride(torch.tensor([position]), other[None], weights)
@@ -138,10 +148,20 @@ def verify_model(loaded, length: int = 32, seed: int = 0, routes: int = 4, score
                 adapter, input_ids, layer, routes, seed, scored_positions, exact)))
         rows.extend(_guarded(layer, "isolation_scorer", lambda layer=layer, route=route: _isolation_scorer(
             adapter, input_ids, layer, int(route.experts[position, 0]), scored_positions, exact)))
-    if len(engine_layers) > 1:   # --joint-layers: routes forced at several layers at once
+    if len(engine_layers) > 1 and not alternatives:
+        rows.extend(_skipped(engine_layers[0], check, NO_ALTERNATIVE)
+                    for check in ("joint_fast_vs_reference", "joint_cache_vs_reference"))
+    elif len(engine_layers) > 1:   # --joint-layers: routes forced at several layers at once
         rows.extend(_guarded(engine_layers[0], "joint_fast_vs_reference", lambda: _engines_vs_reference(
             adapter, input_ids, engine_layers, routes, seed, scored_positions, exact)))
     return pd.DataFrame(rows, columns=COLUMNS)
+
+
+NO_ALTERNATIVE = "the model has only k experts: no route other than the standard one exists (nothing to compare)"
+
+
+def _skipped(layer, check, detail) -> dict:
+    return {**_row(layer, check, True, detail=detail), "status": "skipped"}
 
 
 def _guarded(layer, check, run) -> list[dict]:

@@ -7,7 +7,7 @@ checkpoint loads); or be refused in one line (a `RouteLensError`) that names a k
 varied. A config Hugging Face's own config class rejects is not a user's config: it is
 drawn again (and counted, so a generator that only draws invalid configs fails).
 
-Examples per type: `ROUTELENS_FUZZ_EXAMPLES` (default 1 in the full tier; the opt-in fuzz
+Examples per type: `ROUTELENS_FUZZ_EXAMPLES` (default 3 in the full tier; the opt-in fuzz
 tier, `bash scripts/fuzz.sh`, runs 20). Failing draws the fuzzer
 found are the fixed cases of `REGRESSIONS`, run in the full tier.
 """
@@ -24,7 +24,7 @@ from routelens.models.registry import FAMILIES
 from routelens.models.tiny import TINY_CONFIGS, build_tiny_model, tiny_config
 from routelens.verify import verify_model
 
-EXAMPLES = int(os.environ.get("ROUTELENS_FUZZ_EXAMPLES", "1"))
+EXAMPLES = int(os.environ.get("ROUTELENS_FUZZ_EXAMPLES", "3"))
 EXACT = 1e-5
 TYPES = sorted(t for t in TINY_CONFIGS if t in FAMILIES)
 
