@@ -85,6 +85,9 @@ def section(kind: str, run_dir: str, run: dict) -> str:
 
 def build_report(run_dirs: list[str], out: str | None = None) -> str:
     """Write the report of one or several run folders; returns the HTML file's path."""
+    from routelens import validate
+
+    out = validate.path(out, "out", optional=True)
     runs = [(run_dir, _run(run_dir)) for run_dir in run_dirs]   # every folder checked before any work
     if out is None:
         out = os.path.join(run_dirs[0], "report.html") if len(run_dirs) == 1 else "routelens-report.html"
