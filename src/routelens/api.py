@@ -7,7 +7,9 @@ trajectories, out)` into a run folder written as it goes and resumed on a re-run
 whose tables are pandas DataFrames. Settings are the fields of the analysis' config
 dataclass (`CounterfactualConfig`, ...), named as the command line's options (`routes` is
 `--routes`), given as keyword arguments and validated there: a misspelt one is an error,
-never ignored.
+never ignored. Every other argument is checked on entry (`routelens.validate`), before any
+model loads, any input is read for work or anything is written: a bad one is a one-line
+`SettingError` that names it.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ import hashlib
 import os
 from dataclasses import fields
 
+from routelens import validate
 from routelens.analyses.counterfactual.config import CounterfactualConfig
 from routelens.analyses.counterfactual.result import CounterfactualResult
 from routelens.analyses.graft.config import GraftEvaluationConfig
@@ -31,6 +34,7 @@ from routelens.analyses.router_update.config import RouterUpdateConfig
 from routelens.analyses.router_update.result import RouterUpdateResult
 from routelens.analyses.semantic_routing.config import SemanticRouteConfig
 from routelens.analyses.semantic_routing.result import SemanticRouteResult
+from routelens.config import seed_value
 from routelens.data.target_items import TargetItem
 from routelens.data.trajectories import Trajectory
 from routelens.distributed import ray_settings
@@ -47,6 +51,8 @@ def make_config(config_class, config=None, **options):
     """`config_class(**options)` (or `config` with `options` replaced), an unknown option
     refused in one line with the available ones."""
     names = [f.name for f in fields(config_class)]
+    if config is not None and not isinstance(config, config_class):
+        raise SettingError(f"`config` must be a {config_class.__name__} (or None), got {type(config).__name__}", "config")
     resolved = dict(options)
     unknown = sorted(key for key in options if key not in names)
     if unknown:
@@ -56,17 +62,33 @@ def make_config(config_class, config=None, **options):
                            f"{', '.join(names)}", *unknown)
     if config is not None:
         resolved = {**{name: getattr(config, name) for name in names}, **resolved}
-    return config_class(**resolved)
+    settings = config_class(**resolved)
+    if "seed" in names:   # every config's seed, whether or not its own checks cover it
+        seed_value("seed", settings.seed)
+    return settings
 
 
 def _lens(lens, ray=None) -> Lens:
     """`lens`, checked: a Lens, and one with weights unless the analysis runs on Ray (`ray`)."""
     from routelens.distributed import check_ray_can_load
 
-    if not isinstance(lens, Lens):
-        raise RouteLensError(f"expected a Lens (routelens.load(...) or routelens.wrap(...)), got {type(lens).__name__}")
+    _is_lens(lens)
     check_ray_can_load(lens.loaded, ray)
     return lens
+
+
+def _is_lens(lens, name: str = "lens") -> Lens:
+    if not isinstance(lens, Lens):
+        raise SettingError(f"`{name}` must be a Lens (routelens.load(...) or routelens.wrap(...)), got "
+                           f"{type(lens).__name__} {validate.shown(lens)}", name)
+    return lens
+
+
+def _run_options(out, overwrite, show_progress, *, out_required: bool = False) -> str | None:
+    """The arguments every analysis shares: `out` (a path; None: in memory unless required) and two switches."""
+    validate.flag(overwrite, "overwrite")
+    validate.flag(show_progress, "show_progress")
+    return validate.path(out, "out", optional=not out_required)
 
 
 # ---------------------------------------------------------------------------- trajectories
@@ -85,15 +107,29 @@ def trajectories_from_ids(sequences: list[list[int]], completion_start: int | li
     """
     from routelens.data.trajectories import parse_trajectory
 
-    starts = completion_start if isinstance(completion_start, (list, tuple)) else [completion_start] * len(sequences)
+    sequences, completion_start, ids, verified, answers = (   # tensors and arrays as (lists of) Python values
+        x.tolist() if hasattr(x, "tolist") else x for x in (sequences, completion_start, ids, verified, answers))
+    if not isinstance(sequences, (list, tuple)) or not sequences:
+        raise SettingError("`sequences` must be a non-empty list of token-id lists such as [[1, 5, 6, 7]], got "
+                           f"{validate.shown(sequences)}", "sequences")
+    vocab_size = validate.count(vocab_size, "vocab_size", optional=True)
+    sequences = [validate.token_ids(seq, "sequences", vocab_size, where=f"sequence {n}") for n, seq in enumerate(sequences)]
+    starts = [completion_start] * len(sequences) if validate.is_int(completion_start) else completion_start
+    if not isinstance(starts, (list, tuple)) or not all(validate.is_int(s) for s in starts):
+        raise SettingError("`completion_start` must be an integer (the index of the first completion token) or a list "
+                           f"of one per sequence, got {validate.shown(completion_start)}", "completion_start")
+    for name, extra in (("ids", ids), ("verified", verified), ("answers", answers)):
+        if extra is not None and (not isinstance(extra, (list, tuple)) or len(extra) != len(sequences)):
+            raise SettingError(f"`{name}` must be a list of one entry per sequence ({len(sequences)}), got "
+                               f"{validate.shown(extra)}", name)
+    if len(starts) != len(sequences):
+        raise SettingError(f"`completion_start` must be one integer or one per sequence ({len(sequences)}), got "
+                           f"{len(starts)}", "completion_start")
     ids = [str(i) for i in range(len(sequences))] if ids is None else [str(i) for i in ids]
-    if not (len(starts) == len(ids) == len(sequences)) or any(
-            extra is not None and len(extra) != len(sequences) for extra in (verified, answers)):
-        raise RouteLensError("sequences, completion_start, ids, verified and answers must have one entry per sequence")
     if len(set(ids)) != len(ids):
-        raise RouteLensError("trajectory ids must be unique")
-    return [parse_trajectory({"id": i, "input_ids": list(map(int, seq)), "completion_start": start,
-                              "verified": None if verified is None else bool(verified[n]),
+        raise SettingError("trajectory `ids` must be unique", "ids")
+    return [parse_trajectory({"id": i, "input_ids": seq, "completion_start": int(start),
+                              "verified": None if verified is None else verified[n],
                               "answer": None if answers is None else answers[n]},
                              f"sequence {n}", None, vocab_size)
             for n, (i, seq, start) in enumerate(zip(ids, sequences, starts))]
@@ -114,9 +150,23 @@ def trajectories_from_text(tokenizer, pairs: list[tuple[str, str]], ids: list[st
     """
     from routelens.data.trajectories import parse_trajectory
 
+    if tokenizer is None:
+        raise SettingError("`tokenizer` is None: text trajectories need the model's tokenizer (lens.tokenizer); a model "
+                           "without one takes token ids (routelens.trajectories_from_ids)", "tokenizer")
+    if not callable(tokenizer):
+        raise SettingError(f"`tokenizer` must be the model's tokenizer (lens.tokenizer), got {type(tokenizer).__name__}",
+                           "tokenizer")
+    if not isinstance(pairs, (list, tuple)) or not pairs or not all(
+            isinstance(p, (list, tuple)) and len(p) == 2 and all(isinstance(t, str) for t in p) for p in pairs):
+        raise SettingError("`pairs` must be a non-empty list of (prompt, completion) text pairs such as "
+                           f"[(\"Q:3+4=A:\", \"3+4=7#7\")], got {validate.shown(pairs)}", "pairs")
+    for name, extra in (("ids", ids), ("answers", answers)):
+        if extra is not None and (not isinstance(extra, (list, tuple)) or len(extra) != len(pairs)):
+            raise SettingError(f"`{name}` must be a list of one entry per (prompt, completion) pair ({len(pairs)}), "
+                               f"got {validate.shown(extra)}", name)
     ids = [str(i) for i in range(len(pairs))] if ids is None else [str(i) for i in ids]
-    if answers is not None and len(answers) != len(pairs):
-        raise RouteLensError("answers must have one entry per (prompt, completion) pair")
+    if len(set(ids)) != len(ids):
+        raise SettingError("trajectory `ids` must be unique", "ids")
     return [parse_trajectory({"id": i, "prompt": prompt, "completion": completion,
                               "answer": None if answers is None else answers[n]}, f"pair {n}", tokenizer, None)
             for n, (i, (prompt, completion)) in enumerate(zip(ids, pairs))]
@@ -135,6 +185,9 @@ def read_trajectories(path: str, lens: Lens | None = None, only_verified: bool =
     """
     from routelens.data.trajectories import load_trajectories
 
+    path = validate.path(path, "path")
+    validate.flag(only_verified, "only_verified")
+    limit = validate.count(limit, "limit", optional=True)
     tokenizer, vocab_size, context = _reading_context(lens)
     return load_trajectories(path, tokenizer, vocab_size, only_verified=only_verified, limit=limit, max_length=context)
 
@@ -166,6 +219,15 @@ def sample_trajectories(lens: Lens, problems: str | None = None, *, n: int = 200
     from routelens.results.run_folder import check_out_file_beside_run
 
     lens = _lens(lens, ray)
+    validate.count(n, "n")
+    validate.count(samples_per_problem, "samples_per_problem")
+    validate.temperature(temperature)
+    validate.seed(seed)
+    validate.flag(heldout, "heldout")
+    validate.count(max_new_tokens, "max_new_tokens", optional=True)
+    validate.count(batch_size, "batch_size", optional=True)
+    problems = validate.path(problems, "problems", optional=True)
+    out = _run_options(out, overwrite, show_progress)
     run_folder = None if out is None else check_out_file_beside_run(out, [problems, lens.loaded.spec], overwrite)
     if lens.tokenizer is None:
         raise RouteLensError(f"model {lens.loaded.spec!r} has no tokenizer; trajectories are generated from text")
@@ -189,6 +251,7 @@ def _reading_context(lens: Lens | None) -> tuple:
     length (all None without a model)."""
     if lens is None:
         return None, None, None
+    _is_lens(lens)
     return lens.tokenizer, lens.adapter.config.vocab_size, lens.adapter.context_length
 
 
@@ -198,14 +261,12 @@ def _trajectory_data(lens: Lens, trajectories, only_verified: bool, max_trajecto
     from routelens.data.trajectories import IN_MEMORY, file_sha256, trajectories_jsonl
 
     if isinstance(trajectories, (str, os.PathLike)):
-        path = os.fspath(trajectories)
+        path = validate.path(trajectories, "trajectories")
         loaded = read_trajectories(path, lens, only_verified=only_verified, limit=max_trajectories)
         info = {"trajectories": os.path.abspath(path), "trajectories_sha256": file_sha256(path)}
         return loaded, info, None
-    trajectories = list(trajectories)
-    if not all(isinstance(t, Trajectory) for t in trajectories):
-        raise RouteLensError("trajectories must be a file path or a list of Trajectory "
-                             "(rl.trajectories_from_ids / _from_text / read_trajectories)")
+    trajectories = validate.objects(trajectories, "trajectories", Trajectory, "a file path or a list of Trajectory "
+                                    "(routelens.trajectories_from_ids / _from_text / read_trajectories)")
     if only_verified:
         trajectories = [t for t in trajectories if t.verified is True]
     trajectories = trajectories[:max_trajectories] if max_trajectories is not None else trajectories
@@ -257,6 +318,11 @@ def counterfactual(lens: Lens, trajectories, out: str | None = None, *, config: 
 
     lens = _lens(lens, ray)
     settings = make_config(CounterfactualConfig, config, **options)
+    out = _run_options(out, overwrite, show_progress)
+    validate.flag(only_verified, "only_verified")
+    validate.count(max_trajectories, "max_trajectories", optional=True)
+    if settings.joint_layers is None:   # joint layers are checked by the analysis, with what they need
+        validate.distinct_layers(settings.layers, lens.adapter, "layers")
     kept, info, content = _trajectory_data(lens, trajectories, only_verified, max_trajectories)
     info.update(max_trajectories=max_trajectories, only_verified=only_verified, num_trajectories=len(kept))
     folder = run(lens.loaded, kept, settings, out, info, overwrite=overwrite, show_progress=show_progress,
@@ -279,6 +345,9 @@ def arithmetic_items(lens: Lens, per_domain: int = 100, domains: list[str] | Non
     """
     from routelens.data.target_items import arithmetic_items as build
 
+    _is_lens(lens)
+    validate.count(per_domain, "per_domain")
+    domains = validate.names(domains, "domains")
     if lens.tokenizer is None:
         raise RouteLensError(f"model {lens.loaded.spec!r} has no tokenizer; the arithmetic task is text")
     return build(lens.tokenizer, per_domain, domains)
@@ -297,6 +366,9 @@ def read_items(path: str, lens: Lens | None = None, domains: list[str] | None = 
     """
     from routelens.data.target_items import load_items
 
+    path = validate.path(path, "path")
+    domains = validate.names(domains, "domains")
+    per_domain = validate.count(per_domain, "per_domain", optional=True)
     tokenizer, vocab_size, context = _reading_context(lens)
     return load_items(path, tokenizer, vocab_size, domains, per_domain, max_length=context)
 
@@ -332,8 +404,9 @@ def isolate(lens: Lens, items, out: str | None = None, *, config: IsolationConfi
 
     lens = _lens(lens, ray)
     settings = make_config(IsolationConfig, config, **options)
-    if settings.layers:
-        lens.adapter.resolve_layers(settings.layers)   # a dense or out-of-range layer fails before any item is read
+    out = _run_options(out, overwrite, show_progress)
+    if settings.layers:   # a dense, out-of-range or repeated layer fails before any item is read
+        validate.distinct_layers(settings.layers, lens.adapter, "layers")
     kept, info = _item_data(lens, items, domains, per_domain)
     return IsolationResult(run_isolation(lens.loaded, kept, settings, out, info, overwrite=overwrite,
                                          show_progress=show_progress, ray=ray_settings(ray, workers)))
@@ -344,16 +417,17 @@ def _item_data(lens: Lens, items, domains: list[str] | None, per_domain: int | N
     from routelens.data.target_items import select
     from routelens.data.trajectories import file_sha256
 
+    domains = validate.names(domains, "domains")
+    per_domain = validate.count(per_domain, "per_domain", optional=True)
     if isinstance(items, str) and items == "arithmetic":
         kept = arithmetic_items(lens, per_domain or 100, domains)
         info = {"items": "task:arithmetic"}
     elif isinstance(items, (str, os.PathLike)):
-        kept = read_items(os.fspath(items), lens, domains, per_domain)
-        info = {"items": os.path.abspath(items), "items_sha256": file_sha256(items)}
-    else:
-        items = list(items)
-        if not all(isinstance(i, TargetItem) for i in items):   # before select reads their domains
-            raise RouteLensError("items must be \"arithmetic\", a file path or a list of TargetItem")
+        path = validate.path(items, "items")
+        kept = read_items(path, lens, domains, per_domain)
+        info = {"items": os.path.abspath(path), "items_sha256": file_sha256(path)}
+    else:   # checked before select reads their domains
+        items = validate.objects(items, "items", TargetItem, '"arithmetic", a file path or a list of TargetItem')
         kept = select(items, domains, per_domain, source="the items given")
         info = {"items": "in-memory", "items_ids": [i.id for i in kept]}
     info.update(domains=domains, per_domain=per_domain, num_items=len(kept))
@@ -365,15 +439,15 @@ def _problems(lens: Lens, problems, n: int | None) -> tuple[list[EvalProblem], d
     from routelens.analyses.passk.analysis import arithmetic_problems, file_problems
     from routelens.data.trajectories import file_sha256
 
+    n = validate.count(n, "n", optional=True)
     if isinstance(problems, str) and problems == "arithmetic":
         return arithmetic_problems(lens.tokenizer, n or 500), {"problems": "task:arithmetic (held-out set)"}, False
     if isinstance(problems, (str, os.PathLike)):
-        path = os.fspath(problems)
+        path = validate.path(problems, "problems")
         return (file_problems(lens.tokenizer, path, n),
                 {"problems": os.path.abspath(path), "problems_sha256": file_sha256(path)}, True)
-    kept = list(problems)[:n] if n else list(problems)
-    if not all(isinstance(p, EvalProblem) for p in kept):
-        raise RouteLensError('problems must be "arithmetic", a JSONL path or a list of EvalProblem')
+    kept = validate.objects(problems, "problems", EvalProblem, '"arithmetic", a JSONL path or a list of EvalProblem')
+    kept = kept[:n] if n else kept
     return kept, {"problems": "in-memory", "problem_ids": [p.id for p in kept]}, False
 
 
@@ -405,6 +479,8 @@ def passk(lens: Lens, problems, out: str | None = None, *, compare_delta: str | 
 
     ray = ray_settings(ray, workers)
     lens = _lens(lens, ray)
+    out = _run_options(out, overwrite, show_progress)
+    compare_delta = validate.path(compare_delta, "compare_delta", optional=True)
     if lens.tokenizer is None:
         raise RouteLensError(f"model {lens.loaded.spec!r} has no tokenizer; pass@k samples text")
     kept, info, is_file = _problems(lens, problems, n)
@@ -443,6 +519,7 @@ def router_update(lens: Lens, counterfactual, out: str, *, heldout=None, config:
         raise SettingError("`ray`: a router update trains its steps one after another in this process, so it has "
                            "no Ray execution; call it without ray (it resumes after a kill all the same)", "ray")
     settings = make_config(RouterUpdateConfig, config, **options)
+    out = _run_options(out, overwrite, show_progress, out_required=True)
     run = run_router_update(lens.loaded, _counterfactual_folder(counterfactual, "counterfactual"), settings, out,
                             _counterfactual_folder(heldout, "heldout"), overwrite=overwrite, show_progress=show_progress)
     return RouterUpdateResult(run)
@@ -450,13 +527,16 @@ def router_update(lens: Lens, counterfactual, out: str, *, heldout=None, config:
 
 def _counterfactual_folder(run, what: str) -> str | None:
     """The folder of a counterfactual run given as a path or a saved `CounterfactualResult`."""
-    if run is None or isinstance(run, (str, os.PathLike)):
-        return run and os.fspath(run)
+    if run is None and what == "heldout":
+        return None
+    if isinstance(run, (str, os.PathLike)):
+        return validate.path(run, what)
     if isinstance(run, CounterfactualResult):
         if run.path is None:
             raise RouteLensError(f"the {what} result lives in memory; save it first (result.save(path))")
         return run.path
-    raise RouteLensError(f"{what} must be a run folder or a CounterfactualResult, got {type(run).__name__}")
+    raise SettingError(f"`{what}` must be the folder of a counterfactual run or a saved CounterfactualResult, got "
+                       f"{type(run).__name__} {validate.shown(run)}", what)
 
 
 # ---------------------------------------------------------------------------- semantic routing
@@ -490,8 +570,9 @@ def semantic_route(lens: Lens, items, out: str | None = None, *, config: Semanti
     ray = ray_settings(ray, workers)
     lens = _lens(lens, ray)
     settings = make_config(SemanticRouteConfig, config, **options)
-    for layer_set in settings.layer_sets or []:
-        lens.adapter.resolve_layers(layer_set)   # a dense or out-of-range layer fails before any item is read
+    out = _run_options(out, overwrite, show_progress)
+    for layer_set in settings.layer_sets or []:   # a dense, out-of-range or repeated layer fails before any item is read
+        validate.distinct_layers(layer_set, lens.adapter, "layer_sets")
     kept, info = _item_data(lens, items, domains, per_domain)
     return SemanticRouteResult(run_semantic_routing(lens.loaded, kept, settings, out, info, overwrite=overwrite,
                                                     show_progress=show_progress, ray=ray))
@@ -528,10 +609,56 @@ def graft(recipient: Lens | str, donor: Lens | str, experts, out: str, *, dtype:
         ('3:5=3:9', 'olmoe')
     """
     from routelens.analyses.graft.pipeline import graft as run_graft
+    from routelens.models.loading import DTYPES
 
+    validate.flag(evaluate, "evaluate")
+    if ray is not None and not evaluate:
+        raise SettingError("`ray` runs the evaluation on Ray actors; give it with `evaluate`=True", "ray", "evaluate")
+    for role, model in (("recipient", recipient), ("donor", donor)):
+        if not isinstance(model, Lens):
+            validate.model_spec(model, role)
+    _expert_map(experts)   # its form, before any model loads (the pipeline checks it against the models)
+    out = validate.path(out, "out")
+    validate.flag(show_progress, "show_progress")
+    if dtype is not None and dtype not in DTYPES:
+        raise SettingError(f"`dtype` must be one of {', '.join(DTYPES)} (or None: the recipient's own), got "
+                           f"{validate.shown(dtype)}", "dtype")
+    if not isinstance(device, str):
+        raise SettingError(f"`device` must be a string: cpu, cuda or cuda:N, got {validate.shown(device)}", "device")
+    if evaluate:   # the items' form (their content is read with the recipient's tokenizer, before the graft is written)
+        validate.names(domains, "domains")
+        validate.count(per_domain, "per_domain", optional=True)
+        if not (isinstance(items, (str, os.PathLike)) or isinstance(items, (list, tuple))):
+            validate.objects(items, "items", TargetItem, '"arithmetic", a file path or a list of TargetItem')
     return run_graft(recipient, donor, experts, out, dtype=dtype, device=device, evaluate=evaluate, items=items,
                      domains=domains, per_domain=per_domain, config=config, show_progress=show_progress, ray=ray,
                      workers=workers, overwrite=overwrite, **options)
+
+
+def _expert_map(experts) -> list[tuple[int, int, int, int]]:
+    """`graft`'s `experts`, in form ("L:e=L2:e2,..." or [(L, e, L2, e2), ...]); whether the
+    layers and experts exist is checked against the models (`plan_graft`), before any write."""
+    from routelens.analyses.graft.grafting import parse_expert_map
+
+    expected = ('"L:e=L2:e2,..." (recipient layer:expert = donor layer:expert, e.g. "3:5=3:9") or a non-empty list '
+                'of (layer, expert, donor_layer, donor_expert) such as [(3, 5, 3, 9)]')
+    if isinstance(experts, str):
+        mapping = parse_expert_map(experts)
+    elif isinstance(experts, (list, tuple)) and experts and all(
+            isinstance(p, (list, tuple)) and len(p) == 4 and all(validate.is_int(v) for v in p) for p in experts):
+        mapping = [tuple(int(v) for v in pair) for pair in experts]
+    else:
+        raise SettingError(f"`experts` must be {expected}, got {validate.shown(experts)}", "experts")
+    for layer, expert, donor_layer, donor_expert in mapping:
+        if expert < 0 or donor_expert < 0:
+            raise SettingError(f"`experts` {layer}:{expert}={donor_layer}:{donor_expert}: expert ids count from 0",
+                               "experts")
+    targets = [(layer, expert) for layer, expert, _, _ in mapping]
+    twice = next((t for t in targets if targets.count(t) > 1), None)
+    if twice is not None:
+        raise SettingError(f"`experts`: recipient expert {twice[0]}:{twice[1]} is grafted twice; give each slot one donor",
+                           "experts")
+    return mapping
 
 
 # ---------------------------------------------------------------------------- rollouts
@@ -564,6 +691,7 @@ def rollout(lens: Lens, counterfactual, out: str | None = None, *, config: Rollo
 
     lens = _lens(lens, ray)
     settings = make_config(RolloutConfig, config, **options)
+    out = _run_options(out, overwrite, show_progress)
     folder = run(lens.loaded, _counterfactual_folder(counterfactual, "counterfactual"), settings, out,
                  overwrite=overwrite, show_progress=show_progress, ray=ray_settings(ray, workers))
     return RolloutResult(folder)

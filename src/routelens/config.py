@@ -13,6 +13,7 @@ heavy, so the command line reads its options from here without loading torch.
 
 from __future__ import annotations
 
+import math
 from dataclasses import MISSING, field
 
 from routelens.errors import SettingError
@@ -42,6 +43,24 @@ def at_least(name: str, value, low: int) -> None:
 def positive(name: str, value) -> None:
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
         raise SettingError(f"`{name}` must be positive, got {value!r}", name)
+    if not math.isfinite(value):
+        raise SettingError(f"`{name}` must be positive and finite, got {value!r}", name)
+
+
+def finite(name: str, value) -> None:
+    """A real number (not a bool, not NaN or infinite)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise SettingError(f"`{name}` must be a finite number, got {value!r}", name)
+
+
+#: seeds lie in 0..2**63 - 1: numpy's seed sequences take no negative seed, and run.json and
+#: the Parquet tables keep a seed as a signed 64-bit integer
+SEED_LIMIT = 2**63
+
+
+def seed_value(name: str, value) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value < SEED_LIMIT:
+        raise SettingError(f"`{name}` must be an integer in 0..2**63-1, got {value!r}", name)
 
 
 def fraction(name: str, value) -> None:

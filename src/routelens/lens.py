@@ -14,7 +14,8 @@ from dataclasses import dataclass
 
 import torch
 
-from routelens.errors import OverrideNotApplied, RouteLensError
+from routelens import validate
+from routelens.errors import OverrideNotApplied, RouteLensError, SettingError
 from routelens.models.loading import DTYPES, LoadedModel, load_model
 
 
@@ -38,6 +39,12 @@ class Routes:
     logits: torch.Tensor
 
 
+class NotCaptured(RouteLensError, KeyError):
+    """No routes were captured at the layer asked for (a KeyError too, as a dict's missing key)."""
+
+    __str__ = RouteLensError.__str__   # the message as written, not KeyError's repr of it
+
+
 class CapturedRoutes(dict):
     """layer -> `Routes`, filled when the forward runs; `routes[-1]` counts from the end."""
 
@@ -46,10 +53,10 @@ class CapturedRoutes(dict):
         self._adapter = adapter
 
     def __getitem__(self, layer: int) -> Routes:
-        resolved = self._adapter.resolve_layers([layer])[0]
+        resolved = validate.layer(layer, self._adapter)
         if not super().__contains__(resolved):
-            raise KeyError(f"no routes captured at layer {layer}: run a forward inside the `capture` block "
-                           f"(captured layers: {sorted(self.keys())})")
+            raise NotCaptured(f"no routes captured at layer {layer}: run a forward inside the `capture` block "
+                              f"(captured layers: {sorted(self.keys())})")
         return super().__getitem__(resolved)
 
 
@@ -116,12 +123,22 @@ class Lens:
         """`text` as input ids [1, T] on the model's device (needs a tokenizer)."""
         if self.tokenizer is None:
             raise RouteLensError(f"model {self.loaded.spec!r} has no tokenizer; pass token ids")
-        return torch.tensor([self.tokenizer(text)["input_ids"]], device=self.adapter.device)
+        if not isinstance(text, str):
+            raise SettingError(f"`text` must be a string, got {type(text).__name__} {validate.shown(text)}", "text")
+        ids = self.tokenizer(text)["input_ids"]
+        if not ids:
+            raise SettingError(f"`text` {text!r} tokenises to nothing; give some text", "text")
+        return torch.tensor([ids], device=self.adapter.device)
 
     # ------------------------------------------------------------------ routes
     @contextmanager
     def capture(self, layers: list[int] | None = None) -> Iterator[CapturedRoutes]:
         """Record the routes of the forward run inside the block (the last one, if several).
+
+        `layers`: a list of layer indices (default: every MoE layer; one layer is [3]). The
+        input ids of every forward inside the block are checked (an integer tensor [batch,
+        length] of ids in the vocabulary): a bad one is a one-line error, not an IndexError
+        from the embedding.
 
         Examples:
             >>> import routelens as rl
@@ -134,10 +151,10 @@ class Lens:
         """
         from routelens.models.routing import capture_routes
 
-        resolved = self.adapter.resolve_layers(layers) if layers is not None else self.moe_layers
+        resolved = validate.layers(layers, self.adapter) if layers is not None else self.moe_layers
         shapes = _BlockShapes(self.adapter, resolved)
         routes = CapturedRoutes(self.adapter)
-        with shapes, capture_routes(self.adapter, resolved) as captured:
+        with _CheckedInputs(self.model), shapes, capture_routes(self.adapter, resolved) as captured:
             yield routes
         for layer, output in captured.items():
             batch, length = shapes.last[layer]
@@ -150,7 +167,10 @@ class Lens:
         """Route the tokens at `positions` ((batch row, position) pairs) through `experts` (k
         distinct experts each) at `layer` in every forward inside the block; all other
         tokens and layers route normally. Weights follow the model's own gating rule for
-        those experts unless given. Raises `OverrideNotApplied` if no forward was routed.
+        those experts unless given (finite, >= 0, one per expert). Every argument is checked
+        on entering the block (positions: distinct pairs of integers >= 0; a position beyond
+        a forward's batch x length fails in that forward), and so are the input ids of each
+        forward (see `capture`). Raises `OverrideNotApplied` if no forward was routed.
 
         Examples:
             >>> import routelens as rl
@@ -163,19 +183,12 @@ class Lens:
         """
         from routelens.models.routing import RouteOverride
 
-        resolved = self.adapter.resolve_layers([layer])[0]
-        experts_t = torch.as_tensor(experts, dtype=torch.long)
-        if experts_t.dim() != 2 or experts_t.shape[0] != len(positions) or experts_t.shape[1] != self.top_k:
-            raise RouteLensError(f"experts must be one list of {self.top_k} expert ids (the model's top-k) per "
-                                 f"position; got shape {list(experts_t.shape)} for {len(positions)} position(s)")
-        if ((experts_t < 0) | (experts_t >= self.num_experts)).any():
-            raise RouteLensError(f"expert ids must lie in 0..{self.num_experts - 1}")
-        if any(len(set(row)) != len(row) for row in experts_t.tolist()):
-            raise RouteLensError("the experts of a route must be distinct (a route is k different experts)")
-        weights_t = None if weights is None else torch.as_tensor(weights, dtype=torch.float32)
-        if weights_t is not None and weights_t.shape != experts_t.shape:
-            raise RouteLensError(f"weights must have the shape of experts {list(experts_t.shape)}, "
-                                 f"got {list(weights_t.shape)}")
+        resolved = validate.layer(layer, self.adapter)
+        positions = validate.positions(positions)
+        experts_t = torch.tensor(validate.routes(experts, len(positions), self.top_k, self.num_experts),
+                                 dtype=torch.long)
+        weights_t = None if weights is None else torch.tensor(
+            validate.weights(weights, len(positions), self.top_k), dtype=torch.float32)
         shapes = _BlockShapes(self.adapter, [resolved])
         fired = []
 
@@ -196,13 +209,35 @@ class Lens:
 
         handle = self.adapter.routers[resolved].register_forward_hook(hook)
         try:
-            with shapes:
+            with _CheckedInputs(self.model), shapes:
                 yield
         finally:
             handle.remove()
         if shapes.last and not fired:
             raise OverrideNotApplied(f"the route override at layer {layer} never fired although the model ran: "
                                      "this MoE block computes its routing inline; refusing to pass off natural routes")
+
+
+class _CheckedInputs:
+    """While open: every forward of `model` has its input ids checked (`validate.input_ids`)
+    before the embedding sees them (a forward given inputs_embeds is left alone)."""
+
+    def __init__(self, model: torch.nn.Module):
+        self.model, self.handle = model, None
+
+    def __enter__(self):
+        vocab_size = self.model.config.vocab_size
+
+        def check(module, args, kwargs):
+            ids = args[0] if args else kwargs.get("input_ids")
+            if ids is not None:
+                validate.input_ids(ids, vocab_size)
+
+        self.handle = self.model.register_forward_pre_hook(check, with_kwargs=True)
+        return self
+
+    def __exit__(self, *exc):
+        self.handle.remove()
 
 
 class _BlockShapes:
@@ -240,11 +275,28 @@ def load(model: str = "demo", device: str = "auto", dtype: str = "auto", *, devi
     to drive an analysis on Ray (`ray=`), whose actors load the weights themselves, and
     nothing else (an analysis in this process refuses it).
 
+    Every argument is checked before anything is read: a bad one is a one-line
+    `SettingError` naming it.
+
     Examples:
         >>> import routelens as rl
         >>> rl.load("tiny:qwen3_moe").family
         'qwen3_moe'
     """
+    model = validate.model_spec(model, "model")
+    if not isinstance(device, str):
+        raise SettingError(f"`device` must be a string: auto, cpu, cuda or cuda:N, got {validate.shown(device)}", "device")
+    if isinstance(dtype, torch.dtype):   # torch.bfloat16 for "bfloat16"
+        dtype = next((name for name, value in DTYPES.items() if value == dtype), str(dtype))
+    if device_map is not None and not isinstance(device_map, (str, dict)):
+        raise SettingError("`device_map` must be auto, balanced, sequential or a dict {module: device}, got "
+                           f"{type(device_map).__name__} {validate.shown(device_map)}", "device_map")
+    if experts_implementation is not None and not isinstance(experts_implementation, str):
+        raise SettingError(f"`experts_implementation` must be a string (eager, grouped_mm or batched_mm), got "
+                           f"{validate.shown(experts_implementation)}", "experts_implementation")
+    validate.flag(trust_remote_code, "trust_remote_code")
+    validate.flag(weights, "weights")
+    router_delta = validate.path(router_delta, "router_delta", optional=True)
     return Lens(load_model(model, device, dtype, trust_remote_code, router_delta=router_delta, device_map=device_map,
                            experts_implementation=experts_implementation, weights=weights))
 
@@ -266,6 +318,8 @@ def wrap(model: torch.nn.Module, tokenizer=None, name: str | None = None) -> Len
     if not isinstance(model, torch.nn.Module) or not hasattr(model, "config"):
         raise RouteLensError(f"wrap() takes a Hugging Face model (a torch.nn.Module with a config), "
                              f"got {type(model).__name__}")
+    if name is not None and (not isinstance(name, str) or not name.strip()):
+        raise SettingError(f"`name` must be a non-empty string or None, got {validate.shown(name)}", "name")
     model.eval()
     adapter = adapter_for(model)
     parameter = next(model.parameters())

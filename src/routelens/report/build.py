@@ -94,6 +94,9 @@ def build_report(run_dirs: list[str], out: str | None = None, overwrite: bool = 
     run.json and rebuilt by every report); several folders' is routelens-report.html here.
     A file `out` that exists is replaced only with `overwrite`, and only when routelens
     wrote it (`results.paths.check_out_file`)."""
+    from routelens import validate
+
+    out = validate.path(out, "out", optional=True)
     runs = [(run_dir, _run(run_dir)) for run_dir in run_dirs]   # every folder checked before any work
     in_run = out is None and len(run_dirs) == 1
     if in_run:

@@ -7,10 +7,12 @@ from dataclasses import asdict, dataclass
 from routelens.config import (
     ENGINE_NAMES,
     at_least,
+    finite,
     fraction,
     is_layer_list,
     one_of,
     positive,
+    seed_value,
     setting,
 )
 from routelens.errors import SettingError
@@ -98,6 +100,9 @@ class CounterfactualConfig:
         if self.candidates is not None:
             at_least("candidates", self.candidates, 1)
         positive("gumbel_temperature", self.gumbel_temperature)
+        seed_value("seed", self.seed)
+        for name in ("win_tolerance", "fragile", "confident"):
+            finite(name, getattr(self, name))
         if self.only_step_ok not in (None, True, False):
             raise SettingError(f"`only_step_ok` must be True, False or None (when every trajectory has step checks), "
                                f"got {self.only_step_ok!r}", "only_step_ok")

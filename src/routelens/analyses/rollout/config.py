@@ -8,6 +8,7 @@ from routelens.config import (
     CHECKERS,
     at_least,
     one_of,
+    seed_value,
     setting,
 )
 from routelens.errors import SettingError
@@ -76,9 +77,11 @@ class RolloutConfig:
         one_of("best_by", self.best_by, BEST_BY)
         if not isinstance(self.include_wrong, bool):
             raise SettingError(f"`include_wrong` must be True or False, got {self.include_wrong!r}", "include_wrong")
-        if isinstance(self.temperature, bool) or not isinstance(self.temperature, (int, float)) or self.temperature < 0:
+        if isinstance(self.temperature, bool) or not isinstance(self.temperature, (int, float)) or \
+                not 0 <= self.temperature < float("inf"):
             raise SettingError(f"`temperature` must be 0 (greedy) or positive, got {self.temperature!r}", "temperature")
         one_of("checker", self.checker, CHECKERS)
+        seed_value("seed", self.seed)
 
     @property
     def greedy(self) -> bool:

@@ -7,7 +7,9 @@ from dataclasses import dataclass
 from routelens.config import (
     BINS,
     at_least,
+    finite,
     positive,
+    seed_value,
     setting,
 )
 from routelens.errors import SettingError
@@ -43,10 +45,15 @@ class RouterUpdateConfig:
     def check(self) -> None:
         for name in ("steps", "batch_size"):
             at_least(name, getattr(self, name), 1)
+        if isinstance(self.bins, str) or not isinstance(self.bins, (list, tuple)) or not self.bins:
+            raise SettingError(f"`bins` must be a non-empty list of bins such as ['Fragile'] (of {', '.join(BINS)}), "
+                               f"got {self.bins!r}", "bins")
         unknown = [b for b in self.bins if b not in BINS]
         if unknown:
             raise SettingError(f"`bins`: unknown bin(s) {', '.join(unknown)}; `bins` are {', '.join(BINS)}", "bins")
         positive("beta", self.beta)
         positive("lr", self.lr)
+        finite("margin", self.margin)
+        seed_value("seed", self.seed)
         if not 0 <= self.margin < 1:
             raise SettingError(f"`margin` is a probability difference in [0, 1), got {self.margin}", "margin")

@@ -10,7 +10,9 @@ from routelens.config import (
     fraction,
     is_layer_list,
     one_of,
+    seed_value,
     setting,
+    switch,
 )
 from routelens.errors import SettingError
 
@@ -65,6 +67,8 @@ class SemanticRouteConfig:
         one_of("kind", self.kind, FINGERPRINT_KINDS)
         fraction("calibration_share", self.calibration_share)
         at_least("floor_seeds", self.floor_seeds, 0)
+        seed_value("seed", self.seed)
+        switch("accuracy", self.accuracy)
         fraction("alpha", self.alpha)
         at_least("bootstrap_resamples", self.bootstrap_resamples, 1)
         at_least("memory_budget", self.memory_budget, 1)
