@@ -123,10 +123,11 @@ def claim_in_run(run_dir: str, names: list[str]) -> None:
     folder `run_dir` among the run's files; a name that exists there unlisted is the user's
     and is refused (never replaced)."""
     stored = read_run_json(run_dir)
+    hint = "" if "files" in stored else " (this run predates the list, so an earlier report of it is unlisted too)"
     files = stored.setdefault("files", [])
     for name in names:
         if name not in files:
-            _refuse_unlisted(os.path.join(run_dir, name), " (or give the report another --out)")
+            _refuse_unlisted(os.path.join(run_dir, name), f", or give the report another --out{hint}")
     if any(name not in files for name in names):
         files += [name for name in names if name not in files]
         write_json_atomic(os.path.join(run_dir, RUN_JSON), stored)
