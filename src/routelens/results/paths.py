@@ -58,10 +58,24 @@ def check_apart_from_inputs(out: str, inputs, option: str = "out") -> None:
                                f"an input; choose another `{option}`", option)
 
 
+def check_replaceable(path: str, holds: str, differs: str, changed, listed, overwrite: bool, record: str,
+                      whose: str, again: str = "resume it") -> None:
+    """`path` holds something routelens wrote (`holds`: a run, a graft) with other settings
+    (`changed`): replaced only with `overwrite`, and only where its record (`record`) lists
+    the files it wrote (`listed`): without that list its files cannot be told from the user's."""
+    if not overwrite:
+        raise SettingError(f"{path} holds {holds} ({differs}: {', '.join(changed)}); re-run with the same settings to "
+                           f"{again}, or pass `overwrite` to replace it, or choose another `out`", "overwrite", "out")
+    if not isinstance(listed, list):
+        raise SettingError(f"{record} does not list the files {whose} wrote, so `overwrite` cannot tell them from yours "
+                           "(it was made before routelens listed them) and removes nothing; delete the folder yourself "
+                           "or choose another `out`", "overwrite", "out")
+
+
 def existing_parent(path: str) -> str:
     """The nearest existing folder above `path` (where creating it starts)."""
     parent = os.path.dirname(os.path.abspath(path))
-    while not os.path.exists(parent):
+    while not os.path.lexists(parent):
         parent = os.path.dirname(parent)
     return parent
 

@@ -39,6 +39,7 @@ from routelens.errors import RouteLensError, SettingError
 from routelens.results.paths import (
     check_apart_from_inputs,
     check_out_file,
+    check_replaceable,
     existing_parent,
     is_path_input,
     write_bytes_atomic,
@@ -195,15 +196,9 @@ def prepare_out(path: str, kind: str, config: dict, overwrite: bool) -> dict | N
     if stored["kind"] != kind:
         raise SettingError(f"{path} holds a routelens {stored['kind']} run, not a {kind} run; "
                            f"`overwrite` replaces only a {kind} run: choose another `out`", "overwrite", "out")
-    if not overwrite:
-        changed = sorted(k for k in set(config) | set(stored["config"]) if config.get(k) != stored["config"].get(k))
-        raise SettingError(
-            f"{path} holds a run with a different config (differs in: {', '.join(changed)}); "
-            "re-run with the same settings to resume, or pass `overwrite`, or choose another `out`", "overwrite", "out")
-    if not isinstance(stored.get("files"), list):
-        raise SettingError(f"{path} holds a run written before routelens listed the files of a run in run.json, so "
-                           "`overwrite` cannot tell its files from yours and removes nothing; delete the folder "
-                           "yourself or choose another `out`", "overwrite", "out")
+    changed = sorted(k for k in set(config) | set(stored["config"]) if config.get(k) != stored["config"].get(k))
+    check_replaceable(path, "a run with a different config", "differs in", changed, stored.get("files"), overwrite,
+                      os.path.join(path, RUN_JSON), "the run")
     remove_outputs(path, stored)   # (an input inside `path` was refused above, overwrite or not)
     return None
 

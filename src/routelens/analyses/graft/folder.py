@@ -31,6 +31,7 @@ from collections.abc import Callable
 from contextlib import contextmanager
 
 from routelens.errors import SettingError
+from routelens.results.paths import check_replaceable, existing_parent
 
 GRAFT_JSON = "graft.json"
 FORMAT = "routelens-graft-1"
@@ -63,13 +64,6 @@ def read_graft_record(folder: str) -> dict:
     return record
 
 
-def _nearest_existing(path: str) -> str:
-    parent = os.path.dirname(os.path.abspath(path))
-    while not os.path.lexists(parent):
-        parent = os.path.dirname(parent)
-    return parent
-
-
 def check_graft_out(out: str, overwrite: bool = False) -> dict | None:
     """Check, before any model loads and without changing anything, that a graft may be
     written at `out`; return the graft record it holds (None when it holds none)."""
@@ -77,7 +71,7 @@ def check_graft_out(out: str, overwrite: bool = False) -> dict | None:
         raise SettingError(f"`out` {out} is an existing file, not a folder; the grafted model is a folder: "
                            "choose a folder path", "out")
     if not os.path.isdir(out):
-        parent = _nearest_existing(out)
+        parent = existing_parent(out)
         if not os.path.isdir(parent):
             raise SettingError(f"cannot create `out` {out}: {parent} is a file, not a folder", "out")
         if not os.access(parent, os.W_OK | os.X_OK):
@@ -239,14 +233,8 @@ def save_graft(out: str, record: dict, write: Callable[[str], None], overwrite: 
         return saved, True   # this very graft: kept as it is (its evaluation resumes)
     if saved is not None:
         changed = sorted(key for key in set(settings(saved)) | set(settings(record)) if saved.get(key) != record.get(key))
-        if not overwrite:
-            raise SettingError(f"`out` {out} holds another graft (its graft.json differs from this one's in: "
-                               f"{', '.join(changed)}); re-run with the same settings to reuse it, pass `overwrite` to "
-                               "replace it, or choose another `out`", "overwrite", "out")
-        if not isinstance(saved.get("files"), list):
-            raise SettingError(f"{os.path.join(out, GRAFT_JSON)} was written by an earlier routelens and does not list "
-                               "the files the graft wrote, so `overwrite` cannot tell them from yours; remove the folder "
-                               "yourself or choose another `out`", "overwrite", "out")
+        check_replaceable(f"`out` {out}", "another graft", "its graft.json differs from this one's in", changed,
+                          saved.get("files"), overwrite, os.path.join(out, GRAFT_JSON), "the graft", again="reuse it")
     if os.path.isdir(out):
         _check_beside(out)
     partial = partial_path(out)
