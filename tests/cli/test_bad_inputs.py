@@ -219,7 +219,7 @@ CASES = {
     # ---- report, verify, router-update
     "report_missing_table": (lambda w: ["report", _copy_run(w, "no-tokens", drop="tokens.parquet")],
                              "lacks tokens.parquet"),
-    "report_unfinished_run": (lambda w: ["report", _copy_run(w, "unfinished", status="running")], "unfinished counterfactual run"),
+    "report_unfinished_run": (lambda w: ["report", _copy_run(w, "unfinished", status="running")], "running counterfactual run"),
     "report_invalid_run_json": (lambda w: ["report", str(w.bad_run_json)], "run.json is not valid JSON"),
     "report_out_is_a_folder": (lambda w: ["report", w.run, "--out", str(_foreign(w))], "is a folder; give a file path"),
     "verify_json_is_a_folder": (lambda w: ["verify", "--model", w.model, "--json", str(w.root)], "is a folder; give a file path"),
@@ -280,7 +280,112 @@ CASES = {
     "rollout_old_option_name": (lambda w: _rollout(w, "--max-tokens", "5"), "did you mean --max-new-tokens?"),
     "router_update_ray": (lambda w: ["router-update", "--model", w.model, "--counterfactual", w.run, "--out",
                                      str(w.root / "ru3"), "--ray", "local"], "unrecognized arguments: --ray local"),
+    # ---- issue 28: a run folder's files, read by one reader (export, report, rollout, router-update)
+    "export_run_json_truncated": (lambda w: ["export", _damaged(w, "rj-cut", "run.json", b'{"kind": "counterf')],
+                                  "run.json is not valid JSON (Unterminated string starting at: line 1 column 10); "
+                                  "re-run the analysis into a new folder to regenerate it"),
+    "export_run_json_not_a_record": (lambda w: ["export", _damaged(w, "rj-list", "run.json", b"[1, 2]")],
+                                     "is not a routelens run record (no kind, config and sessions); re-run the analysis"),
+    "export_summary_json_corrupt": (lambda w: ["export", _damaged(w, "sj-bad", "summary.json", b"{oops")],
+                                    "summary.json is not valid JSON"),
+    "export_summary_json_missing": (lambda w: ["export", _damaged(w, "sj-gone", "summary.json")],
+                                    "summary.json is missing; re-run its command with the same settings"),
+    "export_summary_json_not_an_object": (lambda w: ["export", _damaged(w, "sj-list", "summary.json", b"[]")],
+                                          "holds no summary (a JSON object)"),
+    "export_table_corrupt": (lambda w: ["export", _damaged(w, "tokens-cut", "tokens.parquet", b"PAR1 cut short")],
+                             "tokens.parquet is not a readable Parquet table"),
+    "report_summary_json_corrupt": (lambda w: ["report", _damaged(w, "sj-bad", "summary.json", b"{oops")],
+                                    "summary.json is not valid JSON"),
+    "report_routes_parquet_corrupt": (lambda w: ["report", _damaged(w, "routes-cut", "routes.parquet", b"PAR1 cut")],
+                                      "routes.parquet is not a readable Parquet table"),
+    "report_tokens_parquet_empty": (lambda w: ["report", _damaged(w, "tokens-empty", "tokens.parquet", b"")],
+                                    "tokens.parquet is not a readable Parquet table"),
+    "report_same_run_twice": (lambda w: ["report", w.run, w.run + os.sep], "is named twice (also as"),
+    "rollout_run_json_corrupt": (lambda w: _rollout(w, run=_damaged(w, "rj-cut", "run.json", b'{"kind": "counterf')),
+                                 "run.json is not valid JSON"),
+    "rollout_routes_parquet_missing": (lambda w: _rollout(w, run=_damaged(w, "routes-gone", "routes.parquet")),
+                                       "routes.parquet is missing; re-run its command with the same settings"),
+    "rollout_tokens_parquet_corrupt": (lambda w: _rollout(w, run=_damaged(w, "tokens-cut", "tokens.parquet", b"PAR1 cut short")),
+                                       "tokens.parquet is not a readable Parquet table"),
+    "rollout_run_json_without_its_config": (lambda w: _rollout(w, run=_without_config(w, "model", "trajectories")),
+                                            "lacks model, trajectories in its config, which rollout reads"),
+    "router_update_routes_parquet_corrupt": (lambda w: ["router-update", "--model", w.model, "--counterfactual",
+                                                        _damaged(w, "routes-cut", "routes.parquet", b"PAR1 cut"),
+                                                        "--out", str(w.root / "ru")],
+                                             "routes.parquet is not a readable Parquet table"),
+    "router_update_heldout_not_a_run": (lambda w: ["router-update", "--model", w.model, "--counterfactual", w.run,
+                                                   "--heldout-counterfactual", w.afile, "--out", str(w.root / "ru")],
+                                        "a-file.txt is not a run folder (no run.json)"),
+    # ---- issue 28: rollout --tokens FILE
+    "tokens_file_empty_csv": (lambda w: _rollout(w, "--tokens", _text(w, "t-empty.csv", "")), "t-empty.csv: the file is empty"),
+    "tokens_file_empty_jsonl": (lambda w: _rollout(w, "--tokens", _text(w, "t-empty.jsonl", "\n")),
+                                "t-empty.jsonl: the file is empty"),
+    "tokens_file_not_utf8": (lambda w: _rollout(w, "--tokens", _text(w, "t-latin.csv", "trajectory_id,position,layer\né,3,0\n"
+                                                                      .encode("latin-1"))), "t-latin.csv line 2: not UTF-8 text"),
+    "tokens_file_malformed_csv": (lambda w: _rollout(w, "--tokens", _text(w, "t-quote.csv", 'trajectory_id,position,layer\n"a,3,0\n')),
+                                  "malformed CSV (unexpected end of data)"),
+    "tokens_file_short_row": (lambda w: _rollout(w, "--tokens", _text(w, "t-short.csv", "trajectory_id,position,layer\na,3\n")),
+                              "t-short.csv line 2: 2 field(s) where the header"),
+    "tokens_file_null_position": (lambda w: _rollout(w, "--tokens", write_jsonl(w.root / "t-null.jsonl", [
+        {"trajectory_id": "a", "position": None, "layer": 0}])), "position must be an integer >= 0"),
+    "tokens_file_fractional_position": (lambda w: _rollout(w, "--tokens", write_jsonl(w.root / "t-frac.jsonl", [
+        {"trajectory_id": "a", "position": 6.5, "layer": 0}])), "position must be an integer >= 0 (a token's index in its "
+                                                                 "trajectory), got 6.5"),
+    "tokens_file_negative_position": (lambda w: _rollout(w, "--tokens", _text(w, "t-neg.csv", "trajectory_id,position,layer\na,-3,0\n")),
+                                      "t-neg.csv line 2: position must be an integer >= 0"),
+    "tokens_file_layer_not_a_number": (lambda w: _rollout(w, "--tokens", _text(w, "t-layer.csv",
+                                                                              "trajectory_id,position,layer\na,6,first\n")),
+                                       "layer must be an integer (a layer the run scored), got 'first'"),
+    "tokens_file_unknown_trajectory": (lambda w: _rollout(w, "--tokens", write_jsonl(w.root / "t-zz.jsonl", [
+        {"trajectory_id": "zz", "position": 6, "layer": 0}])), "trajectory 'zz' was not scored by the counterfactual run "
+                                                               "(it scored 2 trajectories: 'a', 'b')"),
+    "tokens_file_position_out_of_range": (lambda w: _rollout(w, "--tokens", _text(w, "t-far.csv",
+                                                                                 "trajectory_id,position,layer\na,999,0\n")),
+                                          "was not scored by the counterfactual run (it scored positions"),
+    "tokens_file_is_a_folder": (lambda w: _rollout(w, "--tokens", str(_foreign(w))), "is a folder; give a file of"),
 }
+
+
+def _damaged(w, name, file, content=None):
+    """A copy of the complete run with `file` replaced by `content` (bytes), or removed (None)."""
+    target = w.root / name
+    if not target.exists():
+        shutil.copytree(w.run, target)
+        if content is None:
+            os.remove(target / file)
+        else:
+            (target / file).write_bytes(content)
+    return str(target)
+
+
+def _without_config(w, *keys):
+    """A copy of the complete run whose run.json lacks `keys` in its config."""
+    target = w.root / ("no-" + "-".join(keys))
+    if not target.exists():
+        shutil.copytree(w.run, target)
+        state = json.loads((target / "run.json").read_text())
+        for key in keys:
+            del state["config"][key]
+        (target / "run.json").write_text(json.dumps(state))
+    return str(target)
+
+
+def _text(w, name, content):
+    path = w.root / name
+    path.write_bytes(content if isinstance(content, bytes) else content.encode())
+    return str(path)
+
+
+def _duplicate_problems(w):
+    return write_jsonl(w.root / "problems-dup.jsonl", [{"id": "p", "prompt": "Q:1+2=", "answer": "3"},
+                                                       {"id": "p", "prompt": "Q:2+2=", "answer": "4"}])
+
+
+def _semantic(w, layer_sets):
+    items = write_jsonl(w.root / "items-2.jsonl", [{"id": f"{d}{i}", "domain": d, "prompt": "Q:1+2=", "target": "3"}
+                                                   for d in ("x", "y") for i in range(4)])
+    return ["semantic-route", "--model", w.model, "--items", items, "--layer-sets", layer_sets, "--no-accuracy",
+            "--out", str(w.root / "sr-new")]
 
 
 def _another_graft(w):
@@ -344,7 +449,7 @@ def test_bad_input_is_one_line_exit_2(case, world, capsys, monkeypatch):
     assert message in err, err
     for path, mtime in before.items():    # the user's files are all still there, untouched
         assert os.path.exists(path) and os.path.getmtime(path) == mtime
-    for out in ("out-new", "iso-new", "pk", "pk2", "pk3", "ru", "ru2"):
+    for out in ("out-new", "iso-new", "pk", "pk2", "pk3", "ru", "ru2", "ro", "sr-new", "sr4", "demo-new", "td-seed"):
         assert not os.path.exists(world.root / out / "summary.json")   # nothing passed off as complete
 
 
@@ -374,6 +479,23 @@ def test_unreachable_hub_id_fails_at_once(world, capsys, monkeypatch):
     assert time.perf_counter() - started < scaled(8)          # no minute of retries
     err = capsys.readouterr().err.strip()
     assert err.splitlines() == [err] and "not in the local Hugging Face cache and the hub cannot be reached" in err
+
+
+@pytest.mark.parametrize("file, content, message", [
+    ("run.json", b"{not json", "run.json is not valid JSON"),
+    ("summary.json", None, "summary.json is missing"),
+    ("summary.json", b"[]", "holds no summary"),
+    ("routes.parquet", b"PAR1 cut short", "routes.parquet is not a readable Parquet table"),
+])
+def test_read_run_names_the_damaged_file(world, file, content, message):
+    """rl.read_run reads through the same reader as the commands: a damaged file is named, in one line."""
+    import routelens as rl
+
+    folder = _damaged(world, f"api-{file}-{content is None}-{len(content or b'')}", file, content)
+    with pytest.raises(rl.RouteLensError, match=message) as refused:
+        rl.read_run(folder)   # every file it holds is checked here, the tables too
+    assert len(str(refused.value).splitlines()) == 1
+    assert "re-run" in str(refused.value)
 
 
 def test_read_only_out_is_refused(world, capsys, monkeypatch):

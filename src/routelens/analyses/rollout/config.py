@@ -64,6 +64,9 @@ class RolloutConfig:
     def __post_init__(self) -> None:
         import os
 
+        if self.tokens not in TOKEN_CHOICES and os.path.isdir(str(self.tokens)):
+            raise SettingError(f"`tokens` {self.tokens} is a folder; give a file of (trajectory_id, position, layer) "
+                               "rows (JSONL, Parquet or CSV)", "tokens")
         if self.tokens not in TOKEN_CHOICES and not os.path.isfile(str(self.tokens)):
             raise SettingError(f"`tokens` must be {', '.join(TOKEN_CHOICES)} or a file of (trajectory_id, position, "
                                f"layer) rows; {self.tokens!r} is none of them and no such file exists", "tokens")
