@@ -13,6 +13,7 @@ heavy, so the command line reads its options from here without loading torch.
 
 from __future__ import annotations
 
+import math
 from dataclasses import MISSING, field
 
 from routelens.errors import SettingError
@@ -39,9 +40,26 @@ def at_least(name: str, value, low: int) -> None:
         raise SettingError(f"`{name}` must be an integer >= {low}, got {value!r}", name)
 
 
+def finite(name: str, value) -> None:
+    """A real number, not nan or infinite (argparse's float reads "nan" and "inf")."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise SettingError(f"`{name}` must be a finite number, got {value!r}", name)
+
+
 def positive(name: str, value) -> None:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
+    finite(name, value)
+    if not value > 0:
         raise SettingError(f"`{name}` must be positive, got {value!r}", name)
+
+
+# every seed feeds numpy's and torch's generators; numpy's legacy seeding (the demo model's
+# training) takes 0..2**32 - 1, and one range for every command keeps a seed portable
+SEED_MAX = 2**32 - 1
+
+
+def seed_value(name: str, value) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= SEED_MAX:
+        raise SettingError(f"`{name}` must be an integer in 0..{SEED_MAX} (2**32 - 1), got {value!r}", name)
 
 
 def fraction(name: str, value) -> None:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 
-from routelens.cli.parsing import load_lens, model_options, positive_int, run_options
+from routelens.cli.parsing import load_lens, model_options, positive_int, run_options, seed, temperature
 from routelens.errors import RouteLensError
 
 NAME = "evaluate"
@@ -27,8 +27,8 @@ def parents():
 def add_arguments(parser) -> None:
     parser.add_argument("--n", type=positive_int, default=500, help="held-out problems (default 500, 1-4 operations)")
     parser.add_argument("--samples", type=positive_int, default=8, help="samples per problem for pass@k (default 8)")
-    parser.add_argument("--temperature", type=float, default=0.8, help="sampling temperature (default 0.8)")
-    parser.add_argument("--seed", type=int, default=0, help="sampling seed (default 0)")
+    parser.add_argument("--temperature", type=temperature, default=0.8, help="sampling temperature (default 0.8)")
+    parser.add_argument("--seed", type=seed, default=0, help="sampling seed (default 0)")
     parser.add_argument("--out", default=None, help="write the figures to this JSON file")
     parser.add_argument("--record", action="store_true",
                         help="also record the figures in the model folder's card.json (after train-demo)")

@@ -81,6 +81,41 @@ def positive_int(text: str, low: int = 1, what: str = "a positive integer") -> i
     return value
 
 
+def seed(text: str) -> int:
+    """A seed: an integer in 0..2**32 - 1 (`routelens.config.SEED_MAX`)."""
+    from routelens.config import SEED_MAX
+
+    return bounded_int(text, 0, SEED_MAX, f"a seed, an integer in 0..{SEED_MAX} (2**32 - 1)")
+
+
+def bounded_int(text: str, low: int, high: int, what: str) -> int:
+    value = positive_int(text, low, what)
+    if value > high:
+        raise argparse.ArgumentTypeError(f"expected {what}, got {value}")
+    return value
+
+
+def number(text: str) -> float:
+    """A finite float (float() also reads nan and inf)."""
+    import math
+
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"expected a finite number, got {text!r}")
+    return value
+
+
+def temperature(text: str) -> float:
+    """A sampling temperature: finite and positive."""
+    value = number(text)
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"expected a positive sampling temperature, got {text!r}")
+    return value
+
+
 def count(text: str) -> int:
     """An integer >= 0 (0: none)."""
     return positive_int(text, 0, "an integer >= 0")
@@ -95,7 +130,7 @@ def memory(text: str) -> int:
         if lowered.endswith(suffix):
             try:
                 size = int(float(lowered[: -len(suffix)]) * factor)
-            except ValueError:
+            except (ValueError, OverflowError):   # not a number, nan or inf
                 break
             if size <= 0:
                 raise argparse.ArgumentTypeError(f"a memory budget must be positive, got {text!r}")
@@ -177,7 +212,7 @@ def layer_sets(text: str) -> list[list[int]]:
 
 
 # a config field's `parse` (or its annotation) -> the value type of its option
-VALUE_TYPES = {"int": int, "float": float, "str": str, "positive_int": positive_int, "count": count, "int_list": int_list,
+VALUE_TYPES = {"int": int, "float": number, "str": str, "positive_int": positive_int, "count": count, "int_list": int_list,
                "layers_or_all": layers_or_all, "names": names, "memory": memory, "layer_sets": layer_sets}
 
 

@@ -179,8 +179,11 @@ def sample_trajectories(loaded, problems: list[dict], prompts: list[list[int]], 
     Ray actors, a group each at a time. With `run` (a folder), each group is written as it
     completes and a cut-off run of the same settings resumes (`overwrite` replaces one of
     other settings); `source` (where the problems came from) is recorded in its run.json."""
+    from routelens.config import positive, seed_value
     from routelens.distributed import check_ray_can_load
 
+    positive("temperature", temperature)
+    seed_value("seed", seed)
     check_ray_can_load(loaded, ray)
     sampling = dict(num_samples=samples_per_problem, temperature=temperature, seed=seed,
                     max_new_tokens=max_new_tokens, batch_size=batch_size)
@@ -216,8 +219,10 @@ def arithmetic_trajectories(lens, n: int, samples_per_problem: int, temperature:
     """Trajectories on n analysis problems (the seed's stream), or on the first n held-out
     ones, sampled by `lens` (a `Lens` or its `LoadedModel`); `run`: a folder to write them
     to as they come and resume from (`sample_trajectories`)."""
+    from routelens.config import seed_value
     from routelens.data.arithmetic import heldout_problems
 
+    seed_value("seed", seed)
     loaded = getattr(lens, "loaded", lens)
     problems = heldout_problems(n) if heldout else analysis_problems(seed, n)
     rows = [{"id": p.id, "difficulty": p.difficulty, "domain": p.domain, "answer": str(p.answer)} for p in problems]

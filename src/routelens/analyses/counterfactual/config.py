@@ -11,6 +11,7 @@ from routelens.config import (
     is_layer_list,
     one_of,
     positive,
+    seed_value,
     setting,
 )
 from routelens.errors import SettingError
@@ -98,6 +99,7 @@ class CounterfactualConfig:
         if self.candidates is not None:
             at_least("candidates", self.candidates, 1)
         positive("gumbel_temperature", self.gumbel_temperature)
+        seed_value("seed", self.seed)
         if self.only_step_ok not in (None, True, False):
             raise SettingError(f"`only_step_ok` must be True, False or None (when every trajectory has step checks), "
                                f"got {self.only_step_ok!r}", "only_step_ok")

@@ -10,6 +10,7 @@ from routelens.config import (
     fraction,
     is_layer_list,
     one_of,
+    seed_value,
     setting,
     switch,
 )
@@ -64,6 +65,7 @@ class IsolationConfig:
         for name in ("bootstrap_resamples", "group_items", "memory_budget"):
             at_least(name, getattr(self, name), 1)
         at_least("floor_seeds", self.floor_seeds, 0)
+        seed_value("seed", self.seed)
         switch("equal_compute", self.equal_compute)
         if self.equal_compute and self.floor_seeds == 0:
             raise SettingError("`floor_seeds` 0 leaves the equal-compute arms without their single-expert floor (the "

@@ -9,6 +9,7 @@ from routelens.config import (
     at_least,
     one_of,
     positive,
+    seed_value,
     setting,
 )
 from routelens.errors import SettingError
@@ -64,6 +65,7 @@ class PassKConfig:
             raise SettingError(f"`k` {','.join(map(str, bad))} must lie in 1..`samples` ({self.samples}): "
                                "pass@k needs that many draws per problem", "k", "samples")
         positive("temperature", self.temperature)
+        seed_value("seed", self.seed)
 
     def identity(self) -> dict:
         return {k: v for k, v in asdict(self).items() if k not in self.SUMMARY + self.PERFORMANCE}

@@ -7,7 +7,9 @@ from dataclasses import asdict, dataclass
 from routelens.config import (
     CHECKERS,
     at_least,
+    finite,
     one_of,
+    seed_value,
     setting,
 )
 from routelens.errors import SettingError
@@ -79,8 +81,10 @@ class RolloutConfig:
         one_of("best_by", self.best_by, BEST_BY)
         if not isinstance(self.include_wrong, bool):
             raise SettingError(f"`include_wrong` must be True or False, got {self.include_wrong!r}", "include_wrong")
-        if isinstance(self.temperature, bool) or not isinstance(self.temperature, (int, float)) or self.temperature < 0:
+        finite("temperature", self.temperature)
+        if self.temperature < 0:
             raise SettingError(f"`temperature` must be 0 (greedy) or positive, got {self.temperature!r}", "temperature")
+        seed_value("seed", self.seed)
         one_of("checker", self.checker, CHECKERS)
 
     @property

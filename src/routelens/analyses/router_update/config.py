@@ -8,6 +8,7 @@ from routelens.config import (
     BINS,
     at_least,
     positive,
+    seed_value,
     setting,
 )
 from routelens.errors import SettingError
@@ -48,5 +49,6 @@ class RouterUpdateConfig:
             raise SettingError(f"`bins`: unknown bin(s) {', '.join(unknown)}; `bins` are {', '.join(BINS)}", "bins")
         positive("beta", self.beta)
         positive("lr", self.lr)
+        seed_value("seed", self.seed)
         if not 0 <= self.margin < 1:
             raise SettingError(f"`margin` is a probability difference in [0, 1), got {self.margin}", "margin")

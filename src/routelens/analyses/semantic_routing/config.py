@@ -10,6 +10,7 @@ from routelens.config import (
     fraction,
     is_layer_list,
     one_of,
+    seed_value,
     setting,
 )
 from routelens.errors import SettingError
@@ -65,6 +66,7 @@ class SemanticRouteConfig:
         one_of("kind", self.kind, FINGERPRINT_KINDS)
         fraction("calibration_share", self.calibration_share)
         at_least("floor_seeds", self.floor_seeds, 0)
+        seed_value("seed", self.seed)
         fraction("alpha", self.alpha)
         at_least("bootstrap_resamples", self.bootstrap_resamples, 1)
         at_least("memory_budget", self.memory_budget, 1)
