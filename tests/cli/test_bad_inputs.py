@@ -390,6 +390,31 @@ CASES = {
                                      "--length 100000 is more than the model's context of 256 tokens"),
     "verify_length_negative": (lambda w: ["verify", "--model", w.model, "--length=-5"],
                                "argument --length: expected a positive integer, got -5"),
+    # ---- issue 28: semantic-route layer sets
+    "semantic_layer_twice_in_a_set": (lambda w: _semantic(w, "0,0;1"), "--layer-sets set 0,0 names layer 0 twice"),
+    "semantic_same_set_twice": (lambda w: _semantic(w, "0,1;1,0"), "--layer-sets names the same set of layers twice (0,1 and 1,0)"),
+    "semantic_layer_twice_through_a_negative_index": (lambda w: _semantic(w, "2,-1"),
+                                                      "--layer-sets set 2,-1 names layer 2 twice (as -1 and 2)"),
+    "semantic_same_set_through_a_negative_index": (lambda w: _semantic(w, "2;-1"),
+                                                   "--layer-sets names the same set of layers twice (2 and -1)"),
+    # ---- issue 28: problem files and other files where a folder or a file is expected
+    "trajectories_problems_duplicate_id": (lambda w: ["trajectories", "--model", w.model, "--problems", _duplicate_problems(w),
+                                                      "--out", str(w.root / "t-dup.jsonl")], "line 2: duplicate problem id 'p'"),
+    "passk_problems_duplicate_id": (lambda w: ["passk", "--model", "demo", "--problems", _duplicate_problems(w),
+                                               "--out", str(w.root / "pk")], "line 2: duplicate problem id 'p'"),
+    "trajectories_problems_is_a_folder": (lambda w: ["trajectories", "--model", w.model, "--problems", str(_foreign(w)),
+                                                     "--out", str(w.root / "t-dir.jsonl")], "is a folder; give a JSONL file"),
+    "trajectory_file_is_a_folder": (lambda w: _cf(w, trajectories=str(_foreign(w))), "is a folder; give a JSONL file"),
+    "router_delta_is_a_folder": (lambda w: _cf(w, "--router-delta", str(_foreign(w))),
+                                 "is a folder; give the router_delta.safetensors file"),
+    "evaluate_out_is_a_folder": (lambda w: ["evaluate", "--model", "demo", "--n", "2", "--out", str(_foreign(w))],
+                                 "is a folder; give a file path"),
+    "evaluate_record_without_a_card": (lambda w: ["evaluate", "--model", w.model, "--n", "2", "--record"],
+                                       "has none: drop --record, or use --out FILE"),
+    "train_demo_out_is_a_file": (lambda w: ["train-demo", "--out", w.afile, "--steps", "1"],
+                                 "is an existing file; give a folder for the trained model"),
+    "train_demo_out_is_a_users_folder": (lambda w: ["train-demo", "--out", str(_foreign(w)), "--steps", "1"],
+                                         "that `routelens train-demo` did not write"),
 }
 
 

@@ -35,8 +35,20 @@ def add_arguments(parser) -> None:
 
 
 def run(args) -> int:
-    from routelens.evaluation import evaluate_arithmetic
+    import os
 
+    from routelens.evaluation import evaluate_arithmetic
+    from routelens.results.run_folder import check_out_file
+
+    if args.out:   # checked before the model loads and minutes of sampling
+        check_out_file(args.out, inputs=[args.model])
+    if args.record:
+        from routelens.demo_model import CARD, WEIGHTS_DIR
+
+        folder = WEIGHTS_DIR if args.model == "demo" else args.model
+        if not os.path.isfile(os.path.join(folder, CARD)):
+            raise RouteLensError(f"--record writes the figures into the card.json of a model folder written by "
+                                 f"`routelens train-demo`; {args.model} has none: drop --record, or use --out FILE")
     lens = load_lens(args)
     if lens.tokenizer is None:
         raise RouteLensError(f"model {args.model!r} has no tokenizer; the arithmetic task is text")

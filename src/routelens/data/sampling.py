@@ -53,12 +53,15 @@ def math_answer_correct(completion: str, reference: str) -> bool:
 
 
 def read_problem_file(path: str) -> list[dict]:
-    problems = []
+    problems, seen = [], set()
     for record in read_jsonl(path, "problem file"):
         missing = [f for f in ("id", "prompt", "answer") if f not in record]
         if missing:
             raise RouteLensError(f"{record['_where']}: missing field(s) {', '.join(missing)}; "
                                  "a problem needs {'id', 'prompt', 'answer'}")
+        if str(record["id"]) in seen:   # the trajectories' ids are built from it
+            raise RouteLensError(f"{record['_where']}: duplicate problem id {str(record['id'])!r}; ids must be unique")
+        seen.add(str(record["id"]))
         problems.append({"id": str(record["id"]), "prompt": str(record["prompt"]), "answer": str(record["answer"]),
                          "where": record["_where"]})
     if not problems:

@@ -90,7 +90,28 @@ def initial_model(seed: int) -> OlmoeForCausalLM:
     return OlmoeForCausalLM(demo_config())
 
 
+def check_model_out(out: str) -> None:
+    """Where a trained model goes: a new or empty folder, or one a previous train-demo wrote
+    (its card.json says so), checked before training; never a file or someone's folder."""
+    from routelens.errors import SettingError
+
+    if os.path.exists(out) and not os.path.isdir(out):
+        raise SettingError(f"`out` {out} is an existing file; give a folder for the trained model", "out")
+    if os.path.isdir(out) and os.listdir(out):
+        card = os.path.join(out, CARD)
+        try:
+            with open(card, encoding="utf-8") as handle:
+                ours = json.load(handle).get("trained_by") == "routelens train-demo"
+        except (OSError, ValueError, AttributeError):
+            ours = False
+        if not ours:
+            raise SettingError(f"`out` {out} is a folder with files that `routelens train-demo` did not write (no "
+                               f"{CARD} of its own); its model files would replace them: choose a new or empty folder",
+                               "out")
+
+
 def train(out: str, config: TrainConfig, show_progress: bool = True) -> dict:
+    check_model_out(out)
     torch.set_num_threads(config.threads)
     tokenizer = build_char_tokenizer(ALPHABET)
     model = initial_model(config.seed)
