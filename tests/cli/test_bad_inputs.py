@@ -415,6 +415,24 @@ CASES = {
                                  "is an existing file; give a folder for the trained model"),
     "train_demo_out_is_a_users_folder": (lambda w: ["train-demo", "--out", str(_foreign(w)), "--steps", "1"],
                                          "that `routelens train-demo` did not write"),
+    # ---- issue 28: Ray, refused before Ray starts
+    "ray_cpus_beyond_the_machine": (lambda w: _cf(w, "--ray", "local", "--cpus-per-worker", "100000"),
+                                    "--cpus-per-worker 100000 is more CPUs than this machine has"),
+    "ray_zero_cpus": (lambda w: _cf(w, "--ray", "local", "--cpus-per-worker", "0"), "--cpus-per-worker must be positive"),
+    "ray_cpus_nan": (lambda w: _iso(w, "--ray", "local", "--cpus-per-worker", "nan"),
+                     "argument --cpus-per-worker: expected a finite number"),
+    "ray_more_gpus_than_the_machine": (lambda w: _cf(w, "--ray", "local", "--gpus-per-worker", "1", "--workers", "1000"),
+                                       "--gpus-per-worker 1 for 1000 worker(s) needs 1000 GPU(s), but this machine has"),
+    "ray_with_device_map": (lambda w: _cf(w, "--ray", "local", "--device-map", "auto"),
+                            "--device-map and --ray together: Ray gives each actor its own GPUs"),
+    "ray_address_without_port": (lambda w: _cf(w, "--ray", "localhost"), "--ray 'localhost' is not local, auto or a cluster address"),
+    "ray_address_misspelt": (lambda w: _rollout(w, "--ray", "locla"), "--ray 'locla' is not local, auto or a cluster address"),
+    "ray_unknown_host": (lambda w: _cf(w, "--ray", "nowhere.invalid:6379"), "no host 'nowhere.invalid' is known here"),
+    "ray_nothing_listening": (lambda w: _cf(w, "--ray", "127.0.0.1:1"), "127.0.0.1:1 refused the connection"),
+    "gpus_per_worker_without_ray": (lambda w: _cf(w, "--gpus-per-worker", "1"),
+                                    "--gpus-per-worker sizes the Ray actors: give --ray"),
+    "cpus_per_worker_without_ray": (lambda w: _iso(w, "--cpus-per-worker", "2"),
+                                    "--cpus-per-worker sizes the Ray actors: give --ray"),
 }
 
 
@@ -500,7 +518,7 @@ def _inputs_inside(w):
 
 
 def test_the_catalogue_has_at_least_40_cases():
-    assert len(CASES) >= 40
+    assert len(CASES) >= 150
 
 
 @pytest.mark.parametrize("case", sorted(CASES))

@@ -184,20 +184,29 @@ def ray_options() -> argparse.ArgumentParser:
                        help="score on a pool of Ray actors: local (start Ray here), auto (this machine's cluster) "
                             "or a cluster address; same run folder, resumable either way")
     group.add_argument("--workers", type=positive_int, default=None, help="Ray actors, each loading the model once (default 2)")
-    group.add_argument("--gpus-per-worker", type=float, default=None,
+    group.add_argument("--gpus-per-worker", type=number, default=None,
                        help="GPUs per actor (default 1 on cuda, else 0; above 1 with --device-map auto)")
-    group.add_argument("--cpus-per-worker", type=float, default=1.0, help="CPUs per actor (default 1)")
+    group.add_argument("--cpus-per-worker", type=number, default=None, help="CPUs per actor (default 1)")
     return parser
 
 
 def ray_from_args(args):
     """The Ray settings of --ray/--workers/..., checked (and Ray importable) before the model loads."""
-    from routelens.distributed import RaySettings, ray_settings
+    from routelens.distributed import RaySettings, check_device_map, ray_settings
+    from routelens.errors import SettingError
 
     if args.ray is None:
+        given = [f"--{name.replace('_', '-')}" for name in ("gpus_per_worker", "cpus_per_worker")
+                 if getattr(args, name) is not None]
+        if given and args.workers is None:   # (--workers alone: ray_settings says it)
+            raise SettingError(f"{' and '.join(given)} size{'' if len(given) > 1 else 's'} the Ray actors: give --ray "
+                               f"(local, auto or a cluster address), or drop {' and '.join(given)}")
         return ray_settings(None, args.workers)
-    return ray_settings(RaySettings(address=args.ray, workers=args.workers or 2, cpus_per_worker=args.cpus_per_worker,
-                                    gpus_per_worker=args.gpus_per_worker))
+    settings = RaySettings(address=args.ray, workers=args.workers or 2,
+                           cpus_per_worker=1.0 if args.cpus_per_worker is None else args.cpus_per_worker,
+                           gpus_per_worker=args.gpus_per_worker)
+    check_device_map(getattr(args, "device_map", None), settings)
+    return ray_settings(settings)
 
 
 def layer_sets(text: str) -> list[list[int]]:
