@@ -40,27 +40,26 @@ def at_least(name: str, value, low: int) -> None:
         raise SettingError(f"`{name}` must be an integer >= {low}, got {value!r}", name)
 
 
-def positive(name: str, value) -> None:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
-        raise SettingError(f"`{name}` must be positive, got {value!r}", name)
-    if not math.isfinite(value):
-        raise SettingError(f"`{name}` must be positive and finite, got {value!r}", name)
-
-
 def finite(name: str, value) -> None:
-    """A real number (not a bool, not NaN or infinite)."""
+    """A real number, not nan or infinite (argparse's float reads "nan" and "inf")."""
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
         raise SettingError(f"`{name}` must be a finite number, got {value!r}", name)
 
 
-#: seeds lie in 0..2**63 - 1: numpy's seed sequences take no negative seed, and run.json and
-#: the Parquet tables keep a seed as a signed 64-bit integer
-SEED_LIMIT = 2**63
+def positive(name: str, value) -> None:
+    finite(name, value)
+    if not value > 0:
+        raise SettingError(f"`{name}` must be positive, got {value!r}", name)
+
+
+# every seed feeds numpy's and torch's generators; numpy's legacy seeding (the demo model's
+# training) takes 0..2**32 - 1, and one range for every command keeps a seed portable
+SEED_MAX = 2**32 - 1
 
 
 def seed_value(name: str, value) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value < SEED_LIMIT:
-        raise SettingError(f"`{name}` must be an integer in 0..2**63-1, got {value!r}", name)
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= SEED_MAX:
+        raise SettingError(f"`{name}` must be an integer in 0..{SEED_MAX} (2**32 - 1), got {value!r}", name)
 
 
 def fraction(name: str, value) -> None:

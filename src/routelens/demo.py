@@ -45,11 +45,16 @@ def run_demo(out: str = os.path.join("runs", "demo"), *, device: str = "auto", d
     last MoE layer unless `layers`), the isolation study and the rollouts (`rollout_samples`
     continuations per arm; 0: none) into `out`, and write the report; returns the report's
     path. `counterfactual_options`: CounterfactualConfig fields."""
+    from routelens.analyses.counterfactual.config import CounterfactualConfig
     from routelens.analyses.counterfactual.table import print_summary
     from routelens.api import counterfactual
+    from routelens.config import positive
     from routelens.lens import load
     from routelens.report.build import build_report
 
+    # bad settings fail before the model loads or `out` is made
+    CounterfactualConfig(**{"layers": layers, "seed": seed, **counterfactual_options})
+    positive("temperature", temperature)
     lens = load("demo", device, dtype, device_map=device_map, experts_implementation=experts_implementation)
     os.makedirs(out, exist_ok=True)
     trajectories = _demo_trajectories(lens, out, problems, samples_per_problem, temperature, seed, show_progress)

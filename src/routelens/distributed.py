@@ -17,10 +17,12 @@ limit) and the group recomputed; parts are written only by the driver, each whol
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
 import pickle
+import sys
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 
@@ -46,11 +48,13 @@ class RaySettings:
     def __post_init__(self):
         if not isinstance(self.address, str) or not self.address.strip():
             raise SettingError("`ray` takes local, auto or a cluster address (host:port or ray://host:port)", "ray")
-        if not isinstance(self.workers, int) or self.workers < 1:
+        if self.address not in PLACES:
+            cluster_endpoint(self.address)   # host:port or ray://host:port, else one line
+        if not isinstance(self.workers, int) or isinstance(self.workers, bool) or self.workers < 1:
             raise SettingError(f"`workers` must be a positive integer, got {self.workers!r}", "workers")
-        if self.cpus_per_worker <= 0:
+        if not _finite(self.cpus_per_worker) or self.cpus_per_worker <= 0:
             raise SettingError(f"`cpus_per_worker` must be positive, got {self.cpus_per_worker!r}", "cpus_per_worker")
-        if self.gpus_per_worker is not None and self.gpus_per_worker < 0:
+        if self.gpus_per_worker is not None and (not _finite(self.gpus_per_worker) or self.gpus_per_worker < 0):
             raise SettingError(f"`gpus_per_worker` must be 0 or more, got {self.gpus_per_worker!r}", "gpus_per_worker")
 
     def gpus(self, device: str) -> float:
@@ -71,7 +75,132 @@ def ray_settings(ray: str | RaySettings | None, workers: int | None = None) -> R
         return None
     settings = ray if isinstance(ray, RaySettings) else RaySettings(address=ray, **({"workers": workers} if workers else {}))
     require_ray()
+    import ray as ray_module
+
+    if not ray_module.is_initialized():   # (a Ray already joined is used as it is)
+        if settings.address == "local":
+            check_local_resources(settings)
+        else:
+            check_cluster_reachable(settings.address)
     return settings
+
+
+PLACES = ("local", "auto")
+ADDRESS_FORMS = "local, auto or a cluster address (host:port, e.g. 10.0.0.5:6379, or ray://host:10001)"
+CONNECT_TIMEOUT_S = 3.0   # joining a cluster that does not answer fails within seconds, not Ray's minute of retries
+
+
+def _finite(value) -> bool:
+    import math
+
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def cluster_endpoint(address: str) -> tuple[str, int]:
+    """(host, port) of a cluster address host:port or ray://host:port; anything else is refused."""
+    rest = address.strip()[len("ray://"):] if address.strip().startswith("ray://") else address.strip()
+    host, _, port = rest.rpartition(":")
+    host = host.strip("[]")   # [::1]:6379
+    if not host or not port.isdigit() or not 0 < int(port) < 65536 or "/" in host:
+        raise SettingError(f"`ray` {address!r} is not {ADDRESS_FORMS}", "ray")
+    return host, int(port)
+
+
+def check_local_resources(settings: RaySettings) -> None:
+    """A local Ray gets this machine's CPUs and GPUs: an actor that asks for more would wait
+    for them forever, so such settings are refused before Ray starts."""
+    cpus = os.cpu_count() or 1
+    if settings.cpus_per_worker > cpus:
+        raise SettingError(f"`cpus_per_worker` {settings.cpus_per_worker:g} is more CPUs than this machine has ({cpus}); "
+                           f"give `cpus_per_worker` {cpus} or less, or join a larger cluster with `ray` ADDRESS",
+                           "cpus_per_worker", "ray")
+    if settings.gpus_per_worker:
+        import torch
+
+        gpus = torch.cuda.device_count()
+        wanted = settings.gpus_per_worker * settings.workers
+        if wanted > gpus:
+            raise SettingError(
+                f"`gpus_per_worker` {settings.gpus_per_worker:g} for {settings.workers} worker(s) needs {wanted:g} GPU(s), "
+                f"but this machine has {gpus or 'none'} (torch sees {gpus} CUDA device(s)); "
+                + ("drop `gpus_per_worker` (CPU actors) or join a GPU cluster with `ray` ADDRESS" if not gpus else
+                   "lower `gpus_per_worker` or `workers`"), "gpus_per_worker", "workers", "ray")
+
+
+@contextlib.contextmanager
+def _quiet_stderr():
+    """Ray's core writes its connection retries straight to file descriptor 2: kept aside
+    while it tries, and shown only if it succeeds (its failure is said in one line)."""
+    import tempfile
+
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with tempfile.TemporaryFile() as kept:
+        os.dup2(kept.fileno(), 2)
+        failed = True
+        try:
+            yield
+            failed = False
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+            if not failed:
+                kept.seek(0)
+                sys.stderr.write(kept.read().decode(errors="replace"))
+
+
+def check_cluster_reachable(address: str) -> None:
+    """A cluster address answers: its host resolves and takes a connection within
+    CONNECT_TIMEOUT_S, and (host:port) a Ray GCS answers there; else one line, at once."""
+    import socket
+
+    if address == "auto":   # the cluster this machine belongs to (RAY_ADDRESS, or the one `ray start` began)
+        try:
+            from ray._private.services import get_ray_address_from_environment
+        except ImportError:   # another Ray layout: ray.init finds it or says why not
+            return
+        try:
+            found = get_ray_address_from_environment("auto", None)
+        except ConnectionError:
+            raise SettingError("`ray` auto joins the Ray cluster this machine belongs to, but none runs here (no "
+                               "RAY_ADDRESS, no `ray start`); start one (`ray start --head`), give its address, or "
+                               "pass `ray` local", "ray") from None
+        if not found or found == "auto":
+            return
+        address = found
+    host, port = cluster_endpoint(address)
+    client = address.strip().startswith("ray://")
+    if client:
+        from ray._private.utils import get_ray_client_dependency_error  # Ray Client's own check
+
+        if get_ray_client_dependency_error() is not None:
+            raise SettingError(f"`ray` {address} is a Ray Client address, which needs Ray Client: pip install "
+                               "'ray[client]' (or give the cluster's host:port, e.g. host:6379)", "ray")
+    advice = "start it (`ray start --head`), check the address, or pass `ray` local"
+    try:
+        socket.create_connection((host, port), timeout=CONNECT_TIMEOUT_S).close()
+    except socket.gaierror:
+        raise SettingError(f"cannot join the Ray cluster at `ray` {address}: no host {host!r} is known here; "
+                           f"{advice}", "ray") from None
+    except TimeoutError:
+        raise SettingError(f"cannot join the Ray cluster at `ray` {address}: nothing answered at {host}:{port} within "
+                           f"{CONNECT_TIMEOUT_S:g} s; {advice}", "ray") from None
+    except OSError as error:
+        raise SettingError(f"cannot join the Ray cluster at `ray` {address}: {host}:{port} refused the connection "
+                           f"({error.strerror or error}); {advice}", "ray") from None
+    if client:   # the Ray Client protocol is checked by ray.init itself
+        return
+    try:
+        from ray._raylet import GcsClient
+    except ImportError:   # another Ray layout: ray.init says what is wrong
+        return
+    try:
+        with _quiet_stderr():
+            GcsClient(address=f"{host}:{port}")
+    except Exception as error:  # noqa: BLE001 - whatever answered there is not a Ray cluster
+        first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise SettingError(f"cannot join the Ray cluster at `ray` {address}: something answers at {host}:{port} but "
+                           f"not a Ray cluster ({first}); {advice}", "ray") from None
 
 
 def require_ray() -> None:
@@ -139,9 +268,27 @@ class UnitJob:
         return {k: v for k, v in self.__dict__.items() if not k.startswith("_")}
 
 
-def check_ray_can_load(loaded, ray: RaySettings | None) -> None:
+SPREADING = ("auto", "balanced", "sequential")   # device maps an actor can apply to the GPUs Ray gives it
+
+
+def check_device_map(device_map, settings: RaySettings | str | None) -> None:
+    """A device map on Ray: each actor loads the model on the GPUs Ray gives it, numbered
+    from 0, so a map cannot name devices; an actor spreads its model over several GPUs with a
+    named strategy and `gpus_per_worker` above 1. Anything else names what to drop."""
+    if settings is None or device_map is None:
+        return
+    if isinstance(device_map, str) and device_map in SPREADING and (getattr(settings, "gpus_per_worker", None) or 0) > 1:
+        return
+    raise SettingError("`device_map` and `ray` together: Ray gives each actor its own GPUs, where the actor loads "
+                       "the whole model; drop `device_map` (each actor holds the model), or drop `ray` (this process "
+                       "spreads the model), or spread each actor's model over several GPUs with `device_map` auto "
+                       "and `gpus_per_worker` 2 or more", "device_map", "ray", "gpus_per_worker")
+
+
+def check_ray_can_load(loaded, ray: RaySettings | str | None) -> None:
     """Ray actors load the model themselves, from how this process loaded it; a model loaded
     without weights serves only that (both checked before a run folder is made)."""
+    check_device_map((getattr(loaded, "recipe", None) or {}).get("device_map"), ray)
     if ray is None and not getattr(loaded, "weights", True):
         raise RouteLensError(f"model {loaded.spec!r} was loaded without weights (weights=False), which only a Ray "
                              "run can use (its actors load them); load it with weights, or pass ray=")
@@ -271,7 +418,8 @@ def _connect(settings: RaySettings) -> bool:
                  _system_config={"worker_niceness": 0}, **quiet)
     else:
         try:
-            ray.init(address=settings.address, **quiet)
+            with _quiet_stderr():   # its retries are one line below, not a screenful
+                ray.init(address=settings.address, **quiet)
         except (ConnectionError, RuntimeError, ValueError) as error:
             first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
             raise SettingError(f"cannot join the Ray cluster at `ray` {settings.address}: {first}; start it "

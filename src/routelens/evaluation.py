@@ -85,8 +85,11 @@ def evaluate_arithmetic(loaded, n: int, samples: int, temperature: float, seed: 
                         show_progress: bool = True) -> dict:
     """Held-out accuracy and router statistics; for the demo model also the router
     statistics of its initialisation (same seed, untrained)."""
+    from routelens.config import positive, seed_value
     from routelens.data.arithmetic import heldout_problems
 
+    positive("temperature", temperature)
+    seed_value("seed", seed)
     problems = heldout_problems(n)
     model, tokenizer = loaded.adapter.model, loaded.tokenizer
     greedy = greedy_accuracy(model, tokenizer, problems, show_progress)

@@ -32,6 +32,7 @@ import numpy as np
 import pandas as pd
 import torch
 
+from routelens.config import seed_value
 from routelens.engine.checks import gating_rule_error, model_dtype, tolerance_for
 from routelens.errors import RouteLensError, SettingError
 from routelens.models.routing import RouteOverride, capture_routes, override_routes
@@ -87,8 +88,10 @@ def _other_route(adapter, logits_row: torch.Tensor, standard: torch.Tensor) -> t
 def verify_model(loaded, length: int = 32, seed: int = 0, routes: int = 4, scored_positions: int = 4) -> pd.DataFrame:
     """Run every check on `loaded` (a `LoadedModel`) and return the table (see module doc)."""
     adapter = loaded.adapter
-    if adapter.context_length:
-        length = min(length, adapter.context_length)
+    if adapter.context_length and length > adapter.context_length:
+        raise SettingError(f"`length` {length} is more than the model's context of {adapter.context_length} tokens "
+                           f"(max_position_embeddings); give `length` {adapter.context_length} or less", "length")
+    seed_value("seed", seed)
     if length < scored_positions + 2:
         raise SettingError(f"`length` {length} is too short: it needs at least {scored_positions + 2} tokens", "length")
     tolerance = tolerance_for(model_dtype(adapter))

@@ -103,7 +103,9 @@ def test_statistics_equal_scipy_and_statsmodels(demo_semantic):
 @pytest.mark.parametrize("options, message", [
     ({"domains": ["mul"]}, "chooses between domains; the items hold 1"),
     ({"per_domain": 1}, "has 1 item; each domain needs two or more"),
-    ({"layer_sets": [[0, 0]]}, "`layer_sets` must be non-empty sets of distinct layer indices"),
+    ({"layer_sets": [[0, 0]]}, "`layer_sets` set 0,0 names layer 0 twice"),
+    ({"layer_sets": [[0, 1], [1, 0]]}, r"`layer_sets` names the same set of layers twice \(0,1 and 1,0\)"),
+    ({"layer_sets": [[-1], [3]]}, r"`layer_sets` names the same set of layers twice \(-1 and 3\)"),
     ({"kind": "vibes"}, "`kind` must be one of selection, input"),
     ({"layer_sets": [[9]]}, "layer 9 is out of range"),
 ])

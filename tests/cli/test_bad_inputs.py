@@ -219,7 +219,7 @@ CASES = {
     # ---- report, verify, router-update
     "report_missing_table": (lambda w: ["report", _copy_run(w, "no-tokens", drop="tokens.parquet")],
                              "lacks tokens.parquet"),
-    "report_unfinished_run": (lambda w: ["report", _copy_run(w, "unfinished", status="running")], "unfinished counterfactual run"),
+    "report_unfinished_run": (lambda w: ["report", _copy_run(w, "unfinished", status="running")], "running counterfactual run"),
     "report_invalid_run_json": (lambda w: ["report", str(w.bad_run_json)], "run.json is not valid JSON"),
     "report_out_is_a_folder": (lambda w: ["report", w.run, "--out", str(_foreign(w))], "is a folder; give a file path"),
     "verify_json_is_a_folder": (lambda w: ["verify", "--model", w.model, "--json", str(w.root)], "is a folder; give a file path"),
@@ -305,7 +305,202 @@ CASES = {
                                        "--domains, --per-domain choose the items of the evaluation"),
     "graft_overwrite_an_unlisted_graft": (lambda w: _graft(w, "--overwrite", experts="0:1=0:3", out=_graft_without_files(w)),
                                           "does not list the files the graft wrote, so --overwrite cannot tell them from yours"),
+    # ---- issue 28: a run folder's files, read by one reader (export, report, rollout, router-update)
+    "export_run_json_truncated": (lambda w: ["export", _damaged(w, "rj-cut", "run.json", b'{"kind": "counterf')],
+                                  "run.json is not valid JSON (Unterminated string starting at: line 1 column 10); "
+                                  "re-run the analysis into a new folder to regenerate it"),
+    "export_run_json_not_a_record": (lambda w: ["export", _damaged(w, "rj-list", "run.json", b"[1, 2]")],
+                                     "is not a routelens run record (no kind, config and sessions); re-run the analysis"),
+    "export_summary_json_corrupt": (lambda w: ["export", _damaged(w, "sj-bad", "summary.json", b"{oops")],
+                                    "summary.json is not valid JSON"),
+    "export_summary_json_missing": (lambda w: ["export", _damaged(w, "sj-gone", "summary.json")],
+                                    "summary.json is missing; re-run its command with the same settings"),
+    "export_summary_json_not_an_object": (lambda w: ["export", _damaged(w, "sj-list", "summary.json", b"[]")],
+                                          "holds no summary (a JSON object)"),
+    "export_table_corrupt": (lambda w: ["export", _damaged(w, "tokens-cut", "tokens.parquet", b"PAR1 cut short")],
+                             "tokens.parquet is not a readable Parquet table"),
+    "report_summary_json_corrupt": (lambda w: ["report", _damaged(w, "sj-bad", "summary.json", b"{oops")],
+                                    "summary.json is not valid JSON"),
+    "report_routes_parquet_corrupt": (lambda w: ["report", _damaged(w, "routes-cut", "routes.parquet", b"PAR1 cut")],
+                                      "routes.parquet is not a readable Parquet table"),
+    "report_tokens_parquet_empty": (lambda w: ["report", _damaged(w, "tokens-empty", "tokens.parquet", b"")],
+                                    "tokens.parquet is not a readable Parquet table"),
+    "report_same_run_twice": (lambda w: ["report", w.run, w.run + os.sep], "is named twice (also as"),
+    "rollout_run_json_corrupt": (lambda w: _rollout(w, run=_damaged(w, "rj-cut", "run.json", b'{"kind": "counterf')),
+                                 "run.json is not valid JSON"),
+    "rollout_routes_parquet_missing": (lambda w: _rollout(w, run=_damaged(w, "routes-gone", "routes.parquet")),
+                                       "routes.parquet is missing; re-run its command with the same settings"),
+    "rollout_tokens_parquet_corrupt": (lambda w: _rollout(w, run=_damaged(w, "tokens-cut", "tokens.parquet", b"PAR1 cut short")),
+                                       "tokens.parquet is not a readable Parquet table"),
+    "rollout_run_json_without_its_config": (lambda w: _rollout(w, run=_without_config(w, "model", "trajectories")),
+                                            "lacks model, trajectories in its config, which rollout reads"),
+    "router_update_routes_parquet_corrupt": (lambda w: ["router-update", "--model", w.model, "--counterfactual",
+                                                        _damaged(w, "routes-cut", "routes.parquet", b"PAR1 cut"),
+                                                        "--out", str(w.root / "ru")],
+                                             "routes.parquet is not a readable Parquet table"),
+    "router_update_heldout_not_a_run": (lambda w: ["router-update", "--model", w.model, "--counterfactual", w.run,
+                                                   "--heldout-counterfactual", w.afile, "--out", str(w.root / "ru")],
+                                        "a-file.txt is not a run folder (no run.json)"),
+    # ---- issue 28: rollout --tokens FILE
+    "tokens_file_empty_csv": (lambda w: _rollout(w, "--tokens", _text(w, "t-empty.csv", "")), "t-empty.csv: the file is empty"),
+    "tokens_file_empty_jsonl": (lambda w: _rollout(w, "--tokens", _text(w, "t-empty.jsonl", "\n")),
+                                "t-empty.jsonl: the file is empty"),
+    "tokens_file_not_utf8": (lambda w: _rollout(w, "--tokens", _text(w, "t-latin.csv", "trajectory_id,position,layer\né,3,0\n"
+                                                                      .encode("latin-1"))), "t-latin.csv line 2: not UTF-8 text"),
+    "tokens_file_malformed_csv": (lambda w: _rollout(w, "--tokens", _text(w, "t-quote.csv", 'trajectory_id,position,layer\n"a,3,0\n')),
+                                  "malformed CSV (unexpected end of data)"),
+    "tokens_file_short_row": (lambda w: _rollout(w, "--tokens", _text(w, "t-short.csv", "trajectory_id,position,layer\na,3\n")),
+                              "t-short.csv line 2: 2 field(s) where the header"),
+    "tokens_file_null_position": (lambda w: _rollout(w, "--tokens", write_jsonl(w.root / "t-null.jsonl", [
+        {"trajectory_id": "a", "position": None, "layer": 0}])), "position must be an integer >= 0"),
+    "tokens_file_fractional_position": (lambda w: _rollout(w, "--tokens", write_jsonl(w.root / "t-frac.jsonl", [
+        {"trajectory_id": "a", "position": 6.5, "layer": 0}])), "position must be an integer >= 0 (a token's index in its "
+                                                                 "trajectory), got 6.5"),
+    "tokens_file_negative_position": (lambda w: _rollout(w, "--tokens", _text(w, "t-neg.csv", "trajectory_id,position,layer\na,-3,0\n")),
+                                      "t-neg.csv line 2: position must be an integer >= 0"),
+    "tokens_file_layer_not_a_number": (lambda w: _rollout(w, "--tokens", _text(w, "t-layer.csv",
+                                                                              "trajectory_id,position,layer\na,6,first\n")),
+                                       "layer must be an integer (a layer the run scored), got 'first'"),
+    "tokens_file_unknown_trajectory": (lambda w: _rollout(w, "--tokens", write_jsonl(w.root / "t-zz.jsonl", [
+        {"trajectory_id": "zz", "position": 6, "layer": 0}])), "trajectory 'zz' was not scored by the counterfactual run "
+                                                               "(it scored 2 trajectories: 'a', 'b')"),
+    "tokens_file_position_out_of_range": (lambda w: _rollout(w, "--tokens", _text(w, "t-far.csv",
+                                                                                 "trajectory_id,position,layer\na,999,0\n")),
+                                          "was not scored by the counterfactual run (it scored positions"),
+    "tokens_file_is_a_folder": (lambda w: _rollout(w, "--tokens", str(_foreign(w))), "is a folder; give a file of"),
+    # ---- issue 28: seeds (0..2**32 - 1 everywhere)
+    "counterfactual_seed_negative": (lambda w: _cf(w, "--seed", "-1"), "--seed must be an integer in 0..4294967295"),
+    "rollout_seed_2_64": (lambda w: _rollout(w, "--seed", str(2**64)), "--seed must be an integer in 0..4294967295"),
+    "isolate_seed_negative": (lambda w: _iso(w, "--seed", "-1"), "--seed must be an integer in 0..4294967295"),
+    "semantic_seed_2_64": (lambda w: ["semantic-route", "--model", w.model, "--items", w.items, "--seed", str(2**64),
+                                      "--out", str(w.root / "sr4")], "--seed must be an integer in 0..4294967295"),
+    "router_update_seed_negative": (lambda w: ["router-update", "--model", w.model, "--counterfactual", w.run,
+                                               "--seed", "-1", "--out", str(w.root / "ru")],
+                                    "--seed must be an integer in 0..4294967295"),
+    "passk_seed_2_64": (lambda w: ["passk", "--model", "demo", "--n", "2", "--samples", "2", "--k", "1", "--seed",
+                                   str(2**64), "--out", str(w.root / "pk")], "--seed must be an integer in 0..4294967295"),
+    "trajectories_seed_negative": (lambda w: ["trajectories", "--model", "demo", "--n", "2", "--seed", "-1",
+                                              "--out", str(w.root / "t-seed.jsonl")],
+                                   "argument --seed: expected a seed, an integer in 0..4294967295"),
+    "verify_seed_2_64": (lambda w: ["verify", "--model", w.model, "--seed", str(2**64)],
+                         "argument --seed: expected a seed, an integer in 0..4294967295"),
+    "evaluate_seed_negative": (lambda w: ["evaluate", "--model", "demo", "--n", "2", "--seed", "-1"],
+                               "argument --seed: expected a seed, an integer in 0..4294967295"),
+    "train_demo_seed_2_64": (lambda w: ["train-demo", "--out", str(w.root / "td-seed"), "--steps", "1", "--seed", str(2**64)],
+                             "argument --seed: expected a seed, an integer in 0..4294967295"),
+    "demo_seed_negative": (lambda w: ["demo", "--out", str(w.root / "demo-new"), "--problems", "2", "--seed", "-1"],
+                           "--seed must be an integer in 0..4294967295"),
+    # ---- issue 28: temperatures and other numbers (nan, inf, out of range)
+    "rollout_temperature_nan": (lambda w: _rollout(w, "--temperature", "nan"), "argument --temperature: expected a finite number"),
+    "rollout_temperature_inf": (lambda w: _rollout(w, "--temperature", "inf"), "argument --temperature: expected a finite number"),
+    "trajectories_temperature_zero": (lambda w: ["trajectories", "--model", "demo", "--n", "2", "--temperature", "0",
+                                                 "--out", str(w.root / "t-temp.jsonl")],
+                                      "argument --temperature: expected a positive sampling temperature, got '0'"),
+    "trajectories_temperature_negative": (lambda w: ["trajectories", "--model", "demo", "--n", "2", "--temperature=-0.5",
+                                                     "--out", str(w.root / "t-temp.jsonl")],
+                                          "expected a positive sampling temperature, got '-0.5'"),
+    "passk_temperature_inf": (lambda w: ["passk", "--model", "demo", "--n", "2", "--samples", "2", "--k", "1",
+                                         "--temperature", "inf", "--out", str(w.root / "pk")], "expected a finite number"),
+    "evaluate_temperature_nan": (lambda w: ["evaluate", "--model", "demo", "--n", "2", "--temperature", "nan"],
+                                 "argument --temperature: expected a finite number, got 'nan'"),
+    "demo_temperature_inf": (lambda w: ["demo", "--out", str(w.root / "demo-new"), "--problems", "2", "--temperature", "inf"],
+                             "argument --temperature: expected a finite number, got 'inf'"),
+    "counterfactual_gumbel_temperature_inf": (lambda w: _cf(w, "--gumbel-temperature", "inf"),
+                                              "argument --gumbel-temperature: expected a finite number"),
+    "router_update_lr_nan": (lambda w: ["router-update", "--model", w.model, "--counterfactual", w.run, "--lr", "nan",
+                                        "--out", str(w.root / "ru")], "argument --lr: expected a finite number"),
+    "memory_budget_infinite": (lambda w: _cf(w, "--memory-budget", "infGiB"), "expected a size such as 512MiB or 8GiB"),
+    "export_digits_negative": (lambda w: ["export", w.run, "--digits", "-1"], "expected decimals, an integer in 0..15"),
+    "verify_length_beyond_context": (lambda w: ["verify", "--model", w.model, "--length", "100000"],
+                                     "--length 100000 is more than the model's context of 256 tokens"),
+    "verify_length_negative": (lambda w: ["verify", "--model", w.model, "--length=-5"],
+                               "argument --length: expected a positive integer, got -5"),
+    # ---- issue 28: semantic-route layer sets
+    "semantic_layer_twice_in_a_set": (lambda w: _semantic(w, "0,0;1"), "--layer-sets set 0,0 names layer 0 twice"),
+    "semantic_same_set_twice": (lambda w: _semantic(w, "0,1;1,0"), "--layer-sets names the same set of layers twice (0,1 and 1,0)"),
+    "semantic_layer_twice_through_a_negative_index": (lambda w: _semantic(w, "2,-1"),
+                                                      "--layer-sets set 2,-1 names layer 2 twice (as -1 and 2)"),
+    "semantic_same_set_through_a_negative_index": (lambda w: _semantic(w, "2;-1"),
+                                                   "--layer-sets names the same set of layers twice (2 and -1)"),
+    # ---- issue 28: problem files and other files where a folder or a file is expected
+    "trajectories_problems_duplicate_id": (lambda w: ["trajectories", "--model", w.model, "--problems", _duplicate_problems(w),
+                                                      "--out", str(w.root / "t-dup.jsonl")], "line 2: duplicate problem id 'p'"),
+    "passk_problems_duplicate_id": (lambda w: ["passk", "--model", "demo", "--problems", _duplicate_problems(w),
+                                               "--out", str(w.root / "pk")], "line 2: duplicate problem id 'p'"),
+    "trajectories_problems_is_a_folder": (lambda w: ["trajectories", "--model", w.model, "--problems", str(_foreign(w)),
+                                                     "--out", str(w.root / "t-dir.jsonl")], "is a folder; give a JSONL file"),
+    "trajectory_file_is_a_folder": (lambda w: _cf(w, trajectories=str(_foreign(w))), "is a folder; give a JSONL file"),
+    "router_delta_is_a_folder": (lambda w: _cf(w, "--router-delta", str(_foreign(w))),
+                                 "is a folder; give the router_delta.safetensors file"),
+    "evaluate_out_is_a_folder": (lambda w: ["evaluate", "--model", "demo", "--n", "2", "--out", str(_foreign(w))],
+                                 "is a folder; give a file path"),
+    "evaluate_record_without_a_card": (lambda w: ["evaluate", "--model", w.model, "--n", "2", "--record"],
+                                       "has none: drop --record, or use --out FILE"),
+    "train_demo_out_is_a_file": (lambda w: ["train-demo", "--out", w.afile, "--steps", "1"],
+                                 "is an existing file; it is never replaced: choose a new folder"),
+    "train_demo_out_is_a_users_folder": (lambda w: ["train-demo", "--out", str(_foreign(w)), "--steps", "1"],
+                                         "is an existing folder that is not empty; it is never replaced"),
+    # ---- issue 28: Ray, refused before Ray starts
+    "ray_cpus_beyond_the_machine": (lambda w: _cf(w, "--ray", "local", "--cpus-per-worker", "100000"),
+                                    "--cpus-per-worker 100000 is more CPUs than this machine has"),
+    "ray_zero_cpus": (lambda w: _cf(w, "--ray", "local", "--cpus-per-worker", "0"), "--cpus-per-worker must be positive"),
+    "ray_cpus_nan": (lambda w: _iso(w, "--ray", "local", "--cpus-per-worker", "nan"),
+                     "argument --cpus-per-worker: expected a finite number"),
+    "ray_more_gpus_than_the_machine": (lambda w: _cf(w, "--ray", "local", "--gpus-per-worker", "1", "--workers", "1000"),
+                                       "--gpus-per-worker 1 for 1000 worker(s) needs 1000 GPU(s), but this machine has"),
+    "ray_with_device_map": (lambda w: _cf(w, "--ray", "local", "--device-map", "auto"),
+                            "--device-map and --ray together: Ray gives each actor its own GPUs"),
+    "ray_address_without_port": (lambda w: _cf(w, "--ray", "localhost"), "--ray 'localhost' is not local, auto or a cluster address"),
+    "ray_address_misspelt": (lambda w: _rollout(w, "--ray", "locla"), "--ray 'locla' is not local, auto or a cluster address"),
+    "ray_unknown_host": (lambda w: _cf(w, "--ray", "nowhere.invalid:6379"), "no host 'nowhere.invalid' is known here"),
+    "ray_nothing_listening": (lambda w: _cf(w, "--ray", "127.0.0.1:1"), "127.0.0.1:1 refused the connection"),
+    "gpus_per_worker_without_ray": (lambda w: _cf(w, "--gpus-per-worker", "1"),
+                                    "--gpus-per-worker sizes the Ray actors: give --ray"),
+    "cpus_per_worker_without_ray": (lambda w: _iso(w, "--cpus-per-worker", "2"),
+                                    "--cpus-per-worker sizes the Ray actors: give --ray"),
 }
+
+
+def _damaged(w, name, file, content=None):
+    """A copy of the complete run with `file` replaced by `content` (bytes), or removed (None)."""
+    target = w.root / name
+    if not target.exists():
+        shutil.copytree(w.run, target)
+        if content is None:
+            os.remove(target / file)
+        else:
+            (target / file).write_bytes(content)
+    return str(target)
+
+
+def _without_config(w, *keys):
+    """A copy of the complete run whose run.json lacks `keys` in its config."""
+    target = w.root / ("no-" + "-".join(keys))
+    if not target.exists():
+        shutil.copytree(w.run, target)
+        state = json.loads((target / "run.json").read_text())
+        for key in keys:
+            del state["config"][key]
+        (target / "run.json").write_text(json.dumps(state))
+    return str(target)
+
+
+def _text(w, name, content):
+    path = w.root / name
+    path.write_bytes(content if isinstance(content, bytes) else content.encode())
+    return str(path)
+
+
+def _duplicate_problems(w):
+    return write_jsonl(w.root / "problems-dup.jsonl", [{"id": "p", "prompt": "Q:1+2=", "answer": "3"},
+                                                       {"id": "p", "prompt": "Q:2+2=", "answer": "4"}])
+
+
+def _semantic(w, layer_sets):
+    items = write_jsonl(w.root / "items-2.jsonl", [{"id": f"{d}{i}", "domain": d, "prompt": "Q:1+2=", "target": "3"}
+                                                   for d in ("x", "y") for i in range(4)])
+    return ["semantic-route", "--model", w.model, "--items", items, "--layer-sets", layer_sets, "--no-accuracy",
+            "--out", str(w.root / "sr-new")]
 
 
 def _another_graft(w):
@@ -379,7 +574,7 @@ def _inputs_inside(w):
 
 
 def test_the_catalogue_has_at_least_40_cases():
-    assert len(CASES) >= 40
+    assert len(CASES) >= 150
 
 
 @pytest.mark.parametrize("case", sorted(CASES))
@@ -400,7 +595,7 @@ def test_bad_input_is_one_line_exit_2(case, world, capsys, monkeypatch):
     assert message in err, err
     for path, mtime in before.items():    # the user's files are all still there, untouched
         assert os.path.exists(path) and os.path.getmtime(path) == mtime
-    for out in ("out-new", "iso-new", "pk", "pk2", "pk3", "ru", "ru2"):
+    for out in ("out-new", "iso-new", "pk", "pk2", "pk3", "ru", "ru2", "ro", "sr-new", "sr4", "demo-new", "td-seed"):
         assert not os.path.exists(world.root / out / "summary.json")   # nothing passed off as complete
 
 
@@ -430,6 +625,23 @@ def test_unreachable_hub_id_fails_at_once(world, capsys, monkeypatch):
     assert time.perf_counter() - started < scaled(8)          # no minute of retries
     err = capsys.readouterr().err.strip()
     assert err.splitlines() == [err] and "not in the local Hugging Face cache and the hub cannot be reached" in err
+
+
+@pytest.mark.parametrize("file, content, message", [
+    ("run.json", b"{not json", "run.json is not valid JSON"),
+    ("summary.json", None, "summary.json is missing"),
+    ("summary.json", b"[]", "holds no summary"),
+    ("routes.parquet", b"PAR1 cut short", "routes.parquet is not a readable Parquet table"),
+])
+def test_read_run_names_the_damaged_file(world, file, content, message):
+    """rl.read_run reads through the same reader as the commands: a damaged file is named, in one line."""
+    import routelens as rl
+
+    folder = _damaged(world, f"api-{file}-{content is None}-{len(content or b'')}", file, content)
+    with pytest.raises(rl.RouteLensError, match=message) as refused:
+        rl.read_run(folder)   # every file it holds is checked here, the tables too
+    assert len(str(refused.value).splitlines()) == 1
+    assert "re-run" in str(refused.value)
 
 
 def test_read_only_out_is_refused(world, capsys, monkeypatch):

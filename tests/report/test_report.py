@@ -115,7 +115,7 @@ def test_report_refuses_an_unfinished_or_foreign_folder(runs, tmp_path, capsys):
     run["status"] = "running"
     json.dump(run, open(unfinished / "run.json", "w"))
     assert main(["report", str(unfinished)]) == 2
-    assert "unfinished counterfactual run" in capsys.readouterr().err
+    assert "holds a running counterfactual run" in capsys.readouterr().err
     assert main(["report", str(tmp_path)]) == 2
     assert "is not a run folder" in capsys.readouterr().err
 

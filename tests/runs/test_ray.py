@@ -12,6 +12,7 @@ import signal
 import subprocess
 import sys
 import threading
+import time
 
 import pandas as pd
 import pytest
@@ -177,6 +178,40 @@ def test_workers_without_ray_is_refused(saved_model, tmp_path, capsys):
     assert main(["counterfactual", "--model", saved_model, "--trajectories", trajectories, "--layers", "0",
                  "--out", str(tmp_path / "r"), "--workers", "4"]) == 2
     assert capsys.readouterr().err.strip() == "routelens: error: --workers needs --ray (local, auto or a cluster address)"
+
+
+@pytest.mark.parametrize("address", ["10.255.255.1:6379", "ray://nowhere:10001"])
+def test_an_unreachable_cluster_is_refused_at_once_in_one_line(saved_model, tmp_path, capfd, address):
+    """Joining a cluster that does not answer fails within seconds (not Ray's minute of
+    retries), before the model loads or a folder is made, in one line: Ray's own connection
+    log, which its core writes to file descriptor 2, is not shown."""
+    trajectories = write_jsonl(tmp_path / "traj.jsonl", RECORDS[:1])
+    started = time.perf_counter()
+    assert main(["counterfactual", "--model", saved_model, "--trajectories", trajectories, "--layers", "0",
+                 "--out", str(tmp_path / "r"), "--ray", address]) == 2
+    assert time.perf_counter() - started < scaled(10)
+    err = capfd.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and err.startswith("routelens: error: ") and address in err, err
+    assert not os.path.exists(tmp_path / "r")
+
+
+def test_local_ray_settings_beyond_this_machine_are_refused_before_ray_starts(saved_model, tmp_path, monkeypatch, capsys):
+    import ray
+
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 0)
+    trajectories = write_jsonl(tmp_path / "traj.jsonl", RECORDS[:1])
+    command = ["counterfactual", "--model", saved_model, "--trajectories", trajectories, "--layers", "0",
+               "--out", str(tmp_path / "r"), "--ray", "local"]
+    assert main([*command, "--gpus-per-worker", "1"]) == 2
+    assert capsys.readouterr().err.strip() == (
+        "routelens: error: --gpus-per-worker 1 for 2 worker(s) needs 2 GPU(s), but this machine has none (torch sees 0 "
+        "CUDA device(s)); drop --gpus-per-worker (CPU actors) or join a GPU cluster with --ray ADDRESS")
+    assert main([*command, "--cpus-per-worker", str((os.cpu_count() or 1) + 1)]) == 2
+    assert "is more CPUs than this machine has" in capsys.readouterr().err
+    with pytest.raises(rl.RouteLensError, match="`device_map` and `ray` together"):   # the API says it too
+        rl.counterfactual(rl.load(saved_model, device_map="auto"), trajectories, str(tmp_path / "r"), layers=[0],
+                          show_progress=False, ray="local")
+    assert not ray.is_initialized() and not os.path.exists(tmp_path / "r")
 
 
 def test_a_model_given_as_an_object_is_refused_on_ray(saved_model, tmp_path):

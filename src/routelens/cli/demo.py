@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from routelens.analyses.counterfactual.command import counterfactual_options, counterfactual_settings
-from routelens.cli.parsing import count, default_of, model_options, positive_int, run_options
+from routelens.cli.parsing import count, default_of, model_options, positive_int, run_options, temperature
 
 NAME = "demo"
 HELP = "counterfactual analysis, rollouts and expert isolation end to end on the built-in model"
@@ -28,7 +28,7 @@ def add_arguments(parser) -> None:
                         help="arithmetic problems to sample (default %(default)s)")
     parser.add_argument("--samples-per-problem", type=positive_int, default=default_of(run_demo, "samples_per_problem"),
                         help="solutions per problem (default %(default)s)")
-    parser.add_argument("--temperature", type=float, default=default_of(run_demo, "temperature"),
+    parser.add_argument("--temperature", type=temperature, default=default_of(run_demo, "temperature"),
                         help="sampling temperature of the solutions (default %(default)s)")
     parser.add_argument("--rollout-samples", type=count, default=default_of(run_demo, "rollout_samples"),
                         help="rollouts: continuations per arm of each Fragile token "

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 
-from routelens.cli.parsing import load_lens, model_options, positive_int, run_options
+from routelens.cli.parsing import load_lens, model_options, positive_int, run_options, seed, temperature
 from routelens.errors import RouteLensError
 
 NAME = "evaluate"
@@ -27,8 +27,8 @@ def parents():
 def add_arguments(parser) -> None:
     parser.add_argument("--n", type=positive_int, default=500, help="held-out problems (default 500, 1-4 operations)")
     parser.add_argument("--samples", type=positive_int, default=8, help="samples per problem for pass@k (default 8)")
-    parser.add_argument("--temperature", type=float, default=0.8, help="sampling temperature (default 0.8)")
-    parser.add_argument("--seed", type=int, default=0, help="sampling seed (default 0)")
+    parser.add_argument("--temperature", type=temperature, default=0.8, help="sampling temperature (default 0.8)")
+    parser.add_argument("--seed", type=seed, default=0, help="sampling seed (default 0)")
     parser.add_argument("--out", default=None, help="write the figures to this JSON file")
     parser.add_argument("--overwrite", action="store_true",
                         help="replace --out if routelens wrote it (a file it did not write is never replaced)")
@@ -37,11 +37,20 @@ def add_arguments(parser) -> None:
 
 
 def run(args) -> int:
+    import os
+
     from routelens.evaluation import evaluate_arithmetic
     from routelens.results.paths import check_out_file, write_output
 
-    if args.out:   # before the minutes of sampling
+    if args.out:   # checked before the model loads and minutes of sampling
         check_out_file(args.out, inputs=[args.model], overwrite=args.overwrite)
+    if args.record:
+        from routelens.demo_model import CARD, WEIGHTS_DIR
+
+        folder = WEIGHTS_DIR if args.model == "demo" else args.model
+        if not os.path.isfile(os.path.join(folder, CARD)):
+            raise RouteLensError(f"--record writes the figures into the card.json of a model folder written by "
+                                 f"`routelens train-demo`; {args.model} has none: drop --record, or use --out FILE")
     lens = load_lens(args)
     if lens.tokenizer is None:
         raise RouteLensError(f"model {args.model!r} has no tokenizer; the arithmetic task is text")

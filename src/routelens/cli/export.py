@@ -21,6 +21,13 @@ Numbers are rounded to --digits for LaTeX and Markdown.
 FORMATS = ("csv", "latex", "markdown")
 
 
+def digits(text: str) -> int:
+    """Decimals shown: 0..15 (a float64 holds about 15 significant digits)."""
+    from routelens.cli.parsing import bounded_int
+
+    return bounded_int(text, 0, 15, "decimals, an integer in 0..15")
+
+
 def parents():
     return []
 
@@ -30,7 +37,7 @@ def add_arguments(parser) -> None:
     parser.add_argument("--format", choices=FORMATS, default="markdown", help="output format (default markdown)")
     parser.add_argument("--table", choices=("summary", "joint"), default="summary",
                         help="summary (default), or joint: a --joint-layers counterfactual run's joint comparison")
-    parser.add_argument("--digits", type=int, default=4, help="decimals in LaTeX and Markdown (default 4)")
+    parser.add_argument("--digits", type=digits, default=4, help="decimals in LaTeX and Markdown, 0..15 (default 4)")
     parser.add_argument("--out", default=None, help="write to this file (default: print)")
     parser.add_argument("--overwrite", action="store_true",
                         help="replace --out if routelens wrote it (a file it did not write is never replaced)")

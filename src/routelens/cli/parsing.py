@@ -81,6 +81,41 @@ def positive_int(text: str, low: int = 1, what: str = "a positive integer") -> i
     return value
 
 
+def seed(text: str) -> int:
+    """A seed: an integer in 0..2**32 - 1 (`routelens.config.SEED_MAX`)."""
+    from routelens.config import SEED_MAX
+
+    return bounded_int(text, 0, SEED_MAX, f"a seed, an integer in 0..{SEED_MAX} (2**32 - 1)")
+
+
+def bounded_int(text: str, low: int, high: int, what: str) -> int:
+    value = positive_int(text, low, what)
+    if value > high:
+        raise argparse.ArgumentTypeError(f"expected {what}, got {value}")
+    return value
+
+
+def number(text: str) -> float:
+    """A finite float (float() also reads nan and inf)."""
+    import math
+
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"expected a finite number, got {text!r}")
+    return value
+
+
+def temperature(text: str) -> float:
+    """A sampling temperature: finite and positive."""
+    value = number(text)
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"expected a positive sampling temperature, got {text!r}")
+    return value
+
+
 def count(text: str) -> int:
     """An integer >= 0 (0: none)."""
     return positive_int(text, 0, "an integer >= 0")
@@ -95,7 +130,7 @@ def memory(text: str) -> int:
         if lowered.endswith(suffix):
             try:
                 size = int(float(lowered[: -len(suffix)]) * factor)
-            except ValueError:
+            except (ValueError, OverflowError):   # not a number, nan or inf
                 break
             if size <= 0:
                 raise argparse.ArgumentTypeError(f"a memory budget must be positive, got {text!r}")
@@ -149,20 +184,29 @@ def ray_options() -> argparse.ArgumentParser:
                        help="score on a pool of Ray actors: local (start Ray here), auto (this machine's cluster) "
                             "or a cluster address; same run folder, resumable either way")
     group.add_argument("--workers", type=positive_int, default=None, help="Ray actors, each loading the model once (default 2)")
-    group.add_argument("--gpus-per-worker", type=float, default=None,
+    group.add_argument("--gpus-per-worker", type=number, default=None,
                        help="GPUs per actor (default 1 on cuda, else 0; above 1 with --device-map auto)")
-    group.add_argument("--cpus-per-worker", type=float, default=1.0, help="CPUs per actor (default 1)")
+    group.add_argument("--cpus-per-worker", type=number, default=None, help="CPUs per actor (default 1)")
     return parser
 
 
 def ray_from_args(args):
     """The Ray settings of --ray/--workers/..., checked (and Ray importable) before the model loads."""
-    from routelens.distributed import RaySettings, ray_settings
+    from routelens.distributed import RaySettings, check_device_map, ray_settings
+    from routelens.errors import SettingError
 
     if args.ray is None:
+        given = [f"--{name.replace('_', '-')}" for name in ("gpus_per_worker", "cpus_per_worker")
+                 if getattr(args, name) is not None]
+        if given and args.workers is None:   # (--workers alone: ray_settings says it)
+            raise SettingError(f"{' and '.join(given)} size{'' if len(given) > 1 else 's'} the Ray actors: give --ray "
+                               f"(local, auto or a cluster address), or drop {' and '.join(given)}")
         return ray_settings(None, args.workers)
-    return ray_settings(RaySettings(address=args.ray, workers=args.workers or 2, cpus_per_worker=args.cpus_per_worker,
-                                    gpus_per_worker=args.gpus_per_worker))
+    settings = RaySettings(address=args.ray, workers=args.workers or 2,
+                           cpus_per_worker=1.0 if args.cpus_per_worker is None else args.cpus_per_worker,
+                           gpus_per_worker=args.gpus_per_worker)
+    check_device_map(getattr(args, "device_map", None), settings)
+    return ray_settings(settings)
 
 
 def layer_sets(text: str) -> list[list[int]]:
@@ -177,7 +221,7 @@ def layer_sets(text: str) -> list[list[int]]:
 
 
 # a config field's `parse` (or its annotation) -> the value type of its option
-VALUE_TYPES = {"int": int, "float": float, "str": str, "positive_int": positive_int, "count": count, "int_list": int_list,
+VALUE_TYPES = {"int": int, "float": number, "str": str, "positive_int": positive_int, "count": count, "int_list": int_list,
                "layers_or_all": layers_or_all, "names": names, "memory": memory, "layer_sets": layer_sets}
 
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from routelens.cli.parsing import names, positive_int, run_options
+from routelens.cli.parsing import names, positive_int, run_options, seed
 
 NAME = "train-demo"
 HELP = "train the embedded demo model from scratch"
@@ -19,7 +19,7 @@ def parents():
 
 def add_arguments(parser) -> None:
     parser.add_argument("--out", required=True, help="folder for the trained model (save_pretrained layout)")
-    parser.add_argument("--seed", type=int, default=0, help="seed of initialisation, data and order (default 0)")
+    parser.add_argument("--seed", type=seed, default=0, help="seed of initialisation, data and order (default 0)")
     parser.add_argument("--steps", type=positive_int, default=None, help="optimizer steps (default: the shipped model's)")
     parser.add_argument("--domains", type=names, default=None,
                         help="train on these arithmetic domains only (addsub, mul, mixed, long; default all): a "

@@ -4,7 +4,16 @@ from __future__ import annotations
 
 import sys
 
-from routelens.cli.parsing import load_lens, model_options, positive_int, ray_from_args, ray_options, run_options
+from routelens.cli.parsing import (
+    load_lens,
+    model_options,
+    positive_int,
+    ray_from_args,
+    ray_options,
+    run_options,
+    seed,
+    temperature,
+)
 from routelens.errors import RouteLensError
 
 NAME = "trajectories"
@@ -38,8 +47,8 @@ def add_arguments(parser) -> None:
                         help="arithmetic: take the problems from the held-out evaluation set instead of the analysis stream")
     parser.add_argument("--n", type=positive_int, default=200, help="problems (default 200; for --problems: the first N)")
     parser.add_argument("--samples-per-problem", type=positive_int, default=8, help="samples per problem (default 8)")
-    parser.add_argument("--temperature", type=float, default=0.8, help="sampling temperature (default 0.8)")
-    parser.add_argument("--seed", type=int, default=0, help="seed of the problems and the sampling (default 0)")
+    parser.add_argument("--temperature", type=temperature, default=0.8, help="sampling temperature (default 0.8)")
+    parser.add_argument("--seed", type=seed, default=0, help="seed of the problems and the sampling (default 0)")
     parser.add_argument("--max-new-tokens", type=positive_int, default=None,
                         help="generation limit (default 96 for arithmetic, 1024 for --problems)")
     parser.add_argument("--batch-size", type=positive_int, default=None, help="sequences per generate call")

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import sys
 
-from routelens.cli.parsing import load_lens, model_options, positive_int
+from routelens.cli.parsing import load_lens, model_options, positive_int, seed
 
 NAME = "verify"
 HELP = "check routing, overrides, engines and scorer on a checkpoint"
@@ -25,7 +25,7 @@ def parents():
 
 def add_arguments(parser) -> None:
     parser.add_argument("--length", type=positive_int, default=32, help="tokens of the random test sequence (default 32)")
-    parser.add_argument("--seed", type=int, default=0, help="seed of the test sequence and routes (default 0)")
+    parser.add_argument("--seed", type=seed, default=0, help="seed of the test sequence and routes (default 0)")
     parser.add_argument("--json", default=None, metavar="FILE", help="also write the table (and the model) to this JSON file")
     parser.add_argument("--overwrite", action="store_true",
                         help="replace --json if routelens wrote it (a file it did not write is never replaced)")

@@ -53,12 +53,15 @@ def math_answer_correct(completion: str, reference: str) -> bool:
 
 
 def read_problem_file(path: str) -> list[dict]:
-    problems = []
+    problems, seen = [], set()
     for record in read_jsonl(path, "problem file"):
         missing = [f for f in ("id", "prompt", "answer") if f not in record]
         if missing:
             raise RouteLensError(f"{record['_where']}: missing field(s) {', '.join(missing)}; "
                                  "a problem needs {'id', 'prompt', 'answer'}")
+        if str(record["id"]) in seen:   # the trajectories' ids are built from it
+            raise RouteLensError(f"{record['_where']}: duplicate problem id {str(record['id'])!r}; ids must be unique")
+        seen.add(str(record["id"]))
         problems.append({"id": str(record["id"]), "prompt": str(record["prompt"]), "answer": str(record["answer"]),
                          "where": record["_where"]})
     if not problems:
@@ -179,8 +182,11 @@ def sample_trajectories(loaded, problems: list[dict], prompts: list[list[int]], 
     Ray actors, a group each at a time. With `run` (a folder), each group is written as it
     completes and a cut-off run of the same settings resumes (`overwrite` replaces one of
     other settings); `source` (where the problems came from) is recorded in its run.json."""
+    from routelens.config import positive, seed_value
     from routelens.distributed import check_ray_can_load
 
+    positive("temperature", temperature)
+    seed_value("seed", seed)
     check_ray_can_load(loaded, ray)
     sampling = dict(num_samples=samples_per_problem, temperature=temperature, seed=seed,
                     max_new_tokens=max_new_tokens, batch_size=batch_size)
@@ -216,8 +222,10 @@ def arithmetic_trajectories(lens, n: int, samples_per_problem: int, temperature:
     """Trajectories on n analysis problems (the seed's stream), or on the first n held-out
     ones, sampled by `lens` (a `Lens` or its `LoadedModel`); `run`: a folder to write them
     to as they come and resume from (`sample_trajectories`)."""
+    from routelens.config import seed_value
     from routelens.data.arithmetic import heldout_problems
 
+    seed_value("seed", seed)
     loaded = getattr(lens, "loaded", lens)
     problems = heldout_problems(n) if heldout else analysis_problems(seed, n)
     rows = [{"id": p.id, "difficulty": p.difficulty, "domain": p.domain, "answer": str(p.answer)} for p in problems]

@@ -69,6 +69,8 @@ def trajectories_jsonl(trajectories: list[Trajectory]) -> bytes:
 def read_jsonl(path: str, what: str = "file") -> list[dict]:
     """Every non-empty line of a JSONL file as a dict, with "_where" = "<path> line <n>";
     a line that is not a JSON object is a one-line `RouteLensError`."""
+    if os.path.isdir(path):
+        raise RouteLensError(f"{what} {path!r} is a folder; give a JSONL file (one JSON object per line)")
     if not os.path.isfile(path):
         raise RouteLensError(f"{what} {path!r} does not exist")
     with open(path, "rb") as handle:

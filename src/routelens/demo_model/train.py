@@ -24,7 +24,7 @@ from routelens.data.arithmetic import ALPHABET, DOMAINS, Problem, training_probl
 from routelens.data.char_tokenizer import build_char_tokenizer
 from routelens.demo_model import CARD, demo_config
 from routelens.progress import progress_bar
-from routelens.results.paths import write_folder_atomic
+from routelens.results.paths import check_new_folder, write_folder_atomic
 
 
 @dataclass
@@ -92,6 +92,7 @@ def initial_model(seed: int) -> OlmoeForCausalLM:
 
 
 def train(out: str, config: TrainConfig, show_progress: bool = True) -> dict:
+    check_new_folder(out)   # before minutes of training: a new or empty folder, never one with files
     torch.set_num_threads(config.threads)
     tokenizer = build_char_tokenizer(ALPHABET)
     model = initial_model(config.seed)

@@ -69,6 +69,9 @@ def save_router_delta(path: str, adapter: MoEAdapter, layer: int, base: dict[str
 def read_router_delta(path: str) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     from safetensors import safe_open
 
+    if os.path.isdir(path):
+        raise RouteLensError(f"router delta {path!r} is a folder; give the router_delta.safetensors file a "
+                             "`routelens router-update` run wrote")
     try:
         with safe_open(path, framework="pt") as handle:
             metadata = handle.metadata() or {}

@@ -11,7 +11,8 @@ import os
 from routelens.errors import RouteLensError
 from routelens.report.page import document, figure_html, key_values, render_png
 from routelens.results.paths import check_out_file, write_bytes_atomic, write_output
-from routelens.results.run_folder import claim_in_run, read_run_json, write_text_atomic
+from routelens.results.run_folder import claim_in_run, write_text_atomic
+from routelens.results.stored import REBUILD, StoredRun
 
 KINDS = ("counterfactual", "rollout", "isolation", "semantic-routing", "graft-evaluation", "passk", "router-update")
 # what each kind's section reads: all checked before any work
@@ -25,19 +26,16 @@ NEEDS = {"counterfactual": ("tokens.parquet", "routes.parquet", "summary.json"),
 
 
 def _run(run_dir: str) -> dict:
-    path = os.path.join(run_dir, "run.json")
-    if not os.path.exists(path):
-        raise RouteLensError(f"{run_dir} is not a run folder (no run.json)")
-    run = read_run_json(run_dir)
-    if run.get("kind") not in KINDS:
-        raise RouteLensError(f"{run_dir} holds a {run.get('kind')!r} run; reports are made of {', '.join(KINDS)} runs")
-    if run.get("status") != "complete":
-        raise RouteLensError(f"{run_dir} holds an unfinished {run['kind']} run; re-run its command to complete it first")
-    missing = [name for name in NEEDS[run["kind"]] if not os.path.isfile(os.path.join(run_dir, name))]
+    """run.json of a complete run of a kind the report shows, every file its section reads
+    checked there and readable (`StoredRun`)."""
+    stored = StoredRun(run_dir, needed_by="the report")
+    if stored.kind not in KINDS:
+        raise RouteLensError(f"{run_dir} holds a {stored.kind!r} run; reports are made of {', '.join(KINDS)} runs")
+    missing = [name for name in NEEDS[stored.kind] if not os.path.isfile(stored.file(name))]
     if missing:
-        raise RouteLensError(f"{run_dir} is a complete {run['kind']} run but lacks {', '.join(missing)}; "
-                             "re-run its command with the same settings to rebuild it from the run's parts")
-    return run
+        raise RouteLensError(f"{run_dir} is a complete {stored.kind} run but lacks {', '.join(missing)}; {REBUILD}")
+    stored.require(*NEEDS[stored.kind])
+    return stored.state
 
 
 def p_at_floor(p_value: float, n: int) -> str:
@@ -97,6 +95,12 @@ def build_report(run_dirs: list[str], out: str | None = None, overwrite: bool = 
     from routelens import validate
 
     out = validate.path(out, "out", optional=True)
+    seen = {}
+    for run_dir in run_dirs:
+        if os.path.realpath(run_dir) in seen:
+            raise RouteLensError(f"{run_dir} is named twice (also as {seen[os.path.realpath(run_dir)]}); "
+                                 "give each run folder once")
+        seen[os.path.realpath(run_dir)] = run_dir
     runs = [(run_dir, _run(run_dir)) for run_dir in run_dirs]   # every folder checked before any work
     in_run = out is None and len(run_dirs) == 1
     if in_run:

@@ -15,29 +15,9 @@ import shutil
 
 import pandas as pd
 
-from routelens.errors import RouteLensError, SettingError
-from routelens.results.run_folder import RUN_JSON, prepare_out, read_json, read_run_json
-
-
-class StoredRun:
-    """A complete run folder on disk, read-only: the `RunFolder` interface for reading."""
-
-    def __init__(self, path: str):
-        if not os.path.isfile(os.path.join(path, RUN_JSON)):
-            raise SettingError(f"{path} is not a run folder (no run.json); give the `out` folder of a routelens run", "out")
-        self.path = path
-        self.state = read_run_json(path)
-        self.kind, self.config = self.state["kind"], self.state["config"]
-        if self.state.get("status") != "complete":
-            raise RouteLensError(f"{path} holds a {self.state.get('status')} {self.kind} run (units done: "
-                                 f"{self.state.get('units_done')}); re-run the same command to finish it first")
-        self.summary = read_json(os.path.join(path, "summary.json"))
-
-    def read(self, table: str) -> pd.DataFrame:
-        file = os.path.join(self.path, f"{table}.parquet")
-        if not os.path.isfile(file):
-            raise RouteLensError(f"{self.path} has no {table}.parquet; this {self.kind} run does not make that table")
-        return pd.read_parquet(file)
+from routelens.errors import RouteLensError
+from routelens.results.run_folder import prepare_out
+from routelens.results.stored import SUMMARY_JSON, StoredRun
 
 
 class Result:
@@ -127,4 +107,7 @@ def read_run(path: str) -> Result:
     if run.kind not in RESULTS:
         raise RouteLensError(f"{path} holds a {run.kind!r} run, which has no result type")
     analysis, name = RESULTS[run.kind].split(":")
-    return getattr(importlib.import_module(f"routelens.analyses.{analysis}.result"), name)(run)
+    result_type = getattr(importlib.import_module(f"routelens.analyses.{analysis}.result"), name)
+    # what is there is checked now (a missing table is named when it is asked for)
+    run.require(SUMMARY_JSON, *(f"{t}.parquet" for t in result_type.tables if os.path.exists(run.file(f"{t}.parquet"))))
+    return result_type(run)

@@ -7,21 +7,25 @@ from __future__ import annotations
 import os
 
 from routelens.data.trajectories import Trajectory
-from routelens.errors import RouteLensError, SettingError
+from routelens.errors import RouteLensError
+
+# what the later steps read of the run's config
+CONFIG_READ = ("model", "trajectories", "trajectories_sha256", "only_verified", "max_trajectories", "routes",
+               "resolved_layers")
 
 
 def counterfactual_run(run_dir: str, needed_by: str) -> dict:
-    """run.json of a complete counterfactual run, or a one-line error naming `needed_by`."""
-    from routelens.results.run_folder import read_json
+    """run.json of a complete counterfactual run whose tables are there and readable, or a
+    one-line error naming `needed_by` and the file at fault (`results.stored.StoredRun`):
+    the command line calls it before the model loads."""
+    from routelens.results.stored import REDO, StoredRun
 
-    path = os.path.join(run_dir, "run.json")
-    if not os.path.exists(path):
-        raise SettingError(f"{run_dir} is not a run folder (no run.json); give a `routelens counterfactual` `out` folder", "out")
-    run = read_json(path)
-    if run.get("kind") != "counterfactual" or run.get("status") != "complete":
-        raise RouteLensError(f"{run_dir} holds a {run.get('status')} {run.get('kind')} run; "
-                             f"{needed_by} needs a complete counterfactual run")
-    return run
+    stored = StoredRun(run_dir, kind="counterfactual", needed_by=needed_by).require("tokens.parquet", "routes.parquet")
+    missing = [key for key in CONFIG_READ if key not in stored.config]
+    if missing:
+        raise RouteLensError(f"{stored.file('run.json')} lacks {', '.join(missing)} in its config, which {needed_by} "
+                             f"reads; {REDO}")
+    return stored.state
 
 
 def check_same_model(run: dict, run_dir: str, loaded, needed_by: str) -> None:

@@ -13,7 +13,7 @@ from routelens.report.build import figures_html, provenance, tokenizer_of
 from routelens.report.figures import BIN_COLOURS, Figure, grid, interval_errors, subplots
 from routelens.report.formats import p_value_text, q_value_text
 from routelens.report.page import esc, fmt, interval, table
-from routelens.results.run_folder import read_json
+from routelens.results.stored import read_json_file, read_table_file
 
 CONTEXT_BEFORE, CONTEXT_AFTER = 40, 10   # characters of text shown around a listed token
 WORST_TOKENS = 20                        # Fragile tokens listed with their text
@@ -71,9 +71,9 @@ def chance_line(summary: dict) -> str:
 def section(run_dir: str, run: dict) -> str:
     from routelens.config import ALL_TOKENS, BINS
 
-    tokens = pd.read_parquet(os.path.join(run_dir, "tokens.parquet"))
-    routes = pd.read_parquet(os.path.join(run_dir, "routes.parquet"))
-    summary = read_json(os.path.join(run_dir, "summary.json"))
+    tokens = read_table_file(os.path.join(run_dir, "tokens.parquet"))
+    routes = read_table_file(os.path.join(run_dir, "routes.parquet"))
+    summary = read_json_file(os.path.join(run_dir, "summary.json"))
     rows, attributes = [], []
     for layer, groups in summary["layers"].items():
         for name in (*BINS, ALL_TOKENS):
@@ -149,7 +149,7 @@ def _joint_section(run_dir: str, summary: dict) -> str:
     comparison = table(["bin (joint)", "tokens", "interaction per route", "its interval adjusted over the bins",
                         "verdict (from the adjusted interval)", "joint gain", "best single gain",
                         "joint - best single", "joint - sum of bests (biased below 0)"], rows, "cf-joint")
-    figure = joint_figure(pd.read_parquet(path), summary)
+    figure = joint_figure(read_table_file(path), summary)
     return (f"<h3>Joint routes: layers {esc(layers)} at once</h3>"
             f"<p>Each joint route forces one alternative at every listed layer together (route r of each layer, "
             f"the same routes scored one layer at a time above), on the same tokens. "

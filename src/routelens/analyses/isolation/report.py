@@ -19,13 +19,13 @@ from routelens.analyses.isolation.table import verdict_title
 from routelens.report.build import figures_html, p_at_floor, provenance
 from routelens.report.figures import Figure, colour, grid, interval_errors, subplots
 from routelens.report.page import esc, fmt, interval, table
-from routelens.results.run_folder import read_json
+from routelens.results.stored import read_json_file, read_table_file
 
 
 def section(run_dir: str, run: dict) -> str:
-    cells = pd.read_parquet(os.path.join(run_dir, "cells.parquet"))
-    calibration = pd.read_parquet(os.path.join(run_dir, "calibration.parquet"))
-    summary = read_json(os.path.join(run_dir, "summary.json"))
+    cells = read_table_file(os.path.join(run_dir, "cells.parquet"))
+    calibration = read_table_file(os.path.join(run_dir, "calibration.parquet"))
+    summary = read_json_file(os.path.join(run_dir, "summary.json"))
     domains = list(summary["items_per_domain"])
     found = comparisons_of(summary)
     comparison_rows = [[c.label + (" (the verdict)" if c.name == VERDICT else ""), f"{c.arm} - {c.baseline}", c.compute,

@@ -9,11 +9,11 @@ import numpy as np
 from routelens.report.build import figures_html, provenance
 from routelens.report.figures import ARM_COLOURS, Figure, grid, interval_errors, subplots
 from routelens.report.page import esc, interval, table
-from routelens.results.run_folder import read_json
+from routelens.results.stored import read_json_file
 
 
 def section(run_dir: str, run: dict) -> str:
-    summary = read_json(os.path.join(run_dir, "summary.json"))
+    summary = read_json_file(os.path.join(run_dir, "summary.json"))
     arms = summary["arms"]
     rows = []
     blocks = [("all", summary["all"])] + sorted((summary.get("by_group") or {}).items())

@@ -50,6 +50,7 @@ from routelens.config import ALL_TOKENS, BINS
 from routelens.distributed import RaySettings, UnitJob, check_ray_can_load
 from routelens.engine.checks import DeviationRecord, RuntimeCheckFailed
 from routelens.errors import RouteLensError, SettingError
+from routelens.results.stored import read_table_file
 from routelens.runs.loop import AnalysisRun, run_analysis
 from routelens.stats import MIN_CLUSTERS, trajectory_interval
 
@@ -130,21 +131,9 @@ def _requested(tokens: pd.DataFrame, selection: str, tolerance: float) -> pd.Dat
         return tokens[(tokens["bin"] == "Fragile") & (tokens["gain"] > tolerance)]
     if selection in ("all", "random"):
         return tokens
-    from routelens.data.trajectories import read_records
+    from routelens.analyses.rollout.token_file import scored_tokens
 
-    rows = pd.read_csv(selection) if selection.endswith(".csv") else pd.DataFrame(read_records(selection, "token file"))
-    missing = [c for c in ("trajectory_id", "position", "layer") if c not in rows.columns]
-    if missing or rows.empty:
-        raise RouteLensError(f"{selection}: needs rows with trajectory_id, position and layer"
-                             + (f" (missing {', '.join(missing)})" if missing else " (the file is empty)"))
-    wanted = rows[["trajectory_id", "position", "layer"]].astype({"trajectory_id": str, "position": int, "layer": int})
-    chosen = tokens.merge(wanted.drop_duplicates(), on=["trajectory_id", "position", "layer"])
-    if len(chosen) < len(wanted.drop_duplicates()):
-        known = set(zip(tokens["trajectory_id"], tokens["position"], tokens["layer"]))
-        absent = next(r for r in wanted.itertuples(index=False) if tuple(r) not in known)
-        raise RouteLensError(f"{selection}: token {tuple(absent)} (trajectory_id, position, layer) was not scored by "
-                             "the counterfactual run; list tokens of its tokens.parquet")
-    return chosen
+    return scored_tokens(tokens, selection)
 
 
 def choose_tokens(tokens: pd.DataFrame, routes: pd.DataFrame, config: RolloutConfig, tolerance: float,
@@ -542,6 +531,16 @@ class RolloutJob(UnitJob):
                 "first_step_mean_abs_logprob_diff": self._deviation.largest[1]}
 
 
+def check_inputs(counterfactual_dir: str, config: RolloutConfig) -> None:
+    """What a rollout reads, checked before the model loads (the command line calls this
+    first): a complete, readable counterfactual run, and a `tokens` file of tokens it scored."""
+    counterfactual_run(counterfactual_dir, NEEDED_BY)
+    if config.tokens not in TOKEN_CHOICES:
+        tokens = read_table_file(os.path.join(counterfactual_dir, "tokens.parquet"), columns=["trajectory_id", "position",
+                                                                                              "layer"])
+        _requested(tokens, config.tokens, 0.0)
+
+
 def run_rollout(loaded, counterfactual_dir: str, config: RolloutConfig, out: str | None, overwrite: bool = False,
                 show_progress: bool = True, ray: RaySettings | None = None):
     """Roll out the chosen tokens of the counterfactual run `counterfactual_dir` into the run
@@ -555,8 +554,8 @@ def run_rollout(loaded, counterfactual_dir: str, config: RolloutConfig, out: str
         raise RouteLensError(f"model {loaded.spec!r} has no tokenizer; rollouts decode and check text")
     run = counterfactual_run(counterfactual_dir, NEEDED_BY)
     check_same_model(run, counterfactual_dir, loaded, NEEDED_BY)
-    tokens = pd.read_parquet(os.path.join(counterfactual_dir, "tokens.parquet"))
-    routes = sampled_routes(pd.read_parquet(os.path.join(counterfactual_dir, "routes.parquet")), run)
+    tokens = read_table_file(os.path.join(counterfactual_dir, "tokens.parquet"))
+    routes = sampled_routes(read_table_file(os.path.join(counterfactual_dir, "routes.parquet")), run)
     tolerance = float(run["config"].get("win_tolerance", 0.0))
     trajectories = run_trajectories(run, counterfactual_dir, loaded, NEEDED_BY)
     verdicts = trajectory_verdicts(trajectories, loaded.tokenizer, config.checker)

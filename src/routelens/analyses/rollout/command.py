@@ -43,12 +43,14 @@ def add_arguments(parser) -> None:
 
 
 def run(args) -> int:
+    from routelens.analyses.rollout.analysis import check_inputs
     from routelens.analyses.rollout.config import RolloutConfig
     from routelens.analyses.rollout.table import print_rollout_summary
     from routelens.api import rollout
 
     config = config_from_args(RolloutConfig, args)
     ray = ray_from_args(args)
+    check_inputs(args.counterfactual, config)   # a damaged run or token file fails before the model loads
     result = rollout(load_lens(args), args.counterfactual, args.out, config=config, overwrite=args.overwrite,
                          show_progress=not args.no_progress, ray=ray)
     print_rollout_summary(result.summary_dict)

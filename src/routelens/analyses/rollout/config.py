@@ -7,6 +7,7 @@ from dataclasses import asdict, dataclass
 from routelens.config import (
     CHECKERS,
     at_least,
+    finite,
     one_of,
     seed_value,
     setting,
@@ -65,6 +66,9 @@ class RolloutConfig:
     def __post_init__(self) -> None:
         import os
 
+        if self.tokens not in TOKEN_CHOICES and os.path.isdir(str(self.tokens)):
+            raise SettingError(f"`tokens` {self.tokens} is a folder; give a file of (trajectory_id, position, layer) "
+                               "rows (JSONL, Parquet or CSV)", "tokens")
         if self.tokens not in TOKEN_CHOICES and not os.path.isfile(str(self.tokens)):
             raise SettingError(f"`tokens` must be {', '.join(TOKEN_CHOICES)} or a file of (trajectory_id, position, "
                                f"layer) rows; {self.tokens!r} is none of them and no such file exists", "tokens")
@@ -77,11 +81,11 @@ class RolloutConfig:
         one_of("best_by", self.best_by, BEST_BY)
         if not isinstance(self.include_wrong, bool):
             raise SettingError(f"`include_wrong` must be True or False, got {self.include_wrong!r}", "include_wrong")
-        if isinstance(self.temperature, bool) or not isinstance(self.temperature, (int, float)) or \
-                not 0 <= self.temperature < float("inf"):
+        finite("temperature", self.temperature)
+        if self.temperature < 0:
             raise SettingError(f"`temperature` must be 0 (greedy) or positive, got {self.temperature!r}", "temperature")
-        one_of("checker", self.checker, CHECKERS)
         seed_value("seed", self.seed)
+        one_of("checker", self.checker, CHECKERS)
 
     @property
     def greedy(self) -> bool:

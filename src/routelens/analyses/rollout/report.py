@@ -10,15 +10,15 @@ import pandas as pd
 from routelens.report.build import figures_html, provenance
 from routelens.report.figures import ARM_COLOURS, BIN_COLOURS, Figure, interval_errors, subplots
 from routelens.report.page import esc, interval, table
-from routelens.results.run_folder import read_json
+from routelens.results.stored import read_json_file, read_table_file
 
 
 def section(run_dir: str, run: dict) -> str:
     from routelens.analyses.rollout.analysis import per_token
     from routelens.analyses.rollout.table import FIRST_TOKEN_COLUMNS, MAIN_COLUMNS, first_token_rows, main_rows, notes
 
-    summary = read_json(os.path.join(run_dir, "summary.json"))
-    tokens = per_token(pd.read_parquet(os.path.join(run_dir, "rollouts.parquet")))
+    summary = read_json_file(os.path.join(run_dir, "summary.json"))
+    tokens = per_token(read_table_file(os.path.join(run_dir, "rollouts.parquet")))
     comparison = table(MAIN_COLUMNS, main_rows(summary, interval), "rollout-bins")
     rows = first_token_rows(summary, interval)
     decomposition = (f"<p>By the first emitted token: is it the trajectory's own next token (the proxy's target)?</p>"

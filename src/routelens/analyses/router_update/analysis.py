@@ -45,6 +45,7 @@ from routelens.analyses.router_update.config import RouterUpdateConfig
 from routelens.distributed import UnitJob
 from routelens.errors import SettingError
 from routelens.models.adapter import MoEAdapter
+from routelens.results.stored import read_table_file
 
 
 # ---------------------------------------------------------------------------- Plackett-Luce
@@ -100,8 +101,8 @@ def route_log_weights(adapter: MoEAdapter, logits: torch.Tensor, layer: int) -> 
 def preference_pairs(run_dir: str, layer: int, margin: float, bins: list[str]) -> pd.DataFrame:
     """(trajectory_id, position, preferred, rejected, p_preferred, p_rejected, bin) from a
     counterfactual run folder: alternatives beating the standard route by >= margin."""
-    routes = pd.read_parquet(os.path.join(run_dir, "routes.parquet"))
-    tokens = pd.read_parquet(os.path.join(run_dir, "tokens.parquet"))
+    routes = read_table_file(os.path.join(run_dir, "routes.parquet"))
+    tokens = read_table_file(os.path.join(run_dir, "tokens.parquet"))
     routes, tokens = routes[routes["layer"] == layer], tokens[tokens["layer"] == layer]
     keys = ["trajectory_id", "position", "layer"]
     tokens = tokens[tokens["bin"].isin(bins)][keys + ["bin"]]
@@ -320,7 +321,7 @@ def route_changes(loaded, run_dir: str, base: dict[str, torch.Tensor], new: dict
     run = counterfactual_run(run_dir, "router-update")
     layer = _check_same_model(run, run_dir, loaded)
     adapter = loaded.adapter
-    tokens = pd.read_parquet(os.path.join(run_dir, "tokens.parquet"))
+    tokens = read_table_file(os.path.join(run_dir, "tokens.parquet"))
     tokens = tokens[tokens["layer"] == layer].reset_index(drop=True)
     sequences = _sequences_of(run, run_dir, loaded)
     wanted = tokens.groupby("trajectory_id")["position"].apply(list).to_dict()
@@ -380,7 +381,7 @@ def _score_old_and_new(adapter: MoEAdapter, run_dir: str, layer: int, sequences:
     counterfactual run applies them), forced at that token and layer only."""
     if frame.empty:
         return frame.assign(old_experts=[], old_weights=[], p_old=[], p_new=[])
-    routes = pd.read_parquet(os.path.join(run_dir, "routes.parquet"), filters=[("layer", "==", layer), ("route", "==", 0)])
+    routes = read_table_file(os.path.join(run_dir, "routes.parquet"), filters=[("layer", "==", layer), ("route", "==", 0)])
     old = routes.set_index(["trajectory_id", "position"])[["experts", "weights"]]
     keys = list(zip(frame["trajectory_id"], frame["position"]))
     frame["old_experts"] = [list(map(int, old.loc[key, "experts"])) for key in keys]
@@ -503,6 +504,8 @@ def run_router_update(loaded, counterfactual_dir: str, config: RouterUpdateConfi
     adapter = loaded.adapter
     run = counterfactual_run(counterfactual_dir, "router-update")
     layer = _check_same_model(run, counterfactual_dir, loaded)
+    if heldout_dir:   # read after training: checked now
+        _check_same_model(counterfactual_run(heldout_dir, "router-update"), heldout_dir, loaded)
     pairs = preference_pairs(counterfactual_dir, layer, config.margin, config.bins)
     if pairs.empty:
         raise SettingError(f"no preference pair in {counterfactual_dir}: no alternative beats the standard route by "

@@ -36,11 +36,14 @@ def add_arguments(parser) -> None:
 
 
 def run(args) -> int:
+    from routelens.analyses.counterfactual.input import counterfactual_run
     from routelens.analyses.router_update.config import RouterUpdateConfig
     from routelens.analyses.router_update.table import changed_gain_line
     from routelens.api import router_update
 
     config = config_from_args(RouterUpdateConfig, args)
+    for run_dir in filter(None, (args.counterfactual, args.heldout_counterfactual)):
+        counterfactual_run(run_dir, NAME)   # a damaged run fails before the model loads
     result = router_update(load_lens(args), args.counterfactual, args.out, heldout=args.heldout_counterfactual,
                            config=config, overwrite=args.overwrite, show_progress=not args.no_progress)
     summary = result.summary_dict

@@ -11,15 +11,12 @@ from routelens.report.build import figures_html, provenance
 from routelens.report.figures import ARM_COLOURS, Figure, subplots
 from routelens.report.formats import p_value_text
 from routelens.report.page import esc, fmt, interval, key_values, table
-from routelens.results.run_folder import read_json
+from routelens.results.stored import read_json_file, read_jsonl_file
 
 
 def section(run_dir: str, run: dict) -> str:
-    import json
-
-    summary = read_json(os.path.join(run_dir, "summary.json"))
-    with open(os.path.join(run_dir, "training_log.jsonl"), encoding="utf-8") as handle:
-        steps = pd.DataFrame([json.loads(line) for line in handle])
+    summary = read_json_file(os.path.join(run_dir, "summary.json"))
+    steps = pd.DataFrame(read_jsonl_file(os.path.join(run_dir, "training_log.jsonl")))
     facts = {"layer": summary["layer"], "preference pairs": summary["pairs"], "tokens with pairs": summary["pair_tokens"],
              "pairs by bin": summary["pairs_by_bin"],
              "preferred route ranked higher, before -> after": f"{summary['preference_accuracy_before']:.3f} -> "

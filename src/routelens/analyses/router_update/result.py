@@ -7,6 +7,7 @@ import os
 import pandas as pd
 
 from routelens.results.objects import Result
+from routelens.results.stored import read_jsonl_file
 
 
 def router_update_frame(summary: dict) -> pd.DataFrame:
@@ -42,7 +43,7 @@ class RouterUpdateResult(Result):
 
     @property
     def training_log(self) -> pd.DataFrame:
-        return pd.read_json(os.path.join(self.path, "training_log.jsonl"), lines=True)
+        return pd.DataFrame(read_jsonl_file(os.path.join(self.path, "training_log.jsonl")))
 
     @property
     def delta_path(self) -> str:

@@ -35,7 +35,7 @@ import torch
 
 from routelens import stats
 from routelens.analyses.route_sampling import route_rng, uniform_routes
-from routelens.analyses.semantic_routing.config import SemanticRouteConfig
+from routelens.analyses.semantic_routing.config import SemanticRouteConfig, check_distinct_sets
 from routelens.config import SCORES
 from routelens.data.target_items import TargetItem
 from routelens.distributed import RaySettings, UnitJob, check_ray_can_load
@@ -354,8 +354,13 @@ def run_semantic_routing(loaded, items: list[TargetItem], config: SemanticRouteC
     pool of Ray actors, each calibrating the (deterministic) fingerprints itself."""
     check_ray_can_load(loaded, ray)
     adapter = loaded.adapter
-    layer_sets = [sorted(adapter.resolve_layers(s)) for s in config.layer_sets] if config.layer_sets else \
-        [[layer] for layer in adapter.moe_layers] + ([list(adapter.moe_layers)] if len(adapter.moe_layers) > 1 else [])
+    if config.layer_sets:
+        resolved = [[adapter.resolve_layers([layer])[0] for layer in s] for s in config.layer_sets]
+        check_distinct_sets(config.layer_sets, resolved)   # 3 and -1 may be one layer
+        layer_sets = [sorted(s) for s in resolved]
+    else:
+        layer_sets = [[layer] for layer in adapter.moe_layers] + (
+            [list(adapter.moe_layers)] if len(adapter.moe_layers) > 1 else [])
     layers = sorted({layer for layer_set in layer_sets for layer in layer_set})
     calibration, evaluation = split_items(items, config.calibration_share, config.seed)
     if config.accuracy and (loaded.tokenizer is None or any(_item_answer(loaded.tokenizer, i) is None for i in evaluation)):

@@ -60,10 +60,11 @@ class SemanticRouteConfig:
         at_least("max_new_tokens", self.max_new_tokens, 1)
         if self.layer_sets is not None:
             if not isinstance(self.layer_sets, (list, tuple)) or not self.layer_sets or not all(
-                    is_layer_list(s) and len(set(s)) == len(s) for s in self.layer_sets):
+                    is_layer_list(s) for s in self.layer_sets):
                 raise SettingError("`layer_sets` must be non-empty sets of distinct layer indices such as "
                                    f"[[3], [0, 1, 2, 3]], got {self.layer_sets!r}", "layer_sets")
             self.layer_sets = [list(s) for s in self.layer_sets]
+            check_distinct_sets(self.layer_sets)
         one_of("kind", self.kind, FINGERPRINT_KINDS)
         fraction("calibration_share", self.calibration_share)
         at_least("floor_seeds", self.floor_seeds, 0)
@@ -75,3 +76,24 @@ class SemanticRouteConfig:
 
     def identity(self) -> dict:
         return {k: v for k, v in asdict(self).items() if k not in self.SUMMARY + self.PERFORMANCE}
+
+
+def check_distinct_sets(layer_sets: list[list[int]], resolved: list[list[int]] | None = None) -> None:
+    """Each set names distinct layers and each set is given once (a set is an arm of the
+    study: twice would count it twice). `resolved`: the same sets, element for element, as
+    decoder-layer indices, where -1 and the last layer are one layer."""
+    resolved = resolved or layer_sets
+    shown = [",".join(map(str, s)) for s in layer_sets]
+    for given, name, layers in zip(layer_sets, shown, resolved):
+        repeated = next((layer for i, layer in enumerate(layers) if layer in layers[:i]), None)
+        if repeated is not None:
+            spelled = sorted({g for g, r in zip(given, layers) if r == repeated})
+            raise SettingError(f"`layer_sets` set {name} names layer {repeated} twice"
+                               + (f" (as {' and '.join(map(str, spelled))})" if len(spelled) > 1 else "")
+                               + "; a set lists distinct layers, e.g. '3;0,1,2,3'", "layer_sets")
+    seen: dict = {}
+    for name, layers in zip(shown, resolved):
+        if frozenset(layers) in seen:
+            raise SettingError(f"`layer_sets` names the same set of layers twice ({seen[frozenset(layers)]} and {name}); "
+                               "each set is one arm of the study: give it once", "layer_sets")
+        seen[frozenset(layers)] = name
