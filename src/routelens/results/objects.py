@@ -68,6 +68,10 @@ class Result:
     def save(self, path: str, overwrite: bool = False):
         """Write the run folder at `path` and return the result read back from it.
         A result already in a folder is copied (its folder stays)."""
+        from routelens import validate
+
+        path = validate.path(path, "path")
+        validate.flag(overwrite, "overwrite")
         if self.path is not None:
             if os.path.realpath(self.path) == os.path.realpath(path):
                 return self
@@ -103,6 +107,9 @@ def read_run(path: str) -> Result:
         >>> result.kind, list(result.summary.columns[:3])
         ('counterfactual', ['layer', 'bin', 'tokens'])
     """
+    from routelens import validate
+
+    path = validate.path(path, "path")
     run = StoredRun(path)
     if run.kind not in RESULTS:
         raise RouteLensError(f"{path} holds a {run.kind!r} run, which has no result type")
