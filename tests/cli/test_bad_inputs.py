@@ -419,7 +419,7 @@ CASES = {
     "semantic_layer_twice_in_a_set": (lambda w: _semantic(w, "0,0;1"), "--layer-sets set 0,0 names layer 0 twice"),
     "semantic_same_set_twice": (lambda w: _semantic(w, "0,1;1,0"), "--layer-sets names the same set of layers twice (0,1 and 1,0)"),
     "semantic_layer_twice_through_a_negative_index": (lambda w: _semantic(w, "2,-1"),
-                                                      "--layer-sets set 2,-1 names layer 2 twice (as -1 and 2)"),
+                                                      "--layer-sets [2, -1] names layer 2 twice; give each layer once"),
     "semantic_same_set_through_a_negative_index": (lambda w: _semantic(w, "2;-1"),
                                                    "--layer-sets names the same set of layers twice (2 and -1)"),
     # ---- issue 28: problem files and other files where a folder or a file is expected
