@@ -256,3 +256,21 @@ def test_disk_offload_and_the_font_cache_leave_nothing_behind(world, tmp_path, c
     assert result.returncode == 0, result.stderr
     assert _fingerprint(home) == {}
     assert not list(temporary.glob("routelens-matplotlib-*"))
+
+
+def test_overwrite_never_removes_outside_the_run_folder(world, tmp_path, capsys):
+    """A hand-edited run.json that lists "../x", an absolute path or a file behind a folder
+    link: --overwrite removes none of them."""
+    folder = tmp_path / "run"
+    shutil.copytree(world["run"], folder)
+    outside, elsewhere = tmp_path / "x.txt", tmp_path / "elsewhere"
+    outside.write_text("mine")
+    elsewhere.mkdir()
+    (elsewhere / "y.txt").write_text("mine too")
+    os.symlink(elsewhere, folder / "link")
+    state = json.loads((folder / "run.json").read_text())
+    state["files"] += ["../x.txt", str(outside), "link/y.txt", "."]
+    (folder / "run.json").write_text(json.dumps(state))
+    assert main(_cf(world["model"], world["trajectories"], folder, "--routes", "3", "--overwrite")) == 0
+    assert outside.read_text() == "mine" and (elsewhere / "y.txt").read_text() == "mine too"
+    assert json.loads((folder / "run.json").read_text())["config"]["routes"] == 3

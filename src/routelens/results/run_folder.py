@@ -41,6 +41,7 @@ from routelens.results.paths import (
     check_out_file,
     check_replaceable,
     existing_parent,
+    inside,
     is_path_input,
     write_bytes_atomic,
     write_text_atomic,
@@ -149,7 +150,7 @@ def _part_name(table: str) -> re.Pattern:
 
 def _owned_files(path: str, stored: dict) -> list[str]:
     """The files of the run in `path` that its run.json lists (see the module docstring), run.json last."""
-    listed = [os.path.join(path, name) for name in stored["files"]]
+    listed = [os.path.join(path, name) for name in stored["files"] if _within(path, name)]
     owned = [entry for name in listed for entry in (name, name + ".tmp") if os.path.isfile(entry)]
     parts = os.path.join(path, PARTS)
     if os.path.isdir(parts):
@@ -157,6 +158,15 @@ def _owned_files(path: str, stored: dict) -> list[str]:
         owned += [os.path.join(parts, name) for name in sorted(os.listdir(parts))
                   if any(p.fullmatch(name) for p in patterns)]
     return owned + [os.path.join(path, RUN_JSON)]
+
+
+def _within(path: str, name) -> bool:
+    """A listed name that stays inside the run folder (a hand-edited run.json naming
+    "../x" or an absolute path, or a folder link leading out, removes nothing outside)."""
+    if not isinstance(name, str) or not name or os.path.isabs(name):
+        return False
+    entry = os.path.join(path, name)
+    return inside(os.path.dirname(entry), path) and os.path.normpath(entry) != os.path.normpath(path)
 
 
 def remove_outputs(path: str, stored: dict) -> None:
