@@ -108,10 +108,8 @@ def _plain_names(names) -> list[str]:
 def _remove_listed(folder: str, names) -> None:
     for name in _plain_names(names):
         path = os.path.join(folder, name)
-        if os.path.islink(path) or os.path.isfile(path):
+        if os.path.islink(path) or os.path.isfile(path):   # files only: a graft writes no folder of its own
             os.remove(path)
-        elif os.path.isdir(path):
-            shutil.rmtree(path)
 
 
 def _remove_evaluation(out: str) -> None:
