@@ -612,6 +612,7 @@ def graft(recipient: Lens | str, donor: Lens | str, experts, out: str, *, dtype:
     from routelens.models.loading import DTYPES
 
     validate.flag(evaluate, "evaluate")
+    validate.flag(overwrite, "overwrite")
     if ray is not None and not evaluate:
         raise SettingError("`ray` runs the evaluation on Ray actors; give it with `evaluate`=True", "ray", "evaluate")
     for role, model in (("recipient", recipient), ("donor", donor)):

@@ -274,3 +274,66 @@ def test_overwrite_never_removes_outside_the_run_folder(world, tmp_path, capsys)
     assert main(_cf(world["model"], world["trajectories"], folder, "--routes", "3", "--overwrite")) == 0
     assert outside.read_text() == "mine" and (elsewhere / "y.txt").read_text() == "mine too"
     assert json.loads((folder / "run.json").read_text())["config"]["routes"] == 3
+
+
+def test_saving_a_stored_result_copies_its_files_only_and_refuses_a_clash(world, tmp_path):
+    """Result.save of a result already in a folder copies the files its run.json lists and
+    its parts (run.json last), and refuses a file of the user's of the same name."""
+    import routelens as rl
+
+    result = rl.read_run(world["run"])
+    copy = result.save(str(tmp_path / "copy"))
+    source = {os.path.relpath(os.path.join(d, n), world["run"]) for d, _, names in os.walk(world["run"]) for n in names}
+    assert _fingerprint(tmp_path / "copy") == {k: v for k, v in _fingerprint(world["run"]).items() if k in source}
+    assert copy.summary.equals(result.summary)
+    clash = tmp_path / "clash"                                    # another run there, with a summary.json of the user's
+    shutil.copytree(world["run"], clash)
+    state = json.loads((clash / "run.json").read_text())
+    state["config"]["routes"], state["files"] = 7, [n for n in state["files"] if n != "summary.json"]
+    (clash / "run.json").write_text(json.dumps(state))
+    (clash / "summary.json").write_text("mine")
+    with pytest.raises(rl.RouteLensError, match="summary.json was not written by routelens"):
+        result.save(str(clash), overwrite=True)
+    assert (clash / "summary.json").read_text() == "mine" and not (clash / "run.json").exists()
+
+
+def test_sigterm_removes_the_disk_offload_folder(world, tmp_path, cli_env):
+    """A scheduler's time limit (SIGTERM) ends a command as Ctrl-C does: the offloaded
+    weights (as large as the model) do not stay in $TMPDIR."""
+    import signal
+    import time
+
+    from conftest import scaled, wait_until
+
+    temporary = tmp_path / "tmp"
+    temporary.mkdir()
+    device_map = json.dumps({"model.embed_tokens": "cpu", "model.layers": "disk", "model.norm": "cpu",
+                             "model.rotary_emb": "cpu", "lm_head": "cpu"})
+    process = subprocess.Popen([PYTHON, "-m", "routelens", "trajectories", "--model", world["model"], "--device-map",
+                                device_map, "--problems", world["problems"], "--samples-per-problem", "64",
+                                "--max-new-tokens", "200", "--out", str(tmp_path / "t.jsonl"), "--no-progress"],
+                               env={**cli_env, "TMPDIR": str(temporary)}, stdout=subprocess.DEVNULL,
+                               stderr=subprocess.PIPE, text=True)
+    wait_until(lambda: list(temporary.glob("routelens-offload-*/*")), scaled(120), "weights offloaded to disk")
+    time.sleep(0.5)
+    process.send_signal(signal.SIGTERM)
+    _, err = process.communicate(timeout=scaled(60))
+    assert process.returncode == 130, err
+    assert "re-run the same command to resume" in err and "Traceback" not in err
+    assert not list(temporary.glob("routelens-offload-*"))
+
+
+def test_file_outputs_refuse_a_folder_path_the_ledger_and_a_file_that_appeared(world, tmp_path, capsys):
+    from routelens.errors import RouteLensError
+    from routelens.results.paths import check_out_file, write_output
+
+    for out in (str(tmp_path / "new") + "/", str(tmp_path / LEDGER)):
+        assert main(["export", world["run"], "--out", out]) == 2
+        assert len(capsys.readouterr().err.strip().splitlines()) == 1
+        assert not os.path.exists(out)
+    late = tmp_path / "late.md"
+    check_out_file(str(late))                       # checked at the start; the user's file appears meanwhile
+    late.write_text("mine")
+    with pytest.raises(RouteLensError, match="appeared while routelens worked"):
+        write_output(str(late), "table", "export")
+    assert late.read_text() == "mine"

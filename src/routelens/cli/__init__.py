@@ -16,7 +16,9 @@ from __future__ import annotations
 import argparse
 import importlib
 import os
+import signal
 import sys
+import threading
 
 from routelens import __version__
 from routelens.cli.parsing import OneLineParser
@@ -59,6 +61,10 @@ def main(argv: list[str] | None = None) -> int:
         subparsers = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
         subparsers.choices[args.command].unrecognized(unknown)
     module = available[args.command]
+    # SIGTERM (a job scheduler's time limit, `kill`) ends the command as Ctrl-C does, so
+    # what it must clean at exit (disk-offload folders, temporary files) is cleaned
+    main_thread = threading.current_thread() is threading.main_thread()   # (signal handlers live there only)
+    previous = signal.signal(signal.SIGTERM, _terminated) if main_thread else None
     try:
         return _run(module, args)
     except KeyboardInterrupt:   # also during the imports below, which take seconds
@@ -71,6 +77,13 @@ def main(argv: list[str] | None = None) -> int:
             print(f"routelens: interrupted; `{args.command}` does not resume: nothing was written, "
                   "re-running starts again from the beginning", file=sys.stderr)
         return 130
+    finally:
+        if main_thread:
+            signal.signal(signal.SIGTERM, previous)
+
+
+def _terminated(signum, frame):
+    raise KeyboardInterrupt
 
 
 def _run(module, args) -> int:
@@ -90,6 +103,10 @@ def _run(module, args) -> int:
         return 2
     except RouteLensError as error:
         print(f"routelens: error: {error}", file=sys.stderr)
+        return 2
+    except (PermissionError, FileNotFoundError, NotADirectoryError, IsADirectoryError, FileExistsError) as error:
+        # the file system refused (a folder made read-only meanwhile, a path removed): one line
+        print(f"routelens: error: {error.strerror or error}: {error.filename or ''}".rstrip(": "), file=sys.stderr)
         return 2
     except RuntimeError as error:
         from routelens.models.loading import experts_kernel_error

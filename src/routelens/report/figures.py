@@ -17,8 +17,9 @@ import numpy as np
 
 
 def _import_matplotlib():
-    """matplotlib, with its config and cache folder (the font list it writes on first use)
-    in a temporary folder removed at exit, unless the user chose one or loaded it already."""
+    """matplotlib, with its cache folder (the font list it writes on first use) in a
+    temporary folder removed at exit, unless the user chose one (MPLCONFIGDIR) or loaded it
+    already. Only the cache moves (XDG_CACHE_HOME): the user's matplotlibrc and styles apply."""
     if "matplotlib" in sys.modules or "MPLCONFIGDIR" in os.environ:
         import matplotlib
         import matplotlib.font_manager  # noqa: F401
@@ -30,12 +31,16 @@ def _import_matplotlib():
 
     folder = tempfile.mkdtemp(prefix="routelens-matplotlib-")
     atexit.register(shutil.rmtree, folder, ignore_errors=True)
-    os.environ["MPLCONFIGDIR"] = folder
+    before = os.environ.get("XDG_CACHE_HOME")
+    os.environ["XDG_CACHE_HOME"] = folder
     try:
         import matplotlib
         import matplotlib.font_manager  # noqa: F401  (builds the font list now, into `folder`)
     finally:   # matplotlib has read it (and caches it): the process's environment is left as it was
-        del os.environ["MPLCONFIGDIR"]
+        if before is None:
+            del os.environ["XDG_CACHE_HOME"]
+        else:
+            os.environ["XDG_CACHE_HOME"] = before
     return matplotlib
 
 

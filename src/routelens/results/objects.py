@@ -11,12 +11,11 @@ from __future__ import annotations
 
 import importlib
 import os
-import shutil
 
 import pandas as pd
 
 from routelens.errors import RouteLensError
-from routelens.results.run_folder import prepare_out
+from routelens.results.run_folder import copy_run, prepare_out
 from routelens.results.stored import SUMMARY_JSON, StoredRun
 
 
@@ -77,7 +76,7 @@ class Result:
                 return self
             if prepare_out(path, self.kind, self.config, overwrite) is not None:
                 raise RouteLensError(f"{path} already holds this run; nothing to save")
-            shutil.copytree(self.path, path, dirs_exist_ok=True)
+            copy_run(self.path, path)
         else:
             self._run.save(path, overwrite=overwrite)
         return read_run(path)

@@ -126,13 +126,16 @@ def check_out_file(path: str, option: str = "--out", inputs=(), overwrite: bool 
     folders are created when it is written); and, where it exists, replaced only with
     `overwrite` and only when routelens wrote it (`written_by_routelens`)."""
     check_apart_from_inputs(path, inputs, option.lstrip("-").replace("-", "_"))
-    if os.path.isdir(path):
+    if os.path.isdir(path) or path.endswith(("/", os.sep)):
         raise RouteLensError(f"{option} {path} is a folder; give a file path such as {os.path.join(path, 'out.jsonl')}")
     parent = existing_parent(path)
     if not os.path.isdir(parent):
         raise RouteLensError(f"{option} {path}: {parent} is a file, not a folder")
     if not os.access(parent, os.W_OK | os.X_OK):
         raise RouteLensError(f"{option} {path}: {parent} is not writable; choose another path")
+    if os.path.basename(path) == LEDGER:
+        raise RouteLensError(f"{option} {path}: {LEDGER} is where routelens records the files it writes; choose "
+                             "another name")
     if not os.path.exists(path):
         return
     if not os.access(path, os.W_OK):
@@ -209,6 +212,11 @@ def _umask() -> int:
 
 def write_output(path: str, text: str, command: str) -> None:
     """A file output of `command` (checked by `check_out_file` beforehand): written
-    atomically, then recorded in its folder's ledger, so a later `--overwrite` may replace it."""
+    atomically, then recorded in its folder's ledger, so a later `--overwrite` may replace it.
+    A file that appeared at `path` since the check (hours of sampling ago) and that
+    routelens did not write is refused, not replaced."""
+    if os.path.lexists(path) and written_by_routelens(path) is None:
+        raise RouteLensError(f"{path} appeared while routelens worked and was not written by it: it is never "
+                             "replaced; move it away and re-run (a resumable command resumes)")
     write_text_atomic(path, text)
     record_output(path, command)

@@ -125,6 +125,9 @@ def claim_in_run(run_dir: str, names: list[str]) -> None:
     folder `run_dir` among the run's files; a name that exists there unlisted is the user's
     and is refused (never replaced)."""
     stored = read_run_json(run_dir)
+    if not os.access(run_dir, os.W_OK | os.X_OK):
+        raise RouteLensError(f"{run_dir} is not writable, and the report writes its figures there; give the report "
+                             "a writable copy of the run")
     hint = "" if "files" in stored else " (this run predates the list, so an earlier report of it is unlisted too)"
     files = stored.setdefault("files", [])
     for name in names:
@@ -150,14 +153,15 @@ def _part_name(table: str) -> re.Pattern:
 
 def _owned_files(path: str, stored: dict) -> list[str]:
     """The files of the run in `path` that its run.json lists (see the module docstring), run.json last."""
-    listed = [os.path.join(path, name) for name in stored["files"] if _within(path, name)]
+    path = os.path.normpath(path)
+    listed = dict.fromkeys(os.path.normpath(os.path.join(path, name)) for name in stored["files"] if _within(path, name))
     owned = [entry for name in listed for entry in (name, name + ".tmp") if os.path.isfile(entry)]
     parts = os.path.join(path, PARTS)
-    if os.path.isdir(parts):
-        patterns = [_part_name(table) for table in stored.get("tables", [])]
+    if os.path.isdir(parts) and not os.path.islink(parts):   # a linked parts/ leads out: nothing in it is ours
+        patterns = [_part_name(table) for table in stored.get("tables", []) if isinstance(table, str)]
         owned += [os.path.join(parts, name) for name in sorted(os.listdir(parts))
                   if any(p.fullmatch(name) for p in patterns)]
-    return owned + [os.path.join(path, RUN_JSON)]
+    return list(dict.fromkeys(owned)) + [os.path.join(path, RUN_JSON)]
 
 
 def _within(path: str, name) -> bool:
@@ -174,11 +178,32 @@ def remove_outputs(path: str, stored: dict) -> None:
     that leaves empty; anything else stays."""
     folders = set()
     for entry in _owned_files(path, stored):
-        os.remove(entry)
+        if os.path.lexists(entry):
+            os.remove(entry)
         folders.add(os.path.dirname(entry))
+    top = os.path.realpath(path)
     for folder in sorted(folders, key=len, reverse=True):   # deepest first; never `path` itself
-        if folder != os.path.normpath(path) and not os.listdir(folder):
+        if os.path.realpath(folder) != top and not os.path.islink(folder) and not os.listdir(folder):
             os.rmdir(folder)
+
+
+def copy_run(source: str, target: str) -> None:
+    """Copy the run in `source` into `target` (checked by `prepare_out` beforehand): the files
+    its run.json lists and its parts, each written atomically, run.json last, so an
+    interrupted copy never looks complete; a file of that name already in `target` is
+    refused before anything is copied."""
+    stored = read_run_json(source)
+    if isinstance(stored.get("files"), list):
+        files = _owned_files(source, stored)
+    else:   # a run made before runs listed their files: all of its folder, run.json last
+        files = sorted(os.path.join(d, n) for d, _, names in os.walk(source) for n in names if n != RUN_JSON)
+        files.append(os.path.join(source, RUN_JSON))
+    names = [os.path.relpath(entry, os.path.normpath(source)) for entry in files if not entry.endswith(".tmp")]
+    for name in names:
+        _refuse_unlisted(os.path.join(target, name))
+    for name in names:
+        with open(os.path.join(source, name), "rb") as handle:
+            write_bytes_atomic(os.path.join(target, name), handle.read())
 
 
 def prepare_out(path: str, kind: str, config: dict, overwrite: bool) -> dict | None:
