@@ -337,3 +337,13 @@ def test_file_outputs_refuse_a_folder_path_the_ledger_and_a_file_that_appeared(w
     with pytest.raises(RouteLensError, match="appeared while routelens worked"):
         write_output(str(late), "table", "export")
     assert late.read_text() == "mine"
+
+
+def test_overwrite_never_empties_a_linked_parts_folder(world, tmp_path):
+    folder, outside = tmp_path / "run", tmp_path / "outside"
+    shutil.copytree(world["run"], folder)
+    shutil.move(str(folder / "parts"), str(outside))          # parts/ now a link to a folder elsewhere
+    os.symlink(outside, folder / "parts")
+    before = _fingerprint(outside)
+    assert main(_cf(world["model"], world["trajectories"], folder, "--routes", "3", "--overwrite")) == 2
+    assert _fingerprint(outside) == before

@@ -225,6 +225,10 @@ def prepare_out(path: str, kind: str, config: dict, overwrite: bool) -> dict | N
                                "so it is neither resumed nor replaced (not even with `overwrite`); choose another `out`",
                                "overwrite", "out")
         return None
+    parts = os.path.join(path, PARTS)
+    if os.path.islink(parts) or (os.path.exists(parts) and not os.path.isdir(parts)):
+        raise SettingError(f"{parts} is a link or a file, not the run's own folder of parts; routelens neither "
+                           "resumes nor replaces such a run: choose another `out`", "out")
     stored = read_run_json(path)
     if stored["config"] == config and stored["kind"] == kind:
         return stored
