@@ -713,3 +713,23 @@ def test_ctrl_c_in_trajectories_says_how_to_resume(cli_env, tmp_path):
     assert process.returncode == 130, err
     assert "re-run the same command to resume" in err and "Traceback" not in err
     assert not (tmp_path / "t.jsonl").exists()           # the file is written once every problem is done
+
+
+@pytest.mark.parametrize("command, option", [("counterfactual", "--trajectories"), ("isolate", "--items"),
+                                             ("semantic-route", "--items"), ("passk", "--problems")])
+def test_a_malformed_input_file_fails_before_the_model_loads(command, option, world, tmp_path, capsys, monkeypatch):
+    import importlib
+
+    module = importlib.import_module({"counterfactual": "routelens.analyses.counterfactual.command",
+                                      "isolate": "routelens.analyses.isolation.command",
+                                      "semantic-route": "routelens.analyses.semantic_routing.command",
+                                      "passk": "routelens.analyses.passk.command"}[command])
+
+    def no_load(args):
+        raise AssertionError("the model loaded before the input file was checked")
+
+    monkeypatch.setattr(module, "load_lens", no_load)
+    bad = write_jsonl(tmp_path / "bad.jsonl", ['{"id": "a"', "x"])
+    extra = ["--layers", "0"] if command == "counterfactual" else []
+    assert main([command, "--model", world.model, option, bad, *extra, "--out", str(tmp_path / "o")]) == 2
+    assert "malformed JSON" in capsys.readouterr().err

@@ -276,3 +276,16 @@ def load_lens(args, model: str | None = None):
     return load(model or args.model, args.device, args.dtype, device_map=args.device_map,
                 trust_remote_code=args.trust_remote_code, router_delta=getattr(args, "router_delta", None),
                 experts_implementation=args.experts_implementation, weights=getattr(args, "ray", None) is None)
+
+
+def check_records_early(path: str | None, what: str) -> None:
+    """The form of an input file (readable JSONL or Parquet, not empty), checked before the
+    model loads (a big model takes minutes); its fields are checked against the tokenizer
+    once the model is there."""
+    if path is None or path == "arithmetic":
+        return
+    from routelens.data.trajectories import read_records
+    from routelens.errors import RouteLensError
+
+    if not read_records(path, f"{what} file"):
+        raise RouteLensError(f"{path}: no {what} records in the file")

@@ -5,7 +5,17 @@ from __future__ import annotations
 import argparse
 import dataclasses
 
-from routelens.cli.parsing import config_options, int_list, load_lens, model_options, positive_int, ray_from_args, ray_options, run_options
+from routelens.cli.parsing import (
+    check_records_early,
+    config_options,
+    int_list,
+    load_lens,
+    model_options,
+    positive_int,
+    ray_from_args,
+    ray_options,
+    run_options,
+)
 
 NAME = "counterfactual"
 HELP = "score the standard route against sampled equal-compute routes"
@@ -43,6 +53,7 @@ def run(args) -> int:
 
     config = CounterfactualConfig(**counterfactual_settings(args))   # bad settings fail before the model loads
     ray = ray_from_args(args)
+    check_records_early(args.trajectories, "trajectory")
     result = counterfactual(load_lens(args), args.trajectories, args.out, config=config, ray=ray,
                                 only_verified=args.only_verified, max_trajectories=args.max_trajectories,
                                 overwrite=args.overwrite, show_progress=not args.no_progress)

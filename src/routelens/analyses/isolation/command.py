@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 
 from routelens.cli.parsing import (
+    check_records_early,
     config_from_args,
     config_options,
     load_lens,
@@ -57,6 +58,7 @@ def run(args) -> int:
     if args.items is None and args.task is None and args.model != "demo":
         raise RouteLensError("give --items FILE ({id, domain, prompt, target} records), or --task arithmetic")
     ray = ray_from_args(args)
+    check_records_early(args.items, "item")
     result = isolate(load_lens(args), args.items or "arithmetic", args.out, config=config, domains=args.domains,
                          per_domain=args.per_domain, overwrite=args.overwrite, show_progress=not args.no_progress, ray=ray)
     print_isolation_summary(result.summary_dict)

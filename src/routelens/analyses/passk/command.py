@@ -59,6 +59,10 @@ def run(args) -> int:
     options = {f.name: getattr(args, f.name) for f in dataclasses.fields(PassKConfig) if getattr(args, f.name) is not None}
     make_config(PassKConfig, **options)   # bad settings fail before the model loads
     ray = ray_from_args(args)
+    if args.problems:
+        from routelens.data.sampling import read_problem_file
+
+        read_problem_file(args.problems)   # a bad problem file fails before the model loads
     delta = args.router_delta if args.compare else None
     if args.compare:   # the base first, then the delta applied in place: one load, same problems, same seeds
         args.router_delta = None

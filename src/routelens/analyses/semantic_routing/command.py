@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from routelens.cli.parsing import (
+    check_records_early,
     config_from_args,
     config_options,
     load_lens,
@@ -54,6 +55,7 @@ def run(args) -> int:
 
     config = config_from_args(SemanticRouteConfig, args)
     ray = ray_from_args(args)
+    check_records_early(args.items, "item")
     result = semantic_route(load_lens(args), args.items, args.out, config=config, domains=args.domains,
                                 per_domain=args.per_domain, overwrite=args.overwrite, show_progress=not args.no_progress,
                                 ray=ray)
