@@ -66,6 +66,21 @@ def trajectories_jsonl(trajectories: list[Trajectory]) -> bytes:
     return ("\n".join(lines) + "\n").encode("utf-8")
 
 
+def read_utf8_text(path: str, kind: str, expected: str, encoding: str = "utf-8") -> str:
+    """The text of a file the user gave; a binary file or bytes that are not UTF-8 are a
+    one-line `RouteLensError` naming the line and what to give instead."""
+    with open(path, "rb") as handle:
+        raw = handle.read()
+    if b"\x00" in raw[:1 << 16]:
+        raise RouteLensError(f"{path}: a binary file, not {kind} text; give {expected}")
+    try:
+        return raw.decode(encoding)
+    except UnicodeDecodeError as error:
+        line = raw[: error.start].count(b"\n") + 1
+        raise RouteLensError(f"{path} line {line}: not UTF-8 text (byte {raw[error.start]:#04x}); "
+                             "save the file as UTF-8") from None
+
+
 def read_jsonl(path: str, what: str = "file") -> list[dict]:
     """Every non-empty line of a JSONL file as a dict, with "_where" = "<path> line <n>";
     a line that is not a JSON object is a one-line `RouteLensError`."""
@@ -73,17 +88,7 @@ def read_jsonl(path: str, what: str = "file") -> list[dict]:
         raise RouteLensError(f"{what} {path!r} is a folder; give a JSONL file (one JSON object per line)")
     if not os.path.isfile(path):
         raise RouteLensError(f"{what} {path!r} does not exist")
-    with open(path, "rb") as handle:
-        raw = handle.read()
-    if b"\x00" in raw[:1 << 16]:
-        raise RouteLensError(f"{path}: a binary file, not JSONL text; give a JSONL file (one JSON object per line) "
-                             "or a Parquet file ending in .parquet")
-    try:
-        text = raw.decode("utf-8")
-    except UnicodeDecodeError as error:
-        line = raw[: error.start].count(b"\n") + 1
-        raise RouteLensError(f"{path} line {line}: not UTF-8 text (byte {raw[error.start]:#04x}); "
-                             "save the file as UTF-8") from None
+    text = read_utf8_text(path, "JSONL", "a JSONL file (one JSON object per line) or a Parquet file ending in .parquet")
     records = []
     for number, line in enumerate(text.split("\n"), start=1):   # not splitlines: JSON strings may hold U+2028
         if not line.strip():

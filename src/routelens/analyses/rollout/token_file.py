@@ -12,6 +12,7 @@ import re
 
 import pandas as pd
 
+from routelens.data.trajectories import read_utf8_text
 from routelens.errors import RouteLensError
 
 KEYS = ("trajectory_id", "position", "layer")
@@ -22,16 +23,7 @@ _INTEGER = re.compile(r"[+-]?\d+")
 def _csv_records(path: str) -> list[dict]:
     """The rows of a CSV file with a header line, as dicts with "_where"; binary, non-UTF-8 or
     malformed text, and rows whose field count is not the header's, are one-line errors."""
-    with open(path, "rb") as handle:
-        raw = handle.read()
-    if b"\x00" in raw[:1 << 16]:
-        raise RouteLensError(f"{path}: a binary file, not CSV text; give {EXPECTED}")
-    try:
-        text = raw.decode("utf-8-sig")
-    except UnicodeDecodeError as error:
-        line = raw[: error.start].count(b"\n") + 1
-        raise RouteLensError(f"{path} line {line}: not UTF-8 text (byte {raw[error.start]:#04x}); "
-                             "save the file as UTF-8") from None
+    text = read_utf8_text(path, "CSV", EXPECTED, encoding="utf-8-sig")
     reader = csv.reader(io.StringIO(text, newline=""), strict=True)
     records, header = [], None
     try:
