@@ -40,6 +40,11 @@ class RuntimeCheckFailed(RouteLensError):
     given (the command line exits with code 1)."""
 
 
+class FallbackTooSlow(RuntimeCheckFailed):
+    """An engine's check failed and the slower engine it fell back to would run past
+    `max_fallback_time`: stopped, with what was scored kept (a run folder resumes)."""
+
+
 class SettingError(RouteLensError):
     """A bad value of an analysis setting. The message names each parameter in backticks as
     Python spells it (`` `routes` must be ... ``); `as_options()` is the same message with

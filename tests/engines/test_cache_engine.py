@@ -176,7 +176,11 @@ def test_every_engine_implements_the_engine_contract_and_shares_its_deviation_re
     assert isinstance(engine, Engine)
     record = engine.check_record()
     assert set(record) == {"standard_route_max_abs_logprob_diff", "standard_route_mean_abs_logprob_diff",
-                           "engine_fallback", "cache_engine_layers", "cache_engine_fallback"}
+                           "standard_route_tolerance", "standard_route_flagged_tokens", "standard_route_checked_tokens",
+                           "engine_fallback", "cache_engine_layers", "cache_engine_fallback",
+                           "fallback_seconds", "fallback_tokens", "max_fallback_time"}
     helpers = [getattr(engine, "cache", None), getattr(getattr(engine, "cache", engine), "reference", None)]
     for helper in filter(None, helpers):   # engines that hand work on record every route in one place
         assert helper.deviation is engine.deviation
+    if name == "fast":   # and bound the time of what they hand on by one clock
+        assert engine.cache.budget is engine.budget

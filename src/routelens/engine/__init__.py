@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import warnings
 
-from routelens.engine.base import Engine
+from routelens.engine.base import DEFAULT_MAX_FALLBACK_TIME, Engine
 from routelens.engine.cache import CacheEngine
 from routelens.engine.fast import FastEngine, FastEngineUnsupported
 from routelens.engine.items import ScoreItem
@@ -31,18 +31,20 @@ ENGINES = {"fast": FastEngine, "cache": CacheEngine, "reference": ReferenceEngin
 
 
 def make_engine(name: str, adapter, *, memory_budget: int = DEFAULT_MEMORY_BUDGET, route_batch_size: int = 33,
-                route_chunk: int | None = None):
+                route_chunk: int | None = None, max_fallback_time: float = DEFAULT_MAX_FALLBACK_TIME):
     """The named engine; `fast` falls back to `cache` with a warning that says why.
 
     Options are explicit (a misspelt one is a TypeError, never silently dropped):
     `memory_budget` bytes for one chunk of perturbed sequences, `route_batch_size` routes
     per forward of the reference engine, `route_chunk` routes per chunk (fast and cache
-    engines; None: from the memory budget)."""
+    engines; None: from the memory budget), `max_fallback_time` seconds a slower engine may
+    score after a failed check (0: no bound)."""
     if name not in ENGINES:
         raise SettingError(f"unknown `engine` {name!r}; available: {', '.join(ENGINES)}", "engine")
     if name == "reference":
         return ReferenceEngine(adapter, route_batch_size=route_batch_size, memory_budget=memory_budget)
-    options = dict(memory_budget=memory_budget, route_batch_size=route_batch_size, route_chunk=route_chunk)
+    options = dict(memory_budget=memory_budget, route_batch_size=route_batch_size, route_chunk=route_chunk,
+                   max_fallback_time=max_fallback_time)
     try:
         return ENGINES[name](adapter, **options)
     except FastEngineUnsupported as reason:

@@ -12,6 +12,8 @@ An analysis never probes an engine (`hasattr`) nor reaches into it: it calls the
   standard-route deviation from the natural forward (max and per-batch mean, nats), why
   it fell back if it did, the layers it handed to the cache engine and why, and the cache
   engine's own fallback.
+- `token_flags(items)`: per item of the last `score_batch`, which scored tokens a small
+  low-precision miss of the standard-route check flagged (`DeviationRecord`).
 - `padding`: the check that unequal lengths may share a padded forward (`PaddingCheck`),
   `max_group`: how many sequences are worth handing it at once, `name`.
 
@@ -46,12 +48,76 @@ class Engine(Protocol):
 
     def check_record(self) -> dict: ...
 
+    def token_flags(self, items: list[ScoreItem]) -> list[np.ndarray]: ...
+
 
 def check_fields(deviation, fallback_reason: str | None, cache_layers: dict | None = None,
-                 cache_fallback: str | None = None) -> dict:
+                 cache_fallback: str | None = None, budget: FallbackBudget | None = None) -> dict:
     """The run.json fields every engine reports, in one shape."""
     largest, mean = deviation.largest
     return {"standard_route_max_abs_logprob_diff": largest, "standard_route_mean_abs_logprob_diff": mean,
-            "engine_fallback": fallback_reason,
+            **deviation.record(), "engine_fallback": fallback_reason,
             "cache_engine_layers": {str(k): v for k, v in (cache_layers or {}).items()},
-            "cache_engine_fallback": cache_fallback}
+            "cache_engine_fallback": cache_fallback,
+            **(budget.record() if budget else {"fallback_seconds": 0.0, "fallback_tokens": 0, "max_fallback_time": None})}
+
+
+def token_flags(deviation, items) -> list[np.ndarray]:
+    """Split the flags the last batch's checks left (in item order) by item."""
+    import numpy as np
+
+    sizes = [len(item.positions) for item in items]
+    flags = np.concatenate(deviation.batch_flags) if deviation.batch_flags else np.zeros(0, dtype=bool)
+    if flags.size != sum(sizes):   # a batch checked by no engine (nothing scored): nothing flagged
+        flags = np.zeros(sum(sizes), dtype=bool)
+    return list(np.split(flags, np.cumsum(sizes)[:-1])) if sizes else []
+
+
+DEFAULT_MAX_FALLBACK_TIME = 600.0   # seconds a slower engine may score after a failed check
+
+
+class FallbackBudget:
+    """How long the engines a failed check handed work to may run, shared along the chain
+    (fast -> cache -> reference): each fallback batch is timed, the first announces its
+    rate and an estimate, and a batch that would run past `seconds` is refused before it
+    starts (`FallbackTooSlow`), so a run never stalls on an engine 1,000x slower. 0: no bound."""
+
+    def __init__(self, seconds: float = DEFAULT_MAX_FALLBACK_TIME):
+        self.seconds = float(seconds)
+        self.spent = 0.0
+        self.tokens = 0
+
+    def _rate(self) -> float | None:
+        return self.spent / self.tokens if self.tokens else None
+
+    def before(self, engine: str, reason: str, tokens: int) -> None:
+        """Refuse a fallback batch of `tokens` scored tokens that would exceed the bound."""
+        from routelens.errors import FallbackTooSlow
+
+        rate = self._rate()
+        if not self.seconds or rate is None:
+            return
+        estimate = rate * tokens
+        if self.spent + estimate > self.seconds:
+            raise FallbackTooSlow(
+                f"stopped: after a failed check ({reason}) the {engine} engine has scored for {self.spent:.0f} s at "
+                f"{rate:.3g} s per token, and the next {tokens} tokens would take ~{estimate:.0f} s more, past "
+                f"max_fallback_time {self.seconds:g} s; what was scored is kept (a run folder resumes). Rerun in "
+                "float32 (--dtype float32), with --engine " + engine + " from the start, or raise --max-fallback-time "
+                "(0: no bound)")
+
+    def after(self, engine: str, seconds: float, tokens: int) -> None:
+        """Count a fallback batch; the first one announces the rate."""
+        import warnings
+
+        first = self.tokens == 0
+        self.spent += seconds
+        self.tokens += tokens
+        if first and tokens:
+            bound = f"bounded by max_fallback_time {self.seconds:g} s" if self.seconds else "no time bound"
+            warnings.warn(f"the {engine} engine scores {seconds / tokens:.3g} s per token here ({bound}; "
+                          f"{self.spent:.0f} s so far)", stacklevel=3)
+
+    def record(self) -> dict:
+        return {"fallback_seconds": round(self.spent, 3), "fallback_tokens": self.tokens,
+                "max_fallback_time": self.seconds}

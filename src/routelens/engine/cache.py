@@ -24,12 +24,13 @@ engine switches to the reference engine with a warning that says why.
 
 from __future__ import annotations
 
+import time
 import warnings
 
 import numpy as np
 import torch
 
-from routelens.engine.base import check_fields
+from routelens.engine.base import DEFAULT_MAX_FALLBACK_TIME, FallbackBudget, check_fields, token_flags
 from routelens.engine.checks import DeviationRecord, PaddingCheck
 from routelens.engine.items import ScoreItem, joint_layers, joint_overrides, layer_label, per_layer
 from routelens.engine.readout import DEFAULT_MEMORY_BUDGET, activation_bytes, record_layer_arguments, target_log_probs
@@ -57,12 +58,15 @@ class CacheEngine:
     max_group = 1   # one sequence at a time: its cache is walked token by token
 
     def __init__(self, adapter: MoEAdapter, memory_budget: int = DEFAULT_MEMORY_BUDGET,
-                 route_batch_size: int = 33, route_chunk: int | None = None, deviation: DeviationRecord | None = None):
+                 route_batch_size: int = 33, route_chunk: int | None = None, deviation: DeviationRecord | None = None,
+                 budget: FallbackBudget | None = None, max_fallback_time: float = DEFAULT_MAX_FALLBACK_TIME):
         self.adapter = adapter
         self.memory_budget = int(memory_budget)
         self.route_chunk = route_chunk
         # |route 0 - natural| seen so far, nats: one record with the reference engine it falls back to
-        self.deviation = deviation or DeviationRecord(adapter)
+        self.deviation = deviation or DeviationRecord(adapter, memory_budget)
+        # how long the reference engine may run after a failed check (shared with the fast engine's)
+        self.budget = budget or FallbackBudget(max_fallback_time)
         self.reference = ReferenceEngine(adapter, route_batch_size=route_batch_size, memory_budget=memory_budget,
                                          deviation=self.deviation)
         self.fallback_reason: str | None = None
@@ -73,7 +77,10 @@ class CacheEngine:
         return None
 
     def check_record(self) -> dict:
-        return check_fields(self.deviation, self.fallback_reason)
+        return check_fields(self.deviation, self.fallback_reason, budget=self.budget)
+
+    def token_flags(self, items: list[ScoreItem]) -> list[np.ndarray]:
+        return token_flags(self.deviation, items)
 
     # ------------------------------------------------------------------ one natural step
     def _natural_step(self, token: torch.Tensor, cache, layer: int) -> dict:
@@ -159,20 +166,32 @@ class CacheEngine:
             self.fallback_reason = f"{self.adapter.config.model_type}: {declared}"
             warnings.warn(f"the cache engine cannot serve {self.fallback_reason}; scoring with the reference engine",
                           stacklevel=2)
+        self.deviation.start_batch()
         if self.fallback_reason is None:
             try:
                 return [self._score_item(layer, item) for item in items]
             except CacheStepMismatch as reason:
                 self.fallback_reason = f"{layer_label(layer)} ({self.adapter.config.model_type}): {reason}"
+                self._failed = True
                 warnings.warn(f"cache engine check failed at {self.fallback_reason}; "
                               "scoring with the reference engine from here on", stacklevel=2)
-        return self.reference.score_batch(layer, items)
+        if not getattr(self, "_failed", False):   # a family the cache engine cannot serve: the reference by design
+            return self.reference.score_batch(layer, items)
+        tokens = sum(len(item.positions) for item in items)
+        self.budget.before("reference", self.fallback_reason, tokens)
+        started = time.perf_counter()
+        results = self.reference.score_batch(layer, items)
+        self.budget.after("reference", time.perf_counter() - started, tokens)
+        return results
 
     def _score_item(self, layer: int | list[int], item: ScoreItem) -> np.ndarray:
         scored = self.score_positions(item.input_ids, layer, item.positions, item.experts, item.weights)
         if len(item.positions):
             natural = self.reference.natural_log_probs(item.input_ids, item.positions)
-            mismatch = self.deviation.check(scored[:, 0], natural)
-            if mismatch:
-                raise CacheStepMismatch(mismatch)
+            self.deviation.calibrate([item], natural)
+            miss = self.deviation.judge(scored[:, 0], natural)
+            if miss is not None and not miss.small:
+                raise CacheStepMismatch(miss.clause)
+            if miss is not None:
+                self.deviation.announce(miss, f"the cache engine at {layer_label(layer)}")
         return scored

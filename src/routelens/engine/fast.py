@@ -38,6 +38,7 @@ for the rest of the run, with a warning giving the reason (`fallback_reason`).
 
 from __future__ import annotations
 
+import time
 import warnings
 from contextlib import contextmanager, nullcontext
 
@@ -45,7 +46,7 @@ import numpy as np
 import torch
 
 from routelens.engine import attention
-from routelens.engine.base import check_fields
+from routelens.engine.base import DEFAULT_MAX_FALLBACK_TIME, FallbackBudget, check_fields, token_flags
 from routelens.engine.batching import pad_right, per_row_arguments, row_positions
 from routelens.engine.cache import CacheEngine
 from routelens.engine.checks import DeviationRecord, PaddingCheck
@@ -71,7 +72,8 @@ class FastEngine:
     max_group = 64  # sequences scored together in one call (within the analysis' token budget)
 
     def __init__(self, adapter: MoEAdapter, memory_budget: int = DEFAULT_MEMORY_BUDGET,
-                 route_chunk: int | None = None, route_batch_size: int = 33):
+                 route_chunk: int | None = None, route_batch_size: int = 33,
+                 max_fallback_time: float = DEFAULT_MAX_FALLBACK_TIME):
         self.adapter = adapter
         self.memory_budget = int(memory_budget)
         self.route_chunk = route_chunk
@@ -79,9 +81,10 @@ class FastEngine:
         attention.register()
         # layers the patch cannot serve, and any failed check, go to the cache engine (exact for
         # every layout, checked itself, and falling back to the reference engine in turn)
-        self.deviation = DeviationRecord(adapter)   # |route 0 - natural| seen so far, nats (shared with `cache`)
+        self.deviation = DeviationRecord(adapter, memory_budget)   # |route 0 - natural| so far, nats (shared with `cache`)
+        self.budget = FallbackBudget(max_fallback_time)   # how long slower engines may run after a failed check
         self.cache = CacheEngine(adapter, memory_budget=memory_budget, route_batch_size=route_batch_size,
-                                 deviation=self.deviation)
+                                 deviation=self.deviation, budget=self.budget)
         self.fallback_reason: str | None = None
         self.padding = PaddingCheck(adapter, memory_budget)   # may unequal lengths share a forward (checked once)
         self.attention = attention.AttentionState()   # what its attention functions read during its passes
@@ -115,7 +118,11 @@ class FastEngine:
         return None
 
     def check_record(self) -> dict:
-        return check_fields(self.deviation, self.fallback_reason, self.cache_layers, self.cache.fallback_reason)
+        return check_fields(self.deviation, self.fallback_reason, self.cache_layers, self.cache.fallback_reason,
+                            self.budget)
+
+    def token_flags(self, items: list[ScoreItem]) -> list[np.ndarray]:
+        return token_flags(self.deviation, items)
 
     # ------------------------------------------------------------------ natural pass
     @contextmanager
@@ -355,6 +362,7 @@ class FastEngine:
         if first not in self.cache_layers and (reason := self.unpatchable(first)):
             self.cache_layers[first] = reason
             warnings.warn(f"{reason}: scoring layer {first} with the cache engine", stacklevel=2)
+        self.deviation.start_batch()
         if self.fallback_reason is None and first not in self.cache_layers:
             try:
                 return self._score_batch(layer, items)
@@ -362,7 +370,14 @@ class FastEngine:
                 self.fallback_reason = f"{layer_label(layer)} ({self.adapter.config.model_type}): {reason}"
                 warnings.warn(f"fast engine check failed at {self.fallback_reason}; "
                               "scoring with the cache engine from here on", stacklevel=2)
-        return self.cache.score_batch(layer, items)
+        if self.fallback_reason is None:   # a layer the patch cannot serve: the cache engine by design
+            return self.cache.score_batch(layer, items)
+        tokens = sum(len(item.positions) for item in items)
+        self.budget.before("cache", self.fallback_reason, tokens)
+        started = time.perf_counter()
+        results = self.cache.score_batch(layer, items)
+        self.budget.after("cache", time.perf_counter() - started, tokens)
+        return results
 
     def _check_standard_route(self, items: list[ScoreItem], results: list[np.ndarray],
                               recorded: dict, input_ids: torch.Tensor) -> None:
@@ -374,11 +389,15 @@ class FastEngine:
         targets = input_ids[batch, positions + 1].to(final.device)
         natural = target_log_probs(self.adapter, final[batch.to(final.device), positions.to(final.device)],
                                    targets, self.memory_budget)
-        mismatch = self.deviation.check(np.concatenate([result[:, 0] for result in results]), natural)
-        if mismatch:
-            raise FastEngineUnsupported(mismatch)
+        self.deviation.calibrate(items, natural)
+        miss = self.deviation.judge(np.concatenate([result[:, 0] for result in results]), natural)
+        if miss is not None and not miss.small:
+            raise FastEngineUnsupported(miss.clause)
+        if miss is not None:
+            self.deviation.announce(miss, f"the fast engine at {layer_label(self._layer)}")
 
     def _score_batch(self, layer: int | list[int], items: list[ScoreItem]) -> list[np.ndarray]:
+        self._layer = layer
         layers = joint_layers(layer)
         first = layers[0]
         device = self.adapter.device_of(self.adapter.decoder_layers[first])

@@ -18,7 +18,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from routelens.engine.base import check_fields
+from routelens.engine.base import check_fields, token_flags
 from routelens.engine.checks import DeviationRecord, PaddingCheck, RuntimeCheckFailed
 from routelens.engine.items import ScoreItem, joint_layers, joint_overrides, layer_label, per_layer
 from routelens.engine.readout import DEFAULT_MEMORY_BUDGET, target_log_probs
@@ -39,7 +39,7 @@ class ReferenceEngine:
         self.route_batch_size = max(1, int(route_batch_size))
         self.memory_budget = int(memory_budget)
         # |route 0 - natural| seen so far, nats (shared with the engine that hands work here)
-        self.deviation = deviation or DeviationRecord(adapter)
+        self.deviation = deviation or DeviationRecord(adapter, memory_budget)
         self.padding = PaddingCheck(adapter, memory_budget)   # may unequal lengths share a forward (checked once)
 
     def natural_routes(self, input_ids: list[torch.Tensor], layers: list[int]) -> None:
@@ -48,6 +48,9 @@ class ReferenceEngine:
 
     def check_record(self) -> dict:
         return check_fields(self.deviation, self.fallback_reason)
+
+    def token_flags(self, items: list[ScoreItem]) -> list[np.ndarray]:
+        return token_flags(self.deviation, items)
 
     @torch.no_grad()
     def natural_log_probs(self, input_ids: torch.Tensor, positions) -> np.ndarray:
@@ -58,10 +61,14 @@ class ReferenceEngine:
                                 self.memory_budget)
 
     def _check_standard_route(self, layer, item: ScoreItem, scored: np.ndarray) -> None:
-        mismatch = self.deviation.check(scored[:, 0], self.natural_log_probs(item.input_ids, item.positions))
-        if mismatch:
+        natural = self.natural_log_probs(item.input_ids, item.positions)
+        self.deviation.calibrate([item], natural)
+        miss = self.deviation.judge(scored[:, 0], natural)
+        if miss is not None and not miss.small:
             raise RuntimeCheckFailed(f"standard-route check failed at {layer_label(layer)} "
-                                     f"({self.adapter.config.model_type}, reference engine): {mismatch}")
+                                     f"({self.adapter.config.model_type}, reference engine): {miss.clause}")
+        if miss is not None:
+            self.deviation.announce(miss, f"the reference engine at {layer_label(layer)}")
 
     @torch.no_grad()
     def score(self, input_ids: torch.Tensor, position: int, layer: int | list[int],
@@ -92,6 +99,7 @@ class ReferenceEngine:
 
     def score_batch(self, layer: int | list[int], items: list[ScoreItem]) -> list[np.ndarray]:
         """Each item's routes, one item after the other: [P, R] per item (route 0 checked)."""
+        self.deviation.start_batch()
         results = []
         for item in items:
             scored = self.score_positions(item.input_ids, layer, item.positions, item.experts, item.weights)

@@ -1,0 +1,153 @@
+"""What the model's own dtype does to its numbers: a higher-precision shadow of the model.
+
+A bf16 model's log-probabilities are off the exact ones by rounding that depends on the
+order of every sum, so two correct computations of the same route (an engine's and the
+natural forward) differ by up to about twice what either differs from the exact value.
+The run-time checks take their yardstick from that, measured on the model at hand: the
+natural forward of a few sequences in the model's dtype against the same forward run
+through a shadow of the model in a higher precision (float32 for bf16/fp16, float64 for
+float32), cast one decoder layer at a time so the shadow costs one layer's memory.
+Casting up and back is exact (every bf16 value is a float32 value), so the model is left
+bit for bit as it was.
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+
+import numpy as np
+import torch
+
+SHADOW_DTYPE = {torch.bfloat16: torch.float32, torch.float16: torch.float32, torch.float32: torch.float64}
+
+
+def shadow_dtype(dtype: torch.dtype) -> torch.dtype | None:
+    """The precision a model computing in `dtype` is checked against (None: none higher)."""
+    return SHADOW_DTYPE.get(dtype)
+
+
+def _cast_module(module: torch.nn.Module, dtype: torch.dtype) -> list:
+    """Cast `module`'s floating parameters and buffers to `dtype` in place; what to undo."""
+    saved = []
+    for sub in module.modules():
+        for store in (sub._parameters, sub._buffers):
+            for name, tensor in store.items():
+                if tensor is not None and tensor.is_floating_point() and tensor.dtype != dtype:
+                    saved.append((store, name, tensor.dtype))
+                    if isinstance(tensor, torch.nn.Parameter):
+                        tensor.data = tensor.data.to(dtype)
+                    else:
+                        store[name] = tensor.to(dtype)
+    return saved
+
+
+def _restore(saved: list) -> None:
+    for store, name, dtype in reversed(saved):
+        tensor = store[name]
+        if isinstance(tensor, torch.nn.Parameter):
+            tensor.data = tensor.data.to(dtype)
+        else:
+            store[name] = tensor.to(dtype)
+
+
+def _upcast_value(value, dtype: torch.dtype):
+    if torch.is_tensor(value) and value.is_floating_point():
+        return value.to(dtype)
+    if isinstance(value, tuple):
+        return tuple(_upcast_value(v, dtype) for v in value)
+    return value
+
+
+class ShadowUnavailable(Exception):
+    """The model cannot run in a higher precision here (offloaded weights, a kernel that
+    has no kernel for that dtype): the checks keep the dtype's fixed tolerances."""
+
+
+@contextmanager
+def higher_precision(adapter, dtype: torch.dtype):
+    """Forwards run inside compute in `dtype`: the input embeddings' output is cast up, each
+    decoder layer is cast up as it runs and back when it is done (its inputs cast up), and
+    the final norm and LM head stay cast up for the block. The model is restored exactly."""
+    if any(p.device.type == "meta" for p in adapter.model.parameters()):
+        raise ShadowUnavailable("weights are offloaded (a device map with disk or meta offload)")
+    pending: dict[int, list] = {}
+
+    def cast_up(module, args, kwargs):
+        pending[id(module)] = _cast_module(module, dtype)
+        return _upcast_value(args, dtype), {k: _upcast_value(v, dtype) for k, v in kwargs.items()}
+
+    def restore(module, args, kwargs, output):
+        _restore(pending.pop(id(module), []))
+
+    handles = [adapter.model.get_input_embeddings().register_forward_hook(lambda m, a, out: out.to(dtype))]
+    for layer in adapter.decoder_layers:
+        handles.append(layer.register_forward_pre_hook(cast_up, with_kwargs=True))
+        handles.append(layer.register_forward_hook(restore, with_kwargs=True))
+    kept = _cast_module(adapter.final_norm, dtype) + _cast_module(adapter.lm_head, dtype)
+    configs = [adapter.model.config, adapter.config]
+    kernels = [config.__dict__.get("_experts_implementation_internal") for config in configs]
+    for config in configs:   # grouped_mm has no float64 kernel; eager is exact in any dtype
+        if kernels[0] is not None:
+            config._experts_implementation_internal = "eager"
+    try:
+        yield
+    finally:
+        for config, kernel in zip(configs, kernels):
+            if kernel is not None:
+                config._experts_implementation_internal = kernel
+        for handle in handles:
+            handle.remove()
+        for saved in pending.values():
+            _restore(saved)
+        _restore(kept)
+
+
+CALIBRATION_TOKENS = 256   # scored positions the noise is measured on (the first batch's first sequences)
+
+
+@torch.no_grad()
+def shadow_log_probs(adapter, items, memory_budget: int, dtype: torch.dtype) -> np.ndarray:
+    """log p(token t + 1) at each item's positions (in item order) under natural routing,
+    computed by the model's higher-precision shadow: one right-padded forward."""
+    from routelens.engine.batching import pad_right
+    from routelens.engine.readout import final_norm_states, target_log_probs
+
+    batch = pad_right([item.input_ids for item in items])
+    rows = torch.cat([torch.full((len(item.positions),), b) for b, item in enumerate(items)])
+    positions = torch.cat([torch.as_tensor(np.asarray(item.positions), dtype=torch.long) for item in items])
+    try:
+        with higher_precision(adapter, dtype), final_norm_states(adapter) as final:
+            adapter.model(batch.to(adapter.device), use_cache=False, logits_to_keep=1)
+            states = final["states"]
+            return target_log_probs(adapter, states[rows.to(states.device), positions.to(states.device)],
+                                    batch[rows, positions + 1], memory_budget)
+    except (RuntimeError, TypeError, NotImplementedError) as error:   # a kernel without this dtype
+        raise ShadowUnavailable(f"the model does not run in {str(dtype).removeprefix('torch.')} here: "
+                                f"{str(error).splitlines()[0][:160]}") from None
+
+
+def measure_noise(adapter, items, natural: np.ndarray, memory_budget: int | None = None) -> dict:
+    """|natural log-prob in the model's dtype - the shadow's| over the scored positions of
+    the first items (up to CALIBRATION_TOKENS); `natural` holds every item's, in item order.
+    Raises `ShadowUnavailable` where no higher precision runs."""
+    from routelens.engine.readout import DEFAULT_MEMORY_BUDGET
+
+    dtype = adapter.lm_head.weight.dtype
+    higher = shadow_dtype(dtype)
+    if higher is None:
+        raise ShadowUnavailable(f"no precision above {str(dtype).removeprefix('torch.')} to compare with")
+    chosen, count = [], 0
+    for item in items:
+        if count >= CALIBRATION_TOKENS:
+            break
+        if len(item.positions):
+            chosen.append(item)
+            count += len(item.positions)
+    if not count:
+        raise ShadowUnavailable("no scored position to measure on")
+    shadow = shadow_log_probs(adapter, chosen, memory_budget or DEFAULT_MEMORY_BUDGET, higher)
+    difference = np.abs(np.asarray(natural, dtype=np.float64)[:count] - shadow)
+    if not np.isfinite(difference).all():
+        raise ShadowUnavailable("the shadow's log-probs are not finite")
+    return {"method": f"{str(higher).removeprefix('torch.')} shadow", "tokens": int(count),
+            "sequences": len(chosen), "noise_max": float(difference.max()), "noise_mean": float(difference.mean())}
