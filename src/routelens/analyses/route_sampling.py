@@ -16,6 +16,7 @@ import numpy as np
 from routelens.errors import SettingError
 
 NULL_STREAM = 11   # route_rng stream of the uniform null routes: the Gumbel routes' draws stay as they were
+PRECISION_AUDIT_STREAM = 13   # route_rng stream of the tokens the precision audit re-scores
 
 
 def route_rng(seed: int, layer: int, unit_id: str, *streams: int) -> np.random.Generator:

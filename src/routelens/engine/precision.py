@@ -13,7 +13,7 @@ bit for bit as it was.
 
 from __future__ import annotations
 
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 
 import numpy as np
 import torch
@@ -151,3 +151,43 @@ def measure_noise(adapter, items, natural: np.ndarray, memory_budget: int | None
         raise ShadowUnavailable("the shadow's log-probs are not finite")
     return {"method": f"{str(higher).removeprefix('torch.')} shadow", "tokens": int(count),
             "sequences": len(chosen), "noise_max": float(difference.max()), "noise_mean": float(difference.mean())}
+
+
+@torch.no_grad()
+def audit_routes(adapter, input_ids: torch.Tensor, position: int, layer: int, experts: torch.Tensor,
+                 weights: torch.Tensor, rows_per_forward: int = 33) -> dict[str, np.ndarray]:
+    """Each route [R, k] of one token forced at `layer`, run twice as plain forwards of the
+    prefix (the reference engine's computation): in the model's dtype and in its shadow.
+
+    Returns per route: "logprob" (model dtype) and "shadow_logprob" of token position + 1,
+    and "flip": whether any MoE layer above `layer` routes the token (its expert set) other
+    than the shadow does, i.e. the score rests on a route that rounding chose."""
+    higher = shadow_dtype(adapter.lm_head.weight.dtype)
+    if higher is None:
+        raise ShadowUnavailable("no higher precision to compare with")
+    from routelens.models.routing import RouteOverride, capture_routes, override_routes
+
+    upper = [m for m in adapter.moe_layers if m > layer]
+    prefix = input_ids[: position + 1].to(adapter.device)
+    target = int(input_ids[position + 1])
+    out = {"logprob": [], "shadow_logprob": [], "flip": []}
+    for start in range(0, experts.shape[0], rows_per_forward):
+        chunk = slice(start, start + rows_per_forward)
+        count = experts[chunk].shape[0]
+        rows = torch.arange(count, device=adapter.device) * (position + 1) + position
+        runs = []
+        for context in (nullcontext(), higher_precision(adapter, higher)):
+            override = RouteOverride(rows, experts[chunk], weights[chunk].float())
+            with context, override_routes(adapter, {layer: override}), capture_routes(adapter, upper) as captured:
+                logits = adapter.model(prefix.expand(count, -1), use_cache=False, logits_to_keep=1).logits[:, -1]
+            chosen = [captured[m].experts.reshape(count, position + 1, -1)[:, position].sort(-1).values.cpu()
+                      for m in upper]
+            runs.append((torch.log_softmax(logits.float(), -1)[:, target].double().cpu(), chosen))
+        (low, low_sets), (high, high_sets) = runs
+        flips = torch.zeros(count, dtype=torch.bool)
+        for a, b in zip(low_sets, high_sets):
+            flips |= (a != b).any(-1)
+        out["logprob"].append(low)
+        out["shadow_logprob"].append(high)
+        out["flip"].append(flips)
+    return {name: torch.cat(values).numpy() for name, values in out.items()}

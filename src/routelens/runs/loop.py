@@ -29,7 +29,8 @@ class AnalysisRun:
     weighs `unit_weight(i)` before it is done and `done_weight(tables)` once its tables are
     back (default 1 each). `summarise(folder)` runs on the concatenated tables and returns
     summary.json (it may write more tables); `timings(todo, seconds)` adds to run.json's
-    timings what this session did in `seconds`.
+    timings what this session did in `seconds`; `summary_checks(summary)` adds to run.json's
+    checks what the whole run's tables show (every session's, not this one's alone).
     """
 
     kind: str
@@ -46,6 +47,7 @@ class AnalysisRun:
     done_weight: Callable[[dict], int] = lambda tables: 1
     timings: Callable[[list[int], float], dict] = lambda todo, seconds: {}
     memory_budget: int | None = None   # peak memory is recorded against it (this process only)
+    summary_checks: Callable[[dict], dict] = lambda summary: {}
 
 
 def run_analysis(run: AnalysisRun, loaded, out: str | None, *, overwrite: bool = False, show_progress: bool = True,
@@ -74,5 +76,5 @@ def run_analysis(run: AnalysisRun, loaded, out: str | None, *, overwrite: bool =
     memory = peak_memory(loaded.device, run.memory_budget) if run.memory_budget and ray is None else None
     folder.complete(summary, extra={"timings": {"seconds_this_session": round(seconds, 3), **run.timings(todo, seconds),
                                                 **({"memory": memory} if run.memory_budget else {})},
-                                    "checks": checks})
+                                    "checks": {**checks, **run.summary_checks(summary)}})
     return folder

@@ -34,6 +34,7 @@ from routelens import stats
 from routelens.analyses.counterfactual.config import CounterfactualConfig
 from routelens.analyses.route_sampling import (
     NULL_STREAM,
+    PRECISION_AUDIT_STREAM,
     check_route_settings,
     flag_duplicates,
     gumbel_top_k_routes,
@@ -57,6 +58,10 @@ ROUTES_SCHEMA = pa.schema([
     ("route", pa.int64()), ("experts", pa.list_(pa.int64())), ("weights", pa.list_(pa.float64())),
     ("router_score", pa.float64()), ("duplicate", pa.bool_()), ("target_id", pa.int64()),
     ("logprob", pa.float64()),
+    # the precision audit (low-precision models, a sample of tokens; null elsewhere): the route's
+    # score in the model's higher-precision shadow, and whether a router above the layer chose
+    # another expert set there than in the model's dtype
+    ("shadow_logprob", pa.float64()), ("upper_route_flip", pa.bool_()),
 ])
 TOKENS_SCHEMA = pa.schema([
     ("trajectory_id", pa.string()), ("position", pa.int64()), ("layer", pa.int64()),
@@ -67,6 +72,9 @@ TOKENS_SCHEMA = pa.schema([
     ("n_duplicates", pa.int64()), ("bin", pa.string()), ("problem_id", pa.string()),
     ("alignment_mass_partial", pa.float64()), ("p_uniform_mean", pa.float64()),
     ("standard_minus_uniform", pa.float64()), ("best_minus_uniform_best", pa.float64()),
+    # the standard route's score missed the calibrated max tolerance against the natural forward
+    # (a low-precision tail the run continued past); the audited routes whose upper routes flip
+    ("precision_flag", pa.bool_()), ("upper_route_flips", pa.int64()), ("shadow_max_abs_error", pa.float64()),
 ])
 # joint runs (--joint-layers): one route per listed layer, forced together
 JOINT_ROUTES_SCHEMA = pa.schema([
@@ -355,10 +363,13 @@ def _list_column(values: np.ndarray, value_type: pa.DataType) -> pa.ListArray:
 
 
 def routes_table(trajectory: Trajectory, layer: int, routes: LayerRoutes, logprobs: np.ndarray,
-                 first_route: int = 0) -> pa.Table:
+                 first_route: int = 0, audit: dict | None = None) -> pa.Table:
     """One row per (position, route) of one layer, in position then route order (routes
-    numbered from `first_route`: 0 with the standard route, 1 for the uniform null's table)."""
+    numbered from `first_route`: 0 with the standard route, 1 for the uniform null's table);
+    `audit` ("shadow_logprob", "upper_route_flip" [P, R], NaN where not audited) from
+    `precision_audit`."""
     num_positions, num_routes, k = routes.experts.shape
+    audited = None if audit is None else ~np.isnan(audit["shadow_logprob"]).ravel()
     positions = np.repeat(routes.positions, num_routes)
     targets = np.asarray(trajectory.input_ids)[positions + 1]
     return pa.Table.from_arrays([
@@ -372,6 +383,10 @@ def routes_table(trajectory: Trajectory, layer: int, routes: LayerRoutes, logpro
         pa.array(routes.duplicate.ravel(), type=pa.bool_()),
         pa.array(targets, type=pa.int64()),
         pa.array(np.asarray(logprobs, dtype=np.float64).ravel(), type=pa.float64()),
+        pa.nulls(positions.size, pa.float64()) if audit is None else
+        pa.array(audit["shadow_logprob"].ravel(), type=pa.float64(), mask=~audited),
+        pa.nulls(positions.size, pa.bool_()) if audit is None else
+        pa.array(audit["upper_route_flip"].ravel() == 1, type=pa.bool_(), mask=~audited),
     ], schema=ROUTES_SCHEMA)
 
 
@@ -395,7 +410,8 @@ def _nested_list_column(values: np.ndarray, value_type: pa.DataType) -> pa.ListA
 
 
 def joint_tables(trajectory: Trajectory, joint: list[int], routes: LayerRoutes, logprobs: np.ndarray,
-                 single: dict[int, np.ndarray], config: CounterfactualConfig) -> dict[str, pa.Table]:
+                 single: dict[int, np.ndarray], config: CounterfactualConfig,
+                 flags: np.ndarray | None = None) -> dict[str, pa.Table]:
     """The joint routes (and joint uniform null routes) and tokens tables of one trajectory.
     Beside each token's metrics: the sum and the largest of its single-layer gains at the
     listed layers (same tokens, same routes), and the mean interaction over the sampled
@@ -413,7 +429,7 @@ def joint_tables(trajectory: Trajectory, joint: list[int], routes: LayerRoutes, 
     tables["joint_tokens"] = tokens_table(
         trajectory, [list(joint)] * len(routes.positions), routes, logprobs, config, JOINT_TOKENS_SCHEMA,
         {"sum_single_gain": single_gains.sum(axis=1), "max_single_gain": single_gains.max(axis=1),
-         "interaction": interaction.mean(axis=1)})
+         "interaction": interaction.mean(axis=1), **({"precision_flag": flags} if flags is not None else {})})
     return tables
 
 
@@ -451,38 +467,99 @@ def tokens_table(trajectory: Trajectory, layer, routes: LayerRoutes, logprobs: n
                "verified": [trajectory.verified] * positions.size, "problem_id": [trajectory.problem_id] * positions.size,
                "n_duplicates": routes.duplicate[:, :1 + config.routes].sum(axis=1), **metrics, **(extra or {})}
     columns["gain_by_routes"] = _list_column(metrics["gain_by_routes"], pa.float64())
+    columns.setdefault("precision_flag", np.zeros(positions.size, dtype=bool))
+    columns.setdefault("upper_route_flips", pa.nulls(positions.size, pa.int64()))
+    columns.setdefault("shadow_max_abs_error", pa.nulls(positions.size, pa.float64()))
     return pa.Table.from_arrays([pa.array(columns[field.name], type=field.type) if not isinstance(columns[field.name], pa.Array)
                                  else columns[field.name] for field in schema], schema=schema)
 
 
+def precision_audit(adapter: MoEAdapter, trajectory: Trajectory, layer: int, routes: LayerRoutes,
+                    config: CounterfactualConfig) -> dict | None:
+    """Re-score `config.precision_audit_tokens` tokens of one trajectory (drawn with the seed)
+    under every sampled route in the model's dtype and in its higher-precision shadow
+    (`routelens.engine.precision.audit_routes`): "shadow_logprob" and "upper_route_flip"
+    [P, R], NaN for the tokens not drawn. None on a model with no lower precision to audit."""
+    from routelens.engine.checks import LOW_PRECISION, model_dtype
+    from routelens.engine.precision import ShadowUnavailable, audit_routes
+
+    if model_dtype(adapter) not in LOW_PRECISION or not len(routes.positions):
+        return None
+    rng = route_rng(config.seed, layer, trajectory.id, PRECISION_AUDIT_STREAM)
+    drawn = rng.choice(len(routes.positions), size=min(config.precision_audit_tokens, len(routes.positions)),
+                       replace=False)
+    shadow = np.full(routes.experts.shape[:2], np.nan)
+    flip = np.full(routes.experts.shape[:2], np.nan)
+    ids = torch.tensor(trajectory.input_ids)
+    for p in sorted(drawn):
+        try:
+            audit = audit_routes(adapter, ids, int(routes.positions[p]), layer, torch.as_tensor(routes.experts[p]),
+                                 routes.weights[p], config.route_batch_size)
+        except ShadowUnavailable:
+            return None
+        shadow[p], flip[p] = audit["shadow_logprob"], audit["flip"]
+    return {"shadow_logprob": shadow, "upper_route_flip": flip}
+
+
+def token_audit_columns(flags: np.ndarray, audit: dict | None, logprobs: np.ndarray) -> dict:
+    """The tokens table's precision columns: the standard-route check's flag, and per
+    audited token how many of its sampled routes flip a router above the layer and the
+    largest |score - shadow score| over them (nats; the engine's score, `logprobs` [P, R])."""
+    if audit is None:
+        return {"precision_flag": np.asarray(flags, dtype=bool), "upper_route_flips": pa.nulls(len(flags), pa.int64()),
+                "shadow_max_abs_error": pa.nulls(len(flags), pa.float64())}
+    flips, shadow = audit["upper_route_flip"], audit["shadow_logprob"]
+    audited = ~np.isnan(shadow).all(axis=1)
+    error = np.abs(np.asarray(logprobs)[:, :shadow.shape[1]] - np.nan_to_num(shadow)).max(axis=1)
+    return {"precision_flag": np.asarray(flags, dtype=bool),
+            "upper_route_flips": pa.array(np.nan_to_num(flips).sum(axis=1).astype(np.int64), type=pa.int64(),
+                                          mask=~audited),
+            "shadow_max_abs_error": pa.array(error, type=pa.float64(), mask=~audited)}
+
+
 def analyse_trajectories(adapter: MoEAdapter, engine, trajectories: list[Trajectory], layers: list[int],
-                         config: CounterfactualConfig, joint: list[int] | None = None) -> list[dict[str, pa.Table]]:
+                         config: CounterfactualConfig, joint: list[int] | None = None,
+                         audited: frozenset[int] = frozenset()) -> list[dict[str, pa.Table]]:
     """Sample and score every route of a group of trajectories (scored together by the
     engine, layer by layer, then the joint routes at the `joint` layers when given); return
     each trajectory's tables: routes and tokens (and joint_routes, joint_tokens). Where
-    right padding is not inert on this model (`PaddingCheck`), one trajectory at a time."""
+    right padding is not inert on this model (`PaddingCheck`), one trajectory at a time.
+    The trajectories whose index in the group is in `audited` have tokens re-scored in the
+    model's higher-precision shadow (`precision_audit`; low-precision models only)."""
     if len(trajectories) > 1 and engine.padding.failure:
-        return [analyse_trajectories(adapter, engine, [t], layers, config, joint)[0] for t in trajectories]
+        return [analyse_trajectories(adapter, engine, [t], layers, config, joint,
+                                     frozenset({0}) if i in audited else frozenset())[0]
+                for i, t in enumerate(trajectories)]
     try:
         natural = group_natural_routes(adapter, engine, trajectories, layers)
     except PaddingNotInert as reason:   # exact either way: from here on, one trajectory at a time
         warnings.warn(f"{reason}; scoring one trajectory at a time", stacklevel=2)
-        return analyse_trajectories(adapter, engine, trajectories, layers, config, joint)
+        return analyse_trajectories(adapter, engine, trajectories, layers, config, joint, audited)
     routes = [build_routes(adapter, trajectory, layers, config, captured) for trajectory, captured in zip(trajectories, natural)]
     results = []
-    scored = {layer: engine.score_batch(layer, [
-        ScoreItem(torch.tensor(t.input_ids), r[layer].positions, torch.as_tensor(r[layer].experts), r[layer].weights)
-        for t, r in zip(trajectories, routes)]) for layer in layers}
+    scored, flags = {}, {}
+    for layer in layers:
+        items = [ScoreItem(torch.tensor(t.input_ids), r[layer].positions, torch.as_tensor(r[layer].experts),
+                           r[layer].weights) for t, r in zip(trajectories, routes)]
+        scored[layer] = engine.score_batch(layer, items)
+        flags[layer] = engine.token_flags(items)
     if joint:
         joint_sets = [joint_routes(r, joint, config.routes) for r in routes]
-        joint_scored = engine.score_batch(joint, [
-            ScoreItem(torch.tensor(t.input_ids), j.positions, torch.as_tensor(j.experts), j.weights)
-            for t, j in zip(trajectories, joint_sets)])
+        joint_items = [ScoreItem(torch.tensor(t.input_ids), j.positions, torch.as_tensor(j.experts), j.weights)
+                       for t, j in zip(trajectories, joint_sets)]
+        joint_scored = engine.score_batch(joint, joint_items)
+        joint_flags = engine.token_flags(joint_items)
     sampled, null = slice(0, 1 + config.routes), slice(1 + config.routes, None)
+    audits = {(i, layer): precision_audit(adapter, trajectory, layer, routes[i][layer].part(sampled), config)
+              for i, trajectory in enumerate(trajectories) if i in audited for layer in layers}
     for i, trajectory in enumerate(trajectories):
         tables = {"routes": pa.concat_tables([routes_table(trajectory, layer, routes[i][layer].part(sampled),
-                                                           scored[layer][i][:, sampled]) for layer in layers]),
-                  "tokens": pa.concat_tables([tokens_table(trajectory, layer, routes[i][layer], scored[layer][i], config)
+                                                           scored[layer][i][:, sampled], audit=audits.get((i, layer)))
+                                              for layer in layers]),
+                  "tokens": pa.concat_tables([tokens_table(trajectory, layer, routes[i][layer], scored[layer][i], config,
+                                                           extra=token_audit_columns(flags[layer][i],
+                                                                                     audits.get((i, layer)),
+                                                                                     scored[layer][i]))
                                               for layer in layers])}
         if config.null_routes:
             tables["null_routes"] = pa.concat_tables([routes_table(trajectory, layer, routes[i][layer].part(null),
@@ -490,7 +567,7 @@ def analyse_trajectories(adapter: MoEAdapter, engine, trajectories: list[Traject
                                                       for layer in layers])
         if joint:
             tables.update(joint_tables(trajectory, joint, joint_sets[i], joint_scored[i],
-                                       {layer: scored[layer][i] for layer in joint}, config))
+                                       {layer: scored[layer][i] for layer in joint}, config, joint_flags[i]))
         results.append(tables)
     return results
 
@@ -769,6 +846,39 @@ def keep_step_ok_tokens(trajectories: list[Trajectory], only_step_ok: bool | Non
                   "tokens_excluded": total - scored, "trajectories_excluded": len(trajectories) - len(kept)}
 
 
+def precision_summary(tokens: pd.DataFrame, config: CounterfactualConfig, dtype: str) -> dict:
+    """What low precision did to the scores, from the tokens table: the tokens the standard-
+    route check flagged, and the precision audit's share of sampled-route scores that rest on
+    a router above the layer choosing other experts than the float32 shadow does, per layer."""
+    def per_layer(frame: pd.DataFrame) -> dict:
+        audited = frame[frame["upper_route_flips"].notna()]
+        scores = len(audited) * (1 + config.routes)
+        flipped = int(audited["upper_route_flips"].sum())
+        return {"tokens": len(frame), "flagged_tokens": int(frame["precision_flag"].sum()),
+                "audited_tokens": len(audited), "audited_scores": scores, "scores_with_upper_route_flip": flipped,
+                "share_with_upper_route_flip": flipped / scores if scores else None,
+                "shadow_max_abs_error": float(audited["shadow_max_abs_error"].max()) if len(audited) else None}
+
+    if "precision_flag" not in tokens:
+        return {}
+    audited = bool(tokens["upper_route_flips"].notna().any())
+    return {"dtype": dtype,
+            "audit": (f"float32 shadow of the first {config.precision_audit} trajectories' tokens "
+                      f"({config.precision_audit_tokens} per layer), every sampled route") if audited else
+                     "none (" + ("the model computes in float32" if dtype in ("float32", "float64") else
+                                 "precision_audit 0 or no shadow") + ")",
+            "definitions": {
+                "flagged_tokens": "tokens whose standard-route score missed the calibrated max tolerance against the "
+                                  "natural forward while the mean held (a low-precision tail the run continued past); "
+                                  "tokens table: precision_flag",
+                "scores_with_upper_route_flip": "audited (token, sampled route) scores for which a router above the "
+                                                "layer picks another expert set in the model's dtype than in the "
+                                                "float32 shadow: the score rests on a route rounding chose; routes "
+                                                "table: upper_route_flip",
+                "shadow_max_abs_error": "largest |score - float32 shadow score| over the audited scores, nats"},
+            "layers": {str(layer): per_layer(tokens[tokens["layer"] == layer]) for layer in sorted(tokens["layer"].unique())}}
+
+
 def run_counterfactual(loaded, trajectories: list[Trajectory], config: CounterfactualConfig, out: str | None,
                        data_info: dict, overwrite: bool = False, show_progress: bool = True,
                        ray: RaySettings | None = None):
@@ -791,7 +901,7 @@ def run_counterfactual(loaded, trajectories: list[Trajectory], config: Counterfa
         raise RouteLensError("no trajectory to score; give at least one")
     trajectories, step_check = keep_step_ok_tokens(trajectories, config.only_step_ok)
     engine = make_engine(config.engine, adapter, route_batch_size=config.route_batch_size,
-                         memory_budget=config.memory_budget)
+                         memory_budget=config.memory_budget, max_fallback_time=config.max_fallback_time)
     run_config = {**loaded.identity(), "engine_used": engine.name, "dtype": loaded.dtype, **data_info, **config.to_dict(),
                   "resolved_layers": layers, "resolved_candidates": config.candidates_for(adapter.num_experts),
                   "resolved_only_step_ok": step_check["only_step_ok"], **({"resolved_joint_layers": joint} if joint else {})}
@@ -800,7 +910,9 @@ def run_counterfactual(loaded, trajectories: list[Trajectory], config: Counterfa
     passes = len(layers) + (1 if joint else 0)   # scored (token, layer) pairs per token; the joint routes count once
 
     def summarise_run(folder) -> dict:
-        summary = summarise(folder.read("tokens"), layers, config)
+        tokens = folder.read("tokens")
+        summary = summarise(tokens, layers, config)
+        summary["precision"] = precision_summary(tokens, config, loaded.dtype)
         summary["step_check"] = step_check
         if joint:
             summary["joint"] = summarise_joint(folder.read("joint_tokens"), joint, config)
@@ -817,6 +929,7 @@ def run_counterfactual(loaded, trajectories: list[Trajectory], config: Counterfa
         label="counterfactual", progress_unit="tokens", unit_weight=tokens_of,
         done_weight=lambda unit: sum(unit[name].num_rows for name in ("tokens", "joint_tokens") if name in unit),
         timings=lambda todo, seconds: {"tokens_scored_this_session": sum(tokens_of(i) for i in todo)},
+        summary_checks=lambda summary: {"low_precision": summary["precision"]} if summary.get("precision") else {},
         memory_budget=config.memory_budget)
     return run_analysis(run, loaded, out, overwrite=overwrite, show_progress=show_progress, ray=ray)
 
@@ -835,11 +948,12 @@ class CounterfactualJob(UnitJob):
         self._adapter = self.load(loaded).adapter
         self._engine = getattr(self, "_engine", None) or make_engine(
             self.config.engine, self._adapter, route_batch_size=self.config.route_batch_size,
-            memory_budget=self.config.memory_budget)
+            memory_budget=self.config.memory_budget, max_fallback_time=self.config.max_fallback_time)
 
     def run(self, units: list[int]) -> list[dict[str, pa.Table]]:
+        audited = frozenset(i for i, unit in enumerate(units) if unit < self.config.precision_audit)
         return analyse_trajectories(self._adapter, self._engine, [self.trajectories[i] for i in units],
-                                    self.layers, self.config, self.joint)
+                                    self.layers, self.config, self.joint, audited)
 
     def checks(self) -> dict:
         return engine_checks(self._engine)

@@ -74,6 +74,15 @@ class CounterfactualConfig:
     group_tokens: int = setting(2048, parse="positive_int",
                                 help="fast engine: trajectories scored together up to this many tokens (on --ray, a "
                                      "group is what one actor scores at a time)")
+    precision_audit: int = setting(
+        4, parse="count", help="bf16/fp16 models: the first N trajectories have tokens re-scored under every sampled "
+                               "route in a float32 shadow of the model, which finds scores resting on a router above "
+                               "the layer that bf16 rounding flipped (0: no audit; nothing to audit in float32)")
+    precision_audit_tokens: int = setting(1, parse="positive_int",
+                                          help="tokens per audited trajectory and layer (drawn with the seed)")
+    max_fallback_time: float = setting(
+        600.0, help="seconds a slower engine may score after a failed check before the run stops with what it "
+                    "scored kept (0: no bound)")
     bootstrap_resamples: int = setting(2000, parse="positive_int", help="bootstrap resamples of the intervals")
     confidence: float = setting(0.95, help="confidence level of the bootstrap intervals (the adjusted gain interval "
                                            "spends 1 - confidence over the table's cells)")
@@ -113,8 +122,14 @@ class CounterfactualConfig:
             raise SettingError(f"need 0 <= `fragile` ({self.fragile}) <= `confident` ({self.confident}) <= 1",
                                "fragile", "confident")
         one_of("engine", self.engine, ENGINE_NAMES)
-        for name in ("route_batch_size", "memory_budget", "group_tokens", "bootstrap_resamples"):
+        for name in ("route_batch_size", "memory_budget", "group_tokens", "bootstrap_resamples",
+                     "precision_audit_tokens"):
             at_least(name, getattr(self, name), 1)
+        at_least("precision_audit", self.precision_audit, 0)
+        finite("max_fallback_time", self.max_fallback_time)
+        if self.max_fallback_time < 0:
+            raise SettingError(f"`max_fallback_time` is seconds >= 0 (0: no bound), got {self.max_fallback_time}",
+                               "max_fallback_time")
         fraction("confidence", self.confidence)
         one_of("alternative_weights", self.alternative_weights, ALTERNATIVE_WEIGHTS)
 
@@ -123,12 +138,13 @@ class CounterfactualConfig:
 
     # Knobs that change speed and memory but not results (tested): not part of a run's identity,
     # so a run resumes under another memory budget.
-    PERFORMANCE = ("route_batch_size", "memory_budget", "group_tokens")
+    PERFORMANCE = ("route_batch_size", "memory_budget", "group_tokens", "max_fallback_time")
 
     def to_dict(self) -> dict:
         # settings added later only where they differ from their default: run folders made
         # before they existed resume unchanged
-        # (null_routes is not: runs made before it have no null, so they differ from any new run)
+        # (null_routes and precision_audit are not: runs made before them have other tables, so they
+        # differ from any new run)
         added = {"joint_layers": None, "confidence": 0.95, "alternative_weights": "model", "bins": "route-mean"}
         return {k: v for k, v in asdict(self).items()
                 if k not in self.PERFORMANCE and not (k in added and v == added[k])}
