@@ -1,13 +1,16 @@
 """List every model type of the installed transformers whose modeling file has a routed MoE
-block, and say whether routelens serves it and, if not, why (as far as the source tells).
+block, and say whether routelens serves it and, if not, why.
 
     .venv/bin/python scripts/moe_families.py > docs/moe-families.md
 
-The "why" is read off the source (no causal-LM class: encoder-decoder or vision-language
-models whose text model is not a registered causal LM), or was found by building a tiny
-model of the type and running `routelens verify` on it with the nearest existing adapter
-(`REASONS`); hybrids (linear attention, Mamba, short convolutions) are served through the
-cache engine like any other family.
+Served types are read off the registry. For an unserved type with a causal-LM class, the
+"why" is what `routelens.models.router_probe` finds by building a tiny random-weight model
+of the type and running one forward: what its router returns (the standard (logits, weights,
+indices) routelens hooks, or another layout that needs its own override), or why no tiny
+model could be built or run; then what else the probe saw (an MoE switch off by default,
+a multimodal causal-LM class, layers besides softmax attention), then `NOTES`, the facts a
+probe cannot see. A test (tests/models/test_router_probe.py) checks that
+docs/moe-families.md is what this script prints. Types without a causal-LM class are said so.
 """
 
 from __future__ import annotations
@@ -20,30 +23,20 @@ import transformers
 from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "src"))
+from routelens.models.adapter import SOFTMAX_ATTENTION  # noqa: E402
 from routelens.models.registry import ADAPTERS, FAMILIES  # noqa: E402
+from routelens.models.router_probe import BATCH, EXPERTS, HIDDEN, SEQUENCE, RouterOutputs, RouterProbe, probe_router  # noqa: E402
 
-# what probing the unserved causal-LM types showed (tiny model + verify with the nearest adapter)
-REASONS = {
-    "llama4": "router returns dense sigmoid scores that scale the experts' *inputs* (2-tuple): another override",
-    "dbrx": "routes inside its FFN module with its own router output layout: another override",
-    "jetmoe": "mixture of attention heads: attention itself is routed, outside the MoE-block model",
-    "longcat_flash": "zero-computation experts (identity routes) and two MLPs per layer: not adapted yet",
-    "deepseek_v32": "DSA indexer attention and its router in one module: tiny model not built yet",
-    "glm_moe_dsa": "DSA indexer attention (as deepseek_v32): tiny model not built yet",
-    "cohere2_moe": "parallel attention + MLP block and another router output: not adapted yet",
-    "zaya": "top-1 routing with its own router output: not adapted yet",
-    "doge": "no MoE layer in its default configuration (dynamic mask attention + CDMoE): not adapted yet",
-    "gemma4": "its causal-LM class is the multimodal wrapper; the text model needs its own adapter",
-    "flint": "router output layout differs from (logits, weights, experts): not adapted yet",
-    "hy_v3": "router output layout differs from (logits, weights, experts): not adapted yet",
-    "hy_v4": "tiny configuration not built yet",
-    "kolibri1": "router output layout differs from (logits, weights, experts): not adapted yet",
-    "laguna": "router output layout differs from (logits, weights, experts): not adapted yet",
-    "axk1": "tiny configuration not built yet",
-    "axk2": "tiny configuration not built yet",
-    "deepseek_v4": "not adapted yet (new in 5.23)",
-    "dots3_note": "not adapted yet (new in 5.23)",
-    "qwen4_exp": "multimodal config (no text-only causal LM built yet); hybrid layers",
+# what the modeling code does that a probe of the router's output cannot see (never a
+# statement about the router's output: that is the probe's), appended to its finding
+NOTES = {
+    "cohere2_moe": "attention and the MoE block run in parallel on the same normed input, summed into one residual",
+    "llama4": "the block multiplies each expert's input by the token's score before the expert runs",
+    "jetmoe": "its attention is a mixture of attention experts, with a router of its own besides the MLP's",
+    "longcat_flash": "two attention and two MLP sublayers per layer with the MoE block as a shortcut beside them; "
+                     "a zero-computation expert passes the token's input through unchanged",
+    "deepseek_v32": "DSA: an indexer picks the keys each query attends to",
+    "glm_moe_dsa": "DSA: an indexer picks the keys each query attends to",
 }
 
 ROUTED = re.compile(r'"router_logits"|route_tokens_to_experts|class \w+Top[Kk]Router|class \w+Router\(nn\.Module\)')
@@ -61,6 +54,39 @@ def moe_model_types() -> list[tuple[str, str]]:
     return found
 
 
+def _returns(router: RouterOutputs) -> str:
+    called = (" (called with " + ", ".join(f"`{name}`" for name in router.extra_inputs) + " besides the hidden states)"
+              if router.extra_inputs else "")
+    if router.standard:
+        what = "the standard (logits, weights, indices)"
+    elif router.order:
+        what = "the standard three in another order, (" + ", ".join(router.order) + ")"
+    else:
+        what = router.verdict
+    return f"`{router.router}`{called} returns {what}"
+
+
+def finding(probe: RouterProbe) -> str:
+    """The probe's finding as the table's "why": what the router returns, then what that
+    means for routelens, then what else the probe saw."""
+    if probe.error or not probe.routers:
+        text = probe.verdict
+    else:
+        routers = "router " if len(probe.routers) == 1 else "routers: "
+        text = routers + "; ".join(_returns(r) for r in probe.routers)
+        text += ": adapter not written yet" if probe.standard else ": needs its own override"
+    seen = []
+    if probe.switched_on:
+        seen.append("the default config has no MoE layer (the probe set " +
+                    ", ".join(f"`{name}=True`" for name in probe.switched_on) + ")")
+    if probe.model_class and not probe.model_class.endswith("ForCausalLM"):
+        seen.append(f"its causal-LM class is the multimodal `{probe.model_class}`")
+    other = [kind for kind in probe.layer_kinds if kind not in SOFTMAX_ATTENTION]
+    if other:
+        seen.append("layer kinds besides full and sliding attention: " + ", ".join(f"`{kind}`" for kind in other))
+    return "; ".join([text, *seen])
+
+
 def status(model_type: str, source: str) -> tuple[str, str]:
     if model_type in ADAPTERS:
         mixers = FAMILIES[model_type].mixers
@@ -68,7 +94,8 @@ def status(model_type: str, source: str) -> tuple[str, str]:
         return "served", "tiny model passes `routelens verify` (tests/test_verify.py)" + hybrid
     if model_type not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
         return "not served", "no causal-LM class for this model type (encoder-decoder or multimodal wrapper)"
-    return "not served", REASONS.get(model_type, "not adapted yet")
+    why = "; ".join(filter(None, [finding(probe_router(model_type)), NOTES.get(model_type)]))
+    return "not served", why.replace("|", "\\|")
 
 
 def main() -> None:
@@ -77,6 +104,11 @@ def main() -> None:
     print(f"# Routed-MoE model types in transformers {transformers.__version__}\n")
     print(f"{len(rows)} model types have a routed MoE block; routelens serves {served}. "
           "Generated by `scripts/moe_families.py`.\n")
+    print("For an unserved type with a causal-LM class, the \"why\" says what its router returns, as found by "
+          "`routelens.models.router_probe`: a tiny random-weight model of the type (hidden size "
+          f"{HIDDEN}, E = {EXPERTS} experts, top-k k = 2 or the type's own 1), one forward on B = {BATCH} sequences "
+          f"of S = {SEQUENCE} tokens, N = {BATCH * SEQUENCE} tokens in all. routelens hooks routers that return "
+          "(logits [N, E], weights [N, k], indices [N, k]).\n")
     print("| model type | routelens | why |\n| --- | --- | --- |")
     for model_type, state, why in rows:
         print(f"| `{model_type}` | {state} | {why} |")
