@@ -33,6 +33,18 @@ def test_verify_passes_on_every_family(tiny_adapters, family):
     assert skipped.empty or (adapter.cache_engine_defect and skipped["detail"].str.contains("not used").all())
 
 
+@pytest.mark.parametrize("family", ["deepseek_v3", "gpt_oss", "qwen3_moe"])
+def test_verify_passes_in_bf16_with_the_tolerance_measured_against_a_float32_shadow(family):
+    import torch
+
+    adapter = adapter_for(build_tiny_model(family, seed=0).to(torch.bfloat16))
+    table = verify_model(LoadedModel(adapter, None, f"tiny:{family}", "cpu", "bfloat16"), length=20)
+    assert (table["status"] != "fail").all(), table[table["status"] == "fail"].to_string()
+    noise = table.attrs["dtype_noise"]
+    assert noise["dtype"] == "bfloat16" and noise["method"] == "float32 shadow"
+    assert noise["tolerance"] == max(0.02, 4 * noise["noise_max"]) < 0.5   # the fixed bf16 tolerance was 0.5
+
+
 @pytest.mark.parametrize("family, overrides", [
     ("qwen2_moe", dict(use_sliding_window=True, sliding_window=4, max_window_layers=4)),
     ("phimoe", dict(sliding_window=4)),
@@ -55,6 +67,10 @@ def test_verify_cli_exit_codes_and_json(tmp_path, capsys, monkeypatch):
     stored = json.loads(out.read_text())
     assert stored["passed"] is True and len(stored["checks"]) == 28
     assert {row["check"] for row in stored["checks"]} == CHECKS
+    noise = stored["dtype_noise"]   # the engine checks' tolerance, measured on the model
+    assert noise["method"] == "float64 shadow" and noise["tolerance"] == max(1e-5, 4 * noise["noise_max"])
+    assert f"dtype noise: float32 vs a float64 shadow over {noise['tokens']} tokens" in printed
+    assert {row["tolerance"] for row in stored["checks"] if row["check"] == "fast_vs_reference"} == {noise["tolerance"]}
 
     # a gating rule that no longer describes the model: the check fails, named, exit 1
     original = SoftmaxTopKAdapter.weights_for

@@ -33,7 +33,9 @@ import pandas as pd
 import torch
 
 from routelens.config import seed_value
-from routelens.engine.checks import gating_rule_error, model_dtype, tolerance_for
+from routelens.engine.checks import calibrated_tolerance, gating_rule_error, model_dtype, tolerance_for
+from routelens.engine.items import ScoreItem
+from routelens.engine.precision import ShadowUnavailable, measure_noise
 from routelens.errors import RouteLensError, SettingError
 from routelens.models.routing import RouteOverride, capture_routes, override_routes
 
@@ -67,6 +69,28 @@ def _forward(adapter, input_ids, overrides=None, record_blocks=()):
     return logits.float(), recorded
 
 
+def _dtype_noise(adapter, input_ids: torch.Tensor, natural_logits: torch.Tensor) -> tuple[dict, float]:
+    """How far the model's dtype moves its log-probs (the natural forward against a
+    higher-precision shadow; `table.attrs["dtype_noise"]`), and the tolerance the engine
+    checks use: the run-time checks' calibrated one (`routelens.engine.checks`), or the
+    fixed one without a shadow."""
+    dtype = model_dtype(adapter)
+    positions = np.arange(len(input_ids) - 1)
+    natural = torch.log_softmax(natural_logits[:-1], -1)[torch.as_tensor(positions), input_ids[1:].to(
+        natural_logits.device)].double().cpu().numpy()
+    item = ScoreItem(input_ids, positions, torch.zeros(len(positions), 1, 1, dtype=torch.long), torch.zeros(len(positions), 1, 1))
+    try:
+        noise = measure_noise(adapter, [item], natural)
+    except ShadowUnavailable as reason:
+        limit = tolerance_for(dtype).logprob_max
+        return {"dtype": str(dtype).removeprefix("torch."), "method": "none", "reason": str(reason),
+                "tolerance": limit, "text": f"no shadow ({reason}): the fixed tolerance {limit:g} nats"}, limit
+    limit = calibrated_tolerance(dtype, noise["noise_max"], noise["noise_mean"]).logprob_max
+    text = (f"{str(dtype).removeprefix('torch.')} vs a {noise['method']} over {noise['tokens']} tokens: "
+            f"{noise['noise_max']:.3g} nats max, {noise['noise_mean']:.3g} mean; the engine checks allow {limit:.3g}")
+    return {"dtype": str(dtype).removeprefix("torch."), **noise, "tolerance": limit, "text": text}, limit
+
+
 def _other_route(adapter, logits_row: torch.Tensor, standard: torch.Tensor) -> torch.Tensor:
     """k experts that are not the standard set: the router's lowest-scored ones, or, where
     those are the standard set (a selection bias can choose the lowest logits, fuzzing found
@@ -94,14 +118,13 @@ def verify_model(loaded, length: int = 32, seed: int = 0, routes: int = 4, score
     seed_value("seed", seed)
     if length < scored_positions + 2:
         raise SettingError(f"`length` {length} is too short: it needs at least {scored_positions + 2} tokens", "length")
-    tolerance = tolerance_for(model_dtype(adapter))
-    exact = tolerance.logprob_max          # two computations of the same numbers
     generator = torch.Generator().manual_seed(seed)
     input_ids = torch.randint(0, adapter.config.vocab_size, (length,), generator=generator)
     rows = []
 
     with torch.no_grad(), capture_routes(adapter) as captured:
         natural_logits, natural_blocks = _forward(adapter, input_ids, record_blocks=adapter.moe_layers)
+    noise, exact = _dtype_noise(adapter, input_ids, natural_logits)   # two computations of the same numbers
     moe = adapter.moe_layers
     engine_layers = sorted({moe[0], moe[len(moe) // 2], moe[-1]})
     position = length // 2
@@ -157,7 +180,9 @@ def verify_model(loaded, length: int = 32, seed: int = 0, routes: int = 4, score
     elif len(engine_layers) > 1:   # --joint-layers: routes forced at several layers at once
         rows.extend(_guarded(engine_layers[0], "joint_fast_vs_reference", lambda: _engines_vs_reference(
             adapter, input_ids, engine_layers, routes, seed, scored_positions, exact)))
-    return pd.DataFrame(rows, columns=COLUMNS)
+    table = pd.DataFrame(rows, columns=COLUMNS)
+    table.attrs["dtype_noise"] = noise
+    return table
 
 
 NO_ALTERNATIVE = "the model has only k experts: no route other than the standard one exists (nothing to compare)"

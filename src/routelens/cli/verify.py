@@ -39,11 +39,13 @@ def run(args) -> int:
         check_out_file(args.json, "--json", inputs=[args.model], overwrite=args.overwrite)
     loaded = load_lens(args).loaded
     table = verify_model(loaded, length=args.length, seed=args.seed)
+    print(f"dtype noise: {table.attrs['dtype_noise']['text']}")
     print(format_table(table))
     failed = table[table["status"] == "fail"]
     if args.json:
         record = {"model": loaded.adapter.describe(), "device": loaded.device, "dtype": loaded.dtype,
                   "length": args.length, "seed": args.seed, "passed": failed.empty,
+                  "dtype_noise": table.attrs["dtype_noise"],
                   "checks": table.astype(object).where(table.notna(), None).to_dict("records")}
         write_output(args.json, json.dumps(record, indent=2, default=str) + "\n", "verify")
     if failed.empty:
