@@ -270,7 +270,8 @@ class DeviationRecord:
 
         warnings.warn(f"{where}: {miss.clause}; the mean is within tolerance, so this is a tail of tokens whose "
                       f"routes flip under {str(self.dtype).removeprefix('torch.')} rounding, not a broken engine: "
-                      "continuing, with those tokens flagged (precision_flag) and counted in run.json", stacklevel=3)
+                      "continuing, with those tokens counted in run.json's checks (a counterfactual's tokens table flags "
+                      "them: precision_flag)", stacklevel=3)
 
     def check(self, scored: np.ndarray, natural: np.ndarray) -> str | None:
         """Record one batch's deviation; the mismatch clause if it is beyond tolerance, else None."""

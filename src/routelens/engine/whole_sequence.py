@@ -85,7 +85,7 @@ class WholeSequenceScorer:
         self.memory_budget = int(memory_budget)
         self.fixed_rows = rows_per_chunk
         self.check = check
-        self.deviation = DeviationRecord(adapter)   # |natural route forced - natural| seen so far, nats
+        self.deviation = DeviationRecord(adapter, memory_budget)   # |natural route forced - natural| so far, nats
         self.padding = PaddingCheck(adapter, memory_budget)   # checked once per scorer
 
     @contextmanager
@@ -204,10 +204,13 @@ class WholeSequenceScorer:
         return [values[first:] for values in scored]
 
     def _check_natural_route(self, layer, natural: NaturalPass, scored: np.ndarray) -> None:
-        mismatch = self.deviation.check(scored, natural.logprobs)
-        if mismatch:
+        self.deviation.calibrate([natural], natural.logprobs)   # its tolerance measured on the model
+        miss = self.deviation.judge(scored, natural.logprobs)
+        if miss is not None and not miss.small:
             raise RuntimeCheckFailed(f"natural-route check failed at {layer_label(layer)} "
-                                     f"({self.adapter.config.model_type}, isolation scorer): {mismatch}")
+                                     f"({self.adapter.config.model_type}, isolation scorer): {miss.clause}")
+        if miss is not None:
+            self.deviation.announce(miss, f"the isolation scorer at {layer_label(layer)}")
 
     def _score_chunk(self, passes: list[NaturalPass], conditions: list[tuple[torch.Tensor, torch.Tensor]],
                      layers: tuple[int, ...], block: list[tuple[int, int]]) -> list[np.ndarray]:

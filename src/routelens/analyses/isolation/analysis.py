@@ -586,6 +586,8 @@ class IsolationJob(UnitJob):
         largest, mean = self._scorer.deviation.largest
         return {"gating_rule": "reproduced the router's weights on every item",
                 "natural_route_max_abs_logprob_diff": largest, "natural_route_mean_abs_logprob_diff": mean,
+                **{key.replace("standard_route", "natural_route"): value
+                   for key, value in self._scorer.deviation.record().items()},
                 **self._scorer.padding.record("item", f"groups of up to {self.config.group_items} items")}
 
 
