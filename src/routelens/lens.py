@@ -117,7 +117,8 @@ class Lens:
 
     def describe(self) -> dict:
         """What `routelens inspect` prints: layers, experts, gating rule, parameters, device."""
-        return {**self.adapter.describe(), "device": self.loaded.device, "dtype": self.loaded.dtype}
+        return {**self.adapter.describe(), "device": self.loaded.device, "dtype": self.loaded.dtype,
+                "upcast_router": self.loaded.upcast_router}
 
     def encode(self, text: str) -> torch.Tensor:
         """`text` as input ids [1, T] on the model's device (needs a tokenizer)."""
@@ -264,13 +265,16 @@ class _BlockShapes:
 
 def load(model: str = "demo", device: str = "auto", dtype: str = "auto", *, device_map=None,
          trust_remote_code: bool = False, router_delta: str | None = None,
-         experts_implementation: str | None = None, weights: bool = True) -> Lens:
+         experts_implementation: str | None = None, weights: bool = True, upcast_router: bool = False) -> Lens:
     """Load a MoE causal LM: "demo" (the embedded model), a folder written by
     `save_pretrained`, a Hugging Face hub id, or "tiny:<model_type>" (random tiny model).
 
     `device` auto, cpu, cuda, cuda:N; `dtype` auto (float32 on CPU, bfloat16 on CUDA),
     float32, bfloat16, float16; `device_map` auto, balanced or {module: device} (accelerate)
     for a model larger than one device; `router_delta` a `router_update` delta to apply.
+    `upcast_router=True` makes every router compute its logits in float32 while the rest of
+    a bf16/fp16 model keeps its dtype (bf16 logits flip top-k choices near ties); it is
+    recorded in every run's config (`"upcast_router": true`), and is a no-op in float32.
     `weights=False` builds the model without reading a weight (on the meta device): enough
     to drive an analysis on Ray (`ray=`), whose actors load the weights themselves, and
     nothing else (an analysis in this process refuses it).
@@ -296,9 +300,11 @@ def load(model: str = "demo", device: str = "auto", dtype: str = "auto", *, devi
                            f"{validate.shown(experts_implementation)}", "experts_implementation")
     validate.flag(trust_remote_code, "trust_remote_code")
     validate.flag(weights, "weights")
+    validate.flag(upcast_router, "upcast_router")
     router_delta = validate.path(router_delta, "router_delta", optional=True)
     return Lens(load_model(model, device, dtype, trust_remote_code, router_delta=router_delta, device_map=device_map,
-                           experts_implementation=experts_implementation, weights=weights))
+                           experts_implementation=experts_implementation, weights=weights,
+                           upcast_router=upcast_router))
 
 
 def wrap(model: torch.nn.Module, tokenizer=None, name: str | None = None) -> Lens:

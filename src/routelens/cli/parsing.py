@@ -163,6 +163,10 @@ def model_options(with_model: bool = True) -> argparse.ArgumentParser:
                             "{module: device} with devices cpu, cuda:N, N or disk; replaces --device")
     group.add_argument("--experts-implementation", default=None, choices=["eager", "grouped_mm", "batched_mm"],
                        help="transformers' expert kernels (default: transformers' choice; results do not depend on it)")
+    if with_model:
+        group.add_argument("--upcast-router", action="store_true",
+                           help="every router computes its logits in float32 while the rest of a bf16/fp16 model "
+                                "keeps its dtype (bf16 logits flip top-k choices near ties); recorded in run.json")
     return parser
 
 
@@ -275,7 +279,8 @@ def load_lens(args, model: str | None = None):
 
     return load(model or args.model, args.device, args.dtype, device_map=args.device_map,
                 trust_remote_code=args.trust_remote_code, router_delta=getattr(args, "router_delta", None),
-                experts_implementation=args.experts_implementation, weights=getattr(args, "ray", None) is None)
+                experts_implementation=args.experts_implementation, weights=getattr(args, "ray", None) is None,
+                upcast_router=getattr(args, "upcast_router", False))
 
 
 def check_records_early(path: str | None, what: str) -> None:

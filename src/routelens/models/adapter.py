@@ -79,6 +79,9 @@ class MoEAdapter:
     #: the family's cached path, measured), or None; the cache engine then hands its work to
     #: the reference engine from the start, saying why.
     cache_engine_defect: ClassVar[str | None] = None
+    #: Whether every router computes in float32 in a bf16/fp16 model (set by
+    #: `routelens.models.loading.upcast_routers`, `load(..., upcast_router=True)`).
+    upcast_router: bool = False
 
     def __init__(self, model: PreTrainedModel):
         if getattr(model, "use_kernels", False):

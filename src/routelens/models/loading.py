@@ -16,6 +16,9 @@ What users really hold:
 - GPT-OSS checkpoints quantized in MXFP4 compute router logits inline in their quantized
   MLP, bypassing the router module; they are loaded dequantized so routing is observable.
 - `experts_implementation` picks transformers' expert kernels (results do not depend on it).
+- `upcast_router` makes every router compute its logits in float32 in a bf16/fp16 model
+  (`upcast_routers`): near-ties of bf16 logits flip top-k choices; the rest of the model
+  keeps its dtype.
 - Only safetensors weights are read: pickle files can run code when loaded.
 A local-looking spec that is not a folder is "no such folder", and a hub id that is not
 cached fails at once when the hub cannot be reached (no minute of retries).
@@ -30,6 +33,7 @@ import shutil
 import socket
 import sys
 import tempfile
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from urllib.parse import urlparse
 
@@ -58,11 +62,16 @@ class LoadedModel:
     router_delta: dict | None = None  # the router delta applied on top, if any (path, sha256, layer)
     recipe: dict | None = None  # load_model's arguments, to load it again elsewhere (Ray workers); None: wrap()
     weights: bool = True        # False: the structure only, on the meta device (a Ray driver's model)
+    upcast_router: bool = False  # every router computes its logits in float32 (`upcast_routers`)
 
     def identity(self) -> dict:
-        """What identifies the model in a run's config."""
-        return {"model": self.spec, "router_delta": self.router_delta and {
+        """What identifies the model in a run's config. `upcast_router` appears only when on
+        (a missing key is off), so a run folder written before the option existed still resumes."""
+        identity = {"model": self.spec, "router_delta": self.router_delta and {
             k: self.router_delta[k] for k in ("path", "sha256")}}
+        if self.upcast_router:
+            identity["upcast_router"] = True
+        return identity
 
 
 def resolve_device(device: str, here: bool = True) -> str:
@@ -165,6 +174,62 @@ def _probe_forward(adapter: MoEAdapter) -> None:
         raise
 
 
+@contextmanager
+def _router_weight_dtypes(adapter: MoEAdapter):
+    """While open, record the dtype of the weights each router returns (layer -> dtype): what
+    its MoE block is made to receive (bf16 for most families, fp32 for Mixtral, MiniMax and
+    the DeepSeek-V3 style routers that compute in fp32 already)."""
+    found: dict[int, torch.dtype] = {}
+
+    def record(module, args, output, layer):
+        if isinstance(output, tuple) and len(output) == 3 and isinstance(output[1], torch.Tensor):
+            found.setdefault(layer, output[1].dtype)
+
+    handles = [router.register_forward_hook(lambda m, a, o, layer=layer: record(m, a, o, layer))
+               for layer, router in adapter.routers.items()]
+    try:
+        yield found
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+def _to_float32(value):
+    is_float = isinstance(value, torch.Tensor) and value.is_floating_point() and value.dtype != torch.float32
+    return value.float() if is_float else value
+
+
+def upcast_routers(adapter: MoEAdapter, weight_dtypes: dict[int, torch.dtype]) -> None:
+    """Make every router of a bf16/fp16 model compute in float32, the rest of the model
+    keeping its dtype: the router's own parameters and buffers are cast to float32 once
+    (exact: every bf16/fp16 value is a float32 value), a forward pre-hook casts its
+    floating-point inputs (the hidden states, a bias its block passes) to float32, and a
+    forward hook leaves its logits (now computed in float32) and casts its top-k weights back
+    to the dtype the router returned before (`weight_dtypes`, layer -> dtype, as its block expects them; the model's
+    dtype where unknown), so the experts and the residual stream are unchanged in dtype.
+    Both hooks go first on their module (`prepend`), so every routelens hook sees the
+    float32 logits. A router that already computes in float32 (DeepSeek-V3 style) computes
+    the same values as before."""
+    model_dtype = adapter.model.dtype
+
+    def inputs_to_float32(module, args, kwargs):
+        return tuple(_to_float32(a) for a in args), {k: _to_float32(v) for k, v in kwargs.items()}
+
+    def weights_back(dtype: torch.dtype):
+        def hook(module, args, output):
+            if not (isinstance(output, tuple) and len(output) == 3 and isinstance(output[1], torch.Tensor)):
+                return None   # an unknown layout: routing.py's hooks name it
+            logits, weights, experts = output
+            return logits, weights.to(dtype), experts
+        return hook
+
+    for layer, router in adapter.routers.items():
+        router.float()
+        router.register_forward_pre_hook(inputs_to_float32, prepend=True, with_kwargs=True)
+        router.register_forward_hook(weights_back(weight_dtypes.get(layer, model_dtype)), prepend=True)
+    adapter.upcast_router = True
+
+
 def resolve_dtype(dtype: str, device: str) -> str:
     if dtype == "auto":
         return "float32" if device == "cpu" else "bfloat16"
@@ -175,10 +240,13 @@ def resolve_dtype(dtype: str, device: str) -> str:
 
 def load_model(spec: str, device: str = "auto", dtype: str = "auto",
                trust_remote_code: bool = False, seed: int = 0, router_delta: str | None = None,
-               device_map=None, experts_implementation: str | None = None, weights: bool = True) -> LoadedModel:
+               device_map=None, experts_implementation: str | None = None, weights: bool = True,
+               upcast_router: bool = False) -> LoadedModel:
     """Load `spec` in eval mode on `device` (or spread by `device_map`) with `dtype` and wrap
     it in its adapter; with `router_delta`, replace one router's weights by those of a
-    `routelens router-update` file (checked to be made for this base model).
+    `routelens router-update` file (checked to be made for this base model); with
+    `upcast_router`, every router computes in float32 (`upcast_routers`; recorded, and a
+    no-op in a float32 model), before the delta is applied so that a float32 delta stays exact.
 
     `weights=False` reads the config, the tokenizer and the delta's metadata but no weight:
     the model is built on the meta device, which is all a Ray driver needs (its actors load
@@ -190,8 +258,13 @@ def load_model(spec: str, device: str = "auto", dtype: str = "auto",
     loaded = _load(spec, device, dtype, trust_remote_code, seed, device_map, weights)
     if experts_implementation is not None:
         loaded.adapter.model.set_experts_implementation(experts_implementation)
+    upcast = upcast_router and DTYPES[loaded.dtype] in (torch.bfloat16, torch.float16)
     if loaded.weights:
-        _probe_forward(loaded.adapter)
+        with _router_weight_dtypes(loaded.adapter) if upcast else nullcontext({}) as weight_dtypes:
+            _probe_forward(loaded.adapter)
+        if upcast:
+            upcast_routers(loaded.adapter, weight_dtypes)
+    loaded.upcast_router = upcast_router   # a Ray driver's (no weights) too: its actors upcast
     if router_delta:
         from routelens.models.router_delta import apply_router_delta
 
@@ -203,7 +276,7 @@ def load_model(spec: str, device: str = "auto", dtype: str = "auto",
     loaded.recipe = dict(spec=os.path.abspath(os.path.expanduser(spec)) if local else spec, device=device,
                          dtype=loaded.dtype, trust_remote_code=trust_remote_code, seed=seed,
                          router_delta=os.path.abspath(router_delta) if router_delta else None, device_map=device_map,
-                         experts_implementation=experts_implementation)
+                         experts_implementation=experts_implementation, upcast_router=upcast_router)
     return loaded
 
 
