@@ -65,6 +65,35 @@ def engine_table() -> list[str]:
     return lines
 
 
+def low_precision_table() -> list[str]:
+    """`benchmarks/low_precision.py`'s rows: the dtype's noise, the calibrated tolerance, the
+    fast engine's deviation and the precision audit's flip share, per model and setting."""
+    lines = []
+    for path in sorted(glob.glob(os.path.join(FOLDER, "low-precision-*.json"))):
+        record = _rows(path)[0]
+        lines += ["", f"## Low precision (`{record['command']}`)", "",
+                  f"{record['trajectories']} trajectories x {record['length']} tokens, layers "
+                  f"{record['layers']}, {record['routes']} routes; {record['date']}, torch {record['torch']}, "
+                  f"{record['machine']}. Noise: natural forward in the dtype vs the higher-precision shadow; "
+                  "tolerance: what the standard-route check allowed; fast: the fast engine's deviation from the "
+                  "natural forward; flips: audited scores resting on an upper-layer route bf16 chose otherwise than "
+                  "float32.", "",
+                  "| model | dtype | upcast router | noise max | noise mean | tolerance max | tolerance mean | "
+                  "fast max | fast mean | fell back | flagged tokens | flips | seconds |",
+                  "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+        for row in record["rows"]:
+            def sci(value):
+                return "-" if value is None else f"{value:.1e}"
+            share = "-" if row["flip_share"] is None else f"{row['flipped_scores']}/{row['audited_scores']} " \
+                                                           f"({row['flip_share']:.1%})"
+            lines.append(f"| {row['model']} | {row['dtype']} | {'yes' if row['upcast_router'] else 'no'} | "
+                         f"{sci(row['noise_max'])} | {sci(row['noise_mean'])} | {sci(row['tolerance_max'])} | "
+                         f"{sci(row['tolerance_mean'])} | {sci(row['fast_max_diff'])} | {sci(row['fast_mean_diff'])} | "
+                         f"{'yes' if row['fell_back'] else 'no'} | {row['flagged_tokens']} | {share} | "
+                         f"{_number(row['seconds'], 1)} |")
+    return lines
+
+
 def citations(name: str) -> list[str]:
     """The docs pages that mention the measurement file (or folder) `name`."""
     pages = []
@@ -89,7 +118,7 @@ def index() -> list[str]:
 
 
 def page() -> str:
-    return HEADER + "\n" + "\n".join(engine_table() + index()) + "\n"
+    return HEADER + "\n" + "\n".join(engine_table() + low_precision_table() + index()) + "\n"
 
 
 def main(argv: list[str] | None = None) -> int:

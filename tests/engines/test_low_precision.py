@@ -23,7 +23,6 @@ import warnings
 import numpy as np
 import pytest
 import torch
-from transformers import AutoConfig, AutoModelForCausalLM
 
 import routelens as rl
 from routelens.analyses.counterfactual.analysis import CounterfactualConfig, build_routes
@@ -34,37 +33,13 @@ from routelens.engine.checks import Tolerance
 from routelens.engine.precision import higher_precision, shadow_log_probs
 from routelens.errors import FallbackTooSlow
 from routelens.models import RouteOverride, adapter_for, capture_routes, override_routes
-from routelens.models.tiny import TINY_VOCAB, build_tiny_model
+from routelens.models.tiny import REAL_SHAPED, TINY_VOCAB, build_real_shaped, build_tiny_model
 
 VOCAB = 1024
-_COMMON = dict(vocab_size=VOCAB, hidden_size=128, num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=512,
-               pad_token_id=0, bos_token_id=1, eos_token_id=2, tie_word_embeddings=False, num_hidden_layers=3)
-# the routing of the real checkpoints (experts, top-k, groups), in 3 layers of a 128-wide stream
-REAL_SHAPED = {
-    "olmoe-1b-7b": ("olmoe", dict(intermediate_size=32, num_experts=64, num_experts_per_tok=8)),
-    "qwen3-30b-a3b": ("qwen3_moe", dict(intermediate_size=256, moe_intermediate_size=32, num_experts=128,
-                                        num_experts_per_tok=8, norm_topk_prob=True, head_dim=32, num_key_value_heads=2)),
-    "deepseek-v3": ("deepseek_v3", dict(intermediate_size=256, moe_intermediate_size=16, n_routed_experts=256,
-                                        num_experts_per_tok=8, n_shared_experts=1, first_k_dense_replace=1,
-                                        kv_lora_rank=32, q_lora_rank=48, qk_nope_head_dim=16, qk_rope_head_dim=16,
-                                        v_head_dim=16, n_group=8, topk_group=4, norm_topk_prob=True,
-                                        routed_scaling_factor=2.5)),
-}
 
 
 def real_shaped_bf16(name: str):
-    """The model in bf16, with an LM head 25x its initial scale: a trained model's logits
-    are decisive (std ~ 8), and a near-uniform head would hide bf16's rounding."""
-    model_type, overrides = REAL_SHAPED[name]
-    torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_config(AutoConfig.for_model(model_type, **{**_COMMON, **overrides}),
-                                             dtype=torch.float32)
-    with torch.no_grad():
-        model.lm_head.weight.mul_(25)
-        for tensor_name, tensor in [*model.named_buffers(), *model.named_parameters()]:
-            if tensor_name.endswith("e_score_correction_bias"):
-                tensor.copy_(torch.randn(tensor.shape) * 0.01)
-    return model.to(torch.bfloat16).eval()
+    return build_real_shaped(name).to(torch.bfloat16).eval()
 
 
 def _sequences(count: int, length: int, vocab: int, seed: int = 0) -> list[list[int]]:

@@ -59,7 +59,7 @@ def tolerance_for(dtype: torch.dtype) -> Tolerance:
 NOISE_FACTOR_MAX, NOISE_FACTOR_MEAN = 4.0, 2.0
 FLOORS = {   # (max, mean) nats
     torch.float64: (1e-10, 1e-11),
-    torch.float32: (1e-5, 1e-6),
+    torch.float32: (1e-4, 1e-5),   # two orderings of fp32 sums on trained 4-layer models: up to ~5e-5
     torch.bfloat16: (0.02, 0.01),
     torch.float16: (4e-3, 2e-3),
 }

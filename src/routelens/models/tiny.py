@@ -234,3 +234,36 @@ def build_tiny_model(model_type: str, seed: int = 0, **overrides) -> PreTrainedM
             if name.endswith(("e_score_correction_bias", "expert_bias")):   # a buffer, or a frozen parameter
                 tensor.copy_(torch.randn(tensor.shape, generator=generator) * 0.1)
     return model.eval()
+
+
+# The routing of real checkpoints (experts, top-k, groups, shared experts) in 3 layers of a
+# 128-wide stream: what bf16 does to routing depends on E, k and the groups, not on width.
+REAL_SHAPED_COMMON = dict(vocab_size=1024, hidden_size=128, num_attention_heads=4, num_key_value_heads=4,
+                          max_position_embeddings=512, pad_token_id=0, bos_token_id=1, eos_token_id=2,
+                          tie_word_embeddings=False, num_hidden_layers=3)
+REAL_SHAPED: dict[str, tuple[str, dict]] = {
+    "olmoe-1b-7b": ("olmoe", dict(intermediate_size=32, num_experts=64, num_experts_per_tok=8)),
+    "qwen3-30b-a3b": ("qwen3_moe", dict(intermediate_size=256, moe_intermediate_size=32, num_experts=128,
+                                        num_experts_per_tok=8, norm_topk_prob=True, head_dim=32, num_key_value_heads=2)),
+    "deepseek-v3": ("deepseek_v3", dict(intermediate_size=256, moe_intermediate_size=16, n_routed_experts=256,
+                                        num_experts_per_tok=8, n_shared_experts=1, first_k_dense_replace=1,
+                                        kv_lora_rank=32, q_lora_rank=48, qk_nope_head_dim=16, qk_rope_head_dim=16,
+                                        v_head_dim=16, n_group=8, topk_group=4, norm_topk_prob=True,
+                                        routed_scaling_factor=2.5)),
+}
+
+
+def build_real_shaped(name: str, seed: int = 0) -> PreTrainedModel:
+    """A random-weight model with the routing of a real checkpoint (`REAL_SHAPED`), fp32,
+    eval mode, its LM head at 25x its initial scale: a trained model's logits are decisive
+    (std ~ 8), and a near-uniform head would hide what bf16 rounding does to log-probs."""
+    model_type, overrides = REAL_SHAPED[name]
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(AutoConfig.for_model(model_type, **{**REAL_SHAPED_COMMON, **overrides}),
+                                             dtype=torch.float32)
+    with torch.no_grad():
+        model.lm_head.weight.mul_(25)
+        for tensor_name, tensor in [*model.named_buffers(), *model.named_parameters()]:
+            if tensor_name.endswith("e_score_correction_bias"):
+                tensor.copy_(torch.randn(tensor.shape) * 0.01)
+    return model.eval()
