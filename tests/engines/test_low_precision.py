@@ -26,6 +26,7 @@ import torch
 
 import routelens as rl
 from routelens.analyses.counterfactual.analysis import CounterfactualConfig, build_routes
+from routelens.analyses.counterfactual.table import precision_line
 from routelens.data.trajectories import Trajectory
 from routelens.engine import FastEngine, ScoreItem, attention, make_engine
 from routelens.engine.base import FallbackBudget
@@ -229,6 +230,7 @@ def test_beam_bf16_route_flips_are_reported_in_the_tables_and_checks(tmp_path):
     assert low["scores_with_upper_route_flip"] == len(flipped) and low["audited_scores"] == len(audited)
     tokens = result.table("tokens")
     assert int(tokens["upper_route_flips"].sum()) == len(flipped)
+    assert f"{len(flipped)} of {len(audited)} audited scores" in precision_line(result.summary_dict)
     # the same rows by plain code: the bf16 model against a float32 copy of it
     adapter, copy32 = lens.adapter, copy.deepcopy(model).float()
     adapter32 = adapter_for(copy32)
@@ -255,3 +257,26 @@ def test_the_shadow_context_restores_the_model_after_an_error():
         model(torch.tensor([[3, 4, 5]]), use_cache=False)
         raise ValueError("inside")
     assert {tensor.dtype for tensor in model.state_dict().values()} == {torch.bfloat16}
+
+
+def test_the_command_line_says_what_low_precision_did(tmp_path, capsys):
+    """`routelens counterfactual --dtype bfloat16` on a saved checkpoint: the printed summary
+    and run.json say how many audited scores rest on a flipped route and how the tolerance
+    was measured."""
+    from routelens.cli import main
+
+    build_tiny_model("beam", seed=0, sliding_window=6).save_pretrained(tmp_path / "beam")
+    with open(tmp_path / "traj.jsonl", "w") as handle:
+        for i, ids in enumerate(_sequences(3, 24, TINY_VOCAB)):
+            handle.write(json.dumps({"id": f"t{i}", "input_ids": ids, "completion_start": 2}) + "\n")
+    code = main(["counterfactual", "--model", str(tmp_path / "beam"), "--dtype", "bfloat16", "--trajectories",
+                 str(tmp_path / "traj.jsonl"), "--layers", "1", "--routes", "8", "--null-routes", "0",
+                 "--precision-audit", "3", "--precision-audit-tokens", "64", "--out", str(tmp_path / "run")])
+    assert code == 0
+    printed = capsys.readouterr().out
+    run = json.loads((tmp_path / "run" / "run.json").read_text())
+    low = run["checks"]["low_precision"]["layers"]["1"]
+    assert low["audited_tokens"] == 3 * 22 and low["scores_with_upper_route_flip"] > 0
+    assert f"{low['scores_with_upper_route_flip']} of {low['audited_scores']} audited scores" in " ".join(printed.split())
+    assert run["checks"]["standard_route_tolerance"]["source"].startswith("calibrated")
+    assert run["performance"]["max_fallback_time"] == 600.0 and run["checks"]["max_fallback_time"] == 600.0

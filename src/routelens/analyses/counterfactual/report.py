@@ -7,7 +7,7 @@ import os
 import numpy as np
 import pandas as pd
 
-from routelens.analyses.counterfactual.table import bin_rule_line, missing_line, step_check_line
+from routelens.analyses.counterfactual.table import bin_rule_line, missing_line, precision_line, step_check_line
 from routelens.errors import RouteLensError
 from routelens.report.build import figures_html, provenance, tokenizer_of
 from routelens.report.figures import BIN_COLOURS, Figure, grid, interval_errors, subplots
@@ -119,7 +119,7 @@ def section(run_dir: str, run: dict) -> str:
             f"Intervals: {esc(summary['interval'])}. Bins: "
             f"{esc('; '.join(f'{name}: {rule}' for name, rule in summary['bins'].items()))}. "
             f"{esc(step_check_line(summary) or 'Intermediate steps not checked (a run made before step checks).')} "
-            f"{esc(bin_rule_line(summary))} {esc(missing_line(summary))}</p>"
+            f"{esc(bin_rule_line(summary))} {esc(missing_line(summary))} {esc(precision_line(summary))}</p>"
             f"<p>{esc(chance_line(summary))}</p>"
             f"<h3>Per layer and bin</h3>{bins}{figures_html(run_dir, figures)}"
             f"<h3>Worst-routed tokens: the Fragile tokens with the largest gain</h3>{worst_table}"

@@ -100,6 +100,22 @@ def joint_table(summary: dict) -> Table | None:
     return table
 
 
+def precision_line(summary: dict) -> str:
+    """What low precision did: tokens the standard-route check flagged and the audit's share
+    of scores resting on an upper-layer route flip (bf16/fp16 runs; "" otherwise)."""
+    layers = (summary.get("precision") or {}).get("layers") or {}
+    audited = sum(layer["audited_scores"] for layer in layers.values())
+    flagged = sum(layer["flagged_tokens"] for layer in layers.values())
+    if not audited and not flagged:
+        return ""
+    flipped = sum(layer["scores_with_upper_route_flip"] for layer in layers.values())
+    dtype = summary["precision"].get("dtype", "")
+    return (f"low precision ({dtype}): {flipped} of {audited} audited scores ({flipped / audited:.1%}) rest on a router "
+            "above the layer choosing other experts than in float32 (upper_route_flip)" if audited else
+            f"low precision ({dtype}): no score audited") + \
+        (f"; {flagged} tokens flagged by the standard-route check (precision_flag)" if flagged else "")
+
+
 def step_check_line(summary: dict) -> str:
     """What was scored: tokens of right steps only, or every token with steps unchecked."""
     check = summary.get("step_check")
@@ -119,7 +135,7 @@ def print_summary(summary: dict, console: Console | None = None) -> None:
     joint = joint_table(summary)
     if joint is not None:
         console.print(joint)
-    for line in (step_check_line(summary), bin_rule_line(summary), missing_line(summary)):
+    for line in (step_check_line(summary), bin_rule_line(summary), missing_line(summary), precision_line(summary)):
         if line:
             console.print(line)
 
