@@ -37,7 +37,9 @@ def test_end_to_end_from_saved_folder(saved_model, tmp_path, capsys):
     routes = pd.read_parquet(os.path.join(out, "routes.parquet"))
     tokens = pd.read_parquet(os.path.join(out, "tokens.parquet"))
     assert list(routes.columns) == ["trajectory_id", "position", "layer", "route", "experts", "weights",
-                                    "router_score", "duplicate", "target_id", "logprob"]
+                                    "router_score", "duplicate", "target_id", "logprob", "shadow_logprob",
+                                    "upper_route_flip"]
+    assert routes["upper_route_flip"].isna().all()   # an fp32 run has no lower precision to audit
     schema = pq.read_schema(os.path.join(out, "routes.parquet"))
     assert schema.field("experts").type.value_type == pa.int64()
     assert schema.field("weights").type.value_type == pa.float64()
