@@ -78,15 +78,16 @@ def low_precision_table() -> list[str]:
                   "tolerance: what the standard-route check allowed; fast: the fast engine's deviation from the "
                   "natural forward; flips: audited scores resting on an upper-layer route bf16 chose otherwise than "
                   "float32.", "",
-                  "| model | dtype | upcast router | noise max | noise mean | tolerance max | tolerance mean | "
+                  "| model | dtype | tolerance | upcast router | noise max | noise mean | tolerance max | tolerance mean | "
                   "fast max | fast mean | fell back | flagged tokens | flips | seconds |",
-                  "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+                  "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
         for row in record["rows"]:
             def sci(value):
                 return "-" if value is None else f"{value:.1e}"
             share = "-" if row["flip_share"] is None else f"{row['flipped_scores']}/{row['audited_scores']} " \
                                                            f"({row['flip_share']:.1%})"
-            lines.append(f"| {row['model']} | {row['dtype']} | {'yes' if row['upcast_router'] else 'no'} | "
+            lines.append(f"| {row['model']} | {row['dtype']} | {row.get('tolerance', '-')} | "
+                         f"{'yes' if row['upcast_router'] else 'no'} | "
                          f"{sci(row['noise_max'])} | {sci(row['noise_mean'])} | {sci(row['tolerance_max'])} | "
                          f"{sci(row['tolerance_mean'])} | {sci(row['fast_max_diff'])} | {sci(row['fast_mean_diff'])} | "
                          f"{'yes' if row['fell_back'] else 'no'} | {row['flagged_tokens']} | {share} | "
