@@ -204,6 +204,7 @@ def test_the_fallback_budget_announces_the_estimate_keeps_the_flags_and_counts_a
     budget = FallbackBudget(seconds=100)
     reference = _SlowEngine("reference", per_token=0.001)
     cache = _SlowEngine("cache", per_token=0, budget=budget, inner=reference)
+    cache.deviation = reference.deviation   # one record along the chain, as the engines share theirs
     with pytest.warns(UserWarning, match=r"the cache engine scores .* s per token here: ~0 s for the rest of this "
                                          r"batch \(bounded by max_fallback_time 100 s"):
         results = budget.run(cache, "a reason", 0, _fake_items(3))

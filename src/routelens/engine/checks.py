@@ -58,10 +58,12 @@ def tolerance_for(dtype: torch.dtype) -> Tolerance:
 # the calibrated standard-route tolerance: a multiple of the measured noise (|dtype - shadow|),
 # never below a floor a few units of the dtype's rounding wide
 # A correct engine shares the natural forward's computation up to the perturbed layer and
-# differs in the order of a few sums after it, so its mean deviation stays below the natural
-# forward's own mean noise (0.45-0.65x on the real-shaped bf16 models): the mean, which is
-# what a systematic error moves, is held at 1x; the max, a tail of tokens, at 4x.
-NOISE_FACTOR_MAX, NOISE_FACTOR_MEAN = 4.0, 1.0
+# differs in the order of some sums after it: its mean deviation was 0.45-1.03x the natural
+# forward's own mean noise on the real-shaped bf16 models (1.03x perturbing OLMoE's layer 0,
+# where the engine recomputes every layer), while a 3% error in the patched attention moved
+# it to 1.9-2.5x. The mean, which a systematic error moves, is held at 1.5x; the max, a
+# tail of tokens, at 4x.
+NOISE_FACTOR_MAX, NOISE_FACTOR_MEAN = 4.0, 1.5
 FLOORS = {   # (max, mean) nats
     torch.float64: (1e-10, 1e-11),
     torch.float32: (1e-4, 1e-5),   # two orderings of fp32 sums on trained 4-layer models: up to ~5e-5

@@ -167,7 +167,9 @@ def audit_routes(adapter, input_ids: torch.Tensor, position: int, layer: int, ex
 
     Returns per route: "logprob" (model dtype) and "shadow_logprob" of token position + 1,
     and "flip": whether any MoE layer above `layer` routes the token (its expert set) other
-    than the shadow does, i.e. the score rests on a route that rounding chose."""
+    than the shadow does; and "standard_flip": whether the router at `layer` itself, in a
+    natural forward of the prefix, chooses another expert set for the token in the model's
+    dtype than in the shadow (the standard route every gain is measured against)."""
     higher = shadow_dtype(adapter.lm_head.weight.dtype)
     if higher is None:
         raise ShadowUnavailable("no higher precision to compare with")
@@ -196,4 +198,10 @@ def audit_routes(adapter, input_ids: torch.Tensor, position: int, layer: int, ex
         out["logprob"].append(low)
         out["shadow_logprob"].append(high)
         out["flip"].append(flips)
-    return {name: torch.cat(values).numpy() for name, values in out.items()}
+    standard = []
+    for context in (nullcontext(), higher_precision(adapter, higher)):
+        with context, capture_routes(adapter, [layer]) as captured:
+            adapter.model(prefix[None], use_cache=False, logits_to_keep=1)
+        standard.append(captured[layer].experts[position].sort().values.cpu())
+    return {**{name: torch.cat(values).numpy() for name, values in out.items()},
+            "standard_flip": bool((standard[0] != standard[1]).any())}
