@@ -24,6 +24,7 @@ from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_N
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "src"))
 from routelens.models.adapter import SOFTMAX_ATTENTION  # noqa: E402
+from routelens.models.loading import REFUSED  # noqa: E402
 from routelens.models.registry import ADAPTERS, FAMILIES  # noqa: E402
 from routelens.models.router_probe import BATCH, EXPERTS, HIDDEN, SEQUENCE, RouterOutputs, RouterProbe, probe_router  # noqa: E402
 
@@ -38,6 +39,14 @@ NOTES = {
     "deepseek_v32": "DSA: an indexer picks the keys each query attends to",
     "glm_moe_dsa": "DSA: an indexer picks the keys each query attends to",
 }
+# issue 29 (group D): the types loading refuses, with the reason it gives (folder name -> config model type)
+NOTES.update({folder: REFUSED[model_type] for folder, model_type in {
+    "switch_transformers": "switch_transformers", "nllb_moe": "nllb-moe", "diffusion_gemma": "diffusion_gemma",
+    "openai_privacy_filter": "openai_privacy_filter", "granite_docling": "granite_docling",
+    "ernie4_5_vl_moe": "ernie4_5_vl_moe", "qwen3_omni_moe": "qwen3_omni_moe", "minimax_m3_vl": "minimax_m3_vl",
+    "mistral_large4": "mistral_large4", "glm5_next": "glm5_next", "inkling": "inkling_mm_model", "inkling2": "inkling2",
+    "muse_spark": "muse_spark", "step3p7": "step3p7", "deepseek_ocr2": "deepseek_ocr2", "unlimited_ocr": "unlimited_ocr",
+    "mistral4": "mistral4"}.items()})
 
 ROUTED = re.compile(r'"router_logits"|route_tokens_to_experts|class \w+Top[Kk]Router|class \w+Router\(nn\.Module\)')
 
@@ -93,7 +102,8 @@ def status(model_type: str, source: str) -> tuple[str, str]:
         hybrid = f"; hybrid ({mixers}): the cache engine scores layers below a recurrent one" if mixers != "attention" else ""
         return "served", "tiny model passes `routelens verify` (tests/test_verify.py)" + hybrid
     if model_type not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
-        return "not served", "no causal-LM class for this model type (encoder-decoder or multimodal wrapper)"
+        return "not served", NOTES.get(model_type, "no causal-LM class for this model type (encoder-decoder or "
+                                                   "multimodal wrapper)").replace("|", "\\|")
     why = "; ".join(filter(None, [finding(probe_router(model_type)), NOTES.get(model_type)]))
     return "not served", why.replace("|", "\\|")
 

@@ -42,7 +42,8 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
 from routelens.errors import RouteLensError, SettingError
 from routelens.models.adapter import MoEAdapter
-from routelens.models.registry import adapter_class, adapter_for
+from routelens.models.families import vision_language
+from routelens.models.registry import FAMILIES, adapter_class, adapter_for
 
 TINY_PREFIX = "tiny:"
 DEMO = "demo"
@@ -71,6 +72,8 @@ class LoadedModel:
             k: self.router_delta[k] for k in ("path", "sha256")}}
         if self.upcast_router:
             identity["upcast_router"] = True
+        if getattr(self.adapter.model, "tower_of", None):   # a multimodal checkpoint served through its text model
+            identity["text_tower"] = self.adapter.model.tower_of
         return identity
 
 
@@ -146,6 +149,50 @@ def check_weight_files(folder: str) -> None:
                              "save_pretrained(folder) to write model.safetensors")
     raise RouteLensError(f"{folder} has a config.json but no weights (*.safetensors); "
                          "give a folder written by save_pretrained")
+
+
+#: model types (as config.json names them) that routelens does not serve, with what stands in the way,
+#: in one line each (scripts/moe_families.py shows the same reasons in docs/moe-families.md)
+REFUSED: dict[str, str] = {}
+_NOT_CAUSAL = "so a text has no causal trajectory to score"
+_TOWER_TODO = "its text model is not adapted yet (routelens serves multimodal checkpoints through their text model)"
+REFUSED.update({   # issue 29 (group D)
+    "switch_transformers": "an encoder-decoder model: its decoder scores a token given an encoder input, " + _NOT_CAUSAL,
+    "nllb-moe": "an encoder-decoder translation model: its decoder scores a token given an encoder input, " + _NOT_CAUSAL,
+    "diffusion_gemma": "a block-diffusion model: its decoder denoises blocks of tokens with bidirectional attention "
+                       "instead of predicting the next one, " + _NOT_CAUSAL,
+    "openai_privacy_filter": "a bidirectional token classifier with no language-model head: there is no next-token "
+                             "probability to score",
+    "granite_docling": "its language model is dense: its only router (GraniteDoclingDensityRouter) weighs vision "
+                       "features in the connector, so there is no routed expert to audit",
+    "ernie4_5_vl_moe": "each MoE layer holds two routers (text and vision experts, chosen per token by modality) and "
+                       "the model records the block, not a router, as its router; " + _TOWER_TODO,
+    "qwen3_omni_moe": "the thinker's text model (a Qwen3-MoE decoder) sits inside a thinker-talker-code2wav model "
+                      "built by AutoModelForMultimodalLM; " + _TOWER_TODO,
+    "minimax_m3_vl": "its text model's attention keeps only the keys an indexer picks (sparse attention beside the "
+                     "router); " + _TOWER_TODO,
+    "mistral_large4": "its text model's attention keeps only the keys an indexer picks (sparse attention beside the "
+                      "router); " + _TOWER_TODO,
+    "glm5_next": "its text model mixes several residual streams per layer (hyper-connections) and has linear-attention "
+                 "and indexer-attention layers; " + _TOWER_TODO,
+    "inkling_mm_model": "its router returns a fourth output, per-token gains of the shared experts, and its head adds "
+                        "relative logits; " + _TOWER_TODO,
+    "inkling2": "its text model has short-convolution, sliding and full layers with a block attention residual and "
+                "soft-capped experts; " + _TOWER_TODO,
+    "muse_spark": "its decoder layers gate their residual adds (MuseSparkResidualGate); " + _TOWER_TODO,
+    "step3p7": "sigmoid router with a correction bias and moe_router_scaling_factor, sliding layers; " + _TOWER_TODO,
+    "deepseek_ocr2": "DeepSeek-V2's router behind a SAM + vision-encoder OCR front end; " + _TOWER_TODO,
+    "unlimited_ocr": "DeepSeek-V2's router, with a reference sliding-window cache of its own; " + _TOWER_TODO,
+    "mistral4": "a decoder LM whose Mistral4ForCausalLM is not in transformers' AutoModelForCausalLM mapping (only "
+                "the image-text-to-text one) and MLA attention; not adapted yet",
+})
+
+
+def refuse_unserved(model_type: str) -> None:
+    """A model type routelens refuses (unless a family was registered for it since): one line
+    naming what stands in the way."""
+    if model_type in REFUSED and model_type not in FAMILIES:
+        raise RouteLensError(f"model type {model_type!r} is not served: {REFUSED[model_type]}")
 
 
 GROUPED_MM_STRIDES = "strides should be multiple of 16 bytes"
@@ -310,6 +357,7 @@ def _load(spec: str, device: str, dtype: str, trust_remote_code: bool, seed: int
         from routelens.models.tiny import TINY_CONFIGS, build_tiny_model
 
         model_type = spec[len(TINY_PREFIX):]
+        refuse_unserved(model_type)
         adapter_class(model_type)  # unknown family -> the registry's error
         if model_type not in TINY_CONFIGS:
             raise RouteLensError(f"no tiny model for {model_type!r}; have {', '.join(TINY_CONFIGS)}")
@@ -348,12 +396,17 @@ def _load(spec: str, device: str, dtype: str, trust_remote_code: bool, seed: int
     except (OSError, ValueError) as error:
         hint = "" if is_folder else " (no network here? pass a local folder written by save_pretrained)"
         raise RouteLensError(f"cannot read the model config of {spec!r}: {str(error).splitlines()[0]}{hint}") from None
-    adapter_class(config.model_type)  # fail fast, before reading weights
+    refuse_unserved(config.model_type)
+    tower = adapter_class(config.model_type).tower  # fail fast, before reading weights
+    # a multimodal checkpoint: its full model is built, then served through its text model
+    model_class = AutoModelForCausalLM if tower is None else vision_language.auto_class(tower)
     if is_folder:
         check_weight_files(spec)
     if not weights:   # the structure only: no weight is read, nothing is placed on a device
         with torch.device("meta"):
-            model = AutoModelForCausalLM.from_config(config, dtype=DTYPES[dtype], trust_remote_code=trust_remote_code)
+            model = model_class.from_config(config, dtype=DTYPES[dtype], trust_remote_code=trust_remote_code)
+        if tower is not None:
+            model = vision_language.text_tower(model, config.model_type, tower)
         return LoadedModel(adapter_for(model.eval()), load_tokenizer(spec, trust_remote_code), spec, placed, dtype,
                            folder=spec if is_folder else None, weights=False)
     # use_kernels=False: hub kernels replace whole MoE blocks (routes neither observable nor forceable)
@@ -367,11 +420,14 @@ def _load(spec: str, device: str, dtype: str, trust_remote_code: bool, seed: int
     if device_map is not None:
         options.update(device_map=device_map, offload_folder=_offload_folder(device_map))
     try:
-        model = AutoModelForCausalLM.from_pretrained(spec, **options)
+        model = model_class.from_pretrained(spec, **options)
     except Exception as error:   # safetensors, accelerate and torch each raise their own types
         reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         raise RouteLensError(f"cannot load the weights of {spec!r}: {reason}") from None
     model = (model if device_map is not None else model.to(device)).eval()
+    if tower is not None:
+        model = vision_language.text_tower(model, config.model_type, tower)
+        print(f"routelens: {spec}: serving {model.tower_notice}", file=sys.stderr)
     tokenizer = load_tokenizer(spec, trust_remote_code)
     return LoadedModel(adapter_for(model), tokenizer, spec, placed, dtype, folder=spec if is_folder else None)
 

@@ -119,6 +119,13 @@ FAMILIES: dict[str, Family] = {
                                gate=gates.TOPK_THEN_SOFTMAX, notes=_GRANITE),
     "nemotron_h": _deepseek_v3_like("nemotron_h:NemotronHAdapter", mixers="attention + Mamba-2"),
     "bailing_hybrid": _deepseek_v3_like("bailing_hybrid:BailingHybridAdapter", mixers="MLA + linear attention"),
+    # issue 29 (group D): multimodal checkpoints served through their text model, image tokens absent
+    "qwen3_vl_moe": Family(_F + "qwen3_vl_moe:Qwen3VLMoeAdapter", gate=gates.SOFTMAX_TOPK_RENORMALISED,
+                           notes="text model of the vision-language checkpoint"),
+    "glm4v_moe": Family(_F + "glm4v_moe:Glm4vMoeAdapter", gate=gates.DEEPSEEK_V3,
+                        notes="text model of the vision-language checkpoint"),
+    "aria": Family(_F + "aria:AriaAdapter", gate=gates.TOPK_THEN_SOFTMAX,
+                   notes="shared experts added; text model of the vision-language checkpoint"),
 }
 
 ADAPTERS: dict[str, str] = {model_type: entry.adapter for model_type, entry in FAMILIES.items()}
@@ -215,8 +222,9 @@ def adapter_class(model_type: str) -> type[MoEAdapter]:
 
 
 def adapter_for(model) -> MoEAdapter:
-    """Wrap a loaded Hugging Face model in its family's adapter."""
-    return adapter_class(model.config.model_type)(model)
+    """Wrap a loaded Hugging Face model in its family's adapter (a multimodal checkpoint's text
+    tower by the checkpoint's model type, `tower_of`)."""
+    return adapter_class(getattr(model, "tower_of", None) or model.config.model_type)(model)
 
 
 def markdown_table() -> str:
