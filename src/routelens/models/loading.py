@@ -175,11 +175,11 @@ REFUSED.update({   # issue 29 (group D)
                       "router); " + _TOWER_TODO,
     "glm5_next": "its text model mixes several residual streams per layer (hyper-connections) and has linear-attention "
                  "and indexer-attention layers; " + _TOWER_TODO,
-    "inkling_mm_model": "its router returns a fourth output, per-token gains of the shared experts, and its head adds "
-                        "relative logits; " + _TOWER_TODO,
+    "inkling_mm_model": "its router returns a fourth output, per-token gains of the shared experts, and its attention "
+                        "adds relative-position logits; " + _TOWER_TODO,
     "inkling2": "its text model has short-convolution, sliding and full layers with a block attention residual and "
-                "soft-capped experts; " + _TOWER_TODO,
-    "muse_spark": "its decoder layers gate their residual adds (MuseSparkResidualGate); " + _TOWER_TODO,
+                "soft-capped SwiGLU activations; " + _TOWER_TODO,
+    "muse_spark": "its decoder layers gate the attention output's residual add (MuseSparkResidualGate); " + _TOWER_TODO,
     "step3p7": "sigmoid router with a correction bias and moe_router_scaling_factor, sliding layers; " + _TOWER_TODO,
     "deepseek_ocr2": "DeepSeek-V2's router behind a SAM + vision-encoder OCR front end; " + _TOWER_TODO,
     "unlimited_ocr": "DeepSeek-V2's router, with a reference sliding-window cache of its own; " + _TOWER_TODO,
