@@ -31,16 +31,19 @@ from routelens.models.router_probe import BATCH, EXPERTS, HIDDEN, SEQUENCE, Rout
 # what the modeling code does that a probe of the router's output cannot see (never a
 # statement about the router's output: that is the probe's), appended to its finding
 NOTES = {
-    "cohere2_moe": "attention and the MoE block run in parallel on the same normed input, summed into one residual",
     "llama4": "the block multiplies each expert's input by the token's score before the expert runs",
     "jetmoe": "its attention is a mixture of attention experts, with a router of its own besides the MLP's",
     "longcat_flash": "two attention and two MLP sublayers per layer with the MoE block as a shortcut beside them; "
                      "a zero-computation expert passes the token's input through unchanged",
     "deepseek_v32": "DSA: an indexer picks the keys each query attends to",
     "glm_moe_dsa": "DSA: an indexer picks the keys each query attends to",
-    # issue 29 (group A): refused, with what stands in the way (routelens.models.families.refusals)
-    **{model_type: "refused: " + reason for model_type, reason in REFUSED.items()},
 }
+# the types routelens refuses, with the reason loading gives (routelens.models.families.refusals),
+# by folder name (the config's model_type where it differs)
+CONFIG_TYPE = {"nllb_moe": "nllb-moe", "inkling": "inkling_mm_model"}
+FOLDERS = (set(REFUSED) - set(CONFIG_TYPE.values())) | {f for f, t in CONFIG_TYPE.items() if t in REFUSED}
+REFUSALS = {folder: "refused: " + REFUSED[CONFIG_TYPE.get(folder, folder)] for folder in sorted(FOLDERS)}
+NOTES.update(REFUSALS)
 
 ROUTED = re.compile(r'"router_logits"|route_tokens_to_experts|class \w+Top[Kk]Router|class \w+Router\(nn\.Module\)')
 
@@ -96,7 +99,8 @@ def status(model_type: str, source: str) -> tuple[str, str]:
         hybrid = f"; hybrid ({mixers}): the cache engine scores layers below a recurrent one" if mixers != "attention" else ""
         return "served", "tiny model passes `routelens verify` (tests/test_verify.py)" + hybrid
     if model_type not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
-        return "not served", "no causal-LM class for this model type (encoder-decoder or multimodal wrapper)"
+        return "not served", NOTES.get(model_type, "no causal-LM class for this model type (encoder-decoder or "
+                                                   "multimodal wrapper)").replace("|", "\\|")
     why = "; ".join(filter(None, [finding(probe_router(model_type)), NOTES.get(model_type)]))
     return "not served", why.replace("|", "\\|")
 

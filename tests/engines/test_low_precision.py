@@ -82,20 +82,23 @@ def test_real_shaped_bf16_models_run_end_to_end_without_a_false_alarm(real_shape
     calibration = tolerance["calibration"]
     assert calibration["method"] == "float32 shadow" and calibration["tokens"] >= 128
     assert tolerance["max_nats"] == pytest.approx(max(0.02, 4 * calibration["noise_max"]))
+    assert tolerance["mean_nats"] == pytest.approx(max(0.01, min(0.05, 1.5 * calibration["noise_mean"])))
     assert checks["standard_route_max_abs_logprob_diff"] <= tolerance["max_nats"]
     assert checks["standard_route_checked_tokens"] == len(result.table("tokens"))   # every scored (token, layer)
     assert checks["low_precision"]["layers"]["1"]["audited_tokens"] == 1
 
 
-def test_a_broken_engine_still_fails_the_calibrated_check_in_bf16(real_shaped, monkeypatch):
-    """The guard keeps its teeth: attention output scaled by 0.9 in the patched suffix is a
-    systematic error the calibrated mean tolerance catches on every real-shaped model."""
+@pytest.mark.parametrize("scale", [0.9, 0.97])
+def test_a_broken_engine_still_fails_the_calibrated_check_in_bf16(real_shaped, monkeypatch, scale):
+    """The guard keeps its teeth: attention output scaled by 0.9, or by 0.97 (a 3% error),
+    in the patched suffix is a systematic error the calibrated mean tolerance catches on
+    every real-shaped model."""
     name, lens = real_shaped
     original = attention.patched_attention
 
     def broken(module, query, key, value, scaling, sliding_window=None, s_aux=None):
         out, _ = original(module, query, key, value, scaling, sliding_window, s_aux)
-        return out * 0.9, None
+        return out * scale, None
 
     monkeypatch.setattr(attention, "patched_attention", broken)
     adapter = lens.adapter

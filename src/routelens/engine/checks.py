@@ -62,7 +62,9 @@ def tolerance_for(dtype: torch.dtype) -> Tolerance:
 # forward's own mean noise on the real-shaped bf16 models (1.03x perturbing OLMoE's layer 0,
 # where the engine recomputes every layer), while a 3% error in the patched attention moved
 # it to 1.9-2.5x. The mean, which a systematic error moves, is held at 1.5x; the max, a
-# tail of tokens, at 4x.
+# tail of tokens, at 4x. The mean is never looser than the dtype's fixed mean tolerance
+# (bf16: 0.05), which a 3% error on the noisiest model (DeepSeek-V3 shaped: 1.29x its noise)
+# would pass at 1.5x: a systematic error keeps the teeth it had.
 NOISE_FACTOR_MAX, NOISE_FACTOR_MEAN = 4.0, 1.5
 FLOORS = {   # (max, mean) nats
     torch.float64: (1e-10, 1e-11),
@@ -82,8 +84,9 @@ def calibrated_tolerance(dtype: torch.dtype, noise_max: float, noise_mean: float
     floor_max, floor_mean = FLOORS.get(dtype, FLOORS[torch.bfloat16])
     if hybrid and dtype in (torch.float32, torch.float64):
         floor_max, floor_mean = HYBRID_FP32_FLOOR
-    return Tolerance(weight=tolerance_for(dtype).weight, logprob_max=max(floor_max, NOISE_FACTOR_MAX * noise_max),
-                     logprob_mean=max(floor_mean, NOISE_FACTOR_MEAN * noise_mean))
+    fixed = tolerance_for(dtype)
+    return Tolerance(weight=fixed.weight, logprob_max=max(floor_max, NOISE_FACTOR_MAX * noise_max),
+                     logprob_mean=max(floor_mean, min(fixed.logprob_mean, NOISE_FACTOR_MEAN * noise_mean)))
 
 
 def gating_rule_error(adapter, logits: torch.Tensor, experts: torch.Tensor, weights: torch.Tensor) -> float:
@@ -235,7 +238,8 @@ class DeviationRecord:
     @property
     def source(self) -> str:
         if self.calibration and self.calibration.get("noise_max") is not None:
-            return (f"calibrated: {NOISE_FACTOR_MAX:g}x / {NOISE_FACTOR_MEAN:g}x the {self.calibration['method']}'s "
+            return (f"calibrated: {NOISE_FACTOR_MAX:g}x / {NOISE_FACTOR_MEAN:g}x (at most the fixed mean) the "
+                    f"{self.calibration['method']}'s "
                     f"noise {self.calibration['noise_max']:.3g} max, {self.calibration['noise_mean']:.3g} mean")
         return "fixed"
 

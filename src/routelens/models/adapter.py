@@ -39,7 +39,7 @@ from transformers import DynamicCache, PreTrainedModel
 from routelens.errors import RouteLensError
 from routelens.models import gating
 from routelens.models.registry import family
-from routelens.models.spec import Gate, Layout
+from routelens.models.spec import Gate, Layout, Tower
 
 #: `config.layer_types` values of softmax-attention layers (the fast engine's patch covers these).
 SOFTMAX_ATTENTION = ("full_attention", "sliding_attention")
@@ -79,6 +79,9 @@ class MoEAdapter:
     #: the family's cached path, measured), or None; the cache engine then hands its work to
     #: the reference engine from the start, saying why.
     cache_engine_defect: ClassVar[str | None] = None
+    #: For a multimodal checkpoint served through its text model: where the conditional-generation
+    #: class keeps it (`routelens.models.families.vision_language` builds the text tower), else None.
+    tower: ClassVar[Tower | None] = None
     #: Whether every router computes in float32 in a bf16/fp16 model (set by
     #: `routelens.models.loading.upcast_routers`, `load(..., upcast_router=True)`).
     upcast_router: bool = False
@@ -365,21 +368,27 @@ class MoEAdapter:
         return gating.weights_for(self.gate, logits, experts, self.config)
 
     @property
+    def model_type(self) -> str:
+        """The registry's model type: the checkpoint's (multimodal) type for a text tower, whose
+        config is its text model's; `config.model_type` otherwise."""
+        return getattr(self.model, "tower_of", None) or self.config.model_type
+
+    @property
     def gating_rule(self) -> str:
         """The gating rule in one line (the registry's entry for this model type)."""
-        return family(self.config.model_type).gating_rule
+        return family(self.model_type).gating_rule
 
     @property
     def layer_mixers(self) -> str:
         """What mixes positions across the decoder layers ("attention", or a hybrid's kinds);
         the engines read `layer_kind` per layer instead."""
-        return family(self.config.model_type).mixers
+        return family(self.model_type).mixers
 
     def describe(self) -> dict:
         """What `routelens inspect` prints and `run.json` records about the model."""
         return {
             "architecture": type(self.model).__name__,
-            "model_type": self.config.model_type,
+            "model_type": self.model_type,
             "adapter": type(self).__name__,
             "decoder_layers": self.num_layers,
             "moe_layers": self.moe_layers,
@@ -391,4 +400,5 @@ class MoEAdapter:
             "other_layer_kinds": {i: kind for i in range(self.num_layers)
                                   if (kind := self.layer_kind(i)) not in SOFTMAX_ATTENTION},
             "parameters": sum(p.numel() for p in self.model.parameters()),
+            **({"text_tower": self.model.tower_notice} if getattr(self.model, "tower_of", None) else {}),
         }

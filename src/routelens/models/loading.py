@@ -42,6 +42,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
 from routelens.errors import RouteLensError, SettingError
 from routelens.models.adapter import MoEAdapter
+from routelens.models.families import vision_language
 from routelens.models.families.refusals import refuse
 from routelens.models.registry import adapter_class, adapter_for
 
@@ -72,6 +73,8 @@ class LoadedModel:
             k: self.router_delta[k] for k in ("path", "sha256")}}
         if self.upcast_router:
             identity["upcast_router"] = True
+        if getattr(self.adapter.model, "tower_of", None):   # a multimodal checkpoint served through its text model
+            identity["text_tower"] = self.adapter.model.tower_of
         return identity
 
 
@@ -149,6 +152,8 @@ def check_weight_files(folder: str) -> None:
                          "give a folder written by save_pretrained")
 
 
+#: model types (as config.json names them) that routelens does not serve, with what stands in the way,
+#: in one line each (scripts/moe_families.py shows the same reasons in docs/moe-families.md)
 GROUPED_MM_STRIDES = "strides should be multiple of 16 bytes"
 
 
@@ -351,12 +356,16 @@ def _load(spec: str, device: str, dtype: str, trust_remote_code: bool, seed: int
         hint = "" if is_folder else " (no network here? pass a local folder written by save_pretrained)"
         raise RouteLensError(f"cannot read the model config of {spec!r}: {str(error).splitlines()[0]}{hint}") from None
     refuse(config.model_type)         # a type routelens refuses says why (issue 29), before reading weights
-    adapter_class(config.model_type)  # fail fast, before reading weights
+    tower = adapter_class(config.model_type).tower  # fail fast, before reading weights
+    # a multimodal checkpoint: its full model is built, then served through its text model
+    model_class = AutoModelForCausalLM if tower is None else vision_language.auto_class(tower)
     if is_folder:
         check_weight_files(spec)
     if not weights:   # the structure only: no weight is read, nothing is placed on a device
         with torch.device("meta"):
-            model = AutoModelForCausalLM.from_config(config, dtype=DTYPES[dtype], trust_remote_code=trust_remote_code)
+            model = model_class.from_config(config, dtype=DTYPES[dtype], trust_remote_code=trust_remote_code)
+        if tower is not None:
+            model = vision_language.text_tower(model, config.model_type, tower)
         return LoadedModel(adapter_for(model.eval()), load_tokenizer(spec, trust_remote_code), spec, placed, dtype,
                            folder=spec if is_folder else None, weights=False)
     # use_kernels=False: hub kernels replace whole MoE blocks (routes neither observable nor forceable)
@@ -370,11 +379,14 @@ def _load(spec: str, device: str, dtype: str, trust_remote_code: bool, seed: int
     if device_map is not None:
         options.update(device_map=device_map, offload_folder=_offload_folder(device_map))
     try:
-        model = AutoModelForCausalLM.from_pretrained(spec, **options)
+        model = model_class.from_pretrained(spec, **options)
     except Exception as error:   # safetensors, accelerate and torch each raise their own types
         reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         raise RouteLensError(f"cannot load the weights of {spec!r}: {reason}") from None
     model = (model if device_map is not None else model.to(device)).eval()
+    if tower is not None:
+        model = vision_language.text_tower(model, config.model_type, tower)
+        print(f"routelens: {spec}: serving {model.tower_notice}", file=sys.stderr)
     tokenizer = load_tokenizer(spec, trust_remote_code)
     return LoadedModel(adapter_for(model), tokenizer, spec, placed, dtype, folder=spec if is_folder else None)
 

@@ -131,6 +131,13 @@ FAMILIES: dict[str, Family] = {
                        notes="experts chosen by top-k of logit + the router's e_score_correction_bias; plus a shared "
                              "expert; sandwich norms"),
     "hy_v3": Family(_F + "hy_v3:HYV3Adapter", gate=gates.HY_V3, notes="plus a shared expert"),
+    # issue 29 (group D): multimodal checkpoints served through their text model, image tokens absent
+    "qwen3_vl_moe": Family(_F + "qwen3_vl_moe:Qwen3VLMoeAdapter", gate=gates.SOFTMAX_TOPK_RENORMALISED,
+                           notes="text model of the vision-language checkpoint"),
+    "glm4v_moe": Family(_F + "glm4v_moe:Glm4vMoeAdapter", gate=gates.DEEPSEEK_V3,
+                        notes="text model of the vision-language checkpoint"),
+    "aria": Family(_F + "aria:AriaAdapter", gate=gates.TOPK_THEN_SOFTMAX,
+                   notes="shared experts added; text model of the vision-language checkpoint"),
 }
 
 ADAPTERS: dict[str, str] = {model_type: entry.adapter for model_type, entry in FAMILIES.items()}
@@ -227,8 +234,9 @@ def adapter_class(model_type: str) -> type[MoEAdapter]:
 
 
 def adapter_for(model) -> MoEAdapter:
-    """Wrap a loaded Hugging Face model in its family's adapter."""
-    return adapter_class(model.config.model_type)(model)
+    """Wrap a loaded Hugging Face model in its family's adapter (a multimodal checkpoint's text
+    tower by the checkpoint's model type, `tower_of`)."""
+    return adapter_class(getattr(model, "tower_of", None) or model.config.model_type)(model)
 
 
 def markdown_table() -> str:

@@ -147,3 +147,26 @@ class Layout:
     def __post_init__(self):
         if self.windows not in ("config", "none"):
             raise ValueError(f"windows must be 'config' or 'none', got {self.windows!r}")
+
+
+@dataclass(frozen=True)
+class Tower:
+    """Where a multimodal checkpoint (a conditional-generation class around a vision encoder
+    and a decoder LM) keeps its text model: the checkpoint is served as that decoder LM alone,
+    with image tokens absent (routelens scores text-only trajectories).
+
+    - `auto_class`: the transformers auto class that builds the checkpoint's full model.
+    - `text_model`: the attribute path of the text model (decoder layers, final norm,
+      embeddings) in the full model; `lm_head`: the path of the LM head.
+    - `placeholders`: attributes of the checkpoint's config that hold the token ids standing
+      for an image or a video; an input that carries one is refused (no image is given).
+
+    Examples:
+        >>> Tower().text_model, Tower().lm_head
+        ('model.language_model', 'lm_head')
+    """
+
+    auto_class: str = "AutoModelForImageTextToText"
+    text_model: str = "model.language_model"
+    lm_head: str = "lm_head"
+    placeholders: tuple[str, ...] = ("image_token_id", "video_token_id")

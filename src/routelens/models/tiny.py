@@ -223,6 +223,20 @@ TINY_CONFIGS: dict[str, dict] = {
         num_shared_experts=1, head_dim=8, router_scaling_factor=2.5,
         mlp_layer_types=["dense", "sparse", "sparse", "sparse"],
     ),
+    # issue 29 (group D): multimodal checkpoints served through their text model (TINY_TOWERS: the rest)
+    "qwen3_vl_moe": dict(
+        num_hidden_layers=3, intermediate_size=48, moe_intermediate_size=24, num_experts=8, num_experts_per_tok=2,
+        head_dim=8, rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 1, 1]},
+    ),
+    "glm4v_moe": dict(
+        num_hidden_layers=4, intermediate_size=48, moe_intermediate_size=24, n_routed_experts=8,
+        num_experts_per_tok=2, n_shared_experts=1, first_k_dense_replace=1, n_group=4, topk_group=2,
+        routed_scaling_factor=2.5, norm_topk_prob=True, num_attention_heads=2, num_key_value_heads=1,
+        rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "partial_rotary_factor": 0.5,
+                         "mrope_section": [2, 1, 1]},
+    ),
+    "aria": dict(num_hidden_layers=3, intermediate_size=24, moe_num_experts=8, moe_topk=2, moe_num_shared_experts=1,
+                 head_dim=8),
 }
 
 
@@ -231,6 +245,15 @@ TINY_CONFIGS: dict[str, dict] = {
 TINY_COMPOSITE = {"qwen3_5_moe": "qwen3_5_moe_text"}
 TINY_CONFIGS.update({composite: TINY_CONFIGS[text] for composite, text in TINY_COMPOSITE.items()})
 _TINY_VISION = dict(depth=1, hidden_size=16, num_heads=2, intermediate_size=16, out_hidden_size=32)
+# multimodal checkpoints served through their text tower (`routelens.models.families.vision_language`):
+# model_type -> the composite config's other parts (vision encoder, ...); TINY_CONFIGS has its text config
+TINY_TOWERS: dict[str, dict] = {
+    "qwen3_vl_moe": dict(vision_config=_TINY_VISION),
+    "glm4v_moe": dict(vision_config=_TINY_VISION),
+    "aria": dict(vision_config=dict(hidden_size=16, intermediate_size=16, num_hidden_layers=1, num_attention_heads=2,
+                                    image_size=28, patch_size=14), projector_patch_to_query_dict={4: 4},
+                 image_token_index=TINY_VOCAB),   # its default (9) lies inside the tiny vocabulary
+}
 
 
 def tiny_config(model_type: str, **overrides) -> PretrainedConfig:
@@ -241,6 +264,8 @@ def tiny_config(model_type: str, **overrides) -> PretrainedConfig:
     kwargs = {**_COMMON, **TINY_CONFIGS[model_type], **overrides}
     if model_type in TINY_COMPOSITE:
         return AutoConfig.for_model(model_type, text_config=kwargs, vision_config=_TINY_VISION)
+    if model_type in TINY_TOWERS:
+        return AutoConfig.for_model(model_type, text_config=kwargs, **TINY_TOWERS[model_type])
     return AutoConfig.for_model(model_type, **kwargs)
 
 
@@ -253,7 +278,13 @@ def build_tiny_model(model_type: str, seed: int = 0, **overrides) -> PreTrainedM
     """
     config = tiny_config(model_type, **overrides)
     torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    if model_type in TINY_TOWERS:   # the text tower of the multimodal model
+        from routelens.models.families.vision_language import tower_from_config
+        from routelens.models.registry import adapter_class
+
+        model = tower_from_config(config, model_type, adapter_class(model_type).tower)
+    else:
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     generator = torch.Generator().manual_seed(seed + 1)
     with torch.no_grad():
         for name, param in model.named_parameters():

@@ -13,7 +13,39 @@ from __future__ import annotations
 
 from routelens.errors import RouteLensError
 
+_NOT_CAUSAL = "so a text has no causal trajectory to score"
+_TOWER_TODO = "its text model is not adapted yet (routelens serves multimodal checkpoints through their text model)"
+
 REFUSED: dict[str, str] = {
+    # issue 29 (group D): not causal LMs, and multimodal checkpoints whose text model is not adapted
+    "switch_transformers": "an encoder-decoder model: its decoder scores a token given an encoder input, " + _NOT_CAUSAL,
+    "nllb-moe": "an encoder-decoder translation model: its decoder scores a token given an encoder input, " + _NOT_CAUSAL,
+    "diffusion_gemma": "a block-diffusion model: its decoder denoises blocks of tokens with bidirectional attention "
+                       "instead of predicting the next one, " + _NOT_CAUSAL,
+    "openai_privacy_filter": "a bidirectional token classifier with no language-model head: there is no next-token "
+                             "probability to score",
+    "granite_docling": "its language model is dense: its only router (GraniteDoclingDensityRouter) weighs vision "
+                       "features in the connector, so there is no routed expert to audit",
+    "ernie4_5_vl_moe": "each MoE layer holds two routers (text and vision experts, chosen per token by modality) and "
+                       "the model records the block, not a router, as its router; " + _TOWER_TODO,
+    "qwen3_omni_moe": "the thinker's text model (a Qwen3-MoE decoder) sits inside a thinker-talker-code2wav model "
+                      "built by AutoModelForMultimodalLM; " + _TOWER_TODO,
+    "minimax_m3_vl": "its text model's attention keeps only the keys an indexer picks (sparse attention beside the "
+                     "router); " + _TOWER_TODO,
+    "mistral_large4": "its text model's attention keeps only the keys an indexer picks (sparse attention beside the "
+                      "router); " + _TOWER_TODO,
+    "glm5_next": "its text model mixes several residual streams per layer (hyper-connections) and has linear-attention "
+                 "and indexer-attention layers; " + _TOWER_TODO,
+    "inkling_mm_model": "its router returns a fourth output, per-token gains of the shared experts, and its attention "
+                        "adds relative-position logits; " + _TOWER_TODO,
+    "inkling2": "its text model has short-convolution, sliding and full layers with a block attention residual and "
+                "soft-capped SwiGLU activations; " + _TOWER_TODO,
+    "muse_spark": "its decoder layers gate the attention output's residual add (MuseSparkResidualGate); " + _TOWER_TODO,
+    "step3p7": "sigmoid router with a correction bias and moe_router_scaling_factor, sliding layers; " + _TOWER_TODO,
+    "deepseek_ocr2": "DeepSeek-V2's router behind a SAM + vision-encoder OCR front end; " + _TOWER_TODO,
+    "unlimited_ocr": "DeepSeek-V2's router, with a reference sliding-window cache of its own; " + _TOWER_TODO,
+    "mistral4": "a decoder LM whose Mistral4ForCausalLM is not in transformers' AutoModelForCausalLM mapping (only "
+                "the image-text-to-text one) and MLA attention; not adapted yet",
     # issue 29 (group A)
     "axk1": "AXK1MoE normalises its output (post_mlp_layernorm over the experts' sum plus the shared experts) inside "
             "the block, so a route's block output is not the standard one plus the experts' weighted difference, the "
@@ -31,6 +63,9 @@ REFUSED: dict[str, str] = {
 
 
 def refuse(model_type: str) -> None:
-    """Raise the one-line refusal of `model_type`, if routelens refuses it."""
-    if model_type in REFUSED:
+    """Raise the one-line refusal of `model_type`, if routelens refuses it (and no family was
+    registered for it since)."""
+    from routelens.models.registry import FAMILIES
+
+    if model_type in REFUSED and model_type not in FAMILIES:
         raise RouteLensError(f"routelens does not serve model type {model_type!r}: {REFUSED[model_type]}")
