@@ -35,8 +35,6 @@ NOTES = {
     "jetmoe": "its attention is a mixture of attention experts, with a router of its own besides the MLP's",
     "longcat_flash": "two attention and two MLP sublayers per layer with the MoE block as a shortcut beside them; "
                      "a zero-computation expert passes the token's input through unchanged",
-    "deepseek_v32": "DSA: an indexer picks the keys each query attends to",
-    "glm_moe_dsa": "DSA: an indexer picks the keys each query attends to",
 }
 # the types routelens refuses, with the reason loading gives (routelens.models.families.refusals),
 # by folder name (the config's model_type where it differs)
@@ -72,15 +70,16 @@ def _returns(router: RouterOutputs) -> str:
     return f"`{router.router}`{called} returns {what}"
 
 
-def finding(probe: RouterProbe) -> str:
+def finding(probe: RouterProbe, refused: bool = False) -> str:
     """The probe's finding as the table's "why": what the router returns, then what that
-    means for routelens, then what else the probe saw."""
+    means for routelens (unless the type is `refused` for another reason), then what else
+    the probe saw."""
     if probe.error or not probe.routers:
         text = probe.verdict
     else:
         routers = "router " if len(probe.routers) == 1 else "routers: "
         text = routers + "; ".join(_returns(r) for r in probe.routers)
-        text += ": adapter not written yet" if probe.standard else ": needs its own override"
+        text += "" if refused else ": adapter not written yet" if probe.standard else ": needs its own override"
     seen = []
     if probe.switched_on:
         seen.append("the default config has no MoE layer (the probe set " +
@@ -101,7 +100,11 @@ def status(model_type: str, source: str) -> tuple[str, str]:
     if model_type not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
         return "not served", NOTES.get(model_type, "no causal-LM class for this model type (encoder-decoder or "
                                                    "multimodal wrapper)").replace("|", "\\|")
-    why = "; ".join(filter(None, [finding(probe_router(model_type)), NOTES.get(model_type)]))
+    note = NOTES.get(model_type)
+    if note and note.startswith("refused: "):   # what stands in the way first, then what the probe saw
+        why = note + "; probe: " + finding(probe_router(model_type), refused=True)
+    else:
+        why = "; ".join(filter(None, [finding(probe_router(model_type)), note]))
     return "not served", why.replace("|", "\\|")
 
 

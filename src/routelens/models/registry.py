@@ -138,6 +138,11 @@ FAMILIES: dict[str, Family] = {
                         notes="text model of the vision-language checkpoint"),
     "aria": Family(_F + "aria:AriaAdapter", gate=gates.TOPK_THEN_SOFTMAX,
                    notes="shared experts added; text model of the vision-language checkpoint"),
+    # issue 29 (group B): sparse attention picked by an indexer (DSA) beside the router; hash routing
+    "deepseek_v32": _deepseek_v3_like("deepseek_v32:DeepseekV32Adapter", mixers="MLA + DSA indexer"),
+    "glm_moe_dsa": _deepseek_v3_like("glm_moe_dsa:GlmMoeDsaAdapter", mixers="MLA + DSA indexer (shared top-k)"),
+    "axk2": Family(_F + "axk2:AXK2Adapter", mixers="MLA + DSA indexer", gate=gates.DEEPSEEK_V3,
+                   notes="groups only where n_group is set (A.X-K2-Light: none)"),
 }
 
 ADAPTERS: dict[str, str] = {model_type: entry.adapter for model_type, entry in FAMILIES.items()}

@@ -237,6 +237,31 @@ TINY_CONFIGS: dict[str, dict] = {
     ),
     "aria": dict(num_hidden_layers=3, intermediate_size=24, moe_num_experts=8, moe_topk=2, moe_num_shared_experts=1,
                  head_dim=8),
+    # issue 29 (group B): indexers (DSA) pick 4 keys per query, so a 16-token sequence is sparse;
+    # 8+ indexer heads: with 2, every head's ReLU is 0 for many keys and their ties break differently
+    # in a cached decode than in a full forward
+    "deepseek_v32": dict(
+        num_hidden_layers=4, intermediate_size=48, moe_intermediate_size=24, n_routed_experts=8,
+        num_experts_per_tok=2, n_shared_experts=1, first_k_dense_replace=1, kv_lora_rank=16,
+        q_lora_rank=24, qk_nope_head_dim=8, qk_rope_head_dim=8, v_head_dim=12, n_group=4,
+        topk_group=2, norm_topk_prob=True, routed_scaling_factor=2.5, num_key_value_heads=4,
+        index_topk=4, index_n_heads=8, index_head_dim=16,
+    ),
+    "glm_moe_dsa": dict(
+        num_hidden_layers=5, intermediate_size=48, moe_intermediate_size=24, n_routed_experts=8,
+        num_experts_per_tok=2, n_shared_experts=1, first_k_dense_replace=1, kv_lora_rank=16,
+        q_lora_rank=24, qk_nope_head_dim=8, qk_rope_head_dim=8, v_head_dim=12, n_group=4,
+        topk_group=2, norm_topk_prob=True, routed_scaling_factor=2.5, num_key_value_heads=4,
+        index_topk=4, index_n_heads=8, index_head_dim=16,
+        indexer_types=["full", "full", "shared", "full", "shared"],
+    ),
+    "axk2": dict(
+        num_hidden_layers=4, intermediate_size=48, moe_intermediate_size=24, n_routed_experts=8,
+        num_experts_per_tok=2, n_shared_experts=1, kv_lora_rank=16, q_lora_rank=24, qk_nope_head_dim=8,
+        qk_rope_head_dim=8, v_head_dim=12, n_group=None, topk_group=None, norm_topk_prob=True,
+        routed_scaling_factor=2.5, num_key_value_heads=4, index_topk=4, index_n_heads=8, index_head_dim=16,
+        gated_norm_rank=8, mlp_layer_types=["dense", "sparse", "sparse", "sparse"],
+    ),
 }
 
 

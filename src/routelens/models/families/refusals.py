@@ -46,6 +46,16 @@ REFUSED: dict[str, str] = {
     "unlimited_ocr": "DeepSeek-V2's router, with a reference sliding-window cache of its own; " + _TOWER_TODO,
     "mistral4": "a decoder LM whose Mistral4ForCausalLM is not in transformers' AutoModelForCausalLM mapping (only "
                 "the image-text-to-text one) and MLA attention; not adapted yet",
+    # issue 29 (group B)
+    "hy_v4": "hyper-connections: each layer reads and writes several residual streams ([B, S, hc, d]) mixed by "
+             "learned weights, while the engines carry one residual stream; plus indexed (DSA) attention",
+    "deepseek_v4": "hyper-connections (several residual streams per layer, [B, S, hc, d]) the engines' single residual "
+                   "stream cannot carry, compressed attention kinds, and hash routing by token id in its first layers",
+    "qwen4_exp": "hyper-connections ([B, S, hc * d]: several residual streams per layer) the engines' single residual "
+                 "stream cannot carry, beside linear-attention and indexed-attention layers",
+    "dots3_note": "its indexer's float32 cached decode parts from the full forward at near-ties of indexer scores "
+                  "(1.6e-3 nats on a fuzzed config), so the cache engine that serves the layers below an indexed one is "
+                  "not exact on every config yet",
     # issue 29 (group A)
     "axk1": "AXK1MoE normalises its output (post_mlp_layernorm over the experts' sum plus the shared experts) inside "
             "the block, so a route's block output is not the standard one plus the experts' weighted difference, the "
