@@ -38,3 +38,8 @@ AFMOE = Gate("sigmoid", choice_bias="block.expert_bias", normalise=True, epsilon
 #: LFM2-MoE (its expert_bias is optional: use_expert_bias)
 LFM2_MOE = Gate("sigmoid", choice_bias="block.expert_bias", normalise="norm_topk_prob", epsilon=1e-6,
                 scale="routed_scaling_factor")
+#: Llama 4: sigmoid of the chosen logits, never renormalised (the score scales the expert's input)
+LLAMA4 = Gate("sigmoid")
+#: LongCat-Flash: fp32 softmax over the routed and the zero-computation (identity) experts together;
+#: the correction bias only for choosing; not renormalised; x routed_scaling_factor
+LONGCAT_FLASH = Gate("softmax", choice_bias="router.e_score_correction_bias", scale="routed_scaling_factor")

@@ -119,6 +119,17 @@ FAMILIES: dict[str, Family] = {
                                gate=gates.TOPK_THEN_SOFTMAX, notes=_GRANITE),
     "nemotron_h": _deepseek_v3_like("nemotron_h:NemotronHAdapter", mixers="attention + Mamba-2"),
     "bailing_hybrid": _deepseek_v3_like("bailing_hybrid:BailingHybridAdapter", mixers="MLA + linear attention"),
+    # issue 29 (group C): routers with output layouts of their own (MoEAdapter.route_of / router_output)
+    "llama4": Family(_F + "llama4:Llama4Adapter", gate=gates.LLAMA4,
+                     notes="each chosen score scales its expert's input; plus a shared expert; text model"),
+    "llama4_text": Family(_F + "llama4:Llama4Adapter", gate=gates.LLAMA4,
+                          notes="each chosen score scales its expert's input; plus a shared expert"),
+    "longcat_flash": Family(_F + "longcat_flash:LongcatFlashAdapter", gate=gates.LONGCAT_FLASH,
+                            notes="zero_expert_num identity experts among the choices (each returns its weight x "
+                                  "the input): the count of computing experts varies per token"),
+    "jetmoe": Family(_F + "jetmoe:JetMoeAdapter", gate=gates.TOPK_THEN_SOFTMAX,
+                     notes="a block bias; attention is a mixture of attention experts with a router of its own, "
+                           "left to route as the model does"),
 }
 
 ADAPTERS: dict[str, str] = {model_type: entry.adapter for model_type, entry in FAMILIES.items()}
