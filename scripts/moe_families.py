@@ -24,6 +24,7 @@ from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_N
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "src"))
 from routelens.models.adapter import SOFTMAX_ATTENTION  # noqa: E402
+from routelens.models.families.refusals import REFUSED  # noqa: E402
 from routelens.models.registry import ADAPTERS, FAMILIES  # noqa: E402
 from routelens.models.router_probe import BATCH, EXPERTS, HIDDEN, SEQUENCE, RouterOutputs, RouterProbe, probe_router  # noqa: E402
 
@@ -37,6 +38,8 @@ NOTES = {
                      "a zero-computation expert passes the token's input through unchanged",
     "deepseek_v32": "DSA: an indexer picks the keys each query attends to",
     "glm_moe_dsa": "DSA: an indexer picks the keys each query attends to",
+    # issue 29 (group A): refused, with what stands in the way (routelens.models.families.refusals)
+    **{model_type: "refused: " + reason for model_type, reason in REFUSED.items()},
 }
 
 ROUTED = re.compile(r'"router_logits"|route_tokens_to_experts|class \w+Top[Kk]Router|class \w+Router\(nn\.Module\)')

@@ -297,13 +297,21 @@ def check_ray_can_load(loaded, ray: RaySettings | str | None) -> None:
                              "model themselves: load it with routelens.load(...) (a folder, hub id, tiny: or demo)")
 
 
+# counts over the run: each process's add up (every other number is a largest deviation)
+SUMMED_CHECKS = ("standard_route_flagged_tokens", "standard_route_checked_tokens", "natural_route_flagged_tokens",
+                 "natural_route_checked_tokens", "fallback_seconds", "fallback_tokens")
+
+
 def merge_checks(seen: list[dict]) -> dict:
-    """One run's checks from each process's: numbers (largest deviations) by their maximum,
-    mappings (layers the cache engine scored) merged, anything else the first one set."""
+    """One run's checks from each process's: counts (`SUMMED_CHECKS`) summed, other numbers
+    (largest deviations) by their maximum, mappings (layers the cache engine scored, a
+    tolerance) merged, anything else the first one set."""
     merged: dict = {}
     for checks in seen:
         for key, value in checks.items():
-            if isinstance(value, (int, float)) and not isinstance(value, bool) and merged.get(key) is not None:
+            if key in SUMMED_CHECKS and merged.get(key) is not None:
+                merged[key] = merged[key] + value
+            elif isinstance(value, (int, float)) and not isinstance(value, bool) and merged.get(key) is not None:
                 merged[key] = max(merged[key], value)
             elif isinstance(value, dict):
                 merged[key] = {**merged.get(key, {}), **value}

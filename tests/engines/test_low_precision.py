@@ -18,6 +18,8 @@ from __future__ import annotations
 
 import copy
 import json
+import time
+import types
 import warnings
 
 import numpy as np
@@ -162,17 +164,54 @@ def test_a_small_bf16_miss_continues_and_flags_its_tokens():
     assert engine.check_record()["standard_route_flagged_tokens"] == int(np.concatenate(flags).sum())
 
 
-def test_the_fallback_budget_announces_its_rate_and_refuses_a_batch_past_the_bound():
-    budget = FallbackBudget(seconds=10)
-    budget.before("cache", "a reason", tokens=100)          # no rate yet: the first batch runs
-    with pytest.warns(UserWarning, match=r"the cache engine scores 0.5 s per token here \(bounded by"):
-        budget.after("cache", seconds=5.0, tokens=10)
-    budget.before("cache", "a reason", tokens=8)            # 5 + 4 s: within 10 s
-    with pytest.raises(FallbackTooSlow, match=r"has scored for 5 s at 0.5 s per token, and the next 12 tokens would "
-                                              r"take ~6 s more, past max_fallback_time 10 s") as error:
-        budget.before("cache", "a reason", tokens=12)
-    assert "\n" not in str(error.value)
+class _SlowEngine:
+    """A fallback engine that takes `per_token` seconds per scored token (and may itself
+    hand its batch to `inner` through the same budget, as the cache engine does)."""
+
+    def __init__(self, name: str, per_token: float, budget=None, inner=None):
+        self.name, self.per_token, self.budget, self.inner = name, per_token, budget, inner
+        self.deviation = types.SimpleNamespace(batch_flags=[])
+        self.calls = []
+
+    def score_batch(self, layer, items):
+        if self.inner is not None:
+            return self.budget.run(self.inner, "inner reason", layer, items)
+        self.calls.append(len(items))
+        self.deviation.batch_flags = [np.full(len(item.positions), len(self.calls) == 1) for item in items]
+        time.sleep(self.per_token * sum(len(item.positions) for item in items))
+        return [np.zeros((len(item.positions), 2)) for item in items]
+
+
+def _fake_items(count: int, positions: int = 10) -> list[ScoreItem]:
+    return [ScoreItem(torch.arange(positions + 1), np.arange(positions), torch.zeros(positions, 2, 1, dtype=torch.long),
+                      torch.zeros(positions, 2, 1)) for _ in range(count)]
+
+
+def test_the_fallback_budget_times_one_sequence_first_and_refuses_a_batch_past_the_bound():
+    """No rate yet: the first sequence alone, timed; the rest of the batch is estimated from
+    it and refused before it starts when it would run past the bound."""
+    engine = _SlowEngine("cache", per_token=0.05)
+    budget = FallbackBudget(seconds=1.0)
+    with pytest.raises(FallbackTooSlow, match=r"the cache engine scores 0.0\d+ s per token, so the next 20 tokens would "
+                                              r"take ~1 s more, past max_fallback_time 1 s") as error:
+        budget.run(engine, "a reason", 0, _fake_items(3))
+    assert engine.calls == [1] and "\n" not in str(error.value)
+    assert budget.record()["fallback_tokens"] == 10
     FallbackBudget(seconds=0).before("cache", "a reason", tokens=10**9)   # 0: no bound
+
+
+def test_the_fallback_budget_announces_the_estimate_keeps_the_flags_and_counts_a_chain_once():
+    budget = FallbackBudget(seconds=100)
+    reference = _SlowEngine("reference", per_token=0.001)
+    cache = _SlowEngine("cache", per_token=0, budget=budget, inner=reference)
+    cache.deviation = reference.deviation   # one record along the chain, as the engines share theirs
+    with pytest.warns(UserWarning, match=r"the cache engine scores .* s per token here: ~0 s for the rest of this "
+                                         r"batch \(bounded by max_fallback_time 100 s"):
+        results = budget.run(cache, "a reason", 0, _fake_items(3))
+    assert len(results) == 3 and reference.calls == [1, 2]
+    # the first sequence's flags (set by the first call) survive the second call's batch
+    assert [bool(f[0]) for f in reference.deviation.batch_flags] == [True, False, False]
+    assert budget.record()["fallback_tokens"] == 30   # cache -> reference inside: counted once
 
 
 def test_a_fallback_past_max_fallback_time_stops_the_run_with_what_was_scored_kept(tmp_path, monkeypatch):

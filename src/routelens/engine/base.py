@@ -78,45 +78,86 @@ DEFAULT_MAX_FALLBACK_TIME = 600.0   # seconds a slower engine may score after a 
 
 class FallbackBudget:
     """How long the engines a failed check handed work to may run, shared along the chain
-    (fast -> cache -> reference): each fallback batch is timed, the first announces its
-    rate and an estimate, and a batch that would run past `seconds` is refused before it
-    starts (`FallbackTooSlow`), so a run never stalls on an engine 1,000x slower. 0: no bound."""
+    (fast -> cache -> reference). A fallback engine's first batch starts with one sequence,
+    timed: its rate is announced with the estimated time of the rest of the batch, and a
+    batch (that one's rest included) that would run past `seconds` in all is refused before
+    it starts (`FallbackTooSlow`), so a run never stalls on an engine 1,000x slower than the
+    one it planned on. Rates are kept per engine; a fallback inside a timed one (cache to
+    reference) is counted by the outer. 0: no bound."""
 
     def __init__(self, seconds: float = DEFAULT_MAX_FALLBACK_TIME):
         self.seconds = float(seconds)
         self.spent = 0.0
         self.tokens = 0
+        self._by_engine: dict[str, list[float]] = {}   # engine -> [seconds, tokens]
+        self._running = False
 
-    def _rate(self) -> float | None:
-        return self.spent / self.tokens if self.tokens else None
+    def rate(self, engine: str) -> float | None:
+        """Seconds per scored token of `engine` as a fallback so far (None: not yet timed)."""
+        seconds, tokens = self._by_engine.get(engine, (0.0, 0))
+        return seconds / tokens if tokens else None
 
     def before(self, engine: str, reason: str, tokens: int) -> None:
         """Refuse a fallback batch of `tokens` scored tokens that would exceed the bound."""
         from routelens.errors import FallbackTooSlow
 
-        rate = self._rate()
+        rate = self.rate(engine)
         if not self.seconds or rate is None:
             return
         estimate = rate * tokens
         if self.spent + estimate > self.seconds:
             raise FallbackTooSlow(
-                f"stopped: after a failed check ({reason}) the {engine} engine has scored for {self.spent:.0f} s at "
-                f"{rate:.3g} s per token, and the next {tokens} tokens would take ~{estimate:.0f} s more, past "
-                f"max_fallback_time {self.seconds:g} s; what was scored is kept (a run folder resumes). Rerun in "
-                "float32 (--dtype float32), with --engine " + engine + " from the start, or raise --max-fallback-time "
-                "(0: no bound)")
+                f"stopped: after a failed check ({reason}) the fallback engines have scored for {self.spent:.0f} s; "
+                f"the {engine} engine scores {rate:.3g} s per token, so the next {tokens} tokens would take "
+                f"~{estimate:.0f} s more, past max_fallback_time {self.seconds:g} s; what was scored is kept (a run "
+                f"folder resumes). Rerun in float32 (--dtype float32), with --engine {engine} from the start, or "
+                "raise --max-fallback-time (0: no bound)")
 
-    def after(self, engine: str, seconds: float, tokens: int) -> None:
-        """Count a fallback batch; the first one announces the rate."""
-        import warnings
+    def _timed(self, engine, reason: str, layer, items) -> list:
+        import time
 
-        first = self.tokens == 0
+        tokens = sum(len(item.positions) for item in items)
+        self.before(engine.name, reason, tokens)
+        started = time.perf_counter()
+        results = engine.score_batch(layer, items)
+        seconds = time.perf_counter() - started
         self.spent += seconds
         self.tokens += tokens
-        if first and tokens:
-            bound = f"bounded by max_fallback_time {self.seconds:g} s" if self.seconds else "no time bound"
-            warnings.warn(f"the {engine} engine scores {seconds / tokens:.3g} s per token here ({bound}; "
-                          f"{self.spent:.0f} s so far)", stacklevel=3)
+        spent = self._by_engine.setdefault(engine.name, [0.0, 0])
+        spent[0] += seconds
+        spent[1] += tokens
+        return results
+
+    def run(self, engine, reason: str, layer, items) -> list:
+        """`engine.score_batch(layer, items)` as a fallback: an engine not timed yet scores the
+        first sequence alone, then announces its rate and the estimate of the rest, which is
+        refused before it starts if it would run past the bound."""
+        import warnings
+
+        if self._running:   # a fallback inside a timed fallback: the outer call counts it
+            return engine.score_batch(layer, items)
+        self._running = True
+        try:
+            results, rest = [], list(items)
+            if self.rate(engine.name) is None and len(rest) > 1:
+                results = self._timed(engine, reason, layer, rest[:1])
+                flags = list(engine.deviation.batch_flags)   # the next call starts its own batch
+                rest = rest[1:]
+            else:
+                flags = []
+            rate = self.rate(engine.name)
+            if rest and rate is not None and not getattr(self, f"_announced_{engine.name}", False):
+                setattr(self, f"_announced_{engine.name}", True)
+                remaining = rate * sum(len(item.positions) for item in rest)
+                bound = f"bounded by max_fallback_time {self.seconds:g} s" if self.seconds else "no time bound"
+                warnings.warn(f"the {engine.name} engine scores {rate:.3g} s per token here: ~{remaining:.0f} s for the "
+                              f"rest of this batch ({bound}; {self.spent:.0f} s so far)", stacklevel=3)
+            if rest:
+                results = results + self._timed(engine, reason, layer, rest)
+                engine.deviation.batch_flags[:0] = flags
+            return results
+        finally:
+            self._running = False
 
     def record(self) -> dict:
         return {"fallback_seconds": round(self.spent, 3), "fallback_tokens": self.tokens,

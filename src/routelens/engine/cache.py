@@ -24,7 +24,6 @@ engine switches to the reference engine with a warning that says why.
 
 from __future__ import annotations
 
-import time
 import warnings
 
 import numpy as np
@@ -167,6 +166,7 @@ class CacheEngine:
             warnings.warn(f"the cache engine cannot serve {self.fallback_reason}; scoring with the reference engine",
                           stacklevel=2)
         self.deviation.start_batch()
+        self.deviation.calibrate(items)   # the first batch: the tolerance from this model's noise
         if self.fallback_reason is None:
             try:
                 return [self._score_item(layer, item) for item in items]
@@ -177,18 +177,12 @@ class CacheEngine:
                               "scoring with the reference engine from here on", stacklevel=2)
         if not getattr(self, "_failed", False):   # a family the cache engine cannot serve: the reference by design
             return self.reference.score_batch(layer, items)
-        tokens = sum(len(item.positions) for item in items)
-        self.budget.before("reference", self.fallback_reason, tokens)
-        started = time.perf_counter()
-        results = self.reference.score_batch(layer, items)
-        self.budget.after("reference", time.perf_counter() - started, tokens)
-        return results
+        return self.budget.run(self.reference, self.fallback_reason, layer, items)
 
     def _score_item(self, layer: int | list[int], item: ScoreItem) -> np.ndarray:
         scored = self.score_positions(item.input_ids, layer, item.positions, item.experts, item.weights)
         if len(item.positions):
             natural = self.reference.natural_log_probs(item.input_ids, item.positions)
-            self.deviation.calibrate([item], natural)
             miss = self.deviation.judge(scored[:, 0], natural)
             if miss is not None and not miss.small:
                 raise CacheStepMismatch(miss.clause)

@@ -32,6 +32,7 @@ import torch
 
 from routelens.engine.readout import final_norm_states, target_log_probs
 from routelens.errors import RuntimeCheckFailed
+from routelens.models.adapter import SOFTMAX_ATTENTION
 
 
 @dataclass(frozen=True)
@@ -56,19 +57,31 @@ def tolerance_for(dtype: torch.dtype) -> Tolerance:
 
 # the calibrated standard-route tolerance: a multiple of the measured noise (|dtype - shadow|),
 # never below a floor a few units of the dtype's rounding wide
-NOISE_FACTOR_MAX, NOISE_FACTOR_MEAN = 4.0, 2.0
+# A correct engine shares the natural forward's computation up to the perturbed layer and
+# differs in the order of some sums after it: its mean deviation was 0.45-1.03x the natural
+# forward's own mean noise on the real-shaped bf16 models (1.03x perturbing OLMoE's layer 0,
+# where the engine recomputes every layer), while a 3% error in the patched attention moved
+# it to 1.9-2.5x. The mean, which a systematic error moves, is held at 1.5x; the max, a
+# tail of tokens, at 4x.
+NOISE_FACTOR_MAX, NOISE_FACTOR_MEAN = 4.0, 1.5
 FLOORS = {   # (max, mean) nats
     torch.float64: (1e-10, 1e-11),
     torch.float32: (1e-4, 1e-5),   # two orderings of fp32 sums on trained 4-layer models: up to ~5e-5
     torch.bfloat16: (0.02, 0.01),
     torch.float16: (4e-3, 2e-3),
 }
+# a hybrid's recurrent layers are scored through their decode (recurrent) form, a different
+# algorithm from the chunked form of the natural forward: ~1e-4 nats apart in fp32 on the
+# medium Gated DeltaNet model, which no shadow measures; they keep the fixed fp32 tolerance
+HYBRID_FP32_FLOOR = (2e-3, 2e-3)
 LOW_PRECISION = (torch.bfloat16, torch.float16)
 
 
-def calibrated_tolerance(dtype: torch.dtype, noise_max: float, noise_mean: float) -> Tolerance:
+def calibrated_tolerance(dtype: torch.dtype, noise_max: float, noise_mean: float, hybrid: bool = False) -> Tolerance:
     """The standard-route tolerance from the noise measured on the model (nats)."""
     floor_max, floor_mean = FLOORS.get(dtype, FLOORS[torch.bfloat16])
+    if hybrid and dtype in (torch.float32, torch.float64):
+        floor_max, floor_mean = HYBRID_FP32_FLOOR
     return Tolerance(weight=tolerance_for(dtype).weight, logprob_max=max(floor_max, NOISE_FACTOR_MAX * noise_max),
                      logprob_mean=max(floor_mean, NOISE_FACTOR_MEAN * noise_mean))
 
@@ -226,20 +239,29 @@ class DeviationRecord:
                     f"noise {self.calibration['noise_max']:.3g} max, {self.calibration['noise_mean']:.3g} mean")
         return "fixed"
 
-    def calibrate(self, items, natural: np.ndarray) -> None:
-        """Measure the dtype's noise on the first batch's sequences (`items`: ScoreItems whose
-        natural log-probs at their positions are `natural`, in item order) and set the
-        tolerance from it; once per record."""
+    def calibrate(self, items) -> None:
+        """Measure the dtype's noise on the first batch's sequences (`items`: ScoreItems, up to
+        `CALIBRATION_TOKENS` scored positions) and set the tolerance from it; once per record.
+        Where no shadow runs, the fixed tolerance stays, said once in bf16/fp16."""
         if self.calibration is not None:
             return
         from routelens.engine.precision import ShadowUnavailable, measure_noise
 
         try:
-            self.calibration = measure_noise(self.adapter, items, natural, self.memory_budget)
+            self.calibration = measure_noise(self.adapter, items, self.memory_budget)
         except ShadowUnavailable as reason:
             self.calibration = {"method": "none", "reason": str(reason)}
+            if self.dtype in LOW_PRECISION:
+                import warnings
+
+                warnings.warn(f"the standard-route check could not measure {str(self.dtype).removeprefix('torch.')}'s "
+                              f"noise on this model ({reason}): it keeps the fixed tolerance "
+                              f"({self.tolerance.logprob_max:g} nats max, {self.tolerance.logprob_mean:g} mean)",
+                              stacklevel=3)
             return
-        self.tolerance = calibrated_tolerance(self.dtype, self.calibration["noise_max"], self.calibration["noise_mean"])
+        hybrid = any(self.adapter.layer_kind(i) not in SOFTMAX_ATTENTION for i in range(self.adapter.num_layers))
+        self.tolerance = calibrated_tolerance(self.dtype, self.calibration["noise_max"], self.calibration["noise_mean"],
+                                              hybrid)
 
     def start_batch(self) -> None:
         self.batch_flags = []

@@ -38,7 +38,6 @@ for the rest of the run, with a warning giving the reason (`fallback_reason`).
 
 from __future__ import annotations
 
-import time
 import warnings
 from contextlib import contextmanager, nullcontext
 
@@ -363,6 +362,7 @@ class FastEngine:
             self.cache_layers[first] = reason
             warnings.warn(f"{reason}: scoring layer {first} with the cache engine", stacklevel=2)
         self.deviation.start_batch()
+        self.deviation.calibrate(items)   # the first batch: the tolerance from this model's noise
         if self.fallback_reason is None and first not in self.cache_layers:
             try:
                 return self._score_batch(layer, items)
@@ -372,12 +372,7 @@ class FastEngine:
                               "scoring with the cache engine from here on", stacklevel=2)
         if self.fallback_reason is None:   # a layer the patch cannot serve: the cache engine by design
             return self.cache.score_batch(layer, items)
-        tokens = sum(len(item.positions) for item in items)
-        self.budget.before("cache", self.fallback_reason, tokens)
-        started = time.perf_counter()
-        results = self.cache.score_batch(layer, items)
-        self.budget.after("cache", time.perf_counter() - started, tokens)
-        return results
+        return self.budget.run(self.cache, self.fallback_reason, layer, items)
 
     def _check_standard_route(self, items: list[ScoreItem], results: list[np.ndarray],
                               recorded: dict, input_ids: torch.Tensor) -> None:
@@ -389,7 +384,6 @@ class FastEngine:
         targets = input_ids[batch, positions + 1].to(final.device)
         natural = target_log_probs(self.adapter, final[batch.to(final.device), positions.to(final.device)],
                                    targets, self.memory_budget)
-        self.deviation.calibrate(items, natural)
         miss = self.deviation.judge(np.concatenate([result[:, 0] for result in results]), natural)
         if miss is not None and not miss.small:
             raise FastEngineUnsupported(miss.clause)

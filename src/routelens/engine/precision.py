@@ -84,10 +84,10 @@ def higher_precision(adapter, dtype: torch.dtype):
         handles.append(layer.register_forward_pre_hook(cast_up, with_kwargs=True))
         handles.append(layer.register_forward_hook(restore, with_kwargs=True))
     kept = _cast_module(adapter.final_norm, dtype) + _cast_module(adapter.lm_head, dtype)
-    configs = [adapter.model.config, adapter.config]
+    configs = list({id(config): config for config in (adapter.model.config, adapter.config)}.values())
     kernels = [config.__dict__.get("_experts_implementation_internal") for config in configs]
-    for config in configs:   # grouped_mm has no float64 kernel; eager is exact in any dtype
-        if kernels[0] is not None:
+    for config, kernel in zip(configs, kernels):   # grouped_mm has no float64 kernel; eager is exact in any dtype
+        if kernel is not None:
             config._experts_implementation_internal = "eager"
     try:
         yield
@@ -106,9 +106,10 @@ CALIBRATION_TOKENS = 256   # scored positions the noise is measured on (the firs
 
 
 @torch.no_grad()
-def shadow_log_probs(adapter, items, memory_budget: int, dtype: torch.dtype) -> np.ndarray:
-    """log p(token t + 1) at each item's positions (in item order) under natural routing,
-    computed by the model's higher-precision shadow: one right-padded forward."""
+def shadow_log_probs(adapter, items, memory_budget: int, dtype: torch.dtype | None) -> np.ndarray:
+    """log p(token t + 1) at each item's positions (in item order) under natural routing:
+    one right-padded forward, in the model's dtype (`dtype` None) or through its shadow in
+    `dtype`."""
     from routelens.engine.batching import pad_right
     from routelens.engine.readout import final_norm_states, target_log_probs
 
@@ -116,20 +117,24 @@ def shadow_log_probs(adapter, items, memory_budget: int, dtype: torch.dtype) -> 
     rows = torch.cat([torch.full((len(item.positions),), b) for b, item in enumerate(items)])
     positions = torch.cat([torch.as_tensor(np.asarray(item.positions), dtype=torch.long) for item in items])
     try:
-        with higher_precision(adapter, dtype), final_norm_states(adapter) as final:
+        with higher_precision(adapter, dtype) if dtype is not None else nullcontext(), \
+                final_norm_states(adapter) as final:
             adapter.model(batch.to(adapter.device), use_cache=False, logits_to_keep=1)
             states = final["states"]
             return target_log_probs(adapter, states[rows.to(states.device), positions.to(states.device)],
                                     batch[rows, positions + 1], memory_budget)
+    except torch.OutOfMemoryError:
+        raise ShadowUnavailable(f"out of memory running the {str(dtype).removeprefix('torch.')} shadow "
+                                f"of {len(items)} sequences") from None
     except (RuntimeError, TypeError, NotImplementedError) as error:   # a kernel without this dtype
         raise ShadowUnavailable(f"the model does not run in {str(dtype).removeprefix('torch.')} here: "
                                 f"{str(error).splitlines()[0][:160]}") from None
 
 
-def measure_noise(adapter, items, natural: np.ndarray, memory_budget: int | None = None) -> dict:
+def measure_noise(adapter, items, memory_budget: int | None = None) -> dict:
     """|natural log-prob in the model's dtype - the shadow's| over the scored positions of
-    the first items (up to CALIBRATION_TOKENS); `natural` holds every item's, in item order.
-    Raises `ShadowUnavailable` where no higher precision runs."""
+    the first items (up to CALIBRATION_TOKENS): two forwards of those sequences. Raises
+    `ShadowUnavailable` where no higher precision runs."""
     from routelens.engine.readout import DEFAULT_MEMORY_BUDGET
 
     dtype = adapter.lm_head.weight.dtype
@@ -145,8 +150,9 @@ def measure_noise(adapter, items, natural: np.ndarray, memory_budget: int | None
             count += len(item.positions)
     if not count:
         raise ShadowUnavailable("no scored position to measure on")
-    shadow = shadow_log_probs(adapter, chosen, memory_budget or DEFAULT_MEMORY_BUDGET, higher)
-    difference = np.abs(np.asarray(natural, dtype=np.float64)[:count] - shadow)
+    budget = memory_budget or DEFAULT_MEMORY_BUDGET
+    natural = shadow_log_probs(adapter, chosen, budget, None)
+    difference = np.abs(natural - shadow_log_probs(adapter, chosen, budget, higher))
     if not np.isfinite(difference).all():
         raise ShadowUnavailable("the shadow's log-probs are not finite")
     return {"method": f"{str(higher).removeprefix('torch.')} shadow", "tokens": int(count),
@@ -161,7 +167,9 @@ def audit_routes(adapter, input_ids: torch.Tensor, position: int, layer: int, ex
 
     Returns per route: "logprob" (model dtype) and "shadow_logprob" of token position + 1,
     and "flip": whether any MoE layer above `layer` routes the token (its expert set) other
-    than the shadow does, i.e. the score rests on a route that rounding chose."""
+    than the shadow does; and "standard_flip": whether the router at `layer` itself, in a
+    natural forward of the prefix, chooses another expert set for the token in the model's
+    dtype than in the shadow (the standard route every gain is measured against)."""
     higher = shadow_dtype(adapter.lm_head.weight.dtype)
     if higher is None:
         raise ShadowUnavailable("no higher precision to compare with")
@@ -190,4 +198,10 @@ def audit_routes(adapter, input_ids: torch.Tensor, position: int, layer: int, ex
         out["logprob"].append(low)
         out["shadow_logprob"].append(high)
         out["flip"].append(flips)
-    return {name: torch.cat(values).numpy() for name, values in out.items()}
+    standard = []
+    for context in (nullcontext(), higher_precision(adapter, higher)):
+        with context, capture_routes(adapter, [layer]) as captured:
+            adapter.model(prefix[None], use_cache=False, logits_to_keep=1)
+        standard.append(captured[layer].experts[position].sort().values.cpu())
+    return {**{name: torch.cat(values).numpy() for name, values in out.items()},
+            "standard_flip": bool((standard[0] != standard[1]).any())}

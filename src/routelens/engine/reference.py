@@ -62,7 +62,6 @@ class ReferenceEngine:
 
     def _check_standard_route(self, layer, item: ScoreItem, scored: np.ndarray) -> None:
         natural = self.natural_log_probs(item.input_ids, item.positions)
-        self.deviation.calibrate([item], natural)
         miss = self.deviation.judge(scored[:, 0], natural)
         if miss is not None and not miss.small:
             raise RuntimeCheckFailed(f"standard-route check failed at {layer_label(layer)} "
@@ -100,6 +99,7 @@ class ReferenceEngine:
     def score_batch(self, layer: int | list[int], items: list[ScoreItem]) -> list[np.ndarray]:
         """Each item's routes, one item after the other: [P, R] per item (route 0 checked)."""
         self.deviation.start_batch()
+        self.deviation.calibrate(items)   # the first batch: the tolerance from this model's noise
         results = []
         for item in items:
             scored = self.score_positions(item.input_ids, layer, item.positions, item.experts, item.weights)

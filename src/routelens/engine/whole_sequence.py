@@ -199,12 +199,13 @@ class WholeSequenceScorer:
         first = 0
         if self.check:
             first = 1
+            self.deviation.start_batch()
+            self.deviation.calibrate(passes)   # the first group: the tolerance from this model's noise
             for natural, values in zip(passes, scored):
                 self._check_natural_route(layer, natural, values[0])
         return [values[first:] for values in scored]
 
     def _check_natural_route(self, layer, natural: NaturalPass, scored: np.ndarray) -> None:
-        self.deviation.calibrate([natural], natural.logprobs)   # its tolerance measured on the model
         miss = self.deviation.judge(scored, natural.logprobs)
         if miss is not None and not miss.small:
             raise RuntimeCheckFailed(f"natural-route check failed at {layer_label(layer)} "

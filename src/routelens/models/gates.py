@@ -38,6 +38,17 @@ AFMOE = Gate("sigmoid", choice_bias="block.expert_bias", normalise=True, epsilon
 #: LFM2-MoE (its expert_bias is optional: use_expert_bias)
 LFM2_MOE = Gate("sigmoid", choice_bias="block.expert_bias", normalise="norm_topk_prob", epsilon=1e-6,
                 scale="routed_scaling_factor")
+
+# issue 29 (group A)
+#: Flint: sigmoid affinities, no choice bias, renormalised if the config says so
+SIGMOID_TOPK = Gate("sigmoid", normalise="norm_topk_prob")
+#: Laguna: sigmoid, the router's correction bias for choosing only, always renormalised (the block scales)
+LAGUNA = Gate("sigmoid", choice_bias="router.e_score_correction_bias", normalise=True)
+#: HY-V3 (Hunyuan 3): the block holds the correction bias and passes it in; x router_scaling_factor
+HY_V3 = Gate("sigmoid", choice_bias="block.e_score_correction_bias", normalise=True, epsilon=1e-20,
+             scale="router_scaling_factor")
+
+# issue 29 (group C)
 #: Llama 4: sigmoid of the chosen logits, never renormalised (the score scales the expert's input)
 LLAMA4 = Gate("sigmoid")
 #: LongCat-Flash: fp32 softmax over the routed and the zero-computation (identity) experts together;

@@ -42,6 +42,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
 from routelens.errors import RouteLensError, SettingError
 from routelens.models.adapter import MoEAdapter
+from routelens.models.families.refusals import refuse
 from routelens.models.registry import adapter_class, adapter_for
 
 TINY_PREFIX = "tiny:"
@@ -312,6 +313,7 @@ def _load(spec: str, device: str, dtype: str, trust_remote_code: bool, seed: int
         from routelens.models.tiny import TINY_CONFIGS, build_tiny_model
 
         model_type = spec[len(TINY_PREFIX):]
+        refuse(model_type)
         adapter_class(model_type)  # unknown family -> the registry's error
         if model_type not in TINY_CONFIGS:
             raise RouteLensError(f"no tiny model for {model_type!r}; have {', '.join(TINY_CONFIGS)}")
@@ -350,6 +352,7 @@ def _load(spec: str, device: str, dtype: str, trust_remote_code: bool, seed: int
     except (OSError, ValueError) as error:
         hint = "" if is_folder else " (no network here? pass a local folder written by save_pretrained)"
         raise RouteLensError(f"cannot read the model config of {spec!r}: {str(error).splitlines()[0]}{hint}") from None
+    refuse(config.model_type)         # a type routelens refuses says why (issue 29), before reading weights
     adapter_class(config.model_type)  # fail fast, before reading weights
     if is_folder:
         check_weight_files(spec)

@@ -119,6 +119,18 @@ FAMILIES: dict[str, Family] = {
                                gate=gates.TOPK_THEN_SOFTMAX, notes=_GRANITE),
     "nemotron_h": _deepseek_v3_like("nemotron_h:NemotronHAdapter", mixers="attention + Mamba-2"),
     "bailing_hybrid": _deepseek_v3_like("bailing_hybrid:BailingHybridAdapter", mixers="MLA + linear attention"),
+    # issue 29 (group A)
+    "cohere2_moe": Family(_F + "cohere2_moe:Cohere2MoeAdapter", gate=gates.TOPK_THEN_SOFTMAX,
+                          notes="sigmoid of the chosen logits / their sum if norm_topk_prob when expert_selection_fn = "
+                                "sigmoid; shared experts averaged with the experts' sum (or added); attention and the "
+                                "MoE block in parallel on one normed input; logits x logit_scale"),
+    "flint": Family(_F + "flint:FlintAdapter", gate=gates.SIGMOID_TOPK, notes="plus an ungated shared expert"),
+    "laguna": Family(_F + "laguna:LagunaAdapter", gate=gates.LAGUNA,
+                     notes="the block scales the experts' sum by moe_routed_scaling_factor; plus a shared expert"),
+    "kolibri1": Family(_F + "kolibri1:Kolibri1Adapter", gate=gates.SIGMOID_TOPK,
+                       notes="experts chosen by top-k of logit + the router's e_score_correction_bias; plus a shared "
+                             "expert; sandwich norms"),
+    "hy_v3": Family(_F + "hy_v3:HYV3Adapter", gate=gates.HY_V3, notes="plus a shared expert"),
     # issue 29 (group C): routers with output layouts of their own (MoEAdapter.route_of / router_output)
     "llama4": Family(_F + "llama4:Llama4Adapter", gate=gates.LLAMA4,
                      notes="each chosen score scales its expert's input; plus a shared expert; text model"),

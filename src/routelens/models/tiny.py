@@ -194,6 +194,35 @@ TINY_CONFIGS: dict[str, dict] = {
         layer_types=["linear_attention", "full_attention", "linear_attention", "full_attention"],
         mlp_layer_types=["dense", "sparse", "sparse", "sparse"],
     ),
+    # issue 29 (group A)
+    "cohere2_moe": dict(
+        num_hidden_layers=4, intermediate_size=24, num_experts=8, num_experts_per_tok=2, head_dim=8,
+        num_shared_experts=1, prefix_dense_intermediate_size=48, sliding_window=4, logit_scale=0.5,
+        layer_types=["sliding_attention", "sliding_attention", "full_attention", "sliding_attention"],
+        mlp_layer_types=["dense", "sparse", "sparse", "sparse"],
+    ),
+    "flint": dict(
+        num_hidden_layers=4, intermediate_size=48, moe_intermediate_size=24, shared_expert_intermediate_size=32,
+        num_experts=8, num_experts_per_tok=2, head_dim=8, sliding_window=4, mlp_only_layers=[0],
+        layer_types=["full_attention", "sliding_attention", "full_attention", "sliding_attention"],
+    ),
+    "laguna": dict(
+        num_hidden_layers=4, intermediate_size=48, moe_intermediate_size=24, shared_expert_intermediate_size=32,
+        num_experts=8, num_experts_per_tok=2, head_dim=8, sliding_window=4, moe_routed_scaling_factor=2.5,
+        moe_router_logit_softcapping=3.0, num_attention_heads_per_layer=[4, 2, 4, 2],
+        layer_types=["sliding_attention", "full_attention", "sliding_attention", "sliding_attention"],
+        mlp_layer_types=["dense", "sparse", "sparse", "sparse"],
+    ),
+    "kolibri1": dict(
+        num_hidden_layers=3, moe_intermediate_size=24, shared_expert_intermediate_size=32, num_experts=8,
+        num_experts_per_tok=2, norm_topk_prob=True, head_dim=8, sliding_window=4,
+        layer_types=["sliding_attention", "full_attention", "sliding_attention"],
+    ),
+    "hy_v3": dict(
+        num_hidden_layers=4, intermediate_size=48, moe_intermediate_size=24, num_experts=8, num_experts_per_tok=2,
+        num_shared_experts=1, head_dim=8, router_scaling_factor=2.5,
+        mlp_layer_types=["dense", "sparse", "sparse", "sparse"],
+    ),
     # issue 29 (group C)
     "llama4_text": dict(   # MoE every 2nd layer (dense MLPs between); chunked + no-RoPE layers (chunks: tests/models/test_C_families.py)
         num_hidden_layers=6, intermediate_size=24, intermediate_size_mlp=48, num_local_experts=8, num_experts_per_tok=2,

@@ -75,6 +75,7 @@ TOKENS_SCHEMA = pa.schema([
     # the standard route's score missed the calibrated max tolerance against the natural forward
     # (a low-precision tail the run continued past); the audited routes whose upper routes flip
     ("precision_flag", pa.bool_()), ("upper_route_flips", pa.int64()), ("shadow_max_abs_error", pa.float64()),
+    ("standard_route_flip", pa.bool_()),
 ])
 # joint runs (--joint-layers): one route per listed layer, forced together
 JOINT_ROUTES_SCHEMA = pa.schema([
@@ -470,6 +471,7 @@ def tokens_table(trajectory: Trajectory, layer, routes: LayerRoutes, logprobs: n
     columns.setdefault("precision_flag", np.zeros(positions.size, dtype=bool))
     columns.setdefault("upper_route_flips", pa.nulls(positions.size, pa.int64()))
     columns.setdefault("shadow_max_abs_error", pa.nulls(positions.size, pa.float64()))
+    columns.setdefault("standard_route_flip", pa.nulls(positions.size, pa.bool_()))
     return pa.Table.from_arrays([pa.array(columns[field.name], type=field.type) if not isinstance(columns[field.name], pa.Array)
                                  else columns[field.name] for field in schema], schema=schema)
 
@@ -490,6 +492,7 @@ def precision_audit(adapter: MoEAdapter, trajectory: Trajectory, layer: int, rou
                        replace=False)
     shadow = np.full(routes.experts.shape[:2], np.nan)
     flip = np.full(routes.experts.shape[:2], np.nan)
+    standard_flip = np.full(routes.experts.shape[0], np.nan)
     ids = torch.tensor(trajectory.input_ids)
     for p in sorted(drawn):
         try:
@@ -497,8 +500,8 @@ def precision_audit(adapter: MoEAdapter, trajectory: Trajectory, layer: int, rou
                                  routes.weights[p], config.route_batch_size)
         except ShadowUnavailable:
             return None
-        shadow[p], flip[p] = audit["shadow_logprob"], audit["flip"]
-    return {"shadow_logprob": shadow, "upper_route_flip": flip}
+        shadow[p], flip[p], standard_flip[p] = audit["shadow_logprob"], audit["flip"], audit["standard_flip"]
+    return {"shadow_logprob": shadow, "upper_route_flip": flip, "standard_route_flip": standard_flip}
 
 
 def token_audit_columns(flags: np.ndarray, audit: dict | None, logprobs: np.ndarray) -> dict:
@@ -507,14 +510,16 @@ def token_audit_columns(flags: np.ndarray, audit: dict | None, logprobs: np.ndar
     largest |score - shadow score| over them (nats; the engine's score, `logprobs` [P, R])."""
     if audit is None:
         return {"precision_flag": np.asarray(flags, dtype=bool), "upper_route_flips": pa.nulls(len(flags), pa.int64()),
-                "shadow_max_abs_error": pa.nulls(len(flags), pa.float64())}
+                "shadow_max_abs_error": pa.nulls(len(flags), pa.float64()),
+                "standard_route_flip": pa.nulls(len(flags), pa.bool_())}
     flips, shadow = audit["upper_route_flip"], audit["shadow_logprob"]
     audited = ~np.isnan(shadow).all(axis=1)
     error = np.abs(np.asarray(logprobs)[:, :shadow.shape[1]] - np.nan_to_num(shadow)).max(axis=1)
     return {"precision_flag": np.asarray(flags, dtype=bool),
             "upper_route_flips": pa.array(np.nan_to_num(flips).sum(axis=1).astype(np.int64), type=pa.int64(),
                                           mask=~audited),
-            "shadow_max_abs_error": pa.array(error, type=pa.float64(), mask=~audited)}
+            "shadow_max_abs_error": pa.array(error, type=pa.float64(), mask=~audited),
+            "standard_route_flip": pa.array(audit["standard_route_flip"] == 1, type=pa.bool_(), mask=~audited)}
 
 
 def analyse_trajectories(adapter: MoEAdapter, engine, trajectories: list[Trajectory], layers: list[int],
@@ -857,24 +862,32 @@ def precision_summary(tokens: pd.DataFrame, config: CounterfactualConfig, dtype:
         return {"tokens": len(frame), "flagged_tokens": int(frame["precision_flag"].sum()),
                 "audited_tokens": len(audited), "audited_scores": scores, "scores_with_upper_route_flip": flipped,
                 "share_with_upper_route_flip": flipped / scores if scores else None,
+                "tokens_with_standard_route_flip": int(audited["standard_route_flip"].astype(bool).sum())
+                if "standard_route_flip" in audited else None,
                 "shadow_max_abs_error": float(audited["shadow_max_abs_error"].max()) if len(audited) else None}
 
     if "precision_flag" not in tokens:
         return {}
-    audited = bool(tokens["upper_route_flips"].notna().any())
+    trajectories = tokens.loc[tokens["upper_route_flips"].notna(), "trajectory_id"].nunique()
+    audited = trajectories > 0
     return {"dtype": dtype,
-            "audit": (f"float32 shadow of the first {config.precision_audit} trajectories' tokens "
-                      f"({config.precision_audit_tokens} per layer), every sampled route") if audited else
+            "audit": (f"float32 shadow: {trajectories} trajectories (the first up to {config.precision_audit}), "
+                      f"{config.precision_audit_tokens} token(s) each per layer drawn with the seed, every sampled "
+                      "route") if audited else
                      "none (" + ("the model computes in float32" if dtype in ("float32", "float64") else
                                  "precision_audit 0 or no shadow") + ")",
             "definitions": {
                 "flagged_tokens": "tokens whose standard-route score missed the calibrated max tolerance against the "
                                   "natural forward while the mean held (a low-precision tail the run continued past); "
                                   "tokens table: precision_flag",
-                "scores_with_upper_route_flip": "audited (token, sampled route) scores for which a router above the "
-                                                "layer picks another expert set in the model's dtype than in the "
-                                                "float32 shadow: the score rests on a route rounding chose; routes "
-                                                "table: upper_route_flip",
+                "scores_with_upper_route_flip": "audited (token, sampled route) scores, duplicates of a route "
+                                                "included, for which a router above the layer picks another expert "
+                                                "set for the token in the model's dtype than in the float32 shadow "
+                                                "(plain forwards of the prefix); routes table: upper_route_flip. It "
+                                                "does not say whether the token's gain or bin changes",
+                "tokens_with_standard_route_flip": "audited tokens whose standard route at the layer (the baseline of "
+                                                   "every gain) is another expert set in the model's dtype than in the "
+                                                   "float32 shadow; tokens table: standard_route_flip",
                 "shadow_max_abs_error": "largest |score - float32 shadow score| over the audited scores, nats"},
             "layers": {str(layer): per_layer(tokens[tokens["layer"] == layer]) for layer in sorted(tokens["layer"].unique())}}
 
