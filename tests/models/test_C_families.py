@@ -225,3 +225,27 @@ def test_router_update_refuses_a_router_whose_first_output_is_not_the_logits(fam
     adapter = adapter_for(build_tiny_model(family))
     with pytest.raises(RouteLensError, match=f"router-update calls the router of a {family} model directly"):
         router_logits(adapter, adapter.moe_layers[-1], torch.randn(3, adapter.config.hidden_size), 2)
+
+
+def test_zaya_is_refused_in_one_line_naming_the_router_state_it_carries_between_layers():
+    from routelens.models.loading import load_model
+
+    with pytest.raises(RouteLensError, match=r"ZAYA's router reads the router state of the MoE layer below") as error:
+        load_model("tiny:zaya")
+    assert "\n" not in str(error.value)
+
+
+def test_a_multimodal_llama4_checkpoint_loads_as_its_text_model_with_the_same_logits(tmp_path):
+    from transformers import Llama4ForConditionalGeneration
+
+    from routelens.models.loading import load_model
+    from routelens.models.tiny import tiny_config
+
+    torch.manual_seed(0)
+    model = Llama4ForConditionalGeneration(tiny_config("llama4")).eval()
+    model.save_pretrained(tmp_path)
+    adapter = load_model(str(tmp_path), device="cpu").adapter
+    assert type(adapter.model).__name__ == "Llama4ForCausalLM" and adapter.config.model_type == "llama4_text"
+    ids = _ids(9, batch=1)
+    with torch.no_grad():
+        assert torch.equal(adapter.model(ids).logits, model(input_ids=ids).logits)   # image tokens absent

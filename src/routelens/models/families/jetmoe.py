@@ -90,6 +90,13 @@ class JetMoeAdapter(MoEAdapter):
         return {f"{self.module_name(module)}.weight": module.weight.data[expert]
                 for module in (block.input_linear, block.output_linear)}
 
+    def describe(self) -> dict:
+        described = super().describe()
+        described["counterfactual"] = (
+            f"routes are k={self.top_k} of the {self.num_experts} MLP experts, forced exactly; the attention experts "
+            "(a router of their own per layer) route as the model does, also above a forced route")
+        return described
+
     def router_extra_args(self, layer: int) -> tuple:
         """Only router-update calls a router directly, and it reads the router's first output as its
         logits: refused here, in one line, rather than trained on the wrong tensor."""

@@ -95,6 +95,13 @@ class Llama4Adapter(MoEAdapter):
         return {f"{self.module_name(module)}.{name}": parameter.data[expert]
                 for name, parameter in module.named_parameters()}
 
+    def describe(self) -> dict:
+        described = super().describe()
+        described["counterfactual"] = (
+            f"routes are k={self.top_k} of the {self.num_experts} experts, forced exactly: each chosen expert runs on the "
+            "token's input scaled by its weight (the router's sigmoid score); dense MLP layers between the MoE layers")
+        return described
+
     def router_extra_args(self, layer: int) -> tuple:
         """Only router-update calls a router directly, and it reads the router's first output as its
         logits: refused here, in one line, rather than trained on the wrong tensor."""
