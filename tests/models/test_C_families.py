@@ -249,3 +249,21 @@ def test_a_multimodal_llama4_checkpoint_loads_as_its_text_model_with_the_same_lo
     ids = _ids(9, batch=1)
     with torch.no_grad():
         assert torch.equal(adapter.model(ids).logits, model(input_ids=ids).logits)   # image tokens absent
+
+
+@pytest.mark.parametrize("family", GROUP_C)
+def test_upcast_router_reads_and_writes_the_route_through_the_family_layout(family):
+    """--upcast-router casts the weights back through `route_of` / `router_output`: a bf16 model
+    with fp32 routers runs, its logits are fp32, its weights keep the dtype its block expects."""
+    from routelens.models.loading import load_model
+
+    off = load_model(f"tiny:{family}", device="cpu", dtype="bfloat16").adapter
+    on = load_model(f"tiny:{family}", device="cpu", dtype="bfloat16", upcast_router=True).adapter
+    ids = _ids(10, seed=3)
+    _, natural, _ = _natural(off, ids)
+    logits, routes, _ = _natural(on, ids)
+    assert logits.dtype == torch.bfloat16
+    for layer, route in routes.items():
+        assert route.logits.dtype == torch.float32 and route.weights.dtype == natural[layer].weights.dtype
+        torch.testing.assert_close(route.weights.float(), on.weights_for(route.logits, route.experts).to(
+            route.weights.dtype).float(), atol=1e-6, rtol=0)

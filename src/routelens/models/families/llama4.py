@@ -79,9 +79,9 @@ class Llama4Adapter(MoEAdapter):
     def router_output(self, output, route):
         scores, _ = output
         logits, weights, experts = route
-        rebuilt = torch.zeros_like(scores).scatter_add_(1, experts.to(scores.device),
-                                                        weights.to(scores.device, scores.dtype))
-        return rebuilt, logits
+        # in the weights' dtype: the router's own, or the one --upcast-router casts them back to for the block
+        rebuilt = torch.zeros(scores.shape, dtype=weights.dtype, device=scores.device)
+        return rebuilt.scatter_add_(1, experts.to(scores.device), weights.to(scores.device)), logits
 
     def experts(self, layer: int) -> nn.Module:
         """A view of layer `layer`'s experts for the fast engine: (x [N, d], experts [N, k],
