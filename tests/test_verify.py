@@ -69,7 +69,7 @@ def test_verify_cli_exit_codes_and_json(tmp_path, capsys, monkeypatch):
     assert {row["check"] for row in stored["checks"]} == CHECKS
     noise = stored["dtype_noise"]   # the engine checks' tolerance, measured on the model
     assert noise["method"] == "float64 shadow" and noise["tolerance"] == max(1e-4, 4 * noise["noise_max"])
-    assert f"dtype noise: float32 vs a float64 shadow over {noise['tokens']} tokens" in printed
+    assert f"dtype noise: float32 vs a float64 shadow over this sequence's {noise['tokens']} tokens" in printed
     assert {row["tolerance"] for row in stored["checks"] if row["check"] == "fast_vs_reference"} == {noise["tolerance"]}
 
     # a gating rule that no longer describes the model: the check fails, named, exit 1

@@ -196,7 +196,7 @@ class Lens:
         def hook(module, args, output):
             # rows are known only now (routers flatten batch x length); the replacement itself is
             # the shared RouteOverride's
-            logits = output[0]
+            logits = self.adapter.route_of(output)[0]   # a router with a layout of its own (Llama 4), mapped
             batch, length = shapes.last[resolved]
             outside = [(b, s) for b, s in positions if not (0 <= b < batch and 0 <= s < length)]
             if outside:
@@ -206,7 +206,7 @@ class Lens:
             new_experts = experts_t.to(logits.device)
             new_weights = self.adapter.weights_for(logits[rows], new_experts) if weights_t is None else weights_t
             fired.append(len(rows))
-            return RouteOverride(rows, new_experts, new_weights).apply(output, resolved)
+            return RouteOverride(rows, new_experts, new_weights).apply(output, resolved, self.adapter)
 
         handle = self.adapter.routers[resolved].register_forward_hook(hook)
         try:

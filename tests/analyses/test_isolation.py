@@ -171,13 +171,13 @@ def _forward_with_router_hook(adapter, ids: torch.Tensor, layer: int, choose, po
     fired = []
 
     def hook(module, args, output):
-        logits, weights, experts = output
+        logits, weights, experts = adapter.route_of(output)   # a router with its own layout (Llama 4), mapped
         expert, weight = choose(weights.float())
         others = (expert[:, None] + torch.arange(experts.shape[1])) % adapter.num_experts   # slot 0: the expert
         forced = torch.zeros_like(weights)
         forced[:, 0] = weight.to(weights.dtype)
         fired.append(weight)
-        return logits, forced, others.to(experts.device, experts.dtype)
+        return adapter.router_output(output, (logits, forced, others.to(experts.device, experts.dtype)))
 
     handle = adapter.routers[layer].register_forward_hook(hook)
     try:

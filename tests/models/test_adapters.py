@@ -103,15 +103,16 @@ class _ForcedRouter(torch.nn.Module):
     """Stands in for a router module: calls the real one, then rewrites one row. A second
     mechanism (module replacement, no hooks) to check the reference engine against."""
 
-    def __init__(self, router, row, experts, weights):
+    def __init__(self, adapter, router, row, experts, weights):
         super().__init__()
-        self.router, self.row, self.experts, self.weights = router, row, experts, weights
+        self.adapter, self.router, self.row, self.experts, self.weights = adapter, router, row, experts, weights
 
-    def forward(self, hidden, *args):   # MiniMax-M2's block passes its correction bias in
-        logits, weights, experts = self.router(hidden, *args)
+    def forward(self, hidden, *args, **kwargs):   # MiniMax-M2's block passes its correction bias in
+        output = self.router(hidden, *args, **kwargs)
+        logits, weights, experts = self.adapter.route_of(output)   # a router with its own layout (Llama 4), mapped
         weights, experts = weights.clone(), experts.clone()
         weights[self.row], experts[self.row] = self.weights.to(weights.dtype), self.experts
-        return logits, weights, experts
+        return self.adapter.router_output(output, (logits, weights, experts))
 
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -129,7 +130,7 @@ def test_reference_engine_matches_module_replacement(family):
     name = "router" if hasattr(block, "router") else "gate"
     original = getattr(block, name)
     for r in range(2):
-        setattr(block, name, _ForcedRouter(original, position, routes_experts[r], routes_weights[r]))
+        setattr(block, name, _ForcedRouter(adapter, original, position, routes_experts[r], routes_weights[r]))
         try:
             with torch.no_grad():
                 full = adapter.model(ids[None]).logits[0, position]   # whole sequence, no truncation

@@ -306,6 +306,21 @@ class MoEAdapter:
     def _top_k(self, router: nn.Module) -> int:
         return int(router.top_k)
 
+    # ----------------------------------------------------------------- the router's output layout
+    def route_of(self, output):
+        """What a router returned, as routelens reads it: (logits [N, E], weights [N, k],
+        experts [N, k]). The routers of most families return exactly that; a router with an
+        output layout of its own (Llama 4's dense scores, ZAYA's skip class and router state,
+        JetMoE's sorted dispatch) is mapped here, once, for every hook that reads or forces a
+        route (`routelens.models.routing`)."""
+        return output
+
+    def router_output(self, output, route: tuple):
+        """The inverse of `route_of`: what the router must return, in its own layout, for its
+        block to run `route` = (logits, weights, experts); `output` is what it did return
+        (the parts a route does not change are kept). Identity for the standard layout."""
+        return route
+
     def resolve_layers(self, layers: list[int]) -> list[int]:
         """Map user layer indices (negative counts from the end) to decoder-layer indices,
         refusing out-of-range and dense layers with a message that lists the MoE layers."""

@@ -47,3 +47,10 @@ LAGUNA = Gate("sigmoid", choice_bias="router.e_score_correction_bias", normalise
 #: HY-V3 (Hunyuan 3): the block holds the correction bias and passes it in; x router_scaling_factor
 HY_V3 = Gate("sigmoid", choice_bias="block.e_score_correction_bias", normalise=True, epsilon=1e-20,
              scale="router_scaling_factor")
+
+# issue 29 (group C)
+#: Llama 4: sigmoid of the chosen logits, never renormalised (the score scales the expert's input)
+LLAMA4 = Gate("sigmoid")
+#: LongCat-Flash: fp32 softmax over the routed and the zero-computation (identity) experts together;
+#: the correction bias only for choosing; not renormalised; x routed_scaling_factor
+LONGCAT_FLASH = Gate("softmax", choice_bias="router.e_score_correction_bias", scale="routed_scaling_factor")

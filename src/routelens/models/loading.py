@@ -188,6 +188,7 @@ def _router_weight_dtypes(adapter: MoEAdapter):
     found: dict[int, torch.dtype] = {}
 
     def record(module, args, output, layer):
+        output = adapter.route_of(output)   # a router with a layout of its own, as routelens reads it
         if isinstance(output, tuple) and len(output) == 3 and isinstance(output[1], torch.Tensor):
             found.setdefault(layer, output[1].dtype)
 
@@ -223,10 +224,11 @@ def upcast_routers(adapter: MoEAdapter, weight_dtypes: dict[int, torch.dtype]) -
 
     def weights_back(dtype: torch.dtype):
         def hook(module, args, output):
-            if not (isinstance(output, tuple) and len(output) == 3 and isinstance(output[1], torch.Tensor)):
+            route = adapter.route_of(output)   # a router with a layout of its own, as routelens reads it
+            if not (isinstance(route, tuple) and len(route) == 3 and isinstance(route[1], torch.Tensor)):
                 return None   # an unknown layout: routing.py's hooks name it
-            logits, weights, experts = output
-            return logits, weights.to(dtype), experts
+            logits, weights, experts = route
+            return adapter.router_output(output, (logits, weights.to(dtype), experts))
         return hook
 
     for layer, router in adapter.routers.items():

@@ -143,6 +143,17 @@ FAMILIES: dict[str, Family] = {
     "glm_moe_dsa": _deepseek_v3_like("glm_moe_dsa:GlmMoeDsaAdapter", mixers="MLA + DSA indexer (shared top-k)"),
     "axk2": Family(_F + "axk2:AXK2Adapter", mixers="MLA + DSA indexer", gate=gates.DEEPSEEK_V3,
                    notes="groups only where n_group is set (A.X-K2-Light: none)"),
+    # issue 29 (group C): routers with output layouts of their own (MoEAdapter.route_of / router_output)
+    "llama4": Family(_F + "llama4:Llama4Adapter", gate=gates.LLAMA4,
+                     notes="each chosen score scales its expert's input; plus a shared expert; text model"),
+    "llama4_text": Family(_F + "llama4:Llama4Adapter", gate=gates.LLAMA4,
+                          notes="each chosen score scales its expert's input; plus a shared expert"),
+    "longcat_flash": Family(_F + "longcat_flash:LongcatFlashAdapter", gate=gates.LONGCAT_FLASH,
+                            notes="zero_expert_num identity experts among the choices (each returns its weight x "
+                                  "the input): the count of computing experts varies per token"),
+    "jetmoe": Family(_F + "jetmoe:JetMoeAdapter", gate=gates.TOPK_THEN_SOFTMAX,
+                     notes="a block bias; attention is a mixture of attention experts with a router of its own, "
+                           "left to route as the model does"),
 }
 
 ADAPTERS: dict[str, str] = {model_type: entry.adapter for model_type, entry in FAMILIES.items()}

@@ -2,7 +2,8 @@
 
 A forward hook on a router sees `(router_logits [T, E], topk_weights [T, k],
 topk_experts [T, k])` and may return a replacement tuple; the experts module then runs
-with that route. No block forward is patched. Rows are flat token indices
+with that route. A router with an output layout of its own is read and rewritten through
+its family's `MoEAdapter.route_of` / `router_output`. No block forward is patched. Rows are flat token indices
 `row = b * seq_len + s` (the routers flatten batch x seq row-major).
 
 Every override is verified: the hook must fire and replace exactly the requested rows,
@@ -31,7 +32,11 @@ class RouterOutput:
     experts: torch.Tensor
 
 
-def _unpack(output, layer: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def _unpack(output, layer: int, adapter: MoEAdapter | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(logits, weights, experts) of a router's output, through the family's `route_of`
+    where the adapter is known (a router with an output layout of its own)."""
+    if adapter is not None:
+        output = adapter.route_of(output)
     if not (isinstance(output, tuple) and len(output) == 3 and output[2].dim() == 2):
         raise RouteLensError(
             f"router at layer {layer} returned an unknown layout ({type(output).__name__}); "
@@ -62,7 +67,7 @@ def capture_routes(adapter: MoEAdapter, layers: list[int] | None = None) -> Iter
     captured: dict[int, RouterOutput] = {}
 
     def record(module, args, output, layer):
-        logits, weights, experts = _unpack(output, layer)
+        logits, weights, experts = _unpack(output, layer, adapter)
         captured[layer] = RouterOutput(logits.detach(), weights.detach(), experts.detach())
 
     layers = adapter.moe_layers if layers is None else layers
@@ -102,9 +107,10 @@ class RouteOverride:
     weights: torch.Tensor
     fired: int = field(default=0, init=False)
 
-    def apply(self, output, layer: int):
-        """The router output with this override's rows replaced."""
-        logits, weights, experts = _unpack(output, layer)
+    def apply(self, output, layer: int, adapter: MoEAdapter | None = None):
+        """The router output with this override's rows replaced (in the router's own layout,
+        through the family's `route_of` / `router_output`, when `adapter` is given)."""
+        logits, weights, experts = _unpack(output, layer, adapter)
         if self.experts.shape[1] != experts.shape[1]:
             raise RouteLensError(
                 f"route has {self.experts.shape[1]} experts but layer {layer} routes {experts.shape[1]} per token"
@@ -116,7 +122,8 @@ class RouteOverride:
         new_experts[rows] = self.experts.to(experts.device, experts.dtype)
         new_weights[rows] = self.weights.to(weights.device, weights.dtype)
         self.fired += 1
-        return logits, new_weights, new_experts
+        route = (logits, new_weights, new_experts)
+        return route if adapter is None else adapter.router_output(output, route)
 
 
 @contextmanager
@@ -130,7 +137,7 @@ def override_routes(adapter: MoEAdapter, overrides: dict[int, RouteOverride],
             raise RouteLensError(f"layer {layer} is not an MoE layer; MoE layers: {adapter.moe_layers}")
         if override.experts.shape != override.weights.shape or override.experts.shape[0] != override.rows.shape[0]:
             raise ValueError("override rows, experts and weights must have matching shapes")
-    hooks = {layer: (lambda module, args, output, layer=layer, o=override: o.apply(output, layer))
+    hooks = {layer: (lambda module, args, output, layer=layer, o=override: o.apply(output, layer, adapter))
              for layer, override in overrides.items()}
     with _router_hooks(adapter, hooks):
         yield overrides
@@ -153,11 +160,11 @@ def route_by_rule(adapter: MoEAdapter, rules: dict[int, Callable]) -> Iterator[N
     fired = dict.fromkeys(rules, 0)
 
     def apply(module, args, output, layer):
-        logits, weights, experts = _unpack(output, layer)
+        logits, weights, experts = _unpack(output, layer, adapter)
         hidden = args[0] if args else None
         chosen = rules[layer](logits.detach(), hidden).to(experts.device, experts.dtype)
         fired[layer] += 1
-        return logits, adapter.weights_for(logits.float(), chosen).to(weights.dtype), chosen
+        return adapter.router_output(output, (logits, adapter.weights_for(logits.float(), chosen).to(weights.dtype), chosen))
 
     with _router_hooks(adapter, {layer: (lambda m, a, o, layer=layer: apply(m, a, o, layer)) for layer in rules}):
         yield

@@ -262,12 +262,24 @@ TINY_CONFIGS: dict[str, dict] = {
         routed_scaling_factor=2.5, num_key_value_heads=4, index_topk=4, index_n_heads=8, index_head_dim=16,
         gated_norm_rank=8, mlp_layer_types=["dense", "sparse", "sparse", "sparse"],
     ),
+    # issue 29 (group C)
+    "llama4_text": dict(   # MoE every 2nd layer (dense MLPs between); chunked + no-RoPE layers (chunks: tests/models/test_C_families.py)
+        num_hidden_layers=6, intermediate_size=24, intermediate_size_mlp=48, num_local_experts=8, num_experts_per_tok=2,
+        head_dim=8, interleave_moe_layer_step=2, no_rope_layer_interval=2, attention_chunk_size=128,
+    ),
+    "longcat_flash": dict(   # 8 routed + 2 zero-computation experts, top-3
+        num_layers=3, num_key_value_heads=4, ffn_hidden_size=48, expert_ffn_hidden_size=24, n_routed_experts=8,
+        zero_expert_num=2, moe_topk=3, routed_scaling_factor=2.0, q_lora_rank=24, kv_lora_rank=16, qk_nope_head_dim=8,
+        qk_rope_head_dim=8, head_dim=8, v_head_dim=12,
+    ),
+    "jetmoe": dict(num_hidden_layers=3, kv_channels=8, intermediate_size=24, num_local_experts=8, num_experts_per_tok=2),
 }
 
 
 # multimodal checkpoints whose causal-LM class is their text model: the composite config, as
 # the checkpoint's config.json has it (model_type -> its text model's tiny config)
-TINY_COMPOSITE = {"qwen3_5_moe": "qwen3_5_moe_text"}
+TINY_COMPOSITE = {"qwen3_5_moe": "qwen3_5_moe_text",
+                  "llama4": "llama4_text"}   # issue 29 (group C)
 TINY_CONFIGS.update({composite: TINY_CONFIGS[text] for composite, text in TINY_COMPOSITE.items()})
 _TINY_VISION = dict(depth=1, hidden_size=16, num_heads=2, intermediate_size=16, out_hidden_size=32)
 # multimodal checkpoints served through their text tower (`routelens.models.families.vision_language`):

@@ -153,7 +153,8 @@ def _router_output(adapter: MoEAdapter, layer: int, x: torch.Tensor, rank: int, 
     bias), with `parameters` in place of its own if given."""
     router = adapter.routers[layer]
     inputs = (x[None] if rank == 3 else x, *adapter.router_extra_args(layer))
-    return functional_call(router, parameters, inputs) if parameters is not None else router(*inputs)
+    output = functional_call(router, parameters, inputs) if parameters is not None else router(*inputs)
+    return adapter.route_of(output)   # a router with an output layout of its own (Llama 4, JetMoE), mapped
 
 
 def router_logits(adapter: MoEAdapter, layer: int, x: torch.Tensor, rank: int, parameters=None) -> torch.Tensor:

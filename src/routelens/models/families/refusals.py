@@ -69,6 +69,11 @@ REFUSED: dict[str, str] = {
             "full forward a token's route depends on later tokens: no per-token route override can be exact",
     "dbrx": "DbrxRouter returns only the [N, E] logits and DbrxFFN takes the top-k in its own route_tokens_to_experts, "
             "so no router module returns a route that a hook can replace; forcing one would mean patching the block",
+    # issue 29 (group C)
+    "zaya": "ZAYA's router reads the router state of the MoE layer below (prev_router_hidden_states, handed from "
+            "decoder layer to decoder layer beside the hidden states, outside the cache and the layer's keyword "
+            "arguments), which routelens' engines do not carry when they re-run the layers above a forced route "
+            "(the fast engine's suffix, the cache engine, the isolation scorer): only whole forwards would be exact",
 }
 
 
