@@ -31,10 +31,6 @@ from routelens.models.router_probe import BATCH, EXPERTS, HIDDEN, SEQUENCE, Rout
 # what the modeling code does that a probe of the router's output cannot see (never a
 # statement about the router's output: that is the probe's), appended to its finding
 NOTES = {
-    "llama4": "the block multiplies each expert's input by the token's score before the expert runs",
-    "jetmoe": "its attention is a mixture of attention experts, with a router of its own besides the MLP's",
-    "longcat_flash": "two attention and two MLP sublayers per layer with the MoE block as a shortcut beside them; "
-                     "a zero-computation expert passes the token's input through unchanged",
 }
 # the types routelens refuses, with the reason loading gives (routelens.models.families.refusals),
 # by folder name (the config's model_type where it differs)
