@@ -28,6 +28,14 @@ _COMMON = dict(
     tie_word_embeddings=False,
 )
 
+# DeepSeek-V3's tiny config, shared by the families built on it (DSA: deepseek_v32, glm_moe_dsa)
+TINY_CONFIGS_DEEPSEEK_V3 = dict(
+    num_hidden_layers=4, intermediate_size=48, moe_intermediate_size=24, n_routed_experts=8,
+    num_experts_per_tok=2, n_shared_experts=1, first_k_dense_replace=1, kv_lora_rank=16,
+    q_lora_rank=24, qk_nope_head_dim=8, qk_rope_head_dim=8, v_head_dim=12, n_group=4,
+    topk_group=2, norm_topk_prob=True, routed_scaling_factor=2.5, num_key_value_heads=4,
+)
+
 # model_type -> config overrides. Every config has at least 3 MoE layers so that a
 # first, a middle and a last MoE layer exist.
 TINY_CONFIGS: dict[str, dict] = {
@@ -48,12 +56,7 @@ TINY_CONFIGS: dict[str, dict] = {
         topk_method="group_limited_greedy", n_group=4, topk_group=2, routed_scaling_factor=1.5,
         num_key_value_heads=4,
     ),
-    "deepseek_v3": dict(
-        num_hidden_layers=4, intermediate_size=48, moe_intermediate_size=24, n_routed_experts=8,
-        num_experts_per_tok=2, n_shared_experts=1, first_k_dense_replace=1, kv_lora_rank=16,
-        q_lora_rank=24, qk_nope_head_dim=8, qk_rope_head_dim=8, v_head_dim=12, n_group=4,
-        topk_group=2, norm_topk_prob=True, routed_scaling_factor=2.5, num_key_value_heads=4,
-    ),
+    "deepseek_v3": dict(TINY_CONFIGS_DEEPSEEK_V3),
     "gpt_oss": dict(
         num_hidden_layers=4, intermediate_size=24, num_local_experts=8, num_experts_per_tok=2,
         head_dim=8, sliding_window=4, max_position_embeddings=131072,
@@ -240,19 +243,9 @@ TINY_CONFIGS: dict[str, dict] = {
     # issue 29 (group B): indexers (DSA) pick 4 keys per query, so a 16-token sequence is sparse;
     # 8+ indexer heads: with 2, every head's ReLU is 0 for many keys and their ties break differently
     # in a cached decode than in a full forward
-    "deepseek_v32": dict(
-        num_hidden_layers=4, intermediate_size=48, moe_intermediate_size=24, n_routed_experts=8,
-        num_experts_per_tok=2, n_shared_experts=1, first_k_dense_replace=1, kv_lora_rank=16,
-        q_lora_rank=24, qk_nope_head_dim=8, qk_rope_head_dim=8, v_head_dim=12, n_group=4,
-        topk_group=2, norm_topk_prob=True, routed_scaling_factor=2.5, num_key_value_heads=4,
-        index_topk=4, index_n_heads=8, index_head_dim=16,
-    ),
-    "glm_moe_dsa": dict(
-        num_hidden_layers=5, intermediate_size=48, moe_intermediate_size=24, n_routed_experts=8,
-        num_experts_per_tok=2, n_shared_experts=1, first_k_dense_replace=1, kv_lora_rank=16,
-        q_lora_rank=24, qk_nope_head_dim=8, qk_rope_head_dim=8, v_head_dim=12, n_group=4,
-        topk_group=2, norm_topk_prob=True, routed_scaling_factor=2.5, num_key_value_heads=4,
-        index_topk=4, index_n_heads=8, index_head_dim=16,
+    "deepseek_v32": dict(**TINY_CONFIGS_DEEPSEEK_V3, index_topk=4, index_n_heads=8, index_head_dim=16),
+    "glm_moe_dsa": dict(**{**TINY_CONFIGS_DEEPSEEK_V3, "num_hidden_layers": 5}, index_topk=4, index_n_heads=8,
+                        index_head_dim=16,
         indexer_types=["full", "full", "shared", "full", "shared"],
     ),
     "axk2": dict(
