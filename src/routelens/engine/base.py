@@ -90,6 +90,7 @@ class FallbackBudget:
         self.spent = 0.0
         self.tokens = 0
         self._by_engine: dict[str, list[float]] = {}   # engine -> [seconds, tokens]
+        self._announced: set[str] = set()              # engines whose rate was announced
         self._running = False
 
     def rate(self, engine: str) -> float | None:
@@ -146,8 +147,8 @@ class FallbackBudget:
             else:
                 flags = []
             rate = self.rate(engine.name)
-            if rest and rate is not None and not getattr(self, f"_announced_{engine.name}", False):
-                setattr(self, f"_announced_{engine.name}", True)
+            if rest and rate is not None and engine.name not in self._announced:
+                self._announced.add(engine.name)
                 remaining = rate * sum(len(item.positions) for item in rest)
                 bound = f"bounded by max_fallback_time {self.seconds:g} s" if self.seconds else "no time bound"
                 warnings.warn(f"the {engine.name} engine scores {rate:.3g} s per token here: ~{remaining:.0f} s for the "

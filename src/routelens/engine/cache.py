@@ -69,6 +69,7 @@ class CacheEngine:
         self.reference = ReferenceEngine(adapter, route_batch_size=route_batch_size, memory_budget=memory_budget,
                                          deviation=self.deviation)
         self.fallback_reason: str | None = None
+        self._failed = False   # a failed check (not a declared defect) sent it to the reference engine
         self.padding = PaddingCheck(adapter, memory_budget)   # may unequal lengths share a forward (checked once)
 
     def natural_routes(self, input_ids: list[torch.Tensor], layers: list[int]) -> None:
@@ -175,7 +176,7 @@ class CacheEngine:
                 self._failed = True
                 warnings.warn(f"cache engine check failed at {self.fallback_reason}; "
                               "scoring with the reference engine from here on", stacklevel=2)
-        if not getattr(self, "_failed", False):   # a family the cache engine cannot serve: the reference by design
+        if not self._failed:   # a family the cache engine cannot serve: the reference by design
             return self.reference.score_batch(layer, items)
         return self.budget.run(self.reference, self.fallback_reason, layer, items)
 

@@ -234,6 +234,7 @@ class DeviationRecord:
         self.flagged_tokens = 0
         self.judged_tokens = 0
         self.batch_flags: list[np.ndarray] = []
+        self.announced = False   # a small miss is said once per run
 
     @property
     def source(self) -> str:
@@ -289,9 +290,9 @@ class DeviationRecord:
 
     def announce(self, miss: Miss, where: str) -> None:
         """Say once per run that a small low-precision miss is flagged, not fallen back on."""
-        if getattr(self, "_announced", False):
+        if self.announced:
             return
-        self._announced = True
+        self.announced = True
         import warnings
 
         warnings.warn(f"{where}: {miss.clause}; the mean is within tolerance, so this is a tail of tokens whose "
