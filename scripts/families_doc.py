@@ -1,7 +1,8 @@
-"""Write the table of served families in docs/families.md from the registry (between the
-`<!-- families:begin -->` and `<!-- families:end -->` markers), so the page shows the
-gating rules the adapters compute; `--check` only says whether the page is up to date
-(tests/models/test_registry.py runs the same check in the quick tier).
+"""Write the generated parts of docs/families.md: the count of served types, the table of
+served families from the registry (so the page shows the gating rules the adapters compute)
+and the table of refused types with the reason loading gives, each between its
+`<!-- name:begin -->` and `<!-- name:end -->` markers; `--check` only says whether the page
+is up to date (tests/models/test_registry.py runs the same check in the quick tier).
 
     .venv/bin/python scripts/families_doc.py           # rewrite the table
     .venv/bin/python scripts/families_doc.py --check   # exit 1 if docs/families.md is out of date
@@ -14,16 +15,28 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "src"))
-from routelens.models.registry import markdown_table  # noqa: E402
+from routelens.models.families import refusals  # noqa: E402
+from routelens.models.registry import FAMILIES, markdown_table  # noqa: E402
 
 PAGE = Path(__file__).resolve().parent.parent / "docs" / "families.md"
-BEGIN, END = "<!-- families:begin -->\n", "<!-- families:end -->\n"
+
+
+def count_line() -> str:
+    hybrids = sum(entry.mixers != "attention" for entry in FAMILIES.values())
+    return (f"{len(FAMILIES)} model types are served (`routelens models`), {hybrids} of them hybrids; "
+            f"{len(refusals.REFUSED)} are refused in one line each (below).\n")
+
+
+PARTS = {"count": count_line, "families": markdown_table, "refusals": refusals.markdown_table}
 
 
 def with_table(page: str) -> str:
-    """`page` with the text between its markers replaced by the registry's table."""
-    start, stop = page.index(BEGIN) + len(BEGIN), page.index(END)
-    return page[:start] + markdown_table() + page[stop:]
+    """`page` with the text between each pair of markers replaced by what generates it."""
+    for name, generate in PARTS.items():
+        begin, end = f"<!-- {name}:begin -->\n", f"<!-- {name}:end -->\n"
+        start, stop = page.index(begin) + len(begin), page.index(end)
+        page = page[:start] + generate() + page[stop:]
+    return page
 
 
 def main(argv: list[str]) -> int:

@@ -104,7 +104,13 @@ class Lens:
 
     @property
     def top_k(self) -> int:
+        """Experts chosen per token (the first MoE layer's; `top_ks` where layers differ)."""
         return self.adapter.top_k
+
+    @property
+    def top_ks(self) -> dict[int, int]:
+        """Experts chosen per token at each MoE layer."""
+        return dict(self.adapter.top_ks)
 
     @property
     def family(self) -> str:
@@ -186,10 +192,10 @@ class Lens:
 
         resolved = validate.layer(layer, self.adapter)
         positions = validate.positions(positions)
-        experts_t = torch.tensor(validate.routes(experts, len(positions), self.top_k, self.num_experts),
-                                 dtype=torch.long)
+        k = self.adapter.top_k_at(resolved)
+        experts_t = torch.tensor(validate.routes(experts, len(positions), k, self.num_experts), dtype=torch.long)
         weights_t = None if weights is None else torch.tensor(
-            validate.weights(weights, len(positions), self.top_k), dtype=torch.float32)
+            validate.weights(weights, len(positions), k), dtype=torch.float32)
         shapes = _BlockShapes(self.adapter, [resolved])
         fired = []
 

@@ -98,7 +98,7 @@ def _other_route(adapter, logits_row: torch.Tensor, standard: torch.Tensor) -> t
     it on LFM2-MoE with 4 experts and k = 3), that set with one expert swapped for an expert
     outside it."""
     order = torch.argsort(logits_row.float())
-    other = order[: adapter.top_k]
+    other = order[: standard.numel()]
     chosen = set(standard.tolist())
     if set(other.tolist()) == chosen:
         outside = [e for e in order.tolist() if e not in chosen]
@@ -131,7 +131,8 @@ def verify_model(loaded, length: int = 32, seed: int = 0, routes: int = 4, score
     position = length // 2
     # k == E (HF's own glm4_moe, dots1, jamba tester configs): the checks of another route are
     # skipped with the reason, every other check runs
-    alternatives = adapter.top_k < adapter.num_experts
+    alternatives = all(adapter.top_k_at(layer) < adapter.num_experts for layer in engine_layers)
+    one_k = len({adapter.top_k_at(layer) for layer in engine_layers}) == 1
     for layer in moe:
         route = captured.get(layer)
         rows.append(_row(layer, "router_hook", route is not None, detail=type(adapter.routers[layer]).__name__))
@@ -147,7 +148,7 @@ def verify_model(loaded, length: int = 32, seed: int = 0, routes: int = 4, score
         rows.append(_row(layer, "force_standard", difference <= exact, difference, exact,
                          "standard route forced on every token vs natural logits"))
 
-        if not alternatives:
+        if adapter.top_k_at(layer) == adapter.num_experts:
             rows.append(_skipped(layer, "force_other", NO_ALTERNATIVE))
             rows.extend(_skipped(layer, check, NO_ALTERNATIVE) for check in ("fast_vs_reference", "cache_vs_reference")
                         if layer in engine_layers)
@@ -175,8 +176,8 @@ def verify_model(loaded, length: int = 32, seed: int = 0, routes: int = 4, score
                 adapter, input_ids, layer, routes, seed, scored_positions, exact)))
         rows.extend(_guarded(layer, "isolation_scorer", lambda layer=layer, route=route: _isolation_scorer(
             adapter, input_ids, layer, int(route.experts[position, 0]), scored_positions, exact)))
-    if len(engine_layers) > 1 and not alternatives:
-        rows.extend(_skipped(engine_layers[0], check, NO_ALTERNATIVE)
+    if len(engine_layers) > 1 and (not alternatives or not one_k):
+        rows.extend(_skipped(engine_layers[0], check, NO_ALTERNATIVE if not alternatives else MIXED_K)
                     for check in ("joint_fast_vs_reference", "joint_cache_vs_reference"))
     elif len(engine_layers) > 1:   # --joint-layers: routes forced at several layers at once
         rows.extend(_guarded(engine_layers[0], "joint_fast_vs_reference", lambda: _engines_vs_reference(
@@ -187,6 +188,7 @@ def verify_model(loaded, length: int = 32, seed: int = 0, routes: int = 4, score
 
 
 NO_ALTERNATIVE = "the model has only k experts: no route other than the standard one exists (nothing to compare)"
+MIXED_K = "the layers choose different numbers of experts (top-k per layer): joint routes need one k"
 
 
 def _skipped(layer, check, detail) -> dict:
@@ -256,7 +258,7 @@ def _isolation_scorer(adapter, input_ids, layer, expert, scored_positions, exact
     scorer = WholeSequenceScorer(adapter, check=False)
     positions = np.arange(length - scored_positions - 1, length - 1)
     natural = scorer.natural(input_ids, [layer], positions)
-    experts, weights = forced_conditions(adapter.num_experts, length, adapter.top_k)
+    experts, weights = forced_conditions(adapter.num_experts, length, adapter.top_k_at(layer))
     scored = scorer.score(natural, layer, experts[expert: expert + 1], weights[expert: expert + 1])[0]
     override = RouteOverride(torch.arange(length), experts[expert], weights[expert])
     plain_logits, _ = _forward(adapter, input_ids, {layer: override})

@@ -51,10 +51,20 @@ def test_the_adapter_computes_with_the_gate_the_registry_describes(model_type):
 
 
 @pytest.mark.quick
-def test_docs_families_table_is_the_registry():
+def test_docs_families_tables_are_the_registry_and_the_refusals():
+    import importlib.util
+
+    from routelens.models.families.refusals import REFUSED
+
+    spec = importlib.util.spec_from_file_location("families_doc", PAGE.parent.parent / "scripts" / "families_doc.py")
+    families_doc = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(families_doc)
     page = PAGE.read_text()
+    assert families_doc.with_table(page) == page, "docs/families.md is out of date: run .venv/bin/python scripts/families_doc.py"
     table = page.split("<!-- families:begin -->\n")[1].split("<!-- families:end -->")[0]
-    assert table == markdown_table(), "docs/families.md is out of date: run .venv/bin/python scripts/families_doc.py"
+    assert table == markdown_table()
+    refused = page.split("<!-- refusals:begin -->\n")[1].split("<!-- refusals:end -->")[0]
+    assert all(f"| `{model_type}` | {reason} |" in refused for model_type, reason in REFUSED.items())
 
 
 @pytest.mark.quick

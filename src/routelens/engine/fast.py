@@ -184,10 +184,12 @@ class FastEngine:
         hooks = []
         for layer in layers:
             block, store = adapter.moe_block(layer), recorded[layer]
+            inner_norm = adapter.block_output_norm(layer)   # the block's output before its own norm, if it has one
             hooks += [
                 adapter.mlp_residual_input(layer).register_forward_pre_hook(keep(store, "h_mid")),
                 block.register_forward_pre_hook(keep(store, "x")),
-                block.register_forward_hook(keep(store, "block_out")),
+                block.register_forward_hook(keep(store, "block_out")) if inner_norm is None else
+                inner_norm.register_forward_pre_hook(keep(store, "block_out")),
                 adapter.decoder_layers[layer].register_forward_hook(keep(store, "layer_out")),
             ]
             parallel = adapter.parallel_mlp(layer)
@@ -235,8 +237,10 @@ class FastEngine:
         recorded["scale"] = adapter.mlp_residual_scale(layer)
         recorded["keep"] = adapter.residual_weight(layer)
         recorded["out_norm"] = adapter.mlp_output_norm(layer)
+        recorded["block_norm"] = adapter.block_output_norm(layer)
         recorded["natural_out"] = recorded["keep"] * recorded["h_mid"] + recorded["scale"] * self._mlp_output(
-            recorded, recorded["block_out"] + recorded["beside"]).reshape(recorded["h_mid"].shape)
+            recorded, self._block_result(recorded, recorded["block_out"]) + recorded["beside"]
+        ).reshape(recorded["h_mid"].shape)
         layer_out = adapter.block_output(recorded.pop("layer_out"))
         close = 1e-5 if layer_out.dtype in (torch.float32, torch.float64) else 1e-2   # one add, rounded once
         if not torch.allclose(recorded["natural_out"], layer_out.to(recorded["natural_out"].device), rtol=close, atol=close):
@@ -273,6 +277,7 @@ class FastEngine:
                                          (count, len(unique)), check_invariants=False)
         delta = (self.adapter.routed_scale(layer) * torch.sparse.mm(matrix, table.float())).to(block_out.dtype)
         routed = torch.where(is_standard[:, None], block_out[rows], block_out[rows] + delta)  # route 0: as the model made it
+        routed = self._block_result(recorded, routed)
         self._check_block_algebra(layer, x, rows, experts, weights, routed, is_standard)
         beside = recorded["beside"][rows] if torch.is_tensor(recorded["beside"]) else recorded["beside"]
         return recorded["keep"] * h_mid[rows] + recorded["scale"] * self._mlp_output(recorded, routed + beside)
@@ -298,6 +303,12 @@ class FastEngine:
                 f"the MoE block of layer {layer} under an alternative route is not its standard output plus the "
                 f"experts' weighted difference (off by {difference:.3g}): the block combines its experts in a way the "
                 "adapter does not declare")
+
+    @staticmethod
+    def _block_result(recorded: dict, summed: torch.Tensor) -> torch.Tensor:
+        """What the MoE block returns for its experts' combined output `summed`: through the
+        block's own output norm where it has one (per token, like the algebra before it)."""
+        return summed if recorded["block_norm"] is None else recorded["block_norm"](summed)
 
     @staticmethod
     def _mlp_output(recorded: dict, mixed: torch.Tensor) -> torch.Tensor:

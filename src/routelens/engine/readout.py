@@ -65,7 +65,7 @@ def activation_bytes(adapter: MoEAdapter, length: int) -> int:
     residual, attention projections and the top-k expert intermediates): an estimate."""
     config = adapter.config
     intermediate = max(getattr(config, "moe_intermediate_size", 0) or 0, getattr(config, "intermediate_size", 0) or 0)
-    return 4 * length * (12 * config.hidden_size + 3 * adapter.top_k * intermediate)
+    return 4 * length * (12 * config.hidden_size + 3 * max(adapter.top_ks.values()) * intermediate)
 
 
 def record_layer_arguments(adapter: MoEAdapter, layers) -> tuple[dict, list]:

@@ -99,9 +99,16 @@ class MoEAdapter:
                 f"model {type(model).__name__} has no MoE layers (no router in any of its "
                 f"{self.num_layers} decoder layers); routelens needs a Mixture-of-Experts model"
             )
-        router = next(iter(self.routers.values()))
-        self.num_experts: int = int(router.num_experts)
-        self.top_k: int = self._top_k(router)
+        counts = {layer: int(router.num_experts) for layer, router in self.routers.items()}
+        if len(set(counts.values())) > 1:
+            raise RouteLensError(
+                f"{type(model).__name__}'s MoE layers hold different numbers of experts ({_per_layer(counts)}); "
+                "routelens needs one expert count across MoE layers (expert ids index one table per layer)")
+        self.num_experts: int = next(iter(counts.values()))
+        #: k per MoE layer: a config may give one per layer (HunYuan's moe_topk list); analyses read
+        #: `top_k_at(layer)`, and `top_k` (the first MoE layer's) only where every layer has the same
+        self.top_ks: dict[int, int] = {layer: self._top_k(router) for layer, router in self.routers.items()}
+        self.top_k: int = next(iter(self.top_ks.values()))
 
     # ----------------------------------------------------------------- structure
     @property
@@ -213,6 +220,12 @@ class MoEAdapter:
         name = self.layout.mlp_output_norm
         return getattr(self.decoder_layers[layer], name) if name else None
 
+    def block_output_norm(self, layer: int) -> nn.Module | None:
+        """A per-token norm inside the MoE block over its combined output (A.X-K1), or None:
+        the block returns norm(routed experts + shared experts)."""
+        name = self.layout.block_output_norm
+        return getattr(self.moe_block(layer), name) if name else None
+
     def attention_window(self, layer: int) -> int | None:
         """Keys a query of decoder layer `layer` may see (itself included), or None for full
         causal attention: what the family's mask builder applies, read from the config as the
@@ -305,6 +318,19 @@ class MoEAdapter:
 
     def _top_k(self, router: nn.Module) -> int:
         return int(router.top_k)
+
+    def top_k_at(self, layer: int) -> int:
+        """How many experts the router of MoE layer `layer` chooses per token."""
+        return self.top_ks[layer]
+
+    def one_top_k(self, layers: list[int], what: str) -> int:
+        """The k that `layers` share, for a computation (`what`) that compares layers at one k;
+        a one-line error naming the layers' k where they differ."""
+        ks = {layer: self.top_ks[layer] for layer in layers}
+        if len(set(ks.values())) > 1:
+            raise RouteLensError(f"{what} needs one top-k across its layers, but this model's routers choose "
+                                 f"different numbers of experts per layer ({_per_layer(ks)}); give layers of one k")
+        return next(iter(ks.values()))
 
     # ----------------------------------------------------------------- the router's output layout
     def route_of(self, output):
@@ -409,6 +435,7 @@ class MoEAdapter:
             "moe_layers": self.moe_layers,
             "num_experts": self.num_experts,
             "top_k": self.top_k,
+            **({"top_k_per_layer": self.top_ks} if len(set(self.top_ks.values())) > 1 else {}),
             "gating_rule": self.gating_rule,
             "experts_implementation": getattr(self.config, "_experts_implementation", None),
             "attention_windows": {i: w for i in range(self.num_layers) if (w := self.attention_window(i))},
@@ -416,4 +443,25 @@ class MoEAdapter:
                                   if (kind := self.layer_kind(i)) not in SOFTMAX_ATTENTION},
             "parameters": sum(p.numel() for p in self.model.parameters()),
             **({"text_tower": self.model.tower_notice} if getattr(self.model, "tower_of", None) else {}),
+            **({"mtp_layers": _MTP_NOT_SCORED.format(count=count)} if (count := self.mtp_layers) else {}),
         }
+
+    @property
+    def mtp_layers(self) -> int:
+        """Multi-token-prediction layers the checkpoint declares (`num_mtp_layers`, alias
+        `num_nextn_predict_layers`): not part of the model's forward, so never scored."""
+        count = getattr(self.config, "num_mtp_layers", None) or getattr(self.config, "num_nextn_predict_layers", None)
+        return int(count) if isinstance(count, int) else 0
+
+
+# transformers 5.23 builds MTP layers only for speculative drafts (generate(use_mtp=True): an
+# MtpModel beside the main one, whose proposals the main model verifies), so the next-token
+# distribution routelens scores never passes through them
+_MTP_NOT_SCORED = ("{count} multi-token-prediction layer(s) in the config: excluded from scoring (not part of the "
+                   "model's next-token forward; transformers builds them only as generate(use_mtp=True) drafts); "
+                   "routes, scores and checks cover the main decoder's layers only")
+
+
+def _per_layer(values: dict[int, int]) -> str:
+    """'2 at layer 0, 1 at layer 1, ...' for a message."""
+    return ", ".join(f"{value} at layer {layer}" for layer, value in values.items())

@@ -138,7 +138,7 @@ FAMILIES: dict[str, Family] = {
                         notes="text model of the vision-language checkpoint"),
     "aria": Family(_F + "aria:AriaAdapter", gate=gates.TOPK_THEN_SOFTMAX,
                    notes="shared experts added; text model of the vision-language checkpoint"),
-    # issue 29 (group B): sparse attention picked by an indexer (DSA) beside the router; hash routing
+    # issue 29 (group B): sparse attention picked by an indexer (DSA) beside the router
     "deepseek_v32": _deepseek_v3_like("deepseek_v32:DeepseekV32Adapter", mixers="MLA + DSA indexer"),
     "glm_moe_dsa": _deepseek_v3_like("glm_moe_dsa:GlmMoeDsaAdapter", mixers="MLA + DSA indexer (shared top-k)"),
     "axk2": Family(_F + "axk2:AXK2Adapter", mixers="MLA + DSA indexer", gate=gates.DEEPSEEK_V3,
@@ -154,6 +154,10 @@ FAMILIES: dict[str, Family] = {
     "jetmoe": Family(_F + "jetmoe:JetMoeAdapter", gate=gates.TOPK_THEN_SOFTMAX,
                      notes="a block bias; attention is a mixture of attention experts with a router of its own, "
                            "left to route as the model does"),
+    # issue 29 (lead): a norm inside the MoE block over its output (Layout.block_output_norm)
+    "axk1": Family(_F + "axk1:AXK1Adapter", gate=gates.DEEPSEEK_V3,
+                   notes="the block normalises its output (post_mlp_layernorm over the experts' sum plus the shared "
+                         "experts)"),
 }
 
 ADAPTERS: dict[str, str] = {model_type: entry.adapter for model_type, entry in FAMILIES.items()}

@@ -125,6 +125,10 @@ class Layout:
       the MLP output before the residual add (sandwich norms, post-norm), or None;
       `parallel_mlp`: a dense MLP beside the block whose output joins it (Granite's
       shared_mlp; absent layers have none), or None; `final_norm`: the base model's final norm.
+    - `block_output_norm`: a per-token norm the MoE block applies to its own combined output
+      (routed experts plus shared ones) before returning it (A.X-K1's post_mlp_layernorm), by
+      its name inside the block, or None. The engines take the block's output before it, do
+      the route algebra there, and apply the norm after.
     - `windows`: where attention windows come from: "config" (`config.layer_types` marks
       sliding layers, else `config.sliding_window` applies to every layer, as the families'
       mask builders do) or "none" (the family always builds a plain causal mask).
@@ -141,6 +145,7 @@ class Layout:
     mlp_output_norm: str | None = None
     parallel_mlp: str | None = None
     final_norm: str = "norm"
+    block_output_norm: str | None = None
     windows: str = "config"
     norm_order: str = "pre"
 

@@ -266,6 +266,9 @@ TINY_CONFIGS: dict[str, dict] = {
         qk_rope_head_dim=8, head_dim=8, v_head_dim=12,
     ),
     "jetmoe": dict(num_hidden_layers=3, kv_channels=8, intermediate_size=24, num_local_experts=8, num_experts_per_tok=2),
+    # issue 29 (lead)
+    "axk1": dict({key: value for key, value in TINY_CONFIGS_DEEPSEEK_V3.items() if key != "first_k_dense_replace"},
+                 mlp_layer_types=["dense", "sparse", "sparse", "sparse"]),
 }
 
 

@@ -138,7 +138,7 @@ def build_routes(adapter: MoEAdapter, trajectory: Trajectory, layers: list[int],
     here) and S sampled alternatives per scored token and layer. The adapter's gating rule
     must reproduce the router's own weights on its own choice (checked here, on every
     trajectory), since it weights the alternatives."""
-    k, num_candidates = adapter.top_k, config.candidates_for(adapter.num_experts)
+    num_candidates = config.candidates_for(adapter.num_experts)
     if captured is None:
         input_ids = torch.tensor([trajectory.input_ids], device=adapter.device)
         with torch.no_grad(), capture_routes(adapter, layers) as captured:
@@ -147,7 +147,7 @@ def build_routes(adapter: MoEAdapter, trajectory: Trajectory, layers: list[int],
     index = torch.as_tensor(positions, device=adapter.device)
     result = {}
     for layer in layers:
-        out = captured[layer]
+        k, out = adapter.top_k_at(layer), captured[layer]
         check_gating_rule(adapter, layer, out.logits, out.experts, out.weights)
         index = index.to(out.logits.device)
         logits = out.logits[index].float()                                   # [P, E]
@@ -908,8 +908,10 @@ def run_counterfactual(loaded, trajectories: list[Trajectory], config: Counterfa
     if joint is not None and len(joint) < 2:
         raise SettingError(f"`joint_layers` {config.joint_layers} name {len(joint)} distinct layer of this model; "
                            f"list two or more of its MoE layers {adapter.moe_layers}", "joint_layers")
-    check_route_settings(adapter.top_k, adapter.num_experts, config.candidates_for(adapter.num_experts),
-                         config.routes, config.gumbel_temperature)
+    if joint is not None:
+        adapter.one_top_k(joint, "`joint_layers` (routes forced at several layers at once)")
+    check_route_settings(max(adapter.top_k_at(layer) for layer in layers), adapter.num_experts,
+                         config.candidates_for(adapter.num_experts), config.routes, config.gumbel_temperature)
     if not trajectories:
         raise RouteLensError("no trajectory to score; give at least one")
     trajectories, step_check = keep_step_ok_tokens(trajectories, config.only_step_ok)

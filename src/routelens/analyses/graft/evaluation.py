@@ -48,9 +48,9 @@ def _measure(scorer: WholeSequenceScorer, item: TargetItem, plan: list[GraftPair
     adapter = scorer.adapter
     layers = sorted({pair.layer for pair in plan})
     natural = scorer.natural(torch.tensor(item.input_ids), layers, np.asarray(item.target_positions))
-    experts, weights = forced_conditions(adapter.num_experts, len(item.input_ids), adapter.top_k)
     out = {"natural": float(np.mean(natural.logprobs))}
     for pair in plan:
+        experts, weights = forced_conditions(adapter.num_experts, len(item.input_ids), adapter.top_k_at(pair.layer))
         chosen = natural.routes[pair.layer].experts.reshape(len(item.input_ids), -1)
         forced = scorer.score(natural, pair.layer, experts[pair.expert: pair.expert + 1], weights[pair.expert: pair.expert + 1])
         out[pair.label] = (float((chosen == pair.expert).any(-1).float().mean()), float(np.mean(forced[0])))

@@ -119,12 +119,13 @@ def floor_conditions(adapter: MoEAdapter, logits: torch.Tensor, layer: int, item
     seed: logits [T, E] -> experts/weights [F, T, k]."""
     experts, weights = [], []
     for floor_seed in range(floor_seeds):
-        routes = torch.from_numpy(uniform_routes(logits.shape[0], adapter.num_experts, adapter.top_k,
+        routes = torch.from_numpy(uniform_routes(logits.shape[0], adapter.num_experts, adapter.top_k_at(layer),
                                                  route_rng(seed, layer, item_id, floor_seed)))
         experts.append(routes)
         weights.append(adapter.weights_for(logits.cpu(), routes).float())
     if not experts:
-        return torch.zeros(0, logits.shape[0], adapter.top_k, dtype=torch.long), torch.zeros(0, logits.shape[0], adapter.top_k)
+        k = adapter.top_k_at(layer)
+        return torch.zeros(0, logits.shape[0], k, dtype=torch.long), torch.zeros(0, logits.shape[0], k)
     return torch.stack(experts), torch.stack(weights)
 
 
@@ -152,7 +153,7 @@ def layer_conditions(adapter: MoEAdapter, item: TargetItem, natural, layer: int,
                      ) -> tuple[torch.Tensor, torch.Tensor, list[tuple[str, int | None, int | None]]]:
     """Every condition of an item at `layer`: experts/weights [C, T, k] and each row's
     (condition, expert, floor seed)."""
-    length, k, count = len(item.input_ids), adapter.top_k, adapter.num_experts
+    length, k, count = len(item.input_ids), adapter.top_k_at(layer), adapter.num_experts
     route = natural.routes[layer]
     arms = [(FORCED, forced_conditions(count, length, k)),
             (FLOOR, floor_conditions(adapter, route.logits, layer, item.id, config.seed, config.floor_seeds))]
@@ -601,6 +602,7 @@ def run_isolation(loaded, items: list[TargetItem], config: IsolationConfig, out:
     check_ray_can_load(loaded, ray)
     adapter = loaded.adapter
     layers = adapter.resolve_layers(config.layers) if config.layers else adapter.moe_layers
+    top_k = adapter.one_top_k(layers, "isolation (selection shares compared across layers)")
     if not items:
         raise SettingError("no items to score; check `domains` and the item file", "domains")
     scorer = WholeSequenceScorer(adapter, memory_budget=config.memory_budget)
@@ -610,7 +612,7 @@ def run_isolation(loaded, items: list[TargetItem], config: IsolationConfig, out:
 
     def summarise_run(folder) -> dict:
         summary, cells, calib = summarise(folder.read("isolation"), folder.read("routing"),
-                                          layers, adapter.num_experts, adapter.top_k, config)
+                                          layers, adapter.num_experts, top_k, config)
         folder.write_table("cells", cells)
         folder.write_table("calibration", calib)
         return summary

@@ -126,7 +126,7 @@ def fingerprints(adapter, calibration: list[TargetItem], layers: list[int], kind
         centroids = torch.stack([sums[(layer, d)][0] / sums[(layer, d)][2] for d in domains])
         shares = torch.stack([sums[(layer, d)][1] / sums[(layer, d)][2] for d in domains])
         # ties to the lower expert id, as the route sampler's candidates
-        order = torch.from_numpy(np.argsort(-shares.numpy(), axis=-1, kind="stable")[:, : adapter.top_k].copy())
+        order = torch.from_numpy(np.argsort(-shares.numpy(), axis=-1, kind="stable")[:, : adapter.top_k_at(layer)].copy())
         out[layer] = {"domains": domains, "centroids": centroids, "experts": order.sort(-1).values}
     return out
 
@@ -174,7 +174,7 @@ def analyse_item(adapter, scorer: WholeSequenceScorer, item: TargetItem, prints:
             experts.append(torch.stack([routes[arm][layer] for layer in layer_set], dim=1))          # [T, J, k]
         for seed in range(config.floor_seeds):
             arms.append(("floor", seed, ""))
-            experts.append(torch.stack([torch.from_numpy(uniform_routes(length, adapter.num_experts, adapter.top_k,
+            experts.append(torch.stack([torch.from_numpy(uniform_routes(length, adapter.num_experts, adapter.top_k_at(layer),
                                                                         route_rng(config.seed, layer, item.id, seed)))
                                         for layer in layer_set], dim=1))
         experts = torch.stack(experts).long()                                                         # [C, T, J, k]
@@ -219,7 +219,7 @@ def _rule(arm: str, layer: int, prints: dict, chunk: list[TargetItem], predicted
         if fixed is not None:
             return fixed.repeat_interleave(rows // len(chunk), dim=0)
         if arm == "floor":   # k experts uniformly per token, from the run's seeded stream
-            return torch.rand(rows, adapter.num_experts, generator=generator).argsort(-1)[:, : adapter.top_k].sort(-1).values
+            return torch.rand(rows, adapter.num_experts, generator=generator).argsort(-1)[:, : adapter.top_k_at(layer)].sort(-1).values
         vectors = adapter.selection_distribution(logits.float(), layer).cpu() if kind == "selection" else \
             hidden.reshape(rows, -1).double().cpu()
         return fp["experts"][nearest(vectors, fp["centroids"])]                                   # semantic_token
@@ -359,8 +359,11 @@ def run_semantic_routing(loaded, items: list[TargetItem], config: SemanticRouteC
         check_distinct_sets(config.layer_sets, resolved)   # 3 and -1 may be one layer
         layer_sets = [sorted(s) for s in resolved]
     else:
+        one_k = len(set(adapter.top_ks.values())) == 1   # a joint set forces one route shape [T, J, k]
         layer_sets = [[layer] for layer in adapter.moe_layers] + (
-            [list(adapter.moe_layers)] if len(adapter.moe_layers) > 1 else [])
+            [list(adapter.moe_layers)] if len(adapter.moe_layers) > 1 and one_k else [])
+    for layer_set in layer_sets:
+        adapter.one_top_k(layer_set, f"the layer set {layer_set_name(layer_set)} (routes forced at its layers at once)")
     layers = sorted({layer for layer_set in layer_sets for layer in layer_set})
     calibration, evaluation = split_items(items, config.calibration_share, config.seed)
     if config.accuracy and (loaded.tokenizer is None or any(_item_answer(loaded.tokenizer, i) is None for i in evaluation)):

@@ -5,7 +5,7 @@ scripts/moe_families.py states the same reasons in docs/moe-families.md.
 
 Examples:
     >>> from routelens.models.families.refusals import REFUSED
-    >>> "causal" in REFUSED["doge"]
+    >>> "causal trajectory" in REFUSED["switch_transformers"]
     True
 """
 
@@ -57,9 +57,6 @@ REFUSED: dict[str, str] = {
                   "(1.6e-3 nats on a fuzzed config), so the cache engine that serves the layers below an indexed one is "
                   "not exact on every config yet",
     # issue 29 (group A)
-    "axk1": "AXK1MoE normalises its output (post_mlp_layernorm over the experts' sum plus the shared experts) inside "
-            "the block, so a route's block output is not the standard one plus the experts' weighted difference, the "
-            "algebra the fast engine scores routes by (it needs a declared block-output norm)",
     "gemma4": "Gemma4's routed experts sit on the decoder layer beside its dense MLP: their sum passes "
               "post_feedforward_layernorm_2, joins the normed dense-MLP output, and that sum passes "
               "post_feedforward_layernorm before the residual add, a nested norm the fast engine's route algebra "
@@ -84,3 +81,11 @@ def refuse(model_type: str) -> None:
 
     if model_type in REFUSED and model_type not in FAMILIES:
         raise RouteLensError(f"routelens does not serve model type {model_type!r}: {REFUSED[model_type]}")
+
+
+def markdown_table() -> str:
+    """The refused model types and what stands in the way of each, as docs/families.md lists
+    them (between its `refusals:begin` and `refusals:end` markers; scripts/families_doc.py)."""
+    rows = ["| model type | what stands in the way |", "| --- | --- |"]
+    rows += [f"| `{model_type}` | {REFUSED[model_type]} |" for model_type in sorted(REFUSED)]
+    return "\n".join(rows) + "\n"
