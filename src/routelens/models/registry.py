@@ -158,6 +158,12 @@ FAMILIES: dict[str, Family] = {
     "axk1": Family(_F + "axk1:AXK1Adapter", gate=gates.DEEPSEEK_V3,
                    notes="the block normalises its output (post_mlp_layernorm over the experts' sum plus the shared "
                          "experts)"),
+    # issue 29 (group e): OCR checkpoints whose language model is DeepSeek-V2's MoE, served through their text model
+    "deepseek_ocr2": Family(_F + "deepseek_ocr2:DeepseekOcr2Adapter", gate=gates.DEEPSEEK_V2,
+                            notes="shared experts added; text model of the OCR checkpoint"),
+    "unlimited_ocr": Family(_F + "unlimited_ocr:UnlimitedOcrAdapter", gate=gates.DEEPSEEK_V2,
+                            notes="shared experts added; text model of the OCR checkpoint; its reference "
+                                  "sliding-window layers attend causally to a whole scored text"),
 }
 
 ADAPTERS: dict[str, str] = {model_type: entry.adapter for model_type, entry in FAMILIES.items()}

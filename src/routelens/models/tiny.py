@@ -36,6 +36,14 @@ TINY_CONFIGS_DEEPSEEK_V3 = dict(
     topk_group=2, norm_topk_prob=True, routed_scaling_factor=2.5, num_key_value_heads=4,
 )
 
+# The OCR checkpoints' language model (issue 29, group e): DeepSeek-V2's router and experts,
+# multi-head attention, dense layers where mlp_layer_types says so
+TINY_CONFIGS_OCR = dict(
+    num_hidden_layers=4, intermediate_size=48, moe_intermediate_size=24, n_routed_experts=8, num_experts_per_tok=2,
+    n_shared_experts=1, topk_method="group_limited_greedy", n_group=4, topk_group=2, routed_scaling_factor=1.5,
+    mlp_layer_types=["dense", "sparse", "sparse", "sparse"],
+)
+
 # model_type -> config overrides. Every config has at least 3 MoE layers so that a
 # first, a middle and a last MoE layer exist.
 TINY_CONFIGS: dict[str, dict] = {
@@ -269,6 +277,9 @@ TINY_CONFIGS: dict[str, dict] = {
     # issue 29 (lead)
     "axk1": dict({key: value for key, value in TINY_CONFIGS_DEEPSEEK_V3.items() if key != "first_k_dense_replace"},
                  mlp_layer_types=["dense", "sparse", "sparse", "sparse"]),
+    # issue 29 (group e): DeepSeek-V2's MoE with multi-head attention (TINY_TOWERS: the OCR front ends)
+    "deepseek_ocr2": dict(TINY_CONFIGS_OCR),
+    "unlimited_ocr": dict(TINY_CONFIGS_OCR, sliding_window=4),   # reference sliding windows shorter than a test text
 }
 
 
@@ -278,6 +289,8 @@ TINY_COMPOSITE = {"qwen3_5_moe": "qwen3_5_moe_text",
                   "llama4": "llama4_text"}   # issue 29 (group C)
 TINY_CONFIGS.update({composite: TINY_CONFIGS[text] for composite, text in TINY_COMPOSITE.items()})
 _TINY_VISION = dict(depth=1, hidden_size=16, num_heads=2, intermediate_size=16, out_hidden_size=32)
+_TINY_SAM = dict(hidden_size=16, output_channels=8, num_hidden_layers=1, num_attention_heads=2, image_size=32,
+                 patch_size=16, global_attn_indexes=[0], window_size=2, mlp_dim=16, downsample_channels=[8, 16])
 # multimodal checkpoints served through their text tower (`routelens.models.families.vision_language`):
 # model_type -> the composite config's other parts (vision encoder, ...); TINY_CONFIGS has its text config
 TINY_TOWERS: dict[str, dict] = {
@@ -286,6 +299,12 @@ TINY_TOWERS: dict[str, dict] = {
     "aria": dict(vision_config=dict(hidden_size=16, intermediate_size=16, num_hidden_layers=1, num_attention_heads=2,
                                     image_size=28, patch_size=14), projector_patch_to_query_dict={4: 4},
                  image_token_index=TINY_VOCAB),   # its default (9) lies inside the tiny vocabulary
+    # issue 29 (group e): a 1-layer SAM on 2 x 2 patches and a 1-layer vision encoder
+    "deepseek_ocr2": dict(vision_config=dict(sam_config=_TINY_SAM, encoder_config=dict(
+        hidden_size=16, intermediate_size=16, num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1))),
+    "unlimited_ocr": dict(vision_config=dict(sam_config=_TINY_SAM, encoder_config=dict(
+        hidden_size=16, intermediate_size=16, num_hidden_layers=1, num_attention_heads=2, image_size=28,
+        patch_size=14))),
 }
 
 

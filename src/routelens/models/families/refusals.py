@@ -42,8 +42,6 @@ REFUSED: dict[str, str] = {
                 "soft-capped SwiGLU activations; " + _TOWER_TODO,
     "muse_spark": "its decoder layers gate the attention output's residual add (MuseSparkResidualGate); " + _TOWER_TODO,
     "step3p7": "sigmoid router with a correction bias and moe_router_scaling_factor, sliding layers; " + _TOWER_TODO,
-    "deepseek_ocr2": "DeepSeek-V2's router behind a SAM + vision-encoder OCR front end; " + _TOWER_TODO,
-    "unlimited_ocr": "DeepSeek-V2's router, with a reference sliding-window cache of its own; " + _TOWER_TODO,
     "mistral4": "a decoder LM whose Mistral4ForCausalLM is not in transformers' AutoModelForCausalLM mapping (only "
                 "the image-text-to-text one) and MLA attention; not adapted yet",
     # issue 29 (group B)
