@@ -57,7 +57,16 @@ def peak_memory(device: str, budget: int) -> dict | None:
 def attention_score_bytes(adapter: MoEAdapter, queries: int, length: int) -> int:
     """Bytes of fp32 attention scores (with softmax and mask temporaries, x3) of one sequence
     for `queries` query positions against `length` keys, over all heads."""
-    return 3 * 4 * adapter.config.num_attention_heads * queries * length
+    return 3 * 4 * attention_heads(adapter.config) * queries * length
+
+
+def attention_heads(config) -> int:
+    """The most query heads any decoder layer has. A heterogeneous config (transformers'
+    per_layer_config: Step 3.7's sliding layers have their own head count) gives the count per
+    layer and refuses to give one global value."""
+    if getattr(config, "is_heterogeneous", False):
+        return max(layer.num_attention_heads for layer in config.per_layer_config)
+    return config.num_attention_heads
 
 
 def activation_bytes(adapter: MoEAdapter, length: int) -> int:

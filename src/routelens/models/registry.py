@@ -164,6 +164,13 @@ FAMILIES: dict[str, Family] = {
     "unlimited_ocr": Family(_F + "unlimited_ocr:UnlimitedOcrAdapter", gate=gates.DEEPSEEK_V2,
                             notes="shared experts added; text model of the OCR checkpoint; its reference "
                                   "sliding-window layers attend causally to a whole scored text"),
+    # issue 29 (group f): served through a text tower (the thinker's of an omni model; a VL checkpoint's)
+    "qwen3_omni_moe": Family(_F + "qwen3_omni_moe:Qwen3OmniMoeAdapter", gate=gates.SOFTMAX_TOPK,
+                             notes="the thinker's text model of the thinker-talker checkpoint (the talker's routers "
+                                   "not scored)"),
+    "step3p7": Family(_F + "step3p7:Step3p7Adapter", gate=gates.LAGUNA,
+                      notes="the block scales the experts' sum by moe_router_scaling_factor; plus a shared expert; "
+                            "text model of the vision-language checkpoint"),
 }
 
 ADAPTERS: dict[str, str] = {model_type: entry.adapter for model_type, entry in FAMILIES.items()}

@@ -164,7 +164,8 @@ class Tower:
     - `text_model`: the attribute path of the text model (decoder layers, final norm,
       embeddings) in the full model; `lm_head`: the path of the LM head.
     - `placeholders`: attributes of the checkpoint's config that hold the token ids standing
-      for an image or a video; an input that carries one is refused (no image is given).
+      for an image or a video (an audio clip, ...); an input that carries one is refused (no
+      image is given). A dotted path reaches into a sub-config ("thinker_config.image_token_id").
 
     Examples:
         >>> Tower().text_model, Tower().lm_head

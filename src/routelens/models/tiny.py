@@ -11,6 +11,8 @@ Every family in the registry has one here (a test checks it).
 
 from __future__ import annotations
 
+import copy
+
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig, PreTrainedModel
 
@@ -280,6 +282,20 @@ TINY_CONFIGS: dict[str, dict] = {
     # issue 29 (group e): DeepSeek-V2's MoE with multi-head attention (TINY_TOWERS: the OCR front ends)
     "deepseek_ocr2": dict(TINY_CONFIGS_OCR),
     "unlimited_ocr": dict(TINY_CONFIGS_OCR, sliding_window=4),   # reference sliding windows shorter than a test text
+    # issue 29 (group f): text towers (TINY_TOWERS: the rest)
+    "qwen3_omni_moe": dict(   # the thinker's text config
+        num_hidden_layers=3, intermediate_size=48, moe_intermediate_size=24, num_experts=8, num_experts_per_tok=2,
+        head_dim=8, norm_topk_prob=True,
+        rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 1, 1]},
+    ),
+    "step3p7": dict(   # sliding layers with their own head count, rotary theta and partial factor; dense first layer
+        num_hidden_layers=4, intermediate_size=48, moe_intermediate_size=24, n_routed_experts=8, num_experts_per_tok=2,
+        share_expert_dim=32, head_dim=8, sliding_window=4, num_sliding_attention_heads=2,
+        moe_router_scaling_factor=2.5, rope_theta=[10000.0, 5000.0, 10000.0, 10000.0],
+        partial_rotary_factors=[0.5, 1.0, 0.5, 0.5],
+        layer_types=["sliding_attention", "full_attention", "sliding_attention", "sliding_attention"],
+        mlp_layer_types=["dense", "sparse", "sparse", "sparse"],
+    ),
 }
 
 
@@ -291,6 +307,8 @@ TINY_CONFIGS.update({composite: TINY_CONFIGS[text] for composite, text in TINY_C
 _TINY_VISION = dict(depth=1, hidden_size=16, num_heads=2, intermediate_size=16, out_hidden_size=32)
 _TINY_SAM = dict(hidden_size=16, output_channels=8, num_hidden_layers=1, num_attention_heads=2, image_size=32,
                  patch_size=16, global_attn_indexes=[0], window_size=2, mlp_dim=16, downsample_channels=[8, 16])
+_TINY_TALKER = dict(vocab_size=32, hidden_size=16, num_attention_heads=2, num_key_value_heads=1, head_dim=8,
+                    intermediate_size=16, num_hidden_layers=1)   # issue 29 (group f): Qwen3-Omni's talker
 # multimodal checkpoints served through their text tower (`routelens.models.families.vision_language`):
 # model_type -> the composite config's other parts (vision encoder, ...); TINY_CONFIGS has its text config
 TINY_TOWERS: dict[str, dict] = {
@@ -305,7 +323,26 @@ TINY_TOWERS: dict[str, dict] = {
     "unlimited_ocr": dict(vision_config=dict(sam_config=_TINY_SAM, encoder_config=dict(
         hidden_size=16, intermediate_size=16, num_hidden_layers=1, num_attention_heads=2, image_size=28,
         patch_size=14))),
+    # issue 29 (group f)
+    "qwen3_omni_moe": dict(   # the thinker's encoders tiny, and a tiny talker + code2wav (not scored, but there)
+        thinker_config=dict(
+            vision_config=dict(_TINY_VISION, deepstack_visual_indexes=[0], num_position_embeddings=16),
+            audio_config=dict(encoder_layers=1, encoder_attention_heads=2, encoder_ffn_dim=16, d_model=16,
+                              output_dim=32, num_mel_bins=16, downsample_hidden_size=8, max_source_positions=32)),
+        talker_config=dict(
+            spatial_merge_size=2, thinker_hidden_size=32, num_code_groups=2, accept_hidden_layer=1,
+            text_config=dict(_TINY_TALKER, moe_intermediate_size=8, num_experts=4, num_experts_per_tok=2,
+                             shared_expert_intermediate_size=8),
+            code_predictor_config=dict(_TINY_TALKER, num_code_groups=2)),
+        code2wav_config=dict(codebook_size=32, hidden_size=16, num_attention_heads=2, num_key_value_heads=2,
+                             intermediate_size=16, num_hidden_layers=1, num_quantizers=2, upsample_rates=[2],
+                             upsampling_ratios=[2], decoder_dim=16, sliding_window=4),
+    ),
+    "step3p7": dict(vision_config=dict(hidden_size=16, num_hidden_layers=1, num_attention_heads=2, image_size=28,
+                                       patch_size=14, max_position_embeddings=4)),
 }
+# issue 29 (group f): where a tower's text config sits when not at the top (the omni thinker's config)
+TINY_TEXT_CONFIG_IN: dict[str, str] = {"qwen3_omni_moe": "thinker_config"}
 
 
 def tiny_config(model_type: str, **overrides) -> PretrainedConfig:
@@ -317,7 +354,10 @@ def tiny_config(model_type: str, **overrides) -> PretrainedConfig:
     if model_type in TINY_COMPOSITE:
         return AutoConfig.for_model(model_type, text_config=kwargs, vision_config=_TINY_VISION)
     if model_type in TINY_TOWERS:
-        return AutoConfig.for_model(model_type, text_config=kwargs, **TINY_TOWERS[model_type])
+        parts = copy.deepcopy(TINY_TOWERS[model_type])
+        holder = parts.setdefault(TINY_TEXT_CONFIG_IN[model_type], {}) if model_type in TINY_TEXT_CONFIG_IN else parts
+        holder["text_config"] = kwargs
+        return AutoConfig.for_model(model_type, **parts)
     return AutoConfig.for_model(model_type, **kwargs)
 
 

@@ -28,8 +28,6 @@ REFUSED: dict[str, str] = {
                        "features in the connector, so there is no routed expert to audit",
     "ernie4_5_vl_moe": "each MoE layer holds two routers (text and vision experts, chosen per token by modality) and "
                        "the model records the block, not a router, as its router; " + _TOWER_TODO,
-    "qwen3_omni_moe": "the thinker's text model (a Qwen3-MoE decoder) sits inside a thinker-talker-code2wav model "
-                      "built by AutoModelForMultimodalLM; " + _TOWER_TODO,
     "minimax_m3_vl": "its text model's attention keeps only the keys an indexer picks (sparse attention beside the "
                      "router); " + _TOWER_TODO,
     "mistral_large4": "its text model's attention keeps only the keys an indexer picks (sparse attention beside the "
@@ -41,7 +39,6 @@ REFUSED: dict[str, str] = {
     "inkling2": "its text model has short-convolution, sliding and full layers with a block attention residual and "
                 "soft-capped SwiGLU activations; " + _TOWER_TODO,
     "muse_spark": "its decoder layers gate the attention output's residual add (MuseSparkResidualGate); " + _TOWER_TODO,
-    "step3p7": "sigmoid router with a correction bias and moe_router_scaling_factor, sliding layers; " + _TOWER_TODO,
     "mistral4": "a decoder LM whose Mistral4ForCausalLM is not in transformers' AutoModelForCausalLM mapping (only "
                 "the image-text-to-text one) and MLA attention; not adapted yet",
     # issue 29 (group B)

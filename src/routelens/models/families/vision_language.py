@@ -13,7 +13,9 @@ model's (tests/models/test_vision_language_families.py checks it per served type
 
 Trajectories are text only: an input holding a token id that stands for an image or a
 video (the config's `image_token_id`, `video_token_id`, ...) is refused, since no image is
-given and the placeholder's embedding would be scored as if it were text.
+given and the placeholder's embedding would be scored as if it were text. A placeholder is
+named by its attribute path in the checkpoint's config (nested in a sub-config where the
+checkpoint keeps it there: Qwen3-Omni's `thinker_config.audio_token_id`).
 """
 
 from __future__ import annotations
@@ -49,7 +51,7 @@ class TextTower(PreTrainedModel, GenerationMixin):
         object.__setattr__(self, "full_model", full_model)   # not a submodule: its vision encoder is not the tower's
         self.tower_of = model_type
         self.placeholders = {name: value for name in tower.placeholders
-                             if isinstance(value := getattr(full_model.config, name, None), int)}
+                             if isinstance(value := _config_value(full_model.config, name), int)}
         self.tower_notice = (f"the text model of a {model_type} checkpoint ({type(full_model).__name__}: "
                              f"{tower.text_model} and {tower.lm_head}); image tokens absent: trajectories are text only")
         text_model.register_forward_pre_hook(self._refuse_placeholders, with_kwargs=True)
@@ -89,6 +91,13 @@ class TextTower(PreTrainedModel, GenerationMixin):
                                       past_key_values=getattr(outputs, "past_key_values", None),
                                       hidden_states=getattr(outputs, "hidden_states", None),
                                       attentions=getattr(outputs, "attentions", None))
+
+
+def _config_value(config, path: str):
+    """The value at a dotted attribute path of a config ("thinker_config.image_token_id"), or None."""
+    for name in path.split("."):
+        config = getattr(config, name, None)
+    return config
 
 
 def text_tower(full_model: PreTrainedModel, model_type: str, tower: Tower) -> TextTower:
