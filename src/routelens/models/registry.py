@@ -154,6 +154,9 @@ FAMILIES: dict[str, Family] = {
     "jetmoe": Family(_F + "jetmoe:JetMoeAdapter", gate=gates.TOPK_THEN_SOFTMAX,
                      notes="a block bias; attention is a mixture of attention experts with a router of its own, "
                            "left to route as the model does"),
+    # issue 29 (group H)
+    "dbrx": Family(_F + "dbrx:DbrxAdapter", gate=gates.DBRX,
+                   notes="the model's softmax runs in the logits' dtype; its block's top-k step moved into the router"),
 }
 
 ADAPTERS: dict[str, str] = {model_type: entry.adapter for model_type, entry in FAMILIES.items()}

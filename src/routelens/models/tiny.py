@@ -266,6 +266,11 @@ TINY_CONFIGS: dict[str, dict] = {
         qk_rope_head_dim=8, head_dim=8, v_head_dim=12,
     ),
     "jetmoe": dict(num_hidden_layers=3, kv_channels=8, intermediate_size=24, num_local_experts=8, num_experts_per_tok=2),
+    # issue 29 (group H)
+    "dbrx": dict(   # d_model: DbrxConfig sizes its experts from it before the hidden_size alias is applied
+        d_model=32, num_hidden_layers=3, attn_config=dict(kv_n_heads=2, clip_qkv=0.1, rope_theta=10000.0),
+        ffn_config=dict(ffn_hidden_size=24, moe_num_experts=8, moe_top_k=2, moe_normalize_expert_weights=2.0),
+    ),
 }
 
 
@@ -284,6 +289,10 @@ TINY_TOWERS: dict[str, dict] = {
                                     image_size=28, patch_size=14), projector_patch_to_query_dict={4: 4},
                  image_token_index=TINY_VOCAB),   # its default (9) lies inside the tiny vocabulary
 }
+
+
+# issue 29 (group H): routers whose weight has another name, drawn decisive like the others
+TINY_ROUTER_WEIGHTS: dict[str, tuple[str, ...]] = {"dbrx": (".router.layer.weight",)}
 
 
 def tiny_config(model_type: str, **overrides) -> PretrainedConfig:
@@ -318,7 +327,7 @@ def build_tiny_model(model_type: str, seed: int = 0, **overrides) -> PreTrainedM
     generator = torch.Generator().manual_seed(seed + 1)
     with torch.no_grad():
         for name, param in model.named_parameters():
-            if name.endswith((".gate.weight", ".router.weight")):
+            if name.endswith((".gate.weight", ".router.weight", *TINY_ROUTER_WEIGHTS.get(model_type, ()))):
                 param.copy_(torch.randn(param.shape, generator=generator) * 0.5)
         for name, tensor in [*model.named_buffers(), *model.named_parameters()]:
             if name.endswith(("e_score_correction_bias", "expert_bias")):   # a buffer, or a frozen parameter
