@@ -157,6 +157,9 @@ FAMILIES: dict[str, Family] = {
     # issue 29 (group H)
     "dbrx": Family(_F + "dbrx:DbrxAdapter", gate=gates.DBRX,
                    notes="the model's softmax runs in the logits' dtype; its block's top-k step moved into the router"),
+    "minimax_m3_vl": Family(_F + "minimax_m3_vl:MiniMaxM3VLAdapter", mixers="attention + block-sparse indexer attention",
+                            gate=gates.LAGUNA, notes="the block scales the experts' sum by routed_scaling_factor; plus a "
+                                                     "shared expert; text model of the vision-language checkpoint"),
 }
 
 ADAPTERS: dict[str, str] = {model_type: entry.adapter for model_type, entry in FAMILIES.items()}

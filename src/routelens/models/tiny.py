@@ -271,6 +271,15 @@ TINY_CONFIGS: dict[str, dict] = {
         d_model=32, num_hidden_layers=3, attn_config=dict(kv_n_heads=2, clip_qkv=0.1, rope_theta=10000.0),
         ffn_config=dict(ffn_hidden_size=24, moe_num_experts=8, moe_top_k=2, moe_normalize_expert_weights=2.0),
     ),
+    # the indexer keeps 2 blocks of 2 keys per query (its own block among them): a 16-token sequence is sparse
+    "minimax_m3_vl": dict(
+        num_hidden_layers=4, intermediate_size=24, dense_intermediate_size=48, shared_intermediate_size=16,
+        num_local_experts=8, num_experts_per_tok=2, head_dim=8, routed_scaling_factor=2.0,
+        rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "partial_rotary_factor": 0.5},
+        layer_types=["minimax_m3_sparse", "full_attention", "minimax_m3_sparse", "full_attention"],
+        mlp_layer_types=["dense", "sparse", "sparse", "sparse"],
+        index_n_heads=2, index_head_dim=8, index_block_size=2, index_topk_blocks=2, index_local_blocks=1,
+    ),
 }
 
 
@@ -288,6 +297,9 @@ TINY_TOWERS: dict[str, dict] = {
     "aria": dict(vision_config=dict(hidden_size=16, intermediate_size=16, num_hidden_layers=1, num_attention_heads=2,
                                     image_size=28, patch_size=14), projector_patch_to_query_dict={4: 4},
                  image_token_index=TINY_VOCAB),   # its default (9) lies inside the tiny vocabulary
+    # issue 29 (group H)
+    "minimax_m3_vl": dict(vision_config=dict(hidden_size=16, intermediate_size=16, num_hidden_layers=1,
+                                             num_attention_heads=2)),
 }
 
 

@@ -30,8 +30,6 @@ REFUSED: dict[str, str] = {
                        "the model records the block, not a router, as its router; " + _TOWER_TODO,
     "qwen3_omni_moe": "the thinker's text model (a Qwen3-MoE decoder) sits inside a thinker-talker-code2wav model "
                       "built by AutoModelForMultimodalLM; " + _TOWER_TODO,
-    "minimax_m3_vl": "its text model's attention keeps only the keys an indexer picks (sparse attention beside the "
-                     "router); " + _TOWER_TODO,
     "mistral_large4": "its text model's attention keeps only the keys an indexer picks (sparse attention beside the "
                       "router); " + _TOWER_TODO,
     "glm5_next": "its text model mixes several residual streams per layer (hyper-connections) and has linear-attention "
