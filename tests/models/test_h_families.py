@@ -146,3 +146,124 @@ def test_dbrx_clamped_attention_is_patched_exactly_by_the_fast_engine():
     scored = fast.score_batch(0, [item])[0]
     assert fast.fallback_reason is None and not fast.cache_layers
     np.testing.assert_allclose(scored, ReferenceEngine(adapter).score_batch(0, [item])[0], atol=EXACT, rtol=0)
+
+
+# ---------------------------------------------------------------------------- MiniMax-M3-VL
+def _indexer_blocks(adapter, ids):
+    """Per indexed layer, the key blocks each query keeps (a set per head and position): from
+    one full forward, and from a token-by-token decode with the model's own cache."""
+    layers = [i for i in range(adapter.num_layers) if adapter.decoder_layers[i].self_attn.indexer is not None]
+    full, decoded = {}, {i: [] for i in layers}
+
+    def sets(blocks):   # [1, H, S, k] -> [H][S] sets of kept blocks (-1: an unused slot)
+        return [[frozenset(b for b in blocks[0, h, s].tolist() if b >= 0) for s in range(blocks.shape[2])]
+                for h in range(blocks.shape[1])]
+
+    def recorded(store):
+        return [adapter.decoder_layers[i].self_attn.indexer.register_forward_hook(
+            lambda m, a, o, i=i: store(i, o)) for i in layers]
+
+    with torch.no_grad():
+        hooks = recorded(lambda i, o: full.__setitem__(i, sets(o)))
+        adapter.base_model(ids, use_cache=False)
+        for hook in hooks:
+            hook.remove()
+        hooks = recorded(lambda i, o: decoded[i].append(sets(o)))
+        cache = adapter.new_cache()
+        for t in range(ids.shape[1]):
+            adapter.base_model(ids[:, t: t + 1], past_key_values=cache, use_cache=True)
+        for hook in hooks:
+            hook.remove()
+    steps = {i: [[decoded[i][t][h][0] for t in range(ids.shape[1])] for h in range(len(full[i]))] for i in layers}
+    return full, steps
+
+
+@pytest.mark.parametrize("overrides", [dict(), dict(index_block_size=3, index_topk_blocks=3, index_local_blocks=2),
+                                       dict(index_block_size=1, index_topk_blocks=4, index_local_blocks=1)])
+def test_minimax_m3_indexer_keeps_the_same_blocks_in_a_decode_step_as_in_the_full_forward(overrides):
+    adapter = adapter_for(build_tiny_model("minimax_m3_vl", seed=1, **overrides))
+    config = adapter.config
+    for seed in range(3):
+        ids = torch.randint(3, 64, (1, 30), generator=torch.Generator().manual_seed(seed))
+        full, steps = _indexer_blocks(adapter, ids)
+        assert full == steps
+        for layer_blocks in full.values():   # sparse: late queries keep index_topk_blocks of many earlier blocks
+            assert all(len(kept) == config.index_topk_blocks for kept in layer_blocks[0][20:])
+            assert max(t // config.index_block_size for t in range(20, 30)) + 1 > config.index_topk_blocks
+
+
+def test_minimax_m3_more_local_blocks_than_kept_ones_is_refused_in_one_line_as_its_forward_is_not_causal():
+    from routelens.models.families.minimax_m3_vl import MiniMaxM3VLAdapter
+
+    model = build_tiny_model("minimax_m3_vl", index_topk_blocks=1, index_local_blocks=2)
+    ids = torch.randint(3, 64, (1, 24), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():   # the +inf ties: a position's output depends on how many tokens follow it
+        whole, prefix = model(ids).logits[0, :12], model(ids[:, :12]).logits[0]
+    assert (whole - prefix).abs().max() > 1e-3
+    with pytest.raises(rl.RouteLensError) as error:
+        MiniMaxM3VLAdapter(model)
+    message = str(error.value)
+    assert message.splitlines() == [message] and "index_local_blocks = 2 > index_topk_blocks = 1" in message
+    # as served (one local block of 2 kept): a position's output does not depend on the tokens after it
+    model = build_tiny_model("minimax_m3_vl")
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids).logits[0, :12], model(ids[:, :12]).logits[0], atol=1e-5, rtol=0)
+
+
+def test_minimax_m3_sparse_layers_keep_their_mask_under_the_fast_engines_wrapper():
+    from routelens.engine import attention
+
+    adapter = adapter_for(build_tiny_model("minimax_m3_vl"))
+    assert [adapter.layer_kind(i) for i in range(4)] == ["indexed_attention", "full_attention"] * 2
+    ids = torch.randint(3, 64, (2, 20), generator=torch.Generator().manual_seed(2))
+    attention.register()
+    with torch.no_grad():
+        plain = adapter.model(ids).logits
+        adapter.config._attn_implementation = "routelens_sdpa"
+        try:
+            wrapped = adapter.model(ids).logits
+        finally:
+            adapter.config._attn_implementation = "sdpa"
+        indexer = type(adapter.decoder_layers[0].self_attn.indexer)
+        original = indexer.build_block_mask
+        indexer.build_block_mask = lambda self, blocks, mask, *args: mask   # every earlier key, as dense attention
+        try:
+            dense = adapter.model(ids).logits
+        finally:
+            indexer.build_block_mask = original
+    assert torch.equal(wrapped, plain)
+    assert (dense - plain).abs().max() > 1e-3   # the sparse mask matters at this length
+
+
+def test_minimax_m3_fast_engine_serves_the_layers_above_every_sparse_one_and_the_cache_engine_the_rest():
+    adapter = adapter_for(build_tiny_model("minimax_m3_vl", seed=4))
+    ids = torch.randint(3, 64, (26,), generator=torch.Generator().manual_seed(5))
+    positions = np.array([2, 9, 17, 24])
+    fast = FastEngine(adapter)
+    for layer in adapter.moe_layers:
+        with torch.no_grad(), capture_routes(adapter, [layer]) as captured:
+            adapter.model(ids[None])
+        route = captured[layer]
+        experts = torch.stack([torch.stack([route.experts[t], torch.tensor([0, 7]), torch.tensor([3, 5])])
+                               for t in positions])
+        weights = torch.stack([adapter.weights_for(route.logits[t].expand(3, -1), experts[i])
+                               for i, t in enumerate(positions)])
+        item = ScoreItem(ids, positions, experts, weights)
+        reference = ReferenceEngine(adapter).score_batch(layer, [item])[0]
+        with pytest.warns(UserWarning, match="indexed_attention") if layer == 1 else _no_warning():
+            scored = fast.score_batch(layer, [item])[0]
+        np.testing.assert_allclose(scored, reference, atol=EXACT, rtol=0)
+        assert np.abs(scored[:, 1:] - scored[:, :1]).max() > 1e-4
+    assert fast.fallback_reason is None and sorted(fast.cache_layers) == [1]   # layer 2 is indexed, layer 1 below it
+
+
+def _no_warning():
+    import contextlib
+    import warnings
+
+    @contextlib.contextmanager
+    def context():
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            yield
+    return context()

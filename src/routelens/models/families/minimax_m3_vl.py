@@ -24,12 +24,18 @@ MoE MLPs per layer (`mlp_layer_types`), and block-sparse attention on the layers
   too) and keeps the same ones (tests/models/test_h_families.py compares every position's
   blocks). The sparse layers read their config through `OwnAttention`, so under the fast
   engine's wrapper ("routelens_sdpa") they still build and apply their mask.
+- A config with `index_local_blocks` > `index_topk_blocks` is refused: the local blocks,
+  all boosted to +inf, then outnumber the slots, and top-k picks among those equal scores in
+  an order that depends on the number of key blocks, so a query's keys (and its output) change
+  with the number of tokens after it in the model's own forward: no engine, not even whole
+  forwards of the prefix, reproduces it. (MiniMax-M3 keeps 16 blocks, one of them local.)
 - No lightning/linear-attention layers (the "lightning" indexer only selects keys); no sliding
   windows. Multi-token-prediction weights (`mtp.*`) are not loaded by transformers.
 """
 
+from routelens.errors import RouteLensError
 from routelens.models.adapter import MoEAdapter
-from routelens.models.families.dsa import IndexedAttentionLayers, own_attention
+from routelens.models.families.dsa import INDEXED_ATTENTION, IndexedAttentionLayers, own_attention
 from routelens.models.gates import LAGUNA
 from routelens.models.spec import Tower
 
@@ -40,6 +46,12 @@ class MiniMaxM3VLAdapter(IndexedAttentionLayers, MoEAdapter):
 
     def __init__(self, model):
         super().__init__(model)
+        local, kept = getattr(self.config, "index_local_blocks", 0), getattr(self.config, "index_topk_blocks", 0)
+        if any(self.layer_kind(i) == INDEXED_ATTENTION for i in range(self.num_layers)) and local > kept:
+            raise RouteLensError(
+                f"index_local_blocks = {local} > index_topk_blocks = {kept}: the indexer boosts more local key blocks "
+                "to +inf than it keeps, and top-k breaks those ties by the number of key blocks, so a token's attention "
+                "depends on how many tokens follow it (no causal trajectory to score exactly)")
         own_attention(self)
 
     def routed_scale(self, layer: int) -> float:
