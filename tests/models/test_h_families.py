@@ -235,8 +235,11 @@ def test_minimax_m3_sparse_layers_keep_their_mask_under_the_fast_engines_wrapper
     assert (dense - plain).abs().max() > 1e-3   # the sparse mask matters at this length
 
 
-def test_minimax_m3_fast_engine_serves_the_layers_above_every_sparse_one_and_the_cache_engine_the_rest():
-    adapter = adapter_for(build_tiny_model("minimax_m3_vl", seed=4))
+@pytest.mark.parametrize("model_type", ["minimax_m3_vl", "minimax_m3_vl_text"])
+def test_minimax_m3_fast_engine_serves_the_layers_above_every_sparse_one_and_the_cache_engine_the_rest(model_type):
+    adapter = adapter_for(build_tiny_model(model_type, seed=4))
+    assert type(adapter.model).__name__ == {"minimax_m3_vl": "MiniMaxM3SparseForConditionalGenerationTextTower",
+                                            "minimax_m3_vl_text": "MiniMaxM3VLForCausalLM"}[model_type]
     ids = torch.randint(3, 64, (26,), generator=torch.Generator().manual_seed(5))
     positions = np.array([2, 9, 17, 24])
     fast = FastEngine(adapter)

@@ -160,6 +160,9 @@ FAMILIES: dict[str, Family] = {
     "minimax_m3_vl": Family(_F + "minimax_m3_vl:MiniMaxM3VLAdapter", mixers="attention + block-sparse indexer attention",
                             gate=gates.LAGUNA, notes="the block scales the experts' sum by routed_scaling_factor; plus a "
                                                      "shared expert; text model of the vision-language checkpoint"),
+    "minimax_m3_vl_text": Family(_F + "minimax_m3_vl:MiniMaxM3VLTextAdapter",
+                                 mixers="attention + block-sparse indexer attention", gate=gates.LAGUNA,
+                                 notes="the block scales the experts' sum by routed_scaling_factor; plus a shared expert"),
 }
 
 ADAPTERS: dict[str, str] = {model_type: entry.adapter for model_type, entry in FAMILIES.items()}

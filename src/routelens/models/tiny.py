@@ -36,6 +36,17 @@ TINY_CONFIGS_DEEPSEEK_V3 = dict(
     topk_group=2, norm_topk_prob=True, routed_scaling_factor=2.5, num_key_value_heads=4,
 )
 
+# issue 29 (group H): MiniMax-M3's text model (the multimodal checkpoint's, and the text model alone);
+# the indexer keeps 2 blocks of 2 keys per query (its own block among them): a 16-token sequence is sparse
+TINY_CONFIGS_MINIMAX_M3 = dict(
+    num_hidden_layers=4, intermediate_size=24, dense_intermediate_size=48, shared_intermediate_size=16,
+    num_local_experts=8, num_experts_per_tok=2, head_dim=8, routed_scaling_factor=2.0,
+    rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "partial_rotary_factor": 0.5},
+    layer_types=["minimax_m3_sparse", "full_attention", "minimax_m3_sparse", "full_attention"],
+    mlp_layer_types=["dense", "sparse", "sparse", "sparse"],
+    index_n_heads=2, index_head_dim=8, index_block_size=2, index_topk_blocks=2, index_local_blocks=1,
+)
+
 # model_type -> config overrides. Every config has at least 3 MoE layers so that a
 # first, a middle and a last MoE layer exist.
 TINY_CONFIGS: dict[str, dict] = {
@@ -271,15 +282,8 @@ TINY_CONFIGS: dict[str, dict] = {
         d_model=32, num_hidden_layers=3, attn_config=dict(kv_n_heads=2, clip_qkv=0.1, rope_theta=10000.0),
         ffn_config=dict(ffn_hidden_size=24, moe_num_experts=8, moe_top_k=2, moe_normalize_expert_weights=2.0),
     ),
-    # the indexer keeps 2 blocks of 2 keys per query (its own block among them): a 16-token sequence is sparse
-    "minimax_m3_vl": dict(
-        num_hidden_layers=4, intermediate_size=24, dense_intermediate_size=48, shared_intermediate_size=16,
-        num_local_experts=8, num_experts_per_tok=2, head_dim=8, routed_scaling_factor=2.0,
-        rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "partial_rotary_factor": 0.5},
-        layer_types=["minimax_m3_sparse", "full_attention", "minimax_m3_sparse", "full_attention"],
-        mlp_layer_types=["dense", "sparse", "sparse", "sparse"],
-        index_n_heads=2, index_head_dim=8, index_block_size=2, index_topk_blocks=2, index_local_blocks=1,
-    ),
+    "minimax_m3_vl": dict(TINY_CONFIGS_MINIMAX_M3),
+    "minimax_m3_vl_text": dict(TINY_CONFIGS_MINIMAX_M3),   # its text model alone
 }
 
 

@@ -1,5 +1,6 @@
 """MiniMax-M3 (`minimax_m3_vl`), served through its text model (`vision_language`, image
-tokens absent): MiniMax-M2's sigmoid router with the correction bias in the router, dense or
+tokens absent; a checkpoint of the text model alone, `minimax_m3_vl_text`, loads as its
+causal LM, `MiniMaxM3VLTextAdapter`): MiniMax-M2's sigmoid router with the correction bias in the router, dense or
 MoE MLPs per layer (`mlp_layer_types`), and block-sparse attention on the layers
 `config.layer_types` calls "minimax_m3_sparse".
 
@@ -56,3 +57,9 @@ class MiniMaxM3VLAdapter(IndexedAttentionLayers, MoEAdapter):
 
     def routed_scale(self, layer: int) -> float:
         return float(self.config.routed_scaling_factor)
+
+
+class MiniMaxM3VLTextAdapter(MiniMaxM3VLAdapter):
+    """The text model alone (`MiniMaxM3VLForCausalLM`, model type minimax_m3_vl_text)."""
+
+    tower = None
