@@ -54,3 +54,8 @@ LLAMA4 = Gate("sigmoid")
 #: LongCat-Flash: fp32 softmax over the routed and the zero-computation (identity) experts together;
 #: the correction bias only for choosing; not renormalised; x routed_scaling_factor
 LONGCAT_FLASH = Gate("softmax", choice_bias="router.e_score_correction_bias", scale="routed_scaling_factor")
+
+# issue 29 (group H)
+#: DBRX: softmax over all experts (in the logits' dtype), top-k, the chosen probabilities over their
+#: p-norm, p = ffn_config.moe_normalize_expert_weights (none if None)
+DBRX = Gate("softmax", normalise=True, norm_p="ffn_config.moe_normalize_expert_weights")

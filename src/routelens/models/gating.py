@@ -8,6 +8,8 @@ of sigmoid -> normalise -> scale are this one function.
 
 from __future__ import annotations
 
+from operator import attrgetter
+
 import torch
 
 from routelens.models.spec import Gate
@@ -66,7 +68,11 @@ def weights_for(gate: Gate, logits: torch.Tensor, experts: torch.Tensor, config)
         weights = torch.softmax(logits.float().gather(-1, experts), dim=-1)
     else:
         weights = _activation(gate, logits).gather(-1, experts)
-    if normalises(gate, config):
+    if normalises(gate, config) and gate.norm_p:
+        p = attrgetter(gate.norm_p)(config)
+        if p is not None:   # as DBRX's block divides: torch.norm over the chosen weights
+            weights = weights / torch.norm(weights, p=p, dim=-1, keepdim=True)
+    elif normalises(gate, config):
         total = weights.sum(dim=-1, keepdim=True)
         if gate.norm_floor:
             total = total.clamp_min(getattr(config, gate.norm_floor))

@@ -171,6 +171,15 @@ FAMILIES: dict[str, Family] = {
     "step3p7": Family(_F + "step3p7:Step3p7Adapter", gate=gates.LAGUNA,
                       notes="the block scales the experts' sum by moe_router_scaling_factor; plus a shared expert; "
                             "text model of the vision-language checkpoint"),
+    # issue 29 (group H)
+    "dbrx": Family(_F + "dbrx:DbrxAdapter", gate=gates.DBRX,
+                   notes="the model's softmax runs in the logits' dtype; its block's top-k step moved into the router"),
+    "minimax_m3_vl": Family(_F + "minimax_m3_vl:MiniMaxM3VLAdapter", mixers="attention + block-sparse indexer attention",
+                            gate=gates.LAGUNA, notes="the block scales the experts' sum by routed_scaling_factor; plus a "
+                                                     "shared expert; text model of the vision-language checkpoint"),
+    "minimax_m3_vl_text": Family(_F + "minimax_m3_vl:MiniMaxM3VLTextAdapter",
+                                 mixers="attention + block-sparse indexer attention", gate=gates.LAGUNA,
+                                 notes="the block scales the experts' sum by routed_scaling_factor; plus a shared expert"),
 }
 
 ADAPTERS: dict[str, str] = {model_type: entry.adapter for model_type, entry in FAMILIES.items()}

@@ -51,6 +51,9 @@ class Gate:
       config flag (e.g. "norm_topk_prob") that says whether.
     - `epsilon`: added to that sum (1e-20, 1e-6; 0: none); `norm_floor`: a config attribute
       the sum is clamped up to (ERNIE's moe_norm_min), or None.
+    - `norm_p`: divide by the weights' p-norm instead of their sum, p read from this config
+      attribute (a dotted path into a sub-config: DBRX's "ffn_config.moe_normalize_expert_weights";
+      a p of None there: no division), or None.
     - `scale`: a config attribute the weights are multiplied by (e.g. "routed_scaling_factor"), or None.
 
     Examples:
@@ -71,6 +74,7 @@ class Gate:
     epsilon: float = 0.0
     norm_floor: str | None = None
     scale: str | None = None
+    norm_p: str | None = None
 
     def __post_init__(self):
         if self.activation not in ACTIVATIONS:
@@ -103,7 +107,7 @@ class Gate:
         if self.normalise is False:
             weights += " (not renormalised)"
         else:
-            total = "their sum"
+            total = f"their p-norm (p = {self.norm_p}; none if p is None)" if self.norm_p else "their sum"
             if self.norm_floor:
                 total = f"max({total}, {self.norm_floor})"
             if self.epsilon:

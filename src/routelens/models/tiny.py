@@ -46,6 +46,17 @@ TINY_CONFIGS_OCR = dict(
     mlp_layer_types=["dense", "sparse", "sparse", "sparse"],
 )
 
+# issue 29 (group H): MiniMax-M3's text model (the multimodal checkpoint's, and the text model alone);
+# the indexer keeps 2 blocks of 2 keys per query (its own block among them): a 16-token sequence is sparse
+TINY_CONFIGS_MINIMAX_M3 = dict(
+    num_hidden_layers=4, intermediate_size=24, dense_intermediate_size=48, shared_intermediate_size=16,
+    num_local_experts=8, num_experts_per_tok=2, head_dim=8, routed_scaling_factor=2.0,
+    rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "partial_rotary_factor": 0.5},
+    layer_types=["minimax_m3_sparse", "full_attention", "minimax_m3_sparse", "full_attention"],
+    mlp_layer_types=["dense", "sparse", "sparse", "sparse"],
+    index_n_heads=2, index_head_dim=8, index_block_size=2, index_topk_blocks=2, index_local_blocks=1,
+)
+
 # model_type -> config overrides. Every config has at least 3 MoE layers so that a
 # first, a middle and a last MoE layer exist.
 TINY_CONFIGS: dict[str, dict] = {
@@ -296,6 +307,13 @@ TINY_CONFIGS: dict[str, dict] = {
         layer_types=["sliding_attention", "full_attention", "sliding_attention", "sliding_attention"],
         mlp_layer_types=["dense", "sparse", "sparse", "sparse"],
     ),
+    # issue 29 (group H)
+    "dbrx": dict(   # d_model: DbrxConfig sizes its experts from it before the hidden_size alias is applied
+        d_model=32, num_hidden_layers=3, attn_config=dict(kv_n_heads=2, clip_qkv=0.1, rope_theta=10000.0),
+        ffn_config=dict(ffn_hidden_size=24, moe_num_experts=8, moe_top_k=2, moe_normalize_expert_weights=2.0),
+    ),
+    "minimax_m3_vl": dict(TINY_CONFIGS_MINIMAX_M3),
+    "minimax_m3_vl_text": dict(TINY_CONFIGS_MINIMAX_M3),   # its text model alone
 }
 
 
@@ -340,9 +358,16 @@ TINY_TOWERS: dict[str, dict] = {
     ),
     "step3p7": dict(vision_config=dict(hidden_size=16, num_hidden_layers=1, num_attention_heads=2, image_size=28,
                                        patch_size=14, max_position_embeddings=4)),
+    # issue 29 (group H)
+    "minimax_m3_vl": dict(vision_config=dict(hidden_size=16, intermediate_size=16, num_hidden_layers=1,
+                                             num_attention_heads=2)),
 }
 # issue 29 (group f): where a tower's text config sits when not at the top (the omni thinker's config)
 TINY_TEXT_CONFIG_IN: dict[str, str] = {"qwen3_omni_moe": "thinker_config"}
+
+
+# issue 29 (group H): routers whose weight has another name, drawn decisive like the others
+TINY_ROUTER_WEIGHTS: dict[str, tuple[str, ...]] = {"dbrx": (".router.layer.weight",)}
 
 
 def tiny_config(model_type: str, **overrides) -> PretrainedConfig:
@@ -380,7 +405,7 @@ def build_tiny_model(model_type: str, seed: int = 0, **overrides) -> PreTrainedM
     generator = torch.Generator().manual_seed(seed + 1)
     with torch.no_grad():
         for name, param in model.named_parameters():
-            if name.endswith((".gate.weight", ".router.weight")):
+            if name.endswith((".gate.weight", ".router.weight", *TINY_ROUTER_WEIGHTS.get(model_type, ()))):
                 param.copy_(torch.randn(param.shape, generator=generator) * 0.5)
         for name, tensor in [*model.named_buffers(), *model.named_parameters()]:
             if name.endswith(("e_score_correction_bias", "expert_bias")):   # a buffer, or a frozen parameter

@@ -28,8 +28,6 @@ REFUSED: dict[str, str] = {
                        "features in the connector, so there is no routed expert to audit",
     "ernie4_5_vl_moe": "each MoE layer holds two routers (text and vision experts, chosen per token by modality) and "
                        "the model records the block, not a router, as its router; " + _TOWER_TODO,
-    "minimax_m3_vl": "its text model's attention keeps only the keys an indexer picks (sparse attention beside the "
-                     "router); " + _TOWER_TODO,
     "mistral_large4": "its text model's attention keeps only the keys an indexer picks (sparse attention beside the "
                       "router); " + _TOWER_TODO,
     "glm5_next": "its text model mixes several residual streams per layer (hyper-connections) and has linear-attention "
@@ -59,8 +57,6 @@ REFUSED: dict[str, str] = {
     "doge": "DogeCDMoE routes inline from one [B, S, 2*sqrt(E)] product-key projection (no router module returns a "
             "route to replace) and splits it with view(2, B*S, -1), which pairs halves of different tokens, so in a "
             "full forward a token's route depends on later tokens: no per-token route override can be exact",
-    "dbrx": "DbrxRouter returns only the [N, E] logits and DbrxFFN takes the top-k in its own route_tokens_to_experts, "
-            "so no router module returns a route that a hook can replace; forcing one would mean patching the block",
     # issue 29 (group C)
     "zaya": "ZAYA's router reads the router state of the MoE layer below (prev_router_hidden_states, handed from "
             "decoder layer to decoder layer beside the hidden states, outside the cache and the layer's keyword "
