@@ -82,6 +82,9 @@ class MoEAdapter:
     #: For a multimodal checkpoint served through its text model: where the conditional-generation
     #: class keeps it (`routelens.models.families.vision_language` builds the text tower), else None.
     tower: ClassVar[Tower | None] = None
+    #: The transformers class that builds the causal LM where transformers' AutoModelForCausalLM
+    #: does not map the model type (Mistral4ForCausalLM), else None (`causal_lm_class`).
+    causal_lm: ClassVar[str | None] = None
     #: Whether every router computes in float32 in a bf16/fp16 model (set by
     #: `routelens.models.loading.upcast_routers`, `load(..., upcast_router=True)`).
     upcast_router: bool = False
@@ -102,6 +105,17 @@ class MoEAdapter:
         router = next(iter(self.routers.values()))
         self.num_experts: int = int(router.num_experts)
         self.top_k: int = self._top_k(router)
+
+    @classmethod
+    def causal_lm_class(cls):
+        """The class that builds this family's model from its checkpoint's config: the tower's
+        auto class (a multimodal checkpoint's full model), the declared `causal_lm`, or
+        AutoModelForCausalLM."""
+        import transformers
+
+        if cls.tower is not None:
+            return getattr(transformers, cls.tower.auto_class)
+        return getattr(transformers, cls.causal_lm or "AutoModelForCausalLM")
 
     # ----------------------------------------------------------------- structure
     @property

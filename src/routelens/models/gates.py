@@ -54,3 +54,10 @@ LLAMA4 = Gate("sigmoid")
 #: LongCat-Flash: fp32 softmax over the routed and the zero-computation (identity) experts together;
 #: the correction bias only for choosing; not renormalised; x routed_scaling_factor
 LONGCAT_FLASH = Gate("softmax", choice_bias="router.e_score_correction_bias", scale="routed_scaling_factor")
+
+# issue 29 (group g)
+#: Mistral 4 (Mistral Small 4): softmax scores, top-2-sum groups, no bias; renormalised if norm_topk_prob (+1e-20)
+MISTRAL4 = Gate("softmax", groups=Groups("top2"), normalise="norm_topk_prob", epsilon=1e-20,
+                scale="routed_scaling_factor")
+#: Mistral Large 4: Mistral 4's router in float32, always renormalised
+MISTRAL_LARGE4 = Gate("softmax", groups=Groups("top2"), normalise=True, epsilon=1e-20, scale="routed_scaling_factor")

@@ -154,6 +154,14 @@ FAMILIES: dict[str, Family] = {
     "jetmoe": Family(_F + "jetmoe:JetMoeAdapter", gate=gates.TOPK_THEN_SOFTMAX,
                      notes="a block bias; attention is a mixture of attention experts with a router of its own, "
                            "left to route as the model does"),
+    # issue 29 (group g)
+    "mistral4": Family(_F + "mistral4:Mistral4Adapter", mixers="MLA", gate=gates.MISTRAL4, notes="shared experts added"),
+    "mistral3": Family(_F + "mistral4:Mistral3Adapter", mixers="MLA", gate=gates.MISTRAL4,
+                       notes="shared experts added; the Mistral 4 text model of the vision-language checkpoint"),
+    "mistral_large4": Family(_F + "mistral_large4:MistralLarge4Adapter", mixers="MLA + DSA indexer (shared top-k)",
+                             gate=gates.MISTRAL_LARGE4,
+                             notes="shared experts added; logits soft-capped; text model of the vision-language "
+                                   "checkpoint"),
 }
 
 ADAPTERS: dict[str, str] = {model_type: entry.adapter for model_type, entry in FAMILIES.items()}

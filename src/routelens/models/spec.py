@@ -160,6 +160,8 @@ class Tower:
       embeddings) in the full model; `lm_head`: the path of the LM head.
     - `placeholders`: attributes of the checkpoint's config that hold the token ids standing
       for an image or a video; an input that carries one is refused (no image is given).
+    - `logit_softcapping`: an attribute of the text config by which the full model's forward
+      soft-caps its logits (tanh(logits / cap) x cap; Mistral Large 4), or None: no cap.
 
     Examples:
         >>> Tower().text_model, Tower().lm_head
@@ -170,3 +172,4 @@ class Tower:
     text_model: str = "model.language_model"
     lm_head: str = "lm_head"
     placeholders: tuple[str, ...] = ("image_token_id", "video_token_id")
+    logit_softcapping: str | None = None

@@ -32,8 +32,6 @@ REFUSED: dict[str, str] = {
                       "built by AutoModelForMultimodalLM; " + _TOWER_TODO,
     "minimax_m3_vl": "its text model's attention keeps only the keys an indexer picks (sparse attention beside the "
                      "router); " + _TOWER_TODO,
-    "mistral_large4": "its text model's attention keeps only the keys an indexer picks (sparse attention beside the "
-                      "router); " + _TOWER_TODO,
     "glm5_next": "its text model mixes several residual streams per layer (hyper-connections) and has linear-attention "
                  "and indexer-attention layers; " + _TOWER_TODO,
     "inkling_mm_model": "its router returns a fourth output, per-token gains of the shared experts, and its attention "
@@ -44,8 +42,6 @@ REFUSED: dict[str, str] = {
     "step3p7": "sigmoid router with a correction bias and moe_router_scaling_factor, sliding layers; " + _TOWER_TODO,
     "deepseek_ocr2": "DeepSeek-V2's router behind a SAM + vision-encoder OCR front end; " + _TOWER_TODO,
     "unlimited_ocr": "DeepSeek-V2's router, with a reference sliding-window cache of its own; " + _TOWER_TODO,
-    "mistral4": "a decoder LM whose Mistral4ForCausalLM is not in transformers' AutoModelForCausalLM mapping (only "
-                "the image-text-to-text one) and MLA attention; not adapted yet",
     # issue 29 (group B)
     "hy_v4": "hyper-connections: each layer reads and writes several residual streams ([B, S, hc, d]) mixed by "
              "learned weights, while the engines carry one residual stream; plus indexed (DSA) attention",

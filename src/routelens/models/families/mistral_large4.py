@@ -1,0 +1,49 @@
+"""Mistral Large 4, served through its text model (`vision_language`; config.json:
+"mistral_large4", a Pixtral encoder around MistralLarge4TextModel), image tokens absent.
+
+Router: Mistral 4's, in float32: scores = softmax(logits), experts chosen by score within the
+top topk_group of n_group groups (a group's score: the sum of its top-2 scores; no bias),
+weighted by the chosen scores / (their sum + 1e-20) (always), times routed_scaling_factor;
+shared experts added (they do not depend on the route); the first first_k_dense_replace
+layers (mlp_layer_types "dense") are dense.
+
+Attention: DeepSeek Sparse Attention (`routelens.models.families.dsa`) on every layer (MLA
+without a query LoRA, an indexer of its own design with the same contract: attribute
+`indexer`, and its mask applied only when the implementation is named "eager" or "sdpa"),
+so each layer is declared "indexed_attention": the fast engine serves the last MoE layer and
+the cache engine the layers below, each indexed attention running the model's own attention
+(`OwnAttention`). Its "shared" layers (`indexer_types`) reuse the top-k of the layer below,
+handed from layer to layer (`chain_shared_topk`). Layers may share their latent KV with an
+earlier layer (`kv_source_layers`), handed from layer to layer in a `KVSharingDict` beside
+the hidden states (`chain_shared_kv`). No-RoPE layers, a learned RoPE frequency scale and a
+per-head query scale by log position are all inside the attention module. The full model
+soft-caps its logits (final_logit_softcapping): the tower does too (`Tower.logit_softcapping`).
+
+What is counterfactual: the routed experts' choice and weights at one MoE layer; the layers
+above route their perturbed states, and their indexers pick keys for them, as the model does.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from routelens.models.adapter import MoEAdapter
+from routelens.models.families.dsa import IndexedAttentionLayers, chain_shared_topk, own_attention
+from routelens.models.gates import MISTRAL_LARGE4
+from routelens.models.spec import Layout, Tower
+
+
+class MistralLarge4Adapter(IndexedAttentionLayers, MoEAdapter):
+    gate = MISTRAL_LARGE4
+    layout = Layout(windows="none")   # every layer: the causal mask, sparsified by its indexer
+    tower = Tower(placeholders=("image_token_id",), logit_softcapping="final_logit_softcapping")
+
+    def __init__(self, model):
+        super().__init__(model)
+        own_attention(self)
+        chain_shared_topk(self)
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        cap = self.config.final_logit_softcapping
+        logits = self.lm_head(hidden)
+        return logits if not cap else torch.tanh(logits / cap) * cap
