@@ -268,7 +268,7 @@ TINY_CONFIGS: dict[str, dict] = {
     "jetmoe": dict(num_hidden_layers=3, kv_channels=8, intermediate_size=24, num_local_experts=8, num_experts_per_tok=2),
     # issue 29 (group g): Mistral 4 (softmax router, groups; Llama 4's query scale from position 4 on) and
     # its multimodal checkpoint (mistral3, TINY_TOWERS); Mistral Large 4's text model (DSA: 4 keys per query,
-    # shared top-k, a no-RoPE layer; TINY_TOWERS)
+    # shared top-k, shared latent KV, a no-RoPE layer; TINY_TOWERS)
     "mistral4": dict(
         TINY_CONFIGS_DEEPSEEK_V3, routed_scaling_factor=1.5,
         rope_parameters={"rope_type": "yarn", "rope_theta": 10000.0, "factor": 64.0, "original_max_position_embeddings": 4,
@@ -276,11 +276,12 @@ TINY_CONFIGS: dict[str, dict] = {
                          "llama_4_scaling_beta": 0.1},
     ),
     "mistral_large4": dict(
-        num_hidden_layers=5, intermediate_size=48, moe_intermediate_size=24, n_routed_experts=8, num_experts_per_tok=2,
+        num_hidden_layers=6, intermediate_size=48, moe_intermediate_size=24, n_routed_experts=8, num_experts_per_tok=2,
         n_shared_experts=1, first_k_dense_replace=1, kv_lora_rank=16, qk_nope_head_dim=8, qk_rope_head_dim=8,
         v_head_dim=12, n_group=4, topk_group=2, routed_scaling_factor=2.5, num_key_value_heads=4, index_topk=4,
         index_n_heads=8, index_head_dim=16, final_logit_softcapping=3.0,
-        indexer_types=["full", "full", "shared", "full", "shared"], no_rope_layers=[1, 1, 1, 0, 1],
+        indexer_types=["full", "full", "shared", "full", "shared", "full"], no_rope_layers=[1, 1, 1, 1, 1, 0],
+        kv_source_layers=[0, 1, 1, 3, 3, 5],   # layers 2 and 4 attend to the latent KV of layers 1 and 3
         rope_parameters={"rope_type": "yarn", "rope_theta": 10000.0, "factor": 2.0, "original_max_position_embeddings": 128,
                          "beta_fast": 32.0, "beta_slow": 1.0, "attention_factor": 1.0},
     ),
