@@ -21,6 +21,8 @@ soft-caps its logits (final_logit_softcapping): the tower does too (`Tower.logit
 
 What is counterfactual: the routed experts' choice and weights at one MoE layer; the layers
 above route their perturbed states, and their indexers pick keys for them, as the model does.
+Measured (tests/models/test_g_families.py): the cache engine and the whole-sequence scorer equal
+the model's own forward at every MoE layer of a tiny model with shared top-k and shared KV.
 """
 
 from __future__ import annotations
