@@ -9,7 +9,8 @@ slice, and a tensor the whole batch shares is kept once and broadcast.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import copy
+from collections.abc import Mapping, Sequence
 
 import numpy as np
 import torch
@@ -89,13 +90,27 @@ def shared_rows(kwargs: dict, batch: int, positional: dict[str, tuple[int, int]]
 
 def rows_of(kwargs: dict, sources: torch.Tensor, batch: int, positional: dict[str, tuple[int, int]]) -> dict:
     """`per_row_arguments` for re-running whole sequences: also every other tensor with the
-    batch first (an attention mask [B, 1, T, T]) taken at each row's source sequence."""
+    batch first (an attention mask [B, 1, T, T]) taken at each row's source sequence, and so
+    the tensors of a mapping of tensor tuples (KV that layers share, `KVSharingDict`), in a copy."""
     out = per_row_arguments(kwargs, sources, batch, positional)
     if batch == 1:
         return out
+
+    def pick(value):
+        if torch.is_tensor(value) and value.dim() >= 2 and value.shape[0] == batch:
+            return value.index_select(0, sources.to(value.device))
+        return value
+
     for name, value in out.items():
-        if name not in positional and torch.is_tensor(value) and value.dim() >= 2 and value.shape[0] == batch:
-            out[name] = value.index_select(0, sources.to(value.device))
+        if name in positional:
+            continue
+        if isinstance(value, Mapping) and all(isinstance(member, tuple) for member in value.values()):
+            value = copy.copy(value)
+            for key, member in value.items():
+                value[key] = tuple(pick(tensor) for tensor in member)
+            out[name] = value
+        else:
+            out[name] = pick(value)
     return out
 
 

@@ -82,6 +82,9 @@ class MoEAdapter:
     #: For a multimodal checkpoint served through its text model: where the conditional-generation
     #: class keeps it (`routelens.models.families.vision_language` builds the text tower), else None.
     tower: ClassVar[Tower | None] = None
+    #: The transformers class that builds the causal LM where transformers' AutoModelForCausalLM
+    #: does not map the model type (Mistral4ForCausalLM), else None (`causal_lm_class`).
+    causal_lm: ClassVar[str | None] = None
     #: Whether every router computes in float32 in a bf16/fp16 model (set by
     #: `routelens.models.loading.upcast_routers`, `load(..., upcast_router=True)`).
     upcast_router: bool = False
@@ -109,6 +112,17 @@ class MoEAdapter:
         #: `top_k_at(layer)`, and `top_k` (the first MoE layer's) only where every layer has the same
         self.top_ks: dict[int, int] = {layer: self._top_k(router) for layer, router in self.routers.items()}
         self.top_k: int = next(iter(self.top_ks.values()))
+
+    @classmethod
+    def causal_lm_class(cls):
+        """The class that builds this family's model from its checkpoint's config: the tower's
+        auto class (a multimodal checkpoint's full model), the declared `causal_lm`, or
+        AutoModelForCausalLM."""
+        import transformers
+
+        if cls.tower is not None:
+            return getattr(transformers, cls.tower.auto_class)
+        return getattr(transformers, cls.causal_lm or "AutoModelForCausalLM")
 
     # ----------------------------------------------------------------- structure
     @property

@@ -59,3 +59,9 @@ LONGCAT_FLASH = Gate("softmax", choice_bias="router.e_score_correction_bias", sc
 #: DBRX: softmax over all experts (in the logits' dtype), top-k, the chosen probabilities over their
 #: p-norm, p = ffn_config.moe_normalize_expert_weights (none if None)
 DBRX = Gate("softmax", normalise=True, norm_p="ffn_config.moe_normalize_expert_weights")
+# issue 29 (group g)
+#: Mistral 4 (Mistral Small 4): softmax scores, top-2-sum groups, no bias; renormalised if norm_topk_prob (+1e-20)
+MISTRAL4 = Gate("softmax", groups=Groups("top2"), normalise="norm_topk_prob", epsilon=1e-20,
+                scale="routed_scaling_factor")
+#: Mistral Large 4: Mistral 4's router in float32, always renormalised
+MISTRAL_LARGE4 = Gate("softmax", groups=Groups("top2"), normalise=True, epsilon=1e-20, scale="routed_scaling_factor")

@@ -38,7 +38,7 @@ from dataclasses import dataclass
 from urllib.parse import urlparse
 
 import torch
-from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+from transformers import AutoConfig, AutoTokenizer
 
 from routelens.errors import RouteLensError, SettingError
 from routelens.models.adapter import MoEAdapter
@@ -358,14 +358,16 @@ def _load(spec: str, device: str, dtype: str, trust_remote_code: bool, seed: int
         hint = "" if is_folder else " (no network here? pass a local folder written by save_pretrained)"
         raise RouteLensError(f"cannot read the model config of {spec!r}: {str(error).splitlines()[0]}{hint}") from None
     refuse(config.model_type)         # a type routelens refuses says why (issue 29), before reading weights
-    tower = adapter_class(config.model_type).tower  # fail fast, before reading weights
-    # a multimodal checkpoint: its full model is built, then served through its text model
-    model_class = AutoModelForCausalLM if tower is None else vision_language.auto_class(tower)
+    family = adapter_class(config.model_type)   # fail fast, before reading weights
+    tower = family.tower
+    # a multimodal checkpoint: its full model is built, then served through its text model; a type
+    # AutoModelForCausalLM does not map: the causal-LM class its family declares
+    model_class = family.causal_lm_class()
     if is_folder:
         check_weight_files(spec)
     if not weights:   # the structure only: no weight is read, nothing is placed on a device
         with torch.device("meta"):
-            model = model_class.from_config(config, dtype=DTYPES[dtype], trust_remote_code=trust_remote_code)
+            model = from_config(model_class, config, dtype=DTYPES[dtype], trust_remote_code=trust_remote_code)
         if tower is not None:
             model = vision_language.text_tower(model, config.model_type, tower)
         return LoadedModel(adapter_for(model.eval()), load_tokenizer(spec, trust_remote_code), spec, placed, dtype,
@@ -391,6 +393,15 @@ def _load(spec: str, device: str, dtype: str, trust_remote_code: bool, seed: int
         print(f"routelens: {spec}: serving {model.tower_notice}", file=sys.stderr)
     tokenizer = load_tokenizer(spec, trust_remote_code)
     return LoadedModel(adapter_for(model), tokenizer, spec, placed, dtype, folder=spec if is_folder else None)
+
+
+def from_config(model_class, config, **options):
+    """A random-weight model of `config`: through an auto class's `from_config`, or a concrete
+    model class's own `_from_config` (a family's declared `causal_lm`)."""
+    if hasattr(model_class, "from_config"):
+        return model_class.from_config(config, **options)
+    options.pop("trust_remote_code", None)
+    return model_class._from_config(config, **options)
 
 
 def _is_mxfp4(config) -> bool:

@@ -180,6 +180,14 @@ FAMILIES: dict[str, Family] = {
     "minimax_m3_vl_text": Family(_F + "minimax_m3_vl:MiniMaxM3VLTextAdapter",
                                  mixers="attention + block-sparse indexer attention", gate=gates.LAGUNA,
                                  notes="the block scales the experts' sum by routed_scaling_factor; plus a shared expert"),
+    # issue 29 (group g)
+    "mistral4": Family(_F + "mistral4:Mistral4Adapter", mixers="MLA", gate=gates.MISTRAL4, notes="shared experts added"),
+    "mistral3": Family(_F + "mistral4:Mistral3Adapter", mixers="MLA", gate=gates.MISTRAL4,
+                       notes="shared experts added; the Mistral 4 text model of the vision-language checkpoint"),
+    "mistral_large4": Family(_F + "mistral_large4:MistralLarge4Adapter", mixers="MLA + DSA indexer (shared top-k)",
+                             gate=gates.MISTRAL_LARGE4,
+                             notes="shared experts added; logits soft-capped; text model of the vision-language "
+                                   "checkpoint"),
 }
 
 ADAPTERS: dict[str, str] = {model_type: entry.adapter for model_type, entry in FAMILIES.items()}

@@ -170,6 +170,8 @@ class Tower:
     - `placeholders`: attributes of the checkpoint's config that hold the token ids standing
       for an image or a video (an audio clip, ...); an input that carries one is refused (no
       image is given). A dotted path reaches into a sub-config ("thinker_config.image_token_id").
+    - `logit_softcapping`: an attribute of the text config by which the full model's forward
+      soft-caps its logits (tanh(logits / cap) x cap; Mistral Large 4), or None: no cap.
 
     Examples:
         >>> Tower().text_model, Tower().lm_head
@@ -180,3 +182,4 @@ class Tower:
     text_model: str = "model.language_model"
     lm_head: str = "lm_head"
     placeholders: tuple[str, ...] = ("image_token_id", "video_token_id")
+    logit_softcapping: str | None = None

@@ -314,7 +314,27 @@ TINY_CONFIGS: dict[str, dict] = {
     ),
     "minimax_m3_vl": dict(TINY_CONFIGS_MINIMAX_M3),
     "minimax_m3_vl_text": dict(TINY_CONFIGS_MINIMAX_M3),   # its text model alone
+    # issue 29 (group g): Mistral 4 (softmax router, groups; Llama 4's query scale from position 4 on) and
+    # its multimodal checkpoint (mistral3, TINY_TOWERS); Mistral Large 4's text model (DSA: 4 keys per query,
+    # shared top-k, shared latent KV, a no-RoPE layer; TINY_TOWERS)
+    "mistral4": dict(
+        TINY_CONFIGS_DEEPSEEK_V3, routed_scaling_factor=1.5,
+        rope_parameters={"rope_type": "yarn", "rope_theta": 10000.0, "factor": 64.0, "original_max_position_embeddings": 4,
+                         "beta_fast": 32.0, "beta_slow": 1.0, "mscale_all_dim": 1.0, "mscale": 1.0,
+                         "llama_4_scaling_beta": 0.1},
+    ),
+    "mistral_large4": dict(
+        num_hidden_layers=6, intermediate_size=48, moe_intermediate_size=24, n_routed_experts=8, num_experts_per_tok=2,
+        n_shared_experts=1, first_k_dense_replace=1, kv_lora_rank=16, qk_nope_head_dim=8, qk_rope_head_dim=8,
+        v_head_dim=12, n_group=4, topk_group=2, routed_scaling_factor=2.5, num_key_value_heads=4, index_topk=4,
+        index_n_heads=8, index_head_dim=16, final_logit_softcapping=3.0,
+        indexer_types=["full", "full", "shared", "full", "shared", "full"], no_rope_layers=[1, 1, 1, 1, 1, 0],
+        kv_source_layers=[0, 1, 1, 3, 3, 5],   # layers 2 and 4 attend to the latent KV of layers 1 and 3
+        rope_parameters={"rope_type": "yarn", "rope_theta": 10000.0, "factor": 2.0, "original_max_position_embeddings": 128,
+                         "beta_fast": 32.0, "beta_slow": 1.0, "attention_factor": 1.0},
+    ),
 }
+TINY_CONFIGS["mistral3"] = dict(TINY_CONFIGS["mistral4"], model_type="mistral4")   # its text config
 
 
 # multimodal checkpoints whose causal-LM class is their text model: the composite config, as
@@ -327,6 +347,8 @@ _TINY_SAM = dict(hidden_size=16, output_channels=8, num_hidden_layers=1, num_att
                  patch_size=16, global_attn_indexes=[0], window_size=2, mlp_dim=16, downsample_channels=[8, 16])
 _TINY_TALKER = dict(vocab_size=32, hidden_size=16, num_attention_heads=2, num_key_value_heads=1, head_dim=8,
                     intermediate_size=16, num_hidden_layers=1)   # issue 29 (group f): Qwen3-Omni's talker
+_TINY_PIXTRAL = dict(hidden_size=16, intermediate_size=16, num_hidden_layers=1, num_attention_heads=2, head_dim=8,
+                     image_size=28, patch_size=14)   # issue 29 (group g)
 # multimodal checkpoints served through their text tower (`routelens.models.families.vision_language`):
 # model_type -> the composite config's other parts (vision encoder, ...); TINY_CONFIGS has its text config
 TINY_TOWERS: dict[str, dict] = {
@@ -361,6 +383,9 @@ TINY_TOWERS: dict[str, dict] = {
     # issue 29 (group H)
     "minimax_m3_vl": dict(vision_config=dict(hidden_size=16, intermediate_size=16, num_hidden_layers=1,
                                              num_attention_heads=2)),
+    # issue 29 (group g): a Pixtral encoder; the image token (10) moved out of the tiny vocabulary
+    "mistral3": dict(vision_config=_TINY_PIXTRAL, image_token_index=TINY_VOCAB),
+    "mistral_large4": dict(vision_config=_TINY_PIXTRAL, image_token_index=TINY_VOCAB),
 }
 # issue 29 (group f): where a tower's text config sits when not at the top (the omni thinker's config)
 TINY_TEXT_CONFIG_IN: dict[str, str] = {"qwen3_omni_moe": "thinker_config"}
@@ -400,8 +425,12 @@ def build_tiny_model(model_type: str, seed: int = 0, **overrides) -> PreTrainedM
         from routelens.models.registry import adapter_class
 
         model = tower_from_config(config, model_type, adapter_class(model_type).tower)
-    else:
-        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    else:   # AutoModelForCausalLM, or the causal-LM class the family declares
+        from routelens.models.loading import from_config
+        from routelens.models.registry import FAMILIES, adapter_class
+
+        model_class = adapter_class(model_type).causal_lm_class() if model_type in FAMILIES else AutoModelForCausalLM
+        model = from_config(model_class, config, dtype=torch.float32)
     generator = torch.Generator().manual_seed(seed + 1)
     with torch.no_grad():
         for name, param in model.named_parameters():

@@ -28,8 +28,6 @@ REFUSED: dict[str, str] = {
                        "features in the connector, so there is no routed expert to audit",
     "ernie4_5_vl_moe": "each MoE layer holds two routers (text and vision experts, chosen per token by modality) and "
                        "the model records the block, not a router, as its router; " + _TOWER_TODO,
-    "mistral_large4": "its text model's attention keeps only the keys an indexer picks (sparse attention beside the "
-                      "router); " + _TOWER_TODO,
     "glm5_next": "its text model mixes several residual streams per layer (hyper-connections) and has linear-attention "
                  "and indexer-attention layers; " + _TOWER_TODO,
     "inkling_mm_model": "its router returns a fourth output, per-token gains of the shared experts, and its attention "
@@ -37,8 +35,6 @@ REFUSED: dict[str, str] = {
     "inkling2": "its text model has short-convolution, sliding and full layers with a block attention residual and "
                 "soft-capped SwiGLU activations; " + _TOWER_TODO,
     "muse_spark": "its decoder layers gate the attention output's residual add (MuseSparkResidualGate); " + _TOWER_TODO,
-    "mistral4": "a decoder LM whose Mistral4ForCausalLM is not in transformers' AutoModelForCausalLM mapping (only "
-                "the image-text-to-text one) and MLA attention; not adapted yet",
     # issue 29 (group B)
     "hy_v4": "hyper-connections: each layer reads and writes several residual streams ([B, S, hc, d]) mixed by "
              "learned weights, while the engines carry one residual stream; plus indexed (DSA) attention",

@@ -50,6 +50,8 @@ class TextTower(PreTrainedModel, GenerationMixin):
         self.all_tied_weights_keys = {}
         object.__setattr__(self, "full_model", full_model)   # not a submodule: its vision encoder is not the tower's
         self.tower_of = model_type
+        # the cap the full model's forward puts on its logits (None: none)
+        self.logit_softcapping = getattr(text_model.config, tower.logit_softcapping) if tower.logit_softcapping else None
         self.placeholders = {name: value for name in tower.placeholders
                              if isinstance(value := _config_value(full_model.config, name), int)}
         self.tower_notice = (f"the text model of a {model_type} checkpoint ({type(full_model).__name__}: "
@@ -87,7 +89,10 @@ class TextTower(PreTrainedModel, GenerationMixin):
                              **kwargs)
         hidden = outputs.last_hidden_state
         keep = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
-        return CausalLMOutputWithPast(logits=self.lm_head(hidden[:, keep, :]),
+        logits = self.lm_head(hidden[:, keep, :])
+        if self.logit_softcapping:
+            logits = torch.tanh(logits / self.logit_softcapping) * self.logit_softcapping
+        return CausalLMOutputWithPast(logits=logits,
                                       past_key_values=getattr(outputs, "past_key_values", None),
                                       hidden_states=getattr(outputs, "hidden_states", None),
                                       attentions=getattr(outputs, "attentions", None))
