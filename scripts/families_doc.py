@@ -23,8 +23,9 @@ PAGE = Path(__file__).resolve().parent.parent / "docs" / "families.md"
 
 def count_line() -> str:
     hybrids = sum(entry.mixers != "attention" for entry in FAMILIES.values())
-    return (f"{len(FAMILIES)} model types are served (`routelens models`), {hybrids} of them hybrids; "
-            f"{len(refusals.REFUSED)} are refused in one line each (below).\n")
+    return (f"{len(FAMILIES)} model types are served (`routelens models`), {hybrids} of them with token mixers "
+            f"besides softmax attention (recurrent, linear or indexed layers: the cache engine scores the MoE layers "
+            f"below one); {len(refusals.REFUSED)} are refused in one line each (below).\n")
 
 
 PARTS = {"count": count_line, "families": markdown_table, "refusals": refusals.markdown_table}
