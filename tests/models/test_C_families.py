@@ -153,6 +153,16 @@ def test_llama4_chunked_attention_is_served_by_the_cache_engine_and_the_fast_eng
 
 
 # ---------------------------------------------------------------------------- LongCat-Flash
+def test_loading_a_longcat_checkpoint_says_what_is_not_counterfactual(tmp_path, capsys):
+    from routelens.models.loading import load_model
+
+    build_tiny_model("longcat_flash").save_pretrained(tmp_path)
+    loaded = load_model(str(tmp_path))
+    said = capsys.readouterr().err
+    assert f"routelens: {tmp_path}: " + loaded.adapter.describe()["counterfactual"] in said
+    assert "not held equal" in said
+
+
 def test_longcat_routes_run_over_routed_and_identity_experts_and_identity_experts_pass_the_input_through():
     adapter = adapter_for(build_tiny_model("longcat_flash"))
     assert adapter.num_experts == 10 and adapter.identity_experts == [8, 9] and adapter.top_k == 3

@@ -392,7 +392,10 @@ def _load(spec: str, device: str, dtype: str, trust_remote_code: bool, seed: int
         model = vision_language.text_tower(model, config.model_type, tower)
         print(f"routelens: {spec}: serving {model.tower_notice}", file=sys.stderr)
     tokenizer = load_tokenizer(spec, trust_remote_code)
-    return LoadedModel(adapter_for(model), tokenizer, spec, placed, dtype, folder=spec if is_folder else None)
+    adapter = adapter_for(model)
+    if caveat := adapter.describe().get("counterfactual"):   # a family whose routes are not all alike (LongCat, Llama 4)
+        print(f"routelens: {spec}: {caveat}", file=sys.stderr)
+    return LoadedModel(adapter, tokenizer, spec, placed, dtype, folder=spec if is_folder else None)
 
 
 def from_config(model_class, config, **options):
