@@ -5,6 +5,7 @@ on the same items, a disjoint seeded split, statistics equal to SciPy's and stat
 import numpy as np
 import pytest
 import torch
+from conftest import FAMILIES
 from scipy import stats as sp
 from statsmodels.stats.multitest import multipletests
 
@@ -171,10 +172,11 @@ def test_accuracy_arms_equal_forced_greedy_decoding_and_mcnemar(demo_semantic):
                 assert entry["p_value"] == pytest.approx(mcnemar(table, exact=True).pvalue)
 
 
-@pytest.mark.parametrize("family", ["deepseek_v3", "gpt_oss", "qwen3_next", "phimoe"])
-def test_semantic_routing_runs_on_other_families(tiny_adapters, family):
-    """Group-limited, biased, hybrid and sparsemixer routers: routes of k distinct experts, the
-    natural-route check passes, every arm is scored."""
+@pytest.mark.parametrize("family", FAMILIES)
+def test_semantic_routing_runs_on_every_family(tiny_adapters, family):
+    """Every served type (group-limited, biased, hybrid, sparsemixer, identity-expert routers,
+    text towers): routes of k distinct experts, the natural-route check passes, every arm is
+    scored."""
     from routelens.analyses.semantic_routing.analysis import run_semantic_routing
     from routelens.analyses.semantic_routing.config import SemanticRouteConfig
     from routelens.data.target_items import TargetItem
@@ -192,7 +194,7 @@ def test_semantic_routing_runs_on_other_families(tiny_adapters, family):
     scores = run.read("scores")
     assert set(scores["arm"]) == {"natural", "semantic", "semantic_token", "oracle", "floor"}
     for route in run.summary["domain_experts"][str(adapter.moe_layers[-1])].values():
-        assert len(set(route)) == adapter.top_k
+        assert len(set(route)) == adapter.top_k_at(adapter.moe_layers[-1])
     assert scores["mean_logprob"].notna().all()
 
 
