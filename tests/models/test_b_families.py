@@ -66,7 +66,7 @@ def test_indexed_layers_are_declared_and_handed_to_the_cache_engine(model_type):
     assert engine.fallback_reason is None and engine.cache.fallback_reason is None
 
 
-@pytest.mark.parametrize("model_type", DSA)
+@pytest.mark.parametrize("model_type", DSA + ["mistral_large4"])   # Mistral Large 4's indexer too (group g)
 def test_the_cached_decode_equals_the_full_forward(model_type):
     """The cache engine decodes with the model's own cache (the indexer's key cache with it):
     exact only if that decode is; measured in float64 (the rotary tables stay float32: ~3e-8;

@@ -10,21 +10,17 @@ the model's own cache windows tokens decoded after its prefill (so it would not 
 the forward routelens scores), the adapter's cache declares the whole text the reference
 and decodes exactly that forward."""
 
-import json
 
 import numpy as np
 import pytest
 import torch
 
 from routelens.engine import CacheEngine, ReferenceEngine, ScoreItem
-from routelens.errors import RouteLensError
 from routelens.models import adapter_for
 from routelens.models.families.refusals import REFUSED
-from routelens.models.loading import load_model
 from routelens.models.registry import FAMILIES, adapter_class
 from routelens.models.routing import capture_routes
-from routelens.models.tiny import TINY_CONFIGS, TINY_TOWERS, build_tiny_model, tiny_config
-from routelens.verify import verify_model
+from routelens.models.tiny import TINY_CONFIGS, TINY_TOWERS, build_tiny_model
 
 TYPES = ["deepseek_ocr2", "unlimited_ocr"]
 EXACT = 1e-5
@@ -50,61 +46,8 @@ def test_the_tiny_tower_builds_fast_with_a_tiny_vision_encoder(model_type):
     assert type(adapter.base_model).__name__.endswith("TextModel")
 
 
-@pytest.fixture(scope="module", params=TYPES)
-def saved_tower(request, tmp_path_factory):
-    """A tiny OCR checkpoint saved as its conditional-generation class saves it."""
-    model_type = request.param
-    folder = tmp_path_factory.mktemp(model_type)
-    build_tiny_model(model_type, seed=0).save_pretrained(folder)
-    return model_type, str(folder)
-
-
-def test_a_saved_ocr_checkpoint_loads_as_its_text_tower_and_says_so(saved_tower, capsys):
-    model_type, folder = saved_tower
-    written = json.load(open(f"{folder}/config.json"))
-    assert written["model_type"] == model_type and "vision_config" in written   # the composite config
-    loaded = load_model(folder, device="cpu")
-    notice = [line for line in capsys.readouterr().err.splitlines() if line.startswith("routelens:")]
-    assert len(notice) == 1 and "serving the text model of a " + model_type in notice[0]
-    assert "image tokens absent" in notice[0]
-    described = loaded.adapter.describe()
-    assert described["model_type"] == model_type and "image tokens absent" in described["text_tower"]
-    assert described["architecture"] == type(loaded.adapter.model.full_model).__name__ + "TextTower"
-    assert loaded.identity()["text_tower"] == model_type
-    model = loaded.adapter.model
-    assert loaded.adapter.base_model is model.full_model.model.language_model   # the text model itself, not a copy
-    assert loaded.adapter.lm_head is model.full_model.lm_head
-    table = verify_model(loaded, length=12)
-    assert (table["status"] == "pass").all(), table[table["status"] != "pass"].to_string()
-
-
-def test_the_text_towers_logits_equal_the_full_models_on_text(saved_tower):
-    model_type, folder = saved_tower
-    tower = load_model(folder, device="cpu").adapter.model
-    full = tower.full_model
-    ids = torch.randint(3, 60, (2, 11), generator=torch.Generator().manual_seed(0))
-    with torch.no_grad():
-        expected = full(input_ids=ids).logits
-        torch.testing.assert_close(tower(ids).logits, expected, rtol=0, atol=0)
-        torch.testing.assert_close(tower(ids, use_cache=False).logits, expected, rtol=0, atol=1e-6)
-        torch.testing.assert_close(tower(ids, logits_to_keep=1).logits, expected[:, -1:], rtol=0, atol=1e-6)
-
-
-@pytest.mark.parametrize("model_type", TYPES)
-def test_the_image_placeholder_is_refused_in_one_line(model_type):
-    from routelens.models.families.vision_language import tower_from_config
-
-    config, tower = tiny_config(model_type), adapter_class(model_type).tower
-    assert config.image_token_id >= config.text_config.vocab_size   # the default lies outside the tiny vocabulary
-    config.image_token_id = 5
-    adapter = adapter_for(tower_from_config(config, model_type, tower))
-    with pytest.raises(RouteLensError) as error:
-        adapter.model(torch.tensor([[3, 4, 5, 6]]))
-    message = str(error.value)
-    assert message.splitlines() == [message] and "token 5 (image_token_id)" in message
-    with pytest.raises(RouteLensError, match="image/video placeholder"):   # the engines' own entry, too
-        adapter.base_model(torch.tensor([[5]]), use_cache=False)
-    adapter.model(torch.tensor([[3, 4, 6]]))   # text alone runs
+# loading a saved checkpoint as its tower, its logits and the placeholder refusal: test_d_families.py
+# runs those on every tower type (these two included)
 
 
 @pytest.mark.parametrize("model_type", TYPES)
