@@ -563,7 +563,7 @@ def read_routes(path: str, lens_or_adapter, trajectories, format: str = "auto",
                                      "trajectories were given; give one trajectory, or an .npz keyed by trajectory id")
             entries.append((trajectories[0].id, _npy_array(path), None, path, None))
         else:
-            if not path.endswith(".npz") and not zipfile.is_zipfile(path):
+            if not zipfile.is_zipfile(path):
                 raise RouteLensError(f"{path}: not an .npz file; give an .npz of arrays keyed by trajectory id"
                                      f"{'' if chosen == 'npz-export' else ' (or one .npy for one trajectory)'}")
             arrays = _npz_arrays(path, path)
