@@ -417,16 +417,24 @@ def _read_parquet(path: str, model: _Model, by_id: dict, prompt_included: bool) 
         raise RouteLensError(f"{path}: column 'experts' is {experts_type}, not lists of integer expert ids")
     if table.num_rows == 0:
         raise RouteLensError(f"{path}: no route rows in the file")
-    ids = [str(v) for v in table.column("trajectory_id").to_pylist()]
-    positions = np.asarray(table.column("position").to_pylist(), dtype=np.int64)
-    layers = np.asarray(table.column("layer").to_pylist(), dtype=np.int64)
-    experts = table.column("experts").to_pylist()
-    lengths = {len(e) if e is not None else 0 for e in experts}
-    if lengths != {model.k}:
-        bad = next(length for length in sorted(lengths) if length != model.k)
+    import pyarrow.compute as pc
+
+    for name in needed:
+        if table.column(name).null_count:
+            raise RouteLensError(f"{path}: column {name!r} has empty (null) values; give every row all four fields")
+    ids = np.asarray([str(v) for v in table.column("trajectory_id").to_pylist()], dtype=object)
+    positions = table.column("position").to_numpy().astype(np.int64)
+    layers = table.column("layer").to_numpy().astype(np.int64)
+    column = table.column("experts").combine_chunks()
+    lengths = np.unique(pc.list_value_length(column).to_numpy(zero_copy_only=False))
+    if lengths.tolist() != [model.k]:
+        bad = next(int(length) for length in lengths if length != model.k)
         raise RouteLensError(f"{path}: a row has {bad} experts (k) but this model's routers choose {model.k}; give "
                              f"k={model.k} expert ids per row (-1 for none)")
-    experts = np.asarray(experts, dtype=np.int64)
+    values = pc.list_flatten(column)
+    if values.null_count:
+        raise RouteLensError(f"{path}: an expert id is empty (null); give -1 for a slot without an expert")
+    experts = values.to_numpy(zero_copy_only=False).astype(np.int64).reshape(-1, model.k)
     if (positions < 0).any():
         raise RouteLensError(f"{path}: negative position {int(positions[positions < 0][0])}; positions count tokens "
                              "from 0")
@@ -441,19 +449,20 @@ def _read_parquet(path: str, model: _Model, by_id: dict, prompt_included: bool) 
             raise RouteLensError(f"{path}: rows at layer {int(layers[named][0])}, a dense layer of this model, name "
                                  f"experts; the MoE layers are {_short(model.moe_layers)}: is the file from another "
                                  "model?")
-    column_of = {layer: column for column, layer in enumerate(model.moe_layers)}
-    grouped: dict[str, list[int]] = {}
-    for row, trajectory_id in enumerate(ids):
-        if not dense[row]:
-            grouped.setdefault(trajectory_id, []).append(row)
+    column_of = np.full(model.num_layers, -1, dtype=np.int64)
+    column_of[model.moe_layers] = np.arange(len(model.moe_layers))
+    kept = np.flatnonzero(~dense)
+    names, first, inverse = np.unique(ids[kept], return_index=True, return_inverse=True)
+    order = np.argsort(inverse, kind="stable")
+    bounds = np.searchsorted(inverse[order], np.arange(len(names) + 1))
+    grouped = {str(names[g]): kept[order[bounds[g]:bounds[g + 1]]] for g in np.argsort(first)}   # in file order
     out = {}
     for trajectory_id, rows in grouped.items():
         where = f"{path} trajectory {trajectory_id!r}"
-        rows = np.asarray(rows)
         count = int(positions[rows].max()) + 1
         filled = np.zeros((count, len(model.moe_layers)), dtype=np.int64)
         array = np.full((count, len(model.moe_layers), model.k), -1, dtype=np.int64)
-        columns = np.asarray([column_of[int(layer)] for layer in layers[rows]])
+        columns = column_of[layers[rows]]
         np.add.at(filled, (positions[rows], columns), 1)
         if (filled > 1).any():
             position, column = (int(i) for i in np.argwhere(filled > 1)[0])
