@@ -25,6 +25,7 @@ _EXPORTS = {
     "trajectories_from_ids": "routelens.api", "trajectories_from_text": "routelens.api",
     "read_trajectories": "routelens.api", "sample_trajectories": "routelens.api",
     "arithmetic_items": "routelens.api", "read_items": "routelens.api",
+    "read_routes": "routelens.api", "export_routes": "routelens.data.engine_routes_io",
     "read_run": "routelens.results.objects",
     "CounterfactualResult": "routelens.analyses.counterfactual.result", "IsolationResult": "routelens.analyses.isolation.result",
     "PassKResult": "routelens.analyses.passk.result", "RouterUpdateResult": "routelens.analyses.router_update.result",

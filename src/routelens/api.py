@@ -275,6 +275,38 @@ def _trajectory_data(lens: Lens, trajectories, only_verified: bool, max_trajecto
     return trajectories, info, content
 
 
+# ---------------------------------------------------------------------------- engine routes
+def read_routes(path: str, lens: Lens, trajectories, format: str = "auto", prompt_included: bool = True):
+    """The routes an inference engine chose (SGLang, vLLM, .npy/.npz, Parquet, or a routelens
+    export), checked against `lens`'s model and `trajectories` (a file path or a list of
+    Trajectory), as `EngineRoutes` (routelens.data.engine_routes): per trajectory id an int
+    array [tokens, MoE layers, k], -1 where the engine reported no route. `format`: one of
+    `routelens.data.engine_routes_io.ROUTE_FORMATS`, or "auto" (from the file). See
+    `routelens.data.engine_routes_io` for each format's fields and the alignment rules.
+
+    Examples:
+        >>> import numpy as np, routelens as rl
+        >>> lens = rl.load("demo")
+        >>> trajs = rl.read_trajectories(trajectory_file)
+        >>> arrays = {t.id: np.tile(np.arange(4), (len(t.input_ids), 4, 1)) for t in trajs}   # [tokens, layers, k]
+        >>> np.savez(tmp / "engine-routes.npz", **arrays)
+        >>> routes = rl.read_routes(tmp / "engine-routes.npz", lens, trajs, format="npy")
+        >>> routes.shape(trajs[0].id) == (len(trajs[0].input_ids), 4, 4), routes.layers
+        (True, [0, 1, 2, 3])
+    """
+    from routelens.data.engine_routes_io import ROUTE_FORMATS
+    from routelens.data.engine_routes_io import read_routes as read
+
+    path = validate.path(path, "path")
+    _is_lens(lens)
+    if format not in (*ROUTE_FORMATS, "auto"):
+        raise SettingError(f"`format` must be one of {', '.join(ROUTE_FORMATS)} or auto, got {validate.shown(format)}",
+                           "format")
+    validate.flag(prompt_included, "prompt_included")
+    trajectories, _, _ = _trajectory_data(lens, trajectories, False, None)
+    return read(path, lens, trajectories, format=format, prompt_included=prompt_included)
+
+
 # ---------------------------------------------------------------------------- counterfactual
 def counterfactual(lens: Lens, trajectories, out: str | None = None, *, config: CounterfactualConfig | None = None,
                    only_verified: bool = False, max_trajectories: int | None = None, overwrite: bool = False,
@@ -699,5 +731,5 @@ def rollout(lens: Lens, counterfactual, out: str | None = None, *, config: Rollo
 
 
 __all__ = ["arithmetic_items", "counterfactual", "graft", "isolate", "make_config", "passk", "read_items", "read_run",
-           "read_trajectories", "rollout", "router_update", "semantic_route",
+           "read_routes", "read_trajectories", "rollout", "router_update", "semantic_route",
            "trajectories_from_ids", "trajectories_from_text"]
