@@ -28,6 +28,8 @@ from routelens.analyses.isolation.result import IsolationResult
 from routelens.analyses.passk.analysis import EvalProblem
 from routelens.analyses.passk.config import PassKConfig
 from routelens.analyses.passk.result import PassKResult
+from routelens.analyses.replay.config import ReplayConfig
+from routelens.analyses.replay.result import ReplayResult
 from routelens.analyses.rollout.config import RolloutConfig
 from routelens.analyses.rollout.result import RolloutResult
 from routelens.analyses.router_update.config import RouterUpdateConfig
@@ -730,6 +732,68 @@ def rollout(lens: Lens, counterfactual, out: str | None = None, *, config: Rollo
     return RolloutResult(folder)
 
 
+# ---------------------------------------------------------------------------- routing replay
+def replay(lens: Lens, trajectories, routes=None, out: str | None = None, *, config: ReplayConfig | None = None,
+           compare_to: str | None = None, routes_format: str | None = None, max_trajectories: int | None = None,
+           export: str | None = None, overwrite: bool = False, show_progress: bool = True,
+           **options) -> ReplayResult:
+    """The routing replay audit: an inference engine's routes (`routes`: an `EngineRoutes`, or
+    a file read by `routelens.data.engine_routes_io.read_routes` in `routes_format`) against
+    the model's own, per MoE layer and token, with the router's margin and the cost of
+    forcing them at every layer at once (next-token log-prob, KL); or, with `compare_to`
+    ("dtype=bfloat16", "experts-implementation=grouped_mm", "batch=N") instead of `routes`,
+    a second Hugging Face run of the same model audited as an engine's. In memory when `out`
+    is None; otherwise into the run folder `out`, written per trajectory and resumed.
+    `options`: fields of `ReplayConfig` (`margin_bins`, `confident`, `fragile`, `seed`, ...).
+    `export`: an .npz path: the engine's routes as read, [tokens, MoE layers, k] int16 per
+    trajectory with a JSON header (`export_routes`), written before the audit runs.
+
+    Examples:
+        >>> import routelens as rl
+        >>> lens = rl.load("demo")
+        >>> trajs = rl.trajectories_from_text(lens.tokenizer, [("Q:3+4=A:", "3+4=7#7")])
+        >>> res = rl.replay(lens, trajs, compare_to="batch=2", show_progress=False)
+        >>> res.summary_dict["route_source"]["source"], len(res.tokens) == len(trajs[0].scored_positions)
+        ('hf:batch=2', True)
+    """
+    from routelens.analyses.replay.analysis import GivenRoutes, SecondRun, run_replay
+    from routelens.data.engine_routes import EngineRoutes
+
+    lens = _lens(lens)
+    settings = make_config(ReplayConfig, config, **options)
+    out = _run_options(out, overwrite, show_progress)
+    validate.count(max_trajectories, "max_trajectories", optional=True)
+    if (routes is None) == (compare_to is None):
+        raise SettingError("give the routes to audit (`routes`: an EngineRoutes or a file) or `compare_to` "
+                           "(dtype=..., experts-implementation=... or batch=N), one of them", "routes", "compare_to")
+    if routes is not None and not isinstance(routes, EngineRoutes):
+        if not isinstance(routes, (str, os.PathLike)):
+            raise SettingError(f"`routes` must be an EngineRoutes or a file path, got {type(routes).__name__} "
+                               f"{validate.shown(routes)}", "routes")
+        path = validate.path(routes, "routes")
+    kept, info, _ = _trajectory_data(lens, trajectories, False, max_trajectories)
+    info.update(max_trajectories=max_trajectories, num_trajectories=len(kept))
+    if export is not None and compare_to is not None:
+        raise SettingError("`export` writes an engine's routes for training; with `compare_to` there is no engine: "
+                           "give `routes`", "export")
+    if compare_to is not None:
+        source = SecondRun(compare_to, lens.adapter)
+    else:
+        if not isinstance(routes, EngineRoutes):
+            from routelens.data.engine_routes_io import read_routes
+
+            routes = read_routes(os.fspath(path), lens, kept, format=routes_format or "auto")
+        if export is not None:
+            from routelens.data.engine_routes_io import export_routes
+
+            inputs = tuple(p for p in (routes.meta.get("file"), trajectories if isinstance(trajectories, str) else None)
+                           if p)
+            export_routes(routes, export, overwrite=overwrite, inputs=inputs, command="replay", model=lens.loaded.spec)
+        source = GivenRoutes(routes)
+    return ReplayResult(run_replay(lens.loaded, kept, source, settings, out, info, overwrite=overwrite,
+                                   show_progress=show_progress))
+
+
 __all__ = ["arithmetic_items", "counterfactual", "graft", "isolate", "make_config", "passk", "read_items", "read_run",
-           "read_routes", "read_trajectories", "rollout", "router_update", "semantic_route",
+           "read_routes", "read_trajectories", "replay", "rollout", "router_update", "semantic_route",
            "trajectories_from_ids", "trajectories_from_text"]

@@ -270,7 +270,7 @@ def test_trajectories_from_a_problem_file_are_verified_with_math_verify(saved_mo
     assert len(load_trajectories(str(tmp_path / "a.jsonl"))) == 6
 
 
-COMMAND_NAMES = ["demo", "counterfactual", "rollout", "isolate", "semantic-route", "graft", "router-update", "passk",
+COMMAND_NAMES = ["demo", "counterfactual", "rollout", "replay", "isolate", "semantic-route", "graft", "router-update", "passk",
                  "report", "export", "trajectories", "verify", "inspect", "models", "evaluate", "train-demo"]
 
 

@@ -26,7 +26,8 @@ from routelens.errors import RouteLensError, RuntimeCheckFailed, SettingError
 
 # In the order `routelens --help` lists them: an analysis' command lives in its folder.
 _A, _C = "routelens.analyses.", "routelens.cli."
-COMMAND_MODULES = (_C + "demo", _A + "counterfactual.command", _A + "rollout.command", _A + "isolation.command",
+COMMAND_MODULES = (_C + "demo", _A + "counterfactual.command", _A + "rollout.command", _A + "replay.command",
+                   _A + "isolation.command",
                    _A + "semantic_routing.command", _A + "graft.command", _A + "router_update.command",
                    _A + "passk.command", _C + "report", _C + "export", _C + "trajectories", _C + "verify",
                    _C + "inspect_model", _C + "models", _C + "evaluate", _C + "train_demo")
@@ -120,7 +121,8 @@ def _run(module, args) -> int:
 
 # the options through which a command reads files or folders, and those through which it writes
 INPUT_OPTIONS = ("model", "trajectories", "counterfactual", "heldout_counterfactual", "items", "problems", "tokens",
-                 "run", "runs", "recipient", "donor", "router_delta", "compare_delta")
+                 "run", "runs", "recipient", "donor", "router_delta", "compare_delta",
+                 "routes_from")
 OUTPUT_OPTIONS = ("out", "json")
 
 

@@ -12,7 +12,7 @@ EPILOG = """examples:
 
 The table is the run's `summary` DataFrame in Python (routelens.read_run(RUN).summary):
 counterfactual: one row per layer and bin; isolation: per domain and layer; passk: per arm
-and k; router-update: one row; rollout: per bin; semantic-routing: per layer set, domain and
+and k; router-update: one row; rollout: per bin; replay: per MoE layer and all; semantic-routing: per layer set, domain and
 arm; graft-evaluation: per domain, measure and slot. `--table joint` exports a
 --joint-layers run's comparison of joint and single-layer gains instead (result.joint_summary).
 Numbers are rounded to --digits for LaTeX and Markdown.

@@ -14,13 +14,14 @@ from routelens.results.paths import check_out_file, write_bytes_atomic, write_ou
 from routelens.results.run_folder import claim_in_run, write_text_atomic
 from routelens.results.stored import REBUILD, StoredRun
 
-KINDS = ("counterfactual", "rollout", "isolation", "semantic-routing", "graft-evaluation", "passk", "router-update")
+KINDS = ("counterfactual", "rollout", "replay", "isolation", "semantic-routing", "graft-evaluation", "passk", "router-update")
 # what each kind's section reads: all checked before any work
 NEEDS = {"counterfactual": ("tokens.parquet", "routes.parquet", "summary.json"),
          "isolation": ("cells.parquet", "calibration.parquet", "summary.json"),
          "passk": ("summary.json",),
          "router-update": ("summary.json", "training_log.jsonl"),
          "rollout": ("rollouts.parquet", "summary.json"),
+         "replay": ("summary.json",),
          "graft-evaluation": ("items.parquet", "summary.json"),
          "semantic-routing": ("scores.parquet", "classification.parquet", "summary.json")}
 
@@ -75,7 +76,7 @@ def tokenizer_of(spec: str):
 
 
 # kind -> the analysis folder whose report.py has its `section(run_dir, run)` (imported when needed)
-SECTIONS = {"counterfactual": "counterfactual", "rollout": "rollout", "isolation": "isolation",
+SECTIONS = {"counterfactual": "counterfactual", "rollout": "rollout", "replay": "replay", "isolation": "isolation",
             "semantic-routing": "semantic_routing", "graft-evaluation": "graft", "passk": "passk",
             "router-update": "router_update"}
 

@@ -93,7 +93,7 @@ class Result:
 # kind -> the result type, in its analysis' folder (imported when a run of that kind is read)
 RESULTS = {"counterfactual": "counterfactual:CounterfactualResult", "isolation": "isolation:IsolationResult",
            "passk": "passk:PassKResult", "router-update": "router_update:RouterUpdateResult",
-           "rollout": "rollout:RolloutResult", "graft-evaluation": "graft:GraftEvaluationResult",
+           "rollout": "rollout:RolloutResult", "replay": "replay:ReplayResult", "graft-evaluation": "graft:GraftEvaluationResult",
            "semantic-routing": "semantic_routing:SemanticRouteResult"}
 
 

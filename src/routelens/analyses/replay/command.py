@@ -1,0 +1,86 @@
+"""`routelens replay`: an inference engine's routes against the model's own, and what each flip costs."""
+
+from __future__ import annotations
+
+from routelens.cli.parsing import (
+    check_records_early,
+    config_from_args,
+    config_options,
+    load_lens,
+    model_options,
+    positive_int,
+    run_options,
+)
+
+NAME = "replay"
+HELP = "audit an inference engine's routes against the model's own: flips per layer, margin, cost when forced"
+RESUMABLE = True
+EPILOG = """examples:
+  routelens replay --model demo --trajectories traj.jsonl --routes-from sglang.jsonl --routes-format sglang \\
+      --out runs/replay
+  routelens replay --model demo --trajectories traj.jsonl --compare-to dtype=bfloat16 --out runs/replay-bf16
+  routelens replay --model ./my-olmoe --trajectories traj.jsonl --compare-to batch=8 --out runs/replay-batch
+
+Per MoE layer: the flip rate (share of scored tokens whose engine expert set is not the
+model's own) and the mean Jaccard; per token the layers that flip; the flip risk by the
+router's margin (k-th minus (k+1)-th selection score) and by the Confident / Ambiguous /
+Fragile bin of the natural p; and the cost: the model run with the engine's routes forced
+at every layer at once (weights by the model's own gating rule) against its natural
+routes, per scored token: next-token log-prob difference and KL(natural || replayed).
+--compare-to audits a second Hugging Face run of the same model instead of an engine:
+dtype=bfloat16|float16|float32 (a copy in that dtype), experts-implementation=eager|
+grouped_mm|batched_mm, batch=N (the same tokens as row 0 of a right-padded batch of N).
+Intervals: cluster bootstrap over problems (trajectories with a problem_id) or trajectories.
+Re-running the same command on the same --out resumes.
+Python: routelens.replay(lens, "traj.jsonl", routes, out="runs/replay").
+"""
+
+
+def parents():
+    from routelens.analyses.replay.config import ReplayConfig
+
+    return [model_options(), config_options(ReplayConfig, "replay audit"), run_options()]
+
+
+def add_arguments(parser) -> None:
+    parser.add_argument("--trajectories", required=True, help="JSONL or Parquet file of trajectories")
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--routes-from", default=None, metavar="FILE",
+                        help="the engine's routes (SGLang, vLLM, .npy, Parquet: see --routes-format)")
+    source.add_argument("--compare-to", default=None, metavar="SPEC",
+                        help="a second Hugging Face run instead: dtype=bfloat16, experts-implementation=grouped_mm "
+                             "or batch=N")
+    from routelens.data.engine_routes_io import ROUTE_FORMAT_HELP, ROUTE_FORMATS
+
+    parser.add_argument("--routes-format", default=None, choices=ROUTE_FORMATS + ("auto",),
+                        help="the format of --routes-from (default auto: from the file); "
+                             + "; ".join(f"{name}: {text}" for name, text in ROUTE_FORMAT_HELP.items()))
+    parser.add_argument("--export", default=None, metavar="FILE.npz",
+                        help="also write the engine's routes for training: [tokens, MoE layers, k] int16 per "
+                             "trajectory and a JSON header, in one .npz (R3 trainers' shape)")
+    parser.add_argument("--out", required=True, help="run folder (created; resumed if it holds the same run)")
+    parser.add_argument("--max-trajectories", type=positive_int, default=None, help="use the first N trajectories")
+
+
+def run(args) -> int:
+    from routelens.analyses.replay.config import ReplayConfig, parse_compare_to
+    from routelens.analyses.replay.table import print_replay_summary
+    from routelens.api import replay
+    from routelens.errors import RouteLensError
+
+    config = config_from_args(ReplayConfig, args)   # bad settings fail before the model loads
+    if args.compare_to is not None:
+        parse_compare_to(args.compare_to)
+    if args.routes_format is not None and args.routes_from is None:
+        raise RouteLensError("--routes-format describes --routes-from; give --routes-from FILE")
+    if args.export is not None and args.routes_from is None:
+        raise RouteLensError("--export writes an engine's routes for training; give them with --routes-from FILE")
+    check_records_early(args.trajectories, "trajectory")
+    lens = load_lens(args)
+    # --routes-from is read by routelens.data.engine_routes_io.read_routes against the model and the trajectories
+    result = replay(lens, args.trajectories, args.routes_from, args.out, config=config, compare_to=args.compare_to,
+                    routes_format=args.routes_format, max_trajectories=args.max_trajectories, export=args.export,
+                    overwrite=args.overwrite, show_progress=not args.no_progress)
+    print_replay_summary(result.summary_dict)
+    print(f"run folder: {args.out} (routes.parquet, tokens.parquet, summary.json, run.json)")
+    return 0
