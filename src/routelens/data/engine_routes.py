@@ -35,7 +35,15 @@ class EngineRoutes:
 
     `source` says where they came from ("sglang", "vllm", "npy", "parquet",
     "llama.cpp:q8_0", "hf:dtype=bfloat16", ...); `meta` keeps what the source said besides
-    (model name, engine version, the file's header), recorded in the run's run.json."""
+    (model name, engine version, the file's header), recorded in the run's run.json.
+
+    Examples:
+        >>> import numpy as np
+        >>> from routelens import EngineRoutes
+        >>> routes = EngineRoutes({"t0": np.array([[[0, 1]], [[2, -1]]])}, layers=[3], top_k=2, source="npy")
+        >>> routes.layers, routes.shape("t0")
+        ([3], (2, 1, 2))
+    """
 
     experts: dict[str, np.ndarray]
     layers: list[int]
