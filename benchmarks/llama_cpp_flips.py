@@ -1,6 +1,7 @@
 """How many routing decisions llama.cpp flips on the demo model, per GGUF type, side by side in one run.
 
-For each GGUF type (f32, f16, q8_0, q4_0) and KV-cache type (f32, f16), llama.cpp
+For each GGUF type (f32, f16, q8_0, q4_0), as llama.cpp runs it by default (f16 KV cache,
+flash attention auto) and in f32 arithmetic throughout (f32 cache, no flash attention), llama.cpp
 (llama-cpp-python, `routelens.inference.llama_cpp`) runs the demo's arithmetic items
 (question + worked solution, teacher-forced) and its routes are compared with Hugging
 Face's own (fp32, `lens.capture`):
@@ -18,7 +19,7 @@ Face's own (fp32, `lens.capture`):
 Units: decisions and tokens are pooled over all trajectories (no interval: a census of this
 fixed set, not an estimate). Not a test: CI does not run it.
 
-    .venv/bin/python benchmarks/llama_cpp_flips.py            # CPU, ~1 min
+    .venv/bin/python benchmarks/llama_cpp_flips.py            # CPU, ~5 min on 2 cores
 
 writes docs/measurements/llama-cpp-flips-cpu.json and prints the table.
 """
@@ -42,8 +43,11 @@ import routelens as rl  # noqa: E402
 from routelens.inference.llama_cpp import llama_cpp_routes  # noqa: E402
 from routelens.models.routing import route_by_rule  # noqa: E402
 
-ROWS = [("f32", "f32"), ("f32", "f16"), ("f16", "f32"), ("f16", "f16"), ("q8_0", "f32"), ("q8_0", "f16"),
-        ("q4_0", "f32"), ("q4_0", "f16")]
+# (GGUF type, KV-cache type, flash attention): None = llama.cpp's default (f16 cache; flash attention auto,
+# which is on for a CPU and rounds q, k and v to f16 whatever the cache type); f32 without flash attention
+# and with an f32 cache is llama.cpp's arithmetic in f32 throughout (routelens' default for f32 files)
+ROWS = [("f32", "f32", False), ("f32", None, None), ("f16", None, None), ("q8_0", None, None), ("q4_0", None, None),
+        ("q8_0", "f32", False), ("q4_0", "f32", False)]
 
 
 def hugging_face(lens, sequences):
@@ -73,10 +77,12 @@ def replay_reproduces(lens, sequences, engine_routes) -> bool:
     return True
 
 
-def measure(lens, sequences, hf, gguf_type, kv) -> dict:
+def measure(lens, sequences, hf, gguf_type, kv, flash) -> dict:
     hf_routes, hf_margins, hf_logprobs = hf
     started = time.perf_counter()
-    routes, logprobs = llama_cpp_routes(lens, sequences, gguf_type, kv_cache_type=kv, full_logprobs=True)
+    kv = kv or "f16"   # llama.cpp's default cache type, which routelens gives an f32 file only when asked
+    flash_attn = {None: None, False: False, True: True}[flash]
+    routes, logprobs = llama_cpp_routes(lens, sequences, gguf_type, kv_cache_type=kv, flash_attn=flash_attn, full_logprobs=True)
     seconds = time.perf_counter() - started
     flipped, jaccard, margins, flipped_margins, any_layer, target_diffs, kls = [], [], [], [], [], [], []
     for key, ids in sequences.items():
@@ -97,7 +103,8 @@ def measure(lens, sequences, hf, gguf_type, kv) -> dict:
     margins_all = np.concatenate([m.reshape(-1) for m in margins])
     margins_flipped = np.concatenate(flipped_margins)
     target_diffs, kls = np.concatenate(target_diffs), np.concatenate(kls)
-    return {"gguf_type": gguf_type, "kv_cache_type": kv, "source": routes.source, "decisions": int(flipped.size),
+    return {"gguf_type": gguf_type, "kv_cache_type": kv, "flash_attn": routes.meta["flash_attn"], "source": routes.source,
+            "decisions": int(flipped.size),
             "flipped_decisions": int(flipped.sum()), "flip_rate": float(flipped.mean()),
             "flip_rate_by_layer": {str(layer): float(flipped[:, i].mean()) for i, layer in enumerate(lens.moe_layers)},
             "tokens": int(flipped.shape[0]), "tokens_with_a_flip": float(np.concatenate(any_layer).mean()),
@@ -120,13 +127,14 @@ def main() -> None:
     sequences = {item.id: list(item.input_ids) for item in items}
     hf = hugging_face(lens, sequences)
     rows = []
-    for gguf_type, kv in ROWS:
-        rows.append(measure(lens, sequences, hf, gguf_type, kv))
+    for gguf_type, kv, flash in ROWS:
+        rows.append(measure(lens, sequences, hf, gguf_type, kv, flash))
         row = rows[-1]
-        margin = f"{row['median_margin_flipped']:.4f}" if row["median_margin_flipped"] is not None else "  -   "
-        print(f"{gguf_type:5} kv {kv:3} | flips {row['flipped_decisions']:5}/{row['decisions']} = {row['flip_rate']:.4%} "
+        margin = f"{row['median_margin_flipped']:.1e}" if row["median_margin_flipped"] is not None else "   -   "
+        print(f"{gguf_type:5} kv {row['kv_cache_type']:3} flash-attn {row['flash_attn'][:4]:4} "
+              f"| flips {row['flipped_decisions']:5}/{row['decisions']} = {row['flip_rate']:.4%} "
               f"| tokens with a flip {row['tokens_with_a_flip']:.2%} | Jaccard {row['mean_jaccard']:.4f} "
-              f"| margin flipped {margin} vs all {row['median_margin_all']:.4f} "
+              f"| margin flipped {margin} vs all {row['median_margin_all']:.1e} "
               f"| |dlogp| {row['target_logprob_abs_diff_mean']:.2e} mean {row['target_logprob_abs_diff_max']:.2e} max "
               f"| KL {row['kl_hf_to_engine_mean']:.2e} | replay exact {row['replay_reproduces_engine_routes']} "
               f"| {row['seconds']} s", flush=True)

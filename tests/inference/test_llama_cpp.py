@@ -16,7 +16,7 @@ pytest.importorskip("llama_cpp", reason="the llama extra is not installed (pip i
 import routelens as rl  # noqa: E402
 from routelens.errors import RouteLensError, SettingError  # noqa: E402
 from routelens.inference.gguf_export import check_gguf, export_gguf  # noqa: E402
-from routelens.inference.llama_cpp import llama_cpp_routes  # noqa: E402
+from routelens.inference.llama_cpp import llama_cpp_routes, run_llama_cpp  # noqa: E402
 from routelens.models.routing import route_by_rule  # noqa: E402
 from routelens.models.tiny import build_tiny_model  # noqa: E402
 
@@ -78,6 +78,23 @@ def test_f32_llama_cpp_agrees_with_hugging_face_on_routes_and_logprobs(demo, eng
     for key, values in targets.items():
         ids = sequences[key]
         np.testing.assert_allclose(values, logprobs[key][np.arange(len(ids) - 1), ids[1:]], atol=1e-6)
+
+
+def test_router_logits_read_through_the_callback_are_hugging_faces_and_trajectories_are_accepted(demo):
+    lens, sequences, hf_routes, _ = demo
+    few = list(sequences.items())[:3]
+    trajectories = rl.trajectories_from_ids([ids for _, ids in few], completion_start=2, ids=[key for key, _ in few])
+    run = run_llama_cpp(lens, trajectories, "f32", router_logits=True)
+    assert sorted(run.routes.experts) == sorted(key for key, _ in few) and run.routes.meta["flash_attn"] == "off"
+    for key, ids in few:
+        with torch.no_grad(), lens.capture() as captured:
+            lens.model(torch.tensor([ids]))
+        hf_logits = np.stack([captured[layer].logits[0].numpy() for layer in lens.moe_layers], axis=1)   # [T, L, E]
+        assert run.router_logits[key].shape == (len(ids), len(lens.moe_layers), lens.num_experts)
+        np.testing.assert_allclose(run.router_logits[key], hf_logits, atol=1e-4)
+        # the engine's top-k is the top-k of its own logits (the callback read the right tensors, in order)
+        engine_top = np.sort(np.argsort(-run.router_logits[key], axis=-1)[..., :lens.top_k], axis=-1)
+        assert (engine_top == np.sort(run.routes.experts[key], axis=-1)).all()
 
 
 def test_quantized_files_flip_routes_and_forcing_them_in_hugging_face_reproduces_them_exactly(demo, engine_runs):

@@ -1,6 +1,7 @@
 """llama.cpp's routes and next-token log-probs on trajectories (llama-cpp-python's low-level API).
 
-`llama_cpp_routes(lens, trajectories, gguf_type="q8_0")` writes a GGUF of the lens's model
+`llama_cpp_routes(lens, trajectories, gguf_type="q8_0") -> (EngineRoutes, logprobs)` (or
+`run_llama_cpp`, which can also keep the engine's router logits) writes a GGUF of the lens's model
 (`routelens.inference.gguf_export`; or takes one, checked against the model), decodes each
 trajectory's token ids in one batch (one sequence, positions 0..T-1, no tokenizer involved),
 and, through llama.cpp's graph evaluation callback (`cb_eval` of the context parameters),
@@ -13,9 +14,10 @@ Alignment, explicit: position t of a route array and of a log-prob array is toke
 trajectory's input_ids (the prompt included); the log-prob at t is of token t + 1 (the
 next token), so a trajectory of T tokens has T route rows and T - 1 target log-probs.
 
-The KV cache is f32 for an f32 file (so that f32 measures llama.cpp's arithmetic, not a
-cache rounding) and llama.cpp's default f16 for the other types, unless `kv_cache_type` says
-otherwise; what was used is recorded in the routes' `meta` and `source`.
+An f32 file runs with an f32 KV cache and without flash attention (so that f32 measures
+llama.cpp's f32 arithmetic, not an f16 rounding of keys and values); the other types run as
+llama.cpp runs them by default (f16 cache, flash attention auto), unless `kv_cache_type` or
+`flash_attn` say otherwise. What was used is recorded in the routes' `meta`.
 
 Examples:
     >>> import routelens as rl
@@ -23,7 +25,7 @@ Examples:
     >>> lens = rl.load("demo")
     >>> routes, logprobs = llama_cpp_routes(lens, {"t0": lens.encode("Q:12+7=A:")[0].tolist()}, gguf_type="f32")
     >>> routes.source, routes.shape("t0"), logprobs["t0"].shape
-    ('llama.cpp:f32', (9, 4, 4), (8,))
+    ('llama.cpp:f32', (10, 4, 4), (9,))
 """
 
 from __future__ import annotations
@@ -32,6 +34,7 @@ import ctypes
 import os
 import shutil
 import tempfile
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -122,24 +125,56 @@ def _sequences(trajectories, vocab_size: int) -> dict[str, list[int]]:
     return sequences
 
 
+@dataclass
+class LlamaCppRun:
+    """What one llama.cpp run gave: `routes` (EngineRoutes, source "llama.cpp:<type>"),
+    `logprobs` per trajectory (float64 [T - 1], or [T, vocab] with full_logprobs) and, when
+    asked, `router_logits` per trajectory (llama.cpp's "ffn_moe_logits-<layer>", float32
+    [T, L, E]: the engine's own router scores, for margins on the engine's side)."""
+
+    routes: EngineRoutes
+    logprobs: dict[str, np.ndarray]
+    router_logits: dict[str, np.ndarray] | None = None
+
+
 def llama_cpp_routes(lens, trajectories, gguf_type: str = "q8_0", *, gguf: str | None = None,
-                     kv_cache_type: str | None = None, threads: int | None = None, full_logprobs: bool = False,
-                     router_logits: bool = False) -> tuple[EngineRoutes, dict[str, np.ndarray]]:
+                     kv_cache_type: str | None = None, flash_attn: bool | None = None, threads: int | None = None,
+                     full_logprobs: bool = False) -> tuple[EngineRoutes, dict[str, np.ndarray]]:
+    """Run llama.cpp on the trajectories: its routes at every MoE layer and its log-probs
+    (what `routelens replay --engine llama.cpp --gguf-type TYPE` compares with the model's).
+    The same as `run_llama_cpp(...)` without the router logits, as a pair (routes, logprobs).
+    """
+    run = run_llama_cpp(lens, trajectories, gguf_type, gguf=gguf, kv_cache_type=kv_cache_type, flash_attn=flash_attn,
+                        threads=threads, full_logprobs=full_logprobs)
+    return run.routes, run.logprobs
+
+
+def run_llama_cpp(lens, trajectories, gguf_type: str = "q8_0", *, gguf: str | None = None,
+                  kv_cache_type: str | None = None, flash_attn: bool | None = None, threads: int | None = None,
+                  full_logprobs: bool = False, router_logits: bool = False) -> LlamaCppRun:
     """Run llama.cpp on the trajectories: its routes at every MoE layer and its log-probs.
 
+    `trajectories`: Trajectory objects, a dict id -> token ids, or a list of token-id lists.
     `gguf_type`: f32, f16, q8_0 or q4_0, the file routelens writes of the lens's model (into
     a temporary folder, removed after); `gguf`: a GGUF file to run instead (checked against
-    the model: a GGUF of another model is a one-line error; its own type is then reported).
-    `kv_cache_type`: f32 or f16 (default: f32 for an f32 file, f16 otherwise). Returns
-    (`EngineRoutes` with source "llama.cpp:<type>", int [T, L, k] per trajectory; log-probs):
+    the model: a GGUF of another model is a one-line error; the file's own type is then
+    reported and `gguf_type` is not used).
+    `kv_cache_type`: f32 or f16 (default: f32 for an f32 file, f16 otherwise); `flash_attn`:
+    True, False, or None for llama.cpp's default (auto: on, on a CPU), except that an f32 file
+    runs without it unless asked (llama.cpp's CPU flash attention rounds q and k to f16: 8e-3
+    nats on the demo's log-probs against 2e-5 without). Returns
+    a `LlamaCppRun`: `routes` (EngineRoutes, source "llama.cpp:<type>", int [T, L, k] per trajectory);
+    `logprobs`:
     per trajectory float64 [T - 1], the log-prob of token t + 1 at position t, or with
     `full_logprobs` the whole log-softmax [T, vocab]. `router_logits`: also keep llama.cpp's
-    router logits, float32 [T, L, E] per trajectory, in `routes.meta["router_logits"]`.
+    router logits (`LlamaCppRun.router_logits`).
     """
     llama_cpp = llama_cpp_module()
     check_gguf_type(gguf_type)
     if kv_cache_type is not None and kv_cache_type not in KV_CACHE_TYPES:
         raise SettingError(f"`kv_cache_type` must be one of {', '.join(KV_CACHE_TYPES)}, got {kv_cache_type!r}", "kv_cache_type")
+    if flash_attn is not None and not isinstance(flash_attn, bool):
+        raise SettingError(f"`flash_attn` must be True, False or None (llama.cpp's default), got {flash_attn!r}", "flash_attn")
     if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int) or threads < 1):
         raise SettingError(f"`threads` must be a positive integer, got {threads!r}", "threads")
     sequences = _sequences(trajectories, lens.adapter.config.vocab_size)
@@ -154,7 +189,8 @@ def llama_cpp_routes(lens, trajectories, gguf_type: str = "q8_0", *, gguf: str |
         file_type = gguf_type if gguf is None else (info["file_type"] or "unknown").replace("MOSTLY_", "").replace(
             "ALL_", "").lower()
         kv = kv_cache_type or ("f32" if file_type == "f32" else "f16")
-        experts, logprobs, logits, engine = _run(llama_cpp, lens, path, sequences, kv, threads, full_logprobs,
+        flash = flash_attn if flash_attn is not None or file_type != "f32" else False
+        experts, logprobs, logits, engine = _run(llama_cpp, lens, path, sequences, kv, flash, threads, full_logprobs,
                                                  router_logits)
     finally:
         if folder is not None:
@@ -163,14 +199,12 @@ def llama_cpp_routes(lens, trajectories, gguf_type: str = "q8_0", *, gguf: str |
             "gguf": gguf if gguf is not None else f"(written by routelens, {gguf_type}, removed after the run)",
             "gguf_file": {key: value for key, value in info.items() if key != "path"}, "kv_cache_type": kv, **engine,
             "logprobs": "position t: log p(token t + 1 | tokens <= t), log-softmax of llama.cpp's logits in float64"}
-    if router_logits:
-        meta["router_logits"] = logits
     routes = EngineRoutes(experts, layers=lens.moe_layers, top_k=lens.top_k, source=f"llama.cpp:{file_type}",
                           alignment=ALIGNMENT, meta=meta)
-    return routes, logprobs
+    return LlamaCppRun(routes, logprobs, logits if router_logits else None)
 
 
-def _run(llama_cpp, lens, path, sequences, kv, threads, full_logprobs, router_logits):
+def _run(llama_cpp, lens, path, sequences, kv, flash_attn, threads, full_logprobs, router_logits):
     """Load the file in llama.cpp, decode every sequence with the callback reading the routes."""
     lib = _ggml_base(llama_cpp)
     layers = lens.moe_layers
@@ -220,6 +254,7 @@ def _run(llama_cpp, lens, path, sequences, kv, threads, full_logprobs, router_lo
         params.cb_eval = observe
         params.cb_eval_user_data = None
         params.no_perf = True
+        params.flash_attn_type = {None: -1, False: 0, True: 1}[flash_attn]   # LLAMA_FLASH_ATTN_TYPE_AUTO / DISABLED / ENABLED
         context = llama_cpp.llama_init_from_model(model, params)
         if not context:
             raise RouteLensError(f"llama.cpp could not make a context for {path}: "
@@ -249,7 +284,8 @@ def _run(llama_cpp, lens, path, sequences, kv, threads, full_logprobs, router_lo
             full = raw - raw.max(axis=1, keepdims=True)
             full = full - np.log(np.exp(full).sum(axis=1, keepdims=True))
             logprobs[key] = full if full_logprobs else full[np.arange(len(ids) - 1), ids[1:]]
-        engine = {"threads": n_threads, "n_ctx": longest, "flash_attn": "llama.cpp's default (auto)",
+        engine = {"threads": n_threads, "n_ctx": longest,
+                  "flash_attn": {None: "llama.cpp's default (auto)", False: "off", True: "on"}[flash_attn],
                   "routes_tensor": f"{TOPK_TENSOR}-<layer>", "vocab": vocab}
         return experts, logprobs, logits, engine
     finally:
