@@ -43,10 +43,10 @@ import routelens as rl  # noqa: E402
 from routelens.inference.llama_cpp import llama_cpp_routes  # noqa: E402
 from routelens.models.routing import route_by_rule  # noqa: E402
 
-# (GGUF type, KV-cache type, flash attention): None = llama.cpp's default (f16 cache; flash attention auto,
-# which is on for a CPU and rounds q, k and v to f16 whatever the cache type); f32 without flash attention
-# and with an f32 cache is llama.cpp's arithmetic in f32 throughout (routelens' default for f32 files)
-ROWS = [("f32", "f32", False), ("f32", None, None), ("f16", None, None), ("q8_0", None, None), ("q4_0", None, None),
+# (GGUF type, KV-cache type, flash attention): f16 and "auto" are llama.cpp's defaults (flash attention is
+# on for a CPU and rounds q, k and v to f16 whatever the cache type); an f32 cache without flash attention
+# is llama.cpp's arithmetic in f32 throughout (routelens' default for f32 files)
+ROWS = [("f32", "f32", False), ("f32", "f16", "auto"), ("f16", "f16", "auto"), ("q8_0", "f16", "auto"), ("q4_0", "f16", "auto"),
         ("q8_0", "f32", False), ("q4_0", "f32", False)]
 
 
@@ -80,9 +80,7 @@ def replay_reproduces(lens, sequences, engine_routes) -> bool:
 def measure(lens, sequences, hf, gguf_type, kv, flash) -> dict:
     hf_routes, hf_margins, hf_logprobs = hf
     started = time.perf_counter()
-    kv = kv or "f16"   # llama.cpp's default cache type, which routelens gives an f32 file only when asked
-    flash_attn = {None: None, False: False, True: True}[flash]
-    routes, logprobs = llama_cpp_routes(lens, sequences, gguf_type, kv_cache_type=kv, flash_attn=flash_attn, full_logprobs=True)
+    routes, logprobs = llama_cpp_routes(lens, sequences, gguf_type, kv_cache_type=kv, flash_attn=flash, full_logprobs=True)
     seconds = time.perf_counter() - started
     flipped, jaccard, margins, flipped_margins, any_layer, target_diffs, kls = [], [], [], [], [], [], []
     for key, ids in sequences.items():
@@ -131,7 +129,7 @@ def main() -> None:
         rows.append(measure(lens, sequences, hf, gguf_type, kv, flash))
         row = rows[-1]
         margin = f"{row['median_margin_flipped']:.1e}" if row["median_margin_flipped"] is not None else "   -   "
-        print(f"{gguf_type:5} kv {row['kv_cache_type']:3} flash-attn {row['flash_attn'][:4]:4} "
+        print(f"{gguf_type:5} kv {row['kv_cache_type']:3} flash-attn {row['flash_attn'].split()[0]:4} "
               f"| flips {row['flipped_decisions']:5}/{row['decisions']} = {row['flip_rate']:.4%} "
               f"| tokens with a flip {row['tokens_with_a_flip']:.2%} | Jaccard {row['mean_jaccard']:.4f} "
               f"| margin flipped {margin} vs all {row['median_margin_all']:.1e} "

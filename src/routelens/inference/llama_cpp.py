@@ -114,7 +114,11 @@ def _sequences(trajectories, vocab_size: int) -> dict[str, list[int]]:
         key = str(key)
         if key in sequences:
             raise SettingError(f"trajectory id {key!r} appears twice in `trajectories`", "trajectories")
-        ids = np.asarray(ids.tolist() if hasattr(ids, "tolist") else ids).reshape(-1) if len(ids) else np.zeros(0, int)
+        try:
+            ids = np.asarray(ids.tolist() if hasattr(ids, "tolist") else list(ids)).reshape(-1)
+        except (TypeError, ValueError):
+            raise SettingError(f"trajectory {key!r} must be a list of token ids, got {type(ids).__name__}", "trajectories") from None
+        ids = ids if ids.size else np.zeros(0, int)
         if ids.size < 2 or not np.issubdtype(ids.dtype, np.integer):
             raise SettingError(f"trajectory {key!r} must be two or more integer token ids, got {ids.size} of {ids.dtype}",
                                "trajectories")
@@ -138,8 +142,8 @@ class LlamaCppRun:
 
 
 def llama_cpp_routes(lens, trajectories, gguf_type: str = "q8_0", *, gguf: str | None = None,
-                     kv_cache_type: str | None = None, flash_attn: bool | None = None, threads: int | None = None,
-                     full_logprobs: bool = False) -> tuple[EngineRoutes, dict[str, np.ndarray]]:
+                     kv_cache_type: str | None = None, flash_attn: bool | str | None = None,
+                     threads: int | None = None, full_logprobs: bool = False) -> tuple[EngineRoutes, dict[str, np.ndarray]]:
     """Run llama.cpp on the trajectories: its routes at every MoE layer and its log-probs
     (what `routelens replay --engine llama.cpp --gguf-type TYPE` compares with the model's).
     The same as `run_llama_cpp(...)` without the router logits, as a pair (routes, logprobs).
@@ -150,8 +154,8 @@ def llama_cpp_routes(lens, trajectories, gguf_type: str = "q8_0", *, gguf: str |
 
 
 def run_llama_cpp(lens, trajectories, gguf_type: str = "q8_0", *, gguf: str | None = None,
-                  kv_cache_type: str | None = None, flash_attn: bool | None = None, threads: int | None = None,
-                  full_logprobs: bool = False, router_logits: bool = False) -> LlamaCppRun:
+                  kv_cache_type: str | None = None, flash_attn: bool | str | None = None,
+                  threads: int | None = None, full_logprobs: bool = False, router_logits: bool = False) -> LlamaCppRun:
     """Run llama.cpp on the trajectories: its routes at every MoE layer and its log-probs.
 
     `trajectories`: Trajectory objects, a dict id -> token ids, or a list of token-id lists.
@@ -160,9 +164,9 @@ def run_llama_cpp(lens, trajectories, gguf_type: str = "q8_0", *, gguf: str | No
     the model: a GGUF of another model is a one-line error; the file's own type is then
     reported and `gguf_type` is not used).
     `kv_cache_type`: f32 or f16 (default: f32 for an f32 file, f16 otherwise); `flash_attn`:
-    True, False, or None for llama.cpp's default (auto: on, on a CPU), except that an f32 file
-    runs without it unless asked (llama.cpp's CPU flash attention rounds q and k to f16: 8e-3
-    nats on the demo's log-probs against 2e-5 without). Returns
+    True, False or "auto" (llama.cpp's default: on, on a CPU); None: off for an f32 file,
+    "auto" otherwise (llama.cpp's CPU flash attention rounds q, k and v to f16: 8e-3 nats on
+    the demo's log-probs against 2e-5 without). Returns
     a `LlamaCppRun`: `routes` (EngineRoutes, source "llama.cpp:<type>", int [T, L, k] per trajectory);
     `logprobs`:
     per trajectory float64 [T - 1], the log-prob of token t + 1 at position t, or with
@@ -173,8 +177,9 @@ def run_llama_cpp(lens, trajectories, gguf_type: str = "q8_0", *, gguf: str | No
     check_gguf_type(gguf_type)
     if kv_cache_type is not None and kv_cache_type not in KV_CACHE_TYPES:
         raise SettingError(f"`kv_cache_type` must be one of {', '.join(KV_CACHE_TYPES)}, got {kv_cache_type!r}", "kv_cache_type")
-    if flash_attn is not None and not isinstance(flash_attn, bool):
-        raise SettingError(f"`flash_attn` must be True, False or None (llama.cpp's default), got {flash_attn!r}", "flash_attn")
+    if flash_attn is not None and not isinstance(flash_attn, bool) and flash_attn != "auto":
+        raise SettingError(f"`flash_attn` must be True, False, \"auto\" (llama.cpp's default) or None (off for an f32 file, "
+                           f"auto otherwise), got {flash_attn!r}", "flash_attn")
     if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int) or threads < 1):
         raise SettingError(f"`threads` must be a positive integer, got {threads!r}", "threads")
     sequences = _sequences(trajectories, lens.adapter.config.vocab_size)
@@ -189,7 +194,7 @@ def run_llama_cpp(lens, trajectories, gguf_type: str = "q8_0", *, gguf: str | No
         file_type = gguf_type if gguf is None else (info["file_type"] or "unknown").replace("MOSTLY_", "").replace(
             "ALL_", "").lower()
         kv = kv_cache_type or ("f32" if file_type == "f32" else "f16")
-        flash = flash_attn if flash_attn is not None or file_type != "f32" else False
+        flash = flash_attn if flash_attn is not None else (False if file_type == "f32" else "auto")
         experts, logprobs, logits, engine = _run(llama_cpp, lens, path, sequences, kv, flash, threads, full_logprobs,
                                                  router_logits)
     finally:
@@ -254,7 +259,7 @@ def _run(llama_cpp, lens, path, sequences, kv, flash_attn, threads, full_logprob
         params.cb_eval = observe
         params.cb_eval_user_data = None
         params.no_perf = True
-        params.flash_attn_type = {None: -1, False: 0, True: 1}[flash_attn]   # LLAMA_FLASH_ATTN_TYPE_AUTO / DISABLED / ENABLED
+        params.flash_attn_type = {"auto": -1, False: 0, True: 1}[flash_attn]   # LLAMA_FLASH_ATTN_TYPE_AUTO / DISABLED / ENABLED
         context = llama_cpp.llama_init_from_model(model, params)
         if not context:
             raise RouteLensError(f"llama.cpp could not make a context for {path}: "
@@ -285,7 +290,7 @@ def _run(llama_cpp, lens, path, sequences, kv, flash_attn, threads, full_logprob
             full = full - np.log(np.exp(full).sum(axis=1, keepdims=True))
             logprobs[key] = full if full_logprobs else full[np.arange(len(ids) - 1), ids[1:]]
         engine = {"threads": n_threads, "n_ctx": longest,
-                  "flash_attn": {None: "llama.cpp's default (auto)", False: "off", True: "on"}[flash_attn],
+                  "flash_attn": {"auto": "auto (llama.cpp's default)", False: "off", True: "on"}[flash_attn],
                   "routes_tensor": f"{TOPK_TENSOR}-<layer>", "vocab": vocab}
         return experts, logprobs, logits, engine
     finally:
