@@ -65,11 +65,12 @@ def check_gguf_type(gguf_type) -> str:
 @dataclass
 class _Plan:
     """What a GGUF of the model holds: architecture, metadata (writer method -> value) and
-    tensors (GGUF name -> float32 array in PyTorch's dimension order)."""
+    tensors (GGUF name -> the model's tensor or a view of it, in PyTorch's dimension order;
+    copied to float32 one at a time, when written or compared)."""
 
     architecture: str
     metadata: list[tuple[str, object]]
-    tensors: dict[str, np.ndarray]
+    tensors: dict[str, torch.Tensor]
 
 
 def architecture_of(lens) -> str:
@@ -116,11 +117,11 @@ def _plan(lens) -> _Plan:
     config = lens.adapter.config
     state = {name: tensor.detach() for name, tensor in lens.model.state_dict().items()}
 
-    def take(name: str) -> np.ndarray:
+    def take(name: str) -> torch.Tensor:
         if name not in state:
             raise RouteLensError(f"the model has no tensor {name!r}: not the {lens.family} layout that llama.cpp's converter "
                                  "reads (transformers 5's fused experts)")
-        return state[name].to("cpu", torch.float32).numpy()
+        return state[name]
 
     def gguf_name(tensor, layer: int | None = None) -> str:
         return gguf.TENSOR_NAMES[tensor].format(bid=layer) + ".weight"
@@ -138,8 +139,8 @@ def _plan(lens) -> _Plan:
                              (T.ATTN_K_NORM, "self_attn.k_norm"), (T.FFN_NORM, "post_attention_layernorm"),
                              (T.FFN_GATE_INP, "mlp.gate")):
             tensors[gguf_name(tensor, layer)] = take(prefix + name + ".weight")
-        tensors[gguf_name(T.FFN_GATE_EXP, layer)] = np.ascontiguousarray(gate_up[:, :ff])
-        tensors[gguf_name(T.FFN_UP_EXP, layer)] = np.ascontiguousarray(gate_up[:, ff:])
+        tensors[gguf_name(T.FFN_GATE_EXP, layer)] = gate_up[:, :ff]
+        tensors[gguf_name(T.FFN_UP_EXP, layer)] = gate_up[:, ff:]
         tensors[gguf_name(T.FFN_DOWN_EXP, layer)] = take(prefix + "mlp.experts.down_proj")
 
     rope = dict(getattr(config, "rope_parameters", None) or {})
@@ -155,7 +156,11 @@ def _plan(lens) -> _Plan:
     return _Plan(architecture, metadata, tensors)
 
 
-def _quantization(name: str, array: np.ndarray, gguf_type: str):
+def _float32(tensor: torch.Tensor) -> np.ndarray:
+    return tensor.to("cpu", torch.float32).contiguous().numpy()
+
+
+def _quantization(name: str, array, gguf_type: str):
     """The GGML type of one tensor in a file of `gguf_type` (llama.cpp's converter's rule)."""
     gguf = gguf_module()
     Q = gguf.GGMLQuantizationType
@@ -188,8 +193,8 @@ def export_gguf(lens, path: str, gguf_type: str = "f32") -> str:
         writer.add_file_type(int(file_type))
         writer.add_string("routelens.model", str(lens.loaded.spec))
         writer.add_string("routelens.family", lens.family)
-        for name, array in plan.tensors.items():
-            qtype = types[name]
+        for name, tensor in plan.tensors.items():
+            qtype, array = types[name], _float32(tensor)
             data = array.astype(np.float16) if qtype == Q.F16 else (
                 array if qtype == Q.F32 else gguf.quants.quantize(array, qtype))
             writer.add_tensor(name, data, raw_dtype=qtype)
@@ -235,18 +240,19 @@ def check_gguf(lens, path: str) -> dict:
             raise RouteLensError(f"{path} does not match the model: {architecture}.{key} is {found} in the file, {value} in "
                                  "the model (a GGUF of another model)")
     tensors = {tensor.name: tensor for tensor in reader.tensors}
-    for name, array in plan.tensors.items():
+    for name, tensor in plan.tensors.items():
         if name not in tensors:
             raise RouteLensError(f"{path} has no tensor {name}: not a GGUF of this model")
         shape = tuple(int(n) for n in reversed(tensors[name].shape.tolist()))   # GGUF lists ne (fastest first)
-        if shape != array.shape:
+        array = tensor
+        if shape != tuple(array.shape):
             raise RouteLensError(f"{path} does not match the model: tensor {name} is {list(shape)} in the file, "
                                  f"{list(array.shape)} in the model (a GGUF of another model)")
     for layer in range(config.num_hidden_layers):   # the routers' weights: the model's own, not another's
         name = gguf.TENSOR_NAMES[gguf.MODEL_TENSOR.FFN_GATE_INP].format(bid=layer) + ".weight"
         tensor = tensors[name]
         stored = gguf.quants.dequantize(tensor.data, tensor.tensor_type).reshape(plan.tensors[name].shape)
-        own = plan.tensors[name]
+        own = _float32(plan.tensors[name])
         exact = tensor.tensor_type == gguf.GGMLQuantizationType.F32
         tolerance = (1e-6 if exact else 0.02) * float(np.abs(own).max() or 1.0)
         deviation = float(np.abs(stored.astype(np.float32) - own).max())
