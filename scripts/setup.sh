@@ -32,6 +32,18 @@ else
     .venv/bin/python -c "import torch" 2>/dev/null || "${pip[@]}" "torch==${TORCH_VERSION:-2.13.0}"
     "${pip[@]}" -e ".[test,ray]"
 fi
+# The llama extra (routelens.inference: llama.cpp, the real engine of the replay audit's tests).
+# llama-cpp-python has no CPU wheel on PyPI: it is built from its source package (cmake and a C++
+# compiler; minutes, once: pip caches the wheel), without the native-CPU tuning, OpenMP, tests,
+# examples, tools and server, which it does not need here. ROUTELENS_NO_LLAMA=1 skips it (its tests
+# are then skipped, saying why).
+if [ -z "${ROUTELENS_NO_LLAMA:-}" ]; then
+    llama=$(.venv/bin/python -c 'import tomllib; print(" ".join(tomllib.load(open("pyproject.toml", "rb"))["project"]["optional-dependencies"]["llama"]))')
+    # shellcheck disable=SC2086  # the pins are separate words
+    CMAKE_ARGS="-DGGML_NATIVE=OFF -DGGML_OPENMP=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_TOOLS=OFF -DLLAMA_BUILD_SERVER=OFF -DLLAVA_BUILD=OFF -DLLAMA_CURL=OFF" \
+        CMAKE_BUILD_PARALLEL_LEVEL="$(nproc)" "${pip[@]}" $llama \
+        || { echo "setup: could not build llama-cpp-python (needs cmake and a C++ compiler); ROUTELENS_NO_LLAMA=1 skips it" >&2; exit 1; }
+fi
 # The report test opens a report in headless Chromium (Debian's chromium and chromium-driver).
 # Set ROUTELENS_NO_BROWSER=1 to skip; without them that one test is skipped, saying why.
 if [ -z "${ROUTELENS_NO_BROWSER:-}" ] && ! command -v chromedriver >/dev/null 2>&1; then
