@@ -733,10 +733,11 @@ def rollout(lens: Lens, counterfactual, out: str | None = None, *, config: Rollo
 
 
 # ---------------------------------------------------------------------------- routing replay
+ENGINES = ("llama.cpp",)   # inference engines replay can run itself
 def replay(lens: Lens, trajectories, routes=None, out: str | None = None, *, config: ReplayConfig | None = None,
            compare_to: str | None = None, routes_format: str | None = None, max_trajectories: int | None = None,
-           export: str | None = None, overwrite: bool = False, show_progress: bool = True,
-           **options) -> ReplayResult:
+           export: str | None = None, engine: str | None = None, gguf_type: str = "q8_0", gguf: str | None = None,
+           overwrite: bool = False, show_progress: bool = True, **options) -> ReplayResult:
     """The routing replay audit: an inference engine's routes (`routes`: an `EngineRoutes`, or
     a file read by `routelens.data.engine_routes_io.read_routes` in `routes_format`) against
     the model's own, per MoE layer and token, with the router's margin and the cost of
@@ -747,6 +748,10 @@ def replay(lens: Lens, trajectories, routes=None, out: str | None = None, *, con
     `options`: fields of `ReplayConfig` (`margin_bins`, `confident`, `fragile`, `seed`, ...).
     `export`: an .npz path: the engine's routes as read, [tokens, MoE layers, k] int16 per
     trajectory with a JSON header (`export_routes`), written before the audit runs.
+    `engine`: "llama.cpp" instead of `routes`: routelens writes the model as a GGUF of
+    `gguf_type` (f32, f16, q8_0, q4_0; or runs the file `gguf`, checked against the model),
+    runs llama.cpp on the trajectories and audits the routes it chose
+    (`routelens.inference.llama_cpp`; needs the `llama` extra).
 
     Examples:
         >>> import routelens as rl
@@ -763,9 +768,19 @@ def replay(lens: Lens, trajectories, routes=None, out: str | None = None, *, con
     settings = make_config(ReplayConfig, config, **options)
     out = _run_options(out, overwrite, show_progress)
     validate.count(max_trajectories, "max_trajectories", optional=True)
-    if (routes is None) == (compare_to is None):
-        raise SettingError("give the routes to audit (`routes`: an EngineRoutes or a file) or `compare_to` "
-                           "(dtype=..., experts-implementation=... or batch=N), one of them", "routes", "compare_to")
+    if sum(given is not None for given in (routes, compare_to, engine)) != 1:
+        raise SettingError("give the routes to audit (`routes`: an EngineRoutes or a file), `engine` (llama.cpp) or "
+                           "`compare_to` (dtype=..., experts-implementation=... or batch=N), one of them",
+                           "routes", "compare_to")
+    if engine is not None and engine not in ENGINES:
+        raise SettingError(f"`engine` must be one of {', '.join(ENGINES)}, got {validate.shown(engine)}", "engine")
+    from routelens.inference.gguf_export import GGUF_TYPES
+
+    if gguf_type not in GGUF_TYPES:
+        raise SettingError(f"`gguf_type` must be one of {', '.join(GGUF_TYPES)}, got {validate.shown(gguf_type)}",
+                           "gguf_type")
+    if gguf is not None and engine is None:
+        raise SettingError("`gguf` is the file llama.cpp runs: give it with engine='llama.cpp'", "gguf")
     if routes is not None and not isinstance(routes, EngineRoutes):
         if not isinstance(routes, (str, os.PathLike)):
             raise SettingError(f"`routes` must be an EngineRoutes or a file path, got {type(routes).__name__} "
@@ -779,7 +794,11 @@ def replay(lens: Lens, trajectories, routes=None, out: str | None = None, *, con
     if compare_to is not None:
         source = SecondRun(compare_to, lens.adapter)
     else:
-        if not isinstance(routes, EngineRoutes):
+        if engine is not None:
+            from routelens.inference.llama_cpp import llama_cpp_routes
+
+            routes, _ = llama_cpp_routes(lens, kept, gguf_type, gguf=None if gguf is None else validate.path(gguf, "gguf"))
+        elif not isinstance(routes, EngineRoutes):
             from routelens.data.engine_routes_io import read_routes
 
             routes = read_routes(os.fspath(path), lens, kept, format=routes_format or "auto")

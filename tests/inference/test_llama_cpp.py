@@ -201,3 +201,38 @@ def test_the_modules_examples_run():
     for module in (gguf_export, llama_cpp_module):
         result = doctest.testmod(module, optionflags=doctest.ELLIPSIS | doctest.NORMALIZE_WHITESPACE)
         assert result.attempted > 0 and result.failed == 0, module.__name__
+
+
+def test_replay_runs_llama_cpp_itself_and_audits_exactly_the_routes_it_chose(demo, engine_runs, tmp_path):
+    """`rl.replay(..., engine="llama.cpp", gguf_type="q4_0")` (`routelens replay --engine
+    llama.cpp --gguf-type q4_0`): the flips it reports are the (token, layer) decisions where
+    llama.cpp's q4_0 routes differ from Hugging Face's at scored positions, and --export
+    writes llama.cpp's routes."""
+    from routelens.data.engine_routes_io import read_routes
+
+    lens, _, hf_routes, _ = demo
+    trajectories = rl.trajectories_from_text(lens.tokenizer, [("Q:12+7=A:", "12+7=19#19"), ("Q:8*9=A:", "8*9=72#72"),
+                                                              ("Q:50-17=A:", "50-17=33#33")])
+    export = str(tmp_path / "q4.npz")
+    result = rl.replay(lens, trajectories, engine="llama.cpp", gguf_type="q4_0", export=export,
+                       bootstrap_resamples=50, show_progress=False)
+    assert result.summary_dict["route_source"]["source"] == "llama.cpp:q4_0"
+    engine, _ = llama_cpp_routes(lens, trajectories, "q4_0")
+    expected = set()
+    for t in trajectories:
+        hf, _ = _hf(lens, {t.id: t.input_ids})
+        ours, theirs = np.sort(engine.experts[t.id], -1), np.sort(hf[t.id], -1)
+        for position in t.scored_positions:
+            for column, layer in enumerate(lens.moe_layers):
+                if (ours[position, column] != theirs[position, column]).any():
+                    expected.add((t.id, int(position), layer))
+    flipped = result.routes[result.routes["flipped"] & result.routes["scored"]]   # the table also holds the prompt
+    assert expected and set(zip(flipped["trajectory_id"], flipped["position"].astype(int),
+                                flipped["layer"].astype(int))) == expected
+    written = read_routes(export, lens, trajectories, format="npz-export")
+    for t in trajectories:
+        np.testing.assert_array_equal(np.sort(written.experts[t.id], -1), np.sort(engine.experts[t.id], -1))
+    with pytest.raises(SettingError, match="one of them"):
+        rl.replay(lens, trajectories, engine="llama.cpp", compare_to="batch=2", show_progress=False)
+    with pytest.raises(SettingError, match="gguf_type"):
+        rl.replay(lens, trajectories, engine="llama.cpp", gguf_type="q3_k", show_progress=False)

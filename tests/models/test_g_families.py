@@ -165,9 +165,21 @@ def test_a_mistral3_checkpoint_around_a_dense_text_model_is_refused_in_one_line(
         num_attention_heads=4, num_key_value_heads=2, head_dim=8), vision_config=tiny_config("mistral3").vision_config,
         image_token_index=TINY_VOCAB)
     Mistral3ForConditionalGeneration(config).save_pretrained(tmp_path)
-    with pytest.raises(RouteLensError, match="text model is 'mistral'") as error:
-        load_model(str(tmp_path), device="cpu")
-    assert "\n" not in str(error.value)
+    built = []
+    original = Mistral3ForConditionalGeneration.from_pretrained.__func__
+
+    def spy(cls, *args, **kwargs):
+        built.append(cls.__name__)
+        return original(cls, *args, **kwargs)
+
+    Mistral3ForConditionalGeneration.from_pretrained = classmethod(spy)
+    try:
+        with pytest.raises(RouteLensError, match="text model is 'mistral', not Mistral 4's MoE") as error:
+            load_model(str(tmp_path), device="cpu")
+    finally:
+        Mistral3ForConditionalGeneration.from_pretrained = classmethod(original)
+    assert "\n" not in str(error.value) and "no router to audit" in str(error.value)
+    assert built == []   # refused from the config, before any weight is read
 
 
 # ---------------------------------------------------------------------------------------------- mistral_large4

@@ -270,3 +270,14 @@ def _no_warning():
             warnings.simplefilter("error")
             yield
     return context()
+
+
+def test_the_dbrx_memory_estimate_counts_its_experts():
+    """The engines size their chunks by `activation_bytes`; DBRX keeps its experts' width in
+    ffn_config (no top-level intermediate size), which the estimate must read."""
+    from routelens.engine.readout import activation_bytes
+
+    adapter = adapter_for(build_tiny_model("dbrx"))
+    width = adapter.config.ffn_config.ffn_hidden_size
+    assert adapter.expert_intermediate_size == width > 0
+    assert activation_bytes(adapter, 10) == 4 * 10 * (12 * adapter.config.hidden_size + 3 * adapter.top_k * width)

@@ -1,9 +1,10 @@
 """Issue 29: routers that choose a different number of experts per layer (HunYuan-MoE's
 `moe_topk` list; transformers 5.23 validates its `num_experts` as one int, so only k varies).
 Each MoE layer is read, forced and scored at its own k (`MoEAdapter.top_k_at`); what compares
-layers at one k (joint routes, isolation's shares across layers, a semantic layer set) asks
-for layers of one k in one line; different expert counts per layer are refused in one line."""
+layers at one k (joint routes, a semantic layer set) asks for layers of one k in one line;
+isolation's selection shares are of each layer's own k slots; different expert counts per layer are refused in one line."""
 
+import numpy as np
 import pytest
 from conftest import ALPHABET, write_jsonl
 
@@ -73,10 +74,14 @@ def test_the_counterfactual_samples_k_experts_per_layer_and_refuses_mixed_joint_
 def test_isolation_and_semantic_routing_ask_for_layers_of_one_k(lens, tmp_path):
     items = write_jsonl(tmp_path / "items.jsonl", [{"id": f"i{i}", "domain": "ab"[i % 2], "prompt": f"Q:{i}+2=",
                                                     "target": str(i + 2)} for i in range(6)])
-    with pytest.raises(RouteLensError, match="isolation .*one top-k"):
-        rl.isolate(lens, items, layers=[0, 2], floor_seeds=1, show_progress=False)
-    isolated = rl.isolate(lens, items, layers=[2], floor_seeds=1, show_progress=False)
-    assert set(isolated.table("isolation")["layer"].dropna()) == {2}   # natural rows have no layer
+    isolated = rl.isolate(lens, items, layers=[0, 1, 2], floor_seeds=1, show_progress=False)
+    assert set(isolated.table("isolation")["layer"].dropna()) == {0, 1, 2}   # natural rows have no layer
+    forced = isolated.table("isolation").dropna(subset=["layer"])
+    cells = isolated.table("cells")
+    for layer, k in enumerate(TOP_KS):   # each layer's selection shares are of its own k slots: they sum to 1
+        shares = cells[cells["layer"] == layer].groupby("domain")["selection_share"].sum()
+        assert len(shares) == 2 and np.allclose(shares, 1.0), (layer, k, shares)
+    assert len(forced)
     semantic = rl.semantic_route(lens, items, accuracy=False, floor_seeds=1, show_progress=False)
     assert "0+1+2" not in semantic.summary_dict["layer_sets"]   # the default sets: each layer alone, no mixed joint set
     with pytest.raises(RouteLensError, match="layer set 0\\+1"):

@@ -72,9 +72,8 @@ def attention_heads(config) -> int:
 def activation_bytes(adapter: MoEAdapter, length: int) -> int:
     """Bytes of one decoder layer's activations for one sequence of `length` tokens (fp32
     residual, attention projections and the top-k expert intermediates): an estimate."""
-    config = adapter.config
-    intermediate = max(getattr(config, "moe_intermediate_size", 0) or 0, getattr(config, "intermediate_size", 0) or 0)
-    return 4 * length * (12 * config.hidden_size + 3 * max(adapter.top_ks.values()) * intermediate)
+    intermediate = adapter.expert_intermediate_size
+    return 4 * length * (12 * adapter.config.hidden_size + 3 * max(adapter.top_ks.values()) * intermediate)
 
 
 def record_layer_arguments(adapter: MoEAdapter, layers) -> tuple[dict, list]:

@@ -124,6 +124,18 @@ class MoEAdapter:
             return getattr(transformers, cls.tower.auto_class)
         return getattr(transformers, cls.causal_lm or "AutoModelForCausalLM")
 
+    @property
+    def expert_intermediate_size(self) -> int:
+        """The widest MLP intermediate size (an expert's or a dense layer's): what the engines'
+        memory estimates multiply by k (DBRX keeps it in ffn_config)."""
+        config = self.config
+        return max(getattr(config, "moe_intermediate_size", 0) or 0, getattr(config, "intermediate_size", 0) or 0)
+
+    @classmethod
+    def check_config(cls, config) -> None:
+        """Refuse, in one line and before any weight is read, a checkpoint config of this model
+        type that the family does not serve (a variant whose model it cannot read)."""
+
     # ----------------------------------------------------------------- structure
     @property
     def decoder_layers(self) -> nn.ModuleList:

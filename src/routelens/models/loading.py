@@ -359,6 +359,7 @@ def _load(spec: str, device: str, dtype: str, trust_remote_code: bool, seed: int
         raise RouteLensError(f"cannot read the model config of {spec!r}: {str(error).splitlines()[0]}{hint}") from None
     refuse(config.model_type)         # a type routelens refuses says why (issue 29), before reading weights
     family = adapter_class(config.model_type)   # fail fast, before reading weights
+    family.check_config(config)
     tower = family.tower
     # a multimodal checkpoint: its full model is built, then served through its text model; a type
     # AutoModelForCausalLM does not map: the causal-LM class its family declares
@@ -393,9 +394,16 @@ def _load(spec: str, device: str, dtype: str, trust_remote_code: bool, seed: int
         print(f"routelens: {spec}: serving {model.tower_notice}", file=sys.stderr)
     tokenizer = load_tokenizer(spec, trust_remote_code)
     adapter = adapter_for(model)
-    if caveat := adapter.describe().get("counterfactual"):   # a family whose routes are not all alike (LongCat, Llama 4)
-        print(f"routelens: {spec}: {caveat}", file=sys.stderr)
+    described = adapter.describe()
+    for key in LOAD_CAVEATS:   # what a user must know before reading a number of this family
+        if described.get(key):
+            print(f"routelens: {spec}: {described[key]}", file=sys.stderr)
     return LoadedModel(adapter, tokenizer, spec, placed, dtype, folder=spec if is_folder else None)
+
+
+# describe() entries said on stderr at load: what is not counterfactual (LongCat-Flash's identity
+# experts, Llama 4, JetMoE), and where the forward scored is not the one that generated (Unlimited-OCR)
+LOAD_CAVEATS = ("counterfactual", "reference_sliding_window")
 
 
 def from_config(model_class, config, **options):

@@ -181,9 +181,11 @@ FAMILIES: dict[str, Family] = {
                                  mixers="attention + block-sparse indexer attention", gate=gates.LAGUNA,
                                  notes="the block scales the experts' sum by routed_scaling_factor; plus a shared expert"),
     # issue 29 (group g)
-    "mistral4": Family(_F + "mistral4:Mistral4Adapter", mixers="MLA", gate=gates.MISTRAL4, notes="shared experts added"),
-    "mistral3": Family(_F + "mistral4:Mistral3Adapter", mixers="MLA", gate=gates.MISTRAL4,
-                       notes="shared experts added; the Mistral 4 text model of the vision-language checkpoint"),
+    "mistral4": Family(_F + "mistral4:Mistral4Adapter", gate=gates.MISTRAL4,
+                       notes="the softmax runs in the logits' dtype (bf16 in a bf16 model); shared experts added"),
+    "mistral3": Family(_F + "mistral4:Mistral3Adapter", gate=gates.MISTRAL4,
+                       notes="the softmax runs in the logits' dtype (bf16 in a bf16 model); shared experts added; the "
+                             "Mistral 4 text model of the vision-language checkpoint"),
     "mistral_large4": Family(_F + "mistral_large4:MistralLarge4Adapter", mixers="MLA + DSA indexer (shared top-k)",
                              gate=gates.MISTRAL_LARGE4,
                              notes="shared experts added; logits soft-capped; text model of the vision-language "

@@ -19,8 +19,9 @@ EPILOG = """examples:
   routelens graft --recipient demo --donor demo --experts 3:5=3:9 --out runs/grafted --evaluate --ray local
 
 --experts "L:e=L2:e2,...": the donor's expert e2 at layer L2 goes into the recipient's expert
-e at layer L; every other tensor stays the recipient's. The folder loads with
-AutoModelForCausalLM and with --model in every routelens command; graft.json records the
+e at layer L; every other tensor stays the recipient's. The folder loads as the recipient's
+checkpoint does (transformers' class for its type) and with --model in every routelens
+command; graft.json records the
 donor, the map, the sha256 of every tensor copied and replaced, and the files written.
 Everything is checked (models, map, --out, and with --evaluate the items) before anything
 is written; the folder is written beside --out and moved in only when whole. The same

@@ -44,7 +44,7 @@ class GraftEvaluationResult(Result):
 
 class GraftResult:
     """A grafted model: `path` (a Hugging Face folder: load it with `routelens.load(path)` or
-    `AutoModelForCausalLM`), `record` (graft.json), `evaluation` (a `GraftEvaluationResult`,
+    the transformers class the recipient's checkpoint loads with), `record` (graft.json), `evaluation` (a `GraftEvaluationResult`,
     or None without `evaluate`) and `reused` (True when `path` already held this very graft,
     kept rather than written again).
 

@@ -287,11 +287,12 @@ def domain_arrays(isolation: pd.DataFrame, routing: pd.DataFrame, domain: str, l
                         tokens.to_numpy(dtype=float))
 
 
-def _shares(arrays: DomainArrays, top_k: int, index=slice(None)) -> dict[str, np.ndarray]:
-    """Natural shares per (layer, expert) over the items at `index` (token-weighted)."""
+def _shares(arrays: DomainArrays, top_k, index=slice(None)) -> dict[str, np.ndarray]:
+    """Natural shares per (layer, expert) over the items at `index` (token-weighted); a
+    selection share is of the layer's own k slots per token (`top_k`: one k, or one per layer)."""
     tokens = arrays.tokens[index].sum(axis=-2)[..., None]
     return {"router_share": arrays.share_sums[index].sum(axis=-3) / tokens,
-            "selection_share": arrays.selected[index].sum(axis=-3) / (tokens * top_k)}
+            "selection_share": arrays.selected[index].sum(axis=-3) / (tokens * np.reshape(top_k, (-1, 1)))}
 
 
 STATISTICS = ("median_delta", "ci_low", "ci_high", "p_value", "q_value", "significant")
@@ -312,7 +313,7 @@ def verdicts(significant: np.ndarray, median: np.ndarray) -> np.ndarray:
     return np.where(significant & (median < 0), "harmful", np.where(significant & (median > 0), "helpful", "neither"))
 
 
-def cell_table(per_domain: dict[str, DomainArrays], layers: list[int], top_k: int, alpha: float) -> pd.DataFrame:
+def cell_table(per_domain: dict[str, DomainArrays], layers: list[int], top_k, alpha: float) -> pd.DataFrame:
     """One row per (domain, layer, expert): every comparison's statistics (columns named
     by its suffix), BH step-up q-values over all cells of each comparison, and the verdict."""
     rows = []
@@ -406,7 +407,7 @@ def _equal_compute_only(comparison) -> bool:
     return comparison.arm == FORCED_MATCHED_MASS or comparison.baseline == SINGLE_EXPERT_FLOOR
 
 
-def calibration(per_domain: dict[str, DomainArrays], layers: list[int], top_k: int, seed: int,
+def calibration(per_domain: dict[str, DomainArrays], layers: list[int], top_k, seed: int,
                 resamples: int) -> pd.DataFrame:
     """Per domain and share measure: Spearman(share, mean delta) over experts per layer, and
     the Fisher-z mean over layers (layer null) with a percentile bootstrap interval over items."""
@@ -502,7 +503,7 @@ def _mean_mass(arrays: DomainArrays, condition: str, li: int) -> float | None:
 
 
 
-def summarise(isolation: pd.DataFrame, routing: pd.DataFrame, layers: list[int], num_experts: int, top_k: int,
+def summarise(isolation: pd.DataFrame, routing: pd.DataFrame, layers: list[int], num_experts: int, top_k,
               config: IsolationConfig) -> tuple[dict, pd.DataFrame, pd.DataFrame]:
     """summary.json, cells.parquet and calibration.parquet from the per-item tables."""
     score = SCORES[config.score]
@@ -602,7 +603,7 @@ def run_isolation(loaded, items: list[TargetItem], config: IsolationConfig, out:
     check_ray_can_load(loaded, ray)
     adapter = loaded.adapter
     layers = adapter.resolve_layers(config.layers) if config.layers else adapter.moe_layers
-    top_k = adapter.one_top_k(layers, "isolation (selection shares compared across layers)")
+    top_k = [adapter.top_k_at(layer) for layer in layers]   # selection shares are of each layer's own k slots
     if not items:
         raise SettingError("no items to score; check `domains` and the item file", "domains")
     scorer = WholeSequenceScorer(adapter, memory_budget=config.memory_budget)

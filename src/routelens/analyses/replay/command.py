@@ -18,6 +18,7 @@ RESUMABLE = True
 EPILOG = """examples:
   routelens replay --model demo --trajectories traj.jsonl --routes-from sglang.jsonl --routes-format sglang \\
       --out runs/replay
+  routelens replay --model demo --trajectories traj.jsonl --engine llama.cpp --gguf-type q4_0 --out runs/replay-q4
   routelens replay --model demo --trajectories traj.jsonl --compare-to dtype=bfloat16 --out runs/replay-bf16
   routelens replay --model ./my-olmoe --trajectories traj.jsonl --compare-to batch=8 --out runs/replay-batch
 
@@ -47,11 +48,18 @@ def add_arguments(parser) -> None:
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--routes-from", default=None, metavar="FILE",
                         help="the engine's routes (SGLang, vLLM, .npy, Parquet: see --routes-format)")
+    source.add_argument("--engine", default=None, choices=("llama.cpp",),
+                        help="run this engine on the trajectories and audit its routes (llama.cpp: the model written "
+                             "as a GGUF of --gguf-type; needs the llama extra)")
     source.add_argument("--compare-to", default=None, metavar="SPEC",
                         help="a second Hugging Face run instead: dtype=bfloat16, experts-implementation=grouped_mm "
                              "or batch=N")
     from routelens.data.engine_routes_io import ROUTE_FORMAT_HELP, ROUTE_FORMATS
 
+    parser.add_argument("--gguf-type", default="q8_0", choices=("f32", "f16", "q8_0", "q4_0"),
+                        help="--engine llama.cpp: the GGUF type routelens writes of the model (default q8_0)")
+    parser.add_argument("--gguf", default=None, metavar="FILE",
+                        help="--engine llama.cpp: run this GGUF file instead (checked against the model)")
     parser.add_argument("--routes-format", default=None, choices=ROUTE_FORMATS + ("auto",),
                         help="the format of --routes-from (default auto: from the file); "
                              + "; ".join(f"{name}: {text}" for name, text in ROUTE_FORMAT_HELP.items()))
@@ -73,13 +81,17 @@ def run(args) -> int:
         parse_compare_to(args.compare_to)
     if args.routes_format is not None and args.routes_from is None:
         raise RouteLensError("--routes-format describes --routes-from; give --routes-from FILE")
-    if args.export is not None and args.routes_from is None:
-        raise RouteLensError("--export writes an engine's routes for training; give them with --routes-from FILE")
+    if args.export is not None and args.routes_from is None and args.engine is None:
+        raise RouteLensError("--export writes an engine's routes for training; give them with --routes-from FILE or "
+                             "--engine")
+    if args.gguf is not None and args.engine is None:
+        raise RouteLensError("--gguf is the file llama.cpp runs; give it with --engine llama.cpp")
     check_records_early(args.trajectories, "trajectory")
     lens = load_lens(args)
     # --routes-from is read by routelens.data.engine_routes_io.read_routes against the model and the trajectories
     result = replay(lens, args.trajectories, args.routes_from, args.out, config=config, compare_to=args.compare_to,
                     routes_format=args.routes_format, max_trajectories=args.max_trajectories, export=args.export,
+                    engine=args.engine, gguf_type=args.gguf_type, gguf=args.gguf,
                     overwrite=args.overwrite, show_progress=not args.no_progress)
     print_replay_summary(result.summary_dict)
     print(f"run folder: {args.out} (routes.parquet, tokens.parquet, summary.json, run.json)")

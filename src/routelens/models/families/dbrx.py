@@ -107,6 +107,10 @@ class DbrxAdapter(MoEAdapter):
             routers[index] = layer.ffn.router
         return routers
 
+    @property
+    def expert_intermediate_size(self) -> int:
+        return int(self.config.ffn_config.ffn_hidden_size)   # DbrxConfig has no top-level intermediate size
+
     def mlp_residual_input(self, layer: int) -> nn.Module:
         return self.decoder_layers[layer].norm_attn_norm.norm_2   # its input: the residual after attention
 

@@ -37,10 +37,20 @@ class Mistral3Adapter(Mistral4Adapter):
 
     tower = Tower(placeholders=("image_token_id",))
 
+    @classmethod
+    def check_config(cls, config) -> None:
+        """Before any weight is read: a mistral3 checkpoint around another text model (Mistral
+        Small 3's dense one) has no routed expert to audit."""
+        text_config = getattr(config, "text_config", config)
+        _refuse_other_text_model(text_config.model_type)
+
     def __init__(self, model):
-        text_type = model.config.model_type
-        if text_type != "mistral4":
-            raise RouteLensError(f"this mistral3 checkpoint's text model is {text_type!r}: routelens serves a mistral3 "
-                                 "checkpoint whose text model is a Mistral 4 MoE (Mistral Small 4); its text model type "
-                                 "is served where routelens serves it on its own")
+        _refuse_other_text_model(model.config.model_type)   # a model wrapped by rl.wrap, too
         super().__init__(model)
+
+
+def _refuse_other_text_model(text_type: str) -> None:
+    if text_type != "mistral4":
+        raise RouteLensError(f"this mistral3 checkpoint's text model is {text_type!r}, not Mistral 4's MoE: "
+                             "routelens serves mistral3 checkpoints of Mistral Small 4 (a text model with routed "
+                             "experts); a dense text model has no router to audit")

@@ -46,10 +46,11 @@ REFUSED: dict[str, str] = {
                   "(1.6e-3 nats on a fuzzed config), so the cache engine that serves the layers below an indexed one is "
                   "not exact on every config yet",
     # issue 29 (group A)
-    "gemma4": "Gemma4's routed experts sit on the decoder layer beside its dense MLP: their sum passes "
-              "post_feedforward_layernorm_2, joins the normed dense-MLP output, and that sum passes "
-              "post_feedforward_layernorm before the residual add, a nested norm the fast engine's route algebra "
-              "(residual + block + a parallel MLP, one output norm) cannot express",
+    "gemma4": "Gemma4 has no MoE block module: its router and experts sit on the decoder layer itself, the router "
+              "reading the residual and the experts pre_feedforward_layernorm_2 of it, their sum normed "
+              "(post_feedforward_layernorm_2) and added to the normed dense MLP's output before a further norm, "
+              "plus per-layer inputs and a layer scalar; the engines need a block module to hook and its output to "
+              "form routes from",
     "doge": "DogeCDMoE routes inline from one [B, S, 2*sqrt(E)] product-key projection (no router module returns a "
             "route to replace) and splits it with view(2, B*S, -1), which pairs halves of different tokens, so in a "
             "full forward a token's route depends on later tokens: no per-token route override can be exact",

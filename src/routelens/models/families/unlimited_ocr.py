@@ -60,5 +60,7 @@ class UnlimitedOcrAdapter(DeepseekV2Adapter):
             described["reference_sliding_window"] = (
                 f"layers {layers}: reference sliding-window attention (window {window} over tokens decoded after a "
                 "prefill); a scored text is all reference, so they attend causally to every earlier token, as the "
-                "model's forward of that text does")
+                f"model's forward of that text does; its generate lets a token more than {window} past the prompt see "
+                f"only the last {window} decoded ones, so a completion longer than that was generated under other "
+                "attention than the one scored")
         return described
