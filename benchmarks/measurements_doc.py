@@ -95,6 +95,27 @@ def low_precision_table() -> list[str]:
     return lines
 
 
+def llama_cpp_table() -> list[str]:
+    """`benchmarks/llama_cpp_flips.py`'s rows: llama.cpp's routing decisions against Hugging
+    Face's on the demo, per GGUF type and run setting."""
+    lines = []
+    for path in sorted(glob.glob(os.path.join(FOLDER, "llama-cpp-flips-*.json"))):
+        record = _rows(path)[0]
+        lines += ["", f"## llama.cpp's routes against Hugging Face's (`{record['command']}`)", "",
+                  f"{record['model']}: {record['trajectories']} items, {record['tokens']} tokens; {record['date']}, "
+                  f"llama-cpp-python {record['llama_cpp_python']}, torch {record['torch']}, {record['machine']}. "
+                  f"{record['estimand']}", "",
+                  "| GGUF | KV cache | flash attention | decisions | flipped | flip rate | tokens with a flip | "
+                  "mean KL(HF \|\| llama.cpp) | max \|log p diff\| | replay reproduces the engine's routes |",
+                  "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+        for row in record["rows"]:
+            lines.append(f"| {row['gguf_type']} | {row['kv_cache_type']} | {row['flash_attn']} | {row['decisions']} | "
+                         f"{row['flipped_decisions']} | {row['flip_rate']:.2%} | {row['tokens_with_a_flip']:.1%} | "
+                         f"{row['kl_hf_to_engine_mean']:.1e} | {row['target_logprob_abs_diff_max']:.1e} | "
+                         f"{'yes' if row['replay_reproduces_engine_routes'] else 'no'} |")
+    return lines
+
+
 def citations(name: str) -> list[str]:
     """The docs pages that mention the measurement file (or folder) `name`."""
     pages = []
@@ -119,7 +140,7 @@ def index() -> list[str]:
 
 
 def page() -> str:
-    return HEADER + "\n" + "\n".join(engine_table() + low_precision_table() + index()) + "\n"
+    return HEADER + "\n" + "\n".join(engine_table() + low_precision_table() + llama_cpp_table() + index()) + "\n"
 
 
 def main(argv: list[str] | None = None) -> int:
