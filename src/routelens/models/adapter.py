@@ -469,7 +469,8 @@ class MoEAdapter:
                                   if (kind := self.layer_kind(i)) not in SOFTMAX_ATTENTION},
             "parameters": sum(p.numel() for p in self.model.parameters()),
             **({"text_tower": self.model.tower_notice} if getattr(self.model, "tower_of", None) else {}),
-            **({"mtp_layers": _MTP_NOT_SCORED.format(count=count)} if (count := self.mtp_layers) else {}),
+            **({"mtp_layers": _MTP_NOT_SCORED.format(count=count)} if (count := self.mtp_layers) else
+               {"mtp_layers": _MTP_WEIGHTS_NOT_LOADED} if self._skips_mtp_weights() else {}),
         }
 
     @property
@@ -479,6 +480,14 @@ class MoEAdapter:
         count = getattr(self.config, "num_mtp_layers", None) or getattr(self.config, "num_nextn_predict_layers", None)
         return int(count) if isinstance(count, int) else 0
 
+    def _skips_mtp_weights(self) -> bool:
+        """Whether the model's class drops a checkpoint's multi-token-prediction weights at load
+        (an `mtp` pattern among its `_keys_to_ignore_on_load_unexpected`: Qwen3-Next, MiMo,
+        LongCat-Flash, ...), whatever the config calls their count."""
+        classes = [type(self.model), type(getattr(self.model, "full_model", self.model))]
+        return any("mtp" in pattern for cls in classes
+                   for pattern in (getattr(cls, "_keys_to_ignore_on_load_unexpected", None) or []))
+
 
 # transformers 5.23 builds MTP layers only for speculative drafts (generate(use_mtp=True): an
 # MtpModel beside the main one, whose proposals the main model verifies), so the next-token
@@ -486,6 +495,9 @@ class MoEAdapter:
 _MTP_NOT_SCORED = ("{count} multi-token-prediction layer(s) in the config: excluded from scoring (not part of the "
                    "model's next-token forward; transformers builds them only as generate(use_mtp=True) drafts); "
                    "routes, scores and checks cover the main decoder's layers only")
+_MTP_WEIGHTS_NOT_LOADED = ("multi-token-prediction weights a checkpoint of this type holds (mtp.*) are dropped by "
+                           "transformers at load: excluded from scoring; routes, scores and checks cover the main "
+                           "decoder's layers only")
 
 
 def _per_layer(values: dict[int, int]) -> str:
