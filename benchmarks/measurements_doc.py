@@ -106,7 +106,7 @@ def llama_cpp_table() -> list[str]:
                   f"llama-cpp-python {record['llama_cpp_python']}, torch {record['torch']}, {record['machine']}. "
                   f"{record['estimand']}", "",
                   "| GGUF | KV cache | flash attention | decisions | flipped | flip rate | tokens with a flip | "
-                  "mean KL(HF \|\| llama.cpp) | max \|log p diff\| | replay reproduces the engine's routes |",
+                  "mean KL(HF \\|\\| llama.cpp) | max \\|log p diff\\| | replay reproduces the engine's routes |",
                   "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
         for row in record["rows"]:
             lines.append(f"| {row['gguf_type']} | {row['kv_cache_type']} | {row['flash_attn']} | {row['decisions']} | "
