@@ -800,13 +800,13 @@ def check_export(path, out: str | None = None, inputs=(), overwrite: bool = Fals
     if os.path.isdir(path):
         raise SettingError(f"`{option}` {path} is a folder; give a file path such as {os.path.join(path, 'routes.npz')}",
                            option)
+    if out is not None and os.path.realpath(path) == os.path.realpath(out):
+        raise SettingError(f"`{option}` and `out` name the same path {path}: the export is a file, `out` the run "
+                           f"folder; give the export another name (e.g. {os.path.join(out, 'routes.npz')})",
+                           option, "out")
     if not path.endswith(".npz"):
         raise SettingError(f"`{option}` {path}: the export is an .npz file; give a path ending in .npz", option)
     if out is not None:
-        if os.path.realpath(path) == os.path.realpath(out):
-            raise SettingError(f"`{option}` and `out` name the same path {path}: the export is a file, `out` the run "
-                               f"folder; give the export another name (e.g. {os.path.join(out, 'routes.npz')})",
-                               option, "out")
         if inside(out, path):
             raise SettingError(f"`out` {out} lies inside `{option}` {path}; give the export another path", option, "out")
         if inside(path, out):
