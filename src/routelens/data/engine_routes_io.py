@@ -676,6 +676,7 @@ def read_routes(path: str, lens_or_adapter, trajectories, format: str = "auto",
     if len(by_id) != len(trajectories):
         raise RouteLensError("the trajectories repeat an id; ids must be unique")
     loaded = _load(path, format, option)
+    _CACHE.clear()   # kept only between the command line's early check and this read
     chosen, header = loaded.format, loaded.header
     if header is not None:
         _check_export_header(header, path, model)
