@@ -15,6 +15,7 @@ import os
 from pathlib import Path
 from types import SimpleNamespace
 
+import numpy as np
 import pytest
 import torch
 from conftest import write_jsonl
@@ -41,6 +42,13 @@ def w(tmp_path_factory):
     ns.notes = root / "notes.txt"
     ns.notes.write_text("the user's own file")
     ns.run = rl.counterfactual(lens, trajs, str(root / "cf-run"), layers=[-1], routes=2, show_progress=False)
+    # the demo's routes of the trajectories (every MoE layer, top-4 of 16), as an .npz and as EngineRoutes
+    ns.routes = rl.EngineRoutes({t.id: np.tile(np.arange(4), (len(t.input_ids), 4, 1)) for t in trajs},
+                                lens.moe_layers, 4, "test")
+    ns.routes_file = str(root / "routes.npz")
+    np.savez(ns.routes_file, **ns.routes.experts)
+    ns.mine_npz = root / "mine.npz"
+    ns.mine_npz.write_bytes(b"the user's own .npz")
     return ns
 
 
@@ -90,6 +98,11 @@ def _semantic(w, items="arithmetic", **kwargs):
 def _passk(w, problems="arithmetic", **kwargs):
     return rl.passk(w.lens, problems, **{"n": 1, "samples": 1, "k": [1], "max_new_tokens": 2, "show_progress": False,
                                         **kwargs})
+
+
+def _replay(w, routes="file", **kwargs):
+    routes = w.routes_file if routes == "file" else w.routes if routes == "object" else routes
+    return rl.replay(w.lens, kwargs.pop("trajectories", w.trajs), routes, **{"show_progress": False, **kwargs})
 
 
 def _no_run(w):
@@ -250,6 +263,77 @@ API_CASES = {
                                 "`temperature` must be a finite number, got nan"),
     "rollout_counterfactual_none": (lambda w: rl.rollout(w.lens, None, w.out), S, "`counterfactual` must be the folder"),
     "report_out_an_int": (lambda w: w.run.report(out=5), S, "`out` must be a path"),
+    # ---- rl.replay (issue 30): the routes, their source, the export, the settings
+    "replay_routes_an_int": (lambda w: _replay(w, routes=3), S, "`routes` must be an EngineRoutes or a file path"),
+    "replay_routes_a_dict": (lambda w: _replay(w, routes=dict(w.routes.experts)), S, "`routes` must be an EngineRoutes"),
+    "replay_routes_empty_path": (lambda w: _replay(w, routes=""), S, "`routes` must be a path"),
+    "replay_neither_routes_nor_compare_to": (lambda w: _replay(w, routes=None), S, "one of them"),
+    "replay_routes_and_compare_to": (lambda w: _replay(w, compare_to="batch=2"), S, "one of them"),
+    "replay_compare_to_an_int": (lambda w: _replay(w, routes=None, compare_to=2), S, "`compare_to` must be"),
+    "replay_compare_to_batch_one": (lambda w: _replay(w, routes=None, compare_to="batch=1"), S,
+                                    "or batch=N (N >= 2), got 'batch=1'"),
+    "replay_compare_to_int8": (lambda w: _replay(w, routes=None, compare_to="dtype=int8"), S, "got 'dtype=int8'"),
+    "replay_routes_format_unknown": (lambda w: _replay(w, routes_format="xml"), S, "`routes_format` must be one of"),
+    "replay_routes_format_a_list": (lambda w: _replay(w, routes_format=["npy"]), S, "`routes_format` must be one of"),
+    "replay_routes_format_of_engine_routes": (lambda w: _replay(w, routes="object", routes_format="npy"), S,
+                                              "`routes_format` describes the routes file"),
+    "replay_routes_format_not_the_files": (lambda w: _replay(w, routes_format="parquet"), S,
+                                           "is not a Parquet file (an .npz (zip) file); `routes_format` parquet reads"),
+    "replay_routes_file_missing": (lambda w: _replay(w, routes=str(w.root / "none.npz")), R, "does not exist"),
+    "replay_engine_routes_of_another_k": (lambda w: _replay(w, routes=rl.EngineRoutes(
+        {t.id: np.tile(np.arange(2), (len(t.input_ids), 4, 1)) for t in w.trajs}, w.lens.moe_layers, 2, "test")), R,
+        "have k=2 experts per token, but layer 0 of this model routes 4"),
+    "replay_export_an_int": (lambda w: _replay(w, export=5), S, "`export` must be a path ending in .npz, got int 5"),
+    "replay_export_not_npz": (lambda w: _replay(w, export=w.out + ".txt"), S, "the export is an .npz file"),
+    "replay_export_is_the_routes_file": (lambda w: _replay(w, export=w.routes_file), S, "is this command's input"),
+    "replay_export_is_a_users_file": (lambda w: _replay(w, export=str(w.mine_npz), overwrite=True), R,
+                                      "exists and was not written by routelens"),
+    "replay_export_is_out": (lambda w: _replay(w, out=w.out, export=w.out), S, "`export` and `out` name the same path"),
+    "replay_export_with_compare_to": (lambda w: _replay(w, routes=None, compare_to="batch=2", export=w.out + ".npz"), S,
+                                      "with `compare_to` there is no engine"),
+    "replay_margin_bins_zero": (lambda w: _replay(w, margin_bins=0), S, "`margin_bins` must be an integer >= 1, got 0"),
+    "replay_margin_bins_a_float": (lambda w: _replay(w, margin_bins=2.5), S, "`margin_bins` must be an integer"),
+    "replay_confidence_one": (lambda w: _replay(w, confidence=1.0), S, "`confidence` must lie strictly between 0 and 1"),
+    "replay_misspelt_setting": (lambda w: _replay(w, margn_bins=3), S, "unknown setting(s) `margn_bins`"),
+    "replay_zero_max_trajectories": (lambda w: _replay(w, max_trajectories=0), S, "`max_trajectories` must be"),
+    "replay_config_not_a_config": (lambda w: _replay(w, config="strict"), S, "`config` must be a ReplayConfig"),
+    "replay_out_an_int": (lambda w: _replay(w, out=5), S, "`out` must be a path"),
+    "replay_overwrite_not_bool": (lambda w: _replay(w, overwrite="yes"), S, "`overwrite` must be True or False"),
+    "replay_lens_a_string": (lambda w: rl.replay("demo", w.trajs, w.routes_file), S, "`lens` must be a Lens"),
+    "replay_trajectories_an_int": (lambda w: _replay(w, trajectories=3), S, "`trajectories` must be a file path or"),
+    # ---- rl.read_routes / rl.export_routes / rl.EngineRoutes
+    "read_routes_path_an_int": (lambda w: rl.read_routes(3, w.lens, w.trajs), S, "`path` must be a path"),
+    "read_routes_lens_a_string": (lambda w: rl.read_routes(w.routes_file, "demo", w.trajs), S, "`lens` must be a Lens"),
+    "read_routes_format_unknown": (lambda w: rl.read_routes(w.routes_file, w.lens, w.trajs, format="xml"), S,
+                                   "`format` must be one of"),
+    "read_routes_format_not_the_files": (lambda w: rl.read_routes(w.routes_file, w.lens, w.trajs, format="sglang"), S,
+                                         "is not JSON Lines text (an .npz (zip) file); `format` sglang reads"),
+    "read_routes_prompt_included_not_bool": (lambda w: rl.read_routes(w.routes_file, w.lens, w.trajs,
+                                                                      prompt_included="no"), S,
+                                             "`prompt_included` must be True or False"),
+    "read_routes_trajectories_an_int": (lambda w: rl.read_routes(w.routes_file, w.lens, 3), S,
+                                        "`trajectories` must be a file path or"),
+    "read_routes_a_folder": (lambda w: rl.read_routes(str(w.root), w.lens, w.trajs), R, "is a folder; give the file"),
+    "export_routes_not_routes": (lambda w: rl.export_routes(dict(w.routes.experts), w.out + ".npz"), S,
+                                 "`routes` must be an EngineRoutes"),
+    "export_routes_path_an_int": (lambda w: rl.export_routes(w.routes, 5), S, "`path` must be a path ending in .npz"),
+    "export_routes_path_none": (lambda w: rl.export_routes(w.routes, None), S, "`path` must be a path ending in .npz"),
+    "export_routes_not_npz": (lambda w: rl.export_routes(w.routes, w.out + ".json"), S, "give a path ending in .npz"),
+    "export_routes_to_a_folder": (lambda w: rl.export_routes(w.routes, str(w.root)), S, "is a folder; give a file path"),
+    "export_routes_overwrite_not_bool": (lambda w: rl.export_routes(w.routes, w.out + ".npz", overwrite="yes"), S,
+                                         "`overwrite` must be True or False"),
+    "export_routes_over_a_users_file": (lambda w: rl.export_routes(w.routes, str(w.mine_npz), overwrite=True), R,
+                                        "was not written by routelens"),
+    "export_routes_over_an_input": (lambda w: rl.export_routes(w.routes, w.routes_file, inputs=[w.routes_file]), S,
+                                    "an output never replaces an input"),
+    "engine_routes_experts_a_list": (lambda w: rl.EngineRoutes([ROUTE], [0], 4, "test"), S,
+                                     "`experts` must be a dict of trajectory id"),
+    "engine_routes_top_k_zero": (lambda w: rl.EngineRoutes({}, [0], 0, "test"), S, "`top_k` must be an integer >= 1"),
+    "engine_routes_layers_an_int": (lambda w: rl.EngineRoutes({}, 3, 4, "test"), S, "`layers` must be a list"),
+    "engine_routes_ragged": (lambda w: rl.EngineRoutes({"a": [[[0, 1, 2, 3]], [[0]]]}, [0], 4, "test"), R, "ragged"),
+    "engine_routes_id_an_int": (lambda w: rl.EngineRoutes({0: np.zeros((2, 1, 4), int)}, [0], 4, "test"), S,
+                                "keyed by trajectory id (a string)"),
+    "config_replay_margin_bins_zero": (lambda w: rl.ReplayConfig(margin_bins=0), S, "`margin_bins` must be"),
     # ---- the config classes themselves
     "config_negative_seed": (lambda w: rl.CounterfactualConfig(seed=-1), S, "`seed` must be an integer in 0..4294967295"),
     "config_confident_not_a_number": (lambda w: rl.CounterfactualConfig(confident="high"), S, "`confident` must be a finite"),

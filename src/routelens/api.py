@@ -747,7 +747,9 @@ def replay(lens: Lens, trajectories, routes=None, out: str | None = None, *, con
     is None; otherwise into the run folder `out`, written per trajectory and resumed.
     `options`: fields of `ReplayConfig` (`margin_bins`, `confident`, `fragile`, `seed`, ...).
     `export`: an .npz path: the engine's routes as read, [tokens, MoE layers, k] int16 per
-    trajectory with a JSON header (`export_routes`), written before the audit runs.
+    trajectory with a JSON header (`export_routes`), written once every trajectory is audited
+    (atomically; recorded in run.json, and listed among the run's files where it lies inside
+    `out`); its path is checked before any work (`routelens.data.engine_routes_io.check_export`).
     `engine`: "llama.cpp" instead of `routes`: routelens writes the model as a GGUF of
     `gguf_type` (f32, f16, q8_0, q4_0; or runs the file `gguf`, checked against the model),
     runs llama.cpp on the trajectories and audits the routes it chose
@@ -762,7 +764,9 @@ def replay(lens: Lens, trajectories, routes=None, out: str | None = None, *, con
         ('hf:batch=2', True)
     """
     from routelens.analyses.replay.analysis import GivenRoutes, SecondRun, run_replay
+    from routelens.analyses.replay.config import parse_compare_to
     from routelens.data.engine_routes import EngineRoutes
+    from routelens.data.engine_routes_io import ROUTE_FORMATS, check_export, check_routes_file, read_routes
 
     lens = _lens(lens)
     settings = make_config(ReplayConfig, config, **options)
@@ -781,36 +785,48 @@ def replay(lens: Lens, trajectories, routes=None, out: str | None = None, *, con
                            "gguf_type")
     if gguf is not None and engine is None:
         raise SettingError("`gguf` is the file llama.cpp runs: give it with engine='llama.cpp'", "gguf")
+    gguf = validate.path(gguf, "gguf", optional=True)
+    path = None
     if routes is not None and not isinstance(routes, EngineRoutes):
         if not isinstance(routes, (str, os.PathLike)):
             raise SettingError(f"`routes` must be an EngineRoutes or a file path, got {type(routes).__name__} "
                                f"{validate.shown(routes)}", "routes")
         path = validate.path(routes, "routes")
-    kept, info, _ = _trajectory_data(lens, trajectories, False, max_trajectories)
-    info.update(max_trajectories=max_trajectories, num_trajectories=len(kept))
+    if routes_format is not None:
+        if routes_format not in (*ROUTE_FORMATS, "auto"):
+            raise SettingError(f"`routes_format` must be one of {', '.join(ROUTE_FORMATS)} or auto, got "
+                               f"{validate.shown(routes_format)}", "routes_format")
+        if path is None:
+            raise SettingError("`routes_format` describes the routes file; give `routes` as a file path (an "
+                               "EngineRoutes or `compare_to` has no format)", "routes_format")
+    if compare_to is not None:
+        parse_compare_to(compare_to)
     if export is not None and compare_to is not None:
         raise SettingError("`export` writes an engine's routes for training; with `compare_to` there is no engine: "
                            "give `routes`", "export")
+    if path is not None:   # the file's form and format, before the trajectories are read and tokenised
+        check_routes_file(path, routes_format or "auto", option="routes_format")
+    target = None
+    if export is not None:   # before any work: an output never replaces an input, nor a file routelens did not write
+        inputs = [p for p in (path, gguf, trajectories if isinstance(trajectories, (str, os.PathLike)) else None,
+                              lens.loaded.folder) if p]
+        target = check_export(export, out, inputs, overwrite)
+    kept, info, _ = _trajectory_data(lens, trajectories, False, max_trajectories)
+    info.update(max_trajectories=max_trajectories, num_trajectories=len(kept))
     if compare_to is not None:
         source = SecondRun(compare_to, lens.adapter)
     else:
-        if engine is not None:
+        if engine is not None:   # llama.cpp run here on the trajectories: the routes it chose
             from routelens.inference.llama_cpp import llama_cpp_routes
 
-            routes, _ = llama_cpp_routes(lens, kept, gguf_type, gguf=None if gguf is None else validate.path(gguf, "gguf"))
-        elif not isinstance(routes, EngineRoutes):
-            from routelens.data.engine_routes_io import read_routes
-
-            routes = read_routes(os.fspath(path), lens, kept, format=routes_format or "auto")
-        if export is not None:
-            from routelens.data.engine_routes_io import export_routes
-
-            inputs = tuple(p for p in (routes.meta.get("file"), trajectories if isinstance(trajectories, str) else None)
-                           if p)
-            export_routes(routes, export, overwrite=overwrite, inputs=inputs, command="replay", model=lens.loaded.spec)
+            routes, _ = llama_cpp_routes(lens, kept, gguf_type, gguf=gguf)
+            info["engine"] = {"engine": engine, "gguf_type": gguf_type, "gguf": gguf and os.path.abspath(gguf)}
+        if path is not None:
+            routes = read_routes(os.fspath(path), lens, kept, format=routes_format or "auto", option="routes_format")
+            info["routes_file"] = os.path.abspath(path)
         source = GivenRoutes(routes)
     return ReplayResult(run_replay(lens.loaded, kept, source, settings, out, info, overwrite=overwrite,
-                                   show_progress=show_progress))
+                                   show_progress=show_progress, export=target))
 
 
 __all__ = ["arithmetic_items", "counterfactual", "graft", "isolate", "make_config", "passk", "read_items", "read_run",

@@ -458,7 +458,179 @@ CASES = {
                                     "--gpus-per-worker sizes the Ray actors: give --ray"),
     "cpus_per_worker_without_ray": (lambda w: _iso(w, "--cpus-per-worker", "2"),
                                     "--cpus-per-worker sizes the Ray actors: give --ray"),
+    # ---- issue 30: replay, the routes file (checked against the model and the trajectories)
+    "replay_routes_of_another_k": (lambda w: _rp(w, routes=_rp_npz(w, "k3", k=3)),
+                                   "3 experts per token (k) but this model's routers choose 2"),
+    "replay_routes_of_another_layer_count": (lambda w: _rp(w, routes=_rp_npz(w, "layers4", layers=4)),
+                                             "the routes have 4 layers; this model has 3 decoder layers"),
+    "replay_routes_expert_out_of_range": (lambda w: _rp(w, routes=_rp_npz(w, "range", at=((2, 1, 0), 8))),
+                                          "expert id 8 at position 2, layer 1 is out of range: this model has 8 "
+                                          "experts (ids 0..7; -1 for none)"),
+    "replay_routes_negative_expert": (lambda w: _rp(w, routes=_rp_npz(w, "negative", at=((1, 0, 1), -2))),
+                                      "expert id -2 at position 1, layer 0 is out of range"),
+    "replay_routes_expert_twice": (lambda w: _rp(w, routes=_rp_npz(w, "twice", at=((3, 2, 1), 0))),
+                                   "names an expert twice ([0, 0])"),
+    "replay_routes_some_slots_empty": (lambda w: _rp(w, routes=_rp_npz(w, "partial", at=((2, 0, 0), -1))),
+                                       "position 2, layer 0 has experts [-1, 1], some -1 and some not"),
+    "replay_routes_not_integers": (lambda w: _rp(w, routes=_rp_npz(w, "floats", dtype="float32")),
+                                   "expert ids of dtype float32, not integers"),
+    "replay_routes_for_unknown_trajectory": (lambda w: _rp(w, routes=_rp_npz(w, "unknown", extra_id="zz")),
+                                             "routes for trajectory id(s) 'zz' that are not among the 2 trajectories"),
+    "replay_routes_missing_a_trajectory": (lambda w: _rp(w, routes=_rp_npz(w, "only-a", drop="b")),
+                                           "no routes for trajectory id(s) 'b'"),
+    "replay_routes_misaligned": (lambda w: _rp(w, routes=_rp_npz(w, "short", rows={"a": 3})),
+                                 "3 rows of routes but trajectory 'a' has 6 tokens: expected 6 (every token) or 5"),
+    "replay_routes_one_npy_for_two_trajectories": (lambda w: _rp(w, routes=_rp_npy(w)),
+                                                   "one .npy holds one trajectory's routes but 2 trajectories"),
+    "replay_sglang_garbage_base64": (lambda w: _rp(w, routes=write_jsonl(w.root / "rp-b64.jsonl", [
+        {"id": "a", "meta_info": {"routed_experts": "not base64 at all!"}}])), "routed_experts is not valid base64"),
+    "replay_sglang_base64_of_another_model": (lambda w: _rp(w, routes=_rp_sglang(w, "rp-sg-k3.jsonl", k=3)),
+                                              "is the file from another model?"),
+    "replay_sglang_without_routed_experts": (lambda w: _rp(w, routes=write_jsonl(w.root / "rp-none.jsonl", [
+        {"id": "a", "meta_info": {"prompt_tokens": 2}}]), fmt="sglang"), "no meta_info.routed_experts"),
+    "replay_routes_malformed_jsonl": (lambda w: _rp(w, routes=write_jsonl(w.root / "rp-bad.jsonl", [
+        {"id": "a", "routed_experts": [[[0, 1]] * 3] * 6}, "{oops"])), "rp-bad.jsonl line 2: malformed JSON"),
+    "replay_routes_file_missing": (lambda w: _rp(w, routes=str(w.root / "no-routes.npz")),
+                                   "no-routes.npz' does not exist"),
+    "replay_routes_file_is_a_folder": (lambda w: _rp(w, routes=str(_foreign(w))), "is a folder; give the file"),
+    "replay_routes_file_empty": (lambda w: _rp(w, routes=_text(w, "rp-empty.jsonl", "\n")), "no route records"),
+    "replay_routes_unknown_name": (lambda w: _rp(w, routes=_text(w, "rp-routes.bin", "x")),
+                                   "cannot tell the routes format from the name; give --routes-format"),
+    "replay_routes_format_parquet_for_npz": (lambda w: _rp(w, fmt="parquet"),
+                                             "is not a Parquet file (an .npz (zip) file); --routes-format parquet reads"),
+    "replay_routes_format_sglang_for_npz": (lambda w: _rp(w, fmt="sglang"),
+                                            "is not JSON Lines text (an .npz (zip) file); --routes-format sglang reads"),
+    "replay_routes_format_export_for_plain_npz": (lambda w: _rp(w, fmt="npz-export"),
+                                                  "not a file written by routelens --export"),
+    "replay_routes_format_npy_for_jsonl": (lambda w: _rp(w, routes=_rp_sglang(w, "rp-sg.jsonl"), fmt="npy"),
+                                           "is not an .npz file or an .npy file (a text file); --routes-format npy reads"),
+    "replay_routes_format_unknown": (lambda w: _rp(w, fmt="trtllm"), "argument --routes-format: invalid choice"),
+    "replay_routes_format_without_routes_from": (lambda w: _rp(w, "--compare-to", "batch=2", "--routes-format", "npy",
+                                                               routes=None),
+                                                 "--routes-format describes --routes-from; give --routes-from FILE"),
+    # ---- issue 30: replay, the source and the settings
+    "replay_routes_from_and_compare_to": (lambda w: _rp(w, "--compare-to", "batch=2"),
+                                          "argument --compare-to: not allowed with argument --routes-from"),
+    "replay_neither_routes_nor_compare_to": (lambda w: _rp(w, routes=None),
+                                             "one of the arguments --routes-from --compare-to is required"),
+    "replay_compare_to_int8": (lambda w: _rp(w, "--compare-to", "dtype=int8", routes=None),
+                               "--compare-to must be dtype=bfloat16|float16|float32"),
+    "replay_compare_to_batch_zero": (lambda w: _rp(w, "--compare-to", "batch=0", routes=None),
+                                     "or batch=N (N >= 2), got 'batch=0'"),
+    "replay_compare_to_batch_not_a_number": (lambda w: _rp(w, "--compare-to", "batch=x", routes=None),
+                                             "got 'batch=x'"),
+    "replay_compare_to_unknown_key": (lambda w: _rp(w, "--compare-to", "engine=vllm", routes=None),
+                                      "got 'engine=vllm'"),
+    "replay_compare_to_without_value": (lambda w: _rp(w, "--compare-to", "bfloat16", routes=None), "got 'bfloat16'"),
+    "replay_margin_bins_zero": (lambda w: _rp(w, "--margin-bins", "0"),
+                                "argument --margin-bins: expected a positive integer, got 0"),
+    "replay_max_trajectories_zero": (lambda w: _rp(w, "--max-trajectories", "0"),
+                                     "argument --max-trajectories: expected a positive integer, got 0"),
+    "replay_bins_out_of_order": (lambda w: _rp(w, "--fragile", "0.95"), "need 0 <= --fragile (0.95) <= --confident"),
+    "replay_trajectory_file_malformed": (lambda w: _rp(w, trajectories=write_jsonl(w.root / "rp-m.jsonl", [
+        json.dumps(GOOD), "{oops"])), "rp-m.jsonl line 2: malformed JSON"),
+    "replay_trajectory_file_missing": (lambda w: _rp(w, trajectories=str(w.root / "no-traj.jsonl")), "does not exist"),
+    # ---- issue 30: replay, where it writes (--out, --export)
+    "replay_out_is_its_trajectories": (lambda w: _rp(w, out=_rp_files(w)["trajectories"]), "is this command's input"),
+    "replay_out_is_its_routes_file": (lambda w: _rp(w, out=_rp_files(w)["routes"]), "is this command's input"),
+    "replay_out_is_a_file": (lambda w: _rp(w, out=w.afile), "is an existing file, not a folder"),
+    "replay_out_is_a_users_folder": (lambda w: _rp(w, "--overwrite", out=str(_foreign(w))), "not a routelens run"),
+    "replay_out_holds_another_kind": (lambda w: _rp(w, "--overwrite", out=_set_kind(w, "rp-kind")),
+                                      "holds a routelens isolation run, not a replay run"),
+    "replay_export_not_npz": (lambda w: _rp(w, "--export", str(w.root / "rp-export.json")),
+                              "rp-export.json: the export is an .npz file; give a path ending in .npz"),
+    "replay_export_is_its_trajectories": (lambda w: _rp(w, "--export", _rp_files(w)["trajectories"]),
+                                          "is this command's input"),
+    "replay_export_is_its_routes_file": (lambda w: _rp(w, "--export", _rp_files(w)["routes"]),
+                                         "is this command's input"),
+    "replay_export_is_a_folder": (lambda w: _rp(w, "--export", str(_foreign(w))), "is a folder; give a file path"),
+    "replay_export_is_a_users_file": (lambda w: _rp(w, "--export", _text(w, "rp-mine.npz", "mine"), "--overwrite"),
+                                      "exists and was not written by routelens"),
+    "replay_export_is_the_out_folder": (lambda w: _rp(w, "--export", str(w.root / "rp-new.npz"),
+                                                      out=str(w.root / "rp-new.npz")),
+                                        "--export and --out name the same path"),
+    "replay_export_with_compare_to": (lambda w: _rp(w, "--compare-to", "batch=2", "--export",
+                                                    str(w.root / "rp-export.npz"), routes=None),
+                                      "--export writes an engine's routes for training; give them with --routes-from"),
+    "replay_export_of_bad_routes": (lambda w: _rp(w, "--export", str(w.root / "rp-export.npz"),
+                                                  routes=_rp_npz(w, "partial", at=((2, 0, 0), -1))),
+                                    "some -1 and some not"),
+    "replay_export_with_a_bad_out": (lambda w: _rp(w, "--export", str(w.root / "rp-export.npz"), out=w.afile),
+                                     "is an existing file, not a folder"),
 }
+
+
+# ---- issue 30: replay's files (built when a case first needs them)
+def _rp_files(w):
+    """Two trajectories of token ids ('a': 6 tokens, 'b': 5) and good routes for them in an
+    .npz keyed by trajectory id ([tokens, 3 layers, k=2] of the tiny OLMoE: 8 experts)."""
+    if not hasattr(w, "rp"):
+        import numpy as np
+
+        trajectories = write_jsonl(w.root / "rp-traj.jsonl", [
+            {"id": "a", "input_ids": [1, 5, 6, 7, 8, 9], "completion_start": 2},
+            {"id": "b", "input_ids": [1, 7, 6, 5, 4], "completion_start": 2}])
+        routes = str(w.root / "rp-routes.npz")
+        np.savez(routes, **_rp_arrays())
+        w.rp = {"trajectories": trajectories, "routes": routes}
+    return w.rp
+
+
+def _rp_arrays(k=2, layers=3):
+    import numpy as np
+
+    return {tid: np.tile(np.arange(k, dtype=np.int32), (tokens, layers, 1)) for tid, tokens in (("a", 6), ("b", 5))}
+
+
+def _rp_npz(w, name, k=2, layers=3, at=None, dtype=None, extra_id=None, drop=None, rows=None):
+    """A routes .npz like the good one with one thing changed."""
+    import numpy as np
+
+    path = w.root / f"rp-{name}.npz"
+    if not path.exists():
+        arrays = _rp_arrays(k, layers)
+        if at is not None:
+            (t, layer, slot), value = at
+            arrays["a"][t, layer, slot] = value
+        if dtype:
+            arrays = {key: array.astype(dtype) for key, array in arrays.items()}
+        if extra_id:
+            arrays[extra_id] = arrays["a"]
+        if drop:
+            del arrays[drop]
+        for key, count in (rows or {}).items():
+            arrays[key] = arrays[key][:count]
+        np.savez(path, **arrays)
+    return str(path)
+
+
+def _rp_npy(w):
+    import numpy as np
+
+    path = w.root / "rp-one.npy"
+    np.save(path, _rp_arrays()["a"])
+    return str(path)
+
+
+def _rp_sglang(w, name, k=2):
+    """SGLang records (base64 int32 of every token but the last), of a model with `k` experts per token."""
+    import base64
+
+    import numpy as np
+
+    arrays = _rp_arrays(k)
+    return write_jsonl(w.root / name, [{"id": tid, "meta_info": {"routed_experts": base64.b64encode(
+        np.ascontiguousarray(array[:-1], dtype="<i4").tobytes()).decode("ascii")}} for tid, array in arrays.items()])
+
+
+def _rp(w, *extra, routes="good", trajectories=None, out=None, fmt=None):
+    files = _rp_files(w)
+    argv = ["replay", "--model", w.model, "--trajectories", trajectories or files["trajectories"]]
+    if routes is not None:
+        argv += ["--routes-from", files["routes"] if routes == "good" else routes]
+    if fmt:
+        argv += ["--routes-format", fmt]
+    return [*argv, "--out", out or str(w.root / "rp-new"), "--no-progress", "--bootstrap-resamples", "50", *extra]
 
 
 def _damaged(w, name, file, content=None):
@@ -595,13 +767,16 @@ def test_bad_input_is_one_line_exit_2(case, world, capsys, monkeypatch):
     assert message in err, err
     for path, mtime in before.items():    # the user's files are all still there, untouched
         assert os.path.exists(path) and os.path.getmtime(path) == mtime
-    for out in ("out-new", "iso-new", "pk", "pk2", "pk3", "ru", "ru2", "ro", "sr-new", "sr4", "demo-new", "td-seed"):
+    for out in ("out-new", "iso-new", "pk", "pk2", "pk3", "ru", "ru2", "ro", "sr-new", "sr4", "demo-new", "td-seed",
+                "rp-new"):
         assert not os.path.exists(world.root / out / "summary.json")   # nothing passed off as complete
+    assert not os.path.exists(world.root / "rp-export.npz")           # nor an export of routes that were refused
 
 
 def _user_files(w):
     names = ["good.jsonl", "my-notes/notes.txt", "with-inputs/mine.jsonl", "a-file.txt", "bad-run-json/run.json",
-             "problems.jsonl", "run/run.json", "run/summary.json", "run/routes.parquet", "run/tokens.parquet"]
+             "problems.jsonl", "run/run.json", "run/summary.json", "run/routes.parquet", "run/tokens.parquet",
+             "rp-traj.jsonl", "rp-routes.npz", "rp-mine.npz"]
     return [str(w.root / n) for n in names if (w.root / n).exists()]
 
 
@@ -716,14 +891,16 @@ def test_ctrl_c_in_trajectories_says_how_to_resume(cli_env, tmp_path):
 
 
 @pytest.mark.parametrize("command, option", [("counterfactual", "--trajectories"), ("isolate", "--items"),
-                                             ("semantic-route", "--items"), ("passk", "--problems")])
+                                             ("semantic-route", "--items"), ("passk", "--problems"),
+                                             ("replay", "--trajectories"), ("replay", "--routes-from")])
 def test_a_malformed_input_file_fails_before_the_model_loads(command, option, world, tmp_path, capsys, monkeypatch):
     import importlib
 
     module = importlib.import_module({"counterfactual": "routelens.analyses.counterfactual.command",
                                       "isolate": "routelens.analyses.isolation.command",
                                       "semantic-route": "routelens.analyses.semantic_routing.command",
-                                      "passk": "routelens.analyses.passk.command"}[command])
+                                      "passk": "routelens.analyses.passk.command",
+                                      "replay": "routelens.analyses.replay.command"}[command])
 
     def no_load(args):
         raise AssertionError("the model loaded before the input file was checked")
@@ -731,5 +908,28 @@ def test_a_malformed_input_file_fails_before_the_model_loads(command, option, wo
     monkeypatch.setattr(module, "load_lens", no_load)
     bad = write_jsonl(tmp_path / "bad.jsonl", ['{"id": "a"', "x"])
     extra = ["--layers", "0"] if command == "counterfactual" else []
+    if command == "replay":   # the other of its two input files, a good one
+        other = "--routes-from" if option == "--trajectories" else "--trajectories"
+        extra = [other, _rp_files(world)["routes" if other == "--routes-from" else "trajectories"]]
     assert main([command, "--model", world.model, option, bad, *extra, "--out", str(tmp_path / "o")]) == 2
     assert "malformed JSON" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("case", ["replay_routes_format_parquet_for_npz", "replay_routes_format_sglang_for_npz",
+                                  "replay_routes_format_export_for_plain_npz", "replay_sglang_garbage_base64",
+                                  "replay_routes_file_is_a_folder", "replay_routes_unknown_name",
+                                  "replay_export_not_npz", "replay_export_is_a_users_file", "replay_export_is_a_folder",
+                                  "replay_export_with_compare_to", "replay_export_is_its_trajectories",
+                                  "replay_routes_format_without_routes_from", "replay_compare_to_int8"])
+def test_replay_refuses_a_bad_routes_file_or_export_before_the_model_loads(case, world, capsys, monkeypatch):
+    """What can be told of the routes file and --export without the model (the file's form,
+    its format, the export's path) is refused before a model of minutes loads."""
+    from routelens.analyses.replay import command
+
+    def no_load(args):
+        raise AssertionError("the model loaded before the routes file and --export were checked")
+
+    monkeypatch.setattr(command, "load_lens", no_load)
+    build, message = CASES[case]
+    assert main(build(world)) == 2
+    assert message in capsys.readouterr().err

@@ -12,7 +12,7 @@ import pytest
 from conftest import PYTHON, write_jsonl
 
 from routelens.cli import main
-from routelens.results.paths import LEDGER
+from routelens.results.paths import LEDGER, written_by_routelens
 
 GOOD = [{"id": "a", "prompt": "Q:1+2=", "completion": "A:1+2=3#3", "answer": "3"},
         {"id": "b", "prompt": "Q:2+2=", "completion": "A:2+2=4#4", "answer": "4"}]
@@ -70,9 +70,10 @@ def world(tmp_path_factory, saved_model):
     assert main(_cf(str(model), trajectories, run)) == 0
     tokens = root / "chosen.csv"
     tokens.write_text("trajectory_id,position,layer\na,9,0\n")
+    routes = _engine_routes(str(model), trajectories, root / "routes.npz")
     links = tmp_path_factory.mktemp("links")   # outside the user's folder: links resolve to the inputs
     inputs = dict(model=str(model), trajectories=trajectories, items=items, problems=problems, run=str(run),
-                  tokens=str(tokens))
+                  tokens=str(tokens), routes=routes)
     for name, path in inputs.items():
         os.symlink(path, links / name)
     notes = root / "notes"
@@ -80,6 +81,27 @@ def world(tmp_path_factory, saved_model):
     (notes / "notes.txt").write_text("keep me")
     return dict(root=root, **inputs, notes=str(notes), note=str(notes / "notes.txt"),
                 links={path: str(links / name) for name, path in inputs.items()})
+
+
+def _engine_routes(model, trajectories, path):
+    """An engine's routes of the trajectories (an .npz keyed by trajectory id): the model's own
+    routes with one expert swapped at one token, so that the audit has a flip to report."""
+    import numpy as np
+    import torch
+
+    import routelens as rl
+
+    lens = rl.load(model)
+    arrays = {}
+    with torch.no_grad():
+        for t in rl.read_trajectories(trajectories, lens):
+            with lens.capture() as routes:
+                lens.model(torch.tensor([t.input_ids]))
+            arrays[t.id] = np.stack([routes[layer].experts[0].numpy() for layer in lens.moe_layers], axis=1)
+    route = arrays["a"][len(arrays["a"]) - 3, 0]
+    route[0] = next(e for e in range(lens.num_experts) if e not in route)
+    np.savez(path, **arrays)
+    return str(path)
 
 
 # every command, with the options through which it reads and the one through which it writes
@@ -103,8 +125,14 @@ COMMANDS = {
     "verify": (lambda w: ["verify", "--model", w["model"]], "--json"),
     "evaluate": (lambda w: ["evaluate", "--model", w["model"], "--n", "1", "--samples", "1", "--no-progress"],
                  "--out"),
+    "replay": (lambda w: ["replay", "--model", w["model"], "--trajectories", w["trajectories"], "--routes-from",
+                          w["routes"], "--no-progress"], "--out"),
+    # replay's second output, the export of the engine's routes (its --out a fresh folder that is never made)
+    "replay --export": (lambda w: ["replay", "--model", w["model"], "--trajectories", w["trajectories"],
+                                   "--routes-from", w["routes"], "--no-progress", "--out",
+                                   str(w["root"].parent / "replay-never-made")], "--export"),
 }
-INPUTS = ("model", "trajectories", "items", "problems", "run", "tokens")
+INPUTS = ("model", "trajectories", "items", "problems", "run", "tokens", "routes")
 
 
 def _targets(w, argv):
@@ -132,6 +160,7 @@ def test_no_output_of_any_command_touches_a_users_file(command, world, capsys):
             assert code == 2, f"{command} {option} {label} {extra}: {err}"
             assert len(err.splitlines()) == 1 and err.startswith("routelens: error: "), err
             assert _fingerprint(world["root"]) == before, f"{command} {option} {label} {extra} changed a file"
+    assert not os.path.exists(world["root"].parent / "replay-never-made")
 
 
 def test_overwrite_removes_exactly_the_files_the_run_listed(world, tmp_path, capsys):
@@ -347,3 +376,138 @@ def test_overwrite_never_empties_a_linked_parts_folder(world, tmp_path):
     before = _fingerprint(outside)
     assert main(_cf(world["model"], world["trajectories"], folder, "--routes", "3", "--overwrite")) == 2
     assert _fingerprint(outside) == before
+
+
+def _replay(w, out, *extra):
+    return ["replay", "--model", w["model"], "--trajectories", w["trajectories"], "--routes-from", w["routes"],
+            "--bootstrap-resamples", "50", "--no-progress", "--out", str(out), *extra]
+
+
+def _written(folder) -> set:
+    return {os.path.relpath(os.path.join(d, n), folder) for d, _, names in os.walk(folder) for n in names}
+
+
+def test_replay_export_inside_the_run_is_one_of_its_files(world, tmp_path, capsys):
+    """--export inside --out: listed in run.json's files (written after it is listed), rewritten
+    by the run resumed, removed by --overwrite with the run's other files, never a user's file."""
+    import numpy as np
+
+    folder = tmp_path / "run"
+    export = folder / "exports" / "routes.npz"
+    assert main(_replay(world, folder, "--export", str(export))) == 0
+    state = json.loads((folder / "run.json").read_text())
+    assert "exports/routes.npz" in state["files"] and state["status"] == "complete"
+    assert set(state["files"]) | {"run.json"} | {n for n in _written(folder) if n.startswith("parts/")} == _written(folder)
+    assert state["export"]["path"] == str(export) and state["export"]["in_run_folder"] == "exports/routes.npz"
+    assert hashlib.sha256(export.read_bytes()).hexdigest() == state["export"]["sha256"]
+    with np.load(export) as npz:
+        assert sorted(npz.files) == ["__header__.json", "a", "b"] and npz["a"].dtype == np.int16
+    flips = json.loads((folder / "summary.json").read_text())["overall"]["flips"]
+    assert flips == 1                                      # the one flip the engine's routes hold
+    first = export.read_bytes()
+    _put_user_files(folder)
+    assert main(_replay(world, folder, "--export", str(export))) == 0      # the same run again: resumed, rewritten
+    assert export.read_bytes() == first
+    _assert_user_files(folder)
+    capsys.readouterr()
+    assert main(_replay(world, folder, "--export", str(export), "--fragile", "0.4")) == 2   # another run: not without
+    assert "--overwrite" in capsys.readouterr().err
+    assert main(_replay(world, folder, "--fragile", "0.4", "--overwrite")) == 0   # replaced: its export goes with it
+    assert not export.exists() and not (folder / "exports").exists()
+    _assert_user_files(folder)
+    state = json.loads((folder / "run.json").read_text())
+    assert state["export"] is None and not any(name.startswith("exports/") for name in state["files"])
+    (folder / "mine.npz").write_bytes(b"my own routes")   # a user's file at the export's path: never replaced
+    capsys.readouterr()
+    for extra in ([], ["--overwrite"]):
+        assert main(_replay(world, folder, "--fragile", "0.4", "--export", str(folder / "mine.npz"), *extra)) == 2
+        err = capsys.readouterr().err
+        assert "its run.json does not list it" in err and err.count("\n") == 1
+    assert (folder / "mine.npz").read_bytes() == b"my own routes"
+
+
+def test_replay_export_elsewhere_is_replaced_only_when_routelens_wrote_it(world, tmp_path, capsys):
+    """--export outside --out: recorded in run.json and in its folder's ledger; the run that
+    wrote it rewrites it when resumed; any other run replaces it only with --overwrite, and
+    never once the user changed it."""
+    exports = tmp_path / "exports"
+    export = exports / "routes.npz"
+    assert main(_replay(world, tmp_path / "one", "--export", str(export))) == 0
+    state = json.loads((tmp_path / "one" / "run.json").read_text())
+    assert state["export"]["path"] == str(export) and state["export"]["in_run_folder"] is None
+    assert written_by_routelens(str(export)) == "replay" and sorted(os.listdir(exports)) == [LEDGER, "routes.npz"]
+    first = export.read_bytes()
+    assert main(_replay(world, tmp_path / "one", "--export", str(export))) == 0   # resumed: its own export
+    assert export.read_bytes() == first
+    capsys.readouterr()
+    assert main(_replay(world, tmp_path / "two", "--export", str(export))) == 2   # another run: only with --overwrite
+    assert "pass --overwrite to replace it" in capsys.readouterr().err
+    assert not (tmp_path / "two").exists()
+    assert main(_replay(world, tmp_path / "two", "--export", str(export), "--overwrite")) == 0
+    assert export.read_bytes() == first                     # the same routes
+    export.write_bytes(export.read_bytes() + b"\n")         # the user changes it: no longer routelens'
+    capsys.readouterr()
+    for out in ("one", "two", "three"):
+        assert main(_replay(world, tmp_path / out, "--export", str(export), "--overwrite")) == 2
+        assert "was not written by routelens (or was changed since)" in capsys.readouterr().err
+    assert export.read_bytes() == first + b"\n" and not (tmp_path / "three").exists()
+
+
+KILL_DRIVER = """
+import os, signal, sys
+mode = sys.argv[1]
+if mode == "before-rename":   # the whole export in its temporary file, killed before the rename
+    real = os.replace
+    def replace(source, target, *args, **kwargs):
+        if str(target).endswith(".npz"):
+            os.kill(os.getpid(), signal.SIGKILL)
+        return real(source, target, *args, **kwargs)
+    os.replace = replace
+else:                          # killed half-way through writing the export's bytes
+    real = os.fdopen
+    class Half:
+        def __init__(self, stream):
+            self.stream = stream
+        def __enter__(self):
+            return self
+        def __exit__(self, *exc):
+            return self.stream.__exit__(*exc)
+        def write(self, data):
+            self.stream.write(data[: len(data) // 2])
+            self.stream.flush()
+            os.kill(os.getpid(), signal.SIGKILL)
+    def fdopen(handle, mode="r", *args, **kwargs):
+        stream = real(handle, mode, *args, **kwargs)
+        return Half(stream) if "w" in mode and ".npz." in os.readlink(f"/proc/self/fd/{handle}") else stream
+    os.fdopen = fdopen
+from routelens.cli import main
+sys.exit(main(sys.argv[2:]))
+"""
+
+
+@pytest.mark.parametrize("mode", ["mid-write", "before-rename"])
+@pytest.mark.parametrize("where", ["inside", "elsewhere"])
+def test_kill_9_while_replay_writes_its_export_leaves_no_half_export(world, tmp_path, cli_env, mode, where):
+    """SIGKILL while the export is written (half its bytes out, or all of them before the
+    rename): nothing at the export's path, the run not complete; the same command then
+    resumes and writes the whole export, which reads back."""
+    import numpy as np
+
+    import routelens as rl
+
+    out = tmp_path / "run"
+    export = (out if where == "inside" else tmp_path / "exports") / "routes.npz"
+    argv = _replay(world, out, "--export", str(export))
+    killed = subprocess.run([PYTHON, "-c", KILL_DRIVER, mode, *argv], env=cli_env, capture_output=True, text=True,
+                            timeout=600)
+    assert killed.returncode == -9, killed.stderr
+    assert not export.exists()                                     # nothing that looks like an export
+    assert json.loads((out / "run.json").read_text())["status"] == "running"
+    assert not (out / "summary.json").exists()
+    assert main(argv) == 0                                          # resumed: the whole export
+    back = rl.read_routes(str(export), rl.load(world["model"]), world["trajectories"])
+    with np.load(world["routes"]) as given:
+        for key in ("a", "b"):
+            np.testing.assert_array_equal(back.experts[key], given[key])
+    state = json.loads((out / "run.json").read_text())
+    assert state["status"] == "complete" and state["export"]["sha256"] == hashlib.sha256(export.read_bytes()).hexdigest()

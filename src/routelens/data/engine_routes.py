@@ -53,7 +53,29 @@ class EngineRoutes:
     meta: dict = field(default_factory=dict)
 
     def __post_init__(self):
-        for trajectory_id, routes in self.experts.items():
+        from routelens.errors import SettingError
+
+        if not isinstance(self.experts, dict):
+            raise SettingError(f"`experts` must be a dict of trajectory id -> int array [tokens, layers, k], got "
+                               f"{type(self.experts).__name__}", "experts")
+        if isinstance(self.top_k, bool) or not isinstance(self.top_k, (int, np.integer)) or self.top_k < 1:
+            raise SettingError(f"`top_k` must be an integer >= 1 (experts per token), got {self.top_k!r}", "top_k")
+        if not isinstance(self.layers, (list, tuple)) or not all(
+                isinstance(layer, (int, np.integer)) and not isinstance(layer, bool) for layer in self.layers):
+            raise SettingError(f"`layers` must be a list of decoder-layer indices, got {self.layers!r}", "layers")
+        if not isinstance(self.source, str):
+            raise SettingError(f"`source` must be a string naming where the routes came from, got {self.source!r}",
+                               "source")
+        for trajectory_id, routes in list(self.experts.items()):
+            if not isinstance(trajectory_id, str):
+                raise SettingError(f"`experts` must be keyed by trajectory id (a string), got {trajectory_id!r}",
+                                   "experts")
+            if not isinstance(routes, np.ndarray):   # nested lists, a tensor: as an array
+                try:
+                    routes = self.experts[trajectory_id] = np.asarray(routes.cpu() if hasattr(routes, "cpu") else routes)
+                except ValueError:
+                    raise RouteLensError(f"routes of trajectory {trajectory_id!r} are ragged lists, not an array "
+                                         "[tokens, layers, k]") from None
             if routes.ndim != 3 or routes.shape[1:] != (len(self.layers), self.top_k):
                 raise RouteLensError(
                     f"routes of trajectory {trajectory_id!r} have shape {routes.shape}; expected [tokens, "

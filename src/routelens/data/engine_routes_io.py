@@ -312,15 +312,20 @@ def _sglang_payload(record: dict, where: str):
                          "and send return_routed_experts=true, and keep meta_info in each record")
 
 
+def _sglang_flat(payload: str, where: str) -> np.ndarray:
+    """SGLang's base64 payload as its flat int32 values."""
+    raw = _b64(payload, where)
+    if len(raw) % 4:
+        raise RouteLensError(f"{where}: routed_experts decodes to {len(raw)} bytes, not whole int32 values; give "
+                             "the base64 of SGLang's int32 routes, unchanged")
+    return np.frombuffer(raw, dtype="<i4")
+
+
 def _sglang_rows(payload, trajectory, model: _Model, offset: int, where: str):
     """SGLang's flat int32 values as [rows, layers, k], the layer count (every decoder layer
     or the MoE layers) chosen by which one fits the trajectory's length."""
-    if isinstance(payload, str):
-        raw = _b64(payload, where)
-        if len(raw) % 4:
-            raise RouteLensError(f"{where}: routed_experts decodes to {len(raw)} bytes, not whole int32 values; give "
-                                 "the base64 of SGLang's int32 routes, unchanged")
-        flat = np.frombuffer(raw, dtype="<i4")
+    if isinstance(payload, np.ndarray) and payload.dtype == np.dtype("<i4") and payload.ndim == 1:
+        flat = payload
     else:
         flat = _as_int_array(payload, where)
         if flat.ndim == 3:
@@ -394,15 +399,15 @@ def _npy_array(path: str) -> np.ndarray:
         raise RouteLensError(f"{path}: not a readable .npy ({error})") from None
 
 
-def _read_parquet(path: str, model: _Model, by_id: dict, prompt_included: bool) -> dict[str, tuple]:
-    """trajectory id -> ([rows, MoE layers, k] array, offset, where) from long-format rows."""
+def _parquet_table(path: str):
+    """The rows of a Parquet routes file, their columns checked (model-free)."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
     try:
         table = pq.read_table(path)
     except Exception as error:  # pyarrow raises several types for a bad file
-        raise RouteLensError(f"{path}: not a readable Parquet file ({error})") from None
+        raise RouteLensError(f"{path}: not a readable Parquet file ({_one_line(error)})") from None
     needed = ["trajectory_id", "position", "layer", "experts"]
     missing = [name for name in needed if name not in table.column_names]
     if missing:
@@ -417,11 +422,16 @@ def _read_parquet(path: str, model: _Model, by_id: dict, prompt_included: bool) 
         raise RouteLensError(f"{path}: column 'experts' is {experts_type}, not lists of integer expert ids")
     if table.num_rows == 0:
         raise RouteLensError(f"{path}: no route rows in the file")
-    import pyarrow.compute as pc
-
     for name in needed:
         if table.column(name).null_count:
             raise RouteLensError(f"{path}: column {name!r} has empty (null) values; give every row all four fields")
+    return table
+
+
+def _read_parquet(table, path: str, model: _Model, by_id: dict, prompt_included: bool) -> dict[str, tuple]:
+    """trajectory id -> ([rows, MoE layers, k] array, offset, where) from long-format rows."""
+    import pyarrow.compute as pc
+
     ids = np.asarray([str(v) for v in table.column("trajectory_id").to_pylist()], dtype=object)
     positions = table.column("position").to_numpy().astype(np.int64)
     layers = table.column("layer").to_numpy().astype(np.int64)
@@ -479,7 +489,7 @@ def _read_parquet(path: str, model: _Model, by_id: dict, prompt_included: bool) 
     return out
 
 
-def _export_header(arrays: dict, path: str, model: _Model) -> dict:
+def _parse_export_header(arrays: dict, path: str) -> dict:
     raw = arrays.pop(HEADER_KEY, None)
     if raw is None:
         raise RouteLensError(f"{path}: no {HEADER_KEY} entry: not a file written by routelens --export; read it "
@@ -493,6 +503,10 @@ def _export_header(arrays: dict, path: str, model: _Model) -> dict:
     if header.get("version") != EXPORT_VERSION:
         raise RouteLensError(f"{path}: route export version {header.get('version')!r}; this routelens reads version "
                              f"{EXPORT_VERSION}: export it again with this version")
+    return header
+
+
+def _check_export_header(header: dict, path: str, model: _Model) -> dict:
     if header.get("layers") != model.moe_layers or header.get("k") != model.k or \
             header.get("num_experts") not in (None, model.num_experts):
         raise RouteLensError(
@@ -503,31 +517,137 @@ def _export_header(arrays: dict, path: str, model: _Model) -> dict:
 
 
 # ---------------------------------------------------------------------------- reading
-def detect_format(path: str) -> str:
-    """The format of a routes file from its name (and, for .npz and JSON, a look inside)."""
+_MAGIC = {b"PAR1": "parquet", b"\x93NUMPY": "npy", b"PK\x03\x04": "zip", b"PK\x05\x06": "zip"}
+_KIND_NAMES = {"parquet": "a Parquet file", "npy": "an .npy file", "zip": "an .npz (zip) file",
+               "binary": "a binary file", "empty": "an empty file", "text": "a text file"}
+
+
+def _one_line(error) -> str:
+    return " ".join(str(error).split())
+
+
+def _sniff(path: str) -> str:
+    """What the file is by its first bytes: parquet, npy, zip, empty, text or binary."""
+    with open(path, "rb") as handle:
+        head = handle.read(1 << 12)
+    for magic, kind in _MAGIC.items():
+        if head.startswith(magic):
+            return kind
+    if not head.strip():
+        return "empty"
+    return "binary" if b"\x00" in head else "text"
+
+
+def _wrong_format(path: str, kind: str, chosen: str, expected: str, option: str):
+    from routelens.errors import SettingError
+
+    return SettingError(f"{path} is not {expected} ({_KIND_NAMES[kind]}); `{option}` {chosen} reads "
+                        f"{ROUTE_FORMAT_HELP[chosen]}: give the file's own format, or auto", option)
+
+
+@dataclass
+class _Loaded:
+    """A routes file read without the model: its format, and per record (trajectory id or
+    None for a lone .npy, the routes, a given offset or None, where, the JSON record or None)."""
+
+    format: str
+    entries: list
+    header: dict | None = None
+    table: object = None   # the Parquet rows
+
+
+_CACHE: dict = {}   # the last file read: (path, size, mtime, format) -> _Loaded (the command line reads it twice)
+
+
+def _load(path: str, format: str, option: str) -> _Loaded:
+    """The routes file `path` read and checked as far as it can be without the model: it
+    exists, is of `format` (or, with "auto", of a format told from its content and name),
+    parses (JSON records, base64, .npz/.npy arrays, Parquet columns, an export's header)."""
+    from routelens.errors import SettingError
+
     _exists(path)
-    if path.endswith(".parquet"):
-        return "parquet"
-    if path.endswith(".npy"):
-        return "npy"
-    if path.endswith(".npz"):
-        try:
-            with zipfile.ZipFile(path) as archive:
-                return "npz-export" if f"{HEADER_KEY}.npy" in archive.namelist() else "npy"
-        except (zipfile.BadZipFile, OSError):
-            raise RouteLensError(f"{path}: not a readable .npz file") from None
-    if path.endswith((".jsonl", ".json")):
-        first = _json_records(path)[0]
-        return "sglang" if isinstance(first.get("meta_info"), dict) or isinstance(first.get("sgl_ext"), dict) \
-            else "vllm"
-    raise RouteLensError(f"{path}: cannot tell the routes format from the name; give format= one of "
-                         f"{', '.join(ROUTE_FORMATS)}")
+    stat = os.stat(path)
+    key = (os.path.realpath(path), stat.st_size, stat.st_mtime_ns, format)
+    if key in _CACHE:
+        return _CACHE[key]
+    kind = _sniff(path)
+    chosen, records = format, None
+    if format == "auto":
+        if kind == "parquet":
+            chosen = "parquet"
+        elif kind == "npy":
+            chosen = "npy"
+        elif kind == "zip":
+            try:
+                with zipfile.ZipFile(path) as archive:
+                    chosen = "npz-export" if f"{HEADER_KEY}.npy" in archive.namelist() else "npy"
+            except (zipfile.BadZipFile, OSError):
+                raise RouteLensError(f"{path}: not a readable .npz file") from None
+        elif kind == "empty":
+            raise RouteLensError(f"{path}: no route records in the file (it is empty)")
+        elif path.endswith((".jsonl", ".json")) and kind == "text":
+            records = _json_records(path)
+            first = records[0]
+            chosen = "sglang" if isinstance(first.get("meta_info"), dict) or isinstance(first.get("sgl_ext"), dict) \
+                else "vllm"
+        else:
+            raise SettingError(f"{path}: cannot tell the routes format from the name; give `{option}` one of "
+                               f"{', '.join(ROUTE_FORMATS)}", option)
+    loaded = _Loaded(chosen, [])
+    if chosen == "parquet":
+        if kind != "parquet":
+            raise _wrong_format(path, kind, chosen, "a Parquet file", option)
+        loaded.table = _parquet_table(path)
+    elif chosen == "sglang" or (chosen == "vllm" and kind not in ("zip", "npy")):
+        if kind not in ("text", "empty"):
+            raise _wrong_format(path, kind, chosen, "JSON Lines text", option)
+        for record in records if records is not None else _json_records(path):
+            where = record.pop("_where")
+            trajectory_id = _record_id(record, where)
+            payload = _sglang_payload(record, where) if chosen == "sglang" else _vllm_payload(record, where)
+            if chosen == "sglang" and isinstance(payload, str):
+                payload = _sglang_flat(payload, where)
+            loaded.entries.append((trajectory_id, payload, None, where, record))
+    elif kind == "npy" and chosen != "npz-export":
+        loaded.entries.append((None, _npy_array(path), None, path, None))
+    elif kind == "zip":
+        arrays = _npz_arrays(path, path)
+        if chosen == "npz-export":
+            loaded.header = _parse_export_header(arrays, path)
+        elif HEADER_KEY in arrays:
+            arrays.pop(HEADER_KEY)   # an export read as plain arrays
+        if not arrays:
+            raise RouteLensError(f"{path}: no arrays in the file")
+        loaded.entries = [(key, array, 0 if chosen == "npz-export" else None, f"{path} [{key!r}]", None)
+                          for key, array in arrays.items()]
+    else:
+        expected = "an .npz file written by routelens --export" if chosen == "npz-export" else "an .npz file or an .npy file"
+        raise _wrong_format(path, kind, chosen, expected, option)
+    _CACHE.clear()
+    _CACHE[key] = loaded
+    return loaded
+
+
+def detect_format(path: str) -> str:
+    """The format of a routes file from its content (and, for JSON, its name and first record)."""
+    return _load(os.fspath(path), "auto", "format").format
+
+
+def check_routes_file(path: str, format: str = "auto", option: str = "format") -> str:
+    """The routes file checked as far as it can be without the model (before one loads):
+    it exists, is of `format` (one of `ROUTE_FORMATS`, or "auto"), and parses; returns the
+    format. `read_routes` of the same unchanged file then does not read it again. `option`
+    names the format's argument in messages (`format`; `routes_format` in `replay`)."""
+    if format not in (*ROUTE_FORMATS, "auto"):
+        raise RouteLensError(f"unknown routes format {format!r}; the formats are {', '.join(ROUTE_FORMATS)} "
+                             "(or auto)")
+    return _load(os.fspath(path), format, option).format
 
 
 def read_routes(path: str, lens_or_adapter, trajectories, format: str = "auto",
-                prompt_included: bool = True) -> EngineRoutes:
+                prompt_included: bool = True, option: str = "format") -> EngineRoutes:
     """The routes an engine chose, from `path` in `format` (`ROUTE_FORMATS`, or "auto": from
-    the file's name and content), checked against the model (`lens_or_adapter`: a Lens or
+    the file's content and name), checked against the model (`lens_or_adapter`: a Lens or
     its adapter) and `trajectories` (a list of `Trajectory`; every one needs routes, and
     every route a trajectory). `prompt_included`: the file's first row of a trajectory is
     its first token (True) or its first completion token (False). See the module's text
@@ -555,39 +675,22 @@ def read_routes(path: str, lens_or_adapter, trajectories, format: str = "auto",
     by_id = {t.id: t for t in trajectories}
     if len(by_id) != len(trajectories):
         raise RouteLensError("the trajectories repeat an id; ids must be unique")
-    _exists(path)
-    chosen = detect_format(path) if format == "auto" else format
-    entries: list[tuple[str, object, int | None, str, dict | None]] = []   # id, array/payload, offset, where, record
-    header = None
-    if chosen == "sglang" or (chosen == "vllm" and not path.endswith((".npz", ".npy"))):
-        for record in _json_records(path):
-            where = record.pop("_where")
-            trajectory_id = _record_id(record, where)
-            payload = _sglang_payload(record, where) if chosen == "sglang" else _vllm_payload(record, where)
-            entries.append((trajectory_id, payload, None, where, record))
-    elif chosen in ("npy", "vllm", "npz-export"):
-        if path.endswith(".npy") and chosen != "npz-export":
-            if len(trajectories) != 1:
-                raise RouteLensError(f"{path}: one .npy holds one trajectory's routes but {len(trajectories)} "
-                                     "trajectories were given; give one trajectory, or an .npz keyed by trajectory id")
-            entries.append((trajectories[0].id, _npy_array(path), None, path, None))
-        else:
-            if not zipfile.is_zipfile(path):
-                raise RouteLensError(f"{path}: not an .npz file; give an .npz of arrays keyed by trajectory id"
-                                     f"{'' if chosen == 'npz-export' else ' (or one .npy for one trajectory)'}")
-            arrays = _npz_arrays(path, path)
-            if chosen == "npz-export":
-                header = _export_header(arrays, path, model)
-            elif HEADER_KEY in arrays:
-                arrays.pop(HEADER_KEY)   # an export read as plain arrays
-            if not arrays:
-                raise RouteLensError(f"{path}: no arrays in the file")
-            entries = [(key, array, 0 if chosen == "npz-export" else None, f"{path} [{key!r}]", None)
-                       for key, array in arrays.items()]
-    else:   # parquet
-        _exists(path)
+    loaded = _load(path, format, option)
+    _CACHE.clear()   # kept only between the command line's early check and this read
+    chosen, header = loaded.format, loaded.header
+    if header is not None:
+        _check_export_header(header, path, model)
+    if chosen == "parquet":
         entries = [(key, array, offset, where, None)
-                   for key, (array, offset, where) in _read_parquet(path, model, by_id, prompt_included).items()]
+                   for key, (array, offset, where) in _read_parquet(loaded.table, path, model, by_id,
+                                                                    prompt_included).items()]
+    elif loaded.entries and loaded.entries[0][0] is None:   # one .npy: one trajectory's routes
+        if len(trajectories) != 1:
+            raise RouteLensError(f"{path}: one .npy holds one trajectory's routes but {len(trajectories)} "
+                                 "trajectories were given; give one trajectory, or an .npz keyed by trajectory id")
+        entries = [(trajectories[0].id, *loaded.entries[0][1:])]
+    else:
+        entries = loaded.entries
 
     seen: dict[str, str] = {}
     for trajectory_id, _, _, where, _ in entries:
@@ -655,14 +758,102 @@ def export_routes(routes: EngineRoutes, path: str, *, overwrite: bool = False, i
         ...     npz["t0"].dtype.name, json.loads(npz["__header__.json"].tobytes())["layers"]
         ('int16', [1])
     """
-    from routelens.results.paths import check_out_file, record_output, write_bytes_atomic, written_by_routelens
+    from routelens import validate
+    from routelens.errors import SettingError
 
     if not isinstance(routes, EngineRoutes):
-        raise RouteLensError(f"expected EngineRoutes to export, got {type(routes).__name__}")
+        raise SettingError(f"`routes` must be an EngineRoutes (routelens.read_routes(...)) to export, got "
+                           f"{type(routes).__name__} {validate.shown(routes)}", "routes")
+    validate.flag(overwrite, "overwrite")
+    target = check_export(path, inputs=inputs, overwrite=overwrite, option="path")
+    data = export_bytes(routes, model)
+    write_export(target, data, command)
+    return target.path
+
+
+@dataclass
+class ExportTarget:
+    """Where an export goes: `path`, and `name` (relative to the run folder) when it lies
+    inside the run folder `out` of the run that writes it (then listed among the run's files)."""
+
+    path: str
+    name: str | None = None
+
+
+def check_export(path, out: str | None = None, inputs=(), overwrite: bool = False,
+                 option: str = "export") -> ExportTarget:
+    """The export's path, checked before any work: a path ending in .npz, never an input (nor
+    inside one), not the run folder `out` nor around it, and not a folder. Inside `out`:
+    written as one of the run's files (listed in its run.json, replaced by the run resumed,
+    removed by its `overwrite`), so a file there that the run does not list is refused. Elsewhere:
+    the file-output policy of `routelens.results.paths` (replaced only with `overwrite` and
+    only when routelens wrote it), except that the run in `out` that wrote it (its run.json's
+    `export`) rewrites it when resumed. `option` names the argument in messages."""
+    from routelens import validate
+    from routelens.errors import SettingError
+    from routelens.results.paths import LEDGER, check_apart_from_inputs, check_out_file, inside, written_by_routelens
+
+    if not isinstance(path, (str, os.PathLike)) or not os.fspath(path):
+        raise SettingError(f"`{option}` must be a path ending in .npz, got {type(path).__name__} "
+                           f"{validate.shown(path)}", option)
     path = os.fspath(path)
+    check_apart_from_inputs(path, inputs, option)
+    if os.path.isdir(path):
+        raise SettingError(f"`{option}` {path} is a folder; give a file path such as {os.path.join(path, 'routes.npz')}",
+                           option)
+    if out is not None and os.path.realpath(path) == os.path.realpath(out):
+        raise SettingError(f"`{option}` and `out` name the same path {path}: the export is a file, `out` the run "
+                           f"folder; give the export another name (e.g. {os.path.join(out, 'routes.npz')})",
+                           option, "out")
     if not path.endswith(".npz"):
-        raise RouteLensError(f"--export {path}: the export is an .npz file; give a path ending in .npz")
-    check_out_file(path, "--export", inputs, overwrite)
+        raise SettingError(f"`{option}` {path}: the export is an .npz file; give a path ending in .npz", option)
+    if out is not None:
+        if inside(out, path):
+            raise SettingError(f"`out` {out} lies inside `{option}` {path}; give the export another path", option, "out")
+        if inside(path, out):
+            return _export_in_run(path, out, option, LEDGER)
+    stored = _stored_run(out)
+    recorded = stored.get("export") if isinstance(stored, dict) and stored.get("kind") == "replay" else None
+    own = (isinstance(recorded, dict) and recorded.get("path") == os.path.abspath(path)
+           and written_by_routelens(path) == "replay")
+    check_out_file(path, _shown_option(option), (), overwrite=overwrite or own)
+    return ExportTarget(path)
+
+
+def _shown_option(option: str) -> str:
+    """How a message names the argument: --export on the command line and in `replay`, `path` in `export_routes`."""
+    return "`path`" if option == "path" else "--" + option.replace("_", "-")
+
+
+def _stored_run(out: str | None) -> dict | None:
+    from routelens.results.run_folder import RUN_JSON, read_json
+
+    if out is None or not os.path.isfile(os.path.join(out, RUN_JSON)):
+        return None
+    try:
+        return read_json(os.path.join(out, RUN_JSON))
+    except (ValueError, OSError):   # not a run: the run folder refuses it itself
+        return None
+
+
+def _export_in_run(path: str, out: str, option: str, ledger: str) -> ExportTarget:
+    from routelens.errors import SettingError
+    from routelens.results.run_folder import PARTS, RUN_JSON
+
+    name = os.path.relpath(os.path.realpath(path), os.path.realpath(out))
+    if name.split(os.sep)[0] in (RUN_JSON, PARTS, ledger) or os.path.basename(name) == ledger:
+        raise SettingError(f"`{option}` {path}: {name} is the run folder's own; give the export another name", option)
+    stored = _stored_run(out)
+    listed = stored.get("files") if isinstance(stored, dict) else None
+    if os.path.lexists(path) and not (isinstance(listed, list) and name in listed):
+        raise RouteLensError(f"{_shown_option(option)} {path} exists in the run folder {out} and its run.json does "
+                             "not list it: it was not written by routelens, so it is never replaced; choose another "
+                             "path or move the file away")
+    return ExportTarget(path, name)
+
+
+def export_bytes(routes: EngineRoutes, model: str | None = None) -> bytes:
+    """The .npz of `export_routes`, as bytes."""
     if HEADER_KEY in routes.experts:
         raise RouteLensError(f"a trajectory is named {HEADER_KEY!r}, the export's header key; rename it")
     if not routes.experts:
@@ -690,9 +881,21 @@ def export_routes(routes: EngineRoutes, path: str, *, overwrite: bool = False, i
         for key, array in arrays.items():
             with archive.open(f"{key}.npy", "w") as member:
                 np.lib.format.write_array(member, array, allow_pickle=False)
-    if os.path.lexists(path) and written_by_routelens(path) is None:
-        raise RouteLensError(f"{path} appeared while routelens worked and was not written by it: it is never "
+    return buffer.getvalue()
+
+
+def write_export(target: ExportTarget, data: bytes, command: str, folder=None) -> None:
+    """Write the export `data` to `target` (checked by `check_export` beforehand) atomically (a
+    kill leaves the old file or none, never half of one): inside the run `folder` as one of
+    its listed files; elsewhere recorded in its folder's ledger, refusing a file that
+    appeared there meanwhile that routelens did not write."""
+    from routelens.results.paths import record_output, write_bytes_atomic, written_by_routelens
+
+    if target.name is not None and folder is not None and getattr(folder, "path", None) is not None:
+        folder.write_file(target.name, data)   # listed in run.json before it is written
+        return
+    if os.path.lexists(target.path) and written_by_routelens(target.path) is None:
+        raise RouteLensError(f"{target.path} appeared while routelens worked and was not written by it: it is never "
                              "replaced; move it away and re-run")
-    write_bytes_atomic(path, buffer.getvalue())
-    record_output(path, command)
-    return path
+    write_bytes_atomic(target.path, data)
+    record_output(target.path, command)

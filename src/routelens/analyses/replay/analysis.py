@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import copy
 import hashlib
+import os
 
 import numpy as np
 import pandas as pd
@@ -532,20 +533,35 @@ def definitions(config: ReplayConfig, unit: str) -> dict:
 
 # ---------------------------------------------------------------------------- the run
 def run_replay(loaded, trajectories: list[Trajectory], source: RouteSource, config: ReplayConfig, out: str | None,
-               data_info: dict, overwrite: bool = False, show_progress: bool = True):
-    """The audit into the run folder `out` (resumed after a kill), in memory when None."""
+               data_info: dict, overwrite: bool = False, show_progress: bool = True, export=None):
+    """The audit into the run folder `out` (resumed after a kill), in memory when None.
+    `export` (an `ExportTarget`, checked by `check_export`): where the engine's routes are
+    written for training once every trajectory is audited, before the run is marked complete
+    (a run refused or cut off writes none; resumed, it writes it then), recorded in run.json
+    (`export`; listed among the run's files where it lies inside the run folder)."""
+    from routelens.data.engine_routes_io import export_bytes, write_export
+
     adapter = loaded.adapter
     left_out: list[str] = []
     if isinstance(source, GivenRoutes):
         trajectories, left_out = check_engine_routes(adapter, trajectories, source.routes)
+    elif export is not None:
+        raise RouteLensError("`export` writes an engine's routes for training; with `compare_to` there is no engine: "
+                             "give `routes`")
     if not trajectories:
         raise RouteLensError("no trajectory to audit; give at least one")
     run_config = {**loaded.identity(), "dtype": loaded.dtype, **data_info, **config.identity(),
                   "route_source": source.identity(), "audited_trajectories": len(trajectories)}
     job = ReplayJob(trajectories, source, config)
     job.setup(loaded)
+    recorded = None if export is None else {"path": os.path.abspath(export.path), "in_run_folder": export.name,
+                                            "trajectories": len(source.routes.experts)}
 
     def summarise_run(folder) -> dict:
+        if export is not None:
+            data = export_bytes(source.routes, loaded.spec)
+            write_export(export, data, "replay", folder)
+            folder.state["export"] = {**recorded, "sha256": hashlib.sha256(data).hexdigest()}   # saved on completion
         summary = summarise(folder.read("routes"), folder.read("tokens"), source.layers, config, source.identity())
         summary["trajectories_without_routes"] = len(left_out)
         return summary
@@ -554,7 +570,8 @@ def run_replay(loaded, trajectories: list[Trajectory], source: RouteSource, conf
         kind="replay", run_config=run_config, tables=("routes", "tokens"), units=len(trajectories), job=job,
         summarise=summarise_run,
         extra={"model": adapter.describe(), "device": loaded.device, "summary_settings": config.summary_settings(),
-               "route_source_meta": source.meta(), "trajectories_without_routes": left_out[:100]},
+               "route_source_meta": source.meta(), "trajectories_without_routes": left_out[:100],
+               "export": recorded},
         label="replay", progress_unit="trajectories",
         timings=lambda todo, seconds: {"trajectories_this_session": len(todo)})
     return run_analysis(run, loaded, out, overwrite=overwrite, show_progress=show_progress)

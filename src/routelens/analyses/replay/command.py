@@ -65,7 +65,8 @@ def add_arguments(parser) -> None:
                              + "; ".join(f"{name}: {text}" for name, text in ROUTE_FORMAT_HELP.items()))
     parser.add_argument("--export", default=None, metavar="FILE.npz",
                         help="also write the engine's routes for training: [tokens, MoE layers, k] int16 per "
-                             "trajectory and a JSON header, in one .npz (R3 trainers' shape)")
+                             "trajectory and a JSON header, in one .npz (R3 trainers' shape), once the audit is done; "
+                             "an existing file is replaced only with --overwrite and only if routelens wrote it")
     parser.add_argument("--out", required=True, help="run folder (created; resumed if it holds the same run)")
     parser.add_argument("--max-trajectories", type=positive_int, default=None, help="use the first N trajectories")
 
@@ -74,9 +75,11 @@ def run(args) -> int:
     from routelens.analyses.replay.config import ReplayConfig, parse_compare_to
     from routelens.analyses.replay.table import print_replay_summary
     from routelens.api import replay
+    from routelens.data.engine_routes_io import check_export, check_routes_file
     from routelens.errors import RouteLensError
 
-    config = config_from_args(ReplayConfig, args)   # bad settings fail before the model loads
+    # everything that can be told without the model is refused before it loads (a big one takes minutes)
+    config = config_from_args(ReplayConfig, args)
     if args.compare_to is not None:
         parse_compare_to(args.compare_to)
     if args.routes_format is not None and args.routes_from is None:
@@ -87,12 +90,17 @@ def run(args) -> int:
     if args.gguf is not None and args.engine is None:
         raise RouteLensError("--gguf is the file llama.cpp runs; give it with --engine llama.cpp")
     check_records_early(args.trajectories, "trajectory")
+    if args.routes_from is not None:   # its form and format; read against the model and the trajectories below
+        check_routes_file(args.routes_from, args.routes_format or "auto", option="routes_format")
+    if args.export is not None:
+        check_export(args.export, args.out, [args.trajectories, args.routes_from, args.gguf, args.model], args.overwrite)
     lens = load_lens(args)
-    # --routes-from is read by routelens.data.engine_routes_io.read_routes against the model and the trajectories
     result = replay(lens, args.trajectories, args.routes_from, args.out, config=config, compare_to=args.compare_to,
                     routes_format=args.routes_format, max_trajectories=args.max_trajectories, export=args.export,
                     engine=args.engine, gguf_type=args.gguf_type, gguf=args.gguf,
                     overwrite=args.overwrite, show_progress=not args.no_progress)
     print_replay_summary(result.summary_dict)
     print(f"run folder: {args.out} (routes.parquet, tokens.parquet, summary.json, run.json)")
+    if args.export is not None:
+        print(f"export: {args.export} (the engine's routes, [tokens, MoE layers, k] int16 per trajectory)")
     return 0
