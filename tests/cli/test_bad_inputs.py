@@ -511,8 +511,11 @@ CASES = {
     # ---- issue 30: replay, the source and the settings
     "replay_routes_from_and_compare_to": (lambda w: _rp(w, "--compare-to", "batch=2"),
                                           "argument --compare-to: not allowed with argument --routes-from"),
+    "replay_gguf_without_engine": (lambda w: _rp(w, "--gguf", w.afile), "--gguf is the file llama.cpp runs"),
+    "replay_unknown_gguf_type": (lambda w: _rp(w, "--engine", "llama.cpp", "--gguf-type", "q3_k", routes=None),
+                                 "argument --gguf-type: invalid choice: 'q3_k'"),
     "replay_neither_routes_nor_compare_to": (lambda w: _rp(w, routes=None),
-                                             "one of the arguments --routes-from --compare-to is required"),
+                                             "one of the arguments --routes-from --engine --compare-to is required"),
     "replay_compare_to_int8": (lambda w: _rp(w, "--compare-to", "dtype=int8", routes=None),
                                "--compare-to must be dtype=bfloat16|float16|float32"),
     "replay_compare_to_batch_zero": (lambda w: _rp(w, "--compare-to", "batch=0", routes=None),
