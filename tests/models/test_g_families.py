@@ -22,6 +22,7 @@ import json
 import numpy as np
 import pytest
 import torch
+from test_b_families import _standard_and_other_routes  # per position: standard, k lowest logits, standard
 from transformers import AutoConfig, AutoModelForCausalLM, Mistral4ForCausalLM
 
 from routelens.engine import CacheEngine, FastEngine, ReferenceEngine
@@ -32,29 +33,13 @@ from routelens.models import adapter_for
 from routelens.models.families.dsa import INDEXED_ATTENTION, OwnAttention
 from routelens.models.loading import load_model
 from routelens.models.registry import adapter_class
-from routelens.models.routing import RouteOverride, capture_routes, override_routes
+from routelens.models.routing import RouteOverride, override_routes
 from routelens.models.tiny import TINY_VOCAB, build_tiny_model, tiny_config
 from routelens.verify import verify_model
 
 
 def _ids(seed: int, length: int = 16) -> torch.Tensor:
     return torch.randint(3, TINY_VOCAB, (length,), generator=torch.Generator().manual_seed(seed))
-
-
-def _standard_and_other_routes(adapter, ids, positions, layer):
-    """Per position: the standard route, the k experts of lowest logit, the standard again."""
-    with torch.no_grad(), capture_routes(adapter, [layer]) as captured:
-        adapter.model(ids[None])
-    out = captured[layer]
-    experts, weights = [], []
-    for t in positions:
-        standard = out.experts[t].sort().values
-        other = out.logits[t].argsort()[: adapter.top_k].sort().values
-        logits = out.logits[t][None]
-        experts.append(torch.stack([standard, other, standard]))
-        weights.append(torch.cat([adapter.weights_for(logits, standard[None]), adapter.weights_for(logits, other[None]),
-                                  adapter.weights_for(logits, standard[None])]))
-    return torch.stack(experts), torch.stack(weights)
 
 
 # ---------------------------------------------------------------------------------------------- mistral4
