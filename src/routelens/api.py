@@ -819,7 +819,8 @@ def replay(lens: Lens, trajectories, routes=None, out: str | None = None, *, con
         if engine is not None:   # llama.cpp run here on the trajectories: the routes it chose
             from routelens.inference.llama_cpp import llama_cpp_routes
 
-            routes, _ = llama_cpp_routes(lens, kept, gguf_type, gguf=gguf)
+            routes, logprobs = llama_cpp_routes(lens, kept, gguf_type, gguf=gguf)
+            routes.logprobs = logprobs   # what llama.cpp sampled with: the audit compares the model's with it
             info["engine"] = {"engine": engine, "gguf_type": gguf_type, "gguf": gguf and os.path.abspath(gguf)}
         if path is not None:
             routes = read_routes(os.fspath(path), lens, kept, format=routes_format or "auto", option="routes_format")

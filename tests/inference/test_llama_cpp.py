@@ -229,6 +229,17 @@ def test_replay_runs_llama_cpp_itself_and_audits_exactly_the_routes_it_chose(dem
     flipped = result.routes[result.routes["flipped"] & result.routes["scored"]]   # the table also holds the prompt
     assert expected and set(zip(flipped["trajectory_id"], flipped["position"].astype(int),
                                 flipped["layer"].astype(int))) == expected
+    # the engine's own log p (what it sampled with) against the model's, natural and replayed, from plain code
+    _, engine_lp = llama_cpp_routes(lens, trajectories, "q4_0")
+    tokens = result.tokens
+    expected_lp = np.concatenate([engine_lp[t.id][np.asarray(t.scored_positions)] for t in trajectories])
+    np.testing.assert_allclose(tokens["logprob_engine"].to_numpy(), expected_lp, rtol=0, atol=1e-12)
+    gap = result.summary_dict["engine_logprobs"]["All"]
+    natural = np.abs(expected_lp - tokens["logprob_natural"].to_numpy()).mean()
+    replayed = np.abs(expected_lp - tokens["logprob_replayed"].to_numpy()).mean()
+    assert gap["abs_engine_minus_natural"] == pytest.approx(natural) and gap["abs_engine_minus_replayed"] == \
+        pytest.approx(replayed)
+    assert gap["share_of_gap_closed_by_replay"] == pytest.approx(1 - replayed / natural)
     written = read_routes(export, lens, trajectories, format="npz-export")
     for t in trajectories:
         np.testing.assert_array_equal(np.sort(written.experts[t.id], -1), np.sort(engine.experts[t.id], -1))

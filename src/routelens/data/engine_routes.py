@@ -35,7 +35,9 @@ class EngineRoutes:
 
     `source` says where they came from ("sglang", "vllm", "npy", "parquet",
     "llama.cpp:q8_0", "hf:dtype=bfloat16", ...); `meta` keeps what the source said besides
-    (model name, engine version, the file's header), recorded in the run's run.json.
+    (model name, engine version, the file's header), recorded in the run's run.json;
+    `logprobs` the engine's own next-token log-probs where it gives them (the replay audit
+    then says how much of its gap to the model is routing).
 
     Examples:
         >>> import numpy as np
@@ -51,6 +53,9 @@ class EngineRoutes:
     source: str
     alignment: str = ALIGNMENT
     meta: dict = field(default_factory=dict)
+    #: per trajectory id, where the engine gives them: its log p of token t + 1 at position t,
+    #: float [T - 1] (what it sampled with; llama.cpp run by routelens gives them)
+    logprobs: dict[str, np.ndarray] = field(default_factory=dict)
 
     def __post_init__(self):
         from routelens.errors import SettingError

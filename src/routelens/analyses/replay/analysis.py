@@ -61,7 +61,7 @@ TOKENS_SCHEMA = pa.schema([
     ("p_natural", pa.float64()), ("bin", pa.string()), ("logprob_natural", pa.float64()),
     ("logprob_replayed", pa.float64()), ("logprob_diff", pa.float64()), ("kl", pa.float64()),
     ("layers_flipped", pa.int64()), ("layers_reported", pa.int64()), ("flipped_at_or_before", pa.bool_()),
-    ("argmax_changed", pa.bool_()),
+    ("argmax_changed", pa.bool_()), ("logprob_engine", pa.float64()),
 ])
 TIE = 1e-6   # a margin at most this is a tie: the natural run's choice there is the router's, whichever it takes
 ORDER_SLACK = 1e-3   # the natural experts must be the top k of the selection scores to this (a bf16 router rounds)
@@ -155,6 +155,10 @@ class RouteSource:
     def routes_of(self, index: int, trajectories: list[Trajectory]) -> np.ndarray:
         raise NotImplementedError
 
+    def logprobs_of(self, index: int, trajectories: list[Trajectory]) -> np.ndarray | None:
+        """The engine's own log p of token t + 1 at each position t (float [T - 1]), if it gave them."""
+        return None
+
     def identity(self) -> dict:
         raise NotImplementedError
 
@@ -170,6 +174,10 @@ class GivenRoutes(RouteSource):
 
     def routes_of(self, index: int, trajectories: list[Trajectory]) -> np.ndarray:
         return np.asarray(self.routes.experts[trajectories[index].id], dtype=np.int64)
+
+    def logprobs_of(self, index: int, trajectories: list[Trajectory]) -> np.ndarray | None:
+        given = self.routes.logprobs.get(trajectories[index].id)
+        return None if given is None else np.asarray(given, dtype=np.float64)
 
     def identity(self) -> dict:
         return {"source": self.routes.source, "layers": self.layers, "top_k": self.top_k,
@@ -304,8 +312,10 @@ def natural_and_replayed(adapter: MoEAdapter, ids: list[int], layers: list[int],
 
 
 def analyse_trajectory(adapter: MoEAdapter, trajectory: Trajectory, layers: list[int], engine: np.ndarray,
-                       config: ReplayConfig, record: dict) -> dict[str, pa.Table]:
-    """The routes and tokens tables of one trajectory (`engine`: int [T, L, k])."""
+                       config: ReplayConfig, record: dict, engine_logprobs: np.ndarray | None = None
+                       ) -> dict[str, pa.Table]:
+    """The routes and tokens tables of one trajectory (`engine`: int [T, L, k];
+    `engine_logprobs`: the engine's own log p of token t + 1 at t, [T - 1], or None)."""
     ids = list(trajectory.input_ids)
     length = len(ids)
     natural_logits, natural, replayed_logits, forced = natural_and_replayed(adapter, ids, layers, engine)
@@ -359,9 +369,19 @@ def analyse_trajectory(adapter: MoEAdapter, trajectory: Trajectory, layers: list
               "p_natural": p_next[positions].tolist(), "bin": list(bins[positions]), "logprob_natural": lp_nat.tolist(),
               "logprob_replayed": lp_rep.tolist(), "logprob_diff": (lp_rep - lp_nat).tolist(), "kl": kl.tolist(),
               "layers_flipped": flipped[positions].sum(-1).tolist(), "layers_reported": reported[positions].sum(-1).tolist(),
-              "flipped_at_or_before": before[positions].tolist(), "argmax_changed": argmax.tolist()}
+              "flipped_at_or_before": before[positions].tolist(), "argmax_changed": argmax.tolist(),
+              "logprob_engine": [None] * len(positions) if engine_logprobs is None else
+              engine_logprobs_at(engine_logprobs, positions, length, trajectory.id).tolist()}
     return {"routes": pa.Table.from_pylist(rows, schema=ROUTES_SCHEMA),
             "tokens": pa.Table.from_pydict(tokens, schema=TOKENS_SCHEMA)}
+
+
+def engine_logprobs_at(logprobs: np.ndarray, positions: np.ndarray, length: int, trajectory_id: str) -> np.ndarray:
+    """The engine's log p of the next token at `positions` (from its [T - 1] array)."""
+    if logprobs.shape != (length - 1,) or not np.isfinite(logprobs).all():
+        raise RouteLensError(f"the engine's log-probs of trajectory {trajectory_id!r} have shape {logprobs.shape}; "
+                             f"expected {length - 1} finite numbers (log p of token t + 1 at each position t)")
+    return logprobs[positions]
 
 
 class ReplayJob(UnitJob):
@@ -380,7 +400,7 @@ class ReplayJob(UnitJob):
         for unit in units:
             engine = self.source.routes_of(unit, self.trajectories)
             out.append(analyse_trajectory(self._adapter, self.trajectories[unit], self.source.layers, engine,
-                                          self.config, self.record))
+                                          self.config, self.record, self.source.logprobs_of(unit, self.trajectories)))
         return out
 
     def checks(self) -> dict:
@@ -478,6 +498,20 @@ def summarise(routes: pd.DataFrame, tokens: pd.DataFrame, layers: list[int], con
                 "argmax_changed_ci": ci(frame, "argmax_changed"),
                 "max_abs_logprob_diff": _finite(frame["logprob_diff"].abs().max())}
 
+    engine = tokens[tokens["logprob_engine"].notna()] if "logprob_engine" in tokens else tokens.iloc[:0]
+
+    def gap(frame: pd.DataFrame) -> dict:   # the engine's own log p against the model's, natural and replayed
+        natural = frame["logprob_engine"] - frame["logprob_natural"]
+        replayed = frame["logprob_engine"] - frame["logprob_replayed"]
+        to_natural, to_replayed = _finite(natural.abs().mean()), _finite(replayed.abs().mean())
+        return {"tokens": int(len(frame)), "engine_minus_natural": _finite(natural.mean()),
+                "engine_minus_natural_ci": ci(frame, natural),
+                "abs_engine_minus_natural": to_natural, "abs_engine_minus_natural_ci": ci(frame, natural.abs()),
+                "abs_engine_minus_replayed": to_replayed, "abs_engine_minus_replayed_ci": ci(frame, replayed.abs()),
+                "share_of_gap_closed_by_replay": _finite(1 - to_replayed / to_natural) if to_natural else None}
+
+    engine_gap = None if not len(engine) else {ALL_TOKENS: gap(engine), "flipped": gap(engine[any_flip[engine.index]]),
+                                               "not_flipped": gap(engine[~any_flip[engine.index]])}
     cost = {ALL_TOKENS: consequence(tokens), "flipped": consequence(tokens[any_flip]),
             "not_flipped": consequence(tokens[~any_flip]),
             "clean_prefix": consequence(tokens[~tokens["flipped_at_or_before"]]),
@@ -498,6 +532,7 @@ def summarise(routes: pd.DataFrame, tokens: pd.DataFrame, layers: list[int], con
         if (~scored["flipped"]).any() else None,
         "by_bin": by_bin,
         "consequence": cost,
+        **({"engine_logprobs": engine_gap} if engine_gap else {}),
         "definitions": definitions(config, unit),
     }
 
@@ -525,6 +560,11 @@ def definitions(config: ReplayConfig, unit: str) -> dict:
                         "natural routes, nats; mean; " + interval,
         "kl": "per scored token: KL(natural || replayed) of the full next-token distributions, nats; mean; " + interval,
         "argmax_changed": "share of scored tokens whose most probable next token differs between the two runs",
+        "engine_logprobs": "where the engine gave its own log p of the next token (llama.cpp run by routelens): per "
+                           "scored token the engine's minus the model's under natural routes (the train-inference gap "
+                           "a trainer sees) and under the engine's routes replayed; share_of_gap_closed_by_replay = 1 - "
+                           "mean |engine - replayed| / mean |engine - natural| (the part of the gap routing explains; "
+                           "the rest is the engine's other numerics: quantized weights, kernels); " + interval,
         "groups": "flipped: tokens with a flip at some layer at their own position; clean_prefix: tokens with no flip at "
                   "any layer at or before their position (equal to the natural run to float rounding: causal "
                   "attention); a flip at an earlier position moves later tokens, so not_flipped is not unchanged",

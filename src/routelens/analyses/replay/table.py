@@ -63,6 +63,13 @@ def notes(summary: dict) -> list[str]:
     if overall["unscored_decisions"]:
         lines.append(f"unscored positions (the prompt, the last token): flip rate {_num(overall['unscored_flip_rate'])} "
                      f"over {overall['unscored_decisions']} decisions (not in the tables above)")
+    if gap := (summary.get("engine_logprobs") or {}).get(ALL_TOKENS):
+        closed = gap["share_of_gap_closed_by_replay"]
+        lines.append(f"the engine's own log p of the next token against the model's: |engine - natural| "
+                     f"{with_interval(gap['abs_engine_minus_natural'], gap['abs_engine_minus_natural_ci'])}, "
+                     f"|engine - replayed| {with_interval(gap['abs_engine_minus_replayed'], gap['abs_engine_minus_replayed_ci'])}"
+                     f" nats over {gap['tokens']} tokens"
+                     + ("" if closed is None else f"; replaying its routes closes {closed:.0%} of the gap"))
     if summary.get("trajectories_without_routes"):
         lines.append(f"{summary['trajectories_without_routes']} trajectories have no routes in the source: not audited")
     return lines
