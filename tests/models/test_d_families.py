@@ -14,7 +14,7 @@ import torch
 from routelens.errors import RouteLensError
 from routelens.models import adapter_for
 from routelens.models.families.refusals import REFUSED
-from routelens.models.loading import load_model
+from routelens.models.loading import LOAD_CAVEATS, load_model
 from routelens.models.registry import FAMILIES, adapter_class
 from routelens.models.tiny import TINY_TOWERS, build_tiny_model, tiny_config
 from routelens.verify import verify_model
@@ -40,10 +40,13 @@ def test_a_saved_multimodal_checkpoint_loads_as_its_text_tower_and_says_so(saved
     model_type, folder = saved_tower
     assert json.load(open(f"{folder}/config.json"))["model_type"] == model_type   # the composite config
     loaded = load_model(folder, device="cpu")
-    notice = [line for line in capsys.readouterr().err.splitlines() if line.startswith("routelens:")]
+    said = [line for line in capsys.readouterr().err.splitlines() if line.startswith("routelens:")]
+    notice = [line for line in said if "serving the text model" in line]
     assert len(notice) == 1 and "serving the text model of a " + model_type in notice[0]
     assert "image tokens absent" in notice[0]
     described = loaded.adapter.describe()
+    caveats = [described[key] for key in LOAD_CAVEATS if described.get(key)]   # a family's own caveat, said once
+    assert len(said) == 1 + len(caveats) and all(any(c in line for line in said) for c in caveats)
     assert described["model_type"] == model_type and "image tokens absent" in described["text_tower"]
     assert loaded.identity()["text_tower"] == model_type
     model, tower = loaded.adapter.model, adapter_class(model_type).tower
