@@ -15,8 +15,11 @@ every position scored with S alternatives + the standard route:
   with the MoE output of layer l computed from its recorded input (no layer-l re-run);
 - fast: the fast engine as a run uses it (on a hybrid, layers with a recurrent layer above
   them are handed to the cache engine: `served_by` says which);
-- floor: S + 1 plain forward passes of the layers above l over the T tokens (batched),
-  plus the LM head: what any exact method must at least compute.
+- floor: what any exact method must at least compute: one natural forward, the layer-l
+  expert outputs the routes need that it did not compute (each (token, expert) pair once),
+  S + 1 plain forward passes of the layers above l over the T tokens (batched), and the LM
+  head. (Before 0.31 the floor left out the layer-l experts, which no exact method can skip:
+  at the last layer they are most of the work, which made the fast engine look 2-3x off.)
 
 Prints seconds, the ratios fast/reference, fast/cache, fast/kv-decode and fast/floor (as
 speed-ups, >1 means fast is faster; for the floor, slowdown = fast / floor time), and peak
@@ -167,21 +170,33 @@ def kv_decode(adapter, item: ScoreItem, layer: int) -> np.ndarray:
 
 @torch.no_grad()
 def floor(adapter, item: ScoreItem, layer: int) -> None:
-    """S + 1 plain forward passes of the layers above l over all T tokens, and the LM head
-    (each layer called with the arguments the model passed it in a natural forward)."""
+    """What any exact method must at least compute: one natural forward; at layer l, each
+    expert output E_e(x_t) that some route needs and the natural forward did not compute
+    (once per (token, expert) pair, in one call of the model's own experts); S + 1 plain
+    forward passes of the layers above l over all T tokens (each layer called with the
+    arguments the model passed it in a natural forward); and the LM head."""
     routes = item.experts.shape[1]
     recorded, hooks = record_layer_arguments(adapter, range(layer + 1, adapter.num_layers))
     hooks.append(adapter.decoder_layers[layer].register_forward_hook(lambda m, a, o: recorded.__setitem__("h", o)))
-    adapter.model(item.input_ids[None].to(adapter.device), use_cache=False, logits_to_keep=1)
+    hooks.append(adapter.moe_block(layer).register_forward_pre_hook(lambda m, a: recorded.__setitem__("x", a[0])))
+    with capture_routes(adapter, [layer]) as natural:
+        adapter.model(item.input_ids[None].to(adapter.device), use_cache=False, logits_to_keep=1)
     for hook in hooks:
         hook.remove()
+    positions = torch.as_tensor(np.asarray(item.positions))
+    x = recorded["x"].reshape(-1, recorded["x"].shape[-1])
+    needed = torch.zeros(x.shape[0], adapter.num_experts, dtype=torch.bool)
+    needed[positions[:, None], item.experts.reshape(len(positions), -1)] = True
+    needed[torch.arange(x.shape[0])[:, None], natural[layer].experts] = False   # the natural forward computed these
+    tokens, experts = needed.nonzero(as_tuple=True)
+    adapter.experts(layer)(x[tokens], experts[:, None], torch.ones(len(tokens), 1, dtype=x.dtype))
     states = adapter.block_output(recorded["h"]).expand(routes, -1, -1).contiguous()
     for index in range(layer + 1, adapter.num_layers):
         states = adapter.block_output(adapter.decoder_layers[index](states, **recorded[index][2]))
     adapter.logits(adapter.final_norm(states[:, item.positions])).float()
 
 
-def timed(device, fn):
+def timed_once(device, fn):
     """Seconds, peak memory in MiB (CUDA: allocated by torch; CPU: resident, above what the
     process held before the call) and the result of fn()."""
     reset_peak(device)
@@ -193,6 +208,17 @@ def timed(device, fn):
         seconds = time.perf_counter() - start
     peak = torch.cuda.max_memory_allocated() / 2**20 if device.startswith("cuda") else rss.peak - rss.start
     return seconds, peak, result
+
+
+def timed_side_by_side(device, methods: dict, repeat: int) -> dict:
+    """name -> (median seconds, largest peak MiB, result, every time): the methods run in
+    turn, `repeat` rounds, so that a drift of the machine's load falls on all of them alike."""
+    runs = {name: [] for name in methods}
+    for _ in range(repeat):
+        for name, fn in methods.items():
+            runs[name].append(timed_once(device, fn))
+    return {name: (float(np.median([r[0] for r in rs])), max(r[1] for r in rs), rs[-1][2], [r[0] for r in rs])
+            for name, rs in runs.items()}
 
 
 def main() -> None:
@@ -210,8 +236,12 @@ def main() -> None:
                         help="time the cache engine on every N-th position and scale (long T: it decodes token by token)")
     parser.add_argument("--skip-kv-decode", action="store_true", help="leave out the hand-written kv-decode baseline")
     parser.add_argument("--layers", default=None, help="MoE layers to time, comma-separated (default: first, middle, last)")
+    parser.add_argument("--repeat", type=int, default=3, help="rounds of every method in turn; medians are reported")
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     parser.add_argument("--out", default=None, help="also write the rows as JSON")
     args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     rows = []
     for name in args.models.split(","):
         adapter = build(name, args.device, args.dtype)
@@ -228,17 +258,30 @@ def main() -> None:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")   # "scoring layer l with the cache engine": in served_by
                 engine.score_batch(layer, [item])  # warm-up
-            fast_s, fast_mem, fast_lp = timed(args.device, lambda: engine.score_batch(layer, [item])[0])
             cache = CacheEngine(adapter, memory_budget=int(args.memory_budget * 2**30))
             stride = max(1, args.cache_stride)   # scored positions [::stride], scaled to all
             strided = ScoreItem(ids, routes.positions[::stride], item.experts[::stride], item.weights[::stride])
-            cache_s, cache_mem, cache_lp = timed(args.device, lambda: cache.score_batch(layer, [strided])[0])
+            ref_stride = max(1, args.reference_stride)
+            ref_sub = ScoreItem(ids, routes.positions[::ref_stride], item.experts[::ref_stride], item.weights[::ref_stride])
+            methods = {"fast": lambda: engine.score_batch(layer, [item])[0],
+                       "floor": lambda: floor(adapter, item, layer),
+                       "cache": lambda: cache.score_batch(layer, [strided])[0]}
+            kv_ok = MODELS.get(name, ("olmoe",))[0] == "olmoe" and not args.skip_kv_decode   # it knows OLMoE's layout only
+            if kv_ok:
+                methods["kv_decode"] = lambda: kv_decode(adapter, item, layer)
+            if not args.skip_reference:
+                methods["reference"] = lambda: ReferenceEngine(adapter).score_batch(layer, [ref_sub])[0]
+            timings = timed_side_by_side(args.device, methods, args.repeat)
+            fast_s, fast_mem, fast_lp, fast_all = timings["fast"]
+            floor_s, floor_mem, _, floor_all = timings["floor"]
+            cache_s, cache_mem, cache_lp, _ = timings["cache"]
             cache_s *= len(routes.positions) / len(strided.positions)
-            floor_s, floor_mem, _ = timed(args.device, lambda: floor(adapter, item, layer))
             row = {"model": name, "layer": layer, "T": args.tokens, "S": args.routes, "device": args.device,
-                   "dtype": args.dtype, "served_by": "cache" if layer in engine.cache_layers else "fast",
+                   "dtype": args.dtype, "threads": torch.get_num_threads(), "repeat": args.repeat,
+                   "served_by": "cache" if layer in engine.cache_layers else "fast",
                    "fast_s": fast_s, "cache_s": cache_s, "cache_scaled_from_positions": len(strided.positions),
-                   "floor_s": floor_s, "fast_peak_mib": fast_mem, "cache_peak_mib": cache_mem, "floor_peak_mib": floor_mem,
+                   "floor_s": floor_s, "fast_runs_s": fast_all, "floor_runs_s": floor_all,
+                   "fast_peak_mib": fast_mem, "cache_peak_mib": cache_mem, "floor_peak_mib": floor_mem,
                    "cache_vs_fast_max_abs_diff": float(np.abs(cache_lp - fast_lp[::stride]).max()),
                    "cache_vs_fast_over_1e-3": int((np.abs(cache_lp - fast_lp[::stride]) > 1e-3).sum()),
                    "fallbacks": [engine.fallback_reason, engine.cache.fallback_reason, cache.fallback_reason],
@@ -252,17 +295,15 @@ def main() -> None:
                     "position": int(routes.positions[worst[0]]), "route": int(worst[1]), "fast": fast_lp[worst],
                     "cache": cache_lp[worst[0] // stride, worst[1]],
                     "reference": ReferenceEngine(adapter).score_batch(layer, [sub])[0][0, worst[1]]}
-            if MODELS.get(name, ("olmoe",))[0] == "olmoe" and not args.skip_kv_decode:   # it knows OLMoE's layout only
-                kv_s, _, kv_lp = timed(args.device, lambda: kv_decode(adapter, item, layer))
+            if kv_ok:
+                kv_s, _, kv_lp, _ = timings["kv_decode"]
                 row.update(kv_decode_s=kv_s, kv_vs_fast_max_abs_diff=float(np.abs(kv_lp - fast_lp).max()),
                            fast_vs_kv_decode_speedup=kv_s / fast_s)
             if not args.skip_reference:
-                stride = max(1, args.reference_stride)
-                sub = ScoreItem(ids, routes.positions[::stride], item.experts[::stride], item.weights[::stride])
-                ref_s, _, ref_lp = timed(args.device, lambda: ReferenceEngine(adapter).score_batch(layer, [sub])[0])
-                row["reference_s"] = ref_s * len(routes.positions) / len(sub.positions)
-                row["reference_scaled_from_positions"] = len(sub.positions)
-                row["reference_vs_fast_max_abs_diff"] = float(np.abs(ref_lp - fast_lp[::stride]).max())
+                ref_s, _, ref_lp, _ = timings["reference"]
+                row["reference_s"] = ref_s * len(routes.positions) / len(ref_sub.positions)
+                row["reference_scaled_from_positions"] = len(ref_sub.positions)
+                row["reference_vs_fast_max_abs_diff"] = float(np.abs(ref_lp - fast_lp[::ref_stride]).max())
                 row["fast_vs_reference_speedup"] = row["reference_s"] / fast_s
             row["fast_vs_cache_speedup"] = cache_s / fast_s
             row["fast_over_floor"] = fast_s / floor_s

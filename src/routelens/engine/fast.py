@@ -258,29 +258,44 @@ class FastEngine:
         rows [N] (b * T + t); experts/weights [N, k]; is_standard [N] -> [N, d]. Each needed
         expert output E_e(x_t) is computed once; a route's block output is the standard one
         minus the standard experts' weighted outputs plus the route's."""
-        route = recorded["route"]
         x, block_out = recorded["x"], recorded["block_out"]
         h_mid = recorded["h_mid"].reshape(-1, x.shape[-1])
-        std_experts, std_weights = route.experts[rows], route.weights[rows]
-        both = torch.stack([experts, std_experts], dim=1)                                # [N, 2, k]
-        keys = rows[:, None, None] * self.adapter.num_experts + both
-        unique, index = torch.unique(keys, return_inverse=True)
-        module = self.adapter.experts(layer)
-        ones = torch.ones(len(unique), 1, dtype=x.dtype, device=x.device)
-        table = module(x[unique // self.adapter.num_experts], (unique % self.adapter.num_experts)[:, None], ones)
-        # delta = sum_j w_j E_{e_j}(x) - sum_j w_std_j E_{std_j}(x), as one sparse [N, U] x [U, d]
-        # product in fp32 (no [N, 2k, d] gather is materialised)
-        count = rows.shape[0]
-        coefficients = torch.cat([weights.float(), -std_weights.float()], dim=1).reshape(-1)
-        row_ids = torch.arange(count, device=rows.device).repeat_interleave(2 * experts.shape[1])
-        matrix = torch.sparse_coo_tensor(torch.stack([row_ids, index.reshape(-1)]), coefficients,
-                                         (count, len(unique)), check_invariants=False)
-        delta = (self.adapter.routed_scale(layer) * torch.sparse.mm(matrix, table.float())).to(block_out.dtype)
-        routed = torch.where(is_standard[:, None], block_out[rows], block_out[rows] + delta)  # route 0: as the model made it
+        routed = block_out[rows]                                   # route 0: as the model made it
+        moved = torch.nonzero(~is_standard).flatten()
+        if len(moved):
+            delta = self._route_deltas(layer, x, recorded["route"], rows[moved], experts[moved], weights[moved])
+            routed[moved] += delta.to(routed.dtype)
         routed = self._block_result(recorded, routed)
         self._check_block_algebra(layer, x, rows, experts, weights, routed, is_standard)
         beside = recorded["beside"][rows] if torch.is_tensor(recorded["beside"]) else recorded["beside"]
         return recorded["keep"] * h_mid[rows] + recorded["scale"] * self._mlp_output(recorded, routed + beside)
+
+    def _route_deltas(self, layer: int, x: torch.Tensor, route: RouterOutput, rows: torch.Tensor,
+                      experts: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        """sum_j w_j E_{e_j}(x_t) - sum_j w_std_j E_{std_j}(x_t) for each row (token row t, route
+        experts/weights [M, k]) -> [M, d] in fp32. Each (token, expert) output any row needs is
+        computed once, in one call of the model's own experts (the table no exact method can
+        skip); the rows combine it as one sparse [M, U] x [U, d] product (no [M, 2k, d] gather)."""
+        tokens, num_experts = x.shape[0], self.adapter.num_experts
+        std_experts, std_weights = route.experts[rows], route.weights[rows]
+        both = torch.cat([experts, std_experts], dim=1)                                 # [M, 2k]
+        # the (token, expert) pairs needed, found on a dense [tokens, E] map (no sort of M * 2k keys)
+        needed = torch.zeros(tokens, num_experts, dtype=torch.bool, device=x.device)
+        needed[rows[:, None], both] = True
+        pair_token, pair_expert = needed.nonzero(as_tuple=True)                          # U pairs
+        slot = torch.empty(tokens, num_experts, dtype=torch.long, device=x.device)
+        slot[pair_token, pair_expert] = torch.arange(len(pair_token), device=x.device)
+        ones = torch.ones(len(pair_token), 1, dtype=x.dtype, device=x.device)
+        table = self.adapter.experts(layer)(x[pair_token], pair_expert[:, None], ones)   # [U, d]
+        columns = slot[rows[:, None], both]                                               # [M, 2k]
+        coefficients = torch.cat([weights.float(), -std_weights.float()], dim=1)
+        width = both.shape[1]
+        crow = torch.arange(0, len(rows) * width + 1, width, device=x.device)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")   # torch's one-time "CSR support is in beta" notice
+            matrix = torch.sparse_csr_tensor(crow, columns.reshape(-1), coefficients.reshape(-1),
+                                             (len(rows), len(pair_token)), check_invariants=False)
+        return self.adapter.routed_scale(layer) * (matrix @ table.float())
 
     CHECKED_ROWS = 8
 
@@ -432,7 +447,7 @@ class FastEngine:
                     weights.append(torch.as_tensor(routes[b][1][:, r], device=device))
                 row_of, slot_of, pos_of, flat_rows = torch.cat(row_of), torch.cat(slot_of), torch.cat(pos_of), torch.cat(flat_rows)
                 experts, weights = torch.cat(experts), torch.cat(weights)
-                is_standard = torch.tensor([r == 0 for b, r in block for _ in items[b].positions], device=device)
+                is_standard = torch.tensor([r == 0 for _, r in block], device=device)[row_of]
                 outputs = self._layer_outputs(first, recorded, flat_rows, experts[:, 0], weights[:, 0], is_standard)
                 slots = max(len(items[b].positions) for b, _ in block)
                 if slots < self.GATHER_BELOW * length:
