@@ -18,7 +18,7 @@ every position scored with S alternatives + the standard route:
 - floor: what any exact method must at least compute: one natural forward, the layer-l
   expert outputs the routes need that it did not compute (each (token, expert) pair once),
   S + 1 plain forward passes of the layers above l over the T tokens (batched), and the LM
-  head. (Before 0.31 the floor left out the layer-l experts, which no exact method can skip:
+  head with its log-normaliser. (Until issue 31 the floor left out the layer-l experts, which no exact method can skip:
   at the last layer they are most of the work, which made the fast engine look 2-3x off.)
 
 Prints seconds, the ratios fast/reference, fast/cache, fast/kv-decode and fast/floor (as
@@ -174,7 +174,8 @@ def floor(adapter, item: ScoreItem, layer: int) -> None:
     expert output E_e(x_t) that some route needs and the natural forward did not compute
     (once per (token, expert) pair, in one call of the model's own experts); S + 1 plain
     forward passes of the layers above l over all T tokens (each layer called with the
-    arguments the model passed it in a natural forward); and the LM head."""
+    arguments the model passed it in a natural forward); and the LM head with its
+    log-normaliser (log p needs it)."""
     routes = item.experts.shape[1]
     recorded, hooks = record_layer_arguments(adapter, range(layer + 1, adapter.num_layers))
     hooks.append(adapter.decoder_layers[layer].register_forward_hook(lambda m, a, o: recorded.__setitem__("h", o)))
@@ -193,7 +194,7 @@ def floor(adapter, item: ScoreItem, layer: int) -> None:
     states = adapter.block_output(recorded["h"]).expand(routes, -1, -1).contiguous()
     for index in range(layer + 1, adapter.num_layers):
         states = adapter.block_output(adapter.decoder_layers[index](states, **recorded[index][2]))
-    adapter.logits(adapter.final_norm(states[:, item.positions])).float()
+    torch.logsumexp(adapter.logits(adapter.final_norm(states[:, item.positions])).float(), -1)   # log p needs it
 
 
 def timed_once(device, fn):

@@ -27,7 +27,6 @@ writes docs/measurements/llama-cpp-flips-cpu.json and prints the table.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import sys
@@ -38,6 +37,8 @@ import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(ROOT, "src"))
+
+from measurement_file import write_measurement  # noqa: E402
 
 import routelens as rl  # noqa: E402
 from routelens.inference.llama_cpp import llama_cpp_routes  # noqa: E402
@@ -117,6 +118,7 @@ def measure(lens, sequences, hf, gguf_type, kv, flash) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", default=None, help="the measurement file (default: docs/measurements/...)")
     parser.add_argument("--per-domain", type=int, default=25, help="arithmetic items per domain (4 domains)")
     args = parser.parse_args()
     torch.set_num_threads(min(2, os.cpu_count() or 1))
@@ -146,11 +148,7 @@ def main() -> None:
               "estimand": "share of (token, MoE layer) routing decisions whose expert set differs from HF's, pooled over "
                           "all trajectories (a census of this set: no interval)",
               "rows": rows}
-    path = os.path.join(ROOT, "docs", "measurements", "llama-cpp-flips-cpu.json")
-    with open(path, "w", encoding="utf-8") as handle:
-        json.dump(record, handle, indent=1)
-        handle.write("\n")
-    print(f"wrote {os.path.relpath(path, ROOT)}")
+    write_measurement(record, args.out or "docs/measurements/llama-cpp-flips-cpu.json")
 
 
 if __name__ == "__main__":

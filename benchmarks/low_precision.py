@@ -20,7 +20,6 @@ test: CI does not run it.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import sys
@@ -33,6 +32,8 @@ import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(ROOT, "src"))
+
+from measurement_file import write_measurement  # noqa: E402
 
 import routelens as rl  # noqa: E402
 from routelens.engine import checks as checks_module  # noqa: E402
@@ -80,6 +81,7 @@ def measure(folder: str, name: str, dtype: torch.dtype, upcast: bool, device: st
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", default=None, help="the measurement file (default: docs/measurements/...)")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--trajectories", type=int, default=6)
     parser.add_argument("--length", type=int, default=128)
@@ -100,11 +102,7 @@ def main() -> None:
               "machine": platform.platform(), "torch": torch.__version__,
               "date": time.strftime("%Y-%m-%d"), "trajectories": args.trajectories, "length": args.length,
               "layers": [1, 2], "routes": 8, "rows": rows}
-    path = os.path.join(ROOT, "docs", "measurements", f"low-precision-{args.device.split(':')[0]}.json")
-    with open(path, "w", encoding="utf-8") as handle:
-        json.dump(record, handle, indent=1)
-        handle.write("\n")
-    print(f"wrote {os.path.relpath(path, ROOT)}")
+    write_measurement(record, args.out or f"docs/measurements/low-precision-{args.device.split(':')[0]}.json")
 
 
 if __name__ == "__main__":

@@ -21,7 +21,8 @@ def target_log_probs(adapter: MoEAdapter, final: torch.Tensor, targets: torch.Te
     for start in range(0, final.shape[0], size):
         logits = adapter.logits(final[start: start + size]).float()
         chunk_targets = targets[start: start + size, None].to(logits.device)
-        out.append(torch.log_softmax(logits, -1).gather(-1, chunk_targets)[:, 0].cpu())
+        # the target's logit minus the log-normaliser: no second [slice, vocab] tensor
+        out.append((logits.gather(-1, chunk_targets)[:, 0] - torch.logsumexp(logits, -1)).cpu())
     return torch.cat(out).double().cpu().numpy() if out else np.zeros(0)
 
 
