@@ -75,6 +75,20 @@ def engine_table() -> list[str]:
     return lines
 
 
+def fresh_clone_table() -> list[str]:
+    """`benchmarks/fresh_clone.py`'s rows: the README's commands timed on a fresh clone."""
+    lines = []
+    for path in sorted(glob.glob(os.path.join(FOLDER, "fresh-clone-*.json"))):
+        record = _rows(path)[0]
+        lines += ["", f"## The README's commands on a fresh clone (`{record['command']}`)", "",
+                  f"routelens {record['commit']}, {record['date']}, {record['machine']}, {record['cores']} cores; "
+                  f"pip cache {'empty' if record['empty_pip_cache'] else 'kept'}. One run each.", "",
+                  "| command | seconds | exit code | load average before |", "| --- | --- | --- | --- |"]
+        lines += [f"| `{row['command']}` | {row['seconds']:.0f} | {row['exit_code']} | {row['load_average_before']:.2f} |"
+                  for row in record["rows"]]
+    return lines
+
+
 def run_all_section() -> list[str]:
     """The steps `benchmarks/run_all.py` ran: command, file, seconds, the machine's load
     before it, and the machine and versions; then the GPU steps, ready to run."""
@@ -176,7 +190,9 @@ def index() -> list[str]:
 
 
 def page() -> str:
-    return HEADER + "\n".join(run_all_section() + [""] + engine_table() + low_precision_table() + llama_cpp_table() + index()) + "\n"
+    sections = (run_all_section() + fresh_clone_table() + [""] + engine_table() + low_precision_table()
+                + llama_cpp_table() + index())
+    return HEADER + "\n".join(sections) + "\n"
 
 
 def main(argv: list[str] | None = None) -> int:

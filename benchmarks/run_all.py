@@ -70,6 +70,9 @@ STEPS = {
     "llama-cpp-flips": (
         "llama.cpp's routes against Hugging Face's on the demo, per GGUF type",
         ["benchmarks/llama_cpp_flips.py"], "llama-cpp-flips-cpu.json", False),
+    "fresh-clone": (
+        "the README's two commands on a fresh clone with an empty pip cache: setup, the demo, the test suite",
+        ["benchmarks/fresh_clone.py"], "fresh-clone-cpu.json", False),
     "engines-gpu-olmoe": (
         "an OLMoE-1B-7B-shaped model in bf16 on one GPU: first, middle and last layer",
         ["benchmarks/engines.py", "--models", "olmoe-1b-7b", "--device", "cuda", "--dtype", "bfloat16",
