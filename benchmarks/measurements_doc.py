@@ -89,6 +89,20 @@ def fresh_clone_table() -> list[str]:
     return lines
 
 
+def startup_table() -> list[str]:
+    """`benchmarks/startup.py`'s rows: start-up against the imports routelens cannot skip."""
+    lines = []
+    for path in sorted(glob.glob(os.path.join(FOLDER, "startup-*.json"))):
+        record = _rows(path)[0]
+        lines += ["", f"## Start-up (`{record['command']}`)", "",
+                  f"{record['date']}, {record['machine']}, {record['cores']} cores, load average "
+                  f"{record['load_average_before']:.2f} before. A fresh interpreter per run, warm, medians.", "",
+                  "| what | code | median s | runs s |", "| --- | --- | --- | --- |"]
+        lines += [f"| {row['what']} | `{row['code']}` | {row['median_s']:.2f} | "
+                  f"{', '.join(f'{t:.2f}' for t in row['runs_s'])} |" for row in record["rows"]]
+    return lines
+
+
 def run_all_section() -> list[str]:
     """The steps `benchmarks/run_all.py` ran: command, file, seconds, the machine's load
     before it, and the machine and versions; then the GPU steps, ready to run."""
@@ -190,7 +204,7 @@ def index() -> list[str]:
 
 
 def page() -> str:
-    sections = (run_all_section() + fresh_clone_table() + [""] + engine_table() + low_precision_table()
+    sections = (run_all_section() + fresh_clone_table() + startup_table() + [""] + engine_table() + low_precision_table()
                 + llama_cpp_table() + index())
     return HEADER + "\n".join(sections) + "\n"
 

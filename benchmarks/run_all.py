@@ -61,6 +61,9 @@ STEPS = {
         "a hybrid (Qwen3-Next-shaped) and an MLA model (DeepSeek-V3-shaped), T = 128",
         ["benchmarks/engines.py", "--models", "medium-qwen3-next,medium-deepseek-v3", "--tokens", "128", "--repeat", "3",
          "--reference-stride", "8"], "bench-cpu-qwen3next-deepseekv3.json", False),
+    "startup": (
+        "importing routelens and loading the demo model, against importing torch and transformers' modeling code",
+        ["benchmarks/startup.py"], "startup-cpu.json", False),
     "isolation-batching": (
         "expert isolation one item at a time against items grouped",
         ["benchmarks/isolation_batching.py", "--repeats", "3"], "isolation-batching-demo-cpu.json", False),
