@@ -87,13 +87,15 @@ def _original(module, name: str):
     return ALL_ATTENTION_FUNCTIONS[name]
 
 
-def _fused_off_diagonal(query, k_std, v_std, scaling):
-    """Attention of each position t over the standard keys s < t, with its log-normaliser,
-    from one of PyTorch's fused kernels: queries 1..T-1 against keys 0..T-2 under a causal
-    mask is exactly "s < t". Returns (out [R, H, T, Dv], lse [R, H, T]); position 0 has no
-    key (lse = -inf, out = 0). CPU: the flash kernel; CUDA: the memory-efficient kernel
-    (its log-normaliser padded to a multiple of 32 queries). None where neither serves
-    (another device, torch without the op, head dims the kernel refuses)."""
+def _fused_off_diagonal(query, keys, values, source, groups, scaling):
+    """Attention of each position t >= 1 over the standard keys s < t, with its
+    log-normaliser, from one of PyTorch's fused kernels: queries 1..T-1 against keys
+    0..T-2 under a causal mask is exactly "s < t". `keys`/`values` are the recorded ones
+    [B, KV, T, D], gathered here for the rows (`source`) already cut to 0..T-2 (one copy).
+    Returns (out [R, H, T-1, Dv], lse [R, H, T-1]) for positions 1..T-1. CPU: the flash
+    kernel; CUDA: the memory-efficient kernel (its log-normaliser padded to a multiple of 32
+    queries). None where neither serves (another device, torch without the op, head dims the
+    kernel refuses)."""
     if query.shape[-2] < 2:
         return None
     if query.device.type == "cpu":
@@ -106,14 +108,13 @@ def _fused_off_diagonal(query, k_std, v_std, scaling):
         call = None
     if call is None:
         return None
+    k_off = _repeat_kv(keys[:, :, :-1][source], groups)
+    v_off = _repeat_kv(values[:, :, :-1][source], groups)
     try:
-        out, lse = call(query[..., 1:, :].contiguous(), k_std[..., :-1, :].contiguous(), v_std[..., :-1, :].contiguous())
+        out, lse = call(query[..., 1:, :].contiguous(), k_off, v_off)
     except RuntimeError:  # e.g. key and value head dims differ (MLA), or a head dim the kernel does not take
         return None
-    lse = lse[..., : query.shape[-2] - 1]
-    out = torch.cat([torch.zeros_like(out[..., :1, :]), out], dim=-2)
-    lse = torch.cat([torch.full_like(lse[..., :1], float("-inf")), lse.float()], dim=-1)
-    return out, lse
+    return out, lse[..., : query.shape[-2] - 1].float()
 
 
 FUSED_TOLERANCE = {torch.float32: 1e-4, torch.float64: 1e-6}   # others (bf16, fp16): 2e-2
@@ -174,29 +175,45 @@ def patched_attention(module, query, key, value, scaling, sliding_window=None, s
     """query [R, H, T, Dk], key [R, KV, T, Dk], value [R, KV, T, Dv] -> [R, T, H, Dv];
     `sliding_window`: keys a query may see (itself included), None for full causal."""
     layer, state = module.layer_idx, _state()
-    source = state.row_source.to(state.keys[layer].device)
-    k_std, v_std = state.keys[layer][source], state.values[layer][source]
-    groups = query.shape[1] // k_std.shape[1]
-    k_std, v_std = _repeat_kv(k_std, groups), _repeat_kv(v_std, groups)
+    keys, values = state.keys[layer], state.values[layer]
+    source = state.row_source.to(keys.device)
+    groups = query.shape[1] // keys.shape[1]
     k_own, v_own = _repeat_kv(key, groups), _repeat_kv(value, groups)
+
+    def standard():   # the recorded keys/values of each row's sequence, every position
+        return _repeat_kv(keys[source], groups), _repeat_kv(values[source], groups)
+
     if state.query_positions is not None:
-        out = _gathered_attention(query, k_std, v_std, k_own, v_own, scaling, state.query_positions.to(query.device),
+        out = _gathered_attention(query, *standard(), k_own, v_own, scaling, state.query_positions.to(query.device),
                                   sliding_window, s_aux)
         return out.transpose(1, 2).contiguous(), None
-    fused = _fused_off_diagonal(query, k_std, v_std, scaling) if sliding_window is None else None
+    fused = _fused_off_diagonal(query, keys, values, source, groups, scaling) if sliding_window is None else None
     if fused is not None:
-        # merge the off-diagonal part and the diagonal term q'_t . k'_t through their log-normalisers
+        # merge the off-diagonal part and the diagonal term q'_t . k'_t through their log-normalisers;
+        # position 0 sees only itself. Written straight into the [R, T, H, Dv] layout returned.
         out_off, lse_off = fused
-        diagonal = (query * k_own).sum(-1).float() * scaling                                 # [R, H, T]
+        diagonal = torch.linalg.vecdot(query[..., 1:, :], k_own[..., 1:, :]).float() * scaling   # [R, H, T-1]
         lse = torch.logaddexp(lse_off, diagonal)
         if s_aux is not None:  # attention sinks: one extra logit per head in the normaliser
             lse = torch.logaddexp(lse, s_aux.float().reshape(1, -1, 1))
-        out = (torch.exp(lse_off - lse)[..., None] * out_off.float()
-               + torch.exp(diagonal - lse)[..., None] * v_own.float()).to(value.dtype)
-        if _fused_trusted(query, out, lambda: _explicit_attention(query, k_std, v_std, k_own, v_own, scaling,
-                                                                  sliding_window, s_aux)):
-            return out.transpose(1, 2).contiguous(), None
-    out = _explicit_attention(query, k_std, v_std, k_own, v_own, scaling, sliding_window, s_aux)
+            merged = (torch.exp(lse_off - lse)[..., None] * out_off.float()
+                      + torch.exp(diagonal - lse)[..., None] * v_own[..., 1:, :].float())
+        else:  # the two weights sum to 1: one interpolation
+            merged = torch.lerp(out_off.float(), v_own[..., 1:, :].float(), torch.exp(diagonal - lse)[..., None])
+        out = torch.empty(query.shape[0], query.shape[2], query.shape[1], value.shape[-1], dtype=value.dtype,
+                          device=value.device)
+        heads_first = out.transpose(1, 2)                                                   # [R, H, T, Dv] view
+        if s_aux is None:
+            heads_first[..., 0, :] = v_own[..., 0, :]
+        else:   # the sink takes its share of position 0's attention too
+            own = torch.exp(-torch.logaddexp(torch.zeros_like(s_aux.float()), s_aux.float() -
+                                               (query[..., 0, :] * k_own[..., 0, :]).sum(-1).float() * scaling))
+            heads_first[..., 0, :] = (own[..., None] * v_own[..., 0, :].float()).to(value.dtype)
+        heads_first[..., 1:, :] = merged
+        if _fused_trusted(query, heads_first, lambda: _explicit_attention(query, *standard(), k_own, v_own, scaling,
+                                                                          sliding_window, s_aux)):
+            return out, None
+    out = _explicit_attention(query, *standard(), k_own, v_own, scaling, sliding_window, s_aux)
     return out.transpose(1, 2).contiguous(), None
 
 
