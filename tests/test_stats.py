@@ -50,3 +50,28 @@ def test_cluster_bootstrap_keeps_clusters_together():
 
 def test_cluster_bootstrap_needs_two_clusters():
     assert all(np.isnan(stats.cluster_bootstrap_ratio(np.array([1.0]), np.array([2.0]), seed=0)))
+
+
+@pytest.mark.parametrize("n", [3, 8, 20, 50, 51, 60])
+def test_row_statistics_equal_the_one_row_calls(n):
+    """wilcoxon_p_rows and median_interval_rows (the isolation cells, all at once) give
+    exactly what wilcoxon_p and median_interval give row by row, including rows with zero
+    deltas, ties, all zeros, and n where SciPy changes method (exact up to 50) or has no
+    interval (n = 3)."""
+    rng = np.random.default_rng(n)
+    rows = rng.normal(size=(60, n)) * 0.1
+    rows[3] = 0                                   # all zero: p 1.0
+    rows[5, :2] = 0                               # zero deltas dropped
+    rows[7] = np.round(rows[7], 1)                # ties
+    rows[9, 0] = -rows[9, 1]                      # a tie of |delta| only
+    rows[11] = np.abs(rows[11])                   # one-sided
+    p = stats.wilcoxon_p_rows(rows)
+    low, high = stats.median_interval_rows(rows)
+    for row, values in enumerate(rows):
+        assert np.array_equal(p[row], stats.wilcoxon_p(values), equal_nan=True), row
+        assert np.array_equal([low[row], high[row]], stats.median_interval(values), equal_nan=True), row
+    assert np.isnan(low).all() == (n == 3)
+    with_nan = rows.copy()
+    with_nan[2, 0] = np.nan
+    low, high = stats.median_interval_rows(with_nan)
+    assert np.array_equal([low[2], high[2]], stats.median_interval(with_nan[2]), equal_nan=True)

@@ -104,6 +104,45 @@ def median_interval(values: np.ndarray, confidence: float = 0.95) -> tuple[float
     return float(interval.low), float(interval.high)
 
 
+def wilcoxon_p_rows(deltas: np.ndarray) -> np.ndarray:
+    """`wilcoxon_p` of every row of deltas [M, n] -> [M], equal to it row by row. Rows
+    with no zero, tied or non-finite delta share one vectorised SciPy call (SciPy picks its
+    method from the whole array, so only rows on which it would pick the same method one at
+    a time go together); every other row is its own `wilcoxon_p` call."""
+    deltas = np.asarray(deltas, dtype=float)
+    out = np.empty(deltas.shape[0])
+    if deltas.shape[0] == 0 or deltas.shape[1] == 0:
+        out[:] = np.nan
+        return out
+    ordered = np.sort(np.abs(deltas), axis=1)
+    clean = (np.isfinite(deltas).all(1) & (deltas != 0).all(1) & (np.diff(ordered, axis=1) != 0).all(1))
+    if clean.any():
+        out[clean] = stats.wilcoxon(deltas[clean], axis=-1).pvalue
+    for row in np.flatnonzero(~clean):
+        out[row] = wilcoxon_p(deltas[row])
+    return out
+
+
+def median_interval_rows(values: np.ndarray, confidence: float = 0.95) -> tuple[np.ndarray, np.ndarray]:
+    """`median_interval` of every row of values [M, n] -> (low [M], high [M]), equal to it
+    row by row: SciPy's interval is a pair of order statistics whose ranks depend on n
+    alone, so `quantile_test` runs once, on the ranks 0..n-1, and each sorted row is read
+    at the ranks it returns."""
+    values = np.asarray(values, dtype=float)
+    rows, n = values.shape
+    if n == 0 or np.isnan(values).any():   # NaN: one call per row, as `median_interval`
+        pairs = [median_interval(row, confidence) for row in values]
+        return np.array([p[0] for p in pairs], dtype=float), np.array([p[1] for p in pairs], dtype=float)
+    interval = stats.quantile_test(np.arange(n, dtype=float), q=0, p=0.5).confidence_interval(confidence)
+    ordered = np.sort(values, axis=1)
+    low, high = np.full(rows, np.nan), np.full(rows, np.nan)
+    if np.isfinite(interval.low):
+        low = ordered[:, int(interval.low)]
+    if np.isfinite(interval.high):
+        high = ordered[:, int(interval.high)]
+    return low, high
+
+
 def bh_qvalues(p_values: np.ndarray) -> np.ndarray:
     """Benjamini-Hochberg step-up adjusted p-values (q-values), SciPy's
     `false_discovery_control`; a hypothesis is rejected at level alpha when q <= alpha."""

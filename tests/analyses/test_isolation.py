@@ -664,3 +664,30 @@ def test_isolate_bad_input_one_line_exit_2(case, message, saved_model, tmp_path,
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and message in err, err
     assert not os.path.exists(os.path.join(out, "cells.parquet"))
+
+
+@pytest.mark.quick
+def test_cell_table_equals_the_cell_by_cell_statistics():
+    """cell_table computes each comparison's statistics for all cells at once; every cell's
+    median, interval and p equal `_cell_statistics` of that cell's deltas (SciPy one cell
+    at a time), with ties and zero deltas among the cells and a comparison not run."""
+    rng = np.random.default_rng(3)
+    n, layers, experts = 12, [0, 2], 4
+    forced = rng.normal(size=(n, 2, experts))
+    forced[:, 1, 2] = np.round(forced[:, 1, 2], 0)                       # ties and zero deltas
+    natural = np.round(rng.normal(size=n), 0)
+    scores = {isolation.NATURAL: natural, isolation.FORCED: forced, isolation.FLOOR: rng.normal(size=(n, 2)),
+              isolation.FORCED_MATCHED_MASS: None, isolation.SINGLE_EXPERT_FLOOR: rng.normal(size=(n, 2))}
+    arrays = isolation.DomainArrays([f"i{i}" for i in range(n)], scores, dict.fromkeys(scores),
+                                    rng.random((n, 2, experts)), rng.integers(0, 5, (n, 2, experts)).astype(float),
+                                    np.full((n, 2), 10.0))
+    cells = isolation.cell_table({"d": arrays}, layers, 2, 0.05)
+    for comparison in isolation.COMPARISONS:
+        deltas = arrays.versus(comparison)
+        for _, cell in cells.iterrows():
+            li = layers.index(cell["layer"])
+            expected = isolation._cell_statistics(None if deltas is None else deltas[:, li, cell["expert"]],
+                                                  comparison.suffix)
+            assert all(np.array_equal(cell[name], value, equal_nan=True) for name, value in expected.items()), \
+                (comparison.name, cell["layer"], cell["expert"])
+    assert cells["p_value"].notna().all() and cells[f"p_value{isolation.BY_NAME['matched_mass_vs_natural'].suffix}"].isna().all()

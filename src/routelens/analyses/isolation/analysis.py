@@ -308,6 +308,21 @@ def _cell_statistics(deltas: np.ndarray | None, suffix: str) -> dict:
             f"p_value{suffix}": stats.wilcoxon_p(deltas)}
 
 
+def _cells_statistics(deltas: np.ndarray | None, suffix: str) -> dict[str, np.ndarray]:
+    """`_cell_statistics` of every cell at once: deltas [n, L, E] -> each statistic [L, E]
+    (the same numbers, through `stats.median_interval_rows` and `stats.wilcoxon_p_rows`);
+    NaN throughout where the comparison was not run (deltas None)."""
+    if deltas is None:
+        return {f"{name}{suffix}": np.array(np.nan) for name in STATISTICS[:4]}
+    n, layers, experts = deltas.shape
+    rows = np.ascontiguousarray(np.moveaxis(deltas, 0, -1)).reshape(layers * experts, n)   # [L * E, n]
+    low, high = stats.median_interval_rows(rows)
+    medians = np.array([np.median(row) for row in rows]) if n else np.full(len(rows), np.nan)
+    return {name: np.reshape(values, (layers, experts)) for name, values in
+            ((f"median_delta{suffix}", medians), (f"ci_low{suffix}", low), (f"ci_high{suffix}", high),
+             (f"p_value{suffix}", stats.wilcoxon_p_rows(rows)))}
+
+
 def verdicts(significant: np.ndarray, median: np.ndarray) -> np.ndarray:
     """harmful (significant, median below 0), helpful (significant, above 0) or neither."""
     return np.where(significant & (median < 0), "harmful", np.where(significant & (median > 0), "helpful", "neither"))
@@ -320,14 +335,16 @@ def cell_table(per_domain: dict[str, DomainArrays], layers: list[int], top_k, al
     for domain, arrays in per_domain.items():
         shares = _shares(arrays, top_k)
         versus = {c.name: arrays.versus(c) for c in COMPARISONS}
+        # every cell's statistics of a comparison in one call per statistic (as `_cell_statistics`, cell by cell)
+        tested = {c.name: _cells_statistics(versus[c.name], c.suffix) for c in COMPARISONS}
         for li, layer in enumerate(layers):
             for expert in range(arrays.share_sums.shape[2]):
                 deltas = versus["forced_vs_natural"][:, li, expert]
                 row = {"domain": domain, "layer": layer, "expert": expert, "n": int(deltas.size),
                        "mean_delta": float(deltas.mean())}
                 for c in COMPARISONS:
-                    cell = versus[c.name]
-                    row.update(_cell_statistics(None if cell is None else cell[:, li, expert], c.suffix))
+                    row.update({name: float(values if values.ndim == 0 else values[li, expert])
+                                for name, values in tested[c.name].items()})
                 row.update(natural_share=float(shares["router_share"][li, expert]),
                            selection_share=float(shares["selection_share"][li, expert]))
                 rows.append(row)
