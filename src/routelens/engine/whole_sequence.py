@@ -28,7 +28,7 @@ padding that reaches a real position is `PaddingNotInert` (group equal lengths o
 from __future__ import annotations
 
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -62,6 +62,34 @@ class NaturalBatch:
     input_ids: torch.Tensor
     layer_inputs: dict[int, torch.Tensor]
     layer_kwargs: dict[int, dict]
+    # layer -> what layer l's own MoE block needs to start there (`MidLayer`); absent where the
+    # layer's residual layout did not check out, and the whole decoder layer l runs instead
+    mid_layers: dict[int, MidLayer] = field(default_factory=dict)
+
+
+@dataclass
+class MidLayer:
+    """Decoder layer l cut at its MoE block: its output is keep * h_mid + scale *
+    out_norm(block(x) + beside), with h_mid (the residual after attention), x (the block's
+    input) and beside (a parallel MLP's output, or 0) route-independent and recorded, so a
+    forced route at l needs only the block, not layer l's attention again."""
+
+    h_mid: torch.Tensor
+    x: torch.Tensor
+    beside: torch.Tensor | float
+    keep: float
+    scale: float
+    out_norm: object | None
+
+    def output(self, adapter: MoEAdapter, layer: int, sources: torch.Tensor) -> torch.Tensor:
+        """Layer l's output for rows `sources` of the batch under the routes in force."""
+        x = self.x.index_select(0, sources)
+        block = adapter.block_output(adapter.moe_block(layer)(x))
+        block = block.reshape(*x.shape[:-1], block.shape[-1])   # some blocks return flat [rows * T, d]
+        beside = self.beside.index_select(0, sources) if torch.is_tensor(self.beside) else self.beside
+        mixed = block + beside
+        mixed = mixed if self.out_norm is None else self.out_norm(mixed)
+        return self.keep * self.h_mid.index_select(0, sources) + self.scale * mixed
 
 
 @dataclass
@@ -102,11 +130,49 @@ class WholeSequenceScorer:
         handles = [self.adapter.decoder_layers[i].register_forward_pre_hook(
             lambda m, a, k, i=i: record(m, a, k, i), with_kwargs=True)
             for i in range(first_layer, self.adapter.num_layers)]
+        pieces: dict[int, dict] = {layer: {} for layer in layers}
+        adapter = self.adapter
+
+        def keep(store, name):
+            return lambda module, args, *out: store.__setitem__(name, (adapter.block_output(out[0]) if out else args[0]).detach())
+
+        for layer in layers:
+            try:
+                store, parallel = pieces[layer], adapter.parallel_mlp(layer)
+                handles += [adapter.mlp_residual_input(layer).register_forward_pre_hook(keep(store, "h_mid")),
+                            adapter.moe_block(layer).register_forward_pre_hook(keep(store, "x")),
+                            adapter.moe_block(layer).register_forward_hook(keep(store, "block")),
+                            adapter.decoder_layers[layer].register_forward_hook(keep(store, "layer_out"))]
+                if parallel is not None:
+                    handles.append(parallel.register_forward_hook(keep(store, "beside")))
+            except AttributeError:   # a layout the adapter cannot cut: the whole layer runs
+                pieces.pop(layer)
         try:
-            yield inputs, kwargs_of
+            yield inputs, kwargs_of, pieces
         finally:
             for handle in handles:
                 handle.remove()
+
+    def _mid_layer(self, layer: int, store: dict) -> MidLayer | None:
+        """Layer l cut at its MoE block, where the recorded pieces recombine into the layer's
+        recorded output as the adapter declares its residual layout (checked here, on every
+        natural batch); None otherwise (the whole decoder layer l then runs)."""
+        adapter = self.adapter
+        if not {"h_mid", "x", "block", "layer_out"} <= set(store):
+            return None
+        mid = MidLayer(store["h_mid"], store["x"], store.get("beside", 0.0), adapter.residual_weight(layer),
+                       adapter.mlp_residual_scale(layer), adapter.mlp_output_norm(layer))
+        rows = mid.h_mid.shape[:-1]   # [B, T]: every piece is indexed by batch row
+        if mid.x.shape[:-1] != rows or (torch.is_tensor(mid.beside) and mid.beside.shape[:-1] != rows):
+            return None
+        mixed = store["block"].reshape(*rows, -1) + mid.beside
+        mixed = mixed if mid.out_norm is None else mid.out_norm(mixed)
+        recombined = mid.keep * mid.h_mid + mid.scale * mixed
+        close = 1e-5 if recombined.dtype in (torch.float32, torch.float64) else 1e-2   # one add, rounded once
+        layer_out = store["layer_out"]
+        if recombined.shape != layer_out.shape or not torch.allclose(recombined, layer_out, rtol=close, atol=close):
+            return None
+        return mid
 
     def natural(self, input_ids: torch.Tensor, layers: list[int], positions) -> NaturalPass:
         """The natural forward of one sequence input_ids [T], recording what `score` needs for
@@ -122,9 +188,10 @@ class WholeSequenceScorer:
         positions = [torch.as_tensor(np.asarray(p), dtype=torch.long) for p in positions]
         input_ids = pad_right(sequences)
         size, length = input_ids.shape
-        with self._recording(min(layers), layers) as (inputs, kwargs_of), capture_routes(self.adapter, layers) as routes, \
-                final_norm_states(self.adapter) as final:
+        with self._recording(min(layers), layers) as (inputs, kwargs_of, pieces), \
+                capture_routes(self.adapter, layers) as routes, final_norm_states(self.adapter) as final:
             last = self.adapter.model(input_ids.to(device), use_cache=False, logits_to_keep=1).logits[:, -1]
+        mid_layers = {layer: mid for layer, store in pieces.items() if (mid := self._mid_layer(layer, store))}
         for layer in layers:
             route = routes[layer]
             check_gating_rule(self.adapter, layer, route.logits, route.experts, route.weights)
@@ -132,7 +199,7 @@ class WholeSequenceScorer:
         self._check_readout(states[:, -1], input_ids[:, -1], last)
         positional = self.adapter.positional_arguments
         batch = NaturalBatch(input_ids, inputs, {index: shared_rows(kwargs, size, positional)
-                                                 for index, kwargs in kwargs_of.items()})
+                                                 for index, kwargs in kwargs_of.items()}, mid_layers)
         passes = []
         for row, (ids, at) in enumerate(zip(sequences, positions)):
             logprobs = target_log_probs(self.adapter, states[row, at.to(states.device)], ids[at + 1], self.memory_budget)
@@ -229,8 +296,11 @@ class WholeSequenceScorer:
         weighted = torch.cat([conditions[b][1][c] for b, c in block])
         overrides = joint_overrides(layers, token_rows.to(device), chosen.to(device), weighted.to(device))
         positional = self.adapter.positional_arguments
+        mid = batch.mid_layers.get(layer)
         with override_routes(self.adapter, overrides):
-            for index in range(layer, self.adapter.num_layers):
+            if mid is not None:   # layer l's attention is the same for every row: start at its MoE block
+                states = mid.output(self.adapter, layer, sources.to(mid.x.device))
+            for index in range(layer + (mid is not None), self.adapter.num_layers):
                 kwargs = rows_of(batch.layer_kwargs[index], sources, size, positional)
                 kwargs.update(past_key_values=None, use_cache=False)
                 output = self.adapter.decoder_layers[index](states, **kwargs)
