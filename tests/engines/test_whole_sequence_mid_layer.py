@@ -80,3 +80,31 @@ def test_the_cut_is_taken_on_most_served_families(tiny_adapters):
         natural = WholeSequenceScorer(adapter).natural(ids, [layer], torch.arange(1, 5))
         cut += [family] if layer in natural.batch.mid_layers else []
     assert len(cut) >= 0.8 * len(FAMILIES), f"cut on {len(cut)} of {len(FAMILIES)}: {sorted(set(FAMILIES) - set(cut))}"
+
+
+@pytest.mark.parametrize("family", ["olmoe", "qwen3_moe"])
+def test_zero_weight_slots_of_a_forced_expert_are_not_computed(family, tiny_adapters, monkeypatch):
+    from routelens.analyses.isolation.analysis import forced_conditions
+
+    adapter = tiny_adapters[family]
+    layer = adapter.moe_layers[0]
+    ids = torch.randint(4, adapter.config.vocab_size, (7,), generator=torch.Generator().manual_seed(5))
+    positions = torch.arange(2, 6)
+    scorer = WholeSequenceScorer(adapter, check=False)
+    natural = scorer.natural(ids, [layer], positions)
+    experts, weights = forced_conditions(adapter.num_experts, len(ids), adapter.top_k)
+    module = adapter.experts(layer)
+    rows = []
+    own = type(module).forward
+
+    def counting(self, hidden, *args, **kwargs):
+        if self is module:
+            rows.append(hidden.shape[0])
+        return own(self, hidden, *args, **kwargs)
+
+    monkeypatch.setattr(type(module), "forward", counting)
+    scored = scorer.score(natural, layer, experts[:2], weights[:2])
+    assert sum(rows) == 2 * len(ids), f"the forced rows computed {sum(rows)} (token, slot) pairs, not one per token"
+    for c in range(2):
+        np.testing.assert_allclose(scored[c], _plain(adapter, ids, layer, experts[c], weights[c], positions), atol=1e-5)
+    assert "forward" not in module.__dict__   # the patch is gone after the pass

@@ -92,6 +92,45 @@ class MidLayer:
         return self.keep * self.h_mid.index_select(0, sources) + self.scale * mixed
 
 
+@contextmanager
+def skipping_zero_weights(adapter: MoEAdapter, layers):
+    """The experts of `layers` leave out the (token, slot) pairs whose gate weight is 0: a
+    forced single expert is given to the router as k slots of it at weights 1, 0, ..., 0,
+    and w * E(x) is exactly 0 for w = 0 (E(x) finite), so computing those k - 1 slots is
+    wasted. Pairs are summed per token as the experts module sums them; a module of another
+    signature (not experts(x [N, d], indices [N, k], weights [N, k])) runs as it is."""
+    patched = []
+    for layer in layers:
+        try:
+            module = adapter.experts(layer)
+        except AttributeError:
+            continue
+        original = module.forward
+
+        def forward(hidden, indices=None, weights=None, *args, _original=original, **kwargs):
+            if (args or kwargs or not torch.is_tensor(indices) or not torch.is_tensor(weights) or hidden.dim() != 2
+                    or indices.dim() != 2 or weights.shape != indices.shape or indices.shape[0] != hidden.shape[0]):
+                return _original(hidden, indices, weights, *args, **kwargs)
+            kept = weights != 0
+            if bool(kept.all()):
+                return _original(hidden, indices, weights)
+            token, slot = kept.nonzero(as_tuple=True)
+            pairs = _original(hidden[token], indices[token, slot][:, None], weights[token, slot][:, None])
+            return torch.zeros(hidden.shape[0], pairs.shape[-1], dtype=pairs.dtype, device=pairs.device).index_add_(
+                0, token, pairs)
+
+        patched.append((module, module.__dict__.get("forward")))
+        module.forward = forward
+    try:
+        yield
+    finally:
+        for module, before in patched:
+            if before is None:
+                del module.forward   # back to the class's own
+            else:
+                module.forward = before
+
+
 @dataclass
 class NaturalPass:
     """One sequence of a natural batch: input_ids [T] (its own tokens); positions [P]
@@ -297,7 +336,7 @@ class WholeSequenceScorer:
         overrides = joint_overrides(layers, token_rows.to(device), chosen.to(device), weighted.to(device))
         positional = self.adapter.positional_arguments
         mid = batch.mid_layers.get(layer)
-        with override_routes(self.adapter, overrides):
+        with override_routes(self.adapter, overrides), skipping_zero_weights(self.adapter, layers):
             if mid is not None:   # layer l's attention is the same for every row: start at its MoE block
                 states = mid.output(self.adapter, layer, sources.to(mid.x.device))
             for index in range(layer + (mid is not None), self.adapter.num_layers):
