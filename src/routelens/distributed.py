@@ -299,7 +299,8 @@ def check_ray_can_load(loaded, ray: RaySettings | str | None) -> None:
 
 # counts over the run: each process's add up (every other number is a largest deviation)
 SUMMED_CHECKS = ("standard_route_flagged_tokens", "standard_route_checked_tokens", "natural_route_flagged_tokens",
-                 "natural_route_checked_tokens", "fallback_seconds", "fallback_tokens")
+                 "natural_route_checked_tokens", "fallback_seconds", "fallback_tokens", "gating_rule_checked_rows",
+                 "block_algebra_checked_rows")
 
 
 def merge_checks(seen: list[dict]) -> dict:

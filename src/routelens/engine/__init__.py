@@ -21,6 +21,7 @@ import warnings
 
 from routelens.engine.base import DEFAULT_MAX_FALLBACK_TIME, Engine
 from routelens.engine.cache import CacheEngine
+from routelens.engine.checks import DEFAULT_CHECK_ROWS
 from routelens.engine.fast import FastEngine, FastEngineUnsupported
 from routelens.engine.items import ScoreItem
 from routelens.engine.readout import DEFAULT_MEMORY_BUDGET
@@ -31,14 +32,16 @@ ENGINES = {"fast": FastEngine, "cache": CacheEngine, "reference": ReferenceEngin
 
 
 def make_engine(name: str, adapter, *, memory_budget: int = DEFAULT_MEMORY_BUDGET, route_batch_size: int = 33,
-                route_chunk: int | None = None, max_fallback_time: float = DEFAULT_MAX_FALLBACK_TIME):
+                route_chunk: int | None = None, max_fallback_time: float = DEFAULT_MAX_FALLBACK_TIME,
+                check_rows: int = DEFAULT_CHECK_ROWS):
     """The named engine; `fast` falls back to `cache` with a warning that says why.
 
     Options are explicit (a misspelt one is a TypeError, never silently dropped):
     `memory_budget` bytes for one chunk of perturbed sequences, `route_batch_size` routes
     per forward of the reference engine, `route_chunk` routes per chunk (fast and cache
     engines; None: from the memory budget), `max_fallback_time` seconds a slower engine may
-    score after a failed check (0: no bound)."""
+    score after a failed check (0: no bound), `check_rows` rows per layer the fast engine's
+    block-algebra check looks at in all."""
     if name not in ENGINES:
         raise SettingError(f"unknown `engine` {name!r}; available: {', '.join(ENGINES)}", "engine")
     if name == "reference":
@@ -46,7 +49,7 @@ def make_engine(name: str, adapter, *, memory_budget: int = DEFAULT_MEMORY_BUDGE
     options = dict(memory_budget=memory_budget, route_batch_size=route_batch_size, route_chunk=route_chunk,
                    max_fallback_time=max_fallback_time)
     try:
-        return ENGINES[name](adapter, **options)
+        return ENGINES[name](adapter, **options, **({"check_rows": check_rows} if name == "fast" else {}))
     except FastEngineUnsupported as reason:
         warnings.warn(f"fast engine cannot serve this model exactly ({reason}); using the cache engine",
                       stacklevel=2)

@@ -2,6 +2,8 @@
 
 - The gating rule: `weights_for` applied to the experts the router chose must reproduce the
   weights the router returned. A wrong rule would weight every alternative route wrongly.
+  A run checks a bounded number of rows per layer (`GatingCheck`, `check_rows`), chosen by
+  `sample_rows`, so the check costs the same at any size.
 - Padding: sequences of unequal length share a right-padded forward; the first such group
   also runs its shortest sequence alone, which must give the same log-probs (`PaddingCheck`).
 - The standard route: an engine's score of the standard route (route 0) must equal the
@@ -25,6 +27,8 @@ the mean, or any miss in float32, is a broken engine: the engine falls back.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import numpy as np
@@ -111,6 +115,154 @@ def check_gating_rule(adapter, layer: int, logits: torch.Tensor, experts: torch.
             "does not describe this checkpoint, so alternative routes would be weighted wrongly"
         )
     return error
+
+
+DEFAULT_CHECK_ROWS = 256   # rows per layer a run's sampled checks look at (gating rule, block algebra)
+SAMPLE_SELECTION = ("deterministic (no random draw): the block check first takes the alternative routes that move the "
+                    "most weight away from their token's standard route; then the rows with the largest and smallest "
+                    "gate mass (sum of the "
+                    "route's weights) and the largest single weight, for every expert id the routes use the row where "
+                    "it has its largest weight, then rows evenly spaced over the rest (spread over every trajectory "
+                    "and position the call holds), from the first calls of the run until the budget is spent")
+
+
+def sample_rows(experts: np.ndarray, weights: np.ndarray, budget: int, priority: np.ndarray | None = None) -> np.ndarray:
+    """Up to `budget` row indices (sorted) of routes experts/weights [N, k], chosen to catch
+    a rule that goes wrong on some tokens only; every row where N <= budget. Deterministic,
+    in this order until the budget is spent:
+
+    - with `priority` [N], the rows of highest priority, up to a quarter of the budget (at
+      least one): the block check ranks an alternative route by the weight it moves away
+      from its token's standard route, which is where a wrong algebra shows most;
+    - extremes: the rows with the largest and the smallest gate mass (sum of weights: where
+      a normalisation floor, an epsilon or a scale shows most) and the largest single
+      weight (a peaked router), up to budget / 16 of each (at least one), taken in turn;
+    - coverage: for each expert id that occurs, the row where it carries its largest weight
+      (a rule or block that goes wrong for some experts only), the heaviest first: every
+      expert of a 64- or 128-expert model at the default 256;
+    - the rest evenly spaced over all rows (rows come in trajectory and position order, so
+      every trajectory of the call contributes).
+
+    It cannot see rows it does not pick: a fault confined to tokens that are neither extreme
+    in these statistics nor among the evenly spaced ones (say one token's hidden state in a
+    thousand) can pass."""
+    count = len(experts)
+    if count <= budget:
+        return np.arange(count)
+    weights = np.asarray(weights, dtype=np.float64).reshape(count, -1)
+    experts = np.asarray(experts).reshape(count, -1)
+    ordered: list[np.ndarray] = []
+    if priority is not None:
+        ordered.append(_largest(np.asarray(priority, dtype=np.float64), max(1, budget // 4)))
+    extreme = max(1, budget // 16)
+    mass = weights.sum(-1)
+    ordered.append(np.stack([_largest(mass, extreme), _largest(-mass, extreme), _largest(weights.max(-1), extreme)],
+                            1).reshape(-1))
+    # coverage: each expert id's heaviest row, the heaviest first (no sort of all N * k weights)
+    flat_experts, flat_weights = experts.reshape(-1).astype(np.int64), weights.reshape(-1)
+    best = np.full(int(flat_experts.max()) + 1, -np.inf)
+    np.maximum.at(best, flat_experts, flat_weights)
+    at_best = np.flatnonzero(flat_weights == best[flat_experts])
+    used, first = np.unique(flat_experts[at_best], return_index=True)   # each expert that occurs: its first heaviest
+    ordered.append((at_best[first] // experts.shape[1])[np.argsort(-best[used], kind="stable")])
+    picked = np.array(list(dict.fromkeys(np.concatenate(ordered).tolist()))[:budget], dtype=np.int64)
+    spare = budget - len(picked)
+    if spare > 0:
+        rest = np.setdiff1d(np.arange(count), picked)
+        picked = np.concatenate([picked, rest[np.unique(np.linspace(0, len(rest) - 1, spare).round().astype(int))]])
+    return np.sort(picked)
+
+
+def _largest(values: np.ndarray, count: int) -> np.ndarray:
+    """Indices of the `count` largest values, largest first (ties: the lower index first)."""
+    if count >= len(values):
+        return np.argsort(-values, kind="stable")
+    top = np.argpartition(-values, count - 1)[:count]
+    return top[np.lexsort((top, -values[top]))]
+
+
+@contextmanager
+def single_threaded(device) -> Iterator[None]:
+    """Run a check's few small tensor operations on one CPU thread. A small op that forks
+    torch's intra-op threads waits for every thread to be scheduled: on a busy CPU that is a
+    scheduler time slice (measured: 10-15 ms per softmax of 30 x 16 logits on a loaded 2-core
+    machine, 0.01 ms single-threaded), which made the checks cost seconds per run. No effect
+    on a GPU's work; results do not depend on it (the checks compare within a tolerance)."""
+    threads = torch.get_num_threads()
+    if torch.device(device).type != "cpu" or threads == 1:
+        yield
+        return
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
+class RowBudget:
+    """How many rows per layer a sampled check may still look at in this process (`rows`;
+    None: no bound), what it looked at, and its run.json record under `name`."""
+
+    def __init__(self, name: str, rows: int | None, verdict: str):
+        if rows is not None and (isinstance(rows, bool) or int(rows) != rows or rows < 1):
+            raise ValueError(f"`check_rows` must be a whole number >= 1, got {rows!r}")
+        self.name, self.rows, self.verdict = name, None if rows is None else int(rows), verdict
+        self.checked: dict[int, int] = {}     # layer -> rows looked at
+        self.largest = 0.0
+
+    def left(self, layer: int, available: int) -> int:
+        return available if self.rows is None else max(0, min(available, self.rows - self.checked.get(layer, 0)))
+
+    def spend(self, layer: int, rows: int, difference: float) -> None:
+        self.checked[layer] = self.checked.get(layer, 0) + rows
+        self.largest = max(self.largest, difference)
+
+    def record(self) -> dict:
+        return {self.name: {"rows_checked": {str(layer): n for layer, n in sorted(self.checked.items())},
+                            "rows_per_layer_limit": self.rows,
+                            "selection": "every row" if self.rows is None else SAMPLE_SELECTION,
+                            "largest_difference": self.largest, "verdict": self.verdict},
+                f"{self.name}_checked_rows": sum(self.checked.values())}
+
+
+class GatingCheck:
+    """The gating-rule check of a run (one per process): `check_gating_rule` on up to `rows`
+    rows per layer in all (None: every row of every call), chosen by `sample_rows` from the
+    calls that come first (the first group's trajectories, together), so its cost is fixed
+    per run. `record` says in run.json how many rows it looked at per layer and how they
+    were chosen.
+
+    A wrong rule that shows on every token (a missing normalisation, a wrong activation or
+    scale: the families' usual faults) fails on any row; one that shows on a few tokens only
+    is caught where those tokens are extreme in gate mass or top weight or hold an expert's
+    heaviest use; tokens of groups after the budget is spent are not checked."""
+
+    def __init__(self, adapter, rows: int | None = DEFAULT_CHECK_ROWS):
+        self.adapter = adapter
+        self.budget = RowBudget("gating_rule", rows, "the adapter's gating rule reproduced the router's weights on "
+                                                     "every row checked")
+
+    def check(self, layer: int, logits: torch.Tensor, experts: torch.Tensor, weights: torch.Tensor) -> float | None:
+        """Check rows of one call (router outputs of flat rows [N, E], [N, k], [N, k]) within
+        this layer's remaining budget; the largest difference, or None when nothing was left
+        to check. Raises `RuntimeCheckFailed` as `check_gating_rule` does."""
+        count = experts.reshape(-1, experts.shape[-1]).shape[0]
+        budget = self.budget.left(layer, count)
+        if budget == 0:
+            return None
+        experts, weights = experts.reshape(count, -1), weights.reshape(count, -1)
+        logits = logits.reshape(count, -1)
+        with single_threaded(weights.device):
+            if budget < count:
+                index = torch.as_tensor(sample_rows(experts.cpu().numpy(), weights.float().cpu().numpy(), budget),
+                                        device=experts.device)
+                logits, experts, weights = logits[index], experts[index], weights[index]
+            error = check_gating_rule(self.adapter, layer, logits, experts, weights)
+        self.budget.spend(layer, budget, error)
+        return error
+
+    def record(self) -> dict:
+        return self.budget.record()
 
 
 def standard_route_error(scored: np.ndarray, natural: np.ndarray) -> tuple[float, float]:

@@ -48,7 +48,14 @@ from routelens.engine import attention
 from routelens.engine.base import DEFAULT_MAX_FALLBACK_TIME, FallbackBudget, check_fields, token_flags
 from routelens.engine.batching import pad_right, per_row_arguments, row_positions
 from routelens.engine.cache import CacheEngine
-from routelens.engine.checks import DeviationRecord, PaddingCheck
+from routelens.engine.checks import (
+    DEFAULT_CHECK_ROWS,
+    DeviationRecord,
+    PaddingCheck,
+    RowBudget,
+    sample_rows,
+    single_threaded,
+)
 from routelens.engine.items import ScoreItem, joint_layers, joint_overrides, layer_label, per_layer
 from routelens.engine.readout import (
     DEFAULT_MEMORY_BUDGET,
@@ -72,7 +79,7 @@ class FastEngine:
 
     def __init__(self, adapter: MoEAdapter, memory_budget: int = DEFAULT_MEMORY_BUDGET,
                  route_chunk: int | None = None, route_batch_size: int = 33,
-                 max_fallback_time: float = DEFAULT_MAX_FALLBACK_TIME):
+                 max_fallback_time: float = DEFAULT_MAX_FALLBACK_TIME, check_rows: int = DEFAULT_CHECK_ROWS):
         self.adapter = adapter
         self.memory_budget = int(memory_budget)
         self.route_chunk = route_chunk
@@ -89,6 +96,9 @@ class FastEngine:
         self.attention = attention.AttentionState()   # what its attention functions read during its passes
         self.cache_layers: dict[int, str] = {}     # layer -> why the cache engine scores it
         self._last: tuple[torch.Tensor, dict[int, dict]] | None = None   # natural_routes' pass, for score_batch
+        # rows per layer the block-algebra check runs the MoE block on, in all (`_check_block_algebra`)
+        self.block_check = RowBudget("block_algebra", check_rows, "the MoE block under alternative routes gave what "
+                                                                  "the engine's algebra gave on every row checked")
 
     @staticmethod
     def check_supported(adapter: MoEAdapter) -> None:
@@ -297,27 +307,69 @@ class FastEngine:
                                              (len(rows), len(pair_token)), check_invariants=False)
         return self.adapter.routed_scale(layer) * (matrix @ table.float())
 
-    CHECKED_ROWS = 8
-
     def _check_block_algebra(self, layer: int, x: torch.Tensor, rows: torch.Tensor, experts: torch.Tensor,
                              weights: torch.Tensor, routed: torch.Tensor, is_standard: torch.Tensor) -> None:
-        """The MoE block itself, run on a few tokens under their alternative routes, must give
-        what the algebra gave: an expert scale applied outside the router, a latent projection
-        or a gate on the experts' input would break the algebra without touching route 0."""
-        sample = torch.nonzero(~is_standard).flatten()[: self.CHECKED_ROWS]
-        if not len(sample):
+        """The MoE block itself, run on tokens under their alternative routes, must give what
+        the algebra gave: an expert scale applied outside the router, a latent projection or a
+        gate on the experts' input would break the algebra without touching route 0.
+
+        At a fixed cost: up to `check_rows` (token, route) rows per layer in all
+        (`block_check`), taken from the first chunks that score the layer, by `sample_rows`
+        (deterministic): the alternative routes with the largest and smallest gate mass and
+        the largest single weight, each expert id's heaviest use, then rows evenly spaced over
+        the chunk's routes and trajectories; one run of the block, on one CPU thread. A fault
+        that shows on every token or for some experts (the layouts above) is caught; one
+        confined to a few tokens' hidden states that none of the chosen rows hold, or to
+        routes of chunks after the budget is spent, is not."""
+        if self.block_check.left(layer, int((~is_standard).sum())) == 0:
             return
-        override = RouteOverride(torch.arange(len(sample)), experts[sample], weights[sample])
-        with override_routes(self.adapter, {layer: override}):
-            actual = self.adapter.block_output(self.adapter.moe_block(layer)(x[rows[sample]][None]))
-        actual, expected = actual.reshape(len(sample), -1).float(), routed[sample].float()
-        close = 1e-4 if routed.dtype in (torch.float32, torch.float64) else 5e-2   # bf16: ~6x its rounding
-        difference = float((actual - expected).abs().max())
-        if difference > close * max(1.0, float(expected.abs().max())):
+        with single_threaded(x.device):
+            alternative, moved = self._other_than_standard(rows.cpu().numpy(), experts.cpu().numpy(),
+                                                           weights.float().cpu().numpy(), is_standard.cpu().numpy())
+            budget = self.block_check.left(layer, len(alternative))
+            if budget == 0:
+                return
+            picked = alternative[sample_rows(experts[alternative].cpu().numpy(), weights[alternative].float().cpu().numpy(),
+                                             budget, priority=moved)]
+            sample = torch.as_tensor(picked, device=rows.device)
+            override = RouteOverride(torch.arange(len(sample)), experts[sample], weights[sample])
+            with override_routes(self.adapter, {layer: override}):
+                actual = self.adapter.block_output(self.adapter.moe_block(layer)(x[rows[sample]][None]))
+            actual, expected = actual.reshape(len(sample), -1).float(), routed[sample].float()
+            close = 1e-4 if routed.dtype in (torch.float32, torch.float64) else 5e-2   # bf16: ~6x its rounding
+            difference = float((actual - expected).abs().max())
+            scale = max(1.0, float(expected.abs().max()))
+        if difference > close * scale:
             raise FastEngineUnsupported(
                 f"the MoE block of layer {layer} under an alternative route is not its standard output plus the "
                 f"experts' weighted difference (off by {difference:.3g}): the block combines its experts in a way the "
                 "adapter does not declare")
+        self.block_check.spend(layer, len(sample), difference)
+
+    @staticmethod
+    def _other_than_standard(rows: np.ndarray, experts: np.ndarray, weights: np.ndarray,
+                             is_standard: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """The non-standard rows that can show a wrong algebra, and the weight each moves.
+
+        An alternative that drew its token's standard expert set gives the standard output
+        under any algebra, so it is left out where the token's route 0 is among `rows`; the
+        weight moved is sum |w - w_std| over the union of the two expert sets (the size of
+        the difference the algebra adds; 0 where route 0 is not among `rows`)."""
+        alternative = np.flatnonzero(~is_standard)
+        standard = np.flatnonzero(is_standard)
+        if not len(standard):
+            return alternative, np.zeros(len(alternative))
+        order = standard[np.argsort(rows[standard], kind="stable")]
+        match = order[np.clip(np.searchsorted(rows[order], rows[alternative]), 0, len(order) - 1)]
+        known = rows[match] == rows[alternative]
+        own, std = experts[alternative], experts[match]
+        in_std = (own[:, :, None] == std[:, None, :]).any(-1)        # [A, k]: alternative's expert in the standard set
+        in_own = (std[:, :, None] == own[:, None, :]).any(-1)        # [A, k]: standard expert in the alternative
+        same = known & in_std.all(-1) & in_own.all(-1)
+        own_weight, std_weight = weights[alternative], weights[match]
+        shared = (own[:, :, None] == std[:, None, :]) * std_weight[:, None, :]   # each own expert's standard weight
+        moved = (np.abs(own_weight - shared.sum(-1)).sum(-1) + np.where(in_own, 0.0, std_weight).sum(-1)) * known
+        return alternative[~same], moved[~same]
 
     @staticmethod
     def _block_result(recorded: dict, summed: torch.Tensor) -> torch.Tensor:

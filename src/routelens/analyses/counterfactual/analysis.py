@@ -45,7 +45,7 @@ from routelens.config import ALL_TOKENS, BINS
 from routelens.data.trajectories import Trajectory
 from routelens.distributed import RaySettings, UnitJob, check_ray_can_load
 from routelens.engine.batching import pad_right, sequence_routes
-from routelens.engine.checks import PaddingNotInert, check_gating_rule
+from routelens.engine.checks import GatingCheck, PaddingNotInert, check_gating_rule
 from routelens.engine.items import ScoreItem
 from routelens.engine.readout import final_norm_states
 from routelens.errors import RouteLensError, SettingError
@@ -133,11 +133,13 @@ def group_natural_routes(adapter: MoEAdapter, engine, trajectories: list[Traject
 
 
 def build_routes(adapter: MoEAdapter, trajectory: Trajectory, layers: list[int],
-                 config: CounterfactualConfig, captured: dict[int, RouterOutput] | None = None) -> dict[int, LayerRoutes]:
+                 config: CounterfactualConfig, captured: dict[int, RouterOutput] | None = None,
+                 check_gating: bool = True) -> dict[int, LayerRoutes]:
     """The standard route (read off the model's own forward: `captured`, or a forward run
     here) and S sampled alternatives per scored token and layer. The adapter's gating rule
-    must reproduce the router's own weights on its own choice (checked here, on every
-    trajectory), since it weights the alternatives."""
+    must reproduce the router's own weights on its own choice, since it weights the
+    alternatives: checked here on every row (`check_gating`), or by the caller (a run
+    checks its groups' rows through its `GatingCheck`)."""
     num_candidates = config.candidates_for(adapter.num_experts)
     if captured is None:
         input_ids = torch.tensor([trajectory.input_ids], device=adapter.device)
@@ -148,7 +150,8 @@ def build_routes(adapter: MoEAdapter, trajectory: Trajectory, layers: list[int],
     result = {}
     for layer in layers:
         k, out = adapter.top_k_at(layer), captured[layer]
-        check_gating_rule(adapter, layer, out.logits, out.experts, out.weights)
+        if check_gating:
+            check_gating_rule(adapter, layer, out.logits, out.experts, out.weights)
         index = index.to(out.logits.device)
         logits = out.logits[index].float()                                   # [P, E]
         order = out.experts[index].argsort(dim=-1)
@@ -524,23 +527,31 @@ def token_audit_columns(flags: np.ndarray, audit: dict | None, logprobs: np.ndar
 
 def analyse_trajectories(adapter: MoEAdapter, engine, trajectories: list[Trajectory], layers: list[int],
                          config: CounterfactualConfig, joint: list[int] | None = None,
-                         audited: frozenset[int] = frozenset()) -> list[dict[str, pa.Table]]:
+                         audited: frozenset[int] = frozenset(), gating: GatingCheck | None = None
+                         ) -> list[dict[str, pa.Table]]:
     """Sample and score every route of a group of trajectories (scored together by the
     engine, layer by layer, then the joint routes at the `joint` layers when given); return
     each trajectory's tables: routes and tokens (and joint_routes, joint_tokens). Where
     right padding is not inert on this model (`PaddingCheck`), one trajectory at a time.
     The trajectories whose index in the group is in `audited` have tokens re-scored in the
-    model's higher-precision shadow (`precision_audit`; low-precision models only)."""
+    model's higher-precision shadow (`precision_audit`; low-precision models only). The
+    gating rule is checked on the group's rows together through `gating` (a run's
+    `GatingCheck`, whose row budget bounds its cost; None: every row)."""
+    gating = gating or GatingCheck(adapter, rows=None)
     if len(trajectories) > 1 and engine.padding.failure:
         return [analyse_trajectories(adapter, engine, [t], layers, config, joint,
-                                     frozenset({0}) if i in audited else frozenset())[0]
+                                     frozenset({0}) if i in audited else frozenset(), gating)[0]
                 for i, t in enumerate(trajectories)]
     try:
         natural = group_natural_routes(adapter, engine, trajectories, layers)
     except PaddingNotInert as reason:   # exact either way: from here on, one trajectory at a time
         warnings.warn(f"{reason}; scoring one trajectory at a time", stacklevel=2)
-        return analyse_trajectories(adapter, engine, trajectories, layers, config, joint, audited)
-    routes = [build_routes(adapter, trajectory, layers, config, captured) for trajectory, captured in zip(trajectories, natural)]
+        return analyse_trajectories(adapter, engine, trajectories, layers, config, joint, audited, gating)
+    for layer in layers:   # the group's rows together: the check's rows spread over its trajectories
+        gating.check(layer, *(torch.cat([getattr(captured[layer], field) for captured in natural])
+                              for field in ("logits", "experts", "weights")))
+    routes = [build_routes(adapter, trajectory, layers, config, captured, check_gating=False)
+              for trajectory, captured in zip(trajectories, natural)]
     results = []
     scored, flags = {}, {}
     for layer in layers:
@@ -916,7 +927,8 @@ def run_counterfactual(loaded, trajectories: list[Trajectory], config: Counterfa
         raise RouteLensError("no trajectory to score; give at least one")
     trajectories, step_check = keep_step_ok_tokens(trajectories, config.only_step_ok)
     engine = make_engine(config.engine, adapter, route_batch_size=config.route_batch_size,
-                         memory_budget=config.memory_budget, max_fallback_time=config.max_fallback_time)
+                         memory_budget=config.memory_budget, max_fallback_time=config.max_fallback_time,
+                         check_rows=config.check_rows)
     run_config = {**loaded.identity(), "engine_used": engine.name, "dtype": loaded.dtype, **data_info, **config.to_dict(),
                   "resolved_layers": layers, "resolved_candidates": config.candidates_for(adapter.num_experts),
                   "resolved_only_step_ok": step_check["only_step_ok"], **({"resolved_joint_layers": joint} if joint else {})}
@@ -963,20 +975,26 @@ class CounterfactualJob(UnitJob):
         self._adapter = self.load(loaded).adapter
         self._engine = getattr(self, "_engine", None) or make_engine(
             self.config.engine, self._adapter, route_batch_size=self.config.route_batch_size,
-            memory_budget=self.config.memory_budget, max_fallback_time=self.config.max_fallback_time)
+            memory_budget=self.config.memory_budget, max_fallback_time=self.config.max_fallback_time,
+            check_rows=self.config.check_rows)
+        self._gating = GatingCheck(self._adapter, self.config.check_rows)   # this process's rows: a fixed budget
 
     def run(self, units: list[int]) -> list[dict[str, pa.Table]]:
         audited = frozenset(i for i, unit in enumerate(units) if unit < self.config.precision_audit)
         return analyse_trajectories(self._adapter, self._engine, [self.trajectories[i] for i in units],
-                                    self.layers, self.config, self.joint, audited)
+                                    self.layers, self.config, self.joint, audited, self._gating)
 
     def checks(self) -> dict:
-        return engine_checks(self._engine)
+        return engine_checks(self._engine, self._gating)
 
 
-def engine_checks(engine) -> dict:
-    """What run.json records of the run-time checks: the largest standard-route deviation
-    from the natural forward (nats) and whether the fast engine fell back, and why."""
-    return {"gating_rule": "reproduced the router's weights on every trajectory", **engine.check_record(),
+def engine_checks(engine, gating: GatingCheck | None = None) -> dict:
+    """What run.json records of the run-time checks: the gating rule's (rows per layer and
+    how they were chosen), the fast engine's block-algebra check's, the largest
+    standard-route deviation from the natural forward (nats) and whether the fast engine
+    fell back, and why."""
+    block = getattr(engine, "block_check", None)
+    return {**(gating.record() if gating is not None else {}), **(block.record() if block is not None else {}),
+            **engine.check_record(),
             **engine.padding.record("trajectory", "one trajectory at a time" if engine.max_group == 1
                                     else f"groups of up to {engine.max_group} trajectories")}

@@ -80,6 +80,11 @@ class CounterfactualConfig:
                                "the layer that bf16 rounding flipped (0: no audit; nothing to audit in float32)")
     precision_audit_tokens: int = setting(1, parse="positive_int",
                                           help="tokens per audited trajectory and layer (drawn with the seed)")
+    check_rows: int = setting(
+        256, parse="positive_int",
+        help="run-time checks of the gating rule and the fast engine's block algebra: rows per layer each looks at in "
+             "a run, chosen deterministically (extreme gate masses and weights, every expert's heaviest use, then "
+             "evenly spaced over the first groups' trajectories); recorded in run.json's checks")
     max_fallback_time: float = setting(
         600.0, help="seconds a slower engine may score after a failed check before the run stops with what it "
                     "scored kept (0: no bound)")
@@ -123,7 +128,7 @@ class CounterfactualConfig:
                                "fragile", "confident")
         one_of("engine", self.engine, ENGINE_NAMES)
         for name in ("route_batch_size", "memory_budget", "group_tokens", "bootstrap_resamples",
-                     "precision_audit_tokens"):
+                     "precision_audit_tokens", "check_rows"):
             at_least(name, getattr(self, name), 1)
         at_least("precision_audit", self.precision_audit, 0)
         finite("max_fallback_time", self.max_fallback_time)
@@ -138,7 +143,7 @@ class CounterfactualConfig:
 
     # Knobs that change speed and memory but not results (tested): not part of a run's identity,
     # so a run resumes under another memory budget.
-    PERFORMANCE = ("route_batch_size", "memory_budget", "group_tokens", "max_fallback_time")
+    PERFORMANCE = ("route_batch_size", "memory_budget", "group_tokens", "max_fallback_time", "check_rows")
 
     def to_dict(self) -> dict:
         # settings added later only where they differ from their default: run folders made
