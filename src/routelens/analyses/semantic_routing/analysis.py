@@ -243,9 +243,10 @@ def _conditions(adapter, item: TargetItem, natural, routes: dict, predicted: dic
                                                                     route_rng(config.seed, layer, item.id, seed)))
                                     for layer in layer_set], dim=1))
     experts = torch.stack(experts).long()                                                         # [C, T, J, k]
-    # the gating rule on each token's natural router logits, per condition and layer
-    weights = torch.stack([torch.stack([adapter.weights_for(logits[layer], experts[c, :, j]).float()
-                                        for c in range(len(arms))]) for j, layer in enumerate(layer_set)], dim=2)
+    # the gating rule on each token's natural router logits, per layer for every condition at once (row by row)
+    count, k = len(arms), experts.shape[-1]
+    weights = torch.stack([adapter.weights_for(logits[layer].repeat(count, 1), experts[:, :, j].reshape(-1, k))
+                           .float().reshape(count, length, k) for j, layer in enumerate(layer_set)], dim=2)
     return arms, experts, weights
 
 
