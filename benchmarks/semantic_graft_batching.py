@@ -1,7 +1,8 @@
 """Time semantic routing and graft evaluation one item at a time against items grouped, side by side.
 
-    .venv/bin/python benchmarks/semantic_graft_batching.py                     # demo model, CPU
-    .venv/bin/python benchmarks/semantic_graft_batching.py --repeats 5 --out docs/measurements/semantic-graft-batching-demo-cpu.json
+    .venv/bin/python benchmarks/semantic_graft_batching.py --threads 1          # demo model, CPU
+    .venv/bin/python benchmarks/semantic_graft_batching.py --threads 1 --repeats 5 \
+        --out docs/measurements/semantic-graft-batching-demo-cpu.json
     .venv/bin/python benchmarks/semantic_graft_batching.py --model ./olmoe --items items.jsonl --device cuda \
         --dtype bfloat16 --groups 1,16,64
 
@@ -12,7 +13,8 @@ repetition so that load on the machine falls on all of them alike. Semantic rout
 timed without its generation arms (`accuracy` off: greedy answers were already generated
 in batches), after its calibration; graft evaluation is the in-memory evaluation of a
 self-graft (`--experts`), the grafted folder not written. Prints, per analysis and value:
-the median seconds over `--repeats`, every repetition's, the ratio of the first value's
+the median wall seconds over `--repeats`, every repetition's, the median CPU seconds of
+the process, the ratio of the first value's
 median to this one's (the speed-up), the passes through the model's last decoder layer
 (one per natural forward and per scoring chunk), and the largest difference of any score
 from the first value's (float rounding of other batch shapes).
@@ -72,15 +74,19 @@ def main() -> None:
     parser.add_argument("--dtype", default="auto")
     parser.add_argument("--floor-seeds", type=int, default=3, help="semantic routing's random-floor seeds")
     parser.add_argument("--experts", default="3:5=3:9,3:1=3:2,0:4=0:7", help="the self-graft evaluated")
-    parser.add_argument("--groups", default="1,16", help="group_items values to time, comma-separated (first: baseline)")
+    parser.add_argument("--groups", default="1,4,16", help="group_items values to time, comma-separated (first: baseline)")
     parser.add_argument("--repeats", type=int, default=3, help="repetitions per value (the median is reported)")
     parser.add_argument("--analyses", default="semantic,graft", help="which to time, comma-separated")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch threads (1 keeps a shared, loaded CPU from stalling threads that wait on each other)")
     parser.add_argument("--out", default=None, help="also write the rows as JSON")
     args = parser.parse_args()
 
     from routelens.analyses.graft.grafting import parse_expert_map, plan_graft
     from routelens.api import _item_data
 
+    if args.threads:
+        torch.set_num_threads(args.threads)
     lens = rl.load(args.model, device=args.device, dtype=args.dtype)
     groups = [int(value) for value in args.groups.split(",")]
     analyses = args.analyses.split(",")
@@ -90,14 +96,16 @@ def main() -> None:
                "graft": lambda group: graft(lens, args, group, plan, graft_items)}
     counter = PassCounter(lens.adapter)
     seconds = {(name, group): [] for name in analyses for group in groups}
+    cpu_seconds = {(name, group): [] for name in analyses for group in groups}
     passes, scores, checks, counts = {}, {}, {}, {}
     for _ in range(args.repeats):
         for name in analyses:
             for group in groups:
                 counter.count = 0
-                started = time.perf_counter()
+                started, cpu = time.perf_counter(), time.process_time()
                 table, values, seen = runners[name](group)
                 seconds[(name, group)].append(time.perf_counter() - started)
+                cpu_seconds[(name, group)].append(time.process_time() - cpu)
                 passes[(name, group)], scores[(name, group)], checks[(name, group)] = counter.count, values, seen
                 counts[(name, group)] = int(table["item_id"].nunique())
     rows = []
@@ -111,6 +119,7 @@ def main() -> None:
                    "group_items": group, "items_scored": counts[(name, group)],
                    "median_seconds": round(median, 3), "seconds": [round(s, 3) for s in seconds[(name, group)]],
                    "speedup_over_first": round(base / median, 3),
+                   "median_cpu_seconds": round(statistics.median(cpu_seconds[(name, group)]), 3),
                    "last_layer_passes": passes[(name, group)],
                    "max_abs_score_diff_from_first": float(np.nanmax(np.abs(scores[(name, group)]
                                                                            - scores[(name, groups[0])]))),

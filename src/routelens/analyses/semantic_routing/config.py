@@ -51,9 +51,9 @@ class SemanticRouteConfig:
     alpha: float = setting(0.05, help="FDR level")
     bootstrap_resamples: int = setting(2000, parse="positive_int", help="bootstrap resamples")
     memory_budget: int = setting(2 * 2**30, parse="memory", help="memory for one batch of forced routes, e.g. 8GiB")
-    group_items: int = setting(16, parse="positive_int",
+    group_items: int = setting(4, parse="positive_int",
                                help="evaluation items of similar length sharing one forward and its scoring passes, at "
-                                    "most (1: one item at a time)")
+                                    "most (1: one item at a time; on CPU 4 is fastest, larger groups pad more)")
 
     SUMMARY = ("alpha", "bootstrap_resamples", "score")
     PERFORMANCE = ("memory_budget", "group_items")
