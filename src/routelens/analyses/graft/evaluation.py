@@ -23,11 +23,11 @@ import hashlib
 import numpy as np
 import pandas as pd
 import pyarrow as pa
-import torch
 
 from routelens import stats
 from routelens.analyses.graft.grafting import GraftPair, graft_applied, tensor_sha256
 from routelens.analyses.isolation.analysis import forced_conditions
+from routelens.analyses.item_batching import batching_checks, groups_of, scored_in_groups
 from routelens.data.target_items import TargetItem
 from routelens.distributed import RaySettings, UnitJob
 from routelens.engine.whole_sequence import WholeSequenceScorer
@@ -41,19 +41,30 @@ ITEMS_SCHEMA = pa.schema([
     ("forced_original", pa.float64()), ("forced_grafted", pa.float64()),
 ])
 ALL_ITEMS = "All"
+DEFAULT_GROUP_ITEMS = 16   # items sharing one forward at most (GraftEvaluationConfig.group_items)
 
 
-def _measure(scorer: WholeSequenceScorer, item: TargetItem, plan: list[GraftPair]) -> dict:
-    """Natural score, selection share and forced-slot score of each pair, for the model as it is."""
+def _measure(scorer: WholeSequenceScorer, items: list[TargetItem], plan: list[GraftPair]) -> list[dict]:
+    """Natural score, and per pair its selection share and forced-slot score, of each item for
+    the model as it is: the items share one natural forward, and the pairs of a layer (every
+    item's) share the scoring passes."""
     adapter = scorer.adapter
     layers = sorted({pair.layer for pair in plan})
-    natural = scorer.natural(torch.tensor(item.input_ids), layers, np.asarray(item.target_positions))
-    out = {"natural": float(np.mean(natural.logprobs))}
-    for pair in plan:
-        experts, weights = forced_conditions(adapter.num_experts, len(item.input_ids), adapter.top_k_at(pair.layer))
-        chosen = natural.routes[pair.layer].experts.reshape(len(item.input_ids), -1)
-        forced = scorer.score(natural, pair.layer, experts[pair.expert: pair.expert + 1], weights[pair.expert: pair.expert + 1])
-        out[pair.label] = (float((chosen == pair.expert).any(-1).float().mean()), float(np.mean(forced[0])))
+    passes = scorer.natural_batch([item.input_ids for item in items], layers, [item.target_positions for item in items])
+    out = [{"natural": float(np.mean(natural.logprobs))} for natural in passes]
+    for layer in layers:
+        pairs = [pair for pair in plan if pair.layer == layer]
+        slots = [pair.expert for pair in pairs]
+        experts, weights = [], []
+        for item in items:
+            forced_e, forced_w = forced_conditions(adapter.num_experts, len(item.input_ids), adapter.top_k_at(layer))
+            experts.append(forced_e[slots])
+            weights.append(forced_w[slots])
+        scored = scorer.score_batch(passes, layer, experts, weights)                    # [P_layer, positions] per item
+        for item, natural, forced, measured in zip(items, passes, scored, out):
+            chosen = natural.routes[layer].experts.reshape(len(item.input_ids), -1)
+            for pair, values in zip(pairs, forced):
+                measured[pair.label] = (float((chosen == pair.expert).any(-1).float().mean()), float(np.mean(values)))
     return out
 
 
@@ -70,14 +81,31 @@ def plan_sha256(plan: list[GraftPair]) -> str:
 
 
 def evaluate_item(scorer: WholeSequenceScorer, item: TargetItem, plan: list[GraftPair]) -> pa.Table:
-    before = _measure(scorer, item, plan)
+    """One item's rows: natural, selection and forced, recipient against grafted."""
+    return evaluate_items(scorer, [item], plan)[0]
+
+
+def evaluate_items(scorer: WholeSequenceScorer, items: list[TargetItem], plan: list[GraftPair]) -> list[pa.Table]:
+    """`evaluate_item` for a group of items sharing forwards (the same numbers as one item at
+    a time, to float rounding); the graft is applied once for the group and undone after."""
+    before = _measure(scorer, items, plan)
     with graft_applied(scorer.adapter, plan):
-        after = _measure(scorer, item, plan)
-    rows = [{"item_id": item.id, "domain": item.domain, "pair": pair.label, "layer": pair.layer, "expert": pair.expert,
-             "natural_recipient": before["natural"], "natural_grafted": after["natural"],
-             "selected_recipient": before[pair.label][0], "selected_grafted": after[pair.label][0],
-             "forced_original": before[pair.label][1], "forced_grafted": after[pair.label][1]} for pair in plan]
-    return pa.Table.from_pylist(rows, schema=ITEMS_SCHEMA)
+        after = _measure(scorer, items, plan)
+    return [pa.Table.from_pylist([
+        {"item_id": item.id, "domain": item.domain, "pair": pair.label, "layer": pair.layer, "expert": pair.expert,
+         "natural_recipient": old["natural"], "natural_grafted": new["natural"],
+         "selected_recipient": old[pair.label][0], "selected_grafted": new[pair.label][0],
+         "forced_original": old[pair.label][1], "forced_grafted": new[pair.label][1]} for pair in plan],
+        schema=ITEMS_SCHEMA) for item, old, new in zip(items, before, after)]
+
+
+def item_partition(scorer: WholeSequenceScorer, items: list[TargetItem], plan: list[GraftPair],
+                   group_items: int) -> list[list[int]]:
+    """All the run's items (indices) in the groups that share forwards, fixed before the run:
+    an item's numbers depend on its group alone, so a resumed run (or one on Ray actors)
+    scores every item in the group an uninterrupted run does, and equals it bit for bit."""
+    most_pairs = max(sum(pair.layer == layer for pair in plan) for layer in {pair.layer for pair in plan})
+    return groups_of([len(item.input_ids) for item in items], 1 + most_pairs, scorer, group_items)
 
 
 def _paired(a: np.ndarray, b: np.ndarray, seed: int, resamples: int) -> dict:
@@ -121,33 +149,57 @@ def summarise(items: pd.DataFrame, plan: list[GraftPair], seed: int, resamples: 
 
 def run_graft_evaluation(recipient, plan: list[GraftPair], items: list[TargetItem], out: str | None, data_info: dict,
                          seed: int = 0, bootstrap_resamples: int = 2000, alpha: float = 0.05,
-                         overwrite: bool = False, show_progress: bool = True, ray: RaySettings | None = None):
+                         overwrite: bool = False, show_progress: bool = True, ray: RaySettings | None = None,
+                         group_items: int = DEFAULT_GROUP_ITEMS):
     """Evaluate the graft on `items` into the run folder `out` (resumable; in memory when
     None); with `ray`, on a pool of Ray actors that each load the recipient and apply the
-    plan's donor tensors themselves."""
+    plan's donor tensors themselves. Items of similar length share forwards, at most
+    `group_items` together (1: one at a time)."""
     if not items:
         raise SettingError("no items to evaluate the graft on; check `domains` and the item file", "domains")
+    scorer = WholeSequenceScorer(recipient.adapter)
+    partition = item_partition(scorer, items, plan, group_items)
+    job = GraftEvaluationJob(items, plan, partition, group_items, scorer)
     run_config = {**recipient.identity(), "dtype": recipient.dtype, **data_info, "pairs": [p.label for p in plan],
                   "donor_tensors_sha256": plan_sha256(plan), "seed": seed}
     run = AnalysisRun(
         kind="graft-evaluation", run_config=run_config, tables=("items",), units=len(items),
-        job=GraftEvaluationJob(items, plan),
+        job=job, groups=job.groups,
         summarise=lambda folder: summarise(folder.read("items"), plan, seed, bootstrap_resamples, alpha),
         extra={"model": recipient.adapter.describe(), "device": recipient.device,
-               "summary_settings": {"bootstrap_resamples": bootstrap_resamples, "alpha": alpha}},
+               "summary_settings": {"bootstrap_resamples": bootstrap_resamples, "alpha": alpha},
+               "performance": {"group_items": group_items}},
         label="graft evaluation", timings=lambda todo, seconds: {"items_scored_this_session": len(todo)})
     return run_analysis(run, recipient, out, overwrite=overwrite, show_progress=show_progress, ray=ray)
 
 
 class GraftEvaluationJob(UnitJob):
-    """Each item measured before and after the graft (units: item indices), on the recipient
-    this process holds (the plan carries the donor's tensors)."""
+    """Items measured before and after the graft (units: item indices), on the recipient this
+    process holds (the plan carries the donor's tensors). `partition`: the fixed groups of
+    items that share forwards; a group is scored whole even where some of its units are
+    done already (after a kill), so every item's numbers are those of an uninterrupted run."""
 
-    def __init__(self, items: list[TargetItem], plan: list[GraftPair]):
-        self.items, self.plan = items, plan
+    def __init__(self, items: list[TargetItem], plan: list[GraftPair], partition: list[list[int]] | None = None,
+                 group_items: int = DEFAULT_GROUP_ITEMS, scorer: WholeSequenceScorer | None = None):
+        self.items, self.plan, self.group_items = items, plan, group_items
+        self.partition = partition if partition is not None else [[index] for index in range(len(items))]
+        self._scorer = scorer   # this process's scorer, already built; an actor builds its own
 
     def setup(self, loaded=None) -> None:
-        self._scorer = WholeSequenceScorer(self.load(loaded).adapter)
+        self._scorer = getattr(self, "_scorer", None) or WholeSequenceScorer(self.load(loaded).adapter)
+
+    def groups(self, todo: list[int]) -> list[list[int]]:
+        """The undone units, by the group of the partition they belong to."""
+        undone = set(todo)
+        return [kept for kept in ([unit for unit in group if unit in undone] for group in self.partition) if kept]
 
     def run(self, units: list[int]) -> list[dict[str, pa.Table]]:
-        return [{"items": evaluate_item(self._scorer, self.items[i], self.plan)} for i in units]
+        group_of = {unit: at for at, group in enumerate(self.partition) for unit in group}
+        whole = [self.partition[at] for at in dict.fromkeys(group_of[unit] for unit in units)]
+        tables = scored_in_groups(self._scorer, self.items, whole, lambda group: evaluate_items(self._scorer, group, self.plan))
+        return [{"items": tables[unit]} for unit in units]
+
+    def checks(self) -> dict:
+        largest, mean = self._scorer.deviation.largest
+        return {"natural_route_max_abs_logprob_diff": largest, "natural_route_mean_abs_logprob_diff": mean,
+                **batching_checks(self._scorer, "item", self.group_items)}

@@ -100,7 +100,7 @@ def graft(recipient, donor, experts, out: str, *, dtype: str | None = None, devi
             folder = run_graft_evaluation(into.loaded, plan, kept, os.path.join(out, EVALUATION), info,
                                           seed=settings.seed, bootstrap_resamples=settings.bootstrap_resamples,
                                           alpha=settings.alpha, overwrite=overwrite, show_progress=show_progress,
-                                          ray=ray)
+                                          ray=ray, group_items=settings.group_items)
             evaluation = read_run(folder.path)
     except KeyboardInterrupt:
         raise GraftInterrupted(interrupted_message(out, record, evaluate)) from None

@@ -26,7 +26,7 @@ per-domain expert fingerprints.
 
 from __future__ import annotations
 
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 
 import numpy as np
 import pandas as pd
@@ -34,6 +34,7 @@ import pyarrow as pa
 import torch
 
 from routelens import stats
+from routelens.analyses.item_batching import batching_checks, groups_of, scored_in_groups
 from routelens.analyses.route_sampling import route_rng, uniform_routes
 from routelens.analyses.semantic_routing.config import SemanticRouteConfig, check_distinct_sets
 from routelens.config import SCORES
@@ -90,24 +91,31 @@ def split_items(items: list[TargetItem], share: float, seed: int) -> tuple[list[
     return calibration, evaluation
 
 
+@contextmanager
+def moe_inputs(adapter, layers: list[int]):
+    """The MoE block's inputs at each of `layers` during the forwards run inside: layer -> the
+    input of each call, in order."""
+    inputs: dict[int, list[torch.Tensor]] = {layer: [] for layer in layers}
+    hooks = [adapter.moe_block(layer).register_forward_pre_hook(
+        lambda module, args, layer=layer: inputs[layer].append(args[0].detach())) for layer in layers]
+    try:
+        yield inputs
+    finally:
+        for hook in hooks:
+            hook.remove()
+
+
 @torch.no_grad()
 def token_vectors(adapter, item: TargetItem, layers: list[int], kind: str) -> tuple[dict, dict]:
     """Per layer: each token's vector of the fingerprint kind [T, D] (float64) and its
     selection distribution [T, E] (which defines a domain's experts)."""
-    inputs: dict[int, torch.Tensor] = {}
-    hooks = [adapter.moe_block(layer).register_forward_pre_hook(
-        lambda module, args, layer=layer: inputs.__setitem__(layer, args[0].detach())) for layer in layers]
-    try:
-        with capture_routes(adapter, layers) as captured:
-            adapter.model(torch.tensor([item.input_ids], device=adapter.device), use_cache=False, logits_to_keep=1)
-    finally:
-        for hook in hooks:
-            hook.remove()
+    with moe_inputs(adapter, layers) as inputs, capture_routes(adapter, layers) as captured:
+        adapter.model(torch.tensor([item.input_ids], device=adapter.device), use_cache=False, logits_to_keep=1)
     selection = {layer: adapter.selection_distribution(captured[layer].logits.float(), layer).cpu() for layer in layers}
     if kind == "selection":
         return selection, selection
     length = len(item.input_ids)
-    return {layer: inputs[layer].reshape(length, -1).double().cpu() for layer in layers}, selection
+    return {layer: inputs[layer][-1].reshape(length, -1).double().cpu() for layer in layers}, selection
 
 
 def fingerprints(adapter, calibration: list[TargetItem], layers: list[int], kind: str) -> dict:
@@ -138,14 +146,66 @@ def nearest(vectors: torch.Tensor, centroids: torch.Tensor) -> torch.Tensor:
     return similarity.argmax(-1)
 
 
-# ---------------------------------------------------------------------------- one item
+# ---------------------------------------------------------------------------- items
 def analyse_item(adapter, scorer: WholeSequenceScorer, item: TargetItem, prints: dict, layer_sets: list[list[int]],
                  config: SemanticRouteConfig) -> dict[str, pa.Table]:
+    """The scores (natural and every arm at every layer set) and the classification of one item."""
+    return analyse_items(adapter, scorer, [item], prints, layer_sets, config)[0]
+
+
+def _item_vectors(adapter, natural, inputs: dict, layers: list[int], kind: str, size: int) -> dict:
+    """One item's token vectors [T, dim] per layer from its natural pass: the selection
+    distribution of its router logits, or its rows of the batch's MoE inputs (`inputs`,
+    recorded by `moe_inputs` during the natural forward of `size` padded rows)."""
+    if kind == "selection":
+        return {layer: adapter.selection_distribution(natural.routes[layer].logits.float(), layer).cpu()
+                for layer in layers}
+    length, padded = natural.input_ids.shape[0], natural.batch.input_ids.shape[1]
+    out = {}
+    for layer in layers:
+        # the padded batch's own call (a check may run the block again on another shape)
+        batch = next((seen for seen in inputs[layer] if seen.numel() == size * padded * seen.shape[-1]), None)
+        if batch is None:
+            raise RuntimeError(f"the MoE block of layer {layer} saw no input of the natural batch's shape "
+                               f"[{size}, {padded}, d]; seen {[tuple(seen.shape) for seen in inputs[layer]]}")
+        out[layer] = batch.reshape(size, padded, -1)[natural.row, :length].double().cpu()
+    return out
+
+
+def analyse_items(adapter, scorer: WholeSequenceScorer, items: list[TargetItem], prints: dict,
+                  layer_sets: list[list[int]], config: SemanticRouteConfig) -> list[dict[str, pa.Table]]:
+    """`analyse_item` for a group of items in one right-padded natural forward, every arm of
+    a layer set of all the items sharing the scoring passes (the same numbers as one item at
+    a time, to float rounding)."""
     layers = sorted({layer for layer_set in layer_sets for layer in layer_set})
-    natural = scorer.natural(torch.tensor(item.input_ids), layers, np.asarray(item.target_positions))
-    # selection fingerprints come from the natural pass's router logits; MoE inputs need their own hook
-    vectors = {layer: adapter.selection_distribution(natural.routes[layer].logits.float(), layer).cpu()
-               for layer in layers} if config.kind == "selection" else token_vectors(adapter, item, layers, config.kind)[0]
+    # selection fingerprints come from the natural pass's router logits; MoE inputs are recorded during it
+    with moe_inputs(adapter, layers) if config.kind == "input" else nullcontext({}) as inputs:
+        passes = scorer.natural_batch([item.input_ids for item in items], layers,
+                                      [item.target_positions for item in items])
+    routes, predicted, classification, rows = [], [], [], []
+    for item, natural in zip(items, passes):
+        vectors = _item_vectors(adapter, natural, inputs, layers, config.kind, len(items))
+        item_routes, item_predicted, item_classification = _item_routes(item, vectors, prints, layers)
+        routes.append(item_routes)
+        predicted.append(item_predicted)
+        classification.append(item_classification)
+        rows.append([_row(item, "", "natural", None, "", natural.logprobs)])
+    for layer_set in layer_sets:
+        name = layer_set_name(layer_set)
+        conditions = [_conditions(adapter, item, natural, item_routes, item_predicted, layer_set, config)
+                      for item, natural, item_routes, item_predicted in zip(items, passes, routes, predicted)]
+        scored = scorer.score_batch(passes, list(layer_set), [experts for _, experts, _ in conditions],
+                                    [weights for _, _, weights in conditions])
+        for item, item_rows, (arms, _, _), values in zip(items, rows, conditions, scored):
+            item_rows += [_row(item, name, arm, seed, label, values[c]) for c, (arm, seed, label) in enumerate(arms)]
+    return [{"scores": pa.Table.from_pylist(item_rows, schema=SCORES_SCHEMA),
+             "classification": pa.Table.from_pylist(item_classification, schema=CLASSIFICATION_SCHEMA)}
+            for item_rows, item_classification in zip(rows, classification)]
+
+
+def _item_routes(item: TargetItem, vectors: dict, prints: dict, layers: list[int]) -> tuple[dict, dict, list[dict]]:
+    """An item's expert choice per arm and layer ([T, k]; None: the oracle of a domain without
+    a fingerprint), the domain its prompt is nearest per layer, and its classification rows."""
     length, prompt = len(item.input_ids), len(item.prompt_ids)
     routes: dict[str, dict[int, torch.Tensor]] = {arm: {} for arm in ("semantic", "semantic_token", "oracle")}
     predicted: dict[int, str] = {}
@@ -162,29 +222,32 @@ def analyse_item(adapter, scorer: WholeSequenceScorer, item: TargetItem, prints:
         classification.append({"item_id": item.id, "domain": item.domain, "layer": layer, "predicted": predicted[layer],
                                "token_accuracy": float((token_domains[:prompt] == true).double().mean())
                                if true is not None else float("nan")})
-    rows = [_row(item, "", "natural", None, "", natural.logprobs)]
-    for layer_set in layer_sets:
-        name = layer_set_name(layer_set)
-        logits = {layer: natural.routes[layer].logits.reshape(length, -1).float().cpu() for layer in layer_set}
-        arms, experts = [], []
-        for arm in ("semantic", "semantic_token", "oracle"):
-            if any(routes[arm][layer] is None for layer in layer_set):
-                continue
-            arms.append((arm, None, "|".join(predicted[layer] for layer in layer_set) if arm == "semantic" else ""))
-            experts.append(torch.stack([routes[arm][layer] for layer in layer_set], dim=1))          # [T, J, k]
-        for seed in range(config.floor_seeds):
-            arms.append(("floor", seed, ""))
-            experts.append(torch.stack([torch.from_numpy(uniform_routes(length, adapter.num_experts, adapter.top_k_at(layer),
-                                                                        route_rng(config.seed, layer, item.id, seed)))
-                                        for layer in layer_set], dim=1))
-        experts = torch.stack(experts).long()                                                         # [C, T, J, k]
-        # the gating rule on each token's natural router logits, per condition and layer
-        weights = torch.stack([torch.stack([adapter.weights_for(logits[layer], experts[c, :, j]).float()
-                                            for c in range(len(arms))]) for j, layer in enumerate(layer_set)], dim=2)
-        scored = scorer.score(natural, list(layer_set), experts, weights)
-        rows += [_row(item, name, arm, seed, label, scored[c]) for c, (arm, seed, label) in enumerate(arms)]
-    return {"scores": pa.Table.from_pylist(rows, schema=SCORES_SCHEMA),
-            "classification": pa.Table.from_pylist(classification, schema=CLASSIFICATION_SCHEMA)}
+    return routes, predicted, classification
+
+
+def _conditions(adapter, item: TargetItem, natural, routes: dict, predicted: dict, layer_set: list[int],
+                config: SemanticRouteConfig) -> tuple[list, torch.Tensor, torch.Tensor]:
+    """Every arm of an item at a layer set: each row's (arm, floor seed, predicted label) and
+    experts/weights [C, T, J, k], weighted by the gating rule on the natural router logits."""
+    length = len(item.input_ids)
+    logits = {layer: natural.routes[layer].logits.reshape(length, -1).float().cpu() for layer in layer_set}
+    arms, experts = [], []
+    for arm in ("semantic", "semantic_token", "oracle"):
+        if any(routes[arm][layer] is None for layer in layer_set):
+            continue
+        arms.append((arm, None, "|".join(predicted[layer] for layer in layer_set) if arm == "semantic" else ""))
+        experts.append(torch.stack([routes[arm][layer] for layer in layer_set], dim=1))          # [T, J, k]
+    for seed in range(config.floor_seeds):
+        arms.append(("floor", seed, ""))
+        experts.append(torch.stack([torch.from_numpy(uniform_routes(length, adapter.num_experts, adapter.top_k_at(layer),
+                                                                    route_rng(config.seed, layer, item.id, seed)))
+                                    for layer in layer_set], dim=1))
+    experts = torch.stack(experts).long()                                                         # [C, T, J, k]
+    # the gating rule on each token's natural router logits, per layer for every condition at once (row by row)
+    count, k = len(arms), experts.shape[-1]
+    weights = torch.stack([adapter.weights_for(logits[layer].repeat(count, 1), experts[:, :, j].reshape(-1, k))
+                           .float().reshape(count, length, k) for j, layer in enumerate(layer_set)], dim=2)
+    return arms, experts, weights
 
 
 def _row(item: TargetItem, layer_set: str, arm: str, floor_seed, predicted: str, logprobs: np.ndarray) -> dict:
@@ -379,7 +442,8 @@ def run_semantic_routing(loaded, items: list[TargetItem], config: SemanticRouteC
         job=SemanticRoutingJob(calibration, evaluation, layers, layer_sets, config),
         summarise=lambda folder: _summary(folder, calibration, evaluation, layer_sets, config),
         extra={"model": adapter.describe(), "device": loaded.device,
-               "summary_settings": {k: getattr(config, k) for k in config.SUMMARY}},
+               "summary_settings": {k: getattr(config, k) for k in config.SUMMARY},
+               "performance": {k: getattr(config, k) for k in config.PERFORMANCE}},
         label="semantic routing", unit_weight=lambda unit: len(evaluation_chunk(evaluation, unit)),
         done_weight=lambda unit: unit["classification"].num_rows // len(layers),
         timings=lambda todo, seconds: {"chunks_scored_this_session": len(todo)})
@@ -406,7 +470,10 @@ class SemanticRoutingJob(UnitJob):
         adapter, config, results = self._loaded.adapter, self.config, []
         for unit in units:
             chunk = evaluation_chunk(self.evaluation, unit)
-            items = [analyse_item(adapter, self._scorer, item, self._prints, self.layer_sets, config) for item in chunk]
+            groups = groups_of([len(item.input_ids) for item in chunk], rows_per_item(config),
+                               self._scorer, config.group_items)
+            items = scored_in_groups(self._scorer, chunk, groups, lambda members: analyse_items(
+                adapter, self._scorer, members, self._prints, self.layer_sets, config))
             tables = {name: pa.concat_tables([item[name] for item in items]) for name in ("scores", "classification")}
             tables["fingerprints"] = pa.Table.from_pylist(fingerprint_rows(self._prints) if unit == 0 else [],
                                                           schema=FINGERPRINTS_SCHEMA)
@@ -420,7 +487,13 @@ class SemanticRoutingJob(UnitJob):
 
     def checks(self) -> dict:
         largest, mean = self._scorer.deviation.largest
-        return {"natural_route_max_abs_logprob_diff": largest, "natural_route_mean_abs_logprob_diff": mean}
+        return {"natural_route_max_abs_logprob_diff": largest, "natural_route_mean_abs_logprob_diff": mean,
+                **batching_checks(self._scorer, "item", self.config.group_items)}
+
+
+def rows_per_item(config: SemanticRouteConfig) -> int:
+    """Scored rows of an item at one layer set: the natural-route check, three arms, the floor seeds."""
+    return 1 + 3 + config.floor_seeds
 
 
 def evaluation_chunk(evaluation: list[TargetItem], unit: int) -> list[TargetItem]:

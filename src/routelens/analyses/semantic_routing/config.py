@@ -51,9 +51,12 @@ class SemanticRouteConfig:
     alpha: float = setting(0.05, help="FDR level")
     bootstrap_resamples: int = setting(2000, parse="positive_int", help="bootstrap resamples")
     memory_budget: int = setting(2 * 2**30, parse="memory", help="memory for one batch of forced routes, e.g. 8GiB")
+    group_items: int = setting(4, parse="positive_int",
+                               help="evaluation items of similar length sharing one forward and its scoring passes, at "
+                                    "most (1: one item at a time; on CPU 4 is fastest, larger groups pad more)")
 
     SUMMARY = ("alpha", "bootstrap_resamples", "score")
-    PERFORMANCE = ("memory_budget",)
+    PERFORMANCE = ("memory_budget", "group_items")
 
     def __post_init__(self) -> None:
         one_of("score", self.score, tuple(SCORES))
@@ -73,6 +76,7 @@ class SemanticRouteConfig:
         fraction("alpha", self.alpha)
         at_least("bootstrap_resamples", self.bootstrap_resamples, 1)
         at_least("memory_budget", self.memory_budget, 1)
+        at_least("group_items", self.group_items, 1)
 
     def identity(self) -> dict:
         return {k: v for k, v in asdict(self).items() if k not in self.SUMMARY + self.PERFORMANCE}
