@@ -1,6 +1,7 @@
 """`routelens demo` of two source trees, side by side: wall time and summaries.
 
     .venv/bin/python benchmarks/demo_speed.py --base /tmp/base/src --new src --repeat 3 --out demo_speed.json
+    .venv/bin/python benchmarks/demo_speed.py --base b0e0b86 --new src --repeat 3      # a commit: its src/ extracted
 
 Each source tree's demo (`python -m routelens demo --no-progress --out <fresh folder>`, the
 tree first on PYTHONPATH, everything else as in this interpreter) runs `--repeat` times in
@@ -89,9 +90,23 @@ def phases(folder: str) -> dict:
     return out
 
 
+def source_of_commit(commit: str) -> str | None:
+    """The src/ folder of `commit` of this repository, extracted into a temporary folder
+    (None where `commit` is not one)."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    found = subprocess.run(["git", "rev-parse", "--verify", "--quiet", f"{commit}^{{commit}}"], cwd=root,
+                           capture_output=True, text=True)
+    if found.returncode:
+        return None
+    folder = tempfile.mkdtemp(prefix=f"demo-speed-{commit[:12]}-")
+    archive = subprocess.run(["git", "archive", found.stdout.strip(), "src"], cwd=root, capture_output=True, check=True)
+    subprocess.run(["tar", "-x", "-C", folder], input=archive.stdout, check=True)
+    return os.path.join(folder, "src")
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--base", required=True, help="source tree of the previous release (the folder holding routelens/)")
+    parser.add_argument("--base", required=True, help="source tree of the previous release (holding routelens/), or a git commit")
     parser.add_argument("--new", required=True, help="source tree to compare (the folder holding routelens/)")
     parser.add_argument("--repeat", type=int, default=2, help="runs per tree, alternating (default 2; 3 for medians)")
     parser.add_argument("--out", default=None, help="write everything as JSON here")
@@ -99,6 +114,10 @@ def main() -> int:
     parser.add_argument("--phases", action="store_true", help="also print each run's timings from its run.json files")
     parser.add_argument("demo_args", nargs="*", help="after --: extra arguments for `routelens demo`")
     args = parser.parse_args()
+    for name in ("base", "new"):   # a git commit stands for its src/ tree, extracted once
+        value = getattr(args, name)
+        if not os.path.isdir(value):
+            setattr(args, name, source_of_commit(value) or value)
     for name in ("base", "new"):
         if not os.path.isdir(os.path.join(getattr(args, name), "routelens")):
             parser.error(f"--{name} {getattr(args, name)}: no routelens/ package there")

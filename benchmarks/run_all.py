@@ -67,6 +67,14 @@ STEPS = {
     "isolation-batching": (
         "expert isolation one item at a time against items grouped",
         ["benchmarks/isolation_batching.py", "--repeats", "3"], "isolation-batching-demo-cpu.json", False),
+    "semantic-graft-batching": (
+        "semantic routing and graft evaluation one item at a time against items grouped",
+        ["benchmarks/semantic_graft_batching.py", "--threads", "1", "--repeats", "5", "--groups", "1,4,16"],
+        "semantic-graft-batching-demo-cpu.json", False),
+    "demo-speed": (
+        "`routelens demo` of this tree against the state before issue 31 (commit b0e0b86), alternating, summaries compared",
+        ["benchmarks/demo_speed.py", "--base", "b0e0b86", "--new", "src", "--repeat", "3"],
+        "demo-speed-cpu.json", False),
     "low-precision": (
         "bf16 noise, calibrated tolerances and route flips on three model shapes",
         ["benchmarks/low_precision.py"], "low-precision-cpu.json", False),

@@ -11,7 +11,7 @@ value (`group_items`: items sharing one right-padded natural forward and their s
 passes; 1 is one item at a time, as before grouping), the values interleaved within each
 repetition so that load on the machine falls on all of them alike. Semantic routing is
 timed without its generation arms (`accuracy` off: greedy answers were already generated
-in batches), after its calibration; graft evaluation is the in-memory evaluation of a
+in batches), its calibration included (about a second on the demo); graft evaluation is the in-memory evaluation of a
 self-graft (`--experts`), the grafted folder not written. Prints, per analysis and value:
 the median wall seconds over `--repeats`, every repetition's, the median CPU seconds of
 the process, the ratio of the first value's
