@@ -103,6 +103,42 @@ def startup_table() -> list[str]:
     return lines
 
 
+def demo_speed_table() -> list[str]:
+    """`benchmarks/demo_speed.py`: the demo of this tree against an earlier one, alternating."""
+    lines = []
+    for path in sorted(glob.glob(os.path.join(FOLDER, "demo-speed-*.json"))):
+        record = _rows(path)[0]
+        command = " ".join(["python", *record["command"]]) if isinstance(record["command"], list) else record["command"]
+        lines += ["", f"## `routelens demo`, this tree against an earlier one (`{command}`)", "",
+                  f"{record['date']}, {record['machine']['platform']}, {record['machine']['cpus']} cores. Runs "
+                  "alternate between the trees; each starts from an empty folder.", "",
+                  "| tree | runs s | load average before each | median s |", "| --- | --- | --- | --- |"]
+        for name in ("base", "new"):
+            runs = record["runs"][name]
+            seconds = ", ".join(f"{run['seconds']:.1f}" for run in runs)
+            loads = ", ".join(f"{run['load_before'][0]:.2f}" for run in runs)
+            lines.append(f"| {name} | {seconds} | {loads} | {record['median_seconds'][name]:.1f} |")
+        equal = ", ".join(f"{name} {'equal' if c['equal'] else 'differs'}" for name, c in record["summaries"].items())
+        lines += ["", f"base / new = **{record['ratio_base_over_new']:.2f}x**; summary.json of the first runs: {equal}."]
+    return lines
+
+
+def batching_table() -> list[str]:
+    """`benchmarks/semantic_graft_batching.py`: items one at a time against items grouped."""
+    lines = []
+    for path in sorted(glob.glob(os.path.join(FOLDER, "semantic-graft-batching-*.json"))):
+        record = _rows(path)[0]
+        lines += ["", f"## Semantic routing and graft evaluation, grouped (`python {record['command']}`)", "",
+                  f"{record['date']}, {record['machine']['platform']}, torch threads "
+                  f"{record['machine']['torch_threads']}; medians, the group sizes interleaved in each repetition.", "",
+                  "| analysis | items per group | median s | speed-up over 1 | last-layer passes | max score diff |",
+                  "| --- | --- | --- | --- | --- | --- |"]
+        lines += [f"| {row['analysis']} | {row['group_items']} | {row['median_seconds']:.2f} | "
+                  f"{row['speedup_over_first']:.2f} | {row['last_layer_passes']} | "
+                  f"{row['max_abs_score_diff_from_first']:.1e} |" for row in record["rows"]]
+    return lines
+
+
 def run_all_section() -> list[str]:
     """The steps `benchmarks/run_all.py` ran: command, file, seconds, the machine's load
     before it, and the machine and versions; then the GPU steps, ready to run."""
@@ -204,8 +240,8 @@ def index() -> list[str]:
 
 
 def page() -> str:
-    sections = (run_all_section() + fresh_clone_table() + startup_table() + [""] + engine_table() + low_precision_table()
-                + llama_cpp_table() + index())
+    sections = (run_all_section() + fresh_clone_table() + startup_table() + demo_speed_table() + batching_table()
+                + [""] + engine_table() + low_precision_table() + llama_cpp_table() + index())
     return HEADER + "\n".join(sections) + "\n"
 
 

@@ -297,13 +297,17 @@ class FastEngine:
         slot[pair_token, pair_expert] = torch.arange(len(pair_token), device=x.device)
         ones = torch.ones(len(pair_token), 1, dtype=x.dtype, device=x.device)
         table = self.adapter.experts(layer)(x[pair_token], pair_expert[:, None], ones)   # [U, d]
-        columns = slot[rows[:, None], both]                                               # [M, 2k]
-        coefficients = torch.cat([weights.float(), -std_weights.float()], dim=1)
-        width = both.shape[1]
-        crow = torch.arange(0, len(rows) * width + 1, width, device=x.device)
+        # each row's net coefficient per expert: an expert in both sets at the same weight cancels
+        # exactly, so a route equal to the standard one gets a delta of exactly 0 (ties stay ties)
+        net = torch.zeros(len(rows), num_experts, dtype=torch.float32, device=x.device)
+        net.scatter_add_(1, experts, weights.float())
+        net.scatter_add_(1, std_experts, -std_weights.float())
+        row, expert = net.nonzero(as_tuple=True)                                          # row-major order
+        crow = torch.zeros(len(rows) + 1, dtype=torch.long, device=x.device)
+        crow[1:] = torch.bincount(row, minlength=len(rows)).cumsum(0)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")   # torch's one-time "CSR support is in beta" notice
-            matrix = torch.sparse_csr_tensor(crow, columns.reshape(-1), coefficients.reshape(-1),
+            matrix = torch.sparse_csr_tensor(crow, slot[rows[row], expert], net[row, expert],
                                              (len(rows), len(pair_token)), check_invariants=False)
         return self.adapter.routed_scale(layer) * (matrix @ table.float())
 
