@@ -506,6 +506,14 @@ class FastEngine:
                 is_standard = torch.tensor([r == 0 for _, r in block], device=device)[row_of]
                 outputs = self._layer_outputs(first, recorded, flat_rows, experts[:, 0], weights[:, 0], is_standard)
                 slots = max(len(items[b].positions) for b, _ in block)
+                if first == self.adapter.num_layers - 1:
+                    # the last layer: nothing above it mixes positions, so each row's output goes
+                    # straight to the final norm (no [rows, T, d] states to build and read back)
+                    final = self.adapter.final_norm(outputs)
+                    logprobs = target_log_probs(self.adapter, final, input_ids[sources[row_of].cpu(), pos_of.cpu() + 1],
+                                                self.memory_budget)
+                    self._store(results, block, items, logprobs)
+                    continue
                 if slots < self.GATHER_BELOW * length:
                     # the suffix carries each row's scored positions only: a position's perturbed states
                     # depend on no other perturbed position, so the unscored ones (and padding) are dropped
@@ -523,13 +531,19 @@ class FastEngine:
                 final = final[row_of.to(final.device), column_of.to(final.device)]            # [N, d]
                 targets = input_ids[sources[row_of].cpu(), pos_of.cpu() + 1]
                 logprobs = target_log_probs(self.adapter, final, targets, self.memory_budget)
-                offset = 0
-                for b, r in block:
-                    count = len(items[b].positions)
-                    results[b][:, r] = logprobs[offset: offset + count]
-                    offset += count
+                self._store(results, block, items, logprobs)
         self._check_standard_route(items, results, recorded, input_ids)   # route 0 is in every batch
         return results
+
+    @staticmethod
+    def _store(results: list[np.ndarray], block: list[tuple[int, int]], items: list[ScoreItem],
+               logprobs: np.ndarray) -> None:
+        """Put a chunk's log-probs (its pairs' scored positions in turn) into each item's [P, R]."""
+        offset = 0
+        for b, r in block:
+            count = len(items[b].positions)
+            results[b][:, r] = logprobs[offset: offset + count]
+            offset += count
 
     GATHER_BELOW = 0.75   # carry only the scored positions when they are fewer than this share of the padded length
 
