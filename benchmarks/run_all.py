@@ -38,7 +38,7 @@ PY = "python"   # shown in the page; run with this interpreter
 STEPS = {
     "engines-demo-T256": (
         "fast engine against the floor, the cache and reference engines: demo model, every MoE layer, T = 256",
-        ["benchmarks/engines.py", "--models", "demo", "--layers", "0,1,2,3", "--tokens", "256", "--repeat", "3",
+        ["benchmarks/engines.py", "--models", "demo", "--layers", "0,1,2,3", "--tokens", "256", "--repeat", "5",
          "--reference-stride", "4"], "bench-cpu-demo-T256.json", False),
     "engines-demo-T1024": (
         "the same at T = 1024 (reference on every 32nd position, cache on every 8th, scaled)",

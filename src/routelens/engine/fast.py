@@ -269,12 +269,21 @@ class FastEngine:
         expert output E_e(x_t) is computed once; a route's block output is the standard one
         minus the standard experts' weighted outputs plus the route's."""
         x, block_out = recorded["x"], recorded["block_out"]
+        moved = torch.nonzero(~is_standard).flatten()
+        delta = (self._route_deltas(layer, x, recorded["route"], rows[moved], experts[moved], weights[moved])
+                 .to(block_out.dtype) if len(moved) else None)
+        checking = self.block_check.left(layer, len(moved)) > 0
+        if recorded["block_norm"] is None and recorded["out_norm"] is None and not checking:
+            # a linear layout: the layer's output moves by scale x delta from the natural one (route 0
+            # keeps it exactly), so nothing else of [N, d] is recomputed
+            out = recorded["natural_out"].reshape(-1, x.shape[-1])[rows]
+            if delta is not None:
+                out.index_add_(0, moved, delta if recorded["scale"] == 1 else recorded["scale"] * delta)
+            return out
         h_mid = recorded["h_mid"].reshape(-1, x.shape[-1])
         routed = block_out[rows]                                   # route 0: as the model made it
-        moved = torch.nonzero(~is_standard).flatten()
-        if len(moved):
-            delta = self._route_deltas(layer, x, recorded["route"], rows[moved], experts[moved], weights[moved])
-            routed[moved] += delta.to(routed.dtype)
+        if delta is not None:
+            routed.index_add_(0, moved, delta)
         routed = self._block_result(recorded, routed)
         self._check_block_algebra(layer, x, rows, experts, weights, routed, is_standard)
         beside = recorded["beside"][rows] if torch.is_tensor(recorded["beside"]) else recorded["beside"]
