@@ -272,13 +272,18 @@ class FastEngine:
         moved = torch.nonzero(~is_standard).flatten()
         delta = (self._route_deltas(layer, x, recorded["route"], rows[moved], experts[moved], weights[moved])
                  .to(block_out.dtype) if len(moved) else None)
-        checking = self.block_check.left(layer, len(moved)) > 0
-        if recorded["block_norm"] is None and recorded["out_norm"] is None and not checking:
+        if recorded["block_norm"] is None and recorded["out_norm"] is None:
             # a linear layout: the layer's output moves by scale x delta from the natural one (route 0
-            # keeps it exactly), so nothing else of [N, d] is recomputed
+            # keeps it exactly), so nothing else of [N, d] is recomputed; the same arithmetic whether
+            # or not this chunk is one the block check looks at (results must not depend on which)
             out = recorded["natural_out"].reshape(-1, x.shape[-1])[rows]
             if delta is not None:
                 out.index_add_(0, moved, delta if recorded["scale"] == 1 else recorded["scale"] * delta)
+            if self.block_check.left(layer, len(moved)) > 0:
+                routed = block_out[rows]
+                if delta is not None:
+                    routed.index_add_(0, moved, delta)
+                self._check_block_algebra(layer, x, rows, experts, weights, routed, is_standard)
             return out
         h_mid = recorded["h_mid"].reshape(-1, x.shape[-1])
         routed = block_out[rows]                                   # route 0: as the model made it
