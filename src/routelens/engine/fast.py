@@ -272,6 +272,11 @@ class FastEngine:
         moved = torch.nonzero(~is_standard).flatten()
         delta = (self._route_deltas(layer, x, recorded["route"], rows[moved], experts[moved], weights[moved])
                  .to(block_out.dtype) if len(moved) else None)
+
+        def routed_blocks() -> torch.Tensor:   # each row's block output (route 0: as the model made it)
+            routed = block_out[rows]
+            return routed if delta is None else routed.index_add_(0, moved, delta)
+
         if recorded["block_norm"] is None and recorded["out_norm"] is None:
             # a linear layout: the layer's output moves by scale x delta from the natural one (route 0
             # keeps it exactly), so nothing else of [N, d] is recomputed; the same arithmetic whether
@@ -280,16 +285,10 @@ class FastEngine:
             if delta is not None:
                 out.index_add_(0, moved, delta if recorded["scale"] == 1 else recorded["scale"] * delta)
             if self.block_check.left(layer, len(moved)) > 0:
-                routed = block_out[rows]
-                if delta is not None:
-                    routed.index_add_(0, moved, delta)
-                self._check_block_algebra(layer, x, rows, experts, weights, routed, is_standard)
+                self._check_block_algebra(layer, x, rows, experts, weights, routed_blocks(), is_standard)
             return out
         h_mid = recorded["h_mid"].reshape(-1, x.shape[-1])
-        routed = block_out[rows]                                   # route 0: as the model made it
-        if delta is not None:
-            routed.index_add_(0, moved, delta)
-        routed = self._block_result(recorded, routed)
+        routed = self._block_result(recorded, routed_blocks())
         self._check_block_algebra(layer, x, rows, experts, weights, routed, is_standard)
         beside = recorded["beside"][rows] if torch.is_tensor(recorded["beside"]) else recorded["beside"]
         return recorded["keep"] * h_mid[rows] + recorded["scale"] * self._mlp_output(recorded, routed + beside)

@@ -83,13 +83,15 @@ class MidLayer:
 
     def output(self, adapter: MoEAdapter, layer: int, sources: torch.Tensor) -> torch.Tensor:
         """Layer l's output for rows `sources` of the batch under the routes in force."""
-        x = self.x.index_select(0, sources)
-        block = adapter.block_output(adapter.moe_block(layer)(x))
-        block = block.reshape(*x.shape[:-1], block.shape[-1])   # some blocks return flat [rows * T, d]
+        block = adapter.block_output(adapter.moe_block(layer)(self.x.index_select(0, sources)))
         beside = self.beside.index_select(0, sources) if torch.is_tensor(self.beside) else self.beside
-        mixed = block + beside
+        return self.combine(self.h_mid.index_select(0, sources), block, beside)
+
+    def combine(self, h_mid: torch.Tensor, block: torch.Tensor, beside: torch.Tensor | float) -> torch.Tensor:
+        """The layer's output from its pieces [rows, T, d] (the block's may come flat, [rows * T, d])."""
+        mixed = block.reshape(*h_mid.shape[:-1], block.shape[-1]) + beside
         mixed = mixed if self.out_norm is None else self.out_norm(mixed)
-        return self.keep * self.h_mid.index_select(0, sources) + self.scale * mixed
+        return self.keep * h_mid + self.scale * mixed
 
 
 @contextmanager
@@ -204,9 +206,7 @@ class WholeSequenceScorer:
         rows = mid.h_mid.shape[:-1]   # [B, T]: every piece is indexed by batch row
         if mid.x.shape[:-1] != rows or (torch.is_tensor(mid.beside) and mid.beside.shape[:-1] != rows):
             return None
-        mixed = store["block"].reshape(*rows, -1) + mid.beside
-        mixed = mixed if mid.out_norm is None else mid.out_norm(mixed)
-        recombined = mid.keep * mid.h_mid + mid.scale * mixed
+        recombined = mid.combine(mid.h_mid, store["block"], mid.beside)
         close = 1e-5 if recombined.dtype in (torch.float32, torch.float64) else 1e-2   # one add, rounded once
         layer_out = store["layer_out"]
         if recombined.shape != layer_out.shape or not torch.allclose(recombined, layer_out, rtol=close, atol=close):
