@@ -7,8 +7,8 @@ Each source tree's demo (`python -m routelens demo --no-progress --out <fresh fo
 tree first on PYTHONPATH, everything else as in this interpreter) runs `--repeat` times in
 its own subprocess, alternating base, new, base, new, ... so that a change in the load of
 the machine falls on both alike. Every run starts from an empty folder (trajectories are
-sampled again, nothing is resumed). Prints each run's wall seconds and the load average
-before it, the median per tree and the ratio of medians base / new (above 1: new is
+sampled again, nothing is resumed). Prints each run's wall seconds, peak resident memory and the load
+average before it, the median per tree and the ratio of medians base / new (above 1: new is
 faster); then compares the summary.json of each run folder (counterfactual, rollout,
 isolation) between the trees' first runs: equal, or the keys whose values differ with the
 largest numeric difference. Exits 1 when a demo fails, or with `--strict` when a summary
@@ -35,17 +35,23 @@ VOLATILE = {"timings", "seconds", "elapsed", "elapsed_seconds", "wall_seconds"}
 
 
 def run_demo(source: str, folder: str, extra: list[str]) -> dict:
-    """One demo of the tree `source` into `folder`/run: its wall seconds, exit code, load before."""
+    """One demo of the tree `source` into `folder`/run: its wall seconds, exit code, load
+    before, and the child's peak resident memory (os.wait4's rusage: that child alone)."""
     env = {**os.environ, "PYTHONPATH": os.path.abspath(source)}
     load = os.getloadavg()
+    out_path, err_path = os.path.join(folder, "stdout.log"), os.path.join(folder, "stderr.log")
     started = time.perf_counter()
-    done = subprocess.run([sys.executable, "-m", "routelens", "demo", "--no-progress", "--out",
-                           os.path.join(folder, "run"), *extra], cwd=folder, env=env, capture_output=True, text=True)
+    with open(out_path, "w") as stdout, open(err_path, "w") as stderr:
+        child = subprocess.Popen([sys.executable, "-m", "routelens", "demo", "--no-progress", "--out",
+                                  os.path.join(folder, "run"), *extra], cwd=folder, env=env, stdout=stdout, stderr=stderr)
+        _, status, usage = os.wait4(child.pid, 0)
     seconds = time.perf_counter() - started
-    with open(os.path.join(folder, "demo.log"), "w") as log:
-        log.write(done.stdout + "\n--- stderr ---\n" + done.stderr)
-    return {"source": source, "folder": folder, "seconds": seconds, "returncode": done.returncode,
-            "load_before": list(load), "stderr_tail": done.stderr[-2000:] if done.returncode else ""}
+    child.returncode = returncode = os.waitstatus_to_exitcode(status)
+    with open(err_path) as handle:
+        stderr_text = handle.read()
+    return {"source": source, "folder": folder, "seconds": seconds, "returncode": returncode,
+            "load_before": list(load), "max_rss_mb": round(usage.ru_maxrss / 1024, 1),   # Linux: KiB
+            "stderr_tail": stderr_text[-2000:] if returncode else ""}
 
 
 def summaries(folder: str) -> dict:
@@ -140,7 +146,8 @@ def main() -> int:
                 if args.phases:
                     result["phases"] = phases(folder)
                 runs[name].append(result)
-                print(f"{name} run {repeat + 1}: {result['seconds']:.1f} s (exit {result['returncode']}; load average "
+                print(f"{name} run {repeat + 1}: {result['seconds']:.1f} s, peak {result['max_rss_mb']:.0f} MB "
+                      f"(exit {result['returncode']}; load average "
                       f"before {result['load_before'][0]:.2f} {result['load_before'][1]:.2f} {result['load_before'][2]:.2f})",
                       flush=True)
                 if result["returncode"]:
@@ -149,8 +156,10 @@ def main() -> int:
                     print(json.dumps(result["phases"]), flush=True)
         medians = {name: statistics.median(r["seconds"] for r in rs) for name, rs in runs.items()}
         ratio = medians["base"] / medians["new"]
+        memory = {name: statistics.median(r["max_rss_mb"] for r in rs) for name, rs in runs.items()}
         print(f"median base {medians['base']:.1f} s, new {medians['new']:.1f} s: base / new = {ratio:.2f}x "
-              f"({args.repeat} runs each, alternating)")
+              f"({args.repeat} runs each, alternating); median peak memory base {memory['base']:.0f} MB, "
+              f"new {memory['new']:.0f} MB")
         compared, failed = {}, any(r["returncode"] for rs in runs.values() for r in rs)
         base_summaries, new_summaries = (summaries(runs[name][0]["folder"]) for name in ("base", "new"))
         for name in RUNS:
@@ -171,6 +180,7 @@ def main() -> int:
                 json.dump({"command": sys.argv, "machine": {"platform": platform.platform(), "cpus": os.cpu_count(),
                                                             "python": platform.python_version()},
                            "date": time.strftime("%Y-%m-%d %H:%M:%S"), "runs": runs, "median_seconds": medians,
+                           "median_max_rss_mb": memory,
                            "ratio_base_over_new": ratio, "summaries": compared}, handle, indent=2)
         return 1 if failed else 0
     finally:

@@ -5,6 +5,7 @@ import time
 import pytest
 import torch
 
+from routelens.allocator import keep_freed_memory
 from routelens.models import SUPPORTED, adapter_for
 from routelens.models.tiny import build_tiny_model
 
@@ -14,6 +15,7 @@ FAMILIES = SUPPORTED   # every family the registry serves runs every per-family 
 # under pytest-xdist, the workers share the cores: one torch thread each
 _WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1) // _WORKERS))
+keep_freed_memory()   # as every `routelens` command does: large tensors reuse freed memory
 
 
 def _measure_timeout_factor() -> float:

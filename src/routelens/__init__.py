@@ -41,6 +41,7 @@ _EXPORTS = {
     "TargetItem": "routelens.data.target_items",
     "RouteLensError": "routelens.errors", "SettingError": "routelens.errors", "OverrideNotApplied": "routelens.errors",
     "register_family": "routelens.models.registry",
+    "keep_freed_memory": "routelens.allocator",
 }
 
 __all__ = ["__version__", *_EXPORTS]

@@ -21,6 +21,7 @@ import sys
 import threading
 
 from routelens import __version__
+from routelens.allocator import keep_freed_memory
 from routelens.cli.parsing import OneLineParser
 from routelens.errors import RouteLensError, RuntimeCheckFailed, SettingError
 
@@ -93,6 +94,7 @@ def _run(module, args) -> int:
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     if "transformers" in sys.modules:
         sys.modules["transformers"].utils.logging.disable_progress_bar()
+    keep_freed_memory()   # large tensors reuse freed heap blocks instead of page-faulting fresh ones
     try:
         check_outputs_apart_from_inputs(args)   # every command, before any model loads or folder is made
         return module.run(args)

@@ -35,6 +35,7 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from routelens.allocator import allocator_state
 from routelens.errors import RouteLensError, SettingError
 from routelens.results.paths import (
     check_apart_from_inputs,
@@ -86,6 +87,7 @@ def provenance() -> dict:
         "platform": platform.platform(),
         "git": _git_hash(),
         "command": sys.argv,
+        "allocator": allocator_state(),
     }
 
 
