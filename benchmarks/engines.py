@@ -44,6 +44,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, DynamicCache
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "src"))
 
+from routelens.allocator import allocator_state, keep_freed_memory  # noqa: E402
 from routelens.analyses.counterfactual.analysis import CounterfactualConfig, build_routes  # noqa: E402
 from routelens.data.trajectories import Trajectory  # noqa: E402
 from routelens.engine import CacheEngine, FastEngine, ReferenceEngine, ScoreItem  # noqa: E402
@@ -240,9 +241,12 @@ def main() -> None:
     parser.add_argument("--repeat", type=int, default=3, help="rounds of every method in turn; medians are reported")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     parser.add_argument("--out", default=None, help="also write the rows as JSON")
+    parser.add_argument("--system-malloc", action="store_true",
+                        help="leave malloc as it is (default: rl.keep_freed_memory(), as every routelens command does)")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
+    allocator = keep_freed_memory() if not args.system_malloc else allocator_state()   # as the commands run
     rows = []
     for name in args.models.split(","):
         adapter = build(name, args.device, args.dtype)
@@ -279,6 +283,7 @@ def main() -> None:
             cache_s *= len(routes.positions) / len(strided.positions)
             row = {"model": name, "layer": layer, "T": args.tokens, "S": args.routes, "device": args.device,
                    "dtype": args.dtype, "threads": torch.get_num_threads(), "repeat": args.repeat,
+                   "allocator": allocator["malloc"],
                    "served_by": "cache" if layer in engine.cache_layers else "fast",
                    "fast_s": fast_s, "cache_s": cache_s, "cache_scaled_from_positions": len(strided.positions),
                    "floor_s": floor_s, "fast_runs_s": fast_all, "floor_runs_s": floor_all,
