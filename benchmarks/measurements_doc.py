@@ -112,12 +112,15 @@ def demo_speed_table() -> list[str]:
         lines += ["", f"## `routelens demo`, this tree against an earlier one (`{command}`)", "",
                   f"{record['date']}, {record['machine']['platform']}, {record['machine']['cpus']} cores. Runs "
                   "alternate between the trees; each starts from an empty folder.", "",
-                  "| tree | runs s | load average before each | median s |", "| --- | --- | --- | --- |"]
+                  "| tree | runs s | load average before each | median s | median peak memory MB |",
+                  "| --- | --- | --- | --- | --- |"]
         for name in ("base", "new"):
             runs = record["runs"][name]
             seconds = ", ".join(f"{run['seconds']:.1f}" for run in runs)
             loads = ", ".join(f"{run['load_before'][0]:.2f}" for run in runs)
-            lines.append(f"| {name} | {seconds} | {loads} | {record['median_seconds'][name]:.1f} |")
+            memory = record.get("median_max_rss_mb", {}).get(name)   # recorded since the allocator change
+            lines.append(f"| {name} | {seconds} | {loads} | {record['median_seconds'][name]:.1f} | "
+                         f"{'not recorded' if memory is None else f'{memory:.0f}'} |")
         equal = ", ".join(f"{name} {'equal' if c['equal'] else 'differs'}" for name, c in record["summaries"].items())
         lines += ["", f"base / new = **{record['ratio_base_over_new']:.2f}x**; summary.json of the first runs: {equal}."]
     return lines

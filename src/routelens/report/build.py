@@ -5,11 +5,11 @@ tables, summary.json and run.json; nothing is recomputed but the figures."""
 from __future__ import annotations
 
 import importlib
-import io
 import os
 
 from routelens.errors import RouteLensError
-from routelens.report.page import document, figure_html, key_values, render_png
+from routelens.report.page import document, figure_html, key_values
+from routelens.report.rendering import render_figures, workers
 from routelens.results.paths import check_out_file, write_bytes_atomic, write_output
 from routelens.results.run_folder import claim_in_run, write_text_atomic
 from routelens.results.stored import REBUILD, StoredRun
@@ -48,14 +48,11 @@ def p_at_floor(p_value: float, n: int) -> str:
 def figures_html(run_dir: str, figures: list) -> str:
     """The figures as HTML, also written to RUN_DIR/figures/ (PNG and SVG, listed in the run's run.json)."""
     parts = []
-    for figure in figures:
+    for figure, (png_bytes, svg_text) in zip(figures, render_figures(figures)):
         png, svg = (os.path.join("figures", figure.name + suffix) for suffix in (".png", ".svg"))
         claim_in_run(run_dir, [png, svg])
-        png_bytes = render_png(figure)
         write_bytes_atomic(os.path.join(run_dir, png), png_bytes)
-        buffer = io.StringIO()
-        figure.figure.savefig(buffer, format="svg")
-        write_text_atomic(os.path.join(run_dir, svg), buffer.getvalue())
+        write_text_atomic(os.path.join(run_dir, svg), svg_text)
         parts.append(figure_html(figure, png_bytes))
     return "\n".join(parts)
 
@@ -103,6 +100,7 @@ def build_report(run_dirs: list[str], out: str | None = None, overwrite: bool = 
                                  "give each run folder once")
         seen[os.path.realpath(run_dir)] = run_dir
     runs = [(run_dir, _run(run_dir)) for run_dir in run_dirs]   # every folder checked before any work
+    workers(2)   # and ROUTELENS_REPORT_WORKERS
     in_run = out is None and len(run_dirs) == 1
     if in_run:
         out = os.path.join(run_dirs[0], "report.html")

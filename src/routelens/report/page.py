@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import base64
 import html
-import io
 import json
 
 CSP = "default-src 'none'; img-src data:; style-src 'unsafe-inline'"
@@ -78,12 +77,6 @@ def figure_html(figure, png: bytes) -> str:
     return (f'<figure id="fig-{esc(figure.name)}"><img alt="{esc(figure.title)}" src="data:image/png;base64,{data}">'
             f"<figcaption><b>{esc(figure.title)}.</b> {esc(figure.caption)} "
             f"(files: figures/{esc(figure.name)}.png, .svg)</figcaption></figure>")
-
-
-def render_png(figure) -> bytes:
-    buffer = io.BytesIO()
-    figure.figure.savefig(buffer, format="png", dpi=110)
-    return buffer.getvalue()
 
 
 def document(title: str, body: str) -> str:
