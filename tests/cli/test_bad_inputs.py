@@ -235,7 +235,12 @@ CASES = {
                                            "--out", str(w.root / "sr2")], "expected layer sets such as '3;0,1,2,3'"),
     "semantic_dense_layer": (lambda w: ["semantic-route", "--model", "tiny:qwen2_moe", "--items", w.items,
                                         "--layer-sets", "1", "--out", str(w.root / "sr3")], "layer 1 is a dense layer"),
+    "semantic_group_items_zero": (lambda w: ["semantic-route", "--model", "demo", "--group-items", "0",
+                                             "--out", str(w.root / "sr4")], "argument --group-items: expected a positive integer, got 0"),
     # ---- graft
+    "graft_group_items_zero": (lambda w: ["graft", "--recipient", w.model, "--donor", w.model, "--experts", "0:1=0:2",
+                                          "--group-items", "0", "--out", str(w.root / "g4")],
+                               "argument --group-items: expected a positive integer, got 0"),
     "graft_other_family": (lambda w: ["graft", "--recipient", w.model, "--donor", "tiny:qwen3_moe", "--experts", "0:1=0:1",
                                       "--out", str(w.root / "g1")], "grafting copies an expert between models of one family"),
     "graft_bad_map": (lambda w: ["graft", "--recipient", w.model, "--donor", w.model, "--experts", "0:1",
@@ -261,6 +266,7 @@ CASES = {
     # ---- Ray (--ray without Ray installed: tests/runs/test_ray.py)
     "workers_without_ray": (lambda w: _cf(w, "--workers", "4"), "--workers needs --ray (local, auto or a cluster address)"),
     "ray_blank_address": (lambda w: _iso(w, "--ray", " "), "--ray takes local, auto or a cluster address"),
+    "check_rows_zero": (lambda w: _cf(w, "--check-rows", "0"), "argument --check-rows: expected a positive integer, got 0"),
     "isolate_group_items_zero": (lambda w: _iso(w, "--group-items", "0"), "argument --group-items: expected a positive integer, got 0"),
     "ray_negative_gpus": (lambda w: _rollout(w, "--ray", "local", "--gpus-per-worker", "-1"),
                           "--gpus-per-worker must be 0 or more, got -1.0"),
