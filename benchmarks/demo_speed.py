@@ -36,7 +36,8 @@ VOLATILE = {"timings", "seconds", "elapsed", "elapsed_seconds", "wall_seconds"}
 
 def run_demo(source: str, folder: str, extra: list[str]) -> dict:
     """One demo of the tree `source` into `folder`/run: its wall seconds, exit code, load
-    before, and the child's peak resident memory (os.wait4's rusage: that child alone)."""
+    before, and the child's peak resident memory (os.wait4's rusage: the child and any
+    process it waited for, the largest of them)."""
     env = {**os.environ, "PYTHONPATH": os.path.abspath(source)}
     load = os.getloadavg()
     out_path, err_path = os.path.join(folder, "stdout.log"), os.path.join(folder, "stderr.log")

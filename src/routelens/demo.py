@@ -51,10 +51,12 @@ def run_demo(out: str = os.path.join("runs", "demo"), *, device: str = "auto", d
     from routelens.config import positive
     from routelens.lens import load
     from routelens.report.build import build_report
+    from routelens.report.rendering import workers as report_workers
 
     # bad settings fail before the model loads or `out` is made
     CounterfactualConfig(**{"layers": layers, "seed": seed, **counterfactual_options})
     positive("temperature", temperature)
+    report_workers(2)   # ROUTELENS_REPORT_WORKERS, checked before the runs rather than at their report
     lens = load("demo", device, dtype, device_map=device_map, experts_implementation=experts_implementation)
     os.makedirs(out, exist_ok=True)
     trajectories = _demo_trajectories(lens, out, problems, samples_per_problem, temperature, seed, show_progress)

@@ -369,6 +369,9 @@ class _GroupScorer:
     """The stateful `map_batches` class: one per actor, the model loaded once."""
 
     def __init__(self, job: UnitJob):
+        from routelens.allocator import keep_freed_memory
+
+        keep_freed_memory()   # as the driver's command did
         job.setup(None)
         self.job = job
 

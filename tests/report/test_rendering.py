@@ -1,11 +1,15 @@
-"""The report's figures drawn by forked workers: the same PNG as drawn here, in order; a
-figure that fails to draw fails the report in this process; ROUTELENS_REPORT_WORKERS is
-checked before any work."""
+"""The report's figures drawn by forked workers: the same PNG and SVG as drawn here, in
+order; a figure that fails to draw, or a worker killed, fails the report in one line
+without waiting; where fork is refused they are drawn here; ROUTELENS_REPORT_WORKERS is
+checked."""
 
+import multiprocessing
 import os
+import signal
 import sys
 
 import pytest
+from matplotlib.artist import Artist
 
 from routelens.errors import RouteLensError
 from routelens.report import rendering
@@ -42,9 +46,8 @@ def test_a_figure_that_fails_fails_here(monkeypatch):
     figures = _figures(3)
     figures[1].figure.axes[0].set_title(r"$\frac{$")   # mathtext that fails when drawn
     monkeypatch.setenv("ROUTELENS_REPORT_WORKERS", "2")
-    with pytest.raises(ValueError):
+    with pytest.raises(RouteLensError, match="drawing a report figure failed: ValueError"):
         rendering.render_figures(figures)
-    assert rendering._pending == []
 
 
 @pytest.mark.quick
@@ -61,3 +64,35 @@ def test_default_workers_are_the_usable_cores(monkeypatch):
     assert rendering.workers(1) == 1
     if sys.platform == "linux":
         assert rendering.workers(10) == min(len(os.sched_getaffinity(0)), 4)
+
+
+class _KillOnDraw(Artist):
+    """Kills the process that draws it (a worker the OOM killer takes)."""
+
+    def draw(self, renderer):
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+@pytest.mark.quick
+@pytest.mark.skipif(sys.platform != "linux", reason="workers fork on Linux only")
+def test_a_killed_worker_fails_the_report_without_waiting(monkeypatch):
+    figures = _figures(4)
+    figures[2].figure.add_artist(_KillOnDraw())
+    monkeypatch.setenv("ROUTELENS_REPORT_WORKERS", "2")
+    with pytest.raises(RouteLensError, match=r"ended early \(exit code \[-9\]\)"):
+        rendering.render_figures(figures)
+
+
+@pytest.mark.quick
+@pytest.mark.skipif(sys.platform != "linux", reason="workers fork on Linux only")
+def test_fork_refused_draws_here(monkeypatch):
+    figures = _figures(3)
+    monkeypatch.setenv("ROUTELENS_REPORT_WORKERS", "1")
+    alone = rendering.render_figures(figures)
+
+    def refuse(self):
+        raise OSError(12, "Cannot allocate memory")
+
+    monkeypatch.setattr(multiprocessing.context.ForkProcess, "start", refuse)
+    monkeypatch.setenv("ROUTELENS_REPORT_WORKERS", "3")
+    assert rendering.render_figures(figures) == alone

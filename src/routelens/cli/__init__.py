@@ -94,8 +94,8 @@ def _run(module, args) -> int:
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     if "transformers" in sys.modules:
         sys.modules["transformers"].utils.logging.disable_progress_bar()
-    keep_freed_memory()   # large tensors reuse freed heap blocks instead of page-faulting fresh ones
     try:
+        keep_freed_memory()   # large tensors reuse freed heap blocks instead of page-faulting fresh ones
         check_outputs_apart_from_inputs(args)   # every command, before any model loads or folder is made
         return module.run(args)
     except RuntimeCheckFailed as error:

@@ -47,10 +47,10 @@ def p_at_floor(p_value: float, n: int) -> str:
 
 def figures_html(run_dir: str, figures: list) -> str:
     """The figures as HTML, also written to RUN_DIR/figures/ (PNG and SVG, listed in the run's run.json)."""
+    names = [[os.path.join("figures", figure.name + suffix) for suffix in (".png", ".svg")] for figure in figures]
+    claim_in_run(run_dir, [name for pair in names for name in pair])   # a refused name refuses before any drawing
     parts = []
-    for figure, (png_bytes, svg_text) in zip(figures, render_figures(figures)):
-        png, svg = (os.path.join("figures", figure.name + suffix) for suffix in (".png", ".svg"))
-        claim_in_run(run_dir, [png, svg])
+    for figure, (png, svg), (png_bytes, svg_text) in zip(figures, names, render_figures(figures)):
         write_bytes_atomic(os.path.join(run_dir, png), png_bytes)
         write_text_atomic(os.path.join(run_dir, svg), svg_text)
         parts.append(figure_html(figure, png_bytes))

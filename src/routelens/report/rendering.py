@@ -1,12 +1,16 @@
 """Figures drawn to PNG bytes and SVG text, a section's figures in parallel.
 
 Drawing is most of a report's time (a full draw per format, in single-threaded Python).
-On Linux the figures of a section are drawn by forked worker processes, which inherit
-the figures as they are (nothing is pickled but the drawn bytes); the caller writes the
-files, so what a run folder lists is kept in one process. With one figure, on a system
-without fork, or with ROUTELENS_REPORT_WORKERS=1 they are drawn here, in turn. The bytes
-do not depend on where or when a figure was drawn (the SVG's ids are salted with a fixed
-string and it carries no date).
+On Linux the figures of a section are drawn by forked worker processes, each given a fixed
+share of the figures and its own pipe (no queue or lock shared between processes, so a
+worker killed by Ctrl-C, a job's SIGTERM or the OOM killer cannot leave this process
+waiting: its pipe closes and the report fails in one line). The workers inherit the
+figures as they are; only the drawn bytes come back, and the caller writes the files, so
+what a run folder lists is kept in one process. With one figure, on a system without
+fork, where fork fails (no memory to spare), or with ROUTELENS_REPORT_WORKERS=1 they are
+drawn here, in turn. With the same matplotlib, FreeType and fonts, the bytes do not depend
+on where or when a figure was drawn (the SVG's ids are salted with a fixed string and it
+carries no date).
 """
 
 from __future__ import annotations
@@ -16,13 +20,13 @@ import multiprocessing
 import os
 import signal
 import sys
+from multiprocessing.connection import wait
 
 from routelens.errors import RouteLensError
 
 __all__ = ["render_png", "render_svg", "render_figures", "workers"]
 
 PNG_DPI = 110
-_pending: list = []   # the figures the forked workers draw, by index
 
 
 def render_png(figure) -> bytes:
@@ -45,22 +49,12 @@ def _drawn(figure) -> tuple[bytes, str]:
     return render_png(figure), render_svg(figure)
 
 
-def _drawn_at(index: int) -> tuple[bytes, str]:
-    return _drawn(_pending[index])
-
-
-def _worker_signals() -> None:
-    # Ctrl-C or a SIGTERM ends a worker quietly; the parent stops the pool and says what happened
-    signal.signal(signal.SIGINT, signal.SIG_DFL)
-    signal.signal(signal.SIGTERM, signal.SIG_DFL)
-
-
 def workers(count: int) -> int:
     """Processes to draw `count` figures with: ROUTELENS_REPORT_WORKERS, else the usable
     cores (at most 4); 1 where there is no fork (macOS and Windows spawn, which would
-    import everything again)."""
+    import everything again). A value that is not a whole number >= 1 is refused."""
     chosen = os.environ.get("ROUTELENS_REPORT_WORKERS", "").strip()
-    if chosen and not (chosen.isdigit() and int(chosen) >= 1):
+    if chosen and not (chosen.isascii() and chosen.isdecimal() and int(chosen) >= 1):
         raise RouteLensError(f"ROUTELENS_REPORT_WORKERS={chosen!r}: give a whole number of processes >= 1 "
                              "(1: draw the figures in this process)")
     if sys.platform != "linux" or count < 2:
@@ -68,21 +62,66 @@ def workers(count: int) -> int:
     return min(count, int(chosen) if chosen else min(len(os.sched_getaffinity(0)), 4))
 
 
+def _draw_share(figures: list, indices: list[int], connection) -> None:
+    """A worker: draw its figures and send (index, png, svg) or the error, then exit."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)     # Ctrl-C is the parent's to handle: it stops the workers
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)    # not the CLI's handler (it raises KeyboardInterrupt)
+    try:
+        for index in indices:
+            connection.send((index, *_drawn(figures[index])))
+    except BaseException as error:   # noqa: BLE001  (sent to the parent, which raises it)
+        connection.send(("error", f"{type(error).__name__}: {error}"))
+    finally:
+        connection.close()
+
+
 def render_figures(figures: list) -> list[tuple[bytes, str]]:
     """(PNG bytes, SVG text) of each figure, in order."""
-    global _pending
     processes = workers(len(figures))
     if processes < 2:
         return [_drawn(figure) for figure in figures]
-    _pending = list(figures)
-    pool = multiprocessing.get_context("fork").Pool(processes, initializer=_worker_signals)
+    context = multiprocessing.get_context("fork")
+    started = []
     try:
-        drawn = pool.map(_drawn_at, range(len(figures)), chunksize=1)
-        pool.close()
-    except BaseException:
-        pool.terminate()
-        raise
+        for share in range(processes):
+            receive, send = context.Pipe(duplex=False)
+            worker = context.Process(target=_draw_share, args=(figures, list(range(share, len(figures), processes)), send),
+                                     daemon=True)
+            try:
+                worker.start()
+            except OSError:   # fork refused (memory): draw what no worker took here
+                receive.close()
+                send.close()
+                break
+            send.close()
+            started.append((worker, receive, share))
+        drawn: dict[int, tuple[bytes, str]] = {}
+        open_pipes = [receive for _, receive, _ in started]
+        while open_pipes:   # whichever worker has drawn something (a full pipe would stall its worker)
+            for receive in wait(open_pipes):
+                try:
+                    message = receive.recv()
+                except (EOFError, OSError):   # the worker's pipe closed: done, or killed
+                    open_pipes.remove(receive)
+                    continue
+                if message[0] == "error":
+                    raise RouteLensError(f"drawing a report figure failed: {message[1]}")
+                drawn[message[0]] = (message[1], message[2])
+        for worker, _, _ in started:
+            worker.join()
+        taken = {index for _, _, share in started for index in range(share, len(figures), processes)}
+        if any(index not in drawn for index in taken):
+            codes = sorted({worker.exitcode for worker, _, _ in started if worker.exitcode})
+            raise RouteLensError(f"a worker drawing the report's figures ended early (exit code {codes or '?'}); "
+                                 "nothing was written for its figures. Rerun the report; ROUTELENS_REPORT_WORKERS=1 "
+                                 "draws the figures in this process")
+        for index in range(len(figures)):
+            if index not in taken:
+                drawn[index] = _drawn(figures[index])
+        return [drawn[index] for index in range(len(figures))]
     finally:
-        pool.join()
-        _pending = []
-    return drawn
+        for worker, receive, _ in started:
+            if worker.is_alive():
+                worker.kill()
+            worker.join()
+            receive.close()
