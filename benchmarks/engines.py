@@ -48,7 +48,7 @@ from routelens.allocator import allocator_state, keep_freed_memory  # noqa: E402
 from routelens.analyses.counterfactual.analysis import CounterfactualConfig, build_routes  # noqa: E402
 from routelens.data.trajectories import Trajectory  # noqa: E402
 from routelens.engine import CacheEngine, FastEngine, ReferenceEngine, ScoreItem  # noqa: E402
-from routelens.engine.readout import record_layer_arguments  # noqa: E402
+from routelens.engine.readout import record_layer_arguments, target_log_probs  # noqa: E402
 from routelens.models import adapter_for, capture_routes  # noqa: E402
 from routelens.models.loading import load_model  # noqa: E402
 
@@ -170,13 +170,13 @@ def kv_decode(adapter, item: ScoreItem, layer: int) -> np.ndarray:
 
 
 @torch.no_grad()
-def floor(adapter, item: ScoreItem, layer: int) -> None:
+def floor(adapter, item: ScoreItem, layer: int, memory_budget: int = 2 * 2**30) -> None:
     """What any exact method must at least compute: one natural forward; at layer l, each
     expert output E_e(x_t) that some route needs and the natural forward did not compute
     (once per (token, expert) pair, in one call of the model's own experts); S + 1 plain
     forward passes of the layers above l over all T tokens (each layer called with the
     arguments the model passed it in a natural forward); and the LM head with its
-    log-normaliser (log p needs it)."""
+    log-normaliser (log p needs it), in slices of `memory_budget` as the engines compute it."""
     routes = item.experts.shape[1]
     recorded, hooks = record_layer_arguments(adapter, range(layer + 1, adapter.num_layers))
     hooks.append(adapter.decoder_layers[layer].register_forward_hook(lambda m, a, o: recorded.__setitem__("h", o)))
@@ -195,7 +195,11 @@ def floor(adapter, item: ScoreItem, layer: int) -> None:
     states = adapter.block_output(recorded["h"]).expand(routes, -1, -1).contiguous()
     for index in range(layer + 1, adapter.num_layers):
         states = adapter.block_output(adapter.decoder_layers[index](states, **recorded[index][2]))
-    torch.logsumexp(adapter.logits(adapter.final_norm(states[:, item.positions])).float(), -1)   # log p needs it
+    final = adapter.final_norm(states[:, item.positions]).reshape(-1, states.shape[-1])
+    targets = item.input_ids[torch.as_tensor(np.asarray(item.positions)) + 1].repeat(routes)
+    # the log-normaliser in slices that fit the budget, as the engines take it: one [rows, vocab]
+    # tensor of a 50k vocabulary is gigabytes, and its page faults are no part of the work
+    target_log_probs(adapter, final, targets, memory_budget)
 
 
 def timed_once(device, fn):
@@ -269,7 +273,7 @@ def main() -> None:
             ref_stride = max(1, args.reference_stride)
             ref_sub = ScoreItem(ids, routes.positions[::ref_stride], item.experts[::ref_stride], item.weights[::ref_stride])
             methods = {"fast": lambda: engine.score_batch(layer, [item])[0],
-                       "floor": lambda: floor(adapter, item, layer),
+                       "floor": lambda: floor(adapter, item, layer, int(args.memory_budget * 2**30)),
                        "cache": lambda: cache.score_batch(layer, [strided])[0]}
             kv_ok = MODELS.get(name, ("olmoe",))[0] == "olmoe" and not args.skip_kv_decode   # it knows OLMoE's layout only
             if kv_ok:

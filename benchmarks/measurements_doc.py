@@ -32,7 +32,7 @@ ENGINES = """
 Seconds to score `S` alternative routes at every position of a `T`-token sequence at one
 layer. `floor`: what any exact method must at least compute (one natural forward, the
 layer-l expert outputs the routes need that it did not compute, S + 1 plain forward passes
-of the layers above l, and the LM head with its log-normaliser); `fast / floor` is the
+of the layers above l, and the LM head with its log-normaliser in budget-sized slices); `fast / floor` is the
 fast engine's overhead over it. `reference` and `cache` are the plain-forward and cache
 engines on the same inputs (`-`: not run; slow engines on long inputs are timed on every
 n-th position and scaled). `runs`: medians of that many rounds, every method timed in turn;
