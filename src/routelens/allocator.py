@@ -11,8 +11,8 @@ PyTorch services.
 
 What it costs: freed memory stays with the process instead of going back to the system,
 so its resident size stays near its peak until it exits, and freed holes that no later
-tensor fits can make that peak higher than without it (the demo: a median peak of 2.07
-GB against 1.85 GB, docs/measurements.md). glibc before 2.35 refuses thresholds above
+tensor fits can make that peak higher than without it (the demo's peak resident size,
+this tree against an earlier one: docs/measurements.md). glibc before 2.35 refuses thresholds above
 32 MiB; there nothing changes and the state says so.
 
 Every `routelens` command calls `keep_freed_memory()` before any work, and so does each Ray
