@@ -26,15 +26,18 @@ def _figures(count: int) -> list[Figure]:
     return figures
 
 
+def _drawn_with(monkeypatch, figures: list[Figure], workers: str) -> list[tuple[bytes, str]]:
+    monkeypatch.setenv("ROUTELENS_REPORT_WORKERS", workers)
+    return rendering.render_figures(figures)
+
+
 @pytest.mark.quick
 @pytest.mark.skipif(sys.platform != "linux", reason="workers fork on Linux only")
 def test_workers_draw_what_this_process_draws(monkeypatch):
     figures = _figures(5)
-    monkeypatch.setenv("ROUTELENS_REPORT_WORKERS", "1")
-    alone = rendering.render_figures(figures)
-    monkeypatch.setenv("ROUTELENS_REPORT_WORKERS", "3")
+    alone = _drawn_with(monkeypatch, figures, "1")
+    pooled = _drawn_with(monkeypatch, figures, "3")
     assert rendering.workers(len(figures)) == 3
-    pooled = rendering.render_figures(figures)
     assert [png for png, _ in pooled] == [png for png, _ in alone]          # byte for byte, in order
     assert [svg for _, svg in pooled] == [svg for _, svg in alone]          # fixed ids, no date
     assert len({png for png, _ in pooled}) == 5                              # five different figures
@@ -87,12 +90,10 @@ def test_a_killed_worker_fails_the_report_without_waiting(monkeypatch):
 @pytest.mark.skipif(sys.platform != "linux", reason="workers fork on Linux only")
 def test_fork_refused_draws_here(monkeypatch):
     figures = _figures(3)
-    monkeypatch.setenv("ROUTELENS_REPORT_WORKERS", "1")
-    alone = rendering.render_figures(figures)
+    alone = _drawn_with(monkeypatch, figures, "1")
 
     def refuse(self):
         raise OSError(12, "Cannot allocate memory")
 
     monkeypatch.setattr(multiprocessing.context.ForkProcess, "start", refuse)
-    monkeypatch.setenv("ROUTELENS_REPORT_WORKERS", "3")
-    assert rendering.render_figures(figures) == alone
+    assert _drawn_with(monkeypatch, figures, "3") == alone

@@ -81,12 +81,12 @@ def render_figures(figures: list) -> list[tuple[bytes, str]]:
     if processes < 2:
         return [_drawn(figure) for figure in figures]
     context = multiprocessing.get_context("fork")
-    started = []
+    started = []   # (worker, its pipe, the figure indices it draws)
     try:
         for share in range(processes):
+            indices = list(range(share, len(figures), processes))
             receive, send = context.Pipe(duplex=False)
-            worker = context.Process(target=_draw_share, args=(figures, list(range(share, len(figures), processes)), send),
-                                     daemon=True)
+            worker = context.Process(target=_draw_share, args=(figures, indices, send), daemon=True)
             try:
                 worker.start()
             except OSError:   # fork refused (memory): draw what no worker took here
@@ -94,7 +94,7 @@ def render_figures(figures: list) -> list[tuple[bytes, str]]:
                 send.close()
                 break
             send.close()
-            started.append((worker, receive, share))
+            started.append((worker, receive, indices))
         drawn: dict[int, tuple[bytes, str]] = {}
         open_pipes = [receive for _, receive, _ in started]
         while open_pipes:   # whichever worker has drawn something (a full pipe would stall its worker)
@@ -109,7 +109,7 @@ def render_figures(figures: list) -> list[tuple[bytes, str]]:
                 drawn[message[0]] = (message[1], message[2])
         for worker, _, _ in started:
             worker.join()
-        taken = {index for _, _, share in started for index in range(share, len(figures), processes)}
+        taken = {index for _, _, indices in started for index in indices}
         if any(index not in drawn for index in taken):
             codes = sorted({worker.exitcode for worker, _, _ in started if worker.exitcode})
             raise RouteLensError(f"a worker drawing the report's figures ended early (exit code {codes or '?'}); "
