@@ -3,11 +3,11 @@
 glibc's malloc serves every block above its mmap threshold (128 KiB, rising with use up
 to 32 MiB) with a fresh mmap and gives it back with munmap when freed, so every new large
 tensor page-faults its pages in again and the kernel zeroes them. The scoring engines
-allocate and free tensors of tens to hundreds of MiB many times a second on CPU: on 80
-items of the demo's isolation study that was 10 s of system time in an 18 s run, which
-took 10 s with the thresholds raised. Raising glibc's mmap and trim thresholds to 1 GiB
-keeps freed blocks in the heap for the next tensor, as jemalloc or tcmalloc do for
-PyTorch services.
+allocate and free tensors of tens to hundreds of MiB many times a second on CPU, and on
+the demo's isolation study the kernel's page-fault work was a large share of the wall
+time (tests/runs/test_allocator.py shows the faults go). Raising glibc's mmap and trim
+thresholds to 1 GiB keeps freed blocks in the heap for the next tensor, as jemalloc or
+tcmalloc do for PyTorch services.
 
 What it costs: freed memory stays with the process instead of going back to the system,
 so its resident size stays near its peak until it exits, and freed holes that no later
